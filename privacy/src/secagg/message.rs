@@ -1,0 +1,129 @@
+//! Domain types of the SecAgg+ messages, already validated for shape.
+//!
+//! The wire decoder in `guild-proto` produces these, checking every length once; the
+//! state machines then check what only they can know (who is in the round, signatures).
+
+use std::fmt;
+use std::num::NonZeroU32;
+
+/// Length of an X25519 public key.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Length of an Ed25519 signature.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of a federation id.
+pub const FEDERATION_ID_LEN: usize = 16;
+/// Length of a SHA-256 digest.
+pub const SHA256_LEN: usize = 32;
+
+/// A client's 1-based position in a round's cohort; also its Shamir evaluation point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ClientIndex(NonZeroU32);
+
+impl ClientIndex {
+    /// `None` for 0, which is reserved (it is where Shamir secrets live).
+    pub fn new(index: u32) -> Option<Self> {
+        NonZeroU32::new(index).map(Self)
+    }
+
+    pub fn get(self) -> u32 {
+        self.0.get()
+    }
+}
+
+impl fmt::Display for ClientIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "client #{}", self.0)
+    }
+}
+
+/// What every signed SecAgg+ message is bound to, so that a message cannot be replayed
+/// into another round or federation, and a server that shows different clients
+/// different adapters is caught when the signatures are checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RoundBinding {
+    pub federation_id: [u8; FEDERATION_ID_LEN],
+    pub round_id: u64,
+    pub adapter_sha256: [u8; SHA256_LEN],
+}
+
+impl RoundBinding {
+    /// Canonical byte encoding, the prefix of every signed payload.
+    pub fn to_bytes(&self) -> [u8; FEDERATION_ID_LEN + 8 + SHA256_LEN] {
+        let mut out = [0u8; FEDERATION_ID_LEN + 8 + SHA256_LEN];
+        out[..FEDERATION_ID_LEN].copy_from_slice(&self.federation_id);
+        out[FEDERATION_ID_LEN..FEDERATION_ID_LEN + 8].copy_from_slice(&self.round_id.to_be_bytes());
+        out[FEDERATION_ID_LEN + 8..].copy_from_slice(&self.adapter_sha256);
+        out
+    }
+}
+
+/// Phase 0, client → server: the two X25519 public keys, signed with the long-term key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SignedKeys {
+    pub sender: ClientIndex,
+    pub cipher_public_key: [u8; PUBLIC_KEY_LEN],
+    pub mask_public_key: [u8; PUBLIC_KEY_LEN],
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdvertiseKeys {
+    pub binding: RoundBinding,
+    pub keys: SignedKeys,
+}
+
+/// Phase 1: Shamir shares of one client's secrets, sealed for one neighbour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncryptedShares {
+    pub sender: ClientIndex,
+    pub recipient: ClientIndex,
+    pub ciphertext: Vec<u8>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShareKeys {
+    pub binding: RoundBinding,
+    pub shares: Vec<EncryptedShares>,
+}
+
+/// Phase 2: the masked, encoded update in Z_{2^b}.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MaskedInput {
+    pub binding: RoundBinding,
+    pub sender: ClientIndex,
+    pub masked: Vec<u32>,
+}
+
+/// Phase 3: a signature over the binding and the set of clients whose input the server
+/// says it received.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConsistencyCheck {
+    pub binding: RoundBinding,
+    pub sender: ClientIndex,
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SurvivorSignature {
+    pub sender: ClientIndex,
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// One Shamir share of a secret split into field elements.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ShamirShare {
+    /// Whose secret this is a share of.
+    pub owner: ClientIndex,
+    /// The evaluation point: the index of the client that held this share.
+    pub x: ClientIndex,
+    pub y: Vec<u64>,
+}
+
+/// Phase 4: shares that let the server remove the masks of the sum, and nothing more.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unmask {
+    pub binding: RoundBinding,
+    pub sender: ClientIndex,
+    pub self_mask_shares: Vec<ShamirShare>,
+    pub mask_key_shares: Vec<ShamirShare>,
+}

@@ -1,0 +1,155 @@
+//! Domain types for the non-SecAgg parts of the protocol: registration, tasks, adapter
+//! transfer, metrics and status. Plain Rust types: they derive no protobuf traits.
+
+use std::time::Duration;
+
+use guild_privacy::PrivacyMode;
+use guild_privacy::secagg::message::{ClientIndex, FEDERATION_ID_LEN, RoundBinding, SHA256_LEN};
+
+/// A merchant's stable id, assigned by the coordinator at registration.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct MerchantId(pub(crate) String);
+
+impl MerchantId {
+    /// Ids are 1..=128 bytes of ASCII letters, digits, `-`, `_` and `.`.
+    pub fn parse(id: &str) -> Option<Self> {
+        let ok = !id.is_empty()
+            && id.len() <= crate::limits::MAX_NAME_BYTES
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+        ok.then(|| Self(id.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for MerchantId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub display_name: String,
+    pub signing_public_key: [u8; 32],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Registered {
+    pub merchant_id: MerchantId,
+    pub federation_id: [u8; FEDERATION_ID_LEN],
+    pub base_model_sha256: [u8; SHA256_LEN],
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TaskPoll {
+    pub merchant_id: MerchantId,
+    pub wait: Duration,
+}
+
+/// Longest a task poll may be held open.
+pub const MAX_TASK_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Task {
+    Wait { retry_after: Duration, reason: String },
+    Round(Box<RoundTask>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+}
+
+/// What the coordinator knows of an adapter: names and shapes of the trainable tensors
+/// (FFA-LoRA's B matrices), in the order of the flat update vector.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterManifest {
+    pub base_model_sha256: [u8; SHA256_LEN],
+    pub tensors: Vec<ManifestTensor>,
+    pub rank: usize,
+    pub alpha: f32,
+    pub frozen_a_seed: u64,
+}
+
+impl AdapterManifest {
+    /// Length of the flat vector of all trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainingParams {
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub data_seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PrivacyParams {
+    pub mode: PrivacyMode,
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+    pub gamma: f64,
+    pub bit_width: u32,
+    pub min_survivors: u32,
+    pub rotation_seed: u64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecAggParams {
+    pub my_index: ClientIndex,
+    pub cohort_size: u32,
+    pub threshold: u32,
+    pub neighbours: u32,
+    pub graph_seed: u64,
+    pub vector_length: u32,
+    pub phase_deadlines: Vec<Duration>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundTask {
+    pub binding: RoundBinding,
+    pub adapter_version: u64,
+    pub manifest: AdapterManifest,
+    pub training: TrainingParams,
+    pub privacy: PrivacyParams,
+    pub secagg: SecAggParams,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdapterChunk {
+    pub version: u64,
+    pub offset: u64,
+    pub total_bytes: u64,
+    pub sha256: [u8; SHA256_LEN],
+    pub data: Vec<u8>,
+}
+
+/// Evaluation counts of one client (sums, so they can be securely aggregated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricsReport {
+    pub merchant_id: MerchantId,
+    pub adapter_version: u64,
+    pub users: u64,
+    pub hits_at_10: u64,
+    pub ndcg_at_10_sum: f64,
+    pub reciprocal_rank_sum: f64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusReport {
+    pub federation_id: [u8; FEDERATION_ID_LEN],
+    pub registered_merchants: u64,
+    pub rounds_completed: u64,
+    pub rounds_aborted: u64,
+    pub latest_adapter_version: u64,
+    pub epsilon_spent: f64,
+    pub delta: f64,
+    pub current_phase: String,
+}

@@ -1,0 +1,23 @@
+//! Guild's wire protocol (`guild.v1`) and the one place where wire types become domain
+//! types.
+//!
+//! **Architecture invariant:** only this crate knows protobuf types. Everything the
+//! network hands us is validated exactly once, here, by a `TryFrom` into a domain type
+//! from [`domain`] or `guild_privacy::secagg::message`; the rest of the workspace never
+//! sees an unchecked field.
+
+pub mod convert;
+pub mod domain;
+mod error;
+pub mod limits;
+
+pub use error::WireError;
+
+/// Generated protobuf messages and tonic stubs.
+#[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("guild.v1");
+}
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;

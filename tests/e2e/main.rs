@@ -1,0 +1,4 @@
+//! Guild's cross-crate tests, compiled into one test binary.
+
+mod architecture;
+mod registration;
