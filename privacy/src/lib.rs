@@ -6,6 +6,8 @@
 //! CSPRNG.
 #![forbid(unsafe_code)]
 
+pub mod accounting;
+pub mod dp;
 pub mod secagg;
 
 /// How differential-privacy noise is added to a round's aggregate.
@@ -15,7 +17,7 @@ pub enum PrivacyMode {
     /// Every client adds a share of discrete Gaussian noise before masking (DDGauss);
     /// the server only ever sees the noisy sum. The default.
     Distributed,
-    /// A trusted coordinator adds continuous Gaussian noise to the plain sum.
+    /// A trusted coordinator adds the noise to the plain sum.
     Central,
     /// Every client adds the full noise itself.
     Local,

@@ -1,0 +1,374 @@
+//! The distributed discrete Gaussian mechanism (DDGauss; Kairouz, Liu, Steinke, ICML
+//! 2021): each client clips, rotates, scales, rounds and adds its share of discrete
+//! Gaussian noise to its update, then reduces it mod 2^b for secure aggregation; the
+//! server decodes only the sum.
+//!
+//! Client: `x ↦ clip_c(x) ↦ pad to 2^k ↦ H·D·x ↦ /γ ↦ conditional randomized rounding
+//! (retry until ‖x̃‖₂ ≤ Δ₂) ↦ + N_ℤ(0, σ²/γ²/t) ↦ mod 2^b`.
+//! Server: `Σ mod 2^b ↦ lift to [−2^(b−1), 2^(b−1)) ↦ ×γ ↦ D·H·y ↦ unpad`.
+
+use rand_core::{CryptoRng, RngCore};
+
+use super::discrete_gaussian::{Cks20Sampler, Rational};
+use super::{DpError, RandomRotation, clip_l2};
+
+/// β of the conditional rounding: the bound Δ₂ holds for a fresh rounding with
+/// probability at least 1 − β, so a retry is needed less than 61% of the time.
+const BETA: f64 = 0.606_530_659_712_633_4; // e^−0.5
+/// Rounding retries before giving up; each try fails with probability ≤ β, so all of
+/// them fail with probability below 10^−21.
+const MAX_ROUNDING_TRIES: u32 = 100;
+/// Smallest scaled local noise deviation σ̂ accepted (the τ term of the privacy bound
+/// grows like exp(−π²σ̂²) below it).
+const MIN_SCALED_STDDEV: f64 = 2.0;
+/// Largest σ̂ selection aims for: beyond it, a finer γ would shrink the rounding error
+/// (variance γ²/4) below 2^−42 of the noise and buy nothing.
+const MAX_SCALED_STDDEV: f64 = (1u64 << 20) as f64;
+
+/// What the coordinator knows when it chooses a round's encoding.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamsRequest {
+    /// d: length of the update vector.
+    pub dimension: usize,
+    /// c: L2 clip norm.
+    pub clip_norm: f64,
+    /// σ: standard deviation of the noise the decoded sum must carry (z·c); 0 for none.
+    pub noise_stddev: f64,
+    /// t: fewest surviving clients a round accepts; each adds σ²/t of the variance.
+    pub min_survivors: u32,
+    /// n: most clients that may be summed.
+    pub max_summands: u32,
+    /// b: bits of the modular ring, 1..=32.
+    pub bit_width: u32,
+    /// Accepted probability that some coordinate of the sum wraps around the modulus.
+    pub wrap_probability: f64,
+}
+
+/// The parameters of one round's encoding, shared by every client and the server.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DdgParams {
+    dimension: usize,
+    padded_dimension: usize,
+    clip_norm: f64,
+    gamma: f64,
+    bit_width: u32,
+    /// σ²/γ²/t, the variance of each client's noise in the scaled (integer) domain.
+    local_variance: Rational,
+}
+
+/// One client's encoded, noised update, ready to be masked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DdgEncoding {
+    pub values: Vec<u32>,
+    /// L2 norm of the update before clipping (local diagnostics only; never sent).
+    pub norm_before_clipping: u64,
+    pub rounding_tries: u32,
+}
+
+fn parameter(name: &'static str, reason: String) -> DpError {
+    DpError::Parameter { name, reason }
+}
+
+impl DdgParams {
+    /// Chooses γ for a modulus of 2^b so that the sum of `max_summands` encodings wraps
+    /// around with probability at most `wrap_probability`, following the condition of
+    /// Kairouz et al. `2^b ≥ 2k·√(c²n²/d + (γ²/4 + σ²/t)·n)/γ` with
+    /// `k = √(2 ln(2d / p_wrap))` standard deviations (a union bound over the d
+    /// coordinates of sub-Gaussian tails). γ is the finest that meets it, but no finer than
+    /// σ̂ = 2^20 needs. Refuses settings where no γ meets it, or where the resulting γ
+    /// leaves the scaled noise too coarse to account for.
+    pub fn select(request: &ParamsRequest) -> Result<Self, DpError> {
+        let ParamsRequest {
+            dimension,
+            clip_norm,
+            noise_stddev,
+            min_survivors,
+            max_summands,
+            bit_width,
+            wrap_probability,
+        } = *request;
+        if !(wrap_probability > 0.0 && wrap_probability < 1.0) {
+            return Err(parameter("wrap_probability", format!("must be in (0, 1), got {wrap_probability}")));
+        }
+        if min_survivors == 0 || max_summands < min_survivors {
+            return Err(parameter(
+                "min_survivors",
+                format!("need 1 ≤ min_survivors ({min_survivors}) ≤ max_summands ({max_summands})"),
+            ));
+        }
+        if !(noise_stddev.is_finite() && noise_stddev >= 0.0) {
+            return Err(parameter("noise_stddev", format!("must be finite and ≥ 0, got {noise_stddev}")));
+        }
+        check_shape(dimension, clip_norm, bit_width)?;
+        let d = dimension.next_power_of_two() as f64;
+        let n = f64::from(max_summands);
+        let k = (2.0 * (2.0 * d / wrap_probability).ln()).sqrt();
+        let modulus = 2f64.powi(bit_width as i32);
+        let local_variance = noise_stddev * noise_stddev / f64::from(min_survivors);
+        let signal_and_noise = clip_norm * clip_norm * n * n / d + local_variance * n;
+        let room = modulus * modulus / (4.0 * k * k) - n / 4.0;
+        if room <= 0.0 {
+            return Err(DpError::ModulusTooSmall { bit_width, summands: max_summands, wrap_probability });
+        }
+        let finest = (signal_and_noise / room).sqrt();
+        let gamma = finest.max(local_variance.sqrt() / MAX_SCALED_STDDEV);
+        Self::from_round(dimension, clip_norm, gamma, bit_width, noise_stddev, min_survivors)
+    }
+
+    /// The parameters a client rebuilds from its round task.
+    pub fn from_round(
+        dimension: usize,
+        clip_norm: f64,
+        gamma: f64,
+        bit_width: u32,
+        noise_stddev: f64,
+        min_survivors: u32,
+    ) -> Result<Self, DpError> {
+        check_shape(dimension, clip_norm, bit_width)?;
+        if !(gamma.is_finite() && gamma > 0.0) {
+            return Err(parameter("gamma", format!("must be positive and finite, got {gamma}")));
+        }
+        if min_survivors == 0 {
+            return Err(parameter("min_survivors", "must be at least 1".into()));
+        }
+        let scaled = noise_stddev * noise_stddev / (gamma * gamma) / f64::from(min_survivors);
+        let local_variance = Rational::approximate(scaled).ok_or_else(|| {
+            parameter("noise_stddev", format!("scaled local variance {scaled:e} is out of range"))
+        })?;
+        if noise_stddev > 0.0 && local_variance.to_f64().sqrt() < MIN_SCALED_STDDEV {
+            return Err(DpError::GranularityTooCoarse {
+                gamma,
+                scaled_stddev: local_variance.to_f64().sqrt(),
+            });
+        }
+        Ok(Self {
+            dimension,
+            padded_dimension: dimension.next_power_of_two(),
+            clip_norm,
+            gamma,
+            bit_width,
+            local_variance,
+        })
+    }
+
+    pub fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    pub fn padded_dimension(&self) -> usize {
+        self.padded_dimension
+    }
+
+    pub fn gamma(&self) -> f64 {
+        self.gamma
+    }
+
+    pub fn bit_width(&self) -> u32 {
+        self.bit_width
+    }
+
+    /// σ̂²: the variance of one client's noise in the scaled domain, exactly as sampled.
+    pub fn scaled_local_variance(&self) -> f64 {
+        self.local_variance.to_f64()
+    }
+
+    /// Δ₂²: the bound on ‖x̃‖₂² that conditional rounding enforces, in the scaled domain:
+    /// `min{(c/γ + √d)², c²/γ² + d/4 + √(2 ln(1/β))·(c/γ + √d/2)}`.
+    pub fn delta2_squared(&self) -> f64 {
+        let (c, d) = (self.clip_norm / self.gamma, self.padded_dimension as f64);
+        let first = (c + d.sqrt()).powi(2);
+        let second = c * c + d / 4.0 + (2.0 * (1.0 / BETA).ln()).sqrt() * (c + d.sqrt() / 2.0);
+        first.min(second)
+    }
+
+    fn mask(&self) -> u64 {
+        (1u64 << self.bit_width) - 1
+    }
+
+    /// Clips, rotates, scales, rounds and noises `x` (consumed as scratch space) and
+    /// reduces it mod 2^b.
+    pub fn encode(
+        &self,
+        x: &mut [f32],
+        rotation: &RandomRotation,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<DdgEncoding, DpError> {
+        if x.len() != self.dimension {
+            return Err(DpError::Dimension { expected: self.dimension, actual: x.len() });
+        }
+        let norm = clip_l2(x, self.clip_norm)?;
+        let mut rotated = vec![0.0f64; self.padded_dimension];
+        for (r, &v) in rotated.iter_mut().zip(x.iter()) {
+            *r = f64::from(v) / self.gamma;
+        }
+        rotation.forward(&mut rotated);
+
+        let bound = self.delta2_squared();
+        let mut rounded = vec![0i64; self.padded_dimension];
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            if tries > MAX_ROUNDING_TRIES {
+                return Err(DpError::RoundingFailed { tries: MAX_ROUNDING_TRIES });
+            }
+            let mut norm_squared = 0.0;
+            for (out, &v) in rounded.iter_mut().zip(&rotated) {
+                let floor = v.floor();
+                let up = uniform01(rng) < v - floor;
+                let r = floor + if up { 1.0 } else { 0.0 };
+                norm_squared += r * r;
+                *out = r as i64;
+            }
+            if norm_squared <= bound {
+                break;
+            }
+        }
+
+        let mut noise = vec![0i64; self.padded_dimension];
+        let mut sampler = Cks20Sampler::new(self.local_variance, &mut *rng);
+        super::DiscreteGaussianSampler::fill(&mut sampler, &mut noise)?;
+        let mask = self.mask();
+        let values = rounded.iter().zip(&noise).map(|(&r, &z)| ((r + z) as u64 & mask) as u32).collect();
+        Ok(DdgEncoding { values, norm_before_clipping: norm.round() as u64, rounding_tries: tries })
+    }
+
+    /// Decodes the modular sum of encodings back to the sum of (clipped, noised) updates.
+    pub fn decode(&self, sum: &[u32], rotation: &RandomRotation) -> Result<Vec<f64>, DpError> {
+        if sum.len() != self.padded_dimension {
+            return Err(DpError::Dimension { expected: self.padded_dimension, actual: sum.len() });
+        }
+        let modulus = 1i64 << self.bit_width;
+        let half = modulus / 2;
+        let mut y: Vec<f64> = sum
+            .iter()
+            .map(|&s| {
+                let s = i64::from(s) & (modulus - 1);
+                let lifted = if s >= half { s - modulus } else { s };
+                lifted as f64 * self.gamma
+            })
+            .collect();
+        rotation.inverse(&mut y);
+        y.truncate(self.dimension);
+        Ok(y)
+    }
+}
+
+fn check_shape(dimension: usize, clip_norm: f64, bit_width: u32) -> Result<(), DpError> {
+    if dimension == 0 {
+        return Err(parameter("dimension", "must be at least 1".into()));
+    }
+    if !(clip_norm.is_finite() && clip_norm > 0.0) {
+        return Err(parameter("clip_norm", format!("must be positive and finite, got {clip_norm}")));
+    }
+    if !(1..=32).contains(&bit_width) {
+        return Err(parameter("bit_width", format!("must be 1..=32, got {bit_width}")));
+    }
+    Ok(())
+}
+
+fn uniform01(rng: &mut impl RngCore) -> f64 {
+    (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// Adds `x` into `acc` coordinate-wise mod 2^b.
+pub fn add_mod(acc: &mut [u32], x: &[u32], bit_width: u32) {
+    let mask = if bit_width == 32 { u32::MAX } else { (1u32 << bit_width) - 1 };
+    for (a, &v) in acc.iter_mut().zip(x) {
+        *a = a.wrapping_add(v) & mask;
+    }
+}
+
+/// ρ of the ½ε²-zCDP guarantee of one round whose sum carries the noise of at least
+/// `noise_shares` clients, by Kairouz, Liu and Steinke (2021, Theorem 1 with the
+/// conditional-rounding sensitivity Δ₂):
+/// `ε = min{√(Δ₂²/(nσ̂²) + ½τd), Δ₂/(√n σ̂) + τ√d}`, `τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ̂²·k/(k+1))`.
+///
+/// Pass `noise_shares = t − 1` for a round that accepts t survivors: the protected
+/// merchant's own share is not counted, which is conservative.
+pub fn ddgauss_zcdp_rho(params: &DdgParams, noise_shares: u32) -> Result<f64, DpError> {
+    if noise_shares == 0 {
+        return Err(parameter("noise_shares", "at least one other client's noise is needed".into()));
+    }
+    let sigma2 = params.scaled_local_variance();
+    if sigma2 <= 0.0 {
+        return Ok(f64::INFINITY);
+    }
+    let n = f64::from(noise_shares);
+    let d = params.padded_dimension as f64;
+    let delta2_sq = params.delta2_squared();
+    let pi2 = std::f64::consts::PI * std::f64::consts::PI;
+    let tau = 10.0
+        * (1..noise_shares)
+            .map(|k| {
+                let k = f64::from(k);
+                (-2.0 * pi2 * sigma2 * k / (k + 1.0)).exp()
+            })
+            .sum::<f64>();
+    let first = (delta2_sq / (n * sigma2) + 0.5 * tau * d).sqrt();
+    let second = delta2_sq.sqrt() / (n.sqrt() * sigma2.sqrt()) + tau * d.sqrt();
+    let epsilon = first.min(second);
+    Ok(epsilon * epsilon / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ParamsRequest {
+        ParamsRequest {
+            dimension: 1000,
+            clip_norm: 1.0,
+            noise_stddev: 1.0,
+            min_survivors: 8,
+            max_summands: 10,
+            bit_width: 20,
+            wrap_probability: 1e-9,
+        }
+    }
+
+    #[test]
+    fn selection_meets_the_modulus_condition() {
+        let p = DdgParams::select(&request()).expect("feasible");
+        let r = request();
+        let (d, n, c) = (1024.0, 10.0, 1.0);
+        let k = (2.0 * (2.0 * d / r.wrap_probability).ln()).sqrt();
+        let needed =
+            2.0 * k * (c * c * n * n / d + (p.gamma * p.gamma / 4.0 + 1.0 / 8.0) * n).sqrt() / p.gamma;
+        assert!(needed <= 2f64.powi(20) * (1.0 + 1e-9), "needs {needed}");
+        assert!(needed >= 2f64.powi(20) * (1.0 - 1e-6), "γ should be as fine as the modulus allows");
+        // With 32 bits the modulus allows more precision than is useful: σ̂ is capped.
+        let wide = DdgParams::select(&ParamsRequest { bit_width: 32, ..request() }).expect("feasible");
+        assert!((wide.scaled_local_variance().sqrt() - MAX_SCALED_STDDEV).abs() < 1.0);
+    }
+
+    #[test]
+    fn infeasible_settings_are_refused_with_a_reason() {
+        let tiny = ParamsRequest { bit_width: 4, max_summands: 10, ..request() };
+        assert!(matches!(DdgParams::select(&tiny), Err(DpError::ModulusTooSmall { .. })));
+        let coarse = DdgParams::from_round(1000, 1.0, 0.5, 20, 1.0, 8);
+        assert!(matches!(coarse, Err(DpError::GranularityTooCoarse { .. })), "{coarse:?}");
+        let zero = ParamsRequest { min_survivors: 0, ..request() };
+        assert!(matches!(DdgParams::select(&zero), Err(DpError::Parameter { name: "min_survivors", .. })));
+    }
+
+    #[test]
+    fn delta2_is_at_least_the_scaled_clip_norm() {
+        let p = DdgParams::select(&request()).expect("feasible");
+        assert!(p.delta2_squared() >= (1.0 / p.gamma).powi(2));
+        assert!(p.delta2_squared() <= (1.0 / p.gamma + 32.0).powi(2));
+    }
+
+    #[test]
+    fn more_noise_or_more_clients_means_smaller_rho() {
+        let p = DdgParams::select(&request()).expect("feasible");
+        let noisier = DdgParams::select(&ParamsRequest { noise_stddev: 2.0, ..request() }).expect("feasible");
+        let rho = ddgauss_zcdp_rho(&p, 7).expect("ok");
+        assert!(rho > 0.0 && rho.is_finite());
+        assert!(ddgauss_zcdp_rho(&noisier, 7).expect("ok") < rho);
+        // For large σ̂ τ vanishes and ρ approaches the Gaussian value Δ₂²/(2nσ̂²), with Δ₂
+        // slightly above c/γ, i.e. close to c²/(2·(n/t)·σ²) = 1/(2·7/8).
+        let gaussian = p.delta2_squared() / (2.0 * 7.0 * p.scaled_local_variance());
+        assert!((rho - gaussian).abs() / gaussian < 1e-6, "{rho} vs {gaussian}");
+        assert!((rho - 8.0 / 14.0).abs() / rho < 0.05, "{rho}");
+    }
+}
