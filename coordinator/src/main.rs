@@ -35,6 +35,55 @@ enum Command {
         #[arg(long, env = "GUILD_MAX_MESSAGE_BYTES", default_value_t = guild_proto::limits::max_message_bytes(1 << 20, 1000))]
         max_message_bytes: usize,
     },
+    /// Privacy accounting for the Poisson-subsampled Gaussian (prints JSON).
+    #[command(subcommand)]
+    Privacy(PrivacyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum PrivacyCommand {
+    /// ε(δ) after T rounds at sampling rate q and noise multiplier z.
+    Epsilon {
+        #[arg(long, value_parser = sampling_rate)]
+        sampling_rate: f64,
+        #[arg(long, value_parser = positive)]
+        noise_multiplier: f64,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
+        #[arg(long, value_parser = delta)]
+        delta: f64,
+    },
+    /// The smallest noise multiplier z that keeps T rounds at rate q within ε at δ.
+    NoiseMultiplier {
+        #[arg(long, value_parser = sampling_rate)]
+        sampling_rate: f64,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+        rounds: u64,
+        #[arg(long, value_parser = delta)]
+        delta: f64,
+        #[arg(long, value_parser = positive)]
+        target_epsilon: f64,
+    },
+}
+
+fn number(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if v.is_finite() { Ok(v) } else { Err(format!("{s} is not finite")) }
+}
+
+fn sampling_rate(s: &str) -> Result<f64, String> {
+    let q = number(s)?;
+    if q > 0.0 && q <= 1.0 { Ok(q) } else { Err(format!("the sampling rate must be in (0, 1], got {q}")) }
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    let v = number(s)?;
+    if v > 0.0 { Ok(v) } else { Err(format!("must be positive, got {v}")) }
+}
+
+fn delta(s: &str) -> Result<f64, String> {
+    let d = number(s)?;
+    if d > 0.0 && d < 1.0 { Ok(d) } else { Err(format!("δ must be in (0, 1), got {d}")) }
 }
 
 fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
@@ -59,8 +108,44 @@ fn main() -> ExitCode {
     }
 }
 
+fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
+    use guild_privacy::accounting::{calibrate_noise_multiplier, epsilon_from_rdp, subsampled_gaussian_rdp};
+    Ok(match command {
+        PrivacyCommand::Epsilon { sampling_rate, noise_multiplier, rounds, delta } => {
+            let curve = subsampled_gaussian_rdp(sampling_rate, noise_multiplier)?.times(rounds);
+            let (epsilon, order) = epsilon_from_rdp(&curve, delta)?;
+            serde_json::json!({
+                "epsilon": epsilon,
+                "delta": delta,
+                "optimal_order": order,
+                "sampling_rate": sampling_rate,
+                "noise_multiplier": noise_multiplier,
+                "rounds": rounds,
+                "accountant": "rdp, integer orders 2..=256",
+            })
+        }
+        PrivacyCommand::NoiseMultiplier { sampling_rate, rounds, delta, target_epsilon } => {
+            let z = calibrate_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?;
+            let (epsilon, _) =
+                epsilon_from_rdp(&subsampled_gaussian_rdp(sampling_rate, z)?.times(rounds), delta)?;
+            serde_json::json!({
+                "noise_multiplier": z,
+                "epsilon": epsilon,
+                "target_epsilon": target_epsilon,
+                "delta": delta,
+                "sampling_rate": sampling_rate,
+                "rounds": rounds,
+            })
+        }
+    })
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Privacy(command) => {
+            println!("{}", privacy(command)?);
+            Ok(())
+        }
         Command::Serve { listen, store, base_model_sha256, max_message_bytes } => {
             let store = Store::open(&store)?;
             let core = Arc::new(CoordinatorCore::new(store, base_model_sha256)?);

@@ -8,6 +8,7 @@
 
 pub mod accounting;
 pub mod dp;
+pub mod ledger;
 pub mod secagg;
 
 /// How differential-privacy noise is added to a round's aggregate.

@@ -157,9 +157,13 @@ pub fn subsampled_zcdp_rdp(q: f64, rho: f64) -> Result<RdpCurve, AccountingError
 /// Converts an RDP curve to ε at the given δ with the bound of Canonne, Kamath and
 /// Steinke (2020) that `dp_accounting` uses:
 /// `ε = min_α [RDP(α) + ln((α−1)/α) − (ln δ + ln α)/(α−1)]`, floored at 0.
-/// Returns ε and the order that achieved it.
+/// Returns ε and the order that achieved it. The zero curve gives ε = 0.
 pub fn epsilon_from_rdp(curve: &RdpCurve, delta: f64) -> Result<(f64, u32), AccountingError> {
     check_delta(delta)?;
+    if curve.values.iter().all(|&v| v == 0.0) {
+        // Nothing was revealed: that is 0-DP, which the conversion's slack would hide.
+        return Ok((0.0, *ORDERS.start()));
+    }
     let ln_delta = delta.ln();
     let mut best = (f64::INFINITY, 2);
     for alpha in ORDERS {
