@@ -1,4 +1,89 @@
-//! SecAgg+ secure aggregation (Bonawitz et al. 2017 with the sparse neighbour graph of
-//! Bell et al. 2020): message types shared by the client and server state machines.
+//! SecAgg+ secure aggregation (Bonawitz et al., CCS 2017, with the sparse neighbour graph
+//! of Bell et al., CCS 2020), as state machines that do no I/O: the client and server
+//! consume messages and return the messages to send, and the coordinator and client
+//! binaries only move them.
+//!
+//! Phases: (0) AdvertiseKeys, (1) ShareKeys, (2) MaskedInput, (3) ConsistencyCheck,
+//! (4) Unmask. The server learns the modular sum of the survivors' inputs and nothing
+//! else; with fewer than `threshold` survivors in any neighbourhood the round aborts.
 
+pub mod client;
+pub mod crypto;
+mod error;
+pub mod graph;
 pub mod message;
+pub mod server;
+pub mod shamir;
+
+pub use error::{PeerMisbehaved, SecAggError, ServerMisbehaved};
+
+use std::collections::BTreeMap;
+
+use message::{ClientIndex, RoundBinding};
+
+/// The long-term Ed25519 public key of every client of the cohort, by index.
+pub type Identities = BTreeMap<ClientIndex, [u8; 32]>;
+
+/// What every participant of a round agrees on before it starts (all of it public).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoundConfig {
+    pub binding: RoundBinding,
+    /// n: clients in the cohort, indexed 1..=n.
+    pub cohort_size: u32,
+    /// t: shares needed to reconstruct a secret, and survivors needed in each neighbourhood.
+    pub threshold: u32,
+    /// k: neighbours per client (k ≥ n − 1: the original, complete-graph protocol).
+    pub neighbours: u32,
+    pub graph_seed: u64,
+    /// Length of the input vectors, in u32 words.
+    pub vector_length: usize,
+    /// b: inputs and masks live in Z_{2^b}, 1 ≤ b ≤ 32.
+    pub bit_width: u32,
+}
+
+impl RoundConfig {
+    /// Checks the parameters' consistency.
+    pub fn validate(&self) -> Result<(), SecAggError> {
+        let n = self.cohort_size;
+        let k = self.neighbours.min(n.saturating_sub(1));
+        let problem = if n < 2 {
+            Some("a round needs at least 2 clients".to_owned())
+        } else if self.threshold < 2 || self.threshold > k {
+            Some(format!("threshold {} must be in 2..={k} (the neighbourhood size)", self.threshold))
+        } else if self.vector_length == 0 {
+            Some("vector_length must be at least 1".to_owned())
+        } else if !(1..=32).contains(&self.bit_width) {
+            Some(format!("bit_width {} must be in 1..=32", self.bit_width))
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |reason| Err(SecAggError::Config(reason)))
+    }
+
+    pub fn contains(&self, client: ClientIndex) -> bool {
+        client.get() <= self.cohort_size
+    }
+}
+
+/// Domain-separated payloads that clients sign.
+pub(crate) mod signed {
+    use super::message::{ClientIndex, RoundBinding};
+
+    pub fn keys(binding: &RoundBinding, sender: ClientIndex, cipher: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
+        let mut out = b"guild secagg+ v1 advertise keys".to_vec();
+        out.extend_from_slice(&binding.to_bytes());
+        out.extend_from_slice(&sender.get().to_be_bytes());
+        out.extend_from_slice(cipher);
+        out.extend_from_slice(mask);
+        out
+    }
+
+    pub fn survivors(binding: &RoundBinding, survivors: &[ClientIndex]) -> Vec<u8> {
+        let mut out = b"guild secagg+ v1 consistency check".to_vec();
+        out.extend_from_slice(&binding.to_bytes());
+        for s in survivors {
+            out.extend_from_slice(&s.get().to_be_bytes());
+        }
+        out
+    }
+}

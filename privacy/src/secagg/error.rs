@@ -1,0 +1,73 @@
+//! The one error type of SecAgg+, saying who misbehaved.
+
+use super::message::ClientIndex;
+
+/// Why a SecAgg+ message was refused or a round cannot go on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecAggError {
+    #[error("{who} misbehaved: {fault}")]
+    Peer { who: ClientIndex, fault: PeerMisbehaved },
+    #[error("the server misbehaved: {0}")]
+    Server(ServerMisbehaved),
+    #[error(
+        "message for round {got} of another federation or adapter, or another round (this is round {expected})"
+    )]
+    WrongRound { expected: u64, got: u64 },
+    #[error("a {got} message arrived while the round is in phase {phase}")]
+    WrongPhase { phase: &'static str, got: &'static str },
+    #[error("round aborted in {phase}: {survivors} survivors where {needed} are needed; nothing is revealed")]
+    TooFewSurvivors { phase: &'static str, survivors: usize, needed: usize },
+    #[error("invalid round configuration: {0}")]
+    Config(String),
+}
+
+/// What a client did wrong, as seen by the server or by another client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerMisbehaved {
+    #[error("it is not in this round's cohort")]
+    NotInCohort,
+    #[error("it sent a second message in the same phase")]
+    Duplicate,
+    #[error("its signature does not verify")]
+    BadSignature,
+    #[error("it has no registered signing key")]
+    UnknownIdentity,
+    #[error("its public key is of low order")]
+    WeakKey,
+    #[error("it addressed shares to {0}, who is not its neighbour")]
+    NotANeighbour(ClientIndex),
+    #[error("it claimed to be {claimed} in a message it sent")]
+    ForgedSender { claimed: ClientIndex },
+    #[error("its vector has {actual} words, expected {expected}")]
+    WrongLength { expected: usize, actual: usize },
+    #[error("a value is outside Z_2^{bit_width}")]
+    OutOfRange { bit_width: u32 },
+    #[error("its sealed shares do not open")]
+    UndecryptableShares,
+    #[error("its shares are malformed or inconsistent")]
+    BadShares,
+    #[error("it took part in a phase it had dropped out of before")]
+    NotASurvivor,
+    #[error("it revealed a share that honest clients never reveal")]
+    ForbiddenReveal,
+}
+
+/// What the server did wrong, as seen by an honest client.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerMisbehaved {
+    #[error("the key roster does not contain this client's own keys as sent")]
+    RosterAltered,
+    #[error("the key roster lists {0} twice")]
+    DuplicateInRoster(ClientIndex),
+    #[error("it forwarded shares not addressed to this client")]
+    Misaddressed,
+    #[error("it reports survivors that had already dropped out")]
+    SurvivorsNotSubset,
+    #[error("this client is missing from the survivors")]
+    LeftOutOfSurvivors,
+    #[error("{0}'s signature does not match this client's survivor list: the server showed different lists")]
+    InconsistentSurvivors(ClientIndex),
+}

@@ -1,0 +1,91 @@
+//! The SecAgg+ communication graph (Bell et al. 2020): each client shares its secrets
+//! with, and masks against, only its k neighbours in a random k-regular graph (a
+//! Harary-style ring over a random permutation drawn from the round's public seed).
+//! k ≥ n − 1 gives the complete graph of the original protocol.
+
+use rand_chacha::ChaCha20Rng;
+use rand_core::{RngCore, SeedableRng};
+
+use super::message::ClientIndex;
+
+/// The neighbour lists of every client of a round.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NeighbourGraph {
+    /// `neighbours[i]` lists the neighbours of client `i + 1`, sorted.
+    neighbours: Vec<Vec<ClientIndex>>,
+}
+
+impl NeighbourGraph {
+    /// The graph over clients 1..=n in which each has `k` neighbours (rounded up to even,
+    /// capped at n − 1).
+    pub fn new(n: u32, k: u32, seed: u64) -> Self {
+        let n_us = n as usize;
+        let index = |i: usize| ClientIndex::new(i as u32 + 1).expect("i + 1 > 0");
+        if k + 1 >= n {
+            let neighbours = (0..n_us).map(|u| (0..n_us).filter(|&v| v != u).map(index).collect()).collect();
+            return Self { neighbours };
+        }
+        let mut order: Vec<usize> = (0..n_us).collect();
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        for i in (1..n_us).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        let half = k.div_ceil(2) as usize;
+        let mut neighbours = vec![Vec::with_capacity(2 * half); n_us];
+        for (position, &u) in order.iter().enumerate() {
+            for step in 1..=half {
+                neighbours[u].push(index(order[(position + step) % n_us]));
+                neighbours[u].push(index(order[(position + n_us - step) % n_us]));
+            }
+        }
+        for list in &mut neighbours {
+            list.sort();
+            list.dedup();
+        }
+        Self { neighbours }
+    }
+
+    pub fn neighbours(&self, of: ClientIndex) -> &[ClientIndex] {
+        self.neighbours.get(of.get() as usize - 1).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn are_neighbours(&self, a: ClientIndex, b: ClientIndex) -> bool {
+        self.neighbours(a).binary_search(&b).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.neighbours.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.neighbours.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn graph_is_symmetric_regular_and_seeded() {
+        let graph = NeighbourGraph::new(100, 10, 7);
+        for u in 1..=100 {
+            let u = ClientIndex::new(u).expect("non-zero");
+            assert_eq!(graph.neighbours(u).len(), 10);
+            assert!(!graph.are_neighbours(u, u));
+            for &v in graph.neighbours(u) {
+                assert!(graph.are_neighbours(v, u), "edge {u}–{v} is one-way");
+            }
+        }
+        assert_eq!(graph, NeighbourGraph::new(100, 10, 7));
+        assert_ne!(graph, NeighbourGraph::new(100, 10, 8));
+    }
+
+    #[test]
+    fn k_of_n_minus_one_is_the_complete_graph() {
+        let graph = NeighbourGraph::new(5, 4, 1);
+        let one = ClientIndex::new(1).expect("non-zero");
+        assert_eq!(graph.neighbours(one).iter().map(|c| c.get()).collect::<Vec<_>>(), vec![2, 3, 4, 5]);
+    }
+}

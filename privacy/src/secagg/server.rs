@@ -1,0 +1,411 @@
+//! The server side of SecAgg+: collects each phase's messages, checks them, and when the
+//! coordinator closes the phase (all in, or the deadline passed) produces what to
+//! forward. Masked inputs are added into one running sum as they arrive, so the server's
+//! working memory is O(d) whatever the cohort size.
+//!
+//! The server can only ever recover the sum of the survivors' inputs: it receives either
+//! the self-mask share or the mask-key share of a client from each honest neighbour,
+//! never both, and it aborts (revealing nothing) when too few clients remain.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::crypto::{self, AgreementKey, MaskSign};
+use super::graph::NeighbourGraph;
+use super::message::*;
+use super::shamir::{self, ShareValues};
+use super::{Identities, PeerMisbehaved, RoundConfig, SecAggError, signed};
+
+/// Where a round stands.
+#[derive(Debug)]
+enum Phase {
+    AdvertiseKeys { keys: BTreeMap<ClientIndex, SignedKeys> },
+    ShareKeys { shares: BTreeMap<ClientIndex, Vec<EncryptedShares>> },
+    MaskedInput { received: BTreeSet<ClientIndex> },
+    ConsistencyCheck { signatures: BTreeMap<ClientIndex, [u8; 64]> },
+    Unmask { responders: BTreeSet<ClientIndex> },
+    Finished,
+    Aborted,
+}
+
+impl Phase {
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::AdvertiseKeys { .. } => "AdvertiseKeys",
+            Phase::ShareKeys { .. } => "ShareKeys",
+            Phase::MaskedInput { .. } => "MaskedInput",
+            Phase::ConsistencyCheck { .. } => "ConsistencyCheck",
+            Phase::Unmask { .. } => "Unmask",
+            Phase::Finished => "Finished",
+            Phase::Aborted => "Aborted",
+        }
+    }
+}
+
+/// One round of SecAgg+ at the server.
+#[derive(Debug)]
+pub struct Server {
+    config: RoundConfig,
+    graph: NeighbourGraph,
+    identities: Identities,
+    phase: Phase,
+    /// U1: clients whose keys were forwarded.
+    roster: BTreeMap<ClientIndex, SignedKeys>,
+    /// U2: clients whose shares were forwarded.
+    shared: BTreeSet<ClientIndex>,
+    /// U3: clients whose masked input is in `sum`.
+    survivors: BTreeSet<ClientIndex>,
+    /// Σ masked inputs of U3, mod 2^b.
+    sum: Vec<u32>,
+    self_mask_shares: BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>,
+    mask_key_shares: BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>,
+}
+
+fn peer(who: ClientIndex, fault: PeerMisbehaved) -> SecAggError {
+    SecAggError::Peer { who, fault }
+}
+
+impl Server {
+    pub fn new(config: RoundConfig, identities: Identities) -> Result<Self, SecAggError> {
+        config.validate()?;
+        let graph = NeighbourGraph::new(config.cohort_size, config.neighbours, config.graph_seed);
+        Ok(Self {
+            sum: vec![0; config.vector_length],
+            graph,
+            identities,
+            config,
+            phase: Phase::AdvertiseKeys { keys: BTreeMap::new() },
+            roster: BTreeMap::new(),
+            shared: BTreeSet::new(),
+            survivors: BTreeSet::new(),
+            self_mask_shares: BTreeMap::new(),
+            mask_key_shares: BTreeMap::new(),
+        })
+    }
+
+    pub fn config(&self) -> &RoundConfig {
+        &self.config
+    }
+
+    /// The name of the phase the round is in.
+    pub fn phase(&self) -> &'static str {
+        self.phase.name()
+    }
+
+    /// Checks what every message must satisfy: this round, a cohort member, no forgery.
+    fn admit(
+        &self,
+        binding: &RoundBinding,
+        from: ClientIndex,
+        claimed: ClientIndex,
+    ) -> Result<(), SecAggError> {
+        if *binding != self.config.binding {
+            return Err(SecAggError::WrongRound {
+                expected: self.config.binding.round_id,
+                got: binding.round_id,
+            });
+        }
+        if !self.config.contains(from) {
+            return Err(peer(from, PeerMisbehaved::NotInCohort));
+        }
+        if claimed != from {
+            return Err(peer(from, PeerMisbehaved::ForgedSender { claimed }));
+        }
+        Ok(())
+    }
+
+    fn wrong_phase(&self, got: &'static str) -> SecAggError {
+        SecAggError::WrongPhase { phase: self.phase.name(), got }
+    }
+
+    fn require(&mut self, phase: &'static str, survivors: usize) -> Result<(), SecAggError> {
+        let needed = self.config.threshold as usize;
+        if survivors < needed {
+            self.abort();
+            return Err(SecAggError::TooFewSurvivors { phase, survivors, needed });
+        }
+        Ok(())
+    }
+
+    /// Ends the round without a result; the partial sum is erased.
+    pub fn abort(&mut self) {
+        self.phase = Phase::Aborted;
+        self.sum.iter_mut().for_each(|v| *v = 0);
+        self.self_mask_shares.clear();
+        self.mask_key_shares.clear();
+    }
+
+    // ------------------------------------------------------------ phase 0
+
+    /// A client's signed key advertisement, `from` being its authenticated index.
+    pub fn receive_keys(&mut self, from: ClientIndex, message: AdvertiseKeys) -> Result<(), SecAggError> {
+        self.admit(&message.binding, from, message.keys.sender)?;
+        let identity = *self.identities.get(&from).ok_or(peer(from, PeerMisbehaved::UnknownIdentity))?;
+        let k = &message.keys;
+        let payload = signed::keys(&self.config.binding, from, &k.cipher_public_key, &k.mask_public_key);
+        if !crypto::verify(&identity, &payload, &k.signature) {
+            return Err(peer(from, PeerMisbehaved::BadSignature));
+        }
+        let Phase::AdvertiseKeys { keys } = &mut self.phase else {
+            return Err(self.wrong_phase("AdvertiseKeys"));
+        };
+        if keys.contains_key(&from) {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        keys.insert(from, message.keys);
+        Ok(())
+    }
+
+    /// Closes phase 0: the roster every client receives.
+    pub fn close_keys(&mut self) -> Result<Vec<SignedKeys>, SecAggError> {
+        let Phase::AdvertiseKeys { keys } = &mut self.phase else {
+            return Err(self.wrong_phase("close of AdvertiseKeys"));
+        };
+        let keys = std::mem::take(keys);
+        self.require("AdvertiseKeys", keys.len())?;
+        self.roster = keys;
+        self.phase = Phase::ShareKeys { shares: BTreeMap::new() };
+        Ok(self.roster.values().cloned().collect())
+    }
+
+    // ------------------------------------------------------------ phase 1
+
+    pub fn receive_shares(&mut self, from: ClientIndex, message: ShareKeys) -> Result<(), SecAggError> {
+        self.admit(&message.binding, from, from)?;
+        if !self.roster.contains_key(&from) {
+            return Err(peer(from, PeerMisbehaved::NotASurvivor));
+        }
+        let mut recipients = BTreeSet::new();
+        for share in &message.shares {
+            if share.sender != from {
+                return Err(peer(from, PeerMisbehaved::ForgedSender { claimed: share.sender }));
+            }
+            if !self.graph.are_neighbours(from, share.recipient)
+                || !self.roster.contains_key(&share.recipient)
+            {
+                return Err(peer(from, PeerMisbehaved::NotANeighbour(share.recipient)));
+            }
+            if !recipients.insert(share.recipient) {
+                return Err(peer(from, PeerMisbehaved::Duplicate));
+            }
+        }
+        let Phase::ShareKeys { shares } = &mut self.phase else { return Err(self.wrong_phase("ShareKeys")) };
+        if shares.contains_key(&from) {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        shares.insert(from, message.shares);
+        Ok(())
+    }
+
+    /// Closes phase 1: each client's inbox of shares sealed for it.
+    pub fn close_shares(&mut self) -> Result<BTreeMap<ClientIndex, Vec<EncryptedShares>>, SecAggError> {
+        let Phase::ShareKeys { shares } = &mut self.phase else {
+            return Err(self.wrong_phase("close of ShareKeys"));
+        };
+        let shares = std::mem::take(shares);
+        self.require("ShareKeys", shares.len())?;
+        self.shared = shares.keys().copied().collect();
+        let mut inboxes: BTreeMap<ClientIndex, Vec<EncryptedShares>> =
+            self.shared.iter().map(|&c| (c, Vec::new())).collect();
+        for share in shares.into_values().flatten() {
+            if let Some(inbox) = inboxes.get_mut(&share.recipient) {
+                inbox.push(share);
+            }
+        }
+        self.phase = Phase::MaskedInput { received: BTreeSet::new() };
+        Ok(inboxes)
+    }
+
+    // ------------------------------------------------------------ phase 2
+
+    pub fn receive_masked_input(
+        &mut self,
+        from: ClientIndex,
+        message: MaskedInput,
+    ) -> Result<(), SecAggError> {
+        self.admit(&message.binding, from, message.sender)?;
+        if !self.shared.contains(&from) {
+            return Err(peer(from, PeerMisbehaved::NotASurvivor));
+        }
+        let expected = self.config.vector_length;
+        if message.masked.len() != expected {
+            return Err(peer(from, PeerMisbehaved::WrongLength { expected, actual: message.masked.len() }));
+        }
+        let bit_width = self.config.bit_width;
+        if bit_width < 32 && message.masked.iter().any(|&v| v >> bit_width != 0) {
+            return Err(peer(from, PeerMisbehaved::OutOfRange { bit_width }));
+        }
+        let Phase::MaskedInput { received } = &mut self.phase else {
+            return Err(self.wrong_phase("MaskedInput"));
+        };
+        if !received.insert(from) {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        crate::dp::add_mod(&mut self.sum, &message.masked, bit_width);
+        Ok(())
+    }
+
+    /// Closes phase 2: the survivor list every client signs.
+    pub fn close_inputs(&mut self) -> Result<Vec<ClientIndex>, SecAggError> {
+        let Phase::MaskedInput { received } = &mut self.phase else {
+            return Err(self.wrong_phase("close of MaskedInput"));
+        };
+        let received = std::mem::take(received);
+        self.require("MaskedInput", received.len())?;
+        self.survivors = received;
+        self.phase = Phase::ConsistencyCheck { signatures: BTreeMap::new() };
+        Ok(self.survivors.iter().copied().collect())
+    }
+
+    // ------------------------------------------------------------ phase 3
+
+    pub fn receive_consistency(
+        &mut self,
+        from: ClientIndex,
+        message: ConsistencyCheck,
+    ) -> Result<(), SecAggError> {
+        self.admit(&message.binding, from, message.sender)?;
+        if !self.survivors.contains(&from) {
+            return Err(peer(from, PeerMisbehaved::NotASurvivor));
+        }
+        let identity = *self.identities.get(&from).ok_or(peer(from, PeerMisbehaved::UnknownIdentity))?;
+        let list: Vec<ClientIndex> = self.survivors.iter().copied().collect();
+        if !crypto::verify(&identity, &signed::survivors(&self.config.binding, &list), &message.signature) {
+            return Err(peer(from, PeerMisbehaved::BadSignature));
+        }
+        let Phase::ConsistencyCheck { signatures } = &mut self.phase else {
+            return Err(self.wrong_phase("ConsistencyCheck"));
+        };
+        if signatures.insert(from, message.signature).is_some() {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        Ok(())
+    }
+
+    /// Closes phase 3: the signatures every survivor checks before unmasking.
+    pub fn close_consistency(&mut self) -> Result<Vec<SurvivorSignature>, SecAggError> {
+        let Phase::ConsistencyCheck { signatures } = &mut self.phase else {
+            return Err(self.wrong_phase("close of ConsistencyCheck"));
+        };
+        let signatures = std::mem::take(signatures);
+        self.require("ConsistencyCheck", signatures.len())?;
+        self.phase = Phase::Unmask { responders: BTreeSet::new() };
+        Ok(signatures
+            .into_iter()
+            .map(|(sender, signature)| SurvivorSignature { sender, signature })
+            .collect())
+    }
+
+    // ------------------------------------------------------------ phase 4
+
+    pub fn receive_unmask(&mut self, from: ClientIndex, message: Unmask) -> Result<(), SecAggError> {
+        self.admit(&message.binding, from, message.sender)?;
+        if !self.survivors.contains(&from) {
+            return Err(peer(from, PeerMisbehaved::NotASurvivor));
+        }
+        // Validate everything before recording anything.
+        let mut owners = BTreeSet::new();
+        let check = |share: &ShamirShare, owner_survived: bool| -> Result<ShareValues, SecAggError> {
+            let allowed = self.graph.are_neighbours(from, share.owner)
+                && self.shared.contains(&share.owner)
+                && self.survivors.contains(&share.owner) == owner_survived;
+            if !allowed {
+                return Err(peer(from, PeerMisbehaved::ForbiddenReveal));
+            }
+            if share.x != from {
+                return Err(peer(from, PeerMisbehaved::ForgedSender { claimed: share.x }));
+            }
+            share.y.as_slice().try_into().map_err(|_| peer(from, PeerMisbehaved::BadShares))
+        };
+        let mut self_mask = Vec::new();
+        for share in &message.self_mask_shares {
+            self_mask.push((share.owner, check(share, true)?));
+            owners.insert(share.owner);
+        }
+        let mut mask_key = Vec::new();
+        for share in &message.mask_key_shares {
+            mask_key.push((share.owner, check(share, false)?));
+            owners.insert(share.owner);
+        }
+        if owners.len() != self_mask.len() + mask_key.len() {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        let Phase::Unmask { responders } = &mut self.phase else { return Err(self.wrong_phase("Unmask")) };
+        if !responders.insert(from) {
+            return Err(peer(from, PeerMisbehaved::Duplicate));
+        }
+        for (owner, values) in self_mask {
+            self.self_mask_shares.entry(owner).or_default().push((from.get(), values));
+        }
+        for (owner, values) in mask_key {
+            self.mask_key_shares.entry(owner).or_default().push((from.get(), values));
+        }
+        Ok(())
+    }
+
+    /// Removes every mask and returns Σ_{U3} x mod 2^b, or aborts if some secret has
+    /// fewer than `threshold` shares or does not reconstruct.
+    pub fn finish(&mut self) -> Result<Vec<u32>, SecAggError> {
+        let Phase::Unmask { .. } = &self.phase else { return Err(self.wrong_phase("finish")) };
+        // Derive every mask first, so that a failure leaves nothing partially unmasked.
+        let masks = match self.masks_to_remove() {
+            Ok(masks) => masks,
+            Err(error) => {
+                self.abort();
+                return Err(error);
+            }
+        };
+        for (seed, sign) in &masks {
+            crypto::apply_mask(&mut self.sum, seed, *sign, self.config.bit_width);
+        }
+        self.phase = Phase::Finished;
+        self.self_mask_shares.clear();
+        self.mask_key_shares.clear();
+        Ok(std::mem::take(&mut self.sum))
+    }
+
+    /// The seeds (and signs) of the masks still in the sum: the self masks of the
+    /// survivors, and the pairwise masks between survivors and clients that dropped after
+    /// sharing their keys.
+    fn masks_to_remove(&self) -> Result<Vec<([u8; 32], MaskSign)>, SecAggError> {
+        let t = self.config.threshold as usize;
+        let binding = self.config.binding;
+        let shares_of = |map: &BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>, owner: ClientIndex| {
+            let shares = map.get(&owner).map_or(&[][..], Vec::as_slice);
+            if shares.len() < t {
+                return Err(SecAggError::TooFewSurvivors {
+                    phase: "Unmask",
+                    survivors: shares.len(),
+                    needed: t,
+                });
+            }
+            shamir::reconstruct(shares, t).map_err(|_| peer(owner, PeerMisbehaved::BadShares))
+        };
+        let mut masks = Vec::new();
+        for &v in &self.survivors {
+            let b = shares_of(&self.self_mask_shares, v)?;
+            masks.push((crypto::self_mask_seed(&b, &binding), MaskSign::Subtract));
+        }
+        for &u in self.shared.difference(&self.survivors) {
+            let key = AgreementKey::from_secret_bytes(shares_of(&self.mask_key_shares, u)?);
+            if key.public() != self.roster[&u].mask_public_key {
+                return Err(peer(u, PeerMisbehaved::BadShares));
+            }
+            for &v in self.graph.neighbours(u) {
+                if !self.survivors.contains(&v) {
+                    continue;
+                }
+                let seed = key
+                    .pairwise_seed(&self.roster[&v].mask_public_key, &binding)
+                    .ok_or(peer(v, PeerMisbehaved::WeakKey))?;
+                // v added +PRG(s_uv) if u > v and −PRG(s_uv) if u < v: undo it.
+                masks.push((seed, if u > v { MaskSign::Subtract } else { MaskSign::Add }));
+            }
+        }
+        Ok(masks)
+    }
+
+    /// Clients whose input is in the result (U3), once phase 2 closed.
+    pub fn survivors(&self) -> Vec<ClientIndex> {
+        self.survivors.iter().copied().collect()
+    }
+}
