@@ -9,6 +9,8 @@
 pub mod convert;
 pub mod domain;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 
 pub use error::WireError;

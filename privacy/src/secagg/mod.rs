@@ -10,6 +10,8 @@
 pub mod client;
 pub mod crypto;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod graph;
 pub mod message;
 pub mod server;
