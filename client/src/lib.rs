@@ -5,6 +5,7 @@
 //! through the protocol in `guild-proto`.
 
 pub mod identity;
+pub mod model;
 pub mod net;
 
 /// The device local training runs on: the first CUDA GPU when there is one, else the CPU.

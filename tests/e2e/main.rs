@@ -1,4 +1,5 @@
 //! Guild's cross-crate tests, compiled into one test binary.
 
 mod architecture;
+mod model;
 mod registration;

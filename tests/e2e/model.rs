@@ -1,0 +1,107 @@
+//! The Rust encoder against Hugging Face transformers and peft (run from the project's
+//! virtualenv): same embeddings within 1e-4 on real product titles, with adapters off and
+//! with an exported adapter loaded by peft.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use guild_client::model::BaseModel;
+use guild_client::model::lora::{Adapters, LoraConfig};
+use tch::{Device, Tensor};
+
+const MAX_TOKENS: usize = 96;
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn model_dir() -> PathBuf {
+    guild_client::model::default_model_dir()
+}
+
+/// The first `n` product titles of the real catalogue.
+fn titles(n: usize) -> Vec<String> {
+    let path = workspace().join("../shared/data/amazon-games/Games-6k.item");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    text.lines().skip(1).filter_map(|l| l.split_once('\t')).map(|(_, t)| t.to_owned()).take(n).collect()
+}
+
+fn reference(sentences: &[String], adapter_dir: Option<&Path>) -> Vec<Vec<f32>> {
+    let python = workspace().join(".venv/bin/python");
+    let request = serde_json::json!({
+        "model_dir": model_dir(),
+        "sentences": sentences,
+        "max_tokens": MAX_TOKENS,
+        "adapter_dir": adapter_dir,
+    });
+    let mut child = Command::new(&python)
+        .arg(workspace().join("python/reference_embeddings.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup --test)", python.display()));
+    child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write request");
+    let out = child.wait_with_output().expect("reference run");
+    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reference JSON");
+    serde_json::from_value(value["embeddings"].clone()).expect("embeddings")
+}
+
+fn max_abs_difference(ours: &Tensor, theirs: &[Vec<f32>]) -> f32 {
+    let ours: Vec<Vec<f32>> = Vec::try_from(ours).expect("2-d float tensor");
+    assert_eq!(ours.len(), theirs.len());
+    ours.iter().zip(theirs).flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs())).fold(0.0, f32::max)
+}
+
+#[test]
+fn embeddings_match_transformers_and_peft_within_1e_4() {
+    let sentences = titles(24);
+    let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
+    let base = BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model");
+
+    // Adapters off.
+    let ours = base.embed_all(&refs, 8, None).expect("embed");
+    let diff = max_abs_difference(&ours, &reference(&sentences, None));
+    eprintln!("parity, adapters off: max |Δ| = {diff:e}");
+    assert!(diff < 1e-4, "adapters off: max |Δ| = {diff:e}");
+
+    // Adapters on: give B non-zero values, export as PEFT, let peft load it.
+    let mut adapters = Adapters::new(
+        LoraConfig { frozen_a_seed: 7, ..Default::default() },
+        base.config(),
+        base.sha256(),
+        Device::Cpu,
+    );
+    let count = adapters.manifest().parameter_count();
+    let values: Vec<f32> = (0..count).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+    adapters.set_flat(&values).expect("set B");
+    let dir = tempfile::tempdir().expect("tempdir");
+    adapters.export_peft(dir.path()).expect("export");
+    let adapted = base.embed_all(&refs, 8, Some(&adapters)).expect("embed");
+    let moved = max_abs_difference(&adapted, &Vec::<Vec<f32>>::try_from(&ours).expect("2-d"));
+    assert!(moved > 1e-2, "the adapter must change the embeddings (moved {moved})");
+    let diff = max_abs_difference(&adapted, &reference(&sentences, Some(dir.path())));
+    eprintln!("parity, adapters on via peft: max |Δ| = {diff:e}");
+    assert!(diff < 1e-4, "adapters on (via peft): max |Δ| = {diff:e}");
+
+    // The export round-trips into fresh adapters of the same federation.
+    let mut again = Adapters::new(
+        LoraConfig { frozen_a_seed: 7, ..Default::default() },
+        base.config(),
+        base.sha256(),
+        Device::Cpu,
+    );
+    again.import_peft(dir.path()).expect("import");
+    assert_eq!(again.flat(), values);
+    // ...and is refused by a federation with another frozen A.
+    let mut other = Adapters::new(
+        LoraConfig { frozen_a_seed: 8, ..Default::default() },
+        base.config(),
+        base.sha256(),
+        Device::Cpu,
+    );
+    let error = other.import_peft(dir.path()).expect_err("another seed");
+    assert!(error.to_string().contains("frozen A"), "{error}");
+}
