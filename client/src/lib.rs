@@ -4,9 +4,11 @@
 //! update and takes part in secure aggregation. Nothing leaves this process except
 //! through the protocol in `guild-proto`.
 
+pub mod data;
 pub mod identity;
 pub mod model;
 pub mod net;
+pub mod retrieval;
 
 /// The device local training runs on: the first CUDA GPU when there is one, else the CPU.
 pub fn training_device() -> tch::Device {

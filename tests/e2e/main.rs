@@ -1,5 +1,6 @@
 //! Guild's cross-crate tests, compiled into one test binary.
 
 mod architecture;
+mod data;
 mod model;
 mod registration;

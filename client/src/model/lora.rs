@@ -66,7 +66,8 @@ impl Adapters {
                 let a: Vec<f32> =
                     (0..config.rank * bert.hidden).map(|_| rng.gen_range(-bound..bound) as f32).collect();
                 let a = Tensor::from_slice(&a).view([config.rank, bert.hidden]).to(device);
-                let path = vs.root() / "encoder" / "layer" / layer / "attention" / "self" / target.module_name();
+                let path =
+                    vs.root() / "encoder" / "layer" / layer / "attention" / "self" / target.module_name();
                 let b = path.var("lora_B", &[bert.hidden, config.rank], nn::Init::Const(0.0));
                 modules.insert((layer, target), (a, b));
             }

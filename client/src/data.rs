@@ -1,0 +1,378 @@
+//! Shopper behaviour in the RecBole atomic-file format, the leave-one-out splits rebuilt
+//! from it, and the deterministic split of users into merchants.
+//!
+//! A dataset folder holds `NAME.item` (`item_id:token  title:token_seq`),
+//! `NAME.test.inter` and `NAME.valid.inter` (`user_id:token  item_id_list:token_seq
+//! item_id:token`). For a user with history h1..hn and test target t: the test example is
+//! (h1..hn → t), the validation example (h1..h(n−1) → hn), and training uses the prefixes
+//! (h1..h(k−1) → hk) for 2 ≤ k ≤ n−1. No training example ever has a validation or test
+//! target as its label.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+/// A malformed or inconsistent data file, named with the line at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}: no *.item file (expected NAME.item, NAME.test.inter, NAME.valid.inter)")]
+    MissingFiles(PathBuf),
+    #[error("{path}:1: header is {found:?}, expected {expected:?}")]
+    Header { path: PathBuf, expected: String, found: String },
+    #[error("{path}:{line}: {reason}")]
+    Line { path: PathBuf, line: usize, reason: String },
+}
+
+/// An item's index in the catalogue (0-based, dense).
+pub type ItemIndex = u32;
+
+/// One user's chronological history (h1..hn) and the item bought next (the test target).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    pub id: String,
+    pub history: Vec<ItemIndex>,
+    pub test_target: ItemIndex,
+}
+
+/// A next-item example: the history so far (oldest first) and the item that followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Example<'a> {
+    pub history: &'a [ItemIndex],
+    pub target: ItemIndex,
+}
+
+impl User {
+    /// (h1..h(k−1) → hk) for 2 ≤ k ≤ n−1.
+    pub fn training_examples(&self) -> impl Iterator<Item = Example<'_>> {
+        let n = self.history.len();
+        (1..n.saturating_sub(1))
+            .map(move |k| Example { history: &self.history[..k], target: self.history[k] })
+    }
+
+    /// (h1..h(n−1) → hn), if the history has at least two items.
+    pub fn validation_example(&self) -> Option<Example<'_>> {
+        let n = self.history.len();
+        (n >= 2).then(|| Example { history: &self.history[..n - 1], target: self.history[n - 1] })
+    }
+
+    /// (h1..hn → t).
+    pub fn test_example(&self) -> Example<'_> {
+        Example { history: &self.history, target: self.test_target }
+    }
+}
+
+#[derive(Debug)]
+pub struct Dataset {
+    pub name: String,
+    /// Product titles, by item index.
+    pub titles: Vec<String>,
+    pub users: Vec<User>,
+}
+
+const ITEM_HEADER: &str = "item_id:token\ttitle:token_seq";
+const INTER_HEADER: &str = "user_id:token\titem_id_list:token_seq\titem_id:token";
+
+fn read(path: &Path) -> Result<String, DataError> {
+    std::fs::read_to_string(path).map_err(|source| DataError::Io { path: path.to_owned(), source })
+}
+
+fn lines_after_header<'a>(
+    path: &Path,
+    text: &'a str,
+    expected: &str,
+) -> Result<impl Iterator<Item = (usize, &'a str)>, DataError> {
+    let mut lines = text.lines().enumerate().map(|(i, l)| (i + 1, l.trim_end_matches('\r')));
+    let header = lines.next().map_or("", |(_, l)| l);
+    if header != expected {
+        return Err(DataError::Header {
+            path: path.to_owned(),
+            expected: expected.into(),
+            found: header.into(),
+        });
+    }
+    Ok(lines.filter(|(_, l)| !l.is_empty()))
+}
+
+fn line_error(path: &Path, line: usize, reason: impl Into<String>) -> DataError {
+    DataError::Line { path: path.to_owned(), line, reason: reason.into() }
+}
+
+fn numeric_id(path: &Path, line: usize, field: &str, token: &str) -> Result<u64, DataError> {
+    token
+        .parse::<u64>()
+        .map_err(|_| line_error(path, line, format!("{field} {token:?} is not a non-negative integer")))
+}
+
+/// Interactions of one `.inter` file: (user id, history, target), with line numbers.
+type Rows = Vec<(usize, String, Vec<ItemIndex>, ItemIndex)>;
+
+fn read_inter(path: &Path, items: &HashMap<u64, ItemIndex>) -> Result<Rows, DataError> {
+    let text = read(path)?;
+    let mut rows = Vec::new();
+    for (line, l) in lines_after_header(path, &text, INTER_HEADER)? {
+        let fields: Vec<&str> = l.split('\t').collect();
+        let [user, list, target] = fields[..] else {
+            return Err(line_error(path, line, format!("{} tab-separated fields, expected 3", fields.len())));
+        };
+        numeric_id(path, line, "user id", user)?;
+        let item = |token: &str| -> Result<ItemIndex, DataError> {
+            let id = numeric_id(path, line, "item id", token)?;
+            items.get(&id).copied().ok_or_else(|| line_error(path, line, format!("unknown item id {id}")))
+        };
+        let history = list.split(' ').filter(|t| !t.is_empty()).map(item).collect::<Result<Vec<_>, _>>()?;
+        if history.is_empty() {
+            return Err(line_error(path, line, format!("user {user} has an empty history")));
+        }
+        rows.push((line, user.to_owned(), history, item(target)?));
+    }
+    Ok(rows)
+}
+
+impl Dataset {
+    /// Loads the dataset in `dir` (the single `NAME.item` there names it).
+    pub fn load(dir: &Path) -> Result<Self, DataError> {
+        let entries =
+            std::fs::read_dir(dir).map_err(|source| DataError::Io { path: dir.to_owned(), source })?;
+        let name = entries
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .find_map(|f| f.strip_suffix(".item").map(str::to_owned))
+            .ok_or_else(|| DataError::MissingFiles(dir.to_owned()))?;
+
+        let item_path = dir.join(format!("{name}.item"));
+        let text = read(&item_path)?;
+        let mut items = HashMap::new();
+        let mut titles = Vec::new();
+        for (line, l) in lines_after_header(&item_path, &text, ITEM_HEADER)? {
+            let (id, title) =
+                l.split_once('\t').ok_or_else(|| line_error(&item_path, line, "expected `id<TAB>title`"))?;
+            let id = numeric_id(&item_path, line, "item id", id)?;
+            if items.insert(id, titles.len() as ItemIndex).is_some() {
+                return Err(line_error(&item_path, line, format!("item id {id} appears twice")));
+            }
+            titles.push(title.trim().to_owned());
+        }
+
+        let test_path = dir.join(format!("{name}.test.inter"));
+        let valid_path = dir.join(format!("{name}.valid.inter"));
+        let test = read_inter(&test_path, &items)?;
+        let valid: HashMap<String, (usize, Vec<ItemIndex>, ItemIndex)> =
+            read_inter(&valid_path, &items)?.into_iter().map(|(line, u, h, t)| (u, (line, h, t))).collect();
+
+        let mut users = Vec::with_capacity(test.len());
+        for (line, id, history, test_target) in test {
+            // The validation file must be the test history minus its last item.
+            if let Some((vline, vhistory, vtarget)) = valid.get(&id) {
+                let n = history.len();
+                if n < 2 || vhistory[..] != history[..n - 1] || *vtarget != history[n - 1] {
+                    return Err(line_error(
+                        &valid_path,
+                        *vline,
+                        format!(
+                            "user {id} disagrees with {}:{line} (expected its history minus the last item)",
+                            test_path.display()
+                        ),
+                    ));
+                }
+            }
+            users.push(User { id, history, test_target });
+        }
+        Ok(Self { name, titles, users })
+    }
+
+    pub fn title(&self, item: ItemIndex) -> &str {
+        &self.titles[item as usize]
+    }
+}
+
+/// Platform families, from the product titles: the natural non-IID split of the data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub enum Family {
+    Sony,
+    Microsoft,
+    Nintendo,
+    Pc,
+    Other,
+}
+
+impl Family {
+    pub const ALL: [Family; 5] =
+        [Family::Sony, Family::Microsoft, Family::Nintendo, Family::Pc, Family::Other];
+
+    /// The platform family a title names, if any.
+    pub fn of_title(title: &str) -> Option<Family> {
+        let t = format!(" {} ", title.to_lowercase());
+        let any = |words: &[&str]| words.iter().any(|w| t.contains(w));
+        if any(&["playstation", "ps4", "ps3", "ps2", " psp", "ps vita", "sony"]) {
+            Some(Family::Sony)
+        } else if any(&["xbox", "microsoft"]) {
+            Some(Family::Microsoft)
+        } else if any(&[
+            "nintendo", "wii", "3ds", " ds ", "gamecube", "game boy", "gameboy", " switch", " nes", "snes",
+            "amiibo",
+        ]) {
+            Some(Family::Nintendo)
+        } else if any(&[" pc ", " pc/", "pc ", " mac ", "windows", "steam"]) {
+            Some(Family::Pc)
+        } else {
+            None
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Sony => "sony",
+            Family::Microsoft => "microsoft",
+            Family::Nintendo => "nintendo",
+            Family::Pc => "pc",
+            Family::Other => "other",
+        }
+    }
+}
+
+/// One merchant: a shop of users from one platform family.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Merchant {
+    pub name: String,
+    pub family: Family,
+    /// Indices into `Dataset::users`.
+    pub users: Vec<usize>,
+}
+
+/// Assigns every user to exactly one merchant: users go to the family most of their
+/// history's titles name (ties in `Family::ALL` order; none named: `Other`), and each
+/// family is cut into shops of about `shop_size` users, shuffled with `seed`.
+pub fn partition(dataset: &Dataset, shop_size: usize, seed: u64) -> Vec<Merchant> {
+    let item_family: Vec<Option<Family>> = dataset.titles.iter().map(|t| Family::of_title(t)).collect();
+    let mut by_family: HashMap<Family, Vec<usize>> = HashMap::new();
+    for (i, user) in dataset.users.iter().enumerate() {
+        let mut counts = [0usize; 5];
+        for &item in &user.history {
+            if let Some(f) = item_family[item as usize] {
+                counts[f as usize] += 1;
+            }
+        }
+        let best = (0..4).max_by_key(|&f| (counts[f], std::cmp::Reverse(f))).filter(|&f| counts[f] > 0);
+        by_family.entry(best.map_or(Family::Other, |f| Family::ALL[f])).or_default().push(i);
+    }
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut merchants = Vec::new();
+    for family in Family::ALL {
+        let Some(mut users) = by_family.remove(&family) else { continue };
+        users.shuffle(&mut rng);
+        let shops = users.len().div_ceil(shop_size.max(1)).max(1);
+        let per_shop = users.len().div_ceil(shops);
+        for (s, chunk) in users.chunks(per_shop.max(1)).enumerate() {
+            let mut users = chunk.to_vec();
+            users.sort_unstable();
+            merchants.push(Merchant { name: format!("{}-{s:03}", family.name()), family, users });
+        }
+    }
+    merchants
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).expect("write");
+    }
+
+    fn tiny(dir: &Path) {
+        write(
+            dir,
+            "T.item",
+            "item_id:token\ttitle:token_seq\n10\tHalo - Xbox One\n11\tZelda - Nintendo Switch\n12\tFIFA - PlayStation 4\n13\tCable\n",
+        );
+        write(dir, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 11 12\t13\n2\t12 12\t10\n"));
+        write(dir, "T.valid.inter", &format!("{INTER_HEADER}\n1\t10 11\t12\n2\t12\t12\n"));
+    }
+
+    fn check_error(mutate: impl FnOnce(&Path), expected: &str) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tiny(dir.path());
+        mutate(dir.path());
+        let error = Dataset::load(dir.path()).expect_err("must be refused").to_string();
+        assert!(error.contains(expected), "{error:?} does not contain {expected:?}");
+    }
+
+    #[test]
+    fn splits_are_rebuilt_without_leaking_targets() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tiny(dir.path());
+        let data = Dataset::load(dir.path()).expect("valid");
+        assert_eq!(data.name, "T");
+        assert_eq!(data.titles.len(), 4);
+        let u = &data.users[0];
+        assert_eq!(u.history, vec![0, 1, 2]);
+        let train: Vec<_> = u.training_examples().collect();
+        assert_eq!(train, vec![Example { history: &[0], target: 1 }]);
+        assert_eq!(u.validation_example(), Some(Example { history: &[0, 1], target: 2 }));
+        assert_eq!(u.test_example(), Example { history: &[0, 1, 2], target: 3 });
+        // No training label is the validation or test target position.
+        assert!(train.iter().all(|e| e.history.len() < u.history.len() - 1));
+    }
+
+    #[test]
+    fn corrupt_files_are_named_with_their_line() {
+        check_error(|d| write(d, "T.item", "id\ttitle\n"), "T.item:1: header is");
+        check_error(
+            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 99\t13\n")),
+            "T.test.inter:2: unknown item id 99",
+        );
+        check_error(
+            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 x\t13\n")),
+            "T.test.inter:2: item id \"x\" is not",
+        );
+        check_error(
+            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\nu\t10\t13\n")),
+            "T.test.inter:2: user id \"u\"",
+        );
+        check_error(
+            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t\t13\n")),
+            "T.test.inter:2: user 1 has an empty history",
+        );
+        check_error(
+            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 11\n")),
+            "T.test.inter:2: 2 tab-separated fields",
+        );
+        check_error(
+            |d| write(d, "T.valid.inter", &format!("{INTER_HEADER}\n1\t10 12\t12\n")),
+            "T.valid.inter:2: user 1 disagrees",
+        );
+        check_error(
+            |d| write(d, "T.item", "item_id:token\ttitle:token_seq\n10\tA\n10\tB\n"),
+            "T.item:3: item id 10 appears twice",
+        );
+        check_error(|d| std::fs::remove_file(d.join("T.item")).expect("rm"), "no *.item file");
+    }
+
+    #[test]
+    fn families_are_read_from_titles() {
+        assert_eq!(Family::of_title("FIFA 19 - PlayStation 4"), Some(Family::Sony));
+        assert_eq!(Family::of_title("Halo 5 - Xbox One"), Some(Family::Microsoft));
+        assert_eq!(Family::of_title("Mario Kart - Nintendo 3DS"), Some(Family::Nintendo));
+        assert_eq!(Family::of_title("The Sims 3 - PC"), Some(Family::Pc));
+        assert_eq!(Family::of_title("HDMI Cable"), None);
+    }
+
+    #[test]
+    fn partition_is_deterministic_and_covers_every_user_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tiny(dir.path());
+        let data = Dataset::load(dir.path()).expect("valid");
+        let merchants = partition(&data, 1, 3);
+        assert_eq!(merchants, partition(&data, 1, 3));
+        let mut all: Vec<usize> = merchants.iter().flat_map(|m| m.users.clone()).collect();
+        all.sort_unstable();
+        assert_eq!(all, vec![0, 1]);
+        // User 1's history names Sony twice: a Sony shop.
+        assert!(merchants.iter().any(|m| m.family == Family::Sony && m.users == vec![1]));
+    }
+}

@@ -1,0 +1,248 @@
+//! Two-tower next-item retrieval on the MiniLM encoder: the query tower (with adapters)
+//! encodes a shopper's recent history as text, the item tower (the frozen base) encodes
+//! product titles; score = cosine / τ; the loss is softmax cross-entropy against the
+//! other targets of the batch. Evaluation ranks the whole catalogue.
+
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+
+use crate::data::{Dataset, Example, ItemIndex, User};
+use crate::model::lora::Adapters;
+use crate::model::{BaseModel, ModelError};
+
+/// Hyper-parameters of local training.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainConfig {
+    pub batch_size: usize,
+    pub steps: usize,
+    pub learning_rate: f64,
+    /// τ: cosine similarities are divided by it.
+    pub temperature: f64,
+    /// K: titles of the most recent K items form the query.
+    pub history_items: usize,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self { batch_size: 32, steps: 20, learning_rate: 1e-3, temperature: 0.05, history_items: 5, seed: 0 }
+    }
+}
+
+/// The query text of a history: titles of the last `k` items, most recent first.
+pub fn query_text(dataset: &Dataset, history: &[ItemIndex], k: usize) -> String {
+    history.iter().rev().take(k).map(|&i| dataset.title(i)).collect::<Vec<_>>().join(" ; ")
+}
+
+/// Item embeddings of the whole catalogue from the frozen base, computed once and cached
+/// on disk under a key of the base model's hash, the dataset and the token limit.
+pub fn catalogue_embeddings(
+    base: &BaseModel,
+    dataset: &Dataset,
+    cache_dir: &Path,
+    max_tokens: usize,
+) -> Result<Tensor, ModelError> {
+    let key = format!(
+        "items-{}-{}-{}-{max_tokens}.safetensors",
+        &hex::encode(base.sha256())[..16],
+        dataset.name,
+        dataset.titles.len()
+    );
+    let path: PathBuf = cache_dir.join(key);
+    if let Ok(mut tensors) = Tensor::read_safetensors(&path)
+        && let Some((_, t)) = tensors.pop()
+        && t.size() == [dataset.titles.len() as i64, base.config().hidden]
+    {
+        return Ok(t);
+    }
+    let titles: Vec<&str> = dataset.titles.iter().map(String::as_str).collect();
+    let progress = progress_bar(titles.len() as u64, "encoding catalogue");
+    let mut parts = Vec::new();
+    for chunk in titles.chunks(256) {
+        parts.push(base.embed_all(chunk, 64, None)?);
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    let embeddings = Tensor::cat(&parts, 0);
+    std::fs::create_dir_all(cache_dir).map_err(|e| ModelError::io(cache_dir, e))?;
+    // Write to a temporary name, then rename: a crash never leaves a truncated cache.
+    let partial = path.with_extension("partial");
+    Tensor::write_safetensors(&[("items", &embeddings)], &partial)
+        .map_err(|e| ModelError::load(&partial, e))?;
+    std::fs::rename(&partial, &path).map_err(|e| ModelError::io(&path, e))?;
+    Ok(embeddings)
+}
+
+fn progress_bar(len: u64, message: &'static str) -> ProgressBar {
+    let bar = ProgressBar::new(len).with_message(message);
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// What a training run did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub examples: usize,
+    pub first_loss: f64,
+    pub last_loss: f64,
+}
+
+/// Trains `adapters` on the training examples of `users` (in-batch softmax, AdamW on the
+/// adapter variables only), deterministically for a seed on the CPU.
+pub fn train(
+    base: &BaseModel,
+    adapters: &Adapters,
+    dataset: &Dataset,
+    users: &[&User],
+    items: &Tensor,
+    config: &TrainConfig,
+) -> Result<TrainReport, ModelError> {
+    let mut examples: Vec<Example<'_>> = users.iter().flat_map(|u| u.training_examples()).collect();
+    if examples.is_empty() {
+        return Ok(TrainReport { steps: 0, examples: 0, first_loss: f64::NAN, last_loss: f64::NAN });
+    }
+    tch::manual_seed(config.seed as i64);
+    let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
+    examples.shuffle(&mut rng);
+    let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }
+        .build(adapters.var_store(), config.learning_rate)
+        .map_err(|e| ModelError::AdapterShape(format!("optimizer: {e}")))?;
+    let device = base.device();
+    let progress = progress_bar(config.steps as u64, "training");
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let mut cursor = 0;
+    for step in 0..config.steps {
+        if cursor + config.batch_size > examples.len() {
+            examples.shuffle(&mut rng);
+            cursor = 0;
+        }
+        let batch = &examples[cursor..(cursor + config.batch_size).min(examples.len())];
+        cursor += batch.len();
+        let queries: Vec<String> =
+            batch.iter().map(|e| query_text(dataset, e.history, config.history_items)).collect();
+        let query_refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+        let targets: Vec<i64> = batch.iter().map(|e| i64::from(e.target)).collect();
+        let target_ids = Tensor::from_slice(&targets);
+        let q = base.embed(&query_refs, Some(adapters))?;
+        let e = items.index_select(0, &target_ids).to(device);
+        let logits = q.matmul(&e.tr()) / config.temperature;
+        // Another row with the same target item is not a negative: mask it out.
+        let same = target_ids.unsqueeze(1).eq_tensor(&target_ids.unsqueeze(0)).to(device);
+        let diagonal = Tensor::eye(batch.len() as i64, (Kind::Bool, device));
+        let false_negative = same.logical_and(&diagonal.logical_not());
+        let logits = logits.masked_fill(&false_negative, -1e9);
+        let labels = Tensor::arange(batch.len() as i64, (Kind::Int64, device));
+        let loss = logits.cross_entropy_for_logits(&labels);
+        optimizer.backward_step(&loss);
+        last = loss.double_value(&[]);
+        if step == 0 {
+            first = last;
+        }
+        progress.inc(1);
+    }
+    progress.finish_and_clear();
+    Ok(TrainReport { steps: config.steps, examples: examples.len(), first_loss: first, last_loss: last })
+}
+
+/// Sums of ranking metrics over users (sums, so they add up across merchants).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct RankingCounts {
+    pub users: u64,
+    pub hits_at_10: u64,
+    pub ndcg_at_10_sum: f64,
+    pub reciprocal_rank_sum: f64,
+}
+
+impl RankingCounts {
+    pub fn recall_at_10(&self) -> f64 {
+        self.hits_at_10 as f64 / self.users.max(1) as f64
+    }
+
+    pub fn ndcg_at_10(&self) -> f64 {
+        self.ndcg_at_10_sum / self.users.max(1) as f64
+    }
+
+    pub fn mrr(&self) -> f64 {
+        self.reciprocal_rank_sum / self.users.max(1) as f64
+    }
+
+    pub fn add(&mut self, other: &RankingCounts) {
+        self.users += other.users;
+        self.hits_at_10 += other.hits_at_10;
+        self.ndcg_at_10_sum += other.ndcg_at_10_sum;
+        self.reciprocal_rank_sum += other.reciprocal_rank_sum;
+    }
+}
+
+/// Which held-out example of each user to rank.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    Validation,
+    Test,
+}
+
+/// Full-catalogue ranking (no sampled negatives) of each user's held-out target among all
+/// items; rank = 1 + the number of items scored strictly higher.
+pub fn evaluate(
+    base: &BaseModel,
+    adapters: Option<&Adapters>,
+    dataset: &Dataset,
+    users: &[&User],
+    items: &Tensor,
+    split: Split,
+    history_items: usize,
+) -> Result<RankingCounts, ModelError> {
+    let examples: Vec<Example<'_>> = users
+        .iter()
+        .filter_map(|u| match split {
+            Split::Validation => u.validation_example(),
+            Split::Test => Some(u.test_example()),
+        })
+        .collect();
+    let mut counts = RankingCounts::default();
+    let progress = progress_bar(examples.len() as u64, "evaluating");
+    for chunk in examples.chunks(64) {
+        let queries: Vec<String> =
+            chunk.iter().map(|e| query_text(dataset, e.history, history_items)).collect();
+        let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
+        let q = base.embed_all(&refs, 64, adapters.map(|a| a as &dyn crate::model::bert::LowRank))?;
+        let scores = q.matmul(&items.tr()); // [batch, catalogue], CPU
+        let targets = Tensor::from_slice(&chunk.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
+        let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
+        let ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
+        for rank in Vec::<i64>::try_from(&ranks).expect("int64 ranks") {
+            counts.users += 1;
+            counts.reciprocal_rank_sum += 1.0 / rank as f64;
+            if rank <= 10 {
+                counts.hits_at_10 += 1;
+                counts.ndcg_at_10_sum += 1.0 / ((rank + 1) as f64).log2();
+            }
+        }
+        progress.inc(chunk.len() as u64);
+    }
+    progress.finish_and_clear();
+    Ok(counts)
+}
+
+/// A seeded sample of at most `n` users (all of them if `n` is larger).
+pub fn sample_users<'a>(users: &[&'a User], n: usize, seed: u64) -> Vec<&'a User> {
+    let mut sample = users.to_vec();
+    sample.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
+    sample.truncate(n);
+    sample
+}
+
+/// The device training should use by default: CUDA when present.
+pub fn default_device() -> Device {
+    Device::cuda_if_available()
+}
