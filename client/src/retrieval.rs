@@ -192,7 +192,9 @@ pub enum Split {
 }
 
 /// Full-catalogue ranking (no sampled negatives) of each user's held-out target among all
-/// items; rank = 1 + the number of items scored strictly higher.
+/// items except those already in the user's history (the standard full-ranking protocol;
+/// in the Amazon Games data no target repeats a history item); rank = 1 + the number of
+/// items scored strictly higher.
 pub fn evaluate(
     base: &BaseModel,
     adapters: Option<&Adapters>,
@@ -217,6 +219,11 @@ pub fn evaluate(
         let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
         let q = base.embed_all(&refs, 64, adapters.map(|a| a as &dyn crate::model::bert::LowRank))?;
         let scores = q.matmul(&items.tr()); // [batch, catalogue], CPU
+        for (row, example) in chunk.iter().enumerate() {
+            let seen: Vec<i64> =
+                example.history.iter().filter(|&&i| i != example.target).map(|&i| i64::from(i)).collect();
+            let _ = scores.get(row as i64).index_fill_(0, &Tensor::from_slice(&seen), f64::NEG_INFINITY);
+        }
         let targets = Tensor::from_slice(&chunk.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
         let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
         let ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
