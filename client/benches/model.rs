@@ -29,13 +29,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (steps, batch) = (10usize, config.batch_size);
     let data = Dataset::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/amazon-games"))?;
     let base = BaseModel::load(&default_model_dir(), 96, Device::Cpu)?;
-    let examples: Vec<_> = data.users.iter().filter_map(|u| u.validation_example()).filter(|e| e.history.len() >= 2).take(batch * (steps + 2)).collect();
-    let queries: Vec<String> = examples.iter().map(|e| query_text(&data, e.history, config.history_items)).collect();
+    let examples: Vec<_> = data
+        .users
+        .iter()
+        .filter_map(|u| u.validation_example())
+        .filter(|e| e.history.len() >= 2)
+        .take(batch * (steps + 2))
+        .collect();
+    let queries: Vec<String> =
+        examples.iter().map(|e| query_text(&data, e.history, config.history_items)).collect();
     let targets: Vec<&str> = examples.iter().map(|e| data.title(e.target)).collect();
     let items = base.embed_all(&targets, 64, None)?;
 
     let adapters = Adapters::new(LoraConfig::default(), base.config(), base.sha256(), Device::Cpu);
-    let mut optimizer = tch::nn::AdamW { wd: 0.0, ..Default::default() }.build(adapters.var_store(), config.learning_rate)?;
+    let mut optimizer =
+        tch::nn::AdamW { wd: 0.0, ..Default::default() }.build(adapters.var_store(), config.learning_rate)?;
     let mut step = |i: usize| -> Result<(), Box<dyn std::error::Error>> {
         let refs: Vec<&str> = queries[i * batch..(i + 1) * batch].iter().map(String::as_str).collect();
         let q = base.embed(&refs, Some(&adapters))?;
