@@ -37,7 +37,8 @@ def main() -> None:
             if len(queries) >= batch * (steps + 2):
                 break
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModel.from_pretrained(model_dir)
+    # Guild trains without dropout: switch it off here too, so both do the same work.
+    base = AutoModel.from_pretrained(model_dir, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], lora_dropout=0.0))
     for name, p in model.named_parameters():
         if "lora_A" in name:

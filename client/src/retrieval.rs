@@ -114,6 +114,16 @@ pub fn train(
     tch::manual_seed(config.seed as i64);
     let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
     examples.shuffle(&mut rng);
+    // In-batch negatives are drawn in proportion to how often an item is a target, which
+    // teaches the model to push popular items down; subtracting ln(frequency) from each
+    // logit corrects that (the logQ correction of Yi et al., RecSys 2019). Frequencies come
+    // from this merchant's own training targets, smoothed by one.
+    let mut frequency = vec![1.0f32; items.size()[0] as usize];
+    for e in &examples {
+        frequency[e.target as usize] += 1.0;
+    }
+    let total: f32 = frequency.iter().sum();
+    let log_q = Tensor::from_slice(&frequency.iter().map(|f| (f / total).ln()).collect::<Vec<_>>());
     let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }
         .build(adapters.var_store(), config.learning_rate)
         .map_err(|e| ModelError::AdapterShape(format!("optimizer: {e}")))?;
@@ -135,7 +145,8 @@ pub fn train(
         let target_ids = Tensor::from_slice(&targets);
         let q = base.embed(&query_refs, Some(adapters))?;
         let e = items.index_select(0, &target_ids).to(device);
-        let logits = q.matmul(&e.tr()) / config.temperature;
+        let correction = log_q.index_select(0, &target_ids).to(device).unsqueeze(0);
+        let logits = q.matmul(&e.tr()) / config.temperature - correction;
         // Another row with the same target item is not a negative: mask it out.
         let same = target_ids.unsqueeze(1).eq_tensor(&target_ids.unsqueeze(0)).to(device);
         let diagonal = Tensor::eye(batch.len() as i64, (Kind::Bool, device));
