@@ -216,6 +216,29 @@ fn more_dropouts_than_the_threshold_abort_and_reveal_nothing() {
 
 /// Drives an honest round up to the survivor lists, letting `survivors_for` choose what
 /// the server tells each client; returns each client's answer to the signatures.
+/// Runs phases 0 and 1 honestly for every client: the server, each client waiting for
+/// its inbox, and the inboxes the server forwards.
+fn honest_through_shares(
+    f: &mut Federation,
+) -> (Server, BTreeMap<ClientIndex, client::ExpectInbox>, BTreeMap<ClientIndex, Vec<EncryptedShares>>) {
+    let mut server = f.server();
+    let mut states = BTreeMap::new();
+    for c in (1..=f.config.cohort_size).map(index) {
+        let (state, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
+        server.receive_keys(c, msg).expect("keys");
+        states.insert(c, state);
+    }
+    let roster = server.close_keys().expect("roster");
+    let mut next = BTreeMap::new();
+    for (c, state) in states {
+        let (state, msg) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
+        server.receive_shares(c, msg).expect("shares");
+        next.insert(c, state);
+    }
+    let inboxes = server.close_shares().expect("inboxes");
+    (server, next, inboxes)
+}
+
 struct LyingRound {
     answers: BTreeMap<ClientIndex, Result<Unmask, SecAggError>>,
     masked: BTreeMap<ClientIndex, Vec<u32>>,
@@ -226,23 +249,8 @@ fn round_with_lying_server(
     f: &mut Federation,
     survivors_for: impl Fn(ClientIndex) -> Vec<ClientIndex>,
 ) -> LyingRound {
-    let n = f.config.cohort_size;
-    let clients: Vec<ClientIndex> = (1..=n).map(index).collect();
-    let mut server = f.server();
-    let mut states = BTreeMap::new();
-    for &c in &clients {
-        let (state, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
-        server.receive_keys(c, msg).expect("keys");
-        states.insert(c, state);
-    }
-    let roster = server.close_keys().expect("roster");
-    let mut next = BTreeMap::new();
-    for (c, state) in states {
-        let (s, msg) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
-        server.receive_shares(c, msg).expect("shares");
-        next.insert(c, s);
-    }
-    let mut inboxes = server.close_shares().expect("inboxes");
+    let (server, next, mut inboxes) = honest_through_shares(f);
+    let roster = server.roster();
     let mut signers = BTreeMap::new();
     let mut signatures = Vec::new();
     let mut masked = BTreeMap::new();
@@ -345,21 +353,7 @@ fn a_single_masked_vector_is_indistinguishable_from_uniform() {
     for input in f.inputs.values_mut() {
         input.iter_mut().for_each(|v| *v = 0);
     }
-    let mut server = f.server();
-    let mut states = BTreeMap::new();
-    for c in (1..=4).map(index) {
-        let (s, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
-        server.receive_keys(c, msg).expect("keys");
-        states.insert(c, s);
-    }
-    let roster = server.close_keys().expect("roster");
-    let mut next = BTreeMap::new();
-    for (c, s) in states {
-        let (s, msg) = s.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
-        server.receive_shares(c, msg).expect("shares");
-        next.insert(c, s);
-    }
-    let mut inboxes = server.close_shares().expect("inboxes");
+    let (_server, mut next, mut inboxes) = honest_through_shares(&mut f);
     let state = next.remove(&index(1)).expect("client 1");
     let (_, masked) =
         state.on_inbox(inboxes.remove(&index(1)).unwrap_or_default(), &f.inputs[&index(1)]).expect("mask");
@@ -465,21 +459,7 @@ fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
 fn the_server_refuses_reveals_honest_clients_never_make() {
     // A malicious client (or a replay) offering a survivor's mask-key share is refused.
     let mut f = Federation::new(5, 4, 3, 8, 32, 90);
-    let mut server = f.server();
-    let mut states = BTreeMap::new();
-    for c in (1..=5).map(index) {
-        let (s, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
-        server.receive_keys(c, msg).expect("keys");
-        states.insert(c, s);
-    }
-    let roster = server.close_keys().expect("roster");
-    let mut next = BTreeMap::new();
-    for (c, s) in states {
-        let (s, msg) = s.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
-        server.receive_shares(c, msg).expect("shares");
-        next.insert(c, s);
-    }
-    let mut inboxes = server.close_shares().expect("inboxes");
+    let (mut server, next, mut inboxes) = honest_through_shares(&mut f);
     let mut after = BTreeMap::new();
     for (c, s) in next {
         let (s, msg) = s.on_inbox(inboxes.remove(&c).unwrap_or_default(), &f.inputs[&c]).expect("mask");

@@ -141,10 +141,11 @@ impl Bert {
             let k = split(l.key.forward(&xs));
             let v = split(project(&l.value, Target::Value));
             // Fused softmax(q kᵀ / √d + bias) v, as transformers' default "sdpa" attention.
-            let context = Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, false)
-                .transpose(1, 2)
-                .contiguous()
-                .view([batch, tokens, self.config.hidden]);
+            let context =
+                Tensor::scaled_dot_product_attention(&q, &k, &v, Some(&bias), 0.0, false, None, false)
+                    .transpose(1, 2)
+                    .contiguous()
+                    .view([batch, tokens, self.config.hidden]);
             let attended = l.attention_norm.forward(&(l.attention_out.forward(&context) + &xs));
             let ffn = l.output.forward(&l.intermediate.forward(&attended).gelu("none"));
             xs = l.output_norm.forward(&(ffn + attended));

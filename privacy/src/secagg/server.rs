@@ -404,6 +404,11 @@ impl Server {
         Ok(masks)
     }
 
+    /// The key roster forwarded at the end of phase 0 (U1).
+    pub fn roster(&self) -> Vec<SignedKeys> {
+        self.roster.values().cloned().collect()
+    }
+
     /// Clients whose input is in the result (U3), once phase 2 closed.
     pub fn survivors(&self) -> Vec<ClientIndex> {
         self.survivors.iter().copied().collect()
