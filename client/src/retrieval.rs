@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
-use tch::{Device, Kind, Tensor, nn, nn::OptimizerConfig};
+use tch::{Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::data::{Dataset, Example, ItemIndex, User};
 use crate::model::lora::Adapters;
@@ -258,9 +258,4 @@ pub fn sample_users<'a>(users: &[&'a User], n: usize, seed: u64) -> Vec<&'a User
     sample.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
     sample.truncate(n);
     sample
-}
-
-/// The device training should use by default: CUDA when present.
-pub fn default_device() -> Device {
-    Device::cuda_if_available()
 }

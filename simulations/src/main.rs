@@ -99,7 +99,7 @@ fn local(
     let started = std::time::Instant::now();
     let dataset = Dataset::load(data)?;
     let merchants = partition(&dataset, shop_size, train.seed);
-    let device = guild_client::retrieval::default_device();
+    let device = guild_client::training_device();
     let base = BaseModel::load(&default_model_dir(), max_tokens, device)?;
     let items = catalogue_embeddings(&base, &dataset, cache, max_tokens)?;
     let all: Vec<&guild_client::data::User> = dataset.users.iter().collect();
