@@ -54,7 +54,7 @@ impl CoordinatorCore {
     fn status(&self) -> Result<StatusReport, StoreError> {
         Ok(StatusReport {
             federation_id: self.federation_id,
-            registered_merchants: self.store.merchants()?.len() as u64,
+            registered_merchants: self.store.merchant_count()?,
             rounds_completed: 0,
             rounds_aborted: 0,
             latest_adapter_version: 0,
@@ -108,8 +108,7 @@ impl Coordinator for CoordinatorService {
         request: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::GetTaskResponse>, Status> {
         let poll = TaskPoll::try_from(request.into_inner())?;
-        let known = self.core.store.merchants().map_err(to_status)?;
-        if !known.iter().any(|m| m.merchant_id == poll.merchant_id.as_str()) {
+        if !self.core.store.is_registered(poll.merchant_id.as_str()).map_err(to_status)? {
             return Err(Status::not_found(format!("merchant {} is not registered", poll.merchant_id)));
         }
         let task = Task::Wait { retry_after: Duration::from_secs(5), reason: "no round is open".into() };

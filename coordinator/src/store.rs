@@ -133,6 +133,21 @@ impl Store {
         Ok(())
     }
 
+    /// Whether `merchant_id` is registered (one indexed lookup).
+    pub fn is_registered(&self, merchant_id: &str) -> Result<bool, StoreError> {
+        let found = self
+            .conn()
+            .query_row("SELECT 1 FROM merchants WHERE merchant_id = ?1", params![merchant_id], |_| Ok(()))
+            .optional()?;
+        Ok(found.is_some())
+    }
+
+    /// How many merchants are registered.
+    pub fn merchant_count(&self) -> Result<u64, StoreError> {
+        let count: i64 = self.conn().query_row("SELECT count(*) FROM merchants", [], |r| r.get(0))?;
+        Ok(count as u64)
+    }
+
     pub fn merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
@@ -168,6 +183,9 @@ mod tests {
         }
         let store = Store::open(&path).expect("reopen");
         assert_eq!(store.merchants().expect("list"), vec![record]);
+        assert_eq!(store.merchant_count().expect("count"), 1);
+        assert!(store.is_registered("shop-1").expect("lookup"));
+        assert!(!store.is_registered("shop-2").expect("lookup"));
         assert_eq!(store.federation([1; 32], [9; 16]).expect("federation"), [2; 16], "id is stable");
         assert!(matches!(store.federation([3; 32], [9; 16]), Err(StoreError::BaseModelMismatch { .. })));
     }

@@ -10,10 +10,10 @@ use guild_coordinator::store::Store;
 use tokio::task::JoinHandle;
 
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors`, the federation's base model.
-pub const BASE_MODEL_SHA256: [u8; 32] = [
-    0x53, 0xaa, 0x51, 0x17, 0x2d, 0x14, 0x2c, 0x89, 0xd9, 0x01, 0x2c, 0xce, 0x15, 0xae, 0x4d, 0x6c, 0xc0,
-    0xca, 0x68, 0x95, 0x89, 0x5a, 0x11, 0x43, 0x79, 0xca, 0xcb, 0x4f, 0xab, 0x12, 0x8d, 0x9d,
-];
+pub fn base_model_sha256() -> [u8; 32] {
+    let bytes = hex::decode(guild_client::model::MINILM_SHA256).expect("the constant is hex");
+    bytes.try_into().expect("the constant is 32 bytes")
+}
 
 /// A coordinator serving on an ephemeral loopback port until dropped.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub struct LoopbackCoordinator {
 
 impl LoopbackCoordinator {
     pub async fn start(store_path: &Path) -> anyhow::Result<Self> {
-        let core = Arc::new(CoordinatorCore::new(Store::open(store_path)?, BASE_MODEL_SHA256)?);
+        let core = Arc::new(CoordinatorCore::new(Store::open(store_path)?, base_model_sha256())?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let service = CoordinatorService::new(core.clone())

@@ -18,7 +18,7 @@ async fn client_registers_over_loopback_and_coordinator_records_it() {
     let registered = connection.register("Shop A", &identity).await.expect("register");
 
     assert_eq!(registered.federation_id, coordinator.core.federation_id());
-    assert_eq!(registered.base_model_sha256, guild_sim::BASE_MODEL_SHA256);
+    assert_eq!(registered.base_model_sha256, guild_sim::base_model_sha256());
     let recorded = coordinator.core.store().merchants().expect("merchants");
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].merchant_id, registered.merchant_id.as_str());
