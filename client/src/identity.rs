@@ -48,10 +48,22 @@ impl Identity {
         Ok(Self { key_pair })
     }
 
+    /// A fresh key that lives only in memory (simulated merchants).
+    pub fn ephemeral() -> Result<Self, IdentityError> {
+        let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| IdentityError::Random)?;
+        let key_pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| IdentityError::Random)?;
+        Ok(Self { key_pair })
+    }
+
     pub fn public_key(&self) -> [u8; 32] {
         let mut out = [0u8; 32];
         out.copy_from_slice(self.key_pair.public_key().as_ref());
         out
+    }
+
+    /// The key pair SecAgg+ signs with.
+    pub fn key_pair(&self) -> &Ed25519KeyPair {
+        &self.key_pair
     }
 
     pub fn sign(&self, message: &[u8]) -> [u8; 64] {

@@ -4,10 +4,13 @@
 //! update and takes part in secure aggregation. Nothing leaves this process except
 //! through the protocol in `guild-proto`.
 
+pub mod config;
 pub mod data;
 pub mod identity;
+pub mod learner;
 pub mod model;
 pub mod net;
+pub mod participant;
 pub mod retrieval;
 
 /// The device local training runs on: the first CUDA GPU when there is one, else the CPU.

@@ -2,11 +2,17 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use guild_client::config::ClientConfig;
 use guild_client::identity::Identity;
-use guild_client::net::Connection;
+use guild_client::learner::{ModelLearner, Shared};
+use guild_client::model::lora::LoraConfig;
+use guild_client::model::{BaseModel, default_model_dir};
+use guild_client::net::{Connection, TlsCredentials};
+use guild_client::participant::{Participant, ParticipantOptions};
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-client", version, about = "Guild merchant client")]
@@ -17,24 +23,23 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Register this merchant with the coordinator and print the assigned id as JSON.
+    /// Register, then take part in rounds until stopped: train on local data, privatise,
+    /// take part in SecAgg+, evaluate each new adapter and report the counts.
+    Run {
+        #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
+        config: PathBuf,
+    },
+    /// Register with the coordinator and print the assigned id as JSON.
     Register {
-        /// Coordinator URI.
-        #[arg(long, env = "GUILD_COORDINATOR", default_value = "http://127.0.0.1:50051")]
-        coordinator: String,
-        /// Display name of this merchant.
-        #[arg(long, env = "GUILD_MERCHANT_NAME")]
-        name: String,
-        /// Ed25519 identity key (PKCS#8), created if absent.
-        #[arg(long, env = "GUILD_IDENTITY", default_value = "merchant.key")]
-        identity: PathBuf,
+        #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
+        config: PathBuf,
     },
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -48,27 +53,105 @@ fn main() -> ExitCode {
     }
 }
 
+async fn connect(config: &ClientConfig) -> anyhow::Result<Connection> {
+    let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+    Ok(Connection::connect(
+        &config.coordinator,
+        &tls,
+        guild_proto::limits::max_message_bytes(1 << 20, 10_000),
+    )
+    .await?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Register { coordinator, name, identity } => {
-            let identity = Identity::load_or_create(&identity)?;
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        Command::Register { config } => {
+            let config = ClientConfig::load(&config)?;
+            let identity = Identity::load_or_create(&config.identity)?;
             let registered = runtime.block_on(async {
-                let mut connection =
-                    Connection::connect(&coordinator, guild_proto::limits::max_message_bytes(1 << 20, 1000))
-                        .await?;
-                connection.register(&name, &identity).await
+                let mut connection = connect(&config).await?;
+                anyhow::Ok(connection.register(&config.display_name, &identity).await?)
             })?;
-            let device = guild_client::training_device();
             println!(
                 "{}",
                 serde_json::json!({
                     "merchant_id": registered.merchant_id.as_str(),
-                    "federation_id": registered.federation_id.iter().map(|b| format!("{b:02x}")).collect::<String>(),
-                    "training_device": format!("{device:?}"),
+                    "federation_id": hex::encode(registered.federation_id),
+                    "training_device": format!("{:?}", guild_client::training_device()),
                 })
             );
             Ok(())
+        }
+        Command::Run { config } => {
+            let config = ClientConfig::load(&config)?;
+            let identity = Arc::new(Identity::load_or_create(&config.identity)?);
+            let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
+            let users: Vec<usize> = match &config.data.merchant {
+                None => (0..dataset.users.len()).collect(),
+                Some(name) => {
+                    guild_client::data::partition(&dataset, config.data.shop_size, config.data.partition_seed)
+                        .into_iter()
+                        .find(|m| &m.name == name)
+                        .with_context(|| {
+                            format!(
+                                "the dataset has no shop named {name} at shop size {}",
+                                config.data.shop_size
+                            )
+                        })?
+                        .users
+                }
+            };
+            let device = guild_client::training_device();
+            let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
+            let base = BaseModel::load(&model_dir, config.model.max_tokens, device)?;
+            eprintln!(
+                "guild-client: {} shoppers, catalogue of {} items, training on {device:?}",
+                users.len(),
+                dataset.titles.len()
+            );
+            let items = guild_client::retrieval::catalogue_embeddings(
+                &base,
+                &dataset,
+                &config.model.cache,
+                config.model.max_tokens,
+            )?;
+            let shared = Arc::new(Mutex::new(Shared { base, dataset, items }));
+            let lora = LoraConfig {
+                rank: config.adapter.rank,
+                alpha: config.adapter.alpha,
+                frozen_a_seed: config.adapter.frozen_a_seed,
+                ..LoraConfig::default()
+            };
+            let learner = ModelLearner::new(shared, lora, users, config.data.eval_users, 0);
+            let options = ParticipantOptions {
+                display_name: config.display_name.clone(),
+                min_noise_multiplier: config.guards.min_noise_multiplier,
+                dangerous_send_unnoised_updates: config.guards.dangerous_send_unnoised_updates,
+                max_rounds: config.guards.max_rounds,
+                ..Default::default()
+            };
+            runtime.block_on(async {
+                let connection = connect(&config).await?;
+                let mut participant = Participant::new(connection, identity, Box::new(learner), options);
+                let merchant = participant.register().await?;
+                eprintln!("guild-client: registered as {merchant}; waiting for rounds");
+                participant
+                    .run(|result| match result {
+                        Ok(r) => eprintln!(
+                            "round {:>4} | adapter v{} | {} | train {:.1} s | secagg {:.2} s | sent {} KiB",
+                            r.round_id,
+                            r.adapter_version,
+                            r.outcome,
+                            r.train_seconds,
+                            r.secagg_seconds,
+                            r.bytes_sent / 1024
+                        ),
+                        Err(e) => eprintln!("round skipped: {e}"),
+                    })
+                    .await?;
+                anyhow::Ok(())
+            })
         }
     }
 }

@@ -1,24 +1,70 @@
-//! The client's connection to the coordinator.
+//! The client's connection to the coordinator: mutual TLS with the merchant's certificate,
+//! one method per RPC, and every answer validated into a domain type.
 
+use std::path::Path;
 use std::time::Duration;
 
-use guild_proto::domain::{Registered, Registration};
+use guild_privacy::secagg::message as sa;
+use guild_proto::convert;
+use guild_proto::domain::{
+    AdapterChunk, MerchantId, MetricsReport, Registered, Registration, StatusReport, Task, TaskPoll,
+};
+use guild_proto::v1;
 use guild_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::identity::Identity;
+use crate::identity::Identity as SigningIdentity;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NetError {
     #[error("coordinator address {address:?} is not a valid URI: {reason}")]
     BadAddress { address: String, reason: String },
+    #[error("reading {path}: {source}")]
+    Credentials { path: String, source: std::io::Error },
     #[error("cannot reach the coordinator at {address}: {source}")]
     Unreachable { address: String, source: tonic::transport::Error },
-    #[error("the coordinator refused the request: {0}")]
+    #[error("the coordinator refused the request: {}: {}", .0.code(), .0.message())]
     Refused(#[from] tonic::Status),
     #[error("the coordinator sent a malformed answer: {0}")]
     Malformed(#[from] guild_proto::WireError),
+    #[error("the adapter download is inconsistent: {0}")]
+    Download(String),
+}
+
+impl NetError {
+    /// Whether retrying later can help (the coordinator is down or restarting), as
+    /// opposed to a refusal that will not change.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            NetError::Unreachable { .. } => true,
+            NetError::Refused(status) => matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::Cancelled
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// PEM credentials of a merchant: the federation's CA, its certificate and key.
+#[derive(Clone, Debug)]
+pub struct TlsCredentials {
+    pub ca_pem: Vec<u8>,
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl TlsCredentials {
+    pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, NetError> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| NetError::Credentials { path: p.display().to_string(), source })
+        };
+        Ok(Self { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+    }
 }
 
 /// A connected client of the coordinator service.
@@ -27,11 +73,34 @@ pub struct Connection {
     inner: CoordinatorClient<Channel>,
 }
 
+fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(timeout);
+    request
+}
+
 impl Connection {
-    pub async fn connect(address: &str, max_message_bytes: usize) -> Result<Self, NetError> {
+    /// Connects over mutual TLS; the server must present a certificate for `localhost`
+    /// or the address's host signed by the federation's CA.
+    pub async fn connect(
+        address: &str,
+        tls: &TlsCredentials,
+        max_message_bytes: usize,
+    ) -> Result<Self, NetError> {
+        let bad = |reason: String| NetError::BadAddress { address: address.to_owned(), reason };
+        let uri = address.parse::<tonic::transport::Uri>().map_err(|e| bad(e.to_string()))?;
+        let host = uri.host().unwrap_or("localhost").to_owned();
+        let tls_config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+            .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
+            .domain_name(host);
         let endpoint = Endpoint::from_shared(address.to_owned())
-            .map_err(|e| NetError::BadAddress { address: address.to_owned(), reason: e.to_string() })?
-            .connect_timeout(Duration::from_secs(10));
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(tls_config)
+            .map_err(|source| NetError::Unreachable { address: address.to_owned(), source })?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_while_idle(true);
         let channel = endpoint
             .connect()
             .await
@@ -42,14 +111,113 @@ impl Connection {
         Ok(Self { inner })
     }
 
+    /// The raw gRPC stub, for tests that send hand-made messages.
+    pub fn raw(&self) -> CoordinatorClient<Channel> {
+        self.inner.clone()
+    }
+
     pub async fn register(
         &mut self,
         display_name: &str,
-        identity: &Identity,
+        identity: &SigningIdentity,
     ) -> Result<Registered, NetError> {
         let request =
             Registration { display_name: display_name.to_owned(), signing_public_key: identity.public_key() };
-        let response = self.inner.register(guild_proto::v1::RegisterRequest::from(request)).await?;
+        let response = self.inner.register(v1::RegisterRequest::from(request)).await?;
         Ok(Registered::try_from(response.into_inner())?)
+    }
+
+    pub async fn get_task(&mut self, merchant_id: &MerchantId, wait: Duration) -> Result<Task, NetError> {
+        let poll = TaskPoll { merchant_id: merchant_id.clone(), wait };
+        let response = self
+            .inner
+            .get_task(with_timeout(v1::GetTaskRequest::from(poll), wait + Duration::from_secs(10)))
+            .await?;
+        Ok(Task::try_from(response.into_inner())?)
+    }
+
+    pub async fn advertise_keys(
+        &mut self,
+        m: sa::AdvertiseKeys,
+        timeout: Duration,
+    ) -> Result<Vec<sa::SignedKeys>, NetError> {
+        let response =
+            self.inner.advertise_keys(with_timeout(v1::AdvertiseKeysRequest::from(m), timeout)).await?;
+        Ok(convert::roster_from_wire(response.into_inner())?)
+    }
+
+    pub async fn share_keys(
+        &mut self,
+        m: sa::ShareKeys,
+        timeout: Duration,
+    ) -> Result<Vec<sa::EncryptedShares>, NetError> {
+        let response = self.inner.share_keys(with_timeout(v1::ShareKeysRequest::from(m), timeout)).await?;
+        Ok(convert::inbox_from_wire(response.into_inner())?)
+    }
+
+    pub async fn masked_input(
+        &mut self,
+        m: sa::MaskedInput,
+        timeout: Duration,
+    ) -> Result<Vec<sa::ClientIndex>, NetError> {
+        let response =
+            self.inner.masked_input(with_timeout(v1::MaskedInputRequest::from(m), timeout)).await?;
+        Ok(convert::survivors_from_wire(response.into_inner())?)
+    }
+
+    pub async fn consistency_check(
+        &mut self,
+        m: sa::ConsistencyCheck,
+        timeout: Duration,
+    ) -> Result<Vec<sa::SurvivorSignature>, NetError> {
+        let response =
+            self.inner.consistency_check(with_timeout(v1::ConsistencyCheckRequest::from(m), timeout)).await?;
+        Ok(convert::signatures_from_wire(response.into_inner())?)
+    }
+
+    pub async fn unmask(&mut self, m: sa::Unmask, timeout: Duration) -> Result<bool, NetError> {
+        let response = self.inner.unmask(with_timeout(v1::UnmaskRequest::from(m), timeout)).await?;
+        Ok(response.into_inner().accepted)
+    }
+
+    /// Downloads adapter `version` and checks its chunks, length and sha256.
+    pub async fn download_adapter(&mut self, version: u64) -> Result<(Vec<u8>, [u8; 32]), NetError> {
+        let mut stream =
+            self.inner.download_adapter(v1::DownloadAdapterRequest { version }).await?.into_inner();
+        let mut bytes = Vec::new();
+        let mut expected: Option<(u64, [u8; 32])> = None;
+        while let Some(chunk) = stream.message().await? {
+            let chunk = AdapterChunk::try_from(chunk)?;
+            let (total, sha) = *expected.get_or_insert((chunk.total_bytes, chunk.sha256));
+            if chunk.version != version || chunk.total_bytes != total || chunk.sha256 != sha {
+                return Err(NetError::Download("chunks disagree on version, length or hash".into()));
+            }
+            if chunk.offset != bytes.len() as u64 {
+                return Err(NetError::Download(format!(
+                    "chunk at {} where {} was expected",
+                    chunk.offset,
+                    bytes.len()
+                )));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let (total, sha) = expected.ok_or_else(|| NetError::Download("no chunks".into()))?;
+        if bytes.len() as u64 != total {
+            return Err(NetError::Download(format!("{} of {total} bytes arrived", bytes.len())));
+        }
+        if guild_proto::adapter::sha256(&bytes) != sha {
+            return Err(NetError::Download("sha256 mismatch".into()));
+        }
+        Ok((bytes, sha))
+    }
+
+    pub async fn report_metrics(&mut self, report: MetricsReport) -> Result<(), NetError> {
+        self.inner.report_metrics(v1::ReportMetricsRequest::from(report)).await?;
+        Ok(())
+    }
+
+    pub async fn status(&mut self) -> Result<StatusReport, NetError> {
+        let response = self.inner.status(v1::StatusRequest {}).await?;
+        Ok(StatusReport::try_from(response.into_inner())?)
     }
 }

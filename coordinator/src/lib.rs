@@ -5,5 +5,10 @@
 //! **Architecture invariant:** the coordinator never links libtorch. It aggregates flat
 //! integer vectors and knows the adapter only by its manifest.
 
+pub mod config;
+pub mod daemon;
+pub mod engine;
+pub mod metrics;
+pub mod pki;
 pub mod service;
 pub mod store;

@@ -3,12 +3,13 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guild_coordinator::service::{CoordinatorCore, CoordinatorService};
+use guild_coordinator::config::Config;
+use guild_coordinator::daemon;
 use guild_coordinator::store::Store;
+use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-coordinator", version, about = "Guild federated-learning coordinator")]
@@ -21,19 +22,49 @@ struct Cli {
 enum Command {
     /// Run the coordinator daemon.
     Serve {
-        /// Address to listen on.
-        #[arg(long, env = "GUILD_LISTEN", default_value = "127.0.0.1:50051")]
+        /// TOML configuration (keys overridable by GUILD_<SECTION>__<KEY> variables).
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+    },
+    /// Issue a CA, a server certificate and N merchant certificates for a test federation,
+    /// write guild.toml, and allow-list every merchant in a new store.
+    InitFederation {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        merchants: u64,
+        #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
-        /// SQLite store (created on first start).
-        #[arg(long, env = "GUILD_STORE", default_value = "guild.db")]
-        store: PathBuf,
-        /// sha256 of the base model's safetensors file (64 hex digits).
-        #[arg(long, env = "GUILD_BASE_MODEL_SHA256", value_parser = parse_sha256,
-              default_value = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db")]
-        base_model_sha256: [u8; 32],
-        /// Largest accepted gRPC message, in bytes.
-        #[arg(long, env = "GUILD_MAX_MESSAGE_BYTES", default_value_t = guild_proto::limits::max_message_bytes(1 << 20, 1000))]
-        max_message_bytes: usize,
+    },
+    /// Allow a merchant's certificate (PEM), replacing any earlier one.
+    Allow {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        merchant: String,
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Revoke a merchant's certificate: its connections are refused from now on.
+    Revoke {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        merchant: String,
+    },
+    /// Rounds, merchants, ε spent and the current phase, read from the store (JSON).
+    Status {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+    },
+    /// Write adapter version V as a Hugging Face PEFT adapter.
+    ExportAdapter {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        version: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Privacy accounting for the Poisson-subsampled Gaussian (prints JSON).
     #[command(subcommand)]
@@ -86,11 +117,6 @@ fn delta(s: &str) -> Result<f64, String> {
     if d > 0.0 && d < 1.0 { Ok(d) } else { Err(format!("δ must be in (0, 1), got {d}")) }
 }
 
-fn parse_sha256(s: &str) -> Result<[u8; 32], String> {
-    let bytes = hex::decode(s).map_err(|e| format!("not hex: {e}"))?;
-    bytes.try_into().map_err(|b: Vec<u8>| format!("expected 32 bytes, got {}", b.len()))
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -140,31 +166,105 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
     })
 }
 
+fn load_config(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
+    let store = Store::open(&config.server.store)?;
+    let counts = store.round_counts()?;
+    let budget = Budget { epsilon: config.privacy.epsilon_budget, delta: config.privacy.delta };
+    let entries = store
+        .ledger()?
+        .into_iter()
+        .map(|(round_id, json)| {
+            Ok(LedgerEntry { round_id, event: serde_json::from_str::<PrivacyEvent>(&json)? })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let spent = Ledger::new(budget, entries)?.spent()?;
+    let phase = match store.open_round_phase()? {
+        Some((round, phase)) => format!("round {round}: {phase}"),
+        None => "idle".to_owned(),
+    };
+    Ok(serde_json::json!({
+        "merchants_registered": store.merchant_count()?,
+        "merchants_allowed": store.allowed_count()?,
+        "rounds_completed": counts.completed,
+        "rounds_aborted": counts.aborted,
+        "current_phase": phase,
+        "latest_adapter_version": store.latest_adapter()?.map(|a| a.version),
+        "epsilon_spent": spent.epsilon,
+        "epsilon_budget": budget.epsilon,
+        "delta": budget.delta,
+        "budget_exhausted": spent.epsilon >= budget.epsilon,
+    }))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Privacy(command) => {
             println!("{}", privacy(command)?);
             Ok(())
         }
-        Command::Serve { listen, store, base_model_sha256, max_message_bytes } => {
-            let store = Store::open(&store)?;
-            let core = Arc::new(CoordinatorCore::new(store, base_model_sha256)?);
+        Command::InitFederation { out, merchants, listen } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let pki = daemon::init_federation(&out, merchants as usize, listen)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "config": out.join("guild.toml"),
+                    "ca": out.join("ca.pem"),
+                    "merchants": pki.merchants.iter().map(|m| &m.name).collect::<Vec<_>>(),
+                })
+            );
+            Ok(())
+        }
+        Command::Allow { config, merchant, cert } => {
+            let config = load_config(&config)?;
+            let der = guild_coordinator::pki::read_cert_der(&cert)?;
+            anyhow::ensure!(
+                guild_proto::domain::MerchantId::parse(&merchant).is_some(),
+                "merchant id {merchant:?} must be 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+            );
+            Store::open(&config.server.store)?.allow(&merchant, guild_coordinator::pki::fingerprint(&der))?;
+            println!("{}", serde_json::json!({ "allowed": merchant }));
+            Ok(())
+        }
+        Command::Revoke { config, merchant } => {
+            let config = load_config(&config)?;
+            anyhow::ensure!(
+                Store::open(&config.server.store)?.revoke(&merchant)?,
+                "{merchant} is not on the allow-list"
+            );
+            println!("{}", serde_json::json!({ "revoked": merchant }));
+            Ok(())
+        }
+        Command::Status { config } => {
+            println!("{}", status(&load_config(&config)?)?);
+            Ok(())
+        }
+        Command::ExportAdapter { config, version, out } => {
+            let config = load_config(&config)?;
+            let manifest = config.manifest()?;
+            let record = Store::open(&config.server.store)?.adapter(version)?;
+            let flat = guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count())?;
+            guild_proto::adapter::write_peft(&out, &manifest, &flat)?;
+            println!(
+                "{}",
+                serde_json::json!({ "version": version, "sha256": hex::encode(record.sha256), "out": out })
+            );
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = load_config(&config)?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .with_context(|| format!("binding {listen}"))?;
-                tracing::info!(address = %listener.local_addr()?, "coordinator listening");
-                tonic::transport::Server::builder()
-                    .add_service(CoordinatorService::new(core).into_server(max_message_bytes))
-                    .serve_with_incoming_shutdown(
-                        tokio_stream::wrappers::TcpListenerStream::new(listener),
-                        async {
-                            let _ = tokio::signal::ctrl_c().await;
-                        },
-                    )
-                    .await
-                    .context("serving gRPC")
+                let running = daemon::start(config).await?;
+                tracing::info!(address = %running.address, metrics = ?running.metrics_address, "coordinator started");
+                tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+                tracing::info!("shutting down");
+                running.stop();
+                Ok(())
             })
         }
     }

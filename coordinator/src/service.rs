@@ -1,74 +1,108 @@
-//! The gRPC service. Handlers are thin: convert the request into a domain type (which
-//! validates it), call the core, convert the answer back, and map errors to gRPC codes.
+//! The gRPC service. Handlers are thin: authenticate the caller by its TLS certificate,
+//! convert the request into a domain type (which validates it), call the engine or the
+//! store, convert the answer back, and map errors to gRPC codes. Nothing here panics on
+//! network input, and a refused message changes no state.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use guild_proto::domain::{MerchantId, Registered, Registration, StatusReport, Task, TaskPoll};
+use guild_proto::convert;
+use guild_proto::domain::{
+    AdapterChunk, MerchantId, MetricsReport, Registered, Registration, StatusReport, Task, TaskPoll,
+};
+use guild_proto::limits::ADAPTER_CHUNK_BYTES;
 use guild_proto::v1;
 use guild_proto::v1::coordinator_server::Coordinator;
+use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::engine::{Engine, EngineError, Outcome, PhaseMessage, PhaseOutput};
+use crate::pki::fingerprint;
 use crate::store::{MerchantRecord, Store, StoreError};
 
 /// Shared state behind every handler.
 #[derive(Debug)]
 pub struct CoordinatorCore {
-    store: Store,
+    store: Arc<Store>,
+    engine: Arc<Engine>,
     federation_id: [u8; 16],
     base_model_sha256: [u8; 32],
 }
 
 impl CoordinatorCore {
-    pub fn new(store: Store, base_model_sha256: [u8; 32]) -> Result<Self, StoreError> {
-        let federation_id = store.federation(base_model_sha256, rand::random())?;
-        Ok(Self { store, federation_id, base_model_sha256 })
+    pub fn new(
+        store: Arc<Store>,
+        engine: Arc<Engine>,
+        federation_id: [u8; 16],
+        base_model_sha256: [u8; 32],
+    ) -> Self {
+        Self { store, engine, federation_id, base_model_sha256 }
     }
 
     pub fn store(&self) -> &Store {
         &self.store
     }
 
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     pub fn federation_id(&self) -> [u8; 16] {
         self.federation_id
     }
 
-    /// Until mutual TLS binds a merchant to its certificate, a merchant is named by its
-    /// long-term signing key, which every SecAgg+ message it sends must verify under.
-    fn register(&self, registration: Registration) -> Result<Registered, StoreError> {
-        let merchant_id = format!("m-{}", hex::encode(&registration.signing_public_key[..8]));
+    /// Records the merchant's signing key under the identity its certificate proved.
+    pub fn register(&self, merchant_id: &str, registration: Registration) -> Result<Registered, StoreError> {
         self.store.upsert_merchant(&MerchantRecord {
-            merchant_id: merchant_id.clone(),
+            merchant_id: merchant_id.to_owned(),
             display_name: registration.display_name,
             signing_public_key: registration.signing_public_key,
         })?;
         tracing::info!(%merchant_id, "merchant registered");
+        self.engine.poke();
         Ok(Registered {
-            merchant_id: MerchantId::parse(&merchant_id).expect("hex ids are valid merchant ids"),
+            merchant_id: MerchantId::parse(merchant_id).ok_or_else(|| StoreError::Corrupt {
+                what: "merchant id",
+                reason: format!("{merchant_id:?} is not a valid id"),
+            })?,
             federation_id: self.federation_id,
             base_model_sha256: self.base_model_sha256,
         })
     }
 
-    fn status(&self) -> Result<StatusReport, StoreError> {
+    pub fn status(&self) -> Result<StatusReport, StoreError> {
+        let status = self.engine.status();
         Ok(StatusReport {
             federation_id: self.federation_id,
             registered_merchants: self.store.merchant_count()?,
-            rounds_completed: 0,
-            rounds_aborted: 0,
-            latest_adapter_version: 0,
-            epsilon_spent: 0.0,
-            delta: 0.0,
-            current_phase: "idle".into(),
+            rounds_completed: status.rounds_completed,
+            rounds_aborted: status.rounds_aborted,
+            latest_adapter_version: status.latest_adapter_version,
+            epsilon_spent: if status.epsilon_spent.is_finite() { status.epsilon_spent } else { f64::MAX },
+            delta: status.delta,
+            current_phase: status.phase,
         })
     }
 }
 
-/// The one table from core errors to gRPC status codes.
-fn to_status(error: StoreError) -> Status {
+fn store_status(error: StoreError) -> Status {
     tracing::error!(%error, "store error");
     Status::internal("the coordinator's store failed; the request changed nothing")
+}
+
+fn engine_status(error: EngineError) -> Status {
+    let message = error.to_string();
+    match error {
+        EngineError::NoRound | EngineError::WrongRound { .. } | EngineError::WrongPhase { .. } => {
+            Status::failed_precondition(message)
+        }
+        EngineError::NotInCohort(_) => Status::permission_denied(message),
+        EngineError::Rejected(_) => Status::invalid_argument(message),
+        EngineError::Aborted { .. } => Status::aborted(message),
+        EngineError::Store(e) => store_status(e),
+        EngineError::Shutdown => Status::unavailable(message),
+    }
 }
 
 /// The tonic service wrapping [`CoordinatorCore`].
@@ -88,9 +122,56 @@ impl CoordinatorService {
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes)
     }
+
+    /// The merchant the caller's client certificate belongs to. TLS already checked that
+    /// the CA signed it; here the allow-list decides.
+    fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
+        let certs = request
+            .peer_certs()
+            .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
+        let leaf =
+            certs.first().ok_or_else(|| Status::unauthenticated("the TLS session carries no certificate"))?;
+        let sha = fingerprint(leaf.as_ref());
+        match self.core.store.certificate_owner(&sha).map_err(store_status)? {
+            Some((merchant, false)) => Ok(merchant),
+            Some((merchant, true)) => {
+                Err(Status::permission_denied(format!("the certificate of {merchant} has been revoked")))
+            }
+            None => Err(Status::permission_denied(format!(
+                "certificate {} is not on this federation's allow-list",
+                hex::encode(&sha[..8])
+            ))),
+        }
+    }
+
+    /// Authenticates, validates and hands a phase message to the engine, then waits for
+    /// the phase to close.
+    async fn phase<T: Message>(
+        &self,
+        request: Request<T>,
+        rpc: &'static str,
+        convert: impl FnOnce(T) -> Result<PhaseMessage, guild_proto::WireError>,
+    ) -> Result<(String, PhaseOutput), Status> {
+        let merchant = self.caller(&request)?;
+        let message = request.into_inner();
+        let metrics = &self.core.engine.metrics;
+        metrics.received(rpc, message.encoded_len());
+        let refused = |status: Status| {
+            metrics.rejected(rpc);
+            tracing::info!(%merchant, rpc, reason = status.message(), "message refused");
+            status
+        };
+        let message = convert(message).map_err(|e| refused(e.into()))?;
+        let (round, phase) =
+            self.core.engine.receive(&merchant, message).map_err(|e| refused(engine_status(e)))?;
+        let output = self.core.engine.wait_phase(&merchant, round, phase).await.map_err(engine_status)?;
+        Ok((merchant, output))
+    }
 }
 
-const ROUNDS_NOT_ENABLED: &str = "this coordinator does not run training rounds yet";
+fn unexpected(output: &PhaseOutput) -> Status {
+    Status::internal(format!("the coordinator produced {output:?} out of order"))
+}
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -98,8 +179,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let merchant = self.caller(&request)?;
         let registration = Registration::try_from(request.into_inner())?;
-        let registered = self.core.register(registration).map_err(to_status)?;
+        let registered = self.core.register(&merchant, registration).map_err(store_status)?;
         Ok(Response::new(registered.into()))
     }
 
@@ -107,44 +189,82 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::GetTaskResponse>, Status> {
+        let merchant = self.caller(&request)?;
         let poll = TaskPoll::try_from(request.into_inner())?;
-        if !self.core.store.is_registered(poll.merchant_id.as_str()).map_err(to_status)? {
-            return Err(Status::not_found(format!("merchant {} is not registered", poll.merchant_id)));
+        if poll.merchant_id.as_str() != merchant {
+            return Err(Status::permission_denied(format!(
+                "the certificate belongs to {merchant}, not {}",
+                poll.merchant_id
+            )));
         }
-        let task = Task::Wait { retry_after: Duration::from_secs(5), reason: "no round is open".into() };
+        if !self.core.store.is_registered(&merchant).map_err(store_status)? {
+            return Err(Status::not_found(format!("merchant {merchant} is not registered")));
+        }
+        let task = match self.core.engine.task_for(&merchant, poll.wait).await {
+            Ok(task) => Task::Round(Box::new(task)),
+            Err(reason) => Task::Wait { retry_after: Duration::from_millis(200), reason },
+        };
         Ok(Response::new(task.into()))
     }
 
     async fn advertise_keys(
         &self,
-        _: Request<v1::AdvertiseKeysRequest>,
+        request: Request<v1::AdvertiseKeysRequest>,
     ) -> Result<Response<v1::AdvertiseKeysResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+        match self.phase(request, "AdvertiseKeys", |m| m.try_into().map(PhaseMessage::Keys)).await? {
+            (_, PhaseOutput::Roster(roster)) => Ok(Response::new(convert::roster_to_wire(roster))),
+            (_, other) => Err(unexpected(&other)),
+        }
     }
 
     async fn share_keys(
         &self,
-        _: Request<v1::ShareKeysRequest>,
+        request: Request<v1::ShareKeysRequest>,
     ) -> Result<Response<v1::ShareKeysResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+        match self.phase(request, "ShareKeys", |m| m.try_into().map(PhaseMessage::Shares)).await? {
+            (_, PhaseOutput::Inbox(inbox)) => Ok(Response::new(convert::inbox_to_wire(inbox))),
+            (_, other) => Err(unexpected(&other)),
+        }
     }
 
     async fn masked_input(
         &self,
-        _: Request<v1::MaskedInputRequest>,
+        request: Request<v1::MaskedInputRequest>,
     ) -> Result<Response<v1::MaskedInputResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+        match self.phase(request, "MaskedInput", |m| m.try_into().map(PhaseMessage::Input)).await? {
+            (_, PhaseOutput::Survivors(survivors)) => {
+                Ok(Response::new(convert::survivors_to_wire(&survivors)))
+            }
+            (_, other) => Err(unexpected(&other)),
+        }
     }
 
     async fn consistency_check(
         &self,
-        _: Request<v1::ConsistencyCheckRequest>,
+        request: Request<v1::ConsistencyCheckRequest>,
     ) -> Result<Response<v1::ConsistencyCheckResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+        match self.phase(request, "ConsistencyCheck", |m| m.try_into().map(PhaseMessage::Consistency)).await?
+        {
+            (_, PhaseOutput::Signatures(signatures)) => {
+                Ok(Response::new(convert::signatures_to_wire(signatures)))
+            }
+            (_, other) => Err(unexpected(&other)),
+        }
     }
 
-    async fn unmask(&self, _: Request<v1::UnmaskRequest>) -> Result<Response<v1::UnmaskResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+    async fn unmask(
+        &self,
+        request: Request<v1::UnmaskRequest>,
+    ) -> Result<Response<v1::UnmaskResponse>, Status> {
+        match self.phase(request, "Unmask", |m| m.try_into().map(PhaseMessage::Unmask)).await? {
+            (_, PhaseOutput::Finished(Outcome::Committed { .. })) => {
+                Ok(Response::new(v1::UnmaskResponse { accepted: true }))
+            }
+            (_, PhaseOutput::Finished(Outcome::Aborted { .. })) => {
+                Ok(Response::new(v1::UnmaskResponse { accepted: false }))
+            }
+            (_, other) => Err(unexpected(&other)),
+        }
     }
 
     type DownloadAdapterStream = ReceiverStream<Result<v1::AdapterChunk, Status>>;
@@ -153,18 +273,60 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::DownloadAdapterRequest>,
     ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        self.caller(&request)?;
         let version = request.into_inner().version;
-        Err(Status::not_found(format!("adapter version {version} does not exist")))
+        let latest = self.core.engine.latest_adapter();
+        let (sha256, bytes) = if latest.version == version {
+            (latest.sha256, latest.bytes.clone())
+        } else {
+            match self.core.store.adapter(version) {
+                Ok(record) => (record.sha256, record.data),
+                Err(StoreError::NoSuchAdapter(v)) => {
+                    return Err(Status::not_found(format!("adapter version {v} does not exist")));
+                }
+                Err(e) => return Err(store_status(e)),
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let total_bytes = bytes.len() as u64;
+            for (i, chunk) in bytes.chunks(ADAPTER_CHUNK_BYTES).enumerate() {
+                let chunk = AdapterChunk {
+                    version,
+                    offset: (i * ADAPTER_CHUNK_BYTES) as u64,
+                    total_bytes,
+                    sha256,
+                    data: chunk.to_vec(),
+                };
+                if tx.send(Ok(chunk.into())).await.is_err() {
+                    return; // the client went away
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn report_metrics(
         &self,
-        _: Request<v1::ReportMetricsRequest>,
+        request: Request<v1::ReportMetricsRequest>,
     ) -> Result<Response<v1::ReportMetricsResponse>, Status> {
-        Err(Status::failed_precondition(ROUNDS_NOT_ENABLED))
+        let merchant = self.caller(&request)?;
+        let report = MetricsReport::try_from(request.into_inner())?;
+        if report.merchant_id.as_str() != merchant {
+            return Err(Status::permission_denied(format!(
+                "the certificate belongs to {merchant}, not {}",
+                report.merchant_id
+            )));
+        }
+        self.core.store.record_evaluation(&report).map_err(store_status)?;
+        Ok(Response::new(v1::ReportMetricsResponse {}))
     }
 
-    async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
-        Ok(Response::new(self.core.status().map_err(to_status)?.into()))
+    async fn status(
+        &self,
+        request: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        self.caller(&request)?;
+        Ok(Response::new(self.core.status().map_err(store_status)?.into()))
     }
 }

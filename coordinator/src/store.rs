@@ -1,6 +1,11 @@
-//! The coordinator's durable state in one SQLite file: the merchant registry (more tables
-//! arrive with rounds, adapters and the ledger). Schema migrations are versioned with
-//! `PRAGMA user_version` and applied in one transaction at open.
+//! The coordinator's durable state in one SQLite file: the federation, the certificate
+//! allow-list, the merchant registry, every adapter version, every round's record, the
+//! privacy ledger and the merchants' evaluation reports. Schema migrations are versioned
+//! with `PRAGMA user_version` and applied in one transaction at open.
+//!
+//! Crash safety comes from SQLite (WAL, `synchronous=FULL`) and from one rule: a round's
+//! adapter, its round record and its ledger entry are written in one transaction
+//! ([`Store::commit_round`]), so after a crash either all three exist or none does.
 
 use std::path::Path;
 use std::sync::Mutex;
@@ -21,6 +26,45 @@ const MIGRATIONS: &[&str] = &[
          signing_public_key BLOB NOT NULL CHECK (length(signing_public_key) = 32),
          registered_at INTEGER NOT NULL
      );",
+    // 2: allow-list, adapters, rounds, ledger, evaluation reports.
+    "CREATE TABLE allow_list (
+         merchant_id TEXT PRIMARY KEY,
+         cert_sha256 BLOB NOT NULL UNIQUE CHECK (length(cert_sha256) = 32),
+         revoked INTEGER NOT NULL DEFAULT 0,
+         added_at INTEGER NOT NULL
+     );
+     CREATE TABLE rounds (
+         round_id INTEGER PRIMARY KEY,
+         status TEXT NOT NULL CHECK (status IN ('open', 'completed', 'aborted')),
+         opened_at INTEGER NOT NULL,
+         closed_at INTEGER,
+         cohort INTEGER NOT NULL,
+         phase TEXT NOT NULL DEFAULT 'AdvertiseKeys',
+         survivors INTEGER,
+         adapter_version INTEGER,
+         reason TEXT
+     );
+     CREATE TABLE adapters (
+         version INTEGER PRIMARY KEY,
+         sha256 BLOB NOT NULL CHECK (length(sha256) = 32),
+         data BLOB NOT NULL,
+         optimizer_state BLOB,
+         round_id INTEGER REFERENCES rounds (round_id),
+         created_at INTEGER NOT NULL
+     );
+     CREATE TABLE ledger (
+         round_id INTEGER PRIMARY KEY REFERENCES rounds (round_id),
+         event TEXT NOT NULL
+     );
+     CREATE TABLE evaluations (
+         merchant_id TEXT NOT NULL,
+         adapter_version INTEGER NOT NULL,
+         users INTEGER NOT NULL,
+         hits_at_10 INTEGER NOT NULL,
+         ndcg_at_10_sum REAL NOT NULL,
+         reciprocal_rank_sum REAL NOT NULL,
+         PRIMARY KEY (merchant_id, adapter_version)
+     );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +80,39 @@ pub enum StoreError {
         "store holds a federation built on base model {stored}, but this coordinator was started with {configured}"
     )]
     BaseModelMismatch { stored: String, configured: String },
+    #[error("store holds a malformed {what}: {reason}")]
+    Corrupt { what: &'static str, reason: String },
+    #[error("adapter version {0} does not exist")]
+    NoSuchAdapter(u64),
+}
+
+/// An adapter version as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterRecord {
+    pub version: u64,
+    pub sha256: [u8; 32],
+    /// The flat B vector, little-endian f32 (see `guild_proto::adapter`).
+    pub data: Vec<u8>,
+    /// Server-optimiser state (FedAdam's moments), little-endian f32.
+    pub optimizer_state: Option<Vec<u8>>,
+}
+
+/// What one completed round writes, all in one transaction.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoundCommit {
+    pub round_id: u64,
+    pub survivors: u32,
+    pub adapter: AdapterRecord,
+    /// The ledger entry, as JSON; none in `dangerous_none` mode.
+    pub ledger_event: Option<String>,
+}
+
+/// Counts of rounds by outcome.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RoundCounts {
+    pub completed: u64,
+    pub aborted: u64,
+    pub open: u64,
 }
 
 /// A merchant as the registry records it.
@@ -163,6 +240,272 @@ impl Store {
     }
 }
 
+fn hash32(bytes: Vec<u8>, what: &'static str) -> Result<[u8; 32], StoreError> {
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| StoreError::Corrupt { what, reason: format!("{} bytes, not 32", b.len()) })
+}
+
+impl Store {
+    /// Adds `merchant_id` to the allow-list under the certificate with sha256
+    /// `cert_sha256`, or replaces its certificate (and un-revokes it).
+    pub fn allow(&self, merchant_id: &str, cert_sha256: [u8; 32]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO allow_list (merchant_id, cert_sha256, revoked, added_at) VALUES (?1, ?2, 0, unixepoch())
+             ON CONFLICT (merchant_id) DO UPDATE SET cert_sha256 = excluded.cert_sha256, revoked = 0",
+            params![merchant_id, cert_sha256.as_slice()],
+        )?;
+        Ok(())
+    }
+
+    /// Revokes a merchant's certificate; returns whether it was on the list.
+    pub fn revoke(&self, merchant_id: &str) -> Result<bool, StoreError> {
+        let n = self
+            .conn()
+            .execute("UPDATE allow_list SET revoked = 1 WHERE merchant_id = ?1", params![merchant_id])?;
+        Ok(n > 0)
+    }
+
+    /// The merchant a certificate belongs to: `Ok(None)` for an unknown certificate,
+    /// `Err`-free `Some((id, revoked))` otherwise.
+    pub fn certificate_owner(&self, cert_sha256: &[u8; 32]) -> Result<Option<(String, bool)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT merchant_id, revoked FROM allow_list WHERE cert_sha256 = ?1",
+                params![cert_sha256.as_slice()],
+                |r| Ok((r.get(0)?, r.get::<_, i64>(1)? != 0)),
+            )
+            .optional()?)
+    }
+
+    /// Registered merchants whose certificate is allowed and not revoked, with their
+    /// signing keys: the population rounds sample from.
+    pub fn eligible_merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT m.merchant_id, m.display_name, m.signing_public_key FROM merchants m
+             JOIN allow_list a ON a.merchant_id = m.merchant_id WHERE a.revoked = 0 ORDER BY m.merchant_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (merchant_id, display_name, key) = row?;
+            out.push(MerchantRecord {
+                merchant_id,
+                display_name,
+                signing_public_key: hash32(key, "signing key")?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many certificates are allowed and not revoked.
+    pub fn allowed_count(&self) -> Result<u64, StoreError> {
+        let n: i64 =
+            self.conn().query_row("SELECT count(*) FROM allow_list WHERE revoked = 0", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// Stores adapter version 0 (all zeros) if the store has no adapter yet.
+    pub fn ensure_initial_adapter(&self, data: &[u8], sha256: [u8; 32]) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO adapters (version, sha256, data, optimizer_state, round_id, created_at)
+             SELECT 0, ?1, ?2, NULL, NULL, unixepoch() WHERE NOT EXISTS (SELECT 1 FROM adapters)",
+            params![sha256.as_slice(), data],
+        )?;
+        Ok(())
+    }
+
+    fn adapter_where(
+        &self,
+        clause: &str,
+        args: impl rusqlite::Params,
+    ) -> Result<Option<AdapterRecord>, StoreError> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                &format!("SELECT version, sha256, data, optimizer_state FROM adapters {clause}"),
+                args,
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        row.map(|(version, sha, data, optimizer_state)| {
+            Ok(AdapterRecord {
+                version: version as u64,
+                sha256: hash32(sha, "adapter hash")?,
+                data,
+                optimizer_state,
+            })
+        })
+        .transpose()
+    }
+
+    pub fn latest_adapter(&self) -> Result<Option<AdapterRecord>, StoreError> {
+        self.adapter_where("ORDER BY version DESC LIMIT 1", [])
+    }
+
+    pub fn adapter(&self, version: u64) -> Result<AdapterRecord, StoreError> {
+        self.adapter_where("WHERE version = ?1", params![version as i64])?
+            .ok_or(StoreError::NoSuchAdapter(version))
+    }
+
+    pub fn adapter_count(&self) -> Result<u64, StoreError> {
+        let n: i64 = self.conn().query_row("SELECT count(*) FROM adapters", [], |r| r.get(0))?;
+        Ok(n as u64)
+    }
+
+    /// Marks every round left open by a previous run aborted; returns how many.
+    pub fn abort_open_rounds(&self, reason: &str) -> Result<u64, StoreError> {
+        let n = self.conn().execute(
+            "UPDATE rounds SET status = 'aborted', closed_at = unixepoch(), reason = ?1 WHERE status = 'open'",
+            params![reason],
+        )?;
+        Ok(n as u64)
+    }
+
+    /// Records a new open round and returns its id, one past every id ever used (ids are
+    /// never reused, so a message bound to an old round can never match a new one).
+    pub fn open_round(&self, cohort: u32) -> Result<u64, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let next: i64 =
+            tx.query_row("SELECT coalesce(max(round_id), 0) + 1 FROM rounds", [], |r| r.get(0))?;
+        tx.execute(
+            "INSERT INTO rounds (round_id, status, opened_at, cohort) VALUES (?1, 'open', unixepoch(), ?2)",
+            params![next, cohort],
+        )?;
+        tx.commit()?;
+        Ok(next as u64)
+    }
+
+    /// Records the phase an open round reached (for `guild-coordinator status`).
+    pub fn set_round_phase(&self, round_id: u64, phase: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE rounds SET phase = ?2 WHERE round_id = ?1 AND status = 'open'",
+            params![round_id as i64, phase],
+        )?;
+        Ok(())
+    }
+
+    /// The open round and its phase, if any.
+    pub fn open_round_phase(&self) -> Result<Option<(u64, String)>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT round_id, phase FROM rounds WHERE status = 'open' ORDER BY round_id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    pub fn abort_round(&self, round_id: u64, reason: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE rounds SET status = 'aborted', closed_at = unixepoch(), reason = ?2 WHERE round_id = ?1 AND status = 'open'",
+            params![round_id as i64, reason],
+        )?;
+        Ok(())
+    }
+
+    /// Commits a completed round: the new adapter, the round record and the ledger entry,
+    /// in one transaction.
+    pub fn commit_round(&self, commit: &RoundCommit) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let updated = tx.execute(
+            "UPDATE rounds SET status = 'completed', closed_at = unixepoch(), survivors = ?2, adapter_version = ?3
+             WHERE round_id = ?1 AND status = 'open'",
+            params![commit.round_id as i64, commit.survivors, commit.adapter.version as i64],
+        )?;
+        if updated != 1 {
+            return Err(StoreError::Corrupt {
+                what: "round",
+                reason: format!("round {} is not open", commit.round_id),
+            });
+        }
+        tx.execute(
+            "INSERT INTO adapters (version, sha256, data, optimizer_state, round_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, unixepoch())",
+            params![
+                commit.adapter.version as i64,
+                commit.adapter.sha256.as_slice(),
+                commit.adapter.data,
+                commit.adapter.optimizer_state,
+                commit.round_id as i64
+            ],
+        )?;
+        if let Some(event) = &commit.ledger_event {
+            tx.execute(
+                "INSERT INTO ledger (round_id, event) VALUES (?1, ?2)",
+                params![commit.round_id as i64, event],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every ledger entry, in round order, as (round id, JSON event).
+    pub fn ledger(&self) -> Result<Vec<(u64, String)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT round_id, event FROM ledger ORDER BY round_id")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub fn round_counts(&self) -> Result<RoundCounts, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT status, count(*) FROM rounds GROUP BY status")?;
+        let mut counts = RoundCounts::default();
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        for row in rows {
+            match row? {
+                (s, n) if s == "completed" => counts.completed = n,
+                (s, n) if s == "aborted" => counts.aborted = n,
+                (_, n) => counts.open = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    /// Records a merchant's evaluation of an adapter version (the latest report wins).
+    pub fn record_evaluation(&self, report: &guild_proto::domain::MetricsReport) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO evaluations VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                report.merchant_id.as_str(),
+                report.adapter_version as i64,
+                report.users as i64,
+                report.hits_at_10 as i64,
+                report.ndcg_at_10_sum,
+                report.reciprocal_rank_sum
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Summed evaluation counts per adapter version: (version, users, hits, ndcg, rr).
+    pub fn evaluations(&self) -> Result<Vec<(u64, u64, u64, f64, f64)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT adapter_version, sum(users), sum(hits_at_10), sum(ndcg_at_10_sum), sum(reciprocal_rank_sum)
+             FROM evaluations GROUP BY adapter_version ORDER BY adapter_version",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get(3)?,
+                r.get(4)?,
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,5 +531,50 @@ mod tests {
         assert!(!store.is_registered("shop-2").expect("lookup"));
         assert_eq!(store.federation([1; 32], [9; 16]).expect("federation"), [2; 16], "id is stable");
         assert!(matches!(store.federation([3; 32], [9; 16]), Err(StoreError::BaseModelMismatch { .. })));
+    }
+
+    fn commit(round_id: u64, version: u64) -> RoundCommit {
+        RoundCommit {
+            round_id,
+            survivors: 3,
+            adapter: AdapterRecord {
+                version,
+                sha256: [version as u8; 32],
+                data: vec![1, 2, 3, 4],
+                optimizer_state: None,
+            },
+            ledger_event: Some(format!("{{\"round\": {round_id}}}")),
+        }
+    }
+
+    #[test]
+    fn a_round_commits_adapter_record_and_ledger_together_or_not_at_all() {
+        let store = Store::open_in_memory().expect("open");
+        store.ensure_initial_adapter(&[0; 4], [0; 32]).expect("v0");
+        store.ensure_initial_adapter(&[9; 4], [9; 32]).expect("idempotent");
+        assert_eq!(store.adapter(0).expect("v0").data, vec![0; 4]);
+        let r1 = store.open_round(3).expect("open");
+        store.commit_round(&commit(r1, 1)).expect("commit");
+        // A second commit of the same round, or of an existing version, changes nothing.
+        assert!(store.commit_round(&commit(r1, 2)).is_err());
+        let r2 = store.open_round(3).expect("open");
+        assert!(store.commit_round(&commit(r2, 1)).is_err(), "version 1 exists");
+        assert_eq!(store.ledger().expect("ledger").len(), 1);
+        assert_eq!(store.round_counts().expect("counts"), RoundCounts { completed: 1, aborted: 0, open: 1 });
+        assert_eq!(store.abort_open_rounds("restart").expect("abort"), 1);
+        let r3 = store.open_round(3).expect("open");
+        assert!(r3 > r2, "round ids are never reused");
+        assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(1));
+    }
+
+    #[test]
+    fn allow_list_knows_certificates_and_revocations() {
+        let store = Store::open_in_memory().expect("open");
+        store.allow("merchant-001", [1; 32]).expect("allow");
+        assert_eq!(store.certificate_owner(&[1; 32]).expect("lookup"), Some(("merchant-001".into(), false)));
+        assert_eq!(store.certificate_owner(&[2; 32]).expect("lookup"), None);
+        assert!(store.revoke("merchant-001").expect("revoke"));
+        assert_eq!(store.certificate_owner(&[1; 32]).expect("lookup"), Some(("merchant-001".into(), true)));
+        assert!(!store.revoke("merchant-009").expect("revoke"));
     }
 }

@@ -340,7 +340,24 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 .map(|&ms| Duration::from_millis(u64::from(ms)))
                 .collect(),
         };
-        Ok(Self { binding, adapter_version: m.adapter_version, manifest, training, privacy, secagg })
+        if m.cohort.len() != secagg.cohort_size as usize {
+            return Err(WireError::invalid(
+                "RoundTask.cohort",
+                format!("lists {} members for a cohort of {}", m.cohort.len(), secagg.cohort_size),
+            ));
+        }
+        let mut cohort = guild_privacy::secagg::Identities::new();
+        for member in &m.cohort {
+            let who = index(member.index, "RoundTask.cohort.index")?;
+            if member.index > secagg.cohort_size {
+                return Err(WireError::invalid("RoundTask.cohort.index", "beyond the cohort size"));
+            }
+            let key = fixed(&member.signing_public_key, "RoundTask.cohort.signing_public_key")?;
+            if cohort.insert(who, key).is_some() {
+                return Err(WireError::invalid("RoundTask.cohort.index", format!("{who} is listed twice")));
+            }
+        }
+        Ok(Self { binding, adapter_version: m.adapter_version, manifest, training, privacy, secagg, cohort })
     }
 }
 
@@ -381,6 +398,11 @@ impl From<RoundTask> for v1::RoundTask {
                     .map(|d| u32::try_from(d.as_millis()).unwrap_or(u32::MAX))
                     .collect(),
             }),
+            cohort: t
+                .cohort
+                .iter()
+                .map(|(i, key)| v1::CohortMember { index: i.get(), signing_public_key: key.to_vec() })
+                .collect(),
         }
     }
 }
@@ -766,6 +788,7 @@ mod tests {
                 vector_length: 8192,
                 phase_deadlines: vec![Duration::from_secs(30); 5],
             },
+            cohort: (1..=10).map(|i| (sa::ClientIndex::new(i).expect("non-zero"), [i as u8; 32])).collect(),
         }
     }
 
@@ -862,6 +885,12 @@ mod tests {
                 }
             },
             "parameters",
+        );
+        check_rejected(|t| t.cohort.truncate(9), "RoundTask.cohort: lists 9 members for a cohort of 10");
+        check_rejected(|t| t.cohort[1].index = 1, "is listed twice");
+        check_rejected(
+            |t| t.cohort[0].signing_public_key.push(0),
+            "RoundTask.cohort.signing_public_key: expected 32 bytes, got 33",
         );
     }
 

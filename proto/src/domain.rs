@@ -120,6 +120,8 @@ pub struct RoundTask {
     pub training: TrainingParams,
     pub privacy: PrivacyParams,
     pub secagg: SecAggParams,
+    /// Every cohort member's long-term signing key, by SecAgg+ index (1..=cohort_size).
+    pub cohort: guild_privacy::secagg::Identities,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -6,6 +6,7 @@
 //! from [`domain`] or `guild_privacy::secagg::message`; the rest of the workspace never
 //! sees an unchecked field.
 
+pub mod adapter;
 pub mod convert;
 pub mod domain;
 mod error;

@@ -4,3 +4,4 @@ mod architecture;
 mod data;
 mod model;
 mod registration;
+mod rounds;

@@ -1,44 +1,76 @@
-//! A real client registers with a real coordinator over loopback gRPC.
+//! Merchants are their certificates: registration over mutual TLS, and refusal of unknown,
+//! revoked and foreign certificates and of malformed or oversized messages.
 
 use guild_client::identity::Identity;
-use guild_client::net::{Connection, NetError};
-use guild_proto::limits::max_message_bytes;
+use guild_client::net::{Connection, NetError, TlsCredentials};
 use guild_proto::v1;
-use guild_sim::LoopbackCoordinator;
+use guild_sim::federation::Federation;
 
-#[tokio::test]
-async fn client_registers_over_loopback_and_coordinator_records_it() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator =
-        LoopbackCoordinator::start(&dir.path().join("guild.db")).await.expect("start coordinator");
-    let identity = Identity::load_or_create(&dir.path().join("shop.key")).expect("identity");
-
-    let mut connection =
-        Connection::connect(&coordinator.uri(), max_message_bytes(1 << 16, 10)).await.expect("connect");
-    let registered = connection.register("Shop A", &identity).await.expect("register");
-
-    assert_eq!(registered.federation_id, coordinator.core.federation_id());
-    assert_eq!(registered.base_model_sha256, guild_sim::base_model_sha256());
-    let recorded = coordinator.core.store().merchants().expect("merchants");
-    assert_eq!(recorded.len(), 1);
-    assert_eq!(recorded[0].merchant_id, registered.merchant_id.as_str());
-    assert_eq!(recorded[0].display_name, "Shop A");
-    assert_eq!(recorded[0].signing_public_key, identity.public_key());
-
-    // Registering again with the same identity is idempotent.
-    let again = connection.register("Shop A", &identity).await.expect("register again");
-    assert_eq!(again.merchant_id, registered.merchant_id);
-    assert_eq!(coordinator.core.store().merchants().expect("merchants").len(), 1);
+async fn federation(dir: &std::path::Path, merchants: usize) -> Federation {
+    let mut federation = Federation::init(dir, merchants, |c| c.rounds.min_cohort = 100).expect("init");
+    federation.start_in_process().await.expect("start");
+    federation
 }
 
 #[tokio::test]
-async fn malformed_registration_is_refused_with_the_field_named_and_nothing_stored() {
+async fn merchant_registers_with_its_certificate_and_the_store_records_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator =
-        LoopbackCoordinator::start(&dir.path().join("guild.db")).await.expect("start coordinator");
-    let mut raw =
-        v1::coordinator_client::CoordinatorClient::connect(coordinator.uri()).await.expect("connect");
+    let federation = federation(dir.path(), 2).await;
+    let identity = Identity::ephemeral().expect("identity");
+    let mut connection = federation.connect(1).await.expect("connect");
+    let registered = connection.register("Shop B", &identity).await.expect("register");
 
+    let core = &federation.in_process().expect("running").core;
+    assert_eq!(registered.merchant_id.as_str(), "merchant-002", "the id comes from the certificate");
+    assert_eq!(registered.federation_id, core.federation_id());
+    assert_eq!(registered.base_model_sha256, guild_sim::base_model_sha256());
+    let recorded = core.store().merchants().expect("merchants");
+    assert_eq!(recorded.len(), 1);
+    assert_eq!(recorded[0].display_name, "Shop B");
+    assert_eq!(recorded[0].signing_public_key, identity.public_key());
+    let again = connection.register("Shop B", &identity).await.expect("register again");
+    assert_eq!(again.merchant_id, registered.merchant_id);
+    assert_eq!(core.store().merchants().expect("merchants").len(), 1);
+}
+
+#[tokio::test]
+async fn unknown_revoked_and_foreign_certificates_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = federation(dir.path(), 3).await;
+    let store = federation.store().expect("store");
+    let identity = Identity::ephemeral().expect("identity");
+
+    // Signed by the federation's CA but taken off the allow-list.
+    assert!(store.revoke("merchant-003").expect("revoke"));
+    let mut revoked = federation.connect(2).await.expect("TLS still completes");
+    let status = match revoked.register("Shop C", &identity).await {
+        Err(NetError::Refused(status)) => status,
+        other => panic!("a revoked certificate must be refused, got {other:?}"),
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("revoked"), "{}", status.message());
+
+    // A certificate from another CA fails the TLS handshake (or its first request).
+    let other = Federation::init(&dir.path().join("other"), 1, |_| {}).expect("other federation");
+    let foreign = TlsCredentials {
+        ca_pem: federation.pki.ca.cert_pem.clone().into_bytes(),
+        cert_pem: other.pki.merchants[0].cert_pem.clone().into_bytes(),
+        key_pem: other.pki.merchants[0].key_pem.clone().into_bytes(),
+    };
+    let refused = match Connection::connect(&federation.uri(), &foreign, 1 << 20).await {
+        Err(_) => true,
+        Ok(mut connection) => connection.register("Intruder", &identity).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must not get in");
+    assert!(store.merchants().expect("merchants").is_empty(), "nothing was recorded");
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_registrations_are_refused_and_nothing_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = federation(dir.path(), 1).await;
+    // No client-side limit: the coordinator's own limit must refuse the oversized message.
+    let mut raw = federation.connect(0).await.expect("connect").raw().max_encoding_message_size(usize::MAX);
     let cases = [
         (
             v1::RegisterRequest {
@@ -70,32 +102,25 @@ async fn malformed_registration_is_refused_with_the_field_named_and_nothing_stor
         assert_eq!(status.code(), tonic::Code::InvalidArgument);
         assert!(status.message().contains(expected), "{:?} does not name {expected:?}", status.message());
     }
-    assert!(coordinator.core.store().merchants().expect("merchants").is_empty());
-}
-
-#[tokio::test]
-async fn oversized_message_is_refused_before_it_is_decoded() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let coordinator =
-        LoopbackCoordinator::start(&dir.path().join("guild.db")).await.expect("start coordinator");
-    let mut raw =
-        v1::coordinator_client::CoordinatorClient::connect(coordinator.uri()).await.expect("connect");
+    let d = federation.config.manifest().expect("manifest").parameter_count().next_power_of_two();
+    let limit = guild_proto::limits::max_message_bytes(d, guild_proto::limits::MAX_COHORT);
     let huge = v1::RegisterRequest {
-        display_name: "x".repeat(max_message_bytes(1 << 20, 1000) + 1),
+        display_name: "x".repeat(limit + 1),
         signing_public_key: vec![1; 32],
         protocol_version: 1,
     };
     let status = raw.register(huge).await.expect_err("must be refused");
-    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
-    assert!(coordinator.core.store().merchants().expect("merchants").is_empty());
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
+    assert!(federation.store().expect("store").merchants().expect("merchants").is_empty());
 }
 
 #[tokio::test]
 async fn unreachable_coordinator_gives_a_clear_error() {
-    // Bind and drop a listener to get a loopback port that nobody serves.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let error =
-        Connection::connect(&format!("http://127.0.0.1:{port}"), 1 << 20).await.expect_err("must fail");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = Federation::init(dir.path(), 1, |_| {}).expect("init");
+    // Nothing serves the federation's address: the coordinator was never started.
+    let error = federation.connect(0).await.expect_err("must fail");
+    let error = error.downcast::<NetError>().expect("a network error");
     assert!(matches!(error, NetError::Unreachable { .. }), "{error}");
     assert!(error.to_string().contains("cannot reach the coordinator"), "{error}");
 }

@@ -1,0 +1,179 @@
+//! The merchant's configuration file (`guild-client run --config merchant.toml`). Relative
+//! paths are taken relative to the file's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// e.g. `https://127.0.0.1:50051`.
+    pub coordinator: String,
+    pub display_name: String,
+    /// Ed25519 key that signs this merchant's SecAgg+ messages (created if absent).
+    pub identity: PathBuf,
+    pub tls: TlsFiles,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub model: ModelConfig,
+    #[serde(default)]
+    pub adapter: AdapterSettings,
+    #[serde(default)]
+    pub guards: Guards,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A RecBole-format folder (`NAME.item`, `NAME.valid.inter`, `NAME.test.inter`).
+    pub dataset: PathBuf,
+    /// Train on one shop of the dataset's partition (public demo data) instead of all of it.
+    #[serde(default)]
+    pub merchant: Option<String>,
+    #[serde(default = "default_shop_size")]
+    pub shop_size: usize,
+    #[serde(default)]
+    pub partition_seed: u64,
+    /// Validation users evaluated after each round.
+    #[serde(default = "default_eval_users")]
+    pub eval_users: usize,
+}
+
+fn default_shop_size() -> usize {
+    300
+}
+
+fn default_eval_users() -> usize {
+    100
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Folder with `model.safetensors` and `tokenizer.json`; the project's venv by default.
+    pub dir: Option<PathBuf>,
+    pub max_tokens: usize,
+    /// Where catalogue embeddings are cached.
+    pub cache: PathBuf,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self { dir: None, max_tokens: 96, cache: ".cache".into() }
+    }
+}
+
+/// Must equal the coordinator's `[adapter]` section, or tasks are refused.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterSettings {
+    pub rank: i64,
+    pub alpha: f64,
+    pub frozen_a_seed: u64,
+}
+
+impl Default for AdapterSettings {
+    fn default() -> Self {
+        Self { rank: 8, alpha: 16.0, frozen_a_seed: 0 }
+    }
+}
+
+/// The merchant's own privacy guards.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Guards {
+    /// Refuse rounds whose noise multiplier is below this.
+    pub min_noise_multiplier: f64,
+    /// Take part in `central` and `dangerous_none` rounds, which have clients send
+    /// un-noised (clipped, masked) updates.
+    pub dangerous_send_unnoised_updates: bool,
+    /// Stop after this many rounds (0: run until stopped).
+    pub max_rounds: u64,
+}
+
+impl Default for Guards {
+    fn default() -> Self {
+        Self { min_noise_multiplier: 0.5, dangerous_send_unnoised_updates: false, max_rounds: 0 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+}
+
+impl ClientConfig {
+    pub fn load(path: &Path) -> Result<Self, ClientConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ClientConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config: Self = toml::from_str(&text).map_err(|e| ClientConfigError::Parse {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        if config.guards.min_noise_multiplier.is_nan() || config.guards.min_noise_multiplier < 0.0 {
+            return Err(ClientConfigError::Parse {
+                path: path.display().to_string(),
+                message: "guards.min_noise_multiplier must be ≥ 0".into(),
+            });
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut paths = vec![
+            &mut config.identity,
+            &mut config.tls.ca,
+            &mut config.tls.cert,
+            &mut config.tls.key,
+            &mut config.data.dataset,
+            &mut config.model.cache,
+        ];
+        if let Some(dir) = config.model.dir.as_mut() {
+            paths.push(dir);
+        }
+        for p in paths {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_follow_the_file_and_typos_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("merchant.toml");
+        let text = r#"
+            coordinator = "https://127.0.0.1:50051"
+            display_name = "Shop"
+            identity = "merchant.key"
+            [tls]
+            ca = "ca.pem"
+            cert = "m.pem"
+            key = "m.key"
+            [data]
+            dataset = "data"
+        "#;
+        std::fs::write(&path, text).expect("write");
+        let config = ClientConfig::load(&path).expect("valid");
+        assert_eq!(config.tls.ca, dir.path().join("ca.pem"));
+        assert_eq!(config.guards, Guards::default());
+        std::fs::write(&path, text.replace("[data]", "[data]\ndatset = 1")).expect("write");
+        let error = ClientConfig::load(&path).expect_err("typo").to_string();
+        assert!(error.contains("datset") && error.contains("merchant.toml"), "{error}");
+    }
+}

@@ -1,0 +1,109 @@
+//! The real learner: MiniLM with FFA-LoRA adapters, trained on one merchant's shoppers.
+//! Simulated merchants share one loaded base model and one catalogue embedding behind a
+//! mutex (libtorch tensors are `Send` but not `Sync`, and two CPU cores gain nothing from
+//! training two merchants at once); each merchant has its own adapters.
+
+use std::sync::{Arc, Mutex};
+
+use guild_proto::domain::{AdapterManifest, RoundTask};
+use tch::Tensor;
+
+use crate::data::{Dataset, User};
+use crate::model::BaseModel;
+use crate::model::lora::{Adapters, LoraConfig};
+use crate::participant::Learner;
+use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
+
+/// What every simulated merchant shares, read-only.
+#[derive(Debug)]
+pub struct Shared {
+    pub base: BaseModel,
+    pub dataset: Dataset,
+    /// Catalogue embeddings from the frozen base `[items, hidden]`, on the CPU.
+    pub items: Tensor,
+}
+
+/// One merchant's model, data and settings.
+#[derive(Debug)]
+pub struct ModelLearner {
+    shared: Arc<Mutex<Shared>>,
+    adapters: Adapters,
+    /// Indices into `shared.dataset.users`.
+    users: Vec<usize>,
+    /// Users whose validation example is evaluated (a seeded sample, to bound the cost).
+    eval_users: Vec<usize>,
+    history_items: usize,
+    temperature: f64,
+}
+
+impl ModelLearner {
+    pub fn new(
+        shared: Arc<Mutex<Shared>>,
+        lora: LoraConfig,
+        users: Vec<usize>,
+        eval_users: usize,
+        seed: u64,
+    ) -> Self {
+        let guard = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let adapters = Adapters::new(lora, guard.base.config(), guard.base.sha256(), guard.base.device());
+        // A seeded sample of this merchant's users with a validation example.
+        let mut eval: Vec<usize> = users
+            .iter()
+            .copied()
+            .filter(|&i| guard.dataset.users[i].validation_example().is_some())
+            .collect();
+        rand::seq::SliceRandom::shuffle(
+            eval.as_mut_slice(),
+            &mut <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed),
+        );
+        eval.truncate(eval_users);
+        drop(guard);
+        Self { shared, adapters, users, eval_users: eval, history_items: 5, temperature: 0.05 }
+    }
+}
+
+fn users<'a>(dataset: &'a Dataset, indices: &[usize]) -> Vec<&'a User> {
+    indices.iter().map(|&i| &dataset.users[i]).collect()
+}
+
+impl Learner for ModelLearner {
+    fn manifest(&self) -> AdapterManifest {
+        self.adapters.manifest()
+    }
+
+    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        self.adapters.set_flat(global)?;
+        let config = TrainConfig {
+            batch_size: task.training.batch_size as usize,
+            steps: task.training.local_steps as usize,
+            learning_rate: f64::from(task.training.learning_rate),
+            temperature: self.temperature,
+            history_items: self.history_items,
+            seed: task.training.data_seed,
+        };
+        let shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let users = users(&shared.dataset, &self.users);
+        retrieval::train(&shared.base, &self.adapters, &shared.dataset, &users, &shared.items, &config)?;
+        let local = self.adapters.flat();
+        Ok(local.iter().zip(global).map(|(l, g)| l - g).collect())
+    }
+
+    fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
+        if self.eval_users.is_empty() {
+            return Ok(None);
+        }
+        self.adapters.set_flat(values)?;
+        let shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let users = users(&shared.dataset, &self.eval_users);
+        let counts = retrieval::evaluate(
+            &shared.base,
+            Some(&self.adapters),
+            &shared.dataset,
+            &users,
+            &shared.items,
+            Split::Validation,
+            self.history_items,
+        )?;
+        Ok(Some(counts))
+    }
+}

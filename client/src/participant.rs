@@ -1,0 +1,439 @@
+//! The merchant's side of a round, over the network: poll for a task, check it, train,
+//! privatise (clip, DDGauss-encode with this client's share of the noise), and take part
+//! in SecAgg+. The update leaves this process only as a SecAgg+ masked input: there is no
+//! other code path that sends it.
+//!
+//! Training is behind [`Learner`], so the same loop runs the real model
+//! ([`crate::learner::ModelLearner`]) or, for load tests, random vectors.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guild_privacy::PrivacyMode;
+use guild_privacy::dp::{DdgParams, RandomRotation};
+use guild_privacy::secagg::{RoundConfig, client as secagg};
+use guild_proto::domain::{AdapterManifest, MerchantId, MetricsReport, RoundTask, Task};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use crate::identity::Identity;
+use crate::net::{Connection, NetError};
+use crate::retrieval::RankingCounts;
+
+/// Local training and evaluation, however it is done.
+pub trait Learner: Send + 'static {
+    /// The adapter this learner trains; a task for another adapter is refused.
+    fn manifest(&self) -> AdapterManifest;
+    /// Trains from the global adapter `global` and returns the update
+    /// Δ = B_local − B_global (unclipped: the caller clips and encodes it).
+    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>>;
+    /// Evaluates adapter values on this merchant's validation data.
+    fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>>;
+}
+
+/// Random updates of a given norm: for load tests without a model.
+#[derive(Debug)]
+pub struct RandomLearner {
+    pub manifest: AdapterManifest,
+    pub norm: f64,
+    pub rng: ChaCha20Rng,
+}
+
+impl Learner for RandomLearner {
+    fn manifest(&self) -> AdapterManifest {
+        self.manifest.clone()
+    }
+
+    fn train(&mut self, _: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        let mut x: Vec<f32> = (0..global.len()).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
+        Ok(x)
+    }
+
+    fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
+        Ok(None)
+    }
+}
+
+/// Faults to inject (simulations and tests only): the client abandons the round before
+/// sending phase p's message with probability `drop[p]`, or sleeps `straggle_delay`
+/// before sending it with probability `straggle`.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    pub drop: [f64; 5],
+    pub straggle: f64,
+    pub straggle_delay: Duration,
+}
+
+/// The merchant's own guards and settings.
+#[derive(Clone, Debug)]
+pub struct ParticipantOptions {
+    pub display_name: String,
+    /// Refuse rounds whose noise multiplier is below this.
+    pub min_noise_multiplier: f64,
+    /// Take part in rounds whose mode has clients send un-noised (but clipped and masked)
+    /// updates: `central` and `dangerous_none`. Off by default.
+    pub dangerous_send_unnoised_updates: bool,
+    /// Long-poll duration of task requests.
+    pub poll: Duration,
+    /// Longest pause between reconnection attempts.
+    pub max_backoff: Duration,
+    pub faults: Faults,
+    /// Stop after taking part in this many rounds (0: never).
+    pub max_rounds: u64,
+}
+
+impl Default for ParticipantOptions {
+    fn default() -> Self {
+        Self {
+            display_name: "merchant".into(),
+            min_noise_multiplier: 0.0,
+            dangerous_send_unnoised_updates: false,
+            poll: Duration::from_secs(20),
+            max_backoff: Duration::from_secs(10),
+            faults: Faults::default(),
+            max_rounds: 0,
+        }
+    }
+}
+
+/// What happened in one round, for progress lines and reports.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    pub round_id: u64,
+    pub adapter_version: u64,
+    pub outcome: String,
+    pub train_seconds: f64,
+    pub secagg_seconds: f64,
+    pub bytes_sent: u64,
+    pub norm_before_clipping: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParticipantError {
+    #[error("network: {0}")]
+    Net(#[from] NetError),
+    #[error("refusing the task: {0}")]
+    Refused(String),
+    #[error("secure aggregation: {0}")]
+    SecAgg(#[from] guild_privacy::secagg::SecAggError),
+    #[error("privatising the update: {0}")]
+    Dp(#[from] guild_privacy::dp::DpError),
+    #[error("local training: {0}")]
+    Training(String),
+    #[error("injected fault: dropped out before phase {0}")]
+    Dropped(usize),
+}
+
+/// A merchant client: its connection, identity, learner and the adapter it last fetched.
+pub struct Participant {
+    connection: Connection,
+    identity: Arc<Identity>,
+    learner: Option<Box<dyn Learner>>,
+    options: ParticipantOptions,
+    merchant_id: Option<MerchantId>,
+    federation_id: [u8; 16],
+    adapter: Option<(u64, [u8; 32], Vec<f32>)>,
+    rng: ChaCha20Rng,
+}
+
+impl std::fmt::Debug for Participant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Participant").field("merchant_id", &self.merchant_id).finish_non_exhaustive()
+    }
+}
+
+impl Participant {
+    pub fn new(
+        connection: Connection,
+        identity: Arc<Identity>,
+        learner: Box<dyn Learner>,
+        options: ParticipantOptions,
+    ) -> Self {
+        Self {
+            connection,
+            identity,
+            learner: Some(learner),
+            options,
+            merchant_id: None,
+            federation_id: [0; 16],
+            adapter: None,
+            rng: ChaCha20Rng::from_entropy(),
+        }
+    }
+
+    pub fn merchant_id(&self) -> Option<&MerchantId> {
+        self.merchant_id.as_ref()
+    }
+
+    /// Registers, retrying with exponential backoff while the coordinator is unreachable.
+    pub async fn register(&mut self) -> Result<MerchantId, ParticipantError> {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match self.connection.register(&self.options.display_name, &self.identity).await {
+                Ok(registered) => {
+                    self.federation_id = registered.federation_id;
+                    self.merchant_id = Some(registered.merchant_id.clone());
+                    return Ok(registered.merchant_id);
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::info!(error = %e, "coordinator unavailable; retrying registration");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Polls for tasks and takes part in rounds until `max_rounds` rounds were attempted,
+    /// calling `on_round` after each. Survives coordinator restarts (backoff and retry).
+    pub async fn run(
+        &mut self,
+        mut on_round: impl FnMut(&Result<RoundReport, ParticipantError>),
+    ) -> Result<(), ParticipantError> {
+        let merchant = match &self.merchant_id {
+            Some(m) => m.clone(),
+            None => self.register().await?,
+        };
+        let mut backoff = Duration::from_millis(100);
+        let mut attempted = 0u64;
+        loop {
+            if self.options.max_rounds > 0 && attempted >= self.options.max_rounds {
+                return Ok(());
+            }
+            let task = match self.connection.get_task(&merchant, self.options.poll).await {
+                Ok(Task::Round(task)) => {
+                    backoff = Duration::from_millis(100);
+                    task
+                }
+                Ok(Task::Wait { retry_after, .. }) => {
+                    backoff = Duration::from_millis(100);
+                    tokio::time::sleep(retry_after.min(Duration::from_secs(5))).await;
+                    continue;
+                }
+                Err(NetError::Refused(status)) if status.code() == tonic::Code::NotFound => {
+                    // The coordinator lost or never had our registration: register again.
+                    self.register().await?;
+                    continue;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::info!(error = %e, ?backoff, "coordinator unavailable; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(self.options.max_backoff);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            attempted += 1;
+            let result = self.take_part(*task).await;
+            if let Err(e) = &result {
+                tracing::info!(error = %e, "round not completed");
+            }
+            on_round(&result);
+            if let Ok(report) = &result
+                && report.outcome == "committed"
+                && let Err(e) = self.evaluate_latest().await
+            {
+                tracing::warn!(error = %e, "evaluation of the new adapter failed");
+            }
+        }
+    }
+
+    /// Checks a task against this merchant's guards before doing anything with it.
+    fn check(&self, task: &RoundTask) -> Result<(), ParticipantError> {
+        let refuse = |m: String| Err(ParticipantError::Refused(m));
+        if task.binding.federation_id != self.federation_id {
+            return refuse("the task is for another federation".into());
+        }
+        let Some(learner) = &self.learner else { return refuse("the learner is busy".into()) };
+        if task.manifest != learner.manifest() {
+            return refuse("the task's adapter manifest differs from this client's model".into());
+        }
+        match task.privacy.mode {
+            PrivacyMode::Distributed => {
+                if task.privacy.noise_multiplier < self.options.min_noise_multiplier {
+                    return refuse(format!(
+                        "noise multiplier {} is below this merchant's minimum {}",
+                        task.privacy.noise_multiplier, self.options.min_noise_multiplier
+                    ));
+                }
+            }
+            PrivacyMode::Central | PrivacyMode::DangerousNone => {
+                if !self.options.dangerous_send_unnoised_updates {
+                    return refuse(format!(
+                        "mode {:?} has clients send un-noised updates; set dangerous_send_unnoised_updates to take part",
+                        task.privacy.mode
+                    ));
+                }
+            }
+            PrivacyMode::Local => return refuse("local mode is not offered over the network".into()),
+        }
+        Ok(())
+    }
+
+    async fn global_adapter(
+        &mut self,
+        version: u64,
+        sha256: [u8; 32],
+        d: usize,
+    ) -> Result<Vec<f32>, ParticipantError> {
+        if let Some((v, sha, values)) = &self.adapter
+            && *v == version
+            && *sha == sha256
+        {
+            return Ok(values.clone());
+        }
+        let (bytes, sha) = self.connection.download_adapter(version).await?;
+        if sha != sha256 {
+            return Err(ParticipantError::Refused(format!(
+                "adapter version {version} has a different hash than the task binds (a server showing clients different models?)"
+            )));
+        }
+        let values = guild_proto::adapter::from_bytes(&bytes, d)
+            .map_err(|e| ParticipantError::Refused(format!("adapter version {version}: {e}")))?;
+        self.adapter = Some((version, sha, values.clone()));
+        Ok(values)
+    }
+
+    fn maybe_fault(&mut self, phase: usize) -> Result<Option<Duration>, ParticipantError> {
+        let faults = &self.options.faults;
+        if faults.drop[phase] > 0.0 && self.rng.gen_bool(faults.drop[phase].min(1.0)) {
+            return Err(ParticipantError::Dropped(phase));
+        }
+        if faults.straggle > 0.0 && self.rng.gen_bool(faults.straggle.min(1.0)) {
+            return Ok(Some(faults.straggle_delay));
+        }
+        Ok(None)
+    }
+
+    async fn fault(&mut self, phase: usize) -> Result<(), ParticipantError> {
+        if let Some(delay) = self.maybe_fault(phase)? {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(())
+    }
+
+    /// One round: check, fetch, train, privatise, SecAgg+.
+    pub async fn take_part(&mut self, task: RoundTask) -> Result<RoundReport, ParticipantError> {
+        self.check(&task)?;
+        let d = task.manifest.parameter_count();
+        let global = self.global_adapter(task.adapter_version, task.binding.adapter_sha256, d).await?;
+
+        let started = Instant::now();
+        let mut learner =
+            self.learner.take().ok_or_else(|| ParticipantError::Refused("learner busy".into()))?;
+        let task_for_training = task.clone();
+        let (learner, trained) = tokio::task::spawn_blocking(move || {
+            let result = learner.train(&task_for_training, &global);
+            (learner, result)
+        })
+        .await
+        .map_err(|e| ParticipantError::Training(format!("the training thread failed: {e}")))?;
+        self.learner = Some(learner);
+        let mut delta = trained.map_err(|e| ParticipantError::Training(format!("{e:#}")))?;
+        let train_seconds = started.elapsed().as_secs_f64();
+
+        // Privatise: clip, rotate, scale, round, add this client's share of the noise.
+        let p = &task.privacy;
+        let noise = if p.mode == PrivacyMode::Distributed { p.noise_multiplier * p.clip_norm } else { 0.0 };
+        let ddg = DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, p.min_survivors)?;
+        if ddg.padded_dimension() != task.secagg.vector_length as usize {
+            return Err(ParticipantError::Refused("vector length does not match the encoding".into()));
+        }
+        let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+        let mut os_rng = ChaCha20Rng::from_entropy();
+        let encoded = ddg.encode(&mut delta, &rotation, &mut os_rng)?;
+        drop(delta);
+
+        let secagg_started = Instant::now();
+        let s = &task.secagg;
+        let config = RoundConfig {
+            binding: task.binding,
+            cohort_size: s.cohort_size,
+            threshold: s.threshold,
+            neighbours: s.neighbours,
+            graph_seed: s.graph_seed,
+            vector_length: s.vector_length as usize,
+            bit_width: p.bit_width,
+        };
+        // Each long-poll may wait until its phase's deadline, plus the time the phases
+        // before it may still take: bound by the sum of all deadlines.
+        let timeout = s.phase_deadlines.iter().sum::<Duration>() + Duration::from_secs(10);
+        let identity = self.identity.clone();
+        let signing = identity.key_pair();
+        let mut bytes_sent = 0u64;
+
+        self.fault(0).await?;
+        let (state, keys) = secagg::start(config, s.my_index, signing, &mut os_rng)?;
+        let roster = self.connection.advertise_keys(keys, timeout).await?;
+        bytes_sent += 200;
+        let (state, shares) = state.on_roster(roster, &task.cohort, &mut os_rng)?;
+        self.fault(1).await?;
+        bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16).sum::<u64>();
+        let inbox = self.connection.share_keys(shares, timeout).await?;
+        let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
+        self.fault(2).await?;
+        bytes_sent += 4 * masked.masked.len() as u64;
+        let survivors = self.connection.masked_input(masked, timeout).await?;
+        let (state, check) = state.on_survivors(survivors, signing)?;
+        self.fault(3).await?;
+        bytes_sent += 100;
+        let signatures = self.connection.consistency_check(check, timeout).await?;
+        let unmask = state.on_signatures(signatures, &task.cohort)?;
+        self.fault(4).await?;
+        bytes_sent += unmask
+            .self_mask_shares
+            .iter()
+            .chain(&unmask.mask_key_shares)
+            .map(|x| 8 * x.y.len() as u64 + 8)
+            .sum::<u64>();
+        let accepted = self.connection.unmask(unmask, timeout).await?;
+        Ok(RoundReport {
+            round_id: task.binding.round_id,
+            adapter_version: task.adapter_version,
+            outcome: if accepted { "committed" } else { "aborted" }.into(),
+            train_seconds,
+            secagg_seconds: secagg_started.elapsed().as_secs_f64(),
+            bytes_sent,
+            norm_before_clipping: encoded.norm_before_clipping as f64,
+        })
+    }
+
+    /// Fetches the latest adapter, evaluates it on this merchant's validation data, and
+    /// reports the counts.
+    pub async fn evaluate_latest(&mut self) -> Result<Option<RankingCounts>, ParticipantError> {
+        let Some(merchant) = self.merchant_id.clone() else { return Ok(None) };
+        let status = self.connection.status().await?;
+        let Some(learner) = &self.learner else { return Ok(None) };
+        let d = learner.manifest().parameter_count();
+        let (bytes, sha) = self.connection.download_adapter(status.latest_adapter_version).await?;
+        let values = guild_proto::adapter::from_bytes(&bytes, d)
+            .map_err(|e| ParticipantError::Refused(format!("adapter: {e}")))?;
+        self.adapter = Some((status.latest_adapter_version, sha, values.clone()));
+        let mut learner =
+            self.learner.take().ok_or_else(|| ParticipantError::Refused("learner busy".into()))?;
+        let (learner, counts) = tokio::task::spawn_blocking(move || {
+            let counts = learner.evaluate(&values);
+            (learner, counts)
+        })
+        .await
+        .map_err(|e| ParticipantError::Training(format!("the evaluation thread failed: {e}")))?;
+        self.learner = Some(learner);
+        let counts = counts.map_err(|e| ParticipantError::Training(format!("{e:#}")))?;
+        if let Some(c) = counts {
+            self.connection
+                .report_metrics(MetricsReport {
+                    merchant_id: merchant,
+                    adapter_version: status.latest_adapter_version,
+                    users: c.users,
+                    hits_at_10: c.hits_at_10,
+                    ndcg_at_10_sum: c.ndcg_at_10_sum,
+                    reciprocal_rank_sum: c.reciprocal_rank_sum,
+                })
+                .await?;
+        }
+        Ok(counts)
+    }
+}

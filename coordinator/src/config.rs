@@ -1,0 +1,402 @@
+//! The coordinator's configuration: a TOML file, then `GUILD_<SECTION>__<KEY>` environment
+//! variables over it (e.g. `GUILD_ROUNDS__SAMPLING_RATE=0.2`), validated once at start so
+//! that a bad setting stops the daemon with a message naming it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use guild_privacy::PrivacyMode;
+use guild_proto::domain::{AdapterManifest, ManifestTensor};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub adapter: AdapterConfig,
+    #[serde(default)]
+    pub rounds: RoundsConfig,
+    #[serde(default)]
+    pub privacy: PrivacyConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` over plain HTTP; none when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// The SQLite store, created on first start.
+    pub store: PathBuf,
+    /// sha256 of the base model's safetensors file, 64 hex digits.
+    #[serde(default = "default_base_model")]
+    pub base_model_sha256: String,
+}
+
+fn default_base_model() -> String {
+    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db".into()
+}
+
+/// PEM files of the federation's CA, and the coordinator's certificate and key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The adapter the federation trains (FFA-LoRA B matrices of MiniLM's attention).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdapterConfig {
+    pub layers: usize,
+    pub hidden: usize,
+    pub rank: usize,
+    pub alpha: f32,
+    pub targets: Vec<String>,
+    pub frozen_a_seed: u64,
+}
+
+impl Default for AdapterConfig {
+    fn default() -> Self {
+        Self {
+            layers: 6,
+            hidden: 384,
+            rank: 8,
+            alpha: 16.0,
+            targets: vec!["query".into(), "value".into()],
+            frozen_a_seed: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerOptimizer {
+    FedAvg,
+    FedAdam,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoundsConfig {
+    /// q: each eligible merchant joins a round independently with this probability.
+    pub sampling_rate: f64,
+    /// Fewest sampled merchants a round starts with; a smaller sample is skipped.
+    pub min_cohort: u32,
+    /// t: survivors needed in every neighbourhood (and in all) for the sum to be revealed.
+    pub threshold: u32,
+    /// k: SecAgg+ neighbours per client; 0 for the complete graph.
+    pub neighbours: u32,
+    /// Deadlines of the five SecAgg+ phases, in milliseconds from the phase's start. The
+    /// first covers fetching the task and local training.
+    pub phase_deadlines_ms: [u64; 5],
+    /// Rounds to run before idling; 0 for no limit.
+    pub max_rounds: u64,
+    /// Pause between rounds.
+    pub pause_ms: u64,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub server_optimizer: ServerOptimizer,
+    pub server_learning_rate: f64,
+}
+
+impl Default for RoundsConfig {
+    fn default() -> Self {
+        Self {
+            sampling_rate: 1.0,
+            min_cohort: 3,
+            threshold: 2,
+            neighbours: 0,
+            phase_deadlines_ms: [120_000, 10_000, 30_000, 10_000, 10_000],
+            max_rounds: 0,
+            pause_ms: 0,
+            local_steps: 2,
+            batch_size: 32,
+            learning_rate: 1e-3,
+            server_optimizer: ServerOptimizer::FedAvg,
+            server_learning_rate: 1.0,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrivacyConfig {
+    pub mode: PrivacyMode,
+    pub clip_norm: f64,
+    /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
+    pub noise_multiplier: f64,
+    /// The federation's cap on ε at `delta`, over its whole life.
+    pub epsilon_budget: f64,
+    pub delta: f64,
+    /// b: bits of the SecAgg+ ring.
+    pub bit_width: u32,
+    /// Accepted probability that a coordinate of the sum wraps around 2^b.
+    pub wrap_probability: f64,
+}
+
+impl Default for PrivacyConfig {
+    fn default() -> Self {
+        Self {
+            mode: PrivacyMode::Distributed,
+            clip_norm: 0.1,
+            noise_multiplier: 1.0,
+            epsilon_budget: 8.0,
+            delta: 1e-5,
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("environment variable {name}: {message}")]
+    Env { name: String, message: String },
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, reason: reason.into() }
+}
+
+const ENV_PREFIX: &str = "GUILD_";
+
+impl Config {
+    /// Reads `path`, applies `GUILD_<SECTION>__<KEY>` overrides from `env`, and validates.
+    /// Relative paths in the file are taken relative to the file's folder.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let mut config = Self::parse(&text, env).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => {
+                ConfigError::Parse { path: path.display().to_string(), message }
+            }
+            other => other,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut config.server.store, &mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
+            path: String::new(),
+            message: e.to_string(),
+        })?;
+        for (name, value) in env {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some((section, key)) = rest.split_once("__") else { continue };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            // A TOML literal if it parses as one (numbers, booleans, arrays), else a string.
+            let parsed = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(value));
+            let section_table = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| ConfigError::Env {
+                    name: name.clone(),
+                    message: format!("{section} is not a section"),
+                })?;
+            section_table.insert(key, parsed);
+        }
+        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+            ConfigError::Parse { path: String::new(), message: e.to_string() }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.base_model_sha256()?;
+        let a = &self.adapter;
+        if a.layers == 0 || a.hidden == 0 || a.rank == 0 || a.rank > a.hidden {
+            return Err(invalid("adapter", "layers, hidden and rank must be positive, rank ≤ hidden"));
+        }
+        if a.targets.is_empty() || a.targets.iter().any(|t| !matches!(t.as_str(), "query" | "value" | "key"))
+        {
+            return Err(invalid(
+                "adapter.targets",
+                format!("{:?}: each must be query, key or value", a.targets),
+            ));
+        }
+        if !(a.alpha.is_finite() && a.alpha > 0.0) {
+            return Err(invalid("adapter.alpha", "must be positive"));
+        }
+        let r = &self.rounds;
+        if !(r.sampling_rate > 0.0 && r.sampling_rate <= 1.0) {
+            return Err(invalid(
+                "rounds.sampling_rate",
+                format!("must be in (0, 1], got {}", r.sampling_rate),
+            ));
+        }
+        if r.threshold < 2 {
+            return Err(invalid("rounds.threshold", "must be at least 2"));
+        }
+        if r.min_cohort < r.threshold + 1 {
+            return Err(invalid(
+                "rounds.min_cohort",
+                format!(
+                    "must be at least threshold + 1 = {} (every neighbourhood needs t others)",
+                    r.threshold + 1
+                ),
+            ));
+        }
+        if r.neighbours != 0 && r.neighbours < r.threshold {
+            return Err(invalid("rounds.neighbours", "must be 0 (complete graph) or at least the threshold"));
+        }
+        if r.phase_deadlines_ms.iter().any(|&ms| ms == 0 || ms > 3_600_000) {
+            return Err(invalid("rounds.phase_deadlines_ms", "each must be 1 ms to 1 hour"));
+        }
+        if r.local_steps == 0 || r.batch_size == 0 || !(r.learning_rate.is_finite() && r.learning_rate > 0.0)
+        {
+            return Err(invalid("rounds", "local_steps, batch_size and learning_rate must be positive"));
+        }
+        if !(r.server_learning_rate.is_finite() && r.server_learning_rate > 0.0) {
+            return Err(invalid("rounds.server_learning_rate", "must be positive"));
+        }
+        let p = &self.privacy;
+        if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
+            return Err(invalid("privacy.clip_norm", "must be positive"));
+        }
+        if !(p.noise_multiplier.is_finite() && p.noise_multiplier >= 0.0) {
+            return Err(invalid("privacy.noise_multiplier", "must be ≥ 0"));
+        }
+        match p.mode {
+            PrivacyMode::Distributed | PrivacyMode::Central if p.noise_multiplier <= 0.0 => {
+                return Err(invalid(
+                    "privacy.noise_multiplier",
+                    "must be positive in distributed and central mode (mode = \"dangerous_none\" turns noise off)",
+                ));
+            }
+            PrivacyMode::Local => {
+                return Err(invalid("privacy.mode", "local mode is offered by the simulator only"));
+            }
+            _ => {}
+        }
+        if !(p.epsilon_budget > 0.0) || !(p.delta > 0.0 && p.delta < 1.0) {
+            return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
+        }
+        if !(8..=32).contains(&p.bit_width) {
+            return Err(invalid("privacy.bit_width", "must be 8..=32"));
+        }
+        if !(p.wrap_probability > 0.0 && p.wrap_probability < 1.0) {
+            return Err(invalid("privacy.wrap_probability", "must be in (0, 1)"));
+        }
+        Ok(())
+    }
+
+    pub fn base_model_sha256(&self) -> Result<[u8; 32], ConfigError> {
+        hex::decode(&self.server.base_model_sha256)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| invalid("server.base_model_sha256", "must be 64 hex digits"))
+    }
+
+    /// The manifest of the adapter this federation trains, in the order of its flat vector.
+    pub fn manifest(&self) -> Result<AdapterManifest, ConfigError> {
+        let a = &self.adapter;
+        let mut targets = a.targets.clone();
+        targets.sort();
+        targets.dedup();
+        let tensors = (0..a.layers)
+            .flat_map(|layer| {
+                targets.iter().map(move |t| ManifestTensor {
+                    name: format!("encoder.layer.{layer}.attention.self.{t}.lora_B"),
+                    shape: vec![a.hidden, a.rank],
+                })
+            })
+            .collect();
+        Ok(AdapterManifest {
+            base_model_sha256: self.base_model_sha256()?,
+            tensors,
+            rank: a.rank,
+            alpha: a.alpha,
+            frozen_a_seed: a.frozen_a_seed,
+        })
+    }
+
+    pub fn phase_deadline(&self, phase: usize) -> Duration {
+        Duration::from_millis(self.rounds.phase_deadlines_ms[phase])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = "127.0.0.1:50051"
+        store = "guild.db"
+        [tls]
+        ca = "ca.pem"
+        cert = "server.pem"
+        key = "server.key"
+    "#;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    }
+
+    #[test]
+    fn defaults_and_environment_overrides() {
+        let config = Config::parse(MINIMAL, env(&[])).expect("valid");
+        assert_eq!(config.rounds, RoundsConfig::default());
+        assert_eq!(config.manifest().expect("manifest").parameter_count(), 6 * 2 * 384 * 8);
+        let config = Config::parse(
+            MINIMAL,
+            env(&[
+                ("GUILD_ROUNDS__SAMPLING_RATE", "0.25"),
+                ("GUILD_PRIVACY__MODE", "central"),
+                ("GUILD_SERVER__LISTEN", "0.0.0.0:9000"),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(config.rounds.sampling_rate, 0.25);
+        assert_eq!(config.privacy.mode, PrivacyMode::Central);
+        assert_eq!(config.server.listen.port(), 9000);
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let error = |extra: &str, env_pairs: &[(&str, &str)]| {
+            Config::parse(&format!("{MINIMAL}\n{extra}"), env(env_pairs)).expect_err("invalid").to_string()
+        };
+        assert!(error("", &[("GUILD_ROUNDS__SAMPLING_RATE", "1.5")]).contains("rounds.sampling_rate"));
+        assert!(error("[rounds]\nthreshold = 5\nmin_cohort = 4", &[]).contains("rounds.min_cohort"));
+        assert!(error("[privacy]\nnoise_multiplier = 0.0", &[]).contains("dangerous_none"));
+        assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
+        assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
+        assert!(
+            Config::parse(
+                &MINIMAL.replace("guild.db\"", "guild.db\"\nbase_model_sha256 = \"abc\""),
+                env(&[])
+            )
+            .expect_err("bad hash")
+            .to_string()
+            .contains("server.base_model_sha256")
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! Starting the daemon: store, engine, metrics endpoint and the mutual-TLS gRPC server,
+//! from a validated [`Config`]. Used by `guild-coordinator serve` and, in-process, by the
+//! simulator and the tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+use crate::pki::{self, FederationPki};
+use crate::service::{CoordinatorCore, CoordinatorService};
+use crate::store::Store;
+
+/// A running coordinator.
+#[derive(Debug)]
+pub struct Running {
+    pub address: SocketAddr,
+    pub metrics_address: Option<SocketAddr>,
+    pub core: Arc<CoordinatorCore>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops serving (drops connections; the store stays consistent).
+    pub fn stop(&self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Opens the store and starts serving; returns once the ports are bound.
+pub async fn start(config: Config) -> anyhow::Result<Running> {
+    let store = Arc::new(Store::open(&config.server.store)?);
+    let base_model = config.base_model_sha256()?;
+    let federation_id = store.federation(base_model, rand::random())?;
+    let metrics = Metrics::new();
+    let engine = Arc::new(Engine::new(config.clone(), store.clone(), federation_id, metrics.clone())?);
+    let core = Arc::new(CoordinatorCore::new(store, engine.clone(), federation_id, base_model));
+
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&config.tls.cert)?, read(&config.tls.key)?))
+        .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?));
+    let d = engine.manifest().parameter_count().next_power_of_two();
+    let max_bytes = guild_proto::limits::max_message_bytes(d, guild_proto::limits::MAX_COHORT);
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("binding {}", config.server.listen))?;
+    let address = listener.local_addr()?;
+    let server = tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("configuring TLS")?
+        .add_service(CoordinatorService::new(core.clone()).into_server(max_bytes))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)));
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(error) = server.await {
+            tracing::error!(%error, "gRPC server stopped");
+        }
+    })];
+    let mut metrics_address = None;
+    if let Some(listen) = config.server.metrics_listen {
+        let listener =
+            Metrics::bind(listen).await.with_context(|| format!("binding the metrics port {listen}"))?;
+        metrics_address = Some(listener.local_addr()?);
+        tasks.push(tokio::spawn(async move {
+            if let Err(error) = metrics.serve(listener).await {
+                tracing::error!(%error, "metrics endpoint stopped");
+            }
+        }));
+    }
+    tasks.push(tokio::spawn(engine.run()));
+    tracing::info!(%address, federation = %hex::encode(federation_id), "coordinator serving (mutual TLS)");
+    Ok(Running { address, metrics_address, core, tasks })
+}
+
+/// A sample configuration for a federation initialised under `dir`.
+pub fn sample_config(listen: SocketAddr) -> String {
+    format!(
+        r#"# Guild coordinator configuration. Every key can be overridden by an environment
+# variable GUILD_<SECTION>__<KEY>, e.g. GUILD_ROUNDS__SAMPLING_RATE=0.2.
+[server]
+listen = "{listen}"
+metrics_listen = "127.0.0.1:9464"
+store = "guild.db"
+
+[tls]
+ca = "ca.pem"
+cert = "server.pem"
+key = "server.key"
+
+[adapter]
+rank = 8
+alpha = 16.0
+targets = ["query", "value"]
+frozen_a_seed = 0
+
+[rounds]
+sampling_rate = 1.0
+min_cohort = 3
+threshold = 2
+neighbours = 0
+phase_deadlines_ms = [120000, 10000, 30000, 10000, 10000]
+local_steps = 2
+batch_size = 32
+learning_rate = 0.001
+server_optimizer = "fed_avg"
+server_learning_rate = 1.0
+
+[privacy]
+mode = "distributed"
+clip_norm = 0.1
+noise_multiplier = 1.0
+epsilon_budget = 8.0
+delta = 1e-5
+"#
+    )
+}
+
+/// Issues a test federation's certificates under `dir`, writes `guild.toml`, and creates
+/// the store with every merchant's certificate on the allow-list.
+pub fn init_federation(dir: &Path, merchants: usize, listen: SocketAddr) -> anyhow::Result<FederationPki> {
+    let config_path = dir.join("guild.toml");
+    if config_path.exists() {
+        anyhow::bail!("{} already exists; refusing to overwrite a federation", config_path.display());
+    }
+    let pki = pki::issue(merchants)?;
+    pki.write(dir)?;
+    std::fs::write(&config_path, sample_config(listen))
+        .with_context(|| format!("writing {}", config_path.display()))?;
+    let store = Store::open(&dir.join("guild.db"))?;
+    for m in &pki.merchants {
+        store.allow(&m.name, m.fingerprint())?;
+    }
+    Ok(pki)
+}

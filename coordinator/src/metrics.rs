@@ -1,0 +1,165 @@
+//! Prometheus metrics, served as text at `/metrics` (prometheus-client's OpenMetrics
+//! encoding) on a plain-HTTP port of their own.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabel {
+    pub rpc: String,
+}
+
+/// Every metric the coordinator exports. Cloning shares the underlying values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub rounds_completed: Counter,
+    pub rounds_aborted: Counter,
+    pub rounds_skipped: Counter,
+    pub rounds_refused: Counter,
+    pub participants: Gauge,
+    pub dropouts: Family<PhaseLabel, Counter>,
+    pub phase_seconds: Family<PhaseLabel, Histogram>,
+    pub epsilon_spent: Gauge<f64, AtomicU64>,
+    pub bytes_received: Family<RpcLabel, Counter>,
+    pub rejected_messages: Family<RpcLabel, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("guild");
+        let rounds_completed = Counter::default();
+        let rounds_aborted = Counter::default();
+        let rounds_skipped = Counter::default();
+        let rounds_refused = Counter::default();
+        let participants = Gauge::default();
+        let dropouts = Family::<PhaseLabel, Counter>::default();
+        let phase_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.001, 2.0, 20))
+        });
+        let epsilon_spent = Gauge::<f64, AtomicU64>::default();
+        let bytes_received = Family::<RpcLabel, Counter>::default();
+        let rejected_messages = Family::<RpcLabel, Counter>::default();
+        registry.register("rounds_completed", "Rounds whose adapter was committed", rounds_completed.clone());
+        registry.register(
+            "rounds_aborted",
+            "Rounds aborted (too few survivors, or a restart)",
+            rounds_aborted.clone(),
+        );
+        registry.register(
+            "rounds_skipped",
+            "Samples smaller than the minimum cohort",
+            rounds_skipped.clone(),
+        );
+        registry.register("rounds_refused", "Rounds refused by the privacy budget", rounds_refused.clone());
+        registry.register("participants", "Cohort size of the latest round", participants.clone());
+        registry.register("dropouts", "Clients that missed a phase's deadline", dropouts.clone());
+        registry.register("phase_seconds", "Time from a phase's start to its close", phase_seconds.clone());
+        registry.register("epsilon_spent", "Privacy spent, ε at the configured δ", epsilon_spent.clone());
+        registry.register("received_bytes", "Protobuf bytes received, by RPC", bytes_received.clone());
+        registry.register("rejected_messages", "Messages refused, by RPC", rejected_messages.clone());
+        Self {
+            registry: Arc::new(registry),
+            rounds_completed,
+            rounds_aborted,
+            rounds_skipped,
+            rounds_refused,
+            participants,
+            dropouts,
+            phase_seconds,
+            epsilon_spent,
+            bytes_received,
+            rejected_messages,
+        }
+    }
+
+    pub fn observe_phase(&self, phase: &str, latency: Duration, dropped: usize) {
+        let label = PhaseLabel { phase: phase.to_owned() };
+        self.phase_seconds.get_or_create(&label).observe(latency.as_secs_f64());
+        self.dropouts.get_or_create(&label).inc_by(dropped as u64);
+    }
+
+    pub fn received(&self, rpc: &str, bytes: usize) {
+        self.bytes_received.get_or_create(&RpcLabel { rpc: rpc.to_owned() }).inc_by(bytes as u64);
+    }
+
+    pub fn rejected(&self, rpc: &str) {
+        self.rejected_messages.get_or_create(&RpcLabel { rpc: rpc.to_owned() }).inc();
+    }
+
+    /// The exposition text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Serves `/metrics` on `address` until the task is dropped.
+    pub async fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = self.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        );
+        axum::serve(listener, app).await
+    }
+
+    pub async fn bind(address: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::bind(address).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_every_metric() {
+        let metrics = Metrics::new();
+        metrics.rounds_completed.inc();
+        metrics.observe_phase("MaskedInput", Duration::from_millis(20), 2);
+        metrics.epsilon_spent.set(1.5);
+        metrics.received("MaskedInput", 1024);
+        let text = metrics.encode();
+        for needle in [
+            "guild_rounds_completed_total 1",
+            "guild_dropouts_total{phase=\"MaskedInput\"} 2",
+            "guild_epsilon_spent 1.5",
+            "guild_received_bytes_total{rpc=\"MaskedInput\"} 1024",
+            "guild_phase_seconds_count{phase=\"MaskedInput\"} 1",
+        ] {
+            assert!(text.contains(needle), "{needle} missing from:\n{text}");
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The adapter as it is stored and transferred: the flat vector of FFA-LoRA's B entries in
+//! manifest order, as little-endian f32, named by its sha256. Also what both the client
+//! and the coordinator (which never links a tensor library) need to rebuild the frozen A
+//! matrices from the federation's seed and to write a Hugging Face PEFT adapter.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use sha2::{Digest, Sha256};
+
+use crate::domain::AdapterManifest;
+
+/// Serialises a flat B vector.
+pub fn to_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Parses a flat B vector of exactly `expected` values.
+pub fn from_bytes(bytes: &[u8], expected: usize) -> Result<Vec<f32>, AdapterError> {
+    if bytes.len() != 4 * expected {
+        return Err(AdapterError::Length { expected: 4 * expected, actual: bytes.len() });
+    }
+    let values: Vec<f32> =
+        bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+    if let Some(index) = values.iter().position(|v| !v.is_finite()) {
+        return Err(AdapterError::NonFinite { index });
+    }
+    Ok(values)
+}
+
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdapterError {
+    #[error("adapter holds {actual} bytes, its manifest needs {expected}")]
+    Length { expected: usize, actual: usize },
+    #[error("adapter value {index} is not finite")]
+    NonFinite { index: usize },
+    #[error("adapter manifest: {0}")]
+    Manifest(String),
+    #[error("writing {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error("serialising safetensors: {0}")]
+    Safetensors(String),
+}
+
+/// The frozen A matrices (`[rank, in]` each, row-major), one per manifest tensor, in
+/// manifest order: PEFT's default initialisation U(−1/√in, 1/√in), drawn from a ChaCha20
+/// stream seeded with the federation's `frozen_a_seed`. Each B tensor is `[out, rank]`;
+/// the targets (attention query and value) are square, so `in = out`.
+pub fn frozen_a(manifest: &AdapterManifest) -> Vec<Vec<f32>> {
+    let mut rng = ChaCha20Rng::seed_from_u64(manifest.frozen_a_seed);
+    manifest
+        .tensors
+        .iter()
+        .map(|t| {
+            let fan_in = t.shape[0];
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..manifest.rank * fan_in).map(|_| rng.gen_range(-bound..bound) as f32).collect()
+        })
+        .collect()
+}
+
+/// Writes `flat` (B entries in manifest order) and the frozen A matrices as a Hugging Face
+/// PEFT LoRA adapter: `adapter_model.safetensors` and `adapter_config.json`.
+pub fn write_peft(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Result<(), AdapterError> {
+    if flat.len() != manifest.parameter_count() {
+        return Err(AdapterError::Length {
+            expected: 4 * manifest.parameter_count(),
+            actual: 4 * flat.len(),
+        });
+    }
+    let io = |path: &Path, source| AdapterError::Io { path: path.display().to_string(), source };
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    let a = frozen_a(manifest);
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut targets = BTreeSet::new();
+    let mut offset = 0;
+    for (t, a) in manifest.tensors.iter().zip(&a) {
+        let module = t.name.strip_suffix(".lora_B").ok_or_else(|| {
+            AdapterError::Manifest(format!("tensor {} is not a LoRA B matrix (.lora_B)", t.name))
+        })?;
+        if t.shape.len() != 2 || t.shape[1] != manifest.rank {
+            return Err(AdapterError::Manifest(format!(
+                "{} has shape {:?}, not [out, rank]",
+                t.name, t.shape
+            )));
+        }
+        if let Some(target) = module.rsplit('.').next() {
+            targets.insert(target.to_owned());
+        }
+        let n = t.shape[0] * t.shape[1];
+        let prefix = format!("base_model.model.{module}");
+        tensors.push((format!("{prefix}.lora_A.weight"), vec![manifest.rank, t.shape[0]], to_bytes(a)));
+        tensors.push((
+            format!("{prefix}.lora_B.weight"),
+            t.shape.clone(),
+            to_bytes(&flat[offset..offset + n]),
+        ));
+        offset += n;
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| AdapterError::Safetensors(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let path = dir.join("adapter_model.safetensors");
+    safetensors::serialize_to_file(views, None, &path)
+        .map_err(|e| AdapterError::Safetensors(format!("{}: {e}", path.display())))?;
+    let config = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": null,
+        "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+        "r": manifest.rank,
+        "lora_alpha": manifest.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets.into_iter().collect::<Vec<_>>(),
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "init_lora_weights": true,
+        "use_rslora": false,
+        "use_dora": false,
+    });
+    let path = dir.join("adapter_config.json");
+    let text = serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Safetensors(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| io(&path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::ManifestTensor;
+
+    #[test]
+    fn flat_vectors_round_trip_and_bad_bytes_are_named() {
+        let values = [0.5f32, -1.25, 3.0];
+        assert_eq!(from_bytes(&to_bytes(&values), 3).expect("valid"), values);
+        assert!(matches!(from_bytes(&[0; 11], 3), Err(AdapterError::Length { expected: 12, actual: 11 })));
+        let nan = to_bytes(&[1.0, f32::NAN]);
+        assert!(matches!(from_bytes(&nan, 2), Err(AdapterError::NonFinite { index: 1 })));
+    }
+
+    #[test]
+    fn peft_export_holds_a_and_b_with_the_right_shapes() {
+        let manifest = AdapterManifest {
+            base_model_sha256: [0; 32],
+            tensors: vec![
+                ManifestTensor {
+                    name: "encoder.layer.0.attention.self.query.lora_B".into(),
+                    shape: vec![4, 2],
+                },
+                ManifestTensor {
+                    name: "encoder.layer.0.attention.self.value.lora_B".into(),
+                    shape: vec![4, 2],
+                },
+            ],
+            rank: 2,
+            alpha: 4.0,
+            frozen_a_seed: 7,
+        };
+        let flat: Vec<f32> = (0..16).map(|i| i as f32).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_peft(dir.path(), &manifest, &flat).expect("export");
+        let bytes = std::fs::read(dir.path().join("adapter_model.safetensors")).expect("read");
+        let file = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let b =
+            file.tensor("base_model.model.encoder.layer.0.attention.self.value.lora_B.weight").expect("B");
+        assert_eq!(b.shape(), [4, 2]);
+        assert_eq!(from_bytes(b.data(), 8).expect("f32"), flat[8..]);
+        let a =
+            file.tensor("base_model.model.encoder.layer.0.attention.self.query.lora_A.weight").expect("A");
+        assert_eq!(a.shape(), [2, 4]);
+        assert_eq!(from_bytes(a.data(), 8).expect("f32"), frozen_a(&manifest)[0]);
+        assert!(frozen_a(&manifest)[0].iter().all(|v| v.abs() <= 0.5));
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).expect("read"))
+                .expect("json");
+        assert_eq!(config["target_modules"], serde_json::json!(["query", "value"]));
+    }
+}

@@ -1,0 +1,178 @@
+//! Full rounds over loopback mutual TLS with lightweight clients (random updates, no
+//! model): the round engine, SecAgg+, DDGauss, the ledger and the store together.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use guild_client::identity::Identity;
+use guild_client::participant::{Faults, Participant, ParticipantOptions, RandomLearner};
+use guild_coordinator::config::Config;
+use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
+use guild_sim::federation::Federation;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tokio::task::JoinHandle;
+
+/// A tiny adapter (d = 64) and short deadlines.
+pub fn small(config: &mut Config) {
+    config.adapter.layers = 1;
+    config.adapter.hidden = 16;
+    config.adapter.rank = 2;
+    config.rounds.sampling_rate = 1.0;
+    config.rounds.min_cohort = 3;
+    config.rounds.threshold = 2;
+    config.rounds.phase_deadlines_ms = [5_000, 3_000, 3_000, 3_000, 3_000];
+    config.privacy.clip_norm = 1.0;
+    config.privacy.noise_multiplier = 1.0;
+    config.privacy.epsilon_budget = 1e6;
+}
+
+/// Spawns merchant `i` (0-based) as a lightweight client.
+pub async fn spawn_client(
+    federation: &Federation,
+    i: usize,
+    faults: Faults,
+    max_rounds: u64,
+) -> JoinHandle<anyhow::Result<u64>> {
+    let connection = federation.connect(i).await.expect("connect");
+    let manifest = federation.config.manifest().expect("manifest");
+    let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64) };
+    let options = ParticipantOptions {
+        display_name: format!("Shop {i}"),
+        faults,
+        max_rounds,
+        poll: Duration::from_secs(2),
+        max_backoff: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let mut participant = Participant::new(
+        connection,
+        Arc::new(Identity::ephemeral().expect("identity")),
+        Box::new(learner),
+        options,
+    );
+    tokio::spawn(async move {
+        let mut committed = 0u64;
+        participant
+            .run(|result| {
+                if matches!(result, Ok(r) if r.outcome == "committed") {
+                    committed += 1;
+                }
+            })
+            .await?;
+        Ok(committed)
+    })
+}
+
+/// Waits until the store holds `rounds` completed rounds.
+pub async fn wait_for_rounds(federation: &Federation, rounds: u64, limit: Duration) {
+    let store = federation.store().expect("store");
+    let started = std::time::Instant::now();
+    while store.round_counts().expect("counts").completed < rounds {
+        assert!(
+            started.elapsed() < limit,
+            "{rounds} rounds did not complete in {limit:?}: {:?}",
+            store.round_counts()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.rounds.max_rounds = 3;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let clients: Vec<_> = futures_join(&federation, 4, Faults::default(), 3).await;
+    wait_for_rounds(&federation, 3, Duration::from_secs(60)).await;
+    for client in clients {
+        let committed = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client stops")
+            .expect("join")
+            .expect("client ran");
+        assert_eq!(committed, 3, "every client took part in every round");
+    }
+    let store = federation.store().expect("store");
+    assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(3));
+    assert_ne!(store.adapter(3).expect("v3").data, store.adapter(0).expect("v0").data, "the adapter moved");
+    // ε is recomputed from the stored ledger with the privacy crate's accountant and
+    // equals what the coordinator reports.
+    let entries: Vec<LedgerEntry> = store
+        .ledger()
+        .expect("ledger")
+        .into_iter()
+        .map(|(round_id, json)| LedgerEntry { round_id, event: serde_json::from_str(&json).expect("event") })
+        .collect();
+    assert_eq!(entries.len(), 3);
+    assert!(entries.iter().all(
+        |e| matches!(e.event, PrivacyEvent::SubsampledZcdp { sampling_rate, .. } if sampling_rate == 1.0)
+    ));
+    let spent =
+        Ledger::new(Budget { epsilon: 1e6, delta: 1e-5 }, entries).expect("ledger").spent().expect("spent");
+    let status = federation.in_process().expect("running").core.status().expect("status");
+    assert!(
+        (status.epsilon_spent - spent.epsilon).abs() <= 1e-9 * spent.epsilon,
+        "{} vs {}",
+        status.epsilon_spent,
+        spent.epsilon
+    );
+    assert_eq!(status.rounds_completed, 3);
+    // The metrics endpoint reports the same rounds.
+    let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
+    assert!(metrics.contains("guild_rounds_completed_total 3"), "{metrics}");
+}
+
+/// Spawns `n` lightweight clients.
+pub async fn futures_join(
+    federation: &Federation,
+    n: usize,
+    faults: Faults,
+    max_rounds: u64,
+) -> Vec<JoinHandle<anyhow::Result<u64>>> {
+    let mut clients = Vec::new();
+    for i in 0..n {
+        clients.push(spawn_client(federation, i, faults.clone(), max_rounds).await);
+    }
+    clients
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 6, |c| {
+        small(c);
+        c.rounds.threshold = 3;
+        c.rounds.min_cohort = 4;
+        c.rounds.phase_deadlines_ms = [3_000, 1_000, 1_000, 1_000, 1_000];
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    // Four reliable clients and two that drop in one of phases 1-4 (seeded per client).
+    let mut clients = futures_join(&federation, 4, Faults::default(), 0).await;
+    for i in 4..6 {
+        let mut drop = [0.0; 5];
+        drop[i - 2] = 1.0;
+        clients.push(spawn_client(&federation, i, Faults { drop, ..Default::default() }, 0).await);
+    }
+    wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
+    let store = federation.store().expect("store");
+    let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
+    assert!(metrics.contains("guild_dropouts_total{phase=\"MaskedInput\"}"), "{metrics}");
+    for c in &clients {
+        c.abort();
+    }
+    // Each completed round has exactly one adapter version and one ledger entry.
+    let counts = store.round_counts().expect("counts");
+    assert_eq!(store.ledger().expect("ledger").len() as u64, counts.completed);
+    assert_eq!(store.adapter_count().expect("adapters"), counts.completed + 1);
+}
