@@ -294,7 +294,7 @@ impl Config {
             }
             _ => {}
         }
-        if !(p.epsilon_budget > 0.0) || !(p.delta > 0.0 && p.delta < 1.0) {
+        if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
         }
         if !(8..=32).contains(&p.bit_width) {

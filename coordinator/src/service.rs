@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use guild_proto::WireMessage as Message;
 use guild_proto::convert;
 use guild_proto::domain::{
     AdapterChunk, MerchantId, MetricsReport, Registered, Registration, StatusReport, Task, TaskPoll,
@@ -13,7 +14,6 @@ use guild_proto::domain::{
 use guild_proto::limits::ADAPTER_CHUNK_BYTES;
 use guild_proto::v1;
 use guild_proto::v1::coordinator_server::Coordinator;
-use prost::Message;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 

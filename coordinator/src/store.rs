@@ -107,6 +107,16 @@ pub struct RoundCommit {
     pub ledger_event: Option<String>,
 }
 
+/// Merchants' evaluation counts of one adapter version, summed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EvaluationSums {
+    pub adapter_version: u64,
+    pub users: u64,
+    pub hits_at_10: u64,
+    pub ndcg_at_10_sum: f64,
+    pub reciprocal_rank_sum: f64,
+}
+
 /// Counts of rounds by outcome.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RoundCounts {
@@ -486,21 +496,21 @@ impl Store {
         Ok(())
     }
 
-    /// Summed evaluation counts per adapter version: (version, users, hits, ndcg, rr).
-    pub fn evaluations(&self) -> Result<Vec<(u64, u64, u64, f64, f64)>, StoreError> {
+    /// Summed evaluation counts per adapter version.
+    pub fn evaluations(&self) -> Result<Vec<EvaluationSums>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT adapter_version, sum(users), sum(hits_at_10), sum(ndcg_at_10_sum), sum(reciprocal_rank_sum)
              FROM evaluations GROUP BY adapter_version ORDER BY adapter_version",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)? as u64,
-                r.get::<_, i64>(1)? as u64,
-                r.get::<_, i64>(2)? as u64,
-                r.get(3)?,
-                r.get(4)?,
-            ))
+            Ok(EvaluationSums {
+                adapter_version: r.get::<_, i64>(0)? as u64,
+                users: r.get::<_, i64>(1)? as u64,
+                hits_at_10: r.get::<_, i64>(2)? as u64,
+                ndcg_at_10_sum: r.get(3)?,
+                reciprocal_rank_sum: r.get(4)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }

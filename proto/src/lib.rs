@@ -16,6 +16,10 @@ pub mod limits;
 
 pub use error::WireError;
 
+/// What every wire message is (for size accounting and generic handlers); callers name
+/// it through this crate rather than depending on the protobuf library.
+pub use prost::Message as WireMessage;
+
 /// Generated protobuf messages and tonic stubs.
 #[allow(missing_debug_implementations, unused_qualifications, clippy::all)]
 pub mod v1 {

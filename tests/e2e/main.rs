@@ -1,6 +1,8 @@
 //! Guild's cross-crate tests, compiled into one test binary.
 
 mod architecture;
+mod bad_input;
+mod crash;
 mod data;
 mod model;
 mod registration;
