@@ -295,6 +295,13 @@ impl Engine {
     /// Hands a phase message from `merchant` (its authenticated identity) to the SecAgg+
     /// server. Returns the round id and phase to wait on.
     pub fn receive(&self, merchant: &str, message: PhaseMessage) -> Result<(u64, usize), EngineError> {
+        let started = Instant::now();
+        let result = self.receive_inner(merchant, message);
+        self.metrics.busy_since(started);
+        result
+    }
+
+    fn receive_inner(&self, merchant: &str, message: PhaseMessage) -> Result<(u64, usize), EngineError> {
         let mut state = self.lock();
         let round = state.round.as_mut().ok_or(EngineError::NoRound)?;
         let binding = message.binding();
@@ -388,7 +395,10 @@ impl Engine {
                 self.bump();
                 return;
             }
-            match self.try_open() {
+            let started = Instant::now();
+            let opened = self.try_open();
+            self.metrics.busy_since(started);
+            match opened {
                 Ok(true) => {
                     self.bump();
                     self.drive().await;
@@ -591,12 +601,17 @@ impl Engine {
                     () = tokio::time::sleep_until(deadline) => break,
                 }
             }
-            if let Err(reason) = self.close_phase(phase) {
+            let started = Instant::now();
+            let closed = self.close_phase(phase);
+            self.metrics.busy_since(started);
+            if let Err(reason) = closed {
                 self.abort(reason);
                 return;
             }
         }
+        let started = Instant::now();
         let result = self.finish();
+        self.metrics.busy_since(started);
         match result {
             Ok(version) => {
                 let mut state = self.lock();

@@ -37,6 +37,9 @@ pub struct Metrics {
     pub epsilon_spent: Gauge<f64, AtomicU64>,
     pub bytes_received: Family<RpcLabel, Counter>,
     pub rejected_messages: Family<RpcLabel, Counter>,
+    /// Seconds the engine spent working (sampling, checking and summing messages, closing
+    /// phases, unmasking, decoding, committing): the coordinator's own cost of rounds.
+    pub engine_busy_seconds: Counter<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -60,6 +63,12 @@ impl Metrics {
         let epsilon_spent = Gauge::<f64, AtomicU64>::default();
         let bytes_received = Family::<RpcLabel, Counter>::default();
         let rejected_messages = Family::<RpcLabel, Counter>::default();
+        let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
+        registry.register(
+            "engine_busy_seconds",
+            "Seconds the round engine spent working",
+            engine_busy_seconds.clone(),
+        );
         registry.register("rounds_completed", "Rounds whose adapter was committed", rounds_completed.clone());
         registry.register(
             "rounds_aborted",
@@ -90,6 +99,7 @@ impl Metrics {
             epsilon_spent,
             bytes_received,
             rejected_messages,
+            engine_busy_seconds,
         }
     }
 
@@ -97,6 +107,11 @@ impl Metrics {
         let label = PhaseLabel { phase: phase.to_owned() };
         self.phase_seconds.get_or_create(&label).observe(latency.as_secs_f64());
         self.dropouts.get_or_create(&label).inc_by(dropped as u64);
+    }
+
+    /// Adds the time since `started` to the engine's busy time.
+    pub fn busy_since(&self, started: std::time::Instant) {
+        self.engine_busy_seconds.inc_by(started.elapsed().as_secs_f64());
     }
 
     pub fn received(&self, rpc: &str, bytes: usize) {

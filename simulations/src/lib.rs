@@ -2,6 +2,7 @@
 //! certificates and a real coordinator, real clients, scenarios and reports.
 
 pub mod federation;
+pub mod load;
 
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors`, the federation's base model.
 pub fn base_model_sha256() -> [u8; 32] {

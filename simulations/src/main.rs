@@ -24,6 +24,22 @@ enum Arm {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Load test: lightweight clients (random updates, no model) through full SecAgg+
+    /// rounds over loopback mutual TLS; prints rounds per minute and per-phase latency.
+    Load {
+        #[arg(long, default_value_t = 200)]
+        clients: usize,
+        /// Length of the update vector (a power of two).
+        #[arg(long, default_value_t = 1 << 18)]
+        dimension: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: u64,
+        /// SecAgg+ neighbours per client (0: complete graph).
+        #[arg(long, default_value_t = 20)]
+        neighbours: u32,
+        #[arg(long, default_value_t = 11)]
+        threshold: u32,
+    },
     /// Train and evaluate one non-federated arm on a fixed, seeded sample of test users.
     Local {
         #[arg(long, value_enum)]
@@ -146,6 +162,13 @@ fn local(
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Load { clients, dimension, rounds, neighbours, threshold } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let report =
+                runtime.block_on(guild_sim::load::run(clients, dimension, rounds, neighbours, threshold))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(())
+        }
         Command::Local {
             arm,
             data,
