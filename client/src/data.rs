@@ -188,6 +188,28 @@ impl Dataset {
     pub fn title(&self, item: ItemIndex) -> &str {
         &self.titles[item as usize]
     }
+
+    /// The dataset restricted to the first `n` users and the items they touch (re-indexed
+    /// in first-seen order): a smaller catalogue for quick runs.
+    pub fn first_users(&self, n: usize) -> Dataset {
+        let mut remap: HashMap<ItemIndex, ItemIndex> = HashMap::new();
+        let mut titles = Vec::new();
+        let mut map = |item: ItemIndex| {
+            *remap.entry(item).or_insert_with(|| {
+                titles.push(self.titles[item as usize].clone());
+                (titles.len() - 1) as ItemIndex
+            })
+        };
+        let users = self.users[..n.min(self.users.len())]
+            .iter()
+            .map(|u| User {
+                id: u.id.clone(),
+                history: u.history.iter().map(|&i| map(i)).collect(),
+                test_target: map(u.test_target),
+            })
+            .collect();
+        Dataset { name: format!("{}-first{n}", self.name), titles, users }
+    }
 }
 
 /// Platform families, from the product titles: the natural non-IID split of the data.
@@ -292,6 +314,21 @@ mod tests {
         );
         write(dir, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 11 12\t13\n2\t12 12\t10\n"));
         write(dir, "T.valid.inter", &format!("{INTER_HEADER}\n1\t10 11\t12\n2\t12\t12\n"));
+    }
+
+    #[test]
+    fn first_users_keeps_their_items_and_titles() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        tiny(dir.path());
+        let full = Dataset::load(dir.path()).expect("valid");
+        let sub = full.first_users(1);
+        assert_eq!(sub.users.len(), 1);
+        assert_eq!(sub.titles.len(), 4, "user 1 touches all four items");
+        let title =
+            |d: &Dataset, u: &User| u.history.iter().map(|&i| d.title(i).to_owned()).collect::<Vec<_>>();
+        assert_eq!(title(&sub, &sub.users[0]), title(&full, &full.users[0]));
+        assert_eq!(sub.title(sub.users[0].test_target), full.title(full.users[0].test_target));
+        assert_eq!(full.first_users(2).titles.len(), full.titles.len());
     }
 
     fn check_error(mutate: impl FnOnce(&Path), expected: &str) {

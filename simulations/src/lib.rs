@@ -3,6 +3,9 @@
 
 pub mod federation;
 pub mod load;
+pub mod report;
+pub mod run;
+pub mod scenario;
 
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors`, the federation's base model.
 pub fn base_model_sha256() -> [u8; 32] {

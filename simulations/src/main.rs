@@ -24,6 +24,14 @@ enum Arm {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a scenario (baselines and federated arms on real data) and write its report.
+    Run {
+        /// Scenario file, e.g. scenarios/default.toml.
+        scenario: std::path::PathBuf,
+        /// Report folder (default: reports/NAME).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Load test: lightweight clients (random updates, no model) through full SecAgg+
     /// rounds over loopback mutual TLS; prints rounds per minute and per-phase latency.
     Load {
@@ -162,6 +170,16 @@ fn local(
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Run { scenario, out } => {
+            let scenario = guild_sim::scenario::Scenario::load(&scenario)?;
+            let out = out.unwrap_or_else(|| guild_sim::run::default_out(&scenario));
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let results = runtime.block_on(guild_sim::run::run(scenario, &out))?;
+            guild_sim::report::write(&results, &out)?;
+            println!("{}", guild_sim::report::markdown(&results));
+            eprintln!("guild-sim: report written to {}", out.display());
+            Ok(())
+        }
         Command::Load { clients, dimension, rounds, neighbours, threshold } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let report =

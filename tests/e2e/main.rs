@@ -7,3 +7,4 @@ mod data;
 mod model;
 mod registration;
 mod rounds;
+mod simulation;

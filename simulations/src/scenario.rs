@@ -1,0 +1,189 @@
+//! Scenario files (`scenarios/NAME.toml`): the data, the federation's settings, the arms
+//! to compare and the faults to inject.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub name: String,
+    /// What the scenario shows and its cost arithmetic, for the report.
+    #[serde(default)]
+    pub description: String,
+    pub data: DataSettings,
+    pub federation: FederationSettings,
+    pub arms: Arms,
+    #[serde(default)]
+    pub faults: FaultSettings,
+    #[serde(default)]
+    pub clients: ClientMode,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSettings {
+    /// A RecBole-format folder, relative to the working directory.
+    pub dataset: PathBuf,
+    /// Keep only the first N users (and the items they touch), for quick runs.
+    #[serde(default)]
+    pub max_users: Option<usize>,
+    pub shop_size: usize,
+    /// Keep only the first N merchants of the partition.
+    #[serde(default)]
+    pub max_merchants: Option<usize>,
+    #[serde(default)]
+    pub seed: u64,
+    /// Users sampled from the merchants' shoppers whose held-out items every arm ranks
+    /// against the full catalogue.
+    pub eval_users: usize,
+    /// Validation users each client evaluates after each round and reports.
+    #[serde(default)]
+    pub client_eval_users: usize,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default = "default_cache")]
+    pub cache: PathBuf,
+}
+
+fn default_max_tokens() -> usize {
+    96
+}
+
+fn default_cache() -> PathBuf {
+    ".cache".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSettings {
+    pub rounds: u64,
+    pub sampling_rate: f64,
+    pub min_cohort: u32,
+    pub threshold: u32,
+    #[serde(default)]
+    pub neighbours: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f32,
+    pub clip_norm: f64,
+    #[serde(default = "one")]
+    pub server_learning_rate: f64,
+    #[serde(default = "fed_avg")]
+    pub server_optimizer: String,
+    pub rank: usize,
+    pub phase_deadlines_ms: [u64; 5],
+    /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
+    #[serde(default)]
+    pub delta: Option<f64>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn fed_avg() -> String {
+    "fed_avg".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Arms {
+    #[serde(default)]
+    pub zero_shot: bool,
+    /// Each of a seeded sample of merchants trains alone.
+    #[serde(default)]
+    pub local_only: Option<LocalOnly>,
+    /// Every merchant's training data pooled in one place.
+    #[serde(default)]
+    pub centralised: Option<Centralised>,
+    /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
+    #[serde(default)]
+    pub federated: bool,
+    /// Federated with distributed DP (DDGauss + SecAgg+) at these ε.
+    #[serde(default)]
+    pub distributed_dp_epsilons: Vec<f64>,
+    /// Federated with central DP (trusted coordinator) at these ε.
+    #[serde(default)]
+    pub central_dp_epsilons: Vec<f64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalOnly {
+    pub merchants: usize,
+    pub steps: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Centralised {
+    pub steps: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSettings {
+    /// Probability that a client abandons a round before each phase's message.
+    #[serde(default)]
+    pub drop: [f64; 5],
+    /// Probability that a client sleeps `straggle_ms` before a phase's message.
+    #[serde(default)]
+    pub straggle: f64,
+    #[serde(default)]
+    pub straggle_ms: u64,
+    /// SIGKILL the coordinator once the round after this many committed rounds is open,
+    /// then restart it (in every federated arm).
+    #[serde(default)]
+    pub kill_coordinator_after_round: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientMode {
+    /// Clients as tasks in the simulator's process, sharing one loaded base model.
+    #[default]
+    Tasks,
+    /// Clients as `guild-client run` processes, each loading the model.
+    Processes,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ScenarioError {
+    #[error("reading {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Self, ScenarioError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
+        let invalid = |message: String| ScenarioError::Invalid { path: path.display().to_string(), message };
+        let scenario: Scenario = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let f = &scenario.federation;
+        if f.rounds == 0 || !(f.sampling_rate > 0.0 && f.sampling_rate <= 1.0) {
+            return Err(invalid("federation.rounds must be ≥ 1 and sampling_rate in (0, 1]".into()));
+        }
+        if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
+            return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
+        }
+        if scenario
+            .arms
+            .distributed_dp_epsilons
+            .iter()
+            .chain(&scenario.arms.central_dp_epsilons)
+            .any(|e| !(*e > 0.0))
+        {
+            return Err(invalid("every ε must be positive".into()));
+        }
+        Ok(scenario)
+    }
+
+    /// δ for N merchants: the configured one, or min(1e-5, 1/N^1.1).
+    pub fn delta(&self, merchants: usize) -> f64 {
+        self.federation.delta.unwrap_or_else(|| 1e-5f64.min(1.0 / (merchants as f64).powf(1.1)))
+    }
+}
