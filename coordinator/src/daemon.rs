@@ -131,6 +131,29 @@ delta = 1e-5
     )
 }
 
+/// A `guild-client run` configuration for merchant `name` (paths relative to `merchants/`).
+pub fn sample_client_config(name: &str, listen: SocketAddr) -> String {
+    format!(
+        r#"# guild-client configuration of {name}. Point [data] at this merchant's behaviour data.
+coordinator = "https://localhost:{port}"
+display_name = "{name}"
+identity = "{name}.signing"
+[tls]
+ca = "../ca.pem"
+cert = "{name}.pem"
+key = "{name}.key"
+[data]
+# A RecBole-format folder; `merchant` picks one shop of a public dataset's partition.
+dataset = "data"
+eval_users = 100
+[guards]
+min_noise_multiplier = 0.5
+dangerous_send_unnoised_updates = false
+"#,
+        port = listen.port()
+    )
+}
+
 /// Issues a test federation's certificates under `dir`, writes `guild.toml`, and creates
 /// the store with every merchant's certificate on the allow-list.
 pub fn init_federation(dir: &Path, merchants: usize, listen: SocketAddr) -> anyhow::Result<FederationPki> {
@@ -145,6 +168,9 @@ pub fn init_federation(dir: &Path, merchants: usize, listen: SocketAddr) -> anyh
     let store = Store::open(&dir.join("guild.db"))?;
     for m in &pki.merchants {
         store.allow(&m.name, m.fingerprint())?;
+        let client = dir.join("merchants").join(format!("{}.toml", m.name));
+        std::fs::write(&client, sample_client_config(&m.name, listen))
+            .with_context(|| format!("writing {}", client.display()))?;
     }
     Ok(pki)
 }

@@ -175,7 +175,7 @@ impl Scenario {
             .distributed_dp_epsilons
             .iter()
             .chain(&scenario.arms.central_dp_epsilons)
-            .any(|e| !(*e > 0.0))
+            .any(|e| e.is_nan() || *e <= 0.0)
         {
             return Err(invalid("every ε must be positive".into()));
         }
