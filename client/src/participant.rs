@@ -178,7 +178,7 @@ impl Participant {
                     return Ok(registered.merchant_id);
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::info!(error = %e, "coordinator unavailable; retrying registration");
+                    tracing::warn!(error = %e, ?backoff, "coordinator unavailable; retrying registration");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
@@ -219,7 +219,7 @@ impl Participant {
                     continue;
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::info!(error = %e, ?backoff, "coordinator unavailable; retrying");
+                    tracing::warn!(error = %e, ?backoff, "coordinator unavailable; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                     continue;

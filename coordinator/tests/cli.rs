@@ -78,3 +78,52 @@ fn invalid_arguments_are_named_and_exit_non_zero() {
         assert!(stderr.contains(expected), "{args:?}: {stderr:?} does not say {expected:?}");
     }
 }
+
+#[test]
+fn init_federation_status_and_export_adapter_work_from_the_command_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("fed");
+    let out_str = out.to_str().expect("utf-8 path");
+    let (ok, stdout, stderr) = coordinator(&["init-federation", "--out", out_str, "--merchants", "2"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(json(&stdout)["merchants"], serde_json::json!(["merchant-001", "merchant-002"]));
+    for file in
+        ["ca.pem", "server.pem", "server.key", "guild.toml", "guild.db", "merchants/merchant-002.toml"]
+    {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    // Refuses to overwrite a federation.
+    let (ok, _, stderr) = coordinator(&["init-federation", "--out", out_str, "--merchants", "2"]);
+    assert!(!ok && stderr.contains("already exists"), "{stderr}");
+
+    let config = out.join("guild.toml");
+    let config = config.to_str().expect("utf-8");
+    // `status` reads the store; the daemon has not run, so no adapter exists yet.
+    let (ok, stdout, stderr) = coordinator(&["status", "--config", config]);
+    assert!(ok, "{stderr}");
+    let status = json(&stdout);
+    assert_eq!(status["merchants_allowed"], 2);
+    assert_eq!(status["rounds_completed"], 0);
+    assert_eq!(status["epsilon_spent"], 0.0);
+    assert_eq!(status["current_phase"], "idle");
+    let (ok, _, stderr) =
+        coordinator(&["export-adapter", "--config", config, "--version", "0", "--out", "x"]);
+    assert!(!ok && stderr.contains("adapter version 0 does not exist"), "{stderr}");
+
+    let (ok, _, stderr) = coordinator(&["revoke", "--config", config, "--merchant", "merchant-009"]);
+    assert!(!ok && stderr.contains("not on the allow-list"), "{stderr}");
+    let (ok, stdout, stderr) = coordinator(&["revoke", "--config", config, "--merchant", "merchant-002"]);
+    assert!(ok, "{stderr}");
+    assert_eq!(json(&stdout)["revoked"], "merchant-002");
+    let (_, stdout, _) = coordinator(&["status", "--config", config]);
+    assert_eq!(json(&stdout)["merchants_allowed"], 1);
+
+    // A bad setting stops the daemon at start with the key named.
+    let (ok, _, stderr) = Command::new(env!("CARGO_BIN_EXE_guild-coordinator"))
+        .args(["serve", "--config", config])
+        .env("GUILD_ROUNDS__SAMPLING_RATE", "2")
+        .output()
+        .map(|o| (o.status.success(), (), String::from_utf8_lossy(&o.stderr).into_owned()))
+        .expect("run");
+    assert!(!ok && stderr.contains("rounds.sampling_rate"), "{stderr}");
+}

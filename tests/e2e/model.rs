@@ -164,3 +164,26 @@ fn training_is_deterministic_trains_only_b_and_lowers_the_loss() {
     let cached = catalogue_embeddings(&base, &data, cache.path(), 64).expect("cached");
     assert!(cached.allclose(&items, 0.0, 0.0, false));
 }
+
+/// The coordinator knows the adapter only by its configured manifest and regenerates the
+/// frozen A matrices from the federation's seed for `export-adapter`: both must be exactly
+/// the client's, or merchants could not load the federation's adapters.
+#[test]
+fn coordinator_manifest_and_exported_adapter_match_the_client_model() {
+    use guild_client::model::bert::BertConfig;
+
+    let text = "[server]\nlisten = \"127.0.0.1:1\"\nstore = \"x.db\"\n[tls]\nca = \"a\"\ncert = \"b\"\nkey = \"c\"\n[adapter]\nrank = 4\nalpha = 8.0\nfrozen_a_seed = 77\n";
+    let config = guild_coordinator::config::Config::parse(text, std::iter::empty()).expect("config");
+    let lora = LoraConfig { rank: 4, alpha: 8.0, frozen_a_seed: 77, ..LoraConfig::default() };
+    let sha = config.base_model_sha256().expect("sha");
+    let mut client = Adapters::new(lora, BertConfig::MINILM_L6, sha, tch::Device::Cpu);
+    let manifest = config.manifest().expect("manifest");
+    assert_eq!(manifest, client.manifest(), "the coordinator's manifest is the client's");
+
+    let flat: Vec<f32> = (0..manifest.parameter_count()).map(|i| (i % 97) as f32 * 1e-3).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    guild_proto::adapter::write_peft(dir.path(), &manifest, &flat).expect("coordinator-side export");
+    // import_peft refuses an adapter whose A differs from the client's own by a single bit.
+    client.import_peft(dir.path()).expect("the client accepts the coordinator's export");
+    assert_eq!(client.flat(), flat);
+}

@@ -50,6 +50,17 @@ async fn unknown_revoked_and_foreign_certificates_are_refused() {
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(status.message().contains("revoked"), "{}", status.message());
 
+    // Signed by the CA but not on the allow-list: merchant-002's entry now names another
+    // certificate, so its own is unknown.
+    store.allow("merchant-002", [0xAB; 32]).expect("re-allow");
+    let mut unknown = federation.connect(1).await.expect("TLS still completes");
+    let status = match unknown.register("Shop B", &identity).await {
+        Err(NetError::Refused(status)) => status,
+        other => panic!("an unknown certificate must be refused, got {other:?}"),
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("not on this federation's allow-list"), "{}", status.message());
+
     // A certificate from another CA fails the TLS handshake (or its first request).
     let other = Federation::init(&dir.path().join("other"), 1, |_| {}).expect("other federation");
     let foreign = TlsCredentials {

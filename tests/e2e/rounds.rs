@@ -176,3 +176,43 @@ async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
     assert_eq!(store.ledger().expect("ledger").len() as u64, counts.completed);
     assert_eq!(store.adapter_count().expect("adapters"), counts.completed + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One round of this mechanism costs about 7 (ε at δ = 1e-5); two cost about 10.8, three
+    // about 13.8 (see the first test's log). A cap of 12 admits exactly two.
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.privacy.epsilon_budget = 12.0;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let clients = futures_join(&federation, 4, Faults::default(), 0).await;
+    wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
+    let core = federation.in_process().expect("running").core.clone();
+    let started = std::time::Instant::now();
+    loop {
+        let status = core.status().expect("status");
+        if status.current_phase.contains("privacy budget exhausted") {
+            assert!(status.epsilon_spent <= 12.0, "{}", status.epsilon_spent);
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "no refusal: {}", status.current_phase);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = federation.store().expect("store");
+    assert_eq!(store.round_counts().expect("counts").completed, 2, "no third round ran");
+    assert_eq!(store.ledger().expect("ledger").len(), 2);
+    // Still serving: a client can ask for status, and is told to wait.
+    let mut connection = federation.connect(0).await.expect("connect");
+    let status = connection.status().await.expect("status over gRPC");
+    assert!(status.current_phase.contains("privacy budget exhausted"), "{}", status.current_phase);
+    let metrics = core.engine().metrics.encode();
+    assert!(metrics.contains("guild_rounds_refused_total 1"), "{metrics}");
+    for c in clients {
+        c.abort();
+    }
+}
