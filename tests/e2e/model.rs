@@ -176,7 +176,7 @@ fn coordinator_manifest_and_exported_adapter_match_the_client_model() {
     let config = guild_coordinator::config::Config::parse(text, std::iter::empty()).expect("config");
     let lora = LoraConfig { rank: 4, alpha: 8.0, frozen_a_seed: 77, ..LoraConfig::default() };
     let sha = config.base_model_sha256().expect("sha");
-    let mut client = Adapters::new(lora, BertConfig::MINILM_L6, sha, tch::Device::Cpu);
+    let mut client = Adapters::new(lora, BertConfig::MINILM_L6, sha, Device::Cpu);
     let manifest = config.manifest().expect("manifest");
     assert_eq!(manifest, client.manifest(), "the coordinator's manifest is the client's");
 
