@@ -139,15 +139,15 @@ impl World {
         indices.iter().map(|&i| &dataset.users[i]).collect()
     }
 
+    /// Fresh adapters (B = 0) of this world's configuration.
+    fn adapters(&self, shared: &Shared) -> Adapters {
+        Adapters::new(self.lora.clone(), shared.base.config(), shared.base.sha256(), shared.base.device())
+    }
+
     /// Scores adapter values (none: the base model) on the evaluation users.
     fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {
         let shared = lock(&self.shared);
-        let mut adapters = Adapters::new(
-            self.lora.clone(),
-            shared.base.config(),
-            shared.base.sha256(),
-            shared.base.device(),
-        );
+        let mut adapters = self.adapters(&shared);
         if let Some(v) = values {
             adapters.set_flat(v)?;
         }
@@ -166,12 +166,7 @@ impl World {
 
     fn train_on(&self, users: &[usize], steps: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
         let shared = lock(&self.shared);
-        let adapters = Adapters::new(
-            self.lora.clone(),
-            shared.base.config(),
-            shared.base.sha256(),
-            shared.base.device(),
-        );
+        let adapters = self.adapters(&shared);
         let config =
             TrainConfig { batch_size: 32, steps, learning_rate: 1e-3, seed, ..TrainConfig::default() };
         let users = Self::users(&shared.dataset, users);
@@ -180,10 +175,7 @@ impl World {
     }
 
     fn parameter_count(&self) -> usize {
-        let shared = lock(&self.shared);
-        Adapters::new(self.lora.clone(), shared.base.config(), shared.base.sha256(), tch::Device::Cpu)
-            .manifest()
-            .parameter_count()
+        self.adapters(&lock(&self.shared)).manifest().parameter_count()
     }
 }
 

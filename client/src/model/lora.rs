@@ -11,9 +11,6 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use guild_proto::domain::{AdapterManifest, ManifestTensor};
-use rand::Rng;
-use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
 use tch::{Device, Kind, Tensor, nn};
 
 use super::ModelError;
@@ -55,24 +52,26 @@ impl Adapters {
     /// U(−1/√in, 1/√in)), B zero.
     pub fn new(config: LoraConfig, bert: BertConfig, base_model_sha256: [u8; 32], device: Device) -> Self {
         let vs = nn::VarStore::new(device);
-        let mut rng = ChaCha20Rng::seed_from_u64(config.frozen_a_seed);
-        let bound = 1.0 / (bert.hidden as f64).sqrt();
         let mut targets = config.targets.clone();
         targets.sort();
         targets.dedup();
         let mut modules = BTreeMap::new();
         for layer in 0..bert.layers as usize {
             for &target in &targets {
-                let a: Vec<f32> =
-                    (0..config.rank * bert.hidden).map(|_| rng.gen_range(-bound..bound) as f32).collect();
-                let a = Tensor::from_slice(&a).view([config.rank, bert.hidden]).to(device);
                 let path =
                     vs.root() / "encoder" / "layer" / layer / "attention" / "self" / target.module_name();
                 let b = path.var("lora_B", &[bert.hidden, config.rank], nn::Init::Const(0.0));
-                modules.insert((layer, target), (a, b));
+                modules.insert((layer, target), (Tensor::new(), b));
             }
         }
-        Self { config: LoraConfig { targets, ..config }, bert, base_model_sha256, vs, modules }
+        let mut adapters =
+            Self { config: LoraConfig { targets, ..config }, bert, base_model_sha256, vs, modules };
+        // A comes from the one generator the coordinator also uses (manifest order).
+        let a = guild_proto::adapter::frozen_a(&adapters.manifest());
+        for ((_, (slot, _)), values) in adapters.modules.iter_mut().zip(a) {
+            *slot = Tensor::from_slice(&values).view([adapters.config.rank, bert.hidden]).to(device);
+        }
+        adapters
     }
 
     pub fn config(&self) -> &LoraConfig {
@@ -136,36 +135,12 @@ impl Adapters {
         Ok(())
     }
 
-    /// Writes the adapters as a Hugging Face PEFT LoRA adapter.
+    /// Writes the adapters as a Hugging Face PEFT LoRA adapter, with the same writer the
+    /// coordinator's `export-adapter` uses (A regenerated from the federation's seed, which
+    /// is how this model drew it).
     pub fn export_peft(&self, dir: &Path) -> Result<(), ModelError> {
-        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-        let mut named = Vec::new();
-        for (&(layer, target), (a, b)) in &self.modules {
-            let prefix = format!("base_model.model.{}", module_path(layer, target));
-            named.push((format!("{prefix}.lora_A.weight"), a.detach().to(Device::Cpu).contiguous()));
-            named.push((format!("{prefix}.lora_B.weight"), b.detach().to(Device::Cpu).contiguous()));
-        }
-        let path = dir.join("adapter_model.safetensors");
-        Tensor::write_safetensors(&named, &path).map_err(|e| ModelError::load(&path, e))?;
-        let config = serde_json::json!({
-            "peft_type": "LORA",
-            "task_type": null,
-            "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
-            "r": self.config.rank,
-            "lora_alpha": self.config.alpha,
-            "lora_dropout": 0.0,
-            "target_modules": self.config.targets.iter().map(|t| t.module_name()).collect::<Vec<_>>(),
-            "bias": "none",
-            "fan_in_fan_out": false,
-            "inference_mode": true,
-            "modules_to_save": null,
-            "init_lora_weights": true,
-            "use_rslora": false,
-            "use_dora": false,
-        });
-        let path = dir.join("adapter_config.json");
-        std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("JSON value serialises"))
-            .map_err(|e| ModelError::io(&path, e))
+        guild_proto::adapter::write_peft(dir, &self.manifest(), &self.flat())
+            .map_err(|e| ModelError::AdapterShape(format!("exporting to {}: {e}", dir.display())))
     }
 
     /// Loads B from a PEFT adapter written by [`Self::export_peft`]; its A matrices must
