@@ -37,6 +37,8 @@ impl Federation {
     pub fn init(dir: &Path, merchants: usize, tweak: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let address = free_port()?;
         std::fs::create_dir_all(dir)?;
+        // Absolute, so that the paths written into guild.toml mean the same from anywhere.
+        let dir = &std::fs::canonicalize(dir)?;
         let pki = daemon::init_federation(dir, merchants, address)?;
         let config_path = dir.join("guild.toml");
         let mut config = Config::load(&config_path, std::iter::empty())?;
