@@ -24,6 +24,12 @@ enum Arm {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Redraw a run's report (summary and plots) from its results.json.
+    Report {
+        results: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
     /// Run a scenario (baselines and federated arms on real data) and write its report.
     Run {
         /// Scenario file, e.g. scenarios/default.toml.
@@ -170,10 +176,22 @@ fn local(
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Report { results, out } => {
+            let results = guild_sim::report::read(&results)?;
+            guild_sim::report::write(&results, &out)?;
+            println!("{}", guild_sim::report::markdown(&results));
+            Ok(())
+        }
         Command::Run { scenario, out } => {
             let scenario = guild_sim::scenario::Scenario::load(&scenario)?;
             let out = out.unwrap_or_else(|| guild_sim::run::default_out(&scenario));
-            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // Training and evaluation share one base model behind a mutex, so a few blocking
+            // threads suffice; hundreds would each keep their own allocator arenas.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(8)
+                .build()
+                .context("starting the async runtime")?;
             let results = runtime.block_on(guild_sim::run::run(scenario, &out))?;
             guild_sim::report::write(&results, &out)?;
             println!("{}", guild_sim::report::markdown(&results));

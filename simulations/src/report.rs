@@ -128,10 +128,13 @@ fn verdict(results: &RunResults) -> String {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn line_chart(
     path: &Path,
     title: &str,
+    x_label: &str,
     y_label: &str,
+    legend: SeriesLabelPosition,
     series: &[(String, Vec<(f64, f64)>)],
     baselines: &[(String, f64)],
 ) -> anyhow::Result<()> {
@@ -148,7 +151,7 @@ fn line_chart(
         .x_label_area_size(40)
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max + 0.5, (lo - pad)..(hi + pad))?;
-    chart.configure_mesh().x_desc("round").y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
+    chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
     for (i, (name, points)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
@@ -171,7 +174,7 @@ fn line_chart(
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
+        .position(legend)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))
@@ -182,6 +185,12 @@ fn line_chart(
 
 fn federated(results: &RunResults) -> impl Iterator<Item = &ArmResult> {
     results.arms.iter().filter(|a| !a.curve.is_empty())
+}
+
+/// Reads a run's `results.json` back (to redraw a report).
+pub fn read(path: &Path) -> anyhow::Result<RunResults> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("{} is not a results file", path.display()))
 }
 
 /// Writes `summary.md`, `results.json` and the plots into `dir`.
@@ -200,7 +209,15 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
         .filter(|a| a.curve.is_empty())
         .map(|a| (a.arm.clone(), a.validation.mrr))
         .collect();
-    line_chart(&dir.join("metric_vs_round.png"), "Validation MRR by round", "MRR", &metric, &baselines)?;
+    line_chart(
+        &dir.join("metric_vs_round.png"),
+        "Validation MRR by round (dashed: baselines)",
+        "round",
+        "MRR",
+        SeriesLabelPosition::LowerRight,
+        &metric,
+        &baselines,
+    )?;
 
     let epsilon: Vec<(String, Vec<(f64, f64)>)> = federated(results)
         .filter(|a| a.epsilon.is_some())
@@ -209,7 +226,9 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
     line_chart(
         &dir.join("epsilon_vs_round.png"),
         "Privacy spent by round (ε from the ledger)",
+        "round",
         "ε",
+        SeriesLabelPosition::LowerRight,
         &epsilon,
         &[],
     )?;
@@ -229,8 +248,10 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
         .collect();
     line_chart(
         &dir.join("phase_latency.png"),
-        "Mean SecAgg+ phase latency (1 AdvertiseKeys+training … 5 Unmask)",
+        "Mean SecAgg+ phase latency",
+        "phase: 1 AdvertiseKeys (with training), 2 ShareKeys, 3 MaskedInput, 4 ConsistencyCheck, 5 Unmask",
         "seconds",
+        SeriesLabelPosition::UpperRight,
         &latency,
         &[],
     )?;

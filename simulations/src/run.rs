@@ -23,13 +23,13 @@ use guild_privacy::ledger::{Budget, Ledger, LedgerEntry};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::federation::{Federation, coordinator_binary};
 use crate::scenario::{ClientMode, Scenario};
 
 /// Ranking quality of one arm on one split.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
     pub users: u64,
     pub recall_at_10: f64,
@@ -44,14 +44,14 @@ impl From<RankingCounts> for Scores {
 }
 
 /// The validation score of the adapter after one round.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RoundPoint {
     pub round: u64,
     pub validation: Scores,
     pub epsilon: f64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ArmResult {
     pub arm: String,
     pub test: Scores,
@@ -72,7 +72,7 @@ pub struct ArmResult {
     pub events: Vec<String>,
 }
 
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunResults {
     pub scenario: String,
     pub description: String,
@@ -511,8 +511,8 @@ fn spawn_client_process(
 ) -> anyhow::Result<std::process::Child> {
     let s = &world.scenario;
     anyhow::ensure!(
-        s.data.max_users.is_none() && s.data.max_merchants.is_none(),
-        "client processes need the whole dataset (no max_users or max_merchants)"
+        s.data.max_users.is_none(),
+        "client processes read the dataset themselves: max_users must not be set"
     );
     let dir = federation.dir.join("merchants");
     let name = &federation.pki.merchants[i].name;
