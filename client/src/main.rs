@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -11,8 +12,9 @@ use guild_client::identity::Identity;
 use guild_client::learner::{ModelLearner, Shared};
 use guild_client::model::lora::LoraConfig;
 use guild_client::model::{BaseModel, default_model_dir};
-use guild_client::net::{Connection, TlsCredentials};
+use guild_client::net::{Connection, NetError, TlsCredentials};
 use guild_client::participant::{Participant, ParticipantOptions};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-client", version, about = "Guild merchant client")]
@@ -53,14 +55,38 @@ fn main() -> ExitCode {
     }
 }
 
-async fn connect(config: &ClientConfig) -> anyhow::Result<Connection> {
-    let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-    Ok(Connection::connect(
-        &config.coordinator,
-        &tls,
-        guild_proto::limits::max_message_bytes(1 << 20, 10_000),
-    )
-    .await?)
+async fn connect(config: &ClientConfig, tls: &TlsCredentials) -> Result<Connection, NetError> {
+    Connection::connect(&config.coordinator, tls, guild_proto::limits::max_message_bytes(1 << 20, 10_000))
+        .await
+}
+
+/// Connects, waiting with exponential backoff (up to a minute between tries) while the
+/// coordinator is down; any other failure is returned.
+async fn connect_with_retry(config: &ClientConfig, tls: &TlsCredentials) -> Result<Connection, NetError> {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match connect(config, tls).await {
+            Err(e) if e.is_transient() => {
+                eprintln!("guild-client: {e}; retrying in {} s", backoff.as_secs());
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A spinner with the elapsed time and what the client is doing; hidden when standard
+/// error is not a terminal (the per-round lines are printed either way).
+fn spinner() -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    bar.set_draw_target(ProgressDrawTarget::stderr());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -68,9 +94,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Register { config } => {
             let config = ClientConfig::load(&config)?;
+            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
             let identity = Identity::load_or_create(&config.identity)?;
             let registered = runtime.block_on(async {
-                let mut connection = connect(&config).await?;
+                let mut connection = connect(&config, &tls).await?;
                 anyhow::Ok(connection.register(&config.display_name, &identity).await?)
             })?;
             println!(
@@ -85,6 +112,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Run { config } => {
             let config = ClientConfig::load(&config)?;
+            // Cheap checks first: a wrong certificate or data file is named before the
+            // model loads.
+            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
             let identity = Arc::new(Identity::load_or_create(&config.identity)?);
             let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
             let users: Vec<usize> = match &config.data.merchant {
@@ -132,24 +162,36 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             runtime.block_on(async {
-                let connection = connect(&config).await?;
+                let connection = connect_with_retry(&config, &tls).await?;
                 let mut participant = Participant::new(connection, identity, Box::new(learner), options);
                 let merchant = participant.register().await?;
                 eprintln!("guild-client: registered as {merchant}; waiting for rounds");
+                let bar = spinner();
+                bar.set_message("waiting for a round");
                 participant
-                    .run(|result| match result {
-                        Ok(r) => eprintln!(
-                            "round {:>4} | adapter v{} | {} | train {:.1} s | secagg {:.2} s | sent {} KiB",
-                            r.round_id,
-                            r.adapter_version,
-                            r.outcome,
-                            r.train_seconds,
-                            r.secagg_seconds,
-                            r.bytes_sent / 1024
-                        ),
-                        Err(e) => eprintln!("round skipped: {e}"),
+                    .run(|result| {
+                        let line = match result {
+                            Ok(r) => {
+                                bar.set_message(format!(
+                                    "last round {} ({}); waiting for the next",
+                                    r.round_id, r.outcome
+                                ));
+                                format!(
+                                    "round {:>4} | adapter v{} | {} | train {:.1} s | secagg {:.2} s | sent {} KiB",
+                                    r.round_id,
+                                    r.adapter_version,
+                                    r.outcome,
+                                    r.train_seconds,
+                                    r.secagg_seconds,
+                                    r.bytes_sent / 1024
+                                )
+                            }
+                            Err(e) => format!("round skipped: {e}"),
+                        };
+                        bar.suspend(|| eprintln!("{line}"));
                     })
                     .await?;
+                bar.finish_and_clear();
                 anyhow::Ok(())
             })
         }

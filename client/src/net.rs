@@ -22,6 +22,8 @@ pub enum NetError {
     BadAddress { address: String, reason: String },
     #[error("reading {path}: {source}")]
     Credentials { path: String, source: std::io::Error },
+    #[error("{path} is not a usable {what}: {reason}")]
+    BadCredentials { path: String, what: &'static str, reason: String },
     #[error("cannot reach the coordinator at {address}: {source}")]
     Unreachable { address: String, source: tonic::transport::Error },
     #[error("the coordinator refused the request: {}: {}", .0.code(), .0.message())]
@@ -59,11 +61,29 @@ pub struct TlsCredentials {
 }
 
 impl TlsCredentials {
+    /// Reads the three PEM files and checks that each holds what it should (a certificate,
+    /// or a private key), so that a wrong file is named at start rather than surfacing as a
+    /// failed TLS handshake.
     pub fn load(ca: &Path, cert: &Path, key: &Path) -> Result<Self, NetError> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| NetError::Credentials { path: p.display().to_string(), source })
+        let read = |p: &Path, what: &'static str, tag_ok: fn(&str) -> bool| {
+            let bytes = std::fs::read(p)
+                .map_err(|source| NetError::Credentials { path: p.display().to_string(), source })?;
+            let bad =
+                |reason: String| NetError::BadCredentials { path: p.display().to_string(), what, reason };
+            let blocks = pem::parse_many(&bytes).map_err(|e| bad(format!("not PEM ({e})")))?;
+            match blocks.first() {
+                None => Err(bad("no PEM block found".into())),
+                Some(b) if !tag_ok(b.tag()) => Err(bad(format!("found a PEM block of type {:?}", b.tag()))),
+                Some(_) => Ok(bytes),
+            }
         };
-        Ok(Self { ca_pem: read(ca)?, cert_pem: read(cert)?, key_pem: read(key)? })
+        let certificate = |tag: &str| tag == "CERTIFICATE";
+        let private_key = |tag: &str| tag.ends_with("PRIVATE KEY");
+        Ok(Self {
+            ca_pem: read(ca, "CA certificate (PEM)", certificate)?,
+            cert_pem: read(cert, "merchant certificate (PEM)", certificate)?,
+            key_pem: read(key, "private key (PEM)", private_key)?,
+        })
     }
 }
 

@@ -7,6 +7,7 @@
 //! ([`crate::learner::ModelLearner`]) or, for load tests, random vectors.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
@@ -64,6 +65,23 @@ pub struct Faults {
     pub drop: [f64; 5],
     pub straggle: f64,
     pub straggle_delay: Duration,
+    /// What was injected, per phase; clones of these faults share one tally.
+    pub injected: Arc<InjectedFaults>,
+}
+
+/// Counts of the faults actually injected, per SecAgg+ phase (0 = AdvertiseKeys).
+#[derive(Debug, Default)]
+pub struct InjectedFaults {
+    pub dropped: [AtomicU64; 5],
+    pub straggled: [AtomicU64; 5],
+}
+
+impl InjectedFaults {
+    /// (dropouts, straggles) per phase so far.
+    pub fn counts(&self) -> ([u64; 5], [u64; 5]) {
+        let read = |a: &[AtomicU64; 5]| std::array::from_fn(|p| a[p].load(Ordering::Relaxed));
+        (read(&self.dropped), read(&self.straggled))
+    }
 }
 
 /// The merchant's own guards and settings.
@@ -300,9 +318,11 @@ impl Participant {
     fn maybe_fault(&mut self, phase: usize) -> Result<Option<Duration>, ParticipantError> {
         let faults = &self.options.faults;
         if faults.drop[phase] > 0.0 && self.rng.gen_bool(faults.drop[phase].min(1.0)) {
+            faults.injected.dropped[phase].fetch_add(1, Ordering::Relaxed);
             return Err(ParticipantError::Dropped(phase));
         }
         if faults.straggle > 0.0 && self.rng.gen_bool(faults.straggle.min(1.0)) {
+            faults.injected.straggled[phase].fetch_add(1, Ordering::Relaxed);
             return Ok(Some(faults.straggle_delay));
         }
         Ok(None)

@@ -114,18 +114,42 @@ fn verdict(results: &RunResults) -> String {
     let (Some(local), Some(dp)) = (local, dp) else { return String::new() };
     let diff = dp.test.mrr - local.test.mrr;
     let rel = 100.0 * diff / local.test.mrr.max(1e-12);
-    if diff > 0.0 {
-        format!("**{}** beats the local-only mean by {:+.4} MRR ({rel:+.1}%).\n", dp.arm, diff)
-    } else {
+    let bound = difference_se_bound(local.test.mrr, dp.test.mrr, results.eval_users);
+    let noise = format!(
+        "On {} test users the standard error of a difference in MRR between two arms is at most {bound:.4} \
+         (each user's reciprocal rank r lies in [0, 1], so its variance is at most E[r] = MRR).",
+        results.eval_users
+    );
+    let fix = format!(
+        "Client-level DP adds noise of standard deviation z·c/cohort to every coordinate of the averaged \
+         update; with an expected cohort of {:.0} it competes with the signal in all {} coordinates. What would \
+         close the gap: larger cohorts (hundreds to thousands of merchants per round, as on a GPU or at platform \
+         scale: the noise shrinks as 1/cohort), more rounds (each round is one server step), and fewer adapter \
+         parameters.",
+        results.expected_cohort, results.adapter_parameters
+    );
+    if diff > 2.0 * bound {
         format!(
-            "**{}** trails the local-only mean by {:.4} MRR ({rel:+.1}%). Client-level DP adds noise of standard \
-             deviation z·c/cohort to every coordinate of the averaged update; with an expected cohort of {:.0} that \
-             noise swamps {} coordinates. What would close the gap: larger cohorts (hundreds to thousands of merchants \
-             per round, as on a GPU or at platform scale: the noise shrinks as 1/cohort), fewer adapter parameters \
-             (lower rank), and more rounds at a smaller sampling rate.\n",
-            dp.arm, -diff, results.expected_cohort, results.adapter_parameters
+            "**{}** beats the local-only mean by {diff:+.4} MRR ({rel:+.1}%), more than twice the bound on its \
+             standard error. {noise}\n",
+            dp.arm
         )
+    } else if diff > 0.0 {
+        format!(
+            "**{}** is ahead of the local-only mean by {diff:+.4} MRR ({rel:+.1}%), which is within noise. {noise} {fix}\n",
+            dp.arm
+        )
+    } else {
+        format!("**{}** trails the local-only mean by {:.4} MRR ({rel:+.1}%). {noise} {fix}\n", dp.arm, -diff)
     }
+}
+
+/// An upper bound on the standard error of the difference of two arms' MRR on `n` users: a
+/// reciprocal rank lies in [0, 1], so its variance is at most its mean, and whatever the
+/// correlation of the two arms, Var(A − B) ≤ (σ_A + σ_B)².
+fn difference_se_bound(mrr_a: f64, mrr_b: f64, n: usize) -> f64 {
+    let n = n.max(1) as f64;
+    (mrr_a / n).sqrt() + (mrr_b / n).sqrt()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -256,4 +280,47 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
         &[],
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_error_bound_holds_for_the_worst_case_of_reciprocal_ranks() {
+        // Reciprocal ranks of 0 or 1 with mean m have variance m(1 − m) ≤ m: the bound's
+        // extreme case. Two arms of n users each, perfectly anti-correlated.
+        let (n, m) = (1000usize, 0.25);
+        let exact = 2.0 * (m * (1.0 - m) / n as f64).sqrt();
+        let bound = difference_se_bound(m, m, n);
+        assert!(bound >= exact, "{bound} < {exact}");
+        assert!((bound - 2.0 * (m / n as f64).sqrt()).abs() < 1e-15);
+    }
+
+    #[test]
+    fn the_verdict_says_within_noise_unless_the_gap_is_large() {
+        let arm = |name: &str, mrr: f64, epsilon: Option<f64>| ArmResult {
+            arm: name.into(),
+            test: crate::run::Scores { mrr, ..Default::default() },
+            epsilon,
+            ..Default::default()
+        };
+        let results = |dp: f64| RunResults {
+            scenario: "t".into(),
+            description: String::new(),
+            machine: String::new(),
+            merchants: 10,
+            dataset_users: 1000,
+            catalogue: 100,
+            eval_users: 1000,
+            expected_cohort: 5.0,
+            adapter_parameters: 10,
+            wall_seconds: 1.0,
+            arms: vec![arm("local-only (mean)", 0.02, None), arm("federated DP ε=8", dp, Some(8.0))],
+        };
+        assert!(verdict(&results(0.021)).contains("within noise"));
+        assert!(verdict(&results(0.019)).contains("trails the local-only mean by 0.0010"));
+        // Here the bound is √(0.02/1000) + √(0.05/1000) ≈ 0.0115: a gap of 0.03 is more than twice it.
+        assert!(verdict(&results(0.05)).contains("beats the local-only mean by +0.0300"));
+    }
 }

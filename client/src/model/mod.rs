@@ -105,12 +105,21 @@ impl BaseModel {
         batch_size: usize,
         adapters: Option<&dyn LowRank>,
     ) -> Result<Tensor, ModelError> {
+        // Batches of texts of similar length pad less (as sentence-transformers does): encode
+        // longest first, then put the rows back in the callers' order.
+        let mut order: Vec<usize> = (0..texts.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(texts[i].len()));
+        let sorted: Vec<&str> = order.iter().map(|&i| texts[i]).collect();
+        let mut position = vec![0i64; texts.len()];
+        for (pos, &i) in order.iter().enumerate() {
+            position[i] = pos as i64;
+        }
         tch::no_grad(|| {
-            let parts = texts
+            let parts = sorted
                 .chunks(batch_size.max(1))
                 .map(|chunk| Ok(self.embed(chunk, adapters)?.to(Device::Cpu)))
                 .collect::<Result<Vec<_>, ModelError>>()?;
-            Ok(Tensor::cat(&parts, 0))
+            Ok(Tensor::cat(&parts, 0).index_select(0, &Tensor::from_slice(&position)))
         })
     }
 }

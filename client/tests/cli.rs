@@ -1,0 +1,135 @@
+//! The `guild-client` binary's errors: each names what is wrong (the file, the line, the
+//! address) and the binary exits non-zero, before any model is loaded or anything is sent.
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs the binary; returns (success, stderr).
+fn client(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_guild-client")).args(args).output().expect("run the binary");
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A merchant folder with a real federation's credentials, a tiny valid dataset and a
+/// config pointing at `coordinator`.
+fn merchant(dir: &Path, coordinator: &str) -> std::path::PathBuf {
+    let pki = guild_coordinator::pki::issue(1).expect("issue certificates");
+    std::fs::write(dir.join("ca.pem"), &pki.ca.cert_pem).expect("write");
+    std::fs::write(dir.join("m.pem"), &pki.merchants[0].cert_pem).expect("write");
+    std::fs::write(dir.join("m.key"), &pki.merchants[0].key_pem).expect("write");
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("mkdir");
+    std::fs::write(
+        data.join("tiny.item"),
+        "item_id:token\ttitle:token_seq\n0\tA game\n1\tAnother game\n2\tA third\n",
+    )
+    .expect("write");
+    let inter = "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\t2\n";
+    std::fs::write(data.join("tiny.test.inter"), inter).expect("write");
+    std::fs::write(
+        data.join("tiny.valid.inter"),
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0\t1\n",
+    )
+    .expect("write");
+    let config = dir.join("merchant.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "coordinator = \"{coordinator}\"\ndisplay_name = \"Shop\"\nidentity = \"m.signing\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"m.pem\"\nkey = \"m.key\"\n[data]\ndataset = \"data\"\n"
+        ),
+    )
+    .expect("write");
+    config
+}
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").port()
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("nope.toml");
+    let (ok, stderr) = client(&["run", "--config", path.to_str().expect("utf-8")]);
+    assert!(!ok);
+    assert!(stderr.contains("nope.toml"), "{stderr}");
+}
+
+#[test]
+fn wrong_credential_files_are_named_before_anything_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = merchant(dir.path(), "https://127.0.0.1:1");
+    let config = config.to_str().expect("utf-8");
+
+    std::fs::write(dir.path().join("m.pem"), "not a certificate").expect("write");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("m.pem") && stderr.contains("merchant certificate"), "{stderr}");
+
+    // The certificate where the key should be.
+    let ca = std::fs::read(dir.path().join("ca.pem")).expect("read");
+    std::fs::write(dir.path().join("m.pem"), &ca).expect("write");
+    std::fs::write(dir.path().join("m.key"), &ca).expect("write");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("m.key") && stderr.contains("CERTIFICATE"), "{stderr}");
+
+    std::fs::remove_file(dir.path().join("ca.pem")).expect("remove");
+    let (ok, stderr) = client(&["register", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("ca.pem"), "{stderr}");
+}
+
+#[test]
+fn a_missing_or_corrupt_data_file_is_named_with_its_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = merchant(dir.path(), "https://127.0.0.1:1");
+    let config = config.to_str().expect("utf-8");
+    let data = dir.path().join("data");
+
+    std::fs::write(
+        data.join("tiny.test.inter"),
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\n",
+    )
+    .expect("write");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("expected 3"), "{stderr}");
+
+    std::fs::write(
+        data.join("tiny.test.inter"),
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 7\t2\n",
+    )
+    .expect("write");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("unknown item id 7"), "{stderr}");
+
+    std::fs::write(
+        data.join("tiny.test.inter"),
+        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\t2\n",
+    )
+    .expect("write");
+    std::fs::remove_file(data.join("tiny.valid.inter")).expect("remove");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("tiny.valid.inter"), "{stderr}");
+
+    std::fs::remove_dir_all(&data).expect("remove");
+    let (ok, stderr) = client(&["run", "--config", config]);
+    assert!(!ok);
+    assert!(stderr.contains("data"), "{stderr}");
+}
+
+#[test]
+fn a_coordinator_that_is_down_is_named_with_its_address() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let address = format!("https://localhost:{}", closed_port());
+    let config = merchant(dir.path(), &address);
+    let (ok, stderr) = client(&["register", "--config", config.to_str().expect("utf-8")]);
+    assert!(!ok);
+    assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&address), "{stderr}");
+}
