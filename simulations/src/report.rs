@@ -76,7 +76,12 @@ pub fn markdown(results: &RunResults) -> String {
     out += "\nTest split (each user's last item). Validation scores (the item before it) are in `results.json`.\n\n";
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
-    for arm in results.arms.iter().filter(|a| !a.events.is_empty() || !a.dropouts.is_empty()) {
+    let eventful: Vec<&ArmResult> =
+        results.arms.iter().filter(|a| !a.events.is_empty() || a.dropouts.values().any(|n| *n > 0)).collect();
+    if eventful.is_empty() {
+        out += "None: this scenario injects no faults.\n";
+    }
+    for arm in eventful {
         out += &format!("- **{}**: ", arm.arm);
         let mut parts = arm.events.clone();
         let dropped: Vec<String> =
