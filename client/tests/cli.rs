@@ -10,6 +10,15 @@ fn client(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Writes a RecBole interaction file: the typed header, then `rows`.
+fn write_inter(path: &Path, rows: &str) {
+    std::fs::write(path, format!("user_id:token\titem_id_list:token_seq\titem_id:token\n{rows}"))
+        .expect("write");
+}
+
+/// The one user of the tiny dataset: history 0 1, test target 2.
+const TEST_ROW: &str = "0\t0 1\t2\n";
+
 /// A merchant folder with a real federation's credentials, a tiny valid dataset and a
 /// config pointing at `coordinator`.
 fn merchant(dir: &Path, coordinator: &str) -> std::path::PathBuf {
@@ -24,13 +33,8 @@ fn merchant(dir: &Path, coordinator: &str) -> std::path::PathBuf {
         "item_id:token\ttitle:token_seq\n0\tA game\n1\tAnother game\n2\tA third\n",
     )
     .expect("write");
-    let inter = "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\t2\n";
-    std::fs::write(data.join("tiny.test.inter"), inter).expect("write");
-    std::fs::write(
-        data.join("tiny.valid.inter"),
-        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0\t1\n",
-    )
-    .expect("write");
+    write_inter(&data.join("tiny.test.inter"), TEST_ROW);
+    write_inter(&data.join("tiny.valid.inter"), "0\t0\t1\n");
     let config = dir.join("merchant.toml");
     std::fs::write(
         &config,
@@ -90,29 +94,17 @@ fn a_missing_or_corrupt_data_file_is_named_with_its_line() {
     let config = config.to_str().expect("utf-8");
     let data = dir.path().join("data");
 
-    std::fs::write(
-        data.join("tiny.test.inter"),
-        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\n",
-    )
-    .expect("write");
+    write_inter(&data.join("tiny.test.inter"), "0\t0 1\n");
     let (ok, stderr) = client(&["run", "--config", config]);
     assert!(!ok);
     assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("expected 3"), "{stderr}");
 
-    std::fs::write(
-        data.join("tiny.test.inter"),
-        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 7\t2\n",
-    )
-    .expect("write");
+    write_inter(&data.join("tiny.test.inter"), "0\t0 7\t2\n");
     let (ok, stderr) = client(&["run", "--config", config]);
     assert!(!ok);
     assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("unknown item id 7"), "{stderr}");
 
-    std::fs::write(
-        data.join("tiny.test.inter"),
-        "user_id:token\titem_id_list:token_seq\titem_id:token\n0\t0 1\t2\n",
-    )
-    .expect("write");
+    write_inter(&data.join("tiny.test.inter"), TEST_ROW);
     std::fs::remove_file(data.join("tiny.valid.inter")).expect("remove");
     let (ok, stderr) = client(&["run", "--config", config]);
     assert!(!ok);
