@@ -426,6 +426,10 @@ async fn federated(
             }
             let (round, phase) = store.open_round_phase()?.unwrap_or_default();
             federation.kill()?;
+            // The daemon's `max_rounds` counts rounds of one run: the restarted daemon runs
+            // only those still owed, or the arm would end with more rounds than planned.
+            federation.config.rounds.max_rounds = f.rounds.saturating_sub(counts.completed).max(1);
+            std::fs::write(federation.config_path(), toml::to_string(&federation.config)?)?;
             events.push(format!(
                 "coordinator SIGKILLed during round {round} ({phase}) after {} committed rounds",
                 counts.completed
