@@ -3,9 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// e.g. `https://127.0.0.1:50051`.
@@ -23,7 +23,7 @@ pub struct ClientConfig {
     pub guards: Guards,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub ca: PathBuf,
@@ -31,7 +31,7 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// A RecBole-format folder (`NAME.item`, `NAME.valid.inter`, `NAME.test.inter`).
@@ -56,7 +56,7 @@ fn default_eval_users() -> usize {
     100
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ModelConfig {
     /// Folder with `model.safetensors` and `tokenizer.json`; the project's venv by default.
@@ -73,7 +73,7 @@ impl Default for ModelConfig {
 }
 
 /// Must equal the coordinator's `[adapter]` section, or tasks are refused.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterSettings {
     pub rank: i64,
@@ -88,7 +88,7 @@ impl Default for AdapterSettings {
 }
 
 /// The merchant's own privacy guards.
-#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Guards {
     /// Refuse rounds whose noise multiplier is below this.

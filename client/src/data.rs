@@ -6,7 +6,9 @@
 //! item_id:token`). For a user with history h1..hn and test target t: the test example is
 //! (h1..hn → t), the validation example (h1..h(n−1) → hn), and training uses the prefixes
 //! (h1..h(k−1) → hk) for 2 ≤ k ≤ n−1. No training example ever has a validation or test
-//! target as its label.
+//! target as its label. Exports whose `item_id_list` RecBole truncated to a maximum length
+//! are accepted: the two files' windows must agree where they overlap, and the longer one
+//! is the history.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -134,6 +136,33 @@ fn read_inter(path: &Path, items: &HashMap<u64, ItemIndex>) -> Result<Rows, Data
     Ok(rows)
 }
 
+/// A user's longest history from the two windows RecBole wrote of one sequence
+/// s1..sN: the test row's history ends at s(N−1) (its target is sN), the validation row's
+/// history plus its target ends there too. Without truncation the validation window is the
+/// test history minus its last item; RecBole truncates `item_id_list` to a maximum length
+/// (50 by default), so for a long sequence the validation window starts one item earlier.
+/// Either way one window must be a suffix of the other (they agree where they overlap);
+/// the longer one is the history. `None` if they disagree.
+fn reconcile(
+    test_history: Vec<ItemIndex>,
+    valid_history: &[ItemIndex],
+    valid_target: ItemIndex,
+) -> Option<Vec<ItemIndex>> {
+    let mut valid_window = Vec::with_capacity(valid_history.len() + 1);
+    valid_window.extend_from_slice(valid_history);
+    valid_window.push(valid_target);
+    if test_history.len() < 2 {
+        return None;
+    }
+    if test_history.ends_with(&valid_window) {
+        Some(test_history)
+    } else if valid_window.ends_with(&test_history) {
+        Some(valid_window)
+    } else {
+        None
+    }
+}
+
 impl Dataset {
     /// Loads the dataset in `dir` (the single `NAME.item` there names it).
     pub fn load(dir: &Path) -> Result<Self, DataError> {
@@ -166,20 +195,22 @@ impl Dataset {
 
         let mut users = Vec::with_capacity(test.len());
         for (line, id, history, test_target) in test {
-            // The validation file must be the test history minus its last item.
-            if let Some((vline, vhistory, vtarget)) = valid.get(&id) {
-                let n = history.len();
-                if n < 2 || vhistory[..] != history[..n - 1] || *vtarget != history[n - 1] {
-                    return Err(line_error(
-                        &valid_path,
-                        *vline,
-                        format!(
-                            "user {id} disagrees with {}:{line} (expected its history minus the last item)",
-                            test_path.display()
-                        ),
-                    ));
+            let history = match valid.get(&id) {
+                None => history,
+                Some((vline, vhistory, vtarget)) => {
+                    reconcile(history, vhistory, *vtarget).ok_or_else(|| {
+                        line_error(
+                            &valid_path,
+                            *vline,
+                            format!(
+                                "user {id} disagrees with {}:{line} (expected its history minus the last item, \
+                                 or a window of the same sequence that ends where the test history ends)",
+                                test_path.display()
+                            ),
+                        )
+                    })?
                 }
-            }
+            };
             users.push(User { id, history, test_target });
         }
         Ok(Self { name, titles, users })
@@ -388,6 +419,61 @@ mod tests {
             "T.item:3: item id 10 appears twice",
         );
         check_error(|d| std::fs::remove_file(d.join("T.item")).expect("rm"), "no *.item file");
+    }
+
+    /// A generated dataset written as RecBole writes it with `MAX_ITEM_LIST_LENGTH = max`:
+    /// each row's `item_id_list` is the last `max` items before its target.
+    fn truncated_export(dir: &Path, sequences: &[Vec<u64>], max: usize) {
+        let items: String = (100..130).map(|i| format!("{i}\tItem {i} - PC\n")).collect();
+        write(dir, "R.item", &format!("{ITEM_HEADER}\n{items}"));
+        let row = |user: usize, seq: &[u64], end: usize| {
+            let window = &seq[end.saturating_sub(max)..end];
+            let list: Vec<String> = window.iter().map(u64::to_string).collect();
+            format!("{user}\t{}\t{}\n", list.join(" "), seq[end])
+        };
+        let (mut test, mut valid) = (format!("{INTER_HEADER}\n"), format!("{INTER_HEADER}\n"));
+        for (user, seq) in sequences.iter().enumerate() {
+            test += &row(user, seq, seq.len() - 1);
+            valid += &row(user, seq, seq.len() - 2);
+        }
+        write(dir, "R.test.inter", &test);
+        write(dir, "R.valid.inter", &valid);
+    }
+
+    #[test]
+    fn truncated_sliding_windows_are_accepted_and_the_longest_history_rebuilt() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Sequences of 3, 5, 6 and 9 items, truncated to 4: the first two fit, the last two
+        // are cut, so their validation window starts one item before the test window.
+        let sequences: Vec<Vec<u64>> = [3u64, 5, 6, 9]
+            .iter()
+            .enumerate()
+            .map(|(u, &n)| (0..n).map(|k| 100 + (u as u64 * 7 + k) % 30).collect())
+            .collect();
+        truncated_export(dir.path(), &sequences, 4);
+        let data = Dataset::load(dir.path()).expect("truncated windows that agree are accepted");
+        let id = |item: u64| (item - 100) as ItemIndex;
+        for (user, seq) in data.users.iter().zip(&sequences) {
+            let n = seq.len();
+            // The longest window: the validation row's (max + 1 items) when truncated.
+            let expected: Vec<ItemIndex> =
+                seq[(n - 1).saturating_sub(5)..n - 1].iter().map(|&i| id(i)).collect();
+            assert_eq!(user.history, expected, "user {}", user.id);
+            assert_eq!(user.test_target, id(seq[n - 1]));
+            let v = user.validation_example().expect("validation");
+            assert_eq!(v.target, id(seq[n - 2]), "the validation target is the item before the test target");
+        }
+        assert_eq!(data.users[3].history.len(), 5, "9 items truncated to 4 rebuild 5 of the history");
+
+        // Windows that disagree where they overlap are still refused.
+        let mut bad = sequences.clone();
+        truncated_export(dir.path(), &bad, 4);
+        let valid = std::fs::read_to_string(dir.path().join("R.valid.inter")).expect("read");
+        bad[3][5] = 129;
+        truncated_export(dir.path(), &bad, 4);
+        write(dir.path(), "R.valid.inter", &valid);
+        let error = Dataset::load(dir.path()).expect_err("disagreeing windows").to_string();
+        assert!(error.contains("R.valid.inter:5: user 3 disagrees"), "{error}");
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! The real learner: MiniLM with FFA-LoRA adapters, trained on one merchant's shoppers.
+//! Local training behind one trait, [`Learner`], and its two implementations: the real
+//! learner, [`ModelLearner`] (MiniLM with FFA-LoRA adapters, trained on one merchant's
+//! shoppers), and [`RandomLearner`] (random updates of a given norm, for load tests).
+//!
 //! Simulated merchants share one loaded base model and one catalogue embedding behind a
 //! mutex (libtorch tensors are `Send` but not `Sync`, and two CPU cores gain nothing from
 //! training two merchants at once); each merchant has its own adapters.
@@ -6,13 +9,50 @@
 use std::sync::{Arc, Mutex};
 
 use guild_proto::domain::{AdapterManifest, RoundTask};
+use rand::Rng;
+use rand_chacha::ChaCha20Rng;
 use tch::Tensor;
 
 use crate::data::{Dataset, User};
 use crate::model::BaseModel;
 use crate::model::lora::{Adapters, LoraConfig};
-use crate::participant::Learner;
 use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
+
+/// Local training and evaluation, however it is done.
+pub trait Learner: Send + 'static {
+    /// The adapter this learner trains; a task for another adapter is refused.
+    fn manifest(&self) -> AdapterManifest;
+    /// Trains from the global adapter `global` and returns the update
+    /// Δ = B_local − B_global (unclipped: the caller clips and encodes it).
+    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>>;
+    /// Evaluates adapter values on this merchant's validation data.
+    fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>>;
+}
+
+/// Random updates of a given norm: for load tests without a model.
+#[derive(Debug)]
+pub struct RandomLearner {
+    pub manifest: AdapterManifest,
+    pub norm: f64,
+    pub rng: ChaCha20Rng,
+}
+
+impl Learner for RandomLearner {
+    fn manifest(&self) -> AdapterManifest {
+        self.manifest.clone()
+    }
+
+    fn train(&mut self, _: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        let mut x: Vec<f32> = (0..global.len()).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
+        Ok(x)
+    }
+
+    fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
+        Ok(None)
+    }
+}
 
 /// What every simulated merchant shares, read-only.
 #[derive(Debug)]
@@ -54,7 +94,7 @@ impl ModelLearner {
             .collect();
         rand::seq::SliceRandom::shuffle(
             eval.as_mut_slice(),
-            &mut <rand_chacha::ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed),
+            &mut <ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed),
         );
         eval.truncate(eval_users);
         drop(guard);
@@ -95,7 +135,7 @@ impl Learner for ModelLearner {
         self.adapters.set_flat(values)?;
         let shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let users = users(&shared.dataset, &self.eval_users);
-        let counts = retrieval::evaluate(
+        let (counts, _) = retrieval::evaluate_ranks(
             &shared.base,
             Some(&self.adapters),
             &shared.dataset,

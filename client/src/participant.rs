@@ -4,85 +4,24 @@
 //! other code path that sends it.
 //!
 //! Training is behind [`Learner`], so the same loop runs the real model
-//! ([`crate::learner::ModelLearner`]) or, for load tests, random vectors.
+//! ([`crate::learner::ModelLearner`]) or, for load tests, [`crate::learner::RandomLearner`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
 use guild_privacy::dp::{DdgParams, RandomRotation};
-use guild_privacy::secagg::{RoundConfig, client as secagg};
-use guild_proto::domain::{AdapterManifest, MerchantId, MetricsReport, RoundTask, Task};
-use rand::{Rng, SeedableRng};
+use guild_privacy::secagg::{Phase, RoundConfig, client as secagg};
+use guild_proto::domain::{MerchantId, MetricsReport, RoundTask, Task};
+use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
+pub use crate::faults::Faults;
+use crate::faults::Injected;
 use crate::identity::Identity;
+pub use crate::learner::Learner;
 use crate::net::{Connection, NetError};
 use crate::retrieval::RankingCounts;
-
-/// Local training and evaluation, however it is done.
-pub trait Learner: Send + 'static {
-    /// The adapter this learner trains; a task for another adapter is refused.
-    fn manifest(&self) -> AdapterManifest;
-    /// Trains from the global adapter `global` and returns the update
-    /// Δ = B_local − B_global (unclipped: the caller clips and encodes it).
-    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>>;
-    /// Evaluates adapter values on this merchant's validation data.
-    fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>>;
-}
-
-/// Random updates of a given norm: for load tests without a model.
-#[derive(Debug)]
-pub struct RandomLearner {
-    pub manifest: AdapterManifest,
-    pub norm: f64,
-    pub rng: ChaCha20Rng,
-}
-
-impl Learner for RandomLearner {
-    fn manifest(&self) -> AdapterManifest {
-        self.manifest.clone()
-    }
-
-    fn train(&mut self, _: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        let mut x: Vec<f32> = (0..global.len()).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
-        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-        x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
-        Ok(x)
-    }
-
-    fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
-        Ok(None)
-    }
-}
-
-/// Faults to inject (simulations and tests only): the client abandons the round before
-/// sending phase p's message with probability `drop[p]`, or sleeps `straggle_delay`
-/// before sending it with probability `straggle`.
-#[derive(Clone, Debug, Default)]
-pub struct Faults {
-    pub drop: [f64; 5],
-    pub straggle: f64,
-    pub straggle_delay: Duration,
-    /// What was injected, per phase; clones of these faults share one tally.
-    pub injected: Arc<InjectedFaults>,
-}
-
-/// Counts of the faults actually injected, per SecAgg+ phase (0 = AdvertiseKeys).
-#[derive(Debug, Default)]
-pub struct InjectedFaults {
-    pub dropped: [AtomicU64; 5],
-    pub straggled: [AtomicU64; 5],
-}
-
-impl InjectedFaults {
-    /// (dropouts, straggles) per phase so far.
-    pub fn counts(&self) -> ([u64; 5], [u64; 5]) {
-        let read = |a: &[AtomicU64; 5]| std::array::from_fn(|p| a[p].load(Ordering::Relaxed));
-        (read(&self.dropped), read(&self.straggled))
-    }
-}
 
 /// The merchant's own guards and settings.
 #[derive(Clone, Debug)]
@@ -116,12 +55,31 @@ impl Default for ParticipantOptions {
     }
 }
 
+/// How a round this client took part in ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoundOutcome {
+    /// The coordinator committed a new adapter from the round.
+    Committed,
+    /// The round aborted after this client's last message (too few survivors, say).
+    Aborted,
+}
+
+impl std::fmt::Display for RoundOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+        })
+    }
+}
+
 /// What happened in one round, for progress lines and reports.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct RoundReport {
     pub round_id: u64,
     pub adapter_version: u64,
-    pub outcome: String,
+    pub outcome: RoundOutcome,
     pub train_seconds: f64,
     pub secagg_seconds: f64,
     pub bytes_sent: u64,
@@ -141,7 +99,36 @@ pub enum ParticipantError {
     #[error("local training: {0}")]
     Training(String),
     #[error("injected fault: dropped out before phase {0}")]
-    Dropped(usize),
+    Dropped(Phase),
+}
+
+/// One stretch of time during which the coordinator could not be reached: logged once when
+/// it starts and once when it ends (a restart of the coordinator would otherwise log a line
+/// per client per retry), each retry in between only at debug level.
+#[derive(Debug, Default)]
+struct Outage {
+    since: Option<(Instant, u32)>,
+}
+
+impl Outage {
+    fn failed(&mut self, error: &NetError, what: &str) {
+        match &mut self.since {
+            None => {
+                tracing::info!(%error, what, "coordinator unavailable; retrying with backoff");
+                self.since = Some((Instant::now(), 1));
+            }
+            Some((_, attempts)) => {
+                *attempts += 1;
+                tracing::debug!(%error, what, attempts = *attempts, "coordinator still unavailable");
+            }
+        }
+    }
+
+    fn recovered(&mut self) {
+        if let Some((since, attempts)) = self.since.take() {
+            tracing::info!(attempts, seconds = since.elapsed().as_secs_f64(), "coordinator reachable again");
+        }
+    }
 }
 
 /// A merchant client: its connection, identity, learner and the adapter it last fetched.
@@ -188,15 +175,17 @@ impl Participant {
     /// Registers, retrying with exponential backoff while the coordinator is unreachable.
     pub async fn register(&mut self) -> Result<MerchantId, ParticipantError> {
         let mut backoff = Duration::from_millis(100);
+        let mut outage = Outage::default();
         loop {
             match self.connection.register(&self.options.display_name, &self.identity).await {
                 Ok(registered) => {
+                    outage.recovered();
                     self.federation_id = registered.federation_id;
                     self.merchant_id = Some(registered.merchant_id.clone());
                     return Ok(registered.merchant_id);
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, ?backoff, "coordinator unavailable; retrying registration");
+                    outage.failed(&e, "registration");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                 }
@@ -216,6 +205,7 @@ impl Participant {
             None => self.register().await?,
         };
         let mut backoff = Duration::from_millis(100);
+        let mut outage = Outage::default();
         let mut attempted = 0u64;
         loop {
             if self.options.max_rounds > 0 && attempted >= self.options.max_rounds {
@@ -223,10 +213,12 @@ impl Participant {
             }
             let task = match self.connection.get_task(&merchant, self.options.poll).await {
                 Ok(Task::Round(task)) => {
+                    outage.recovered();
                     backoff = Duration::from_millis(100);
                     task
                 }
                 Ok(Task::Wait { retry_after, .. }) => {
+                    outage.recovered();
                     backoff = Duration::from_millis(100);
                     tokio::time::sleep(retry_after.min(Duration::from_secs(5))).await;
                     continue;
@@ -237,7 +229,7 @@ impl Participant {
                     continue;
                 }
                 Err(e) if e.is_transient() => {
-                    tracing::warn!(error = %e, ?backoff, "coordinator unavailable; retrying");
+                    outage.failed(&e, "task poll");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.options.max_backoff);
                     continue;
@@ -251,7 +243,7 @@ impl Participant {
             }
             on_round(&result);
             if let Ok(report) = &result
-                && report.outcome == "committed"
+                && report.outcome == RoundOutcome::Committed
                 && let Err(e) = self.evaluate_latest().await
             {
                 tracing::warn!(error = %e, "evaluation of the new adapter failed");
@@ -315,24 +307,16 @@ impl Participant {
         Ok(values)
     }
 
-    fn maybe_fault(&mut self, phase: usize) -> Result<Option<Duration>, ParticipantError> {
-        let faults = &self.options.faults;
-        if faults.drop[phase] > 0.0 && self.rng.gen_bool(faults.drop[phase].min(1.0)) {
-            faults.injected.dropped[phase].fetch_add(1, Ordering::Relaxed);
-            return Err(ParticipantError::Dropped(phase));
+    /// Injects the simulation's fault, if any, before `phase`'s message.
+    async fn fault(&mut self, phase: Phase) -> Result<(), ParticipantError> {
+        match self.options.faults.roll(phase, &mut self.rng) {
+            Injected::None => Ok(()),
+            Injected::Drop => Err(ParticipantError::Dropped(phase)),
+            Injected::Straggle(delay) => {
+                tokio::time::sleep(delay).await;
+                Ok(())
+            }
         }
-        if faults.straggle > 0.0 && self.rng.gen_bool(faults.straggle.min(1.0)) {
-            faults.injected.straggled[phase].fetch_add(1, Ordering::Relaxed);
-            return Ok(Some(faults.straggle_delay));
-        }
-        Ok(None)
-    }
-
-    async fn fault(&mut self, phase: usize) -> Result<(), ParticipantError> {
-        if let Some(delay) = self.maybe_fault(phase)? {
-            tokio::time::sleep(delay).await;
-        }
-        Ok(())
     }
 
     /// One round: check, fetch, train, privatise, SecAgg+.
@@ -385,24 +369,24 @@ impl Participant {
         let signing = identity.key_pair();
         let mut bytes_sent = 0u64;
 
-        self.fault(0).await?;
+        self.fault(Phase::AdvertiseKeys).await?;
         let (state, keys) = secagg::start(config, s.my_index, signing, &mut os_rng)?;
         let roster = self.connection.advertise_keys(keys, timeout).await?;
         bytes_sent += 200;
         let (state, shares) = state.on_roster(roster, &task.cohort, &mut os_rng)?;
-        self.fault(1).await?;
+        self.fault(Phase::ShareKeys).await?;
         bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16).sum::<u64>();
         let inbox = self.connection.share_keys(shares, timeout).await?;
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
-        self.fault(2).await?;
+        self.fault(Phase::MaskedInput).await?;
         bytes_sent += 4 * masked.masked.len() as u64;
         let survivors = self.connection.masked_input(masked, timeout).await?;
         let (state, check) = state.on_survivors(survivors, signing)?;
-        self.fault(3).await?;
+        self.fault(Phase::ConsistencyCheck).await?;
         bytes_sent += 100;
         let signatures = self.connection.consistency_check(check, timeout).await?;
         let unmask = state.on_signatures(signatures, &task.cohort)?;
-        self.fault(4).await?;
+        self.fault(Phase::Unmask).await?;
         bytes_sent += unmask
             .self_mask_shares
             .iter()
@@ -413,7 +397,7 @@ impl Participant {
         Ok(RoundReport {
             round_id: task.binding.round_id,
             adapter_version: task.adapter_version,
-            outcome: if accepted { "committed" } else { "aborted" }.into(),
+            outcome: if accepted { RoundOutcome::Committed } else { RoundOutcome::Aborted },
             train_seconds,
             secagg_seconds: secagg_started.elapsed().as_secs_f64(),
             bytes_sent,

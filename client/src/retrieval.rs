@@ -13,7 +13,9 @@ use tch::{Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::data::{Dataset, Example, ItemIndex, User};
 use crate::model::lora::Adapters;
+use crate::model::tower::{Tower, normalise, zero_shot_scores};
 use crate::model::{BaseModel, ModelError};
+use guild_proto::tower::TowerShape;
 
 /// Hyper-parameters of local training.
 #[derive(Clone, Debug, PartialEq)]
@@ -104,6 +106,39 @@ pub struct TrainReport {
     pub last_loss: f64,
 }
 
+/// Shuffled batches over `examples`, reshuffled (with `rng`) each time an epoch runs out.
+struct Batches<'e, 'a> {
+    examples: &'e mut [Example<'a>],
+    size: usize,
+    cursor: usize,
+    rng: ChaCha20Rng,
+}
+
+impl<'e, 'a> Batches<'e, 'a> {
+    fn new(examples: &'e mut [Example<'a>], size: usize, seed: u64) -> Self {
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        examples.shuffle(&mut rng);
+        Self { examples, size, cursor: 0, rng }
+    }
+
+    fn next_batch(&mut self) -> &[Example<'a>] {
+        if self.cursor + self.size > self.examples.len() {
+            self.examples.shuffle(&mut self.rng);
+            self.cursor = 0;
+        }
+        let start = self.cursor;
+        self.cursor = (start + self.size).min(self.examples.len());
+        &self.examples[start..self.cursor]
+    }
+}
+
+/// AdamW without weight decay over every variable of `vs`.
+fn adam_w(vs: &nn::VarStore, learning_rate: f64) -> Result<nn::Optimizer, ModelError> {
+    nn::AdamW { wd: 0.0, ..Default::default() }
+        .build(vs, learning_rate)
+        .map_err(|e| ModelError::AdapterShape(format!("optimizer: {e}")))
+}
+
 /// Trains `adapters` on the training examples of `users` (in-batch softmax, AdamW on the
 /// adapter variables only), deterministically for a seed on the CPU.
 pub fn train(
@@ -131,20 +166,14 @@ pub fn train(
     }
     let total: f32 = frequency.iter().sum();
     let log_q = Tensor::from_slice(&frequency.iter().map(|f| (f / total).ln()).collect::<Vec<_>>());
-    let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }
-        .build(adapters.var_store(), config.learning_rate)
-        .map_err(|e| ModelError::AdapterShape(format!("optimizer: {e}")))?;
+    let mut optimizer = adam_w(adapters.var_store(), config.learning_rate)?;
     let device = base.device();
     let progress = progress_bar(config.steps as u64, "training");
     let (mut first, mut last) = (f64::NAN, f64::NAN);
-    let mut cursor = 0;
+    let example_count = examples.len();
+    let mut batches = Batches { examples: &mut examples, size: config.batch_size, cursor: 0, rng };
     for step in 0..config.steps {
-        if cursor + config.batch_size > examples.len() {
-            examples.shuffle(&mut rng);
-            cursor = 0;
-        }
-        let batch = &examples[cursor..(cursor + config.batch_size).min(examples.len())];
-        cursor += batch.len();
+        let batch = batches.next_batch();
         let queries: Vec<String> =
             batch.iter().map(|e| query_text(dataset, e.history, config.history_items)).collect();
         let query_refs: Vec<&str> = queries.iter().map(String::as_str).collect();
@@ -169,7 +198,7 @@ pub fn train(
         progress.inc(1);
     }
     progress.finish_and_clear();
-    Ok(TrainReport { steps: config.steps, examples: examples.len(), first_loss: first, last_loss: last })
+    Ok(TrainReport { steps: config.steps, examples: example_count, first_loss: first, last_loss: last })
 }
 
 /// Sums of ranking metrics over users (sums, so they add up across merchants).
@@ -226,7 +255,11 @@ pub enum Split {
 /// items except those already in the user's history (the standard full-ranking protocol;
 /// in the Amazon Games data no target repeats a history item); rank = 1 + the number of
 /// items scored strictly higher.
-pub fn evaluate(
+///
+/// Returns the summed counts and each evaluated user's rank of its held-out item
+/// (1-based, in the order of `users`, skipping users without an example of `split`), for
+/// paired comparisons between arms evaluated on the same users.
+pub fn evaluate_ranks(
     base: &BaseModel,
     adapters: Option<&Adapters>,
     dataset: &Dataset,
@@ -234,15 +267,10 @@ pub fn evaluate(
     items: &Tensor,
     split: Split,
     history_items: usize,
-) -> Result<RankingCounts, ModelError> {
-    let examples: Vec<Example<'_>> = users
-        .iter()
-        .filter_map(|u| match split {
-            Split::Validation => u.validation_example(),
-            Split::Test => Some(u.test_example()),
-        })
-        .collect();
+) -> Result<(RankingCounts, Vec<u32>), ModelError> {
+    let examples = held_out(users, split);
     let mut counts = RankingCounts::default();
+    let mut all_ranks = Vec::with_capacity(examples.len());
     let progress = progress_bar(examples.len() as u64, "evaluating");
     for chunk in examples.chunks(64) {
         let queries: Vec<String> =
@@ -250,32 +278,119 @@ pub fn evaluate(
         let refs: Vec<&str> = queries.iter().map(String::as_str).collect();
         let q = base.embed_all(&refs, 64, adapters.map(|a| a as &dyn crate::model::bert::LowRank))?;
         let scores = q.matmul(&items.tr()); // [batch, catalogue], CPU
-        for (row, example) in chunk.iter().enumerate() {
-            let seen: Vec<i64> =
-                example.history.iter().filter(|&&i| i != example.target).map(|&i| i64::from(i)).collect();
-            let _ = scores.get(row as i64).index_fill_(0, &Tensor::from_slice(&seen), f64::NEG_INFINITY);
-        }
-        let targets = Tensor::from_slice(&chunk.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
-        let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
-        let ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
-        let log_p = (&scores / EVALUATION_TEMPERATURE).log_softmax(1, Kind::Double).gather(
-            1,
-            &targets.unsqueeze(1),
-            false,
-        );
-        counts.cross_entropy_sum -= f64::try_from(log_p.sum(Kind::Double)).expect("a scalar");
-        for rank in Vec::<i64>::try_from(&ranks).expect("int64 ranks") {
-            counts.users += 1;
-            counts.reciprocal_rank_sum += 1.0 / rank as f64;
-            if rank <= 10 {
-                counts.hits_at_10 += 1;
-                counts.ndcg_at_10_sum += 1.0 / ((rank + 1) as f64).log2();
-            }
-        }
+        rank_rows(&scores, chunk, &mut counts, &mut all_ranks);
         progress.inc(chunk.len() as u64);
     }
     progress.finish_and_clear();
-    Ok(counts)
+    Ok((counts, all_ranks))
+}
+
+/// Ranks each example's target in its row of `scores` (`[batch, catalogue]`), with the
+/// items already in its history excluded, and adds the row to `counts` and `ranks`.
+fn rank_rows(scores: &Tensor, examples: &[Example<'_>], counts: &mut RankingCounts, ranks: &mut Vec<u32>) {
+    let scores = scores.to(tch::Device::Cpu);
+    for (row, example) in examples.iter().enumerate() {
+        let seen: Vec<i64> =
+            example.history.iter().filter(|&&i| i != example.target).map(|&i| i64::from(i)).collect();
+        let _ = scores.get(row as i64).index_fill_(0, &Tensor::from_slice(&seen), f64::NEG_INFINITY);
+    }
+    let targets = Tensor::from_slice(&examples.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
+    let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
+    let row_ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
+    let log_p = (&scores / EVALUATION_TEMPERATURE).log_softmax(1, Kind::Double).gather(
+        1,
+        &targets.unsqueeze(1),
+        false,
+    );
+    counts.cross_entropy_sum -= f64::try_from(log_p.sum(Kind::Double)).expect("a scalar");
+    for rank in Vec::<i64>::try_from(&row_ranks).expect("int64 ranks") {
+        ranks.push(u32::try_from(rank).unwrap_or(u32::MAX));
+        counts.users += 1;
+        counts.reciprocal_rank_sum += 1.0 / rank as f64;
+        if rank <= 10 {
+            counts.hits_at_10 += 1;
+            counts.ndcg_at_10_sum += 1.0 / ((rank + 1) as f64).log2();
+        }
+    }
+}
+
+/// The examples of `split` of each user (users without one are skipped).
+fn held_out<'a>(users: &[&'a User], split: Split) -> Vec<Example<'a>> {
+    users
+        .iter()
+        .filter_map(|u| match split {
+            Split::Validation => u.validation_example(),
+            Split::Test => Some(u.test_example()),
+        })
+        .collect()
+}
+
+/// Full-catalogue evaluation of the sequence tower (as [`evaluate_ranks`]); `None`: the
+/// zero-shot ranker of `shape`, the mean of the last five item vectors.
+pub fn evaluate_tower(
+    shape: &TowerShape,
+    tower: Option<&Tower>,
+    users: &[&User],
+    items: &Tensor,
+    split: Split,
+) -> (RankingCounts, Vec<u32>) {
+    let examples = held_out(users, split);
+    let mut counts = RankingCounts::default();
+    let mut ranks = Vec::with_capacity(examples.len());
+    tch::no_grad(|| {
+        let adapted = tower.map(|t| t.adapt_items(items));
+        for chunk in examples.chunks(256) {
+            let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
+            let scores = match (tower, &adapted) {
+                (Some(t), Some(adapted)) => {
+                    normalise(&t.shoppers(adapted, &histories)).matmul(&normalise(adapted).tr())
+                }
+                _ => zero_shot_scores(items, &histories, shape),
+            };
+            rank_rows(&scores, chunk, &mut counts, &mut ranks);
+        }
+    });
+    (counts, ranks)
+}
+
+/// Trains the sequence tower on the training prefixes of `users`: full softmax over the
+/// whole catalogue at temperature τ, AdamW on every tower variable, `config.steps` batches
+/// of `config.batch_size` prefixes (reshuffled each epoch), deterministic for a seed.
+pub fn train_tower(
+    tower: &Tower,
+    users: &[&User],
+    items: &Tensor,
+    config: &TrainConfig,
+) -> Result<TrainReport, ModelError> {
+    let mut examples: Vec<Example<'_>> = users.iter().flat_map(|u| u.training_examples()).collect();
+    if examples.is_empty() || config.steps == 0 {
+        return Ok(TrainReport {
+            steps: 0,
+            examples: examples.len(),
+            first_loss: f64::NAN,
+            last_loss: f64::NAN,
+        });
+    }
+    tch::manual_seed(config.seed as i64);
+    let mut optimizer = adam_w(tower.var_store(), config.learning_rate)?;
+    let items = items.to(tower.var_store().device());
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let example_count = examples.len();
+    let mut batches = Batches::new(&mut examples, config.batch_size, config.seed);
+    for step in 0..config.steps {
+        let batch = batches.next_batch();
+        let histories: Vec<&[ItemIndex]> = batch.iter().map(|e| e.history).collect();
+        let targets = Tensor::from_slice(&batch.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>())
+            .to(items.device());
+        let logits = tower.scores(&items, &histories) / config.temperature;
+        let loss = logits.cross_entropy_for_logits(&targets);
+        optimizer.backward_step(&loss);
+        last = loss.double_value(&[]);
+        if step == 0 {
+            first = last;
+        }
+    }
+    Ok(TrainReport { steps: config.steps, examples: example_count, first_loss: first, last_loss: last })
 }
 
 /// A seeded sample of at most `n` users (all of them if `n` is larger).

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guild_privacy::PrivacyMode;
+use guild_privacy::secagg::Phase;
 use guild_proto::domain::{AdapterManifest, ManifestTensor};
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +39,7 @@ pub struct ServerConfig {
 }
 
 fn default_base_model() -> String {
-    "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db".into()
+    guild_proto::domain::BASE_MODEL_SHA256.into()
 }
 
 /// PEM files of the federation's CA, and the coordinator's certificate and key.
@@ -95,7 +96,7 @@ pub struct RoundsConfig {
     pub neighbours: u32,
     /// Deadlines of the five SecAgg+ phases, in milliseconds from the phase's start. The
     /// first covers fetching the task and local training.
-    pub phase_deadlines_ms: [u64; 5],
+    pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// Rounds to run before idling; 0 for no limit.
     pub max_rounds: u64,
     /// Pause between rounds.
@@ -336,8 +337,8 @@ impl Config {
         })
     }
 
-    pub fn phase_deadline(&self, phase: usize) -> Duration {
-        Duration::from_millis(self.rounds.phase_deadlines_ms[phase])
+    pub fn phase_deadline(&self, phase: Phase) -> Duration {
+        Duration::from_millis(self.rounds.phase_deadlines_ms[phase.index()])
     }
 }
 

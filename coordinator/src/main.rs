@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand};
 use guild_coordinator::config::Config;
 use guild_coordinator::daemon;
 use guild_coordinator::store::Store;
-use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
+use guild_privacy::ledger::{Budget, Ledger};
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-coordinator", version, about = "Guild federated-learning coordinator")]
@@ -119,10 +119,12 @@ fn delta(s: &str) -> Result<f64, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Colours only on a terminal: the daemon's log usually goes to a file or a journal.
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run(cli) {
@@ -174,16 +176,10 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
     let store = Store::open(&config.server.store)?;
     let counts = store.round_counts()?;
     let budget = Budget { epsilon: config.privacy.epsilon_budget, delta: config.privacy.delta };
-    let entries = store
-        .ledger()?
-        .into_iter()
-        .map(|(round_id, json)| {
-            Ok(LedgerEntry { round_id, event: serde_json::from_str::<PrivacyEvent>(&json)? })
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let spent = Ledger::new(budget, entries)?.spent()?;
+    let spent = Ledger::new(budget, store.ledger()?)?.spent()?;
     let phase = match store.open_round_phase()? {
-        Some((round, phase)) => format!("round {round}: {phase}"),
+        Some((round, Some(phase))) => format!("round {round}: {phase}"),
+        Some((round, None)) => format!("round {round}: committing"),
         None => "idle".to_owned(),
     };
     Ok(serde_json::json!({

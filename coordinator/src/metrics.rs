@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use guild_privacy::secagg::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -103,8 +104,8 @@ impl Metrics {
         }
     }
 
-    pub fn observe_phase(&self, phase: &str, latency: Duration, dropped: usize) {
-        let label = PhaseLabel { phase: phase.to_owned() };
+    pub fn observe_phase(&self, phase: Phase, latency: Duration, dropped: usize) {
+        let label = PhaseLabel { phase: phase.name().to_owned() };
         self.phase_seconds.get_or_create(&label).observe(latency.as_secs_f64());
         self.dropouts.get_or_create(&label).inc_by(dropped as u64);
     }
@@ -163,7 +164,7 @@ mod tests {
     fn exposition_names_every_metric() {
         let metrics = Metrics::new();
         metrics.rounds_completed.inc();
-        metrics.observe_phase("MaskedInput", Duration::from_millis(20), 2);
+        metrics.observe_phase(Phase::MaskedInput, Duration::from_millis(20), 2);
         metrics.epsilon_spent.set(1.5);
         metrics.received("MaskedInput", 1024);
         let text = metrics.encode();

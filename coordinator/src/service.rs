@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use guild_privacy::secagg::Phase;
 use guild_proto::WireMessage as Message;
 use guild_proto::convert;
 use guild_proto::domain::{
@@ -149,9 +150,10 @@ impl CoordinatorService {
     async fn phase<T: Message>(
         &self,
         request: Request<T>,
-        rpc: &'static str,
+        phase: Phase,
         convert: impl FnOnce(T) -> Result<PhaseMessage, guild_proto::WireError>,
     ) -> Result<(String, PhaseOutput), Status> {
+        let rpc = phase.name();
         let merchant = self.caller(&request)?;
         let message = request.into_inner();
         let metrics = &self.core.engine.metrics;
@@ -211,7 +213,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::AdvertiseKeysRequest>,
     ) -> Result<Response<v1::AdvertiseKeysResponse>, Status> {
-        match self.phase(request, "AdvertiseKeys", |m| m.try_into().map(PhaseMessage::Keys)).await? {
+        match self.phase(request, Phase::AdvertiseKeys, |m| m.try_into().map(PhaseMessage::Keys)).await? {
             (_, PhaseOutput::Roster(roster)) => Ok(Response::new(convert::roster_to_wire(roster))),
             (_, other) => Err(unexpected(&other)),
         }
@@ -221,7 +223,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::ShareKeysRequest>,
     ) -> Result<Response<v1::ShareKeysResponse>, Status> {
-        match self.phase(request, "ShareKeys", |m| m.try_into().map(PhaseMessage::Shares)).await? {
+        match self.phase(request, Phase::ShareKeys, |m| m.try_into().map(PhaseMessage::Shares)).await? {
             (_, PhaseOutput::Inbox(inbox)) => Ok(Response::new(convert::inbox_to_wire(inbox))),
             (_, other) => Err(unexpected(&other)),
         }
@@ -231,7 +233,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::MaskedInputRequest>,
     ) -> Result<Response<v1::MaskedInputResponse>, Status> {
-        match self.phase(request, "MaskedInput", |m| m.try_into().map(PhaseMessage::Input)).await? {
+        match self.phase(request, Phase::MaskedInput, |m| m.try_into().map(PhaseMessage::Input)).await? {
             (_, PhaseOutput::Survivors(survivors)) => {
                 Ok(Response::new(convert::survivors_to_wire(&survivors)))
             }
@@ -243,7 +245,9 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::ConsistencyCheckRequest>,
     ) -> Result<Response<v1::ConsistencyCheckResponse>, Status> {
-        match self.phase(request, "ConsistencyCheck", |m| m.try_into().map(PhaseMessage::Consistency)).await?
+        match self
+            .phase(request, Phase::ConsistencyCheck, |m| m.try_into().map(PhaseMessage::Consistency))
+            .await?
         {
             (_, PhaseOutput::Signatures(signatures)) => {
                 Ok(Response::new(convert::signatures_to_wire(signatures)))
@@ -256,7 +260,7 @@ impl Coordinator for CoordinatorService {
         &self,
         request: Request<v1::UnmaskRequest>,
     ) -> Result<Response<v1::UnmaskResponse>, Status> {
-        match self.phase(request, "Unmask", |m| m.try_into().map(PhaseMessage::Unmask)).await? {
+        match self.phase(request, Phase::Unmask, |m| m.try_into().map(PhaseMessage::Unmask)).await? {
             (_, PhaseOutput::Finished(Outcome::Committed { .. })) => {
                 Ok(Response::new(v1::UnmaskResponse { accepted: true }))
             }

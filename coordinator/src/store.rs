@@ -10,9 +10,14 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use guild_privacy::ledger::{LedgerEntry, PrivacyEvent};
+use guild_privacy::secagg::Phase;
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Each entry migrates the schema from version `i` to `i + 1`.
+/// What the `phase` column holds once every phase of an open round closed.
+const COMMITTING: &str = "committing";
+
 const MIGRATIONS: &[&str] = &[
     // 1: federation identity and merchant registry.
     "CREATE TABLE federation (
@@ -103,8 +108,8 @@ pub struct RoundCommit {
     pub round_id: u64,
     pub survivors: u32,
     pub adapter: AdapterRecord,
-    /// The ledger entry, as JSON; none in `dangerous_none` mode.
-    pub ledger_event: Option<String>,
+    /// The round's privacy event; none in `dangerous_none` mode.
+    pub ledger_event: Option<PrivacyEvent>,
 }
 
 /// Merchants' evaluation counts of one adapter version, summed.
@@ -391,25 +396,38 @@ impl Store {
         Ok(next as u64)
     }
 
-    /// Records the phase an open round reached (for `guild-coordinator status`).
-    pub fn set_round_phase(&self, round_id: u64, phase: &str) -> Result<(), StoreError> {
+    /// Records the phase an open round reached (for `guild-coordinator status`); `None`
+    /// once every phase closed and the round is being committed.
+    pub fn set_round_phase(&self, round_id: u64, phase: Option<Phase>) -> Result<(), StoreError> {
         self.conn().execute(
             "UPDATE rounds SET phase = ?2 WHERE round_id = ?1 AND status = 'open'",
-            params![round_id as i64, phase],
+            params![round_id as i64, phase.map_or(COMMITTING, Phase::name)],
         )?;
         Ok(())
     }
 
-    /// The open round and its phase, if any.
-    pub fn open_round_phase(&self) -> Result<Option<(u64, String)>, StoreError> {
-        Ok(self
+    /// The open round and its phase (`None`: committing), if any.
+    pub fn open_round_phase(&self) -> Result<Option<(u64, Option<Phase>)>, StoreError> {
+        let row: Option<(u64, String)> = self
             .conn()
             .query_row(
                 "SELECT round_id, phase FROM rounds WHERE status = 'open' ORDER BY round_id DESC LIMIT 1",
                 [],
                 |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        row.map(|(round, phase)| {
+            let phase = if phase == COMMITTING {
+                None
+            } else {
+                Some(phase.parse::<Phase>().map_err(|e| StoreError::Corrupt {
+                    what: "round phase",
+                    reason: format!("round {round}: {e}"),
+                })?)
+            };
+            Ok((round, phase))
+        })
+        .transpose()
     }
 
     pub fn abort_round(&self, round_id: u64, reason: &str) -> Result<(), StoreError> {
@@ -448,21 +466,33 @@ impl Store {
             ],
         )?;
         if let Some(event) = &commit.ledger_event {
+            let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt {
+                what: "ledger event",
+                reason: format!("round {}: {e}", commit.round_id),
+            })?;
             tx.execute(
                 "INSERT INTO ledger (round_id, event) VALUES (?1, ?2)",
-                params![commit.round_id as i64, event],
+                params![commit.round_id as i64, json],
             )?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Every ledger entry, in round order, as (round id, JSON event).
-    pub fn ledger(&self) -> Result<Vec<(u64, String)>, StoreError> {
+    /// Every ledger entry, in round order.
+    pub fn ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT round_id, event FROM ledger ORDER BY round_id")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
+        rows.map(|row| {
+            let (round_id, json) = row?;
+            let event = serde_json::from_str::<PrivacyEvent>(&json).map_err(|e| StoreError::Corrupt {
+                what: "ledger entry",
+                reason: format!("round {round_id}: {e}"),
+            })?;
+            Ok(LedgerEntry { round_id, event })
+        })
+        .collect()
     }
 
     pub fn round_counts(&self) -> Result<RoundCounts, StoreError> {
@@ -553,7 +583,7 @@ mod tests {
                 data: vec![1, 2, 3, 4],
                 optimizer_state: None,
             },
-            ledger_event: Some(format!("{{\"round\": {round_id}}}")),
+            ledger_event: Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: round_id as f64 }),
         }
     }
 
@@ -569,7 +599,18 @@ mod tests {
         assert!(store.commit_round(&commit(r1, 2)).is_err());
         let r2 = store.open_round(3).expect("open");
         assert!(store.commit_round(&commit(r2, 1)).is_err(), "version 1 exists");
-        assert_eq!(store.ledger().expect("ledger").len(), 1);
+        assert_eq!(
+            store.ledger().expect("ledger"),
+            vec![LedgerEntry {
+                round_id: r1,
+                event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: r1 as f64 }
+            }]
+        );
+        assert_eq!(store.open_round_phase().expect("phase"), Some((r2, Some(Phase::AdvertiseKeys))));
+        store.set_round_phase(r2, Some(Phase::MaskedInput)).expect("set");
+        assert_eq!(store.open_round_phase().expect("phase"), Some((r2, Some(Phase::MaskedInput))));
+        store.set_round_phase(r2, None).expect("set");
+        assert_eq!(store.open_round_phase().expect("phase"), Some((r2, None)));
         assert_eq!(store.round_counts().expect("counts"), RoundCounts { completed: 1, aborted: 0, open: 1 });
         assert_eq!(store.abort_open_rounds("restart").expect("abort"), 1);
         let r3 = store.open_round(3).expect("open");

@@ -17,7 +17,7 @@ use guild_privacy::secagg::client;
 use guild_privacy::secagg::crypto::{self, MaskSign, SigningKey};
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::{Identities, RoundConfig};
+use guild_privacy::secagg::{Identities, Phase, RoundConfig};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -203,13 +203,13 @@ fn main() {
         "mask generation (keystream added into a u32 vector): {masking:.2} GB/s = {:.2}x of the bound",
         chacha / masking
     );
-    let phases = ["AdvertiseKeys", "ShareKeys", "MaskedInput", "ConsistencyCheck", "Unmask"];
     for (fraction, seed) in [(0.0, 1), (0.1, 2)] {
         let t = run(fraction, seed);
         println!("\nn = {N}, d = 2^20, b = 32, k = {K}, t = {T}, dropouts {:.0}%", fraction * 100.0);
         println!("| phase | client (mean per client) | server (whole phase) |");
         println!("|---|---|---|");
-        for (i, phase) in phases.iter().enumerate() {
+        for phase in Phase::ALL {
+            let i = phase.index();
             println!(
                 "| {phase} | {:.2} ms | {:.1} ms |",
                 t.client[i].as_secs_f64() * 1e3 / f64::from(t.participants[i]),

@@ -24,7 +24,8 @@ pub enum PrivacyEvent {
 }
 
 impl PrivacyEvent {
-    fn curve(&self) -> Result<RdpCurve, AccountingError> {
+    /// The event's RDP curve at the accountant's orders.
+    pub fn curve(&self) -> Result<RdpCurve, AccountingError> {
         match *self {
             Self::SubsampledGaussian { sampling_rate, noise_multiplier } => {
                 subsampled_gaussian_rdp(sampling_rate, noise_multiplier)

@@ -7,6 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounting;
+pub mod cost;
 pub mod dp;
 pub mod ledger;
 pub mod secagg;

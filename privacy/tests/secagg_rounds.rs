@@ -9,7 +9,9 @@ use guild_privacy::secagg::crypto::{self, AgreementKey, MaskSign, SigningKey};
 use guild_privacy::secagg::graph::NeighbourGraph;
 use guild_privacy::secagg::message::*;
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::{Identities, PeerMisbehaved, RoundConfig, SecAggError, ServerMisbehaved, shamir};
+use guild_privacy::secagg::{
+    Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, shamir,
+};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
@@ -211,7 +213,7 @@ fn more_dropouts_than_the_threshold_abort_and_reveal_nothing() {
     let mut f = Federation::new(10, 9, 6, 32, 32, 40);
     let dropouts: Dropouts = (1..=5).map(|i| (index(i), 4)).collect();
     let (result, _) = run_round(&mut f, &dropouts);
-    assert!(matches!(result, Err(SecAggError::TooFewSurvivors { phase: "Unmask", .. })), "{result:?}");
+    assert!(matches!(result, Err(SecAggError::TooFewSurvivors { phase: Phase::Unmask, .. })), "{result:?}");
 }
 
 /// Drives an honest round up to the survivor lists, letting `survivors_for` choose what

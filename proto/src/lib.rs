@@ -13,6 +13,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod tower;
 
 pub use error::WireError;
 

@@ -3,9 +3,14 @@
 
 pub mod federation;
 pub mod load;
+pub mod observe;
+pub mod progress;
 pub mod report;
+pub mod results;
 pub mod run;
 pub mod scenario;
+pub mod stats;
+pub mod world;
 
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors`, the federation's base model.
 pub fn base_model_sha256() -> [u8; 32] {

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guild_client::identity::Identity;
-use guild_client::participant::{Participant, ParticipantOptions, RandomLearner};
+use guild_client::learner::RandomLearner;
+use guild_client::participant::{Participant, ParticipantOptions};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -29,14 +30,6 @@ pub struct LoadReport {
 }
 
 /// Mean of a histogram family member in Prometheus text: `sum / count`.
-fn histogram_mean(text: &str, name: &str, label: &str) -> Option<f64> {
-    let value = |suffix: &str| {
-        let prefix = format!("{name}_{suffix}{{{label}}} ");
-        text.lines().find_map(|l| l.strip_prefix(&prefix)).and_then(|v| v.trim().parse::<f64>().ok())
-    };
-    Some(value("sum")? / value("count")?.max(1.0))
-}
-
 fn counter(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok())
 }
@@ -118,14 +111,11 @@ pub async fn run(
         task.abort();
     }
     let text = federation.in_process().map(|r| r.core.engine().metrics.encode()).unwrap_or_default();
-    let phase_seconds = guild_coordinator::engine::PHASES
-        .iter()
-        .map(|p| {
-            (
-                p.to_string(),
-                histogram_mean(&text, "guild_phase_seconds", &format!("phase=\"{p}\"")).unwrap_or(f64::NAN),
-            )
-        })
+    let mut stats = crate::observe::PhaseStats::default();
+    stats.add(&text);
+    let phase_seconds = guild_privacy::secagg::Phase::ALL
+        .into_iter()
+        .map(|p| (p.name().to_owned(), stats.mean_seconds_of(p)))
         .collect();
     let busy = counter(&text, "guild_engine_busy_seconds_total").unwrap_or(f64::NAN);
     Ok(LoadReport {

@@ -22,6 +22,15 @@ enum Arm {
     Merchant,
 }
 
+/// Which adapter family a local arm trains.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Family {
+    /// FFA-LoRA in MiniLM's attention (the query tower runs MiniLM every step).
+    Lora,
+    /// The sequence tower over frozen title embeddings (zero-shot: mean of the last five).
+    Tower,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Redraw a run's report (summary and plots) from its results.json.
@@ -58,6 +67,20 @@ enum Command {
     Local {
         #[arg(long, value_enum)]
         arm: Arm,
+        #[arg(long, value_enum, default_value = "lora")]
+        family: Family,
+        /// Sequence tower: items of the history it reads.
+        #[arg(long, default_value_t = 20)]
+        history: usize,
+        /// Sequence tower: rank of the item residual.
+        #[arg(long, default_value_t = 32)]
+        item_rank: usize,
+        /// Sequence tower: transformer width.
+        #[arg(long, default_value_t = 128)]
+        width: usize,
+        /// Sequence tower: transformer layers (0: pooling and item residual only).
+        #[arg(long, default_value_t = 2)]
+        layers: usize,
         /// RecBole-format dataset folder.
         #[arg(long, default_value = "../shared/data/amazon-games")]
         data: std::path::PathBuf,
@@ -87,12 +110,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    guild_client::init_logging("warn");
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -102,74 +120,63 @@ fn main() -> ExitCode {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Trains (unless zero-shot) and scores one non-federated arm in the same model world the
+/// simulator's arms use; `tower` set: the sequence-tower family, else FFA-LoRA.
 fn local(
     arm: Arm,
-    data: &std::path::Path,
+    spec: guild_sim::world::WorldSpec,
     merchant: &str,
-    shop_size: usize,
     train: guild_client::retrieval::TrainConfig,
-    eval_users: usize,
-    max_tokens: usize,
-    cache: &std::path::Path,
+    tower: Option<guild_client::model::tower::TowerConfig>,
 ) -> anyhow::Result<serde_json::Value> {
-    use guild_client::data::{Dataset, partition};
-    use guild_client::model::lora::{Adapters, LoraConfig};
-    use guild_client::model::{BaseModel, default_model_dir};
-    use guild_client::retrieval::{Split, catalogue_embeddings, evaluate, sample_users};
+    use guild_client::retrieval::Split;
 
     let started = std::time::Instant::now();
-    let dataset = Dataset::load(data)?;
-    let merchants = partition(&dataset, shop_size, train.seed);
-    let device = guild_client::training_device();
-    let base = BaseModel::load(&default_model_dir(), max_tokens, device)?;
-    let items = catalogue_embeddings(&base, &dataset, cache, max_tokens)?;
-    let all: Vec<&guild_client::data::User> = dataset.users.iter().collect();
-    // The same seeded test users for every arm.
-    let test_users = sample_users(&all, eval_users, 12_345);
-    let adapters = Adapters::new(LoraConfig::default(), base.config(), base.sha256(), device);
-    let train_users: Vec<&guild_client::data::User> = match arm {
+    let shop_size = spec.shop_size;
+    let world = guild_sim::world::World::load(spec)?;
+    let train_users: Vec<usize> = match arm {
         Arm::ZeroShot => Vec::new(),
-        Arm::Pooled => all.clone(),
-        Arm::Merchant => {
-            let m = merchants
-                .iter()
-                .find(|m| m.name == merchant)
-                .with_context(|| format!("no merchant named {merchant} (shop size {shop_size})"))?;
-            m.users.iter().map(|&i| &dataset.users[i]).collect()
-        }
+        Arm::Pooled => world.all_merchant_users(),
+        Arm::Merchant => world
+            .merchants
+            .iter()
+            .find(|m| m.name == merchant)
+            .with_context(|| format!("no merchant named {merchant} (shop size {shop_size})"))?
+            .users
+            .clone(),
     };
     let training_started = std::time::Instant::now();
-    let report = if train_users.is_empty() {
-        None
-    } else {
-        Some(guild_client::retrieval::train(&base, &adapters, &dataset, &train_users, &items, &train)?)
+    let trained = match (&tower, train_users.is_empty()) {
+        (_, true) => None,
+        (Some(t), false) => Some(world.train_tower(&train_users, &train, t)?),
+        (None, false) => Some(world.train_on(&train_users, &train)?),
     };
     let training_seconds = training_started.elapsed().as_secs_f64();
-    let counts = evaluate(
-        &base,
-        report.as_ref().map(|_| &adapters),
-        &dataset,
-        &test_users,
-        &items,
-        Split::Test,
-        train.history_items,
-    )?;
+    let values = trained.as_ref().map(|(values, _)| values.as_slice());
+    let (scores, validation) = match &tower {
+        Some(t) => {
+            (world.score_tower(values, t, Split::Test)?.0, world.score_tower(values, t, Split::Validation)?.0)
+        }
+        None => (world.score(values, Split::Test)?, world.score(values, Split::Validation)?),
+    };
+    let report = trained.as_ref().map(|(_, report)| report);
     Ok(serde_json::json!({
         "arm": format!("{arm:?}"),
         "merchant": matches!(arm, Arm::Merchant).then_some(merchant),
-        "merchants": merchants.len(),
+        "merchants": world.merchants.len(),
         "train_users": train_users.len(),
-        "train_examples": report.as_ref().map(|r| r.examples),
-        "steps": report.as_ref().map(|r| r.steps),
-        "first_loss": report.as_ref().map(|r| r.first_loss),
-        "last_loss": report.as_ref().map(|r| r.last_loss),
-        "training_examples_per_second": report.as_ref().map(|r| (r.steps * train.batch_size) as f64 / training_seconds),
-        "test_users": counts.users,
-        "recall_at_10": counts.recall_at_10(),
-        "ndcg_at_10": counts.ndcg_at_10(),
-        "mrr": counts.mrr(),
-        "device": format!("{device:?}"),
+        "train_examples": report.map(|r| r.examples),
+        "steps": report.map(|r| r.steps),
+        "first_loss": report.map(|r| r.first_loss),
+        "last_loss": report.map(|r| r.last_loss),
+        "training_examples_per_second": report.map(|r| (r.steps * train.batch_size) as f64 / training_seconds),
+        "test_users": scores.users,
+        "recall_at_10": scores.recall_at_10,
+        "ndcg_at_10": scores.ndcg_at_10,
+        "mrr": scores.mrr,
+        "validation": validation,
+        "parameters": values.map(<[f32]>::len),
+        "device": format!("{:?}", guild_client::training_device()),
         "wall_seconds": started.elapsed().as_secs_f64(),
     }))
 }
@@ -207,6 +214,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Local {
             arm,
+            family,
+            history,
+            item_rank,
+            width,
+            layers,
             data,
             merchant,
             shop_size,
@@ -225,7 +237,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 seed,
                 ..Default::default()
             };
-            let result = local(arm, &data, &merchant, shop_size, train, eval_users, max_tokens, &cache)?;
+            let spec = guild_sim::world::WorldSpec {
+                dataset: data,
+                max_users: None,
+                shop_size,
+                max_merchants: None,
+                seed,
+                max_tokens,
+                cache,
+                eval_users,
+                lora: guild_client::model::lora::LoraConfig::default(),
+            };
+            let tower = match family {
+                Family::Lora => None,
+                Family::Tower => {
+                    let mut tower = guild_client::model::tower::TowerConfig::default_for(384);
+                    tower.shape.history = history;
+                    tower.shape.item_rank = item_rank;
+                    tower.shape.width = width;
+                    tower.shape.layers = layers;
+                    tower.seed = seed;
+                    Some(tower)
+                }
+            };
+            let result = local(arm, spec, &merchant, train, tower)?;
             println!("{result}");
             Ok(())
         }

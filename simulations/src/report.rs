@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::Context;
 use plotters::prelude::*;
 
-use crate::run::{ArmResult, RunResults};
+use guild_privacy::secagg::Phase;
+
+use crate::results::{ArmResult, RunResults};
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -74,6 +76,7 @@ pub fn markdown(results: &RunResults) -> String {
         }
     }
     out += "\nTest split (each user's last item). Validation scores (the item before it) are in `results.json`.\n\n";
+    out += &comparisons(results);
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
     let eventful: Vec<&ArmResult> =
@@ -92,19 +95,56 @@ pub fn markdown(results: &RunResults) -> String {
         out += &format!("{}.\n", parts.join("; "));
     }
     out += "\n## Per-phase latency (mean seconds, from the coordinator's metrics)\n\n| arm | ";
-    let phases = guild_coordinator::engine::PHASES;
-    out += &phases.join(" | ");
+    out += &Phase::ALL.map(Phase::name).join(" | ");
     out += " |\n|---|";
-    out += &"---|".repeat(phases.len());
+    out += &"---|".repeat(Phase::COUNT);
     out += "\n";
     for arm in results.arms.iter().filter(|a| !a.phase_seconds.is_empty()) {
         out += &format!("| {} |", arm.arm);
-        for p in phases {
-            out += &format!(" {} |", cell(arm.phase_seconds.get(p).copied(), 3));
+        for p in Phase::ALL {
+            out += &format!(" {} |", cell(arm.phase_seconds.get(p.name()).copied(), 3));
         }
         out += "\n";
     }
     out += "\nPlots: `metric_vs_round.png`, `epsilon_vs_round.png`, `phase_latency.png`.\n";
+    out
+}
+
+/// The paired differences of every arm against the reference arms, with their intervals.
+fn comparisons(results: &RunResults) -> String {
+    let compared: Vec<&ArmResult> = results.arms.iter().filter(|a| !a.comparisons.is_empty()).collect();
+    if compared.is_empty() {
+        return String::new();
+    }
+    let mut out = format!(
+        "## Paired differences on the same {} test users (95% paired-bootstrap intervals, {} resamples)\n\n\
+         | arm | against | ΔNDCG@10 [95% CI] | relative | ΔRecall@10 [95% CI] | relative |\n|---|---|---|---|---|---|\n",
+        results.eval_users,
+        crate::stats::BOOTSTRAP_RESAMPLES
+    );
+    for arm in compared {
+        for c in &arm.comparisons {
+            out += &format!("| {} | {} |", arm.arm, c.against);
+            for d in &c.differences {
+                let mark = if d.significantly_positive() {
+                    " **↑**"
+                } else if d.ci_high < 0.0 {
+                    " **↓**"
+                } else {
+                    ""
+                };
+                out += &format!(
+                    " {:+.4} [{:+.4}, {:+.4}]{mark} | {:+.1}% |",
+                    d.difference,
+                    d.ci_low,
+                    d.ci_high,
+                    100.0 * d.relative
+                );
+            }
+            out += "\n";
+        }
+    }
+    out += "\n↑: the whole interval is above zero; ↓: below.\n\n";
     out
 }
 
@@ -157,16 +197,21 @@ fn difference_se_bound(mrr_a: f64, mrr_b: f64, n: usize) -> f64 {
     (mrr_a / n).sqrt() + (mrr_b / n).sqrt()
 }
 
-#[allow(clippy::too_many_arguments)]
-fn line_chart(
-    path: &Path,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+/// A line chart's frame: where it goes, its captions and where its legend sits.
+struct Chart<'a> {
+    path: &'a Path,
+    title: &'a str,
+    x_label: &'a str,
+    y_label: &'a str,
     legend: SeriesLabelPosition,
+}
+
+fn line_chart(
+    chart: Chart<'_>,
     series: &[(String, Vec<(f64, f64)>)],
     baselines: &[(String, f64)],
 ) -> anyhow::Result<()> {
+    let Chart { path, title, x_label, y_label, legend } = chart;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0f64, f64::max);
@@ -239,11 +284,13 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
         .map(|a| (a.arm.clone(), a.validation.mrr))
         .collect();
     line_chart(
-        &dir.join("metric_vs_round.png"),
-        "Validation MRR by round (dashed: baselines)",
-        "round",
-        "MRR",
-        SeriesLabelPosition::LowerRight,
+        Chart {
+            path: &dir.join("metric_vs_round.png"),
+            title: "Validation MRR by round (dashed: baselines)",
+            x_label: "round",
+            y_label: "MRR",
+            legend: SeriesLabelPosition::LowerRight,
+        },
         &metric,
         &baselines,
     )?;
@@ -253,34 +300,36 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
         .map(|a| (a.arm.clone(), a.curve.iter().map(|p| (p.round as f64, p.epsilon)).collect()))
         .collect();
     line_chart(
-        &dir.join("epsilon_vs_round.png"),
-        "Privacy spent by round (ε from the ledger)",
-        "round",
-        "ε",
-        SeriesLabelPosition::LowerRight,
+        Chart {
+            path: &dir.join("epsilon_vs_round.png"),
+            title: "Privacy spent by round (ε from the ledger)",
+            x_label: "round",
+            y_label: "ε",
+            legend: SeriesLabelPosition::LowerRight,
+        },
         &epsilon,
         &[],
     )?;
 
-    let phases = guild_coordinator::engine::PHASES;
     let latency: Vec<(String, Vec<(f64, f64)>)> = results
         .arms
         .iter()
         .filter(|a| !a.phase_seconds.is_empty())
         .map(|a| {
-            let points = phases
-                .iter()
-                .enumerate()
-                .map(|(i, p)| ((i + 1) as f64, a.phase_seconds.get(*p).copied().unwrap_or(0.0)));
+            let points = Phase::ALL
+                .into_iter()
+                .map(|p| ((p.index() + 1) as f64, a.phase_seconds.get(p.name()).copied().unwrap_or(0.0)));
             (a.arm.clone(), points.collect())
         })
         .collect();
     line_chart(
-        &dir.join("phase_latency.png"),
-        "Mean SecAgg+ phase latency",
-        "phase: 1 AdvertiseKeys (with training), 2 ShareKeys, 3 MaskedInput, 4 ConsistencyCheck, 5 Unmask",
-        "seconds",
-        SeriesLabelPosition::UpperRight,
+        Chart {
+            path: &dir.join("phase_latency.png"),
+            title: "Mean SecAgg+ phase latency",
+            x_label: "phase: 1 AdvertiseKeys (with training), 2 ShareKeys, 3 MaskedInput, 4 ConsistencyCheck, 5 Unmask",
+            y_label: "seconds",
+            legend: SeriesLabelPosition::UpperRight,
+        },
         &latency,
         &[],
     )?;
@@ -306,7 +355,7 @@ mod tests {
     fn the_verdict_says_within_noise_unless_the_gap_is_large() {
         let arm = |name: &str, mrr: f64, epsilon: Option<f64>| ArmResult {
             arm: name.into(),
-            test: crate::run::Scores { mrr, ..Default::default() },
+            test: crate::results::Scores { mrr, ..Default::default() },
             epsilon,
             ..Default::default()
         };

@@ -1,271 +1,97 @@
-//! Runs a scenario: baselines in this process, and each federated arm as a real
-//! federation (a `guild-coordinator` child process, merchants as clients over loopback
-//! mutual TLS), with the scenario's faults; every arm is scored on the same test users
-//! against the full catalogue.
+//! The arms of a scenario: baselines in this process (zero-shot, local-only per merchant,
+//! centralised), and each federated arm as a real federation (a `guild-coordinator` child
+//! process, merchants as clients over loopback mutual TLS) with the scenario's faults;
+//! every arm is scored on the same evaluation users against the full catalogue.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use guild_client::data::{Dataset, Merchant, User, partition};
+use guild_client::config::{AdapterSettings, ClientConfig, DataConfig, Guards, ModelConfig, TlsFiles};
+use guild_client::data::Merchant;
 use guild_client::identity::Identity;
-use guild_client::learner::{ModelLearner, Shared};
-use guild_client::model::lora::{Adapters, LoraConfig};
-use guild_client::model::{BaseModel, default_model_dir};
-use guild_client::participant::{Faults, Participant, ParticipantOptions};
-use guild_client::retrieval::{self, RankingCounts, Split, TrainConfig};
+use guild_client::learner::ModelLearner;
+use guild_client::participant::{Faults, Participant, ParticipantOptions, RoundOutcome};
+use guild_client::retrieval::{Split, TrainConfig};
 use guild_privacy::PrivacyMode;
-use guild_privacy::accounting::{calibrate_noise_multiplier, epsilon_from_rdp, subsampled_zcdp_rdp};
-use guild_privacy::dp::{DdgParams, ParamsRequest, ddgauss_zcdp_rho};
-use guild_privacy::ledger::{Budget, Ledger, LedgerEntry};
+use guild_privacy::accounting::calibrate_noise_multiplier;
+use guild_privacy::cost::RoundPrivacy;
+use guild_privacy::ledger::Budget;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
-use serde::{Deserialize, Serialize};
 
 use crate::federation::{Federation, coordinator_binary};
+use crate::observe::{PhaseStats, epsilon_after, per_phase};
+use crate::progress::Progress;
+use crate::results::{ArmResult, Comparison, RoundPoint, RunResults, Scores};
 use crate::scenario::{ClientMode, Scenario};
+use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, PairingError, paired_difference, per_user};
+use crate::world::{World, WorldSpec, lock};
 
-/// Ranking quality of one arm on one split.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Scores {
-    pub users: u64,
-    pub recall_at_10: f64,
-    pub ndcg_at_10: f64,
-    pub mrr: f64,
-    /// Mean full-catalogue cross-entropy of the held-out item (`RankingCounts::cross_entropy`).
-    #[serde(default)]
-    pub cross_entropy: f64,
-}
+/// The reference arms every other arm is compared with.
+pub const ZERO_SHOT: &str = "zero-shot";
+pub const LOCAL_ONLY: &str = "local-only (mean)";
+pub const CENTRALISED: &str = "centralised (non-private)";
 
-impl From<RankingCounts> for Scores {
-    fn from(c: RankingCounts) -> Self {
-        Self {
-            users: c.users,
-            recall_at_10: c.recall_at_10(),
-            ndcg_at_10: c.ndcg_at_10(),
-            mrr: c.mrr(),
-            cross_entropy: c.cross_entropy(),
-        }
-    }
-}
-
-/// The validation score of the adapter after one round.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RoundPoint {
-    pub round: u64,
-    pub validation: Scores,
-    pub epsilon: f64,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct ArmResult {
-    pub arm: String,
-    pub test: Scores,
-    pub validation: Scores,
-    /// Local-only: the worst merchant's test scores (by MRR).
-    pub worst: Option<Scores>,
-    pub epsilon: Option<f64>,
-    pub delta: Option<f64>,
-    pub noise_multiplier: Option<f64>,
-    pub rounds: u64,
-    pub rounds_aborted: u64,
-    pub wall_seconds: f64,
-    pub bytes_per_client_round: Option<f64>,
-    pub curve: Vec<RoundPoint>,
-    /// Mean seconds per SecAgg+ phase and dropouts per phase, from the coordinator's metrics.
-    pub phase_seconds: BTreeMap<String, f64>,
-    pub dropouts: BTreeMap<String, u64>,
-    pub events: Vec<String>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct RunResults {
-    pub scenario: String,
-    pub description: String,
-    pub machine: String,
-    pub merchants: usize,
-    pub dataset_users: usize,
-    pub catalogue: usize,
-    pub eval_users: usize,
-    pub expected_cohort: f64,
-    pub adapter_parameters: usize,
-    pub wall_seconds: f64,
-    pub arms: Vec<ArmResult>,
-}
-
-/// What every arm shares.
-struct World {
-    scenario: Scenario,
-    shared: Arc<Mutex<Shared>>,
-    merchants: Vec<Merchant>,
-    eval_users: Vec<usize>,
-    lora: LoraConfig,
-}
-
-fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl World {
-    fn load(scenario: Scenario) -> anyhow::Result<Self> {
-        let mut dataset = Dataset::load(&scenario.data.dataset)?;
-        if let Some(n) = scenario.data.max_users {
-            dataset = dataset.first_users(n);
-        }
-        let mut merchants = partition(&dataset, scenario.data.shop_size, scenario.data.seed);
-        if let Some(n) = scenario.data.max_merchants {
-            merchants.shuffle(&mut ChaCha20Rng::seed_from_u64(scenario.data.seed));
-            merchants.truncate(n);
-            merchants.sort_by(|a, b| a.name.cmp(&b.name));
-        }
-        let device = guild_client::training_device();
-        let base = BaseModel::load(&default_model_dir(), scenario.data.max_tokens, device)?;
-        let items =
-            retrieval::catalogue_embeddings(&base, &dataset, &scenario.data.cache, scenario.data.max_tokens)?;
-        // The same seeded test users for every arm, drawn from the merchants' shoppers.
-        let mut pool: Vec<usize> = merchants.iter().flat_map(|m| m.users.iter().copied()).collect();
-        pool.sort_unstable();
-        pool.shuffle(&mut ChaCha20Rng::seed_from_u64(12_345));
-        pool.truncate(scenario.data.eval_users);
-        let lora = LoraConfig {
-            rank: scenario.federation.rank as i64,
-            alpha: 2.0 * scenario.federation.rank as f64,
-            ..LoraConfig::default()
-        };
-        Ok(Self {
-            shared: Arc::new(Mutex::new(Shared { base, dataset, items })),
-            merchants,
-            eval_users: pool,
-            lora,
-            scenario,
+/// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
+/// intervals) against each reference arm present: zero-shot, the local-only mean (each
+/// user's metric averaged over the local merchants' models) and centralised.
+pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
+    let metrics = [Metric::NdcgAt10, Metric::RecallAt10];
+    let references: Vec<(String, Vec<Vec<f64>>)> = arms
+        .iter()
+        .filter(|a| {
+            [ZERO_SHOT, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str()) && !a.test_ranks.is_empty()
         })
+        .map(|a| {
+            Ok((
+                a.arm.clone(),
+                metrics.iter().map(|&m| per_user(m, &a.test_ranks)).collect::<Result<_, _>>()?,
+            ))
+        })
+        .collect::<Result<_, PairingError>>()?;
+    for arm in arms.iter_mut().filter(|a| !a.test_ranks.is_empty()) {
+        let mine: Vec<Vec<f64>> =
+            metrics.iter().map(|&m| per_user(m, &arm.test_ranks)).collect::<Result<_, _>>()?;
+        arm.comparisons = references
+            .iter()
+            .filter(|(name, _)| *name != arm.arm)
+            .map(|(name, theirs)| {
+                let differences = metrics
+                    .iter()
+                    .zip(mine.iter().zip(theirs))
+                    .map(|(&m, (a, b))| paired_difference(m, a, b, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED))
+                    .collect::<Result<_, _>>()?;
+                Ok(Comparison { against: name.clone(), differences })
+            })
+            .collect::<Result<_, PairingError>>()?;
     }
-
-    fn users<'a>(dataset: &'a Dataset, indices: &[usize]) -> Vec<&'a User> {
-        indices.iter().map(|&i| &dataset.users[i]).collect()
-    }
-
-    /// Fresh adapters (B = 0) of this world's configuration.
-    fn adapters(&self, shared: &Shared) -> Adapters {
-        Adapters::new(self.lora.clone(), shared.base.config(), shared.base.sha256(), shared.base.device())
-    }
-
-    /// Scores adapter values (none: the base model) on the evaluation users.
-    fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {
-        let shared = lock(&self.shared);
-        let mut adapters = self.adapters(&shared);
-        if let Some(v) = values {
-            adapters.set_flat(v)?;
-        }
-        let users = Self::users(&shared.dataset, &self.eval_users);
-        let counts = retrieval::evaluate(
-            &shared.base,
-            values.map(|_| &adapters),
-            &shared.dataset,
-            &users,
-            &shared.items,
-            split,
-            5,
-        )?;
-        Ok(counts.into())
-    }
-
-    fn train_on(&self, users: &[usize], steps: usize, seed: u64) -> anyhow::Result<Vec<f32>> {
-        let shared = lock(&self.shared);
-        let adapters = self.adapters(&shared);
-        let config =
-            TrainConfig { batch_size: 32, steps, learning_rate: 1e-3, seed, ..TrainConfig::default() };
-        let users = Self::users(&shared.dataset, users);
-        retrieval::train(&shared.base, &adapters, &shared.dataset, &users, &shared.items, &config)?;
-        Ok(adapters.flat())
-    }
-
-    fn parameter_count(&self) -> usize {
-        self.adapters(&lock(&self.shared)).manifest().parameter_count()
-    }
+    Ok(())
 }
 
-/// ε after `rounds` rounds of DDGauss at noise multiplier `z`, as the coordinator's ledger
-/// would compute it for rounds of at most `n` summands.
-#[allow(clippy::too_many_arguments)]
-fn distributed_epsilon(
-    z: f64,
-    q: f64,
-    rounds: u64,
-    delta: f64,
-    d: usize,
-    c: f64,
-    t: u32,
-    n: u32,
-) -> anyhow::Result<f64> {
-    let ddg = DdgParams::select(&ParamsRequest {
-        dimension: d,
-        clip_norm: c,
-        noise_stddev: z * c,
-        min_survivors: t,
-        max_summands: n.max(t),
-        bit_width: 32,
-        wrap_probability: 1e-9,
-    })?;
-    let rho = ddgauss_zcdp_rho(&ddg, t - 1)?;
-    Ok(epsilon_from_rdp(&subsampled_zcdp_rdp(q, rho)?.times(rounds), delta)?.0)
+/// Batch size and learning rate of the in-process baselines' training.
+fn baseline_training(steps: usize, seed: u64) -> TrainConfig {
+    TrainConfig { batch_size: 32, steps, learning_rate: 1e-3, seed, ..TrainConfig::default() }
 }
 
-/// The smallest z (to 0.1%) whose ledger ε stays within `target`.
-#[allow(clippy::too_many_arguments)]
-pub fn calibrate_distributed(
-    target: f64,
-    q: f64,
-    rounds: u64,
-    delta: f64,
-    d: usize,
-    c: f64,
-    t: u32,
-    n: u32,
-) -> anyhow::Result<f64> {
+/// The smallest z (to 0.1%) for which `rounds` rounds of `round` (its noise multiplier
+/// replaced) stay within ε = `target` at `delta`, by the same cost function the
+/// coordinator's ledger charges.
+pub fn calibrate_noise(target: f64, round: &RoundPrivacy, rounds: u64, delta: f64) -> anyhow::Result<f64> {
+    let epsilon = |z: f64| RoundPrivacy { noise_multiplier: z, ..round.clone() }.epsilon_after(rounds, delta);
     let (mut lo, mut hi) = (0.05, 500.0);
-    anyhow::ensure!(
-        distributed_epsilon(hi, q, rounds, delta, d, c, t, n)? <= target,
-        "ε = {target} is out of reach"
-    );
+    anyhow::ensure!(epsilon(hi)? <= target, "ε = {target} is out of reach");
     while hi / lo > 1.001 {
         let mid = (lo * hi).sqrt();
-        let ok = distributed_epsilon(mid, q, rounds, delta, d, c, t, n).map(|e| e <= target).unwrap_or(false);
-        if ok { hi = mid } else { lo = mid }
+        if epsilon(mid).is_ok_and(|e| e <= target) {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
     }
     Ok(hi)
-}
-
-fn scrape(address: std::net::SocketAddr) -> String {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&address, Duration::from_secs(2)) else {
-        return String::new();
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text
-}
-
-/// Adds a metrics scrape's per-phase sums, counts and dropouts into `acc`.
-fn accumulate(text: &str, acc: &mut BTreeMap<String, (f64, f64, u64)>) {
-    for phase in guild_coordinator::engine::PHASES {
-        let value = |name: &str| {
-            let prefix = format!("{name}{{phase=\"{phase}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(&prefix))
-                .and_then(|v| v.trim().parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        let entry = acc.entry(phase.to_owned()).or_default();
-        entry.0 += value("guild_phase_seconds_sum");
-        entry.1 += value("guild_phase_seconds_count");
-        entry.2 += value("guild_dropouts_total") as u64;
-    }
 }
 
 struct FederatedArm {
@@ -278,11 +104,11 @@ struct FederatedArm {
 
 async fn federated(
     world: &World,
+    s: &Scenario,
     arm: &FederatedArm,
     out: &Path,
-    progress: &indicatif::ProgressBar,
+    progress: &Progress,
 ) -> anyhow::Result<ArmResult> {
-    let s = &world.scenario;
     let f = &s.federation;
     let started = Instant::now();
     let dir = out.join("arms").join(&arm.name);
@@ -292,7 +118,7 @@ async fn federated(
     let n = world.merchants.len();
     let mut federation = Federation::init(&dir, n, |c| {
         c.adapter.rank = f.rank;
-        c.adapter.alpha = world.lora.alpha as f32;
+        c.adapter.alpha = world.spec.lora.alpha as f32;
         c.rounds.sampling_rate = f.sampling_rate;
         c.rounds.min_cohort = f.min_cohort;
         c.rounds.threshold = f.threshold;
@@ -303,11 +129,7 @@ async fn federated(
         c.rounds.batch_size = f.batch_size;
         c.rounds.learning_rate = f.learning_rate;
         c.rounds.server_learning_rate = f.server_learning_rate;
-        c.rounds.server_optimizer = if f.server_optimizer == "fed_adam" {
-            guild_coordinator::config::ServerOptimizer::FedAdam
-        } else {
-            guild_coordinator::config::ServerOptimizer::FedAvg
-        };
+        c.rounds.server_optimizer = f.server_optimizer;
         c.privacy.mode = arm.mode;
         c.privacy.clip_norm = f.clip_norm;
         c.privacy.noise_multiplier = arm.noise_multiplier;
@@ -334,7 +156,7 @@ async fn federated(
                 let connection = federation.connect(i).await?;
                 let learner = ModelLearner::new(
                     world.shared.clone(),
-                    world.lora.clone(),
+                    world.spec.lora.clone(),
                     merchant.users.clone(),
                     s.data.client_eval_users,
                     i as u64,
@@ -366,7 +188,7 @@ async fn federated(
                 }));
             }
             ClientMode::Processes => {
-                processes.push(spawn_client_process(&federation, world, i, merchant, unnoised)?)
+                processes.push(spawn_client_process(&federation, world, s, i, merchant, unnoised)?)
             }
         }
     }
@@ -374,20 +196,6 @@ async fn federated(
 
     let store = federation.store()?;
     let budget = Budget { epsilon: arm.epsilon_cap, delta: arm.delta };
-    // ε after the first `rounds` committed rounds: each committed round adds one ledger
-    // entry and one adapter version, in order.
-    let epsilon_after =
-        |store: &guild_coordinator::store::Store, rounds: Option<usize>| -> anyhow::Result<f64> {
-            let mut entries = store
-                .ledger()?
-                .into_iter()
-                .map(|(round_id, json)| Ok(LedgerEntry { round_id, event: serde_json::from_str(&json)? }))
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            if let Some(k) = rounds {
-                entries.truncate(k);
-            }
-            Ok(if entries.is_empty() { 0.0 } else { Ledger::new(budget, entries)?.spent()?.epsilon })
-        };
     let evaluate_new = |seen: &mut u64, curve: &mut Vec<RoundPoint>| -> anyhow::Result<()> {
         let latest = store.latest_adapter()?.map_or(0, |a| a.version);
         while *seen < latest {
@@ -398,10 +206,13 @@ async fn federated(
             curve.push(RoundPoint {
                 round: *seen,
                 validation,
-                epsilon: epsilon_after(&store, Some(*seen as usize))?,
+                epsilon: epsilon_after(&store, budget, Some(*seen as usize))?,
             });
-            progress.inc(1);
-            progress.set_message(format!("{}: round {seen}, validation MRR {:.4}", arm.name, validation.mrr));
+            let epsilon = curve.last().map_or(0.0, |p: &RoundPoint| p.epsilon);
+            progress.round_done(format!(
+                "{}: adapter version {seen}, validation NDCG@10 {:.4}, MRR {:.4}, ε {epsilon:.3}",
+                arm.name, validation.ndcg_at_10, validation.mrr
+            ));
         }
         Ok(())
     };
@@ -409,7 +220,7 @@ async fn federated(
     let mut curve = Vec::new();
     let mut seen = 0u64;
     let mut killed = false;
-    let mut metrics_acc = BTreeMap::new();
+    let mut phase_stats = PhaseStats::default();
     let limit = Duration::from_millis(f.phase_deadlines_ms.iter().sum::<u64>()) * (f.rounds as u32 + 2)
         + Duration::from_secs(120);
     loop {
@@ -422,9 +233,13 @@ async fn federated(
             && store.open_round_phase()?.is_some()
         {
             if let Some(address) = federation.config.server.metrics_listen {
-                accumulate(&scrape(address), &mut metrics_acc);
+                phase_stats.scrape(address);
             }
-            let (round, phase) = store.open_round_phase()?.unwrap_or_default();
+            let (round, phase) = match store.open_round_phase()? {
+                Some((round, Some(phase))) => (round, phase.name()),
+                Some((round, None)) => (round, "committing"),
+                None => (0, "between rounds"),
+            };
             federation.kill()?;
             // The daemon's `max_rounds` counts rounds of one run: the restarted daemon runs
             // only those still owed, or the arm would end with more rounds than planned.
@@ -436,6 +251,7 @@ async fn federated(
             ));
             federation.start_process(&binary).await?;
             events.push("coordinator restarted; the open round was aborted and clients reconnected".into());
+            progress.message(format!("{}: {}", arm.name, events[events.len() - 2..].join("; ")));
             killed = true;
         }
         if counts.completed >= f.rounds {
@@ -461,7 +277,7 @@ async fn federated(
         }
     }
     if let Some(address) = federation.config.server.metrics_listen {
-        accumulate(&scrape(address), &mut metrics_acc);
+        phase_stats.scrape(address);
     }
     evaluate_new(&mut seen, &mut curve)?;
     for task in &tasks {
@@ -472,15 +288,6 @@ async fn federated(
         let _ = p.wait();
     }
     let (dropped, straggled) = faults.injected.counts();
-    let per_phase = |counts: [u64; 5]| {
-        let parts: Vec<String> = guild_coordinator::engine::PHASES
-            .iter()
-            .zip(counts)
-            .filter(|(_, n)| *n > 0)
-            .map(|(phase, n)| format!("{n} before {phase}"))
-            .collect();
-        parts.join(", ")
-    };
     if dropped.iter().sum::<u64>() > 0 {
         events.push(format!("clients made to drop out: {}", per_phase(dropped)));
     }
@@ -500,18 +307,18 @@ async fn federated(
     }
     let mut bytes = Vec::new();
     while let Ok(report) = rx.try_recv() {
-        if report.outcome == "committed" {
+        if report.outcome == RoundOutcome::Committed {
             bytes.push(report.bytes_sent as f64);
         }
     }
     let record = store.latest_adapter()?.context("no adapter")?;
     let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
-    let test = tokio::task::block_in_place(|| world.score(Some(&values), Split::Test))?;
+    let (test, ranks) = tokio::task::block_in_place(|| world.score_with_ranks(Some(&values), Split::Test))?;
     let validation = match curve.last() {
         Some(p) => p.validation,
         None => tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?,
     };
-    let epsilon = epsilon_after(&store, None)?;
+    let epsilon = epsilon_after(&store, budget, None)?;
     let status = status_connection.status().await.ok();
     if let Some(status) = &status
         && arm.mode != PrivacyMode::DangerousNone
@@ -520,8 +327,6 @@ async fn federated(
         anyhow::bail!("the coordinator reports ε = {} but its ledger gives {epsilon}", status.epsilon_spent);
     }
     federation.kill()?;
-    let dropouts = metrics_acc.iter().map(|(k, v)| (k.clone(), v.2)).collect();
-    let phase_seconds = metrics_acc.iter().map(|(k, v)| (k.clone(), v.0 / v.1.max(1.0))).collect();
     Ok(ArmResult {
         arm: arm.name.clone(),
         test,
@@ -535,8 +340,10 @@ async fn federated(
         wall_seconds: started.elapsed().as_secs_f64(),
         bytes_per_client_round: (!bytes.is_empty()).then(|| bytes.iter().sum::<f64>() / bytes.len() as f64),
         curve,
-        phase_seconds,
-        dropouts,
+        test_ranks: vec![ranks],
+        comparisons: Vec::new(),
+        phase_seconds: phase_stats.mean_seconds(),
+        dropouts: phase_stats.dropouts(),
         events,
     })
 }
@@ -544,34 +351,51 @@ async fn federated(
 fn spawn_client_process(
     federation: &Federation,
     world: &World,
+    s: &Scenario,
     i: usize,
     merchant: &Merchant,
     unnoised: bool,
 ) -> anyhow::Result<std::process::Child> {
-    let s = &world.scenario;
     anyhow::ensure!(
         s.data.max_users.is_none(),
         "client processes read the dataset themselves: max_users must not be set"
     );
     let dir = federation.dir.join("merchants");
     let name = &federation.pki.merchants[i].name;
-    let dataset = std::fs::canonicalize(&s.data.dataset)?;
-    let cache = std::fs::canonicalize(&s.data.cache).unwrap_or_else(|_| s.data.cache.clone());
-    let config = format!(
-        "coordinator = \"{uri}\"\ndisplay_name = \"{shop}\"\nidentity = \"{name}.signing\"\n[tls]\nca = \"../ca.pem\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\n[data]\ndataset = \"{dataset}\"\nmerchant = \"{shop}\"\nshop_size = {size}\npartition_seed = {seed}\neval_users = {eval}\n[model]\nmax_tokens = {tokens}\ncache = \"{cache}\"\n[adapter]\nrank = {rank}\nalpha = {alpha}\n[guards]\nmin_noise_multiplier = 0.0\ndangerous_send_unnoised_updates = {unnoised}\n",
-        uri = federation.uri(),
-        shop = merchant.name,
-        dataset = dataset.display(),
-        size = s.data.shop_size,
-        seed = s.data.seed,
-        eval = s.data.client_eval_users,
-        tokens = s.data.max_tokens,
-        cache = cache.display(),
-        rank = world.lora.rank,
-        alpha = world.lora.alpha,
-    );
+    let config = ClientConfig {
+        coordinator: federation.uri(),
+        display_name: merchant.name.clone(),
+        identity: format!("{name}.signing").into(),
+        tls: TlsFiles {
+            ca: "../ca.pem".into(),
+            cert: format!("{name}.pem").into(),
+            key: format!("{name}.key").into(),
+        },
+        data: DataConfig {
+            dataset: std::fs::canonicalize(&s.data.dataset)?,
+            merchant: Some(merchant.name.clone()),
+            shop_size: s.data.shop_size,
+            partition_seed: s.data.seed,
+            eval_users: s.data.client_eval_users,
+        },
+        model: ModelConfig {
+            dir: None,
+            max_tokens: s.data.max_tokens,
+            cache: std::fs::canonicalize(&s.data.cache).unwrap_or_else(|_| s.data.cache.clone()),
+        },
+        adapter: AdapterSettings {
+            rank: world.spec.lora.rank,
+            alpha: world.spec.lora.alpha,
+            frozen_a_seed: world.spec.lora.frozen_a_seed,
+        },
+        guards: Guards {
+            min_noise_multiplier: 0.0,
+            dangerous_send_unnoised_updates: unnoised,
+            max_rounds: 0,
+        },
+    };
     let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config)?;
+    std::fs::write(&path, toml::to_string(&config)?)?;
     let binary = coordinator_binary()?.with_file_name("guild-client");
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     Ok(std::process::Command::new(binary).args(["run", "--config"]).arg(&path).stderr(log).spawn()?)
@@ -581,8 +405,8 @@ fn spawn_client_process(
 pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let started = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let world = tokio::task::block_in_place(|| World::load(scenario.clone()))?;
-    let s = &world.scenario;
+    let world = tokio::task::block_in_place(|| World::load(WorldSpec::of(&scenario)))?;
+    let s = &scenario;
     let f = &s.federation;
     let n = world.merchants.len();
     let d = world.parameter_count();
@@ -590,26 +414,24 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let federated_arms = usize::from(s.arms.federated)
         + s.arms.distributed_dp_epsilons.len()
         + s.arms.central_dp_epsilons.len();
-    let progress = indicatif::ProgressBar::new(f.rounds * federated_arms as u64);
-    progress.set_style(
-        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rounds  {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
+    let progress = Progress::new(f.rounds * federated_arms as u64);
     let mut arms = Vec::new();
-    let baseline = |name: &str, test: Scores, validation: Scores, wall: f64| ArmResult {
-        arm: name.to_owned(),
-        test,
-        validation,
-        wall_seconds: wall,
-        ..ArmResult::default()
-    };
+    let baseline =
+        |name: &str, test: Scores, validation: Scores, wall: f64, ranks: Vec<Vec<u32>>| ArmResult {
+            arm: name.to_owned(),
+            test,
+            validation,
+            wall_seconds: wall,
+            test_ranks: ranks,
+            ..ArmResult::default()
+        };
     if s.arms.zero_shot {
-        progress.set_message("zero-shot");
+        progress.message("zero-shot");
         let t = Instant::now();
-        let (test, validation) = tokio::task::block_in_place(|| {
-            anyhow::Ok((world.score(None, Split::Test)?, world.score(None, Split::Validation)?))
+        let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+            anyhow::Ok((world.score_with_ranks(None, Split::Test)?, world.score(None, Split::Validation)?))
         })?;
-        arms.push(baseline("zero-shot", test, validation, t.elapsed().as_secs_f64()));
+        arms.push(baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]));
     }
     if let Some(local) = &s.arms.local_only {
         let t = Instant::now();
@@ -618,16 +440,18 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         sample.truncate(local.merchants);
         let mut scores = Vec::new();
         for (i, m) in sample.iter().enumerate() {
-            progress.set_message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
+            progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
             let pair = tokio::task::block_in_place(|| {
-                let values = world.train_on(&m.users, local.steps, s.data.seed)?;
+                let (values, _) = world.train_on(&m.users, &baseline_training(local.steps, s.data.seed))?;
                 anyhow::Ok((
-                    world.score(Some(&values), Split::Test)?,
+                    world.score_with_ranks(Some(&values), Split::Test)?,
                     world.score(Some(&values), Split::Validation)?,
                 ))
             })?;
             scores.push(pair);
         }
+        let ranks: Vec<Vec<u32>> = scores.iter_mut().map(|((_, r), _)| std::mem::take(r)).collect();
+        let scores: Vec<(Scores, Scores)> = scores.into_iter().map(|((t, _), v)| (t, v)).collect();
         let mean = |f: &dyn Fn(&(Scores, Scores)) -> Scores| {
             let k = scores.len().max(1) as f64;
             let all: Vec<Scores> = scores.iter().map(f).collect();
@@ -639,24 +463,23 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                 cross_entropy: all.iter().map(|s| s.cross_entropy).sum::<f64>() / k,
             }
         };
-        let mut arm =
-            baseline("local-only (mean)", mean(&|p| p.0), mean(&|p| p.1), t.elapsed().as_secs_f64());
+        let mut arm = baseline(LOCAL_ONLY, mean(&|p| p.0), mean(&|p| p.1), t.elapsed().as_secs_f64(), ranks);
         arm.worst = scores.iter().map(|p| p.0).min_by(|a, b| a.mrr.total_cmp(&b.mrr));
         arm.events.push(format!("{} merchants, {} steps each", scores.len(), local.steps));
         arms.push(arm);
     }
     if let Some(central) = &s.arms.centralised {
-        progress.set_message("centralised");
+        progress.message("centralised");
         let t = Instant::now();
-        let users: Vec<usize> = world.merchants.iter().flat_map(|m| m.users.iter().copied()).collect();
-        let (test, validation) = tokio::task::block_in_place(|| {
-            let values = world.train_on(&users, central.steps, s.data.seed)?;
+        let users = world.all_merchant_users();
+        let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+            let (values, _) = world.train_on(&users, &baseline_training(central.steps, s.data.seed))?;
             anyhow::Ok((
-                world.score(Some(&values), Split::Test)?,
+                world.score_with_ranks(Some(&values), Split::Test)?,
                 world.score(Some(&values), Split::Validation)?,
             ))
         })?;
-        let mut arm = baseline("centralised (non-private)", test, validation, t.elapsed().as_secs_f64());
+        let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
         arm.events.push(format!("{} steps of batch 32 on {} users", central.steps, users.len()));
         arms.push(arm);
     }
@@ -674,17 +497,19 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     // Calibrate for a generous cohort (mean + 4 sd): larger cohorts give a coarser γ and a
     // slightly larger ρ per round, so actual rounds stay within the cap.
     let generous = (expected + 4.0 * (expected * (1.0 - f.sampling_rate)).sqrt()).ceil().min(n as f64) as u32;
+    let round = RoundPrivacy {
+        mode: PrivacyMode::Distributed,
+        sampling_rate: f.sampling_rate,
+        noise_multiplier: 1.0,
+        clip_norm: f.clip_norm,
+        dimension: d,
+        min_survivors: f.threshold,
+        max_summands: generous.max(f.threshold),
+        bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
+        wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
+    };
     for &epsilon in &s.arms.distributed_dp_epsilons {
-        let z = calibrate_distributed(
-            epsilon,
-            f.sampling_rate,
-            f.rounds,
-            delta,
-            d,
-            f.clip_norm,
-            f.threshold,
-            generous,
-        )?;
+        let z = calibrate_noise(epsilon, &round, f.rounds, delta)?;
         plan.push(FederatedArm {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
@@ -704,12 +529,13 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         });
     }
     for arm in &plan {
-        progress.set_message(arm.name.clone());
+        progress.message(arm.name.clone());
         let result =
-            federated(&world, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
+            federated(&world, s, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
         arms.push(result);
     }
-    progress.finish_and_clear();
+    progress.finish();
+    compare_arms(&mut arms)?;
     let shared = lock(&world.shared);
     Ok(RunResults {
         scenario: s.name.clone(),

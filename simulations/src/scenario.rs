@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use guild_coordinator::config::ServerOptimizer;
+use guild_privacy::secagg::Phase;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -71,9 +73,9 @@ pub struct FederationSettings {
     #[serde(default = "one")]
     pub server_learning_rate: f64,
     #[serde(default = "fed_avg")]
-    pub server_optimizer: String,
+    pub server_optimizer: ServerOptimizer,
     pub rank: usize,
-    pub phase_deadlines_ms: [u64; 5],
+    pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]
     pub delta: Option<f64>,
@@ -83,8 +85,8 @@ fn one() -> f64 {
     1.0
 }
 
-fn fed_avg() -> String {
-    "fed_avg".into()
+fn fed_avg() -> ServerOptimizer {
+    ServerOptimizer::FedAvg
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -127,7 +129,7 @@ pub struct Centralised {
 pub struct FaultSettings {
     /// Probability that a client abandons a round before each phase's message.
     #[serde(default)]
-    pub drop: [f64; 5],
+    pub drop: [f64; Phase::COUNT],
     /// Probability that a client sleeps `straggle_ms` before a phase's message.
     #[serde(default)]
     pub straggle: f64,
@@ -185,5 +187,48 @@ impl Scenario {
     /// δ for N merchants: the configured one, or min(1e-5, 1/N^1.1).
     pub fn delta(&self, merchants: usize) -> f64 {
         self.federation.delta.unwrap_or_else(|| 1e-5f64.min(1.0 / (merchants as f64).powf(1.1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Scenario, ScenarioError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.toml");
+        std::fs::write(&path, text).expect("write");
+        Scenario::load(&path)
+    }
+
+    const BASE: &str = r#"
+name = "t"
+[data]
+dataset = "d"
+shop_size = 10
+eval_users = 5
+[federation]
+rounds = 2
+sampling_rate = 0.5
+min_cohort = 2
+threshold = 2
+local_steps = 1
+batch_size = 4
+learning_rate = 0.01
+clip_norm = 1.0
+rank = 1
+phase_deadlines_ms = [1000, 1000, 1000, 1000, 1000]
+[arms]
+federated = true
+"#;
+
+    #[test]
+    fn the_server_optimiser_is_a_known_name_not_a_string_a_typo_turns_into_fed_avg() {
+        assert_eq!(load(BASE).expect("valid").federation.server_optimizer, ServerOptimizer::FedAvg);
+        let adam = BASE.replace("rank = 1", "rank = 1\nserver_optimizer = \"fed_adam\"");
+        assert_eq!(load(&adam).expect("valid").federation.server_optimizer, ServerOptimizer::FedAdam);
+        let typo = BASE.replace("rank = 1", "rank = 1\nserver_optimizer = \"fedadam\"");
+        let error = load(&typo).expect_err("a typo is refused").to_string();
+        assert!(error.contains("fedadam"), "{error}");
     }
 }

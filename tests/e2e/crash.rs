@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use guild_client::participant::Faults;
-use guild_coordinator::engine::PHASES;
+use guild_privacy::secagg::Phase;
 use guild_sim::federation::{Federation, coordinator_binary};
 
 use crate::rounds::{futures_join, small, wait_for_rounds};
@@ -15,17 +15,17 @@ fn snapshot(federation: &Federation) -> (Vec<u64>, Vec<u64>, u64, u64) {
     let store = federation.store().expect("store");
     let latest = store.latest_adapter().expect("latest").map_or(0, |a| a.version);
     let versions: Vec<u64> = (0..=latest).filter(|&v| store.adapter(v).is_ok()).collect();
-    let ledger: Vec<u64> = store.ledger().expect("ledger").into_iter().map(|(r, _)| r).collect();
+    let ledger: Vec<u64> = store.ledger().expect("ledger").into_iter().map(|e| e.round_id).collect();
     let counts = store.round_counts().expect("counts");
     (versions, ledger, counts.completed, counts.aborted)
 }
 
-async fn wait_for_phase(federation: &Federation, phase: &str) -> u64 {
+async fn wait_for_phase(federation: &Federation, phase: Phase) -> u64 {
     let store = federation.store().expect("store");
     let started = Instant::now();
     loop {
         if let Some((round, p)) = store.open_round_phase().expect("phase")
-            && p == phase
+            && p == Some(phase)
         {
             return round;
         }
@@ -51,7 +51,7 @@ async fn coordinator_killed_in_every_phase_loses_and_duplicates_nothing() {
     let clients = futures_join(&federation, 4, faults, 0).await;
     wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
 
-    for phase in PHASES {
+    for phase in Phase::ALL {
         let round = wait_for_phase(&federation, phase).await;
         federation.kill().expect("SIGKILL");
         let (versions, ledger, completed, aborted) = snapshot(&federation);

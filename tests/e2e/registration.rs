@@ -135,3 +135,25 @@ async fn unreachable_coordinator_gives_a_clear_error() {
     assert!(matches!(error, NetError::Unreachable { .. }), "{error}");
     assert!(error.to_string().contains("cannot reach the coordinator"), "{error}");
 }
+
+/// The coordinator cannot link the client crate (it would pull in libtorch), so the merchant
+/// configs that `init-federation` writes are a commented template: this keeps the template
+/// a valid `ClientConfig` that points at the federation's files.
+#[test]
+fn init_federation_writes_merchant_configs_the_client_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen: std::net::SocketAddr = "127.0.0.1:50123".parse().expect("address");
+    guild_coordinator::daemon::init_federation(dir.path(), 2, listen).expect("init");
+    let path = dir.path().join("merchants").join("merchant-002.toml");
+    let config =
+        guild_client::config::ClientConfig::load(&path).expect("the template parses as a client config");
+    assert_eq!(config.coordinator, "https://localhost:50123");
+    assert_eq!(config.display_name, "merchant-002");
+    assert_eq!(config.tls.ca, dir.path().join("merchants").join("../ca.pem"));
+    assert!(config.tls.cert.ends_with("merchant-002.pem") && config.tls.key.ends_with("merchant-002.key"));
+    assert!(!config.guards.dangerous_send_unnoised_updates, "unnoised updates stay off by default");
+    // What the client would write back is the same configuration.
+    let text = toml::to_string(&config).expect("serialise");
+    let back: guild_client::config::ClientConfig = toml::from_str(&text).expect("parse back");
+    assert_eq!(back, config);
+}

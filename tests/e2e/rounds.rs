@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guild_client::identity::Identity;
-use guild_client::participant::{Faults, Participant, ParticipantOptions, RandomLearner};
+use guild_client::learner::RandomLearner;
+use guild_client::participant::{Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_coordinator::config::Config;
 use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
 use guild_sim::federation::Federation;
@@ -55,7 +56,7 @@ pub async fn spawn_client(
         let mut committed = 0u64;
         participant
             .run(|result| {
-                if matches!(result, Ok(r) if r.outcome == "committed") {
+                if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
                     committed += 1;
                 }
             })
@@ -107,12 +108,7 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
     assert_ne!(store.adapter(3).expect("v3").data, store.adapter(0).expect("v0").data, "the adapter moved");
     // ε is recomputed from the stored ledger with the privacy crate's accountant and
     // equals what the coordinator reports.
-    let entries: Vec<LedgerEntry> = store
-        .ledger()
-        .expect("ledger")
-        .into_iter()
-        .map(|(round_id, json)| LedgerEntry { round_id, event: serde_json::from_str(&json).expect("event") })
-        .collect();
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
     assert_eq!(entries.len(), 3);
     assert!(entries.iter().all(
         |e| matches!(e.event, PrivacyEvent::SubsampledZcdp { sampling_rate, .. } if sampling_rate == 1.0)

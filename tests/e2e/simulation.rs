@@ -54,9 +54,21 @@ async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
             "a masked input is 4 bytes a coordinate: {bytes}"
         );
     }
+    // Every arm is compared with each reference arm on the same users, with an interval
+    // around its estimate, and the summary shows the comparisons.
+    for a in [federated, dp] {
+        let against: Vec<&str> = a.comparisons.iter().map(|c| c.against.as_str()).collect();
+        assert_eq!(against, ["zero-shot", "local-only (mean)", "centralised (non-private)"], "{}", a.arm);
+        for d in a.comparisons.iter().flat_map(|c| &c.differences) {
+            assert_eq!(d.users, results.eval_users);
+            assert!(d.ci_low <= d.difference && d.difference <= d.ci_high, "{d:?}");
+        }
+    }
+    assert_eq!(arm("local-only").test_ranks.len(), 2, "one rank list per local merchant");
     // The report folder is complete.
     let summary = std::fs::read_to_string(out.path().join("summary.md")).expect("summary");
     assert!(summary.contains("| arm | Recall@10 | NDCG@10 | MRR |"), "{summary}");
+    assert!(summary.contains("| federated (non-private) | zero-shot | "), "{summary}");
     for plot in ["metric_vs_round.png", "epsilon_vs_round.png", "phase_latency.png"] {
         let bytes = std::fs::read(out.path().join(plot)).expect(plot);
         assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "{plot} is not a real plot");

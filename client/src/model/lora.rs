@@ -122,16 +122,7 @@ impl Adapters {
                 values.len()
             )));
         }
-        let mut offset = 0;
-        tch::no_grad(|| {
-            for (_, b) in self.modules.values_mut() {
-                let n = b.numel();
-                let src =
-                    Tensor::from_slice(&values[offset..offset + n]).view(b.size().as_slice()).to(b.device());
-                b.copy_(&src);
-                offset += n;
-            }
-        });
+        super::copy_flat(self.modules.values_mut().map(|(_, b)| b), values);
         Ok(())
     }
 

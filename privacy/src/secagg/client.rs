@@ -18,7 +18,7 @@ use super::crypto::{self, AgreementKey, MaskSign, SigningKey};
 use super::graph::NeighbourGraph;
 use super::message::*;
 use super::shamir::{self, LIMBS, ShareValues};
-use super::{Identities, PeerMisbehaved, RoundConfig, SecAggError, ServerMisbehaved, signed};
+use super::{Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, signed};
 
 const PLAINTEXT_LEN: usize = 8 + 2 * LIMBS * 8;
 
@@ -38,7 +38,7 @@ impl Core {
         self.graph.neighbours(self.me).iter().filter(|v| set.contains(v)).count()
     }
 
-    fn require(&self, phase: &'static str, survivors: usize) -> Result<(), SecAggError> {
+    fn require(&self, phase: Phase, survivors: usize) -> Result<(), SecAggError> {
         let needed = self.config.threshold as usize;
         if survivors < needed {
             return Err(SecAggError::TooFewSurvivors { phase, survivors, needed });
@@ -111,7 +111,7 @@ impl ExpectRoster {
             return Err(SecAggError::Server(ServerMisbehaved::RosterAltered));
         }
         let present: BTreeSet<ClientIndex> = keys.keys().copied().collect();
-        core.require("AdvertiseKeys", core.neighbours_in(&present))?;
+        core.require(Phase::AdvertiseKeys, core.neighbours_in(&present))?;
 
         // Share s_sk and b among the neighbours present, t of whom reconstruct them.
         let holders: Vec<ClientIndex> =
@@ -200,7 +200,7 @@ impl ExpectInbox {
             }
         }
         let senders: BTreeSet<ClientIndex> = held.keys().copied().collect();
-        core.require("ShareKeys", core.neighbours_in(&senders))?;
+        core.require(Phase::ShareKeys, core.neighbours_in(&senders))?;
 
         // y = x + PRG(b) + Σ_{v > me} PRG(s_{me,v}) − Σ_{v < me} PRG(s_{me,v})  (mod 2^b),
         // over the neighbours v whose shares arrived.
@@ -269,7 +269,7 @@ impl ExpectSurvivors {
         if !set.contains(&core.me) {
             return Err(SecAggError::Server(ServerMisbehaved::LeftOutOfSurvivors));
         }
-        core.require("MaskedInput", core.neighbours_in(&set))?;
+        core.require(Phase::MaskedInput, core.neighbours_in(&set))?;
         let sorted: Vec<ClientIndex> = set.iter().copied().collect();
         let signature = crypto::sign(signing_key, &signed::survivors(&core.config.binding, &sorted));
         let message = ConsistencyCheck { binding: core.config.binding, sender: core.me, signature };
@@ -312,8 +312,8 @@ impl ExpectSignatures {
                 return Err(SecAggError::Peer { who, fault: PeerMisbehaved::Duplicate });
             }
         }
-        core.require("ConsistencyCheck", core.neighbours_in(&signers))?;
-        core.require("ConsistencyCheck", signers.len())?;
+        core.require(Phase::ConsistencyCheck, core.neighbours_in(&signers))?;
+        core.require(Phase::ConsistencyCheck, signers.len())?;
 
         let mut self_mask_shares = Vec::new();
         let mut mask_key_shares = Vec::new();

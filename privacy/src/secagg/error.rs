@@ -1,5 +1,6 @@
 //! The one error type of SecAgg+, saying who misbehaved.
 
+use super::Phase;
 use super::message::ClientIndex;
 
 /// Why a SecAgg+ message was refused or a round cannot go on.
@@ -14,10 +15,17 @@ pub enum SecAggError {
         "message for round {got} of another federation or adapter, or another round (this is round {expected})"
     )]
     WrongRound { expected: u64, got: u64 },
-    #[error("a {got} message arrived while the round is in phase {phase}")]
-    WrongPhase { phase: &'static str, got: &'static str },
+    #[error("a {got} message arrived while the round is {}", match phase {
+        Some(phase) => format!("in phase {phase}"),
+        None => "over".to_owned(),
+    })]
+    WrongPhase {
+        /// The phase the round is in; `None` once it finished or aborted.
+        phase: Option<Phase>,
+        got: Phase,
+    },
     #[error("round aborted in {phase}: {survivors} survivors where {needed} are needed; nothing is revealed")]
-    TooFewSurvivors { phase: &'static str, survivors: usize, needed: usize },
+    TooFewSurvivors { phase: Phase, survivors: usize, needed: usize },
     #[error("invalid round configuration: {0}")]
     Config(String),
 }

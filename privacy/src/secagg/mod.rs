@@ -14,10 +14,12 @@ mod error;
 pub mod fuzzing;
 pub mod graph;
 pub mod message;
+mod phase;
 pub mod server;
 pub mod shamir;
 
 pub use error::{PeerMisbehaved, SecAggError, ServerMisbehaved};
+pub use phase::{Phase, UnknownPhase};
 
 use std::collections::BTreeMap;
 

@@ -13,11 +13,11 @@ use super::crypto::{self, AgreementKey, MaskSign};
 use super::graph::NeighbourGraph;
 use super::message::*;
 use super::shamir::{self, ShareValues};
-use super::{Identities, PeerMisbehaved, RoundConfig, SecAggError, signed};
+use super::{Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, signed};
 
 /// Where a round stands.
 #[derive(Debug)]
-enum Phase {
+enum Stage {
     AdvertiseKeys { keys: BTreeMap<ClientIndex, SignedKeys> },
     ShareKeys { shares: BTreeMap<ClientIndex, Vec<EncryptedShares>> },
     MaskedInput { received: BTreeSet<ClientIndex> },
@@ -27,16 +27,15 @@ enum Phase {
     Aborted,
 }
 
-impl Phase {
-    fn name(&self) -> &'static str {
+impl Stage {
+    fn phase(&self) -> Option<Phase> {
         match self {
-            Phase::AdvertiseKeys { .. } => "AdvertiseKeys",
-            Phase::ShareKeys { .. } => "ShareKeys",
-            Phase::MaskedInput { .. } => "MaskedInput",
-            Phase::ConsistencyCheck { .. } => "ConsistencyCheck",
-            Phase::Unmask { .. } => "Unmask",
-            Phase::Finished => "Finished",
-            Phase::Aborted => "Aborted",
+            Stage::AdvertiseKeys { .. } => Some(Phase::AdvertiseKeys),
+            Stage::ShareKeys { .. } => Some(Phase::ShareKeys),
+            Stage::MaskedInput { .. } => Some(Phase::MaskedInput),
+            Stage::ConsistencyCheck { .. } => Some(Phase::ConsistencyCheck),
+            Stage::Unmask { .. } => Some(Phase::Unmask),
+            Stage::Finished | Stage::Aborted => None,
         }
     }
 }
@@ -47,7 +46,7 @@ pub struct Server {
     config: RoundConfig,
     graph: NeighbourGraph,
     identities: Identities,
-    phase: Phase,
+    stage: Stage,
     /// U1: clients whose keys were forwarded.
     roster: BTreeMap<ClientIndex, SignedKeys>,
     /// U2: clients whose shares were forwarded.
@@ -73,7 +72,7 @@ impl Server {
             graph,
             identities,
             config,
-            phase: Phase::AdvertiseKeys { keys: BTreeMap::new() },
+            stage: Stage::AdvertiseKeys { keys: BTreeMap::new() },
             roster: BTreeMap::new(),
             shared: BTreeSet::new(),
             survivors: BTreeSet::new(),
@@ -86,9 +85,9 @@ impl Server {
         &self.config
     }
 
-    /// The name of the phase the round is in.
-    pub fn phase(&self) -> &'static str {
-        self.phase.name()
+    /// The phase the round is in; `None` once it finished or aborted.
+    pub fn phase(&self) -> Option<Phase> {
+        self.stage.phase()
     }
 
     /// Checks what every message must satisfy: this round, a cohort member, no forgery.
@@ -113,11 +112,11 @@ impl Server {
         Ok(())
     }
 
-    fn wrong_phase(&self, got: &'static str) -> SecAggError {
-        SecAggError::WrongPhase { phase: self.phase.name(), got }
+    fn wrong_phase(&self, got: Phase) -> SecAggError {
+        SecAggError::WrongPhase { phase: self.stage.phase(), got }
     }
 
-    fn require(&mut self, phase: &'static str, survivors: usize) -> Result<(), SecAggError> {
+    fn require(&mut self, phase: Phase, survivors: usize) -> Result<(), SecAggError> {
         let needed = self.config.threshold as usize;
         if survivors < needed {
             self.abort();
@@ -128,7 +127,7 @@ impl Server {
 
     /// Ends the round without a result; the partial sum is erased.
     pub fn abort(&mut self) {
-        self.phase = Phase::Aborted;
+        self.stage = Stage::Aborted;
         self.sum.iter_mut().for_each(|v| *v = 0);
         self.self_mask_shares.clear();
         self.mask_key_shares.clear();
@@ -145,8 +144,8 @@ impl Server {
         if !crypto::verify(&identity, &payload, &k.signature) {
             return Err(peer(from, PeerMisbehaved::BadSignature));
         }
-        let Phase::AdvertiseKeys { keys } = &mut self.phase else {
-            return Err(self.wrong_phase("AdvertiseKeys"));
+        let Stage::AdvertiseKeys { keys } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::AdvertiseKeys));
         };
         if keys.contains_key(&from) {
             return Err(peer(from, PeerMisbehaved::Duplicate));
@@ -157,13 +156,13 @@ impl Server {
 
     /// Closes phase 0: the roster every client receives.
     pub fn close_keys(&mut self) -> Result<Vec<SignedKeys>, SecAggError> {
-        let Phase::AdvertiseKeys { keys } = &mut self.phase else {
-            return Err(self.wrong_phase("close of AdvertiseKeys"));
+        let Stage::AdvertiseKeys { keys } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::AdvertiseKeys));
         };
         let keys = std::mem::take(keys);
-        self.require("AdvertiseKeys", keys.len())?;
+        self.require(Phase::AdvertiseKeys, keys.len())?;
         self.roster = keys;
-        self.phase = Phase::ShareKeys { shares: BTreeMap::new() };
+        self.stage = Stage::ShareKeys { shares: BTreeMap::new() };
         Ok(self.roster.values().cloned().collect())
     }
 
@@ -188,7 +187,9 @@ impl Server {
                 return Err(peer(from, PeerMisbehaved::Duplicate));
             }
         }
-        let Phase::ShareKeys { shares } = &mut self.phase else { return Err(self.wrong_phase("ShareKeys")) };
+        let Stage::ShareKeys { shares } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::ShareKeys));
+        };
         if shares.contains_key(&from) {
             return Err(peer(from, PeerMisbehaved::Duplicate));
         }
@@ -198,11 +199,11 @@ impl Server {
 
     /// Closes phase 1: each client's inbox of shares sealed for it.
     pub fn close_shares(&mut self) -> Result<BTreeMap<ClientIndex, Vec<EncryptedShares>>, SecAggError> {
-        let Phase::ShareKeys { shares } = &mut self.phase else {
-            return Err(self.wrong_phase("close of ShareKeys"));
+        let Stage::ShareKeys { shares } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::ShareKeys));
         };
         let shares = std::mem::take(shares);
-        self.require("ShareKeys", shares.len())?;
+        self.require(Phase::ShareKeys, shares.len())?;
         self.shared = shares.keys().copied().collect();
         let mut inboxes: BTreeMap<ClientIndex, Vec<EncryptedShares>> =
             self.shared.iter().map(|&c| (c, Vec::new())).collect();
@@ -211,7 +212,7 @@ impl Server {
                 inbox.push(share);
             }
         }
-        self.phase = Phase::MaskedInput { received: BTreeSet::new() };
+        self.stage = Stage::MaskedInput { received: BTreeSet::new() };
         Ok(inboxes)
     }
 
@@ -234,8 +235,8 @@ impl Server {
         if bit_width < 32 && message.masked.iter().any(|&v| v >> bit_width != 0) {
             return Err(peer(from, PeerMisbehaved::OutOfRange { bit_width }));
         }
-        let Phase::MaskedInput { received } = &mut self.phase else {
-            return Err(self.wrong_phase("MaskedInput"));
+        let Stage::MaskedInput { received } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::MaskedInput));
         };
         if !received.insert(from) {
             return Err(peer(from, PeerMisbehaved::Duplicate));
@@ -246,13 +247,13 @@ impl Server {
 
     /// Closes phase 2: the survivor list every client signs.
     pub fn close_inputs(&mut self) -> Result<Vec<ClientIndex>, SecAggError> {
-        let Phase::MaskedInput { received } = &mut self.phase else {
-            return Err(self.wrong_phase("close of MaskedInput"));
+        let Stage::MaskedInput { received } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::MaskedInput));
         };
         let received = std::mem::take(received);
-        self.require("MaskedInput", received.len())?;
+        self.require(Phase::MaskedInput, received.len())?;
         self.survivors = received;
-        self.phase = Phase::ConsistencyCheck { signatures: BTreeMap::new() };
+        self.stage = Stage::ConsistencyCheck { signatures: BTreeMap::new() };
         Ok(self.survivors.iter().copied().collect())
     }
 
@@ -272,8 +273,8 @@ impl Server {
         if !crypto::verify(&identity, &signed::survivors(&self.config.binding, &list), &message.signature) {
             return Err(peer(from, PeerMisbehaved::BadSignature));
         }
-        let Phase::ConsistencyCheck { signatures } = &mut self.phase else {
-            return Err(self.wrong_phase("ConsistencyCheck"));
+        let Stage::ConsistencyCheck { signatures } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::ConsistencyCheck));
         };
         if signatures.insert(from, message.signature).is_some() {
             return Err(peer(from, PeerMisbehaved::Duplicate));
@@ -283,12 +284,12 @@ impl Server {
 
     /// Closes phase 3: the signatures every survivor checks before unmasking.
     pub fn close_consistency(&mut self) -> Result<Vec<SurvivorSignature>, SecAggError> {
-        let Phase::ConsistencyCheck { signatures } = &mut self.phase else {
-            return Err(self.wrong_phase("close of ConsistencyCheck"));
+        let Stage::ConsistencyCheck { signatures } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::ConsistencyCheck));
         };
         let signatures = std::mem::take(signatures);
-        self.require("ConsistencyCheck", signatures.len())?;
-        self.phase = Phase::Unmask { responders: BTreeSet::new() };
+        self.require(Phase::ConsistencyCheck, signatures.len())?;
+        self.stage = Stage::Unmask { responders: BTreeSet::new() };
         Ok(signatures
             .into_iter()
             .map(|(sender, signature)| SurvivorSignature { sender, signature })
@@ -329,7 +330,9 @@ impl Server {
         if owners.len() != self_mask.len() + mask_key.len() {
             return Err(peer(from, PeerMisbehaved::Duplicate));
         }
-        let Phase::Unmask { responders } = &mut self.phase else { return Err(self.wrong_phase("Unmask")) };
+        let Stage::Unmask { responders } = &mut self.stage else {
+            return Err(self.wrong_phase(Phase::Unmask));
+        };
         if !responders.insert(from) {
             return Err(peer(from, PeerMisbehaved::Duplicate));
         }
@@ -345,7 +348,7 @@ impl Server {
     /// Removes every mask and returns Σ_{U3} x mod 2^b, or aborts if some secret has
     /// fewer than `threshold` shares or does not reconstruct.
     pub fn finish(&mut self) -> Result<Vec<u32>, SecAggError> {
-        let Phase::Unmask { .. } = &self.phase else { return Err(self.wrong_phase("finish")) };
+        let Stage::Unmask { .. } = &self.stage else { return Err(self.wrong_phase(Phase::Unmask)) };
         // Derive every mask first, so that a failure leaves nothing partially unmasked.
         let masks = match self.masks_to_remove() {
             Ok(masks) => masks,
@@ -357,7 +360,7 @@ impl Server {
         for (seed, sign) in &masks {
             crypto::apply_mask(&mut self.sum, seed, *sign, self.config.bit_width);
         }
-        self.phase = Phase::Finished;
+        self.stage = Stage::Finished;
         self.self_mask_shares.clear();
         self.mask_key_shares.clear();
         Ok(std::mem::take(&mut self.sum))
@@ -373,7 +376,7 @@ impl Server {
             let shares = map.get(&owner).map_or(&[][..], Vec::as_slice);
             if shares.len() < t {
                 return Err(SecAggError::TooFewSurvivors {
-                    phase: "Unmask",
+                    phase: Phase::Unmask,
                     survivors: shares.len(),
                     needed: t,
                 });

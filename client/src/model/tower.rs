@@ -1,0 +1,344 @@
+//! The sequence-tower adapter family: cheap to train, and exactly zero-shot at
+//! initialisation. It works on the frozen MiniLM's embeddings of product titles (the
+//! catalogue, computed once and cached) instead of running MiniLM per step:
+//!
+//! - **item side**: a low-rank residual `v' = v + (v·A)·B` with `B = 0` at start;
+//! - **shopper side**: the last `L` items' adapted vectors, pooled with learned recency
+//!   weights (initialised to the mean of the last five), plus a small causal transformer
+//!   over the same sequence whose output projection starts at zero (the sequence adapters of
+//!   UniSRec, KDD 2022, and SASRec, ICDM 2018, over text embeddings);
+//! - score: cosine of the shopper and item vectors over τ.
+//!
+//! At initialisation the item residual and the transformer both add exactly zero, so the
+//! ranking is bit for bit the zero-shot "mean of the last five items" ranking
+//! ([`zero_shot_weights`]); a test holds it to that.
+
+use std::collections::BTreeMap;
+
+use guild_proto::tower::{TowerShape, initial_values, tensors};
+use tch::{Device, Kind, Tensor, nn};
+
+use crate::data::ItemIndex;
+
+pub use guild_proto::tower::zero_shot_weights;
+
+/// The tower's shape and the seed of its initial values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TowerConfig {
+    pub shape: TowerShape,
+    /// Seeds the initial values of everything that does not start at zero or one.
+    pub seed: u64,
+}
+
+impl TowerConfig {
+    /// The default shape for item vectors of size `hidden`: L = 20, the mean of the last
+    /// five at start, an item residual of rank 32, two transformer layers of width 128.
+    pub fn default_for(hidden: usize) -> Self {
+        Self {
+            shape: TowerShape {
+                hidden,
+                history: 20,
+                zero_shot_items: 5,
+                item_rank: 32,
+                width: 128,
+                layers: 2,
+                heads: 4,
+            },
+            seed: 0,
+        }
+    }
+}
+
+/// The sequence-tower adapter: its own `VarStore` holding every tensor of
+/// `guild_proto::tower::tensors`, all trained and aggregated.
+#[derive(Debug)]
+pub struct Tower {
+    config: TowerConfig,
+    vs: nn::VarStore,
+    /// The variables by name (shallow clones sharing the `VarStore`'s storage).
+    vars: BTreeMap<String, Tensor>,
+    /// The initial values, flat: the federation aggregates offsets from them.
+    initial: Vec<f32>,
+}
+
+impl Tower {
+    /// A tower at its zero-shot initialisation.
+    pub fn new(config: TowerConfig, device: Device) -> Result<Self, super::ModelError> {
+        config.shape.validate().map_err(super::ModelError::AdapterShape)?;
+        let vs = nn::VarStore::new(device);
+        let mut vars = BTreeMap::new();
+        for t in tensors(&config.shape) {
+            let mut path = vs.root();
+            let mut segments: Vec<&str> = t.name.split('.').collect();
+            let leaf = segments.pop().expect("a name has a segment");
+            for segment in segments {
+                path = &path / segment;
+            }
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            vars.insert(t.name.clone(), path.zeros(leaf, &shape));
+        }
+        let initial = initial_values(&config.shape, config.seed);
+        let mut tower = Self { config, vs, vars, initial };
+        let initial = tower.initial.clone();
+        tower.set_flat(&initial)?;
+        Ok(tower)
+    }
+
+    pub fn config(&self) -> &TowerConfig {
+        &self.config
+    }
+
+    pub fn var_store(&self) -> &nn::VarStore {
+        &self.vs
+    }
+
+    fn var(&self, name: &str) -> &Tensor {
+        self.vars.get(name).unwrap_or_else(|| panic!("the tower has no tensor {name}"))
+    }
+
+    fn linear(&self, xs: &Tensor, name: &str) -> Tensor {
+        xs.matmul(&self.var(&format!("{name}.weight")).tr()) + self.var(&format!("{name}.bias"))
+    }
+
+    fn layer_norm(&self, xs: &Tensor, name: &str) -> Tensor {
+        let w = self.config.shape.width as i64;
+        xs.layer_norm(
+            [w],
+            Some(self.var(&format!("{name}.weight"))),
+            Some(self.var(&format!("{name}.bias"))),
+            1e-5,
+            true,
+        )
+    }
+
+    /// Pre-norm causal self-attention and MLP; `allowed` is `[B, 1, L, L]`, true where a
+    /// position may attend to another (earlier or itself, and not padding).
+    fn block(&self, i: usize, xs: &Tensor, allowed: &Tensor) -> Tensor {
+        let p = |part: &str| format!("block{i}.{part}");
+        let heads = self.config.shape.heads as i64;
+        let (b, l, w) = xs.size3().expect("[batch, length, width]");
+        let qkv = self.linear(&self.layer_norm(xs, &p("attention_norm")), &p("qkv"));
+        let split = |t: &Tensor| t.view([b, l, heads, w / heads]).transpose(1, 2);
+        let parts = qkv.chunk(3, -1);
+        let (q, k, v) = (split(&parts[0]), split(&parts[1]), split(&parts[2]));
+        let attended =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, Some(allowed), 0.0, false, None, false);
+        let xs =
+            xs + self.linear(&attended.transpose(1, 2).contiguous().view([b, l, w]), &p("attention_out"));
+        let hidden = self.linear(&self.layer_norm(&xs, &p("mlp_norm")), &p("mlp_in")).gelu("none");
+        &xs + self.linear(&hidden, &p("mlp_out"))
+    }
+
+    /// Adapted item vectors `v + (v·A)·B`, `[items, hidden]`.
+    pub fn adapt_items(&self, items: &Tensor) -> Tensor {
+        items + items.matmul(self.var("item_a")).matmul(self.var("item_b"))
+    }
+
+    /// Shopper vectors `[batch, hidden]` from each history (oldest first) over the adapted
+    /// item vectors.
+    pub fn shoppers(&self, adapted: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+        let shape = &self.config.shape;
+        let (sequence, valid) = gather_last(adapted, histories, shape.history as i64);
+        let pooled = pool(&sequence, &valid, self.var("recency"));
+        if shape.layers == 0 {
+            return pooled;
+        }
+        let (b, l, _) = sequence.size3().expect("[batch, length, hidden]");
+        let device = sequence.device();
+        let xs = self.linear(&sequence, "input") + self.var("position").unsqueeze(0);
+        let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
+        // Padding (at the start) is never attended to; a position always attends to itself
+        // so that padded rows stay finite (their output is not read).
+        let allowed = causal
+            .unsqueeze(0)
+            .logical_and(&valid.unsqueeze(1))
+            .logical_or(&Tensor::eye(l, (Kind::Bool, device)).unsqueeze(0))
+            .view([b, 1, l, l]);
+        let xs = (0..shape.layers).fold(xs, |xs, i| self.block(i, &xs, &allowed));
+        pooled + xs.select(1, l - 1).matmul(self.var("output"))
+    }
+
+    /// Cosine scores `[batch, items]` of each history against the whole catalogue.
+    pub fn scores(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+        let adapted = self.adapt_items(items);
+        let shoppers = normalise(&self.shoppers(&adapted, histories));
+        shoppers.matmul(&normalise(&adapted).tr())
+    }
+
+    /// Every trainable value, in flat-vector (name) order.
+    pub fn flat(&self) -> Vec<f32> {
+        let parts: Vec<Tensor> =
+            self.vars.values().map(|t| t.detach().to(Device::Cpu).flatten(0, -1)).collect();
+        Vec::<f32>::try_from(&Tensor::cat(&parts, 0)).expect("float32 variables")
+    }
+
+    /// Overwrites every trainable value from a flat vector in [`Self::flat`]'s order.
+    pub fn set_flat(&mut self, values: &[f32]) -> Result<(), super::ModelError> {
+        let expected = self.parameter_count();
+        if values.len() != expected {
+            return Err(super::ModelError::AdapterShape(format!(
+                "flat vector has {} values, the tower has {expected}",
+                values.len()
+            )));
+        }
+        super::copy_flat(self.vars.values_mut(), values);
+        Ok(())
+    }
+
+    /// The initial values, flat.
+    pub fn initial(&self) -> &[f32] {
+        &self.initial
+    }
+
+    /// The offset of the current values from the initial ones: what the federation
+    /// aggregates (all zeros at start).
+    pub fn offset(&self) -> Vec<f32> {
+        self.flat().iter().zip(&self.initial).map(|(v, i)| v - i).collect()
+    }
+
+    /// Sets the values to `initial + offset`.
+    pub fn set_offset(&mut self, offset: &[f32]) -> Result<(), super::ModelError> {
+        if offset.len() != self.initial.len() {
+            return Err(super::ModelError::AdapterShape(format!(
+                "offset has {} values, the tower has {}",
+                offset.len(),
+                self.initial.len()
+            )));
+        }
+        let values: Vec<f32> = self.initial.iter().zip(offset).map(|(i, o)| i + o).collect();
+        self.set_flat(&values)
+    }
+
+    /// Names and shapes of the trainable tensors, in the flat vector's order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        self.vars
+            .iter()
+            .map(|(name, t)| (name.clone(), t.size().iter().map(|&s| s as usize).collect()))
+            .collect()
+    }
+
+    pub fn parameter_count(&self) -> usize {
+        self.initial.len()
+    }
+}
+
+/// `x / ‖x‖` row by row.
+pub fn normalise(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
+}
+
+/// The last `length` item vectors of each history, left-padded with zeros,
+/// `[batch, length, hidden]`, and which positions hold an item, `[batch, length]`.
+pub fn gather_last(items: &Tensor, histories: &[&[ItemIndex]], length: i64) -> (Tensor, Tensor) {
+    let l = length as usize;
+    let mut index = Vec::with_capacity(histories.len() * l);
+    let mut valid = Vec::with_capacity(histories.len() * l);
+    for h in histories {
+        let tail = &h[h.len().saturating_sub(l)..];
+        let pad = l - tail.len();
+        index.extend(std::iter::repeat_n(0i64, pad).chain(tail.iter().map(|&i| i64::from(i))));
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, tail.len())));
+    }
+    let device = items.device();
+    let b = histories.len() as i64;
+    let hidden = items.size()[1];
+    let index = Tensor::from_slice(&index).to(device);
+    let valid = Tensor::from_slice(&valid).view([b, length]).to(device);
+    let sequence =
+        items.index_select(0, &index).view([b, length, hidden]) * valid.unsqueeze(-1).to_kind(items.kind());
+    (sequence, valid)
+}
+
+/// `Σ_j w_j · v_(n−j)`: recency-weighted pooling, `weights[0]` for the most recent item.
+pub fn pool(sequence: &Tensor, valid: &Tensor, weights: &Tensor) -> Tensor {
+    // Position p of the (left-padded, oldest-first) sequence is the (L−1−p)-th most recent.
+    let by_position = weights.flip([0]).to_kind(sequence.kind());
+    let w = by_position.unsqueeze(0) * valid.to_kind(sequence.kind());
+    (sequence * w.unsqueeze(-1)).sum_dim_intlist(1, false, sequence.kind())
+}
+
+/// The zero-shot ranker's scores: the cosine of the mean of each history's last
+/// `zero_shot_items` item vectors with every item, `[batch, items]`.
+pub fn zero_shot_scores(items: &Tensor, histories: &[&[ItemIndex]], shape: &TowerShape) -> Tensor {
+    let (sequence, valid) = gather_last(items, histories, shape.history as i64);
+    let weights =
+        Tensor::from_slice(&zero_shot_weights(shape.history, shape.zero_shot_items)).to(items.device());
+    normalise(&pool(&sequence, &valid, &weights)).matmul(&normalise(items).tr())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalogue(n: i64, hidden: i64) -> Tensor {
+        tch::manual_seed(11);
+        normalise(&Tensor::randn([n, hidden], (Kind::Float, Device::Cpu)))
+    }
+
+    fn histories() -> Vec<Vec<ItemIndex>> {
+        // Short (padding), exactly five, and longer than L.
+        vec![vec![3], vec![1, 2], (0..5).collect(), (10..40).collect(), vec![7, 7, 8, 9, 3, 1, 4]]
+    }
+
+    fn config() -> TowerConfig {
+        TowerConfig {
+            shape: TowerShape {
+                hidden: 12,
+                history: 8,
+                zero_shot_items: 5,
+                item_rank: 4,
+                width: 16,
+                layers: 2,
+                heads: 4,
+            },
+            seed: 3,
+        }
+    }
+
+    #[test]
+    fn at_initialisation_the_tower_ranks_exactly_as_the_zero_shot_mean_of_the_last_five() {
+        let items = catalogue(60, 12);
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        let tower = Tower::new(config(), Device::Cpu).expect("tower");
+        let ours = tch::no_grad(|| tower.scores(&items, &histories));
+        let zero_shot = zero_shot_scores(&items, &histories, &config().shape);
+        assert!(ours.equal(&zero_shot), "scores differ by {}", (&ours - &zero_shot).abs().max());
+        // The zero-shot vector is the mean of the last five items: check one by hand.
+        let mean =
+            items.index_select(0, &Tensor::from_slice(&[9i64, 3, 1, 4, 8])).mean_dim(0, false, Kind::Float);
+        let by_hand = normalise(&mean.unsqueeze(0)).matmul(&items.tr());
+        assert!(by_hand.allclose(&zero_shot.get(4).unsqueeze(0), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn trained_values_survive_the_flat_vector_and_change_the_ranking() {
+        let items = catalogue(60, 12);
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        let mut tower = Tower::new(config(), Device::Cpu).expect("tower");
+        let n = tower.parameter_count();
+        assert_eq!(tower.flat().len(), n);
+        assert_eq!(tower.tensors().iter().map(|(_, s)| s.iter().product::<usize>()).sum::<usize>(), n);
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1e4 - 0.05).collect();
+        tower.set_flat(&values).expect("set");
+        assert_eq!(tower.flat(), values);
+        let other = Tower::new(config(), Device::Cpu).expect("tower");
+        let moved = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(
+            !moved.equal(&tch::no_grad(|| other.scores(&items, &histories))),
+            "non-zero values change scores"
+        );
+        assert!(tower.set_flat(&values[1..]).is_err(), "a wrong length is refused");
+        // Same seed, same initialisation; the offset from it is what is federated.
+        assert_eq!(Tower::new(config(), Device::Cpu).expect("tower").flat(), other.flat());
+        assert!(other.offset().iter().all(|&o| o == 0.0));
+        let names: Vec<String> = other.tensors().into_iter().map(|(n, _)| n).collect();
+        let spec: Vec<String> = tensors(&config().shape).into_iter().map(|t| t.name).collect();
+        assert_eq!(names, spec, "the model holds exactly the tensors the coordinator's manifest names");
+        let mut shifted = Tower::new(config(), Device::Cpu).expect("tower");
+        shifted.set_offset(&values).expect("offset");
+        let back: Vec<f32> = shifted.offset();
+        assert!(back.iter().zip(&values).all(|(a, b)| (a - b).abs() < 1e-6));
+    }
+}

@@ -1,0 +1,199 @@
+//! The round's timeline: the driver loop that opens rounds, closes each SecAgg+ phase
+//! when every expected message arrived or its deadline passed, aborts a round that
+//! cannot go on, and finishes one that can (unmask, decode, server step, commit).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use guild_privacy::PrivacyMode;
+use guild_privacy::dp::{RandomRotation, add_central_noise};
+use guild_privacy::ledger::LedgerEntry;
+use guild_privacy::secagg::Phase;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use super::optimizer::server_step;
+use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
+use crate::store::{AdapterRecord, RoundCommit};
+
+impl Engine {
+    /// Runs rounds until `max_rounds` (if set) have completed in this run.
+    pub async fn run(self: Arc<Self>) {
+        loop {
+            if self.config.rounds.max_rounds > 0
+                && self.lock().rounds_this_run >= self.config.rounds.max_rounds
+            {
+                self.lock().status =
+                    format!("idle: ran the configured {} rounds", self.config.rounds.max_rounds);
+                self.bump();
+                return;
+            }
+            match self.busy(|| self.try_open()) {
+                Ok(true) => {
+                    self.bump();
+                    self.drive().await;
+                    if self.config.rounds.pause_ms > 0 {
+                        tokio::time::sleep(Duration::from_millis(self.config.rounds.pause_ms)).await;
+                    }
+                }
+                Ok(false) => {
+                    self.bump();
+                    let _ = tokio::time::timeout(Duration::from_millis(500), self.arrivals.notified()).await;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "cannot open a round");
+                    self.lock().status = format!("error: {error}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// Drives the open round through its phases, then finishes it.
+    async fn drive(&self) {
+        for phase in Phase::ALL {
+            let deadline = tokio::time::Instant::now() + self.config.phase_deadline(phase);
+            loop {
+                let notified = self.arrivals.notified();
+                let all_in = {
+                    let state = self.lock();
+                    state.round.as_ref().is_none_or(|r| r.expected.is_subset(&r.received))
+                };
+                if all_in {
+                    break;
+                }
+                tokio::select! {
+                    () = notified => {}
+                    () = tokio::time::sleep_until(deadline) => break,
+                }
+            }
+            if let Err(reason) = self.busy(|| self.close_phase(phase)) {
+                self.abort(reason);
+                return;
+            }
+        }
+        match self.busy(|| self.finish()) {
+            Ok(version) => {
+                let mut state = self.lock();
+                let round_id = state.round.take().map(|r| r.id).unwrap_or_default();
+                push_outcome(&mut state.outcomes, round_id, Outcome::Committed { version });
+                state.status = format!("round {round_id} committed adapter version {version}");
+                drop(state);
+                self.bump();
+            }
+            Err(error) => self.abort(format!("finishing failed: {error}")),
+        }
+    }
+
+    fn close_phase(&self, phase: Phase) -> Result<(), String> {
+        let mut state = self.lock();
+        let Some(round) = state.round.as_mut() else { return Err("the round vanished".into()) };
+        let dropped = round.expected.difference(&round.received).count();
+        let latency = round.phase_started.elapsed();
+        let result = match phase {
+            Phase::AdvertiseKeys => round.server.close_keys().map(|roster| round.roster = roster),
+            Phase::ShareKeys => round.server.close_shares().map(|inboxes| round.inboxes = inboxes),
+            Phase::MaskedInput => round.server.close_inputs().map(|survivors| round.survivors = survivors),
+            Phase::ConsistencyCheck => {
+                round.server.close_consistency().map(|signatures| round.signatures = signatures)
+            }
+            Phase::Unmask => Ok(()),
+        };
+        self.metrics.observe_phase(phase, latency, dropped);
+        tracing::info!(
+            round = round.id,
+            phase = phase.name(),
+            received = round.received.len(),
+            dropped,
+            ?latency,
+            "phase closed"
+        );
+        result.map_err(|e| e.to_string())?;
+        round.expected = std::mem::take(&mut round.received);
+        round.phase = phase.next();
+        if let Err(error) = self.store.set_round_phase(round.id, round.phase) {
+            tracing::warn!(%error, "recording the round's phase failed");
+        }
+        round.phase_started = Instant::now();
+        drop(state);
+        if !phase.is_last() {
+            self.bump();
+        }
+        Ok(())
+    }
+
+    fn abort(&self, reason: String) {
+        let mut state = self.lock();
+        if let Some(mut round) = state.round.take() {
+            round.server.abort();
+            tracing::warn!(round = round.id, %reason, "round aborted; nothing was revealed and no budget spent");
+            if let Err(error) = self.store.abort_round(round.id, &reason) {
+                tracing::error!(%error, "recording the abort failed (it is recorded at the next start)");
+            }
+            state.rounds_aborted += 1;
+            self.metrics.rounds_aborted.inc();
+            state.status = format!("round {} aborted: {reason}", round.id);
+            push_outcome(&mut state.outcomes, round.id, Outcome::Aborted { reason });
+        }
+        drop(state);
+        self.bump();
+    }
+
+    /// Unmasks the sum, decodes it, applies the server optimiser and commits.
+    fn finish(&self) -> Result<u64, anyhow::Error> {
+        let mut state = self.lock();
+        let State { round, latest, moments, ledger, .. } = &mut *state;
+        let round = round.as_mut().ok_or_else(|| anyhow::anyhow!("the round vanished"))?;
+        let sum = round.server.finish()?;
+        let rotation = RandomRotation::new(round.ddg.padded_dimension(), round.rotation_seed);
+        let mut decoded = round.ddg.decode(&sum, &rotation)?;
+        if self.config.privacy.mode == PrivacyMode::Central {
+            let sigma = self.config.privacy.noise_multiplier * self.config.privacy.clip_norm;
+            add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
+        }
+        let step = server_step(
+            self.config.rounds.server_optimizer,
+            &latest.values,
+            &decoded,
+            round.denominator,
+            self.config.rounds.server_learning_rate,
+            moments.as_ref(),
+        );
+        let bytes = guild_proto::adapter::to_bytes(&step.values);
+        let sha256 = guild_proto::adapter::sha256(&bytes);
+        let version = latest.version + 1;
+        let optimizer_state = step.moments.as_ref().map(super::optimizer::Moments::to_bytes);
+        let survivors = round.survivors.len() as u32;
+        let entry = round.event.map(|event| LedgerEntry { round_id: round.id, event });
+        let mut next_ledger = ledger.clone();
+        if let Some(entry) = entry {
+            next_ledger.append(entry)?;
+        }
+        self.store.commit_round(&RoundCommit {
+            round_id: round.id,
+            survivors,
+            adapter: AdapterRecord { version, sha256, data: bytes.clone(), optimizer_state },
+            ledger_event: entry.map(|e| e.event),
+        })?;
+        *ledger = next_ledger;
+        *latest = Arc::new(AdapterVersion { version, sha256, bytes, values: step.values });
+        if step.moments.is_some() {
+            *moments = step.moments;
+        }
+        let epsilon = ledger.spent()?.epsilon;
+        state.rounds_completed += 1;
+        state.rounds_this_run += 1;
+        self.metrics.rounds_completed.inc();
+        self.metrics.epsilon_spent.set(epsilon);
+        tracing::info!(version, survivors, epsilon, "round committed");
+        Ok(version)
+    }
+}
+
+fn push_outcome(outcomes: &mut VecDeque<(u64, Outcome)>, round: u64, outcome: Outcome) {
+    outcomes.push_back((round, outcome));
+    while outcomes.len() > KEPT_OUTCOMES {
+        outcomes.pop_front();
+    }
+}

@@ -1,0 +1,204 @@
+//! Opening a round: Poisson sampling of the eligible merchants, the round's encoding and
+//! privacy cost (one function in guild-privacy, `RoundPrivacy::cost`), the ledger's
+//! budget check, and one task per cohort member.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use guild_privacy::cost::{RoundCost, RoundPrivacy};
+use guild_privacy::ledger::PrivacyEvent;
+use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
+use guild_privacy::secagg::server::Server;
+use guild_privacy::secagg::{Identities, Phase, RoundConfig};
+use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+use super::{Engine, Round, State};
+use crate::store::MerchantRecord;
+
+/// The round-wide parameters every task of a round carries.
+struct TaskTemplate<'a> {
+    binding: RoundBinding,
+    adapter_version: u64,
+    round: &'a RoundConfig,
+    cost: &'a RoundCost,
+    rotation_seed: u64,
+    identities: &'a Identities,
+    deadlines: Vec<Duration>,
+}
+
+impl Engine {
+    /// Samples a cohort and opens a round, or says (in the status) why not.
+    pub(super) fn try_open(&self) -> Result<bool, anyhow::Error> {
+        let cfg = &self.config;
+        let eligible = self.store.eligible_merchants()?;
+        let population = self.store.allowed_count()?.max(eligible.len() as u64);
+        if (eligible.len() as u32) < cfg.rounds.min_cohort {
+            self.lock().status = format!(
+                "waiting for merchants: {} registered and allowed, a round needs at least {}",
+                eligible.len(),
+                cfg.rounds.min_cohort
+            );
+            return Ok(false);
+        }
+        // Poisson sampling: each merchant independently, with the OS's randomness.
+        let mut rng = ChaCha20Rng::from_entropy();
+        let q = cfg.rounds.sampling_rate;
+        let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
+        let n = cohort.len() as u32;
+        if n < cfg.rounds.min_cohort {
+            // Nothing is computed or released from a skipped sample, so it costs no privacy.
+            self.metrics.rounds_skipped.inc();
+            self.lock().status = format!(
+                "sampled {n} merchants, fewer than the minimum cohort {}; resampling",
+                cfg.rounds.min_cohort
+            );
+            return Ok(false);
+        }
+        let t = cfg.rounds.threshold;
+        let k = if cfg.rounds.neighbours == 0 { n - 1 } else { cfg.rounds.neighbours.min(n - 1) };
+        let cost = RoundPrivacy {
+            mode: cfg.privacy.mode,
+            sampling_rate: q,
+            noise_multiplier: cfg.privacy.noise_multiplier,
+            clip_norm: cfg.privacy.clip_norm,
+            dimension: self.manifest.parameter_count(),
+            min_survivors: t,
+            max_summands: n,
+            bit_width: cfg.privacy.bit_width,
+            wrap_probability: cfg.privacy.wrap_probability,
+        }
+        .cost()?;
+        let mut state = self.lock();
+        if let Some(event) = &cost.event
+            && !self.within_budget(&mut state, event)?
+        {
+            return Ok(false);
+        }
+        let round_id = self.store.open_round(n)?;
+        let latest = state.latest.clone();
+        let binding =
+            RoundBinding { federation_id: self.federation_id, round_id, adapter_sha256: latest.sha256 };
+        let round_config = RoundConfig {
+            binding,
+            cohort_size: n,
+            threshold: t,
+            neighbours: k,
+            graph_seed: rng.r#gen(),
+            vector_length: cost.ddg.padded_dimension(),
+            bit_width: cfg.privacy.bit_width,
+        };
+        let identities: Identities = cohort
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (ClientIndex::new(i as u32 + 1).expect("1-based"), m.signing_public_key))
+            .collect();
+        let server = Server::new(round_config.clone(), identities.clone())?;
+        let template = TaskTemplate {
+            binding,
+            adapter_version: latest.version,
+            round: &round_config,
+            cost: &cost,
+            rotation_seed: rng.r#gen(),
+            identities: &identities,
+            deadlines: Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect(),
+        };
+        let mut members = BTreeMap::new();
+        let mut tasks = BTreeMap::new();
+        for (i, merchant) in cohort.iter().enumerate() {
+            let index = ClientIndex::new(i as u32 + 1).expect("1-based");
+            members.insert(merchant.merchant_id.clone(), index);
+            tasks.insert(index, self.task(&template, index, rng.r#gen()));
+        }
+        tracing::info!(
+            round = round_id,
+            cohort = n,
+            threshold = t,
+            neighbours = k,
+            adapter = latest.version,
+            "round opened"
+        );
+        self.metrics.participants.set(i64::from(n));
+        let rotation_seed = template.rotation_seed;
+        state.round = Some(Round {
+            id: round_id,
+            binding,
+            expected: members.values().copied().collect(),
+            members,
+            tasks,
+            server,
+            ddg: cost.ddg,
+            rotation_seed,
+            event: cost.event,
+            denominator: q * population as f64,
+            phase: Some(Phase::AdvertiseKeys),
+            phase_started: Instant::now(),
+            received: BTreeSet::new(),
+            roster: Vec::new(),
+            inboxes: BTreeMap::new(),
+            survivors: Vec::new(),
+            signatures: Vec::new(),
+        });
+        state.status = format!("round {round_id} open");
+        Ok(true)
+    }
+
+    /// Whether the ledger can afford `event`; if not, says so in the status (once).
+    fn within_budget(&self, state: &mut State, event: &PrivacyEvent) -> Result<bool, anyhow::Error> {
+        let privacy = &self.config.privacy;
+        let after = state.ledger.spent_if(event)?;
+        if after.epsilon <= privacy.epsilon_budget {
+            return Ok(true);
+        }
+        let message = format!(
+            "privacy budget exhausted: another round would raise ε from {:.4} to {:.4}, past the cap of {} at δ = {:e}; no more rounds",
+            state.ledger.spent()?.epsilon,
+            after.epsilon,
+            privacy.epsilon_budget,
+            privacy.delta
+        );
+        if state.status != message {
+            tracing::warn!("{message}");
+            self.metrics.rounds_refused.inc();
+        }
+        state.status = message;
+        Ok(false)
+    }
+
+    /// The task of the cohort member at `index`.
+    fn task(&self, template: &TaskTemplate<'_>, index: ClientIndex, data_seed: u64) -> RoundTask {
+        let cfg = &self.config;
+        let round = template.round;
+        RoundTask {
+            binding: template.binding,
+            adapter_version: template.adapter_version,
+            manifest: self.manifest.clone(),
+            training: TrainingParams {
+                local_steps: cfg.rounds.local_steps,
+                batch_size: cfg.rounds.batch_size,
+                learning_rate: cfg.rounds.learning_rate,
+                data_seed,
+            },
+            privacy: PrivacyParams {
+                mode: cfg.privacy.mode,
+                clip_norm: cfg.privacy.clip_norm,
+                noise_multiplier: cfg.privacy.noise_multiplier,
+                gamma: template.cost.ddg.gamma(),
+                bit_width: cfg.privacy.bit_width,
+                min_survivors: round.threshold,
+                rotation_seed: template.rotation_seed,
+            },
+            secagg: SecAggParams {
+                my_index: index,
+                cohort_size: round.cohort_size,
+                threshold: round.threshold,
+                neighbours: round.neighbours,
+                graph_seed: round.graph_seed,
+                vector_length: round.vector_length as u32,
+                phase_deadlines: template.deadlines.clone(),
+            },
+            cohort: template.identities.clone(),
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The server optimisers as pure functions: FedAvg (the averaged update times a server
+//! learning rate) and FedAdam (Reddi et al., ICLR 2021, "Adaptive Federated
+//! Optimization"), and the encoding of FedAdam's moments in the store.
+//!
+//! Both take the decoded noisy sum and a fixed denominator (q·N, the expected cohort),
+//! never the realised cohort size, so the released average does not depend on who
+//! survived.
+
+use crate::config::ServerOptimizer;
+
+/// FedAdam's β₁.
+pub const ADAM_BETA1: f64 = 0.9;
+/// FedAdam's β₂.
+pub const ADAM_BETA2: f64 = 0.99;
+/// FedAdam's adaptivity τ (the ε of Adam), as in Reddi et al.
+pub const ADAM_TAU: f64 = 1e-3;
+
+/// FedAdam's first and second moments, one of each per coordinate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moments {
+    pub first: Vec<f64>,
+    pub second: Vec<f64>,
+}
+
+impl Moments {
+    pub fn zeros(dimension: usize) -> Self {
+        Self { first: vec![0.0; dimension], second: vec![0.0; dimension] }
+    }
+
+    /// The stored form: the first moments then the second, as little-endian f32.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let flat: Vec<f32> = self.first.iter().chain(&self.second).map(|&x| x as f32).collect();
+        guild_proto::adapter::to_bytes(&flat)
+    }
+
+    /// Reads [`Self::to_bytes`]'s form for an adapter of `dimension` parameters.
+    pub fn from_bytes(bytes: &[u8], dimension: usize) -> Result<Self, guild_proto::adapter::AdapterError> {
+        let values = guild_proto::adapter::from_bytes(bytes, 2 * dimension)?;
+        let (first, second) = values.split_at(dimension);
+        Ok(Self {
+            first: first.iter().map(|&x| f64::from(x)).collect(),
+            second: second.iter().map(|&x| f64::from(x)).collect(),
+        })
+    }
+}
+
+/// One server step's result: the new adapter and, for FedAdam, the new moments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerStep {
+    pub values: Vec<f32>,
+    pub moments: Option<Moments>,
+}
+
+/// FedAvg: `x + η · Δ̄`.
+pub fn fed_avg(current: &[f32], mean_update: &[f64], learning_rate: f64) -> Vec<f32> {
+    current.iter().zip(mean_update).map(|(&x, &u)| (f64::from(x) + learning_rate * u) as f32).collect()
+}
+
+/// FedAdam: `m ← β₁m + (1−β₁)Δ̄`, `v ← β₂v + (1−β₂)Δ̄²`, `x ← x + η·m/(√v + τ)`.
+pub fn fed_adam(
+    current: &[f32],
+    mean_update: &[f64],
+    learning_rate: f64,
+    moments: &Moments,
+) -> (Vec<f32>, Moments) {
+    let mut next = moments.clone();
+    for (i, &u) in mean_update.iter().enumerate() {
+        next.first[i] = ADAM_BETA1 * next.first[i] + (1.0 - ADAM_BETA1) * u;
+        next.second[i] = ADAM_BETA2 * next.second[i] + (1.0 - ADAM_BETA2) * u * u;
+    }
+    let values = current
+        .iter()
+        .enumerate()
+        .map(|(i, &x)| {
+            (f64::from(x) + learning_rate * next.first[i] / (next.second[i].sqrt() + ADAM_TAU)) as f32
+        })
+        .collect();
+    (values, next)
+}
+
+/// Applies `optimizer` to `current` with the decoded `sum` of the round's updates,
+/// divided by the fixed `denominator`. FedAdam starts from zero moments when `moments`
+/// is `None` (the first round, or a federation that switched optimiser).
+pub fn server_step(
+    optimizer: ServerOptimizer,
+    current: &[f32],
+    sum: &[f64],
+    denominator: f64,
+    learning_rate: f64,
+    moments: Option<&Moments>,
+) -> ServerStep {
+    let mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
+    match optimizer {
+        ServerOptimizer::FedAvg => {
+            ServerStep { values: fed_avg(current, &mean, learning_rate), moments: None }
+        }
+        ServerOptimizer::FedAdam => {
+            let zeros;
+            let moments = match moments {
+                Some(m) if m.first.len() == mean.len() => m,
+                _ => {
+                    zeros = Moments::zeros(mean.len());
+                    &zeros
+                }
+            };
+            let (values, moments) = fed_adam(current, &mean, learning_rate, moments);
+            ServerStep { values, moments: Some(moments) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(got: &[f64], want: &[f64]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-12, "{got:?} vs {want:?}");
+        }
+    }
+
+    #[test]
+    fn fed_avg_adds_the_mean_update_times_the_learning_rate() {
+        let step = server_step(ServerOptimizer::FedAvg, &[1.0, -2.0, 0.5], &[4.0, 8.0, -2.0], 4.0, 0.5, None);
+        assert_eq!(step.values, vec![1.5, -1.0, 0.25]);
+        assert_eq!(step.moments, None);
+    }
+
+    #[test]
+    fn fed_adam_first_step_matches_the_formula_by_hand() {
+        // Zero moments, mean update u: m = 0.1u, v = 0.01u², step = η·0.1u/(0.1|u| + τ).
+        let step = server_step(ServerOptimizer::FedAdam, &[0.0, 1.0, 0.0], &[2.0, -0.5, 0.0], 1.0, 0.1, None);
+        let moments = step.moments.expect("FedAdam keeps moments");
+        close(&moments.first, &[0.2, -0.05, 0.0]);
+        assert!((moments.second[0] - 0.04).abs() < 1e-15 && (moments.second[1] - 0.0025).abs() < 1e-15);
+        let expected = [0.1 * 0.2 / (0.2 + ADAM_TAU), 1.0 - 0.1 * 0.05 / (0.05 + ADAM_TAU), 0.0];
+        for (got, want) in step.values.iter().zip(expected) {
+            assert!((f64::from(*got) - want).abs() < 1e-6, "{got} vs {want}");
+        }
+        // Adam's normalisation: the first step is about η in every moving coordinate,
+        // whatever the update's scale.
+        assert!((step.values[0] - 0.1).abs() < 1e-3 && (step.values[1] - 0.9).abs() < 3e-3);
+    }
+
+    #[test]
+    fn fed_adam_accumulates_moments_across_rounds() {
+        let d = 2;
+        let first = server_step(ServerOptimizer::FedAdam, &[0.0; 2], &[1.0, 1.0], 1.0, 0.01, None);
+        let second = server_step(
+            ServerOptimizer::FedAdam,
+            &first.values,
+            &[1.0, -1.0],
+            1.0,
+            0.01,
+            first.moments.as_ref(),
+        );
+        let m = second.moments.expect("moments");
+        assert_eq!(m.first.len(), d);
+        // m = 0.9·0.1 + 0.1·u₂: 0.19 where the updates agreed, −0.01 where they did not.
+        close(&m.first, &[0.19, -0.01]);
+        assert!(second.values[0] > first.values[0] && second.values[1] < first.values[1]);
+        // Moments of the wrong length (a changed manifest) restart from zero.
+        let restarted =
+            server_step(ServerOptimizer::FedAdam, &[0.0; 3], &[1.0; 3], 1.0, 0.01, first.moments.as_ref());
+        close(&restarted.moments.expect("moments").first, &[0.1; 3]);
+    }
+
+    #[test]
+    fn moments_round_trip_through_their_stored_form_at_f32_precision() {
+        let m = Moments { first: vec![0.1, -2.5, 3e-7], second: vec![1e-3, 4.0, 0.0] };
+        let back = Moments::from_bytes(&m.to_bytes(), 3).expect("decode");
+        for (a, b) in m.first.iter().chain(&m.second).zip(back.first.iter().chain(&back.second)) {
+            assert!((a - b).abs() <= a.abs() * 1e-7, "{a} vs {b}");
+        }
+        assert!(Moments::from_bytes(&m.to_bytes(), 4).is_err(), "a wrong dimension must be refused");
+    }
+}

@@ -1,0 +1,222 @@
+//! The sequence-tower adapter family as data: its shape, the names and shapes of its
+//! tensors in flat-vector order, and their initial values, drawn from a ChaCha20 stream
+//! seeded with the federation's seed. The client builds its model from these, and the
+//! coordinator (which links no tensor library) names the tensors in its manifest and
+//! exports `initial + update` without running the model.
+//!
+//! What is federated is the offset from the initial values: adapter version 0 is all
+//! zeros, which is the zero-shot tower (the item residual's B and the transformer's
+//! output projection start at zero).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+
+/// The tower's shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TowerShape {
+    /// h: size of the item vectors (the base model's embedding size).
+    pub hidden: usize,
+    /// L: items of a shopper's history the tower reads (most recent last).
+    pub history: usize,
+    /// Items whose mean is the zero-shot shopper vector (the initial pooling weights).
+    pub zero_shot_items: usize,
+    /// Rank of the item residual `v + (v·A)·B`.
+    pub item_rank: usize,
+    /// Width of the causal transformer (unused when `layers` is 0).
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl TowerShape {
+    /// Checks the shape's consistency, naming the field at fault.
+    pub fn validate(&self) -> Result<(), String> {
+        let problem = if self.hidden == 0 || self.history == 0 || self.item_rank == 0 {
+            Some("hidden, history and item_rank must be at least 1".to_owned())
+        } else if self.zero_shot_items == 0 || self.zero_shot_items > self.history {
+            Some(format!("zero_shot_items must be in 1..={}", self.history))
+        } else if self.layers > 0
+            && (self.width == 0 || self.heads == 0 || !self.width.is_multiple_of(self.heads))
+        {
+            Some(format!("width {} must be a positive multiple of heads {}", self.width, self.heads))
+        } else if self.layers > 16 || self.width > 4096 || self.history > 512 || self.item_rank > 4096 {
+            Some("the tower is larger than any shape this build accepts".to_owned())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), Err)
+    }
+}
+
+/// How a tensor starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Zeros,
+    Ones,
+    /// U(−b, b), b = 1/√fan_in: PyTorch's default for linear layers.
+    Uniform {
+        fan_in: usize,
+    },
+    Normal {
+        stdev: f64,
+    },
+    /// The zero-shot pooling weights: 1/k for the k most recent items, 0 before them.
+    ZeroShotWeights,
+}
+
+/// One tensor of the tower.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TowerTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub init: Init,
+}
+
+impl TowerTensor {
+    fn new(name: impl Into<String>, shape: &[usize], init: Init) -> Self {
+        Self { name: name.into(), shape: shape.to_vec(), init }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Every tensor of the tower, in flat-vector order (sorted by name).
+pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
+    let (h, l, w, r) = (shape.hidden, shape.history, shape.width, shape.item_rank);
+    let linear = |name: &str, out: usize, input: usize| {
+        [
+            TowerTensor::new(format!("{name}.bias"), &[out], Init::Uniform { fan_in: input }),
+            TowerTensor::new(format!("{name}.weight"), &[out, input], Init::Uniform { fan_in: input }),
+        ]
+    };
+    let norm = |name: &str| {
+        [
+            TowerTensor::new(format!("{name}.bias"), &[w], Init::Zeros),
+            TowerTensor::new(format!("{name}.weight"), &[w], Init::Ones),
+        ]
+    };
+    let mut all = Vec::new();
+    for i in 0..shape.layers {
+        let p = |part: &str| format!("block{i}.{part}");
+        all.extend(norm(&p("attention_norm")));
+        all.extend(linear(&p("attention_out"), w, w));
+        all.extend(linear(&p("mlp_in"), 2 * w, w));
+        all.extend(norm(&p("mlp_norm")));
+        all.extend(linear(&p("mlp_out"), w, 2 * w));
+        all.extend(linear(&p("qkv"), 3 * w, w));
+    }
+    if shape.layers > 0 {
+        all.extend(linear("input", w, h));
+    }
+    all.push(TowerTensor::new("item_a", &[h, r], Init::Normal { stdev: 1.0 / (h as f64).sqrt() }));
+    all.push(TowerTensor::new("item_b", &[r, h], Init::Zeros));
+    if shape.layers > 0 {
+        all.push(TowerTensor::new("output", &[w, h], Init::Zeros));
+        all.push(TowerTensor::new("position", &[l, w], Init::Normal { stdev: 0.02 }));
+    }
+    all.push(TowerTensor::new("recency", &[l], Init::ZeroShotWeights));
+    all.sort_by(|a, b| a.name.cmp(&b.name));
+    all
+}
+
+/// The length of the tower's flat vector.
+pub fn parameter_count(shape: &TowerShape) -> usize {
+    tensors(shape).iter().map(TowerTensor::len).sum()
+}
+
+/// The pooling weights of the zero-shot ranker, most recent item first.
+pub fn zero_shot_weights(history: usize, zero_shot_items: usize) -> Vec<f32> {
+    (0..history).map(|j| if j < zero_shot_items { 1.0 / zero_shot_items as f32 } else { 0.0 }).collect()
+}
+
+/// The tower's initial values in flat-vector order, from a ChaCha20 stream seeded with
+/// `seed` (tensor after tensor, in that order).
+pub fn initial_values(shape: &TowerShape, seed: u64) -> Vec<f32> {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(parameter_count(shape));
+    for t in tensors(shape) {
+        let n = t.len();
+        match t.init {
+            Init::Zeros => out.extend(std::iter::repeat_n(0.0, n)),
+            Init::Ones => out.extend(std::iter::repeat_n(1.0, n)),
+            Init::Uniform { fan_in } => {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                out.extend((0..n).map(|_| rng.gen_range(-bound..bound) as f32));
+            }
+            Init::Normal { stdev } => out.extend((0..n).map(|_| (standard_normal(&mut rng) * stdev) as f32)),
+            Init::ZeroShotWeights => out.extend(zero_shot_weights(shape.history, shape.zero_shot_items)),
+        }
+    }
+    out
+}
+
+/// A standard normal draw (Box–Muller).
+fn standard_normal(rng: &mut ChaCha20Rng) -> f64 {
+    let u1: f64 = 1.0 - rng.r#gen::<f64>();
+    let u2: f64 = rng.r#gen();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(layers: usize) -> TowerShape {
+        TowerShape { hidden: 12, history: 8, zero_shot_items: 5, item_rank: 4, width: 16, layers, heads: 4 }
+    }
+
+    #[test]
+    fn tensors_are_in_name_order_and_count_every_parameter() {
+        for layers in [0, 2] {
+            let all = tensors(&shape(layers));
+            let names: Vec<&str> = all.iter().map(|t| t.name.as_str()).collect();
+            let mut sorted = names.clone();
+            sorted.sort_unstable();
+            assert_eq!(names, sorted);
+            assert_eq!(initial_values(&shape(layers), 1).len(), parameter_count(&shape(layers)));
+        }
+        // Without layers: the item residual and the pooling weights only.
+        assert_eq!(parameter_count(&shape(0)), 2 * 12 * 4 + 8);
+        // Each block: two norms, attention (qkv, out) and a 2× MLP: 8w² + 11w.
+        assert_eq!(
+            parameter_count(&shape(2)) - parameter_count(&shape(0)),
+            2 * (8 * 256 + 11 * 16) + 16 * 12 + 16 + 16 * 12 + 8 * 16
+        );
+    }
+
+    #[test]
+    fn initial_values_are_seeded_and_start_at_zero_shot() {
+        let s = shape(2);
+        let a = initial_values(&s, 7);
+        assert_eq!(a, initial_values(&s, 7));
+        assert_ne!(a, initial_values(&s, 8));
+        let mut offset = 0;
+        for t in tensors(&s) {
+            let values = &a[offset..offset + t.len()];
+            match t.name.as_str() {
+                "item_b" | "output" => assert!(values.iter().all(|&v| v == 0.0), "{} starts at zero", t.name),
+                "recency" => assert_eq!(values, &[0.2, 0.2, 0.2, 0.2, 0.2, 0.0, 0.0, 0.0]),
+                "item_a" => {
+                    let var = values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / values.len() as f64;
+                    assert!((var * 12.0 - 1.0).abs() < 0.35, "item_a variance {var} is about 1/h");
+                }
+                _ => {}
+            }
+            offset += t.len();
+        }
+    }
+
+    #[test]
+    fn inconsistent_shapes_are_refused() {
+        assert!(shape(2).validate().is_ok());
+        assert!(TowerShape { heads: 5, ..shape(2) }.validate().is_err());
+        assert!(TowerShape { zero_shot_items: 9, ..shape(2) }.validate().is_err());
+        assert!(TowerShape { heads: 5, ..shape(0) }.validate().is_ok(), "no transformer, no heads to check");
+    }
+}

@@ -1,0 +1,92 @@
+//! The results of a scenario run, as the report reads them (`results.json`).
+
+use std::collections::BTreeMap;
+
+use guild_client::retrieval::RankingCounts;
+use serde::{Deserialize, Serialize};
+
+use crate::stats::PairedDifference;
+
+/// Ranking quality of one arm on one split.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scores {
+    pub users: u64,
+    pub recall_at_10: f64,
+    pub ndcg_at_10: f64,
+    pub mrr: f64,
+    /// Mean full-catalogue cross-entropy of the held-out item (`RankingCounts::cross_entropy`).
+    #[serde(default)]
+    pub cross_entropy: f64,
+}
+
+impl From<RankingCounts> for Scores {
+    fn from(c: RankingCounts) -> Self {
+        Self {
+            users: c.users,
+            recall_at_10: c.recall_at_10(),
+            ndcg_at_10: c.ndcg_at_10(),
+            mrr: c.mrr(),
+            cross_entropy: c.cross_entropy(),
+        }
+    }
+}
+
+/// The validation score of the adapter after one round.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundPoint {
+    pub round: u64,
+    pub validation: Scores,
+    pub epsilon: f64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ArmResult {
+    pub arm: String,
+    pub test: Scores,
+    pub validation: Scores,
+    /// Local-only: the worst merchant's test scores (by MRR).
+    pub worst: Option<Scores>,
+    pub epsilon: Option<f64>,
+    pub delta: Option<f64>,
+    pub noise_multiplier: Option<f64>,
+    pub rounds: u64,
+    pub rounds_aborted: u64,
+    pub wall_seconds: f64,
+    pub bytes_per_client_round: Option<f64>,
+    pub curve: Vec<RoundPoint>,
+    /// Mean seconds per SecAgg+ phase and dropouts per phase, from the coordinator's metrics.
+    pub phase_seconds: BTreeMap<String, f64>,
+    pub dropouts: BTreeMap<String, u64>,
+    pub events: Vec<String>,
+    /// Each evaluation user's test rank of its held-out item, one list per model the arm
+    /// trained (several for local-only: one per merchant), users in the same order in
+    /// every arm.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_ranks: Vec<Vec<u32>>,
+    /// Paired differences of this arm's test metrics against the reference arms, with
+    /// 95% bootstrap intervals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub comparisons: Vec<Comparison>,
+}
+
+/// One arm against one reference arm, on the same users.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Comparison {
+    pub against: String,
+    pub differences: Vec<PairedDifference>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunResults {
+    pub scenario: String,
+    pub description: String,
+    pub machine: String,
+    pub merchants: usize,
+    pub dataset_users: usize,
+    pub catalogue: usize,
+    pub eval_users: usize,
+    pub expected_cohort: f64,
+    pub adapter_parameters: usize,
+    pub wall_seconds: f64,
+    pub arms: Vec<ArmResult>,
+}

@@ -1,0 +1,211 @@
+//! The model world every arm shares: the dataset cut into merchants, the base model, the
+//! catalogue's embeddings, the seeded evaluation users, and the adapter configuration;
+//! training on a set of users and scoring adapter values. Used by `guild-sim run` (every
+//! baseline and federated arm) and `guild-sim local`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use guild_client::data::{Dataset, Merchant, User, partition};
+use guild_client::learner::Shared;
+use guild_client::model::lora::{Adapters, LoraConfig};
+use guild_client::model::tower::{Tower, TowerConfig};
+use guild_client::model::{BaseModel, default_model_dir};
+use guild_client::retrieval::{self, Split, TrainConfig, TrainReport};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+use crate::results::Scores;
+use crate::scenario::Scenario;
+
+/// Seed of the evaluation-user sample, the same for every arm and command.
+pub const EVAL_USERS_SEED: u64 = 12_345;
+
+/// What a world is built from.
+#[derive(Clone, Debug)]
+pub struct WorldSpec {
+    /// A RecBole-format dataset folder.
+    pub dataset: PathBuf,
+    /// Keep only the first users of the dataset (small test runs).
+    pub max_users: Option<usize>,
+    /// Users per shop when cutting platform families into merchants.
+    pub shop_size: usize,
+    /// Keep a seeded sample of this many merchants.
+    pub max_merchants: Option<usize>,
+    /// Seed of the partition and of the merchant sample.
+    pub seed: u64,
+    pub max_tokens: usize,
+    /// Where catalogue embeddings are cached.
+    pub cache: PathBuf,
+    /// Evaluation users: a seeded sample of the merchants' shoppers.
+    pub eval_users: usize,
+    pub lora: LoraConfig,
+}
+
+impl WorldSpec {
+    /// The world a scenario runs in.
+    pub fn of(scenario: &Scenario) -> Self {
+        let d = &scenario.data;
+        let rank = scenario.federation.rank;
+        Self {
+            dataset: d.dataset.clone(),
+            max_users: d.max_users,
+            shop_size: d.shop_size,
+            max_merchants: d.max_merchants,
+            seed: d.seed,
+            max_tokens: d.max_tokens,
+            cache: d.cache.clone(),
+            eval_users: d.eval_users,
+            lora: LoraConfig { rank: rank as i64, alpha: 2.0 * rank as f64, ..LoraConfig::default() },
+        }
+    }
+}
+
+/// What every arm shares.
+#[derive(Debug)]
+pub struct World {
+    pub spec: WorldSpec,
+    pub shared: Arc<Mutex<Shared>>,
+    pub merchants: Vec<Merchant>,
+    /// Indices into the dataset's users, the same for every arm.
+    pub eval_users: Vec<usize>,
+}
+
+/// Locks the shared model and data (a poisoned lock still holds valid read-only data).
+pub fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl World {
+    /// Loads the data and the base model, partitions merchants and encodes the catalogue
+    /// (or reads it from the cache).
+    pub fn load(spec: WorldSpec) -> anyhow::Result<Self> {
+        let mut dataset = Dataset::load(&spec.dataset)?;
+        if let Some(n) = spec.max_users {
+            dataset = dataset.first_users(n);
+        }
+        let mut merchants = partition(&dataset, spec.shop_size, spec.seed);
+        if let Some(n) = spec.max_merchants {
+            merchants.shuffle(&mut ChaCha20Rng::seed_from_u64(spec.seed));
+            merchants.truncate(n);
+            merchants.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        let device = guild_client::training_device();
+        let base = BaseModel::load(&default_model_dir(), spec.max_tokens, device)?;
+        let items = retrieval::catalogue_embeddings(&base, &dataset, &spec.cache, spec.max_tokens)?;
+        // The same seeded evaluation users for every arm, drawn from the merchants' shoppers.
+        let mut pool: Vec<usize> = merchants.iter().flat_map(|m| m.users.iter().copied()).collect();
+        pool.sort_unstable();
+        pool.shuffle(&mut ChaCha20Rng::seed_from_u64(EVAL_USERS_SEED));
+        pool.truncate(spec.eval_users);
+        Ok(Self {
+            shared: Arc::new(Mutex::new(Shared { base, dataset, items })),
+            merchants,
+            eval_users: pool,
+            spec,
+        })
+    }
+
+    fn users<'a>(dataset: &'a Dataset, indices: &[usize]) -> Vec<&'a User> {
+        indices.iter().map(|&i| &dataset.users[i]).collect()
+    }
+
+    /// Fresh adapters (B = 0) of this world's configuration.
+    fn adapters(&self, shared: &Shared) -> Adapters {
+        Adapters::new(
+            self.spec.lora.clone(),
+            shared.base.config(),
+            shared.base.sha256(),
+            shared.base.device(),
+        )
+    }
+
+    /// Scores adapter values (none: the base model) on the evaluation users.
+    pub fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {
+        Ok(self.score_with_ranks(values, split)?.0)
+    }
+
+    /// [`Self::score`], with each evaluation user's rank of its held-out item (for paired
+    /// comparisons between arms).
+    pub fn score_with_ranks(
+        &self,
+        values: Option<&[f32]>,
+        split: Split,
+    ) -> anyhow::Result<(Scores, Vec<u32>)> {
+        let shared = lock(&self.shared);
+        let mut adapters = self.adapters(&shared);
+        if let Some(v) = values {
+            adapters.set_flat(v)?;
+        }
+        let users = Self::users(&shared.dataset, &self.eval_users);
+        let (counts, ranks) = retrieval::evaluate_ranks(
+            &shared.base,
+            values.map(|_| &adapters),
+            &shared.dataset,
+            &users,
+            &shared.items,
+            split,
+            TrainConfig::default().history_items,
+        )?;
+        Ok((counts.into(), ranks))
+    }
+
+    /// Trains fresh adapters on `users` (indices into the dataset) and returns their values.
+    pub fn train_on(&self, users: &[usize], config: &TrainConfig) -> anyhow::Result<(Vec<f32>, TrainReport)> {
+        let shared = lock(&self.shared);
+        let adapters = self.adapters(&shared);
+        let users = Self::users(&shared.dataset, users);
+        let report =
+            retrieval::train(&shared.base, &adapters, &shared.dataset, &users, &shared.items, config)?;
+        Ok((adapters.flat(), report))
+    }
+
+    /// Trains a fresh sequence tower (zero-shot at start) on `users` over the cached
+    /// catalogue embeddings and returns its values.
+    pub fn train_tower(
+        &self,
+        users: &[usize],
+        config: &TrainConfig,
+        tower: &TowerConfig,
+    ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
+        let shared = lock(&self.shared);
+        let model = Tower::new(tower.clone(), shared.base.device())?;
+        let users = Self::users(&shared.dataset, users);
+        let report = retrieval::train_tower(&model, &users, &shared.items, config)?;
+        Ok((model.flat(), report))
+    }
+
+    /// Scores sequence-tower values (none: the zero-shot mean of the last five item
+    /// vectors) on the evaluation users, with each user's rank.
+    pub fn score_tower(
+        &self,
+        values: Option<&[f32]>,
+        tower: &TowerConfig,
+        split: Split,
+    ) -> anyhow::Result<(Scores, Vec<u32>)> {
+        let shared = lock(&self.shared);
+        let users = Self::users(&shared.dataset, &self.eval_users);
+        let model = match values {
+            Some(v) => {
+                let mut model = Tower::new(tower.clone(), shared.base.device())?;
+                model.set_flat(v)?;
+                Some(model)
+            }
+            None => None,
+        };
+        let items = shared.items.to(shared.base.device());
+        let (counts, ranks) = retrieval::evaluate_tower(&tower.shape, model.as_ref(), &users, &items, split);
+        Ok((counts.into(), ranks))
+    }
+
+    /// The number of trained adapter parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.adapters(&lock(&self.shared)).manifest().parameter_count()
+    }
+
+    /// Every merchant's shoppers, pooled (the centralised arm's data).
+    pub fn all_merchant_users(&self) -> Vec<usize> {
+        self.merchants.iter().flat_map(|m| m.users.iter().copied()).collect()
+    }
+}
