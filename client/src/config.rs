@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use guild_proto::domain::AdapterFamilyName;
+use guild_proto::tower::TowerSettings;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,14 +78,24 @@ impl Default for ModelConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterSettings {
+    pub family: AdapterFamilyName,
     pub rank: i64,
     pub alpha: f64,
+    /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
+    /// The sequence tower's shape (with `family = "sequence_tower"`).
+    pub tower: TowerSettings,
 }
 
 impl Default for AdapterSettings {
     fn default() -> Self {
-        Self { rank: 8, alpha: 16.0, frozen_a_seed: 0 }
+        Self {
+            family: AdapterFamilyName::FfaLora,
+            rank: 8,
+            alpha: 16.0,
+            frozen_a_seed: 0,
+            tower: TowerSettings::default(),
+        }
     }
 }
 

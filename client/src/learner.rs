@@ -16,6 +16,7 @@ use tch::Tensor;
 use crate::data::{Dataset, User};
 use crate::model::BaseModel;
 use crate::model::lora::{Adapters, LoraConfig};
+use crate::model::tower::{Tower, TowerConfig};
 use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
 
 /// Local training and evaluation, however it is done.
@@ -86,19 +87,92 @@ impl ModelLearner {
     ) -> Self {
         let guard = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let adapters = Adapters::new(lora, guard.base.config(), guard.base.sha256(), guard.base.device());
-        // A seeded sample of this merchant's users with a validation example.
-        let mut eval: Vec<usize> = users
-            .iter()
-            .copied()
-            .filter(|&i| guard.dataset.users[i].validation_example().is_some())
-            .collect();
-        rand::seq::SliceRandom::shuffle(
-            eval.as_mut_slice(),
-            &mut <ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed),
-        );
-        eval.truncate(eval_users);
+        let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
         drop(guard);
         Self { shared, adapters, users, eval_users: eval, history_items: 5, temperature: 0.05 }
+    }
+}
+
+/// A seeded sample of at most `n` of `users` that have a validation example.
+fn evaluation_sample(dataset: &Dataset, users: &[usize], n: usize, seed: u64) -> Vec<usize> {
+    let mut eval: Vec<usize> =
+        users.iter().copied().filter(|&i| dataset.users[i].validation_example().is_some()).collect();
+    rand::seq::SliceRandom::shuffle(
+        eval.as_mut_slice(),
+        &mut <ChaCha20Rng as rand::SeedableRng>::seed_from_u64(seed),
+    );
+    eval.truncate(n);
+    eval
+}
+
+fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// One merchant's sequence tower (the sequence-tower family), trained on its shoppers over
+/// the shared catalogue embeddings. The federated values are the tower's offset from its
+/// seeded initial values.
+#[derive(Debug)]
+pub struct TowerLearner {
+    shared: Arc<Mutex<Shared>>,
+    tower: Tower,
+    base_model_sha256: [u8; 32],
+    users: Vec<usize>,
+    eval_users: Vec<usize>,
+    temperature: f64,
+}
+
+impl TowerLearner {
+    pub fn new(
+        shared: Arc<Mutex<Shared>>,
+        config: TowerConfig,
+        users: Vec<usize>,
+        eval_users: usize,
+        seed: u64,
+    ) -> Result<Self, crate::model::ModelError> {
+        let guard = lock(&shared);
+        let tower = Tower::new(config, guard.base.device())?;
+        let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
+        let base_model_sha256 = guard.base.sha256();
+        drop(guard);
+        Ok(Self { shared, tower, base_model_sha256, users, eval_users: eval, temperature: 0.05 })
+    }
+}
+
+impl Learner for TowerLearner {
+    fn manifest(&self) -> AdapterManifest {
+        let config = self.tower.config();
+        AdapterManifest::sequence_tower(self.base_model_sha256, config.shape, config.seed)
+    }
+
+    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        self.tower.set_offset(global)?;
+        let config = TrainConfig {
+            batch_size: task.training.batch_size as usize,
+            steps: task.training.local_steps as usize,
+            learning_rate: f64::from(task.training.learning_rate),
+            temperature: self.temperature,
+            history_items: self.tower.config().shape.history,
+            seed: task.training.data_seed,
+        };
+        let shared = lock(&self.shared);
+        let users = users(&shared.dataset, &self.users);
+        retrieval::train_tower(&self.tower, &users, &shared.items, &config)?;
+        Ok(self.tower.offset().iter().zip(global).map(|(l, g)| l - g).collect())
+    }
+
+    fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
+        if self.eval_users.is_empty() {
+            return Ok(None);
+        }
+        self.tower.set_offset(values)?;
+        let shared = lock(&self.shared);
+        let users = users(&shared.dataset, &self.eval_users);
+        let items = shared.items.to(self.tower.var_store().device());
+        let shape = self.tower.config().shape;
+        let (counts, _) =
+            retrieval::evaluate_tower(&shape, Some(&self.tower), &users, &items, Split::Validation);
+        Ok(Some(counts))
     }
 }
 
@@ -121,7 +195,7 @@ impl Learner for ModelLearner {
             history_items: self.history_items,
             seed: task.training.data_seed,
         };
-        let shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.users);
         retrieval::train(&shared.base, &self.adapters, &shared.dataset, &users, &shared.items, &config)?;
         let local = self.adapters.flat();
@@ -133,7 +207,7 @@ impl Learner for ModelLearner {
             return Ok(None);
         }
         self.adapters.set_flat(values)?;
-        let shared = self.shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.eval_users);
         let (counts, _) = retrieval::evaluate_ranks(
             &shared.base,

@@ -9,11 +9,13 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use guild_client::config::ClientConfig;
 use guild_client::identity::Identity;
-use guild_client::learner::{ModelLearner, Shared};
+use guild_client::learner::{Learner, ModelLearner, Shared, TowerLearner};
 use guild_client::model::lora::LoraConfig;
+use guild_client::model::tower::TowerConfig;
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::net::{Connection, NetError, TlsCredentials};
 use guild_client::participant::{Participant, ParticipantOptions};
+use guild_proto::domain::AdapterFamilyName;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Parser)]
@@ -36,6 +38,12 @@ enum Command {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
         config: PathBuf,
     },
+}
+
+/// The size of the catalogue's item vectors.
+fn lock_hidden(shared: &Mutex<Shared>) -> usize {
+    let shared = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    shared.items.size()[1] as usize
 }
 
 fn main() -> ExitCode {
@@ -142,13 +150,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.model.max_tokens,
             )?;
             let shared = Arc::new(Mutex::new(Shared { base, dataset, items }));
-            let lora = LoraConfig {
-                rank: config.adapter.rank,
-                alpha: config.adapter.alpha,
-                frozen_a_seed: config.adapter.frozen_a_seed,
-                ..LoraConfig::default()
+            let a = &config.adapter;
+            let learner: Box<dyn Learner> = match a.family {
+                AdapterFamilyName::FfaLora => {
+                    let lora = LoraConfig {
+                        rank: a.rank,
+                        alpha: a.alpha,
+                        frozen_a_seed: a.frozen_a_seed,
+                        ..LoraConfig::default()
+                    };
+                    Box::new(ModelLearner::new(shared, lora, users, config.data.eval_users, 0))
+                }
+                AdapterFamilyName::SequenceTower => {
+                    let hidden = lock_hidden(&shared);
+                    let tower = TowerConfig { shape: a.tower.shape(hidden), seed: a.frozen_a_seed };
+                    Box::new(TowerLearner::new(shared, tower, users, config.data.eval_users, 0)?)
+                }
             };
-            let learner = ModelLearner::new(shared, lora, users, config.data.eval_users, 0);
             let options = ParticipantOptions {
                 display_name: config.display_name.clone(),
                 min_noise_multiplier: config.guards.min_noise_multiplier,
@@ -158,7 +176,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             };
             runtime.block_on(async {
                 let connection = connect_with_retry(&config, &tls).await?;
-                let mut participant = Participant::new(connection, identity, Box::new(learner), options);
+                let mut participant = Participant::new(connection, identity, learner, options);
                 let merchant = participant.register().await?;
                 eprintln!("guild-client: registered as {merchant}; waiting for rounds");
                 let bar = spinner();

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::Phase;
-use guild_proto::domain::{AdapterManifest, ManifestTensor};
+use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
+use guild_proto::tower::TowerSettings;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -51,27 +52,33 @@ pub struct TlsConfig {
     pub key: PathBuf,
 }
 
-/// The adapter the federation trains (FFA-LoRA B matrices of MiniLM's attention).
+/// The adapter the federation trains: FFA-LoRA B matrices of MiniLM's attention, or the
+/// sequence tower over the frozen title embeddings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterConfig {
+    pub family: AdapterFamilyName,
     pub layers: usize,
     pub hidden: usize,
     pub rank: usize,
     pub alpha: f32,
     pub targets: Vec<String>,
+    /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
+    pub tower: TowerSettings,
 }
 
 impl Default for AdapterConfig {
     fn default() -> Self {
         Self {
+            family: AdapterFamilyName::FfaLora,
             layers: 6,
             hidden: 384,
             rank: 8,
             alpha: 16.0,
             targets: vec!["query".into(), "value".into()],
             frozen_a_seed: 0,
+            tower: TowerSettings::default(),
         }
     }
 }
@@ -231,6 +238,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.base_model_sha256()?;
         let a = &self.adapter;
+        if a.family == AdapterFamilyName::SequenceTower {
+            a.tower.shape(a.hidden).validate().map_err(|reason| invalid("adapter.tower", reason))?;
+        }
         if a.layers == 0 || a.hidden == 0 || a.rank == 0 || a.rank > a.hidden {
             return Err(invalid("adapter", "layers, hidden and rank must be positive, rank ≤ hidden"));
         }
@@ -317,6 +327,13 @@ impl Config {
     /// The manifest of the adapter this federation trains, in the order of its flat vector.
     pub fn manifest(&self) -> Result<AdapterManifest, ConfigError> {
         let a = &self.adapter;
+        if a.family == AdapterFamilyName::SequenceTower {
+            return Ok(AdapterManifest::sequence_tower(
+                self.base_model_sha256()?,
+                a.tower.shape(a.hidden),
+                a.frozen_a_seed,
+            ));
+        }
         let mut targets = a.targets.clone();
         targets.sort();
         targets.dedup();
@@ -334,6 +351,7 @@ impl Config {
             rank: a.rank,
             alpha: a.alpha,
             frozen_a_seed: a.frozen_a_seed,
+            family: AdapterFamily::FfaLora,
         })
     }
 

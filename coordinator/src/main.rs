@@ -244,7 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let manifest = config.manifest()?;
             let record = Store::open(&config.server.store)?.adapter(version)?;
             let flat = guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count())?;
-            guild_proto::adapter::write_peft(&out, &manifest, &flat)?;
+            guild_proto::adapter::export(&out, &manifest, &flat)?;
             println!(
                 "{}",
                 serde_json::json!({ "version": version, "sha256": hex::encode(record.sha256), "out": out })

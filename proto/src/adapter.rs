@@ -66,6 +66,74 @@ pub fn frozen_a(manifest: &AdapterManifest) -> Vec<Vec<f32>> {
         .collect()
 }
 
+fn io(path: &Path, source: std::io::Error) -> AdapterError {
+    AdapterError::Io { path: path.display().to_string(), source }
+}
+
+/// Writes f32 tensors `(name, shape, little-endian bytes)` as one safetensors file.
+fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<u8>)]) -> Result<(), AdapterError> {
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|view| (name.clone(), view))
+                .map_err(|e| AdapterError::Safetensors(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| AdapterError::Safetensors(format!("{}: {e}", path.display())))
+}
+
+/// Writes an adapter in its family's export format: a PEFT LoRA adapter for FFA-LoRA
+/// ([`write_peft`]), the tower's weights and manifest for the sequence tower
+/// ([`write_tower`]).
+pub fn export(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Result<(), AdapterError> {
+    match manifest.family {
+        crate::domain::AdapterFamily::FfaLora => write_peft(dir, manifest, flat),
+        crate::domain::AdapterFamily::SequenceTower(_) => write_tower(dir, manifest, flat),
+    }
+}
+
+/// Writes a sequence tower (`offset` from its seeded initial values, in manifest order) as
+/// `tower.safetensors` (every tensor at `initial + offset`, named as in the manifest) and
+/// `tower.json` (the family, the shape, the temperature and how to score).
+pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Result<(), AdapterError> {
+    let crate::domain::AdapterFamily::SequenceTower(shape) = manifest.family else {
+        return Err(AdapterError::Manifest("not a sequence-tower manifest".into()));
+    };
+    if offset.len() != manifest.parameter_count() {
+        return Err(AdapterError::Length {
+            expected: 4 * manifest.parameter_count(),
+            actual: 4 * offset.len(),
+        });
+    }
+    let initial = crate::tower::initial_values(&shape, manifest.frozen_a_seed);
+    let values: Vec<f32> = initial.iter().zip(offset).map(|(i, o)| i + o).collect();
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut start = 0;
+    for t in &manifest.tensors {
+        let n: usize = t.shape.iter().product();
+        tensors.push((t.name.clone(), t.shape.clone(), to_bytes(&values[start..start + n])));
+        start += n;
+    }
+    std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+    write_safetensors(&dir.join("tower.safetensors"), &tensors)?;
+    let description = serde_json::json!({
+        "family": "sequence_tower",
+        "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
+        "item_vectors": "the base model's normalised mean-pooled embedding of each product title",
+        "shape": shape,
+        "temperature": 0.05,
+        "layer_norm_eps": 1e-5,
+        "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
+                    + transformer(last `history` items')[-1] @ output; score = cos(shopper, items')",
+    });
+    let path = dir.join("tower.json");
+    let text =
+        serde_json::to_vec_pretty(&description).map_err(|e| AdapterError::Safetensors(e.to_string()))?;
+    std::fs::write(&path, text).map_err(|e| io(&path, e))
+}
+
 /// Writes `flat` (B entries in manifest order) and the frozen A matrices as a Hugging Face
 /// PEFT LoRA adapter: `adapter_model.safetensors` and `adapter_config.json`.
 pub fn write_peft(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Result<(), AdapterError> {
@@ -75,7 +143,6 @@ pub fn write_peft(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Resul
             actual: 4 * flat.len(),
         });
     }
-    let io = |path: &Path, source| AdapterError::Io { path: path.display().to_string(), source };
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     let a = frozen_a(manifest);
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
@@ -104,17 +171,7 @@ pub fn write_peft(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Resul
         ));
         offset += n;
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
-        .iter()
-        .map(|(name, shape, data)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                .map(|view| (name.clone(), view))
-                .map_err(|e| AdapterError::Safetensors(e.to_string()))
-        })
-        .collect::<Result<_, _>>()?;
-    let path = dir.join("adapter_model.safetensors");
-    safetensors::serialize_to_file(views, None, &path)
-        .map_err(|e| AdapterError::Safetensors(format!("{}: {e}", path.display())))?;
+    write_safetensors(&dir.join("adapter_model.safetensors"), &tensors)?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": null,
@@ -167,6 +224,7 @@ mod tests {
             rank: 2,
             alpha: 4.0,
             frozen_a_seed: 7,
+            family: crate::domain::AdapterFamily::FfaLora,
         };
         let flat: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let dir = tempfile::tempdir().expect("tempdir");

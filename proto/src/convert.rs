@@ -9,6 +9,7 @@ use guild_privacy::secagg::message as sa;
 use crate::domain::*;
 use crate::error::{Field, WireError};
 use crate::limits::*;
+use crate::tower::TowerShape;
 use crate::v1;
 
 type Result<T> = std::result::Result<T, WireError>;
@@ -195,12 +196,48 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
         if m.rank == 0 {
             return Err(WireError::invalid("AdapterManifest.rank", "must be at least 1"));
         }
+        let family = match (m.family.as_str(), m.tower) {
+            ("" | "ffa_lora", None) => AdapterFamily::FfaLora,
+            ("sequence_tower", Some(t)) => {
+                let shape = TowerShape {
+                    hidden: t.hidden as usize,
+                    history: t.history as usize,
+                    zero_shot_items: t.zero_shot_items as usize,
+                    item_rank: t.item_rank as usize,
+                    width: t.width as usize,
+                    layers: t.layers as usize,
+                    heads: t.heads as usize,
+                };
+                shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
+                let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
+                    .into_iter()
+                    .map(|t| ManifestTensor { name: t.name, shape: t.shape })
+                    .collect();
+                if expected != tensors {
+                    return Err(WireError::invalid(
+                        "AdapterManifest.tensors",
+                        "they are not the tensors of the sequence tower the manifest describes",
+                    ));
+                }
+                AdapterFamily::SequenceTower(shape)
+            }
+            (family, tower) => {
+                return Err(WireError::invalid(
+                    "AdapterManifest.family",
+                    format!(
+                        "{family:?} with{} a tower shape: expected \"ffa_lora\" without one or \"sequence_tower\" with one",
+                        if tower.is_some() { "" } else { "out" }
+                    ),
+                ));
+            }
+        };
         Ok(Self {
             base_model_sha256: fixed(&m.base_model_sha256, "AdapterManifest.base_model_sha256")?,
             tensors,
             rank: m.rank as usize,
             alpha: positive_finite(f64::from(m.alpha), "AdapterManifest.alpha")? as f32,
             frozen_a_seed: m.frozen_a_seed,
+            family,
         })
     }
 }
@@ -220,6 +257,22 @@ impl From<AdapterManifest> for v1::AdapterManifest {
             rank: m.rank as u32,
             alpha: m.alpha,
             frozen_a_seed: m.frozen_a_seed,
+            family: match m.family {
+                AdapterFamily::FfaLora => "ffa_lora".into(),
+                AdapterFamily::SequenceTower(_) => "sequence_tower".into(),
+            },
+            tower: match m.family {
+                AdapterFamily::FfaLora => None,
+                AdapterFamily::SequenceTower(t) => Some(v1::TowerShape {
+                    hidden: t.hidden as u32,
+                    history: t.history as u32,
+                    zero_shot_items: t.zero_shot_items as u32,
+                    item_rank: t.item_rank as u32,
+                    width: t.width as u32,
+                    layers: t.layers as u32,
+                    heads: t.heads as u32,
+                }),
+            },
         }
     }
 }
@@ -768,6 +821,7 @@ mod tests {
                 rank: 8,
                 alpha: 16.0,
                 frozen_a_seed: 42,
+                family: AdapterFamily::FfaLora,
             },
             training: TrainingParams { local_steps: 2, batch_size: 32, learning_rate: 1e-3, data_seed: 9 },
             privacy: PrivacyParams {
@@ -805,6 +859,42 @@ mod tests {
         let task = round_task();
         let back = RoundTask::try_from(v1::RoundTask::from(task.clone())).expect("valid task");
         assert_eq!(back, task);
+    }
+
+    #[test]
+    fn a_sequence_tower_manifest_survives_the_wire_and_must_name_its_own_tensors() {
+        let shape = TowerShape {
+            hidden: 16,
+            history: 6,
+            zero_shot_items: 5,
+            item_rank: 2,
+            width: 8,
+            layers: 1,
+            heads: 2,
+        };
+        let mut task = round_task();
+        task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);
+        task.secagg.vector_length = task.manifest.parameter_count().next_power_of_two() as u32;
+        let wire = v1::RoundTask::from(task.clone());
+        assert_eq!(RoundTask::try_from(wire.clone()).expect("valid"), task);
+        let mut renamed = wire.clone();
+        if let Some(m) = renamed.manifest.as_mut() {
+            m.tensors[0].name = "something.else".into();
+        }
+        let error = RoundTask::try_from(renamed).expect_err("foreign tensors").to_string();
+        assert!(error.contains("not the tensors of the sequence tower"), "{error}");
+        let mut shapeless = wire.clone();
+        if let Some(m) = shapeless.manifest.as_mut() {
+            m.tower = None;
+        }
+        let error = RoundTask::try_from(shapeless).expect_err("no shape").to_string();
+        assert!(error.contains("AdapterManifest.family"), "{error}");
+        let mut bad = wire;
+        if let Some(t) = bad.manifest.as_mut().and_then(|m| m.tower.as_mut()) {
+            t.heads = 3;
+        }
+        let error = RoundTask::try_from(bad).expect_err("bad shape").to_string();
+        assert!(error.contains("AdapterManifest.tower"), "{error}");
     }
 
     #[test]

@@ -69,18 +69,63 @@ pub struct ManifestTensor {
     pub shape: Vec<usize>,
 }
 
+/// Which adapter family a federation trains, as configuration files name it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdapterFamilyName {
+    /// FFA-LoRA B matrices of MiniLM's attention (`layers`, `rank`, `alpha`, `targets`).
+    #[default]
+    FfaLora,
+    /// The sequence tower over frozen title embeddings (`[adapter.tower]`).
+    SequenceTower,
+}
+
+/// Which kind of adapter a federation trains.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AdapterFamily {
+    /// FFA-LoRA B matrices in MiniLM's attention (A frozen from the seed).
+    #[default]
+    FfaLora,
+    /// The sequence tower over frozen title embeddings (`crate::tower`); the flat vector is
+    /// the offset from its initial values, drawn from the seed.
+    SequenceTower(crate::tower::TowerShape),
+}
+
 /// What the coordinator knows of an adapter: names and shapes of the trainable tensors
-/// (FFA-LoRA's B matrices), in the order of the flat update vector.
+/// (FFA-LoRA's B matrices, or the sequence tower's tensors), in the order of the flat
+/// update vector.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdapterManifest {
     pub base_model_sha256: [u8; SHA256_LEN],
     pub tensors: Vec<ManifestTensor>,
+    /// FFA-LoRA: the rank of A and B; sequence tower: the rank of the item residual.
     pub rank: usize,
     pub alpha: f32,
+    /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
+    pub family: AdapterFamily,
 }
 
 impl AdapterManifest {
+    /// The manifest of a sequence tower of `shape` whose initial values come from `seed`.
+    pub fn sequence_tower(
+        base_model_sha256: [u8; SHA256_LEN],
+        shape: crate::tower::TowerShape,
+        seed: u64,
+    ) -> Self {
+        Self {
+            base_model_sha256,
+            tensors: crate::tower::tensors(&shape)
+                .into_iter()
+                .map(|t| ManifestTensor { name: t.name, shape: t.shape })
+                .collect(),
+            rank: shape.item_rank,
+            alpha: 1.0,
+            frozen_a_seed: seed,
+            family: AdapterFamily::SequenceTower(shape),
+        }
+    }
+
     /// Length of the flat vector of all trainable parameters.
     pub fn parameter_count(&self) -> usize {
         self.tensors.iter().map(|t| t.shape.iter().product::<usize>()).sum()

@@ -48,6 +48,40 @@ impl TowerShape {
     }
 }
 
+/// The sequence tower's shape as configuration files state it (the coordinator's and the
+/// merchant's `[adapter.tower]`): its item vectors have the base model's `hidden` size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TowerSettings {
+    pub history: usize,
+    pub zero_shot_items: usize,
+    pub item_rank: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+}
+
+impl Default for TowerSettings {
+    fn default() -> Self {
+        Self { history: 20, zero_shot_items: 5, item_rank: 32, width: 128, layers: 2, heads: 4 }
+    }
+}
+
+impl TowerSettings {
+    /// The tower's shape over item vectors of size `hidden`.
+    pub fn shape(&self, hidden: usize) -> TowerShape {
+        TowerShape {
+            hidden,
+            history: self.history,
+            zero_shot_items: self.zero_shot_items,
+            item_rank: self.item_rank,
+            width: self.width,
+            layers: self.layers,
+            heads: self.heads,
+        }
+    }
+}
+
 /// How a tensor starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Init {

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use guild_proto::domain::AdapterFamilyName;
+use guild_proto::tower::TowerSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-sim", version, about = "Guild federation simulator")]
@@ -121,13 +123,12 @@ fn main() -> ExitCode {
 }
 
 /// Trains (unless zero-shot) and scores one non-federated arm in the same model world the
-/// simulator's arms use; `tower` set: the sequence-tower family, else FFA-LoRA.
+/// simulator's arms use.
 fn local(
     arm: Arm,
     spec: guild_sim::world::WorldSpec,
     merchant: &str,
     train: guild_client::retrieval::TrainConfig,
-    tower: Option<guild_client::model::tower::TowerConfig>,
 ) -> anyhow::Result<serde_json::Value> {
     use guild_client::retrieval::Split;
 
@@ -146,19 +147,10 @@ fn local(
             .clone(),
     };
     let training_started = std::time::Instant::now();
-    let trained = match (&tower, train_users.is_empty()) {
-        (_, true) => None,
-        (Some(t), false) => Some(world.train_tower(&train_users, &train, t)?),
-        (None, false) => Some(world.train_on(&train_users, &train)?),
-    };
+    let trained = if train_users.is_empty() { None } else { Some(world.train_on(&train_users, &train)?) };
     let training_seconds = training_started.elapsed().as_secs_f64();
     let values = trained.as_ref().map(|(values, _)| values.as_slice());
-    let (scores, validation) = match &tower {
-        Some(t) => {
-            (world.score_tower(values, t, Split::Test)?.0, world.score_tower(values, t, Split::Validation)?.0)
-        }
-        None => (world.score(values, Split::Test)?, world.score(values, Split::Validation)?),
-    };
+    let (scores, validation) = (world.score(values, Split::Test)?, world.score(values, Split::Validation)?);
     let report = trained.as_ref().map(|(_, report)| report);
     Ok(serde_json::json!({
         "arm": format!("{arm:?}"),
@@ -246,21 +238,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_tokens,
                 cache,
                 eval_users,
+                family: match family {
+                    Family::Lora => AdapterFamilyName::FfaLora,
+                    Family::Tower => AdapterFamilyName::SequenceTower,
+                },
                 lora: guild_client::model::lora::LoraConfig::default(),
+                tower: guild_client::model::tower::TowerConfig {
+                    shape: guild_proto::tower::TowerShape {
+                        history,
+                        item_rank,
+                        width,
+                        layers,
+                        ..TowerSettings::default().shape(guild_sim::world::MINILM_HIDDEN)
+                    },
+                    seed,
+                },
             };
-            let tower = match family {
-                Family::Lora => None,
-                Family::Tower => {
-                    let mut tower = guild_client::model::tower::TowerConfig::default_for(384);
-                    tower.shape.history = history;
-                    tower.shape.item_rank = item_rank;
-                    tower.shape.width = width;
-                    tower.shape.layers = layers;
-                    tower.seed = seed;
-                    Some(tower)
-                }
-            };
-            let result = local(arm, spec, &merchant, train, tower)?;
+            let result = local(arm, spec, &merchant, train)?;
             println!("{result}");
             Ok(())
         }

@@ -11,13 +11,14 @@ use anyhow::Context as _;
 use guild_client::config::{AdapterSettings, ClientConfig, DataConfig, Guards, ModelConfig, TlsFiles};
 use guild_client::data::Merchant;
 use guild_client::identity::Identity;
-use guild_client::learner::ModelLearner;
+use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
 use guild_privacy::PrivacyMode;
 use guild_privacy::accounting::calibrate_noise_multiplier;
 use guild_privacy::cost::RoundPrivacy;
 use guild_privacy::ledger::Budget;
+use guild_proto::domain::AdapterFamilyName;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
@@ -52,7 +53,9 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
             ))
         })
         .collect::<Result<_, PairingError>>()?;
-    for arm in arms.iter_mut().filter(|a| !a.test_ranks.is_empty()) {
+    // The zero-shot reference is what every other arm is measured against; it is not
+    // compared with the trained references itself (their comparisons show the same pairs).
+    for arm in arms.iter_mut().filter(|a| !a.test_ranks.is_empty() && a.arm != ZERO_SHOT) {
         let mine: Vec<Vec<f64>> =
             metrics.iter().map(|&m| per_user(m, &arm.test_ranks)).collect::<Result<_, _>>()?;
         arm.comparisons = references
@@ -72,8 +75,8 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
 }
 
 /// Batch size and learning rate of the in-process baselines' training.
-fn baseline_training(steps: usize, seed: u64) -> TrainConfig {
-    TrainConfig { batch_size: 32, steps, learning_rate: 1e-3, seed, ..TrainConfig::default() }
+fn baseline_training(steps: usize, batch_size: usize, learning_rate: f64, seed: u64) -> TrainConfig {
+    TrainConfig { batch_size, steps, learning_rate, seed, ..TrainConfig::default() }
 }
 
 /// The smallest z (to 0.1%) for which `rounds` rounds of `round` (its noise multiplier
@@ -117,8 +120,11 @@ async fn federated(
     }
     let n = world.merchants.len();
     let mut federation = Federation::init(&dir, n, |c| {
+        c.adapter.family = f.family;
         c.adapter.rank = f.rank;
         c.adapter.alpha = world.spec.lora.alpha as f32;
+        c.adapter.tower = f.tower;
+        c.adapter.frozen_a_seed = world.spec.tower.seed;
         c.rounds.sampling_rate = f.sampling_rate;
         c.rounds.min_cohort = f.min_cohort;
         c.rounds.threshold = f.threshold;
@@ -154,13 +160,22 @@ async fn federated(
         match s.clients {
             ClientMode::Tasks => {
                 let connection = federation.connect(i).await?;
-                let learner = ModelLearner::new(
-                    world.shared.clone(),
-                    world.spec.lora.clone(),
-                    merchant.users.clone(),
-                    s.data.client_eval_users,
-                    i as u64,
-                );
+                let learner: Box<dyn Learner> = match world.spec.family {
+                    AdapterFamilyName::FfaLora => Box::new(ModelLearner::new(
+                        world.shared.clone(),
+                        world.spec.lora.clone(),
+                        merchant.users.clone(),
+                        s.data.client_eval_users,
+                        i as u64,
+                    )),
+                    AdapterFamilyName::SequenceTower => Box::new(TowerLearner::new(
+                        world.shared.clone(),
+                        world.spec.tower.clone(),
+                        merchant.users.clone(),
+                        s.data.client_eval_users,
+                        i as u64,
+                    )?),
+                };
                 let options = ParticipantOptions {
                     display_name: merchant.name.clone(),
                     dangerous_send_unnoised_updates: unnoised,
@@ -170,12 +185,8 @@ async fn federated(
                     faults: faults.clone(),
                     max_rounds: 0,
                 };
-                let mut participant = Participant::new(
-                    connection,
-                    Arc::new(Identity::ephemeral()?),
-                    Box::new(learner),
-                    options,
-                );
+                let mut participant =
+                    Participant::new(connection, Arc::new(Identity::ephemeral()?), learner, options);
                 let tx = tx.clone();
                 tasks.push(tokio::spawn(async move {
                     participant
@@ -384,9 +395,14 @@ fn spawn_client_process(
             cache: std::fs::canonicalize(&s.data.cache).unwrap_or_else(|_| s.data.cache.clone()),
         },
         adapter: AdapterSettings {
+            family: s.federation.family,
             rank: world.spec.lora.rank,
             alpha: world.spec.lora.alpha,
-            frozen_a_seed: world.spec.lora.frozen_a_seed,
+            frozen_a_seed: match s.federation.family {
+                AdapterFamilyName::FfaLora => world.spec.lora.frozen_a_seed,
+                AdapterFamilyName::SequenceTower => world.spec.tower.seed,
+            },
+            tower: s.federation.tower,
         },
         guards: Guards {
             min_noise_multiplier: 0.0,
@@ -431,7 +447,30 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         let ((test, ranks), validation) = tokio::task::block_in_place(|| {
             anyhow::Ok((world.score_with_ranks(None, Split::Test)?, world.score(None, Split::Validation)?))
         })?;
-        arms.push(baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]));
+        let mut zero_shot = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        if world.spec.family == AdapterFamilyName::SequenceTower {
+            // Two untrained rankers: the tower's own start (the mean of the last five item
+            // vectors) and MiniLM on the last five titles concatenated. The stronger on
+            // validation is the zero-shot every arm is compared with.
+            let t = Instant::now();
+            let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+                anyhow::Ok((
+                    world.score_lora(None, Split::Test)?,
+                    world.score_lora(None, Split::Validation)?.0,
+                ))
+            })?;
+            let mut titles = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+            zero_shot.events.push("ranker: the mean of the last five item vectors".into());
+            titles.events.push("ranker: MiniLM on the last five titles concatenated".into());
+            if titles.validation.ndcg_at_10 > zero_shot.validation.ndcg_at_10 {
+                std::mem::swap(&mut titles, &mut zero_shot);
+            }
+            titles.arm = "zero-shot (the weaker untrained ranker)".into();
+            arms.push(zero_shot);
+            arms.push(titles);
+        } else {
+            arms.push(zero_shot);
+        }
     }
     if let Some(local) = &s.arms.local_only {
         let t = Instant::now();
@@ -442,7 +481,10 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         for (i, m) in sample.iter().enumerate() {
             progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
             let pair = tokio::task::block_in_place(|| {
-                let (values, _) = world.train_on(&m.users, &baseline_training(local.steps, s.data.seed))?;
+                let (values, _) = world.train_on(
+                    &m.users,
+                    &baseline_training(local.steps, local.batch_size, local.learning_rate, s.data.seed),
+                )?;
                 anyhow::Ok((
                     world.score_with_ranks(Some(&values), Split::Test)?,
                     world.score(Some(&values), Split::Validation)?,
@@ -473,14 +515,22 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         let t = Instant::now();
         let users = world.all_merchant_users();
         let ((test, ranks), validation) = tokio::task::block_in_place(|| {
-            let (values, _) = world.train_on(&users, &baseline_training(central.steps, s.data.seed))?;
+            let (values, _) = world.train_on(
+                &users,
+                &baseline_training(central.steps, central.batch_size, central.learning_rate, s.data.seed),
+            )?;
             anyhow::Ok((
                 world.score_with_ranks(Some(&values), Split::Test)?,
                 world.score(Some(&values), Split::Validation)?,
             ))
         })?;
         let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
-        arm.events.push(format!("{} steps of batch 32 on {} users", central.steps, users.len()));
+        arm.events.push(format!(
+            "{} steps of batch {} on {} users",
+            central.steps,
+            central.batch_size,
+            users.len()
+        ));
         arms.push(arm);
     }
     let mut plan = Vec::new();

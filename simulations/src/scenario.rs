@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use guild_coordinator::config::ServerOptimizer;
 use guild_privacy::secagg::Phase;
+use guild_proto::domain::AdapterFamilyName;
+use guild_proto::tower::TowerSettings;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -74,7 +76,14 @@ pub struct FederationSettings {
     pub server_learning_rate: f64,
     #[serde(default = "fed_avg")]
     pub server_optimizer: ServerOptimizer,
+    /// FFA-LoRA's rank (with `family = "ffa_lora"`).
     pub rank: usize,
+    /// The adapter family: `ffa_lora` (default) or `sequence_tower`.
+    #[serde(default)]
+    pub family: AdapterFamilyName,
+    /// The sequence tower's shape (with `family = "sequence_tower"`).
+    #[serde(default)]
+    pub tower: TowerSettings,
     pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]
@@ -116,12 +125,28 @@ pub struct Arms {
 pub struct LocalOnly {
     pub merchants: usize,
     pub steps: usize,
+    #[serde(default = "baseline_batch")]
+    pub batch_size: usize,
+    #[serde(default = "baseline_learning_rate")]
+    pub learning_rate: f64,
+}
+
+fn baseline_batch() -> usize {
+    32
+}
+
+fn baseline_learning_rate() -> f64 {
+    1e-3
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Centralised {
     pub steps: usize,
+    #[serde(default = "baseline_batch")]
+    pub batch_size: usize,
+    #[serde(default = "baseline_learning_rate")]
+    pub learning_rate: f64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]

@@ -12,12 +12,16 @@ use guild_client::model::lora::{Adapters, LoraConfig};
 use guild_client::model::tower::{Tower, TowerConfig};
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::retrieval::{self, Split, TrainConfig, TrainReport};
+use guild_proto::domain::AdapterFamilyName;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 
 use crate::results::Scores;
 use crate::scenario::Scenario;
+
+/// The size of all-MiniLM-L6-v2's embeddings, the sequence tower's item vectors.
+pub const MINILM_HIDDEN: usize = 384;
 
 /// Seed of the evaluation-user sample, the same for every arm and command.
 pub const EVAL_USERS_SEED: u64 = 12_345;
@@ -40,7 +44,11 @@ pub struct WorldSpec {
     pub cache: PathBuf,
     /// Evaluation users: a seeded sample of the merchants' shoppers.
     pub eval_users: usize,
+    /// The adapter family the arms train.
+    pub family: AdapterFamilyName,
     pub lora: LoraConfig,
+    /// The sequence tower's shape and seed (its `hidden` is the base model's).
+    pub tower: TowerConfig,
 }
 
 impl WorldSpec {
@@ -57,7 +65,9 @@ impl WorldSpec {
             max_tokens: d.max_tokens,
             cache: d.cache.clone(),
             eval_users: d.eval_users,
+            family: scenario.federation.family,
             lora: LoraConfig { rank: rank as i64, alpha: 2.0 * rank as f64, ..LoraConfig::default() },
+            tower: TowerConfig { shape: scenario.federation.tower.shape(MINILM_HIDDEN), seed: 0 },
         }
     }
 }
@@ -121,7 +131,8 @@ impl World {
         )
     }
 
-    /// Scores adapter values (none: the base model) on the evaluation users.
+    /// Scores adapter values of the world's family (none: its zero-shot ranker) on the
+    /// evaluation users.
     pub fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {
         Ok(self.score_with_ranks(values, split)?.0)
     }
@@ -133,6 +144,15 @@ impl World {
         values: Option<&[f32]>,
         split: Split,
     ) -> anyhow::Result<(Scores, Vec<u32>)> {
+        match self.spec.family {
+            AdapterFamilyName::FfaLora => self.score_lora(values, split),
+            AdapterFamilyName::SequenceTower => self.score_tower(values, &self.spec.tower, split),
+        }
+    }
+
+    /// FFA-LoRA values (none: the base model on the last five titles concatenated) on the
+    /// evaluation users, with each user's rank.
+    pub fn score_lora(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<(Scores, Vec<u32>)> {
         let shared = lock(&self.shared);
         let mut adapters = self.adapters(&shared);
         if let Some(v) = values {
@@ -151,8 +171,21 @@ impl World {
         Ok((counts.into(), ranks))
     }
 
-    /// Trains fresh adapters on `users` (indices into the dataset) and returns their values.
+    /// Trains a fresh adapter of the world's family on `users` (indices into the dataset)
+    /// and returns its federated values (the sequence tower's: its offset from the start).
     pub fn train_on(&self, users: &[usize], config: &TrainConfig) -> anyhow::Result<(Vec<f32>, TrainReport)> {
+        match self.spec.family {
+            AdapterFamilyName::FfaLora => self.train_lora(users, config),
+            AdapterFamilyName::SequenceTower => self.train_tower(users, config, &self.spec.tower),
+        }
+    }
+
+    /// Trains fresh FFA-LoRA adapters on `users` and returns their values.
+    pub fn train_lora(
+        &self,
+        users: &[usize],
+        config: &TrainConfig,
+    ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
         let shared = lock(&self.shared);
         let adapters = self.adapters(&shared);
         let users = Self::users(&shared.dataset, users);
@@ -173,11 +206,11 @@ impl World {
         let model = Tower::new(tower.clone(), shared.base.device())?;
         let users = Self::users(&shared.dataset, users);
         let report = retrieval::train_tower(&model, &users, &shared.items, config)?;
-        Ok((model.flat(), report))
+        Ok((model.offset(), report))
     }
 
-    /// Scores sequence-tower values (none: the zero-shot mean of the last five item
-    /// vectors) on the evaluation users, with each user's rank.
+    /// Scores a sequence tower's offset from its start (none: the zero-shot mean of the last
+    /// five item vectors) on the evaluation users, with each user's rank.
     pub fn score_tower(
         &self,
         values: Option<&[f32]>,
@@ -189,7 +222,7 @@ impl World {
         let model = match values {
             Some(v) => {
                 let mut model = Tower::new(tower.clone(), shared.base.device())?;
-                model.set_flat(v)?;
+                model.set_offset(v)?;
                 Some(model)
             }
             None => None,
@@ -201,7 +234,10 @@ impl World {
 
     /// The number of trained adapter parameters.
     pub fn parameter_count(&self) -> usize {
-        self.adapters(&lock(&self.shared)).manifest().parameter_count()
+        match self.spec.family {
+            AdapterFamilyName::FfaLora => self.adapters(&lock(&self.shared)).manifest().parameter_count(),
+            AdapterFamilyName::SequenceTower => guild_proto::tower::parameter_count(&self.spec.tower.shape),
+        }
     }
 
     /// Every merchant's shoppers, pooled (the centralised arm's data).

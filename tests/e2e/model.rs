@@ -187,3 +187,61 @@ fn coordinator_manifest_and_exported_adapter_match_the_client_model() {
     client.import_peft(dir.path()).expect("the client accepts the coordinator's export");
     assert_eq!(client.flat(), flat);
 }
+
+/// A trained sequence tower exported by the coordinator's writer (initial values
+/// regenerated from the seed, plus the federated offset) and loaded by the documented
+/// Python snippet (`python/rank_with_tower.py`) ranks items with the same scores as ours.
+#[test]
+fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
+    use guild_client::model::tower::{Tower, TowerConfig};
+    use guild_proto::domain::AdapterManifest;
+    use guild_proto::tower::TowerShape;
+
+    let shape = TowerShape {
+        hidden: 12,
+        history: 6,
+        zero_shot_items: 5,
+        item_rank: 3,
+        width: 8,
+        layers: 2,
+        heads: 2,
+    };
+    let mut tower = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
+    let n = tower.parameter_count();
+    let offset: Vec<f32> = (0..n).map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect();
+    tower.set_offset(&offset).expect("offset");
+    tch::manual_seed(5);
+    let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
+    let items = &items / items.norm_scalaropt_dim(2, [-1], true);
+    let histories: Vec<Vec<u32>> =
+        vec![vec![1], vec![3, 4, 5], (0..12).collect(), vec![7, 7, 2, 9, 30, 31, 1]];
+    let refs: Vec<&[u32]> = histories.iter().map(Vec::as_slice).collect();
+    let ours = tch::no_grad(|| tower.scores(&items, &refs));
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = AdapterManifest::sequence_tower([0; 32], shape, 21);
+    guild_proto::adapter::export(dir.path(), &manifest, &offset).expect("export");
+    let python = workspace().join(".venv/bin/python");
+    let request = serde_json::json!({
+        "tower_dir": dir.path(),
+        "items": Vec::<Vec<f32>>::try_from(&items).expect("items"),
+        "histories": histories,
+    });
+    let mut child = Command::new(&python)
+        .arg(workspace().join("python/rank_with_tower.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup --test)", python.display()));
+    child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write request");
+    let out = child.wait_with_output().expect("python run");
+    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
+    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
+    let difference = max_abs_difference(&ours, &theirs);
+    assert!(difference < 1e-5, "max |ours − python| = {difference}");
+    // The offset moved the ranking away from zero-shot, so the check is not vacuous.
+    let start = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
+    assert!(max_abs_difference(&tch::no_grad(|| start.scores(&items, &refs)), &theirs) > 1e-3);
+}

@@ -102,6 +102,7 @@ impl Adapters {
             rank: self.config.rank as usize,
             alpha: self.config.alpha as f32,
             frozen_a_seed: self.config.frozen_a_seed,
+            family: guild_proto::domain::AdapterFamily::FfaLora,
         }
     }
 
