@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use guild_proto::domain::AdapterFamilyName;
-use guild_proto::tower::TowerSettings;
+use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -84,7 +84,7 @@ pub struct AdapterSettings {
     /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
     /// The sequence tower's shape (with `family = "sequence_tower"`).
-    pub tower: TowerSettings,
+    pub tower: TowerShape,
 }
 
 impl Default for AdapterSettings {
@@ -94,7 +94,7 @@ impl Default for AdapterSettings {
             rank: 8,
             alpha: 16.0,
             frozen_a_seed: 0,
-            tower: TowerSettings::default(),
+            tower: TowerShape::default(),
         }
     }
 }

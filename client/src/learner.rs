@@ -93,6 +93,23 @@ impl ModelLearner {
     }
 }
 
+/// The update a merchant sends: its locally trained values minus the global ones.
+fn update(local: &[f32], global: &[f32]) -> Vec<f32> {
+    local.iter().zip(global).map(|(l, g)| l - g).collect()
+}
+
+/// The local training a round's task asks for.
+fn round_training(task: &RoundTask, temperature: f64, history_items: usize) -> TrainConfig {
+    TrainConfig {
+        batch_size: task.training.batch_size as usize,
+        steps: task.training.local_steps as usize,
+        learning_rate: f64::from(task.training.learning_rate),
+        temperature,
+        history_items,
+        seed: task.training.data_seed,
+    }
+}
+
 /// A seeded sample of at most `n` of `users` that have a validation example.
 fn evaluation_sample(dataset: &Dataset, users: &[usize], n: usize, seed: u64) -> Vec<usize> {
     let mut eval: Vec<usize> =
@@ -147,18 +164,11 @@ impl Learner for TowerLearner {
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
         self.tower.set_offset(global)?;
-        let config = TrainConfig {
-            batch_size: task.training.batch_size as usize,
-            steps: task.training.local_steps as usize,
-            learning_rate: f64::from(task.training.learning_rate),
-            temperature: self.temperature,
-            history_items: self.tower.config().shape.history,
-            seed: task.training.data_seed,
-        };
+        let config = round_training(task, self.temperature, self.tower.config().shape.history);
         let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.users);
-        retrieval::train_tower(&self.tower, &users, &shared.items, &config)?;
-        Ok(self.tower.offset().iter().zip(global).map(|(l, g)| l - g).collect())
+        retrieval::train_tower(&self.tower, &shared.items, &users, &config)?;
+        Ok(update(&self.tower.offset(), global))
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -187,19 +197,12 @@ impl Learner for ModelLearner {
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
         self.adapters.set_flat(global)?;
-        let config = TrainConfig {
-            batch_size: task.training.batch_size as usize,
-            steps: task.training.local_steps as usize,
-            learning_rate: f64::from(task.training.learning_rate),
-            temperature: self.temperature,
-            history_items: self.history_items,
-            seed: task.training.data_seed,
-        };
+        let config = round_training(task, self.temperature, self.history_items);
         let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.users);
         retrieval::train(&shared.base, &self.adapters, &shared.dataset, &users, &shared.items, &config)?;
         let local = self.adapters.flat();
-        Ok(local.iter().zip(global).map(|(l, g)| l - g).collect())
+        Ok(update(&local, global))
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {

@@ -163,7 +163,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 AdapterFamilyName::SequenceTower => {
                     let hidden = lock_hidden(&shared);
-                    let tower = TowerConfig { shape: a.tower.shape(hidden), seed: a.frozen_a_seed };
+                    anyhow::ensure!(
+                        a.tower.hidden == hidden,
+                        "adapter.tower.hidden is {}, but the catalogue's item vectors have {hidden} values",
+                        a.tower.hidden
+                    );
+                    let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
                     Box::new(TowerLearner::new(shared, tower, users, config.data.eval_users, 0)?)
                 }
             };

@@ -139,6 +139,21 @@ fn adam_w(vs: &nn::VarStore, learning_rate: f64) -> Result<nn::Optimizer, ModelE
         .map_err(|e| ModelError::AdapterShape(format!("optimizer: {e}")))
 }
 
+impl TrainReport {
+    /// The report of a run with nothing to train on.
+    fn nothing() -> Self {
+        Self { steps: 0, examples: 0, first_loss: f64::NAN, last_loss: f64::NAN }
+    }
+}
+
+/// Every training prefix of `users`, or `None` when there is nothing to train; seeds
+/// libtorch's generator with the run's seed.
+fn training_prefixes<'a>(users: &[&'a User], config: &TrainConfig) -> Option<Vec<Example<'a>>> {
+    let examples: Vec<Example<'a>> = users.iter().flat_map(|u| u.training_examples()).collect();
+    tch::manual_seed(config.seed as i64);
+    (!examples.is_empty() && config.steps > 0).then_some(examples)
+}
+
 /// Trains `adapters` on the training examples of `users` (in-batch softmax, AdamW on the
 /// adapter variables only), deterministically for a seed on the CPU.
 pub fn train(
@@ -149,11 +164,9 @@ pub fn train(
     items: &Tensor,
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
-    let mut examples: Vec<Example<'_>> = users.iter().flat_map(|u| u.training_examples()).collect();
-    if examples.is_empty() {
-        return Ok(TrainReport { steps: 0, examples: 0, first_loss: f64::NAN, last_loss: f64::NAN });
-    }
-    tch::manual_seed(config.seed as i64);
+    let Some(mut examples) = training_prefixes(users, config) else {
+        return Ok(TrainReport::nothing());
+    };
     let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
     examples.shuffle(&mut rng);
     // In-batch negatives are drawn in proportion to how often an item is a target, which
@@ -358,20 +371,13 @@ pub fn evaluate_tower(
 /// of `config.batch_size` prefixes (reshuffled each epoch), deterministic for a seed.
 pub fn train_tower(
     tower: &Tower,
-    users: &[&User],
     items: &Tensor,
+    users: &[&User],
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
-    let mut examples: Vec<Example<'_>> = users.iter().flat_map(|u| u.training_examples()).collect();
-    if examples.is_empty() || config.steps == 0 {
-        return Ok(TrainReport {
-            steps: 0,
-            examples: examples.len(),
-            first_loss: f64::NAN,
-            last_loss: f64::NAN,
-        });
-    }
-    tch::manual_seed(config.seed as i64);
+    let Some(mut examples) = training_prefixes(users, config) else {
+        return Ok(TrainReport::nothing());
+    };
     let mut optimizer = adam_w(tower.var_store(), config.learning_rate)?;
     let items = items.to(tower.var_store().device());
     let (mut first, mut last) = (f64::NAN, f64::NAN);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::Phase;
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
-use guild_proto::tower::TowerSettings;
+use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,7 +65,8 @@ pub struct AdapterConfig {
     pub targets: Vec<String>,
     /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
-    pub tower: TowerSettings,
+    /// The sequence tower's shape; its `hidden` must equal `hidden`.
+    pub tower: TowerShape,
 }
 
 impl Default for AdapterConfig {
@@ -78,7 +79,7 @@ impl Default for AdapterConfig {
             alpha: 16.0,
             targets: vec!["query".into(), "value".into()],
             frozen_a_seed: 0,
-            tower: TowerSettings::default(),
+            tower: TowerShape::default(),
         }
     }
 }
@@ -239,7 +240,13 @@ impl Config {
         self.base_model_sha256()?;
         let a = &self.adapter;
         if a.family == AdapterFamilyName::SequenceTower {
-            a.tower.shape(a.hidden).validate().map_err(|reason| invalid("adapter.tower", reason))?;
+            a.tower.validate().map_err(|reason| invalid("adapter.tower", reason))?;
+            if a.tower.hidden != a.hidden {
+                return Err(invalid(
+                    "adapter.tower.hidden",
+                    format!("{} differs from adapter.hidden = {}", a.tower.hidden, a.hidden),
+                ));
+            }
         }
         if a.layers == 0 || a.hidden == 0 || a.rank == 0 || a.rank > a.hidden {
             return Err(invalid("adapter", "layers, hidden and rank must be positive, rank ≤ hidden"));
@@ -328,11 +335,7 @@ impl Config {
     pub fn manifest(&self) -> Result<AdapterManifest, ConfigError> {
         let a = &self.adapter;
         if a.family == AdapterFamilyName::SequenceTower {
-            return Ok(AdapterManifest::sequence_tower(
-                self.base_model_sha256()?,
-                a.tower.shape(a.hidden),
-                a.frozen_a_seed,
-            ));
+            return Ok(AdapterManifest::sequence_tower(self.base_model_sha256()?, a.tower, a.frozen_a_seed));
         }
         let mut targets = a.targets.clone();
         targets.sort();

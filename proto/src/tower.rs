@@ -11,8 +11,10 @@
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-/// The tower's shape.
+/// The tower's shape, as it travels in manifests and as configuration files state it
+/// (`[adapter.tower]`; every field has a default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct TowerShape {
     /// h: size of the item vectors (the base model's embedding size).
     pub hidden: usize,
@@ -26,6 +28,14 @@ pub struct TowerShape {
     pub width: usize,
     pub layers: usize,
     pub heads: usize,
+}
+
+impl Default for TowerShape {
+    /// Over all-MiniLM-L6-v2's 384-dimensional item vectors: L = 20, the mean of the last
+    /// five at start, an item residual of rank 32, two transformer layers of width 128.
+    fn default() -> Self {
+        Self { hidden: 384, history: 20, zero_shot_items: 5, item_rank: 32, width: 128, layers: 2, heads: 4 }
+    }
 }
 
 impl TowerShape {
@@ -45,40 +55,6 @@ impl TowerShape {
             None
         };
         problem.map_or(Ok(()), Err)
-    }
-}
-
-/// The sequence tower's shape as configuration files state it (the coordinator's and the
-/// merchant's `[adapter.tower]`): its item vectors have the base model's `hidden` size.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct TowerSettings {
-    pub history: usize,
-    pub zero_shot_items: usize,
-    pub item_rank: usize,
-    pub width: usize,
-    pub layers: usize,
-    pub heads: usize,
-}
-
-impl Default for TowerSettings {
-    fn default() -> Self {
-        Self { history: 20, zero_shot_items: 5, item_rank: 32, width: 128, layers: 2, heads: 4 }
-    }
-}
-
-impl TowerSettings {
-    /// The tower's shape over item vectors of size `hidden`.
-    pub fn shape(&self, hidden: usize) -> TowerShape {
-        TowerShape {
-            hidden,
-            history: self.history,
-            zero_shot_items: self.zero_shot_items,
-            item_rank: self.item_rank,
-            width: self.width,
-            layers: self.layers,
-            heads: self.heads,
-        }
     }
 }
 

@@ -5,7 +5,6 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use guild_proto::domain::AdapterFamilyName;
-use guild_proto::tower::TowerSettings;
 
 #[derive(Debug, Parser)]
 #[command(name = "guild-sim", version, about = "Guild federation simulator")]
@@ -249,7 +248,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         item_rank,
                         width,
                         layers,
-                        ..TowerSettings::default().shape(guild_sim::world::MINILM_HIDDEN)
+                        ..guild_proto::tower::TowerShape::default()
                     },
                     seed,
                 },

@@ -160,20 +160,18 @@ async fn federated(
         match s.clients {
             ClientMode::Tasks => {
                 let connection = federation.connect(i).await?;
+                let (shared, users, eval_users, seed) =
+                    (world.shared.clone(), merchant.users.clone(), s.data.client_eval_users, i as u64);
                 let learner: Box<dyn Learner> = match world.spec.family {
-                    AdapterFamilyName::FfaLora => Box::new(ModelLearner::new(
-                        world.shared.clone(),
-                        world.spec.lora.clone(),
-                        merchant.users.clone(),
-                        s.data.client_eval_users,
-                        i as u64,
-                    )),
+                    AdapterFamilyName::FfaLora => {
+                        Box::new(ModelLearner::new(shared, world.spec.lora.clone(), users, eval_users, seed))
+                    }
                     AdapterFamilyName::SequenceTower => Box::new(TowerLearner::new(
-                        world.shared.clone(),
+                        shared,
                         world.spec.tower.clone(),
-                        merchant.users.clone(),
-                        s.data.client_eval_users,
-                        i as u64,
+                        users,
+                        eval_users,
+                        seed,
                     )?),
                 };
                 let options = ParticipantOptions {

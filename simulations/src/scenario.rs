@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use guild_coordinator::config::ServerOptimizer;
 use guild_privacy::secagg::Phase;
 use guild_proto::domain::AdapterFamilyName;
-use guild_proto::tower::TowerSettings;
+use guild_proto::tower::TowerShape;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -83,7 +83,7 @@ pub struct FederationSettings {
     pub family: AdapterFamilyName,
     /// The sequence tower's shape (with `family = "sequence_tower"`).
     #[serde(default)]
-    pub tower: TowerSettings,
+    pub tower: TowerShape,
     pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]

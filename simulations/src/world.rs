@@ -20,9 +20,6 @@ use rand_chacha::ChaCha20Rng;
 use crate::results::Scores;
 use crate::scenario::Scenario;
 
-/// The size of all-MiniLM-L6-v2's embeddings, the sequence tower's item vectors.
-pub const MINILM_HIDDEN: usize = 384;
-
 /// Seed of the evaluation-user sample, the same for every arm and command.
 pub const EVAL_USERS_SEED: u64 = 12_345;
 
@@ -67,7 +64,7 @@ impl WorldSpec {
             eval_users: d.eval_users,
             family: scenario.federation.family,
             lora: LoraConfig { rank: rank as i64, alpha: 2.0 * rank as f64, ..LoraConfig::default() },
-            tower: TowerConfig { shape: scenario.federation.tower.shape(MINILM_HIDDEN), seed: 0 },
+            tower: TowerConfig { shape: scenario.federation.tower, seed: 0 },
         }
     }
 }
@@ -205,7 +202,7 @@ impl World {
         let shared = lock(&self.shared);
         let model = Tower::new(tower.clone(), shared.base.device())?;
         let users = Self::users(&shared.dataset, users);
-        let report = retrieval::train_tower(&model, &users, &shared.items, config)?;
+        let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
         Ok((model.offset(), report))
     }
 

@@ -27,25 +27,31 @@ fn titles(n: usize) -> Vec<String> {
     text.lines().skip(1).filter_map(|l| l.split_once('\t')).map(|(_, t)| t.to_owned()).take(n).collect()
 }
 
-fn reference(sentences: &[String], adapter_dir: Option<&Path>) -> Vec<Vec<f32>> {
+/// Runs `python/SCRIPT` from the project's virtualenv with `request` as JSON on stdin and
+/// returns the JSON it prints.
+fn run_python(script: &str, request: &serde_json::Value) -> serde_json::Value {
     let python = workspace().join(".venv/bin/python");
-    let request = serde_json::json!({
-        "model_dir": model_dir(),
-        "sentences": sentences,
-        "max_tokens": MAX_TOKENS,
-        "adapter_dir": adapter_dir,
-    });
     let mut child = Command::new(&python)
-        .arg(workspace().join("python/reference_embeddings.py"))
+        .arg(workspace().join("python").join(script))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup --test)", python.display()));
     child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write request");
-    let out = child.wait_with_output().expect("reference run");
-    assert!(out.status.success(), "reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("reference JSON");
+    let out = child.wait_with_output().expect("python run");
+    assert!(out.status.success(), "{script} failed: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON from python")
+}
+
+fn reference(sentences: &[String], adapter_dir: Option<&Path>) -> Vec<Vec<f32>> {
+    let request = serde_json::json!({
+        "model_dir": model_dir(),
+        "sentences": sentences,
+        "max_tokens": MAX_TOKENS,
+        "adapter_dir": adapter_dir,
+    });
+    let value = run_python("reference_embeddings.py", &request);
     serde_json::from_value(value["embeddings"].clone()).expect("embeddings")
 }
 
@@ -221,23 +227,12 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
     let dir = tempfile::tempdir().expect("tempdir");
     let manifest = AdapterManifest::sequence_tower([0; 32], shape, 21);
     guild_proto::adapter::export(dir.path(), &manifest, &offset).expect("export");
-    let python = workspace().join(".venv/bin/python");
     let request = serde_json::json!({
         "tower_dir": dir.path(),
         "items": Vec::<Vec<f32>>::try_from(&items).expect("items"),
         "histories": histories,
     });
-    let mut child = Command::new(&python)
-        .arg(workspace().join("python/rank_with_tower.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{}: {e} (run scripts/setup --test)", python.display()));
-    child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("write request");
-    let out = child.wait_with_output().expect("python run");
-    assert!(out.status.success(), "python failed: {}", String::from_utf8_lossy(&out.stderr));
-    let value: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let value = run_python("rank_with_tower.py", &request);
     let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
     let difference = max_abs_difference(&ours, &theirs);
     assert!(difference < 1e-5, "max |ours − python| = {difference}");

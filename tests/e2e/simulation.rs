@@ -5,12 +5,18 @@ use std::path::Path;
 
 use guild_sim::scenario::Scenario;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
+/// `scenarios/NAME.toml`, its paths made absolute.
+fn scenario(name: &str) -> Scenario {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
-    let mut scenario = Scenario::load(&root.join("scenarios/smoke.toml")).expect("scenario");
+    let mut scenario = Scenario::load(&root.join(format!("scenarios/{name}.toml"))).expect("scenario");
     scenario.data.dataset = root.join(&scenario.data.dataset);
     scenario.data.cache = root.join(&scenario.data.cache);
+    scenario
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
+    let scenario = scenario("smoke");
     let out = tempfile::tempdir().expect("tempdir");
     let results = guild_sim::run::run(scenario, out.path()).await.expect("the smoke scenario runs");
     guild_sim::report::write(&results, out.path()).expect("report");
@@ -84,10 +90,7 @@ async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
 /// federated vector.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
-    let mut scenario = Scenario::load(&root.join("scenarios/tower-smoke.toml")).expect("scenario");
-    scenario.data.dataset = root.join(&scenario.data.dataset);
-    scenario.data.cache = root.join(&scenario.data.cache);
+    let scenario = scenario("tower-smoke");
     let out = tempfile::tempdir().expect("tempdir");
     let results = guild_sim::run::run(scenario, out.path()).await.expect("the tower scenario runs");
     let arm =

@@ -30,25 +30,6 @@ pub struct TowerConfig {
     pub seed: u64,
 }
 
-impl TowerConfig {
-    /// The default shape for item vectors of size `hidden`: L = 20, the mean of the last
-    /// five at start, an item residual of rank 32, two transformer layers of width 128.
-    pub fn default_for(hidden: usize) -> Self {
-        Self {
-            shape: TowerShape {
-                hidden,
-                history: 20,
-                zero_shot_items: 5,
-                item_rank: 32,
-                width: 128,
-                layers: 2,
-                heads: 4,
-            },
-            seed: 0,
-        }
-    }
-}
-
 /// The sequence-tower adapter: its own `VarStore` holding every tensor of
 /// `guild_proto::tower::tensors`, all trained and aggregated.
 #[derive(Debug)]
