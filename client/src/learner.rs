@@ -107,6 +107,7 @@ fn round_training(task: &RoundTask, temperature: f64, history_items: usize) -> T
         temperature,
         history_items,
         seed: task.training.data_seed,
+        negatives: 0,
     }
 }
 
@@ -126,9 +127,13 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Uniform negatives per batch of a merchant's local tower training (a sampled softmax;
+/// ten times faster than the full softmax over the Amazon Games catalogue on two cores).
+pub const TOWER_NEGATIVES: usize = 1024;
+
 /// One merchant's sequence tower (the sequence-tower family), trained on its shoppers over
-/// the shared catalogue embeddings. The federated values are the tower's offset from its
-/// seeded initial values.
+/// the shared catalogue embeddings with a sampled softmax ([`TOWER_NEGATIVES`]). The
+/// federated values are the tower's offset from its seeded initial values.
 #[derive(Debug)]
 pub struct TowerLearner {
     shared: Arc<Mutex<Shared>>,
@@ -164,7 +169,10 @@ impl Learner for TowerLearner {
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
         self.tower.set_offset(global)?;
-        let config = round_training(task, self.temperature, self.tower.config().shape.history);
+        let config = TrainConfig {
+            negatives: TOWER_NEGATIVES,
+            ..round_training(task, self.temperature, self.tower.config().shape.history)
+        };
         let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.users);
         retrieval::train_tower(&self.tower, &shared.items, &users, &config)?;

@@ -107,6 +107,9 @@ enum Command {
         /// Where item embeddings are cached between runs.
         #[arg(long, default_value = ".cache")]
         cache: std::path::PathBuf,
+        /// Sequence tower: uniform negatives per batch (0: full softmax over the catalogue).
+        #[arg(long, default_value_t = 0)]
+        negatives: usize,
     },
 }
 
@@ -220,12 +223,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_tokens,
             seed,
             cache,
+            negatives,
         } => {
             let train = guild_client::retrieval::TrainConfig {
                 batch_size,
                 steps,
                 learning_rate,
                 seed,
+                negatives,
                 ..Default::default()
             };
             let spec = guild_sim::world::WorldSpec {

@@ -115,11 +115,13 @@ impl Tower {
         items + items.matmul(self.var("item_a")).matmul(self.var("item_b"))
     }
 
-    /// Shopper vectors `[batch, hidden]` from each history (oldest first) over the adapted
-    /// item vectors.
-    pub fn shoppers(&self, adapted: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+    /// Shopper vectors `[batch, hidden]` from each history (oldest first) over the item
+    /// vectors `items` (the catalogue's, not adapted: the residual is applied to the
+    /// gathered history only, which is the same as gathering adapted vectors).
+    pub fn shoppers(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
         let shape = &self.config.shape;
-        let (sequence, valid) = gather_last(adapted, histories, shape.history as i64);
+        let (raw, valid) = gather_last(items, histories, shape.history as i64);
+        let sequence = self.adapt_items(&raw);
         let pooled = pool(&sequence, &valid, self.var("recency"));
         if shape.layers == 0 {
             return pooled;
@@ -141,9 +143,8 @@ impl Tower {
 
     /// Cosine scores `[batch, items]` of each history against the whole catalogue.
     pub fn scores(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
-        let adapted = self.adapt_items(items);
-        let shoppers = normalise(&self.shoppers(&adapted, histories));
-        shoppers.matmul(&normalise(&adapted).tr())
+        let shoppers = normalise(&self.shoppers(items, histories));
+        shoppers.matmul(&normalise(&self.adapt_items(items)).tr())
     }
 
     /// Every trainable value, in flat-vector (name) order.
