@@ -74,9 +74,20 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Batch size and learning rate of the in-process baselines' training.
-fn baseline_training(steps: usize, batch_size: usize, learning_rate: f64, seed: u64) -> TrainConfig {
-    TrainConfig { batch_size, steps, learning_rate, seed, ..TrainConfig::default() }
+/// How the in-process baselines train.
+/// The sequence tower trains with the same sampled softmax as the merchants' clients.
+fn baseline_training(
+    world: &World,
+    steps: usize,
+    batch_size: usize,
+    learning_rate: f64,
+    seed: u64,
+) -> TrainConfig {
+    let negatives = match world.spec.family {
+        AdapterFamilyName::FfaLora => 0,
+        AdapterFamilyName::SequenceTower => guild_client::learner::TOWER_NEGATIVES,
+    };
+    TrainConfig { batch_size, steps, learning_rate, seed, negatives, ..TrainConfig::default() }
 }
 
 /// The smallest z (to 0.1%) for which `rounds` rounds of `round` (its noise multiplier
@@ -481,7 +492,13 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             let pair = tokio::task::block_in_place(|| {
                 let (values, _) = world.train_on(
                     &m.users,
-                    &baseline_training(local.steps, local.batch_size, local.learning_rate, s.data.seed),
+                    &baseline_training(
+                        &world,
+                        local.steps,
+                        local.batch_size,
+                        local.learning_rate,
+                        s.data.seed,
+                    ),
                 )?;
                 anyhow::Ok((
                     world.score_with_ranks(Some(&values), Split::Test)?,
@@ -515,7 +532,13 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         let ((test, ranks), validation) = tokio::task::block_in_place(|| {
             let (values, _) = world.train_on(
                 &users,
-                &baseline_training(central.steps, central.batch_size, central.learning_rate, s.data.seed),
+                &baseline_training(
+                    &world,
+                    central.steps,
+                    central.batch_size,
+                    central.learning_rate,
+                    s.data.seed,
+                ),
             )?;
             anyhow::Ok((
                 world.score_with_ranks(Some(&values), Split::Test)?,
