@@ -31,32 +31,36 @@ def _norm(w, name, x, eps):
 
 def shoppers(tower, adapted, histories):
     shape, w, eps = tower["shape"], tower["w"], tower["eps"]
-    length = shape["history"]
-    index = torch.zeros(len(histories), length, dtype=torch.long)
-    valid = torch.zeros(len(histories), length, dtype=torch.bool)
-    for row, history in enumerate(histories):
-        tail = history[-length:]
-        index[row, length - len(tail):] = torch.tensor(tail, dtype=torch.long)
-        valid[row, length - len(tail):] = True
+    # Each history's last `history` items, oldest first, left-aligned and right-padded.
+    windows = [h[-shape["history"]:] for h in histories]
+    length = max(1, max(len(h) for h in windows))
+    b = len(windows)
+    index = torch.zeros(b, length, dtype=torch.long)
+    valid = torch.zeros(b, length, dtype=torch.bool)
+    for row, window in enumerate(windows):
+        index[row, : len(window)] = torch.tensor(window, dtype=torch.long)
+        valid[row, : len(window)] = True
     sequence = adapted[index] * valid.unsqueeze(-1)
-    # recency[0] weighs the most recent item (the last position).
-    pooled = (sequence * (w["recency"].flip(0) * valid).unsqueeze(-1)).sum(1)
+    last = torch.tensor([max(len(h), 1) - 1 for h in windows])
+    rows = torch.arange(b)
+    # Recency pooling at the last item: recency[j] weighs the j-th most recent item.
+    lag = (last.unsqueeze(1) - torch.arange(length).unsqueeze(0)).clamp_min(0)
+    weights = w["recency"][lag] * (torch.arange(length).unsqueeze(0) <= last.unsqueeze(1))
+    pooled = (sequence * weights.unsqueeze(-1)).sum(1)
     if shape["layers"] == 0:
         return pooled
-    b, heads = len(histories), shape["heads"]
-    x = _linear(w, "input", sequence) + w["position"].unsqueeze(0)
-    allowed = torch.ones(length, length, dtype=torch.bool).tril().unsqueeze(0) & valid.unsqueeze(1)
-    allowed = (allowed | torch.eye(length, dtype=torch.bool).unsqueeze(0)).view(b, 1, length, length)
-    width = shape["width"]
+    heads, width = shape["heads"], shape["width"]
+    x = _linear(w, "input", sequence) + w["position"][:length].unsqueeze(0)
+    causal = torch.ones(length, length, dtype=torch.bool).tril().view(1, 1, length, length)
     for i in range(shape["layers"]):
         p = f"block{i}"
         q, k, v = _linear(w, f"{p}.qkv", _norm(w, f"{p}.attention_norm", x, eps)).chunk(3, -1)
         split = lambda t: t.view(b, length, heads, width // heads).transpose(1, 2)
-        attended = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=allowed)
+        attended = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=causal)
         x = x + _linear(w, f"{p}.attention_out", attended.transpose(1, 2).reshape(b, length, width))
         hidden = torch.nn.functional.gelu(_linear(w, f"{p}.mlp_in", _norm(w, f"{p}.mlp_norm", x, eps)))
         x = x + _linear(w, f"{p}.mlp_out", hidden)
-    return pooled + x[:, -1] @ w["output"]
+    return pooled + x[rows, last] @ w["output"]
 
 
 def scores(tower, items, histories):

@@ -110,11 +110,29 @@ pub struct Guards {
     pub dangerous_send_unnoised_updates: bool,
     /// Stop after this many rounds (0: run until stopped).
     pub max_rounds: u64,
+    /// Refuse a distributed-DP round that would take this merchant's own ε against the
+    /// coordinator (its recorded participations composed, without amplification by
+    /// sampling, which the coordinator performs) past this, at δ = `delta`.
+    pub max_epsilon: f64,
+    pub delta: f64,
+    /// This merchant's append-only privacy ledger (created if absent).
+    pub ledger: PathBuf,
+    /// Report per-round evaluation counts on this merchant's validation shoppers to the
+    /// coordinator. They are neither noised nor charged to a ledger.
+    pub dangerous_report_unnoised_metrics: bool,
 }
 
 impl Default for Guards {
     fn default() -> Self {
-        Self { min_noise_multiplier: 0.5, dangerous_send_unnoised_updates: false, max_rounds: 0 }
+        Self {
+            min_noise_multiplier: 0.5,
+            dangerous_send_unnoised_updates: false,
+            max_rounds: 0,
+            max_epsilon: crate::participant::DEFAULT_MAX_EPSILON,
+            delta: crate::participant::DEFAULT_DELTA,
+            ledger: "privacy-ledger.txt".into(),
+            dangerous_report_unnoised_metrics: false,
+        }
     }
 }
 
@@ -140,6 +158,13 @@ impl ClientConfig {
                 message: "guards.min_noise_multiplier must be ≥ 0".into(),
             });
         }
+        let (cap, delta) = (config.guards.max_epsilon, config.guards.delta);
+        if cap.is_nan() || cap <= 0.0 || delta.is_nan() || delta <= 0.0 || delta >= 1.0 {
+            return Err(ClientConfigError::Parse {
+                path: path.display().to_string(),
+                message: "guards.max_epsilon must be > 0 and guards.delta in (0, 1)".into(),
+            });
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let mut paths = vec![
             &mut config.identity,
@@ -148,6 +173,7 @@ impl ClientConfig {
             &mut config.tls.key,
             &mut config.data.dataset,
             &mut config.model.cache,
+            &mut config.guards.ledger,
         ];
         if let Some(dir) = config.model.dir.as_mut() {
             paths.push(dir);
@@ -183,7 +209,10 @@ mod tests {
         std::fs::write(&path, text).expect("write");
         let config = ClientConfig::load(&path).expect("valid");
         assert_eq!(config.tls.ca, dir.path().join("ca.pem"));
-        assert_eq!(config.guards, Guards::default());
+        assert_eq!(
+            config.guards,
+            Guards { ledger: dir.path().join("privacy-ledger.txt"), ..Guards::default() }
+        );
         std::fs::write(&path, text.replace("[data]", "[data]\ndatset = 1")).expect("write");
         let error = ClientConfig::load(&path).expect_err("typo").to_string();
         assert!(error.contains("datset") && error.contains("merchant.toml"), "{error}");

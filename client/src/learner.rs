@@ -133,11 +133,13 @@ pub const TOWER_NEGATIVES: usize = 1024;
 
 /// One merchant's sequence tower (the sequence-tower family), trained on its shoppers over
 /// the shared catalogue embeddings with a sampled softmax ([`TOWER_NEGATIVES`]). The
-/// federated values are the tower's offset from its seeded initial values.
+/// federated values are the tower's offset from its seeded initial values. The tower lives
+/// only while a round trains or evaluates (a merchant idle between rounds holds no tensors:
+/// the simulator runs hundreds in one process).
 #[derive(Debug)]
 pub struct TowerLearner {
     shared: Arc<Mutex<Shared>>,
-    tower: Tower,
+    config: TowerConfig,
     base_model_sha256: [u8; 32],
     users: Vec<usize>,
     eval_users: Vec<usize>,
@@ -153,43 +155,48 @@ impl TowerLearner {
         seed: u64,
     ) -> Result<Self, crate::model::ModelError> {
         let guard = lock(&shared);
-        let tower = Tower::new(config, guard.base.device())?;
+        config.shape.validate().map_err(crate::model::ModelError::AdapterShape)?;
         let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
         let base_model_sha256 = guard.base.sha256();
         drop(guard);
-        Ok(Self { shared, tower, base_model_sha256, users, eval_users: eval, temperature: 0.05 })
+        Ok(Self { shared, config, base_model_sha256, users, eval_users: eval, temperature: 0.05 })
+    }
+
+    /// The tower at `values` (its offset from the start), on the shared model's device.
+    fn tower(&self, shared: &Shared, values: &[f32]) -> Result<Tower, crate::model::ModelError> {
+        let mut tower = Tower::new(self.config.clone(), shared.base.device())?;
+        tower.set_offset(values)?;
+        Ok(tower)
     }
 }
 
 impl Learner for TowerLearner {
     fn manifest(&self) -> AdapterManifest {
-        let config = self.tower.config();
-        AdapterManifest::sequence_tower(self.base_model_sha256, config.shape, config.seed)
+        AdapterManifest::sequence_tower(self.base_model_sha256, self.config.shape, self.config.seed)
     }
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        self.tower.set_offset(global)?;
         let config = TrainConfig {
             negatives: TOWER_NEGATIVES,
-            ..round_training(task, self.temperature, self.tower.config().shape.history)
+            ..round_training(task, self.temperature, self.config.shape.history)
         };
         let shared = lock(&self.shared);
+        let tower = self.tower(&shared, global)?;
         let users = users(&shared.dataset, &self.users);
-        retrieval::train_tower(&self.tower, &shared.items, &users, &config)?;
-        Ok(update(&self.tower.offset(), global))
+        retrieval::train_tower(&tower, &shared.items, &users, &config)?;
+        Ok(update(&tower.offset(), global))
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
         if self.eval_users.is_empty() {
             return Ok(None);
         }
-        self.tower.set_offset(values)?;
         let shared = lock(&self.shared);
+        let tower = self.tower(&shared, values)?;
         let users = users(&shared.dataset, &self.eval_users);
-        let items = shared.items.to(self.tower.var_store().device());
-        let shape = self.tower.config().shape;
+        let items = shared.items.to(tower.var_store().device());
         let (counts, _) =
-            retrieval::evaluate_tower(&shape, Some(&self.tower), &users, &items, Split::Validation);
+            retrieval::evaluate_tower(&self.config.shape, Some(&tower), &users, &items, Split::Validation);
         Ok(Some(counts))
     }
 }

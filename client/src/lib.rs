@@ -9,6 +9,7 @@ pub mod data;
 pub mod faults;
 pub mod identity;
 pub mod learner;
+pub mod ledger;
 pub mod model;
 pub mod net;
 pub mod participant;

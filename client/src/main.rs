@@ -177,11 +177,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 min_noise_multiplier: config.guards.min_noise_multiplier,
                 dangerous_send_unnoised_updates: config.guards.dangerous_send_unnoised_updates,
                 max_rounds: config.guards.max_rounds,
+                max_epsilon: config.guards.max_epsilon,
+                delta: config.guards.delta,
+                dangerous_report_unnoised_metrics: config.guards.dangerous_report_unnoised_metrics,
                 ..Default::default()
             };
+            let ledger = guild_client::participant::ClientLedger::open(&config.guards.ledger)?;
+            eprintln!(
+                "guild-client: privacy ledger {}: {} participations, ε against the coordinator {:.3} (cap {}) at δ = {:e}",
+                config.guards.ledger.display(),
+                ledger.participations().len(),
+                ledger.epsilon(config.guards.delta),
+                config.guards.max_epsilon,
+                config.guards.delta
+            );
             runtime.block_on(async {
                 let connection = connect_with_retry(&config, &tls).await?;
-                let mut participant = Participant::new(connection, identity, learner, options);
+                let mut participant = Participant::new(connection, identity, learner, options, ledger);
                 let merchant = participant.register().await?;
                 eprintln!("guild-client: registered as {merchant}; waiting for rounds");
                 let bar = spinner();

@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
+use guild_privacy::cost::round_rho;
 use guild_privacy::dp::{DdgParams, RandomRotation};
-use guild_privacy::secagg::{Phase, RoundConfig, client as secagg};
+use guild_privacy::secagg::{Phase, RoundConfig, client as secagg, min_active_threshold};
 use guild_proto::domain::{MerchantId, MetricsReport, RoundTask, Task};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -20,6 +21,7 @@ pub use crate::faults::Faults;
 use crate::faults::Injected;
 use crate::identity::Identity;
 pub use crate::learner::Learner;
+pub use crate::ledger::{ClientLedger, Participation};
 use crate::net::{Connection, NetError};
 use crate::retrieval::RankingCounts;
 
@@ -39,7 +41,19 @@ pub struct ParticipantOptions {
     pub faults: Faults,
     /// Stop after taking part in this many rounds (0: never).
     pub max_rounds: u64,
+    /// Refuse a distributed-DP round that would take this merchant's own ε against the
+    /// coordinator (its participations composed, no amplification) past this, at `delta`.
+    pub max_epsilon: f64,
+    pub delta: f64,
+    /// Send the per-round evaluation counts on this merchant's validation shoppers to the
+    /// coordinator: un-noised, not charged to any ledger, so off by default.
+    pub dangerous_report_unnoised_metrics: bool,
 }
+
+/// A merchant's default cap on its own ε against the coordinator.
+pub const DEFAULT_MAX_EPSILON: f64 = 10.0;
+/// The δ of that cap.
+pub const DEFAULT_DELTA: f64 = 1e-6;
 
 impl Default for ParticipantOptions {
     fn default() -> Self {
@@ -51,6 +65,9 @@ impl Default for ParticipantOptions {
             max_backoff: Duration::from_secs(10),
             faults: Faults::default(),
             max_rounds: 0,
+            max_epsilon: DEFAULT_MAX_EPSILON,
+            delta: DEFAULT_DELTA,
+            dangerous_report_unnoised_metrics: false,
         }
     }
 }
@@ -100,6 +117,100 @@ pub enum ParticipantError {
     Training(String),
     #[error("injected fault: dropped out before phase {0}")]
     Dropped(Phase),
+    #[error("{0}")]
+    Ledger(String),
+}
+
+/// A merchant's checks of a task, before it trains or sends anything: the federation and
+/// the model; the SecAgg+ threshold against the active-security bound; `min_survivors` ≤
+/// threshold (else a round could complete with less noise than σ²); in distributed mode
+/// the noise multiplier and the round's own privacy cost (recomputed from the task, without
+/// amplification) against this merchant's ledger and cap; un-noised modes only when opted in.
+/// `Err` says why the task is refused.
+pub fn vet_task(
+    task: &RoundTask,
+    manifest: &guild_proto::domain::AdapterManifest,
+    federation_id: [u8; 16],
+    options: &ParticipantOptions,
+    ledger: &ClientLedger,
+) -> Result<(), String> {
+    let refuse = |m: String| Err(m);
+    if task.binding.federation_id != federation_id {
+        return refuse("the task is for another federation".into());
+    }
+    if task.binding.task_sha256 != guild_proto::convert::task_digest(task) {
+        return refuse(
+            "the task's digest does not match its parameters (a coordinator showing clients different tasks?)".into(),
+        );
+    }
+    if task.manifest != *manifest {
+        return refuse("the task's adapter manifest differs from this client's model".into());
+    }
+    let s = &task.secagg;
+    let holders = s.neighbours.min(s.cohort_size.saturating_sub(1));
+    if s.threshold < min_active_threshold(holders) {
+        return refuse(format!(
+            "threshold {} is below the active-security bound {} for {holders} share holders \
+             (a coordinator showing different survivor lists could unmask this merchant)",
+            s.threshold,
+            min_active_threshold(holders)
+        ));
+    }
+    // Each client adds σ²/min_survivors; at least `threshold` must survive to unmask, so
+    // the sum carries σ² only if min_survivors ≤ threshold.
+    if task.privacy.min_survivors > s.threshold {
+        return refuse(format!(
+            "min_survivors {} is above the threshold {}: a round could complete with less noise than σ²",
+            task.privacy.min_survivors, s.threshold
+        ));
+    }
+    match task.privacy.mode {
+        PrivacyMode::Distributed => {
+            if task.privacy.noise_multiplier < options.min_noise_multiplier {
+                return refuse(format!(
+                    "noise multiplier {} is below this merchant's minimum {}",
+                    task.privacy.noise_multiplier, options.min_noise_multiplier
+                ));
+            }
+            let rho = shown_round_rho(task).map_err(|e| e.to_string())?;
+            let after = ledger.epsilon_if(rho, options.delta);
+            if after > options.max_epsilon {
+                return refuse(format!(
+                    "this round (ρ = {rho:.4} without amplification) would take this merchant's ε against \
+                     the coordinator from {:.3} to {after:.3}, past its cap of {} at δ = {:e}",
+                    ledger.epsilon(options.delta),
+                    options.max_epsilon,
+                    options.delta
+                ));
+            }
+        }
+        PrivacyMode::Central | PrivacyMode::DangerousNone => {
+            if !options.dangerous_send_unnoised_updates {
+                return refuse(format!(
+                    "mode {:?} has clients send un-noised updates; set dangerous_send_unnoised_updates to take part",
+                    task.privacy.mode
+                ));
+            }
+        }
+        PrivacyMode::Local => return refuse("local mode is not offered over the network".into()),
+    }
+    Ok(())
+}
+
+/// The zCDP ρ of a distributed round as the task shows it, without amplification: the same
+/// function the coordinator's ledger charges (`guild_privacy::cost::round_rho`), on the
+/// encoding rebuilt from the task's own parameters.
+pub fn shown_round_rho(task: &RoundTask) -> Result<f64, guild_privacy::cost::CostError> {
+    let p = &task.privacy;
+    let ddg = DdgParams::from_round(
+        task.manifest.parameter_count(),
+        p.clip_norm,
+        p.gamma,
+        p.bit_width,
+        p.noise_multiplier * p.clip_norm,
+        p.min_survivors,
+    )?;
+    round_rho(&ddg, p.min_survivors)
 }
 
 /// One stretch of time during which the coordinator could not be reached: logged once when
@@ -141,6 +252,7 @@ pub struct Participant {
     federation_id: [u8; 16],
     adapter: Option<(u64, [u8; 32], Vec<f32>)>,
     rng: ChaCha20Rng,
+    ledger: ClientLedger,
 }
 
 impl std::fmt::Debug for Participant {
@@ -150,13 +262,16 @@ impl std::fmt::Debug for Participant {
 }
 
 impl Participant {
+    /// A participant whose privacy ledger is `ledger` (see [`ClientLedger`]).
     pub fn new(
         connection: Connection,
         identity: Arc<Identity>,
         learner: Box<dyn Learner>,
         options: ParticipantOptions,
+        ledger: ClientLedger,
     ) -> Self {
         Self {
+            ledger,
             connection,
             identity,
             learner: Some(learner),
@@ -170,6 +285,11 @@ impl Participant {
 
     pub fn merchant_id(&self) -> Option<&MerchantId> {
         self.merchant_id.as_ref()
+    }
+
+    /// This merchant's own privacy ledger (its participations, unamplified).
+    pub fn ledger(&self) -> &ClientLedger {
+        &self.ledger
     }
 
     /// Registers, retrying with exponential backoff while the coordinator is unreachable.
@@ -253,34 +373,11 @@ impl Participant {
 
     /// Checks a task against this merchant's guards before doing anything with it.
     fn check(&self, task: &RoundTask) -> Result<(), ParticipantError> {
-        let refuse = |m: String| Err(ParticipantError::Refused(m));
-        if task.binding.federation_id != self.federation_id {
-            return refuse("the task is for another federation".into());
-        }
-        let Some(learner) = &self.learner else { return refuse("the learner is busy".into()) };
-        if task.manifest != learner.manifest() {
-            return refuse("the task's adapter manifest differs from this client's model".into());
-        }
-        match task.privacy.mode {
-            PrivacyMode::Distributed => {
-                if task.privacy.noise_multiplier < self.options.min_noise_multiplier {
-                    return refuse(format!(
-                        "noise multiplier {} is below this merchant's minimum {}",
-                        task.privacy.noise_multiplier, self.options.min_noise_multiplier
-                    ));
-                }
-            }
-            PrivacyMode::Central | PrivacyMode::DangerousNone => {
-                if !self.options.dangerous_send_unnoised_updates {
-                    return refuse(format!(
-                        "mode {:?} has clients send un-noised updates; set dangerous_send_unnoised_updates to take part",
-                        task.privacy.mode
-                    ));
-                }
-            }
-            PrivacyMode::Local => return refuse("local mode is not offered over the network".into()),
-        }
-        Ok(())
+        let Some(learner) = &self.learner else {
+            return Err(ParticipantError::Refused("the learner is busy".into()));
+        };
+        vet_task(task, &learner.manifest(), self.federation_id, &self.options, &self.ledger)
+            .map_err(ParticipantError::Refused)
     }
 
     async fn global_adapter(
@@ -379,6 +476,17 @@ impl Participant {
         let inbox = self.connection.share_keys(shares, timeout).await?;
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
         self.fault(Phase::MaskedInput).await?;
+        if p.mode == PrivacyMode::Distributed {
+            // Charged durably before the noised update can leave; never refunded.
+            let rho = shown_round_rho(&task).map_err(|e| ParticipantError::Refused(e.to_string()))?;
+            self.ledger
+                .record(Participation {
+                    federation: hex::encode(self.federation_id),
+                    round_id: task.binding.round_id,
+                    rho,
+                })
+                .map_err(|e| ParticipantError::Ledger(e.to_string()))?;
+        }
         bytes_sent += 4 * masked.masked.len() as u64;
         let survivors = self.connection.masked_input(masked, timeout).await?;
         let (state, check) = state.on_survivors(survivors, signing)?;
@@ -426,7 +534,9 @@ impl Participant {
         .map_err(|e| ParticipantError::Training(format!("the evaluation thread failed: {e}")))?;
         self.learner = Some(learner);
         let counts = counts.map_err(|e| ParticipantError::Training(format!("{e:#}")))?;
-        if let Some(c) = counts {
+        if let Some(c) = counts
+            && self.options.dangerous_report_unnoised_metrics
+        {
             self.connection
                 .report_metrics(MetricsReport {
                     merchant_id: merchant,
@@ -439,5 +549,174 @@ impl Participant {
                 .await?;
         }
         Ok(counts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use guild_privacy::cost::RoundPrivacy;
+    use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
+    use guild_proto::domain::{AdapterManifest, PrivacyParams, SecAggParams, TrainingParams};
+    use guild_proto::tower::TowerShape;
+
+    use super::*;
+
+    const FEDERATION: [u8; 16] = [7; 16];
+
+    fn manifest() -> AdapterManifest {
+        let shape = TowerShape {
+            hidden: 16,
+            history: 4,
+            zero_shot_items: 2,
+            item_rank: 2,
+            width: 8,
+            layers: 0,
+            heads: 2,
+        };
+        AdapterManifest::sequence_tower([1; 32], shape, 0)
+    }
+
+    /// The task an honest coordinator would send for a distributed round of `n` clients at
+    /// threshold `t` (its encoding chosen by the same function the ledger uses).
+    fn task(n: u32, t: u32, noise_multiplier: f64) -> RoundTask {
+        let d = manifest().parameter_count();
+        let cost = RoundPrivacy {
+            mode: PrivacyMode::Distributed,
+            sampling_rate: 0.1,
+            noise_multiplier,
+            clip_norm: 1.0,
+            dimension: d,
+            min_survivors: t,
+            max_summands: n,
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        }
+        .cost()
+        .expect("cost");
+        let cohort: BTreeMap<ClientIndex, [u8; 32]> =
+            (1..=n).map(|i| (ClientIndex::new(i).expect("1-based"), [i as u8; 32])).collect();
+        let mut task = RoundTask {
+            binding: RoundBinding {
+                federation_id: FEDERATION,
+                round_id: 3,
+                adapter_sha256: [2; 32],
+                task_sha256: [0; 32],
+            },
+            adapter_version: 2,
+            manifest: manifest(),
+            training: TrainingParams { local_steps: 1, batch_size: 8, learning_rate: 1e-3, data_seed: 1 },
+            privacy: PrivacyParams {
+                mode: PrivacyMode::Distributed,
+                clip_norm: 1.0,
+                noise_multiplier,
+                gamma: cost.ddg.gamma(),
+                bit_width: 32,
+                min_survivors: t,
+                rotation_seed: 4,
+            },
+            secagg: SecAggParams {
+                my_index: ClientIndex::new(1).expect("1-based"),
+                cohort_size: n,
+                threshold: t,
+                neighbours: n - 1,
+                graph_seed: 5,
+                vector_length: cost.ddg.padded_dimension() as u32,
+                phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
+            },
+            cohort,
+        };
+        task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
+        task
+    }
+
+    fn vet(task: &RoundTask, options: &ParticipantOptions, ledger: &ClientLedger) -> Result<(), String> {
+        vet_task(task, &manifest(), FEDERATION, options, ledger)
+    }
+
+    #[test]
+    fn an_honest_task_passes() {
+        vet(&task(51, 35, 1.0), &ParticipantOptions::default(), &ClientLedger::in_memory()).expect("honest");
+    }
+
+    #[test]
+    fn a_task_that_differs_from_its_digest_is_refused_and_the_digest_ignores_only_per_client_fields() {
+        let honest = task(51, 35, 1.0);
+        let mut other_client = honest.clone();
+        other_client.secagg.my_index = ClientIndex::new(7).expect("1-based");
+        other_client.training.data_seed = 99;
+        assert_eq!(guild_proto::convert::task_digest(&other_client), honest.binding.task_sha256);
+        let options = ParticipantOptions::default();
+        let ledger = ClientLedger::in_memory();
+        vet(&other_client, &options, &ledger).expect("same round, another client");
+        // Each common parameter is covered: a coordinator that shows one client other values
+        // without a matching digest is refused; with a matching digest, the bindings differ.
+        type Change = Box<dyn Fn(&mut RoundTask)>;
+        let changes: Vec<Change> = vec![
+            Box::new(|t| t.secagg.graph_seed ^= 1),
+            Box::new(|t| t.secagg.threshold += 1),
+            Box::new(|t| t.privacy.noise_multiplier *= 0.5),
+            Box::new(|t| t.privacy.min_survivors -= 1),
+            Box::new(|t| t.privacy.rotation_seed ^= 1),
+            Box::new(|t| t.training.learning_rate *= 2.0),
+            Box::new(|t| {
+                t.cohort.insert(ClientIndex::new(2).expect("1-based"), [0xee; 32]);
+            }),
+        ];
+        for (i, change) in changes.iter().enumerate() {
+            let mut shown = honest.clone();
+            change(&mut shown);
+            let error = vet(&shown, &options, &ledger).expect_err("changed");
+            assert!(error.contains("digest"), "change {i}: {error}");
+            assert_ne!(guild_proto::convert::task_digest(&shown), honest.binding.task_sha256, "change {i}");
+        }
+    }
+
+    #[test]
+    fn a_threshold_below_the_active_security_bound_is_refused() {
+        // The split-survivor-list attack needs 2t ≤ k + colluders: with 51 clients (50 share
+        // holders) and t = 20 it needs none. The bound is ⌊2·50/3⌋ + 1 = 34.
+        let options = ParticipantOptions::default();
+        let ledger = ClientLedger::in_memory();
+        let error = vet(&task(51, 20, 1.0), &options, &ledger).expect_err("t = 20 of 50");
+        assert!(error.contains("active-security bound 34"), "{error}");
+        assert!(vet(&task(51, 33, 1.0), &options, &ledger).is_err());
+        vet(&task(51, 34, 1.0), &options, &ledger).expect("t = 34 is at the bound");
+    }
+
+    #[test]
+    fn a_task_that_cuts_every_clients_noise_share_is_refused() {
+        // min_survivors = 10⁴ would have each client add σ²/10⁴: the noise multiplier alone
+        // passes the guard, the survivors check does not.
+        let mut cut = task(51, 35, 1.0);
+        cut.privacy.min_survivors = 10_000;
+        let error = vet(&cut, &ParticipantOptions::default(), &ClientLedger::in_memory()).expect_err("cut");
+        assert!(error.contains("digest"), "a task changed after its digest is refused first: {error}");
+        cut.binding.task_sha256 = guild_proto::convert::task_digest(&cut);
+        let error = vet(&cut, &ParticipantOptions::default(), &ClientLedger::in_memory()).expect_err("cut");
+        assert!(error.contains("min_survivors 10000 is above the threshold 35"), "{error}");
+    }
+
+    #[test]
+    fn the_merchants_own_cap_refuses_a_round_that_costs_too_much_and_counts_its_ledger() {
+        let options = ParticipantOptions { max_epsilon: 5.0, ..ParticipantOptions::default() };
+        let honest = task(51, 35, 2.0);
+        let rho = shown_round_rho(&honest).expect("rho");
+        // Each round adds ρ ≈ 1/(2z²) · (t−1)/t: a few rounds fit under ε = 5 at δ = 1e-6.
+        assert!(rho > 0.1 && rho < 0.13, "ρ = {rho}");
+        let mut ledger = ClientLedger::in_memory();
+        let mut taken = 0;
+        while vet(&honest, &options, &ledger).is_ok() {
+            ledger.record(Participation { federation: "f".into(), round_id: taken, rho }).expect("record");
+            taken += 1;
+            assert!(taken < 100, "the cap never bites");
+        }
+        assert!(ledger.epsilon(options.delta) <= 5.0 && ledger.epsilon_if(rho, options.delta) > 5.0);
+        // A coordinator that shows a low noise multiplier (still above the merchant's minimum)
+        // is refused on cost at once.
+        let cheap = task(51, 35, 0.5);
+        let error = vet(&cheap, &options, &ClientLedger::in_memory()).expect_err("one round too costly");
+        assert!(error.contains("past its cap of 5"), "{error}");
     }
 }

@@ -13,7 +13,7 @@ use tch::{Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::data::{Dataset, Example, ItemIndex, User};
 use crate::model::lora::Adapters;
-use crate::model::tower::{Tower, normalise, zero_shot_scores};
+use crate::model::tower::{Tower, TowerRow, normalise, tower_rows, zero_shot_scores};
 use crate::model::{BaseModel, ModelError};
 use guild_proto::tower::TowerShape;
 
@@ -112,21 +112,21 @@ pub struct TrainReport {
 }
 
 /// Shuffled batches over `examples`, reshuffled (with `rng`) each time an epoch runs out.
-struct Batches<'e, 'a> {
-    examples: &'e mut [Example<'a>],
+struct Batches<'e, T> {
+    examples: &'e mut [T],
     size: usize,
     cursor: usize,
     rng: ChaCha20Rng,
 }
 
-impl<'e, 'a> Batches<'e, 'a> {
-    fn new(examples: &'e mut [Example<'a>], size: usize, seed: u64) -> Self {
+impl<'e, T> Batches<'e, T> {
+    fn new(examples: &'e mut [T], size: usize, seed: u64) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         examples.shuffle(&mut rng);
         Self { examples, size, cursor: 0, rng }
     }
 
-    fn next_batch(&mut self) -> &[Example<'a>] {
+    fn next_batch(&mut self) -> &[T] {
         if self.cursor + self.size > self.examples.len() {
             self.examples.shuffle(&mut self.rng);
             self.cursor = 0;
@@ -371,55 +371,71 @@ pub fn evaluate_tower(
     (counts, ranks)
 }
 
-/// The tower's softmax cross-entropy of each row's target: over the whole catalogue, or
-/// (with `config.negatives`) over the row's target and uniform negatives shared by the batch.
-fn tower_loss(
-    tower: &Tower,
-    items: &Tensor,
-    histories: &[&[ItemIndex]],
-    targets: &Tensor,
-    config: &TrainConfig,
-) -> Tensor {
+/// The tower's softmax cross-entropy of every target of `rows` (each weighs the same): over
+/// the whole catalogue, or (with `config.negatives`) over the target and uniform negatives
+/// shared by the batch.
+fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &TrainConfig) -> Tensor {
+    let device = items.device();
+    let windows: Vec<&[ItemIndex]> = rows.iter().map(|r| r.window).collect();
+    let sequence = tower.sequence(items, &windows);
+    let (b, m, hidden) = sequence.size3().expect("[batch, length, hidden]");
+    let (mut at, mut target) = (Vec::new(), Vec::new());
+    for (i, row) in rows.iter().enumerate() {
+        for p in row.first_target..row.window.len() {
+            at.push(i as i64 * m + p as i64);
+            target.push(i64::from(row.next[p]));
+        }
+    }
+    let targets = Tensor::from_slice(&target).to(device);
+    let shoppers =
+        normalise(&sequence.reshape([b * m, hidden]).index_select(0, &Tensor::from_slice(&at).to(device)));
     let catalogue = items.size()[0];
     let k = config.negatives as i64;
     if k == 0 || k >= catalogue {
-        return (tower.scores(items, histories) / config.temperature).cross_entropy_for_logits(targets);
+        let logits = shoppers.matmul(&normalise(&tower.adapt_items(items)).tr()) / config.temperature;
+        return logits.cross_entropy_for_logits(&targets);
     }
-    let shoppers = normalise(&tower.shoppers(items, histories));
-    let positives = normalise(&tower.adapt_items(&items.index_select(0, targets)));
-    let negatives = Tensor::randint(catalogue, [k], (Kind::Int64, items.device()));
+    let positives = normalise(&tower.adapt_items(&items.index_select(0, &targets)));
+    let negatives = Tensor::randint(catalogue, [k], (Kind::Int64, device));
     let negative_vectors = normalise(&tower.adapt_items(&items.index_select(0, &negatives)));
     let own = (&shoppers * &positives).sum_dim_intlist(-1, true, Kind::Float);
     // A sampled negative that is the row's own target is not a negative.
     let same = targets.unsqueeze(1).eq_tensor(&negatives.unsqueeze(0));
     let others = shoppers.matmul(&negative_vectors.tr()).masked_fill(&same, -1e4);
     let logits = Tensor::cat(&[own, others], 1) / config.temperature;
-    logits.cross_entropy_for_logits(&Tensor::zeros([targets.size()[0]], (Kind::Int64, items.device())))
+    logits.cross_entropy_for_logits(&Tensor::zeros([targets.size()[0]], (Kind::Int64, device)))
 }
 
-/// Trains the sequence tower on the training prefixes of `users`: full softmax over the
-/// whole catalogue at temperature τ, AdamW on every tower variable, `config.steps` batches
-/// of `config.batch_size` prefixes (reshuffled each epoch), deterministic for a seed.
+/// Every training row of `users` for a tower with windows of `length` items (see
+/// [`tower_rows`]), or `None` when there is nothing to train; seeds libtorch's generator
+/// with the run's seed.
+fn training_rows<'a>(users: &[&'a User], length: usize, config: &TrainConfig) -> Option<Vec<TowerRow<'a>>> {
+    let rows: Vec<TowerRow<'a>> = users.iter().flat_map(|u| tower_rows(u, length)).collect();
+    tch::manual_seed(config.seed as i64);
+    (!rows.is_empty() && config.steps > 0).then_some(rows)
+}
+
+/// Trains the sequence tower on the training examples of `users`: softmax cross-entropy at
+/// temperature τ (full, or sampled with `config.negatives`), AdamW on every tower variable,
+/// `config.steps` batches of `config.batch_size` rows (a row is one shopper's history of up
+/// to `L` items, trained at every position at once, or one longer prefix; reshuffled each
+/// epoch), deterministic for a seed.
 pub fn train_tower(
     tower: &Tower,
     items: &Tensor,
     users: &[&User],
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
-    let Some(mut examples) = training_prefixes(users, config) else {
+    let Some(mut rows) = training_rows(users, tower.config().shape.history, config) else {
         return Ok(TrainReport::nothing());
     };
     let mut optimizer = adam_w(tower.var_store(), config.learning_rate)?;
     let items = items.to(tower.var_store().device());
     let (mut first, mut last) = (f64::NAN, f64::NAN);
-    let example_count = examples.len();
-    let mut batches = Batches::new(&mut examples, config.batch_size, config.seed);
+    let example_count = rows.iter().map(TowerRow::targets).sum();
+    let mut batches = Batches::new(&mut rows, config.batch_size, config.seed);
     for step in 0..config.steps {
-        let batch = batches.next_batch();
-        let histories: Vec<&[ItemIndex]> = batch.iter().map(|e| e.history).collect();
-        let targets = Tensor::from_slice(&batch.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>())
-            .to(items.device());
-        let loss = tower_loss(tower, &items, &histories, &targets, config);
+        let loss = tower_loss(tower, &items, batches.next_batch(), config);
         optimizer.backward_step(&loss);
         last = loss.double_value(&[]);
         if step == 0 {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use guild_privacy::PrivacyMode;
-use guild_privacy::secagg::Phase;
+use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
@@ -282,6 +282,16 @@ impl Config {
         }
         if r.neighbours != 0 && r.neighbours < r.threshold {
             return Err(invalid("rounds.neighbours", "must be 0 (complete graph) or at least the threshold"));
+        }
+        if r.neighbours != 0 && r.threshold < min_active_threshold(r.neighbours) {
+            return Err(invalid(
+                "rounds.threshold",
+                format!(
+                    "must be at least ⌊2k/3⌋ + 1 = {} for k = {} neighbours (below it a coordinator that deviates from the protocol could unmask a merchant); with the complete graph (neighbours = 0) each round raises it to that bound itself",
+                    min_active_threshold(r.neighbours),
+                    r.neighbours
+                ),
+            ));
         }
         if r.phase_deadlines_ms.iter().any(|&ms| ms == 0 || ms > 3_600_000) {
             return Err(invalid("rounds.phase_deadlines_ms", "each must be 1 ms to 1 hour"));

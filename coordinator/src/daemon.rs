@@ -149,6 +149,12 @@ eval_users = 100
 [guards]
 min_noise_multiplier = 0.5
 dangerous_send_unnoised_updates = false
+# This merchant's own ε against the coordinator (its participations, no amplification by
+# sampling), kept in its own append-only ledger; rounds past the cap are refused.
+max_epsilon = 10.0
+delta = 1e-6
+ledger = "{name}.privacy-ledger"
+dangerous_report_unnoised_metrics = false
 "#,
         port = listen.port()
     )

@@ -367,6 +367,17 @@ impl Store {
             .ok_or(StoreError::NoSuchAdapter(version))
     }
 
+    /// The round that committed adapter `version` (none for version 0).
+    pub fn round_of_adapter(&self, version: u64) -> Result<Option<u64>, StoreError> {
+        let round: Option<Option<i64>> = self
+            .conn()
+            .query_row("SELECT round_id FROM adapters WHERE version = ?1", params![version as i64], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        round.ok_or(StoreError::NoSuchAdapter(version)).map(|r| r.map(|id| id as u64))
+    }
+
     pub fn adapter_count(&self) -> Result<u64, StoreError> {
         let n: i64 = self.conn().query_row("SELECT count(*) FROM adapters", [], |r| r.get(0))?;
         Ok(n as u64)
@@ -438,8 +449,32 @@ impl Store {
         Ok(())
     }
 
-    /// Commits a completed round: the new adapter, the round record and the ledger entry,
-    /// in one transaction.
+    /// Charges an open round's privacy event to the ledger, durably, before anything of the
+    /// round can be released (the coordinator calls it before the first Unmask share is
+    /// asked for). A charge is never refunded: an aborted or crashed round keeps it.
+    pub fn charge_round(&self, round_id: u64, event: &PrivacyEvent) -> Result<(), StoreError> {
+        let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt {
+            what: "ledger event",
+            reason: format!("round {round_id}: {e}"),
+        })?;
+        let conn = self.conn();
+        let open: i64 = conn.query_row(
+            "SELECT count(*) FROM rounds WHERE round_id = ?1 AND status = 'open'",
+            params![round_id as i64],
+            |r| r.get(0),
+        )?;
+        if open != 1 {
+            return Err(StoreError::Corrupt {
+                what: "round",
+                reason: format!("round {round_id} is not open"),
+            });
+        }
+        conn.execute("INSERT INTO ledger (round_id, event) VALUES (?1, ?2)", params![round_id as i64, json])?;
+        Ok(())
+    }
+
+    /// Commits a completed round: the new adapter, the round record and the ledger entry
+    /// (`None` when [`Self::charge_round`] charged it already), in one transaction.
     pub fn commit_round(&self, commit: &RoundCommit) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;

@@ -76,7 +76,12 @@ struct Timings {
 fn run(dropout_fraction: f64, seed: u64) -> Timings {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
     let config = RoundConfig {
-        binding: RoundBinding { federation_id: [1; 16], round_id: 1, adapter_sha256: [2; 32] },
+        binding: RoundBinding {
+            federation_id: [1; 16],
+            round_id: 1,
+            adapter_sha256: [2; 32],
+            task_sha256: [3; 32],
+        },
         cohort_size: N,
         threshold: T,
         neighbours: K,

@@ -55,6 +55,19 @@ pub enum CostError {
     Accounting(#[from] AccountingError),
 }
 
+/// One distributed round's zCDP ρ for a merchant that takes part, before any amplification
+/// by sampling: the DDGauss bound (Kairouz–Liu–Steinke) with the noise of the `t − 1` other
+/// survivors, `t = min_survivors` (the merchant's own share excluded). The ledger charges
+/// it amplified by q; a merchant, which the coordinator knows it sampled, charges it whole.
+pub fn round_rho(ddg: &DdgParams, min_survivors: u32) -> Result<f64, CostError> {
+    Ok(ddgauss_zcdp_rho(ddg, min_survivors.saturating_sub(1))?)
+}
+
+/// ε(δ) of zCDP ρ: `ρ + 2·√(ρ·ln(1/δ))` (Bun–Steinke 2016, Prop. 1.3); infinite for infinite ρ.
+pub fn zcdp_epsilon(rho: f64, delta: f64) -> f64 {
+    if rho.is_infinite() { f64::INFINITY } else { rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt() }
+}
+
 impl RoundPrivacy {
     /// The noise standard deviation the decoded sum must carry: z·c in distributed
     /// mode; none in the other modes (the coordinator adds central noise itself, local
@@ -77,7 +90,7 @@ impl RoundPrivacy {
         let event = match self.mode {
             PrivacyMode::Distributed => Some(PrivacyEvent::SubsampledZcdp {
                 sampling_rate: self.sampling_rate,
-                rho: ddgauss_zcdp_rho(&ddg, self.min_survivors.saturating_sub(1))?,
+                rho: round_rho(&ddg, self.min_survivors)?,
             }),
             PrivacyMode::Central | PrivacyMode::Local => Some(PrivacyEvent::SubsampledGaussian {
                 sampling_rate: self.sampling_rate,

@@ -21,7 +21,7 @@ fn index(i: u32) -> ClientIndex {
 }
 
 fn binding(round_id: u64) -> RoundBinding {
-    RoundBinding { federation_id: [7; 16], round_id, adapter_sha256: [9; 32] }
+    RoundBinding { federation_id: [7; 16], round_id, adapter_sha256: [9; 32], task_sha256: [8; 32] }
 }
 
 struct Federation {

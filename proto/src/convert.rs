@@ -277,6 +277,27 @@ impl From<AdapterManifest> for v1::AdapterManifest {
     }
 }
 
+/// The round's task digest: SHA-256 (domain-separated) of the task's wire encoding with
+/// what differs between its clients (`my_index`, `data_seed`) and the digest itself zeroed.
+/// Prost encodes a message deterministically (fields in tag order, no maps), so the
+/// coordinator and every client compute the same bytes from the same task.
+pub fn task_digest(task: &RoundTask) -> [u8; 32] {
+    use prost::Message;
+    use sha2::Digest;
+    let mut wire = v1::RoundTask::from(task.clone());
+    wire.task_sha256.clear();
+    if let Some(t) = wire.training.as_mut() {
+        t.data_seed = 0;
+    }
+    if let Some(s) = wire.secagg.as_mut() {
+        s.my_index = 0;
+    }
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"guild/v1/round-task\0");
+    hasher.update(wire.encode_to_vec());
+    hasher.finalize().into()
+}
+
 fn privacy_mode(mode: i32) -> Result<PrivacyMode> {
     match v1::PrivacyMode::try_from(mode) {
         Ok(v1::PrivacyMode::Distributed) => Ok(PrivacyMode::Distributed),
@@ -305,6 +326,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             federation_id: fixed(&m.federation_id, "RoundTask.federation_id")?,
             round_id: m.round_id,
             adapter_sha256: fixed(&m.adapter_sha256, "RoundTask.adapter_sha256")?,
+            task_sha256: fixed(&m.task_sha256, "RoundTask.task_sha256")?,
         };
         let manifest: AdapterManifest = required(m.manifest, "RoundTask.manifest")?.try_into()?;
 
@@ -421,6 +443,7 @@ impl From<RoundTask> for v1::RoundTask {
             federation_id: t.binding.federation_id.to_vec(),
             adapter_version: t.adapter_version,
             adapter_sha256: t.binding.adapter_sha256.to_vec(),
+            task_sha256: t.binding.task_sha256.to_vec(),
             manifest: Some(t.manifest.into()),
             training: Some(v1::TrainingParams {
                 local_steps: t.training.local_steps,
@@ -468,6 +491,7 @@ fn binding(m: Option<v1::RoundBinding>) -> Result<sa::RoundBinding> {
         federation_id: fixed(&m.federation_id, "binding.federation_id")?,
         round_id: m.round_id,
         adapter_sha256: fixed(&m.adapter_sha256, "binding.adapter_sha256")?,
+        task_sha256: fixed(&m.task_sha256, "binding.task_sha256")?,
     })
 }
 
@@ -476,6 +500,7 @@ fn binding_to_wire(b: sa::RoundBinding) -> Option<v1::RoundBinding> {
         federation_id: b.federation_id.to_vec(),
         round_id: b.round_id,
         adapter_sha256: b.adapter_sha256.to_vec(),
+        task_sha256: b.task_sha256.to_vec(),
     })
 }
 
@@ -810,7 +835,12 @@ mod tests {
 
     fn round_task() -> RoundTask {
         RoundTask {
-            binding: sa::RoundBinding { federation_id: [1; 16], round_id: 7, adapter_sha256: [2; 32] },
+            binding: sa::RoundBinding {
+                federation_id: [1; 16],
+                round_id: 7,
+                adapter_sha256: [2; 32],
+                task_sha256: [4; 32],
+            },
             adapter_version: 6,
             manifest: AdapterManifest {
                 base_model_sha256: [3; 32],
@@ -986,8 +1016,12 @@ mod tests {
 
     #[test]
     fn secagg_messages_check_every_length() {
-        let binding =
-            Some(v1::RoundBinding { federation_id: vec![0; 16], round_id: 1, adapter_sha256: vec![0; 32] });
+        let binding = Some(v1::RoundBinding {
+            federation_id: vec![0; 16],
+            round_id: 1,
+            adapter_sha256: vec![0; 32],
+            task_sha256: vec![0; 32],
+        });
         let keys = |sig: usize| v1::AdvertiseKeysRequest {
             binding: binding.clone(),
             keys: Some(v1::SignedKeys {

@@ -128,6 +128,8 @@ pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
     all.push(TowerTensor::new("item_b", &[r, h], Init::Zeros));
     if shape.layers > 0 {
         all.push(TowerTensor::new("output", &[w, h], Init::Zeros));
+        // Row p: the p-th item of the window, oldest first (so that one causal pass over a
+        // short history gives every prefix its own vector).
         all.push(TowerTensor::new("position", &[l, w], Init::Normal { stdev: 0.02 }));
     }
     all.push(TowerTensor::new("recency", &[l], Init::ZeroShotWeights));

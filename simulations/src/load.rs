@@ -82,8 +82,13 @@ pub async fn run(
             max_rounds: rounds,
             ..Default::default()
         };
-        let mut participant =
-            Participant::new(connection, Arc::new(Identity::ephemeral()?), Box::new(learner), options);
+        let mut participant = Participant::new(
+            connection,
+            Arc::new(Identity::ephemeral()?),
+            Box::new(learner),
+            options,
+            guild_client::participant::ClientLedger::in_memory(),
+        );
         participant.register().await?;
         tasks.push(tokio::spawn(async move { participant.run(|_| {}).await }));
     }

@@ -21,6 +21,9 @@ enum Arm {
     Pooled,
     /// Adapters trained on one merchant's data alone.
     Merchant,
+    /// FedAvg in this process, for tuning on the validation split: no secure aggregation,
+    /// no noise, no network (the federated arms of `run` add those).
+    Fedavg,
 }
 
 /// Which adapter family a local arm trains.
@@ -61,7 +64,7 @@ enum Command {
         /// SecAgg+ neighbours per client (0: complete graph).
         #[arg(long, default_value_t = 20)]
         neighbours: u32,
-        #[arg(long, default_value_t = 11)]
+        #[arg(long, default_value_t = 14)]
         threshold: u32,
     },
     /// Train and evaluate one non-federated arm on a fixed, seeded sample of test users.
@@ -110,6 +113,21 @@ enum Command {
         /// Sequence tower: uniform negatives per batch (0: full softmax over the catalogue).
         #[arg(long, default_value_t = 0)]
         negatives: usize,
+        /// `--arm fedavg`: rounds; `--steps` and `--batch-size` are each merchant's per round.
+        #[arg(long, default_value_t = 10)]
+        rounds: u64,
+        /// `--arm fedavg`: Poisson sampling rate of merchants per round.
+        #[arg(long, default_value_t = 0.1)]
+        sampling_rate: f64,
+        /// `--arm fedavg`: the server's learning rate on the mean update.
+        #[arg(long, default_value_t = 1.0)]
+        server_learning_rate: f64,
+        /// `--arm fedavg`: the server's momentum (FedAvgM; 0: plain FedAvg).
+        #[arg(long, default_value_t = 0.0)]
+        server_momentum: f64,
+        /// `--arm fedavg`: FedAdam (the coordinator's) instead of FedAvg(M) on the server.
+        #[arg(long)]
+        server_adam: bool,
     },
 }
 
@@ -131,6 +149,7 @@ fn local(
     spec: guild_sim::world::WorldSpec,
     merchant: &str,
     train: guild_client::retrieval::TrainConfig,
+    plan: FedAvgPlan,
 ) -> anyhow::Result<serde_json::Value> {
     use guild_client::retrieval::Split;
 
@@ -138,7 +157,7 @@ fn local(
     let shop_size = spec.shop_size;
     let world = guild_sim::world::World::load(spec)?;
     let train_users: Vec<usize> = match arm {
-        Arm::ZeroShot => Vec::new(),
+        Arm::ZeroShot | Arm::Fedavg => Vec::new(),
         Arm::Pooled => world.all_merchant_users(),
         Arm::Merchant => world
             .merchants
@@ -149,6 +168,9 @@ fn local(
             .clone(),
     };
     let training_started = std::time::Instant::now();
+    if let Arm::Fedavg = arm {
+        return fedavg(&world, &train, &plan, started);
+    }
     let trained = if train_users.is_empty() { None } else { Some(world.train_on(&train_users, &train)?) };
     let training_seconds = training_started.elapsed().as_secs_f64();
     let values = trained.as_ref().map(|(values, _)| values.as_slice());
@@ -171,6 +193,83 @@ fn local(
         "validation": validation,
         "parameters": values.map(<[f32]>::len),
         "device": format!("{:?}", guild_client::training_device()),
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    }))
+}
+
+/// `--arm fedavg`'s schedule.
+struct FedAvgPlan {
+    rounds: u64,
+    sampling_rate: f64,
+    server_learning_rate: f64,
+    server_momentum: f64,
+    server_adam: bool,
+}
+
+/// FedAvg(M) in this process: each round Poisson-samples merchants, each trains from the
+/// global values and returns its change, the server moves by its learning rate times the
+/// (momentum-averaged) mean change. Prints the validation metric each round.
+fn fedavg(
+    world: &guild_sim::world::World,
+    train: &guild_client::retrieval::TrainConfig,
+    plan: &FedAvgPlan,
+    started: std::time::Instant,
+) -> anyhow::Result<serde_json::Value> {
+    use guild_client::retrieval::Split;
+    use rand::{Rng, SeedableRng};
+
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0xfed);
+    let mut global = vec![0.0f32; world.parameter_count()];
+    let mut velocity = vec![0.0f32; global.len()];
+    let mut moments = None;
+    let mut curve = Vec::new();
+    for round in 1..=plan.rounds {
+        let cohort: Vec<_> = world.merchants.iter().filter(|_| rng.gen_bool(plan.sampling_rate)).collect();
+        let mut mean = vec![0.0f32; global.len()];
+        for (i, merchant) in cohort.iter().enumerate() {
+            let config = guild_client::retrieval::TrainConfig {
+                seed: train.seed ^ (round << 20) ^ i as u64,
+                ..train.clone()
+            };
+            let (values, _) = world.train_from(&global, &merchant.users, &config)?;
+            for ((m, v), g) in mean.iter_mut().zip(&values).zip(&global) {
+                *m += (v - g) / cohort.len().max(1) as f32;
+            }
+        }
+        if plan.server_adam {
+            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
+            let sum: Vec<f64> = mean.iter().map(|&m| f64::from(m)).collect();
+            let step = server_step(
+                ServerOptimizer::FedAdam,
+                &global,
+                &sum,
+                1.0,
+                plan.server_learning_rate,
+                moments.as_ref(),
+            );
+            global = step.values;
+            moments = step.moments;
+        } else {
+            for ((g, v), m) in global.iter_mut().zip(velocity.iter_mut()).zip(&mean) {
+                *v = plan.server_momentum as f32 * *v + m;
+                *g += plan.server_learning_rate as f32 * *v;
+            }
+        }
+        let validation = world.score(Some(&global), Split::Validation)?;
+        eprintln!(
+            "round {round}: {} merchants, validation NDCG@10 {:.4}, {:.0} s",
+            cohort.len(),
+            validation.ndcg_at_10,
+            started.elapsed().as_secs_f64()
+        );
+        curve.push(validation.ndcg_at_10);
+    }
+    let test = world.score(Some(&global), Split::Test)?;
+    Ok(serde_json::json!({
+        "arm": "FedAvg",
+        "validation_ndcg_at_10_by_round": curve,
+        "ndcg_at_10": test.ndcg_at_10,
+        "recall_at_10": test.recall_at_10,
         "wall_seconds": started.elapsed().as_secs_f64(),
     }))
 }
@@ -224,6 +323,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             cache,
             negatives,
+            rounds,
+            sampling_rate,
+            server_learning_rate,
+            server_momentum,
+            server_adam,
         } => {
             let train = guild_client::retrieval::TrainConfig {
                 batch_size,
@@ -258,7 +362,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                 },
             };
-            let result = local(arm, spec, &merchant, train)?;
+            let plan =
+                FedAvgPlan { rounds, sampling_rate, server_learning_rate, server_momentum, server_adam };
+            let result = local(arm, spec, &merchant, train, plan)?;
             println!("{result}");
             Ok(())
         }

@@ -75,13 +75,15 @@ fn fetch_metrics(address: std::net::SocketAddr) -> String {
     text
 }
 
-/// ε spent after the first `rounds` committed rounds (all of them if `None`), from the
-/// store's ledger: each committed round adds one ledger entry and one adapter version, in
-/// order.
-pub fn epsilon_after(store: &Store, budget: Budget, rounds: Option<usize>) -> anyhow::Result<f64> {
+/// ε spent when adapter `version` was committed (all of the ledger if `None`), from the
+/// store's ledger: each committed round has one ledger entry, and so has each round that
+/// aborted after its charge (in Unmask).
+pub fn epsilon_after(store: &Store, budget: Budget, version: Option<u64>) -> anyhow::Result<f64> {
     let mut entries = store.ledger()?;
-    if let Some(k) = rounds {
-        entries.truncate(k);
+    if let Some(v) = version {
+        // Every charge up to the round that committed `v`, aborted rounds' charges included.
+        let last = store.round_of_adapter(v)?.unwrap_or(0);
+        entries.retain(|e| e.round_id <= last);
     }
     Ok(if entries.is_empty() { 0.0 } else { Ledger::new(budget, entries)?.spent()?.epsilon })
 }

@@ -76,6 +76,19 @@ pub fn markdown(results: &RunResults) -> String {
         }
     }
     out += "\nTest split (each user's last item). Validation scores (the item before it) are in `results.json`.\n\n";
+    for arm in &results.arms {
+        if let (Some(max), Some(mean), Some(delta)) =
+            (arm.epsilon_against_coordinator_max, arm.epsilon_against_coordinator_mean, arm.delta)
+        {
+            out += &format!(
+                "**{}**: ε spent is model-level (amplified by sampling: against whoever sees the released \
+                 adapters). Against the coordinator, which knows whom it sampled, each merchant's own ledger \
+                 (its participations composed, no amplification) reads ε = {max:.2} for the merchant that took \
+                 part most and {mean:.2} on average over those that took part (δ = {delta:.0e}).\n\n",
+                arm.arm
+            );
+        }
+    }
     out += &comparisons(results);
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";

@@ -46,7 +46,16 @@ pub struct ArmResult {
     pub validation: Scores,
     /// Local-only: the worst merchant's test scores (by MRR).
     pub worst: Option<Scores>,
+    /// Model-level ε: what the coordinator's ledger charges, amplified by sampling (against
+    /// whoever sees the released adapters).
     pub epsilon: Option<f64>,
+    /// ε against the coordinator, which knows whom it sampled: each merchant's own ledger
+    /// (its participations composed, no amplification) at the same δ; the largest over
+    /// merchants and the mean over those that took part.
+    #[serde(default)]
+    pub epsilon_against_coordinator_max: Option<f64>,
+    #[serde(default)]
+    pub epsilon_against_coordinator_mean: Option<f64>,
     pub delta: Option<f64>,
     pub noise_multiplier: Option<f64>,
     pub rounds: u64,

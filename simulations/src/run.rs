@@ -12,7 +12,7 @@ use guild_client::config::{AdapterSettings, ClientConfig, DataConfig, Guards, Mo
 use guild_client::data::Merchant;
 use guild_client::identity::Identity;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
-use guild_client::participant::{Faults, Participant, ParticipantOptions, RoundOutcome};
+use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
 use guild_privacy::PrivacyMode;
 use guild_privacy::accounting::calibrate_noise_multiplier;
@@ -35,16 +35,20 @@ use crate::world::{World, WorldSpec, lock};
 pub const ZERO_SHOT: &str = "zero-shot";
 pub const LOCAL_ONLY: &str = "local-only (mean)";
 pub const CENTRALISED: &str = "centralised (non-private)";
+/// The other untrained ranker of the sequence-tower family, also a reference.
+pub const WEAKER_ZERO_SHOT: &str = "zero-shot (the weaker untrained ranker)";
 
 /// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
-/// intervals) against each reference arm present: zero-shot, the local-only mean (each
-/// user's metric averaged over the local merchants' models) and centralised.
+/// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
+/// the weaker untrained ranker), the local-only mean (each user's metric averaged over the
+/// local merchants' models) and centralised.
 pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     let metrics = [Metric::NdcgAt10, Metric::RecallAt10];
     let references: Vec<(String, Vec<Vec<f64>>)> = arms
         .iter()
         .filter(|a| {
-            [ZERO_SHOT, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str()) && !a.test_ranks.is_empty()
+            [ZERO_SHOT, WEAKER_ZERO_SHOT, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str())
+                && !a.test_ranks.is_empty()
         })
         .map(|a| {
             Ok((
@@ -65,7 +69,12 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
                 let differences = metrics
                     .iter()
                     .zip(mine.iter().zip(theirs))
-                    .map(|(&m, (a, b))| paired_difference(m, a, b, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED))
+                    .map(|(&m, (a, b))| {
+                        // An arm scored on the first n evaluation users only (a seeded
+                        // subsample) pairs with the others' first n.
+                        let n = a.len().min(b.len());
+                        paired_difference(m, &a[..n], &b[..n], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+                    })
                     .collect::<Result<_, _>>()?;
                 Ok(Comparison { against: name.clone(), differences })
             })
@@ -114,6 +123,7 @@ struct FederatedArm {
     noise_multiplier: f64,
     epsilon_cap: f64,
     delta: f64,
+    rounds: u64,
 }
 
 async fn federated(
@@ -141,7 +151,7 @@ async fn federated(
         c.rounds.threshold = f.threshold;
         c.rounds.neighbours = f.neighbours;
         c.rounds.phase_deadlines_ms = f.phase_deadlines_ms;
-        c.rounds.max_rounds = f.rounds;
+        c.rounds.max_rounds = arm.rounds;
         c.rounds.local_steps = f.local_steps;
         c.rounds.batch_size = f.batch_size;
         c.rounds.learning_rate = f.learning_rate;
@@ -193,9 +203,15 @@ async fn federated(
                     max_backoff: Duration::from_secs(2),
                     faults: faults.clone(),
                     max_rounds: 0,
+                    // The simulator reports each arm's ε; its merchants do not cap their own.
+                    max_epsilon: f64::INFINITY,
+                    ..ParticipantOptions::default()
                 };
+                // Each merchant keeps its own durable ledger, read back after the arm for
+                // its ε against the coordinator.
+                let ledger = ClientLedger::open(&merchant_ledger(&federation, i))?;
                 let mut participant =
-                    Participant::new(connection, Arc::new(Identity::ephemeral()?), learner, options);
+                    Participant::new(connection, Arc::new(Identity::ephemeral()?), learner, options, ledger);
                 let tx = tx.clone();
                 tasks.push(tokio::spawn(async move {
                     participant
@@ -215,6 +231,9 @@ async fn federated(
     drop(tx);
 
     let store = federation.store()?;
+    // The per-round curve may be drawn on the first `curve_users` evaluation users; the
+    // arm's final scores are on all of them.
+    let curve_world = world.evaluated_on_first(s.data.curve_users.unwrap_or(world.eval_users.len()));
     let budget = Budget { epsilon: arm.epsilon_cap, delta: arm.delta };
     let evaluate_new = |seen: &mut u64, curve: &mut Vec<RoundPoint>| -> anyhow::Result<()> {
         let latest = store.latest_adapter()?.map_or(0, |a| a.version);
@@ -222,11 +241,12 @@ async fn federated(
             *seen += 1;
             let record = store.adapter(*seen)?;
             let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
-            let validation = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?;
+            let validation =
+                tokio::task::block_in_place(|| curve_world.score(Some(&values), Split::Validation))?;
             curve.push(RoundPoint {
                 round: *seen,
                 validation,
-                epsilon: epsilon_after(&store, budget, Some(*seen as usize))?,
+                epsilon: epsilon_after(&store, budget, Some(*seen))?,
             });
             let epsilon = curve.last().map_or(0.0, |p: &RoundPoint| p.epsilon);
             progress.round_done(format!(
@@ -241,7 +261,7 @@ async fn federated(
     let mut seen = 0u64;
     let mut killed = false;
     let mut phase_stats = PhaseStats::default();
-    let limit = Duration::from_millis(f.phase_deadlines_ms.iter().sum::<u64>()) * (f.rounds as u32 + 2)
+    let limit = Duration::from_millis(f.phase_deadlines_ms.iter().sum::<u64>()) * (arm.rounds as u32 + 2)
         + Duration::from_secs(120);
     loop {
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -263,7 +283,7 @@ async fn federated(
             federation.kill()?;
             // The daemon's `max_rounds` counts rounds of one run: the restarted daemon runs
             // only those still owed, or the arm would end with more rounds than planned.
-            federation.config.rounds.max_rounds = f.rounds.saturating_sub(counts.completed).max(1);
+            federation.config.rounds.max_rounds = arm.rounds.saturating_sub(counts.completed).max(1);
             std::fs::write(federation.config_path(), toml::to_string(&federation.config)?)?;
             events.push(format!(
                 "coordinator SIGKILLed during round {round} ({phase}) after {} committed rounds",
@@ -274,7 +294,7 @@ async fn federated(
             progress.message(format!("{}: {}", arm.name, events[events.len() - 2..].join("; ")));
             killed = true;
         }
-        if counts.completed >= f.rounds {
+        if counts.completed >= arm.rounds {
             break;
         }
         if let Ok(status) = status_connection.status().await
@@ -283,7 +303,7 @@ async fn federated(
             // A round may have committed since `counts` was read: the budget cut the run
             // short only if fewer rounds than planned are committed now.
             let completed = store.round_counts()?.completed;
-            if completed < f.rounds {
+            if completed < arm.rounds {
                 events.push(format!(
                     "the privacy budget stopped the run after {completed} rounds: {}",
                     status.current_phase
@@ -334,10 +354,7 @@ async fn federated(
     let record = store.latest_adapter()?.context("no adapter")?;
     let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
     let (test, ranks) = tokio::task::block_in_place(|| world.score_with_ranks(Some(&values), Split::Test))?;
-    let validation = match curve.last() {
-        Some(p) => p.validation,
-        None => tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?,
-    };
+    let validation = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?;
     let epsilon = epsilon_after(&store, budget, None)?;
     let status = status_connection.status().await.ok();
     if let Some(status) = &status
@@ -347,7 +364,14 @@ async fn federated(
         anyhow::bail!("the coordinator reports ε = {} but its ledger gives {epsilon}", status.epsilon_spent);
     }
     federation.kill()?;
+    let against_coordinator = if arm.mode == PrivacyMode::Distributed {
+        epsilon_against_coordinator(&federation, n, arm.delta)?
+    } else {
+        None
+    };
     Ok(ArmResult {
+        epsilon_against_coordinator_max: against_coordinator.map(|(max, _)| max),
+        epsilon_against_coordinator_mean: against_coordinator.map(|(_, mean)| mean),
         arm: arm.name.clone(),
         test,
         validation,
@@ -366,6 +390,29 @@ async fn federated(
         dropouts: phase_stats.dropouts(),
         events,
     })
+}
+
+/// Merchant `i`'s own privacy ledger in a simulated federation.
+fn merchant_ledger(federation: &Federation, i: usize) -> PathBuf {
+    federation.dir.join("merchants").join(format!("{}.ledger", federation.pki.merchants[i].name))
+}
+
+/// Each merchant's ε against the coordinator from its own ledger (its participations, no
+/// amplification by sampling) at `delta`: (largest, mean over merchants that took part).
+fn epsilon_against_coordinator(
+    federation: &Federation,
+    merchants: usize,
+    delta: f64,
+) -> anyhow::Result<Option<(f64, f64)>> {
+    let mut spent = Vec::new();
+    for i in 0..merchants {
+        let ledger = ClientLedger::open(&merchant_ledger(federation, i))?;
+        if !ledger.participations().is_empty() {
+            spent.push(ledger.epsilon(delta));
+        }
+    }
+    Ok((!spent.is_empty())
+        .then(|| (spent.iter().copied().fold(0.0, f64::max), spent.iter().sum::<f64>() / spent.len() as f64)))
 }
 
 fn spawn_client_process(
@@ -417,6 +464,9 @@ fn spawn_client_process(
             min_noise_multiplier: 0.0,
             dangerous_send_unnoised_updates: unnoised,
             max_rounds: 0,
+            max_epsilon: f64::INFINITY,
+            ledger: merchant_ledger(federation, i),
+            ..Guards::default()
         },
     };
     let path = dir.join(format!("{name}.toml"));
@@ -436,10 +486,10 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let n = world.merchants.len();
     let d = world.parameter_count();
     let delta = s.delta(n);
-    let federated_arms = usize::from(s.arms.federated)
-        + s.arms.distributed_dp_epsilons.len()
-        + s.arms.central_dp_epsilons.len();
-    let progress = Progress::new(f.rounds * federated_arms as u64);
+    let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
+    let progress = Progress::new(
+        u64::from(s.arms.federated) * f.rounds + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds),
+    );
     let mut arms = Vec::new();
     let baseline =
         |name: &str, test: Scores, validation: Scores, wall: f64, ranks: Vec<Vec<u32>>| ArmResult {
@@ -459,22 +509,32 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         let mut zero_shot = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
         if world.spec.family == AdapterFamilyName::SequenceTower {
             // Two untrained rankers: the tower's own start (the mean of the last five item
-            // vectors) and MiniLM on the last five titles concatenated. The stronger on
-            // validation is the zero-shot every arm is compared with.
+            // vectors) and MiniLM on the last five titles concatenated, the latter on the
+            // first `titles_zero_shot_users` evaluation users. The stronger on validation
+            // (on those users) is the zero-shot every arm is compared with.
             let t = Instant::now();
-            let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+            let k =
+                s.arms.titles_zero_shot_users.unwrap_or(world.eval_users.len()).min(world.eval_users.len());
+            let subsample = world.evaluated_on_first(k);
+            progress.message(format!("zero-shot: MiniLM on titles, {k} users"));
+            let ((test, ranks), validation, mean_of_five) = tokio::task::block_in_place(|| {
                 anyhow::Ok((
-                    world.score_lora(None, Split::Test)?,
-                    world.score_lora(None, Split::Validation)?.0,
+                    subsample.score_lora(None, Split::Test)?,
+                    subsample.score_lora(None, Split::Validation)?.0,
+                    subsample.score(None, Split::Validation)?,
                 ))
             })?;
             let mut titles = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
             zero_shot.events.push("ranker: the mean of the last five item vectors".into());
-            titles.events.push("ranker: MiniLM on the last five titles concatenated".into());
-            if titles.validation.ndcg_at_10 > zero_shot.validation.ndcg_at_10 {
+            titles.events.push(format!(
+                "ranker: MiniLM on the last five titles concatenated, on the first {k} evaluation users \
+                 (validation NDCG@10 {:.4} against {:.4} for the mean of the last five on them)",
+                titles.validation.ndcg_at_10, mean_of_five.ndcg_at_10
+            ));
+            if titles.validation.ndcg_at_10 > mean_of_five.ndcg_at_10 {
                 std::mem::swap(&mut titles, &mut zero_shot);
             }
-            titles.arm = "zero-shot (the weaker untrained ranker)".into();
+            titles.arm = WEAKER_ZERO_SHOT.into();
             arms.push(zero_shot);
             arms.push(titles);
         } else {
@@ -562,6 +622,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
+            rounds: f.rounds,
         });
     }
     let expected = f.sampling_rate * n as f64;
@@ -579,24 +640,31 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
         wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
     };
+    let dp_rounds = s.arms.dp_rounds.unwrap_or(f.rounds);
+    // Calibrated for one round more than planned: a round that aborts in Unmask was charged
+    // before its shares were asked for (and is never refunded), so the cap must leave room
+    // for one such round or the arm would end short.
+    let charged_rounds = dp_rounds + 1;
     for &epsilon in &s.arms.distributed_dp_epsilons {
-        let z = calibrate_noise(epsilon, &round, f.rounds, delta)?;
+        let z = calibrate_noise(epsilon, &round, charged_rounds, delta)?;
         plan.push(FederatedArm {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,
+            rounds: dp_rounds,
         });
     }
     for &epsilon in &s.arms.central_dp_epsilons {
-        let z = calibrate_noise_multiplier(f.sampling_rate, f.rounds, delta, epsilon)?;
+        let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds, delta, epsilon)?;
         plan.push(FederatedArm {
             name: format!("central DP ε={epsilon}"),
             mode: PrivacyMode::Central,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,
+            rounds: dp_rounds,
         });
     }
     for arm in &plan {

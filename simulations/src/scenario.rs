@@ -42,6 +42,10 @@ pub struct DataSettings {
     /// Users sampled from the merchants' shoppers whose held-out items every arm ranks
     /// against the full catalogue.
     pub eval_users: usize,
+    /// Draw the federated arms' per-round validation curve on the first this many
+    /// evaluation users (default: all); every arm's final scores use all of them.
+    #[serde(default)]
+    pub curve_users: Option<usize>,
     /// Validation users each client evaluates after each round and reports.
     #[serde(default)]
     pub client_eval_users: usize,
@@ -103,6 +107,11 @@ fn fed_avg() -> ServerOptimizer {
 pub struct Arms {
     #[serde(default)]
     pub zero_shot: bool,
+    /// Sequence tower: the titles-concatenated zero-shot ranker runs MiniLM per user, so it
+    /// may be scored on the first this many evaluation users only (default: all of them);
+    /// its comparisons pair those users.
+    #[serde(default)]
+    pub titles_zero_shot_users: Option<usize>,
     /// Each of a seeded sample of merchants trains alone.
     #[serde(default)]
     pub local_only: Option<LocalOnly>,
@@ -112,6 +121,10 @@ pub struct Arms {
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
     #[serde(default)]
     pub federated: bool,
+    /// Rounds of each DP arm (default: `federation.rounds`); at a fixed ε, fewer rounds
+    /// mean less noise per round.
+    #[serde(default)]
+    pub dp_rounds: Option<u64>,
     /// Federated with distributed DP (DDGauss + SecAgg+) at these ε.
     #[serde(default)]
     pub distributed_dp_epsilons: Vec<f64>,

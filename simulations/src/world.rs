@@ -128,6 +128,17 @@ impl World {
         )
     }
 
+    /// The same world evaluated on the first `n` of its evaluation users only (a seeded
+    /// random subsample, paired user by user with the whole set's first `n`).
+    pub fn evaluated_on_first(&self, n: usize) -> World {
+        World {
+            spec: self.spec.clone(),
+            shared: Arc::clone(&self.shared),
+            merchants: self.merchants.clone(),
+            eval_users: self.eval_users[..n.min(self.eval_users.len())].to_vec(),
+        }
+    }
+
     /// Scores adapter values of the world's family (none: its zero-shot ranker) on the
     /// evaluation users.
     pub fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {
@@ -175,6 +186,26 @@ impl World {
             AdapterFamilyName::FfaLora => self.train_lora(users, config),
             AdapterFamilyName::SequenceTower => self.train_tower(users, config, &self.spec.tower),
         }
+    }
+
+    /// Trains a sequence tower from the federated values `from` (its offset from the start)
+    /// on `users` and returns the new values: one merchant's round, in process.
+    pub fn train_from(
+        &self,
+        from: &[f32],
+        users: &[usize],
+        config: &TrainConfig,
+    ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
+        anyhow::ensure!(
+            self.spec.family == AdapterFamilyName::SequenceTower,
+            "training from given values is for the sequence tower"
+        );
+        let shared = lock(&self.shared);
+        let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
+        model.set_offset(from)?;
+        let users = Self::users(&shared.dataset, users);
+        let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
+        Ok((model.offset(), report))
     }
 
     /// Trains fresh FFA-LoRA adapters on `users` and returns their values.

@@ -18,6 +18,7 @@ fn binding(task: &RoundTask, round_id: u64) -> Option<v1::RoundBinding> {
         federation_id: task.binding.federation_id.to_vec(),
         round_id,
         adapter_sha256: task.binding.adapter_sha256.to_vec(),
+        task_sha256: task.binding.task_sha256.to_vec(),
     })
 }
 

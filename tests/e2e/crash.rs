@@ -51,15 +51,28 @@ async fn coordinator_killed_in_every_phase_loses_and_duplicates_nothing() {
     let clients = futures_join(&federation, 4, faults, 0).await;
     wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
 
+    // Rounds killed after their charge (in Unmask): charged, aborted, never refunded.
+    let mut charged_and_aborted = 0;
     for phase in Phase::ALL {
         let round = wait_for_phase(&federation, phase).await;
         federation.kill().expect("SIGKILL");
         let (versions, ledger, completed, aborted) = snapshot(&federation);
         // Committed state is whole: one adapter per completed round (plus version 0), one
-        // ledger entry per completed round, versions contiguous.
+        // ledger entry per completed round and per round killed after its charge, versions
+        // contiguous.
         assert_eq!(versions, (0..=completed).collect::<Vec<_>>(), "killed in {phase}");
-        assert_eq!(ledger.len() as u64, completed, "killed in {phase}");
-        assert!(!ledger.contains(&round), "the killed round {round} spent no budget");
+        if phase == Phase::Unmask {
+            // ConsistencyCheck closed: the signatures that let clients reveal shares were
+            // only handed out after the charge was durable.
+            assert!(ledger.contains(&round), "round {round}, killed in Unmask, was charged before any share");
+            charged_and_aborted += 1;
+        } else {
+            assert!(
+                !ledger.contains(&round),
+                "the killed round {round} revealed nothing and spent no budget"
+            );
+        }
+        assert_eq!(ledger.len() as u64, completed + charged_and_aborted, "killed in {phase}");
 
         federation.start_process(&binary).await.expect("restart");
         // The clients come back by themselves and the next round completes.
@@ -68,7 +81,11 @@ async fn coordinator_killed_in_every_phase_loses_and_duplicates_nothing() {
         assert!(aborted_after > aborted, "the open round {round} was recorded as aborted");
         assert_eq!(versions_after[..versions.len()], versions[..], "no committed adapter lost");
         assert_eq!(ledger_after[..ledger.len()], ledger[..], "no ledger entry lost");
-        assert_eq!(ledger_after.len() as u64, completed_after, "no ledger entry duplicated");
+        assert_eq!(
+            ledger_after.len() as u64,
+            completed_after + charged_and_aborted,
+            "no ledger entry duplicated or refunded"
+        );
         assert_eq!(versions_after, (0..=completed_after).collect::<Vec<_>>());
     }
     for client in clients {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use guild_client::identity::Identity;
 use guild_client::learner::RandomLearner;
-use guild_client::participant::{Faults, Participant, ParticipantOptions, RoundOutcome};
+use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_coordinator::config::Config;
 use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
 use guild_sim::federation::Federation;
@@ -44,6 +44,10 @@ pub async fn spawn_client(
         max_rounds,
         poll: Duration::from_secs(2),
         max_backoff: Duration::from_millis(500),
+        // These tests are about the coordinator's rounds and ledger; a merchant's own ε cap
+        // (which would stop these clients after two rounds of z = 1) is tested in
+        // `guild_client::participant` and by `a_merchant_stops_at_its_own_epsilon_cap`.
+        max_epsilon: f64::INFINITY,
         ..Default::default()
     };
     let mut participant = Participant::new(
@@ -51,6 +55,7 @@ pub async fn spawn_client(
         Arc::new(Identity::ephemeral().expect("identity")),
         Box::new(learner),
         options,
+        ClientLedger::in_memory(),
     );
     tokio::spawn(async move {
         let mut committed = 0u64;
@@ -145,19 +150,21 @@ pub async fn futures_join(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 6, |c| {
+    // Ten clients: nine share holders each, so the round's threshold is the active-security
+    // bound ⌊2·9/3⌋ + 1 = 7, which tolerates the two dropouts below.
+    let mut federation = Federation::init(dir.path(), 10, |c| {
         small(c);
         c.rounds.threshold = 3;
-        c.rounds.min_cohort = 4;
+        c.rounds.min_cohort = 8;
         c.rounds.phase_deadlines_ms = [3_000, 1_000, 1_000, 1_000, 1_000];
     })
     .expect("init");
     federation.start_in_process().await.expect("start");
-    // Four reliable clients and two that drop in one of phases 1-4 (seeded per client).
-    let mut clients = futures_join(&federation, 4, Faults::default(), 0).await;
-    for i in 4..6 {
+    // Eight reliable clients and two that drop before MaskedInput and ConsistencyCheck.
+    let mut clients = futures_join(&federation, 8, Faults::default(), 0).await;
+    for i in 8..10 {
         let mut drop = [0.0; 5];
-        drop[i - 2] = 1.0;
+        drop[i - 6] = 1.0;
         clients.push(spawn_client(&federation, i, Faults { drop, ..Default::default() }, 0).await);
     }
     wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
@@ -176,14 +183,32 @@ async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    // One round of this mechanism costs about 7 (ε at δ = 1e-5); two cost about 10.8, three
-    // about 13.8 (see the first test's log). A cap of 12 admits exactly two.
+    // The cap sits halfway between what two and three rounds of this mechanism cost (four
+    // clients: three share holders each, so the threshold is raised to 3), computed with the
+    // coordinator's own cost function: it admits exactly two.
     let mut federation = Federation::init(dir.path(), 4, |c| {
         small(c);
         c.rounds.min_cohort = 4;
-        c.privacy.epsilon_budget = 12.0;
     })
     .expect("init");
+    let config = &federation.config;
+    let round = guild_privacy::cost::RoundPrivacy {
+        mode: config.privacy.mode,
+        sampling_rate: config.rounds.sampling_rate,
+        noise_multiplier: config.privacy.noise_multiplier,
+        clip_norm: config.privacy.clip_norm,
+        dimension: config.manifest().expect("manifest").parameter_count(),
+        min_survivors: guild_privacy::secagg::min_active_threshold(3).max(config.rounds.threshold),
+        max_summands: 4,
+        bit_width: config.privacy.bit_width,
+        wrap_probability: config.privacy.wrap_probability,
+    };
+    let delta = config.privacy.delta;
+    let (two, three) = (round.epsilon_after(2, delta).expect("ε"), round.epsilon_after(3, delta).expect("ε"));
+    let cap = (two + three) / 2.0;
+    federation.config.privacy.epsilon_budget = cap;
+    std::fs::write(federation.config_path(), toml::to_string(&federation.config).expect("toml"))
+        .expect("write");
     federation.start_in_process().await.expect("start");
     let clients = futures_join(&federation, 4, Faults::default(), 0).await;
     wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
@@ -192,7 +217,8 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     loop {
         let status = core.status().expect("status");
         if status.current_phase.contains("privacy budget exhausted") {
-            assert!(status.epsilon_spent <= 12.0, "{}", status.epsilon_spent);
+            assert!(status.epsilon_spent <= cap, "{} > {cap}", status.epsilon_spent);
+            assert!((status.epsilon_spent - two).abs() < 1e-9 * two, "{} ≠ {two}", status.epsilon_spent);
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "no refusal: {}", status.current_phase);
@@ -211,4 +237,76 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     for c in clients {
         c.abort();
     }
+}
+
+/// A merchant's own ε cap (against the coordinator: its participations, no amplification)
+/// stops it after the rounds it allows, its durable ledger records exactly those, and a
+/// restarted client reads them back and still refuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_stops_at_its_own_epsilon_cap() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let task_rho = |participant_ledger: &ClientLedger| participant_ledger.rho();
+    let mut handles = Vec::new();
+    let ledgers: Vec<std::path::PathBuf> =
+        (0..4).map(|i| dir.path().join(format!("shop-{i}.ledger"))).collect();
+    // One round of this federation costs ρ ≈ 0.75 (z = 1, three share holders, t = 3):
+    // ε(δ = 1e-6) ≈ 7.2 after one round and ≈ 10.6 after two; a cap of 9 allows one.
+    for (i, path) in ledgers.iter().enumerate() {
+        let connection = federation.connect(i).await.expect("connect");
+        let manifest = federation.config.manifest().expect("manifest");
+        let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64) };
+        let options = ParticipantOptions {
+            display_name: format!("Shop {i}"),
+            poll: Duration::from_secs(1),
+            max_backoff: Duration::from_millis(500),
+            max_epsilon: 9.0,
+            delta: 1e-6,
+            ..Default::default()
+        };
+        let ledger = ClientLedger::open(path).expect("ledger");
+        let mut participant = Participant::new(
+            connection,
+            Arc::new(Identity::ephemeral().expect("identity")),
+            Box::new(learner),
+            options,
+            ledger,
+        );
+        handles.push(tokio::spawn(async move {
+            let mut refusals = 0u32;
+            participant
+                .run(|result| {
+                    if let Err(e) = result
+                        && e.to_string().contains("past its cap of 9")
+                    {
+                        refusals += 1;
+                    }
+                })
+                .await
+                .ok();
+            refusals
+        }));
+    }
+    wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
+    // The next round is offered and refused by every merchant: it never completes.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let store = federation.store().expect("store");
+    assert_eq!(store.round_counts().expect("counts").completed, 1, "no merchant joined a second round");
+    for handle in &handles {
+        handle.abort();
+    }
+    for path in &ledgers {
+        let ledger = ClientLedger::open(path).expect("reopen");
+        assert_eq!(ledger.participations().len(), 1, "{}", path.display());
+        let rho = task_rho(&ledger);
+        assert!(rho > 0.7 && rho < 0.8, "ρ = {rho}");
+        assert!(ledger.epsilon(1e-6) <= 9.0 && ledger.epsilon_if(rho, 1e-6) > 9.0);
+    }
+    let coordinator_ledger = store.ledger().expect("ledger");
+    assert_eq!(coordinator_ledger.len(), 1);
 }

@@ -118,6 +118,17 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
     let dp = arm("federated DP ε=8");
     let epsilon = dp.epsilon.expect("DP arm spends ε");
     assert!(epsilon > 0.0 && epsilon <= 8.0 + 1e-9, "ε = {epsilon}");
+    // Every merchant is in every round here (q = 1), so nothing is amplified: each
+    // merchant's own ledger (zCDP composed, the looser zCDP-to-(ε, δ) conversion) reads at
+    // least the coordinator's model-level ε (RDP composed) for a merchant that sent its
+    // masked input in every round; that none of the six did (each is dropped before a phase
+    // with probability about 0.05 a round) has probability about (1 − 0.95⁴)⁶ ≈ 1e-5.
+    let (max, mean) = (
+        dp.epsilon_against_coordinator_max.expect("merchants' ledgers"),
+        dp.epsilon_against_coordinator_mean.expect("merchants' ledgers"),
+    );
+    assert!(max >= epsilon - 1e-9 && mean > 0.0 && mean <= max, "{max} {mean} against {epsilon}");
+    assert!(federated.epsilon_against_coordinator_max.is_none(), "no DP, no ledger figure");
     assert_eq!(
         results.adapter_parameters,
         guild_proto::tower::parameter_count(&guild_proto::tower::TowerShape {

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use guild_proto::tower::{TowerShape, initial_values, tensors};
 use tch::{Device, Kind, Tensor, nn};
 
-use crate::data::ItemIndex;
+use crate::data::{ItemIndex, User};
 
 pub use guild_proto::tower::zero_shot_weights;
 
@@ -115,30 +115,34 @@ impl Tower {
         items + items.matmul(self.var("item_a")).matmul(self.var("item_b"))
     }
 
-    /// Shopper vectors `[batch, hidden]` from each history (oldest first) over the item
-    /// vectors `items` (the catalogue's, not adapted: the residual is applied to the
-    /// gathered history only, which is the same as gathering adapted vectors).
-    pub fn shoppers(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+    /// The shopper vector after every position of each window, `[batch, m, hidden]` with
+    /// `m` the longest window (at most `L` items, oldest first, right-padded). Position `p`
+    /// of a window sees only positions `0..=p`, so one pass gives the vector of every prefix
+    /// of a short history exactly as [`Self::shoppers`] gives it for that prefix alone: a
+    /// shopper's whole history trains in one row (SASRec's training, ICDM 2018).
+    pub fn sequence(&self, items: &Tensor, windows: &[&[ItemIndex]]) -> Tensor {
         let shape = &self.config.shape;
-        let (raw, valid) = gather_last(items, histories, shape.history as i64);
+        let (raw, _) = gather_windows(items, windows, shape.history as i64);
         let sequence = self.adapt_items(&raw);
-        let pooled = pool(&sequence, &valid, self.var("recency"));
+        let pooled = pool(&sequence, self.var("recency"));
         if shape.layers == 0 {
             return pooled;
         }
-        let (b, l, _) = sequence.size3().expect("[batch, length, hidden]");
-        let device = sequence.device();
-        let xs = self.linear(&sequence, "input") + self.var("position").unsqueeze(0);
-        let causal = Tensor::ones([l, l], (Kind::Bool, device)).tril(0);
-        // Padding (at the start) is never attended to; a position always attends to itself
-        // so that padded rows stay finite (their output is not read).
-        let allowed = causal
-            .unsqueeze(0)
-            .logical_and(&valid.unsqueeze(1))
-            .logical_or(&Tensor::eye(l, (Kind::Bool, device)).unsqueeze(0))
-            .view([b, 1, l, l]);
+        let (_, m, _) = sequence.size3().expect("[batch, length, hidden]");
+        let xs = self.linear(&sequence, "input") + self.var("position").narrow(0, 0, m).unsqueeze(0);
+        // Causal: padding sits after every item, so no item ever attends to it (padded
+        // positions attend to the items and themselves and stay finite; nobody reads them).
+        let allowed = Tensor::ones([m, m], (Kind::Bool, sequence.device())).tril(0).view([1, 1, m, m]);
         let xs = (0..shape.layers).fold(xs, |xs, i| self.block(i, &xs, &allowed));
-        pooled + xs.select(1, l - 1).matmul(self.var("output"))
+        pooled + xs.matmul(self.var("output"))
+    }
+
+    /// Shopper vectors `[batch, hidden]`: each history's last `L` items (oldest first) over
+    /// the catalogue's item vectors `items` (not adapted: the residual is applied to the
+    /// gathered items only, which is the same as gathering adapted vectors).
+    pub fn shoppers(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+        let windows = last_windows(histories, self.config.shape.history);
+        last_positions(&self.sequence(items, &windows), &windows)
     }
 
     /// Cosine scores `[batch, items]` of each history against the whole catalogue.
@@ -209,48 +213,111 @@ pub fn normalise(x: &Tensor) -> Tensor {
     x / x.norm_scalaropt_dim(2, [-1], true).clamp_min(1e-12)
 }
 
-/// The last `length` item vectors of each history, left-padded with zeros,
-/// `[batch, length, hidden]`, and which positions hold an item, `[batch, length]`.
-pub fn gather_last(items: &Tensor, histories: &[&[ItemIndex]], length: i64) -> (Tensor, Tensor) {
-    let l = length as usize;
-    let mut index = Vec::with_capacity(histories.len() * l);
-    let mut valid = Vec::with_capacity(histories.len() * l);
-    for h in histories {
-        let tail = &h[h.len().saturating_sub(l)..];
-        let pad = l - tail.len();
-        index.extend(std::iter::repeat_n(0i64, pad).chain(tail.iter().map(|&i| i64::from(i))));
-        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, tail.len())));
+/// One training row of the tower: a window of consecutive items of one shopper's training
+/// history, and the item that followed each of its positions from `first_target` on (the
+/// positions before it are context only).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TowerRow<'a> {
+    pub window: &'a [ItemIndex],
+    /// `next[p]` followed `window[..=p]`; `next.len() == window.len()`.
+    pub next: &'a [ItemIndex],
+    pub first_target: usize,
+}
+
+impl TowerRow<'_> {
+    /// The targets this row trains on.
+    pub fn targets(&self) -> usize {
+        self.window.len() - self.first_target
+    }
+}
+
+/// The rows that cover a user's training examples (`User::training_examples`) exactly once,
+/// each prefix seen through the same last-`length` window as at inference: one row for
+/// every prefix of up to `length` items, then one row per longer prefix (its last `length`
+/// items, trained at the last position only).
+pub fn tower_rows(user: &User, length: usize) -> Vec<TowerRow<'_>> {
+    let h = &user.history;
+    // Training examples: h[..k] → h[k] for 1 ≤ k ≤ n − 2.
+    let examples = h.len().saturating_sub(2);
+    if examples == 0 || length == 0 {
+        return Vec::new();
+    }
+    let short = examples.min(length);
+    let mut rows = vec![TowerRow { window: &h[..short], next: &h[1..=short], first_target: 0 }];
+    for k in length + 1..=examples {
+        rows.push(TowerRow {
+            window: &h[k - length..k],
+            next: &h[k - length + 1..=k],
+            first_target: length - 1,
+        });
+    }
+    rows
+}
+
+/// The last `length` items of each history (all of a shorter one).
+pub fn last_windows<'h>(histories: &[&'h [ItemIndex]], length: usize) -> Vec<&'h [ItemIndex]> {
+    histories.iter().map(|h| &h[h.len().saturating_sub(length)..]).collect()
+}
+
+/// The item vectors of each window (at most `length` items), left-aligned and right-padded
+/// with zeros to the longest window, `[batch, m, hidden]`, and which positions hold an item,
+/// `[batch, m]`.
+pub fn gather_windows(items: &Tensor, windows: &[&[ItemIndex]], length: i64) -> (Tensor, Tensor) {
+    let m = windows.iter().map(|w| w.len()).max().unwrap_or(0).clamp(1, length as usize);
+    let mut index = Vec::with_capacity(windows.len() * m);
+    let mut valid = Vec::with_capacity(windows.len() * m);
+    for w in windows {
+        let w = &w[..w.len().min(m)];
+        let pad = m - w.len();
+        index.extend(w.iter().map(|&i| i64::from(i)).chain(std::iter::repeat_n(0i64, pad)));
+        valid.extend(std::iter::repeat_n(true, w.len()).chain(std::iter::repeat_n(false, pad)));
     }
     let device = items.device();
-    let b = histories.len() as i64;
+    let (b, m) = (windows.len() as i64, m as i64);
     let hidden = items.size()[1];
     let index = Tensor::from_slice(&index).to(device);
-    let valid = Tensor::from_slice(&valid).view([b, length]).to(device);
+    let valid = Tensor::from_slice(&valid).view([b, m]).to(device);
     let sequence =
-        items.index_select(0, &index).view([b, length, hidden]) * valid.unsqueeze(-1).to_kind(items.kind());
+        items.index_select(0, &index).view([b, m, hidden]) * valid.unsqueeze(-1).to_kind(items.kind());
     (sequence, valid)
 }
 
-/// `Σ_j w_j · v_(n−j)`: recency-weighted pooling, `weights[0]` for the most recent item.
-pub fn pool(sequence: &Tensor, valid: &Tensor, weights: &Tensor) -> Tensor {
-    // Position p of the (left-padded, oldest-first) sequence is the (L−1−p)-th most recent.
-    let by_position = weights.flip([0]).to_kind(sequence.kind());
-    let w = by_position.unsqueeze(0) * valid.to_kind(sequence.kind());
-    (sequence * w.unsqueeze(-1)).sum_dim_intlist(1, false, sequence.kind())
+/// `pooled_p = Σ_j w_j · v_(p−j)` at every position `p` of `sequence` `[batch, m, hidden]`:
+/// recency-weighted pooling of each prefix, `weights[0]` for its most recent item
+/// (a lower-triangular Toeplitz matrix of the weights).
+pub fn pool(sequence: &Tensor, weights: &Tensor) -> Tensor {
+    let m = sequence.size()[1];
+    let device = sequence.device();
+    let position = Tensor::arange(m, (Kind::Int64, device));
+    let lag = position.unsqueeze(1) - position.unsqueeze(0);
+    let toeplitz =
+        weights.to_kind(sequence.kind()).index_select(0, &lag.clamp_min(0).flatten(0, -1)).view([m, m])
+            * lag.ge(0).to_kind(sequence.kind());
+    toeplitz.matmul(sequence)
+}
+
+/// Row `b` of `[batch, m, hidden]` at window `b`'s last item, `[batch, hidden]`.
+pub fn last_positions(sequence: &Tensor, windows: &[&[ItemIndex]]) -> Tensor {
+    let (b, m, hidden) = sequence.size3().expect("[batch, length, hidden]");
+    let flat: Vec<i64> =
+        windows.iter().enumerate().map(|(row, w)| row as i64 * m + (w.len().max(1) as i64 - 1)).collect();
+    sequence.reshape([b * m, hidden]).index_select(0, &Tensor::from_slice(&flat).to(sequence.device()))
 }
 
 /// The zero-shot ranker's scores: the cosine of the mean of each history's last
 /// `zero_shot_items` item vectors with every item, `[batch, items]`.
 pub fn zero_shot_scores(items: &Tensor, histories: &[&[ItemIndex]], shape: &TowerShape) -> Tensor {
-    let (sequence, valid) = gather_last(items, histories, shape.history as i64);
+    let windows = last_windows(histories, shape.history);
+    let (sequence, _) = gather_windows(items, &windows, shape.history as i64);
     let weights =
         Tensor::from_slice(&zero_shot_weights(shape.history, shape.zero_shot_items)).to(items.device());
-    normalise(&pool(&sequence, &valid, &weights)).matmul(&normalise(items).tr())
+    normalise(&last_positions(&pool(&sequence, &weights), &windows)).matmul(&normalise(items).tr())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::data::Example;
 
     fn catalogue(n: i64, hidden: i64) -> Tensor {
         tch::manual_seed(11);
@@ -291,6 +358,47 @@ mod tests {
             items.index_select(0, &Tensor::from_slice(&[9i64, 3, 1, 4, 8])).mean_dim(0, false, Kind::Float);
         let by_hand = normalise(&mean.unsqueeze(0)).matmul(&items.tr());
         assert!(by_hand.allclose(&zero_shot.get(4).unsqueeze(0), 1e-6, 1e-6, false));
+    }
+
+    #[test]
+    fn one_row_gives_every_training_prefix_exactly_its_own_shopper_vector() {
+        let items = catalogue(60, 12);
+        let mut tower = Tower::new(config(), Device::Cpu).expect("tower");
+        // Non-zero everywhere, so that the transformer and the residual take part.
+        let n = tower.parameter_count();
+        let values: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 1e4 - 0.05).collect();
+        tower.set_flat(&values).expect("set");
+        let length = config().shape.history;
+        for (id, history) in histories().into_iter().chain([(20..33).collect(), vec![5, 6, 7]]).enumerate() {
+            let user = User { id: id.to_string(), history, test_target: 0 };
+            let rows = tower_rows(&user, length);
+            let examples: Vec<Example<'_>> = user.training_examples().collect();
+            assert_eq!(rows.iter().map(TowerRow::targets).sum::<usize>(), examples.len(), "user {id}");
+            let windows: Vec<&[ItemIndex]> = rows.iter().map(|r| r.window).collect();
+            let sequence = tch::no_grad(|| tower.sequence(&items, &windows));
+            let mut covered = Vec::new();
+            for (r, row) in rows.iter().enumerate() {
+                assert!(row.window.len() <= length);
+                for p in row.first_target..row.window.len() {
+                    covered.push((
+                        row.window[..=p].to_vec(),
+                        row.next[p],
+                        sequence.get(r as i64).get(p as i64),
+                    ));
+                }
+            }
+            for (example, (window, target, vector)) in examples.iter().zip(covered) {
+                assert_eq!(target, example.target, "user {id}");
+                assert!(example.history.ends_with(&window), "user {id}: the window is the prefix's tail");
+                let alone = tch::no_grad(|| tower.shoppers(&items, &[example.history])).get(0);
+                assert!(
+                    vector.allclose(&alone, 1e-5, 1e-6, false),
+                    "user {id}, prefix of {}: {}",
+                    example.history.len(),
+                    (&vector - &alone).abs().max()
+                );
+            }
+        }
     }
 
     #[test]

@@ -95,9 +95,11 @@ impl Engine {
             Phase::AdvertiseKeys => round.server.close_keys().map(|roster| round.roster = roster),
             Phase::ShareKeys => round.server.close_shares().map(|inboxes| round.inboxes = inboxes),
             Phase::MaskedInput => round.server.close_inputs().map(|survivors| round.survivors = survivors),
-            Phase::ConsistencyCheck => {
-                round.server.close_consistency().map(|signatures| round.signatures = signatures)
-            }
+            Phase::ConsistencyCheck => round.server.close_consistency().map(|signatures| {
+                // The signatures let clients reveal their Unmask shares, after which the sum
+                // can be computed: charge the ledger durably first, never to be refunded.
+                round.signatures = signatures;
+            }),
             Phase::Unmask => Ok(()),
         };
         self.metrics.observe_phase(phase, latency, dropped);
@@ -110,6 +112,19 @@ impl Engine {
             "phase closed"
         );
         result.map_err(|e| e.to_string())?;
+        if phase == Phase::ConsistencyCheck
+            && let Some(event) = round.event.take()
+        {
+            let (id, entry) = (round.id, LedgerEntry { round_id: round.id, event });
+            if let Err(error) = self.store.charge_round(id, &event) {
+                return Err(format!("charging the ledger before the unmask phase failed: {error}"));
+            }
+            if let Err(error) = state.ledger.append(entry) {
+                return Err(format!("the ledger refused round {id}'s charge: {error}"));
+            }
+            self.metrics.epsilon_spent.set(state.ledger.spent().map_or(f64::INFINITY, |s| s.epsilon));
+        }
+        let Some(round) = state.round.as_mut() else { return Err("the round vanished".into()) };
         round.expected = std::mem::take(&mut round.received);
         round.phase = phase.next();
         if let Err(error) = self.store.set_round_phase(round.id, round.phase) {
@@ -127,7 +142,11 @@ impl Engine {
         let mut state = self.lock();
         if let Some(mut round) = state.round.take() {
             round.server.abort();
-            tracing::warn!(round = round.id, %reason, "round aborted; nothing was revealed and no budget spent");
+            // A round aborted before ConsistencyCheck closed revealed nothing and was not
+            // charged; one aborted later keeps its charge (made before any unmask share).
+            let charged =
+                round.event.is_none() && !matches!(self.config.privacy.mode, PrivacyMode::DangerousNone);
+            tracing::warn!(round = round.id, %reason, charged, "round aborted");
             if let Err(error) = self.store.abort_round(round.id, &reason) {
                 tracing::error!(%error, "recording the abort failed (it is recorded at the next start)");
             }
@@ -165,18 +184,14 @@ impl Engine {
         let version = latest.version + 1;
         let optimizer_state = step.moments.as_ref().map(super::optimizer::Moments::to_bytes);
         let survivors = round.survivors.len() as u32;
-        let entry = round.event.map(|event| LedgerEntry { round_id: round.id, event });
-        let mut next_ledger = ledger.clone();
-        if let Some(entry) = entry {
-            next_ledger.append(entry)?;
-        }
+        // The round's privacy event was charged when ConsistencyCheck closed.
+        debug_assert!(round.event.is_none(), "a round reaches its commit charged");
         self.store.commit_round(&RoundCommit {
             round_id: round.id,
             survivors,
             adapter: AdapterRecord { version, sha256, data: bytes.clone(), optimizer_state },
-            ledger_event: entry.map(|e| e.event),
+            ledger_event: None,
         })?;
-        *ledger = next_ledger;
         *latest = Arc::new(AdapterVersion { version, sha256, bytes, values: step.values });
         if step.moments.is_some() {
             *moments = step.moments;

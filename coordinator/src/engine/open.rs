@@ -9,7 +9,8 @@ use guild_privacy::cost::{RoundCost, RoundPrivacy};
 use guild_privacy::ledger::PrivacyEvent;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::{Identities, Phase, RoundConfig};
+use guild_privacy::secagg::{Identities, Phase, RoundConfig, min_active_threshold};
+use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
@@ -56,8 +57,10 @@ impl Engine {
             );
             return Ok(false);
         }
-        let t = cfg.rounds.threshold;
         let k = if cfg.rounds.neighbours == 0 { n - 1 } else { cfg.rounds.neighbours.min(n - 1) };
+        // The configured threshold is a floor: each round raises it to the active-security
+        // bound for its neighbourhood size, which every client checks for itself.
+        let t = cfg.rounds.threshold.max(min_active_threshold(k));
         let cost = RoundPrivacy {
             mode: cfg.privacy.mode,
             sampling_rate: q,
@@ -78,9 +81,13 @@ impl Engine {
         }
         let round_id = self.store.open_round(n)?;
         let latest = state.latest.clone();
-        let binding =
-            RoundBinding { federation_id: self.federation_id, round_id, adapter_sha256: latest.sha256 };
-        let round_config = RoundConfig {
+        let mut binding = RoundBinding {
+            federation_id: self.federation_id,
+            round_id,
+            adapter_sha256: latest.sha256,
+            task_sha256: [0; 32],
+        };
+        let mut round_config = RoundConfig {
             binding,
             cohort_size: n,
             threshold: t,
@@ -94,15 +101,32 @@ impl Engine {
             .enumerate()
             .map(|(i, m)| (ClientIndex::new(i as u32 + 1).expect("1-based"), m.signing_public_key))
             .collect();
+        let rotation_seed = rng.r#gen();
+        let deadlines: Vec<Duration> = Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect();
+        // Every client's task differs only in its index and data seed: the digest of the
+        // rest goes into the binding that every signed message and derived key carries.
+        binding.task_sha256 = {
+            let template = TaskTemplate {
+                binding,
+                adapter_version: latest.version,
+                round: &round_config,
+                cost: &cost,
+                rotation_seed,
+                identities: &identities,
+                deadlines: deadlines.clone(),
+            };
+            task_digest(&self.task(&template, ClientIndex::new(1).expect("1-based"), 0))
+        };
+        round_config.binding = binding;
         let server = Server::new(round_config.clone(), identities.clone())?;
         let template = TaskTemplate {
             binding,
             adapter_version: latest.version,
             round: &round_config,
             cost: &cost,
-            rotation_seed: rng.r#gen(),
+            rotation_seed,
             identities: &identities,
-            deadlines: Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect(),
+            deadlines,
         };
         let mut members = BTreeMap::new();
         let mut tasks = BTreeMap::new();
@@ -120,7 +144,6 @@ impl Engine {
             "round opened"
         );
         self.metrics.participants.set(i64::from(n));
-        let rotation_seed = template.rotation_seed;
         state.round = Some(Round {
             id: round_id,
             binding,

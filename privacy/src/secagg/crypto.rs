@@ -199,7 +199,7 @@ mod tests {
     use rand_core::SeedableRng;
 
     fn binding(round_id: u64) -> RoundBinding {
-        RoundBinding { federation_id: [1; 16], round_id, adapter_sha256: [2; 32] }
+        RoundBinding { federation_id: [1; 16], round_id, adapter_sha256: [2; 32], task_sha256: [3; 32] }
     }
 
     fn index(i: u32) -> ClientIndex {

@@ -55,7 +55,12 @@ struct Setup {
 fn setup() -> Setup {
     let mut rng = ChaCha20Rng::seed_from_u64(0);
     let config = RoundConfig {
-        binding: RoundBinding { federation_id: [1; 16], round_id: 5, adapter_sha256: [2; 32] },
+        binding: RoundBinding {
+            federation_id: [1; 16],
+            round_id: 5,
+            adapter_sha256: [2; 32],
+            task_sha256: [3; 32],
+        },
         cohort_size: 4,
         threshold: 2,
         neighbours: 3,

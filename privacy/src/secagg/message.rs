@@ -44,15 +44,24 @@ pub struct RoundBinding {
     pub federation_id: [u8; FEDERATION_ID_LEN],
     pub round_id: u64,
     pub adapter_sha256: [u8; SHA256_LEN],
+    /// SHA-256 of every parameter of the round's task that is the same for all its clients
+    /// (privacy, SecAgg+, training, the manifest and the cohort's keys): clients shown
+    /// different tasks hold different bindings, so their signatures and keys do not match
+    /// and the round aborts instead of running on inconsistent views.
+    pub task_sha256: [u8; SHA256_LEN],
 }
+
+/// Length of [`RoundBinding::to_bytes`].
+pub const BINDING_LEN: usize = FEDERATION_ID_LEN + 8 + 2 * SHA256_LEN;
 
 impl RoundBinding {
     /// Canonical byte encoding, the prefix of every signed payload.
-    pub fn to_bytes(&self) -> [u8; FEDERATION_ID_LEN + 8 + SHA256_LEN] {
-        let mut out = [0u8; FEDERATION_ID_LEN + 8 + SHA256_LEN];
+    pub fn to_bytes(&self) -> [u8; BINDING_LEN] {
+        let mut out = [0u8; BINDING_LEN];
         out[..FEDERATION_ID_LEN].copy_from_slice(&self.federation_id);
         out[FEDERATION_ID_LEN..FEDERATION_ID_LEN + 8].copy_from_slice(&self.round_id.to_be_bytes());
-        out[FEDERATION_ID_LEN + 8..].copy_from_slice(&self.adapter_sha256);
+        out[FEDERATION_ID_LEN + 8..FEDERATION_ID_LEN + 8 + SHA256_LEN].copy_from_slice(&self.adapter_sha256);
+        out[FEDERATION_ID_LEN + 8 + SHA256_LEN..].copy_from_slice(&self.task_sha256);
         out
     }
 }

@@ -45,8 +45,33 @@ pub struct RoundConfig {
     pub bit_width: u32,
 }
 
+/// The smallest threshold that keeps a client's input hidden from a coordinator that
+/// deviates from the protocol, when each client's secrets are shared among `holders`
+/// neighbours (`n − 1` in the complete graph): `t = ⌊2k/3⌋ + 1`.
+///
+/// Why: a malicious coordinator can tell some of a victim's share holders that the victim
+/// dropped (they reveal shares of its mask key) and others that it survived (they reveal
+/// shares of its self-mask seed); with both it strips both masks. An honest holder reveals
+/// only after t signatures on one survivor list and signs one list per round, so with
+/// `c` colluding holders the coordinator needs `(k − c) + 2c ≥ 2t`: the input stays hidden
+/// while `c < 2t − k` (Bonawitz et al., CCS 2017, active model; Bell et al., CCS 2020, for
+/// the neighbourhoods of SecAgg+). At `t = ⌊2k/3⌋ + 1` that is fewer than about k/3
+/// colluders, and a round survives up to `k − t` dropped neighbours.
+pub fn min_active_threshold(holders: u32) -> u32 {
+    2 * holders / 3 + 1
+}
+
+/// How many of a client's share holders may collude with a malicious coordinator without
+/// unmasking it, at threshold `t` (see [`min_active_threshold`]): the largest `c < 2t − k`.
+pub fn colluders_tolerated(threshold: u32, holders: u32) -> u32 {
+    (2 * threshold).saturating_sub(holders).saturating_sub(1)
+}
+
 impl RoundConfig {
-    /// Checks the parameters' consistency.
+    /// Checks the parameters' consistency. The protocol runs at any threshold ≥ 2 (secure
+    /// against an honest-but-curious server); the active-security bound
+    /// ([`min_active_threshold`]) is a policy the coordinator applies to every round and
+    /// the merchant's client (`guild_client::participant::vet_task`) checks before it joins.
     pub fn validate(&self) -> Result<(), SecAggError> {
         let n = self.cohort_size;
         let k = self.neighbours.min(n.saturating_sub(1));
