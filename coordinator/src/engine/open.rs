@@ -81,7 +81,7 @@ impl Engine {
         }
         let round_id = self.store.open_round(n)?;
         let latest = state.latest.clone();
-        let mut binding = RoundBinding {
+        let binding = RoundBinding {
             federation_id: self.federation_id,
             round_id,
             adapter_sha256: latest.sha256,
@@ -101,33 +101,19 @@ impl Engine {
             .enumerate()
             .map(|(i, m)| (ClientIndex::new(i as u32 + 1).expect("1-based"), m.signing_public_key))
             .collect();
-        let rotation_seed = rng.r#gen();
-        let deadlines: Vec<Duration> = Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect();
-        // Every client's task differs only in its index and data seed: the digest of the
-        // rest goes into the binding that every signed message and derived key carries.
-        binding.task_sha256 = {
-            let template = TaskTemplate {
-                binding,
-                adapter_version: latest.version,
-                round: &round_config,
-                cost: &cost,
-                rotation_seed,
-                identities: &identities,
-                deadlines: deadlines.clone(),
-            };
-            task_digest(&self.task(&template, ClientIndex::new(1).expect("1-based"), 0))
-        };
-        round_config.binding = binding;
-        let server = Server::new(round_config.clone(), identities.clone())?;
-        let template = TaskTemplate {
+        let mut template = TaskTemplate {
             binding,
             adapter_version: latest.version,
             round: &round_config,
             cost: &cost,
-            rotation_seed,
+            rotation_seed: rng.r#gen(),
             identities: &identities,
-            deadlines,
+            deadlines: Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect(),
         };
+        // Every client's task differs only in its index and data seed: the digest of the
+        // rest goes into the binding that every signed message and derived key carries.
+        template.binding.task_sha256 =
+            task_digest(&self.task(&template, ClientIndex::new(1).expect("1-based"), 0));
         let mut members = BTreeMap::new();
         let mut tasks = BTreeMap::new();
         for (i, merchant) in cohort.iter().enumerate() {
@@ -135,6 +121,9 @@ impl Engine {
             members.insert(merchant.merchant_id.clone(), index);
             tasks.insert(index, self.task(&template, index, rng.r#gen()));
         }
+        let (binding, rotation_seed) = (template.binding, template.rotation_seed);
+        round_config.binding = binding;
+        let server = Server::new(round_config.clone(), identities.clone())?;
         tracing::info!(
             round = round_id,
             cohort = n,

@@ -71,6 +71,17 @@ impl AgreementKey {
     }
 }
 
+/// Whether `public` is a usable X25519 public key: not of low order. X25519 clamps every
+/// secret to a multiple of the cofactor 8, so ECDH with a point of order dividing 8 is all
+/// zeros whatever the secret (RFC 7748 §6.1) and with any other point is not; one ECDH with
+/// a fixed clamped scalar tells the two apart. The server checks advertised keys with it,
+/// so that one merchant's bad key is refused at AdvertiseKeys instead of making each of
+/// its neighbours abort.
+pub fn is_usable_agreement_key(public: &[u8; 32]) -> bool {
+    const PROBE: [u8; 32] = [0x5a; 32];
+    StaticSecret::from(PROBE).diffie_hellman(&PublicKey::from(*public)).was_contributory()
+}
+
 pub fn random_bytes(rng: &mut (impl RngCore + CryptoRng)) -> [u8; 32] {
     let mut out = [0u8; 32];
     rng.fill_bytes(&mut out);

@@ -144,6 +144,13 @@ impl Server {
         if !crypto::verify(&identity, &payload, &k.signature) {
             return Err(peer(from, PeerMisbehaved::BadSignature));
         }
+        // A low-order key would make every neighbour's key agreement fail: keep it (and its
+        // sender) out of the roster instead.
+        if !crypto::is_usable_agreement_key(&k.cipher_public_key)
+            || !crypto::is_usable_agreement_key(&k.mask_public_key)
+        {
+            return Err(peer(from, PeerMisbehaved::WeakKey));
+        }
         let Stage::AdvertiseKeys { keys } = &mut self.stage else {
             return Err(self.wrong_phase(Phase::AdvertiseKeys));
         };
@@ -415,5 +422,134 @@ impl Server {
     /// Clients whose input is in the result (U3), once phase 2 closed.
     pub fn survivors(&self) -> Vec<ClientIndex> {
         self.survivors.iter().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand_chacha::ChaCha20Rng;
+    use rand_core::{RngCore, SeedableRng};
+    use ring::signature::KeyPair;
+
+    use super::crypto::SigningKey;
+
+    use super::*;
+    use crate::secagg::client;
+
+    fn index(i: u32) -> ClientIndex {
+        ClientIndex::new(i).expect("1-based")
+    }
+
+    /// The small-order points of Curve25519 as X25519 public keys (u-coordinates,
+    /// little-endian; the list libsodium refuses), and non-canonical encodings of them.
+    const LOW_ORDER: [&str; 7] = [
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0100000000000000000000000000000000000000000000000000000000000000",
+        "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+        "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "edffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+        "eeffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f",
+    ];
+
+    fn bytes32(hex: &str) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex");
+        }
+        out
+    }
+
+    #[test]
+    fn low_order_keys_are_unusable_and_generated_ones_are_usable() {
+        for hex in LOW_ORDER {
+            assert!(!crypto::is_usable_agreement_key(&bytes32(hex)), "{hex}");
+        }
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        for _ in 0..32 {
+            assert!(crypto::is_usable_agreement_key(&AgreementKey::generate(&mut rng).public()));
+        }
+    }
+
+    /// One merchant advertises a validly signed low-order key: the server refuses it at
+    /// AdvertiseKeys, names it, and the other four finish the round with their exact sum.
+    #[test]
+    fn a_low_order_key_is_refused_at_advertise_keys_and_the_round_completes_without_it() {
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let config = RoundConfig {
+            binding: RoundBinding {
+                federation_id: [1; 16],
+                round_id: 2,
+                adapter_sha256: [2; 32],
+                task_sha256: [3; 32],
+            },
+            cohort_size: 5,
+            threshold: 3,
+            neighbours: 4,
+            graph_seed: 9,
+            vector_length: 16,
+            bit_width: 32,
+        };
+        let (mut signing, mut identities) = (BTreeMap::new(), Identities::new());
+        for i in 1..=5 {
+            let mut seed = [0u8; 32];
+            rng.fill_bytes(&mut seed);
+            let key = SigningKey::from_seed_unchecked(&seed).expect("seed");
+            identities.insert(index(i), key.public_key().as_ref().try_into().expect("32 bytes"));
+            signing.insert(index(i), key);
+        }
+        let inputs: BTreeMap<ClientIndex, Vec<u32>> =
+            (1..=5).map(|i| (index(i), (0..16).map(|j| i * 1000 + j).collect())).collect();
+        let mut server = Server::new(config.clone(), identities.clone()).expect("server");
+        let mut states = BTreeMap::new();
+        for c in (1..=5).map(index) {
+            let (state, mut msg) = client::start(config.clone(), c, &signing[&c], &mut rng).expect("start");
+            if c == index(5) {
+                msg.keys.mask_public_key = bytes32(LOW_ORDER[2]);
+                let payload =
+                    signed::keys(&config.binding, c, &msg.keys.cipher_public_key, &msg.keys.mask_public_key);
+                msg.keys.signature = crypto::sign(&signing[&c], &payload);
+                let error = server.receive_keys(c, msg).expect_err("a low-order key");
+                assert!(
+                    matches!(error, SecAggError::Peer { who, fault: PeerMisbehaved::WeakKey } if who == c),
+                    "{error}"
+                );
+                continue;
+            }
+            server.receive_keys(c, msg).expect("honest keys");
+            states.insert(c, state);
+        }
+        let roster = server.close_keys().expect("roster");
+        assert_eq!(roster.len(), 4, "the bad key never reaches the others");
+        let mut waiting = BTreeMap::new();
+        for (c, state) in states {
+            let (next, msg) = state.on_roster(roster.clone(), &identities, &mut rng).expect("shares");
+            server.receive_shares(c, msg).expect("shares");
+            waiting.insert(c, next);
+        }
+        let mut inboxes = server.close_shares().expect("inboxes");
+        let mut masked = BTreeMap::new();
+        for (c, state) in waiting {
+            let (next, msg) =
+                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &inputs[&c]).expect("input");
+            server.receive_masked_input(c, msg).expect("input");
+            masked.insert(c, next);
+        }
+        let survivors = server.close_inputs().expect("survivors");
+        let mut checked = BTreeMap::new();
+        for (c, state) in masked {
+            let (next, msg) = state.on_survivors(survivors.clone(), &signing[&c]).expect("signature");
+            server.receive_consistency(c, msg).expect("signature");
+            checked.insert(c, next);
+        }
+        let signatures = server.close_consistency().expect("signatures");
+        for (c, state) in checked {
+            let msg = state.on_signatures(signatures.clone(), &identities).expect("unmask");
+            server.receive_unmask(c, msg).expect("unmask");
+        }
+        let sum = server.finish().expect("the round completes");
+        let expected: Vec<u32> =
+            (0..16).map(|j| (1..=4u32).map(|i| inputs[&index(i)][j]).fold(0u32, u32::wrapping_add)).collect();
+        assert_eq!(sum, expected);
     }
 }
