@@ -202,6 +202,13 @@ fn verdict(results: &RunResults) -> String {
     }
 }
 
+/// An upper bound on the standard error of a mean over `n` users of a per-user metric in
+/// [0, 1] whose mean is `mean` (its variance is at most E[x²] ≤ E[x] = `mean`): the band of
+/// the per-round plot, conservative by construction.
+fn se_bound(mean: f64, n: usize) -> f64 {
+    (mean.max(0.0) / n.max(1) as f64).sqrt()
+}
+
 /// An upper bound on the standard error of the difference of two arms' MRR on `n` users: a
 /// reciprocal rank lies in [0, 1], so its variance is at most its mean, and whatever the
 /// correlation of the two arms, Var(A − B) ≤ (σ_A + σ_B)².
@@ -219,16 +226,24 @@ struct Chart<'a> {
     legend: SeriesLabelPosition,
 }
 
+/// A series' band: (x, lower, upper) at each point.
+type Band = Vec<(f64, f64, f64)>;
+
 fn line_chart(
     chart: Chart<'_>,
     series: &[(String, Vec<(f64, f64)>)],
+    bands: &[Band],
     baselines: &[(String, f64)],
 ) -> anyhow::Result<()> {
     let Chart { path, title, x_label, y_label, legend } = chart;
     let root = BitMapBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE)?;
     let x_max = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.0)).fold(1.0f64, f64::max);
-    let values = series.iter().flat_map(|(_, p)| p.iter().map(|q| q.1)).chain(baselines.iter().map(|b| b.1));
+    let values = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|q| q.1))
+        .chain(baselines.iter().map(|b| b.1))
+        .chain(bands.iter().flatten().flat_map(|b| [b.1, b.2]));
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let (lo, hi) = if lo.is_finite() { (lo, hi) } else { (0.0, 1.0) };
     let pad = ((hi - lo) * 0.1).max(1e-6);
@@ -239,6 +254,12 @@ fn line_chart(
         .y_label_area_size(70)
         .build_cartesian_2d(0.0..x_max + 0.5, (lo - pad)..(hi + pad))?;
     chart.configure_mesh().x_desc(x_label).y_desc(y_label).label_style(("sans-serif", 14)).draw()?;
+    for (i, band) in bands.iter().enumerate().filter(|(_, b)| b.len() > 1) {
+        let color = PALETTE[i % PALETTE.len()];
+        let outline: Vec<(f64, f64)> =
+            band.iter().map(|b| (b.0, b.2)).chain(band.iter().rev().map(|b| (b.0, b.1))).collect();
+        chart.draw_series(std::iter::once(Polygon::new(outline, color.mix(0.18).filled())))?;
+    }
     for (i, (name, points)) in series.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
         chart
@@ -288,23 +309,35 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
     std::fs::write(dir.join("summary.md"), markdown(results))?;
 
     let metric: Vec<(String, Vec<(f64, f64)>)> = federated(results)
-        .map(|a| (a.arm.clone(), a.curve.iter().map(|p| (p.round as f64, p.validation.mrr)).collect()))
+        .map(|a| (a.arm.clone(), a.curve.iter().map(|p| (p.round as f64, p.validation.ndcg_at_10)).collect()))
+        .collect();
+    let bands: Vec<Band> = federated(results)
+        .map(|a| {
+            a.curve
+                .iter()
+                .map(|p| {
+                    let half = 1.96 * se_bound(p.validation.ndcg_at_10, p.validation.users as usize);
+                    (p.round as f64, p.validation.ndcg_at_10 - half, p.validation.ndcg_at_10 + half)
+                })
+                .collect()
+        })
         .collect();
     let baselines: Vec<(String, f64)> = results
         .arms
         .iter()
         .filter(|a| a.curve.is_empty())
-        .map(|a| (a.arm.clone(), a.validation.mrr))
+        .map(|a| (a.arm.clone(), a.validation.ndcg_at_10))
         .collect();
     line_chart(
         Chart {
             path: &dir.join("metric_vs_round.png"),
-            title: "Validation MRR by round (dashed: baselines)",
+            title: "Validation NDCG@10 by round (band: ±1.96·√(NDCG/users); dashed: baselines)",
             x_label: "round",
-            y_label: "MRR",
+            y_label: "NDCG@10",
             legend: SeriesLabelPosition::LowerRight,
         },
         &metric,
+        &bands,
         &baselines,
     )?;
 
@@ -321,6 +354,7 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
             legend: SeriesLabelPosition::LowerRight,
         },
         &epsilon,
+        &[],
         &[],
     )?;
 
@@ -344,6 +378,7 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
             legend: SeriesLabelPosition::UpperRight,
         },
         &latency,
+        &[],
         &[],
     )?;
     Ok(())
