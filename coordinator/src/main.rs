@@ -176,7 +176,9 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
     let store = Store::open(&config.server.store)?;
     let counts = store.round_counts()?;
     let budget = Budget { epsilon: config.privacy.epsilon_budget, delta: config.privacy.delta };
-    let spent = Ledger::new(budget, store.ledger()?)?.spent()?;
+    let ledger = Ledger::new(budget, store.ledger()?)?;
+    let spent = ledger.spent()?;
+    let against = ledger.spent_against_sampler()?;
     let phase = match store.open_round_phase()? {
         Some((round, Some(phase))) => format!("round {round}: {phase}"),
         Some((round, None)) => format!("round {round}: committing"),
@@ -190,6 +192,9 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
         "current_phase": phase,
         "latest_adapter_version": store.latest_adapter()?.map(|a| a.version),
         "epsilon_spent": spent.epsilon,
+        // Against this coordinator, which knows whom it sampled: a merchant in every charged
+        // round, no amplification (an upper bound; each merchant's own ledger is exact).
+        "epsilon_against_coordinator_bound": against.epsilon,
         "epsilon_budget": budget.epsilon,
         "delta": budget.delta,
         "budget_exhausted": spent.epsilon >= budget.epsilon,

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub dropouts: Family<PhaseLabel, Counter>,
     pub phase_seconds: Family<PhaseLabel, Histogram>,
     pub epsilon_spent: Gauge<f64, AtomicU64>,
+    /// ε against the coordinator for a merchant in every charged round (no amplification).
+    pub epsilon_against_coordinator_bound: Gauge<f64, AtomicU64>,
     pub bytes_received: Family<RpcLabel, Counter>,
     pub rejected_messages: Family<RpcLabel, Counter>,
     /// Seconds the engine spent working (sampling, checking and summing messages, closing
@@ -62,6 +64,7 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.001, 2.0, 20))
         });
         let epsilon_spent = Gauge::<f64, AtomicU64>::default();
+        let epsilon_against_coordinator_bound = Gauge::<f64, AtomicU64>::default();
         let bytes_received = Family::<RpcLabel, Counter>::default();
         let rejected_messages = Family::<RpcLabel, Counter>::default();
         let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
@@ -85,7 +88,16 @@ impl Metrics {
         registry.register("participants", "Cohort size of the latest round", participants.clone());
         registry.register("dropouts", "Clients that missed a phase's deadline", dropouts.clone());
         registry.register("phase_seconds", "Time from a phase's start to its close", phase_seconds.clone());
-        registry.register("epsilon_spent", "Privacy spent, ε at the configured δ", epsilon_spent.clone());
+        registry.register(
+            "epsilon_spent",
+            "Privacy spent, model-level (amplified by sampling), ε at the configured δ",
+            epsilon_spent.clone(),
+        );
+        registry.register(
+            "epsilon_against_coordinator_bound",
+            "ε against this coordinator for a merchant in every charged round (no amplification), at the configured δ",
+            epsilon_against_coordinator_bound.clone(),
+        );
         registry.register("received_bytes", "Protobuf bytes received, by RPC", bytes_received.clone());
         registry.register("rejected_messages", "Messages refused, by RPC", rejected_messages.clone());
         Self {
@@ -98,6 +110,7 @@ impl Metrics {
             dropouts,
             phase_seconds,
             epsilon_spent,
+            epsilon_against_coordinator_bound,
             bytes_received,
             rejected_messages,
             engine_busy_seconds,

@@ -24,6 +24,17 @@ pub enum PrivacyEvent {
 }
 
 impl PrivacyEvent {
+    /// The same mechanism without amplification by sampling: what it costs a participant
+    /// against the sampler (the coordinator), which knows who was sampled.
+    pub fn unamplified(&self) -> Self {
+        match *self {
+            Self::SubsampledGaussian { noise_multiplier, .. } => {
+                Self::SubsampledGaussian { sampling_rate: 1.0, noise_multiplier }
+            }
+            Self::SubsampledZcdp { rho, .. } => Self::SubsampledZcdp { sampling_rate: 1.0, rho },
+        }
+    }
+
     /// The event's RDP curve at the accountant's orders.
     pub fn curve(&self) -> Result<RdpCurve, AccountingError> {
         match *self {
@@ -124,6 +135,22 @@ impl Ledger {
         self.spent_with(None)
     }
 
+    /// ε(δ) against the coordinator for a merchant that took part in every charged round:
+    /// every entry unamplified ([`PrivacyEvent::unamplified`]), composed. An upper bound on
+    /// any merchant's ε against the coordinator (a merchant's own ledger gives its exact
+    /// figure); not checked against the budget, which caps the model-level ε.
+    pub fn spent_against_sampler(&self) -> Result<Spent, LedgerError> {
+        let unamplified = Ledger {
+            budget: self.budget,
+            entries: self
+                .entries
+                .iter()
+                .map(|e| LedgerEntry { round_id: e.round_id, event: e.event.unamplified() })
+                .collect(),
+        };
+        unamplified.spent()
+    }
+
     /// What ε(δ) would be after `event`, without recording it.
     pub fn spent_if(&self, event: &PrivacyEvent) -> Result<Spent, LedgerError> {
         self.spent_with(Some(event))
@@ -218,6 +245,28 @@ mod tests {
         let entries: Vec<LedgerEntry> = serde_json::from_str(&json).expect("deserialise");
         let rebuilt = Ledger::new(ledger.budget(), entries).expect("valid");
         assert_eq!(rebuilt.spent(), ledger.spent());
+    }
+
+    #[test]
+    fn against_the_sampler_every_round_counts_whole() {
+        let rho = 0.05;
+        let entries: Vec<LedgerEntry> = (0..10)
+            .map(|round_id| LedgerEntry {
+                round_id,
+                event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho },
+            })
+            .collect();
+        let ledger = Ledger::new(Budget { epsilon: 100.0, delta: 1e-5 }, entries).expect("valid");
+        let model = ledger.spent().expect("spent").epsilon;
+        let sampler = ledger.spent_against_sampler().expect("spent").epsilon;
+        // Unamplified, ten rounds of ρ-zCDP are 10ρ-zCDP: RDP 10ρα, converted at δ by the
+        // accountant's (tighter than ρ + 2√(ρ ln 1/δ)) conversion.
+        let plain = subsampled_zcdp_rdp(1.0, rho).expect("curve").times(10);
+        let direct = epsilon_from_rdp(&plain, 1e-5).expect("ε").0;
+        assert!((sampler - direct).abs() < 1e-12, "{sampler} vs {direct}");
+        assert!(sampler > 2.0 * model, "amplification by q = 0.1 is large here: {sampler} vs {model}");
+        let zcdp_bound = 10.0 * rho + 2.0 * (10.0 * rho * 1e5f64.ln()).sqrt();
+        assert!(sampler <= zcdp_bound + 1e-9, "{sampler} above the zCDP conversion {zcdp_bound}");
     }
 
     #[test]

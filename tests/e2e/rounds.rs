@@ -128,9 +128,19 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
         spent.epsilon
     );
     assert_eq!(status.rounds_completed, 3);
-    // The metrics endpoint reports the same rounds.
+    // Every merchant is in every round here (q = 1): nothing is amplified, so the bound
+    // against the coordinator is the model-level figure itself.
+    let engine = federation.in_process().expect("running").core.engine().status();
+    assert!(
+        (engine.epsilon_against_coordinator_bound - spent.epsilon).abs() <= 1e-9 * spent.epsilon,
+        "{} vs {}",
+        engine.epsilon_against_coordinator_bound,
+        spent.epsilon
+    );
+    // The metrics endpoint reports the same rounds and both ε figures.
     let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
     assert!(metrics.contains("guild_rounds_completed_total 3"), "{metrics}");
+    assert!(metrics.contains("guild_epsilon_against_coordinator_bound "), "{metrics}");
 }
 
 /// Spawns `n` lightweight clients.

@@ -123,6 +123,9 @@ impl Engine {
                 return Err(format!("the ledger refused round {id}'s charge: {error}"));
             }
             self.metrics.epsilon_spent.set(state.ledger.spent().map_or(f64::INFINITY, |s| s.epsilon));
+            self.metrics
+                .epsilon_against_coordinator_bound
+                .set(state.ledger.spent_against_sampler().map_or(f64::INFINITY, |s| s.epsilon));
         }
         let Some(round) = state.round.as_mut() else { return Err("the round vanished".into()) };
         round.expected = std::mem::take(&mut round.received);

@@ -146,7 +146,11 @@ pub struct EngineStatus {
     pub rounds_completed: u64,
     pub rounds_aborted: u64,
     pub latest_adapter_version: u64,
+    /// Model-level ε (amplified by sampling).
     pub epsilon_spent: f64,
+    /// ε against this coordinator for a merchant in every charged round (unamplified): an
+    /// upper bound on every merchant's; each merchant's own ledger has its exact figure.
+    pub epsilon_against_coordinator_bound: f64,
     pub epsilon_budget: f64,
     pub delta: f64,
 }
@@ -196,6 +200,7 @@ impl Engine {
         let ledger = Ledger::new(budget, store.ledger()?)?;
         let counts = store.round_counts()?;
         metrics.epsilon_spent.set(ledger.spent()?.epsilon);
+        metrics.epsilon_against_coordinator_bound.set(ledger.spent_against_sampler()?.epsilon);
         let latest = Arc::new(AdapterVersion {
             version: record.version,
             sha256: record.sha256,
@@ -252,6 +257,7 @@ impl Engine {
     pub fn status(&self) -> EngineStatus {
         let state = self.lock();
         let spent = state.ledger.spent().map(|s| s.epsilon).unwrap_or(f64::INFINITY);
+        let against = state.ledger.spent_against_sampler().map(|s| s.epsilon).unwrap_or(f64::INFINITY);
         EngineStatus {
             phase: match &state.round {
                 Some(Round { id, phase: Some(phase), .. }) => format!("round {id}: {phase}"),
@@ -263,6 +269,7 @@ impl Engine {
             rounds_aborted: state.rounds_aborted,
             latest_adapter_version: state.latest.version,
             epsilon_spent: spent,
+            epsilon_against_coordinator_bound: against,
             epsilon_budget: self.config.privacy.epsilon_budget,
             delta: self.config.privacy.delta,
         }
