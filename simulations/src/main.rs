@@ -185,7 +185,9 @@ fn local(
         "steps": report.map(|r| r.steps),
         "first_loss": report.map(|r| r.first_loss),
         "last_loss": report.map(|r| r.last_loss),
-        "training_examples_per_second": report.map(|r| (r.steps * train.batch_size) as f64 / training_seconds),
+        // A row is one training prefix for LoRA, and for the sequence tower one shopper's
+        // window of up to L items trained at every position (`train_examples` counts targets).
+        "training_rows_per_second": report.map(|r| (r.steps * train.batch_size) as f64 / training_seconds),
         "test_users": scores.users,
         "recall_at_10": scores.recall_at_10,
         "ndcg_at_10": scores.ndcg_at_10,
