@@ -477,8 +477,10 @@ impl Participant {
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
         self.fault(Phase::MaskedInput).await?;
         if p.mode == PrivacyMode::Distributed {
-            // Charged durably before the noised update can leave; never refunded.
-            let rho = shown_round_rho(&task).map_err(|e| ParticipantError::Refused(e.to_string()))?;
+            // Charged durably before the noised update can leave; never refunded. `ddg` is
+            // the encoding rebuilt from the task, as `shown_round_rho` (which vetted it) does.
+            let rho =
+                round_rho(&ddg, p.min_survivors).map_err(|e| ParticipantError::Refused(e.to_string()))?;
             self.ledger
                 .record(Participation {
                     federation: hex::encode(self.federation_id),

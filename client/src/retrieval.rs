@@ -151,12 +151,11 @@ impl TrainReport {
     }
 }
 
-/// Every training prefix of `users`, or `None` when there is nothing to train; seeds
-/// libtorch's generator with the run's seed.
-fn training_prefixes<'a>(users: &[&'a User], config: &TrainConfig) -> Option<Vec<Example<'a>>> {
-    let examples: Vec<Example<'a>> = users.iter().flat_map(|u| u.training_examples()).collect();
+/// `set` (training prefixes or tower rows), or `None` when there is nothing to train;
+/// seeds libtorch's generator with the run's seed.
+fn training_set<T>(set: Vec<T>, config: &TrainConfig) -> Option<Vec<T>> {
     tch::manual_seed(config.seed as i64);
-    (!examples.is_empty() && config.steps > 0).then_some(examples)
+    (!set.is_empty() && config.steps > 0).then_some(set)
 }
 
 /// Trains `adapters` on the training examples of `users` (in-batch softmax, AdamW on the
@@ -169,7 +168,8 @@ pub fn train(
     items: &Tensor,
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
-    let Some(mut examples) = training_prefixes(users, config) else {
+    let prefixes = users.iter().flat_map(|u| u.training_examples()).collect();
+    let Some(mut examples) = training_set(prefixes, config) else {
         return Ok(TrainReport::nothing());
     };
     let mut rng = ChaCha20Rng::seed_from_u64(config.seed);
@@ -406,15 +406,6 @@ fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &Tra
     logits.cross_entropy_for_logits(&Tensor::zeros([targets.size()[0]], (Kind::Int64, device)))
 }
 
-/// Every training row of `users` for a tower with windows of `length` items (see
-/// [`tower_rows`]), or `None` when there is nothing to train; seeds libtorch's generator
-/// with the run's seed.
-fn training_rows<'a>(users: &[&'a User], length: usize, config: &TrainConfig) -> Option<Vec<TowerRow<'a>>> {
-    let rows: Vec<TowerRow<'a>> = users.iter().flat_map(|u| tower_rows(u, length)).collect();
-    tch::manual_seed(config.seed as i64);
-    (!rows.is_empty() && config.steps > 0).then_some(rows)
-}
-
 /// Trains the sequence tower on the training examples of `users`: softmax cross-entropy at
 /// temperature τ (full, or sampled with `config.negatives`), AdamW on every tower variable,
 /// `config.steps` batches of `config.batch_size` rows (a row is one shopper's history of up
@@ -426,7 +417,9 @@ pub fn train_tower(
     users: &[&User],
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
-    let Some(mut rows) = training_rows(users, tower.config().shape.history, config) else {
+    let length = tower.config().shape.history;
+    let rows = users.iter().flat_map(|u| tower_rows(u, length)).collect();
+    let Some(mut rows) = training_set(rows, config) else {
         return Ok(TrainReport::nothing());
     };
     let mut optimizer = adam_w(tower.var_store(), config.learning_rate)?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use guild_privacy::ledger::{Ledger, LedgerError};
 use guild_privacy::secagg::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -115,6 +116,13 @@ impl Metrics {
             rejected_messages,
             engine_busy_seconds,
         }
+    }
+
+    /// Publishes both ε figures of `ledger`: model-level, and against the coordinator.
+    pub fn publish_privacy(&self, ledger: &Ledger) -> Result<(), LedgerError> {
+        self.epsilon_spent.set(ledger.spent()?.epsilon);
+        self.epsilon_against_coordinator_bound.set(ledger.spent_against_sampler()?.epsilon);
+        Ok(())
     }
 
     pub fn observe_phase(&self, phase: Phase, latency: Duration, dropped: usize) {

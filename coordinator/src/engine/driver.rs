@@ -122,10 +122,9 @@ impl Engine {
             if let Err(error) = state.ledger.append(entry) {
                 return Err(format!("the ledger refused round {id}'s charge: {error}"));
             }
-            self.metrics.epsilon_spent.set(state.ledger.spent().map_or(f64::INFINITY, |s| s.epsilon));
-            self.metrics
-                .epsilon_against_coordinator_bound
-                .set(state.ledger.spent_against_sampler().map_or(f64::INFINITY, |s| s.epsilon));
+            if let Err(error) = self.metrics.publish_privacy(&state.ledger) {
+                tracing::warn!(%error, round = id, "publishing ε after the charge failed");
+            }
         }
         let Some(round) = state.round.as_mut() else { return Err("the round vanished".into()) };
         round.expected = std::mem::take(&mut round.received);
@@ -203,7 +202,6 @@ impl Engine {
         state.rounds_completed += 1;
         state.rounds_this_run += 1;
         self.metrics.rounds_completed.inc();
-        self.metrics.epsilon_spent.set(epsilon);
         tracing::info!(version, survivors, epsilon, "round committed");
         Ok(version)
     }

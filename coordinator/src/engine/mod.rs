@@ -199,8 +199,7 @@ impl Engine {
         let budget = Budget { epsilon: config.privacy.epsilon_budget, delta: config.privacy.delta };
         let ledger = Ledger::new(budget, store.ledger()?)?;
         let counts = store.round_counts()?;
-        metrics.epsilon_spent.set(ledger.spent()?.epsilon);
-        metrics.epsilon_against_coordinator_bound.set(ledger.spent_against_sampler()?.epsilon);
+        metrics.publish_privacy(&ledger)?;
         let latest = Arc::new(AdapterVersion {
             version: record.version,
             sha256: record.sha256,
