@@ -111,10 +111,14 @@ pub struct Guards {
     /// Stop after this many rounds (0: run until stopped).
     pub max_rounds: u64,
     /// Refuse a distributed-DP round that would take this merchant's own ε against the
-    /// coordinator (its recorded participations composed, without amplification by
-    /// sampling, which the coordinator performs) past this, at δ = `delta`.
+    /// coordinator past this, at δ = `delta`: merchant-unit rounds composed without
+    /// amplification (the coordinator performs that sampling), and, separately, its
+    /// shoppers' ε over shopper-unit rounds, amplified by this merchant's own sampling.
     pub max_epsilon: f64,
     pub delta: f64,
+    /// Refuse shopper-unit rounds that ask this merchant to sample its shoppers at a
+    /// higher rate than this.
+    pub max_shopper_sampling_rate: f64,
     /// This merchant's append-only privacy ledger (created if absent).
     pub ledger: PathBuf,
     /// Report per-round evaluation counts on this merchant's validation shoppers to the
@@ -130,6 +134,7 @@ impl Default for Guards {
             max_rounds: 0,
             max_epsilon: crate::participant::DEFAULT_MAX_EPSILON,
             delta: crate::participant::DEFAULT_DELTA,
+            max_shopper_sampling_rate: crate::participant::DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             ledger: "privacy-ledger.txt".into(),
             dangerous_report_unnoised_metrics: false,
         }
@@ -163,6 +168,13 @@ impl ClientConfig {
             return Err(ClientConfigError::Parse {
                 path: path.display().to_string(),
                 message: "guards.max_epsilon must be > 0 and guards.delta in (0, 1)".into(),
+            });
+        }
+        let rate = config.guards.max_shopper_sampling_rate;
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err(ClientConfigError::Parse {
+                path: path.display().to_string(),
+                message: format!("guards.max_shopper_sampling_rate must be in (0, 1], got {rate}"),
             });
         }
         let base = path.parent().unwrap_or(Path::new("."));

@@ -28,14 +28,43 @@ pub trait Learner: Send + 'static {
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>>;
     /// Evaluates adapter values on this merchant's validation data.
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>>;
+    /// Shopper unit: how many shoppers this merchant samples from (indices `0..count`).
+    fn shopper_count(&self) -> usize {
+        0
+    }
+    /// Shopper unit: trains from `global` on each of `shoppers` (indices below
+    /// [`Self::shopper_count`]) on its own and hands each one's update, unclipped, to
+    /// `each` (which clips and encodes it on its own), one at a time.
+    fn train_shoppers(
+        &mut self,
+        _task: &RoundTask,
+        _global: &[f32],
+        _shoppers: &[usize],
+        _each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        anyhow::bail!(
+            "this learner does not train per shopper, so it cannot take part in shopper-unit rounds"
+        )
+    }
 }
 
-/// Random updates of a given norm: for load tests without a model.
+/// Random updates of a given norm: for load tests without a model. In the shopper unit
+/// each of `shoppers` shoppers gives a random update of that norm.
 #[derive(Debug)]
 pub struct RandomLearner {
     pub manifest: AdapterManifest,
     pub norm: f64,
     pub rng: ChaCha20Rng,
+    pub shoppers: usize,
+}
+
+impl RandomLearner {
+    fn random_update(&mut self, d: usize) -> Vec<f32> {
+        let mut x: Vec<f32> = (0..d).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
+        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
+        x
+    }
 }
 
 impl Learner for RandomLearner {
@@ -44,10 +73,24 @@ impl Learner for RandomLearner {
     }
 
     fn train(&mut self, _: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        let mut x: Vec<f32> = (0..global.len()).map(|_| self.rng.gen_range(-1.0f32..1.0)).collect();
-        let norm = x.iter().map(|v| f64::from(*v).powi(2)).sum::<f64>().sqrt();
-        x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
-        Ok(x)
+        Ok(self.random_update(global.len()))
+    }
+
+    fn shopper_count(&self) -> usize {
+        self.shoppers
+    }
+
+    fn train_shoppers(
+        &mut self,
+        _: &RoundTask,
+        global: &[f32],
+        shoppers: &[usize],
+        each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        for _ in shoppers {
+            each(&mut self.random_update(global.len()))?;
+        }
+        Ok(())
     }
 
     fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -185,6 +228,35 @@ impl Learner for TowerLearner {
         let users = users(&shared.dataset, &self.users);
         retrieval::train_tower(&tower, &shared.items, &users, &config)?;
         Ok(update(&tower.offset(), global))
+    }
+
+    fn shopper_count(&self) -> usize {
+        self.users.len()
+    }
+
+    fn train_shoppers(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        shoppers: &[usize],
+        each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let config = TrainConfig {
+            negatives: TOWER_NEGATIVES,
+            ..round_training(task, self.temperature, self.config.shape.history)
+        };
+        let shared = lock(&self.shared);
+        let mut tower = self.tower(&shared, global)?;
+        let indices = shoppers
+            .iter()
+            .map(|&s| {
+                self.users.get(s).copied().ok_or_else(|| {
+                    anyhow::anyhow!("shopper {s} is not among this merchant's {}", self.users.len())
+                })
+            })
+            .collect::<anyhow::Result<Vec<usize>>>()?;
+        let users = users(&shared.dataset, &indices);
+        retrieval::shopper_updates(&mut tower, &shared.items, &users, global, &config, each)
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {

@@ -178,16 +178,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 dangerous_send_unnoised_updates: config.guards.dangerous_send_unnoised_updates,
                 max_rounds: config.guards.max_rounds,
                 max_epsilon: config.guards.max_epsilon,
+                max_shopper_sampling_rate: config.guards.max_shopper_sampling_rate,
                 delta: config.guards.delta,
                 dangerous_report_unnoised_metrics: config.guards.dangerous_report_unnoised_metrics,
                 ..Default::default()
             };
             let ledger = guild_client::participant::ClientLedger::open(&config.guards.ledger)?;
             eprintln!(
-                "guild-client: privacy ledger {}: {} participations, ε against the coordinator {:.3} (cap {}) at δ = {:e}",
+                "guild-client: privacy ledger {}: {} participations, ε against the coordinator {:.3} for this merchant and {:.3} for its shoppers (cap {}) at δ = {:e}",
                 config.guards.ledger.display(),
                 ledger.participations().len(),
-                ledger.epsilon(config.guards.delta),
+                ledger.epsilon(guild_privacy::PrivacyUnit::Merchant, config.guards.delta),
+                ledger.epsilon(guild_privacy::PrivacyUnit::Shopper, config.guards.delta),
                 config.guards.max_epsilon,
                 config.guards.delta
             );

@@ -9,10 +9,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guild_privacy::PrivacyMode;
 use guild_privacy::cost::round_rho;
-use guild_privacy::dp::{DdgParams, RandomRotation};
+use guild_privacy::dp::{DdgEncoding, DdgParams, RandomRotation, poisson_sample};
 use guild_privacy::secagg::{Phase, RoundConfig, client as secagg, min_active_threshold};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{MerchantId, MetricsReport, RoundTask, Task};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -42,8 +42,13 @@ pub struct ParticipantOptions {
     /// Stop after taking part in this many rounds (0: never).
     pub max_rounds: u64,
     /// Refuse a distributed-DP round that would take this merchant's own ε against the
-    /// coordinator (its participations composed, no amplification) past this, at `delta`.
+    /// coordinator past this, at `delta`: in the merchant unit its participations composed
+    /// without amplification; in the shopper unit each of its shoppers' ε, amplified by this
+    /// merchant's own sampling.
     pub max_epsilon: f64,
+    /// Shopper unit: refuse a round that asks this merchant to sample its shoppers at a
+    /// higher rate (less amplification, and more of its shoppers in every round).
+    pub max_shopper_sampling_rate: f64,
     pub delta: f64,
     /// Send the per-round evaluation counts on this merchant's validation shoppers to the
     /// coordinator: un-noised, not charged to any ledger, so off by default.
@@ -54,6 +59,8 @@ pub struct ParticipantOptions {
 pub const DEFAULT_MAX_EPSILON: f64 = 10.0;
 /// The δ of that cap.
 pub const DEFAULT_DELTA: f64 = 1e-6;
+/// A merchant's default cap on the rate at which a shopper-unit round has it sample.
+pub const DEFAULT_MAX_SHOPPER_SAMPLING_RATE: f64 = 0.1;
 
 impl Default for ParticipantOptions {
     fn default() -> Self {
@@ -66,6 +73,7 @@ impl Default for ParticipantOptions {
             faults: Faults::default(),
             max_rounds: 0,
             max_epsilon: DEFAULT_MAX_EPSILON,
+            max_shopper_sampling_rate: DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             delta: DEFAULT_DELTA,
             dangerous_report_unnoised_metrics: false,
         }
@@ -172,13 +180,28 @@ pub fn vet_task(
                     task.privacy.noise_multiplier, options.min_noise_multiplier
                 ));
             }
-            let rho = shown_round_rho(task).map_err(|e| e.to_string())?;
-            let after = ledger.epsilon_if(rho, options.delta);
-            if after > options.max_epsilon {
+            let unit = task.privacy.unit;
+            if unit == PrivacyUnit::Shopper
+                && task.privacy.shopper_sampling_rate > options.max_shopper_sampling_rate
+            {
                 return refuse(format!(
-                    "this round (ρ = {rho:.4} without amplification) would take this merchant's ε against \
-                     the coordinator from {:.3} to {after:.3}, past its cap of {} at δ = {:e}",
-                    ledger.epsilon(options.delta),
+                    "shopper sampling rate {} is above this merchant's maximum {}",
+                    task.privacy.shopper_sampling_rate, options.max_shopper_sampling_rate
+                ));
+            }
+            let participation = shown_participation(task).map_err(|e| e.to_string())?;
+            let after = ledger.epsilon_if(&participation, options.delta);
+            if after > options.max_epsilon {
+                let whose = match unit {
+                    PrivacyUnit::Merchant => {
+                        "this merchant's ε against the coordinator (without amplification)"
+                    }
+                    PrivacyUnit::Shopper => "its shoppers' ε (amplified by its own sampling)",
+                };
+                return refuse(format!(
+                    "this round (ρ = {:.4}) would take {whose} from {:.3} to {after:.3}, past its cap of {} at δ = {:e}",
+                    participation.rho,
+                    ledger.epsilon(unit, options.delta),
                     options.max_epsilon,
                     options.delta
                 ));
@@ -197,7 +220,7 @@ pub fn vet_task(
     Ok(())
 }
 
-/// The zCDP ρ of a distributed round as the task shows it, without amplification: the same
+/// The zCDP ρ of a distributed round as the task shows it, before amplification: the same
 /// function the coordinator's ledger charges (`guild_privacy::cost::round_rho`), on the
 /// encoding rebuilt from the task's own parameters.
 pub fn shown_round_rho(task: &RoundTask) -> Result<f64, guild_privacy::cost::CostError> {
@@ -210,7 +233,70 @@ pub fn shown_round_rho(task: &RoundTask) -> Result<f64, guild_privacy::cost::Cos
         p.noise_multiplier * p.clip_norm,
         p.min_survivors,
     )?;
-    round_rho(&ddg, p.min_survivors)
+    round_rho(&ddg, p.min_survivors, p.unit)
+}
+
+/// What this merchant's own ledger records for a distributed round as the task shows it:
+/// ρ ([`shown_round_rho`]), with no amplification in the merchant unit and with the
+/// merchant's own sampling rate in the shopper unit.
+pub fn shown_participation(task: &RoundTask) -> Result<Participation, guild_privacy::cost::CostError> {
+    let rho = shown_round_rho(task)?;
+    let federation = hex::encode(task.binding.federation_id);
+    let round = task.binding.round_id;
+    Ok(match task.privacy.unit {
+        PrivacyUnit::Merchant => Participation::merchant(federation, round, rho),
+        PrivacyUnit::Shopper => {
+            Participation::shopper(federation, round, rho, task.privacy.shopper_sampling_rate)
+        }
+    })
+}
+
+/// Trains and privatises this merchant's contribution to a round, on the training thread.
+/// Merchant unit: one update, clipped and encoded whole. Shopper unit: shoppers
+/// Poisson-sampled here at the task's rate with the OS's randomness (the coordinator never
+/// learns who), each one's update clipped, rotated, scaled and rounded on its own, the
+/// integers summed; a shopper whose update is not finite is left out (as if not sampled,
+/// which moves the sum by no more than one shopper may). Then this client's noise share,
+/// once, and the reduction mod 2^b.
+fn privatised_update(
+    learner: &mut dyn Learner,
+    task: &RoundTask,
+    global: &[f32],
+    ddg: &DdgParams,
+) -> Result<DdgEncoding, ParticipantError> {
+    let p = &task.privacy;
+    let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+    let mut os_rng = ChaCha20Rng::from_entropy();
+    let training = |e: anyhow::Error| ParticipantError::Training(format!("{e:#}"));
+    match p.unit {
+        PrivacyUnit::Merchant => {
+            let mut delta = learner.train(task, global).map_err(training)?;
+            Ok(ddg.encode(&mut delta, &rotation, &mut os_rng)?)
+        }
+        PrivacyUnit::Shopper => {
+            let sampled = poisson_sample(learner.shopper_count(), p.shopper_sampling_rate, &mut os_rng)?;
+            let mut sum = ddg.summands(&rotation);
+            let mut left_out = 0usize;
+            let mut each = |update: &mut [f32]| -> anyhow::Result<()> {
+                match sum.add(update, &mut os_rng) {
+                    Ok(()) => {}
+                    Err(guild_privacy::dp::DpError::NonFinite { .. }) => left_out += 1,
+                    Err(e) => return Err(e.into()),
+                }
+                Ok(())
+            };
+            learner.train_shoppers(task, global, &sampled, &mut each).map_err(training)?;
+            if left_out > 0 {
+                tracing::warn!(
+                    left_out,
+                    sampled = sampled.len(),
+                    "shoppers with a non-finite update were left out"
+                );
+            }
+            tracing::debug!(sampled = sampled.len(), encoded = sum.count(), "shopper updates encoded");
+            Ok(sum.finish(&mut os_rng)?)
+        }
+    }
 }
 
 /// One stretch of time during which the coordinator could not be reached: logged once when
@@ -422,31 +508,28 @@ impl Participant {
         let d = task.manifest.parameter_count();
         let global = self.global_adapter(task.adapter_version, task.binding.adapter_sha256, d).await?;
 
-        let started = Instant::now();
-        let mut learner =
-            self.learner.take().ok_or_else(|| ParticipantError::Refused("learner busy".into()))?;
-        let task_for_training = task.clone();
-        let (learner, trained) = tokio::task::spawn_blocking(move || {
-            let result = learner.train(&task_for_training, &global);
-            (learner, result)
-        })
-        .await
-        .map_err(|e| ParticipantError::Training(format!("the training thread failed: {e}")))?;
-        self.learner = Some(learner);
-        let mut delta = trained.map_err(|e| ParticipantError::Training(format!("{e:#}")))?;
-        let train_seconds = started.elapsed().as_secs_f64();
-
-        // Privatise: clip, rotate, scale, round, add this client's share of the noise.
+        // The encoding: clip, rotate, scale, round, add this client's share of the noise.
         let p = &task.privacy;
         let noise = if p.mode == PrivacyMode::Distributed { p.noise_multiplier * p.clip_norm } else { 0.0 };
         let ddg = DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, p.min_survivors)?;
         if ddg.padded_dimension() != task.secagg.vector_length as usize {
             return Err(ParticipantError::Refused("vector length does not match the encoding".into()));
         }
-        let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+        let started = Instant::now();
+        let learner = self.learner.take().ok_or_else(|| ParticipantError::Refused("learner busy".into()))?;
+        let task_for_training = task.clone();
+        let encoding = ddg.clone();
+        let (learner, encoded) = tokio::task::spawn_blocking(move || {
+            let mut learner = learner;
+            let result = privatised_update(learner.as_mut(), &task_for_training, &global, &encoding);
+            (learner, result)
+        })
+        .await
+        .map_err(|e| ParticipantError::Training(format!("the training thread failed: {e}")))?;
+        self.learner = Some(learner);
+        let encoded = encoded?;
+        let train_seconds = started.elapsed().as_secs_f64();
         let mut os_rng = ChaCha20Rng::from_entropy();
-        let encoded = ddg.encode(&mut delta, &rotation, &mut os_rng)?;
-        drop(delta);
 
         let secagg_started = Instant::now();
         let s = &task.secagg;
@@ -479,15 +562,9 @@ impl Participant {
         if p.mode == PrivacyMode::Distributed {
             // Charged durably before the noised update can leave; never refunded. `ddg` is
             // the encoding rebuilt from the task, as `shown_round_rho` (which vetted it) does.
-            let rho =
-                round_rho(&ddg, p.min_survivors).map_err(|e| ParticipantError::Refused(e.to_string()))?;
-            self.ledger
-                .record(Participation {
-                    federation: hex::encode(self.federation_id),
-                    round_id: task.binding.round_id,
-                    rho,
-                })
-                .map_err(|e| ParticipantError::Ledger(e.to_string()))?;
+            let participation =
+                shown_participation(&task).map_err(|e| ParticipantError::Refused(e.to_string()))?;
+            self.ledger.record(participation).map_err(|e| ParticipantError::Ledger(e.to_string()))?;
         }
         bytes_sent += 4 * masked.masked.len() as u64;
         let survivors = self.connection.masked_input(masked, timeout).await?;
@@ -586,6 +663,7 @@ mod tests {
         let d = manifest().parameter_count();
         let cost = RoundPrivacy {
             mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Merchant,
             sampling_rate: 0.1,
             noise_multiplier,
             clip_norm: 1.0,
@@ -617,6 +695,8 @@ mod tests {
                 bit_width: 32,
                 min_survivors: t,
                 rotation_seed: 4,
+                unit: PrivacyUnit::Merchant,
+                shopper_sampling_rate: 0.0,
             },
             secagg: SecAggParams {
                 my_index: ClientIndex::new(1).expect("1-based"),
@@ -661,6 +741,7 @@ mod tests {
             Box::new(|t| t.privacy.noise_multiplier *= 0.5),
             Box::new(|t| t.privacy.min_survivors -= 1),
             Box::new(|t| t.privacy.rotation_seed ^= 1),
+            Box::new(|t| (t.privacy.unit, t.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 0.05)),
             Box::new(|t| t.training.learning_rate *= 2.0),
             Box::new(|t| {
                 t.cohort.insert(ClientIndex::new(2).expect("1-based"), [0xee; 32]);
@@ -710,15 +791,94 @@ mod tests {
         let mut ledger = ClientLedger::in_memory();
         let mut taken = 0;
         while vet(&honest, &options, &ledger).is_ok() {
-            ledger.record(Participation { federation: "f".into(), round_id: taken, rho }).expect("record");
+            ledger.record(Participation::merchant("f".into(), taken, rho)).expect("record");
             taken += 1;
             assert!(taken < 100, "the cap never bites");
         }
-        assert!(ledger.epsilon(options.delta) <= 5.0 && ledger.epsilon_if(rho, options.delta) > 5.0);
+        let next = Participation::merchant("f".into(), taken, rho);
+        assert!(ledger.epsilon(PrivacyUnit::Merchant, options.delta) <= 5.0);
+        assert!(ledger.epsilon_if(&next, options.delta) > 5.0);
         // A coordinator that shows a low noise multiplier (still above the merchant's minimum)
         // is refused on cost at once.
         let cheap = task(51, 35, 0.5);
         let error = vet(&cheap, &options, &ClientLedger::in_memory()).expect_err("one round too costly");
         assert!(error.contains("past its cap of 5"), "{error}");
+    }
+
+    /// The same task in the shopper unit at the merchant's sampling rate `q`.
+    fn shopper_task(n: u32, t: u32, noise_multiplier: f64, q: f64) -> RoundTask {
+        let mut task = task(n, t, noise_multiplier);
+        (task.privacy.unit, task.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, q);
+        task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
+        task
+    }
+
+    #[test]
+    fn shopper_rounds_are_vetted_on_the_merchants_own_rate_and_its_shoppers_amplified_epsilon() {
+        let options = ParticipantOptions { max_epsilon: 3.0, ..ParticipantOptions::default() };
+        let ledger = ClientLedger::in_memory();
+        vet(&shopper_task(51, 35, 1.0, 0.02), &options, &ledger).expect("honest shopper round");
+        let error = vet(&shopper_task(51, 35, 1.0, 0.5), &options, &ledger).expect_err("rate above the cap");
+        assert!(error.contains("shopper sampling rate 0.5 is above this merchant's maximum 0.1"), "{error}");
+        // The shopper unit counts every survivor's share (t, not t − 1) and the merchant's
+        // own sampling amplifies it: ρ-zCDP rounds at q = 0.02 cost far less than unamplified.
+        let task = shopper_task(51, 35, 1.0, 0.02);
+        let participation = shown_participation(&task).expect("participation");
+        assert_eq!((participation.unit, participation.sampling_rate), (PrivacyUnit::Shopper, 0.02));
+        assert!(participation.rho < shown_round_rho(&self::task(51, 35, 1.0)).expect("rho"));
+        let mut ledger = ClientLedger::in_memory();
+        let mut taken = 0u64;
+        while vet(&task, &options, &ledger).is_ok() {
+            ledger.record(Participation { round_id: taken, ..participation.clone() }).expect("record");
+            taken += 1;
+            assert!(taken < 10_000, "the cap never bites");
+        }
+        assert!(taken > 20, "amplified rounds are cheap: only {taken} fit");
+        let error = vet(&task, &options, &ledger).expect_err("over the cap");
+        assert!(error.contains("its shoppers' ε"), "{error}");
+        assert!(ledger.epsilon(PrivacyUnit::Shopper, options.delta) <= 3.0);
+        assert_eq!(ledger.epsilon(PrivacyUnit::Merchant, options.delta), 0.0);
+        // A merchant-unit round is judged on its own ledger column, still open.
+        vet(&self::task(51, 35, 2.0), &ParticipantOptions { max_epsilon: 5.0, ..options }, &ledger)
+            .expect("merchant round under its own cap");
+    }
+
+    /// Shopper unit on the training thread: the merchant samples its own shoppers, each
+    /// update is encoded on its own; with no noise, the decoded sum is the sum of each
+    /// shopper's update clipped to c (not the sum clipped once).
+    #[test]
+    fn a_shopper_round_sums_each_sampled_shoppers_clipped_update() {
+        let mut task = shopper_task(51, 35, 1.0, 1.0);
+        task.privacy.mode = PrivacyMode::DangerousNone;
+        let d = task.manifest.parameter_count();
+        let p = &task.privacy;
+        let ddg =
+            DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, 0.0, p.min_survivors).expect("ddg");
+        // Ten shoppers, each update of norm 5 along a random direction, clipped to 1.
+        let mut learner = crate::learner::RandomLearner {
+            manifest: manifest(),
+            norm: 5.0,
+            rng: ChaCha20Rng::seed_from_u64(3),
+            shoppers: 10,
+        };
+        let encoded = privatised_update(&mut learner, &task, &vec![0.0; d], &ddg).expect("encoded");
+        let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+        let sum = ddg.decode(&encoded.values, &rotation).expect("decode");
+        let mut replay = crate::learner::RandomLearner {
+            manifest: manifest(),
+            norm: 1.0,
+            rng: ChaCha20Rng::seed_from_u64(3),
+            shoppers: 10,
+        };
+        let mut expected = vec![0.0f64; d];
+        for _ in 0..10 {
+            let x = replay.train(&task, &vec![0.0; d]).expect("update");
+            expected.iter_mut().zip(&x).for_each(|(e, v)| *e += f64::from(*v));
+        }
+        let error: f64 = sum.iter().zip(&expected).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = expected.iter().map(|x| x * x).sum::<f64>().sqrt();
+        // Rounding adds about γ/2·√(10·d) of error: far below the norm of the sum (≈ √10).
+        assert!(error < 0.01 * norm, "decoded sum off by {error} (norm {norm})");
+        assert!(norm > 2.5, "ten clipped unit updates, not one clipped sum: {norm}");
     }
 }

@@ -438,6 +438,43 @@ pub fn train_tower(
     Ok(TrainReport { steps: config.steps, examples: example_count, first_loss: first, last_loss: last })
 }
 
+/// The shopper unit's local computation: for each of `users` on its own, `config.steps`
+/// steps of plain SGD at `config.learning_rate` on that shopper's training rows alone
+/// (every row of its history at once), starting from the tower's values at `global`
+/// (an offset); `each` receives that shopper's update Δ = values − global, unclipped, one
+/// shopper at a time (the caller clips and encodes each on its own). One step is DP-SGD's
+/// per-example gradient, scaled by −η; several are user-level DP-FedAvg's local training
+/// (McMahan et al. 2018) with the shopper as the client. A shopper with no training rows
+/// gives a zero update. Leaves the tower at `global`.
+pub fn shopper_updates(
+    tower: &mut Tower,
+    items: &Tensor,
+    users: &[&User],
+    global: &[f32],
+    config: &TrainConfig,
+    each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let length = tower.config().shape.history;
+    let items = items.to(tower.var_store().device());
+    tch::manual_seed(config.seed as i64);
+    for user in users {
+        tower.set_offset(global)?;
+        let rows = tower_rows(user, length);
+        if !rows.is_empty() && config.steps > 0 {
+            let mut sgd = nn::Sgd::default().build(tower.var_store(), config.learning_rate)?;
+            for _ in 0..config.steps {
+                let loss = tower_loss(tower, &items, &rows, config);
+                sgd.backward_step(&loss);
+            }
+        }
+        let mut update = tower.offset();
+        update.iter_mut().zip(global).for_each(|(u, g)| *u -= g);
+        each(&mut update)?;
+    }
+    tower.set_offset(global)?;
+    Ok(())
+}
+
 /// A seeded sample of at most `n` users (all of them if `n` is larger).
 pub fn sample_users<'a>(users: &[&'a User], n: usize, seed: u64) -> Vec<&'a User> {
     let mut sample = users.to_vec();

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::{Phase, min_active_threshold};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
@@ -139,6 +139,16 @@ impl Default for RoundsConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyConfig {
     pub mode: PrivacyMode,
+    /// Whom the DP protects: `merchant` (the coordinator samples merchants at
+    /// `rounds.sampling_rate`) or `shopper` (every merchant takes part, `rounds.sampling_rate`
+    /// must be 1, and each samples its own shoppers at `shopper_sampling_rate`).
+    pub unit: PrivacyUnit,
+    /// Shopper unit: the rate at which each merchant Poisson-samples its shoppers.
+    pub shopper_sampling_rate: f64,
+    /// Shopper unit: N, the shoppers across the federation (declared by the merchants). The
+    /// server divides the noisy sum by the expected number sampled, q·N, never by a count.
+    pub shoppers: u64,
+    /// c: the L2 clip norm of one merchant's update, or of one shopper's in the shopper unit.
     pub clip_norm: f64,
     /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
     pub noise_multiplier: f64,
@@ -155,6 +165,9 @@ impl Default for PrivacyConfig {
     fn default() -> Self {
         Self {
             mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Merchant,
+            shopper_sampling_rate: 0.0,
+            shoppers: 0,
             clip_norm: 0.1,
             noise_multiplier: 1.0,
             epsilon_budget: 8.0,
@@ -325,6 +338,32 @@ impl Config {
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
         }
+        match p.unit {
+            PrivacyUnit::Merchant if p.shopper_sampling_rate != 0.0 => {
+                return Err(invalid("privacy.shopper_sampling_rate", "applies to unit = \"shopper\" only"));
+            }
+            PrivacyUnit::Shopper => {
+                if !(p.shopper_sampling_rate > 0.0 && p.shopper_sampling_rate <= 1.0) {
+                    return Err(invalid(
+                        "privacy.shopper_sampling_rate",
+                        format!("must be in (0, 1] in the shopper unit, got {}", p.shopper_sampling_rate),
+                    ));
+                }
+                if p.shoppers == 0 {
+                    return Err(invalid(
+                        "privacy.shoppers",
+                        "the shopper unit needs the number of shoppers across the federation",
+                    ));
+                }
+                if r.sampling_rate != 1.0 {
+                    return Err(invalid(
+                        "rounds.sampling_rate",
+                        "must be 1 in the shopper unit: every merchant takes part and samples its own shoppers",
+                    ));
+                }
+            }
+            PrivacyUnit::Merchant => {}
+        }
         if !(8..=32).contains(&p.bit_width) {
             return Err(invalid("privacy.bit_width", "must be 8..=32"));
         }
@@ -419,6 +458,19 @@ mod tests {
         assert!(error("", &[("GUILD_ROUNDS__SAMPLING_RATE", "1.5")]).contains("rounds.sampling_rate"));
         assert!(error("[rounds]\nthreshold = 5\nmin_cohort = 4", &[]).contains("rounds.min_cohort"));
         assert!(error("[privacy]\nnoise_multiplier = 0.0", &[]).contains("dangerous_none"));
+        // The shopper unit needs its rate and population, and every merchant in the round.
+        let shopper = "[privacy]\nunit = \"shopper\"\nshoppers = 50000";
+        assert!(error(shopper, &[]).contains("privacy.shopper_sampling_rate"));
+        let shopper = format!("{shopper}\nshopper_sampling_rate = 0.02");
+        assert!(error(&shopper, &[("GUILD_ROUNDS__SAMPLING_RATE", "0.5")]).contains("rounds.sampling_rate"));
+        assert!(
+            error("[privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02", &[])
+                .contains("privacy.shoppers")
+        );
+        assert!(error("[privacy]\nshopper_sampling_rate = 0.02", &[]).contains("unit = \"shopper\" only"));
+        assert!(error("[privacy]\nunit = \"shop\"", &[]).contains("unit"));
+        let config = Config::parse(&format!("{MINIMAL}\n{shopper}"), env(&[])).expect("valid shopper unit");
+        assert_eq!((config.privacy.unit, config.privacy.shoppers), (PrivacyUnit::Shopper, 50_000));
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
         assert!(

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use guild_coordinator::config::Config;
 use guild_coordinator::daemon;
 use guild_coordinator::store::Store;
+use guild_privacy::PrivacyUnit;
 use guild_privacy::ledger::{Budget, Ledger};
 
 #[derive(Debug, Parser)]
@@ -75,6 +76,10 @@ enum Command {
 enum PrivacyCommand {
     /// ε(δ) after T rounds at sampling rate q and noise multiplier z.
     Epsilon {
+        /// merchant: q is the coordinator's rate of sampling merchants; shopper: each
+        /// merchant's rate of sampling its own shoppers.
+        #[arg(long, default_value = "merchant")]
+        unit: PrivacyUnit,
         #[arg(long, value_parser = sampling_rate)]
         sampling_rate: f64,
         #[arg(long, value_parser = positive)]
@@ -86,6 +91,8 @@ enum PrivacyCommand {
     },
     /// The smallest noise multiplier z that keeps T rounds at rate q within ε at δ.
     NoiseMultiplier {
+        #[arg(long, default_value = "merchant")]
+        unit: PrivacyUnit,
         #[arg(long, value_parser = sampling_rate)]
         sampling_rate: f64,
         #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -139,11 +146,13 @@ fn main() -> ExitCode {
 fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
     use guild_privacy::accounting::{calibrate_noise_multiplier, epsilon_from_rdp, subsampled_gaussian_rdp};
     Ok(match command {
-        PrivacyCommand::Epsilon { sampling_rate, noise_multiplier, rounds, delta } => {
+        PrivacyCommand::Epsilon { unit, sampling_rate, noise_multiplier, rounds, delta } => {
             let curve = subsampled_gaussian_rdp(sampling_rate, noise_multiplier)?.times(rounds);
             let (epsilon, order) = epsilon_from_rdp(&curve, delta)?;
             serde_json::json!({
+                "unit": unit,
                 "epsilon": epsilon,
+                "epsilon_against_coordinator": against_coordinator(unit, epsilon, noise_multiplier, rounds, delta)?,
                 "delta": delta,
                 "optimal_order": order,
                 "sampling_rate": sampling_rate,
@@ -152,12 +161,14 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
                 "accountant": "rdp, integer orders 2..=256",
             })
         }
-        PrivacyCommand::NoiseMultiplier { sampling_rate, rounds, delta, target_epsilon } => {
+        PrivacyCommand::NoiseMultiplier { unit, sampling_rate, rounds, delta, target_epsilon } => {
             let z = calibrate_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?;
             let (epsilon, _) =
                 epsilon_from_rdp(&subsampled_gaussian_rdp(sampling_rate, z)?.times(rounds), delta)?;
             serde_json::json!({
+                "unit": unit,
                 "noise_multiplier": z,
+                "epsilon_against_coordinator": against_coordinator(unit, epsilon, z, rounds, delta)?,
                 "epsilon": epsilon,
                 "target_epsilon": target_epsilon,
                 "delta": delta,
@@ -165,6 +176,23 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
                 "rounds": rounds,
             })
         }
+    })
+}
+
+/// ε against the coordinator of `rounds` rounds at noise multiplier z: the model-level ε in
+/// the shopper unit (merchants sample their shoppers in secret), and for a merchant in every
+/// round without amplification in the merchant unit (the coordinator knows whom it sampled).
+fn against_coordinator(
+    unit: PrivacyUnit,
+    epsilon: f64,
+    z: f64,
+    rounds: u64,
+    delta: f64,
+) -> anyhow::Result<f64> {
+    use guild_privacy::accounting::{epsilon_from_rdp, subsampled_gaussian_rdp};
+    Ok(match unit {
+        PrivacyUnit::Shopper => epsilon,
+        PrivacyUnit::Merchant => epsilon_from_rdp(&subsampled_gaussian_rdp(1.0, z)?.times(rounds), delta)?.0,
     })
 }
 
@@ -177,8 +205,9 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
     let counts = store.round_counts()?;
     let budget = Budget { epsilon: config.privacy.epsilon_budget, delta: config.privacy.delta };
     let ledger = Ledger::new(budget, store.ledger()?)?;
-    let spent = ledger.spent()?;
-    let against = ledger.spent_against_sampler()?;
+    let spent = ledger.spent(PrivacyUnit::Merchant)?;
+    let against = ledger.spent_against_sampler(PrivacyUnit::Merchant)?;
+    let shopper = ledger.spent(PrivacyUnit::Shopper)?;
     let phase = match store.open_round_phase()? {
         Some((round, Some(phase))) => format!("round {round}: {phase}"),
         Some((round, None)) => format!("round {round}: committing"),
@@ -195,9 +224,13 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
         // Against this coordinator, which knows whom it sampled: a merchant in every charged
         // round, no amplification (an upper bound; each merchant's own ledger is exact).
         "epsilon_against_coordinator_bound": against.epsilon,
+        // Shopper-level rounds: merchants sample their own shoppers in secret, so this is
+        // also the figure against the coordinator.
+        "shopper_epsilon_spent": shopper.epsilon,
+        "privacy_unit": config.privacy.unit,
         "epsilon_budget": budget.epsilon,
         "delta": budget.delta,
-        "budget_exhausted": spent.epsilon >= budget.epsilon,
+        "budget_exhausted": spent.epsilon.max(shopper.epsilon) >= budget.epsilon,
     }))
 }
 

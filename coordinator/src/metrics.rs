@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
+use guild_privacy::PrivacyUnit;
 use guild_privacy::ledger::{Ledger, LedgerError};
 use guild_privacy::secagg::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -39,6 +40,8 @@ pub struct Metrics {
     pub epsilon_spent: Gauge<f64, AtomicU64>,
     /// ε against the coordinator for a merchant in every charged round (no amplification).
     pub epsilon_against_coordinator_bound: Gauge<f64, AtomicU64>,
+    /// Shopper-level ε (the same against the coordinator: merchants sample shoppers in secret).
+    pub shopper_epsilon_spent: Gauge<f64, AtomicU64>,
     pub bytes_received: Family<RpcLabel, Counter>,
     pub rejected_messages: Family<RpcLabel, Counter>,
     /// Seconds the engine spent working (sampling, checking and summing messages, closing
@@ -66,6 +69,7 @@ impl Metrics {
         });
         let epsilon_spent = Gauge::<f64, AtomicU64>::default();
         let epsilon_against_coordinator_bound = Gauge::<f64, AtomicU64>::default();
+        let shopper_epsilon_spent = Gauge::<f64, AtomicU64>::default();
         let bytes_received = Family::<RpcLabel, Counter>::default();
         let rejected_messages = Family::<RpcLabel, Counter>::default();
         let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
@@ -91,13 +95,18 @@ impl Metrics {
         registry.register("phase_seconds", "Time from a phase's start to its close", phase_seconds.clone());
         registry.register(
             "epsilon_spent",
-            "Privacy spent, model-level (amplified by sampling), ε at the configured δ",
+            "Merchant-level privacy spent, model-level (amplified by sampling), ε at the configured δ",
             epsilon_spent.clone(),
         );
         registry.register(
             "epsilon_against_coordinator_bound",
-            "ε against this coordinator for a merchant in every charged round (no amplification), at the configured δ",
+            "Merchant-level ε against this coordinator for a merchant in every charged round (no amplification), at the configured δ",
             epsilon_against_coordinator_bound.clone(),
+        );
+        registry.register(
+            "shopper_epsilon_spent",
+            "Shopper-level privacy spent, ε at the configured δ (amplification by merchants' own sampling holds against the coordinator too)",
+            shopper_epsilon_spent.clone(),
         );
         registry.register("received_bytes", "Protobuf bytes received, by RPC", bytes_received.clone());
         registry.register("rejected_messages", "Messages refused, by RPC", rejected_messages.clone());
@@ -112,16 +121,20 @@ impl Metrics {
             phase_seconds,
             epsilon_spent,
             epsilon_against_coordinator_bound,
+            shopper_epsilon_spent,
             bytes_received,
             rejected_messages,
             engine_busy_seconds,
         }
     }
 
-    /// Publishes both ε figures of `ledger`: model-level, and against the coordinator.
+    /// Publishes the ε figures of `ledger`: merchant-level model-level and against the
+    /// coordinator, and shopper-level.
     pub fn publish_privacy(&self, ledger: &Ledger) -> Result<(), LedgerError> {
-        self.epsilon_spent.set(ledger.spent()?.epsilon);
-        self.epsilon_against_coordinator_bound.set(ledger.spent_against_sampler()?.epsilon);
+        self.epsilon_spent.set(ledger.spent(PrivacyUnit::Merchant)?.epsilon);
+        self.epsilon_against_coordinator_bound
+            .set(ledger.spent_against_sampler(PrivacyUnit::Merchant)?.epsilon);
+        self.shopper_epsilon_spent.set(ledger.spent(PrivacyUnit::Shopper)?.epsilon);
         Ok(())
     }
 

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use guild_privacy::ledger::{LedgerEntry, PrivacyEvent};
+use guild_privacy::ledger::{Charge, LedgerEntry};
 use guild_privacy::secagg::Phase;
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -108,8 +108,9 @@ pub struct RoundCommit {
     pub round_id: u64,
     pub survivors: u32,
     pub adapter: AdapterRecord,
-    /// The round's privacy event; none in `dangerous_none` mode.
-    pub ledger_event: Option<PrivacyEvent>,
+    /// The round's privacy charge (event and unit); none in `dangerous_none` mode or when
+    /// [`Store::charge_round`] charged it already.
+    pub ledger_event: Option<Charge>,
 }
 
 /// Merchants' evaluation counts of one adapter version, summed.
@@ -452,8 +453,8 @@ impl Store {
     /// Charges an open round's privacy event to the ledger, durably, before anything of the
     /// round can be released (the coordinator calls it before the first Unmask share is
     /// asked for). A charge is never refunded: an aborted or crashed round keeps it.
-    pub fn charge_round(&self, round_id: u64, event: &PrivacyEvent) -> Result<(), StoreError> {
-        let json = serde_json::to_string(event).map_err(|e| StoreError::Corrupt {
+    pub fn charge_round(&self, round_id: u64, charge: &Charge) -> Result<(), StoreError> {
+        let json = serde_json::to_string(charge).map_err(|e| StoreError::Corrupt {
             what: "ledger event",
             reason: format!("round {round_id}: {e}"),
         })?;
@@ -521,11 +522,12 @@ impl Store {
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?)))?;
         rows.map(|row| {
             let (round_id, json) = row?;
-            let event = serde_json::from_str::<PrivacyEvent>(&json).map_err(|e| StoreError::Corrupt {
+            // Rows written before the shopper unit existed hold a bare event: merchant unit.
+            let Charge { unit, event } = serde_json::from_str(&json).map_err(|e| StoreError::Corrupt {
                 what: "ledger entry",
                 reason: format!("round {round_id}: {e}"),
             })?;
-            Ok(LedgerEntry { round_id, event })
+            Ok(LedgerEntry { round_id, event, unit })
         })
         .collect()
     }
@@ -583,6 +585,9 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
+    use guild_privacy::PrivacyUnit;
+    use guild_privacy::ledger::PrivacyEvent;
+
     use super::*;
 
     #[test]
@@ -618,7 +623,10 @@ mod tests {
                 data: vec![1, 2, 3, 4],
                 optimizer_state: None,
             },
-            ledger_event: Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: round_id as f64 }),
+            ledger_event: Some(Charge {
+                unit: PrivacyUnit::Merchant,
+                event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: round_id as f64 },
+            }),
         }
     }
 
@@ -638,7 +646,8 @@ mod tests {
             store.ledger().expect("ledger"),
             vec![LedgerEntry {
                 round_id: r1,
-                event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: r1 as f64 }
+                event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: r1 as f64 },
+                unit: PrivacyUnit::Merchant,
             }]
         );
         assert_eq!(store.open_round_phase().expect("phase"), Some((r2, Some(Phase::AdvertiseKeys))));

@@ -8,26 +8,30 @@
 //! (`PrivacyEvent::SubsampledZcdp`). Central and local modes are the subsampled Gaussian
 //! with the noise multiplier. `dangerous_none` costs nothing because it protects nothing.
 
-use crate::PrivacyMode;
 use crate::accounting::{AccountingError, epsilon_from_rdp};
 use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho};
 use crate::ledger::PrivacyEvent;
+use crate::{PrivacyMode, PrivacyUnit};
 
 /// Everything that determines one round's privacy cost (all of it public).
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundPrivacy {
     pub mode: PrivacyMode,
-    /// q: the probability that a merchant is in the round.
+    /// Whom the round protects: one merchant's update, or one shopper's.
+    pub unit: PrivacyUnit,
+    /// q: the probability that a merchant (merchant unit, drawn by the coordinator) or a
+    /// shopper (shopper unit, drawn by its merchant) is in the round.
     pub sampling_rate: f64,
     /// z: the decoded sum carries noise of standard deviation z·c per coordinate.
     pub noise_multiplier: f64,
-    /// c: L2 clip norm of one merchant's update.
+    /// c: L2 clip norm of one merchant's update (merchant unit) or one shopper's.
     pub clip_norm: f64,
     /// d: length of the update vector.
     pub dimension: usize,
     /// t: fewest survivors the round accepts (each adds σ²/t of the noise variance).
     pub min_survivors: u32,
-    /// n: most clients that may be summed (the cohort).
+    /// n: most vectors the sum may hold (for the modulus): the cohort (merchant unit) or a
+    /// high-probability bound on the shoppers sampled across the federation (shopper unit).
     pub max_summands: u32,
     /// b: bits of the modular ring.
     pub bit_width: u32,
@@ -38,6 +42,7 @@ pub struct RoundPrivacy {
 /// What a round with these parameters costs, and the encoding that achieves it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundCost {
+    pub unit: PrivacyUnit,
     /// The DDGauss encoding every client and the server use (also in non-distributed
     /// modes, where it carries no noise and only moves the update through SecAgg+).
     pub ddg: DdgParams,
@@ -55,12 +60,28 @@ pub enum CostError {
     Accounting(#[from] AccountingError),
 }
 
-/// One distributed round's zCDP ρ for a merchant that takes part, before any amplification
-/// by sampling: the DDGauss bound (Kairouz–Liu–Steinke) with the noise of the `t − 1` other
-/// survivors, `t = min_survivors` (the merchant's own share excluded). The ledger charges
-/// it amplified by q; a merchant, which the coordinator knows it sampled, charges it whole.
-pub fn round_rho(ddg: &DdgParams, min_survivors: u32) -> Result<f64, CostError> {
-    Ok(ddgauss_zcdp_rho(ddg, min_survivors.saturating_sub(1))?)
+/// One distributed round's zCDP ρ for one unit, before any amplification by sampling: the
+/// DDGauss bound (Kairouz–Liu–Steinke) with sensitivity Δ₂ (one merchant's encoded update,
+/// or one shopper's, each rounded on its own) and the noise of `t = min_survivors`
+/// survivors, less the protected merchant's own share in the merchant unit (`t − 1`
+/// shares). In the shopper unit every share counts: the shopper's merchant is the party it
+/// trusts with its data, and adding or removing a shopper changes no merchant's share, so
+/// the neighbouring outputs differ in mean only. The ledger charges ρ amplified by q; a
+/// merchant, which the coordinator knows it sampled, charges a merchant round whole.
+pub fn round_rho(ddg: &DdgParams, min_survivors: u32, unit: PrivacyUnit) -> Result<f64, CostError> {
+    let shares = match unit {
+        PrivacyUnit::Merchant => min_survivors.saturating_sub(1),
+        PrivacyUnit::Shopper => min_survivors,
+    };
+    Ok(ddgauss_zcdp_rho(ddg, shares)?)
+}
+
+/// A bound on the shoppers that Poisson sampling at rate q draws from N, for the encoding's
+/// modulus: `qN + 8·√(qN) + 8`. By Bernstein's inequality the count exceeds it with
+/// probability below e^−24 (and exceeding it risks a wrapped coordinate, never privacy).
+pub fn sampled_shoppers_bound(shoppers: u64, q: f64) -> u32 {
+    let mean = shoppers as f64 * q;
+    (mean + 8.0 * mean.sqrt() + 8.0).ceil().min(f64::from(u32::MAX)) as u32
 }
 
 /// ε(δ) of zCDP ρ: `ρ + 2·√(ρ·ln(1/δ))` (Bun–Steinke 2016, Prop. 1.3); infinite for infinite ρ.
@@ -90,7 +111,7 @@ impl RoundPrivacy {
         let event = match self.mode {
             PrivacyMode::Distributed => Some(PrivacyEvent::SubsampledZcdp {
                 sampling_rate: self.sampling_rate,
-                rho: round_rho(&ddg, self.min_survivors)?,
+                rho: round_rho(&ddg, self.min_survivors, self.unit)?,
             }),
             PrivacyMode::Central | PrivacyMode::Local => Some(PrivacyEvent::SubsampledGaussian {
                 sampling_rate: self.sampling_rate,
@@ -98,7 +119,7 @@ impl RoundPrivacy {
             }),
             PrivacyMode::DangerousNone => None,
         };
-        Ok(RoundCost { ddg, event })
+        Ok(RoundCost { unit: self.unit, ddg, event })
     }
 
     /// ε(δ) after `rounds` rounds of this cost; infinite in `dangerous_none` mode.
@@ -118,6 +139,7 @@ mod tests {
     fn round(mode: PrivacyMode) -> RoundPrivacy {
         RoundPrivacy {
             mode,
+            unit: PrivacyUnit::Merchant,
             sampling_rate: 0.1,
             noise_multiplier: 1.0,
             clip_norm: 0.5,
@@ -166,5 +188,21 @@ mod tests {
             p.cost(),
             Err(CostError::Encoding(DpError::Parameter { name: "noise_shares", .. }))
         ));
+        // In the shopper unit the shopper's own merchant's share counts: one survivor's
+        // noise is enough to account for.
+        let shopper = RoundPrivacy { unit: PrivacyUnit::Shopper, ..p };
+        assert!(shopper.cost().is_ok());
+    }
+
+    #[test]
+    fn a_shopper_round_counts_every_share_and_its_own_sampling_rate() {
+        let merchant = round(PrivacyMode::Distributed);
+        let shopper = RoundPrivacy { unit: PrivacyUnit::Shopper, sampling_rate: 0.02, ..merchant.clone() };
+        let cost = shopper.cost().expect("cost");
+        let rho = ddgauss_zcdp_rho(&cost.ddg, 20).expect("rho");
+        assert_eq!(cost.unit, PrivacyUnit::Shopper);
+        assert_eq!(cost.event, Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.02, rho }));
+        let merchant_rho = ddgauss_zcdp_rho(&merchant.cost().expect("cost").ddg, 19).expect("rho");
+        assert!(rho < merchant_rho, "20 shares of noise, not 19: {rho} vs {merchant_rho}");
     }
 }

@@ -7,6 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::PrivacyUnit;
 use crate::accounting::{
     AccountingError, RdpCurve, epsilon_from_rdp, subsampled_gaussian_rdp, subsampled_zcdp_rdp,
 };
@@ -50,6 +51,20 @@ impl PrivacyEvent {
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct LedgerEntry {
     pub round_id: u64,
+    pub event: PrivacyEvent,
+    /// Whom the round's ε protects (entries written before the shopper unit existed are
+    /// merchant-level).
+    #[serde(default)]
+    pub unit: PrivacyUnit,
+}
+
+/// What a store keeps for a charged round: the event and its unit, as one JSON object
+/// (`{"unit": "shopper", "mechanism": ..., ...}`; a missing unit reads as merchant).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Charge {
+    #[serde(default)]
+    pub unit: PrivacyUnit,
+    #[serde(flatten)]
     pub event: PrivacyEvent,
 }
 
@@ -112,11 +127,12 @@ impl Ledger {
         &self.entries
     }
 
-    fn spent_with(&self, extra: Option<&PrivacyEvent>) -> Result<Spent, LedgerError> {
+    fn spent_with(&self, unit: PrivacyUnit, extra: Option<&PrivacyEvent>) -> Result<Spent, LedgerError> {
         // Rounds usually repeat the same event: compute each distinct curve once and scale
         // it by its count (the same composition, far fewer exponentials).
         let mut distinct: Vec<(&PrivacyEvent, u64)> = Vec::new();
-        for event in self.entries.iter().map(|e| &e.event).chain(extra) {
+        let of_unit = self.entries.iter().filter(|e| e.unit == unit).map(|e| &e.event);
+        for event in of_unit.chain(extra) {
             match distinct.iter_mut().find(|(e, _)| *e == event) {
                 Some((_, count)) => *count += 1,
                 None => distinct.push((event, 1)),
@@ -130,30 +146,38 @@ impl Ledger {
         Ok(Spent { epsilon, delta: self.budget.delta, order })
     }
 
-    /// ε(δ) spent by every entry, recomputed from the entries now.
-    pub fn spent(&self) -> Result<Spent, LedgerError> {
-        self.spent_with(None)
+    /// ε(δ) for `unit` spent by every entry of that unit, recomputed from the entries now.
+    /// The budget caps each unit's ε on its own.
+    pub fn spent(&self, unit: PrivacyUnit) -> Result<Spent, LedgerError> {
+        self.spent_with(unit, None)
     }
 
-    /// ε(δ) against the coordinator for a merchant that took part in every charged round:
-    /// every entry unamplified ([`PrivacyEvent::unamplified`]), composed. An upper bound on
-    /// any merchant's ε against the coordinator (a merchant's own ledger gives its exact
-    /// figure); not checked against the budget, which caps the model-level ε.
-    pub fn spent_against_sampler(&self) -> Result<Spent, LedgerError> {
+    /// ε(δ) for `unit` against the coordinator. Merchant unit: the bound for a merchant that
+    /// took part in every charged round, every entry unamplified
+    /// ([`PrivacyEvent::unamplified`]), composed — an upper bound on any merchant's ε against
+    /// the coordinator (a merchant's own ledger gives its exact figure). Shopper unit: the
+    /// same as [`Self::spent`], since merchants sample their own shoppers in secret and the
+    /// amplification holds against the coordinator too. Not checked against the budget,
+    /// which caps the model-level ε.
+    pub fn spent_against_sampler(&self, unit: PrivacyUnit) -> Result<Spent, LedgerError> {
+        if unit == PrivacyUnit::Shopper {
+            return self.spent(unit);
+        }
         let unamplified = Ledger {
             budget: self.budget,
             entries: self
                 .entries
                 .iter()
-                .map(|e| LedgerEntry { round_id: e.round_id, event: e.event.unamplified() })
+                .map(|e| LedgerEntry { event: e.event.unamplified(), ..*e })
                 .collect(),
         };
-        unamplified.spent()
+        unamplified.spent(unit)
     }
 
-    /// What ε(δ) would be after `event`, without recording it.
-    pub fn spent_if(&self, event: &PrivacyEvent) -> Result<Spent, LedgerError> {
-        self.spent_with(Some(event))
+    /// What ε(δ) for `unit` would be after a round of that unit with `event`, without
+    /// recording it.
+    pub fn spent_if(&self, unit: PrivacyUnit, event: &PrivacyEvent) -> Result<Spent, LedgerError> {
+        self.spent_with(unit, Some(event))
     }
 
     /// Checks that `entry` stays within the budget and appends it; otherwise refuses it
@@ -162,11 +186,11 @@ impl Ledger {
         if self.entries.iter().any(|e| e.round_id == entry.round_id) {
             return Err(LedgerError::DuplicateRound { round_id: entry.round_id });
         }
-        let after = self.spent_if(&entry.event)?;
+        let after = self.spent_if(entry.unit, &entry.event)?;
         if after.epsilon > self.budget.epsilon {
             return Err(LedgerError::BudgetExceeded {
                 round_id: entry.round_id,
-                spent: self.spent()?.epsilon,
+                spent: self.spent(entry.unit)?.epsilon,
                 asked: after.epsilon,
                 cap: self.budget.epsilon,
                 delta: self.budget.delta,
@@ -185,19 +209,19 @@ mod tests {
         PrivacyEvent::SubsampledGaussian { sampling_rate: 0.1, noise_multiplier: 1.8 };
 
     fn entry(round_id: u64) -> LedgerEntry {
-        LedgerEntry { round_id, event: GAUSSIAN }
+        LedgerEntry { round_id, event: GAUSSIAN, unit: PrivacyUnit::Merchant }
     }
 
     #[test]
     fn spent_epsilon_is_the_composition_of_the_entries() {
         let mut ledger = Ledger::new(Budget { epsilon: 3.0, delta: 1e-5 }, vec![]).expect("valid");
-        assert_eq!(ledger.spent().expect("ok").epsilon, 0.0);
+        assert_eq!(ledger.spent(PrivacyUnit::Merchant).expect("ok").epsilon, 0.0);
         for round in 0..100 {
             ledger.append(entry(round)).expect("within budget");
         }
         let direct =
             epsilon_from_rdp(&subsampled_gaussian_rdp(0.1, 1.8).expect("ok").times(100), 1e-5).expect("ok");
-        assert!((ledger.spent().expect("ok").epsilon - direct.0).abs() < 1e-9);
+        assert!((ledger.spent(PrivacyUnit::Merchant).expect("ok").epsilon - direct.0).abs() < 1e-9);
         // z = 1.80 at q = 0.1 for 100 rounds gives ε just under 3 (DESIGN.md).
         assert!(direct.0 < 3.0 && direct.0 > 2.9, "{}", direct.0);
     }
@@ -239,12 +263,13 @@ mod tests {
             .append(LedgerEntry {
                 round_id: 1,
                 event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: 0.05 },
+                unit: PrivacyUnit::Merchant,
             })
             .expect("ok");
         let json = serde_json::to_string(ledger.entries()).expect("serialise");
         let entries: Vec<LedgerEntry> = serde_json::from_str(&json).expect("deserialise");
         let rebuilt = Ledger::new(ledger.budget(), entries).expect("valid");
-        assert_eq!(rebuilt.spent(), ledger.spent());
+        assert_eq!(rebuilt.spent(PrivacyUnit::Merchant), ledger.spent(PrivacyUnit::Merchant));
     }
 
     #[test]
@@ -254,11 +279,12 @@ mod tests {
             .map(|round_id| LedgerEntry {
                 round_id,
                 event: PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho },
+                unit: PrivacyUnit::Merchant,
             })
             .collect();
         let ledger = Ledger::new(Budget { epsilon: 100.0, delta: 1e-5 }, entries).expect("valid");
-        let model = ledger.spent().expect("spent").epsilon;
-        let sampler = ledger.spent_against_sampler().expect("spent").epsilon;
+        let model = ledger.spent(PrivacyUnit::Merchant).expect("spent").epsilon;
+        let sampler = ledger.spent_against_sampler(PrivacyUnit::Merchant).expect("spent").epsilon;
         // Unamplified, ten rounds of ρ-zCDP are 10ρ-zCDP: RDP 10ρα, converted at δ by the
         // accountant's (tighter than ρ + 2√(ρ ln 1/δ)) conversion.
         let plain = subsampled_zcdp_rdp(1.0, rho).expect("curve").times(10);
@@ -276,7 +302,58 @@ mod tests {
         let bad = LedgerEntry {
             round_id: 0,
             event: PrivacyEvent::SubsampledGaussian { sampling_rate: 1.5, noise_multiplier: 1.0 },
+            unit: PrivacyUnit::Merchant,
         };
         assert!(Ledger::new(Budget { epsilon: 1.0, delta: 1e-5 }, vec![bad]).is_err());
+    }
+
+    #[test]
+    fn each_unit_composes_its_own_rounds_and_shopper_rounds_stay_amplified_against_the_coordinator() {
+        let shopper = PrivacyEvent::SubsampledZcdp { sampling_rate: 0.02, rho: 0.3 };
+        let mut ledger = Ledger::new(Budget { epsilon: 5.0, delta: 1e-6 }, vec![]).expect("valid");
+        for round_id in 0..5 {
+            ledger.append(entry(round_id)).expect("merchant round");
+        }
+        let merchant_only = ledger.spent(PrivacyUnit::Merchant).expect("ok");
+        assert_eq!(ledger.spent(PrivacyUnit::Shopper).expect("ok").epsilon, 0.0);
+        for round_id in 5..25 {
+            ledger
+                .append(LedgerEntry { round_id, event: shopper, unit: PrivacyUnit::Shopper })
+                .expect("shopper");
+        }
+        assert_eq!(ledger.spent(PrivacyUnit::Merchant).expect("ok"), merchant_only);
+        let direct =
+            epsilon_from_rdp(&subsampled_zcdp_rdp(0.02, 0.3).expect("ok").times(20), 1e-6).expect("ok");
+        let spent = ledger.spent(PrivacyUnit::Shopper).expect("ok");
+        assert!((spent.epsilon - direct.0).abs() < 1e-12);
+        assert_eq!(ledger.spent_against_sampler(PrivacyUnit::Shopper).expect("ok"), spent);
+        assert!(
+            ledger.spent_against_sampler(PrivacyUnit::Merchant).expect("ok").epsilon > merchant_only.epsilon
+        );
+        // The cap applies per unit: a shopper round is refused once shoppers' ε would cross it.
+        let heavy = PrivacyEvent::SubsampledZcdp { sampling_rate: 1.0, rho: 10.0 };
+        let refused = ledger.append(LedgerEntry { round_id: 99, event: heavy, unit: PrivacyUnit::Shopper });
+        assert!(matches!(refused, Err(LedgerError::BudgetExceeded { round_id: 99, .. })), "{refused:?}");
+    }
+
+    #[test]
+    fn a_stored_charge_names_its_unit_and_old_rows_read_as_merchant() {
+        let charge = Charge { unit: PrivacyUnit::Shopper, event: GAUSSIAN };
+        let json = serde_json::to_string(&charge).expect("serialise");
+        assert!(
+            json.contains(r#""unit":"shopper""#) && json.contains(r#""mechanism":"subsampled_gaussian""#),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<Charge>(&json).expect("parse"), charge);
+        let old = r#"{"mechanism":"subsampled_zcdp","sampling_rate":0.1,"rho":0.5}"#;
+        let read: Charge = serde_json::from_str(old).expect("old row");
+        assert_eq!(read.unit, PrivacyUnit::Merchant);
+        assert_eq!(read.event, PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho: 0.5 });
+        assert!(
+            serde_json::from_str::<Charge>(
+                r#"{"unit":"shop","mechanism":"subsampled_zcdp","sampling_rate":0.1,"rho":0.5}"#
+            )
+            .is_err()
+        );
     }
 }

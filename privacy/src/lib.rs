@@ -26,3 +26,41 @@ pub enum PrivacyMode {
     /// No noise at all: for experiments on public data only.
     DangerousNone,
 }
+
+/// Whom a round's differential privacy protects: the neighbouring datasets differ in one
+/// merchant's whole contribution, or in one shopper's whole history.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PrivacyUnit {
+    /// Client-level DP (DP-FedAvg): the coordinator Poisson-samples merchants, each clips
+    /// its whole update to c. Amplification by sampling does not hold against the
+    /// coordinator, which knows whom it sampled.
+    #[default]
+    Merchant,
+    /// User-level DP across silos: every merchant takes part, Poisson-samples its own
+    /// shoppers with its own randomness, clips each sampled shopper's update to c and encodes
+    /// each on its own. The coordinator never learns who was sampled, so the amplification
+    /// holds against it too.
+    Shopper,
+}
+
+impl std::fmt::Display for PrivacyUnit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Merchant => "merchant",
+            Self::Shopper => "shopper",
+        })
+    }
+}
+
+impl std::str::FromStr for PrivacyUnit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "merchant" => Ok(Self::Merchant),
+            "shopper" => Ok(Self::Shopper),
+            other => Err(format!("unknown privacy unit {other:?}: expected merchant or shopper")),
+        }
+    }
+}

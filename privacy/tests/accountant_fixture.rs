@@ -59,3 +59,44 @@ fn rdp_accountant_reproduces_dp_accounting_to_1e_6_relative() {
         );
     }
 }
+
+/// The shopper unit's accountant, as the ledger charges it: a round's cost from
+/// `RoundPrivacy` (central mode: the Poisson-subsampled Gaussian at the shoppers' rate),
+/// composed over the case's steps in a ledger of shopper entries, against dp_accounting.
+#[test]
+fn the_shopper_unit_ledger_reproduces_dp_accounting_to_1e_6_relative() {
+    use guild_privacy::cost::RoundPrivacy;
+    use guild_privacy::ledger::{Budget, Ledger, LedgerEntry};
+    use guild_privacy::{PrivacyMode, PrivacyUnit};
+    for case in &fixture().cases {
+        let round = RoundPrivacy {
+            mode: PrivacyMode::Central,
+            unit: PrivacyUnit::Shopper,
+            sampling_rate: case.sampling_probability,
+            noise_multiplier: case.noise_multiplier,
+            clip_norm: 1.0,
+            dimension: 1024,
+            min_survivors: 10,
+            max_summands: 1000,
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        };
+        let cost = round.cost().expect("cost");
+        assert_eq!(cost.unit, PrivacyUnit::Shopper);
+        let event = cost.event.expect("central mode charges");
+        let entries = (0..case.steps)
+            .map(|round_id| LedgerEntry { round_id, event, unit: PrivacyUnit::Shopper })
+            .collect();
+        let ledger = Ledger::new(Budget { epsilon: 1e9, delta: case.delta }, entries).expect("ledger");
+        let epsilon = ledger.spent(PrivacyUnit::Shopper).expect("spent").epsilon;
+        let err = relative_error(epsilon, case.rdp_epsilon_integer_orders);
+        assert!(
+            err < 1e-6,
+            "q={} z={}: ε = {epsilon} vs {}",
+            case.sampling_probability,
+            case.noise_multiplier,
+            case.rdp_epsilon_integer_orders
+        );
+        assert_eq!(ledger.spent(PrivacyUnit::Merchant).expect("spent").epsilon, 0.0);
+    }
+}

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::message as sa;
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 
 use crate::domain::*;
 use crate::error::{Field, WireError};
@@ -310,6 +310,36 @@ fn privacy_mode(mode: i32) -> Result<PrivacyMode> {
     }
 }
 
+/// The unit, and the shopper sampling rate it needs: in (0, 1] for shoppers, 0 for merchants.
+fn privacy_unit(unit: i32, shopper_sampling_rate: f64) -> Result<PrivacyUnit> {
+    let unit = match v1::PrivacyUnit::try_from(unit) {
+        Ok(v1::PrivacyUnit::Merchant) => PrivacyUnit::Merchant,
+        Ok(v1::PrivacyUnit::Shopper) => PrivacyUnit::Shopper,
+        Ok(v1::PrivacyUnit::Unspecified) | Err(_) => {
+            return Err(WireError::invalid("PrivacyParams.unit", format!("unknown privacy unit {unit}")));
+        }
+    };
+    let q = shopper_sampling_rate;
+    let valid = match unit {
+        PrivacyUnit::Merchant => q == 0.0,
+        PrivacyUnit::Shopper => q > 0.0 && q <= 1.0,
+    };
+    if !valid {
+        return Err(WireError::invalid(
+            "RoundTask.privacy.shopper_sampling_rate",
+            format!("must be in (0, 1] in the shopper unit and 0 in the merchant unit, got {q} for {unit}"),
+        ));
+    }
+    Ok(unit)
+}
+
+fn privacy_unit_to_wire(unit: PrivacyUnit) -> v1::PrivacyUnit {
+    match unit {
+        PrivacyUnit::Merchant => v1::PrivacyUnit::Merchant,
+        PrivacyUnit::Shopper => v1::PrivacyUnit::Shopper,
+    }
+}
+
 fn privacy_mode_to_wire(mode: PrivacyMode) -> v1::PrivacyMode {
     match mode {
         PrivacyMode::Distributed => v1::PrivacyMode::Distributed,
@@ -347,6 +377,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
 
         let p = required(m.privacy, "RoundTask.privacy")?;
         let mode = privacy_mode(p.mode)?;
+        let unit = privacy_unit(p.unit, p.shopper_sampling_rate)?;
         if !(1..=32).contains(&p.bit_width) {
             return Err(WireError::invalid(
                 "RoundTask.privacy.bit_width",
@@ -361,6 +392,8 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             bit_width: p.bit_width,
             min_survivors: p.min_survivors,
             rotation_seed: p.rotation_seed,
+            unit,
+            shopper_sampling_rate: p.shopper_sampling_rate,
         };
 
         let s = required(m.secagg, "RoundTask.secagg")?;
@@ -459,6 +492,8 @@ impl From<RoundTask> for v1::RoundTask {
                 bit_width: t.privacy.bit_width,
                 min_survivors: t.privacy.min_survivors,
                 rotation_seed: t.privacy.rotation_seed,
+                unit: privacy_unit_to_wire(t.privacy.unit).into(),
+                shopper_sampling_rate: t.privacy.shopper_sampling_rate,
             }),
             secagg: Some(v1::SecAggParams {
                 my_index: t.secagg.my_index.get(),
@@ -862,6 +897,8 @@ mod tests {
                 bit_width: 20,
                 min_survivors: 8,
                 rotation_seed: 5,
+                unit: PrivacyUnit::Merchant,
+                shopper_sampling_rate: 0.0,
             },
             secagg: SecAggParams {
                 my_index: sa::ClientIndex::new(3).expect("non-zero"),
@@ -942,6 +979,24 @@ mod tests {
             },
             "unknown privacy mode 99",
         );
+        check_rejected(
+            |t| {
+                if let Some(p) = t.privacy.as_mut() {
+                    p.unit = 0
+                }
+            },
+            "unknown privacy unit 0",
+        );
+        for (unit, rate) in [(1, 0.1), (2, 0.0), (2, 1.5), (2, f64::NAN)] {
+            check_rejected(
+                |t| {
+                    if let Some(p) = t.privacy.as_mut() {
+                        (p.unit, p.shopper_sampling_rate) = (unit, rate)
+                    }
+                },
+                "RoundTask.privacy.shopper_sampling_rate",
+            );
+        }
         check_rejected(
             |t| {
                 if let Some(p) = t.privacy.as_mut() {

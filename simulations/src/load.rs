@@ -76,6 +76,7 @@ pub async fn run(
             manifest: manifest.clone(),
             norm: 0.5,
             rng: ChaCha20Rng::seed_from_u64(i as u64),
+            shoppers: 0,
         };
         let options = ParticipantOptions {
             display_name: format!("load-{i}"),

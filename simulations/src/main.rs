@@ -24,6 +24,11 @@ enum Arm {
     /// FedAvg in this process, for tuning on the validation split: no secure aggregation,
     /// no noise, no network (the federated arms of `run` add those).
     Fedavg,
+    /// Shopper-level DP-SGD in this process, for tuning on the validation split: every
+    /// shopper Poisson-sampled at `--sampling-rate`, each one's update (`--steps` SGD steps
+    /// at `--learning-rate` on its own rows) clipped to `--clip-norm`, summed, Gaussian noise
+    /// of `--noise-multiplier`·c added, divided by q·N, and a server step.
+    ShopperDp,
 }
 
 /// Which adapter family a local arm trains.
@@ -128,6 +133,12 @@ enum Command {
         /// `--arm fedavg`: FedAdam (the coordinator's) instead of FedAvg(M) on the server.
         #[arg(long)]
         server_adam: bool,
+        /// `--arm shopper-dp`: L2 clip norm of one shopper's update.
+        #[arg(long, default_value_t = 1.0)]
+        clip_norm: f64,
+        /// `--arm shopper-dp`: z; the noisy sum carries N(0, (z·c)²) per coordinate.
+        #[arg(long, default_value_t = 1.0)]
+        noise_multiplier: f64,
     },
 }
 
@@ -157,7 +168,7 @@ fn local(
     let shop_size = spec.shop_size;
     let world = guild_sim::world::World::load(spec)?;
     let train_users: Vec<usize> = match arm {
-        Arm::ZeroShot | Arm::Fedavg => Vec::new(),
+        Arm::ZeroShot | Arm::Fedavg | Arm::ShopperDp => Vec::new(),
         Arm::Pooled => world.all_merchant_users(),
         Arm::Merchant => world
             .merchants
@@ -170,6 +181,9 @@ fn local(
     let training_started = std::time::Instant::now();
     if let Arm::Fedavg = arm {
         return fedavg(&world, &train, &plan, started);
+    }
+    if let Arm::ShopperDp = arm {
+        return shopper_dp(&world, &train, &plan, started);
     }
     let trained = if train_users.is_empty() { None } else { Some(world.train_on(&train_users, &train)?) };
     let training_seconds = training_started.elapsed().as_secs_f64();
@@ -199,13 +213,96 @@ fn local(
     }))
 }
 
-/// `--arm fedavg`'s schedule.
+/// `--arm fedavg`'s and `--arm shopper-dp`'s schedule.
 struct FedAvgPlan {
     rounds: u64,
     sampling_rate: f64,
     server_learning_rate: f64,
     server_momentum: f64,
     server_adam: bool,
+    clip_norm: f64,
+    noise_multiplier: f64,
+}
+
+/// Shopper-level DP-SGD in this process (see [`Arm::ShopperDp`]), with continuous Gaussian
+/// noise standing in for the federation's distributed discrete Gaussian. Prints the
+/// validation metric and the accountant's ε (δ = 1e-6) each round.
+fn shopper_dp(
+    world: &guild_sim::world::World,
+    train: &guild_client::retrieval::TrainConfig,
+    plan: &FedAvgPlan,
+    started: std::time::Instant,
+) -> anyhow::Result<serde_json::Value> {
+    use guild_client::retrieval::Split;
+    use guild_privacy::accounting::{epsilon_from_rdp, subsampled_gaussian_rdp};
+    use guild_privacy::dp::{add_central_noise, clip_l2, poisson_sample};
+    use rand::SeedableRng;
+
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0x5709);
+    let shoppers = world.all_merchant_users();
+    let expected = plan.sampling_rate * shoppers.len() as f64;
+    let mut global = vec![0.0f32; world.parameter_count()];
+    let mut velocity = vec![0.0f32; global.len()];
+    let mut moments = None;
+    let mut curve = Vec::new();
+    let per_round = subsampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier)?;
+    let mut training_seconds = 0.0;
+    for round in 1..=plan.rounds {
+        let sampled: Vec<usize> = poisson_sample(shoppers.len(), plan.sampling_rate, &mut rng)?
+            .into_iter()
+            .map(|i| shoppers[i])
+            .collect();
+        let mut sum = vec![0.0f64; global.len()];
+        let config =
+            guild_client::retrieval::TrainConfig { seed: train.seed ^ (round << 20), ..train.clone() };
+        let t = std::time::Instant::now();
+        world.shopper_updates(&global, &sampled, &config, &mut |update| {
+            clip_l2(update, plan.clip_norm)?;
+            sum.iter_mut().zip(update.iter()).for_each(|(s, u)| *s += f64::from(*u));
+            Ok(())
+        })?;
+        training_seconds += t.elapsed().as_secs_f64();
+        add_central_noise(&mut sum, plan.noise_multiplier * plan.clip_norm, &mut rng)?;
+        let mean: Vec<f64> = sum.iter().map(|s| s / expected).collect();
+        if plan.server_adam {
+            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
+            let step = server_step(
+                ServerOptimizer::FedAdam,
+                &global,
+                &mean,
+                1.0,
+                plan.server_learning_rate,
+                moments.as_ref(),
+            );
+            global = step.values;
+            moments = step.moments;
+        } else {
+            for ((g, v), m) in global.iter_mut().zip(velocity.iter_mut()).zip(&mean) {
+                *v = plan.server_momentum as f32 * *v + *m as f32;
+                *g += plan.server_learning_rate as f32 * *v;
+            }
+        }
+        let validation = world.score(Some(&global), Split::Validation)?;
+        let epsilon = epsilon_from_rdp(&per_round.clone().times(round), 1e-6)?.0;
+        eprintln!(
+            "round {round}: {} shoppers, validation NDCG@10 {:.4}, ε {epsilon:.2}, {:.0} s ({:.1} ms a shopper)",
+            sampled.len(),
+            validation.ndcg_at_10,
+            started.elapsed().as_secs_f64(),
+            1e3 * training_seconds / (round as f64 * expected),
+        );
+        curve.push(validation.ndcg_at_10);
+    }
+    let test = world.score(Some(&global), Split::Test)?;
+    Ok(serde_json::json!({
+        "arm": "shopper-level DP-SGD",
+        "validation_ndcg_at_10_by_round": curve,
+        "ndcg_at_10": test.ndcg_at_10,
+        "recall_at_10": test.recall_at_10,
+        "epsilon_at_1e-6": epsilon_from_rdp(&per_round.times(plan.rounds), 1e-6)?.0,
+        "training_seconds": training_seconds,
+        "wall_seconds": started.elapsed().as_secs_f64(),
+    }))
 }
 
 /// FedAvg(M) in this process: each round Poisson-samples merchants, each trains from the
@@ -330,6 +427,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             server_learning_rate,
             server_momentum,
             server_adam,
+            clip_norm,
+            noise_multiplier,
         } => {
             let train = guild_client::retrieval::TrainConfig {
                 batch_size,
@@ -364,8 +463,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     seed,
                 },
             };
-            let plan =
-                FedAvgPlan { rounds, sampling_rate, server_learning_rate, server_momentum, server_adam };
+            let plan = FedAvgPlan {
+                rounds,
+                sampling_rate,
+                server_learning_rate,
+                server_momentum,
+                server_adam,
+                clip_norm,
+                noise_multiplier,
+            };
             let result = local(arm, spec, &merchant, train, plan)?;
             println!("{result}");
             Ok(())

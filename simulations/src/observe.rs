@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use guild_coordinator::store::Store;
+use guild_privacy::PrivacyUnit;
 use guild_privacy::ledger::{Budget, Ledger};
 use guild_privacy::secagg::Phase;
 
@@ -78,14 +79,19 @@ fn fetch_metrics(address: std::net::SocketAddr) -> String {
 /// ε spent when adapter `version` was committed (all of the ledger if `None`), from the
 /// store's ledger: each committed round has one ledger entry, and so has each round that
 /// aborted after its charge (in Unmask).
-pub fn epsilon_after(store: &Store, budget: Budget, version: Option<u64>) -> anyhow::Result<f64> {
+pub fn epsilon_after(
+    store: &Store,
+    budget: Budget,
+    unit: PrivacyUnit,
+    version: Option<u64>,
+) -> anyhow::Result<f64> {
     let mut entries = store.ledger()?;
     if let Some(v) = version {
         // Every charge up to the round that committed `v`, aborted rounds' charges included.
         let last = store.round_of_adapter(v)?.unwrap_or(0);
         entries.retain(|e| e.round_id <= last);
     }
-    Ok(if entries.is_empty() { 0.0 } else { Ledger::new(budget, entries)?.spent()?.epsilon })
+    Ok(if entries.is_empty() { 0.0 } else { Ledger::new(budget, entries)?.spent(unit)?.epsilon })
 }
 
 /// "n before Phase" for each phase with a non-zero count, comma-separated.

@@ -14,10 +14,10 @@ use guild_client::identity::Identity;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
-use guild_privacy::PrivacyMode;
 use guild_privacy::accounting::calibrate_noise_multiplier;
 use guild_privacy::cost::RoundPrivacy;
 use guild_privacy::ledger::Budget;
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::AdapterFamilyName;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -120,6 +120,7 @@ pub fn calibrate_noise(target: f64, round: &RoundPrivacy, rounds: u64, delta: f6
 struct FederatedArm {
     name: String,
     mode: PrivacyMode,
+    unit: PrivacyUnit,
     noise_multiplier: f64,
     epsilon_cap: f64,
     delta: f64,
@@ -246,7 +247,7 @@ async fn federated(
             curve.push(RoundPoint {
                 round: *seen,
                 validation,
-                epsilon: epsilon_after(&store, budget, Some(*seen))?,
+                epsilon: epsilon_after(&store, budget, arm.unit, Some(*seen))?,
             });
             let epsilon = curve.last().map_or(0.0, |p: &RoundPoint| p.epsilon);
             progress.round_done(format!(
@@ -355,7 +356,7 @@ async fn federated(
     let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
     let (test, ranks) = tokio::task::block_in_place(|| world.score_with_ranks(Some(&values), Split::Test))?;
     let validation = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?;
-    let epsilon = epsilon_after(&store, budget, None)?;
+    let epsilon = epsilon_after(&store, budget, arm.unit, None)?;
     let status = status_connection.status().await.ok();
     if let Some(status) = &status
         && arm.mode != PrivacyMode::DangerousNone
@@ -365,7 +366,7 @@ async fn federated(
     }
     federation.kill()?;
     let against_coordinator = if arm.mode == PrivacyMode::Distributed {
-        epsilon_against_coordinator(&federation, n, arm.delta)?
+        epsilon_against_coordinator(&federation, n, arm.unit, arm.delta)?
     } else {
         None
     };
@@ -397,18 +398,20 @@ fn merchant_ledger(federation: &Federation, i: usize) -> PathBuf {
     federation.dir.join("merchants").join(format!("{}.ledger", federation.pki.merchants[i].name))
 }
 
-/// Each merchant's ε against the coordinator from its own ledger (its participations, no
-/// amplification by sampling) at `delta`: (largest, mean over merchants that took part).
+/// Each merchant's ε against the coordinator for `unit` from its own ledger at `delta`
+/// (merchant unit: its participations, no amplification by sampling; shopper unit: its
+/// shoppers', amplified by its own sampling): (largest, mean over merchants that took part).
 fn epsilon_against_coordinator(
     federation: &Federation,
     merchants: usize,
+    unit: PrivacyUnit,
     delta: f64,
 ) -> anyhow::Result<Option<(f64, f64)>> {
     let mut spent = Vec::new();
     for i in 0..merchants {
         let ledger = ClientLedger::open(&merchant_ledger(federation, i))?;
-        if !ledger.participations().is_empty() {
-            spent.push(ledger.epsilon(delta));
+        if ledger.participations().iter().any(|p| p.unit == unit) {
+            spent.push(ledger.epsilon(unit, delta));
         }
     }
     Ok((!spent.is_empty())
@@ -619,6 +622,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         plan.push(FederatedArm {
             name: "federated (non-private)".into(),
             mode: PrivacyMode::DangerousNone,
+            unit: PrivacyUnit::Merchant,
             noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
@@ -631,6 +635,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let generous = (expected + 4.0 * (expected * (1.0 - f.sampling_rate)).sqrt()).ceil().min(n as f64) as u32;
     let round = RoundPrivacy {
         mode: PrivacyMode::Distributed,
+        unit: PrivacyUnit::Merchant,
         sampling_rate: f.sampling_rate,
         noise_multiplier: 1.0,
         clip_norm: f.clip_norm,
@@ -650,6 +655,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         plan.push(FederatedArm {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Merchant,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,
@@ -661,6 +667,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         plan.push(FederatedArm {
             name: format!("central DP ε={epsilon}"),
             mode: PrivacyMode::Central,
+            unit: PrivacyUnit::Merchant,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,

@@ -208,6 +208,25 @@ impl World {
         Ok((model.offset(), report))
     }
 
+    /// The shopper unit's local computation in process: each of `users`' update from the
+    /// federated values `from` on its own (`retrieval::shopper_updates`), handed to `each`.
+    pub fn shopper_updates(
+        &self,
+        from: &[f32],
+        users: &[usize],
+        config: &TrainConfig,
+        each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.spec.family == AdapterFamilyName::SequenceTower,
+            "per-shopper updates are for the sequence tower"
+        );
+        let shared = lock(&self.shared);
+        let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
+        let users = Self::users(&shared.dataset, users);
+        retrieval::shopper_updates(&mut model, &shared.items, &users, from, config, each)
+    }
+
     /// Trains fresh FFA-LoRA adapters on `users` and returns their values.
     pub fn train_lora(
         &self,

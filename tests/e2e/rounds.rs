@@ -37,7 +37,8 @@ pub async fn spawn_client(
 ) -> JoinHandle<anyhow::Result<u64>> {
     let connection = federation.connect(i).await.expect("connect");
     let manifest = federation.config.manifest().expect("manifest");
-    let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64) };
+    let learner =
+        RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
     let options = ParticipantOptions {
         display_name: format!("Shop {i}"),
         faults,
@@ -118,8 +119,10 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
     assert!(entries.iter().all(
         |e| matches!(e.event, PrivacyEvent::SubsampledZcdp { sampling_rate, .. } if sampling_rate == 1.0)
     ));
-    let spent =
-        Ledger::new(Budget { epsilon: 1e6, delta: 1e-5 }, entries).expect("ledger").spent().expect("spent");
+    let spent = Ledger::new(Budget { epsilon: 1e6, delta: 1e-5 }, entries)
+        .expect("ledger")
+        .spent(guild_privacy::PrivacyUnit::Merchant)
+        .expect("spent");
     let status = federation.in_process().expect("running").core.status().expect("status");
     assert!(
         (status.epsilon_spent - spent.epsilon).abs() <= 1e-9 * spent.epsilon,
@@ -141,6 +144,50 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
     let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
     assert!(metrics.contains("guild_rounds_completed_total 3"), "{metrics}");
     assert!(metrics.contains("guild_epsilon_against_coordinator_bound "), "{metrics}");
+}
+
+/// The shopper unit end to end: every merchant in every round, each sampling its own 40
+/// shoppers at q = 0.1 and encoding each sampled shopper's update on its own; the rounds
+/// commit, the ledger charges them to the shopper unit at the shoppers' rate (not the
+/// merchants'), and status and metrics report the shopper-level ε with the merchant-level
+/// one untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
+    use guild_privacy::PrivacyUnit;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.rounds.max_rounds = 2;
+        c.privacy.unit = PrivacyUnit::Shopper;
+        c.privacy.shopper_sampling_rate = 0.1;
+        c.privacy.shoppers = 160;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let clients: Vec<_> = futures_join(&federation, 4, Faults::default(), 2).await;
+    wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
+    for client in clients {
+        let committed = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client stops")
+            .expect("join")
+            .expect("client ran");
+        assert_eq!(committed, 2, "every merchant took part in every round");
+    }
+    let store = federation.store().expect("store");
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().all(|e| e.unit == PrivacyUnit::Shopper
+        && matches!(e.event, PrivacyEvent::SubsampledZcdp { sampling_rate, .. } if sampling_rate == 0.1)));
+    let ledger = Ledger::new(Budget { epsilon: 1e6, delta: 1e-5 }, entries).expect("ledger");
+    let shopper = ledger.spent(PrivacyUnit::Shopper).expect("spent").epsilon;
+    let engine = federation.in_process().expect("running").core.engine().status();
+    assert!(shopper > 0.0 && (engine.shopper_epsilon_spent - shopper).abs() <= 1e-9 * shopper);
+    assert_eq!(engine.epsilon_spent, 0.0, "no merchant-level round ran");
+    let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
+    assert!(metrics.contains("guild_shopper_epsilon_spent "), "{metrics}");
+    assert_ne!(store.adapter(2).expect("v2").data, store.adapter(0).expect("v0").data, "the adapter moved");
 }
 
 /// Spawns `n` lightweight clients.
@@ -204,6 +251,7 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     let config = &federation.config;
     let round = guild_privacy::cost::RoundPrivacy {
         mode: config.privacy.mode,
+        unit: config.privacy.unit,
         sampling_rate: config.rounds.sampling_rate,
         noise_multiplier: config.privacy.noise_multiplier,
         clip_norm: config.privacy.clip_norm,
@@ -270,7 +318,8 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
     for (i, path) in ledgers.iter().enumerate() {
         let connection = federation.connect(i).await.expect("connect");
         let manifest = federation.config.manifest().expect("manifest");
-        let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64) };
+        let learner =
+            RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
         let options = ParticipantOptions {
             display_name: format!("Shop {i}"),
             poll: Duration::from_secs(1),
@@ -315,7 +364,9 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
         assert_eq!(ledger.participations().len(), 1, "{}", path.display());
         let rho = task_rho(&ledger);
         assert!(rho > 0.7 && rho < 0.8, "ρ = {rho}");
-        assert!(ledger.epsilon(1e-6) <= 9.0 && ledger.epsilon_if(rho, 1e-6) > 9.0);
+        let next = guild_client::participant::Participation::merchant("f".into(), 99, rho);
+        assert!(ledger.epsilon(guild_privacy::PrivacyUnit::Merchant, 1e-6) <= 9.0);
+        assert!(ledger.epsilon_if(&next, 1e-6) > 9.0);
     }
     let coordinator_ledger = store.ledger().expect("ledger");
     assert_eq!(coordinator_ledger.len(), 1);

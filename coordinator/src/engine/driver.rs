@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
 use guild_privacy::dp::{RandomRotation, add_central_noise};
-use guild_privacy::ledger::LedgerEntry;
+use guild_privacy::ledger::{Charge, LedgerEntry};
 use guild_privacy::secagg::Phase;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -115,8 +115,9 @@ impl Engine {
         if phase == Phase::ConsistencyCheck
             && let Some(event) = round.event.take()
         {
-            let (id, entry) = (round.id, LedgerEntry { round_id: round.id, event });
-            if let Err(error) = self.store.charge_round(id, &event) {
+            let unit = round.unit;
+            let (id, entry) = (round.id, LedgerEntry { round_id: round.id, event, unit });
+            if let Err(error) = self.store.charge_round(id, &Charge { unit, event }) {
                 return Err(format!("charging the ledger before the unmask phase failed: {error}"));
             }
             if let Err(error) = state.ledger.append(entry) {
@@ -198,11 +199,12 @@ impl Engine {
         if step.moments.is_some() {
             *moments = step.moments;
         }
-        let epsilon = ledger.spent()?.epsilon;
+        let unit = round.unit;
+        let epsilon = ledger.spent(unit)?.epsilon;
         state.rounds_completed += 1;
         state.rounds_this_run += 1;
         self.metrics.rounds_completed.inc();
-        tracing::info!(version, survivors, epsilon, "round committed");
+        tracing::info!(version, survivors, epsilon, unit = %unit, "round committed");
         Ok(version)
     }
 }

@@ -18,8 +18,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use guild_privacy::PrivacyUnit;
 use guild_privacy::dp::DdgParams;
-use guild_privacy::ledger::{Budget, Ledger, PrivacyEvent};
+use guild_privacy::ledger::{Budget, Ledger, PrivacyEvent, Spent};
 use guild_privacy::secagg::message::{
     ClientIndex, EncryptedShares, RoundBinding, SignedKeys, SurvivorSignature,
 };
@@ -104,7 +105,10 @@ struct Round {
     ddg: DdgParams,
     rotation_seed: u64,
     event: Option<PrivacyEvent>,
-    /// Fixed FedAvg denominator: the expected cohort, q·N.
+    /// Whom `event` protects.
+    unit: PrivacyUnit,
+    /// Fixed FedAvg denominator: the expected number of summands, q·N (merchants sampled
+    /// by the coordinator, or shoppers sampled by their merchants).
     denominator: f64,
     /// The phase now collecting messages; `None` once every phase closed.
     phase: Option<Phase>,
@@ -146,11 +150,15 @@ pub struct EngineStatus {
     pub rounds_completed: u64,
     pub rounds_aborted: u64,
     pub latest_adapter_version: u64,
-    /// Model-level ε (amplified by sampling).
+    /// Merchant-level ε, model-level (amplified by sampling).
     pub epsilon_spent: f64,
-    /// ε against this coordinator for a merchant in every charged round (unamplified): an
-    /// upper bound on every merchant's; each merchant's own ledger has its exact figure.
+    /// Merchant-level ε against this coordinator for a merchant in every charged round
+    /// (unamplified): an upper bound on every merchant's; each merchant's own ledger has its
+    /// exact figure.
     pub epsilon_against_coordinator_bound: f64,
+    /// Shopper-level ε: the same model-level and against the coordinator, since merchants
+    /// sample their own shoppers in secret.
+    pub shopper_epsilon_spent: f64,
     pub epsilon_budget: f64,
     pub delta: f64,
 }
@@ -255,8 +263,10 @@ impl Engine {
 
     pub fn status(&self) -> EngineStatus {
         let state = self.lock();
-        let spent = state.ledger.spent().map(|s| s.epsilon).unwrap_or(f64::INFINITY);
-        let against = state.ledger.spent_against_sampler().map(|s| s.epsilon).unwrap_or(f64::INFINITY);
+        let epsilon = |spent: Result<Spent, _>| spent.map(|s: Spent| s.epsilon).unwrap_or(f64::INFINITY);
+        let spent = epsilon(state.ledger.spent(PrivacyUnit::Merchant));
+        let against = epsilon(state.ledger.spent_against_sampler(PrivacyUnit::Merchant));
+        let shopper = epsilon(state.ledger.spent(PrivacyUnit::Shopper));
         EngineStatus {
             phase: match &state.round {
                 Some(Round { id, phase: Some(phase), .. }) => format!("round {id}: {phase}"),
@@ -269,6 +279,7 @@ impl Engine {
             latest_adapter_version: state.latest.version,
             epsilon_spent: spent,
             epsilon_against_coordinator_bound: against,
+            shopper_epsilon_spent: shopper,
             epsilon_budget: self.config.privacy.epsilon_budget,
             delta: self.config.privacy.delta,
         }

@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use guild_privacy::cost::{RoundCost, RoundPrivacy};
+use guild_privacy::PrivacyUnit;
+use guild_privacy::cost::{RoundCost, RoundPrivacy, sampled_shoppers_bound};
 use guild_privacy::ledger::PrivacyEvent;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
@@ -45,6 +46,7 @@ impl Engine {
         }
         // Poisson sampling: each merchant independently, with the OS's randomness.
         let mut rng = ChaCha20Rng::from_entropy();
+        // (In the shopper unit the rate is 1: every merchant, each sampling its own shoppers.)
         let q = cfg.rounds.sampling_rate;
         let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
         let n = cohort.len() as u32;
@@ -61,21 +63,33 @@ impl Engine {
         // The configured threshold is a floor: each round raises it to the active-security
         // bound for its neighbourhood size, which every client checks for itself.
         let t = cfg.rounds.threshold.max(min_active_threshold(k));
+        let p = &cfg.privacy;
+        // Who is sampled, at what rate, how many vectors the sum holds, and what it is
+        // averaged over: merchants (drawn here), or shoppers (drawn by their merchants).
+        let (unit_rate, max_summands, denominator) = match p.unit {
+            PrivacyUnit::Merchant => (q, n, q * population as f64),
+            PrivacyUnit::Shopper => (
+                p.shopper_sampling_rate,
+                sampled_shoppers_bound(p.shoppers, p.shopper_sampling_rate),
+                p.shopper_sampling_rate * p.shoppers as f64,
+            ),
+        };
         let cost = RoundPrivacy {
-            mode: cfg.privacy.mode,
-            sampling_rate: q,
-            noise_multiplier: cfg.privacy.noise_multiplier,
-            clip_norm: cfg.privacy.clip_norm,
+            mode: p.mode,
+            unit: p.unit,
+            sampling_rate: unit_rate,
+            noise_multiplier: p.noise_multiplier,
+            clip_norm: p.clip_norm,
             dimension: self.manifest.parameter_count(),
             min_survivors: t,
-            max_summands: n,
+            max_summands,
             bit_width: cfg.privacy.bit_width,
             wrap_probability: cfg.privacy.wrap_probability,
         }
         .cost()?;
         let mut state = self.lock();
         if let Some(event) = &cost.event
-            && !self.within_budget(&mut state, event)?
+            && !self.within_budget(&mut state, cost.unit, event)?
         {
             return Ok(false);
         }
@@ -143,7 +157,8 @@ impl Engine {
             ddg: cost.ddg,
             rotation_seed,
             event: cost.event,
-            denominator: q * population as f64,
+            unit: cost.unit,
+            denominator,
             phase: Some(Phase::AdvertiseKeys),
             phase_started: Instant::now(),
             received: BTreeSet::new(),
@@ -157,15 +172,20 @@ impl Engine {
     }
 
     /// Whether the ledger can afford `event`; if not, says so in the status (once).
-    fn within_budget(&self, state: &mut State, event: &PrivacyEvent) -> Result<bool, anyhow::Error> {
+    fn within_budget(
+        &self,
+        state: &mut State,
+        unit: PrivacyUnit,
+        event: &PrivacyEvent,
+    ) -> Result<bool, anyhow::Error> {
         let privacy = &self.config.privacy;
-        let after = state.ledger.spent_if(event)?;
+        let after = state.ledger.spent_if(unit, event)?;
         if after.epsilon <= privacy.epsilon_budget {
             return Ok(true);
         }
         let message = format!(
-            "privacy budget exhausted: another round would raise ε from {:.4} to {:.4}, past the cap of {} at δ = {:e}; no more rounds",
-            state.ledger.spent()?.epsilon,
+            "privacy budget exhausted: another round would raise the {unit}-level ε from {:.4} to {:.4}, past the cap of {} at δ = {:e}; no more rounds",
+            state.ledger.spent(unit)?.epsilon,
             after.epsilon,
             privacy.epsilon_budget,
             privacy.delta
@@ -200,6 +220,11 @@ impl Engine {
                 bit_width: cfg.privacy.bit_width,
                 min_survivors: round.threshold,
                 rotation_seed: template.rotation_seed,
+                unit: template.cost.unit,
+                shopper_sampling_rate: match template.cost.unit {
+                    PrivacyUnit::Merchant => 0.0,
+                    PrivacyUnit::Shopper => cfg.privacy.shopper_sampling_rate,
+                },
             },
             secagg: SecAggParams {
                 my_index: index,

@@ -60,9 +60,62 @@ pub struct DdgParams {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DdgEncoding {
     pub values: Vec<u32>,
-    /// L2 norm of the update before clipping (local diagnostics only; never sent).
+    /// L2 norm of the update before clipping, the largest over the summands (local
+    /// diagnostics only; never sent).
     pub norm_before_clipping: u64,
     pub rounding_tries: u32,
+}
+
+/// An integer sum of separately rounded summands, before noise (see [`DdgParams::summands`]).
+#[derive(Debug)]
+pub struct DdgSum<'a> {
+    params: &'a DdgParams,
+    rotation: &'a RandomRotation,
+    sum: Vec<i64>,
+    count: u32,
+    largest_norm: f64,
+    rounding_tries: u32,
+}
+
+impl DdgSum<'_> {
+    /// Clips, rotates, scales and conditionally rounds `x` (consumed as scratch space) on
+    /// its own and adds the integers to the sum.
+    pub fn add(&mut self, x: &mut [f32], rng: &mut (impl RngCore + CryptoRng)) -> Result<(), DpError> {
+        let (rounded, norm, tries) = self.params.round_one(x, self.rotation, rng)?;
+        for (s, r) in self.sum.iter_mut().zip(&rounded) {
+            *s += r;
+        }
+        self.count += 1;
+        self.largest_norm = self.largest_norm.max(norm);
+        self.rounding_tries += tries;
+        Ok(())
+    }
+
+    /// Summands added so far.
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// The integer sum so far, before noise (what the sensitivity is about).
+    pub fn integers(&self) -> &[i64] {
+        &self.sum
+    }
+
+    /// Adds this client's share of the discrete Gaussian noise, once for the whole sum,
+    /// and reduces mod 2^b.
+    pub fn finish(self, rng: &mut (impl RngCore + CryptoRng)) -> Result<DdgEncoding, DpError> {
+        let mut noise = vec![0i64; self.params.padded_dimension];
+        let mut sampler = Cks20Sampler::new(self.params.local_variance, &mut *rng);
+        super::DiscreteGaussianSampler::fill(&mut sampler, &mut noise)?;
+        let mask = self.params.mask();
+        let values =
+            self.sum.iter().zip(&noise).map(|(&r, &z)| (r.wrapping_add(z) as u64 & mask) as u32).collect();
+        Ok(DdgEncoding {
+            values,
+            norm_before_clipping: self.largest_norm.round() as u64,
+            rounding_tries: self.rounding_tries,
+        })
+    }
 }
 
 fn parameter(name: &'static str, reason: String) -> DpError {
@@ -186,13 +239,43 @@ impl DdgParams {
     }
 
     /// Clips, rotates, scales, rounds and noises `x` (consumed as scratch space) and
-    /// reduces it mod 2^b.
+    /// reduces it mod 2^b: one client's whole update as one summand.
     pub fn encode(
         &self,
         x: &mut [f32],
         rotation: &RandomRotation,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<DdgEncoding, DpError> {
+        let mut sum = self.summands(rotation);
+        sum.add(x, rng)?;
+        sum.finish(rng)
+    }
+
+    /// An empty integer sum of summands that are each clipped, rotated, scaled and
+    /// conditionally rounded **on their own** ([`DdgSum::add`]), noised once at the end
+    /// ([`DdgSum::finish`]). With one summand per shopper, each shopper is a virtual DDGauss
+    /// client: adding or removing one changes the integer sum by exactly that shopper's
+    /// rounded vector, whose L2 norm is at most Δ₂ — the sensitivity the privacy bound uses.
+    pub fn summands<'a>(&'a self, rotation: &'a RandomRotation) -> DdgSum<'a> {
+        DdgSum {
+            params: self,
+            rotation,
+            sum: vec![0; self.padded_dimension],
+            count: 0,
+            largest_norm: 0.0,
+            rounding_tries: 0,
+        }
+    }
+
+    /// Clips `x` (consumed) to c, rotates, scales by 1/γ and rounds it conditionally: the
+    /// integer vector has squared L2 norm at most Δ₂² ([`Self::delta2_squared`]).
+    /// Returns the vector, the norm before clipping and the tries the rounding took.
+    pub fn round_one(
+        &self,
+        x: &mut [f32],
+        rotation: &RandomRotation,
+        rng: &mut (impl RngCore + CryptoRng),
+    ) -> Result<(Vec<i64>, f64, u32), DpError> {
         if x.len() != self.dimension {
             return Err(DpError::Dimension { expected: self.dimension, actual: x.len() });
         }
@@ -220,16 +303,9 @@ impl DdgParams {
                 *out = r as i64;
             }
             if norm_squared <= bound {
-                break;
+                return Ok((rounded, norm, tries));
             }
         }
-
-        let mut noise = vec![0i64; self.padded_dimension];
-        let mut sampler = Cks20Sampler::new(self.local_variance, &mut *rng);
-        super::DiscreteGaussianSampler::fill(&mut sampler, &mut noise)?;
-        let mask = self.mask();
-        let values = rounded.iter().zip(&noise).map(|(&r, &z)| ((r + z) as u64 & mask) as u32).collect();
-        Ok(DdgEncoding { values, norm_before_clipping: norm.round() as u64, rounding_tries: tries })
     }
 
     /// Decodes the modular sum of encodings back to the sum of (clipped, noised) updates.
@@ -283,8 +359,11 @@ pub fn add_mod(acc: &mut [u32], x: &[u32], bit_width: u32) {
 /// conditional-rounding sensitivity Δ₂):
 /// `ε = min{√(Δ₂²/(nσ̂²) + ½τd), Δ₂/(√n σ̂) + τ√d}`, `τ = 10·Σ_{k=1}^{n−1} exp(−2π²σ̂²·k/(k+1))`.
 ///
-/// Pass `noise_shares = t − 1` for a round that accepts t survivors: the protected
-/// merchant's own share is not counted, which is conservative.
+/// Merchant unit: pass `noise_shares = t − 1` for a round that accepts t survivors (the
+/// protected merchant's own share is not counted). Shopper unit: pass t — a shopper's own
+/// merchant is the party it trusts with its data, and its share is in the sum like any
+/// other; adding or removing a shopper changes no merchant's share, so the two neighbouring
+/// outputs differ only in mean (by the shopper's rounded vector, L2 norm ≤ Δ₂).
 pub fn ddgauss_zcdp_rho(params: &DdgParams, noise_shares: u32) -> Result<f64, DpError> {
     if noise_shares == 0 {
         return Err(parameter("noise_shares", "at least one other client's noise is needed".into()));
@@ -356,6 +435,82 @@ mod tests {
         let p = DdgParams::select(&request()).expect("feasible");
         assert!(p.delta2_squared() >= (1.0 / p.gamma).powi(2));
         assert!(p.delta2_squared() <= (1.0 / p.gamma + 32.0).powi(2));
+    }
+
+    /// Per-shopper encoding: whatever one shopper's data makes its update (huge, spiked,
+    /// tiny, exactly at the clip norm), adding it to a merchant's sum moves the integer sum
+    /// by at most Δ₂ in L2 — checked on the actual integers, with the other shoppers rounded
+    /// with the same randomness in both sums (their roundings do not depend on the added one).
+    #[test]
+    fn one_shopper_moves_the_integer_sum_by_at_most_delta2() {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+        let p =
+            DdgParams::select(&ParamsRequest { bit_width: 32, noise_stddev: 0.5, ..request() }).expect("ok");
+        let rotation = RandomRotation::new(p.padded_dimension(), 7);
+        let mut data = ChaCha20Rng::seed_from_u64(3);
+        let honest: Vec<Vec<f32>> = (0..20)
+            .map(|i| (0..1000).map(|_| (uniform01(&mut data) as f32 - 0.5) * (i as f32 * 0.01)).collect())
+            .collect();
+        let mut spike = vec![0.0f32; 1000];
+        spike[17] = 1e30;
+        let mut at_clip = vec![0.0f32; 1000];
+        at_clip[0] = 1.0;
+        let adversarial = [
+            vec![1e30f32; 1000],
+            spike,
+            (0..1000).map(|i| if i % 2 == 0 { 3e7 } else { -3e7 }).collect(),
+            at_clip,
+            vec![1e-9f32; 1000],
+        ];
+        let bound = p.delta2_squared();
+        for (case, shopper) in adversarial.iter().enumerate() {
+            for seed in 0..5u64 {
+                let (mut with, mut without) = (p.summands(&rotation), p.summands(&rotation));
+                let mut rng_with = ChaCha20Rng::seed_from_u64(seed);
+                let mut rng_without = ChaCha20Rng::seed_from_u64(seed);
+                for h in &honest {
+                    with.add(&mut h.clone(), &mut rng_with).expect("finite");
+                    without.add(&mut h.clone(), &mut rng_without).expect("finite");
+                }
+                with.add(&mut shopper.clone(), &mut rng_with).expect("finite");
+                assert_eq!((with.count(), without.count()), (21, 20));
+                let moved: f64 = with
+                    .integers()
+                    .iter()
+                    .zip(without.integers())
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum();
+                assert!(moved <= bound, "case {case}: moved {moved} > Δ₂² = {bound}");
+                if case < 4 {
+                    // Not vacuous: a shopper at the clip norm moves the sum by about c/γ.
+                    assert!(moved >= (0.9 / p.gamma()).powi(2), "case {case}: moved only {moved}");
+                }
+            }
+        }
+        // A non-finite update is refused and leaves the sum as it was.
+        let mut sum = p.summands(&rotation);
+        let mut rng = ChaCha20Rng::seed_from_u64(9);
+        sum.add(&mut honest[5].clone(), &mut rng).expect("finite");
+        let before = sum.integers().to_vec();
+        let mut bad = vec![0.0f32; 1000];
+        bad[3] = f32::NAN;
+        assert!(matches!(sum.add(&mut bad, &mut rng), Err(DpError::NonFinite { .. })));
+        assert_eq!((sum.integers(), sum.count()), (&before[..], 1));
+    }
+
+    #[test]
+    fn one_summand_encodes_as_a_whole_update_does() {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+        let p = DdgParams::select(&request()).expect("ok");
+        let rotation = RandomRotation::new(p.padded_dimension(), 1);
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32).sin()).collect();
+        let direct = p.encode(&mut x.clone(), &rotation, &mut ChaCha20Rng::seed_from_u64(5)).expect("ok");
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let mut sum = p.summands(&rotation);
+        sum.add(&mut x.clone(), &mut rng).expect("ok");
+        assert_eq!(sum.finish(&mut rng).expect("ok"), direct);
     }
 
     #[test]

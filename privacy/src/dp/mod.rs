@@ -8,12 +8,14 @@ mod ddgauss;
 mod discrete_gaussian;
 mod gaussian;
 mod hadamard;
+mod sampling;
 
 pub use clip::{clip_l2, l2_norm};
-pub use ddgauss::{DdgEncoding, DdgParams, ParamsRequest, add_mod, ddgauss_zcdp_rho};
+pub use ddgauss::{DdgEncoding, DdgParams, DdgSum, ParamsRequest, add_mod, ddgauss_zcdp_rho};
 pub use discrete_gaussian::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler, Rational};
 pub use gaussian::{add_central_noise, privatise_local};
 pub use hadamard::{RandomRotation, fwht};
+pub use sampling::poisson_sample;
 
 /// What can go wrong when privatising or decoding an update.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
