@@ -174,6 +174,11 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 /// ten times faster than the full softmax over the Amazon Games catalogue on two cores).
 pub const TOWER_NEGATIVES: usize = 1024;
 
+/// Uniform negatives of one shopper's update in the shopper unit: each shopper is its own
+/// batch, and drawing fewer negatives keeps a shopper's step to a few milliseconds; the DP
+/// noise, not the sampled softmax, dominates that update's variance.
+pub const SHOPPER_NEGATIVES: usize = 256;
+
 /// One merchant's sequence tower (the sequence-tower family), trained on its shoppers over
 /// the shared catalogue embeddings with a sampled softmax ([`TOWER_NEGATIVES`]). The
 /// federated values are the tower's offset from its seeded initial values. The tower lives
@@ -242,7 +247,7 @@ impl Learner for TowerLearner {
         each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let config = TrainConfig {
-            negatives: TOWER_NEGATIVES,
+            negatives: SHOPPER_NEGATIVES,
             ..round_training(task, self.temperature, self.config.shape.history)
         };
         let shared = lock(&self.shared);

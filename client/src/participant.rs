@@ -254,10 +254,11 @@ pub fn shown_participation(task: &RoundTask) -> Result<Participation, guild_priv
 /// Trains and privatises this merchant's contribution to a round, on the training thread.
 /// Merchant unit: one update, clipped and encoded whole. Shopper unit: shoppers
 /// Poisson-sampled here at the task's rate with the OS's randomness (the coordinator never
-/// learns who), each one's update clipped, rotated, scaled and rounded on its own, the
-/// integers summed; a shopper whose update is not finite is left out (as if not sampled,
-/// which moves the sum by no more than one shopper may). Then this client's noise share,
-/// once, and the reduction mod 2^b.
+/// learns who), each one's update clipped to c on its own and summed, the sum scaled,
+/// rotated and rounded once (one shopper moves the rounded sum by at most c/γ + √d); a
+/// shopper whose update is not finite is left out (as if not sampled, which moves the sum
+/// by no more than one shopper may). Then this client's noise share, once, and the
+/// reduction mod 2^b.
 fn privatised_update(
     learner: &mut dyn Learner,
     task: &RoundTask,
@@ -278,7 +279,7 @@ fn privatised_update(
             let mut sum = ddg.summands(&rotation);
             let mut left_out = 0usize;
             let mut each = |update: &mut [f32]| -> anyhow::Result<()> {
-                match sum.add(update, &mut os_rng) {
+                match sum.add(update) {
                     Ok(()) => {}
                     Err(guild_privacy::dp::DpError::NonFinite { .. }) => left_out += 1,
                     Err(e) => return Err(e.into()),

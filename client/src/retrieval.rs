@@ -457,6 +457,24 @@ pub fn shopper_updates(
     let length = tower.config().shape.history;
     let items = items.to(tower.var_store().device());
     tch::manual_seed(config.seed as i64);
+    tower.set_offset(global)?;
+    if config.steps == 1 {
+        // One step is −η times the gradient at `global`: no copy of the values, no optimiser.
+        for user in users {
+            let rows = tower_rows(user, length);
+            let mut update = if rows.is_empty() {
+                vec![0.0; global.len()]
+            } else {
+                tower.zero_gradients();
+                tower_loss(tower, &items, &rows, config).backward();
+                tower.flat_gradient()
+            };
+            let eta = config.learning_rate as f32;
+            update.iter_mut().for_each(|g| *g *= -eta);
+            each(&mut update)?;
+        }
+        return Ok(());
+    }
     for user in users {
         tower.set_offset(global)?;
         let rows = tower_rows(user, length);
@@ -536,5 +554,58 @@ mod tests {
                 "{negatives} negatives: {trained:?} against the start {start:?}"
             );
         }
+    }
+
+    /// The shopper unit's local computation: one step (the gradient fast path) equals one
+    /// SGD step of the general path on that shopper alone, each shopper's update depends on
+    /// its own rows only, and the tower is left at the global values.
+    #[test]
+    fn shopper_updates_are_each_shoppers_own_sgd_step() {
+        let items = normalise(&Tensor::randn([50, 16], (Kind::Float, Device::Cpu)));
+        let users = shoppers(4, 50);
+        let refs: Vec<&User> = users.iter().collect();
+        let shape = TowerShape {
+            hidden: 16,
+            history: 8,
+            zero_shot_items: 5,
+            item_rank: 4,
+            width: 16,
+            layers: 1,
+            heads: 2,
+        };
+        let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+        let global: Vec<f32> = (0..tower.parameter_count()).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();
+        let collect = |tower: &mut Tower, users: &[&User], steps: usize| {
+            let config = TrainConfig { steps, learning_rate: 0.5, negatives: 0, ..TrainConfig::default() };
+            let mut updates = Vec::new();
+            shopper_updates(tower, &items, users, &global, &config, &mut |u| {
+                updates.push(u.to_vec());
+                Ok(())
+            })
+            .expect("updates");
+            updates
+        };
+        let fast = collect(&mut tower, &refs, 1);
+        let moved = tower.offset().iter().zip(&global).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved < 1e-6, "the tower is left at the global values (moved {moved})");
+        assert_eq!(fast.len(), 4);
+        for (i, user) in refs.iter().enumerate() {
+            // The general path (an optimiser step from `global`) on this shopper alone.
+            let mut other = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+            other.set_offset(&global).expect("offset");
+            let mut sgd = nn::Sgd::default().build(other.var_store(), 0.5).expect("sgd");
+            let config = TrainConfig { negatives: 0, ..TrainConfig::default() };
+            sgd.backward_step(&tower_loss(&other, &items, &tower_rows(user, 8), &config));
+            let expected: Vec<f32> = other.offset().iter().zip(&global).map(|(v, g)| v - g).collect();
+            let diff = fast[i].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let norm = expected.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(norm > 0.0 && diff < 1e-5 * norm.max(1.0), "shopper {i}: off by {diff} (norm {norm})");
+            // The same shopper alone gives the same update: nothing leaks between shoppers.
+            let alone = collect(&mut tower, &refs[i..=i], 1);
+            assert!(alone[0] == fast[i], "shopper {i}: its update depends on the others");
+        }
+        let general = collect(&mut tower, &refs, 2);
+        assert_eq!(general.len(), 4);
+        assert!(general.iter().zip(&fast).all(|(g, f)| g != f), "two steps differ from one");
     }
 }

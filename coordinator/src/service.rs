@@ -83,6 +83,11 @@ impl CoordinatorCore {
             epsilon_spent: if status.epsilon_spent.is_finite() { status.epsilon_spent } else { f64::MAX },
             delta: status.delta,
             current_phase: status.phase,
+            shopper_epsilon_spent: if status.shopper_epsilon_spent.is_finite() {
+                status.shopper_epsilon_spent
+            } else {
+                f64::MAX
+            },
         })
     }
 }

@@ -9,7 +9,7 @@
 //! with the noise multiplier. `dangerous_none` costs nothing because it protects nothing.
 
 use crate::accounting::{AccountingError, epsilon_from_rdp};
-use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho};
+use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at};
 use crate::ledger::PrivacyEvent;
 use crate::{PrivacyMode, PrivacyUnit};
 
@@ -61,19 +61,19 @@ pub enum CostError {
 }
 
 /// One distributed round's zCDP ρ for one unit, before any amplification by sampling: the
-/// DDGauss bound (Kairouz–Liu–Steinke) with sensitivity Δ₂ (one merchant's encoded update,
-/// or one shopper's, each rounded on its own) and the noise of `t = min_survivors`
+/// DDGauss bound (Kairouz–Liu–Steinke) with sensitivity Δ₂ (one merchant's conditionally
+/// rounded update; or one shopper's clipped update through its merchant's shared rounding,
+/// `DdgParams::summed_delta2_squared`) and the noise of `t = min_survivors`
 /// survivors, less the protected merchant's own share in the merchant unit (`t − 1`
 /// shares). In the shopper unit every share counts: the shopper's merchant is the party it
 /// trusts with its data, and adding or removing a shopper changes no merchant's share, so
 /// the neighbouring outputs differ in mean only. The ledger charges ρ amplified by q; a
 /// merchant, which the coordinator knows it sampled, charges a merchant round whole.
 pub fn round_rho(ddg: &DdgParams, min_survivors: u32, unit: PrivacyUnit) -> Result<f64, CostError> {
-    let shares = match unit {
-        PrivacyUnit::Merchant => min_survivors.saturating_sub(1),
-        PrivacyUnit::Shopper => min_survivors,
-    };
-    Ok(ddgauss_zcdp_rho(ddg, shares)?)
+    Ok(match unit {
+        PrivacyUnit::Merchant => ddgauss_zcdp_rho(ddg, min_survivors.saturating_sub(1))?,
+        PrivacyUnit::Shopper => ddgauss_zcdp_rho_at(ddg, min_survivors, ddg.summed_delta2_squared())?,
+    })
 }
 
 /// A bound on the shoppers that Poisson sampling at rate q draws from N, for the encoding's
@@ -199,7 +199,7 @@ mod tests {
         let merchant = round(PrivacyMode::Distributed);
         let shopper = RoundPrivacy { unit: PrivacyUnit::Shopper, sampling_rate: 0.02, ..merchant.clone() };
         let cost = shopper.cost().expect("cost");
-        let rho = ddgauss_zcdp_rho(&cost.ddg, 20).expect("rho");
+        let rho = ddgauss_zcdp_rho_at(&cost.ddg, 20, cost.ddg.summed_delta2_squared()).expect("rho");
         assert_eq!(cost.unit, PrivacyUnit::Shopper);
         assert_eq!(cost.event, Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.02, rho }));
         let merchant_rho = ddgauss_zcdp_rho(&merchant.cost().expect("cost").ddg, 19).expect("rho");

@@ -845,6 +845,10 @@ impl TryFrom<v1::StatusResponse> for StatusReport {
             epsilon_spent: non_negative_finite(m.epsilon_spent, "StatusResponse.epsilon_spent")?,
             delta: non_negative_finite(m.delta, "StatusResponse.delta")?,
             current_phase: m.current_phase,
+            shopper_epsilon_spent: non_negative_finite(
+                m.shopper_epsilon_spent,
+                "StatusResponse.shopper_epsilon_spent",
+            )?,
         })
     }
 }
@@ -860,6 +864,7 @@ impl From<StatusReport> for v1::StatusResponse {
             epsilon_spent: s.epsilon_spent,
             delta: s.delta,
             current_phase: s.current_phase,
+            shopper_epsilon_spent: s.shopper_epsilon_spent,
         }
     }
 }

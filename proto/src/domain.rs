@@ -205,7 +205,10 @@ pub struct StatusReport {
     pub rounds_completed: u64,
     pub rounds_aborted: u64,
     pub latest_adapter_version: u64,
+    /// Merchant-level, model-level ε.
     pub epsilon_spent: f64,
     pub delta: f64,
     pub current_phase: String,
+    /// Shopper-level ε.
+    pub shopper_epsilon_spent: f64,
 }

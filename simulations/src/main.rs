@@ -262,6 +262,7 @@ fn shopper_dp(
             Ok(())
         })?;
         training_seconds += t.elapsed().as_secs_f64();
+        let signal = sum.iter().map(|s| s * s).sum::<f64>().sqrt() / expected;
         add_central_noise(&mut sum, plan.noise_multiplier * plan.clip_norm, &mut rng)?;
         let mean: Vec<f64> = sum.iter().map(|s| s / expected).collect();
         if plan.server_adam {
@@ -285,8 +286,9 @@ fn shopper_dp(
         let validation = world.score(Some(&global), Split::Validation)?;
         let epsilon = epsilon_from_rdp(&per_round.clone().times(round), 1e-6)?.0;
         eprintln!(
-            "round {round}: {} shoppers, validation NDCG@10 {:.4}, ε {epsilon:.2}, {:.0} s ({:.1} ms a shopper)",
+            "round {round}: {} shoppers, mean clipped update norm {signal:.4} (noise {:.4}), validation NDCG@10 {:.4}, ε {epsilon:.2}, {:.0} s ({:.1} ms a shopper)",
             sampled.len(),
+            plan.noise_multiplier * plan.clip_norm * (global.len() as f64).sqrt() / expected,
             validation.ndcg_at_10,
             started.elapsed().as_secs_f64(),
             1e3 * training_seconds / (round as f64 * expected),

@@ -79,6 +79,18 @@ pub fn markdown(results: &RunResults) -> String {
     for arm in &results.arms {
         if let (Some(max), Some(mean), Some(delta)) =
             (arm.epsilon_against_coordinator_max, arm.epsilon_against_coordinator_mean, arm.delta)
+            && arm.unit == Some(guild_privacy::PrivacyUnit::Shopper)
+        {
+            out += &format!(
+                "**{}**: ε is shopper-level: every merchant took part in every round and sampled its own \
+                 shoppers in secret, so the amplification holds against the coordinator too. The merchants' \
+                 own ledgers (each charging its shoppers' rounds at its own rate) read ε = {max:.2} at most and \
+                 {mean:.2} on average (δ = {delta:.0e}). A shopper-level round gives no merchant-level \
+                 guarantee: a merchant's whole contribution is the sum of its shoppers'.\n\n",
+                arm.arm
+            );
+        } else if let (Some(max), Some(mean), Some(delta)) =
+            (arm.epsilon_against_coordinator_max, arm.epsilon_against_coordinator_mean, arm.delta)
         {
             out += &format!(
                 "**{}**: ε spent is model-level (amplified by sampling: against whoever sees the released \

@@ -49,6 +49,9 @@ pub struct ArmResult {
     /// Model-level ε: what the coordinator's ledger charges, amplified by sampling (against
     /// whoever sees the released adapters).
     pub epsilon: Option<f64>,
+    /// Whom `epsilon` protects (DP arms): one merchant, or one shopper.
+    #[serde(default)]
+    pub unit: Option<guild_privacy::PrivacyUnit>,
     /// ε against the coordinator, which knows whom it sampled: each merchant's own ledger
     /// (its participations composed, no amplification) at the same δ; the largest over
     /// merchants and the mean over those that took part.

@@ -27,7 +27,7 @@ use crate::federation::{Federation, coordinator_binary};
 use crate::observe::{PhaseStats, epsilon_after, per_phase};
 use crate::progress::Progress;
 use crate::results::{ArmResult, Comparison, RoundPoint, RunResults, Scores};
-use crate::scenario::{ClientMode, Scenario};
+use crate::scenario::{ClientMode, Scenario, ShopperDp};
 use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, PairingError, paired_difference, per_user};
 use crate::world::{World, WorldSpec, lock};
 
@@ -121,6 +121,8 @@ struct FederatedArm {
     name: String,
     mode: PrivacyMode,
     unit: PrivacyUnit,
+    /// The shopper-level arms' settings (the unit is then `Shopper`).
+    shopper: Option<ShopperDp>,
     noise_multiplier: f64,
     epsilon_cap: f64,
     delta: f64,
@@ -140,7 +142,17 @@ async fn federated(
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
-    let n = world.merchants.len();
+    // The shopper-level arms' merchants hold several of the scenario's shops each.
+    let merged;
+    let merchants: &[Merchant] = match &arm.shopper {
+        Some(sh) => {
+            merged = merge_shops(&world.merchants, sh.merge_shops);
+            &merged
+        }
+        None => &world.merchants,
+    };
+    let n = merchants.len();
+    let shoppers: usize = merchants.iter().map(|m| m.users.len()).sum();
     let mut federation = Federation::init(&dir, n, |c| {
         c.adapter.family = f.family;
         c.adapter.rank = f.rank;
@@ -163,6 +175,20 @@ async fn federated(
         c.privacy.noise_multiplier = arm.noise_multiplier;
         c.privacy.epsilon_budget = arm.epsilon_cap;
         c.privacy.delta = arm.delta;
+        if let Some(sh) = &arm.shopper {
+            // Every merchant in every round, each sampling its own shoppers.
+            c.rounds.sampling_rate = 1.0;
+            c.rounds.min_cohort = n as u32;
+            c.rounds.neighbours = 0;
+            c.rounds.local_steps = sh.local_steps;
+            c.rounds.learning_rate = sh.learning_rate;
+            c.rounds.server_learning_rate = sh.server_learning_rate;
+            c.rounds.server_optimizer = sh.server_optimizer;
+            c.privacy.unit = PrivacyUnit::Shopper;
+            c.privacy.shopper_sampling_rate = sh.sampling_rate;
+            c.privacy.shoppers = shoppers as u64;
+            c.privacy.clip_norm = sh.clip_norm;
+        }
     })?;
     let binary = coordinator_binary()?;
     federation.start_process(&binary).await?;
@@ -178,7 +204,7 @@ async fn federated(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut tasks = Vec::new();
     let mut processes = Vec::new();
-    for (i, merchant) in world.merchants.iter().enumerate() {
+    for (i, merchant) in merchants.iter().enumerate() {
         match s.clients {
             ClientMode::Tasks => {
                 let connection = federation.connect(i).await?;
@@ -204,8 +230,10 @@ async fn federated(
                     max_backoff: Duration::from_secs(2),
                     faults: faults.clone(),
                     max_rounds: 0,
-                    // The simulator reports each arm's ε; its merchants do not cap their own.
+                    // The simulator reports each arm's ε; its merchants do not cap their own
+                    // (nor the rate at which the shopper arms sample their shoppers).
                     max_epsilon: f64::INFINITY,
+                    max_shopper_sampling_rate: 1.0,
                     ..ParticipantOptions::default()
                 };
                 // Each merchant keeps its own durable ledger, read back after the arm for
@@ -358,11 +386,15 @@ async fn federated(
     let validation = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?;
     let epsilon = epsilon_after(&store, budget, arm.unit, None)?;
     let status = status_connection.status().await.ok();
+    let reported = |s: &guild_proto::domain::StatusReport| match arm.unit {
+        PrivacyUnit::Merchant => s.epsilon_spent,
+        PrivacyUnit::Shopper => s.shopper_epsilon_spent,
+    };
     if let Some(status) = &status
         && arm.mode != PrivacyMode::DangerousNone
-        && (status.epsilon_spent - epsilon).abs() > 1e-9 * epsilon.max(1.0)
+        && (reported(status) - epsilon).abs() > 1e-9 * epsilon.max(1.0)
     {
-        anyhow::bail!("the coordinator reports ε = {} but its ledger gives {epsilon}", status.epsilon_spent);
+        anyhow::bail!("the coordinator reports ε = {} but its ledger gives {epsilon}", reported(status));
     }
     federation.kill()?;
     let against_coordinator = if arm.mode == PrivacyMode::Distributed {
@@ -371,6 +403,7 @@ async fn federated(
         None
     };
     Ok(ArmResult {
+        unit: (arm.mode != PrivacyMode::DangerousNone).then_some(arm.unit),
         epsilon_against_coordinator_max: against_coordinator.map(|(max, _)| max),
         epsilon_against_coordinator_mean: against_coordinator.map(|(_, mean)| mean),
         arm: arm.name.clone(),
@@ -391,6 +424,19 @@ async fn federated(
         dropouts: phase_stats.dropouts(),
         events,
     })
+}
+
+/// Merchants of `size` consecutive shops each (the last may hold fewer), named after their
+/// first shop.
+fn merge_shops(shops: &[Merchant], size: usize) -> Vec<Merchant> {
+    shops
+        .chunks(size.max(1))
+        .map(|group| Merchant {
+            name: format!("{}-x{}", group[0].name, group.len()),
+            family: group[0].family,
+            users: group.iter().flat_map(|m| m.users.iter().copied()).collect(),
+        })
+        .collect()
 }
 
 /// Merchant `i`'s own privacy ledger in a simulated federation.
@@ -490,8 +536,11 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let d = world.parameter_count();
     let delta = s.delta(n);
     let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
+    let shopper_rounds = s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds);
     let progress = Progress::new(
-        u64::from(s.arms.federated) * f.rounds + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds),
+        u64::from(s.arms.federated) * f.rounds
+            + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
+            + s.arms.shopper_dp_epsilons.len() as u64 * shopper_rounds,
     );
     let mut arms = Vec::new();
     let baseline =
@@ -623,6 +672,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             name: "federated (non-private)".into(),
             mode: PrivacyMode::DangerousNone,
             unit: PrivacyUnit::Merchant,
+            shopper: None,
             noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
@@ -656,6 +706,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
             unit: PrivacyUnit::Merchant,
+            shopper: None,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,
@@ -668,11 +719,46 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             name: format!("central DP ε={epsilon}"),
             mode: PrivacyMode::Central,
             unit: PrivacyUnit::Merchant,
+            shopper: None,
             noise_multiplier: z,
             epsilon_cap: epsilon,
             delta,
             rounds: dp_rounds,
         });
+    }
+    if let Some(sh) = &s.arms.shopper_dp {
+        let merchants = merge_shops(&world.merchants, sh.merge_shops).len() as u32;
+        let shoppers = world.merchants.iter().map(|m| m.users.len()).sum::<usize>() as u64;
+        let shopper_delta = sh.delta.unwrap_or_else(|| 1e-6f64.min(1.0 / (shoppers as f64).powf(1.1)));
+        let round = RoundPrivacy {
+            mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Shopper,
+            sampling_rate: sh.sampling_rate,
+            noise_multiplier: 1.0,
+            clip_norm: sh.clip_norm,
+            dimension: d,
+            // Every merchant is in the complete-graph cohort: the threshold the coordinator
+            // raises each round to.
+            min_survivors: f
+                .threshold
+                .max(guild_privacy::secagg::min_active_threshold(merchants.saturating_sub(1))),
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.sampling_rate),
+            bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
+            wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
+        };
+        for &epsilon in &s.arms.shopper_dp_epsilons {
+            let z = calibrate_noise(epsilon, &round, sh.rounds + 1, shopper_delta)?;
+            plan.push(FederatedArm {
+                name: format!("shopper-level DP ε={epsilon}"),
+                mode: PrivacyMode::Distributed,
+                unit: PrivacyUnit::Shopper,
+                shopper: Some(sh.clone()),
+                noise_multiplier: z,
+                epsilon_cap: epsilon,
+                delta: shopper_delta,
+                rounds: sh.rounds,
+            });
+        }
     }
     for arm in &plan {
         progress.message(arm.name.clone());

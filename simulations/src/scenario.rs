@@ -131,6 +131,47 @@ pub struct Arms {
     /// Federated with central DP (trusted coordinator) at these ε.
     #[serde(default)]
     pub central_dp_epsilons: Vec<f64>,
+    /// Federated with shopper-level distributed DP at these ε (settings in `shopper_dp`).
+    #[serde(default)]
+    pub shopper_dp_epsilons: Vec<f64>,
+    #[serde(default)]
+    pub shopper_dp: Option<ShopperDp>,
+}
+
+/// The shopper-level DP arms: every merchant in every round, each Poisson-sampling its own
+/// shoppers and clipping each one's update (`privacy.unit = "shopper"`).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShopperDp {
+    /// Each merchant of these arms holds this many of the scenario's shops (consecutive in
+    /// the partition): every merchant is in every round, so a few dozen large merchants
+    /// (each adding σ²/t of the noise, t > 2/3 of them) rather than hundreds of small ones.
+    #[serde(default = "one_shop")]
+    pub merge_shops: usize,
+    /// q: the rate at which each merchant samples each of its shoppers per round.
+    pub sampling_rate: f64,
+    pub rounds: u64,
+    /// c: L2 clip norm of one shopper's update.
+    pub clip_norm: f64,
+    /// SGD steps on one shopper's rows (1: its gradient, as DP-SGD).
+    #[serde(default = "one_step")]
+    pub local_steps: u32,
+    /// η of those steps: one shopper's update is −η·∇ before clipping.
+    pub learning_rate: f32,
+    #[serde(default = "fed_avg")]
+    pub server_optimizer: ServerOptimizer,
+    pub server_learning_rate: f64,
+    /// δ of the shopper-level arms (default: min(1e-6, 1/N^1.1) for N shoppers).
+    #[serde(default)]
+    pub delta: Option<f64>,
+}
+
+fn one_shop() -> usize {
+    1
+}
+
+fn one_step() -> u32 {
+    1
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -215,9 +256,24 @@ impl Scenario {
             .distributed_dp_epsilons
             .iter()
             .chain(&scenario.arms.central_dp_epsilons)
+            .chain(&scenario.arms.shopper_dp_epsilons)
             .any(|e| e.is_nan() || *e <= 0.0)
         {
             return Err(invalid("every ε must be positive".into()));
+        }
+        if !scenario.arms.shopper_dp_epsilons.is_empty() {
+            let Some(sh) = &scenario.arms.shopper_dp else {
+                return Err(invalid("shopper_dp_epsilons needs [arms.shopper_dp] settings".into()));
+            };
+            if !(sh.sampling_rate > 0.0 && sh.sampling_rate <= 1.0) || sh.rounds == 0 || sh.merge_shops == 0 {
+                return Err(invalid(
+                    "arms.shopper_dp: sampling_rate must be in (0, 1], rounds and merge_shops at least 1"
+                        .into(),
+                ));
+            }
+            if scenario.clients != ClientMode::Tasks {
+                return Err(invalid("shopper-level arms run with clients = \"tasks\" only".into()));
+            }
         }
         Ok(scenario)
     }

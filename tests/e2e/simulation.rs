@@ -129,6 +129,15 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
     );
     assert!(max >= epsilon - 1e-9 && mean > 0.0 && mean <= max, "{max} {mean} against {epsilon}");
     assert!(federated.epsilon_against_coordinator_max.is_none(), "no DP, no ledger figure");
+    // The shopper unit end to end: every merchant sampled its own shoppers; the ledger
+    // charged the shoppers' rate and the merchants' own ledgers count their shoppers' ε.
+    let shopper = arm("shopper-level DP ε=8");
+    assert_eq!(shopper.unit, Some(guild_privacy::PrivacyUnit::Shopper));
+    assert_eq!(dp.unit, Some(guild_privacy::PrivacyUnit::Merchant));
+    let shopper_epsilon = shopper.epsilon.expect("shopper arm spends ε");
+    assert!(shopper_epsilon > 0.0 && shopper_epsilon <= 8.0 + 1e-9, "ε = {shopper_epsilon}");
+    assert!(shopper.rounds >= 1 && shopper.curve.len() as u64 == shopper.rounds, "{:?}", shopper.events);
+    assert!(shopper.epsilon_against_coordinator_max.is_some_and(|e| e > 0.0));
     assert_eq!(
         results.adapter_parameters,
         guild_proto::tower::parameter_count(&guild_proto::tower::TowerShape {

@@ -171,6 +171,31 @@ impl Tower {
         Ok(())
     }
 
+    /// The gradient of every variable, flat in [`Self::flat`]'s order (zeros where a
+    /// variable has none), after a backward pass.
+    pub fn flat_gradient(&self) -> Vec<f32> {
+        let parts: Vec<Tensor> = self
+            .vars
+            .values()
+            .map(|t| {
+                let g = t.grad();
+                if g.defined() {
+                    g.to(Device::Cpu).flatten(0, -1)
+                } else {
+                    t.zeros_like().to(Device::Cpu).flatten(0, -1)
+                }
+            })
+            .collect();
+        Vec::<f32>::try_from(&Tensor::cat(&parts, 0)).expect("float32 gradients")
+    }
+
+    /// Clears every variable's gradient.
+    pub fn zero_gradients(&mut self) {
+        for t in self.vars.values_mut() {
+            t.zero_grad();
+        }
+    }
+
     /// The initial values, flat.
     pub fn initial(&self) -> &[f32] {
         &self.initial

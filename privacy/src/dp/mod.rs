@@ -11,7 +11,9 @@ mod hadamard;
 mod sampling;
 
 pub use clip::{clip_l2, l2_norm};
-pub use ddgauss::{DdgEncoding, DdgParams, DdgSum, ParamsRequest, add_mod, ddgauss_zcdp_rho};
+pub use ddgauss::{
+    DdgEncoding, DdgParams, DdgSum, ParamsRequest, add_mod, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at,
+};
 pub use discrete_gaussian::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler, Rational};
 pub use gaussian::{add_central_noise, privatise_local};
 pub use hadamard::{RandomRotation, fwht};
