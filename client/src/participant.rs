@@ -539,7 +539,6 @@ impl Participant {
             cohort_size: s.cohort_size,
             threshold: s.threshold,
             neighbours: s.neighbours,
-            graph_seed: s.graph_seed,
             vector_length: s.vector_length as usize,
             bit_width: p.bit_width,
         };
@@ -704,7 +703,6 @@ mod tests {
                 cohort_size: n,
                 threshold: t,
                 neighbours: n - 1,
-                graph_seed: 5,
                 vector_length: cost.ddg.padded_dimension() as u32,
                 phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
             },
@@ -737,7 +735,7 @@ mod tests {
         // without a matching digest is refused; with a matching digest, the bindings differ.
         type Change = Box<dyn Fn(&mut RoundTask)>;
         let changes: Vec<Change> = vec![
-            Box::new(|t| t.secagg.graph_seed ^= 1),
+            Box::new(|t| t.secagg.neighbours -= 1),
             Box::new(|t| t.secagg.threshold += 1),
             Box::new(|t| t.privacy.noise_multiplier *= 0.5),
             Box::new(|t| t.privacy.min_survivors -= 1),

@@ -85,7 +85,6 @@ fn run(dropout_fraction: f64, seed: u64) -> Timings {
         cohort_size: N,
         threshold: T,
         neighbours: K,
-        graph_seed: seed,
         vector_length: D,
         bit_width: 32,
     };
@@ -178,7 +177,7 @@ fn run(dropout_fraction: f64, seed: u64) -> Timings {
         server.receive_unmask(c, m).expect("unmask");
         t.server[4] += start.elapsed();
     }
-    let graph = guild_privacy::secagg::graph::NeighbourGraph::new(N, K, seed);
+    let graph = server.neighbour_graph().expect("drawn when phase 0 closed").clone();
     let survived = |c: &ClientIndex| talks(c, 2);
     t.masks_removed = (1..=N).map(index).filter(survived).count()
         + (1..=N)

@@ -40,7 +40,6 @@ impl Federation {
             cohort_size: n,
             threshold: t,
             neighbours: k,
-            graph_seed: seed,
             vector_length: d,
             bit_width,
         };
@@ -317,7 +316,7 @@ fn a_client_the_server_calls_dropped_after_its_input_stays_hidden() {
     let keys_of = |c: ClientIndex| round.roster.iter().find(|k| k.sender == c).expect("in roster");
     assert_eq!(key.public(), keys_of(four).mask_public_key, "the reconstruction is 4's real key");
     let mut stripped = round.masked[&four].clone();
-    for &v in NeighbourGraph::new(5, 4, f.config.graph_seed).neighbours(four) {
+    for &v in NeighbourGraph::new(5, 4, 0).neighbours(four) {
         let seed = key.pairwise_seed(&keys_of(v).mask_public_key, &f.config.binding).expect("contributory");
         // 4 added +PRG(s_4v) for v > 4 and −PRG(s_4v) for v < 4.
         crypto::apply_mask(
@@ -504,4 +503,48 @@ fn state_machines_survive_random_adversaries() {
         guild_privacy::secagg::fuzzing::drive_client(&tape);
         guild_privacy::secagg::fuzzing::drive_server(&tape);
     }
+}
+
+/// #14.2: the coordinator no longer chooses the neighbour graph. Every client derives it
+/// from the roster of signed key advertisements it verified, and the server from the same
+/// roster: they agree (each client shares exactly with its roster-derived neighbours, which
+/// the server accepts), and a coordinator that wants another graph has no number to set —
+/// only the roster to change, which changes the seed unpredictably (keys are fresh each
+/// round) and costs it the left-out clients.
+#[test]
+fn the_neighbour_graph_is_drawn_from_the_roster_not_chosen_by_the_coordinator() {
+    use guild_privacy::secagg::graph::roster_seed;
+    let mut f = Federation::new(30, 10, 7, 16, 32, 21);
+    let mut server = f.server();
+    let mut states = BTreeMap::new();
+    for c in (1..=30).map(index) {
+        let (state, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
+        server.receive_keys(c, msg).expect("honest keys");
+        states.insert(c, state);
+    }
+    assert!(server.neighbour_graph().is_none(), "no graph before the roster exists");
+    let roster = server.close_keys().expect("roster");
+    let by_index: BTreeMap<ClientIndex, SignedKeys> = roster.iter().map(|k| (k.sender, k.clone())).collect();
+    let graph = NeighbourGraph::new(30, 10, roster_seed(&f.config.binding, &by_index));
+    assert_eq!(server.neighbour_graph(), Some(&graph), "the server draws the roster's graph");
+    for (c, state) in states {
+        let (_, msg) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("honest roster");
+        let recipients: BTreeSet<ClientIndex> = msg.shares.iter().map(|s| s.recipient).collect();
+        let expected: BTreeSet<ClientIndex> = graph.neighbours(c).iter().copied().collect();
+        assert_eq!(recipients, expected, "client {c} shares with its roster-derived neighbours");
+        server.receive_shares(c, msg).expect("the server agrees on the graph");
+    }
+    // The seed depends on every advertisement and on the round: leaving one client out of
+    // the roster, or another round, gives another graph.
+    let mut fewer = by_index.clone();
+    fewer.remove(&index(17));
+    let seed = roster_seed(&f.config.binding, &by_index);
+    assert_ne!(roster_seed(&f.config.binding, &fewer), seed);
+    assert_ne!(roster_seed(&binding(2), &by_index), seed);
+    let mut other_keys = by_index.clone();
+    if let Some(k) = other_keys.get_mut(&index(3)) {
+        k.mask_public_key[0] ^= 1;
+    }
+    assert_ne!(roster_seed(&f.config.binding, &other_keys), seed);
+    assert_ne!(NeighbourGraph::new(30, 10, roster_seed(&f.config.binding, &fewer)), graph);
 }

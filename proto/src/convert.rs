@@ -440,7 +440,6 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             cohort_size: s.cohort_size,
             threshold: s.threshold,
             neighbours: s.neighbours,
-            graph_seed: s.graph_seed,
             vector_length: s.vector_length,
             phase_deadlines: s
                 .phase_deadline_millis
@@ -500,7 +499,6 @@ impl From<RoundTask> for v1::RoundTask {
                 cohort_size: t.secagg.cohort_size,
                 threshold: t.secagg.threshold,
                 neighbours: t.secagg.neighbours,
-                graph_seed: t.secagg.graph_seed,
                 vector_length: t.secagg.vector_length,
                 phase_deadline_millis: t
                     .secagg
@@ -910,7 +908,6 @@ mod tests {
                 cohort_size: 10,
                 threshold: 5,
                 neighbours: 8,
-                graph_seed: 11,
                 vector_length: 8192,
                 phase_deadlines: vec![Duration::from_secs(30); 5],
             },

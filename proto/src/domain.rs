@@ -161,7 +161,6 @@ pub struct SecAggParams {
     pub cohort_size: u32,
     pub threshold: u32,
     pub neighbours: u32,
-    pub graph_seed: u64,
     pub vector_length: u32,
     pub phase_deadlines: Vec<Duration>,
 }

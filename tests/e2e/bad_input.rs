@@ -122,7 +122,6 @@ async fn bad_phase_messages_are_refused_with_reasons_and_change_nothing() {
         cohort_size: task.secagg.cohort_size,
         threshold: task.secagg.threshold,
         neighbours: task.secagg.neighbours,
-        graph_seed: task.secagg.graph_seed,
         vector_length: task.secagg.vector_length as usize,
         bit_width: task.privacy.bit_width,
     };

@@ -106,7 +106,6 @@ impl Engine {
             cohort_size: n,
             threshold: t,
             neighbours: k,
-            graph_seed: rng.r#gen(),
             vector_length: cost.ddg.padded_dimension(),
             bit_width: cfg.privacy.bit_width,
         };
@@ -231,7 +230,6 @@ impl Engine {
                 cohort_size: round.cohort_size,
                 threshold: round.threshold,
                 neighbours: round.neighbours,
-                graph_seed: round.graph_seed,
                 vector_length: round.vector_length as u32,
                 phase_deadlines: template.deadlines.clone(),
             },

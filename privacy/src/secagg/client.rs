@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use rand_core::{CryptoRng, RngCore};
 
 use super::crypto::{self, AgreementKey, MaskSign, SigningKey};
-use super::graph::NeighbourGraph;
+use super::graph::{NeighbourGraph, roster_seed};
 use super::message::*;
 use super::shamir::{self, LIMBS, ShareValues};
 use super::{Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, signed};
@@ -58,7 +58,9 @@ pub fn start(
     if !config.contains(me) {
         return Err(SecAggError::Config(format!("{me} is outside the cohort of {}", config.cohort_size)));
     }
-    let graph = NeighbourGraph::new(config.cohort_size, config.neighbours, config.graph_seed);
+    // The graph is drawn from the roster once it arrives (`roster_seed`); until then this
+    // client has no neighbours.
+    let graph = NeighbourGraph::new(0, 0, 0);
     let core = Core {
         me,
         graph,
@@ -88,7 +90,7 @@ impl ExpectRoster {
         identities: &Identities,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<(ExpectInbox, ShareKeys), SecAggError> {
-        let core = self.core;
+        let mut core = self.core;
         let mut keys = BTreeMap::new();
         for entry in roster {
             let who = entry.sender;
@@ -110,6 +112,10 @@ impl ExpectRoster {
         if keys.get(&core.me) != Some(&self.sent) {
             return Err(SecAggError::Server(ServerMisbehaved::RosterAltered));
         }
+        // The neighbour graph, from every advertisement in the roster: the coordinator does
+        // not choose it, and every client (and the server) derives the same one.
+        let seed = roster_seed(&core.config.binding, &keys);
+        core.graph = NeighbourGraph::new(core.config.cohort_size, core.config.neighbours, seed);
         let present: BTreeSet<ClientIndex> = keys.keys().copied().collect();
         core.require(Phase::AdvertiseKeys, core.neighbours_in(&present))?;
 

@@ -64,7 +64,6 @@ fn setup() -> Setup {
         cohort_size: 4,
         threshold: 2,
         neighbours: 3,
-        graph_seed: 1,
         vector_length: 8,
         bit_width: 16,
     };

@@ -6,7 +6,33 @@
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use super::message::ClientIndex;
+use std::collections::BTreeMap;
+
+use super::message::{ClientIndex, RoundBinding, SignedKeys};
+
+/// The round's graph seed: SHA-256 over the round binding and every signed key
+/// advertisement of the roster, in index order (first 8 bytes, little-endian). The
+/// coordinator does not choose it: every client recomputes it from the roster it received
+/// and builds the graph from it, so steering a victim's neighbourhood would take choosing
+/// which advertisements to leave out of the roster and hashing until one suits (each
+/// combination one try, every left-out client a dropout the round must absorb), not picking
+/// a number. Each advertisement carries fresh X25519 keys drawn by its client after the
+/// cohort was fixed, so no party knows the seed before the roster closes.
+pub fn roster_seed(binding: &RoundBinding, roster: &BTreeMap<ClientIndex, SignedKeys>) -> u64 {
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    hash.update(b"guild secagg+ v1 graph seed");
+    hash.update(&binding.to_bytes());
+    for (index, keys) in roster {
+        hash.update(&index.get().to_be_bytes());
+        hash.update(&keys.cipher_public_key);
+        hash.update(&keys.mask_public_key);
+        hash.update(&keys.signature);
+    }
+    let digest = hash.finish();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_ref()[..8]);
+    u64::from_le_bytes(first)
+}
 
 /// The neighbour lists of every client of a round.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -36,9 +36,9 @@ pub struct RoundConfig {
     pub cohort_size: u32,
     /// t: shares needed to reconstruct a secret, and survivors needed in each neighbourhood.
     pub threshold: u32,
-    /// k: neighbours per client (k ≥ n − 1: the original, complete-graph protocol).
+    /// k: neighbours per client (k ≥ n − 1: the original, complete-graph protocol). The
+    /// graph itself is drawn from the roster ([`graph::roster_seed`]), not chosen by anyone.
     pub neighbours: u32,
-    pub graph_seed: u64,
     /// Length of the input vectors, in u32 words.
     pub vector_length: usize,
     /// b: inputs and masks live in Z_{2^b}, 1 ≤ b ≤ 32.

@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::crypto::{self, AgreementKey, MaskSign};
-use super::graph::NeighbourGraph;
+use super::graph::{NeighbourGraph, roster_seed};
 use super::message::*;
 use super::shamir::{self, ShareValues};
 use super::{Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, signed};
@@ -44,7 +44,8 @@ impl Stage {
 #[derive(Debug)]
 pub struct Server {
     config: RoundConfig,
-    graph: NeighbourGraph,
+    /// Drawn from the roster when phase 0 closes ([`roster_seed`]).
+    graph: Option<NeighbourGraph>,
     identities: Identities,
     stage: Stage,
     /// U1: clients whose keys were forwarded.
@@ -66,7 +67,7 @@ fn peer(who: ClientIndex, fault: PeerMisbehaved) -> SecAggError {
 impl Server {
     pub fn new(config: RoundConfig, identities: Identities) -> Result<Self, SecAggError> {
         config.validate()?;
-        let graph = NeighbourGraph::new(config.cohort_size, config.neighbours, config.graph_seed);
+        let graph = None;
         Ok(Self {
             sum: vec![0; config.vector_length],
             graph,
@@ -110,6 +111,18 @@ impl Server {
             return Err(peer(from, PeerMisbehaved::ForgedSender { claimed }));
         }
         Ok(())
+    }
+
+    /// The neighbour graph, drawn when phase 0 closed.
+    fn graph(&self) -> Result<&NeighbourGraph, SecAggError> {
+        self.graph
+            .as_ref()
+            .ok_or(SecAggError::WrongPhase { phase: self.stage.phase(), got: Phase::ShareKeys })
+    }
+
+    /// The round's neighbour graph, once phase 0 has closed.
+    pub fn neighbour_graph(&self) -> Option<&NeighbourGraph> {
+        self.graph.as_ref()
     }
 
     fn wrong_phase(&self, got: Phase) -> SecAggError {
@@ -168,6 +181,8 @@ impl Server {
         };
         let keys = std::mem::take(keys);
         self.require(Phase::AdvertiseKeys, keys.len())?;
+        let seed = roster_seed(&self.config.binding, &keys);
+        self.graph = Some(NeighbourGraph::new(self.config.cohort_size, self.config.neighbours, seed));
         self.roster = keys;
         self.stage = Stage::ShareKeys { shares: BTreeMap::new() };
         Ok(self.roster.values().cloned().collect())
@@ -185,7 +200,7 @@ impl Server {
             if share.sender != from {
                 return Err(peer(from, PeerMisbehaved::ForgedSender { claimed: share.sender }));
             }
-            if !self.graph.are_neighbours(from, share.recipient)
+            if !self.graph()?.are_neighbours(from, share.recipient)
                 || !self.roster.contains_key(&share.recipient)
             {
                 return Err(peer(from, PeerMisbehaved::NotANeighbour(share.recipient)));
@@ -313,7 +328,7 @@ impl Server {
         // Validate everything before recording anything.
         let mut owners = BTreeSet::new();
         let check = |share: &ShamirShare, owner_survived: bool| -> Result<ShareValues, SecAggError> {
-            let allowed = self.graph.are_neighbours(from, share.owner)
+            let allowed = self.graph()?.are_neighbours(from, share.owner)
                 && self.shared.contains(&share.owner)
                 && self.survivors.contains(&share.owner) == owner_survived;
             if !allowed {
@@ -400,7 +415,7 @@ impl Server {
             if key.public() != self.roster[&u].mask_public_key {
                 return Err(peer(u, PeerMisbehaved::BadShares));
             }
-            for &v in self.graph.neighbours(u) {
+            for &v in self.graph()?.neighbours(u) {
                 if !self.survivors.contains(&v) {
                     continue;
                 }
@@ -486,7 +501,6 @@ mod tests {
             cohort_size: 5,
             threshold: 3,
             neighbours: 4,
-            graph_seed: 9,
             vector_length: 16,
             bit_width: 32,
         };
