@@ -17,6 +17,10 @@ pub struct Faults {
     pub drop: [f64; Phase::COUNT],
     pub straggle: f64,
     pub straggle_delay: Duration,
+    /// A hostile merchant: replace the encoded update with uniformly random ring elements
+    /// (what a merchant that skips clipping and encoding could send; it carries no data).
+    /// The coordinator's norm check must reject the round's sum.
+    pub poison_update: bool,
     /// What was injected, per phase; clones of these faults share one tally.
     pub injected: Arc<InjectedFaults>,
 }

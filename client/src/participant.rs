@@ -528,7 +528,11 @@ impl Participant {
         .await
         .map_err(|e| ParticipantError::Training(format!("the training thread failed: {e}")))?;
         self.learner = Some(learner);
-        let encoded = encoded?;
+        let mut encoded = encoded?;
+        if self.options.faults.poison_update {
+            let mask = if p.bit_width == 32 { u32::MAX } else { (1u32 << p.bit_width) - 1 };
+            encoded.values.iter_mut().for_each(|v| *v = rand::RngCore::next_u32(&mut self.rng) & mask);
+        }
         let train_seconds = started.elapsed().as_secs_f64();
         let mut os_rng = ChaCha20Rng::from_entropy();
 

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub rounds_aborted: Counter,
     pub rounds_skipped: Counter,
     pub rounds_refused: Counter,
+    /// Rounds whose decoded sum was rejected as poisoned (above an honest sum's norm bound).
+    pub rounds_poisoned: Counter,
     pub participants: Gauge,
     pub dropouts: Family<PhaseLabel, Counter>,
     pub phase_seconds: Family<PhaseLabel, Histogram>,
@@ -62,6 +64,7 @@ impl Metrics {
         let rounds_aborted = Counter::default();
         let rounds_skipped = Counter::default();
         let rounds_refused = Counter::default();
+        let rounds_poisoned = Counter::default();
         let participants = Gauge::default();
         let dropouts = Family::<PhaseLabel, Counter>::default();
         let phase_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
@@ -90,6 +93,11 @@ impl Metrics {
             rounds_skipped.clone(),
         );
         registry.register("rounds_refused", "Rounds refused by the privacy budget", rounds_refused.clone());
+        registry.register(
+            "rounds_poisoned",
+            "Rounds whose decoded sum exceeded what clipped updates and the noise reach",
+            rounds_poisoned.clone(),
+        );
         registry.register("participants", "Cohort size of the latest round", participants.clone());
         registry.register("dropouts", "Clients that missed a phase's deadline", dropouts.clone());
         registry.register("phase_seconds", "Time from a phase's start to its close", phase_seconds.clone());
@@ -116,6 +124,7 @@ impl Metrics {
             rounds_aborted,
             rounds_skipped,
             rounds_refused,
+            rounds_poisoned,
             participants,
             dropouts,
             phase_seconds,

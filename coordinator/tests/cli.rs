@@ -56,6 +56,56 @@ fn noise_multiplier_round_trips_through_epsilon() {
     assert!(out["epsilon"].as_f64().expect("number") <= 8.0);
 }
 
+/// The unit changes who the sampling rate samples, and so the figure against the
+/// coordinator: for shoppers (sampled by their merchants) it is the model-level ε; for
+/// merchants (sampled by the coordinator) every round counts whole. DESIGN.md's
+/// feasibility figure for the shopper unit: z ≈ 1.31 for ε = 3 at q = 0.02 over 1,000
+/// rounds at δ = 1e-6.
+#[test]
+fn the_unit_decides_the_epsilon_against_the_coordinator() {
+    let run = |unit: &str| {
+        let (ok, stdout, stderr) = coordinator(&[
+            "privacy",
+            "noise-multiplier",
+            "--unit",
+            unit,
+            "--sampling-rate",
+            "0.02",
+            "--rounds",
+            "1000",
+            "--delta",
+            "1e-6",
+            "--target-epsilon",
+            "3",
+        ]);
+        assert!(ok, "{stderr}");
+        json(&stdout)
+    };
+    let shopper = run("shopper");
+    assert_eq!(shopper["unit"], "shopper");
+    let z = shopper["noise_multiplier"].as_f64().expect("number");
+    assert!((z - 1.31).abs() < 0.02, "DESIGN.md quotes z ≈ 1.31, got {z}");
+    assert_eq!(shopper["epsilon_against_coordinator"], shopper["epsilon"]);
+    let merchant = run("merchant");
+    let against = merchant["epsilon_against_coordinator"].as_f64().expect("number");
+    assert!(against > 10.0 * merchant["epsilon"].as_f64().expect("number"), "{merchant}");
+    let (ok, _, stderr) = coordinator(&[
+        "privacy",
+        "epsilon",
+        "--unit",
+        "shop",
+        "--sampling-rate",
+        "0.1",
+        "--noise-multiplier",
+        "1",
+        "--rounds",
+        "1",
+        "--delta",
+        "1e-5",
+    ]);
+    assert!(!ok && stderr.contains("unknown privacy unit"), "{stderr}");
+}
+
 #[test]
 fn invalid_arguments_are_named_and_exit_non_zero() {
     let base = ["privacy", "epsilon", "--rounds", "10"];

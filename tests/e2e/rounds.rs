@@ -190,6 +190,48 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     assert_ne!(store.adapter(2).expect("v2").data, store.adapter(0).expect("v0").data, "the adapter moved");
 }
 
+/// #15.2: a hostile merchant sends uniform ring elements instead of its clipped, encoded
+/// update. SecAgg+ hides who did it, but the decoded sum's norm is far above what clipped
+/// updates and the noise reach: the coordinator discards the sum (no adapter is committed
+/// from it, the round's ledger charge stands), counts it, and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_sum_is_rejected_and_nothing_is_committed_from_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.rounds.max_rounds = 1;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let mut clients = Vec::new();
+    for i in 0..4 {
+        let faults = Faults { poison_update: i == 2, ..Faults::default() };
+        clients.push(spawn_client(&federation, i, faults, 1).await);
+    }
+    let store = federation.store().expect("store");
+    let started = std::time::Instant::now();
+    while store.round_counts().expect("counts").aborted == 0 {
+        assert!(started.elapsed() < Duration::from_secs(60), "{:?}", store.round_counts());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for client in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(30), client).await;
+    }
+    assert_eq!(store.round_counts().expect("counts").completed, 0);
+    assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(0), "nothing committed");
+    assert_eq!(store.ledger().expect("ledger").len(), 1, "the round reached Unmask: its charge stands");
+    let core = &federation.in_process().expect("running").core;
+    let outcomes = core.engine().recent_outcomes();
+    assert!(
+        outcomes.iter().any(|(_, o)| matches!(o, guild_coordinator::engine::Outcome::Aborted { reason }
+            if reason.contains("decoded sum has L2 norm"))),
+        "{outcomes:?}"
+    );
+    let metrics = core.engine().metrics.encode();
+    assert!(metrics.contains("guild_rounds_poisoned_total 1"), "{metrics}");
+}
+
 /// Spawns `n` lightweight clients.
 pub async fn futures_join(
     federation: &Federation,

@@ -17,6 +17,10 @@ use super::optimizer::server_step;
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::store::{AdapterRecord, RoundCommit};
 
+/// The probability that an honest round's sum is rejected as poisoned
+/// (`DdgParams::honest_sum_norm_bound`).
+pub const POISONED_SUM_FALSE_REJECTION: f64 = 1e-9;
+
 impl Engine {
     /// Runs rounds until `max_rounds` (if set) have completed in this run.
     pub async fn run(self: Arc<Self>) {
@@ -170,6 +174,24 @@ impl Engine {
         let sum = round.server.finish()?;
         let rotation = RandomRotation::new(round.ddg.padded_dimension(), round.rotation_seed);
         let mut decoded = round.ddg.decode(&sum, &rotation)?;
+        // A poisoned sum: no clipped, encoded updates and noise reach this norm. The round is
+        // rejected (its charge stands, as for any round that reached Unmask).
+        let norm = decoded.iter().map(|x| x * x).sum::<f64>().sqrt();
+        let bound = round.ddg.honest_sum_norm_bound(
+            round.max_summands,
+            round.server.config().cohort_size,
+            POISONED_SUM_FALSE_REJECTION,
+        );
+        // (A NaN norm is rejected too.)
+        if norm.is_nan() || norm > bound {
+            self.metrics.rounds_poisoned.inc();
+            anyhow::bail!(
+                "the decoded sum has L2 norm {norm:.4e}, above the {bound:.4e} that {} clipped updates and the noise \
+                 reach (false rejection below {POISONED_SUM_FALSE_REJECTION:e}): a cohort member sent something \
+                 other than a clipped, encoded update; the sum is discarded",
+                round.max_summands
+            );
+        }
         if self.config.privacy.mode == PrivacyMode::Central {
             let sigma = self.config.privacy.noise_multiplier * self.config.privacy.clip_norm;
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;

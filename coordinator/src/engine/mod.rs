@@ -107,6 +107,9 @@ struct Round {
     event: Option<PrivacyEvent>,
     /// Whom `event` protects.
     unit: PrivacyUnit,
+    /// Most vectors the sum may hold (merchants, or shoppers in the shopper unit): with the
+    /// clip norm and the noise, what bounds an honest sum's norm.
+    max_summands: u32,
     /// Fixed FedAvg denominator: the expected number of summands, q·N (merchants sampled
     /// by the coordinator, or shoppers sampled by their merchants).
     denominator: f64,
@@ -283,6 +286,11 @@ impl Engine {
             epsilon_budget: self.config.privacy.epsilon_budget,
             delta: self.config.privacy.delta,
         }
+    }
+
+    /// How the most recent rounds ended, oldest first (a bounded window).
+    pub fn recent_outcomes(&self) -> Vec<(u64, Outcome)> {
+        self.lock().outcomes.iter().cloned().collect()
     }
 
     /// Wakes the driver (a merchant registered, say).

@@ -157,6 +157,7 @@ impl Engine {
             rotation_seed,
             event: cost.event,
             unit: cost.unit,
+            max_summands,
             denominator,
             phase: Some(Phase::AdvertiseKeys),
             phase_started: Instant::now(),

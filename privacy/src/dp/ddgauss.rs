@@ -249,6 +249,23 @@ impl DdgParams {
         first.min(second)
     }
 
+    /// The largest L2 norm the decoded sum of an honest round reaches, except with
+    /// probability `false_rejection`: `m·c + m·γ·√d + √v·(√d + √(2 ln(1/p)))`, with `m` the
+    /// most summands (each clipped to c), `d` the padded dimension (each summand's rounding
+    /// moves each rotated coordinate by less than γ) and `v = shares·σ²/t` the variance
+    /// proxy of the noise per coordinate (`shares` noise shares of σ²/t each; a discrete
+    /// Gaussian is sub-Gaussian with its variance), by the norm bound for sub-Gaussian vectors
+    /// (Hsu, Kakade and Zhang 2012). A sum above it did not come from clipped, encoded
+    /// updates: some client sent something else.
+    pub fn honest_sum_norm_bound(&self, summands: u32, shares: u32, false_rejection: f64) -> f64 {
+        let d = self.padded_dimension as f64;
+        let m = f64::from(summands);
+        let v = f64::from(shares) * self.scaled_local_variance() * self.gamma * self.gamma;
+        m * self.clip_norm
+            + m * self.gamma * d.sqrt()
+            + v.sqrt() * (d.sqrt() + (2.0 * (1.0 / false_rejection).ln()).sqrt())
+    }
+
     fn mask(&self) -> u64 {
         (1u64 << self.bit_width) - 1
     }
@@ -545,6 +562,46 @@ mod tests {
         let decoded = p.decode(&encoded.values, &rotation).expect("decode");
         let error = decoded.iter().zip(&expected).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
         assert!(error < 1e-3, "{error}");
+    }
+
+    /// Honest sums stay below `honest_sum_norm_bound` (20 seeded rounds of 10 clients whose
+    /// updates all sit at the clip norm in one direction, the worst case for the signal
+    /// term); one client sending uniform ring elements instead lands far above it.
+    #[test]
+    fn honest_sums_stay_below_the_norm_bound_and_a_poisoned_one_does_not() {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+        let request = ParamsRequest { bit_width: 32, max_summands: 10, min_survivors: 8, ..request() };
+        let p = DdgParams::select(&request).expect("ok");
+        let rotation = RandomRotation::new(p.padded_dimension(), 3);
+        let bound = p.honest_sum_norm_bound(10, 10, 1e-9);
+        // Ten aligned clipped updates (norm 10) plus noise of variance 10/8 per coordinate
+        // over 1,024 coordinates (norm about 36): the bound is tight to within a factor 2.
+        assert!(bound > 10.0 + 35.0 && bound < 2.0 * (10.0 + 36.0), "{bound}");
+        let direction: Vec<f32> = (0..1000).map(|i| ((i % 7) as f32) - 3.0).collect();
+        for seed in 0..20u64 {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let mut sum = vec![0u32; p.padded_dimension()];
+            let mut encodings = Vec::new();
+            for _ in 0..10 {
+                let mut x: Vec<f32> = direction.iter().map(|v| v * 100.0).collect();
+                let encoded = p.encode(&mut x, &rotation, &mut rng).expect("encode");
+                add_mod(&mut sum, &encoded.values, 32);
+                encodings.push(encoded.values);
+            }
+            let norm = |sum: &[u32]| {
+                p.decode(sum, &rotation).expect("decode").iter().map(|v| v * v).sum::<f64>().sqrt()
+            };
+            let honest = norm(&sum);
+            assert!(honest <= bound && honest > 0.5 * bound, "seed {seed}: {honest} against {bound}");
+            // One client replaces its encoding with uniform ring elements.
+            let mut poisoned = vec![0u32; p.padded_dimension()];
+            for (i, e) in encodings.iter().enumerate() {
+                let garbage: Vec<u32> = (0..e.len()).map(|_| rng.next_u32()).collect();
+                add_mod(&mut poisoned, if i == 3 { &garbage } else { e }, 32);
+            }
+            assert!(norm(&poisoned) > 100.0 * bound, "seed {seed}");
+        }
     }
 
     #[test]
