@@ -224,6 +224,41 @@ struct FedAvgPlan {
     noise_multiplier: f64,
 }
 
+/// The in-process server optimiser: FedAdam (the coordinator's own step) or FedAvg with
+/// momentum (FedAvgM; plain FedAvg at momentum 0).
+struct ServerState {
+    velocity: Vec<f32>,
+    moments: Option<guild_coordinator::engine::optimizer::Moments>,
+}
+
+impl ServerState {
+    fn new(dimension: usize) -> Self {
+        Self { velocity: vec![0.0; dimension], moments: None }
+    }
+
+    /// Moves `global` by the server's learning rate on the round's mean update.
+    fn step(&mut self, plan: &FedAvgPlan, global: &mut Vec<f32>, mean: &[f64]) {
+        if plan.server_adam {
+            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
+            let step = server_step(
+                ServerOptimizer::FedAdam,
+                global,
+                mean,
+                1.0,
+                plan.server_learning_rate,
+                self.moments.as_ref(),
+            );
+            *global = step.values;
+            self.moments = step.moments;
+        } else {
+            for ((g, v), m) in global.iter_mut().zip(self.velocity.iter_mut()).zip(mean) {
+                *v = plan.server_momentum as f32 * *v + *m as f32;
+                *g += plan.server_learning_rate as f32 * *v;
+            }
+        }
+    }
+}
+
 /// Shopper-level DP-SGD in this process (see [`Arm::ShopperDp`]), with continuous Gaussian
 /// noise standing in for the federation's distributed discrete Gaussian. Prints the
 /// validation metric and the accountant's ε (δ = 1e-6) each round.
@@ -242,8 +277,7 @@ fn shopper_dp(
     let shoppers = world.all_merchant_users();
     let expected = plan.sampling_rate * shoppers.len() as f64;
     let mut global = vec![0.0f32; world.parameter_count()];
-    let mut velocity = vec![0.0f32; global.len()];
-    let mut moments = None;
+    let mut server = ServerState::new(global.len());
     let mut curve = Vec::new();
     let per_round = subsampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier)?;
     let mut training_seconds = 0.0;
@@ -265,24 +299,7 @@ fn shopper_dp(
         let signal = sum.iter().map(|s| s * s).sum::<f64>().sqrt() / expected;
         add_central_noise(&mut sum, plan.noise_multiplier * plan.clip_norm, &mut rng)?;
         let mean: Vec<f64> = sum.iter().map(|s| s / expected).collect();
-        if plan.server_adam {
-            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
-            let step = server_step(
-                ServerOptimizer::FedAdam,
-                &global,
-                &mean,
-                1.0,
-                plan.server_learning_rate,
-                moments.as_ref(),
-            );
-            global = step.values;
-            moments = step.moments;
-        } else {
-            for ((g, v), m) in global.iter_mut().zip(velocity.iter_mut()).zip(&mean) {
-                *v = plan.server_momentum as f32 * *v + *m as f32;
-                *g += plan.server_learning_rate as f32 * *v;
-            }
-        }
+        server.step(plan, &mut global, &mean);
         let validation = world.score(Some(&global), Split::Validation)?;
         let epsilon = epsilon_from_rdp(&per_round.clone().times(round), 1e-6)?.0;
         eprintln!(
@@ -321,8 +338,7 @@ fn fedavg(
 
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0xfed);
     let mut global = vec![0.0f32; world.parameter_count()];
-    let mut velocity = vec![0.0f32; global.len()];
-    let mut moments = None;
+    let mut server = ServerState::new(global.len());
     let mut curve = Vec::new();
     for round in 1..=plan.rounds {
         let cohort: Vec<_> = world.merchants.iter().filter(|_| rng.gen_bool(plan.sampling_rate)).collect();
@@ -337,25 +353,7 @@ fn fedavg(
                 *m += (v - g) / cohort.len().max(1) as f32;
             }
         }
-        if plan.server_adam {
-            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
-            let sum: Vec<f64> = mean.iter().map(|&m| f64::from(m)).collect();
-            let step = server_step(
-                ServerOptimizer::FedAdam,
-                &global,
-                &sum,
-                1.0,
-                plan.server_learning_rate,
-                moments.as_ref(),
-            );
-            global = step.values;
-            moments = step.moments;
-        } else {
-            for ((g, v), m) in global.iter_mut().zip(velocity.iter_mut()).zip(&mean) {
-                *v = plan.server_momentum as f32 * *v + m;
-                *g += plan.server_learning_rate as f32 * *v;
-            }
-        }
+        server.step(plan, &mut global, &mean.iter().map(|&m| f64::from(m)).collect::<Vec<f64>>());
         let validation = world.score(Some(&global), Split::Validation)?;
         eprintln!(
             "round {round}: {} merchants, validation NDCG@10 {:.4}, {:.0} s",

@@ -99,16 +99,7 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
     })
     .expect("init");
     federation.start_in_process().await.expect("start");
-    let clients: Vec<_> = futures_join(&federation, 4, Faults::default(), 3).await;
-    wait_for_rounds(&federation, 3, Duration::from_secs(60)).await;
-    for client in clients {
-        let committed = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client stops")
-            .expect("join")
-            .expect("client ran");
-        assert_eq!(committed, 3, "every client took part in every round");
-    }
+    every_client_in_every_round(&federation, 4, 3).await;
     let store = federation.store().expect("store");
     assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(3));
     assert_ne!(store.adapter(3).expect("v3").data, store.adapter(0).expect("v0").data, "the adapter moved");
@@ -165,16 +156,7 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     })
     .expect("init");
     federation.start_in_process().await.expect("start");
-    let clients: Vec<_> = futures_join(&federation, 4, Faults::default(), 2).await;
-    wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
-    for client in clients {
-        let committed = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client stops")
-            .expect("join")
-            .expect("client ran");
-        assert_eq!(committed, 2, "every merchant took part in every round");
-    }
+    every_client_in_every_round(&federation, 4, 2).await;
     let store = federation.store().expect("store");
     let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
     assert_eq!(entries.len(), 2);
@@ -230,6 +212,21 @@ async fn a_poisoned_sum_is_rejected_and_nothing_is_committed_from_it() {
     );
     let metrics = core.engine().metrics.encode();
     assert!(metrics.contains("guild_rounds_poisoned_total 1"), "{metrics}");
+}
+
+/// Runs `n` fault-free clients for `rounds` rounds and checks that each took part in every
+/// one of them.
+async fn every_client_in_every_round(federation: &Federation, n: usize, rounds: u64) {
+    let clients: Vec<_> = futures_join(federation, n, Faults::default(), rounds).await;
+    wait_for_rounds(federation, rounds, Duration::from_secs(60)).await;
+    for client in clients {
+        let committed = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client stops")
+            .expect("join")
+            .expect("client ran");
+        assert_eq!(committed, rounds, "every client took part in every round");
+    }
 }
 
 /// Spawns `n` lightweight clients.
