@@ -214,6 +214,89 @@ async fn a_poisoned_sum_is_rejected_and_nothing_is_committed_from_it() {
     assert!(metrics.contains("guild_rounds_poisoned_total 1"), "{metrics}");
 }
 
+/// A random learner whose local evaluation finds something (ten validation shoppers, three
+/// hits): what a merchant would report if it opted in.
+struct EvaluatingLearner(RandomLearner);
+
+impl guild_client::learner::Learner for EvaluatingLearner {
+    fn manifest(&self) -> guild_proto::domain::AdapterManifest {
+        self.0.manifest()
+    }
+
+    fn train(&mut self, task: &guild_proto::domain::RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        self.0.train(task, global)
+    }
+
+    fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<guild_client::retrieval::RankingCounts>> {
+        Ok(Some(guild_client::retrieval::RankingCounts {
+            users: 10,
+            hits_at_10: 3,
+            ndcg_at_10_sum: 1.5,
+            reciprocal_rank_sum: 1.2,
+            cross_entropy_sum: 80.0,
+        }))
+    }
+}
+
+/// #14.8: per-merchant evaluation counts are un-noised, so they reach the coordinator only
+/// from a merchant that set `dangerous_report_unnoised_metrics`; the others evaluate
+/// locally and send nothing but their masked updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_in() {
+    use guild_client::learner::Learner as _;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.rounds.max_rounds = 1;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let manifest = federation.config.manifest().expect("manifest");
+    let mut handles = Vec::new();
+    for i in 0..4 {
+        let connection = federation.connect(i).await.expect("connect");
+        let learner = EvaluatingLearner(RandomLearner {
+            manifest: manifest.clone(),
+            norm: 0.5,
+            rng: ChaCha20Rng::seed_from_u64(i as u64),
+            shoppers: 0,
+        });
+        assert!(learner.manifest() == manifest);
+        let options = ParticipantOptions {
+            display_name: format!("Shop {i}"),
+            max_rounds: 1,
+            poll: Duration::from_secs(2),
+            max_epsilon: f64::INFINITY,
+            dangerous_report_unnoised_metrics: i == 3,
+            ..Default::default()
+        };
+        let mut participant = Participant::new(
+            connection,
+            Arc::new(Identity::ephemeral().expect("identity")),
+            Box::new(learner),
+            options,
+            ClientLedger::in_memory(),
+        );
+        handles.push(tokio::spawn(async move { participant.run(|_| {}).await }));
+    }
+    wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
+    for handle in handles {
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("client stops")
+            .expect("join")
+            .expect("client ran");
+    }
+    let evaluations = federation.store().expect("store").evaluations().expect("evaluations");
+    assert_eq!(evaluations.len(), 1, "{evaluations:?}");
+    assert_eq!(
+        (evaluations[0].adapter_version, evaluations[0].users),
+        (1, 10),
+        "one merchant's counts, not four"
+    );
+}
+
 /// Runs `n` fault-free clients for `rounds` rounds and checks that each took part in every
 /// one of them.
 async fn every_client_in_every_round(federation: &Federation, n: usize, rounds: u64) {
