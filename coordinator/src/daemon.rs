@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
@@ -44,6 +45,12 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("reading {}", path.display()))
 }
 
+/// Requests one client connection may have in flight at once (a merchant needs a task poll,
+/// one phase message and an adapter download at most).
+pub const MAX_REQUESTS_PER_CONNECTION: usize = 16;
+/// Slack past a round's summed phase deadlines before a request is cut off.
+const REQUEST_SLACK_SECONDS: u64 = 60;
+
 /// Opens the store and starts serving; returns once the ports are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(Store::open(&config.server.store)?);
@@ -62,9 +69,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
     let address = listener.local_addr()?;
+    // No request outlives the longest legitimate long-poll (a whole round's deadlines), and
+    // one connection holds a bounded number of requests in flight: a slow or flooding peer
+    // ties up neither time nor tasks without bound.
+    let longest_wait = Duration::from_millis(config.rounds.phase_deadlines_ms.iter().sum())
+        + Duration::from_secs(REQUEST_SLACK_SECONDS);
     let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("configuring TLS")?
+        .timeout(longest_wait)
+        .concurrency_limit_per_connection(MAX_REQUESTS_PER_CONNECTION)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(CoordinatorService::new(core.clone()).into_server(max_bytes))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)));
     let mut tasks = vec![tokio::spawn(async move {

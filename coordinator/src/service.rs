@@ -16,6 +16,7 @@ use guild_proto::limits::ADAPTER_CHUNK_BYTES;
 use guild_proto::v1;
 use guild_proto::v1::coordinator_server::Coordinator;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineError, Outcome, PhaseMessage, PhaseOutput};
@@ -111,6 +112,43 @@ fn engine_status(error: EngineError) -> Status {
     }
 }
 
+/// The merchant whose client certificate made `request`, if the allow-list has it and it
+/// is not revoked.
+fn allowed_merchant<T>(store: &Store, request: &Request<T>) -> Result<String, Status> {
+    let certs = request
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
+    let leaf =
+        certs.first().ok_or_else(|| Status::unauthenticated("the TLS session carries no certificate"))?;
+    let sha = fingerprint(leaf.as_ref());
+    match store.certificate_owner(&sha).map_err(store_status)? {
+        Some((merchant, false)) => Ok(merchant),
+        Some((merchant, true)) => {
+            Err(Status::permission_denied(format!("the certificate of {merchant} has been revoked")))
+        }
+        None => Err(Status::permission_denied(format!(
+            "certificate {} is not on this federation's allow-list",
+            hex::encode(&sha[..8])
+        ))),
+    }
+}
+
+/// Checks the caller's certificate against the allow-list from the request's headers,
+/// before tonic reads and decodes its body: an unknown or revoked certificate holder (which
+/// the CA once signed, so TLS lets it in) gets a refusal for every request and makes the
+/// coordinator decode nothing it sends.
+#[derive(Clone, Debug)]
+pub struct AllowListGate {
+    store: Arc<Store>,
+}
+
+impl tonic::service::Interceptor for AllowListGate {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        allowed_merchant(&self.store, &request)?;
+        Ok(request)
+    }
+}
+
 /// The tonic service wrapping [`CoordinatorCore`].
 #[derive(Clone, Debug)]
 pub struct CoordinatorService {
@@ -122,32 +160,25 @@ impl CoordinatorService {
         Self { core }
     }
 
-    /// The tonic server for this service, with explicit message-size limits.
-    pub fn into_server(self, max_message_bytes: usize) -> v1::coordinator_server::CoordinatorServer<Self> {
-        v1::coordinator_server::CoordinatorServer::new(self)
+    /// The tonic server for this service, with explicit message-size limits, behind the
+    /// allow-list gate: a caller whose certificate is unknown or revoked is refused from the
+    /// request's headers, before its message is read or decoded.
+    pub fn into_server(
+        self,
+        max_message_bytes: usize,
+    ) -> InterceptedService<v1::coordinator_server::CoordinatorServer<Self>, AllowListGate> {
+        let gate = AllowListGate { store: self.core.store.clone() };
+        let server = v1::coordinator_server::CoordinatorServer::new(self)
             .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes);
+        InterceptedService::new(server, gate)
     }
 
     /// The merchant the caller's client certificate belongs to. TLS already checked that
-    /// the CA signed it; here the allow-list decides.
+    /// the CA signed it; here the allow-list decides (as [`AllowListGate`] did before the
+    /// message was decoded).
     fn caller<T>(&self, request: &Request<T>) -> Result<String, Status> {
-        let certs = request
-            .peer_certs()
-            .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
-        let leaf =
-            certs.first().ok_or_else(|| Status::unauthenticated("the TLS session carries no certificate"))?;
-        let sha = fingerprint(leaf.as_ref());
-        match self.core.store.certificate_owner(&sha).map_err(store_status)? {
-            Some((merchant, false)) => Ok(merchant),
-            Some((merchant, true)) => {
-                Err(Status::permission_denied(format!("the certificate of {merchant} has been revoked")))
-            }
-            None => Err(Status::permission_denied(format!(
-                "certificate {} is not on this federation's allow-list",
-                hex::encode(&sha[..8])
-            ))),
-        }
+        allowed_merchant(&self.core.store, request)
     }
 
     /// Authenticates, validates and hands a phase message to the engine, then waits for

@@ -125,6 +125,38 @@ async fn malformed_and_oversized_registrations_are_refused_and_nothing_stored() 
     assert!(federation.store().expect("store").merchants().expect("merchants").is_empty());
 }
 
+/// #15.3: a revoked merchant still holds a CA-signed certificate, so TLS lets it in; the
+/// allow-list gate refuses it from the request's headers, before the body is read or
+/// decoded. A message far above the size limit is therefore refused as revoked (permission
+/// denied), not as oversized (which is what an allowed merchant gets for it, because its
+/// message is decoded against the limit), however often it tries.
+#[tokio::test]
+async fn a_revoked_merchant_is_refused_before_its_message_is_decoded() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = federation(dir.path(), 2).await;
+    let store = federation.store().expect("store");
+    assert!(store.revoke("merchant-002").expect("revoke"));
+    let d = federation.config.manifest().expect("manifest").parameter_count().next_power_of_two();
+    let limit = guild_proto::limits::max_message_bytes(d, guild_proto::limits::MAX_COHORT);
+    let huge = || v1::RegisterRequest {
+        display_name: "x".repeat(limit + 1),
+        signing_public_key: vec![1; 32],
+        protocol_version: 1,
+    };
+    let mut revoked =
+        federation.connect(1).await.expect("TLS still completes").raw().max_encoding_message_size(usize::MAX);
+    for _ in 0..20 {
+        let status = revoked.register(huge()).await.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+        assert!(status.message().contains("revoked"), "{}", status.message());
+    }
+    let mut allowed =
+        federation.connect(0).await.expect("connect").raw().max_encoding_message_size(usize::MAX);
+    let status = allowed.register(huge()).await.expect_err("oversized");
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
+    assert!(store.merchants().expect("merchants").is_empty());
+}
+
 #[tokio::test]
 async fn unreachable_coordinator_gives_a_clear_error() {
     let dir = tempfile::tempdir().expect("tempdir");
