@@ -28,6 +28,24 @@ pub fn small(config: &mut Config) {
     config.privacy.epsilon_budget = 1e6;
 }
 
+/// A started in-process federation of four small merchants, all needed for a round, that
+/// stops after `max_rounds` committed rounds (0: never), with `more` applied to its config.
+async fn four_merchants(
+    dir: &std::path::Path,
+    max_rounds: u64,
+    more: impl FnOnce(&mut Config),
+) -> Federation {
+    let mut federation = Federation::init(dir, 4, |c| {
+        small(c);
+        c.rounds.min_cohort = 4;
+        c.rounds.max_rounds = max_rounds;
+        more(c);
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    federation
+}
+
 /// Spawns merchant `i` (0-based) as a lightweight client.
 pub async fn spawn_client(
     federation: &Federation,
@@ -92,13 +110,7 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-        c.rounds.max_rounds = 3;
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
+    let federation = four_merchants(dir.path(), 3, |_| {}).await;
     every_client_in_every_round(&federation, 4, 3).await;
     let store = federation.store().expect("store");
     assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(3));
@@ -146,16 +158,12 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
 async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-        c.rounds.max_rounds = 2;
+    let federation = four_merchants(dir.path(), 2, |c| {
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
         c.privacy.shoppers = 160;
     })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
+    .await;
     every_client_in_every_round(&federation, 4, 2).await;
     let store = federation.store().expect("store");
     let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
@@ -179,13 +187,7 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_sum_is_rejected_and_nothing_is_committed_from_it() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-        c.rounds.max_rounds = 1;
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
+    let federation = four_merchants(dir.path(), 1, |_| {}).await;
     let mut clients = Vec::new();
     for i in 0..4 {
         let faults = Faults { poison_update: i == 2, ..Faults::default() };
@@ -245,13 +247,7 @@ impl guild_client::learner::Learner for EvaluatingLearner {
 async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_in() {
     use guild_client::learner::Learner as _;
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-        c.rounds.max_rounds = 1;
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
+    let federation = four_merchants(dir.path(), 1, |_| {}).await;
     let manifest = federation.config.manifest().expect("manifest");
     let mut handles = Vec::new();
     for i in 0..4 {
