@@ -564,8 +564,10 @@ impl Participant {
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
         self.fault(Phase::MaskedInput).await?;
         if p.mode == PrivacyMode::Distributed {
-            // Charged durably before the noised update can leave; never refunded. `ddg` is
-            // the encoding rebuilt from the task, as `shown_round_rho` (which vetted it) does.
+            // Charged durably before the noised update can leave; never refunded. The same
+            // function that vetted the task computes what is recorded (it rebuilds the
+            // encoding's parameters from the task: cheap, and equal to the vetted ρ by
+            // construction).
             let participation =
                 shown_participation(&task).map_err(|e| ParticipantError::Refused(e.to_string()))?;
             self.ledger.record(participation).map_err(|e| ParticipantError::Ledger(e.to_string()))?;
