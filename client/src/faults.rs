@@ -21,6 +21,12 @@ pub struct Faults {
     /// (what a merchant that skips clipping and encoding could send; it carries no data).
     /// The coordinator's norm check must reject the round's sum.
     pub poison_update: bool,
+    /// A hostile merchant: seal garbage (under its own valid signature) for this many of
+    /// its neighbours. Each complains and the round goes on without their pairwise mask.
+    pub garbage_shares: usize,
+    /// A hostile merchant: reveal a wrong value of one share at Unmask. The coordinator
+    /// refuses it against the owner's commitment and names this merchant.
+    pub false_unmask_share: bool,
     /// What was injected, per phase; clones of these faults share one tally.
     pub injected: Arc<InjectedFaults>,
 }

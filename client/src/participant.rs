@@ -557,11 +557,30 @@ impl Participant {
         let (state, keys) = secagg::start(config, s.my_index, signing, &mut os_rng)?;
         let roster = self.connection.advertise_keys(keys, timeout).await?;
         bytes_sent += 200;
-        let (state, shares) = state.on_roster(roster, &task.cohort, &mut os_rng)?;
+        let (state, mut shares) = state.on_roster(roster, &task.cohort, signing, &mut os_rng)?;
+        for share in shares.shares.iter_mut().take(self.options.faults.garbage_shares) {
+            share.ciphertext.iter_mut().for_each(|b| *b ^= 0x5a);
+            let payload = guild_privacy::secagg::signed::sealed_shares(
+                &task.binding,
+                share.sender,
+                share.recipient,
+                &guild_privacy::secagg::crypto::sha256(&share.ciphertext),
+                &share.key_commitment,
+                &share.seed_commitment,
+            );
+            share.signature = guild_privacy::secagg::crypto::sign(signing, &payload);
+        }
         self.fault(Phase::ShareKeys).await?;
         bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16).sum::<u64>();
         let inbox = self.connection.share_keys(shares, timeout).await?;
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
+        for complaint in &masked.complaints {
+            tracing::warn!(
+                round = task.binding.round_id,
+                accused = complaint.accused.get(),
+                "a neighbour's signed shares do not open: treating it as dropped and telling the coordinator"
+            );
+        }
         self.fault(Phase::MaskedInput).await?;
         if p.mode == PrivacyMode::Distributed {
             // Charged durably before the noised update can leave; never refunded. The same
@@ -578,7 +597,12 @@ impl Participant {
         self.fault(Phase::ConsistencyCheck).await?;
         bytes_sent += 100;
         let signatures = self.connection.consistency_check(check, timeout).await?;
-        let unmask = state.on_signatures(signatures, &task.cohort)?;
+        let mut unmask = state.on_signatures(signatures, &task.cohort)?;
+        if self.options.faults.false_unmask_share
+            && let Some(share) = unmask.self_mask_shares.first_mut().or(unmask.mask_key_shares.first_mut())
+        {
+            share.y[0] ^= 1;
+        }
         self.fault(Phase::Unmask).await?;
         bytes_sent += unmask
             .self_mask_shares

@@ -124,7 +124,7 @@ fn run(dropout_fraction: f64, seed: u64) -> Timings {
     let mut next = BTreeMap::new();
     for (c, s) in states.into_iter().filter(|(c, _)| talks(c, 1)) {
         let start = Instant::now();
-        let (s, m) = s.on_roster(roster.clone(), &identities, &mut rng).expect("roster");
+        let (s, m) = s.on_roster(roster.clone(), &identities, &signing[&c], &mut rng).expect("roster");
         t.client[1] += start.elapsed();
         t.participants[1] += 1;
         let start = Instant::now();

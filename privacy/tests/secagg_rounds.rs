@@ -108,7 +108,7 @@ fn run_round(f: &mut Federation, dropouts: &Dropouts) -> (Result<Vec<u32>, SecAg
             continue;
         }
         // An honest client that sees too few neighbours aborts, and so does the round.
-        let (next, msg) = step!(state.on_roster(roster.clone(), &f.identities, &mut f.rng));
+        let (next, msg) = step!(state.on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng));
         server.receive_shares(c, msg).expect("honest shares");
         inboxes_wait.insert(c, next);
     }
@@ -232,7 +232,8 @@ fn honest_through_shares(
     let roster = server.close_keys().expect("roster");
     let mut next = BTreeMap::new();
     for (c, state) in states {
-        let (state, msg) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
+        let (state, msg) =
+            state.on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng).expect("roster");
         server.receive_shares(c, msg).expect("shares");
         next.insert(c, state);
     }
@@ -402,7 +403,7 @@ fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
         Err(SecAggError::Peer { who: one, fault: PeerMisbehaved::Duplicate })
     );
     // A message of a later phase arriving early (reordered).
-    let early = MaskedInput { binding: binding(1), sender: one, masked: vec![0; 8] };
+    let early = MaskedInput { binding: binding(1), sender: one, masked: vec![0; 8], complaints: Vec::new() };
     assert!(matches!(
         server.receive_masked_input(one, early),
         Err(SecAggError::Peer { .. }) | Err(SecAggError::WrongPhase { .. })
@@ -423,15 +424,20 @@ fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
     doubled.push(roster[0].clone());
     let state = states.remove(&one).expect("client 1");
     let (probe, _) = client::start(f.config.clone(), one, &f.signing[&one], &mut f.rng).expect("start");
-    assert!(matches!(probe.on_roster(doubled, &f.identities, &mut f.rng), Err(SecAggError::Server(_))));
-    let (state, shares) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
+    assert!(matches!(
+        probe.on_roster(doubled, &f.identities, &f.signing[&one], &mut f.rng),
+        Err(SecAggError::Server(_))
+    ));
+    let (state, shares) =
+        state.on_roster(roster.clone(), &f.identities, &f.signing[&one], &mut f.rng).expect("roster");
     server.receive_shares(one, shares.clone()).expect("shares");
     assert_eq!(
         server.receive_shares(one, shares),
         Err(SecAggError::Peer { who: one, fault: PeerMisbehaved::Duplicate })
     );
     for (c, s) in states {
-        let (_, msg) = s.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("roster");
+        let (_, msg) =
+            s.on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng).expect("roster");
         server.receive_shares(c, msg).expect("shares");
     }
     let mut inboxes = server.close_shares().expect("inboxes");
@@ -477,7 +483,12 @@ fn the_server_refuses_reveals_honest_clients_never_make() {
         binding: binding(1),
         sender: index(1),
         self_mask_shares: vec![],
-        mask_key_shares: vec![ShamirShare { owner: index(2), x: index(1), y: vec![0; shamir::LIMBS] }],
+        mask_key_shares: vec![ShamirShare {
+            owner: index(2),
+            x: index(1),
+            y: vec![0; shamir::LIMBS],
+            salt: [0; 32],
+        }],
     };
     assert_eq!(
         server.receive_unmask(index(1), forbidden),
@@ -528,7 +539,9 @@ fn the_neighbour_graph_is_drawn_from_the_roster_not_chosen_by_the_coordinator() 
     let graph = NeighbourGraph::new(30, 10, roster_seed(&f.config.binding, &by_index));
     assert_eq!(server.neighbour_graph(), Some(&graph), "the server draws the roster's graph");
     for (c, state) in states {
-        let (_, msg) = state.on_roster(roster.clone(), &f.identities, &mut f.rng).expect("honest roster");
+        let (_, msg) = state
+            .on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng)
+            .expect("honest roster");
         let recipients: BTreeSet<ClientIndex> = msg.shares.iter().map(|s| s.recipient).collect();
         let expected: BTreeSet<ClientIndex> = graph.neighbours(c).iter().copied().collect();
         assert_eq!(recipients, expected, "client {c} shares with its roster-derived neighbours");
@@ -547,4 +560,170 @@ fn the_neighbour_graph_is_drawn_from_the_roster_not_chosen_by_the_coordinator() 
     }
     assert_ne!(roster_seed(&f.config.binding, &other_keys), seed);
     assert_ne!(NeighbourGraph::new(30, 10, roster_seed(&f.config.binding, &fewer)), graph);
+}
+
+/// What malicious clients do in [`adversarial_round`] (#15.1).
+#[derive(Default)]
+struct Misbehaviour {
+    /// (sender, recipient): the sender seals garbage for the recipient, under its own valid
+    /// signature.
+    garbage: Vec<(ClientIndex, ClientIndex)>,
+    /// A holder that reveals a wrong value of its first self-mask share at Unmask.
+    false_share: Option<ClientIndex>,
+    /// Clients that stop before MaskedInput.
+    drop_before_input: Vec<ClientIndex>,
+}
+
+struct AdversarialRound {
+    result: Result<Vec<u32>, SecAggError>,
+    survivors: Vec<ClientIndex>,
+    complaints: Vec<(ClientIndex, ClientIndex)>,
+    /// The server's refusals, in order.
+    refused: Vec<SecAggError>,
+}
+
+fn adversarial_round(f: &mut Federation, bad: &Misbehaviour) -> AdversarialRound {
+    let mut server = f.server();
+    let mut refused = Vec::new();
+    let clients: Vec<ClientIndex> = (1..=f.config.cohort_size).map(index).collect();
+    let mut states = BTreeMap::new();
+    for &c in &clients {
+        let (state, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
+        server.receive_keys(c, msg).expect("keys");
+        states.insert(c, state);
+    }
+    let roster = server.close_keys().expect("roster");
+    let mut waiting = BTreeMap::new();
+    for (c, state) in states {
+        let (next, mut msg) =
+            state.on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng).expect("shares");
+        for share in msg.shares.iter_mut().filter(|s| bad.garbage.contains(&(c, s.recipient))) {
+            share.ciphertext.iter_mut().for_each(|b| *b ^= 0x5a);
+            let payload = guild_privacy::secagg::signed::sealed_shares(
+                &f.config.binding,
+                c,
+                share.recipient,
+                &crypto::sha256(&share.ciphertext),
+                &share.key_commitment,
+                &share.seed_commitment,
+            );
+            share.signature = crypto::sign(&f.signing[&c], &payload);
+        }
+        server.receive_shares(c, msg).expect("validly signed shares are forwarded");
+        waiting.insert(c, next);
+    }
+    let mut inboxes = server.close_shares().expect("inboxes");
+    let mut masked = BTreeMap::new();
+    for (c, state) in waiting {
+        let inbox = inboxes.remove(&c).unwrap_or_default();
+        let (next, msg) = state.on_inbox(inbox, &f.inputs[&c]).expect("an honest client goes on");
+        if bad.drop_before_input.contains(&c) {
+            continue;
+        }
+        server.receive_masked_input(c, msg).expect("input");
+        masked.insert(c, next);
+    }
+    let survivors = server.close_inputs().expect("survivors");
+    let complaints = server.complaints();
+    let mut checked = BTreeMap::new();
+    for (c, state) in masked {
+        let (next, msg) = state.on_survivors(survivors.clone(), &f.signing[&c]).expect("signature");
+        server.receive_consistency(c, msg).expect("signature");
+        checked.insert(c, next);
+    }
+    let signatures = server.close_consistency().expect("signatures");
+    for (c, state) in checked {
+        let mut msg = state.on_signatures(signatures.clone(), &f.identities).expect("unmask");
+        if bad.false_share == Some(c) {
+            msg.self_mask_shares[0].y[0] ^= 1;
+        }
+        if let Err(error) = server.receive_unmask(c, msg) {
+            refused.push(error);
+        }
+    }
+    AdversarialRound { result: server.finish(), survivors, complaints, refused }
+}
+
+/// #15.1: a merchant that seals garbage for neighbours (under its own signature, so the
+/// server forwarded it) no longer aborts their round: each complains, leaves out the
+/// pairwise mask and reveals that one seed; the server removes the other half and gets the
+/// exact sum, and the complaints name the sender. The same when the garbage sender then
+/// drops out (its mask key is rebuilt from the shares it dealt the others). Up to k − t
+/// neighbours can be left without its shares (here 7 − 5 = 2), as many as may drop out;
+/// garbage for more leaves its self mask beyond reconstruction, and the round aborts
+/// naming it (the coordinator then quarantines it, and the next round goes on without it).
+#[test]
+fn a_neighbour_that_seals_garbage_is_named_and_the_round_still_gives_the_exact_sum() {
+    for drops in [false, true] {
+        let mut f = Federation::new(8, 7, 5, 64, 24, 41);
+        let bad = Misbehaviour {
+            garbage: vec![(index(8), index(2)), (index(8), index(5))],
+            drop_before_input: if drops { vec![index(8)] } else { vec![] },
+            ..Misbehaviour::default()
+        };
+        let round = adversarial_round(&mut f, &bad);
+        assert_eq!(round.complaints, vec![(index(2), index(8)), (index(5), index(8))]);
+        let expected_survivors: Vec<ClientIndex> = (1..=if drops { 7 } else { 8 }).map(index).collect();
+        assert_eq!(round.survivors, expected_survivors);
+        assert_eq!(round.result.expect("the round finishes"), f.expected_sum(&round.survivors));
+        assert!(round.refused.is_empty());
+    }
+    let mut f = Federation::new(8, 7, 5, 64, 24, 42);
+    let garbage = [2, 5, 6].map(|i| (index(8), index(i))).to_vec();
+    let round = adversarial_round(&mut f, &Misbehaviour { garbage, ..Misbehaviour::default() });
+    assert_eq!(
+        round.result,
+        Err(SecAggError::Peer { who: index(8), fault: PeerMisbehaved::UndecryptableShares })
+    );
+}
+
+/// #15.1: a holder that reveals a false share at Unmask is refused against the owner's
+/// signed commitment and named; the others' shares reconstruct and the sum is exact.
+#[test]
+fn a_false_unmask_share_is_refused_its_holder_named_and_the_round_finishes() {
+    let mut f = Federation::new(8, 7, 5, 64, 24, 43);
+    let bad = Misbehaviour { false_share: Some(index(3)), ..Misbehaviour::default() };
+    let round = adversarial_round(&mut f, &bad);
+    assert!(
+        matches!(
+            round.refused.as_slice(),
+            [SecAggError::Peer { who, fault: PeerMisbehaved::ShareMismatch { .. } }] if *who == index(3)
+        ),
+        "{:?}",
+        round.refused
+    );
+    assert_eq!(round.result.expect("seven honest holders are enough"), f.expected_sum(&round.survivors));
+}
+
+/// A server that alters a sealed share it forwards is caught by the sender's signature:
+/// the recipient stops (it cannot tell which neighbour to blame otherwise), and a sender
+/// that leaves a neighbour out of its shares is refused at ShareKeys and named.
+#[test]
+fn altered_forwarded_shares_stop_the_client_and_incomplete_shares_are_refused() {
+    let mut f = Federation::new(5, 4, 3, 8, 16, 44);
+    let (mut server, mut waiting, mut inboxes) = honest_through_shares(&mut f);
+    let one = index(1);
+    let mut inbox = inboxes.remove(&one).expect("an inbox");
+    inbox[0].ciphertext[0] ^= 1;
+    let from = inbox[0].sender;
+    let error =
+        waiting.remove(&one).expect("client 1").on_inbox(inbox, &f.inputs[&one]).expect_err("altered");
+    assert_eq!(error, SecAggError::Server(ServerMisbehaved::AlteredShares(from)));
+    server.abort();
+
+    let mut server = f.server();
+    let mut states = BTreeMap::new();
+    for c in (1..=5).map(index) {
+        let (state, msg) = client::start(f.config.clone(), c, &f.signing[&c], &mut f.rng).expect("start");
+        server.receive_keys(c, msg).expect("keys");
+        states.insert(c, state);
+    }
+    let roster = server.close_keys().expect("roster");
+    let state = states.remove(&one).expect("client 1");
+    let (_, mut msg) = state.on_roster(roster, &f.identities, &f.signing[&one], &mut f.rng).expect("shares");
+    let left_out = msg.shares.pop().expect("a share").recipient;
+    assert_eq!(
+        server.receive_shares(one, msg),
+        Err(SecAggError::Peer { who: one, fault: PeerMisbehaved::IncompleteShares(left_out) })
+    );
 }

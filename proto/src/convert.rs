@@ -599,13 +599,23 @@ impl TryFrom<v1::EncryptedShares> for sa::EncryptedShares {
             sender: index(m.sender, "EncryptedShares.sender")?,
             recipient: index(m.recipient, "EncryptedShares.recipient")?,
             ciphertext: m.ciphertext,
+            key_commitment: fixed(&m.key_commitment, "EncryptedShares.key_commitment")?,
+            seed_commitment: fixed(&m.seed_commitment, "EncryptedShares.seed_commitment")?,
+            signature: fixed(&m.signature, "EncryptedShares.signature")?,
         })
     }
 }
 
 impl From<sa::EncryptedShares> for v1::EncryptedShares {
     fn from(s: sa::EncryptedShares) -> Self {
-        Self { sender: s.sender.get(), recipient: s.recipient.get(), ciphertext: s.ciphertext }
+        Self {
+            sender: s.sender.get(),
+            recipient: s.recipient.get(),
+            ciphertext: s.ciphertext,
+            key_commitment: s.key_commitment.to_vec(),
+            seed_commitment: s.seed_commitment.to_vec(),
+            signature: s.signature.to_vec(),
+        }
     }
 }
 
@@ -643,17 +653,38 @@ impl TryFrom<v1::MaskedInputRequest> for sa::MaskedInput {
             return Err(WireError::missing("MaskedInputRequest.masked"));
         }
         bounded(&m.masked, MAX_VECTOR_LENGTH, "MaskedInputRequest.masked")?;
+        bounded(&m.complaints, MAX_COHORT, "MaskedInputRequest.complaints")?;
+        let complaints = m
+            .complaints
+            .into_iter()
+            .map(|c| {
+                Ok(sa::Complaint {
+                    accused: index(c.accused, "Complaint.accused")?,
+                    pairwise_seed: fixed(&c.pairwise_seed, "Complaint.pairwise_seed")?,
+                })
+            })
+            .collect::<Result<_>>()?;
         Ok(Self {
             binding: binding(m.binding)?,
             sender: index(m.sender, "MaskedInputRequest.sender")?,
             masked: m.masked,
+            complaints,
         })
     }
 }
 
 impl From<sa::MaskedInput> for v1::MaskedInputRequest {
     fn from(m: sa::MaskedInput) -> Self {
-        Self { binding: binding_to_wire(m.binding), sender: m.sender.get(), masked: m.masked }
+        Self {
+            binding: binding_to_wire(m.binding),
+            sender: m.sender.get(),
+            masked: m.masked,
+            complaints: m
+                .complaints
+                .into_iter()
+                .map(|c| v1::Complaint { accused: c.accused.get(), pairwise_seed: c.pairwise_seed.to_vec() })
+                .collect(),
+        }
     }
 }
 
@@ -722,13 +753,21 @@ fn shares(values: Vec<v1::ShamirShare>, field: &'static str) -> Result<Vec<sa::S
                     format!("a share has {} words, expected 1..={MAX_SHARE_WORDS}", s.y.len()),
                 ));
             }
-            Ok(sa::ShamirShare { owner: index(s.owner, field)?, x: index(s.x, field)?, y: s.y })
+            Ok(sa::ShamirShare {
+                owner: index(s.owner, field)?,
+                x: index(s.x, field)?,
+                y: s.y,
+                salt: fixed(&s.salt, "ShamirShare.salt")?,
+            })
         })
         .collect()
 }
 
 fn shares_to_wire(values: Vec<sa::ShamirShare>) -> Vec<v1::ShamirShare> {
-    values.into_iter().map(|s| v1::ShamirShare { owner: s.owner.get(), x: s.x.get(), y: s.y }).collect()
+    values
+        .into_iter()
+        .map(|s| v1::ShamirShare { owner: s.owner.get(), x: s.x.get(), y: s.y, salt: s.salt.to_vec() })
+        .collect()
 }
 
 impl TryFrom<v1::UnmaskRequest> for sa::Unmask {
@@ -1092,7 +1131,8 @@ mod tests {
         let error = sa::AdvertiseKeys::try_from(keys(63)).expect_err("short signature");
         assert_eq!(error.to_string(), "SignedKeys.signature: expected 64 bytes, got 63");
 
-        let masked = v1::MaskedInputRequest { binding: None, sender: 1, masked: vec![1, 2] };
+        let masked =
+            v1::MaskedInputRequest { binding: None, sender: 1, masked: vec![1, 2], complaints: vec![] };
         assert_eq!(
             sa::MaskedInput::try_from(masked).expect_err("no binding").to_string(),
             "binding: missing"
@@ -1101,7 +1141,12 @@ mod tests {
         let unmask = v1::UnmaskRequest {
             binding,
             sender: 2,
-            self_mask_shares: vec![v1::ShamirShare { owner: 1, x: 2, y: vec![0; MAX_SHARE_WORDS + 1] }],
+            self_mask_shares: vec![v1::ShamirShare {
+                owner: 1,
+                x: 2,
+                y: vec![0; MAX_SHARE_WORDS + 1],
+                salt: vec![0; 32],
+            }],
             mask_key_shares: vec![],
         };
         let error = sa::Unmask::try_from(unmask).expect_err("long share");

@@ -86,6 +86,7 @@ mod tests {
                 }),
                 sender: 2,
                 masked: vec![1, 2, 3],
+                complaints: vec![v1::Complaint { accused: 1, pairwise_seed: vec![4; 32] }],
             }
             .encode_to_vec(),
             v1::UnmaskRequest {
@@ -96,7 +97,7 @@ mod tests {
                     task_sha256: vec![0; 32],
                 }),
                 sender: 2,
-                self_mask_shares: vec![v1::ShamirShare { owner: 1, x: 2, y: vec![5; 5] }],
+                self_mask_shares: vec![v1::ShamirShare { owner: 1, x: 2, y: vec![5; 5], salt: vec![6; 32] }],
                 mask_key_shares: vec![],
             }
             .encode_to_vec(),

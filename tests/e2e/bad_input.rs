@@ -98,6 +98,7 @@ async fn bad_phase_messages_are_refused_with_reasons_and_change_nothing() {
         binding: binding(task, task.binding.round_id),
         sender: task.secagg.my_index.get(),
         masked: vec![0; task.secagg.vector_length as usize],
+        complaints: vec![],
     };
     let status = raw.masked_input(masked).await.expect_err("wrong phase");
     assert_eq!(status.code(), tonic::Code::FailedPrecondition);
@@ -111,6 +112,7 @@ async fn bad_phase_messages_are_refused_with_reasons_and_change_nothing() {
         binding: binding(task, task.binding.round_id),
         sender: 1,
         masked: vec![7; limit / 4 + 1],
+        complaints: vec![],
     };
     let status = raw.masked_input(huge).await.expect_err("oversized");
     assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");

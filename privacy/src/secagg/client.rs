@@ -14,13 +14,14 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use rand_core::{CryptoRng, RngCore};
 
-use super::crypto::{self, AgreementKey, MaskSign, SigningKey};
+use super::crypto::{self, AgreementKey, MaskSign, SharedSecret, SigningKey};
 use super::graph::{NeighbourGraph, roster_seed};
 use super::message::*;
 use super::shamir::{self, LIMBS, ShareValues};
 use super::{Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, signed};
 
-const PLAINTEXT_LEN: usize = 8 + 2 * LIMBS * 8;
+/// Sealed plaintext: owner and holder indices, the two commitment salts, the two shares.
+const PLAINTEXT_LEN: usize = 8 + 2 * 32 + 2 * LIMBS * 8;
 
 /// What stays the same through a client's round.
 #[derive(Debug)]
@@ -31,6 +32,8 @@ struct Core {
     cipher_key: AgreementKey,
     mask_key: AgreementKey,
     self_mask_secret: [u8; 32],
+    /// The cohort's long-term keys, kept from the roster to check sealed shares' signatures.
+    identities: Identities,
 }
 
 impl Core {
@@ -67,6 +70,7 @@ pub fn start(
         cipher_key: AgreementKey::generate(rng),
         mask_key: AgreementKey::generate(rng),
         self_mask_secret: crypto::random_bytes(rng),
+        identities: Identities::new(),
         config,
     };
     let (cipher, mask) = (core.cipher_key.public(), core.mask_key.public());
@@ -84,10 +88,14 @@ pub struct ExpectRoster {
 }
 
 impl ExpectRoster {
+    /// Checks the roster, derives the neighbour graph from it, and deals this client's two
+    /// secrets to its neighbours: each pair of shares sealed for its holder, committed to
+    /// and signed.
     pub fn on_roster(
         self,
         roster: Vec<SignedKeys>,
         identities: &Identities,
+        signing_key: &SigningKey,
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<(ExpectInbox, ShareKeys), SecAggError> {
         let mut core = self.core;
@@ -133,25 +141,53 @@ impl ExpectRoster {
                 .cipher_key
                 .share_key(&peer.cipher_public_key, &core.config.binding)
                 .ok_or(SecAggError::Peer { who: holder, fault: PeerMisbehaved::WeakKey })?;
+            let (key_salt, seed_salt) = (crypto::random_bytes(rng), crypto::random_bytes(rng));
+            let binding = &core.config.binding;
+            let commit = |secret, salt, values: &ShareValues| {
+                crypto::share_commitment(binding, core.me, holder, secret, salt, values)
+            };
+            let key_commitment = commit(SharedSecret::MaskKey, &key_salt, key_share);
+            let seed_commitment = commit(SharedSecret::SelfMaskSeed, &seed_salt, seed_share);
             let mut plaintext = Vec::with_capacity(PLAINTEXT_LEN);
             plaintext.extend_from_slice(&core.me.get().to_be_bytes());
             plaintext.extend_from_slice(&holder.get().to_be_bytes());
+            plaintext.extend_from_slice(&key_salt);
+            plaintext.extend_from_slice(&seed_salt);
             for value in key_share.iter().chain(seed_share) {
                 plaintext.extend_from_slice(&value.to_be_bytes());
             }
-            let ciphertext = crypto::seal(&key, &core.config.binding, core.me, holder, &plaintext);
-            shares.push(EncryptedShares { sender: core.me, recipient: holder, ciphertext });
+            let ciphertext = crypto::seal(&key, binding, core.me, holder, &plaintext);
+            let payload = signed::sealed_shares(
+                binding,
+                core.me,
+                holder,
+                &crypto::sha256(&ciphertext),
+                &key_commitment,
+                &seed_commitment,
+            );
+            let signature = crypto::sign(signing_key, &payload);
+            shares.push(EncryptedShares {
+                sender: core.me,
+                recipient: holder,
+                ciphertext,
+                key_commitment,
+                seed_commitment,
+                signature,
+            });
         }
+        core.identities = identities.clone();
         let message = ShareKeys { binding: core.config.binding, shares };
         Ok((ExpectInbox { core, keys }, message))
     }
 }
 
-/// The shares of one neighbour's secrets that this client holds.
+/// The shares of one neighbour's secrets that this client holds, with their salts.
 #[derive(Clone, Debug)]
 struct Held {
     mask_key: ShareValues,
     self_mask_seed: ShareValues,
+    key_salt: [u8; 32],
+    seed_salt: [u8; 32],
 }
 
 /// Waiting for the shares addressed to this client (the end of phase 1).
@@ -183,6 +219,7 @@ impl ExpectInbox {
         }
 
         let mut held = BTreeMap::new();
+        let mut complaints = Vec::new();
         for sealed in inbox {
             let who = sealed.sender;
             if sealed.recipient != core.me {
@@ -193,23 +230,54 @@ impl ExpectInbox {
             }
             let peer =
                 self.keys.get(&who).ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::NotASurvivor })?;
+            if held.contains_key(&who) || complaints.iter().any(|c: &Complaint| c.accused == who) {
+                return Err(SecAggError::Peer { who, fault: PeerMisbehaved::Duplicate });
+            }
+            // The server checked every signature before forwarding: a bad one here means
+            // it altered the shares, and this client stops.
+            let identity = core
+                .identities
+                .get(&who)
+                .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::UnknownIdentity })?;
+            let payload = signed::sealed_shares(
+                &config.binding,
+                who,
+                core.me,
+                &crypto::sha256(&sealed.ciphertext),
+                &sealed.key_commitment,
+                &sealed.seed_commitment,
+            );
+            if !crypto::verify(identity, &payload, &sealed.signature) {
+                return Err(SecAggError::Server(ServerMisbehaved::AlteredShares(who)));
+            }
             let key = core
                 .cipher_key
                 .share_key(&peer.cipher_public_key, &config.binding)
                 .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::WeakKey })?;
-            let plaintext = crypto::open(&key, &config.binding, who, core.me, &sealed.ciphertext)
-                .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::UndecryptableShares })?;
-            let shares = parse_plaintext(&plaintext, who, core.me)
-                .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::BadShares })?;
-            if held.insert(who, shares).is_some() {
-                return Err(SecAggError::Peer { who, fault: PeerMisbehaved::Duplicate });
+            // Shares the sender signed but that do not open, parse or match the sender's own
+            // commitments: the sender misbehaved. Treat it as dropped, leave out its mask,
+            // and say so, so that the round goes on without it.
+            let opened = crypto::open(&key, &config.binding, who, core.me, &sealed.ciphertext)
+                .and_then(|plaintext| parse_plaintext(&plaintext, who, core.me))
+                .filter(|shares| shares.matches(&config.binding, who, core.me, &sealed));
+            match opened {
+                Some(shares) => {
+                    held.insert(who, shares);
+                }
+                None => {
+                    let pairwise_seed = core
+                        .mask_key
+                        .pairwise_seed(&peer.mask_public_key, &config.binding)
+                        .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::WeakKey })?;
+                    complaints.push(Complaint { accused: who, pairwise_seed });
+                }
             }
         }
         let senders: BTreeSet<ClientIndex> = held.keys().copied().collect();
         core.require(Phase::ShareKeys, core.neighbours_in(&senders))?;
 
         // y = x + PRG(b) + Σ_{v > me} PRG(s_{me,v}) − Σ_{v < me} PRG(s_{me,v})  (mod 2^b),
-        // over the neighbours v whose shares arrived.
+        // over the neighbours v whose shares arrived and opened.
         let mut masked = input.to_vec();
         crypto::apply_mask(
             &mut masked,
@@ -225,8 +293,9 @@ impl ExpectInbox {
             let sign = if v > core.me { MaskSign::Add } else { MaskSign::Subtract };
             crypto::apply_mask(&mut masked, &seed, sign, config.bit_width);
         }
-        let message = MaskedInput { binding: config.binding, sender: core.me, masked };
-        Ok((ExpectSurvivors { core, held }, message))
+        let complained = complaints.iter().map(|c| c.accused).collect();
+        let message = MaskedInput { binding: config.binding, sender: core.me, masked, complaints };
+        Ok((ExpectSurvivors { core, held, complained }, message))
     }
 }
 
@@ -238,11 +307,31 @@ fn parse_plaintext(plaintext: &[u8], owner: ClientIndex, holder: ClientIndex) ->
     if word(0) != owner.get() || word(4) != holder.get() {
         return None;
     }
-    let value = |i: usize| u64::from_be_bytes(plaintext[8 + 8 * i..16 + 8 * i].try_into().expect("8 bytes"));
+    let salt = |i: usize| -> [u8; 32] { plaintext[i..i + 32].try_into().expect("32 bytes") };
+    let (key_salt, seed_salt) = (salt(8), salt(40));
+    let value = |i: usize| u64::from_be_bytes(plaintext[72 + 8 * i..80 + 8 * i].try_into().expect("8 bytes"));
     let mask_key: ShareValues = std::array::from_fn(value);
     let self_mask_seed: ShareValues = std::array::from_fn(|i| value(LIMBS + i));
     let in_field = mask_key.iter().chain(&self_mask_seed).all(|&v| v < shamir::P);
-    in_field.then_some(Held { mask_key, self_mask_seed })
+    in_field.then_some(Held { mask_key, self_mask_seed, key_salt, seed_salt })
+}
+
+impl Held {
+    /// Whether these are the shares the owner committed to in its signed message.
+    fn matches(
+        &self,
+        binding: &RoundBinding,
+        owner: ClientIndex,
+        holder: ClientIndex,
+        sealed: &EncryptedShares,
+    ) -> bool {
+        let commit = |secret, salt, values: &ShareValues| {
+            crypto::share_commitment(binding, owner, holder, secret, salt, values)
+        };
+        commit(SharedSecret::MaskKey, &self.key_salt, &self.mask_key) == sealed.key_commitment
+            && commit(SharedSecret::SelfMaskSeed, &self.seed_salt, &self.self_mask_seed)
+                == sealed.seed_commitment
+    }
 }
 
 /// Waiting for the list of clients whose masked input the server received (phase 2).
@@ -250,6 +339,8 @@ fn parse_plaintext(plaintext: &[u8], owner: ClientIndex, holder: ClientIndex) ->
 pub struct ExpectSurvivors {
     core: Core,
     held: BTreeMap<ClientIndex, Held>,
+    /// Neighbours this client complained about (their shares were unusable).
+    complained: BTreeSet<ClientIndex>,
 }
 
 impl ExpectSurvivors {
@@ -268,7 +359,10 @@ impl ExpectSurvivors {
                 return Err(SecAggError::Server(ServerMisbehaved::DuplicateInRoster(s)));
             }
             // A neighbour that never sent this client its shares cannot have masked input.
-            if core.graph.are_neighbours(core.me, s) && !self.held.contains_key(&s) {
+            if core.graph.are_neighbours(core.me, s)
+                && !self.held.contains_key(&s)
+                && !self.complained.contains(&s)
+            {
                 return Err(SecAggError::Server(ServerMisbehaved::SurvivorsNotSubset));
             }
         }
@@ -325,9 +419,11 @@ impl ExpectSignatures {
         let mut mask_key_shares = Vec::new();
         for (&owner, held) in &self.held {
             if self.survivors.contains(&owner) {
-                self_mask_shares.push(ShamirShare { owner, x: core.me, y: held.self_mask_seed.to_vec() });
+                let y = held.self_mask_seed.to_vec();
+                self_mask_shares.push(ShamirShare { owner, x: core.me, y, salt: held.seed_salt });
             } else {
-                mask_key_shares.push(ShamirShare { owner, x: core.me, y: held.mask_key.to_vec() });
+                let y = held.mask_key.to_vec();
+                mask_key_shares.push(ShamirShare { owner, x: core.me, y, salt: held.key_salt });
             }
         }
         Ok(Unmask { binding: core.config.binding, sender: core.me, self_mask_shares, mask_key_shares })

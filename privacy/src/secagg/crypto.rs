@@ -8,7 +8,7 @@
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use rand_core::{CryptoRng, RngCore};
-use ring::{aead, hkdf, signature};
+use ring::{aead, digest, hkdf, signature};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::Zeroize;
 
@@ -95,6 +95,50 @@ fn hkdf_32(ikm: &[u8], binding: &RoundBinding, info: &[u8]) -> [u8; 32] {
         .expand(&[info], hkdf::HKDF_SHA256)
         .and_then(|okm| okm.fill(&mut out))
         .expect("32 bytes is a valid HKDF-SHA256 output length");
+    out
+}
+
+/// Which of a client's two secrets a Shamir share belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SharedSecret {
+    MaskKey,
+    SelfMaskSeed,
+}
+
+/// The commitment the owner of a secret publishes (inside its signed sealed shares) to the
+/// share it deals `holder`: SHA-256 over a domain tag, the binding, both indices, which
+/// secret, a 32-byte random salt and the share's field elements. Hiding (the salt is secret
+/// until the holder reveals the share) and binding (a holder cannot reveal another share).
+pub fn share_commitment(
+    binding: &RoundBinding,
+    owner: ClientIndex,
+    holder: ClientIndex,
+    secret: SharedSecret,
+    salt: &[u8; 32],
+    values: &[u64],
+) -> [u8; 32] {
+    let mut context = digest::Context::new(&digest::SHA256);
+    context.update(b"guild secagg+ v1 share commitment");
+    context.update(&binding.to_bytes());
+    context.update(&owner.get().to_be_bytes());
+    context.update(&holder.get().to_be_bytes());
+    context.update(&[match secret {
+        SharedSecret::MaskKey => 1,
+        SharedSecret::SelfMaskSeed => 2,
+    }]);
+    context.update(salt);
+    for value in values {
+        context.update(&value.to_be_bytes());
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(context.finish().as_ref());
+    out
+}
+
+/// SHA-256 of `bytes`.
+pub fn sha256(bytes: &[u8]) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest::digest(&digest::SHA256, bytes).as_ref());
     out
 }
 

@@ -60,6 +60,21 @@ pub enum PeerMisbehaved {
     NotASurvivor,
     #[error("it revealed a share that honest clients never reveal")]
     ForbiddenReveal,
+    #[error("it sealed no shares for its neighbour {0}")]
+    IncompleteShares(ClientIndex),
+    #[error("the share of {owner}'s secret it revealed is not the one {owner} dealt it")]
+    ShareMismatch { owner: ClientIndex },
+    #[error("its complaint names {0}, who sent it no shares")]
+    BadComplaint(ClientIndex),
+}
+
+impl PeerMisbehaved {
+    /// Whether only a client that deviates from the protocol sends this: an honest client,
+    /// however late, slow or restarted, never does (duplicates, late messages and unknown
+    /// identities can come from retries and reconfiguration, so they are not counted).
+    pub fn is_protocol_violation(&self) -> bool {
+        !matches!(self, Self::Duplicate | Self::UnknownIdentity | Self::NotASurvivor | Self::NotInCohort)
+    }
 }
 
 /// What the server did wrong, as seen by an honest client.
@@ -78,4 +93,6 @@ pub enum ServerMisbehaved {
     LeftOutOfSurvivors,
     #[error("{0}'s signature does not match this client's survivor list: the server showed different lists")]
     InconsistentSurvivors(ClientIndex),
+    #[error("it forwarded shares from {0} that {0} did not sign")]
+    AlteredShares(ClientIndex),
 }

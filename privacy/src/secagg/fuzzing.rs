@@ -130,7 +130,9 @@ pub fn drive_client(data: &[u8]) {
     let mut next = BTreeMap::new();
     for (c, state) in states {
         let roster = if c == me { roster.clone() } else { server_roster_for_others(&roster) };
-        let Ok((state, msg)) = state.on_roster(roster, &s.identities, &mut s.rng) else { continue };
+        let Ok((state, msg)) = state.on_roster(roster, &s.identities, &s.signing[&c], &mut s.rng) else {
+            continue;
+        };
         let _ = server.receive_shares(c, msg);
         next.insert(c, state);
     }
@@ -234,24 +236,48 @@ pub fn drive_server(data: &[u8]) {
     }
     // Out-of-phase messages must be refused, not acted on.
     if tape.chance(3) {
-        let early =
-            MaskedInput { binding: s.config.binding, sender: attacker, masked: vec![7; tape.below(10)] };
+        let early = MaskedInput {
+            binding: s.config.binding,
+            sender: attacker,
+            masked: vec![7; tape.below(10)],
+            complaints: Vec::new(),
+        };
         let _ = server.receive_masked_input(attacker, early);
     }
     let Ok(roster) = server.close_keys() else { return };
 
     let mut next = BTreeMap::new();
     for (c, state) in states {
-        let Ok((state, mut msg)) = state.on_roster(roster.clone(), &s.identities, &mut s.rng) else {
+        let Ok((state, mut msg)) = state.on_roster(roster.clone(), &s.identities, &s.signing[&c], &mut s.rng)
+        else {
             continue;
         };
         if c == attacker && tape.chance(2) && !msg.shares.is_empty() {
             let i = tape.below(msg.shares.len());
-            match tape.below(4) {
+            match tape.below(6) {
                 0 => msg.shares[i].recipient = some_index(&mut tape),
                 1 => msg.shares[i].sender = some_index(&mut tape),
                 2 => msg.shares.push(msg.shares[i].clone()),
-                _ => corrupt_bytes(&mut tape, &mut msg.shares[i].ciphertext),
+                3 => {
+                    msg.shares.remove(i);
+                }
+                4 => corrupt_bytes(&mut tape, &mut msg.shares[i].ciphertext),
+                _ => {
+                    // Garbage under the attacker's own valid signature: its neighbour
+                    // complains and the round goes on without their pairwise mask.
+                    let share = &mut msg.shares[i];
+                    corrupt_bytes(&mut tape, &mut share.ciphertext);
+                    share.key_commitment[0] ^= tape.byte() & 1;
+                    let payload = super::signed::sealed_shares(
+                        &s.config.binding,
+                        share.sender,
+                        share.recipient,
+                        &super::crypto::sha256(&share.ciphertext),
+                        &share.key_commitment,
+                        &share.seed_commitment,
+                    );
+                    share.signature = super::crypto::sign(&s.signing[&c], &payload);
+                }
             }
         }
         let _ = server.receive_shares(c, msg);
@@ -259,6 +285,10 @@ pub fn drive_server(data: &[u8]) {
     }
     let Ok(mut inboxes) = server.close_shares() else { return };
 
+    // A client that complains falsely (a wrong seed) shifts the sum by a pseudorandom
+    // vector, as it could by masking a wrong input: SecAgg+ keeps inputs private, and the
+    // coordinator's norm check on the decoded sum bounds what a malicious client adds.
+    let mut complained_falsely = false;
     let mut after = BTreeMap::new();
     for (c, state) in next {
         let Ok((state, mut msg)) = state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &s.inputs[&c])
@@ -266,12 +296,16 @@ pub fn drive_server(data: &[u8]) {
             continue;
         };
         if c == attacker && tape.chance(2) {
-            match tape.below(4) {
+            match tape.below(5) {
                 0 => {
                     msg.masked.truncate(tape.below(9));
                 }
                 1 => msg.masked[0] = u32::MAX,
                 2 => msg.sender = some_index(&mut tape),
+                3 => {
+                    complained_falsely = true;
+                    msg.complaints.push(Complaint { accused: some_index(&mut tape), pairwise_seed: [9; 32] });
+                }
                 _ => {
                     let _ = server.receive_masked_input(c, msg.clone());
                 }
@@ -293,15 +327,12 @@ pub fn drive_server(data: &[u8]) {
     }
     let Ok(signatures) = server.close_consistency() else { return };
 
-    // A client that hands in a wrong share value with exactly t shares in play corrupts
-    // the result: SecAgg+ protects inputs' privacy, not the sum's integrity against
-    // malicious clients (which could as well send a wrong input).
-    let mut corrupted_a_share = false;
+    // A wrong share value is refused against its owner's commitment, so it never reaches
+    // reconstruction: whatever the attacker reveals, a finished round has the exact sum.
     for (c, state) in last {
         let Ok(mut msg) = state.on_signatures(signatures.clone(), &s.identities) else { continue };
         if c == attacker && tape.chance(2) {
-            corrupted_a_share = true;
-            match tape.below(4) {
+            match tape.below(5) {
                 0 if !msg.self_mask_shares.is_empty() => {
                     // Offer a survivor's key share: honest servers must refuse it.
                     let share = msg.self_mask_shares.remove(0);
@@ -309,13 +340,14 @@ pub fn drive_server(data: &[u8]) {
                 }
                 1 if !msg.self_mask_shares.is_empty() => msg.self_mask_shares[0].y[0] ^= 1,
                 2 if !msg.self_mask_shares.is_empty() => msg.self_mask_shares[0].y.push(1),
+                3 if !msg.self_mask_shares.is_empty() => msg.self_mask_shares[0].salt[0] ^= 1,
                 _ => msg.sender = some_index(&mut tape),
             }
         }
         let _ = server.receive_unmask(c, msg);
     }
     if let Ok(sum) = server.finish()
-        && !corrupted_a_share
+        && !complained_falsely
     {
         check_sum(&s, &server, &sum);
     }

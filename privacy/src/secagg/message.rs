@@ -81,12 +81,25 @@ pub struct AdvertiseKeys {
     pub keys: SignedKeys,
 }
 
-/// Phase 1: Shamir shares of one client's secrets, sealed for one neighbour.
+/// Phase 1: Shamir shares of one client's secrets, sealed for one neighbour, with the
+/// sender's commitments to the two shares inside and its signature over the lot.
+///
+/// The signature lets the recipient tell a sender that sealed garbage (it complains, and
+/// treats the sender as dropped) from a server that altered what it forwarded (it aborts);
+/// the commitments let the server check, at Unmask, that a revealed share is the one the
+/// sender dealt, so that one holder's false share is discarded and the holder named.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EncryptedShares {
     pub sender: ClientIndex,
     pub recipient: ClientIndex,
     pub ciphertext: Vec<u8>,
+    /// [`crate::secagg::crypto::share_commitment`] of the mask-key share.
+    pub key_commitment: [u8; SHA256_LEN],
+    /// The same for the self-mask-seed share.
+    pub seed_commitment: [u8; SHA256_LEN],
+    /// The sender's Ed25519 signature over the binding, both indices, the ciphertext's
+    /// SHA-256 and both commitments.
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +114,20 @@ pub struct MaskedInput {
     pub binding: RoundBinding,
     pub sender: ClientIndex,
     pub masked: Vec<u32>,
+    /// Neighbours whose signed shares did not open or did not match their commitments:
+    /// the sender treated each as dropped and left out their pairwise mask.
+    pub complaints: Vec<Complaint>,
+}
+
+/// A client's statement that a neighbour sealed it unusable shares (under the neighbour's
+/// own signature, so the server did not alter them). The client left out their pairwise
+/// mask; it reveals that one seed so the server can remove the neighbour's half of it.
+/// The seed masks nothing else: the neighbour's input stays hidden by its other pairwise
+/// masks, and the complainer's own input never carried this one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Complaint {
+    pub accused: ClientIndex,
+    pub pairwise_seed: [u8; 32],
 }
 
 /// Phase 3: a signature over the binding and the set of clients whose input the server
@@ -126,6 +153,9 @@ pub struct ShamirShare {
     /// The evaluation point: the index of the client that held this share.
     pub x: ClientIndex,
     pub y: Vec<u64>,
+    /// The salt of the owner's commitment to this share ([`EncryptedShares`]), so the
+    /// server can check the share is the one the owner dealt.
+    pub salt: [u8; 32],
 }
 
 /// Phase 4: shares that let the server remove the masks of the sum, and nothing more.

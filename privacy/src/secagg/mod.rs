@@ -95,7 +95,7 @@ impl RoundConfig {
 }
 
 /// Domain-separated payloads that clients sign.
-pub(crate) mod signed {
+pub mod signed {
     use super::message::{ClientIndex, RoundBinding};
 
     pub fn keys(binding: &RoundBinding, sender: ClientIndex, cipher: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
@@ -104,6 +104,26 @@ pub(crate) mod signed {
         out.extend_from_slice(&sender.get().to_be_bytes());
         out.extend_from_slice(cipher);
         out.extend_from_slice(mask);
+        out
+    }
+
+    /// What the sender of sealed shares signs: the ciphertext (by its hash) and the
+    /// commitments to the two shares inside it.
+    pub fn sealed_shares(
+        binding: &RoundBinding,
+        sender: ClientIndex,
+        recipient: ClientIndex,
+        ciphertext_sha256: &[u8; 32],
+        key_commitment: &[u8; 32],
+        seed_commitment: &[u8; 32],
+    ) -> Vec<u8> {
+        let mut out = b"guild secagg+ v1 sealed shares".to_vec();
+        out.extend_from_slice(&binding.to_bytes());
+        out.extend_from_slice(&sender.get().to_be_bytes());
+        out.extend_from_slice(&recipient.get().to_be_bytes());
+        out.extend_from_slice(ciphertext_sha256);
+        out.extend_from_slice(key_commitment);
+        out.extend_from_slice(seed_commitment);
         out
     }
 

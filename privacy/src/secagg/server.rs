@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::crypto::{self, AgreementKey, MaskSign};
+use super::crypto::{self, AgreementKey, MaskSign, SharedSecret};
 use super::graph::{NeighbourGraph, roster_seed};
 use super::message::*;
 use super::shamir::{self, ShareValues};
@@ -54,6 +54,11 @@ pub struct Server {
     shared: BTreeSet<ClientIndex>,
     /// U3: clients whose masked input is in `sum`.
     survivors: BTreeSet<ClientIndex>,
+    /// The commitments each owner (first) made to the shares it dealt each holder (second):
+    /// mask key, then self-mask seed.
+    commitments: BTreeMap<(ClientIndex, ClientIndex), ([u8; 32], [u8; 32])>,
+    /// Complaints in the survivors' masked inputs: accuser → accused → revealed pairwise seed.
+    complaints: BTreeMap<ClientIndex, BTreeMap<ClientIndex, [u8; 32]>>,
     /// Σ masked inputs of U3, mod 2^b.
     sum: Vec<u32>,
     self_mask_shares: BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>,
@@ -77,6 +82,8 @@ impl Server {
             roster: BTreeMap::new(),
             shared: BTreeSet::new(),
             survivors: BTreeSet::new(),
+            commitments: BTreeMap::new(),
+            complaints: BTreeMap::new(),
             self_mask_shares: BTreeMap::new(),
             mask_key_shares: BTreeMap::new(),
         })
@@ -195,6 +202,7 @@ impl Server {
         if !self.roster.contains_key(&from) {
             return Err(peer(from, PeerMisbehaved::NotASurvivor));
         }
+        let identity = *self.identities.get(&from).ok_or(peer(from, PeerMisbehaved::UnknownIdentity))?;
         let mut recipients = BTreeSet::new();
         for share in &message.shares {
             if share.sender != from {
@@ -208,6 +216,27 @@ impl Server {
             if !recipients.insert(share.recipient) {
                 return Err(peer(from, PeerMisbehaved::Duplicate));
             }
+            let payload = signed::sealed_shares(
+                &self.config.binding,
+                from,
+                share.recipient,
+                &crypto::sha256(&share.ciphertext),
+                &share.key_commitment,
+                &share.seed_commitment,
+            );
+            if !crypto::verify(&identity, &payload, &share.signature) {
+                return Err(peer(from, PeerMisbehaved::BadSignature));
+            }
+        }
+        // Every neighbour in the roster gets shares: a neighbour left out could not mask
+        // with this client, and its own survivor check would stop the round.
+        if let Some(&missing) = self
+            .graph()?
+            .neighbours(from)
+            .iter()
+            .find(|v| self.roster.contains_key(v) && !recipients.contains(v))
+        {
+            return Err(peer(from, PeerMisbehaved::IncompleteShares(missing)));
         }
         let Stage::ShareKeys { shares } = &mut self.stage else {
             return Err(self.wrong_phase(Phase::ShareKeys));
@@ -227,6 +256,11 @@ impl Server {
         let shares = std::mem::take(shares);
         self.require(Phase::ShareKeys, shares.len())?;
         self.shared = shares.keys().copied().collect();
+        self.commitments = shares
+            .values()
+            .flatten()
+            .map(|s| ((s.sender, s.recipient), (s.key_commitment, s.seed_commitment)))
+            .collect();
         let mut inboxes: BTreeMap<ClientIndex, Vec<EncryptedShares>> =
             self.shared.iter().map(|&c| (c, Vec::new())).collect();
         for share in shares.into_values().flatten() {
@@ -257,6 +291,18 @@ impl Server {
         if bit_width < 32 && message.masked.iter().any(|&v| v >> bit_width != 0) {
             return Err(peer(from, PeerMisbehaved::OutOfRange { bit_width }));
         }
+        // A complaint must name a neighbour that sent this client shares.
+        let mut complaints = BTreeMap::new();
+        for complaint in &message.complaints {
+            let accused = complaint.accused;
+            let valid = accused != from
+                && self.shared.contains(&accused)
+                && self.graph()?.are_neighbours(from, accused)
+                && complaints.insert(accused, complaint.pairwise_seed).is_none();
+            if !valid {
+                return Err(peer(from, PeerMisbehaved::BadComplaint(accused)));
+            }
+        }
         let Stage::MaskedInput { received } = &mut self.stage else {
             return Err(self.wrong_phase(Phase::MaskedInput));
         };
@@ -264,6 +310,9 @@ impl Server {
             return Err(peer(from, PeerMisbehaved::Duplicate));
         }
         crate::dp::add_mod(&mut self.sum, &message.masked, bit_width);
+        if !complaints.is_empty() {
+            self.complaints.insert(from, complaints);
+        }
         Ok(())
     }
 
@@ -274,6 +323,7 @@ impl Server {
         };
         let received = std::mem::take(received);
         self.require(Phase::MaskedInput, received.len())?;
+        self.complaints.retain(|accuser, _| received.contains(accuser));
         self.survivors = received;
         self.stage = Stage::ConsistencyCheck { signatures: BTreeMap::new() };
         Ok(self.survivors.iter().copied().collect())
@@ -337,7 +387,28 @@ impl Server {
             if share.x != from {
                 return Err(peer(from, PeerMisbehaved::ForgedSender { claimed: share.x }));
             }
-            share.y.as_slice().try_into().map_err(|_| peer(from, PeerMisbehaved::BadShares))
+            let values: ShareValues =
+                share.y.as_slice().try_into().map_err(|_| peer(from, PeerMisbehaved::BadShares))?;
+            // The share must be the one its owner dealt this holder (its signed commitment):
+            // a false share is refused here and its holder named, so it never reaches
+            // reconstruction.
+            let (secret, committed) = match (owner_survived, self.commitments.get(&(share.owner, from))) {
+                (_, None) => return Err(peer(from, PeerMisbehaved::ForbiddenReveal)),
+                (true, Some((_, seed))) => (SharedSecret::SelfMaskSeed, seed),
+                (false, Some((key, _))) => (SharedSecret::MaskKey, key),
+            };
+            let commitment = crypto::share_commitment(
+                &self.config.binding,
+                share.owner,
+                from,
+                secret,
+                &share.salt,
+                &values,
+            );
+            if commitment != *committed {
+                return Err(peer(from, PeerMisbehaved::ShareMismatch { owner: share.owner }));
+            }
+            Ok(values)
         };
         let mut self_mask = Vec::new();
         for share in &message.self_mask_shares {
@@ -396,6 +467,11 @@ impl Server {
         let binding = self.config.binding;
         let shares_of = |map: &BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>, owner: ClientIndex| {
             let shares = map.get(&owner).map_or(&[][..], Vec::as_slice);
+            let accused = self.complaints.values().any(|c| c.contains_key(&owner));
+            if shares.len() < t && accused {
+                // It sealed garbage for more neighbours than the threshold leaves to spare.
+                return Err(peer(owner, PeerMisbehaved::UndecryptableShares));
+            }
             if shares.len() < t {
                 return Err(SecAggError::TooFewSurvivors {
                     phase: Phase::Unmask,
@@ -416,7 +492,9 @@ impl Server {
                 return Err(peer(u, PeerMisbehaved::BadShares));
             }
             for &v in self.graph()?.neighbours(u) {
-                if !self.survivors.contains(&v) {
+                // A survivor that complained about u never applied their mask.
+                let complained = self.complaints.get(&v).is_some_and(|c| c.contains_key(&u));
+                if !self.survivors.contains(&v) || complained {
                     continue;
                 }
                 let seed = key
@@ -426,7 +504,24 @@ impl Server {
                 masks.push((seed, if u > v { MaskSign::Subtract } else { MaskSign::Add }));
             }
         }
+        // An accuser c left out its mask with the accused a; if a survived, a's half is
+        // still in the sum: a added +PRG(s) if c > a and −PRG(s) if c < a.
+        for (&c, accused) in &self.complaints {
+            for (&a, seed) in accused {
+                if self.survivors.contains(&a) {
+                    masks.push((*seed, if c > a { MaskSign::Subtract } else { MaskSign::Add }));
+                }
+            }
+        }
         Ok(masks)
+    }
+
+    /// The complaints in the survivors' masked inputs, as (accuser, accused): each accuser
+    /// says the accused sealed it signed shares that did not open or match its commitments.
+    /// The server cannot check which of the two lies (the shares are sealed under their
+    /// pairwise key), so it names both and leaves the judgement to a policy over rounds.
+    pub fn complaints(&self) -> Vec<(ClientIndex, ClientIndex)> {
+        self.complaints.iter().flat_map(|(&c, accused)| accused.keys().map(move |&a| (c, a))).collect()
     }
 
     /// The key roster forwarded at the end of phase 0 (U1).
@@ -537,7 +632,8 @@ mod tests {
         assert_eq!(roster.len(), 4, "the bad key never reaches the others");
         let mut waiting = BTreeMap::new();
         for (c, state) in states {
-            let (next, msg) = state.on_roster(roster.clone(), &identities, &mut rng).expect("shares");
+            let (next, msg) =
+                state.on_roster(roster.clone(), &identities, &signing[&c], &mut rng).expect("shares");
             server.receive_shares(c, msg).expect("shares");
             waiting.insert(c, next);
         }
