@@ -114,6 +114,11 @@ pub struct RoundsConfig {
     pub learning_rate: f32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
+    /// Distinct cohort members that must complain about one merchant's sealed shares in a
+    /// round before it is quarantined (a complaint cannot be checked by the coordinator, so
+    /// one merchant's word is not enough). Protocol violations the coordinator sees itself
+    /// quarantine at once.
+    pub quarantine_after_complaints: u32,
 }
 
 impl Default for RoundsConfig {
@@ -126,6 +131,7 @@ impl Default for RoundsConfig {
             phase_deadlines_ms: [120_000, 10_000, 30_000, 10_000, 10_000],
             max_rounds: 0,
             pause_ms: 0,
+            quarantine_after_complaints: 2,
             local_steps: 2,
             batch_size: 32,
             learning_rate: 1e-3,

@@ -20,6 +20,22 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+enum QuarantineCommand {
+    /// Every quarantined merchant with the round and reason it was named for (JSON).
+    List {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+    },
+    /// Let a quarantined merchant into cohorts again.
+    Lift {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        merchant: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run the coordinator daemon.
     Serve {
@@ -53,6 +69,10 @@ enum Command {
         #[arg(long)]
         merchant: String,
     },
+    /// Merchants named as misbehaving in a round and kept out of cohorts: list them, or
+    /// lift one's quarantine.
+    #[command(subcommand)]
+    Quarantine(QuarantineCommand),
     /// Rounds, merchants, ε spent and the current phase, read from the store (JSON).
     Status {
         #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
@@ -231,6 +251,7 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
         "epsilon_budget": budget.epsilon,
         "delta": budget.delta,
         "budget_exhausted": spent.epsilon.max(shopper.epsilon) >= budget.epsilon,
+        "quarantined": store.quarantined()?,
     }))
 }
 
@@ -275,6 +296,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Status { config } => {
             println!("{}", status(&load_config(&config)?)?);
+            Ok(())
+        }
+        Command::Quarantine(QuarantineCommand::List { config }) => {
+            let store = Store::open(&load_config(&config)?.server.store)?;
+            println!("{}", serde_json::json!({ "quarantined": store.quarantined()? }));
+            Ok(())
+        }
+        Command::Quarantine(QuarantineCommand::Lift { config, merchant }) => {
+            let store = Store::open(&load_config(&config)?.server.store)?;
+            anyhow::ensure!(store.lift_quarantine(&merchant)?, "{merchant} is not quarantined");
+            println!("{}", serde_json::json!({ "lifted": merchant }));
             Ok(())
         }
         Command::ExportAdapter { config, version, out } => {

@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Seconds the engine spent working (sampling, checking and summing messages, closing
     /// phases, unmasking, decoding, committing): the coordinator's own cost of rounds.
     pub engine_busy_seconds: Counter<f64, AtomicU64>,
+    /// Merchants now quarantined (named as misbehaving, kept out of cohorts until lifted).
+    pub merchants_quarantined: Gauge,
+    /// Complaints about a neighbour's sealed shares, from the survivors' masked inputs.
+    pub complaints: Counter,
 }
 
 impl Default for Metrics {
@@ -76,6 +80,18 @@ impl Metrics {
         let bytes_received = Family::<RpcLabel, Counter>::default();
         let rejected_messages = Family::<RpcLabel, Counter>::default();
         let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
+        let merchants_quarantined = Gauge::default();
+        let complaints = Counter::default();
+        registry.register(
+            "merchants_quarantined",
+            "Merchants named as misbehaving and kept out of cohorts until an operator lifts it",
+            merchants_quarantined.clone(),
+        );
+        registry.register(
+            "complaints",
+            "Complaints by cohort members about a neighbour's sealed shares",
+            complaints.clone(),
+        );
         registry.register(
             "engine_busy_seconds",
             "Seconds the round engine spent working",
@@ -134,6 +150,8 @@ impl Metrics {
             bytes_received,
             rejected_messages,
             engine_busy_seconds,
+            merchants_quarantined,
+            complaints,
         }
     }
 

@@ -1,6 +1,6 @@
 //! The coordinator's durable state in one SQLite file: the federation, the certificate
 //! allow-list, the merchant registry, every adapter version, every round's record, the
-//! privacy ledger and the merchants' evaluation reports. Schema migrations are versioned
+//! privacy ledger, the merchants' evaluation reports and the quarantine. Schema migrations are versioned
 //! with `PRAGMA user_version` and applied in one transaction at open.
 //!
 //! Crash safety comes from SQLite (WAL, `synchronous=FULL`) and from one rule: a round's
@@ -70,6 +70,13 @@ const MIGRATIONS: &[&str] = &[
          reciprocal_rank_sum REAL NOT NULL,
          PRIMARY KEY (merchant_id, adapter_version)
      );",
+    // 3: merchants named as misbehaving in a round, kept out of cohorts until lifted.
+    "CREATE TABLE quarantine (
+         merchant_id TEXT PRIMARY KEY,
+         round_id INTEGER NOT NULL,
+         reason TEXT NOT NULL,
+         since INTEGER NOT NULL
+     );",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -129,6 +136,17 @@ pub struct RoundCounts {
     pub completed: u64,
     pub aborted: u64,
     pub open: u64,
+}
+
+/// A merchant kept out of cohorts after it was named as misbehaving.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Quarantined {
+    pub merchant_id: String,
+    /// The round in which it was named.
+    pub round_id: u64,
+    pub reason: String,
+    /// Unix seconds.
+    pub since: i64,
 }
 
 /// A merchant as the registry records it.
@@ -301,7 +319,9 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT m.merchant_id, m.display_name, m.signing_public_key FROM merchants m
-             JOIN allow_list a ON a.merchant_id = m.merchant_id WHERE a.revoked = 0 ORDER BY m.merchant_id",
+             JOIN allow_list a ON a.merchant_id = m.merchant_id
+             WHERE a.revoked = 0 AND m.merchant_id NOT IN (SELECT merchant_id FROM quarantine)
+             ORDER BY m.merchant_id",
         )?;
         let rows = stmt.query_map([], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
@@ -316,6 +336,40 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Quarantines `merchant_id` (named as misbehaving in `round_id`); a merchant already
+    /// quarantined keeps its first reason. Returns whether it was newly quarantined.
+    pub fn quarantine(&self, merchant_id: &str, round_id: u64, reason: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute(
+            "INSERT INTO quarantine (merchant_id, round_id, reason, since) VALUES (?1, ?2, ?3, unixepoch())
+             ON CONFLICT (merchant_id) DO NOTHING",
+            params![merchant_id, round_id as i64, reason],
+        )?;
+        Ok(n > 0)
+    }
+
+    /// Lifts a merchant's quarantine; returns whether it was quarantined.
+    pub fn lift_quarantine(&self, merchant_id: &str) -> Result<bool, StoreError> {
+        let n = self.conn().execute("DELETE FROM quarantine WHERE merchant_id = ?1", params![merchant_id])?;
+        Ok(n > 0)
+    }
+
+    /// Every quarantined merchant, oldest first.
+    pub fn quarantined(&self) -> Result<Vec<Quarantined>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT merchant_id, round_id, reason, since FROM quarantine ORDER BY since, merchant_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(Quarantined {
+                merchant_id: r.get(0)?,
+                round_id: r.get::<_, i64>(1)? as u64,
+                reason: r.get(2)?,
+                since: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// How many certificates are allowed and not revoked.
@@ -611,6 +665,33 @@ mod tests {
         assert!(!store.is_registered("shop-2").expect("lookup"));
         assert_eq!(store.federation([1; 32], [9; 16]).expect("federation"), [2; 16], "id is stable");
         assert!(matches!(store.federation([3; 32], [9; 16]), Err(StoreError::BaseModelMismatch { .. })));
+    }
+
+    #[test]
+    fn a_quarantined_merchant_leaves_the_eligible_population_until_lifted() {
+        let store = Store::open_in_memory().expect("open");
+        for (i, id) in ["shop-1", "shop-2"].into_iter().enumerate() {
+            let record = MerchantRecord {
+                merchant_id: id.into(),
+                display_name: id.into(),
+                signing_public_key: [i as u8; 32],
+            };
+            store.upsert_merchant(&record).expect("register");
+            store.allow(id, [i as u8 + 1; 32]).expect("allow");
+        }
+        let eligible = |s: &Store| -> Vec<String> {
+            s.eligible_merchants().expect("eligible").into_iter().map(|m| m.merchant_id).collect()
+        };
+        assert_eq!(eligible(&store), ["shop-1", "shop-2"]);
+        assert!(store.quarantine("shop-2", 7, "sealed garbage shares").expect("quarantine"));
+        assert!(!store.quarantine("shop-2", 8, "again").expect("idempotent"), "the first reason stays");
+        assert_eq!(eligible(&store), ["shop-1"]);
+        let listed = store.quarantined().expect("list");
+        assert_eq!((listed[0].merchant_id.as_str(), listed[0].round_id), ("shop-2", 7));
+        assert_eq!(listed[0].reason, "sealed garbage shares");
+        assert!(store.lift_quarantine("shop-2").expect("lift"));
+        assert!(!store.lift_quarantine("shop-2").expect("lift twice"));
+        assert_eq!(eligible(&store), ["shop-1", "shop-2"]);
     }
 
     fn commit(round_id: u64, version: u64) -> RoundCommit {

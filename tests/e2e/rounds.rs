@@ -489,3 +489,79 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
     let coordinator_ledger = store.ledger().expect("ledger");
     assert_eq!(coordinator_ledger.len(), 1);
 }
+
+/// Eight merchants in a complete graph: seven share holders each, threshold ⌊2·7/3⌋ + 1 = 5,
+/// so each merchant's secrets survive two holders without its shares.
+async fn eight_merchants(dir: &std::path::Path, max_rounds: u64, min_cohort: u32) -> Federation {
+    let mut federation = Federation::init(dir, 8, |c| {
+        small(c);
+        c.rounds.min_cohort = min_cohort;
+        c.rounds.max_rounds = max_rounds;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    federation
+}
+
+/// #15.1: a merchant that seals garbage for two neighbours, under its own valid signature,
+/// no longer aborts the round: the two complain (and leave out its pairwise mask), the
+/// round commits with all eight inputs, the two complaints name it, and the coordinator
+/// quarantines it (store, `status`, metrics), so the next round runs with the seven others.
+/// An operator lifts the quarantine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_that_seals_garbage_is_named_quarantined_and_the_round_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = eight_merchants(dir.path(), 2, 7).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let hostile = i == 7;
+        let faults = Faults { garbage_shares: if hostile { 2 } else { 0 }, ..Faults::default() };
+        clients.push(spawn_client(&federation, i, faults, if hostile { 1 } else { 2 }).await);
+    }
+    wait_for_rounds(&federation, 2, Duration::from_secs(90)).await;
+    for client in clients {
+        let _ = tokio::time::timeout(Duration::from_secs(30), client).await;
+    }
+    let store = federation.store().expect("store");
+    assert_eq!(store.round_counts().expect("counts").completed, 2);
+    let hostile = &federation.pki.merchants[7].name;
+    let quarantined = store.quarantined().expect("quarantine");
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(&quarantined[0].merchant_id, hostile);
+    assert!(quarantined[0].reason.contains("did not open"), "{}", quarantined[0].reason);
+    let engine = federation.in_process().expect("running").core.engine();
+    assert_eq!(engine.status().quarantined, quarantined);
+    let metrics = engine.metrics.encode();
+    assert!(metrics.contains("guild_complaints_total 2"), "{metrics}");
+    assert!(metrics.contains("guild_merchants_quarantined 1"), "{metrics}");
+    assert!(
+        !store.eligible_merchants().expect("eligible").iter().any(|m| &m.merchant_id == hostile),
+        "a quarantined merchant is not sampled"
+    );
+    assert!(store.lift_quarantine(hostile).expect("lift"));
+    assert!(store.eligible_merchants().expect("eligible").iter().any(|m| &m.merchant_id == hostile));
+}
+
+/// #15.1: a merchant that reveals a false share at Unmask is refused against the dealer's
+/// signed commitment, named and quarantined; the other holders' shares reconstruct every
+/// secret and the round commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_false_unmask_share_is_refused_its_sender_quarantined_and_the_round_commits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = eight_merchants(dir.path(), 1, 8).await;
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let faults = Faults { false_unmask_share: i == 3, ..Faults::default() };
+        clients.push(spawn_client(&federation, i, faults, 1).await);
+    }
+    wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
+    for client in clients {
+        client.abort();
+    }
+    let store = federation.store().expect("store");
+    assert_eq!(store.round_counts().expect("counts").completed, 1);
+    let quarantined = store.quarantined().expect("quarantine");
+    assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+    assert_eq!(quarantined[0].merchant_id, federation.pki.merchants[3].name);
+    assert!(quarantined[0].reason.contains("is not the one"), "{}", quarantined[0].reason);
+}

@@ -2,14 +2,15 @@
 //! when every expected message arrived or its deadline passed, aborts a round that
 //! cannot go on, and finishes one that can (unmask, decode, server step, commit).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
 use guild_privacy::dp::{RandomRotation, add_central_noise};
 use guild_privacy::ledger::{Charge, LedgerEntry};
-use guild_privacy::secagg::Phase;
+use guild_privacy::secagg::message::ClientIndex;
+use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -116,6 +117,38 @@ impl Engine {
             "phase closed"
         );
         result.map_err(|e| e.to_string())?;
+        if phase == Phase::MaskedInput {
+            let complaints = round.server.complaints();
+            let threshold = self.config.rounds.quarantine_after_complaints.max(1) as usize;
+            let mut accusers: BTreeMap<ClientIndex, Vec<ClientIndex>> = BTreeMap::new();
+            for (accuser, accused) in complaints {
+                self.metrics.complaints.inc();
+                tracing::warn!(
+                    round = round.id,
+                    accuser = round.merchant_at(accuser),
+                    accused = round.merchant_at(accused),
+                    "a cohort member says a neighbour's signed shares do not open"
+                );
+                accusers.entry(accused).or_default().push(accuser);
+            }
+            let named: Vec<(String, String)> = accusers
+                .into_iter()
+                .filter(|(_, by)| by.len() >= threshold)
+                .filter_map(|(accused, by)| {
+                    let merchant = round.merchant_at(accused)?.to_owned();
+                    let by: Vec<&str> = by.iter().filter_map(|&i| round.merchant_at(i)).collect();
+                    Some((
+                        merchant,
+                        format!("round {}: its signed shares did not open for {}", round.id, by.join(", ")),
+                    ))
+                })
+                .collect();
+            let id = round.id;
+            for (merchant, reason) in &named {
+                self.quarantine(merchant, id, reason);
+            }
+        }
+        let Some(round) = state.round.as_mut() else { return Err("the round vanished".into()) };
         if phase == Phase::ConsistencyCheck
             && let Some(event) = round.event.take()
         {
@@ -171,7 +204,20 @@ impl Engine {
         let mut state = self.lock();
         let State { round, latest, moments, ledger, .. } = &mut *state;
         let round = round.as_mut().ok_or_else(|| anyhow::anyhow!("the round vanished"))?;
-        let sum = round.server.finish()?;
+        let sum = match round.server.finish() {
+            Ok(sum) => sum,
+            Err(error) => {
+                // Shares that all match their dealer's signed commitments but do not lie on
+                // one polynomial: the dealer cheated, provably.
+                if let SecAggError::Peer { who, fault: PeerMisbehaved::BadShares } = &error
+                    && let Some(merchant) = round.merchant_at(*who).map(str::to_owned)
+                {
+                    let reason = format!("round {}: it dealt shares that do not reconstruct", round.id);
+                    self.quarantine(&merchant, round.id, &reason);
+                }
+                return Err(error.into());
+            }
+        };
         let rotation = RandomRotation::new(round.ddg.padded_dimension(), round.rotation_seed);
         let mut decoded = round.ddg.decode(&sum, &rotation)?;
         // A poisoned sum: no clipped, encoded updates and noise reach this norm. The round is

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
-use guild_privacy::secagg::Phase;
 use guild_privacy::secagg::message::{
     AdvertiseKeys, ConsistencyCheck, MaskedInput, RoundBinding, ShareKeys, Unmask,
 };
+use guild_privacy::secagg::{Phase, SecAggError};
 use guild_proto::domain::RoundTask;
 
 use super::{Engine, EngineError, Outcome, PhaseOutput};
@@ -62,6 +62,17 @@ impl Engine {
                     return Ok(task.clone());
                 }
                 if tokio::time::Instant::now() >= deadline {
+                    drop(state);
+                    if let Ok(quarantined) = self.store.quarantined()
+                        && let Some(q) = quarantined.iter().find(|q| q.merchant_id == merchant)
+                    {
+                        return Err(format!(
+                            "this merchant is quarantined since round {} ({}); an operator lifts it with \
+                             `guild-coordinator quarantine lift`",
+                            q.round_id, q.reason
+                        ));
+                    }
+                    let state = self.lock();
                     return Err(match &state.round {
                         Some(r) => format!("round {} is running without this merchant", r.id),
                         None => state.status.clone(),
@@ -100,7 +111,21 @@ impl Engine {
             PhaseMessage::Consistency(m) => round.server.receive_consistency(from, m),
             PhaseMessage::Unmask(m) => round.server.receive_unmask(from, m),
         };
-        result.map_err(EngineError::Rejected)?;
+        if let Err(error) = result {
+            // Only a merchant that deviates from the protocol sends this (not a late, retried
+            // or restarted one): the server saw it on the merchant's own authenticated
+            // channel, so it is named and kept out of later cohorts.
+            if let SecAggError::Peer { who, fault } = &error
+                && *who == from
+                && fault.is_protocol_violation()
+            {
+                let reason = format!("round {}, {}: {fault}", round.id, phase.name());
+                let id = round.id;
+                drop(state);
+                self.quarantine(merchant, id, &reason);
+            }
+            return Err(EngineError::Rejected(error));
+        }
         round.received.insert(from);
         let all_in = round.expected.is_subset(&round.received);
         let id = round.id;

@@ -125,6 +125,11 @@ struct Round {
 }
 
 impl Round {
+    /// The merchant at cohort index `index`.
+    fn merchant_at(&self, index: ClientIndex) -> Option<&str> {
+        self.members.iter().find(|(_, i)| **i == index).map(|(m, _)| m.as_str())
+    }
+
     /// Whether `phase` has closed in this round.
     fn closed(&self, phase: Phase) -> bool {
         self.phase.is_none_or(|open| open > phase)
@@ -164,6 +169,8 @@ pub struct EngineStatus {
     pub shopper_epsilon_spent: f64,
     pub epsilon_budget: f64,
     pub delta: f64,
+    /// Merchants named as misbehaving, kept out of cohorts until an operator lifts it.
+    pub quarantined: Vec<crate::store::Quarantined>,
 }
 
 #[derive(Debug)]
@@ -270,7 +277,12 @@ impl Engine {
         let spent = epsilon(state.ledger.spent(PrivacyUnit::Merchant));
         let against = epsilon(state.ledger.spent_against_sampler(PrivacyUnit::Merchant));
         let shopper = epsilon(state.ledger.spent(PrivacyUnit::Shopper));
+        let quarantined = self.store.quarantined().unwrap_or_else(|error| {
+            tracing::warn!(%error, "reading the quarantine failed");
+            Vec::new()
+        });
         EngineStatus {
+            quarantined,
             phase: match &state.round {
                 Some(Round { id, phase: Some(phase), .. }) => format!("round {id}: {phase}"),
                 Some(r) => format!("round {}: committing", r.id),
@@ -291,6 +303,21 @@ impl Engine {
     /// How the most recent rounds ended, oldest first (a bounded window).
     pub fn recent_outcomes(&self) -> Vec<(u64, Outcome)> {
         self.lock().outcomes.iter().cloned().collect()
+    }
+
+    /// Quarantines `merchant`, named as misbehaving in round `round_id`: it is left out of
+    /// cohorts (and told why) until an operator lifts it.
+    fn quarantine(&self, merchant: &str, round_id: u64, reason: &str) {
+        match self.store.quarantine(merchant, round_id, reason) {
+            Ok(true) => {
+                tracing::warn!(merchant, round = round_id, reason, "merchant quarantined");
+                if let Ok(all) = self.store.quarantined() {
+                    self.metrics.merchants_quarantined.set(all.len() as i64);
+                }
+            }
+            Ok(false) => {}
+            Err(error) => tracing::error!(%error, merchant, reason, "recording a quarantine failed"),
+        }
     }
 
     /// Wakes the driver (a merchant registered, say).
