@@ -37,10 +37,26 @@ pub struct ServerConfig {
     /// sha256 of the base model's safetensors file, 64 hex digits.
     #[serde(default = "default_base_model")]
     pub base_model_sha256: String,
+    /// Requests one merchant may make per second, sustained, across all its connections;
+    /// beyond it (after `request_burst_per_merchant`) requests are refused from their
+    /// headers, before their bodies are read. An honest client makes a handful a round.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second_per_merchant: u32,
+    /// Requests one merchant may make at once above the sustained rate.
+    #[serde(default = "default_request_burst")]
+    pub request_burst_per_merchant: u32,
 }
 
 fn default_base_model() -> String {
     guild_proto::domain::BASE_MODEL_SHA256.into()
+}
+
+fn default_requests_per_second() -> u32 {
+    20
+}
+
+fn default_request_burst() -> u32 {
+    60
 }
 
 /// PEM files of the federation's CA, and the coordinator's certificate and key.
@@ -107,6 +123,10 @@ pub struct RoundsConfig {
     pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// Rounds to run before idling; 0 for no limit.
     pub max_rounds: u64,
+    /// Most merchants a round's cohort may hold; a larger sample is skipped (and costs no
+    /// privacy, as nothing is computed from it). The gRPC message-size limit is sized from
+    /// it and the adapter's dimension.
+    pub max_cohort: u32,
     /// Pause between rounds.
     pub pause_ms: u64,
     pub local_steps: u32,
@@ -130,6 +150,7 @@ impl Default for RoundsConfig {
             neighbours: 0,
             phase_deadlines_ms: [120_000, 10_000, 30_000, 10_000, 10_000],
             max_rounds: 0,
+            max_cohort: 1_000,
             pause_ms: 0,
             quarantine_after_complaints: 2,
             local_steps: 2,
@@ -289,6 +310,21 @@ impl Config {
         }
         if r.threshold < 2 {
             return Err(invalid("rounds.threshold", "must be at least 2"));
+        }
+        if r.max_cohort < r.min_cohort || r.max_cohort as usize > guild_proto::limits::MAX_COHORT {
+            return Err(invalid(
+                "rounds.max_cohort",
+                format!(
+                    "must be in min_cohort..={} (the wire's largest cohort)",
+                    guild_proto::limits::MAX_COHORT
+                ),
+            ));
+        }
+        if self.server.requests_per_second_per_merchant == 0 || self.server.request_burst_per_merchant == 0 {
+            return Err(invalid(
+                "server.requests_per_second_per_merchant",
+                "the per-merchant request rate and burst must be at least 1",
+            ));
         }
         if r.min_cohort < r.threshold + 1 {
             return Err(invalid(

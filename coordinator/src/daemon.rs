@@ -64,7 +64,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .identity(Identity::from_pem(read(&config.tls.cert)?, read(&config.tls.key)?))
         .client_ca_root(Certificate::from_pem(read(&config.tls.ca)?));
     let d = engine.manifest().parameter_count().next_power_of_two();
-    let max_bytes = guild_proto::limits::max_message_bytes(d, guild_proto::limits::MAX_COHORT);
+    // Sized from this federation: its padded dimension and its largest cohort.
+    let max_bytes = guild_proto::limits::max_message_bytes(d, config.rounds.max_cohort as usize);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("binding {}", config.server.listen))?;
@@ -81,7 +82,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .concurrency_limit_per_connection(MAX_REQUESTS_PER_CONNECTION)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(CoordinatorService::new(core.clone()).into_server(max_bytes))
+        .add_service(CoordinatorService::new(core.clone()).into_server(max_bytes, &config.server))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)));
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(error) = server.await {

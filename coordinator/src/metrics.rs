@@ -53,6 +53,8 @@ pub struct Metrics {
     pub merchants_quarantined: Gauge,
     /// Complaints about a neighbour's sealed shares, from the survivors' masked inputs.
     pub complaints: Counter,
+    /// Requests refused because their merchant was over its request rate.
+    pub rate_limited: Counter,
 }
 
 impl Default for Metrics {
@@ -82,6 +84,12 @@ impl Metrics {
         let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
         let merchants_quarantined = Gauge::default();
         let complaints = Counter::default();
+        let rate_limited = Counter::default();
+        registry.register(
+            "requests_rate_limited",
+            "Requests refused because their merchant was over its request rate",
+            rate_limited.clone(),
+        );
         registry.register(
             "merchants_quarantined",
             "Merchants named as misbehaving and kept out of cohorts until an operator lifts it",
@@ -152,6 +160,7 @@ impl Metrics {
             engine_busy_seconds,
             merchants_quarantined,
             complaints,
+            rate_limited,
         }
     }
 

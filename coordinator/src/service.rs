@@ -137,14 +137,52 @@ fn allowed_merchant<T>(store: &Store, request: &Request<T>) -> Result<String, St
 /// before tonic reads and decodes its body: an unknown or revoked certificate holder (which
 /// the CA once signed, so TLS lets it in) gets a refusal for every request and makes the
 /// coordinator decode nothing it sends.
-#[derive(Clone, Debug)]
+///
+/// It also holds each merchant to a request rate across all its connections (a token
+/// bucket: `server.requests_per_second_per_merchant` sustained, `request_burst_per_merchant`
+/// at once): a flooding merchant's excess is refused here, from its headers, at the cost of
+/// one allow-list lookup.
+#[derive(Clone)]
 pub struct AllowListGate {
     store: Arc<Store>,
+    limiter: Arc<governor::DefaultKeyedRateLimiter<String>>,
+    rate_limited: prometheus_client::metrics::counter::Counter,
+}
+
+impl std::fmt::Debug for AllowListGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AllowListGate").finish_non_exhaustive()
+    }
+}
+
+impl AllowListGate {
+    pub fn new(
+        store: Arc<Store>,
+        config: &crate::config::ServerConfig,
+        metrics: &crate::metrics::Metrics,
+    ) -> Self {
+        let rate = std::num::NonZeroU32::new(config.requests_per_second_per_merchant)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst =
+            std::num::NonZeroU32::new(config.request_burst_per_merchant).unwrap_or(std::num::NonZeroU32::MIN);
+        let quota = governor::Quota::per_second(rate).allow_burst(burst);
+        Self {
+            store,
+            limiter: Arc::new(governor::RateLimiter::keyed(quota)),
+            rate_limited: metrics.rate_limited.clone(),
+        }
+    }
 }
 
 impl tonic::service::Interceptor for AllowListGate {
     fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
-        allowed_merchant(&self.store, &request)?;
+        let merchant = allowed_merchant(&self.store, &request)?;
+        if self.limiter.check_key(&merchant).is_err() {
+            self.rate_limited.inc();
+            return Err(Status::resource_exhausted(format!(
+                "merchant {merchant} is over its request rate; retry later"
+            )));
+        }
         Ok(request)
     }
 }
@@ -166,8 +204,9 @@ impl CoordinatorService {
     pub fn into_server(
         self,
         max_message_bytes: usize,
+        limits: &crate::config::ServerConfig,
     ) -> InterceptedService<v1::coordinator_server::CoordinatorServer<Self>, AllowListGate> {
-        let gate = AllowListGate { store: self.core.store.clone() };
+        let gate = AllowListGate::new(self.core.store.clone(), limits, &self.core.engine.metrics);
         let server = v1::coordinator_server::CoordinatorServer::new(self)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);

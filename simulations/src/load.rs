@@ -1,6 +1,7 @@
 //! The coordinator under load: many lightweight clients (random update vectors, no model)
 //! through full SecAgg+ rounds over loopback mutual TLS, timing each phase and the
-//! coordinator's own work.
+//! coordinator's own work; optionally with one allow-listed merchant flooding the
+//! coordinator (bounded loops of garbage and polling requests on many connections).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +28,57 @@ pub struct LoadReport {
     pub phase_seconds: Vec<(String, f64)>,
     /// The coordinator's own work per round (excluding waiting for clients).
     pub coordinator_seconds_per_round: f64,
+    /// Concurrent request loops of the flooding merchant (0: none).
+    pub flood_streams: usize,
+    /// Requests the flooding merchant sent, and how many the per-merchant rate limit refused
+    /// before reading them.
+    pub flood_requests: u64,
+    pub flood_rate_limited: u64,
+    /// Peak resident memory of this whole process (coordinator and every client), MiB.
+    pub peak_rss_mib: f64,
+}
+
+/// Peak resident set size of this process (Linux `VmHWM`), MiB; NaN elsewhere.
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
+/// One flooding loop: an allow-listed merchant (never registered, so never in a cohort)
+/// sends, until `stop`, a cycle of a status request, a short task poll and a full-size
+/// masked input bound to no round; returns how many requests it sent.
+async fn flood(
+    connection: guild_client::net::Connection,
+    dimension: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> u64 {
+    use guild_proto::v1;
+    let mut raw = connection.raw();
+    let garbage = v1::MaskedInputRequest {
+        binding: Some(v1::RoundBinding {
+            federation_id: vec![0; 16],
+            round_id: u64::MAX,
+            adapter_sha256: vec![0; 32],
+            task_sha256: vec![0; 32],
+        }),
+        sender: 1,
+        masked: vec![7; dimension],
+        complaints: vec![],
+    };
+    let mut sent = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let _ = raw.status(v1::StatusRequest {}).await;
+        let _ = raw.get_task(v1::GetTaskRequest { merchant_id: "flood".into(), wait_millis: 10 }).await;
+        let _ = raw.masked_input(garbage.clone()).await;
+        sent += 3;
+    }
+    sent
 }
 
 /// Mean of a histogram family member in Prometheus text: `sum / count`.
@@ -41,6 +93,7 @@ pub async fn run(
     rounds: u64,
     neighbours: u32,
     threshold: u32,
+    flood_streams: usize,
 ) -> anyhow::Result<LoadReport> {
     anyhow::ensure!(rounds >= 2, "at least 2 rounds: the first is warm-up");
     anyhow::ensure!(
@@ -48,7 +101,9 @@ pub async fn run(
         "dimension must be a power of two ≥ 1024"
     );
     let dir = tempfile::tempdir()?;
-    let mut federation = Federation::init(dir.path(), clients, |c| {
+    // The flooding merchant is one more allow-listed certificate (the last).
+    let merchants = clients + usize::from(flood_streams > 0);
+    let mut federation = Federation::init(dir.path(), merchants, |c| {
         c.adapter.layers = 1;
         c.adapter.hidden = 512;
         c.adapter.rank = dimension / 1024;
@@ -93,6 +148,13 @@ pub async fn run(
         participant.register().await?;
         tasks.push(tokio::spawn(async move { participant.run(|_| {}).await }));
     }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut flooders = Vec::new();
+    for _ in 0..flood_streams {
+        // A connection per loop: the per-connection concurrency limit does not bound it.
+        let connection = federation.connect(clients).await?;
+        flooders.push(tokio::spawn(flood(connection, dimension, stop.clone())));
+    }
     // Steady state: time from the end of the first round (warm-up: connections, first
     // adapter download) to the end of the last.
     let store = federation.store()?;
@@ -116,6 +178,15 @@ pub async fn run(
     for task in tasks {
         task.abort();
     }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut flood_requests = 0;
+    for flooder in flooders {
+        flood_requests += tokio::time::timeout(Duration::from_secs(30), flooder)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or(0);
+    }
     let text = federation.in_process().map(|r| r.core.engine().metrics.encode()).unwrap_or_default();
     let mut stats = crate::observe::PhaseStats::default();
     stats.add(&text);
@@ -134,5 +205,9 @@ pub async fn run(
         rounds_per_minute: timed_rounds as f64 * 60.0 / wall,
         phase_seconds,
         coordinator_seconds_per_round: busy / rounds as f64,
+        flood_streams,
+        flood_requests,
+        flood_rate_limited: counter(&text, "guild_requests_rate_limited_total").unwrap_or(0.0) as u64,
+        peak_rss_mib: peak_rss_mib(),
     })
 }

@@ -71,6 +71,10 @@ enum Command {
         neighbours: u32,
         #[arg(long, default_value_t = 14)]
         threshold: u32,
+        /// Concurrent request loops of one more, flooding merchant (allow-listed, never in
+        /// a cohort), each on its own connection; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        flood: usize,
     },
     /// Train and evaluate one non-federated arm on a fixed, seeded sample of test users.
     Local {
@@ -397,10 +401,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("guild-sim: report written to {}", out.display());
             Ok(())
         }
-        Command::Load { clients, dimension, rounds, neighbours, threshold } => {
+        Command::Load { clients, dimension, rounds, neighbours, threshold, flood } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let report =
-                runtime.block_on(guild_sim::load::run(clients, dimension, rounds, neighbours, threshold))?;
+            let report = runtime
+                .block_on(guild_sim::load::run(clients, dimension, rounds, neighbours, threshold, flood))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

@@ -189,3 +189,60 @@ fn init_federation_writes_merchant_configs_the_client_loads() {
     let back: guild_client::config::ClientConfig = toml::from_str(&text).expect("parse back");
     assert_eq!(back, config);
 }
+
+/// #15.3: the decode limit is sized from this federation (its dimension and
+/// `rounds.max_cohort`), far below what the wire's largest cohort would need; and one
+/// merchant is held to its request rate across all its connections (refused from the
+/// headers, before its message is read), while the others are served.
+#[tokio::test]
+async fn the_decode_limit_fits_the_federation_and_a_flooding_merchant_is_held_to_its_rate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 2, |c| {
+        c.rounds.min_cohort = 100;
+        c.server.requests_per_second_per_merchant = 1;
+        c.server.request_burst_per_merchant = 5;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let d = federation.config.manifest().expect("manifest").parameter_count().next_power_of_two();
+    let own = guild_proto::limits::max_message_bytes(d, federation.config.rounds.max_cohort as usize);
+    let wire = guild_proto::limits::max_message_bytes(d, guild_proto::limits::MAX_COHORT);
+    assert!(own * 4 < wire, "{own} is not far below {wire}");
+    let mut honest =
+        federation.connect(0).await.expect("connect").raw().max_encoding_message_size(usize::MAX);
+    let between = v1::RegisterRequest {
+        display_name: "x".repeat(own + 1),
+        signing_public_key: vec![1; 32],
+        protocol_version: 1,
+    };
+    assert!(between.display_name.len() < wire);
+    let status = honest.register(between).await.expect_err("above this federation's limit");
+    assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
+    assert!(!status.message().contains("request rate"), "{status:?}");
+
+    let started = std::time::Instant::now();
+    let mut flooding = Vec::new();
+    for _ in 0..2 {
+        flooding.push(federation.connect(1).await.expect("connect").raw());
+    }
+    let (mut served, mut refused) = (0u32, 0u32);
+    for i in 0..30 {
+        match flooding[i % 2].status(v1::StatusRequest {}).await {
+            Ok(_) => served += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+                assert!(status.message().contains("request rate"), "{}", status.message());
+                refused += 1;
+            }
+        }
+    }
+    // A burst of 5, then one a second, whichever connection the requests come on.
+    let allowed = 5 + started.elapsed().as_secs() as u32 + 1;
+    assert!(served <= allowed, "{served} served, at most {allowed} allowed");
+    assert!(refused >= 30 - allowed, "{refused} refused");
+    for _ in 0..3 {
+        honest.status(v1::StatusRequest {}).await.expect("another merchant is served");
+    }
+    let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
+    assert!(metrics.contains(&format!("guild_requests_rate_limited_total {refused}")), "{metrics}");
+}

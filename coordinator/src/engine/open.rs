@@ -50,6 +50,15 @@ impl Engine {
         let q = cfg.rounds.sampling_rate;
         let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
         let n = cohort.len() as u32;
+        if n > cfg.rounds.max_cohort {
+            // As for a small sample: nothing is computed from it, so it costs no privacy.
+            self.metrics.rounds_skipped.inc();
+            self.lock().status = format!(
+                "sampled {n} merchants, more than the maximum cohort {}; resampling",
+                cfg.rounds.max_cohort
+            );
+            return Ok(false);
+        }
         if n < cfg.rounds.min_cohort {
             // Nothing is computed or released from a skipped sample, so it costs no privacy.
             self.metrics.rounds_skipped.inc();
