@@ -571,7 +571,8 @@ impl Participant {
             share.signature = guild_privacy::secagg::crypto::sign(signing, &payload);
         }
         self.fault(Phase::ShareKeys).await?;
-        bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16).sum::<u64>();
+        // Each sealed share: indices, ciphertext, two commitments and a signature.
+        bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16 + 128).sum::<u64>();
         let inbox = self.connection.share_keys(shares, timeout).await?;
         let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
         for complaint in &masked.complaints {
@@ -608,7 +609,7 @@ impl Participant {
             .self_mask_shares
             .iter()
             .chain(&unmask.mask_key_shares)
-            .map(|x| 8 * x.y.len() as u64 + 8)
+            .map(|x| 8 * x.y.len() as u64 + 8 + 32)
             .sum::<u64>();
         let accepted = self.connection.unmask(unmask, timeout).await?;
         Ok(RoundReport {
