@@ -228,10 +228,17 @@ impl Learner for TowerLearner {
             negatives: TOWER_NEGATIVES,
             ..round_training(task, self.temperature, self.config.shape.history)
         };
-        let shared = lock(&self.shared);
-        let tower = self.tower(&shared, global)?;
-        let users = users(&shared.dataset, &self.users);
-        retrieval::train_tower(&tower, &shared.items, &users, &config)?;
+        let (tower, items, owned) = {
+            let shared = lock(&self.shared);
+            (
+                self.tower(&shared, global)?,
+                shared.items.shallow_clone(),
+                owned_users(&shared.dataset, &self.users),
+            )
+        };
+        // Trained outside the lock: merchants of one simulation train side by side.
+        let users: Vec<&User> = owned.iter().collect();
+        retrieval::train_tower(&tower, &items, &users, &config)?;
         Ok(update(&tower.offset(), global))
     }
 
@@ -250,8 +257,6 @@ impl Learner for TowerLearner {
             negatives: SHOPPER_NEGATIVES,
             ..round_training(task, self.temperature, self.config.shape.history)
         };
-        let shared = lock(&self.shared);
-        let mut tower = self.tower(&shared, global)?;
         let indices = shoppers
             .iter()
             .map(|&s| {
@@ -260,8 +265,16 @@ impl Learner for TowerLearner {
                 })
             })
             .collect::<anyhow::Result<Vec<usize>>>()?;
-        let users = users(&shared.dataset, &indices);
-        retrieval::shopper_updates(&mut tower, &shared.items, &users, global, &config, each)
+        let (mut tower, items, owned) = {
+            let shared = lock(&self.shared);
+            (
+                self.tower(&shared, global)?,
+                shared.items.shallow_clone(),
+                owned_users(&shared.dataset, &indices),
+            )
+        };
+        let users: Vec<&User> = owned.iter().collect();
+        retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each)
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -276,6 +289,13 @@ impl Learner for TowerLearner {
             retrieval::evaluate_tower(&self.config.shape, Some(&tower), &users, &items, Split::Validation);
         Ok(Some(counts))
     }
+}
+
+/// Copies of the users at `indices`, so that training can run without holding the shared
+/// lock (the catalogue embeddings are read through a shallow clone: libtorch's reads of one
+/// tensor from several threads are safe, and nothing writes to it).
+fn owned_users(dataset: &Dataset, indices: &[usize]) -> Vec<User> {
+    indices.iter().map(|&i| dataset.users[i].clone()).collect()
 }
 
 fn users<'a>(dataset: &'a Dataset, indices: &[usize]) -> Vec<&'a User> {
