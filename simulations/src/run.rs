@@ -133,6 +133,7 @@ async fn federated(
     world: &World,
     s: &Scenario,
     arm: &FederatedArm,
+    kill_after: Option<u64>,
     out: &Path,
     progress: &Progress,
 ) -> anyhow::Result<ArmResult> {
@@ -296,7 +297,7 @@ async fn federated(
         tokio::time::sleep(Duration::from_millis(200)).await;
         evaluate_new(&mut seen, &mut curve)?;
         let counts = store.round_counts()?;
-        if let Some(k) = s.faults.kill_coordinator_after_round
+        if let Some(k) = kill_after
             && !killed
             && counts.completed >= k
             && store.open_round_phase()?.is_some()
@@ -760,10 +761,15 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             });
         }
     }
-    for arm in &plan {
+    for (i, arm) in plan.iter().enumerate() {
         progress.message(arm.name.clone());
-        let result =
-            federated(&world, s, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
+        let kill_after = s
+            .faults
+            .kill_coordinator_after_round
+            .filter(|_| i == 0 || !s.faults.kill_coordinator_in_first_arm_only);
+        let result = federated(&world, s, arm, kill_after, out, &progress)
+            .await
+            .with_context(|| format!("arm {}", arm.name))?;
         arms.push(result);
     }
     progress.finish();

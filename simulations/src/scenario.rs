@@ -215,9 +215,13 @@ pub struct FaultSettings {
     #[serde(default)]
     pub straggle_ms: u64,
     /// SIGKILL the coordinator once the round after this many committed rounds is open,
-    /// then restart it (in every federated arm).
+    /// then restart it (in every federated arm, or the first only, below).
     #[serde(default)]
     pub kill_coordinator_after_round: Option<u64>,
+    /// Kill and restart the coordinator in the first federated arm only (each restart costs
+    /// an aborted round and the clients' reconnection, about 30 s on two cores).
+    #[serde(default)]
+    pub kill_coordinator_in_first_arm_only: bool,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -315,6 +319,22 @@ phase_deadlines_ms = [1000, 1000, 1000, 1000, 1000]
 [arms]
 federated = true
 "#;
+
+    /// Every scenario this repository ships loads and validates (its dataset need not exist).
+    #[test]
+    fn every_shipped_scenario_loads() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scenarios");
+        let mut names = Vec::new();
+        for entry in std::fs::read_dir(&dir).expect("scenarios/") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let scenario = Scenario::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                names.push(scenario.name);
+            }
+        }
+        names.sort();
+        assert!(names.contains(&"default".to_owned()) && names.contains(&"shopper".to_owned()), "{names:?}");
+    }
 
     #[test]
     fn the_server_optimiser_is_a_known_name_not_a_string_a_typo_turns_into_fed_avg() {
