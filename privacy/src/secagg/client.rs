@@ -9,6 +9,12 @@
 //! An honest client reveals, for each neighbour, either the share of its self-mask seed
 //! (if the neighbour survived) or the share of its mask key (if it dropped), never both,
 //! and only after every survivor signed the same survivor list.
+//!
+//! Shares are dealt signed and committed to; a neighbour whose signed shares do not open or
+//! match their commitments is treated as dropped (its pairwise mask left out, and that one
+//! seed revealed in a complaint), so one malicious neighbour cannot stop the round. A share
+//! forwarded without its dealer's valid signature means the server altered it: the client
+//! stops.
 
 use std::collections::{BTreeMap, BTreeSet};
 

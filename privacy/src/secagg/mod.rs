@@ -6,6 +6,10 @@
 //! Phases: (0) AdvertiseKeys, (1) ShareKeys, (2) MaskedInput, (3) ConsistencyCheck,
 //! (4) Unmask. The server learns the modular sum of the survivors' inputs and nothing
 //! else; with fewer than `threshold` survivors in any neighbourhood the round aborts.
+//! Against malicious clients: keys are checked for low order, sealed shares carry their
+//! dealer's signature and commitments (so garbage is attributed to its dealer, who is
+//! treated as dropped by the recipient's complaint, and a false revealed share is refused),
+//! and a dealer must share with every neighbour.
 
 pub mod client;
 pub mod crypto;
