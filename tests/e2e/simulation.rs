@@ -1,5 +1,6 @@
 //! The `smoke` scenario end to end: a real coordinator process, real clients training the
-//! real model on real data over loopback mutual TLS, faults included, and the report.
+//! real model on real data over loopback mutual TLS, faults included, and the report; and
+//! the load harness, small.
 
 use std::path::Path;
 
@@ -151,4 +152,19 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));
+}
+
+/// `guild-sim load` itself, small: eight lightweight clients through six full rounds
+/// beside a flooding merchant on two connections. The rounds complete, the flooder's excess
+/// is refused by its rate limit, and the report's figures are filled in (this harness once
+/// stopped working unnoticed: the clients' own ε caps refused its rounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_harness_runs_rounds_beside_a_flooding_merchant() {
+    let report = guild_sim::load::run(8, 1024, 6, 0, 5, 2).await.expect("the load run completes");
+    assert_eq!(report.rounds, 6);
+    assert!(report.rounds_per_minute > 0.0 && report.rounds_per_minute.is_finite(), "{report:?}");
+    assert!(report.coordinator_seconds_per_round > 0.0, "{report:?}");
+    assert!(report.flood_requests > 0, "{report:?}");
+    assert!(report.flood_rate_limited > 0, "the flooder stayed under its rate: {report:?}");
+    assert!(report.flood_rate_limited <= report.flood_requests, "{report:?}");
 }
