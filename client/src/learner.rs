@@ -216,6 +216,20 @@ impl TowerLearner {
         tower.set_offset(values)?;
         Ok(tower)
     }
+
+    /// What training needs, taken under the shared lock and used after it is released, so
+    /// that the merchants of one simulation train side by side: the tower at `values`, a
+    /// shallow clone of the catalogue embeddings (libtorch's reads of one tensor from several
+    /// threads are safe, and nothing writes to it) and copies of the users at `indices`.
+    fn unlocked(
+        &self,
+        values: &[f32],
+        indices: &[usize],
+    ) -> Result<(Tower, Tensor, Vec<User>), crate::model::ModelError> {
+        let shared = lock(&self.shared);
+        let users = indices.iter().map(|&i| shared.dataset.users[i].clone()).collect();
+        Ok((self.tower(&shared, values)?, shared.items.shallow_clone(), users))
+    }
 }
 
 impl Learner for TowerLearner {
@@ -228,15 +242,7 @@ impl Learner for TowerLearner {
             negatives: TOWER_NEGATIVES,
             ..round_training(task, self.temperature, self.config.shape.history)
         };
-        let (tower, items, owned) = {
-            let shared = lock(&self.shared);
-            (
-                self.tower(&shared, global)?,
-                shared.items.shallow_clone(),
-                owned_users(&shared.dataset, &self.users),
-            )
-        };
-        // Trained outside the lock: merchants of one simulation train side by side.
+        let (tower, items, owned) = self.unlocked(global, &self.users)?;
         let users: Vec<&User> = owned.iter().collect();
         retrieval::train_tower(&tower, &items, &users, &config)?;
         Ok(update(&tower.offset(), global))
@@ -265,14 +271,7 @@ impl Learner for TowerLearner {
                 })
             })
             .collect::<anyhow::Result<Vec<usize>>>()?;
-        let (mut tower, items, owned) = {
-            let shared = lock(&self.shared);
-            (
-                self.tower(&shared, global)?,
-                shared.items.shallow_clone(),
-                owned_users(&shared.dataset, &indices),
-            )
-        };
+        let (mut tower, items, owned) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
         retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each)
     }
@@ -289,13 +288,6 @@ impl Learner for TowerLearner {
             retrieval::evaluate_tower(&self.config.shape, Some(&tower), &users, &items, Split::Validation);
         Ok(Some(counts))
     }
-}
-
-/// Copies of the users at `indices`, so that training can run without holding the shared
-/// lock (the catalogue embeddings are read through a shallow clone: libtorch's reads of one
-/// tensor from several threads are safe, and nothing writes to it).
-fn owned_users(dataset: &Dataset, indices: &[usize]) -> Vec<User> {
-    indices.iter().map(|&i| dataset.users[i].clone()).collect()
 }
 
 fn users<'a>(dataset: &'a Dataset, indices: &[usize]) -> Vec<&'a User> {

@@ -560,14 +560,7 @@ impl Participant {
         let (state, mut shares) = state.on_roster(roster, &task.cohort, signing, &mut os_rng)?;
         for share in shares.shares.iter_mut().take(self.options.faults.garbage_shares) {
             share.ciphertext.iter_mut().for_each(|b| *b ^= 0x5a);
-            let payload = guild_privacy::secagg::signed::sealed_shares(
-                &task.binding,
-                share.sender,
-                share.recipient,
-                &guild_privacy::secagg::crypto::sha256(&share.ciphertext),
-                &share.key_commitment,
-                &share.seed_commitment,
-            );
+            let payload = guild_privacy::secagg::signed::sealed_shares(&task.binding, share);
             share.signature = guild_privacy::secagg::crypto::sign(signing, &payload);
         }
         self.fault(Phase::ShareKeys).await?;

@@ -599,14 +599,7 @@ fn adversarial_round(f: &mut Federation, bad: &Misbehaviour) -> AdversarialRound
             state.on_roster(roster.clone(), &f.identities, &f.signing[&c], &mut f.rng).expect("shares");
         for share in msg.shares.iter_mut().filter(|s| bad.garbage.contains(&(c, s.recipient))) {
             share.ciphertext.iter_mut().for_each(|b| *b ^= 0x5a);
-            let payload = guild_privacy::secagg::signed::sealed_shares(
-                &f.config.binding,
-                c,
-                share.recipient,
-                &crypto::sha256(&share.ciphertext),
-                &share.key_commitment,
-                &share.seed_commitment,
-            );
+            let payload = guild_privacy::secagg::signed::sealed_shares(&f.config.binding, share);
             share.signature = crypto::sign(&f.signing[&c], &payload);
         }
         server.receive_shares(c, msg).expect("validly signed shares are forwarded");

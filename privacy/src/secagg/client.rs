@@ -162,24 +162,16 @@ impl ExpectRoster {
             for value in key_share.iter().chain(seed_share) {
                 plaintext.extend_from_slice(&value.to_be_bytes());
             }
-            let ciphertext = crypto::seal(&key, binding, core.me, holder, &plaintext);
-            let payload = signed::sealed_shares(
-                binding,
-                core.me,
-                holder,
-                &crypto::sha256(&ciphertext),
-                &key_commitment,
-                &seed_commitment,
-            );
-            let signature = crypto::sign(signing_key, &payload);
-            shares.push(EncryptedShares {
+            let mut sealed = EncryptedShares {
                 sender: core.me,
                 recipient: holder,
-                ciphertext,
+                ciphertext: crypto::seal(&key, binding, core.me, holder, &plaintext),
                 key_commitment,
                 seed_commitment,
-                signature,
-            });
+                signature: [0; SIGNATURE_LEN],
+            };
+            sealed.signature = crypto::sign(signing_key, &signed::sealed_shares(binding, &sealed));
+            shares.push(sealed);
         }
         core.identities = identities.clone();
         let message = ShareKeys { binding: core.config.binding, shares };
@@ -245,15 +237,8 @@ impl ExpectInbox {
                 .identities
                 .get(&who)
                 .ok_or(SecAggError::Peer { who, fault: PeerMisbehaved::UnknownIdentity })?;
-            let payload = signed::sealed_shares(
-                &config.binding,
-                who,
-                core.me,
-                &crypto::sha256(&sealed.ciphertext),
-                &sealed.key_commitment,
-                &sealed.seed_commitment,
-            );
-            if !crypto::verify(identity, &payload, &sealed.signature) {
+            if !crypto::verify(identity, &signed::sealed_shares(&config.binding, &sealed), &sealed.signature)
+            {
                 return Err(SecAggError::Server(ServerMisbehaved::AlteredShares(who)));
             }
             let key = core

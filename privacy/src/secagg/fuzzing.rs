@@ -268,14 +268,7 @@ pub fn drive_server(data: &[u8]) {
                     let share = &mut msg.shares[i];
                     corrupt_bytes(&mut tape, &mut share.ciphertext);
                     share.key_commitment[0] ^= tape.byte() & 1;
-                    let payload = super::signed::sealed_shares(
-                        &s.config.binding,
-                        share.sender,
-                        share.recipient,
-                        &super::crypto::sha256(&share.ciphertext),
-                        &share.key_commitment,
-                        &share.seed_commitment,
-                    );
+                    let payload = super::signed::sealed_shares(&s.config.binding, share);
                     share.signature = super::crypto::sign(&s.signing[&c], &payload);
                 }
             }

@@ -100,7 +100,7 @@ impl RoundConfig {
 
 /// Domain-separated payloads that clients sign.
 pub mod signed {
-    use super::message::{ClientIndex, RoundBinding};
+    use super::message::{ClientIndex, EncryptedShares, RoundBinding};
 
     pub fn keys(binding: &RoundBinding, sender: ClientIndex, cipher: &[u8; 32], mask: &[u8; 32]) -> Vec<u8> {
         let mut out = b"guild secagg+ v1 advertise keys".to_vec();
@@ -111,23 +111,16 @@ pub mod signed {
         out
     }
 
-    /// What the sender of sealed shares signs: the ciphertext (by its hash) and the
-    /// commitments to the two shares inside it.
-    pub fn sealed_shares(
-        binding: &RoundBinding,
-        sender: ClientIndex,
-        recipient: ClientIndex,
-        ciphertext_sha256: &[u8; 32],
-        key_commitment: &[u8; 32],
-        seed_commitment: &[u8; 32],
-    ) -> Vec<u8> {
+    /// What the sender of sealed shares signs: both indices, the ciphertext (by its hash)
+    /// and the commitments to the two shares inside it (everything but the signature).
+    pub fn sealed_shares(binding: &RoundBinding, sealed: &EncryptedShares) -> Vec<u8> {
         let mut out = b"guild secagg+ v1 sealed shares".to_vec();
         out.extend_from_slice(&binding.to_bytes());
-        out.extend_from_slice(&sender.get().to_be_bytes());
-        out.extend_from_slice(&recipient.get().to_be_bytes());
-        out.extend_from_slice(ciphertext_sha256);
-        out.extend_from_slice(key_commitment);
-        out.extend_from_slice(seed_commitment);
+        out.extend_from_slice(&sealed.sender.get().to_be_bytes());
+        out.extend_from_slice(&sealed.recipient.get().to_be_bytes());
+        out.extend_from_slice(&super::crypto::sha256(&sealed.ciphertext));
+        out.extend_from_slice(&sealed.key_commitment);
+        out.extend_from_slice(&sealed.seed_commitment);
         out
     }
 

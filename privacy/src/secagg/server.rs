@@ -216,15 +216,11 @@ impl Server {
             if !recipients.insert(share.recipient) {
                 return Err(peer(from, PeerMisbehaved::Duplicate));
             }
-            let payload = signed::sealed_shares(
-                &self.config.binding,
-                from,
-                share.recipient,
-                &crypto::sha256(&share.ciphertext),
-                &share.key_commitment,
-                &share.seed_commitment,
-            );
-            if !crypto::verify(&identity, &payload, &share.signature) {
+            if !crypto::verify(
+                &identity,
+                &signed::sealed_shares(&self.config.binding, share),
+                &share.signature,
+            ) {
                 return Err(peer(from, PeerMisbehaved::BadSignature));
             }
         }
@@ -323,7 +319,6 @@ impl Server {
         };
         let received = std::mem::take(received);
         self.require(Phase::MaskedInput, received.len())?;
-        self.complaints.retain(|accuser, _| received.contains(accuser));
         self.survivors = received;
         self.stage = Stage::ConsistencyCheck { signatures: BTreeMap::new() };
         Ok(self.survivors.iter().copied().collect())
