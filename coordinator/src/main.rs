@@ -10,6 +10,10 @@ use guild_coordinator::config::Config;
 use guild_coordinator::daemon;
 use guild_coordinator::store::Store;
 use guild_privacy::PrivacyUnit;
+use guild_privacy::accounting::{
+    RdpCurve, calibrate_noise_multiplier, calibrate_zero_out_noise_multiplier, epsilon_from_rdp,
+    subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp,
+};
 use guild_privacy::ledger::{Budget, Ledger};
 
 #[derive(Debug, Parser)]
@@ -164,11 +168,10 @@ fn main() -> ExitCode {
 }
 
 fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
-    use guild_privacy::accounting::{calibrate_noise_multiplier, epsilon_from_rdp, subsampled_gaussian_rdp};
     Ok(match command {
         PrivacyCommand::Epsilon { unit, sampling_rate, noise_multiplier, rounds, delta } => {
-            let curve = subsampled_gaussian_rdp(sampling_rate, noise_multiplier)?.times(rounds);
-            let (epsilon, order) = epsilon_from_rdp(&curve, delta)?;
+            let (epsilon, order) =
+                epsilon_from_rdp(&model_curve(unit, sampling_rate, noise_multiplier)?.times(rounds), delta)?;
             serde_json::json!({
                 "unit": unit,
                 "epsilon": epsilon,
@@ -178,13 +181,19 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
                 "sampling_rate": sampling_rate,
                 "noise_multiplier": noise_multiplier,
                 "rounds": rounds,
-                "accountant": "rdp, integer orders 2..=256",
+                "accountant": accountant(unit),
             })
         }
         PrivacyCommand::NoiseMultiplier { unit, sampling_rate, rounds, delta, target_epsilon } => {
-            let z = calibrate_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?;
-            let (epsilon, _) =
-                epsilon_from_rdp(&subsampled_gaussian_rdp(sampling_rate, z)?.times(rounds), delta)?;
+            let z = match unit {
+                PrivacyUnit::Merchant => {
+                    calibrate_zero_out_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?
+                }
+                PrivacyUnit::Shopper => {
+                    calibrate_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?
+                }
+            };
+            let (epsilon, _) = epsilon_from_rdp(&model_curve(unit, sampling_rate, z)?.times(rounds), delta)?;
             serde_json::json!({
                 "unit": unit,
                 "noise_multiplier": z,
@@ -194,9 +203,37 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
                 "delta": delta,
                 "sampling_rate": sampling_rate,
                 "rounds": rounds,
+                "accountant": accountant(unit),
             })
         }
     })
+}
+
+/// One round's model-level RDP curve at noise multiplier z: a merchant under zero-out
+/// adjacency (it takes its noise share with it when not sampled: the joint-convexity
+/// bound), a shopper under add/remove (its merchant's share is there either way: the
+/// subsampled Gaussian).
+fn model_curve(unit: PrivacyUnit, q: f64, z: f64) -> anyhow::Result<RdpCurve> {
+    Ok(match unit {
+        PrivacyUnit::Merchant => {
+            if !(z.is_finite() && z > 0.0) {
+                anyhow::bail!("noise multiplier must be positive and finite, got {z}");
+            }
+            zero_out_sampled_zcdp_rdp(q, 1.0 / (2.0 * z * z))?
+        }
+        PrivacyUnit::Shopper => subsampled_gaussian_rdp(q, z)?,
+    })
+}
+
+fn accountant(unit: PrivacyUnit) -> &'static str {
+    match unit {
+        PrivacyUnit::Merchant => {
+            "rdp at integer orders 2..=256: Gaussian, Poisson sampling amplified by joint convexity (zero-out neighbours)"
+        }
+        PrivacyUnit::Shopper => {
+            "rdp at integer orders 2..=256: Poisson-subsampled Gaussian (add/remove neighbours)"
+        }
+    }
 }
 
 /// ε against the coordinator of `rounds` rounds at noise multiplier z: the model-level ε in
@@ -209,7 +246,6 @@ fn against_coordinator(
     rounds: u64,
     delta: f64,
 ) -> anyhow::Result<f64> {
-    use guild_privacy::accounting::{epsilon_from_rdp, subsampled_gaussian_rdp};
     Ok(match unit {
         PrivacyUnit::Shopper => epsilon,
         PrivacyUnit::Merchant => epsilon_from_rdp(&subsampled_gaussian_rdp(1.0, z)?.times(rounds), delta)?.0,

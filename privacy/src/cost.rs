@@ -4,9 +4,14 @@
 //!
 //! Distributed mode: the DDGauss encoding is chosen for the round (`DdgParams::select`)
 //! and its zCDP ρ (Kairouz–Liu–Steinke) counts the noise of `t − 1` clients, the
-//! protected merchant's own share excluded; Poisson sampling at q amplifies it
-//! (`PrivacyEvent::SubsampledZcdp`). Central and local modes are the subsampled Gaussian
-//! with the noise multiplier. `dangerous_none` costs nothing because it protects nothing.
+//! protected merchant's own share excluded. Poisson sampling at q amplifies it: for the
+//! merchant unit under zero-out adjacency by joint convexity
+//! (`PrivacyEvent::ZeroOutSampledZcdp`: a merchant that is not sampled takes its noise
+//! share with it, so the add/remove bounds do not apply), for the shopper unit by Zhu and
+//! Wang (`PrivacyEvent::SubsampledZcdp`: the merchant's share is there either way). Central
+//! mode is the subsampled Gaussian with the noise multiplier (the coordinator adds the
+//! noise whoever was sampled); local mode (simulator only) is the zero-out bound with the
+//! Gaussian's ρ = 1/(2z²). `dangerous_none` costs nothing because it protects nothing.
 
 use crate::accounting::{AccountingError, epsilon_from_rdp};
 use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at};
@@ -76,6 +81,15 @@ pub fn round_rho(ddg: &DdgParams, min_survivors: u32, unit: PrivacyUnit) -> Resu
     })
 }
 
+/// The Gaussian mechanism's zCDP ρ = 1/(2z²) at noise multiplier z.
+fn gaussian_rho(noise_multiplier: f64) -> Result<f64, CostError> {
+    if noise_multiplier.is_finite() && noise_multiplier > 0.0 {
+        Ok(1.0 / (2.0 * noise_multiplier * noise_multiplier))
+    } else {
+        Err(AccountingError::NoiseMultiplier(noise_multiplier).into())
+    }
+}
+
 /// A bound on the shoppers that Poisson sampling at rate q draws from N, for the encoding's
 /// modulus: `qN + 8·√(qN) + 8`. By Bernstein's inequality the count exceeds it with
 /// probability below e^−24 (and exceeding it risks a wrapped coordinate, never privacy).
@@ -108,16 +122,25 @@ impl RoundPrivacy {
             bit_width: self.bit_width,
             wrap_probability: self.wrap_probability,
         })?;
-        let event = match self.mode {
-            PrivacyMode::Distributed => Some(PrivacyEvent::SubsampledZcdp {
-                sampling_rate: self.sampling_rate,
+        let sampling_rate = self.sampling_rate;
+        let event = match (self.mode, self.unit) {
+            (PrivacyMode::Distributed, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {
+                sampling_rate,
                 rho: round_rho(&ddg, self.min_survivors, self.unit)?,
             }),
-            PrivacyMode::Central | PrivacyMode::Local => Some(PrivacyEvent::SubsampledGaussian {
-                sampling_rate: self.sampling_rate,
+            (PrivacyMode::Distributed, PrivacyUnit::Shopper) => Some(PrivacyEvent::SubsampledZcdp {
+                sampling_rate,
+                rho: round_rho(&ddg, self.min_survivors, self.unit)?,
+            }),
+            (PrivacyMode::Local, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {
+                sampling_rate,
+                rho: gaussian_rho(self.noise_multiplier)?,
+            }),
+            (PrivacyMode::Central | PrivacyMode::Local, _) => Some(PrivacyEvent::SubsampledGaussian {
+                sampling_rate,
                 noise_multiplier: self.noise_multiplier,
             }),
-            PrivacyMode::DangerousNone => None,
+            (PrivacyMode::DangerousNone, _) => None,
         };
         Ok(RoundCost { unit: self.unit, ddg, event })
     }
@@ -134,7 +157,7 @@ impl RoundPrivacy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounting::{subsampled_gaussian_rdp, subsampled_zcdp_rdp};
+    use crate::accounting::{RdpCurve, subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp};
 
     fn round(mode: PrivacyMode) -> RoundPrivacy {
         RoundPrivacy {
@@ -156,9 +179,10 @@ mod tests {
         let p = round(PrivacyMode::Distributed);
         let cost = p.cost().expect("cost");
         let rho = ddgauss_zcdp_rho(&cost.ddg, 19).expect("rho");
-        assert_eq!(cost.event, Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.1, rho }));
-        let by_hand =
-            epsilon_from_rdp(&subsampled_zcdp_rdp(0.1, rho).expect("rdp").times(8), 1e-5).expect("eps").0;
+        assert_eq!(cost.event, Some(PrivacyEvent::ZeroOutSampledZcdp { sampling_rate: 0.1, rho }));
+        let by_hand = epsilon_from_rdp(&zero_out_sampled_zcdp_rdp(0.1, rho).expect("rdp").times(8), 1e-5)
+            .expect("eps")
+            .0;
         assert_eq!(p.epsilon_after(8, 1e-5).expect("eps"), by_hand);
         // More rounds cost more; more noise costs less.
         assert!(p.epsilon_after(16, 1e-5).expect("eps") > by_hand);
@@ -167,13 +191,21 @@ mod tests {
     }
 
     #[test]
-    fn central_and_local_cost_the_subsampled_gaussian_and_none_costs_infinity() {
-        for mode in [PrivacyMode::Central, PrivacyMode::Local] {
-            let p = round(mode);
-            let expected = epsilon_from_rdp(&subsampled_gaussian_rdp(0.1, 1.0).expect("rdp").times(5), 1e-5)
-                .expect("eps")
-                .0;
-            assert_eq!(p.epsilon_after(5, 1e-5).expect("eps"), expected);
+    fn central_costs_the_subsampled_gaussian_local_its_zero_out_bound_and_none_infinity() {
+        let eps = |curve: RdpCurve| epsilon_from_rdp(&curve.times(5), 1e-5).expect("eps").0;
+        let central = round(PrivacyMode::Central);
+        assert_eq!(
+            central.epsilon_after(5, 1e-5).expect("eps"),
+            eps(subsampled_gaussian_rdp(0.1, 1.0).expect("rdp"))
+        );
+        // Local: every merchant adds the whole noise, and only when sampled.
+        let local = round(PrivacyMode::Local);
+        assert_eq!(
+            local.epsilon_after(5, 1e-5).expect("eps"),
+            eps(zero_out_sampled_zcdp_rdp(0.1, 0.5).expect("rdp"))
+        );
+        assert!(local.epsilon_after(5, 1e-5).expect("eps") > central.epsilon_after(5, 1e-5).expect("eps"));
+        for p in [central, local] {
             assert_eq!(p.distributed_noise_stddev(), 0.0);
         }
         let none = round(PrivacyMode::DangerousNone);

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::PrivacyUnit;
 use crate::accounting::{
     AccountingError, RdpCurve, epsilon_from_rdp, subsampled_gaussian_rdp, subsampled_zcdp_rdp,
+    zero_out_sampled_zcdp_rdp,
 };
 
 /// What one round revealed, in the terms the accountant needs.
@@ -20,8 +21,16 @@ pub enum PrivacyEvent {
     /// `noise_multiplier` = noise std / clip norm (central and local modes).
     SubsampledGaussian { sampling_rate: f64, noise_multiplier: f64 },
     /// Poisson sampling at `sampling_rate`, then a ρ-zCDP mechanism (the distributed
-    /// discrete Gaussian, whose ρ comes from `dp::ddgauss_zcdp_rho`).
+    /// discrete Gaussian, whose ρ comes from `dp::ddgauss_zcdp_rho`), add/remove
+    /// neighbours: the shopper unit, whose merchant adds its noise share whether or not the
+    /// shopper is sampled.
     SubsampledZcdp { sampling_rate: f64, rho: f64 },
+    /// Poisson sampling at `sampling_rate`, then a ρ-zCDP mechanism, zero-out neighbours
+    /// with nothing assumed of the round without the unit
+    /// (`accounting::zero_out_sampled_zcdp_rdp`): the merchant unit when the participants
+    /// add the noise (distributed and local modes), since a merchant that is not sampled
+    /// adds no noise share either.
+    ZeroOutSampledZcdp { sampling_rate: f64, rho: f64 },
 }
 
 impl PrivacyEvent {
@@ -33,6 +42,7 @@ impl PrivacyEvent {
                 Self::SubsampledGaussian { sampling_rate: 1.0, noise_multiplier }
             }
             Self::SubsampledZcdp { rho, .. } => Self::SubsampledZcdp { sampling_rate: 1.0, rho },
+            Self::ZeroOutSampledZcdp { rho, .. } => Self::ZeroOutSampledZcdp { sampling_rate: 1.0, rho },
         }
     }
 
@@ -43,6 +53,7 @@ impl PrivacyEvent {
                 subsampled_gaussian_rdp(sampling_rate, noise_multiplier)
             }
             Self::SubsampledZcdp { sampling_rate, rho } => subsampled_zcdp_rdp(sampling_rate, rho),
+            Self::ZeroOutSampledZcdp { sampling_rate, rho } => zero_out_sampled_zcdp_rdp(sampling_rate, rho),
         }
     }
 }

@@ -120,7 +120,7 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
     let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
     assert_eq!(entries.len(), 3);
     assert!(entries.iter().all(
-        |e| matches!(e.event, PrivacyEvent::SubsampledZcdp { sampling_rate, .. } if sampling_rate == 1.0)
+        |e| matches!(e.event, PrivacyEvent::ZeroOutSampledZcdp { sampling_rate, .. } if sampling_rate == 1.0)
     ));
     let spent = Ledger::new(Budget { epsilon: 1e6, delta: 1e-5 }, entries)
         .expect("ledger")

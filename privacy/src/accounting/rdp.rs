@@ -154,6 +154,36 @@ pub fn subsampled_zcdp_rdp(q: f64, rho: f64) -> Result<RdpCurve, AccountingError
     Ok(RdpCurve::from_fn(|a| amplified.at(a).min(plain.at(a))))
 }
 
+/// RDP of one step of a Poisson-sampled ρ-zCDP mechanism under **zero-out adjacency** when
+/// the round's output without the unit is arbitrary: `(1 − q)·A + q·B_x` against
+/// `(1 − q)·A + q·B_0`, where `B_x` and `B_0` (the unit sampled, with its data or with its
+/// data zeroed) are ρ-zCDP neighbours and `A` (the unit not sampled) is any distribution,
+/// the same on both sides. By the joint convexity of `(p, q) ↦ p^α q^{1−α}`:
+///
+/// `RDP(α) ≤ ln(1 − q + q·e^{(α−1)·α·ρ}) / (α − 1)`,
+///
+/// in both directions. This is the merchant unit's amplification by sampling in distributed
+/// and local modes: a merchant that is not sampled adds no noise share either (and a round
+/// with too few others aborts), so `A` is not `B_0` and the add/remove bounds of Mironov and
+/// of Zhu and Wang do not apply (`privacy/tests/adjacency.rs` computes the exact divergence
+/// and shows the Zhu–Wang value below it). Linear in q where those are quadratic, and tight
+/// when the release itself shows the unit was sampled. For q = 1 the curve is exactly αρ.
+pub fn zero_out_sampled_zcdp_rdp(q: f64, rho: f64) -> Result<RdpCurve, AccountingError> {
+    check_rate(q)?;
+    if !(rho.is_finite() && rho >= 0.0) {
+        return Err(AccountingError::Rho(rho));
+    }
+    if q == 1.0 {
+        return Ok(RdpCurve::from_fn(|a| f64::from(a) * rho));
+    }
+    let (ln_q, ln_1mq) = (q.ln(), (-q).ln_1p());
+    Ok(RdpCurve::from_fn(|alpha| {
+        let a = f64::from(alpha);
+        let exponent = (a - 1.0) * a * rho;
+        log_sum_exp([ln_1mq, ln_q + exponent].into_iter()) / (a - 1.0)
+    }))
+}
+
 /// Converts an RDP curve to ε at the given δ with the bound of Canonne, Kamath and
 /// Steinke (2020) that `dp_accounting` uses:
 /// `ε = min_α [RDP(α) + ln((α−1)/α) − (ln δ + ln α)/(α−1)]`, floored at 0.
@@ -177,7 +207,8 @@ pub fn epsilon_from_rdp(curve: &RdpCurve, delta: f64) -> Result<(f64, u32), Acco
 }
 
 /// The smallest noise multiplier z (to 1e-6 relative) for which `rounds` rounds of the
-/// Poisson-subsampled Gaussian at rate `q` stay within `target_epsilon` at `delta`.
+/// Poisson-subsampled Gaussian at rate `q` stay within `target_epsilon` at `delta`
+/// (add/remove neighbours: central mode, and the shopper unit).
 pub fn calibrate_noise_multiplier(
     q: f64,
     rounds: u64,
@@ -185,12 +216,37 @@ pub fn calibrate_noise_multiplier(
     target_epsilon: f64,
 ) -> Result<f64, AccountingError> {
     check_rate(q)?;
+    calibrate(&|z| subsampled_gaussian_rdp(q, z), rounds, delta, target_epsilon)
+}
+
+/// [`calibrate_noise_multiplier`] for the merchant unit with the noise added by the
+/// participants (zero-out adjacency, [`zero_out_sampled_zcdp_rdp`] with the Gaussian's
+/// ρ = 1/(2z²)).
+pub fn calibrate_zero_out_noise_multiplier(
+    q: f64,
+    rounds: u64,
+    delta: f64,
+    target_epsilon: f64,
+) -> Result<f64, AccountingError> {
+    check_rate(q)?;
+    calibrate(&|z| zero_out_sampled_zcdp_rdp(q, 1.0 / (2.0 * z * z)), rounds, delta, target_epsilon)
+}
+
+fn calibrate(
+    curve: &dyn Fn(f64) -> Result<RdpCurve, AccountingError>,
+    rounds: u64,
+    delta: f64,
+    target_epsilon: f64,
+) -> Result<f64, AccountingError> {
     check_delta(delta)?;
     if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
         return Err(AccountingError::TargetEpsilon(target_epsilon));
     }
     let epsilon = |z: f64| -> Result<f64, AccountingError> {
-        Ok(epsilon_from_rdp(&subsampled_gaussian_rdp(q, z)?.times(rounds), delta)?.0)
+        if !(z.is_finite() && z > 0.0) {
+            return Err(AccountingError::NoiseMultiplier(z));
+        }
+        Ok(epsilon_from_rdp(&curve(z)?.times(rounds), delta)?.0)
     };
     const MAX_Z: f64 = 1e4;
     let (mut lo, mut hi) = (1e-3, 1.0);
@@ -238,6 +294,38 @@ mod tests {
         }
         // At small orders amplification by subsampling gives roughly a q² factor.
         assert!(sampled.at(2) < 0.01 * plain.at(2), "{} vs {}", sampled.at(2), plain.at(2));
+    }
+
+    #[test]
+    fn the_zero_out_bound_is_plain_at_q_one_linear_in_q_and_above_the_add_remove_bound() {
+        let rho = 0.05;
+        assert_eq!(
+            zero_out_sampled_zcdp_rdp(1.0, rho).expect("valid"),
+            subsampled_zcdp_rdp(1.0, rho).expect("valid")
+        );
+        let zero_out = zero_out_sampled_zcdp_rdp(0.01, rho).expect("valid");
+        let add_remove = subsampled_zcdp_rdp(0.01, rho).expect("valid");
+        for a in ORDERS {
+            let alpha = f64::from(a);
+            // The closed form, and never above the unsampled curve.
+            let expected = (1.0 - 0.01 + 0.01 * ((alpha - 1.0) * alpha * rho).exp()).ln() / (alpha - 1.0);
+            assert!((zero_out.at(a) - expected).abs() <= 1e-12 * expected.max(1.0), "α = {a}");
+            assert!(zero_out.at(a) <= alpha * rho * (1.0 + 1e-12) && zero_out.at(a) >= add_remove.at(a));
+        }
+        // Small orders: about q·α·ρ, where the add/remove bound is about q²·α·ρ.
+        assert!((zero_out.at(2) / (0.01 * 2.0 * rho) - 1.0).abs() < 0.1, "{}", zero_out.at(2));
+        assert!(add_remove.at(2) < 0.1 * zero_out.at(2));
+        // Huge exponents stay finite (log space).
+        assert!(zero_out_sampled_zcdp_rdp(0.01, 50.0).expect("valid").at(256).is_finite());
+    }
+
+    #[test]
+    fn zero_out_calibration_inverts_its_accountant_and_needs_more_noise() {
+        let z = calibrate_zero_out_noise_multiplier(0.05, 6, 1e-5, 8.0).expect("reachable");
+        let curve = zero_out_sampled_zcdp_rdp(0.05, 1.0 / (2.0 * z * z)).expect("valid").times(6);
+        let (eps, _) = epsilon_from_rdp(&curve, 1e-5).expect("ok");
+        assert!(eps <= 8.0 && eps > 7.99, "z = {z} gives ε = {eps}");
+        assert!(z > calibrate_noise_multiplier(0.05, 6, 1e-5, 8.0).expect("reachable"));
     }
 
     #[test]
