@@ -48,7 +48,16 @@ impl Identity {
         Ok(Self { key_pair })
     }
 
-    /// A fresh key that lives only in memory (simulated merchants).
+    /// The key in a PKCS#8 document (a simulated merchant's, as its certificate binds it).
+    pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, IdentityError> {
+        let key_pair = Ed25519KeyPair::from_pkcs8(pkcs8).map_err(|e| IdentityError::Malformed {
+            path: PathBuf::from("(in memory)"),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { key_pair })
+    }
+
+    /// A fresh key that lives only in memory (tests of merchants the coordinator must refuse).
     pub fn ephemeral() -> Result<Self, IdentityError> {
         let doc = Ed25519KeyPair::generate_pkcs8(&SystemRandom::new()).map_err(|_| IdentityError::Random)?;
         let key_pair = Ed25519KeyPair::from_pkcs8(doc.as_ref()).map_err(|_| IdentityError::Random)?;

@@ -38,6 +38,69 @@ enum Command {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
         config: PathBuf,
     },
+    /// Make this merchant's keys and the certificate request to send to the federation's
+    /// CA: `NAME.signing` (the Ed25519 SecAgg+ signing key, PKCS#8), `NAME.key` (the TLS
+    /// key, PEM) and `NAME.csr` (a request for a certificate binding the signing key). The
+    /// private keys never leave this machine; existing files are never overwritten.
+    Keygen {
+        /// The merchant id the certificate will carry.
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// `guild-client keygen`: refuses to overwrite anything, writes the private keys readable
+/// by the owner only, and prints the paths as JSON.
+fn keygen(name: &str, out: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        guild_proto::domain::MerchantId::parse(name).is_some(),
+        "merchant id {name:?} must be 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+    );
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (signing, key, csr) = (
+        out.join(format!("{name}.signing")),
+        out.join(format!("{name}.key")),
+        out.join(format!("{name}.csr")),
+    );
+    for path in [&signing, &key, &csr] {
+        anyhow::ensure!(
+            !path.exists(),
+            "{} already exists; refusing to overwrite a merchant's keys",
+            path.display()
+        );
+    }
+    let identity = Identity::load_or_create(&signing)?;
+    let request = guild_proto::certificate::merchant_request(name, &identity.public_key())?;
+    let write = |path: &std::path::Path, contents: &str, private: bool| -> anyhow::Result<()> {
+        use std::io::Write;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        if private {
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        }
+        #[cfg(not(unix))]
+        let _ = private;
+        let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(contents.as_bytes())
+            .and_then(|()| file.sync_all())
+            .with_context(|| format!("writing {}", path.display()))
+    };
+    write(&key, &request.key_pem, true)?;
+    write(&csr, &request.csr_pem, false)?;
+    println!(
+        "{}",
+        serde_json::json!({
+            "signing_key": signing,
+            "tls_key": key,
+            "certificate_request": csr,
+            "signing_public_key": guild_proto::certificate::signing_key_uri(&identity.public_key()),
+            "next": "send the .csr to the federation's CA (guild-coordinator sign-csr) and set tls.cert to the certificate it returns",
+        })
+    );
+    Ok(())
 }
 
 /// The size of the catalogue's item vectors.
@@ -95,6 +158,7 @@ fn spinner() -> ProgressBar {
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
+        Command::Keygen { name, out } => keygen(&name, &out),
         Command::Register { config } => {
             let config = ClientConfig::load(&config)?;
             let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;

@@ -91,6 +91,8 @@ impl TlsCredentials {
 #[derive(Clone, Debug)]
 pub struct Connection {
     inner: CoordinatorClient<Channel>,
+    /// The federation's CA certificate (DER): cohort members' certificates must chain to it.
+    federation_ca: std::sync::Arc<[u8]>,
 }
 
 fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
@@ -108,6 +110,10 @@ impl Connection {
         max_message_bytes: usize,
     ) -> Result<Self, NetError> {
         let bad = |reason: String| NetError::BadAddress { address: address.to_owned(), reason };
+        let federation_ca: std::sync::Arc<[u8]> =
+            guild_proto::certificate::first_pem_certificate(&tls.ca_pem)
+                .map_err(|e| bad(format!("the federation's CA certificate: {e}")))?
+                .into();
         let uri = address.parse::<tonic::transport::Uri>().map_err(|e| bad(e.to_string()))?;
         let host = uri.host().unwrap_or("localhost").to_owned();
         let tls_config = ClientTlsConfig::new()
@@ -128,7 +134,12 @@ impl Connection {
         let inner = CoordinatorClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);
-        Ok(Self { inner })
+        Ok(Self { inner, federation_ca })
+    }
+
+    /// The federation's CA certificate (DER) this connection trusts.
+    pub fn federation_ca(&self) -> &[u8] {
+        &self.federation_ca
     }
 
     /// The raw gRPC stub, for tests that send hand-made messages.

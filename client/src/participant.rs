@@ -80,6 +80,31 @@ impl Default for ParticipantOptions {
     }
 }
 
+/// Every cohort member's signing key must be the one its certificate binds, and every
+/// certificate must be one the federation's CA issued for client authentication, valid now,
+/// each listed once: a coordinator can neither put a key of its own in a real merchant's
+/// place (to impersonate it towards this client) nor list a member the CA never certified.
+fn check_cohort(task: &RoundTask, federation_ca: &[u8]) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (index, key) in &task.cohort {
+        let Some(certificate) = task.certificates.get(index) else {
+            return Err(format!("cohort member {index} comes without a certificate"));
+        };
+        let bound = guild_proto::certificate::verify_member(federation_ca, certificate)
+            .map_err(|e| format!("cohort member {index}'s certificate is refused: {e}"))?;
+        if bound != *key {
+            return Err(format!(
+                "cohort member {index}'s signing key is not the one its certificate binds \
+                 (a coordinator substituting a key?)"
+            ));
+        }
+        if !seen.insert(certificate.as_slice()) {
+            return Err(format!("cohort member {index}'s certificate is listed twice"));
+        }
+    }
+    Ok(())
+}
+
 /// How a round this client took part in ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -139,6 +164,7 @@ pub fn vet_task(
     task: &RoundTask,
     manifest: &guild_proto::domain::AdapterManifest,
     federation_id: [u8; 16],
+    federation_ca: &[u8],
     options: &ParticipantOptions,
     ledger: &ClientLedger,
 ) -> Result<(), String> {
@@ -151,6 +177,7 @@ pub fn vet_task(
             "the task's digest does not match its parameters (a coordinator showing clients different tasks?)".into(),
         );
     }
+    check_cohort(task, federation_ca)?;
     if task.manifest != *manifest {
         return refuse("the task's adapter manifest differs from this client's model".into());
     }
@@ -463,8 +490,15 @@ impl Participant {
         let Some(learner) = &self.learner else {
             return Err(ParticipantError::Refused("the learner is busy".into()));
         };
-        vet_task(task, &learner.manifest(), self.federation_id, &self.options, &self.ledger)
-            .map_err(ParticipantError::Refused)
+        vet_task(
+            task,
+            &learner.manifest(),
+            self.federation_id,
+            self.connection.federation_ca(),
+            &self.options,
+            &self.ledger,
+        )
+        .map_err(ParticipantError::Refused)
     }
 
     async fn global_adapter(
@@ -699,8 +733,13 @@ mod tests {
         }
         .cost()
         .expect("cost");
-        let cohort: BTreeMap<ClientIndex, [u8; 32]> =
-            (1..=n).map(|i| (ClientIndex::new(i).expect("1-based"), [i as u8; 32])).collect();
+        let pki = pki();
+        let cohort: BTreeMap<ClientIndex, [u8; 32]> = (1..=n)
+            .map(|i| (ClientIndex::new(i).expect("1-based"), bound_key(&pki.merchants[i as usize - 1])))
+            .collect();
+        let certificates: BTreeMap<ClientIndex, Vec<u8>> = (1..=n)
+            .map(|i| (ClientIndex::new(i).expect("1-based"), pki.merchants[i as usize - 1].cert_der.clone()))
+            .collect();
         let mut task = RoundTask {
             binding: RoundBinding {
                 federation_id: FEDERATION,
@@ -731,13 +770,91 @@ mod tests {
                 phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
             },
             cohort,
+            certificates,
         };
         task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
         task
     }
 
+    /// A federation's certificates for 60 merchants, issued once for the whole module.
+    fn pki() -> &'static guild_coordinator::pki::FederationPki {
+        static PKI: std::sync::OnceLock<guild_coordinator::pki::FederationPki> = std::sync::OnceLock::new();
+        PKI.get_or_init(|| guild_coordinator::pki::issue(60).expect("pki"))
+    }
+
+    fn bound_key(merchant: &guild_coordinator::pki::Issued) -> [u8; 32] {
+        Identity::from_pkcs8(&merchant.signing_pkcs8).expect("identity").public_key()
+    }
+
     fn vet(task: &RoundTask, options: &ParticipantOptions, ledger: &ClientLedger) -> Result<(), String> {
-        vet_task(task, &manifest(), FEDERATION, options, ledger)
+        vet_task(task, &manifest(), FEDERATION, &pki().ca.cert_der, options, ledger)
+    }
+
+    /// The attacks a coordinator could make on the cohort list, each refused: a key of its
+    /// own in a real merchant's place, a member certified by another CA (of the same name:
+    /// only the signature tells them apart), a server certificate, a certificate
+    /// binding no key, a missing or duplicated certificate. Each task carries a matching
+    /// digest, so only the certificate check stands in the way.
+    #[test]
+    fn a_cohort_member_whose_key_its_certificate_does_not_bind_is_refused() {
+        let options = ParticipantOptions::default();
+        let ledger = ClientLedger::in_memory();
+        let other = guild_coordinator::pki::issue(1).expect("another federation's CA");
+        let second = ClientIndex::new(2).expect("1-based");
+        type Attack = (Box<dyn Fn(&mut RoundTask)>, &'static str);
+        let attacks: Vec<Attack> = vec![
+            (
+                Box::new(move |t| {
+                    t.cohort.insert(second, [0xee; 32]);
+                }),
+                "signing key is not the one its certificate binds",
+            ),
+            (
+                Box::new(move |t| {
+                    let sybil = &other.merchants[0];
+                    t.cohort.insert(second, bound_key(sybil));
+                    t.certificates.insert(second, sybil.cert_der.clone());
+                }),
+                "does not verify under the federation's CA key",
+            ),
+            (
+                Box::new(move |t| {
+                    t.certificates.insert(second, pki().server.cert_der.clone());
+                }),
+                "not a client-authentication certificate",
+            ),
+            (
+                Box::new(move |t| {
+                    t.certificates.remove(&second);
+                }),
+                "comes without a certificate",
+            ),
+            (
+                Box::new(move |t| {
+                    let first = t.certificates[&ClientIndex::new(1).expect("1-based")].clone();
+                    t.certificates.insert(second, first.clone());
+                    t.cohort.insert(second, t.cohort[&ClientIndex::new(1).expect("1-based")]);
+                }),
+                "listed twice",
+            ),
+            (
+                Box::new(move |t| {
+                    let mut forged = t.certificates[&second].clone();
+                    let last = forged.len() - 1;
+                    forged[last] ^= 1; // the signature's last byte
+                    t.certificates.insert(second, forged);
+                }),
+                "certificate is refused",
+            ),
+        ];
+        for (i, (attack, expected)) in attacks.iter().enumerate() {
+            let mut shown = task(20, 14, 1.0);
+            attack(&mut shown);
+            shown.binding.task_sha256 = guild_proto::convert::task_digest(&shown);
+            let error = vet(&shown, &options, &ledger).expect_err("refused");
+            assert!(error.contains(expected), "attack {i}: {error}");
+        }
+        vet(&task(20, 14, 1.0), &options, &ledger).expect("the honest cohort passes");
     }
 
     #[test]

@@ -125,3 +125,40 @@ fn a_coordinator_that_is_down_is_named_with_its_address() {
     assert!(!ok);
     assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&address), "{stderr}");
 }
+
+/// `keygen` makes the merchant's keys and a request that the federation's CA signs into a
+/// certificate binding the signing key; it never overwrites a merchant's keys, and keeps the
+/// private ones readable by the owner only.
+#[test]
+fn keygen_makes_keys_and_a_request_the_ca_signs_into_a_binding_certificate() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().to_str().expect("utf-8 path");
+    let (ok, stderr) = client(&["keygen", "--name", "shop-7", "--out", out]);
+    assert!(ok, "{stderr}");
+    let read = |name: &str| std::fs::read(dir.path().join(name)).expect("read");
+    let identity = guild_client::identity::Identity::load_or_create(&dir.path().join("shop-7.signing"))
+        .expect("the signing key");
+    let pki = guild_coordinator::pki::issue(0).expect("a CA");
+    let issuer = guild_coordinator::pki::issuer_from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).expect("issuer");
+    let csr = String::from_utf8(read("shop-7.csr")).expect("PEM");
+    let issued = guild_coordinator::pki::sign_merchant_request(&csr, &issuer).expect("signed");
+    assert_eq!(issued.name, "shop-7");
+    assert_eq!(
+        guild_proto::certificate::verify_member(&pki.ca.cert_der, &issued.cert_der),
+        Ok(identity.public_key()),
+        "the certificate binds the key in shop-7.signing and verifies under the CA"
+    );
+    assert!(String::from_utf8(read("shop-7.key")).expect("PEM").contains("PRIVATE KEY"));
+    #[cfg(unix)]
+    for private in ["shop-7.key", "shop-7.signing"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join(private)).expect("metadata").permissions().mode();
+        assert_eq!(mode & 0o077, 0, "{private} is readable by others: {mode:o}");
+    }
+    let before = read("shop-7.key");
+    let (ok, stderr) = client(&["keygen", "--name", "shop-7", "--out", out]);
+    assert!(!ok && stderr.contains("refusing to overwrite"), "{stderr}");
+    assert_eq!(read("shop-7.key"), before, "nothing was overwritten");
+    let (ok, stderr) = client(&["keygen", "--name", "not a name", "--out", out]);
+    assert!(!ok && stderr.contains("must be 1 to 128 ASCII letters"), "{stderr}");
+}

@@ -57,6 +57,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
     },
+    /// Sign a merchant's certificate request (made by `guild-client keygen`) as the
+    /// federation's CA: the certificate keeps the request's name and the SecAgg+ signing key
+    /// it binds. Run it where the CA key is kept; the coordinator daemon needs only
+    /// `ca.pem`. Allow the certificate afterwards with `allow`.
+    SignCsr {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long)]
+        csr: PathBuf,
+        /// Where to write the certificate (PEM); never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Allow a merchant's certificate (PEM), replacing any earlier one.
     Allow {
         #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
@@ -306,6 +321,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     "config": out.join("guild.toml"),
                     "ca": out.join("ca.pem"),
                     "merchants": pki.merchants.iter().map(|m| &m.name).collect::<Vec<_>>(),
+                })
+            );
+            Ok(())
+        }
+        Command::SignCsr { ca_cert, ca_key, csr, out } => {
+            let read =
+                |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let issuer = guild_coordinator::pki::issuer_from_pem(&read(&ca_cert)?, &read(&ca_key)?)?;
+            let issued = guild_coordinator::pki::sign_merchant_request(&read(&csr)?, &issuer)
+                .with_context(|| format!("{}", csr.display()))?;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&out)
+                .with_context(|| format!("creating {} (it must not exist)", out.display()))?;
+            std::io::Write::write_all(&mut file, issued.cert_pem.as_bytes())
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "merchant": issued.name,
+                    "certificate": out,
+                    "sha256": hex::encode(issued.fingerprint()),
+                    "signing_public_key": guild_proto::certificate::signing_key_uri(
+                        &guild_proto::certificate::bound_signing_key(&issued.cert_der)?
+                    ),
                 })
             );
             Ok(())

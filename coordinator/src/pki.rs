@@ -3,12 +3,19 @@
 //! requires a client certificate signed by the CA (mutual TLS, rustls) and then looks up
 //! the certificate's sha256 in the store's allow-list, so an unknown or revoked
 //! certificate is refused even when the CA signed it.
+//!
+//! A merchant makes its own keys and a CSR (`guild-client keygen`); the CA only signs
+//! ([`sign_merchant_request`], `guild-coordinator sign-csr`), keeping the CSR's name and
+//! the SecAgg+ signing key it binds (`guild_proto::certificate`) and setting everything
+//! else itself. [`issue`] builds a whole test federation through the same path, generating
+//! the merchants' keys on their behalf (a demonstration convenience: whoever runs it holds
+//! those keys).
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use sha2::{Digest, Sha256};
 
@@ -20,6 +27,10 @@ pub enum PkiError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path} holds no PEM certificate")]
     NoCertificate { path: PathBuf },
+    #[error("refusing the certificate request: {0}")]
+    BadRequest(String),
+    #[error("generating a merchant's keys: {0}")]
+    Keys(String),
 }
 
 /// A PEM certificate and its private key.
@@ -27,8 +38,12 @@ pub enum PkiError {
 pub struct Issued {
     pub name: String,
     pub cert_pem: String,
+    /// The private TLS key (empty where the CA signed a request and never saw it).
     pub key_pem: String,
     pub cert_der: Vec<u8>,
+    /// A merchant's Ed25519 SecAgg+ signing key (PKCS#8) that the certificate binds, where
+    /// [`issue`] generated it; empty otherwise.
+    pub signing_pkcs8: Vec<u8>,
 }
 
 impl Issued {
@@ -76,6 +91,7 @@ pub fn issue(merchants: usize) -> Result<FederationPki, PkiError> {
         cert_pem: ca_cert.pem(),
         key_pem: ca_key.serialize_pem(),
         cert_der: ca_cert.der().to_vec(),
+        signing_pkcs8: Vec::new(),
     };
     let issuer = Issuer::new(ca_params, ca_key);
 
@@ -93,20 +109,88 @@ pub fn issue(merchants: usize) -> Result<FederationPki, PkiError> {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             cert_der: cert.der().to_vec(),
+            signing_pkcs8: Vec::new(),
         })
     };
     let server =
         leaf("server", vec!["localhost".into(), "127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth)?;
     let merchants = (1..=merchants)
         .map(|i| {
+            // What `guild-client keygen` does at the merchant, then what the CA does.
             let name = merchant_name(i);
-            leaf(&name, Vec::new(), ExtendedKeyUsagePurpose::ClientAuth)
+            let signing = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                .map_err(|_| PkiError::Keys("the OS random source failed".into()))?;
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8(signing.as_ref())
+                .map_err(|e| PkiError::Keys(e.to_string()))?;
+            let mut public = [0u8; 32];
+            public.copy_from_slice(ring::signature::KeyPair::public_key(&pair).as_ref());
+            let request = guild_proto::certificate::merchant_request(&name, &public)
+                .map_err(|e| PkiError::Keys(e.to_string()))?;
+            let mut issued = sign_merchant_request(&request.csr_pem, &issuer)?;
+            issued.key_pem = request.key_pem;
+            issued.signing_pkcs8 = signing.as_ref().to_vec();
+            Ok(issued)
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, PkiError>>()?;
     Ok(FederationPki { ca, server, merchants })
 }
 
-fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
+/// Signs a merchant's certificate request as the CA `issuer`: keeps the request's common
+/// name (a valid merchant id) and the one SecAgg+ signing key it binds, and sets the rest
+/// (client authentication only, not a CA, ten years). Refuses a request whose signature
+/// does not verify, that binds no key or several, or whose name is not a merchant id.
+pub fn sign_merchant_request(csr_pem: &str, issuer: &Issuer<'_, KeyPair>) -> Result<Issued, PkiError> {
+    let bad = |m: String| PkiError::BadRequest(m);
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| bad(e.to_string()))?;
+    let name = match csr.params.distinguished_name.get(&DnType::CommonName) {
+        Some(value) => dn_text(value).ok_or_else(|| bad("its common name is not text".into()))?,
+        None => return Err(bad("it has no common name".into())),
+    };
+    if guild_proto::domain::MerchantId::parse(&name).is_none() {
+        return Err(bad(format!(
+            "its common name {name:?} is not a merchant id (1 to 128 ASCII letters, digits, '-', '_' or '.')"
+        )));
+    }
+    let mut keys = csr.params.subject_alt_names.iter().filter_map(|san| match san {
+        SanType::URI(uri) => uri.as_str().strip_prefix(guild_proto::certificate::SIGNING_KEY_URI_PREFIX),
+        _ => None,
+    });
+    let key = match (keys.next(), keys.next()) {
+        (Some(hex), None) => {
+            guild_proto::certificate::parse_signing_key_hex(hex).map_err(|e| bad(e.to_string()))?
+        }
+        (None, _) => {
+            return Err(bad("it binds no SecAgg+ signing key (make it with `guild-client keygen`)".into()));
+        }
+        (Some(_), Some(_)) => return Err(bad("it binds more than one SecAgg+ signing key".into())),
+    };
+    let params = guild_proto::certificate::merchant_params(&name, &key).map_err(|e| bad(e.to_string()))?;
+    let cert = params.signed_by(&csr.public_key, issuer)?;
+    Ok(Issued {
+        name,
+        cert_pem: cert.pem(),
+        key_pem: String::new(),
+        cert_der: cert.der().to_vec(),
+        signing_pkcs8: Vec::new(),
+    })
+}
+
+fn dn_text(value: &DnValue) -> Option<String> {
+    match value {
+        DnValue::Utf8String(s) => Some(s.clone()),
+        DnValue::PrintableString(s) => Some(s.as_str().to_owned()),
+        DnValue::Ia5String(s) => Some(s.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The CA of `ca_cert_pem` with its key `ca_key_pem`, to sign requests with.
+pub fn issuer_from_pem(ca_cert_pem: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, PkiError> {
+    let key = KeyPair::from_pem(ca_key_pem)?;
+    Ok(Issuer::from_ca_cert_pem(ca_cert_pem, key)?)
+}
+
+fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
     let io = |source| PkiError::Io { path: path.to_owned(), source };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
@@ -117,13 +201,14 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
     #[cfg(not(unix))]
     let _ = private;
     let mut file = options.open(path).map_err(io)?;
-    std::io::Write::write_all(&mut file, contents.as_bytes()).map_err(io)?;
+    std::io::Write::write_all(&mut file, contents).map_err(io)?;
     file.sync_all().map_err(io)
 }
 
 impl FederationPki {
     /// Writes `ca.pem`, `ca.key`, `server.pem`, `server.key` and
-    /// `merchants/merchant-NNN.{pem,key}` under `dir`.
+    /// `merchants/merchant-NNN.{pem,key,signing}` under `dir` (`.signing`: the merchant's
+    /// Ed25519 SecAgg+ signing key, PKCS#8, which its certificate binds).
     pub fn write(&self, dir: &Path) -> Result<(), PkiError> {
         let merchants = dir.join("merchants");
         std::fs::create_dir_all(&merchants)
@@ -132,8 +217,11 @@ impl FederationPki {
             .into_iter()
             .chain(self.merchants.iter().map(|m| (m, merchants.as_path())))
         {
-            write(&folder.join(format!("{}.pem", issued.name)), &issued.cert_pem, false)?;
-            write(&folder.join(format!("{}.key", issued.name)), &issued.key_pem, true)?;
+            write(&folder.join(format!("{}.pem", issued.name)), issued.cert_pem.as_bytes(), false)?;
+            write(&folder.join(format!("{}.key", issued.name)), issued.key_pem.as_bytes(), true)?;
+            if !issued.signing_pkcs8.is_empty() {
+                write(&folder.join(format!("{}.signing", issued.name)), &issued.signing_pkcs8, true)?;
+            }
         }
         Ok(())
     }

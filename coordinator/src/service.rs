@@ -54,12 +54,19 @@ impl CoordinatorCore {
         self.federation_id
     }
 
-    /// Records the merchant's signing key under the identity its certificate proved.
-    pub fn register(&self, merchant_id: &str, registration: Registration) -> Result<Registered, StoreError> {
+    /// Records the merchant's signing key and certificate under the identity its certificate
+    /// proved. The caller has checked that the certificate binds that key.
+    pub fn register(
+        &self,
+        merchant_id: &str,
+        registration: Registration,
+        certificate: Vec<u8>,
+    ) -> Result<Registered, StoreError> {
         self.store.upsert_merchant(&MerchantRecord {
             merchant_id: merchant_id.to_owned(),
             display_name: registration.display_name,
             signing_public_key: registration.signing_public_key,
+            certificate,
         })?;
         tracing::info!(%merchant_id, "merchant registered");
         self.engine.poke();
@@ -112,15 +119,20 @@ fn engine_status(error: EngineError) -> Status {
     }
 }
 
-/// The merchant whose client certificate made `request`, if the allow-list has it and it
-/// is not revoked.
-fn allowed_merchant<T>(store: &Store, request: &Request<T>) -> Result<String, Status> {
+/// The DER of the client certificate that made `request`.
+fn client_certificate<T>(request: &Request<T>) -> Result<Vec<u8>, Status> {
     let certs = request
         .peer_certs()
         .ok_or_else(|| Status::unauthenticated("a client certificate is required (mutual TLS)"))?;
     let leaf =
         certs.first().ok_or_else(|| Status::unauthenticated("the TLS session carries no certificate"))?;
-    let sha = fingerprint(leaf.as_ref());
+    Ok(leaf.as_ref().to_vec())
+}
+
+/// The merchant whose client certificate made `request`, if the allow-list has it and it
+/// is not revoked.
+fn allowed_merchant<T>(store: &Store, request: &Request<T>) -> Result<String, Status> {
+    let sha = fingerprint(&client_certificate(request)?);
     match store.certificate_owner(&sha).map_err(store_status)? {
         Some((merchant, false)) => Ok(merchant),
         Some((merchant, true)) => {
@@ -257,8 +269,24 @@ impl Coordinator for CoordinatorService {
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::RegisterResponse>, Status> {
         let merchant = self.caller(&request)?;
+        let certificate = client_certificate(&request)?;
         let registration = Registration::try_from(request.into_inner())?;
-        let registered = self.core.register(&merchant, registration).map_err(store_status)?;
+        // The signing key must be the one the merchant's certificate binds: clients check
+        // every cohort member's key against its certificate, so no other key could sign.
+        match guild_proto::certificate::bound_signing_key(&certificate) {
+            Ok(key) if key == registration.signing_public_key => {}
+            Ok(_) => {
+                return Err(Status::permission_denied(format!(
+                    "{merchant}: the signing key differs from the one its certificate binds"
+                )));
+            }
+            Err(e) => {
+                return Err(Status::failed_precondition(format!(
+                    "{merchant}: the client certificate {e}; issue it from a CSR made by `guild-client keygen`"
+                )));
+            }
+        }
+        let registered = self.core.register(&merchant, registration, certificate).map_err(store_status)?;
         Ok(Response::new(registered.into()))
     }
 

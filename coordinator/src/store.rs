@@ -77,6 +77,9 @@ const MIGRATIONS: &[&str] = &[
          reason TEXT NOT NULL,
          since INTEGER NOT NULL
      );",
+    // 4: the client certificate a merchant registered with (it binds the signing key; every
+    // task lists it so that clients can check the key). Empty for rows registered before.
+    "ALTER TABLE merchants ADD COLUMN certificate BLOB NOT NULL DEFAULT x'';",
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +158,8 @@ pub struct MerchantRecord {
     pub merchant_id: String,
     pub display_name: String,
     pub signing_public_key: [u8; 32],
+    /// The client certificate (DER) it registered with, which binds `signing_public_key`.
+    pub certificate: Vec<u8>,
 }
 
 #[derive(Debug)]
@@ -234,12 +239,18 @@ impl Store {
     /// Records a merchant, or updates its name and key if it registers again.
     pub fn upsert_merchant(&self, record: &MerchantRecord) -> Result<(), StoreError> {
         self.conn().execute(
-            "INSERT INTO merchants (merchant_id, display_name, signing_public_key, registered_at)
-             VALUES (?1, ?2, ?3, unixepoch())
+            "INSERT INTO merchants (merchant_id, display_name, signing_public_key, certificate, registered_at)
+             VALUES (?1, ?2, ?3, ?4, unixepoch())
              ON CONFLICT (merchant_id) DO UPDATE SET
                  display_name = excluded.display_name,
-                 signing_public_key = excluded.signing_public_key",
-            params![record.merchant_id, record.display_name, record.signing_public_key.as_slice()],
+                 signing_public_key = excluded.signing_public_key,
+                 certificate = excluded.certificate",
+            params![
+                record.merchant_id,
+                record.display_name,
+                record.signing_public_key.as_slice(),
+                record.certificate.as_slice()
+            ],
         )?;
         Ok(())
     }
@@ -262,13 +273,18 @@ impl Store {
     pub fn merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT merchant_id, display_name, signing_public_key FROM merchants ORDER BY merchant_id",
+            "SELECT merchant_id, display_name, signing_public_key, certificate FROM merchants ORDER BY merchant_id",
         )?;
         let rows = stmt.query_map([], |r| {
             let key: Vec<u8> = r.get(2)?;
             let mut signing_public_key = [0u8; 32];
             signing_public_key.copy_from_slice(&key);
-            Ok(MerchantRecord { merchant_id: r.get(0)?, display_name: r.get(1)?, signing_public_key })
+            Ok(MerchantRecord {
+                merchant_id: r.get(0)?,
+                display_name: r.get(1)?,
+                signing_public_key,
+                certificate: r.get(3)?,
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -318,21 +334,27 @@ impl Store {
     pub fn eligible_merchants(&self) -> Result<Vec<MerchantRecord>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
-            "SELECT m.merchant_id, m.display_name, m.signing_public_key FROM merchants m
+            "SELECT m.merchant_id, m.display_name, m.signing_public_key, m.certificate FROM merchants m
              JOIN allow_list a ON a.merchant_id = m.merchant_id
              WHERE a.revoked = 0 AND m.merchant_id NOT IN (SELECT merchant_id FROM quarantine)
              ORDER BY m.merchant_id",
         )?;
         let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, Vec<u8>>(3)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (merchant_id, display_name, key) = row?;
+            let (merchant_id, display_name, key, certificate) = row?;
             out.push(MerchantRecord {
                 merchant_id,
                 display_name,
                 signing_public_key: hash32(key, "signing key")?,
+                certificate,
             });
         }
         Ok(out)
@@ -652,6 +674,7 @@ mod tests {
             merchant_id: "shop-1".into(),
             display_name: "Shop One".into(),
             signing_public_key: [7; 32],
+            certificate: vec![1, 2, 3],
         };
         {
             let store = Store::open(&path).expect("open");
@@ -675,6 +698,7 @@ mod tests {
                 merchant_id: id.into(),
                 display_name: id.into(),
                 signing_public_key: [i as u8; 32],
+                certificate: Vec::new(),
             };
             store.upsert_merchant(&record).expect("register");
             store.allow(id, [i as u8 + 1; 32]).expect("allow");

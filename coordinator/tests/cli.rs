@@ -186,3 +186,57 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
         .expect("run");
     assert!(!ok && stderr.contains("rounds.sampling_rate"), "{stderr}");
 }
+
+/// `sign-csr` signs a merchant's request into a certificate that binds its signing key, and
+/// refuses a request that binds none, a name that is not a merchant id, and an existing
+/// output file.
+#[test]
+fn sign_csr_issues_a_binding_certificate_and_refuses_requests_without_a_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pki = guild_coordinator::pki::issue(0).expect("a CA");
+    let path = |name: &str| dir.path().join(name);
+    std::fs::write(path("ca.pem"), &pki.ca.cert_pem).expect("write");
+    std::fs::write(path("ca.key"), &pki.ca.key_pem).expect("write");
+    let key = [0x5a; 32];
+    let request = guild_proto::certificate::merchant_request("shop-9", &key).expect("request");
+    std::fs::write(path("shop-9.csr"), &request.csr_pem).expect("write");
+    let sign = |csr: &str, out: &str| {
+        let (ca_cert, ca_key, csr, out) = (path("ca.pem"), path("ca.key"), path(csr), path(out));
+        coordinator(&[
+            "sign-csr",
+            "--ca-cert",
+            ca_cert.to_str().expect("utf-8"),
+            "--ca-key",
+            ca_key.to_str().expect("utf-8"),
+            "--csr",
+            csr.to_str().expect("utf-8"),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ])
+    };
+    let (ok, stdout, stderr) = sign("shop-9.csr", "shop-9.pem");
+    assert!(ok, "{stderr}");
+    assert_eq!(json(&stdout)["merchant"], "shop-9");
+    let der = guild_coordinator::pki::read_cert_der(&path("shop-9.pem")).expect("certificate");
+    assert_eq!(guild_proto::certificate::verify_member(&pki.ca.cert_der, &der), Ok(key));
+    let (ok, _, stderr) = sign("shop-9.csr", "shop-9.pem");
+    assert!(!ok && stderr.contains("must not exist"), "{stderr}");
+
+    // A request without the binding (a plain client-certificate request).
+    let plain_key = rcgen::KeyPair::generate().expect("key");
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    params.distinguished_name.push(rcgen::DnType::CommonName, "shop-10");
+    let plain = params.serialize_request(&plain_key).expect("csr").pem().expect("pem");
+    std::fs::write(path("plain.csr"), plain).expect("write");
+    let (ok, _, stderr) = sign("plain.csr", "plain.pem");
+    assert!(!ok && stderr.contains("binds no SecAgg+ signing key"), "{stderr}");
+    // A name that is not a merchant id.
+    let odd = guild_proto::certificate::merchant_request("two words", &key).expect("request");
+    std::fs::write(path("odd.csr"), &odd.csr_pem).expect("write");
+    let (ok, _, stderr) = sign("odd.csr", "odd.pem");
+    assert!(!ok && stderr.contains("is not a merchant id"), "{stderr}");
+    assert!(
+        !path("plain.pem").exists() && !path("odd.pem").exists(),
+        "nothing written for a refused request"
+    );
+}

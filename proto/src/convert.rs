@@ -454,7 +454,8 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             ));
         }
         let mut cohort = guild_privacy::secagg::Identities::new();
-        for member in &m.cohort {
+        let mut certificates = std::collections::BTreeMap::new();
+        for member in m.cohort {
             let who = index(member.index, "RoundTask.cohort.index")?;
             if member.index > secagg.cohort_size {
                 return Err(WireError::invalid("RoundTask.cohort.index", "beyond the cohort size"));
@@ -463,8 +464,28 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             if cohort.insert(who, key).is_some() {
                 return Err(WireError::invalid("RoundTask.cohort.index", format!("{who} is listed twice")));
             }
+            if member.certificate.len() > crate::certificate::MAX_CERTIFICATE_BYTES {
+                return Err(WireError::invalid(
+                    "RoundTask.cohort.certificate",
+                    format!(
+                        "{} bytes for {who}, above the {}-byte limit",
+                        member.certificate.len(),
+                        crate::certificate::MAX_CERTIFICATE_BYTES
+                    ),
+                ));
+            }
+            certificates.insert(who, member.certificate);
         }
-        Ok(Self { binding, adapter_version: m.adapter_version, manifest, training, privacy, secagg, cohort })
+        Ok(Self {
+            binding,
+            adapter_version: m.adapter_version,
+            manifest,
+            training,
+            privacy,
+            secagg,
+            cohort,
+            certificates,
+        })
     }
 }
 
@@ -510,7 +531,11 @@ impl From<RoundTask> for v1::RoundTask {
             cohort: t
                 .cohort
                 .iter()
-                .map(|(i, key)| v1::CohortMember { index: i.get(), signing_public_key: key.to_vec() })
+                .map(|(i, key)| v1::CohortMember {
+                    index: i.get(),
+                    signing_public_key: key.to_vec(),
+                    certificate: t.certificates.get(i).cloned().unwrap_or_default(),
+                })
                 .collect(),
         }
     }
@@ -951,6 +976,9 @@ mod tests {
                 phase_deadlines: vec![Duration::from_secs(30); 5],
             },
             cohort: (1..=10).map(|i| (sa::ClientIndex::new(i).expect("non-zero"), [i as u8; 32])).collect(),
+            certificates: (1..=10)
+                .map(|i| (sa::ClientIndex::new(i).expect("non-zero"), vec![i as u8; 40]))
+                .collect(),
         }
     }
 
@@ -1104,6 +1132,10 @@ mod tests {
         );
         check_rejected(|t| t.cohort.truncate(9), "RoundTask.cohort: lists 9 members for a cohort of 10");
         check_rejected(|t| t.cohort[1].index = 1, "is listed twice");
+        check_rejected(
+            |t| t.cohort[2].certificate = vec![0; 1025],
+            "RoundTask.cohort.certificate: 1025 bytes for 3, above the 1024-byte limit",
+        );
         check_rejected(
             |t| t.cohort[0].signing_public_key.push(0),
             "RoundTask.cohort.signing_public_key: expected 32 bytes, got 33",

@@ -175,6 +175,9 @@ pub struct RoundTask {
     pub secagg: SecAggParams,
     /// Every cohort member's long-term signing key, by SecAgg+ index (1..=cohort_size).
     pub cohort: guild_privacy::secagg::Identities,
+    /// Every cohort member's client certificate (DER), which binds its signing key
+    /// (`crate::certificate`), by the same indices.
+    pub certificates: std::collections::BTreeMap<ClientIndex, Vec<u8>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]

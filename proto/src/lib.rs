@@ -7,6 +7,7 @@
 //! sees an unchecked field.
 
 pub mod adapter;
+pub mod certificate;
 pub mod convert;
 pub mod domain;
 mod error;

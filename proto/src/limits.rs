@@ -28,12 +28,13 @@ const SEALED_SHARES_OVERHEAD: usize = 8 + 2 * 32 + 64 + 24;
 /// The gRPC message-size limit for a federation whose masked vectors have
 /// `vector_length` coordinates and whose rounds have at most `cohort` clients: large
 /// enough for the masked input (4 bytes a coordinate, plus a complaint per neighbour),
-/// the key roster and the share inbox, and no larger.
+/// the key roster, the task (a certificate per member) and the share inbox, and no larger.
 pub fn max_message_bytes(vector_length: usize, cohort: usize) -> usize {
     let masked_input = 4 * vector_length + cohort * (32 + 12);
     let roster = cohort * (2 * 32 + 64 + 16);
+    let task = cohort * (32 + crate::certificate::MAX_CERTIFICATE_BYTES + 16);
     let inbox = cohort * (MAX_CIPHERTEXT_BYTES + SEALED_SHARES_OVERHEAD);
-    masked_input.max(roster).max(inbox).max(ADAPTER_CHUNK_BYTES) + ENVELOPE_BYTES
+    masked_input.max(roster).max(task).max(inbox).max(ADAPTER_CHUNK_BYTES) + ENVELOPE_BYTES
 }
 
 #[cfg(test)]

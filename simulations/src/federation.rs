@@ -126,6 +126,11 @@ impl Federation {
         }
     }
 
+    /// Merchant `merchant`'s (0-based) SecAgg+ signing key: the one its certificate binds.
+    pub fn identity(&self, merchant: usize) -> anyhow::Result<guild_client::identity::Identity> {
+        Ok(guild_client::identity::Identity::from_pkcs8(&self.pki.merchants[merchant].signing_pkcs8)?)
+    }
+
     /// A connection as merchant `merchant` (0-based), retrying while the coordinator starts.
     pub async fn connect(&self, merchant: usize) -> anyhow::Result<Connection> {
         let d = self.config.manifest()?.parameter_count().next_power_of_two();

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use guild_client::identity::Identity;
 use guild_client::learner::RandomLearner;
 use guild_client::participant::{Participant, ParticipantOptions};
 use rand::SeedableRng;
@@ -142,7 +141,7 @@ pub async fn run(
         };
         let mut participant = Participant::new(
             connection,
-            Arc::new(Identity::ephemeral()?),
+            Arc::new(federation.identity(i)?),
             Box::new(learner),
             options,
             guild_client::participant::ClientLedger::in_memory(),

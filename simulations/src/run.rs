@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use guild_client::config::{AdapterSettings, ClientConfig, DataConfig, Guards, ModelConfig, TlsFiles};
 use guild_client::data::Merchant;
-use guild_client::identity::Identity;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
@@ -241,7 +240,7 @@ async fn federated(
                 // its ε against the coordinator.
                 let ledger = ClientLedger::open(&merchant_ledger(&federation, i))?;
                 let mut participant =
-                    Participant::new(connection, Arc::new(Identity::ephemeral()?), learner, options, ledger);
+                    Participant::new(connection, Arc::new(federation.identity(i)?), learner, options, ledger);
                 let tx = tx.clone();
                 tasks.push(tokio::spawn(async move {
                     participant

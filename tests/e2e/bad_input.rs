@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use guild_client::identity::Identity;
 use guild_privacy::secagg::{RoundConfig, client as secagg};
 use guild_proto::domain::{RoundTask, Task};
 use guild_proto::v1;
@@ -38,7 +37,7 @@ async fn bad_phase_messages_are_refused_with_reasons_and_change_nothing() {
     let mut identities = Vec::new();
     for i in 0..3 {
         let mut connection = federation.connect(i).await.expect("connect");
-        let identity = Identity::ephemeral().expect("identity");
+        let identity = federation.identity(i).expect("identity");
         connection.register("Shop", &identity).await.expect("register");
         connections.push(connection);
         identities.push(identity);

@@ -16,8 +16,16 @@ async fn federation(dir: &std::path::Path, merchants: usize) -> Federation {
 async fn merchant_registers_with_its_certificate_and_the_store_records_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = federation(dir.path(), 2).await;
-    let identity = Identity::ephemeral().expect("identity");
+    let identity = federation.identity(1).expect("identity");
     let mut connection = federation.connect(1).await.expect("connect");
+    // A signing key other than the one the certificate binds is refused, and nothing stored.
+    let status = match connection.register("Shop B", &Identity::ephemeral().expect("identity")).await {
+        Err(NetError::Refused(status)) => status,
+        other => panic!("a key the certificate does not bind must be refused, got {other:?}"),
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains("differs from the one its certificate binds"), "{}", status.message());
+    assert!(federation.store().expect("store").merchants().expect("merchants").is_empty());
     let registered = connection.register("Shop B", &identity).await.expect("register");
 
     let core = &federation.in_process().expect("running").core;
@@ -28,6 +36,10 @@ async fn merchant_registers_with_its_certificate_and_the_store_records_it() {
     assert_eq!(recorded.len(), 1);
     assert_eq!(recorded[0].display_name, "Shop B");
     assert_eq!(recorded[0].signing_public_key, identity.public_key());
+    assert_eq!(
+        recorded[0].certificate, federation.pki.merchants[1].cert_der,
+        "the certificate is kept for tasks"
+    );
     let again = connection.register("Shop B", &identity).await.expect("register again");
     assert_eq!(again.merchant_id, registered.merchant_id);
     assert_eq!(core.store().merchants().expect("merchants").len(), 1);

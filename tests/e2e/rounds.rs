@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use guild_client::identity::Identity;
 use guild_client::learner::RandomLearner;
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_coordinator::config::Config;
@@ -71,7 +70,7 @@ pub async fn spawn_client(
     };
     let mut participant = Participant::new(
         connection,
-        Arc::new(Identity::ephemeral().expect("identity")),
+        Arc::new(federation.identity(i).expect("identity")),
         Box::new(learner),
         options,
         ClientLedger::in_memory(),
@@ -269,7 +268,7 @@ async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_
         };
         let mut participant = Participant::new(
             connection,
-            Arc::new(Identity::ephemeral().expect("identity")),
+            Arc::new(federation.identity(i).expect("identity")),
             Box::new(learner),
             options,
             ClientLedger::in_memory(),
@@ -449,7 +448,7 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
         let ledger = ClientLedger::open(path).expect("ledger");
         let mut participant = Participant::new(
             connection,
-            Arc::new(Identity::ephemeral().expect("identity")),
+            Arc::new(federation.identity(i).expect("identity")),
             Box::new(learner),
             options,
             ledger,

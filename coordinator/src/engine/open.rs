@@ -27,6 +27,8 @@ struct TaskTemplate<'a> {
     cost: &'a RoundCost,
     rotation_seed: u64,
     identities: &'a Identities,
+    /// Each member's client certificate, which binds its signing key.
+    certificates: &'a BTreeMap<ClientIndex, Vec<u8>>,
     deadlines: Vec<Duration>,
 }
 
@@ -123,6 +125,11 @@ impl Engine {
             .enumerate()
             .map(|(i, m)| (ClientIndex::new(i as u32 + 1).expect("1-based"), m.signing_public_key))
             .collect();
+        let certificates: BTreeMap<ClientIndex, Vec<u8>> = cohort
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (ClientIndex::new(i as u32 + 1).expect("1-based"), m.certificate.clone()))
+            .collect();
         let mut template = TaskTemplate {
             binding,
             adapter_version: latest.version,
@@ -130,6 +137,7 @@ impl Engine {
             cost: &cost,
             rotation_seed: rng.r#gen(),
             identities: &identities,
+            certificates: &certificates,
             deadlines: Phase::ALL.into_iter().map(|p| cfg.phase_deadline(p)).collect(),
         };
         // Every client's task differs only in its index and data seed: the digest of the
@@ -244,6 +252,7 @@ impl Engine {
                 phase_deadlines: template.deadlines.clone(),
             },
             cohort: template.identities.clone(),
+            certificates: template.certificates.clone(),
         }
     }
 }
