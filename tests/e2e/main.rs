@@ -1,6 +1,7 @@
 //! Guild's cross-crate tests, compiled into one test binary.
 
 mod architecture;
+mod attacks;
 mod bad_input;
 mod crash;
 mod data;

@@ -1,0 +1,405 @@
+//! A malicious coordinator against a real client: a scripted gRPC coordinator (mutual TLS,
+//! the federation's real certificates) hands an honest merchant's `Participant` one task
+//! built to attack it, and records every call the client makes. One test per attack of the
+//! threat model that a task can carry; each shows the client refuses the task before
+//! anything leaves it (no adapter download, no key advertisement), and a control test shows
+//! the same harness lets an honest task through, so a refusal is the guard's doing.
+//!
+//! Attacks that live in the SecAgg+ rounds themselves (split survivor lists, altered share
+//! forwards, the roster-derived graph) are driven against the real client state machines in
+//! `privacy/tests/secagg_rounds.rs`; the charge-before-release order in `crash.rs`; the
+//! evaluation reports in `rounds.rs`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use guild_client::identity::Identity;
+use guild_client::learner::RandomLearner;
+use guild_client::net::{Connection, TlsCredentials};
+use guild_client::participant::{ClientLedger, Participant, ParticipantError, ParticipantOptions};
+use guild_coordinator::pki::FederationPki;
+use guild_privacy::cost::RoundPrivacy;
+use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
+use guild_privacy::secagg::{Phase, min_active_threshold};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
+use guild_proto::domain::{
+    AdapterManifest, MerchantId, PrivacyParams, Registered, RoundTask, SecAggParams, Task, TrainingParams,
+};
+use guild_proto::tower::TowerShape;
+use guild_proto::v1;
+use guild_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tonic::{Request, Response, Status};
+
+const FEDERATION: [u8; 16] = [0x42; 16];
+/// Cohort size of the scripted rounds; the victim is member 1.
+const COHORT: u32 = 20;
+
+/// What the scripted coordinator saw the client do.
+#[derive(Debug, Default)]
+struct Calls {
+    registered: u32,
+    tasks: u32,
+    downloads: u32,
+    /// SecAgg+ messages of any phase, and metrics reports.
+    sent: u32,
+}
+
+/// A coordinator that answers registration honestly, hands out one scripted task, and
+/// refuses everything else while counting it.
+struct Scripted {
+    task: Mutex<Option<RoundTask>>,
+    calls: Arc<Mutex<Calls>>,
+}
+
+type Chunks =
+    Pin<Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<v1::AdapterChunk, Status>> + Send>>;
+
+impl Scripted {
+    fn count(&self, what: impl FnOnce(&mut Calls)) {
+        what(&mut self.calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+
+    fn sent<T>(&self) -> Result<Response<T>, Status> {
+        self.count(|c| c.sent += 1);
+        Err(Status::unavailable("the scripted coordinator ends the round here"))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Scripted {
+    async fn register(
+        &self,
+        _: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        self.count(|c| c.registered += 1);
+        let merchant_id = MerchantId::parse("merchant-001").ok_or_else(|| Status::internal("id"))?;
+        Ok(Response::new(
+            Registered { merchant_id, federation_id: FEDERATION, base_model_sha256: base_model() }.into(),
+        ))
+    }
+
+    async fn get_task(
+        &self,
+        _: Request<v1::GetTaskRequest>,
+    ) -> Result<Response<v1::GetTaskResponse>, Status> {
+        self.count(|c| c.tasks += 1);
+        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let task = match task {
+            Some(task) => Task::Round(Box::new(task)),
+            None => Task::Wait { retry_after: Duration::from_secs(1), reason: "no more rounds".into() },
+        };
+        Ok(Response::new(task.into()))
+    }
+
+    async fn advertise_keys(
+        &self,
+        _: Request<v1::AdvertiseKeysRequest>,
+    ) -> Result<Response<v1::AdvertiseKeysResponse>, Status> {
+        self.sent()
+    }
+
+    async fn share_keys(
+        &self,
+        _: Request<v1::ShareKeysRequest>,
+    ) -> Result<Response<v1::ShareKeysResponse>, Status> {
+        self.sent()
+    }
+
+    async fn masked_input(
+        &self,
+        _: Request<v1::MaskedInputRequest>,
+    ) -> Result<Response<v1::MaskedInputResponse>, Status> {
+        self.sent()
+    }
+
+    async fn consistency_check(
+        &self,
+        _: Request<v1::ConsistencyCheckRequest>,
+    ) -> Result<Response<v1::ConsistencyCheckResponse>, Status> {
+        self.sent()
+    }
+
+    async fn unmask(&self, _: Request<v1::UnmaskRequest>) -> Result<Response<v1::UnmaskResponse>, Status> {
+        self.sent()
+    }
+
+    type DownloadAdapterStream = Chunks;
+
+    async fn download_adapter(
+        &self,
+        _: Request<v1::DownloadAdapterRequest>,
+    ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
+        self.count(|c| c.downloads += 1);
+        Err(Status::unavailable("the scripted coordinator serves no adapter"))
+    }
+
+    async fn report_metrics(
+        &self,
+        _: Request<v1::ReportMetricsRequest>,
+    ) -> Result<Response<v1::ReportMetricsResponse>, Status> {
+        self.sent()
+    }
+
+    async fn status(&self, _: Request<v1::StatusRequest>) -> Result<Response<v1::StatusResponse>, Status> {
+        Err(Status::unimplemented("status"))
+    }
+}
+
+fn base_model() -> [u8; 32] {
+    let hex = guild_proto::domain::BASE_MODEL_SHA256;
+    std::array::from_fn(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("hex"))
+}
+
+/// A tiny sequence tower (the item residual and pooling only: 36 parameters).
+fn manifest() -> AdapterManifest {
+    let shape =
+        TowerShape { hidden: 8, history: 4, zero_shot_items: 2, item_rank: 2, width: 8, layers: 0, heads: 1 };
+    AdapterManifest::sequence_tower(base_model(), shape, 7)
+}
+
+/// The federation's certificates (the merchants' keys generated on their behalf), once.
+fn pki() -> &'static FederationPki {
+    static PKI: std::sync::OnceLock<FederationPki> = std::sync::OnceLock::new();
+    PKI.get_or_init(|| guild_coordinator::pki::issue(COHORT as usize).expect("pki"))
+}
+
+fn identity(i: usize) -> Identity {
+    Identity::from_pkcs8(&pki().merchants[i].signing_pkcs8).expect("identity")
+}
+
+/// An honest task for a cohort of the federation's first `COHORT` merchants, at the
+/// active-security threshold, noise multiplier `z`; the victim is member 1.
+fn honest_task(z: f64) -> RoundTask {
+    let manifest = manifest();
+    let d = manifest.parameter_count();
+    let t = min_active_threshold(COHORT - 1);
+    let cost = RoundPrivacy {
+        mode: PrivacyMode::Distributed,
+        unit: PrivacyUnit::Merchant,
+        sampling_rate: 0.1,
+        noise_multiplier: z,
+        clip_norm: 1.0,
+        dimension: d,
+        min_survivors: t,
+        max_summands: COHORT,
+        bit_width: 32,
+        wrap_probability: 1e-9,
+    }
+    .cost()
+    .expect("cost");
+    let index = |i: u32| ClientIndex::new(i).expect("1-based");
+    let cohort: BTreeMap<ClientIndex, [u8; 32]> =
+        (1..=COHORT).map(|i| (index(i), identity(i as usize - 1).public_key())).collect();
+    let certificates: BTreeMap<ClientIndex, Vec<u8>> =
+        (1..=COHORT).map(|i| (index(i), pki().merchants[i as usize - 1].cert_der.clone())).collect();
+    let mut task = RoundTask {
+        binding: RoundBinding {
+            federation_id: FEDERATION,
+            round_id: 1,
+            adapter_sha256: [3; 32],
+            task_sha256: [0; 32],
+        },
+        adapter_version: 1,
+        manifest,
+        training: TrainingParams { local_steps: 1, batch_size: 8, learning_rate: 1e-3, data_seed: 1 },
+        privacy: PrivacyParams {
+            mode: PrivacyMode::Distributed,
+            clip_norm: 1.0,
+            noise_multiplier: z,
+            gamma: cost.ddg.gamma(),
+            bit_width: 32,
+            min_survivors: t,
+            rotation_seed: 5,
+            unit: PrivacyUnit::Merchant,
+            shopper_sampling_rate: 0.0,
+        },
+        secagg: SecAggParams {
+            my_index: index(1),
+            cohort_size: COHORT,
+            threshold: t,
+            neighbours: COHORT - 1,
+            vector_length: cost.ddg.padded_dimension() as u32,
+            phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
+        },
+        cohort,
+        certificates,
+    };
+    seal(&mut task);
+    task
+}
+
+/// Recomputes the task's digest: the attack is then consistent, and only the client's own
+/// checks stand in its way.
+fn seal(task: &mut RoundTask) {
+    task.binding.task_sha256 = guild_proto::convert::task_digest(task);
+}
+
+/// What became of the scripted round at an honest client with `options`.
+struct Outcome {
+    result: Result<(), String>,
+    calls: Calls,
+}
+
+/// Serves `task` from a scripted coordinator over mutual TLS and runs merchant-001's real
+/// `Participant` against it for one round.
+async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
+    let pki = pki();
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let service = Scripted { task: Mutex::new(Some(task)), calls: calls.clone() };
+    let tls = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem))
+        .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca.cert_pem));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address: SocketAddr = listener.local_addr().expect("address");
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .tls_config(tls)
+            .expect("tls")
+            .add_service(CoordinatorServer::new(service))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
+    let credentials = TlsCredentials {
+        ca_pem: pki.ca.cert_pem.clone().into_bytes(),
+        cert_pem: pki.merchants[0].cert_pem.clone().into_bytes(),
+        key_pem: pki.merchants[0].key_pem.clone().into_bytes(),
+    };
+    let uri = format!("https://localhost:{}", address.port());
+    let connection = Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect");
+    let learner =
+        RandomLearner { manifest: manifest(), norm: 0.5, rng: ChaCha20Rng::seed_from_u64(1), shoppers: 0 };
+    let options = ParticipantOptions { max_rounds: 1, poll: Duration::from_secs(1), ..options };
+    let mut participant = Participant::new(
+        connection,
+        Arc::new(identity(0)),
+        Box::new(learner),
+        options,
+        ClientLedger::in_memory(),
+    );
+    let mut result = Ok(());
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        participant.run(|round| {
+            result = match round {
+                Ok(_) => Ok(()),
+                Err(ParticipantError::Refused(reason)) => Err(reason.clone()),
+                Err(other) => Err(format!("not a refusal: {other}")),
+            }
+        }),
+    )
+    .await
+    .expect("the client finishes its one round")
+    .expect("the client runs");
+    server.abort();
+    let calls = std::mem::take(&mut *calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    Outcome { result, calls }
+}
+
+/// The client refused the task with a reason containing `expected`, having registered and
+/// polled, and sent nothing further: no adapter download, no SecAgg+ message.
+fn assert_refused(outcome: &Outcome, expected: &str) {
+    match &outcome.result {
+        Err(reason) => assert!(reason.contains(expected), "refused for another reason: {reason}"),
+        Ok(()) => panic!("the client took part"),
+    }
+    let c = &outcome.calls;
+    assert_eq!((c.registered, c.tasks), (1, 1), "{c:?}");
+    assert_eq!((c.downloads, c.sent), (0, 0), "the client acted on a refused task: {c:?}");
+}
+
+fn options() -> ParticipantOptions {
+    ParticipantOptions { min_noise_multiplier: 0.5, max_epsilon: 1e6, ..ParticipantOptions::default() }
+}
+
+#[tokio::test]
+async fn the_harness_lets_an_honest_task_through_to_the_adapter_download() {
+    let outcome = attack(honest_task(1.0), options()).await;
+    let reason = outcome.result.expect_err("the scripted coordinator serves no adapter");
+    assert!(reason.starts_with("not a refusal"), "{reason}");
+    assert_eq!(outcome.calls.downloads, 1, "the vetted task went on to the adapter: {:?}", outcome.calls);
+}
+
+/// Attack 1: a threshold below Bonawitz et al.'s active bound lets a coordinator that shows
+/// different survivor lists collect both of a victim's shares.
+#[tokio::test]
+async fn a_threshold_below_the_active_security_bound_is_refused() {
+    let mut task = honest_task(1.0);
+    task.secagg.threshold -= 1;
+    task.privacy.min_survivors = task.secagg.threshold;
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "below the active-security bound");
+}
+
+/// Attack 3: each client adds σ²/min_survivors; min_survivors above the threshold lets a
+/// round complete with a fraction of the noise.
+#[tokio::test]
+async fn a_task_that_cuts_every_clients_noise_share_is_refused() {
+    let mut task = honest_task(1.0);
+    task.privacy.min_survivors = 10_000;
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "min_survivors 10000 is above the threshold");
+}
+
+/// Attack 3, the plain form: less noise than the merchant's floor.
+#[tokio::test]
+async fn noise_below_the_merchants_floor_is_refused() {
+    let mut task = honest_task(1.0);
+    task.privacy.noise_multiplier = 0.1;
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "below this merchant's minimum 0.5");
+}
+
+/// Attack 4: a task whose parameters differ from what the digest (and so every other
+/// client's signatures) commits to.
+#[tokio::test]
+async fn a_task_unlike_the_one_shown_to_the_others_is_refused() {
+    let mut task = honest_task(1.0);
+    task.training.learning_rate *= 10.0;
+    assert_refused(&attack(task, options()).await, "digest does not match");
+}
+
+/// Attack 5: a round that would take the merchant past its own ε against the coordinator.
+#[tokio::test]
+async fn a_round_past_the_merchants_own_epsilon_cap_is_refused() {
+    let options = ParticipantOptions { max_epsilon: 0.5, delta: 1e-6, ..options() };
+    assert_refused(&attack(honest_task(1.0), options).await, "past its cap of 0.5");
+}
+
+/// Attack 8's cousin: a mode in which clients send un-noised updates.
+#[tokio::test]
+async fn a_mode_without_client_noise_is_refused_unless_opted_in() {
+    for mode in [PrivacyMode::Central, PrivacyMode::DangerousNone] {
+        let mut task = honest_task(1.0);
+        task.privacy.mode = mode;
+        seal(&mut task);
+        assert_refused(&attack(task, options()).await, "set dangerous_send_unnoised_updates");
+    }
+}
+
+/// Attack 9: the coordinator puts a signing key of its own in a real merchant's place (to
+/// impersonate it towards the victim in the key agreement).
+#[tokio::test]
+async fn a_substituted_cohort_key_is_refused() {
+    let mut task = honest_task(1.0);
+    task.cohort
+        .insert(ClientIndex::new(2).expect("1-based"), Identity::ephemeral().expect("key").public_key());
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "not the one its certificate binds");
+}
+
+/// Attack 9: a sybil member with a certificate the federation's CA did not issue.
+#[tokio::test]
+async fn a_sybil_member_without_the_cas_certificate_is_refused() {
+    let other = guild_coordinator::pki::issue(1).expect("another CA");
+    let sybil = Identity::from_pkcs8(&other.merchants[0].signing_pkcs8).expect("identity");
+    let mut task = honest_task(1.0);
+    let second = ClientIndex::new(2).expect("1-based");
+    task.cohort.insert(second, sybil.public_key());
+    task.certificates.insert(second, other.merchants[0].cert_der.clone());
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "does not verify under the federation's CA key");
+}
