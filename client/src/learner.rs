@@ -150,7 +150,7 @@ fn round_training(task: &RoundTask, temperature: f64, history_items: usize) -> T
         temperature,
         history_items,
         seed: task.training.data_seed,
-        negatives: 0,
+        negatives: task.training.negatives as usize,
     }
 }
 
@@ -170,13 +170,15 @@ fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Uniform negatives per batch of a merchant's local tower training (a sampled softmax;
-/// ten times faster than the full softmax over the Amazon Games catalogue on two cores).
+/// Uniform negatives per batch of tower training where the task does not set them (the
+/// simulator's centralised and local-only arms; a sampled softmax ten times faster than the
+/// full softmax over the Amazon Games catalogue on two cores). Federated rounds take the
+/// count from the task (`rounds.negatives`).
 pub const TOWER_NEGATIVES: usize = 1024;
 
-/// Uniform negatives of one shopper's update in the shopper unit: each shopper is its own
-/// batch, and drawing fewer negatives keeps a shopper's step to a few milliseconds; the DP
-/// noise, not the sampled softmax, dominates that update's variance.
+/// The simulator's default for the shopper unit's rounds: each shopper is its own batch,
+/// and drawing fewer negatives keeps a shopper's step to a few milliseconds; the DP noise,
+/// not the sampled softmax, dominates that update's variance.
 pub const SHOPPER_NEGATIVES: usize = 256;
 
 /// One merchant's sequence tower (the sequence-tower family), trained on its shoppers over
@@ -238,10 +240,7 @@ impl Learner for TowerLearner {
     }
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        let config = TrainConfig {
-            negatives: TOWER_NEGATIVES,
-            ..round_training(task, self.temperature, self.config.shape.history)
-        };
+        let config = round_training(task, self.temperature, self.config.shape.history);
         let (tower, items, owned) = self.unlocked(global, &self.users)?;
         let users: Vec<&User> = owned.iter().collect();
         retrieval::train_tower(&tower, &items, &users, &config)?;
@@ -259,10 +258,7 @@ impl Learner for TowerLearner {
         shoppers: &[usize],
         each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let config = TrainConfig {
-            negatives: SHOPPER_NEGATIVES,
-            ..round_training(task, self.temperature, self.config.shape.history)
-        };
+        let config = round_training(task, self.temperature, self.config.shape.history);
         let indices = shoppers
             .iter()
             .map(|&s| {

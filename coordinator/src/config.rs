@@ -132,6 +132,9 @@ pub struct RoundsConfig {
     pub local_steps: u32,
     pub batch_size: u32,
     pub learning_rate: f32,
+    /// Uniform negatives of the sequence tower's sampled softmax in each client's local
+    /// training (0: the full softmax over the catalogue); ignored by FFA-LoRA.
+    pub negatives: u32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
     /// Distinct cohort members that must complain about one merchant's sealed shares in a
@@ -156,6 +159,7 @@ impl Default for RoundsConfig {
             local_steps: 2,
             batch_size: 32,
             learning_rate: 1e-3,
+            negatives: 1024,
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
         }
@@ -354,6 +358,12 @@ impl Config {
         if r.local_steps == 0 || r.batch_size == 0 || !(r.learning_rate.is_finite() && r.learning_rate > 0.0)
         {
             return Err(invalid("rounds", "local_steps, batch_size and learning_rate must be positive"));
+        }
+        if r.negatives > guild_proto::limits::MAX_NEGATIVES {
+            return Err(invalid(
+                "rounds.negatives",
+                format!("must be at most {} (0: the full softmax)", guild_proto::limits::MAX_NEGATIVES),
+            ));
         }
         if !(r.server_learning_rate.is_finite() && r.server_learning_rate > 0.0) {
             return Err(invalid("rounds.server_learning_rate", "must be positive"));

@@ -367,12 +367,19 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 "local_steps and batch_size must be at least 1",
             ));
         }
+        if t.negatives > MAX_NEGATIVES {
+            return Err(WireError::invalid(
+                "RoundTask.training.negatives",
+                format!("{} is above the limit of {}", t.negatives, MAX_NEGATIVES),
+            ));
+        }
         let training = TrainingParams {
             local_steps: t.local_steps,
             batch_size: t.batch_size,
             learning_rate: positive_finite(f64::from(t.learning_rate), "RoundTask.training.learning_rate")?
                 as f32,
             data_seed: t.data_seed,
+            negatives: t.negatives,
         };
 
         let p = required(m.privacy, "RoundTask.privacy")?;
@@ -503,6 +510,7 @@ impl From<RoundTask> for v1::RoundTask {
                 batch_size: t.training.batch_size,
                 learning_rate: t.training.learning_rate,
                 data_seed: t.training.data_seed,
+                negatives: t.training.negatives,
             }),
             privacy: Some(v1::PrivacyParams {
                 mode: privacy_mode_to_wire(t.privacy.mode).into(),
@@ -955,7 +963,13 @@ mod tests {
                 frozen_a_seed: 42,
                 family: AdapterFamily::FfaLora,
             },
-            training: TrainingParams { local_steps: 2, batch_size: 32, learning_rate: 1e-3, data_seed: 9 },
+            training: TrainingParams {
+                local_steps: 2,
+                batch_size: 32,
+                learning_rate: 1e-3,
+                data_seed: 9,
+                negatives: 1024,
+            },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
                 clip_norm: 1.0,
@@ -1133,8 +1147,12 @@ mod tests {
         check_rejected(|t| t.cohort.truncate(9), "RoundTask.cohort: lists 9 members for a cohort of 10");
         check_rejected(|t| t.cohort[1].index = 1, "is listed twice");
         check_rejected(
+            |t| t.training.as_mut().expect("training").negatives = (1 << 20) + 1,
+            "RoundTask.training.negatives: 1048577 is above the limit of 1048576",
+        );
+        check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],
-            "RoundTask.cohort.certificate: 1025 bytes for 3, above the 1024-byte limit",
+            "RoundTask.cohort.certificate: 1025 bytes for client #3, above the 1024-byte limit",
         );
         check_rejected(
             |t| t.cohort[0].signing_public_key.push(0),

@@ -138,6 +138,8 @@ pub struct TrainingParams {
     pub batch_size: u32,
     pub learning_rate: f32,
     pub data_seed: u64,
+    /// Uniform negatives of the sequence tower's sampled softmax (0: the full softmax).
+    pub negatives: u32,
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -15,6 +15,8 @@ pub const MAX_SHARE_WORDS: usize = 16;
 pub const MAX_NAME_BYTES: usize = 128;
 /// Most tensors an adapter manifest may list.
 pub const MAX_MANIFEST_TENSORS: usize = 1024;
+/// Most uniform negatives a task may ask a client to sample per batch.
+pub const MAX_NEGATIVES: u32 = 1 << 20;
 /// Size of one streamed adapter chunk.
 pub const ADAPTER_CHUNK_BYTES: usize = 1 << 20;
 

@@ -168,6 +168,7 @@ async fn federated(
         c.rounds.local_steps = f.local_steps;
         c.rounds.batch_size = f.batch_size;
         c.rounds.learning_rate = f.learning_rate;
+        c.rounds.negatives = f.negatives;
         c.rounds.server_learning_rate = f.server_learning_rate;
         c.rounds.server_optimizer = f.server_optimizer;
         c.privacy.mode = arm.mode;
@@ -182,6 +183,7 @@ async fn federated(
             c.rounds.neighbours = 0;
             c.rounds.local_steps = sh.local_steps;
             c.rounds.learning_rate = sh.learning_rate;
+            c.rounds.negatives = sh.negatives;
             c.rounds.server_learning_rate = sh.server_learning_rate;
             c.rounds.server_optimizer = sh.server_optimizer;
             c.privacy.unit = PrivacyUnit::Shopper;

@@ -80,6 +80,9 @@ pub struct FederationSettings {
     pub server_learning_rate: f64,
     #[serde(default = "fed_avg")]
     pub server_optimizer: ServerOptimizer,
+    /// Uniform negatives of the tower's sampled softmax in each client's rounds (0: full).
+    #[serde(default = "tower_negatives")]
+    pub negatives: u32,
     /// FFA-LoRA's rank (with `family = "ffa_lora"`).
     pub rank: usize,
     /// The adapter family: `ffa_lora` (default) or `sequence_tower`.
@@ -158,6 +161,9 @@ pub struct ShopperDp {
     pub local_steps: u32,
     /// η of those steps: one shopper's update is −η·∇ before clipping.
     pub learning_rate: f32,
+    /// Uniform negatives of each shopper's sampled softmax (0: full).
+    #[serde(default = "shopper_negatives")]
+    pub negatives: u32,
     #[serde(default = "fed_avg")]
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
@@ -172,6 +178,14 @@ fn one_shop() -> usize {
 
 fn one_step() -> u32 {
     1
+}
+
+fn tower_negatives() -> u32 {
+    guild_client::learner::TOWER_NEGATIVES as u32
+}
+
+fn shopper_negatives() -> u32 {
+    guild_client::learner::SHOPPER_NEGATIVES as u32
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]

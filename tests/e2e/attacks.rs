@@ -206,7 +206,13 @@ fn honest_task(z: f64) -> RoundTask {
         },
         adapter_version: 1,
         manifest,
-        training: TrainingParams { local_steps: 1, batch_size: 8, learning_rate: 1e-3, data_seed: 1 },
+        training: TrainingParams {
+            local_steps: 1,
+            batch_size: 8,
+            learning_rate: 1e-3,
+            data_seed: 1,
+            negatives: 0,
+        },
         privacy: PrivacyParams {
             mode: PrivacyMode::Distributed,
             clip_norm: 1.0,

@@ -225,6 +225,7 @@ impl Engine {
             manifest: self.manifest.clone(),
             training: TrainingParams {
                 local_steps: cfg.rounds.local_steps,
+                negatives: cfg.rounds.negatives,
                 batch_size: cfg.rounds.batch_size,
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
