@@ -12,7 +12,7 @@ use guild_coordinator::store::Store;
 use guild_privacy::PrivacyUnit;
 use guild_privacy::accounting::{
     RdpCurve, calibrate_noise_multiplier, calibrate_zero_out_noise_multiplier, epsilon_from_rdp,
-    subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp,
+    gaussian_zcdp_rho, subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp,
 };
 use guild_privacy::ledger::{Budget, Ledger};
 
@@ -230,12 +230,7 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
 /// subsampled Gaussian).
 fn model_curve(unit: PrivacyUnit, q: f64, z: f64) -> anyhow::Result<RdpCurve> {
     Ok(match unit {
-        PrivacyUnit::Merchant => {
-            if !(z.is_finite() && z > 0.0) {
-                anyhow::bail!("noise multiplier must be positive and finite, got {z}");
-            }
-            zero_out_sampled_zcdp_rdp(q, 1.0 / (2.0 * z * z))?
-        }
+        PrivacyUnit::Merchant => zero_out_sampled_zcdp_rdp(q, gaussian_zcdp_rho(z)?)?,
         PrivacyUnit::Shopper => subsampled_gaussian_rdp(q, z)?,
     })
 }

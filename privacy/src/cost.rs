@@ -13,7 +13,7 @@
 //! noise whoever was sampled); local mode (simulator only) is the zero-out bound with the
 //! Gaussian's ρ = 1/(2z²). `dangerous_none` costs nothing because it protects nothing.
 
-use crate::accounting::{AccountingError, epsilon_from_rdp};
+use crate::accounting::{AccountingError, epsilon_from_rdp, gaussian_zcdp_rho};
 use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at};
 use crate::ledger::PrivacyEvent;
 use crate::{PrivacyMode, PrivacyUnit};
@@ -81,15 +81,6 @@ pub fn round_rho(ddg: &DdgParams, min_survivors: u32, unit: PrivacyUnit) -> Resu
     })
 }
 
-/// The Gaussian mechanism's zCDP ρ = 1/(2z²) at noise multiplier z.
-fn gaussian_rho(noise_multiplier: f64) -> Result<f64, CostError> {
-    if noise_multiplier.is_finite() && noise_multiplier > 0.0 {
-        Ok(1.0 / (2.0 * noise_multiplier * noise_multiplier))
-    } else {
-        Err(AccountingError::NoiseMultiplier(noise_multiplier).into())
-    }
-}
-
 /// A bound on the shoppers that Poisson sampling at rate q draws from N, for the encoding's
 /// modulus: `qN + 8·√(qN) + 8`. By Bernstein's inequality the count exceeds it with
 /// probability below e^−24 (and exceeding it risks a wrapped coordinate, never privacy).
@@ -134,7 +125,7 @@ impl RoundPrivacy {
             }),
             (PrivacyMode::Local, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {
                 sampling_rate,
-                rho: gaussian_rho(self.noise_multiplier)?,
+                rho: gaussian_zcdp_rho(self.noise_multiplier)?,
             }),
             (PrivacyMode::Central | PrivacyMode::Local, _) => Some(PrivacyEvent::SubsampledGaussian {
                 sampling_rate,

@@ -11,5 +11,6 @@ mod rdp;
 
 pub use rdp::{
     AccountingError, ORDERS, RdpCurve, calibrate_noise_multiplier, calibrate_zero_out_noise_multiplier,
-    epsilon_from_rdp, subsampled_gaussian_rdp, subsampled_zcdp_rdp, zero_out_sampled_zcdp_rdp,
+    epsilon_from_rdp, gaussian_zcdp_rho, subsampled_gaussian_rdp, subsampled_zcdp_rdp,
+    zero_out_sampled_zcdp_rdp,
 };

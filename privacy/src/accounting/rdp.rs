@@ -154,6 +154,11 @@ pub fn subsampled_zcdp_rdp(q: f64, rho: f64) -> Result<RdpCurve, AccountingError
     Ok(RdpCurve::from_fn(|a| amplified.at(a).min(plain.at(a))))
 }
 
+/// The Gaussian mechanism's zCDP ρ = 1/(2z²) at noise multiplier z.
+pub fn gaussian_zcdp_rho(z: f64) -> Result<f64, AccountingError> {
+    if z.is_finite() && z > 0.0 { Ok(1.0 / (2.0 * z * z)) } else { Err(AccountingError::NoiseMultiplier(z)) }
+}
+
 /// RDP of one step of a Poisson-sampled ρ-zCDP mechanism under **zero-out adjacency** when
 /// the round's output without the unit is arbitrary: `(1 − q)·A + q·B_x` against
 /// `(1 − q)·A + q·B_0`, where `B_x` and `B_0` (the unit sampled, with its data or with its
@@ -229,7 +234,7 @@ pub fn calibrate_zero_out_noise_multiplier(
     target_epsilon: f64,
 ) -> Result<f64, AccountingError> {
     check_rate(q)?;
-    calibrate(&|z| zero_out_sampled_zcdp_rdp(q, 1.0 / (2.0 * z * z)), rounds, delta, target_epsilon)
+    calibrate(&|z| zero_out_sampled_zcdp_rdp(q, gaussian_zcdp_rho(z)?), rounds, delta, target_epsilon)
 }
 
 fn calibrate(
