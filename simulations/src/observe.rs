@@ -94,6 +94,16 @@ pub fn epsilon_after(
     Ok(if entries.is_empty() { 0.0 } else { Ledger::new(budget, entries)?.spent(unit)?.epsilon })
 }
 
+/// Ledger entries charged after the round that committed the latest adapter version: rounds
+/// that aborted after their charge (in Unmask, or at a kill) with no commit since.
+pub fn charged_after_last_version(store: &Store) -> anyhow::Result<u64> {
+    let last = match store.latest_adapter()? {
+        Some(a) => store.round_of_adapter(a.version)?.unwrap_or(0),
+        None => 0,
+    };
+    Ok(store.ledger()?.iter().filter(|e| e.round_id > last).count() as u64)
+}
+
 /// "n before Phase" for each phase with a non-zero count, comma-separated.
 pub fn per_phase(counts: [u64; Phase::COUNT]) -> String {
     Phase::ALL

@@ -63,6 +63,11 @@ pub struct ArmResult {
     pub noise_multiplier: Option<f64>,
     pub rounds: u64,
     pub rounds_aborted: u64,
+    /// Rounds charged to the ledger after the last committed version (they aborted in
+    /// Unmask or at the coordinator's kill, after their charge): why `epsilon` may exceed
+    /// the last curve point's.
+    #[serde(default)]
+    pub charged_after_last_version: u64,
     pub wall_seconds: f64,
     pub bytes_per_client_round: Option<f64>,
     pub curve: Vec<RoundPoint>,

@@ -23,7 +23,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 
 use crate::federation::{Federation, coordinator_binary};
-use crate::observe::{PhaseStats, epsilon_after, per_phase};
+use crate::observe::{PhaseStats, charged_after_last_version, epsilon_after, per_phase};
 use crate::progress::Progress;
 use crate::results::{ArmResult, Comparison, RoundPoint, RunResults, Scores};
 use crate::scenario::{ClientMode, Scenario, ShopperDp};
@@ -376,6 +376,12 @@ async fn federated(
             counts.aborted
         ));
     }
+    let charged_after = charged_after_last_version(&store)?;
+    if charged_after > 0 {
+        events.push(format!(
+            "{charged_after} round(s) charged after the last version and then aborted (never refunded)"
+        ));
+    }
     let mut bytes = Vec::new();
     while let Ok(report) = rx.try_recv() {
         if report.outcome == RoundOutcome::Committed {
@@ -417,6 +423,7 @@ async fn federated(
         noise_multiplier: (arm.mode != PrivacyMode::DangerousNone).then_some(arm.noise_multiplier),
         rounds: counts.completed,
         rounds_aborted: counts.aborted,
+        charged_after_last_version: charged_after,
         wall_seconds: started.elapsed().as_secs_f64(),
         bytes_per_client_round: (!bytes.is_empty()).then(|| bytes.iter().sum::<f64>() / bytes.len() as f64),
         curve,
@@ -700,10 +707,15 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let dp_rounds = s.arms.dp_rounds.unwrap_or(f.rounds);
     // Calibrated for one round more than planned: a round that aborts in Unmask was charged
     // before its shares were asked for (and is never refunded), so the cap must leave room
-    // for one such round or the arm would end short.
-    let charged_rounds = dp_rounds + 1;
+    // for one such round or the arm would end short. An arm whose coordinator is killed
+    // gets room for one more: the kill can land after the open round's charge.
+    let killed = |index: usize| {
+        s.faults.kill_coordinator_after_round.is_some()
+            && (index == 0 || !s.faults.kill_coordinator_in_first_arm_only)
+    };
+    let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
     for &epsilon in &s.arms.distributed_dp_epsilons {
-        let z = calibrate_noise(epsilon, &round, charged_rounds, delta)?;
+        let z = calibrate_noise(epsilon, &round, charged_rounds(plan.len()), delta)?;
         plan.push(FederatedArm {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
@@ -716,7 +728,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         });
     }
     for &epsilon in &s.arms.central_dp_epsilons {
-        let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds, delta, epsilon)?;
+        let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds(plan.len()), delta, epsilon)?;
         plan.push(FederatedArm {
             name: format!("central DP ε={epsilon}"),
             mode: PrivacyMode::Central,
@@ -749,7 +761,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
         };
         for &epsilon in &s.arms.shopper_dp_epsilons {
-            let z = calibrate_noise(epsilon, &round, sh.rounds + 1, shopper_delta)?;
+            let charged = sh.rounds + 1 + u64::from(killed(plan.len()));
+            let z = calibrate_noise(epsilon, &round, charged, shopper_delta)?;
             plan.push(FederatedArm {
                 name: format!("shopper-level DP ε={epsilon}"),
                 mode: PrivacyMode::Distributed,
@@ -764,10 +777,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     }
     for (i, arm) in plan.iter().enumerate() {
         progress.message(arm.name.clone());
-        let kill_after = s
-            .faults
-            .kill_coordinator_after_round
-            .filter(|_| i == 0 || !s.faults.kill_coordinator_in_first_arm_only);
+        let kill_after = s.faults.kill_coordinator_after_round.filter(|_| killed(i));
         let result = federated(&world, s, arm, kill_after, out, &progress)
             .await
             .with_context(|| format!("arm {}", arm.name))?;
