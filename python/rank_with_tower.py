@@ -1,7 +1,8 @@
 """Ranks items with a sequence tower exported by `guild-coordinator export-adapter`.
 
 Usage as a library: `load(folder)` reads `tower.safetensors` and `tower.json`;
-`scores(tower, items, histories)` gives the cosine score of every item for each history
+`scores(tower, items, histories)` gives the score of every item for each history (cosine,
+plus the popularity prior when the tower has one)
 (item vectors: the base model's normalised embeddings of product titles; histories: item
 indices, oldest first). As a script it reads a JSON object from stdin,
 {"tower_dir": ..., "items": [[...], ...], "histories": [[...], ...]}, and prints
@@ -18,7 +19,13 @@ from safetensors.torch import load_file
 def load(folder):
     with open(f"{folder}/tower.json") as f:
         description = json.load(f)
-    return {"shape": description["shape"], "eps": description["layer_norm_eps"], "w": load_file(f"{folder}/tower.safetensors")}
+    return {
+        "shape": description["shape"],
+        "eps": description["layer_norm_eps"],
+        "smoothing": description.get("popularity_smoothing", 0.1),
+        "threshold": description.get("popularity_noise_threshold", 3.0),
+        "w": load_file(f"{folder}/tower.safetensors"),
+    }
 
 
 def _linear(w, name, x):
@@ -63,11 +70,28 @@ def shoppers(tower, adapted, histories):
     return pooled + x[rows, last] @ w["output"]
 
 
+def prior(tower):
+    """The popularity prior of every item, beta * ln(1 + v_j / (kappa * mean(v))), with
+    v = max(w - 3 sigma, 0), w the federation's histogram and sigma its noise, estimated from
+    its negative entries (zero when the tower has no histogram)."""
+    w = tower["w"]
+    if "popularity" not in w:
+        return 0.0
+    histogram = w["popularity"]
+    # The noise's deviation from the negative entries (every contribution is >= 0).
+    sigma = (histogram.clamp_max(0.0).square().sum() / (histogram < 0).sum().clamp_min(1)).sqrt()
+    kept = (histogram - tower["threshold"] * sigma).clamp_min(0.0)
+    scale = (kept.mean() * tower["smoothing"]).clamp_min(1e-30)
+    return (kept / scale).log1p() * w["popularity_weight"]
+
+
 def scores(tower, items, histories):
+    """Cosine of shopper and item vectors plus the popularity prior (ranking scores; the
+    training softmax divides them by the temperature)."""
     w = tower["w"]
     adapted = items + (items @ w["item_a"]) @ w["item_b"]
     normalise = lambda t: t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T
+    return normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T + prior(tower)
 
 
 def main():

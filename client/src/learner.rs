@@ -141,6 +141,53 @@ fn update(local: &[f32], global: &[f32]) -> Vec<f32> {
     local.iter().zip(global).map(|(l, g)| l - g).collect()
 }
 
+/// Gives the sequence tower's popularity histogram its share of an update within the
+/// round's clip norm `c`: the trained coordinates (everything outside `range`) are scaled
+/// down to norm `c·√(1−φ²)` if longer, and the histogram's coordinates are set to `c·φ`
+/// times `contribution` (of norm at most 1: one shopper's unit vector, or a merchant's mean
+/// of them), so the whole is within `c` and the participant's own clip leaves it as is.
+/// φ is `guild_proto::tower::POPULARITY_SHARE`.
+pub fn share_with_popularity(
+    update: &mut [f32],
+    range: std::ops::Range<usize>,
+    contribution: &[(usize, f32)],
+    clip_norm: f64,
+) {
+    let share = guild_proto::tower::POPULARITY_SHARE;
+    let trained_bound = clip_norm * (1.0 - share * share).sqrt();
+    let norm = update
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !range.contains(i))
+        .map(|(_, &u)| f64::from(u).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    if norm > trained_bound {
+        let scale = (trained_bound / norm) as f32;
+        update.iter_mut().for_each(|u| *u *= scale);
+    }
+    let histogram = &mut update[range];
+    histogram.iter_mut().for_each(|h| *h = 0.0);
+    let weight = (clip_norm * share) as f32;
+    for &(item, value) in contribution {
+        if let Some(h) = histogram.get_mut(item) {
+            *h += weight * value;
+        }
+    }
+}
+
+/// A merchant's popularity contribution: the mean of its shoppers' unit vectors.
+fn merchant_popularity(users: &[&User]) -> Vec<(usize, f32)> {
+    let mut sum = std::collections::BTreeMap::<usize, f32>::new();
+    for user in users {
+        for (item, value) in crate::model::tower::popularity_contribution(user) {
+            *sum.entry(item).or_default() += value;
+        }
+    }
+    let n = users.len().max(1) as f32;
+    sum.into_iter().map(|(item, value)| (item, value / n)).collect()
+}
+
 /// The local training a round's task asks for.
 fn round_training(task: &RoundTask, temperature: f64, history_items: usize) -> TrainConfig {
     TrainConfig {
@@ -206,6 +253,13 @@ impl TowerLearner {
     ) -> Result<Self, crate::model::ModelError> {
         let guard = lock(&shared);
         config.shape.validate().map_err(crate::model::ModelError::AdapterShape)?;
+        let catalogue = guard.items.size()[0] as usize;
+        if config.shape.catalogue != 0 && config.shape.catalogue != catalogue {
+            return Err(crate::model::ModelError::AdapterShape(format!(
+                "the tower's popularity prior covers {} items, the catalogue has {catalogue}",
+                config.shape.catalogue
+            )));
+        }
         let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
         let base_model_sha256 = guard.base.sha256();
         drop(guard);
@@ -244,7 +298,11 @@ impl Learner for TowerLearner {
         let (tower, items, owned) = self.unlocked(global, &self.users)?;
         let users: Vec<&User> = owned.iter().collect();
         retrieval::train_tower(&tower, &items, &users, &config)?;
-        Ok(update(&tower.offset(), global))
+        let mut update = update(&tower.offset(), global);
+        if let Some(range) = guild_proto::tower::popularity_range(&self.config.shape) {
+            share_with_popularity(&mut update, range, &merchant_popularity(&users), task.privacy.clip_norm);
+        }
+        Ok(update)
     }
 
     fn shopper_count(&self) -> usize {
@@ -269,7 +327,19 @@ impl Learner for TowerLearner {
             .collect::<anyhow::Result<Vec<usize>>>()?;
         let (mut tower, items, owned) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
-        retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each)
+        let Some(range) = guild_proto::tower::popularity_range(&self.config.shape) else {
+            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each);
+        };
+        // `shopper_updates` hands over one update per user, in order.
+        let mut next = users.iter();
+        let clip_norm = task.privacy.clip_norm;
+        let mut with_popularity = |update: &mut [f32]| {
+            let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
+            let contribution = crate::model::tower::popularity_contribution(user);
+            share_with_popularity(update, range.clone(), &contribution, clip_norm);
+            each(update)
+        };
+        retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &mut with_popularity)
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -322,5 +392,30 @@ impl Learner for ModelLearner {
             self.history_items,
         )?;
         Ok(Some(counts))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_update_shared_with_the_popularity_histogram_stays_within_the_clip_norm() {
+        let c = 2.0;
+        let share = guild_proto::tower::POPULARITY_SHARE;
+        // An adversarial shopper: a huge trained update, and a stale histogram part that
+        // must be overwritten, not added to.
+        let mut update = vec![1e6f32; 10];
+        share_with_popularity(&mut update, 6..10, &[(0, 0.6), (3, 0.8), (9, 5.0)], c);
+        let trained: f64 = update[..6].iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
+        assert!((trained - c * (1.0 - share * share).sqrt()).abs() < 1e-3, "{trained}");
+        let w = (c * share) as f32;
+        assert_eq!(&update[6..], &[0.6 * w, 0.0, 0.0, 0.8 * w], "item 9 is outside the catalogue");
+        let total: f64 = update.iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
+        assert!(total <= c * (1.0 + 1e-6), "{total}");
+        // A small trained update is left as it is.
+        let mut small = vec![0.01f32; 4];
+        share_with_popularity(&mut small, 2..4, &[], c);
+        assert_eq!(small, vec![0.01, 0.01, 0.0, 0.0]);
     }
 }

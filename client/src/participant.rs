@@ -711,6 +711,7 @@ mod tests {
             width: 8,
             layers: 0,
             heads: 2,
+            catalogue: 0,
         };
         AdapterManifest::sequence_tower([1; 32], shape, 0)
     }

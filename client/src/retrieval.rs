@@ -356,12 +356,17 @@ pub fn evaluate_tower(
     let mut counts = RankingCounts::default();
     let mut ranks = Vec::with_capacity(examples.len());
     tch::no_grad(|| {
-        let adapted = tower.map(|t| t.adapt_items(items));
+        let adapted = tower.map(|t| normalise(&t.adapt_items(items)));
+        let prior = tower.and_then(Tower::prior).map(|p| p.unsqueeze(0));
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
             let scores = match (tower, &adapted) {
                 (Some(t), Some(adapted)) => {
-                    normalise(&t.shoppers(items, &histories)).matmul(&normalise(adapted).tr())
+                    let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
+                    match &prior {
+                        Some(prior) => cosine + prior,
+                        None => cosine,
+                    }
                 }
                 _ => zero_shot_scores(items, &histories, shape),
             };
@@ -391,17 +396,32 @@ fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &Tra
         normalise(&sequence.reshape([b * m, hidden]).index_select(0, &Tensor::from_slice(&at).to(device)));
     let catalogue = items.size()[0];
     let k = config.negatives as i64;
+    // The popularity prior (β is trained through it; the histogram is not).
+    let prior = tower.prior();
     if k == 0 || k >= catalogue {
-        let logits = shoppers.matmul(&normalise(&tower.adapt_items(items)).tr()) / config.temperature;
-        return logits.cross_entropy_for_logits(&targets);
+        let cosine = shoppers.matmul(&normalise(&tower.adapt_items(items)).tr());
+        let scores = match &prior {
+            Some(prior) => cosine + prior.unsqueeze(0),
+            None => cosine,
+        };
+        return (scores / config.temperature).cross_entropy_for_logits(&targets);
     }
     let positives = normalise(&tower.adapt_items(&items.index_select(0, &targets)));
     let negatives = Tensor::randint(catalogue, [k], (Kind::Int64, device));
     let negative_vectors = normalise(&tower.adapt_items(&items.index_select(0, &negatives)));
     let own = (&shoppers * &positives).sum_dim_intlist(-1, true, Kind::Float);
+    let others = shoppers.matmul(&negative_vectors.tr());
+    // Out of place (not `+=`), so autograd keeps what it saved.
+    let (own, others) = match &prior {
+        Some(prior) => (
+            own + prior.index_select(0, &targets).unsqueeze(1),
+            others + prior.index_select(0, &negatives).unsqueeze(0),
+        ),
+        None => (own, others),
+    };
     // A sampled negative that is the row's own target is not a negative.
     let same = targets.unsqueeze(1).eq_tensor(&negatives.unsqueeze(0));
-    let others = shoppers.matmul(&negative_vectors.tr()).masked_fill(&same, -1e4);
+    let others = others.masked_fill(&same, -1e4);
     let logits = Tensor::cat(&[own, others], 1) / config.temperature;
     logits.cross_entropy_for_logits(&Tensor::zeros([targets.size()[0]], (Kind::Int64, device)))
 }
@@ -534,6 +554,7 @@ mod tests {
             width: 16,
             layers: 1,
             heads: 2,
+            catalogue: 0,
         };
         let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation);
         for negatives in [0, 32] {
@@ -572,6 +593,7 @@ mod tests {
             width: 16,
             layers: 1,
             heads: 2,
+            catalogue: 0,
         };
         let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
         let global: Vec<f32> = (0..tower.parameter_count()).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();

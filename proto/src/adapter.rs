@@ -125,8 +125,13 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "shape": shape,
         "temperature": 0.05,
         "layer_norm_eps": 1e-5,
+        "popularity_smoothing": crate::tower::POPULARITY_SMOOTHING,
+        "popularity_noise_threshold": crate::tower::POPULARITY_NOISE_THRESHOLD,
         "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
-                    + transformer(last `history` items')[-1] @ output; score = cos(shopper, items')",
+                    + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
+                    [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
+                    v = max(popularity - popularity_noise_threshold * sigma, 0), sigma = sqrt(mean of the \
+                    squared negative entries of popularity), when the tower has a popularity histogram]",
     });
     let path = dir.join("tower.json");
     let text =

@@ -207,6 +207,7 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
                     width: t.width as usize,
                     layers: t.layers as usize,
                     heads: t.heads as usize,
+                    catalogue: t.catalogue as usize,
                 };
                 shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
                 let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
@@ -271,6 +272,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     width: t.width as u32,
                     layers: t.layers as u32,
                     heads: t.heads as u32,
+                    catalogue: t.catalogue as u32,
                 }),
             },
         }
@@ -1021,6 +1023,7 @@ mod tests {
             width: 8,
             layers: 1,
             heads: 2,
+            catalogue: 40,
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);

@@ -107,6 +107,15 @@ pub struct AdapterManifest {
 }
 
 impl AdapterManifest {
+    /// The flat-vector range the coordinator sums instead of training: the sequence
+    /// tower's popularity histogram, if it has one.
+    pub fn accumulated_range(&self) -> Option<std::ops::Range<usize>> {
+        match &self.family {
+            AdapterFamily::SequenceTower(shape) => crate::tower::popularity_range(shape),
+            AdapterFamily::FfaLora => None,
+        }
+    }
+
     /// The manifest of a sequence tower of `shape` whose initial values come from `seed`.
     pub fn sequence_tower(
         base_model_sha256: [u8; SHA256_LEN],

@@ -251,6 +251,7 @@ impl ServerState {
                 1.0,
                 plan.server_learning_rate,
                 self.moments.as_ref(),
+                None,
             );
             *global = step.values;
             self.moments = step.moments;
@@ -466,6 +467,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     },
                     seed,
                 },
+                // The in-process tuner averages every coordinate: no summed histogram.
+                popularity: false,
             };
             let plan = FedAvgPlan {
                 rounds,

@@ -36,6 +36,9 @@ pub const LOCAL_ONLY: &str = "local-only (mean)";
 pub const CENTRALISED: &str = "centralised (non-private)";
 /// The other untrained ranker of the sequence-tower family, also a reference.
 pub const WEAKER_ZERO_SHOT: &str = "zero-shot (the weaker untrained ranker)";
+/// The tower's start plus the exact popularity histogram of every merchant's shoppers, no
+/// training: how much of a trained arm's gain popularity alone gives.
+pub const POPULARITY: &str = "zero-shot + popularity (non-private)";
 
 /// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
 /// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
@@ -46,7 +49,7 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     let references: Vec<(String, Vec<Vec<f64>>)> = arms
         .iter()
         .filter(|a| {
-            [ZERO_SHOT, WEAKER_ZERO_SHOT, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str())
+            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str())
                 && !a.test_ranks.is_empty()
         })
         .map(|a| {
@@ -157,7 +160,7 @@ async fn federated(
         c.adapter.family = f.family;
         c.adapter.rank = f.rank;
         c.adapter.alpha = world.spec.lora.alpha as f32;
-        c.adapter.tower = f.tower;
+        c.adapter.tower = world.spec.tower.shape;
         c.adapter.frozen_a_seed = world.spec.tower.seed;
         c.rounds.sampling_rate = f.sampling_rate;
         c.rounds.min_cohort = f.min_cohort;
@@ -516,7 +519,7 @@ fn spawn_client_process(
                 AdapterFamilyName::FfaLora => world.spec.lora.frozen_a_seed,
                 AdapterFamilyName::SequenceTower => world.spec.tower.seed,
             },
-            tower: s.federation.tower,
+            tower: world.spec.tower.shape,
         },
         guards: Guards {
             min_noise_multiplier: 0.0,
@@ -600,6 +603,23 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             arms.push(titles);
         } else {
             arms.push(zero_shot);
+        }
+        let t = Instant::now();
+        if let Some(values) = world.popularity_only(&world.all_merchant_users())? {
+            progress.message("zero-shot + popularity");
+            let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+                anyhow::Ok((
+                    world.score_with_ranks(Some(&values), Split::Test)?,
+                    world.score(Some(&values), Split::Validation)?,
+                ))
+            })?;
+            let mut arm = baseline(POPULARITY, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+            arm.events.push(
+                "the tower's start with the exact histogram of every merchant's shoppers and the prior's \
+                 initial weight; nothing trained"
+                    .into(),
+            );
+            arms.push(arm);
         }
     }
     if let Some(local) = &s.arms.local_only {

@@ -88,13 +88,22 @@ pub struct FederationSettings {
     /// The adapter family: `ffa_lora` (default) or `sequence_tower`.
     #[serde(default)]
     pub family: AdapterFamilyName,
-    /// The sequence tower's shape (with `family = "sequence_tower"`).
+    /// The sequence tower's shape (with `family = "sequence_tower"`; its `catalogue` is
+    /// set from the data when `popularity` is on).
     #[serde(default)]
     pub tower: TowerShape,
+    /// The sequence tower carries the popularity prior: a histogram over the catalogue that
+    /// the federation accumulates (noised like the rest, in DP arms).
+    #[serde(default = "yes")]
+    pub popularity: bool,
     pub phase_deadlines_ms: [u64; Phase::COUNT],
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]
     pub delta: Option<f64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f64 {

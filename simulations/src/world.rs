@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use guild_client::data::{Dataset, Merchant, User, partition};
 use guild_client::learner::Shared;
 use guild_client::model::lora::{Adapters, LoraConfig};
-use guild_client::model::tower::{Tower, TowerConfig};
+use guild_client::model::tower::{Tower, TowerConfig, popularity_histogram};
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::retrieval::{self, Split, TrainConfig, TrainReport};
 use guild_proto::domain::AdapterFamilyName;
@@ -46,6 +46,9 @@ pub struct WorldSpec {
     pub lora: LoraConfig,
     /// The sequence tower's shape and seed (its `hidden` is the base model's).
     pub tower: TowerConfig,
+    /// Give the sequence tower a popularity prior over the whole catalogue (`load` sets
+    /// the shape's `catalogue`).
+    pub popularity: bool,
 }
 
 impl WorldSpec {
@@ -65,6 +68,8 @@ impl WorldSpec {
             family: scenario.federation.family,
             lora: LoraConfig { rank: rank as i64, alpha: 2.0 * rank as f64, ..LoraConfig::default() },
             tower: TowerConfig { shape: scenario.federation.tower, seed: 0 },
+            popularity: scenario.federation.family == AdapterFamilyName::SequenceTower
+                && scenario.federation.popularity,
         }
     }
 }
@@ -87,7 +92,7 @@ pub fn lock(shared: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
 impl World {
     /// Loads the data and the base model, partitions merchants and encodes the catalogue
     /// (or reads it from the cache).
-    pub fn load(spec: WorldSpec) -> anyhow::Result<Self> {
+    pub fn load(mut spec: WorldSpec) -> anyhow::Result<Self> {
         let mut dataset = Dataset::load(&spec.dataset)?;
         if let Some(n) = spec.max_users {
             dataset = dataset.first_users(n);
@@ -101,6 +106,9 @@ impl World {
         let device = guild_client::training_device();
         let base = BaseModel::load(&default_model_dir(), spec.max_tokens, device)?;
         let items = retrieval::catalogue_embeddings(&base, &dataset, &spec.cache, spec.max_tokens)?;
+        if spec.popularity {
+            spec.tower.shape.catalogue = items.size()[0] as usize;
+        }
         // The same seeded evaluation users for every arm, drawn from the merchants' shoppers.
         let mut pool: Vec<usize> = merchants.iter().flat_map(|m| m.users.iter().copied()).collect();
         pool.sort_unstable();
@@ -250,10 +258,31 @@ impl World {
         tower: &TowerConfig,
     ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
         let shared = lock(&self.shared);
-        let model = Tower::new(tower.clone(), shared.base.device())?;
+        let mut model = Tower::new(tower.clone(), shared.base.device())?;
         let users = Self::users(&shared.dataset, users);
+        // Trained in one place, the histogram is exact: the users' own, before training
+        // (the prior's weight trains with it).
+        if tower.shape.catalogue > 0 {
+            model.set_popularity(&popularity_histogram(&users, tower.shape.catalogue))?;
+        }
         let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
         Ok((model.offset(), report))
+    }
+
+    /// The untrained tower with the exact popularity histogram of `users`, as an offset
+    /// (`None` without a prior): zero-shot plus popularity, a reference ranker.
+    pub fn popularity_only(&self, users: &[usize]) -> anyhow::Result<Option<Vec<f32>>> {
+        let tower = &self.spec.tower;
+        if tower.shape.catalogue == 0 {
+            return Ok(None);
+        }
+        let shared = lock(&self.shared);
+        let mut model = Tower::new(tower.clone(), shared.base.device())?;
+        model.set_popularity(&popularity_histogram(
+            &Self::users(&shared.dataset, users),
+            tower.shape.catalogue,
+        ))?;
+        Ok(Some(model.offset()))
     }
 
     /// Scores a sequence tower's offset from its start (none: the zero-shot mean of the last

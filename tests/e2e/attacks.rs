@@ -157,8 +157,16 @@ fn base_model() -> [u8; 32] {
 
 /// A tiny sequence tower (the item residual and pooling only: 36 parameters).
 fn manifest() -> AdapterManifest {
-    let shape =
-        TowerShape { hidden: 8, history: 4, zero_shot_items: 2, item_rank: 2, width: 8, layers: 0, heads: 1 };
+    let shape = TowerShape {
+        hidden: 8,
+        history: 4,
+        zero_shot_items: 2,
+        item_rank: 2,
+        width: 8,
+        layers: 0,
+        heads: 1,
+        catalogue: 0,
+    };
     AdapterManifest::sequence_tower(base_model(), shape, 7)
 }
 

@@ -160,6 +160,8 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
             width: 64,
             layers: 0,
             heads: 4,
+            // No popularity prior here (`popularity = false`: 2,000 shoppers are too few).
+            catalogue: 0,
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));

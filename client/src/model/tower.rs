@@ -7,15 +7,24 @@
 //!   weights (initialised to the mean of the last five), plus a small causal transformer
 //!   over the same sequence whose output projection starts at zero (the sequence adapters of
 //!   UniSRec, KDD 2022, and SASRec, ICDM 2018, over text embeddings);
-//! - score: cosine of the shopper and item vectors over τ.
+//! - score: cosine of the shopper and item vectors, plus (when the shape has a catalogue) a
+//!   popularity prior `β · ln(1 + v_j / (κ·v̄))`, `v = max(w − 3σ̂, 0)`, from the federation's
+//!   running histogram `w` (σ̂: its noise, estimated from its negative entries)
+//!   of the items shoppers interacted with (`guild_proto::tower::popularity_prior`); over τ
+//!   in the softmax.
 //!
-//! At initialisation the item residual and the transformer both add exactly zero, so the
-//! ranking is bit for bit the zero-shot "mean of the last five items" ranking
-//! ([`zero_shot_weights`]); a test holds it to that.
+//! At initialisation the item residual and the transformer both add exactly zero and the
+//! histogram is empty (its prior exactly zero), so the ranking is bit for bit the
+//! zero-shot "mean of the last five items" ranking ([`zero_shot_weights`]); a test holds it
+//! to that. The histogram is not trained: each contribution adds a unit vector over a
+//! shopper's items ([`popularity_contribution`]) and the coordinator sums them.
 
 use std::collections::BTreeMap;
 
-use guild_proto::tower::{TowerShape, initial_values, tensors};
+use guild_proto::tower::{
+    POPULARITY, POPULARITY_NOISE_THRESHOLD, POPULARITY_SMOOTHING, POPULARITY_WEIGHT, TowerShape,
+    initial_values, tensors,
+};
 use tch::{Device, Kind, Tensor, nn};
 
 use crate::data::{ItemIndex, User};
@@ -56,7 +65,13 @@ impl Tower {
                 path = &path / segment;
             }
             let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            vars.insert(t.name.clone(), path.zeros(leaf, &shape));
+            // The histogram is summed by the coordinator, never trained here.
+            let var = if t.name == POPULARITY {
+                path.zeros_no_train(leaf, &shape)
+            } else {
+                path.zeros(leaf, &shape)
+            };
+            vars.insert(t.name.clone(), var);
         }
         let initial = initial_values(&config.shape, config.seed);
         let mut tower = Self { config, vs, vars, initial };
@@ -145,10 +160,50 @@ impl Tower {
         last_positions(&self.sequence(items, &windows), &windows)
     }
 
-    /// Cosine scores `[batch, items]` of each history against the whole catalogue.
+    /// Scores `[batch, items]` of each history against the whole catalogue: cosine plus the
+    /// popularity prior.
     pub fn scores(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
         let shoppers = normalise(&self.shoppers(items, histories));
-        shoppers.matmul(&normalise(&self.adapt_items(items)).tr())
+        let cosine = shoppers.matmul(&normalise(&self.adapt_items(items)).tr());
+        match self.prior() {
+            Some(prior) => cosine + prior.unsqueeze(0),
+            None => cosine,
+        }
+    }
+
+    /// The popularity prior of every catalogue item, `β · ln(1 + v_j / (κ·v̄))` with
+    /// `v = max(w − 3σ̂, 0)` (`guild_proto::tower::popularity_prior`; `[catalogue]`, in cosine
+    /// units; differentiable in β only); `None` when the shape has no catalogue. Exactly
+    /// zero while the histogram is.
+    pub fn prior(&self) -> Option<Tensor> {
+        if self.config.shape.catalogue == 0 {
+            return None;
+        }
+        let histogram = self.var(POPULARITY).detach();
+        // σ̂ from the negative entries (noise), 3σ̂ taken off: guild_proto's formula.
+        let negative = histogram.clamp_max(0.0);
+        let count = histogram.lt(0.0).sum(Kind::Float).clamp_min(1.0);
+        let sigma = (negative.square().sum(Kind::Float) / count).sqrt();
+        let kept = (&histogram - sigma * POPULARITY_NOISE_THRESHOLD).clamp_min(0.0);
+        let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
+        Some((kept / scale).log1p() * self.var(POPULARITY_WEIGHT))
+    }
+
+    /// Sets the popularity histogram (`[catalogue]` values, any scale); an error if the
+    /// tower has none or the length differs.
+    pub fn set_popularity(&mut self, histogram: &[f32]) -> Result<(), super::ModelError> {
+        let Some(var) = self.vars.get_mut(POPULARITY) else {
+            return Err(super::ModelError::AdapterShape("the tower has no popularity prior".into()));
+        };
+        if histogram.len() != self.config.shape.catalogue {
+            return Err(super::ModelError::AdapterShape(format!(
+                "a histogram of {} items for a catalogue of {}",
+                histogram.len(),
+                self.config.shape.catalogue
+            )));
+        }
+        tch::no_grad(|| var.copy_(&Tensor::from_slice(histogram).to(var.device())));
+        Ok(())
     }
 
     /// Every trainable value, in flat-vector (name) order.
@@ -231,6 +286,31 @@ impl Tower {
     pub fn parameter_count(&self) -> usize {
         self.initial.len()
     }
+}
+
+/// A shopper's contribution to the popularity histogram: a unit vector spread evenly over
+/// the distinct items of its training history (every item but the validation target),
+/// as `(item, value)` pairs; empty for a shopper with no such item.
+pub fn popularity_contribution(user: &User) -> Vec<(usize, f32)> {
+    let n = user.history.len();
+    let items: std::collections::BTreeSet<ItemIndex> =
+        user.history[..n.saturating_sub(1)].iter().copied().collect();
+    let value = 1.0 / (items.len() as f32).sqrt();
+    items.into_iter().map(|i| (i as usize, value)).collect()
+}
+
+/// The sum of `users`' popularity contributions over a catalogue of `catalogue` items
+/// (what a federation's histogram estimates, up to scale and noise).
+pub fn popularity_histogram(users: &[&User], catalogue: usize) -> Vec<f32> {
+    let mut histogram = vec![0.0; catalogue];
+    for user in users {
+        for (item, value) in popularity_contribution(user) {
+            if let Some(h) = histogram.get_mut(item) {
+                *h += value;
+            }
+        }
+    }
+    histogram
 }
 
 /// `x / ‖x‖` row by row.
@@ -344,6 +424,8 @@ mod tests {
     use super::*;
     use crate::data::Example;
 
+    const CATALOGUE: usize = 60;
+
     fn catalogue(n: i64, hidden: i64) -> Tensor {
         tch::manual_seed(11);
         normalise(&Tensor::randn([n, hidden], (Kind::Float, Device::Cpu)))
@@ -364,6 +446,7 @@ mod tests {
                 width: 16,
                 layers: 2,
                 heads: 4,
+                catalogue: CATALOGUE,
             },
             seed: 3,
         }
@@ -424,6 +507,50 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn the_popularity_histogram_adds_its_prior_to_every_score_and_is_never_trained() {
+        let items = catalogue(CATALOGUE as i64, 12);
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        let mut tower = Tower::new(config(), Device::Cpu).expect("tower");
+        let before = tch::no_grad(|| tower.scores(&items, &histories));
+        let histogram: Vec<f32> = (0..CATALOGUE).map(|i| ((i * 37) % 11) as f32 - 2.0).collect();
+        tower.set_popularity(&histogram).expect("histogram");
+        let after = tch::no_grad(|| tower.scores(&items, &histories));
+        // Every row moves by the same prior: β · guild_proto's formula.
+        let expected: Vec<f32> = guild_proto::tower::popularity_prior(&histogram)
+            .iter()
+            .map(|p| p * guild_proto::tower::POPULARITY_WEIGHT_INIT as f32)
+            .collect();
+        let expected = Tensor::from_slice(&expected).unsqueeze(0);
+        assert!((&after - &before).allclose(&expected.expand_as(&after), 1e-5, 1e-6, false));
+        assert!(tower.set_popularity(&histogram[1..]).is_err(), "a wrong length is refused");
+        // A training step moves β but not the histogram.
+        let flat = tower.flat();
+        let mut opt = nn::OptimizerConfig::build(nn::Sgd::default(), tower.var_store(), 0.1).expect("sgd");
+        let loss = tower.scores(&items, &histories).square().mean(Kind::Float);
+        opt.backward_step(&loss);
+        let range = guild_proto::tower::popularity_range(&config().shape).expect("range");
+        let moved = tower.flat();
+        assert_eq!(&moved[range.clone()], &flat[range.clone()], "the histogram is summed, not trained");
+        assert_ne!(moved[range.end], flat[range.end], "β trains");
+    }
+
+    #[test]
+    fn a_shoppers_popularity_contribution_is_a_unit_vector_over_its_training_items() {
+        let user = User { id: "u".into(), history: vec![4, 9, 4, 7, 2], test_target: 8 };
+        let contribution = popularity_contribution(&user);
+        // Distinct items, the validation target (2) and the test target (8) excluded.
+        assert_eq!(contribution.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![4, 7, 9]);
+        let norm: f32 = contribution.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "{norm}");
+        assert!(
+            popularity_contribution(&User { id: "v".into(), history: vec![3], test_target: 1 }).is_empty()
+        );
+        let h = popularity_histogram(&[&user, &user], 10);
+        assert!((h[4] - 2.0 / 3f32.sqrt()).abs() < 1e-6 && h[2] == 0.0 && h[8] == 0.0);
     }
 
     #[test]

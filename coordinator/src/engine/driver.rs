@@ -249,6 +249,7 @@ impl Engine {
             round.denominator,
             self.config.rounds.server_learning_rate,
             moments.as_ref(),
+            self.manifest.accumulated_range(),
         );
         let bytes = guild_proto::adapter::to_bytes(&step.values);
         let sha256 = guild_proto::adapter::sha256(&bytes);

@@ -81,6 +81,10 @@ pub fn fed_adam(
 /// Applies `optimizer` to `current` with the decoded `sum` of the round's updates,
 /// divided by the fixed `denominator`. FedAdam starts from zero moments when `moments`
 /// is `None` (the first round, or a federation that switched optimiser).
+///
+/// The coordinates in `accumulated` (the sequence tower's popularity histogram) are a
+/// running sum, not trained: they get the mean contribution added as it is, whatever the
+/// optimiser, and FedAdam's moments there stay zero.
 pub fn server_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -88,11 +92,29 @@ pub fn server_step(
     denominator: f64,
     learning_rate: f64,
     moments: Option<&Moments>,
+    accumulated: Option<std::ops::Range<usize>>,
 ) -> ServerStep {
-    let mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
+    let mut mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
+    let accumulated = accumulated.filter(|r| r.end <= mean.len()).unwrap_or(0..0);
+    let added: Vec<f64> = mean[accumulated.clone()].to_vec();
+    mean[accumulated.clone()].iter_mut().for_each(|m| *m = 0.0);
+    let mut step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
+    for (x, a) in step.values[accumulated].iter_mut().zip(added) {
+        *x = (f64::from(*x) + a) as f32;
+    }
+    step
+}
+
+fn optimizer_step(
+    optimizer: ServerOptimizer,
+    current: &[f32],
+    mean: &[f64],
+    learning_rate: f64,
+    moments: Option<&Moments>,
+) -> ServerStep {
     match optimizer {
         ServerOptimizer::FedAvg => {
-            ServerStep { values: fed_avg(current, &mean, learning_rate), moments: None }
+            ServerStep { values: fed_avg(current, mean, learning_rate), moments: None }
         }
         ServerOptimizer::FedAdam => {
             let zeros;
@@ -103,7 +125,7 @@ pub fn server_step(
                     &zeros
                 }
             };
-            let (values, moments) = fed_adam(current, &mean, learning_rate, moments);
+            let (values, moments) = fed_adam(current, mean, learning_rate, moments);
             ServerStep { values, moments: Some(moments) }
         }
     }
@@ -122,7 +144,8 @@ mod tests {
 
     #[test]
     fn fed_avg_adds_the_mean_update_times_the_learning_rate() {
-        let step = server_step(ServerOptimizer::FedAvg, &[1.0, -2.0, 0.5], &[4.0, 8.0, -2.0], 4.0, 0.5, None);
+        let step =
+            server_step(ServerOptimizer::FedAvg, &[1.0, -2.0, 0.5], &[4.0, 8.0, -2.0], 4.0, 0.5, None, None);
         assert_eq!(step.values, vec![1.5, -1.0, 0.25]);
         assert_eq!(step.moments, None);
     }
@@ -130,7 +153,8 @@ mod tests {
     #[test]
     fn fed_adam_first_step_matches_the_formula_by_hand() {
         // Zero moments, mean update u: m = 0.1u, v = 0.01u², step = η·0.1u/(0.1|u| + τ).
-        let step = server_step(ServerOptimizer::FedAdam, &[0.0, 1.0, 0.0], &[2.0, -0.5, 0.0], 1.0, 0.1, None);
+        let step =
+            server_step(ServerOptimizer::FedAdam, &[0.0, 1.0, 0.0], &[2.0, -0.5, 0.0], 1.0, 0.1, None, None);
         let moments = step.moments.expect("FedAdam keeps moments");
         close(&moments.first, &[0.2, -0.05, 0.0]);
         assert!((moments.second[0] - 0.04).abs() < 1e-15 && (moments.second[1] - 0.0025).abs() < 1e-15);
@@ -146,7 +170,7 @@ mod tests {
     #[test]
     fn fed_adam_accumulates_moments_across_rounds() {
         let d = 2;
-        let first = server_step(ServerOptimizer::FedAdam, &[0.0; 2], &[1.0, 1.0], 1.0, 0.01, None);
+        let first = server_step(ServerOptimizer::FedAdam, &[0.0; 2], &[1.0, 1.0], 1.0, 0.01, None, None);
         let second = server_step(
             ServerOptimizer::FedAdam,
             &first.values,
@@ -154,6 +178,7 @@ mod tests {
             1.0,
             0.01,
             first.moments.as_ref(),
+            None,
         );
         let m = second.moments.expect("moments");
         assert_eq!(m.first.len(), d);
@@ -161,9 +186,37 @@ mod tests {
         close(&m.first, &[0.19, -0.01]);
         assert!(second.values[0] > first.values[0] && second.values[1] < first.values[1]);
         // Moments of the wrong length (a changed manifest) restart from zero.
-        let restarted =
-            server_step(ServerOptimizer::FedAdam, &[0.0; 3], &[1.0; 3], 1.0, 0.01, first.moments.as_ref());
+        let restarted = server_step(
+            ServerOptimizer::FedAdam,
+            &[0.0; 3],
+            &[1.0; 3],
+            1.0,
+            0.01,
+            first.moments.as_ref(),
+            None,
+        );
         close(&restarted.moments.expect("moments").first, &[0.1; 3]);
+    }
+
+    #[test]
+    fn the_popularity_histogram_is_summed_whatever_the_optimiser() {
+        // Coordinates 1..3 accumulate: + sum/denominator, no learning rate, no moments.
+        for optimizer in [ServerOptimizer::FedAvg, ServerOptimizer::FedAdam] {
+            let step = server_step(
+                optimizer,
+                &[1.0, 2.0, 3.0, 4.0],
+                &[4.0, 8.0, -2.0, 4.0],
+                4.0,
+                0.1,
+                None,
+                Some(1..3),
+            );
+            assert_eq!(&step.values[1..3], &[4.0, 2.5], "{optimizer:?}");
+            assert!(step.values[0] > 1.0 && step.values[3] > 4.0, "the rest is trained: {:?}", step.values);
+            if let Some(m) = step.moments {
+                assert_eq!((m.first[1], m.first[2], m.second[1], m.second[2]), (0.0, 0.0, 0.0, 0.0));
+            }
+        }
     }
 
     #[test]
