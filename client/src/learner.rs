@@ -146,14 +146,15 @@ fn update(local: &[f32], global: &[f32]) -> Vec<f32> {
 /// down to norm `c·√(1−φ²)` if longer, and the histogram's coordinates are set to `c·φ`
 /// times `contribution` (of norm at most 1: one shopper's unit vector, or a merchant's mean
 /// of them), so the whole is within `c` and the participant's own clip leaves it as is.
-/// φ is `guild_proto::tower::POPULARITY_SHARE`.
+/// φ is [`popularity_share`]: `guild_proto::tower::POPULARITY_SHARE` in a training round,
+/// 1 in a popularity release (whose trained part is then zero).
 pub fn share_with_popularity(
     update: &mut [f32],
     range: std::ops::Range<usize>,
     contribution: &[(usize, f32)],
     clip_norm: f64,
+    share: f64,
 ) {
-    let share = guild_proto::tower::POPULARITY_SHARE;
     let trained_bound = clip_norm * (1.0 - share * share).sqrt();
     let norm = update
         .iter()
@@ -174,6 +175,12 @@ pub fn share_with_popularity(
             *h += weight * value;
         }
     }
+}
+
+/// φ, the share of the clip norm a round's task gives the popularity histogram: all of it
+/// in a popularity release, `guild_proto::tower::POPULARITY_SHARE` when training.
+pub fn popularity_share(task: &RoundTask) -> f64 {
+    if task.training.popularity_release { 1.0 } else { guild_proto::tower::POPULARITY_SHARE }
 }
 
 /// A merchant's popularity contribution: the mean of its shoppers' unit vectors.
@@ -294,13 +301,27 @@ impl Learner for TowerLearner {
     }
 
     fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+        let range = guild_proto::tower::popularity_range(&self.config.shape);
+        let share = popularity_share(task);
+        if task.training.popularity_release {
+            // Nothing trained: the update is the merchant's popularity contribution alone.
+            let range = range.ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
+            let contribution = {
+                let shared = lock(&self.shared);
+                let users: Vec<&User> = self.users.iter().map(|&i| &shared.dataset.users[i]).collect();
+                merchant_popularity(&users)
+            };
+            let mut update = vec![0.0; global.len()];
+            share_with_popularity(&mut update, range, &contribution, task.privacy.clip_norm, share);
+            return Ok(update);
+        }
         let config = round_training(task, self.temperature, self.config.shape.history);
         let (tower, items, owned) = self.unlocked(global, &self.users)?;
         let users: Vec<&User> = owned.iter().collect();
         retrieval::train_tower(&tower, &items, &users, &config)?;
         let mut update = update(&tower.offset(), global);
-        if let Some(range) = guild_proto::tower::popularity_range(&self.config.shape) {
-            share_with_popularity(&mut update, range, &merchant_popularity(&users), task.privacy.clip_norm);
+        if let Some(range) = range {
+            share_with_popularity(&mut update, range, &merchant_popularity(&users), task.privacy.clip_norm, share);
         }
         Ok(update)
     }
@@ -325,6 +346,28 @@ impl Learner for TowerLearner {
                 })
             })
             .collect::<anyhow::Result<Vec<usize>>>()?;
+        let share = popularity_share(task);
+        let clip_norm = task.privacy.clip_norm;
+        if task.training.popularity_release {
+            // Nothing trained: each sampled shopper's update is its popularity contribution
+            // alone, at the whole clip norm, in one buffer cleared after each.
+            let range = guild_proto::tower::popularity_range(&self.config.shape)
+                .ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
+            let contributions: Vec<Vec<(usize, f32)>> = {
+                let shared = lock(&self.shared);
+                indices
+                    .iter()
+                    .map(|&i| crate::model::tower::popularity_contribution(&shared.dataset.users[i]))
+                    .collect()
+            };
+            let mut update = vec![0.0; global.len()];
+            for contribution in &contributions {
+                share_with_popularity(&mut update, range.clone(), contribution, clip_norm, share);
+                each(&mut update)?;
+                update[range.clone()].iter_mut().for_each(|h| *h = 0.0);
+            }
+            return Ok(());
+        }
         let (mut tower, items, owned) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
         let Some(range) = guild_proto::tower::popularity_range(&self.config.shape) else {
@@ -332,11 +375,10 @@ impl Learner for TowerLearner {
         };
         // `shopper_updates` hands over one update per user, in order.
         let mut next = users.iter();
-        let clip_norm = task.privacy.clip_norm;
         let mut with_popularity = |update: &mut [f32]| {
             let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
             let contribution = crate::model::tower::popularity_contribution(user);
-            share_with_popularity(update, range.clone(), &contribution, clip_norm);
+            share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
             each(update)
         };
         retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &mut with_popularity)
@@ -406,7 +448,7 @@ mod tests {
         // An adversarial shopper: a huge trained update, and a stale histogram part that
         // must be overwritten, not added to.
         let mut update = vec![1e6f32; 10];
-        share_with_popularity(&mut update, 6..10, &[(0, 0.6), (3, 0.8), (9, 5.0)], c);
+        share_with_popularity(&mut update, 6..10, &[(0, 0.6), (3, 0.8), (9, 5.0)], c, share);
         let trained: f64 = update[..6].iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
         assert!((trained - c * (1.0 - share * share).sqrt()).abs() < 1e-3, "{trained}");
         let w = (c * share) as f32;
@@ -415,7 +457,11 @@ mod tests {
         assert!(total <= c * (1.0 + 1e-6), "{total}");
         // A small trained update is left as it is.
         let mut small = vec![0.01f32; 4];
-        share_with_popularity(&mut small, 2..4, &[], c);
+        share_with_popularity(&mut small, 2..4, &[], c, share);
         assert_eq!(small, vec![0.01, 0.01, 0.0, 0.0]);
+        // A popularity release (φ = 1): nothing trained survives, the histogram gets all of c.
+        let mut release = vec![1e6f32; 10];
+        share_with_popularity(&mut release, 6..10, &[(1, 0.6), (2, 0.8)], c, 1.0);
+        assert_eq!(release, vec![0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.2, 1.6, 0.0]);
     }
 }

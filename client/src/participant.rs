@@ -181,6 +181,9 @@ pub fn vet_task(
     if task.manifest != *manifest {
         return refuse("the task's adapter manifest differs from this client's model".into());
     }
+    if task.training.popularity_release && manifest.accumulated_range().is_none() {
+        return refuse("a popularity release for an adapter without a popularity histogram".into());
+    }
     let s = &task.secagg;
     let holders = s.neighbours.min(s.cohort_size.saturating_sub(1));
     if s.threshold < min_active_threshold(holders) {
@@ -208,7 +211,11 @@ pub fn vet_task(
                 ));
             }
             let unit = task.privacy.unit;
+            // A popularity release may sample every shopper: what it sends of each is the
+            // shopper's item set alone, and its whole cost, unamplified at q = 1, goes
+            // through the ε cap below like any round's.
             if unit == PrivacyUnit::Shopper
+                && !task.training.popularity_release
                 && task.privacy.shopper_sampling_rate > options.max_shopper_sampling_rate
             {
                 return refuse(format!(
@@ -703,6 +710,11 @@ mod tests {
     const FEDERATION: [u8; 16] = [7; 16];
 
     fn manifest() -> AdapterManifest {
+        tower(0)
+    }
+
+    /// A small tower; with a popularity histogram over `catalogue` items if not 0.
+    fn tower(catalogue: usize) -> AdapterManifest {
         let shape = TowerShape {
             hidden: 16,
             history: 4,
@@ -711,7 +723,7 @@ mod tests {
             width: 8,
             layers: 0,
             heads: 2,
-            catalogue: 0,
+            catalogue,
         };
         AdapterManifest::sequence_tower([1; 32], shape, 0)
     }
@@ -719,7 +731,11 @@ mod tests {
     /// The task an honest coordinator would send for a distributed round of `n` clients at
     /// threshold `t` (its encoding chosen by the same function the ledger uses).
     fn task(n: u32, t: u32, noise_multiplier: f64) -> RoundTask {
-        let d = manifest().parameter_count();
+        task_for(manifest(), n, t, noise_multiplier)
+    }
+
+    fn task_for(manifest: AdapterManifest, n: u32, t: u32, noise_multiplier: f64) -> RoundTask {
+        let d = manifest.parameter_count();
         let cost = RoundPrivacy {
             mode: PrivacyMode::Distributed,
             unit: PrivacyUnit::Merchant,
@@ -749,13 +765,14 @@ mod tests {
                 task_sha256: [0; 32],
             },
             adapter_version: 2,
-            manifest: manifest(),
+            manifest,
             training: TrainingParams {
                 local_steps: 1,
                 batch_size: 8,
                 learning_rate: 1e-3,
                 data_seed: 1,
                 negatives: 0,
+                popularity_release: false,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -988,6 +1005,38 @@ mod tests {
         // A merchant-unit round is judged on its own ledger column, still open.
         vet(&self::task(51, 35, 2.0), &ParticipantOptions { max_epsilon: 5.0, ..options }, &ledger)
             .expect("merchant round under its own cap");
+    }
+
+    #[test]
+    fn a_popularity_release_may_sample_every_shopper_but_pays_its_unamplified_cost() {
+        let options = ParticipantOptions { max_epsilon: 3.0, ..ParticipantOptions::default() };
+        let ledger = ClientLedger::in_memory();
+        let release = |z: f64| {
+            let mut task = task_for(tower(5), 51, 35, z);
+            (task.privacy.unit, task.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 1.0);
+            task.training.popularity_release = true;
+            task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
+            task
+        };
+        let vet_release = |task: &RoundTask| {
+            vet_task(task, &tower(5), FEDERATION, &pki().ca.cert_der, &options, &ledger)
+        };
+        // q = 1 is above the training rounds' cap of 0.1, and allowed for a release…
+        vet_release(&release(2.0)).expect("a release at q = 1 within the ε cap");
+        // …whose ε, at q = 1 (no amplification), is what the cap judges.
+        let error = vet_release(&release(0.6)).expect_err("over the cap");
+        assert!(error.contains("its shoppers' ε"), "{error}");
+        // A training round at q = 1 is still refused, and a release needs a histogram.
+        let mut training = release(2.0);
+        training.training.popularity_release = false;
+        training.binding.task_sha256 = guild_proto::convert::task_digest(&training);
+        let error = vet_release(&training).expect_err("rate above the cap");
+        assert!(error.contains("above this merchant's maximum"), "{error}");
+        let mut lora = shopper_task(51, 35, 2.0, 1.0);
+        lora.training.popularity_release = true;
+        lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
+        let error = vet(&lora, &options, &ledger).expect_err("no histogram");
+        assert!(error.contains("without a popularity histogram"), "{error}");
     }
 
     /// Shopper unit on the training thread: the merchant samples its own shoppers, each

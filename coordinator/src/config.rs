@@ -137,6 +137,13 @@ pub struct RoundsConfig {
     pub negatives: u32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
+    /// The federation's first this many adapter versions come from popularity releases
+    /// instead of training (sequence towers with a popularity histogram only): each sampled
+    /// unit sends its popularity contribution at the whole clip norm, noised at
+    /// `privacy.popularity_noise_multiplier`, and the coordinator adds the mean to the
+    /// histogram and trains nothing. One release estimates the head of the catalogue far
+    /// better than many training rounds that give the histogram a share of the clip.
+    pub popularity_releases: u32,
     /// Distinct cohort members that must complain about one merchant's sealed shares in a
     /// round before it is quarantined (a complaint cannot be checked by the coordinator, so
     /// one merchant's word is not enough). Protocol violations the coordinator sees itself
@@ -162,6 +169,7 @@ impl Default for RoundsConfig {
             negatives: 1024,
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
+            popularity_releases: 0,
         }
     }
 }
@@ -183,6 +191,11 @@ pub struct PrivacyConfig {
     pub clip_norm: f64,
     /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
     pub noise_multiplier: f64,
+    /// z of the popularity releases (`rounds.popularity_releases`).
+    pub popularity_noise_multiplier: f64,
+    /// The unit's sampling rate in popularity releases: shoppers, each merchant its own, in
+    /// the shopper unit; merchants, by the coordinator, in the merchant unit.
+    pub popularity_sampling_rate: f64,
     /// The federation's cap on ε at `delta`, over its whole life.
     pub epsilon_budget: f64,
     pub delta: f64,
@@ -201,6 +214,8 @@ impl Default for PrivacyConfig {
             shoppers: 0,
             clip_norm: 0.1,
             noise_multiplier: 1.0,
+            popularity_noise_multiplier: 0.0,
+            popularity_sampling_rate: 1.0,
             epsilon_budget: 8.0,
             delta: 1e-5,
             bit_width: 32,
@@ -387,6 +402,19 @@ impl Config {
             }
             _ => {}
         }
+        if r.popularity_releases > 0 {
+            let z = p.popularity_noise_multiplier;
+            if !(z.is_finite() && (z > 0.0 || p.mode == PrivacyMode::DangerousNone)) {
+                return Err(invalid(
+                    "privacy.popularity_noise_multiplier",
+                    format!("must be positive when rounds.popularity_releases > 0, got {z}"),
+                ));
+            }
+            let q = p.popularity_sampling_rate;
+            if !(q > 0.0 && q <= 1.0) {
+                return Err(invalid("privacy.popularity_sampling_rate", format!("must be in (0, 1], got {q}")));
+            }
+        }
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
         }
@@ -523,6 +551,19 @@ mod tests {
         assert!(error("[privacy]\nunit = \"shop\"", &[]).contains("unit"));
         let config = Config::parse(&format!("{MINIMAL}\n{shopper}"), env(&[])).expect("valid shopper unit");
         assert_eq!((config.privacy.unit, config.privacy.shoppers), (PrivacyUnit::Shopper, 50_000));
+        // A popularity release needs its own noise, and a rate in (0, 1].
+        let release = "[rounds]\npopularity_releases = 1";
+        assert!(error(release, &[]).contains("privacy.popularity_noise_multiplier"));
+        let release = format!("{release}\n[privacy]\npopularity_noise_multiplier = 2.0");
+        assert!(
+            error(&release, &[("GUILD_PRIVACY__POPULARITY_SAMPLING_RATE", "0")])
+                .contains("privacy.popularity_sampling_rate")
+        );
+        let config = Config::parse(&format!("{MINIMAL}\n{release}"), env(&[])).expect("valid release");
+        assert_eq!(
+            (config.rounds.popularity_releases, config.privacy.popularity_sampling_rate),
+            (1, 1.0)
+        );
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
         assert!(

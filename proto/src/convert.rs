@@ -375,6 +375,12 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 format!("{} is above the limit of {}", t.negatives, MAX_NEGATIVES),
             ));
         }
+        if t.popularity_release && manifest.accumulated_range().is_none() {
+            return Err(WireError::invalid(
+                "RoundTask.training.popularity_release",
+                "the task's adapter has no popularity histogram to release",
+            ));
+        }
         let training = TrainingParams {
             local_steps: t.local_steps,
             batch_size: t.batch_size,
@@ -382,6 +388,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 as f32,
             data_seed: t.data_seed,
             negatives: t.negatives,
+            popularity_release: t.popularity_release,
         };
 
         let p = required(m.privacy, "RoundTask.privacy")?;
@@ -513,6 +520,7 @@ impl From<RoundTask> for v1::RoundTask {
                 learning_rate: t.training.learning_rate,
                 data_seed: t.training.data_seed,
                 negatives: t.training.negatives,
+                popularity_release: t.training.popularity_release,
             }),
             privacy: Some(v1::PrivacyParams {
                 mode: privacy_mode_to_wire(t.privacy.mode).into(),
@@ -971,6 +979,7 @@ mod tests {
                 learning_rate: 1e-3,
                 data_seed: 9,
                 negatives: 1024,
+                popularity_release: false,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -1152,6 +1161,10 @@ mod tests {
         check_rejected(
             |t| t.training.as_mut().expect("training").negatives = (1 << 20) + 1,
             "RoundTask.training.negatives: 1048577 is above the limit of 1048576",
+        );
+        check_rejected(
+            |t| t.training.as_mut().expect("training").popularity_release = true,
+            "RoundTask.training.popularity_release: the task's adapter has no popularity histogram to release",
         );
         check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],

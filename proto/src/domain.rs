@@ -149,6 +149,10 @@ pub struct TrainingParams {
     pub data_seed: u64,
     /// Uniform negatives of the sequence tower's sampled softmax (0: the full softmax).
     pub negatives: u32,
+    /// A popularity release instead of training: each sampled unit sends only its
+    /// popularity contribution at the whole clip norm; the coordinator adds the mean to the
+    /// histogram and leaves every trained value as it is.
+    pub popularity_release: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]

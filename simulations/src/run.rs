@@ -13,7 +13,7 @@ use guild_client::data::Merchant;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
-use guild_privacy::accounting::calibrate_noise_multiplier;
+use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier, epsilon_from_rdp};
 use guild_privacy::cost::RoundPrivacy;
 use guild_privacy::ledger::Budget;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
@@ -105,7 +105,24 @@ fn baseline_training(
 /// replaced) stay within ε = `target` at `delta`, by the same cost function the
 /// coordinator's ledger charges.
 pub fn calibrate_noise(target: f64, round: &RoundPrivacy, rounds: u64, delta: f64) -> anyhow::Result<f64> {
-    let epsilon = |z: f64| RoundPrivacy { noise_multiplier: z, ..round.clone() }.epsilon_after(rounds, delta);
+    calibrate_noise_after(target, &RdpCurve::zero(), round, rounds, delta)
+}
+
+/// As [`calibrate_noise`], for rounds that follow others whose composed RDP is `before`.
+pub fn calibrate_noise_after(
+    target: f64,
+    before: &RdpCurve,
+    round: &RoundPrivacy,
+    rounds: u64,
+    delta: f64,
+) -> anyhow::Result<f64> {
+    let epsilon = |z: f64| -> anyhow::Result<f64> {
+        let curve = match (RoundPrivacy { noise_multiplier: z, ..round.clone() }).cost()?.event {
+            Some(event) => event.curve()?.times(rounds),
+            None => anyhow::bail!("a round without noise has no ε"),
+        };
+        Ok(epsilon_from_rdp(&before.clone().compose(&curve), delta)?.0)
+    };
     let (mut lo, mut hi) = (0.05, 500.0);
     anyhow::ensure!(epsilon(hi)? <= target, "ε = {target} is out of reach");
     while hi / lo > 1.001 {
@@ -126,8 +143,12 @@ struct FederatedArm {
     /// The shopper-level arms' settings (the unit is then `Shopper`).
     shopper: Option<ShopperDp>,
     noise_multiplier: f64,
+    /// Popularity releases before the training rounds, and their noise multiplier.
+    popularity_releases: u32,
+    popularity_noise_multiplier: f64,
     epsilon_cap: f64,
     delta: f64,
+    /// Every round the arm runs: its popularity releases and its training rounds.
     rounds: u64,
 }
 
@@ -193,11 +214,25 @@ async fn federated(
             c.privacy.shopper_sampling_rate = sh.sampling_rate;
             c.privacy.shoppers = shoppers as u64;
             c.privacy.clip_norm = sh.clip_norm;
+            c.rounds.popularity_releases = arm.popularity_releases;
+            c.privacy.popularity_noise_multiplier = arm.popularity_noise_multiplier;
+            c.privacy.popularity_sampling_rate = sh.popularity_sampling_rate;
         }
     })?;
     let binary = coordinator_binary()?;
     federation.start_process(&binary).await?;
     let mut events = Vec::new();
+    if let (Some(sh), true) = (&arm.shopper, arm.popularity_releases > 0) {
+        events.push(format!(
+            "{} popularity release(s) first: every merchant's shoppers sampled at q = {}, each one's items \
+             at the whole clip norm, z = {:.3}; then {} training round(s){}",
+            arm.popularity_releases,
+            sh.popularity_sampling_rate,
+            arm.popularity_noise_multiplier,
+            sh.rounds,
+            if sh.rounds > 0 { format!(" at z = {:.3}", arm.noise_multiplier) } else { String::new() }
+        ));
+    }
 
     let faults = Faults {
         drop: s.faults.drop,
@@ -548,7 +583,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let d = world.parameter_count();
     let delta = s.delta(n);
     let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
-    let shopper_rounds = s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds);
+    let shopper_rounds =
+        s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + u64::from(sh.popularity_releases));
     let progress = Progress::new(
         u64::from(s.arms.federated) * f.rounds
             + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
@@ -703,6 +739,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: 0.0,
+            popularity_releases: 0,
+            popularity_noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
             rounds: f.rounds,
@@ -742,6 +780,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: z,
+            popularity_releases: 0,
+            popularity_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
             rounds: dp_rounds,
@@ -755,6 +795,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: z,
+            popularity_releases: 0,
+            popularity_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
             rounds: dp_rounds,
@@ -780,18 +822,48 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
             wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
         };
+        // A popularity release: every merchant's shoppers sampled at their own rate, the
+        // sum bounded accordingly.
+        let release = RoundPrivacy {
+            sampling_rate: sh.popularity_sampling_rate,
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.popularity_sampling_rate),
+            ..round.clone()
+        };
+        let releases = u64::from(sh.popularity_releases);
         for &epsilon in &s.arms.shopper_dp_epsilons {
-            let charged = sh.rounds + 1 + u64::from(killed(plan.len()));
-            let z = calibrate_noise(epsilon, &round, charged, shopper_delta)?;
+            // Room for one round charged and then aborted (two if the coordinator is
+            // killed before its last round), as for the other DP arms; a release-only arm is
+            // calibrated for its releases alone and one more only if killed before its last
+            // (every merchant is in each round: an abort needs a third of them to fail at once).
+            let spare = u64::from(
+                killed(plan.len())
+                    && s.faults.kill_coordinator_after_round.is_some_and(|k| k < sh.rounds + releases),
+            );
+            let (z_release, z) = if sh.rounds == 0 {
+                (calibrate_noise(epsilon, &release, releases + spare, shopper_delta)?, 0.0)
+            } else if releases == 0 {
+                (0.0, calibrate_noise(epsilon, &round, sh.rounds + 1 + spare, shopper_delta)?)
+            } else {
+                let share = sh.popularity_budget.unwrap_or(0.5);
+                let z_release = calibrate_noise(share * epsilon, &release, releases, shopper_delta)?;
+                let before = match (RoundPrivacy { noise_multiplier: z_release, ..release.clone() }).cost()?.event {
+                    Some(event) => event.curve()?.times(releases),
+                    None => RdpCurve::zero(),
+                };
+                let z = calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
+                (z_release, z)
+            };
             plan.push(FederatedArm {
                 name: format!("shopper-level DP ε={epsilon}"),
                 mode: PrivacyMode::Distributed,
                 unit: PrivacyUnit::Shopper,
                 shopper: Some(sh.clone()),
-                noise_multiplier: z,
+                noise_multiplier: if sh.rounds == 0 { z_release } else { z },
+                popularity_releases: sh.popularity_releases,
+                popularity_noise_multiplier: z_release,
                 epsilon_cap: epsilon,
                 delta: shopper_delta,
-                rounds: sh.rounds,
+                rounds: sh.rounds + releases,
             });
         }
     }

@@ -179,6 +179,22 @@ pub struct ShopperDp {
     /// δ of the shopper-level arms (default: min(1e-6, 1/N^1.1) for N shoppers).
     #[serde(default)]
     pub delta: Option<f64>,
+    /// Popularity releases before the training rounds (`rounds.popularity_releases`): each
+    /// merchant samples its shoppers at `popularity_sampling_rate` and sends each one's
+    /// unit vector of items at the whole clip norm; nothing is trained.
+    #[serde(default)]
+    pub popularity_releases: u32,
+    #[serde(default = "every_shopper")]
+    pub popularity_sampling_rate: f64,
+    /// The share of each arm's ε the releases are calibrated to when there are training
+    /// rounds too (the training rounds' z is then calibrated to the rest, composed); all of
+    /// it when there are none.
+    #[serde(default)]
+    pub popularity_budget: Option<f64>,
+}
+
+fn every_shopper() -> f64 {
+    1.0
 }
 
 fn one_shop() -> usize {
@@ -292,11 +308,36 @@ impl Scenario {
             let Some(sh) = &scenario.arms.shopper_dp else {
                 return Err(invalid("shopper_dp_epsilons needs [arms.shopper_dp] settings".into()));
             };
-            if !(sh.sampling_rate > 0.0 && sh.sampling_rate <= 1.0) || sh.rounds == 0 || sh.merge_shops == 0 {
+            if !(sh.sampling_rate > 0.0 && sh.sampling_rate <= 1.0)
+                || sh.rounds + u64::from(sh.popularity_releases) == 0
+                || sh.merge_shops == 0
+            {
                 return Err(invalid(
-                    "arms.shopper_dp: sampling_rate must be in (0, 1], rounds and merge_shops at least 1"
+                    "arms.shopper_dp: sampling_rate must be in (0, 1], rounds + popularity_releases and \
+                     merge_shops at least 1"
                         .into(),
                 ));
+            }
+            if sh.popularity_releases > 0 {
+                if !(sh.popularity_sampling_rate > 0.0 && sh.popularity_sampling_rate <= 1.0) {
+                    return Err(invalid("arms.shopper_dp.popularity_sampling_rate must be in (0, 1]".into()));
+                }
+                if !scenario.federation.popularity {
+                    return Err(invalid(
+                        "arms.shopper_dp.popularity_releases needs federation.popularity = true".into(),
+                    ));
+                }
+                match (sh.rounds, sh.popularity_budget) {
+                    (0, _) => {}
+                    (_, Some(b)) if b > 0.0 && b < 1.0 => {}
+                    _ => {
+                        return Err(invalid(
+                            "arms.shopper_dp.popularity_budget (in (0, 1)) is needed to share ε between \
+                             popularity releases and training rounds"
+                                .into(),
+                        ));
+                    }
+                }
             }
             if scenario.clients != ClientMode::Tasks {
                 return Err(invalid("shopper-level arms run with clients = \"tasks\" only".into()));

@@ -220,6 +220,7 @@ fn honest_task(z: f64) -> RoundTask {
             learning_rate: 1e-3,
             data_seed: 1,
             negatives: 0,
+            popularity_release: false,
         },
         privacy: PrivacyParams {
             mode: PrivacyMode::Distributed,

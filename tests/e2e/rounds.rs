@@ -179,6 +179,62 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     assert_ne!(store.adapter(2).expect("v2").data, store.adapter(0).expect("v0").data, "the adapter moved");
 }
 
+/// A popularity release (`rounds.popularity_releases`) end to end: the federation's first
+/// version comes from a round in which every merchant samples every shopper (q = 1, above
+/// the clients' cap of 0.1 on training rounds, which a release is exempt from), at its own
+/// noise multiplier; the coordinator moves the histogram's coordinates only (everything
+/// else in that sum is noise), and charges the shopper unit at the release's rate and
+/// noise. The next round trains as usual, at the training rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own_rate() {
+    use guild_privacy::PrivacyUnit;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = four_merchants(dir.path(), 2, |c| {
+        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
+        c.adapter.tower = guild_proto::tower::TowerShape {
+            hidden: 16,
+            history: 4,
+            zero_shot_items: 2,
+            item_rank: 2,
+            width: 8,
+            layers: 0,
+            heads: 2,
+            catalogue: 16,
+        };
+        c.privacy.unit = PrivacyUnit::Shopper;
+        c.privacy.shopper_sampling_rate = 0.1;
+        c.privacy.shoppers = 160;
+        c.rounds.popularity_releases = 1;
+        c.privacy.popularity_noise_multiplier = 3.0;
+    })
+    .await;
+    every_client_in_every_round(&federation, 4, 2).await;
+    let store = federation.store().expect("store");
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    let event = |e: &LedgerEntry| match e.event {
+        PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
+        other => panic!("not a shopper-unit event: {other:?}"),
+    };
+    assert_eq!(entries.len(), 2);
+    let ((release_rate, release_rho), (training_rate, training_rho)) = (event(&entries[0]), event(&entries[1]));
+    assert_eq!(release_rate, 1.0, "the release samples every shopper");
+    assert_eq!(training_rate, 0.1, "training samples at the training rate");
+    assert!(release_rho < training_rho / 5.0, "z = 3 against z = 1: ρ ∝ 1/z²");
+    let manifest = federation.config.manifest().expect("manifest");
+    let range = manifest.accumulated_range().expect("a histogram");
+    let d = manifest.parameter_count();
+    let version = |v: u64| {
+        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
+    };
+    let (v0, v1, v2) = (version(0), version(1), version(2));
+    let outside = |a: &[f32], b: &[f32]| {
+        a.iter().zip(b).enumerate().filter(|(i, _)| !range.contains(i)).all(|(_, (x, y))| x == y)
+    };
+    assert!(outside(&v0, &v1), "the release changed nothing but the histogram");
+    assert_ne!(&v0[range.clone()], &v1[range.clone()], "the release moved the histogram");
+    assert!(!outside(&v1, &v2), "the training round after it trained");
+}
+
 /// #15.2: a hostile merchant sends uniform ring elements instead of its clipped, encoded
 /// update. SecAgg+ hides who did it, but the decoded sum's norm is far above what clipped
 /// updates and the noise reach: the coordinator discards the sum (no adapter is committed

@@ -14,7 +14,7 @@ use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::server_step;
+use super::optimizer::{release_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::store::{AdapterRecord, RoundCommit};
 
@@ -239,22 +239,29 @@ impl Engine {
             );
         }
         if self.config.privacy.mode == PrivacyMode::Central {
-            let sigma = self.config.privacy.noise_multiplier * self.config.privacy.clip_norm;
+            let sigma = round.kind.noise_multiplier * self.config.privacy.clip_norm;
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
         }
-        let step = server_step(
-            self.config.rounds.server_optimizer,
-            &latest.values,
-            &decoded,
-            round.denominator,
-            self.config.rounds.server_learning_rate,
-            moments.as_ref(),
-            self.manifest.accumulated_range(),
-        );
+        let step = if round.kind.release {
+            // Only the histogram was sent: everything else in the sum is noise.
+            release_step(&latest.values, &decoded, round.denominator, self.manifest.accumulated_range())
+        } else {
+            server_step(
+                self.config.rounds.server_optimizer,
+                &latest.values,
+                &decoded,
+                round.denominator,
+                self.config.rounds.server_learning_rate,
+                moments.as_ref(),
+                self.manifest.accumulated_range(),
+            )
+        };
         let bytes = guild_proto::adapter::to_bytes(&step.values);
         let sha256 = guild_proto::adapter::sha256(&bytes);
         let version = latest.version + 1;
-        let optimizer_state = step.moments.as_ref().map(super::optimizer::Moments::to_bytes);
+        // A release moves no moments: the version it commits keeps the optimiser's state.
+        let kept = if round.kind.release { moments.as_ref() } else { step.moments.as_ref() };
+        let optimizer_state = kept.map(super::optimizer::Moments::to_bytes);
         let survivors = round.survivors.len() as u32;
         // The round's privacy event was charged when ConsistencyCheck closed.
         debug_assert!(round.event.is_none(), "a round reaches its commit charged");

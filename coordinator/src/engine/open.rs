@@ -25,11 +25,52 @@ struct TaskTemplate<'a> {
     adapter_version: u64,
     round: &'a RoundConfig,
     cost: &'a RoundCost,
+    kind: RoundKind,
     rotation_seed: u64,
     identities: &'a Identities,
     /// Each member's client certificate, which binds its signing key.
     certificates: &'a BTreeMap<ClientIndex, Vec<u8>>,
     deadlines: Vec<Duration>,
+}
+
+/// What a round asks of its cohort: training, or a popularity release
+/// (`rounds.popularity_releases`), with the sampling rates and the noise that go with it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct RoundKind {
+    pub release: bool,
+    /// The rate at which the coordinator samples merchants.
+    pub merchant_rate: f64,
+    /// The rate at which the DP unit is sampled: merchants (by the coordinator) or
+    /// shoppers (each merchant its own).
+    pub unit_rate: f64,
+    pub noise_multiplier: f64,
+}
+
+impl RoundKind {
+    /// The kind of the round that would follow adapter version `version`: the federation's
+    /// first `rounds.popularity_releases` versions come from releases (when the adapter has
+    /// a popularity histogram), every later one from training.
+    pub fn after(config: &crate::config::Config, manifest: &guild_proto::domain::AdapterManifest, version: u64) -> Self {
+        let (r, p) = (&config.rounds, &config.privacy);
+        let release = manifest.accumulated_range().is_some() && version < u64::from(r.popularity_releases);
+        let rate = |training: f64| if release { p.popularity_sampling_rate } else { training };
+        match p.unit {
+            PrivacyUnit::Merchant => {
+                let q = rate(r.sampling_rate);
+                Self { release, merchant_rate: q, unit_rate: q, noise_multiplier: Self::z(config, release) }
+            }
+            PrivacyUnit::Shopper => Self {
+                release,
+                merchant_rate: r.sampling_rate,
+                unit_rate: rate(p.shopper_sampling_rate),
+                noise_multiplier: Self::z(config, release),
+            },
+        }
+    }
+
+    fn z(config: &crate::config::Config, release: bool) -> f64 {
+        if release { config.privacy.popularity_noise_multiplier } else { config.privacy.noise_multiplier }
+    }
 }
 
 impl Engine {
@@ -46,10 +87,11 @@ impl Engine {
             );
             return Ok(false);
         }
+        let kind = RoundKind::after(cfg, &self.manifest, self.lock().latest.version);
         // Poisson sampling: each merchant independently, with the OS's randomness.
         let mut rng = ChaCha20Rng::from_entropy();
         // (In the shopper unit the rate is 1: every merchant, each sampling its own shoppers.)
-        let q = cfg.rounds.sampling_rate;
+        let q = kind.merchant_rate;
         let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
         let n = cohort.len() as u32;
         if n > cfg.rounds.max_cohort {
@@ -77,19 +119,18 @@ impl Engine {
         let p = &cfg.privacy;
         // Who is sampled, at what rate, how many vectors the sum holds, and what it is
         // averaged over: merchants (drawn here), or shoppers (drawn by their merchants).
-        let (unit_rate, max_summands, denominator) = match p.unit {
-            PrivacyUnit::Merchant => (q, n, q * population as f64),
-            PrivacyUnit::Shopper => (
-                p.shopper_sampling_rate,
-                sampled_shoppers_bound(p.shoppers, p.shopper_sampling_rate),
-                p.shopper_sampling_rate * p.shoppers as f64,
-            ),
+        let unit_rate = kind.unit_rate;
+        let (max_summands, denominator) = match p.unit {
+            PrivacyUnit::Merchant => (n, q * population as f64),
+            PrivacyUnit::Shopper => {
+                (sampled_shoppers_bound(p.shoppers, unit_rate), unit_rate * p.shoppers as f64)
+            }
         };
         let cost = RoundPrivacy {
             mode: p.mode,
             unit: p.unit,
             sampling_rate: unit_rate,
-            noise_multiplier: p.noise_multiplier,
+            noise_multiplier: kind.noise_multiplier,
             clip_norm: p.clip_norm,
             dimension: self.manifest.parameter_count(),
             min_survivors: t,
@@ -135,6 +176,7 @@ impl Engine {
             adapter_version: latest.version,
             round: &round_config,
             cost: &cost,
+            kind,
             rotation_seed: rng.r#gen(),
             identities: &identities,
             certificates: &certificates,
@@ -160,6 +202,7 @@ impl Engine {
             threshold = t,
             neighbours = k,
             adapter = latest.version,
+            popularity_release = kind.release,
             "round opened"
         );
         self.metrics.participants.set(i64::from(n));
@@ -176,6 +219,7 @@ impl Engine {
             unit: cost.unit,
             max_summands,
             denominator,
+            kind,
             phase: Some(Phase::AdvertiseKeys),
             phase_started: Instant::now(),
             received: BTreeSet::new(),
@@ -229,11 +273,12 @@ impl Engine {
                 batch_size: cfg.rounds.batch_size,
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
+                popularity_release: template.kind.release,
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,
                 clip_norm: cfg.privacy.clip_norm,
-                noise_multiplier: cfg.privacy.noise_multiplier,
+                noise_multiplier: template.kind.noise_multiplier,
                 gamma: template.cost.ddg.gamma(),
                 bit_width: cfg.privacy.bit_width,
                 min_survivors: round.threshold,
@@ -241,7 +286,7 @@ impl Engine {
                 unit: template.cost.unit,
                 shopper_sampling_rate: match template.cost.unit {
                     PrivacyUnit::Merchant => 0.0,
-                    PrivacyUnit::Shopper => cfg.privacy.shopper_sampling_rate,
+                    PrivacyUnit::Shopper => template.kind.unit_rate,
                 },
             },
             secagg: SecAggParams {

@@ -105,6 +105,23 @@ pub fn server_step(
     step
 }
 
+/// A popularity release's step: the mean contribution added to the histogram's
+/// coordinates `accumulated`, every other value kept as it is (what the sum holds there is
+/// noise alone), and no optimiser moments moved (`moments: None` keeps the stored ones).
+pub fn release_step(
+    current: &[f32],
+    sum: &[f64],
+    denominator: f64,
+    accumulated: Option<std::ops::Range<usize>>,
+) -> ServerStep {
+    let mut values = current.to_vec();
+    let range = accumulated.filter(|r| r.end <= sum.len().min(values.len())).unwrap_or(0..0);
+    for (x, s) in values[range.clone()].iter_mut().zip(&sum[range]) {
+        *x = (f64::from(*x) + s / denominator) as f32;
+    }
+    ServerStep { values, moments: None }
+}
+
 fn optimizer_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -217,6 +234,16 @@ mod tests {
                 assert_eq!((m.first[1], m.first[2], m.second[1], m.second[2]), (0.0, 0.0, 0.0, 0.0));
             }
         }
+    }
+
+    #[test]
+    fn a_release_adds_the_mean_to_the_histogram_and_leaves_the_noise_elsewhere_unused() {
+        let step = release_step(&[1.0, 2.0, 3.0, 4.0], &[400.0, 8.0, -2.0, -400.0], 4.0, Some(1..3));
+        assert_eq!(step.values, vec![1.0, 4.0, 2.5, 4.0]);
+        assert!(step.moments.is_none(), "no moments moved");
+        // Without a histogram (or one that does not fit) nothing moves at all.
+        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None).values, vec![1.0, 2.0]);
+        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, Some(1..3)).values, vec![1.0, 2.0]);
     }
 
     #[test]
