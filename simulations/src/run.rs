@@ -904,3 +904,57 @@ pub fn machine() -> String {
 pub fn default_out(scenario: &Scenario) -> PathBuf {
     PathBuf::from("reports").join(&scenario.name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shopper_round(q: f64) -> RoundPrivacy {
+        RoundPrivacy {
+            mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Shopper,
+            sampling_rate: q,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            dimension: 4096,
+            min_survivors: 18,
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(50_000, q),
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        }
+    }
+
+    fn epsilon(parts: &[(&RoundPrivacy, f64, u64)], delta: f64) -> f64 {
+        let curve = parts.iter().fold(RdpCurve::zero(), |curve, (round, z, rounds)| {
+            let event = RoundPrivacy { noise_multiplier: *z, ..(*round).clone() }.cost().expect("cost").event;
+            curve.compose(&event.expect("noised").curve().expect("curve").times(*rounds))
+        });
+        epsilon_from_rdp(&curve, delta).expect("ε").0
+    }
+
+    /// A release-only arm spends its ε on the release; a release followed by training rounds
+    /// spends its share on the release and the rest, composed, on the training rounds: the
+    /// whole stays within the target and reaches it to the bisection's 0.1%.
+    #[test]
+    fn releases_and_training_rounds_share_the_target_epsilon_composed() {
+        let (release, training, delta) = (shopper_round(1.0), shopper_round(0.03), 1e-6);
+        let alone = calibrate_noise(3.0, &release, 1, delta).expect("z");
+        let spent = epsilon(&[(&release, alone, 1)], delta);
+        assert!(spent <= 3.0 && spent > 3.0 * 0.99, "{spent}");
+        let z_release = calibrate_noise(1.5, &release, 1, delta).expect("z");
+        assert!(z_release > alone, "half the ε, more noise: {z_release} vs {alone}");
+        let before = RoundPrivacy { noise_multiplier: z_release, ..release.clone() }
+            .cost()
+            .expect("cost")
+            .event
+            .expect("noised")
+            .curve()
+            .expect("curve");
+        let z = calibrate_noise_after(3.0, &before, &training, 6, delta).expect("z");
+        let total = epsilon(&[(&release, z_release, 1), (&training, z, 6)], delta);
+        assert!(total <= 3.0 && total > 3.0 * 0.99, "{total}");
+        let training_alone = calibrate_noise(3.0, &training, 6, delta).expect("z");
+        assert!(z > training_alone, "the rest of the budget needs more noise: {z} vs {training_alone}");
+        assert!(calibrate_noise_after(0.01, &before, &training, 6, delta).is_err(), "the release alone is past 0.01");
+    }
+}

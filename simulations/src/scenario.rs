@@ -175,6 +175,7 @@ pub struct ShopperDp {
     pub negatives: u32,
     #[serde(default = "fed_avg")]
     pub server_optimizer: ServerOptimizer,
+    #[serde(default = "one")]
     pub server_learning_rate: f64,
     /// δ of the shopper-level arms (default: min(1e-6, 1/N^1.1) for N shoppers).
     #[serde(default)]
