@@ -116,8 +116,9 @@ pub struct Guards {
     /// shoppers' ε over shopper-unit rounds, amplified by this merchant's own sampling.
     pub max_epsilon: f64,
     pub delta: f64,
-    /// Refuse shopper-unit rounds that ask this merchant to sample its shoppers at a
-    /// higher rate than this.
+    /// Refuse shopper-unit training rounds that ask this merchant to sample its shoppers at
+    /// a higher rate than this (a popularity release, which trains nothing and sends only
+    /// item sets, may sample every shopper; it is held to `max_epsilon` like any round).
     pub max_shopper_sampling_rate: f64,
     /// This merchant's append-only privacy ledger (created if absent).
     pub ledger: PathBuf,

@@ -305,7 +305,8 @@ impl Learner for TowerLearner {
         let share = popularity_share(task);
         if task.training.popularity_release {
             // Nothing trained: the update is the merchant's popularity contribution alone.
-            let range = range.ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
+            let range =
+                range.ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
             let contribution = {
                 let shared = lock(&self.shared);
                 let users: Vec<&User> = self.users.iter().map(|&i| &shared.dataset.users[i]).collect();
@@ -321,7 +322,13 @@ impl Learner for TowerLearner {
         retrieval::train_tower(&tower, &items, &users, &config)?;
         let mut update = update(&tower.offset(), global);
         if let Some(range) = range {
-            share_with_popularity(&mut update, range, &merchant_popularity(&users), task.privacy.clip_norm, share);
+            share_with_popularity(
+                &mut update,
+                range,
+                &merchant_popularity(&users),
+                task.privacy.clip_norm,
+                share,
+            );
         }
         Ok(update)
     }

@@ -46,8 +46,9 @@ pub struct ParticipantOptions {
     /// without amplification; in the shopper unit each of its shoppers' ε, amplified by this
     /// merchant's own sampling.
     pub max_epsilon: f64,
-    /// Shopper unit: refuse a round that asks this merchant to sample its shoppers at a
-    /// higher rate (less amplification, and more of its shoppers in every round).
+    /// Shopper unit: refuse a training round that asks this merchant to sample its shoppers
+    /// at a higher rate (less amplification, and more of its shoppers in every round); a
+    /// popularity release is exempt (it sends item sets only) but not from `max_epsilon`.
     pub max_shopper_sampling_rate: f64,
     pub delta: f64,
     /// Send the per-round evaluation counts on this merchant's validation shoppers to the
@@ -1018,9 +1019,8 @@ mod tests {
             task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
             task
         };
-        let vet_release = |task: &RoundTask| {
-            vet_task(task, &tower(5), FEDERATION, &pki().ca.cert_der, &options, &ledger)
-        };
+        let vet_release =
+            |task: &RoundTask| vet_task(task, &tower(5), FEDERATION, &pki().ca.cert_der, &options, &ledger);
         // q = 1 is above the training rounds' cap of 0.1, and allowed for a release…
         vet_release(&release(2.0)).expect("a release at q = 1 within the ε cap");
         // …whose ε, at q = 1 (no amplification), is what the cap judges.

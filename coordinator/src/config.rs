@@ -412,7 +412,10 @@ impl Config {
             }
             let q = p.popularity_sampling_rate;
             if !(q > 0.0 && q <= 1.0) {
-                return Err(invalid("privacy.popularity_sampling_rate", format!("must be in (0, 1], got {q}")));
+                return Err(invalid(
+                    "privacy.popularity_sampling_rate",
+                    format!("must be in (0, 1], got {q}"),
+                ));
             }
         }
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
@@ -560,10 +563,7 @@ mod tests {
                 .contains("privacy.popularity_sampling_rate")
         );
         let config = Config::parse(&format!("{MINIMAL}\n{release}"), env(&[])).expect("valid release");
-        assert_eq!(
-            (config.rounds.popularity_releases, config.privacy.popularity_sampling_rate),
-            (1, 1.0)
-        );
+        assert_eq!((config.rounds.popularity_releases, config.privacy.popularity_sampling_rate), (1, 1.0));
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
         assert!(

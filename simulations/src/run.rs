@@ -846,11 +846,13 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             } else {
                 let share = sh.popularity_budget.unwrap_or(0.5);
                 let z_release = calibrate_noise(share * epsilon, &release, releases, shopper_delta)?;
-                let before = match (RoundPrivacy { noise_multiplier: z_release, ..release.clone() }).cost()?.event {
-                    Some(event) => event.curve()?.times(releases),
-                    None => RdpCurve::zero(),
-                };
-                let z = calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
+                let before =
+                    match (RoundPrivacy { noise_multiplier: z_release, ..release.clone() }).cost()?.event {
+                        Some(event) => event.curve()?.times(releases),
+                        None => RdpCurve::zero(),
+                    };
+                let z =
+                    calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
                 (z_release, z)
             };
             plan.push(FederatedArm {
@@ -955,6 +957,9 @@ mod tests {
         assert!(total <= 3.0 && total > 3.0 * 0.99, "{total}");
         let training_alone = calibrate_noise(3.0, &training, 6, delta).expect("z");
         assert!(z > training_alone, "the rest of the budget needs more noise: {z} vs {training_alone}");
-        assert!(calibrate_noise_after(0.01, &before, &training, 6, delta).is_err(), "the release alone is past 0.01");
+        assert!(
+            calibrate_noise_after(0.01, &before, &training, 6, delta).is_err(),
+            "the release alone is past 0.01"
+        );
     }
 }

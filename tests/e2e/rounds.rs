@@ -216,7 +216,8 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
         other => panic!("not a shopper-unit event: {other:?}"),
     };
     assert_eq!(entries.len(), 2);
-    let ((release_rate, release_rho), (training_rate, training_rho)) = (event(&entries[0]), event(&entries[1]));
+    let ((release_rate, release_rho), (training_rate, training_rho)) =
+        (event(&entries[0]), event(&entries[1]));
     assert_eq!(release_rate, 1.0, "the release samples every shopper");
     assert_eq!(training_rate, 0.1, "training samples at the training rate");
     assert!(release_rho < training_rho / 5.0, "z = 3 against z = 1: ρ ∝ 1/z²");

@@ -98,10 +98,11 @@ async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
 }
 
 /// The sequence-tower family through the same federation: real coordinator process, real
-/// SecAgg+ rounds with faults and a kill, the tower's offset from its seeded start as the
-/// federated vector.
+/// SecAgg+ rounds with faults and a kill, the tower's offset from its seeded start (its
+/// popularity histogram included) as the federated vector; the federated tower beats its
+/// zero-shot start on validation NDCG@10 by a margin set from repeated runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() {
+async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
     let scenario = scenario("tower-smoke");
     let out = tempfile::tempdir().expect("tempdir");
     let results = guild_sim::run::run(scenario, out.path()).await.expect("the tower scenario runs");
@@ -115,8 +116,20 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
         .expect("the tower's own zero-shot ranker is reported");
     assert!(results.arms.iter().any(|a| a.events.iter().any(|e| e.contains("titles concatenated"))));
     let federated = arm("federated (non-private)");
-    // Federated training lowers the retrieval objective from the tower's start, round
-    // after round (6 merchants, 4 short rounds: rank metrics on 400 users are too coarse).
+    // The federated tower beats its start on the validation split's NDCG@10 (2,000 users,
+    // paired: the same users) by more than FEDERATED_MARGIN. Over ten runs of this scenario
+    // (release mode, 2026-11-26) the gain was +0.0042 to +0.0048, mean +0.00450, standard
+    // deviation 0.00020: the margin is 12 standard deviations below the mean, a false-failure
+    // rate far below 1e-9 if the gain is normal (a mean over 2,000 users), and about 2e-5
+    // were the deviation three times what ten runs estimate.
+    let gain = federated.validation.ndcg_at_10 - start.validation.ndcg_at_10;
+    assert!(
+        gain > FEDERATED_MARGIN,
+        "federated {} against the tower's start {}: a gain of {gain:.4}, not above {FEDERATED_MARGIN}",
+        federated.validation.ndcg_at_10,
+        start.validation.ndcg_at_10
+    );
+    // And it lowers the retrieval objective from the start, round after round.
     assert!(
         federated.validation.cross_entropy < start.validation.cross_entropy - 0.1,
         "federated {} vs the tower's start {}",
@@ -125,7 +138,7 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
     );
     let curve: Vec<f64> = federated.curve.iter().map(|p| p.validation.cross_entropy).collect();
     assert!(curve.windows(2).all(|w| w[1] < w[0]), "validation cross-entropy by round: {curve:?}");
-    assert_eq!(federated.rounds, 4);
+    assert_eq!(federated.rounds, 3);
     assert!(federated.events.iter().any(|e| e.contains("SIGKILLed")), "{:?}", federated.events);
     let dp = arm("federated DP ε=8");
     let epsilon = dp.epsilon.expect("DP arm spends ε");
@@ -133,8 +146,9 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
     // Every merchant is in every round here (q = 1), so nothing is amplified: each
     // merchant's own ledger (zCDP composed, the looser zCDP-to-(ε, δ) conversion) reads at
     // least the coordinator's model-level ε (RDP composed) for a merchant that sent its
-    // masked input in every round; that none of the six did (each is dropped before a phase
-    // with probability about 0.05 a round) has probability about (1 − 0.95⁴)⁶ ≈ 1e-5.
+    // masked input in every round; that none of the 25 did in the arm's two rounds (each is
+    // dropped or straggles before a phase with probability about 0.1 a round) has
+    // probability about (1 − 0.9²)²⁵ ≈ 1e-18.
     let (max, mean) = (
         dp.epsilon_against_coordinator_max.expect("merchants' ledgers"),
         dp.epsilon_against_coordinator_mean.expect("merchants' ledgers"),
@@ -149,6 +163,11 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
     let shopper_epsilon = shopper.epsilon.expect("shopper arm spends ε");
     assert!(shopper_epsilon > 0.0 && shopper_epsilon <= 8.0 + 1e-9, "ε = {shopper_epsilon}");
     assert!(shopper.rounds >= 1 && shopper.curve.len() as u64 == shopper.rounds, "{:?}", shopper.events);
+    // Its first version is a popularity release calibrated to half of its ε (the training
+    // round after it spends the rest): the curve's first point reads about 4.
+    assert!(shopper.events.iter().any(|e| e.contains("popularity release")), "{:?}", shopper.events);
+    let released = shopper.curve[0].epsilon;
+    assert!(released > 3.9 && released <= 4.0 + 1e-9, "ε after the release: {released}");
     assert!(shopper.epsilon_against_coordinator_max.is_some_and(|e| e > 0.0));
     assert_eq!(
         results.adapter_parameters,
@@ -160,12 +179,15 @@ async fn tower_scenario_federates_the_sequence_tower_and_lowers_its_objective() 
             width: 64,
             layers: 0,
             heads: 4,
-            // No popularity prior here (`popularity = false`: 2,000 shoppers are too few).
-            catalogue: 0,
+            catalogue: results.catalogue,
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));
 }
+
+/// The tower smoke's margin of the federated arm over its start in validation NDCG@10 (see
+/// `tower_scenario_federates_the_sequence_tower_and_beats_zero_shot`).
+const FEDERATED_MARGIN: f64 = 0.002;
 
 /// `guild-sim load` itself, small: eight lightweight clients through six full rounds
 /// beside a flooding merchant on two connections. The rounds complete, the flooder's excess

@@ -50,7 +50,11 @@ impl RoundKind {
     /// The kind of the round that would follow adapter version `version`: the federation's
     /// first `rounds.popularity_releases` versions come from releases (when the adapter has
     /// a popularity histogram), every later one from training.
-    pub fn after(config: &crate::config::Config, manifest: &guild_proto::domain::AdapterManifest, version: u64) -> Self {
+    pub fn after(
+        config: &crate::config::Config,
+        manifest: &guild_proto::domain::AdapterManifest,
+        version: u64,
+    ) -> Self {
         let (r, p) = (&config.rounds, &config.privacy);
         let release = manifest.accumulated_range().is_some() && version < u64::from(r.popularity_releases);
         let rate = |training: f64| if release { p.popularity_sampling_rate } else { training };
@@ -300,5 +304,60 @@ impl Engine {
             cohort: template.identities.clone(),
             certificates: template.certificates.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use guild_proto::domain::AdapterManifest;
+    use guild_proto::tower::TowerShape;
+
+    use super::RoundKind;
+    use crate::config::Config;
+
+    fn config(extra: &str) -> Config {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:50051\"\nstore = \"guild.db\"\n\
+             [tls]\nca = \"ca.pem\"\ncert = \"server.pem\"\nkey = \"server.key\"\n{extra}"
+        );
+        Config::parse(&text, Vec::new()).expect("valid")
+    }
+
+    /// The federation's first `popularity_releases` versions come from releases, at the
+    /// release's own rate and noise; later ones from training; an adapter without a
+    /// popularity histogram has nothing to release.
+    #[test]
+    fn the_first_versions_come_from_releases_at_their_own_rate_and_noise() {
+        let shopper = config(
+            "[rounds]\npopularity_releases = 2\n[privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\n\
+             shoppers = 1000\nnoise_multiplier = 1.1\npopularity_noise_multiplier = 2.5\n",
+        );
+        let shape = TowerShape {
+            hidden: 16,
+            history: 4,
+            zero_shot_items: 2,
+            item_rank: 2,
+            width: 8,
+            layers: 0,
+            heads: 2,
+            catalogue: 10,
+        };
+        let tower = AdapterManifest::sequence_tower([0; 32], shape, 0);
+        let release = RoundKind { release: true, merchant_rate: 1.0, unit_rate: 1.0, noise_multiplier: 2.5 };
+        assert_eq!(RoundKind::after(&shopper, &tower, 0), release);
+        assert_eq!(RoundKind::after(&shopper, &tower, 1), release);
+        let training =
+            RoundKind { release: false, merchant_rate: 1.0, unit_rate: 0.02, noise_multiplier: 1.1 };
+        assert_eq!(RoundKind::after(&shopper, &tower, 2), training);
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape { catalogue: 0, ..shape }, 0);
+        assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
+        // In the merchant unit a release samples merchants, at its own rate.
+        let merchant = config(
+            "[rounds]\npopularity_releases = 1\nsampling_rate = 0.1\n\
+             [privacy]\npopularity_noise_multiplier = 2.0\npopularity_sampling_rate = 0.5\n",
+        );
+        let release = RoundKind { release: true, merchant_rate: 0.5, unit_rate: 0.5, noise_multiplier: 2.0 };
+        assert_eq!(RoundKind::after(&merchant, &tower, 0), release);
+        assert_eq!(RoundKind::after(&merchant, &tower, 1).merchant_rate, 0.1);
     }
 }
