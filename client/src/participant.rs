@@ -716,17 +716,7 @@ mod tests {
 
     /// A small tower; with a popularity histogram over `catalogue` items if not 0.
     fn tower(catalogue: usize) -> AdapterManifest {
-        let shape = TowerShape {
-            hidden: 16,
-            history: 4,
-            zero_shot_items: 2,
-            item_rank: 2,
-            width: 8,
-            layers: 0,
-            heads: 2,
-            catalogue,
-        };
-        AdapterManifest::sequence_tower([1; 32], shape, 0)
+        AdapterManifest::sequence_tower([1; 32], TowerShape::tiny(catalogue), 0)
     }
 
     /// The task an honest coordinator would send for a distributed round of `n` clients at

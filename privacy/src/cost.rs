@@ -13,7 +13,7 @@
 //! noise whoever was sampled); local mode (simulator only) is the zero-out bound with the
 //! Gaussian's ρ = 1/(2z²). `dangerous_none` costs nothing because it protects nothing.
 
-use crate::accounting::{AccountingError, epsilon_from_rdp, gaussian_zcdp_rho};
+use crate::accounting::{AccountingError, RdpCurve, epsilon_from_rdp, gaussian_zcdp_rho};
 use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at};
 use crate::ledger::PrivacyEvent;
 use crate::{PrivacyMode, PrivacyUnit};
@@ -136,10 +136,19 @@ impl RoundPrivacy {
         Ok(RoundCost { unit: self.unit, ddg, event })
     }
 
+    /// The RDP curve of `rounds` rounds of this cost, composed; `None` in `dangerous_none`
+    /// mode (nothing is charged).
+    pub fn curve_after(&self, rounds: u64) -> Result<Option<RdpCurve>, CostError> {
+        match self.cost()?.event {
+            Some(event) => Ok(Some(event.curve()?.times(rounds))),
+            None => Ok(None),
+        }
+    }
+
     /// ε(δ) after `rounds` rounds of this cost; infinite in `dangerous_none` mode.
     pub fn epsilon_after(&self, rounds: u64, delta: f64) -> Result<f64, CostError> {
-        match self.cost()?.event {
-            Some(event) => Ok(epsilon_from_rdp(&event.curve()?.times(rounds), delta)?.0),
+        match self.curve_after(rounds)? {
+            Some(curve) => Ok(epsilon_from_rdp(&curve, delta)?.0),
             None => Ok(f64::INFINITY),
         }
     }

@@ -53,6 +53,22 @@ impl Default for TowerShape {
 }
 
 impl TowerShape {
+    /// A tiny tower over 16-dimensional item vectors, with no transformer layer, and a
+    /// popularity histogram over `catalogue` items if that is not 0: what tests of the
+    /// protocol need of a tower (a manifest, a flat vector), not a model.
+    pub fn tiny(catalogue: usize) -> Self {
+        Self {
+            hidden: 16,
+            history: 4,
+            zero_shot_items: 2,
+            item_rank: 2,
+            width: 8,
+            layers: 0,
+            heads: 2,
+            catalogue,
+        }
+    }
+
     /// Checks the shape's consistency, naming the field at fault.
     pub fn validate(&self) -> Result<(), String> {
         let problem = if self.hidden == 0 || self.history == 0 || self.item_rank == 0 {

@@ -117,10 +117,9 @@ pub fn calibrate_noise_after(
     delta: f64,
 ) -> anyhow::Result<f64> {
     let epsilon = |z: f64| -> anyhow::Result<f64> {
-        let curve = match (RoundPrivacy { noise_multiplier: z, ..round.clone() }).cost()?.event {
-            Some(event) => event.curve()?.times(rounds),
-            None => anyhow::bail!("a round without noise has no ε"),
-        };
+        let curve = (RoundPrivacy { noise_multiplier: z, ..round.clone() })
+            .curve_after(rounds)?
+            .context("a round without noise has no ε")?;
         Ok(epsilon_from_rdp(&before.clone().compose(&curve), delta)?.0)
     };
     let (mut lo, mut hi) = (0.05, 500.0);
@@ -844,13 +843,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             } else if releases == 0 {
                 (0.0, calibrate_noise(epsilon, &round, sh.rounds + 1 + spare, shopper_delta)?)
             } else {
-                let share = sh.popularity_budget.unwrap_or(0.5);
+                // (Scenario validation requires the share when both kinds of round run.)
+                let share = sh.popularity_budget.context("arms.shopper_dp.popularity_budget")?;
                 let z_release = calibrate_noise(share * epsilon, &release, releases, shopper_delta)?;
-                let before =
-                    match (RoundPrivacy { noise_multiplier: z_release, ..release.clone() }).cost()?.event {
-                        Some(event) => event.curve()?.times(releases),
-                        None => RdpCurve::zero(),
-                    };
+                let before = (RoundPrivacy { noise_multiplier: z_release, ..release.clone() })
+                    .curve_after(releases)?
+                    .context("a release without noise")?;
                 let z =
                     calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
                 (z_release, z)
@@ -926,10 +924,14 @@ mod tests {
         }
     }
 
+    fn curve(round: &RoundPrivacy, z: f64, rounds: u64) -> RdpCurve {
+        let round = RoundPrivacy { noise_multiplier: z, ..round.clone() };
+        round.curve_after(rounds).expect("cost").expect("noised")
+    }
+
     fn epsilon(parts: &[(&RoundPrivacy, f64, u64)], delta: f64) -> f64 {
-        let curve = parts.iter().fold(RdpCurve::zero(), |curve, (round, z, rounds)| {
-            let event = RoundPrivacy { noise_multiplier: *z, ..(*round).clone() }.cost().expect("cost").event;
-            curve.compose(&event.expect("noised").curve().expect("curve").times(*rounds))
+        let curve = parts.iter().fold(RdpCurve::zero(), |composed, (round, z, rounds)| {
+            composed.compose(&curve(round, *z, *rounds))
         });
         epsilon_from_rdp(&curve, delta).expect("ε").0
     }
@@ -945,13 +947,7 @@ mod tests {
         assert!(spent <= 3.0 && spent > 3.0 * 0.99, "{spent}");
         let z_release = calibrate_noise(1.5, &release, 1, delta).expect("z");
         assert!(z_release > alone, "half the ε, more noise: {z_release} vs {alone}");
-        let before = RoundPrivacy { noise_multiplier: z_release, ..release.clone() }
-            .cost()
-            .expect("cost")
-            .event
-            .expect("noised")
-            .curve()
-            .expect("curve");
+        let before = curve(&release, z_release, 1);
         let z = calibrate_noise_after(3.0, &before, &training, 6, delta).expect("z");
         let total = epsilon(&[(&release, z_release, 1), (&training, z, 6)], delta);
         assert!(total <= 3.0 && total > 3.0 * 0.99, "{total}");

@@ -191,16 +191,8 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = four_merchants(dir.path(), 2, |c| {
         c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
-        c.adapter.tower = guild_proto::tower::TowerShape {
-            hidden: 16,
-            history: 4,
-            zero_shot_items: 2,
-            item_rank: 2,
-            width: 8,
-            layers: 0,
-            heads: 2,
-            catalogue: 16,
-        };
+        // Its item vectors are `small`'s hidden size, 16.
+        c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
         c.privacy.shoppers = 160;

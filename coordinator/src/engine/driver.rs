@@ -244,7 +244,13 @@ impl Engine {
         }
         let step = if round.kind.release {
             // Only the histogram was sent: everything else in the sum is noise.
-            release_step(&latest.values, &decoded, round.denominator, self.manifest.accumulated_range())
+            release_step(
+                &latest.values,
+                &decoded,
+                round.denominator,
+                moments.as_ref(),
+                self.manifest.accumulated_range(),
+            )
         } else {
             server_step(
                 self.config.rounds.server_optimizer,
@@ -259,9 +265,7 @@ impl Engine {
         let bytes = guild_proto::adapter::to_bytes(&step.values);
         let sha256 = guild_proto::adapter::sha256(&bytes);
         let version = latest.version + 1;
-        // A release moves no moments: the version it commits keeps the optimiser's state.
-        let kept = if round.kind.release { moments.as_ref() } else { step.moments.as_ref() };
-        let optimizer_state = kept.map(super::optimizer::Moments::to_bytes);
+        let optimizer_state = step.moments.as_ref().map(super::optimizer::Moments::to_bytes);
         let survivors = round.survivors.len() as u32;
         // The round's privacy event was charged when ConsistencyCheck closed.
         debug_assert!(round.event.is_none(), "a round reaches its commit charged");

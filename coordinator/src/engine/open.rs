@@ -332,24 +332,14 @@ mod tests {
             "[rounds]\npopularity_releases = 2\n[privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\n\
              shoppers = 1000\nnoise_multiplier = 1.1\npopularity_noise_multiplier = 2.5\n",
         );
-        let shape = TowerShape {
-            hidden: 16,
-            history: 4,
-            zero_shot_items: 2,
-            item_rank: 2,
-            width: 8,
-            layers: 0,
-            heads: 2,
-            catalogue: 10,
-        };
-        let tower = AdapterManifest::sequence_tower([0; 32], shape, 0);
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
         let release = RoundKind { release: true, merchant_rate: 1.0, unit_rate: 1.0, noise_multiplier: 2.5 };
         assert_eq!(RoundKind::after(&shopper, &tower, 0), release);
         assert_eq!(RoundKind::after(&shopper, &tower, 1), release);
         let training =
             RoundKind { release: false, merchant_rate: 1.0, unit_rate: 0.02, noise_multiplier: 1.1 };
         assert_eq!(RoundKind::after(&shopper, &tower, 2), training);
-        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape { catalogue: 0, ..shape }, 0);
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
         assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
         // In the merchant unit a release samples merchants, at its own rate.
         let merchant = config(

@@ -107,11 +107,12 @@ pub fn server_step(
 
 /// A popularity release's step: the mean contribution added to the histogram's
 /// coordinates `accumulated`, every other value kept as it is (what the sum holds there is
-/// noise alone), and no optimiser moments moved (`moments: None` keeps the stored ones).
+/// noise alone), and the optimiser's `moments` carried over unmoved.
 pub fn release_step(
     current: &[f32],
     sum: &[f64],
     denominator: f64,
+    moments: Option<&Moments>,
     accumulated: Option<std::ops::Range<usize>>,
 ) -> ServerStep {
     let mut values = current.to_vec();
@@ -119,7 +120,7 @@ pub fn release_step(
     for (x, s) in values[range.clone()].iter_mut().zip(&sum[range]) {
         *x = (f64::from(*x) + s / denominator) as f32;
     }
-    ServerStep { values, moments: None }
+    ServerStep { values, moments: moments.cloned() }
 }
 
 fn optimizer_step(
@@ -238,12 +239,15 @@ mod tests {
 
     #[test]
     fn a_release_adds_the_mean_to_the_histogram_and_leaves_the_noise_elsewhere_unused() {
-        let step = release_step(&[1.0, 2.0, 3.0, 4.0], &[400.0, 8.0, -2.0, -400.0], 4.0, Some(1..3));
+        let moments = Moments { first: vec![0.1, 0.0, 0.0, -0.2], second: vec![0.3, 0.0, 0.0, 0.4] };
+        let step =
+            release_step(&[1.0, 2.0, 3.0, 4.0], &[400.0, 8.0, -2.0, -400.0], 4.0, Some(&moments), Some(1..3));
         assert_eq!(step.values, vec![1.0, 4.0, 2.5, 4.0]);
-        assert!(step.moments.is_none(), "no moments moved");
+        assert_eq!(step.moments, Some(moments), "no moments moved");
+        assert!(release_step(&[1.0], &[5.0], 1.0, None, None).moments.is_none(), "none made up");
         // Without a histogram (or one that does not fit) nothing moves at all.
-        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None).values, vec![1.0, 2.0]);
-        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, Some(1..3)).values, vec![1.0, 2.0]);
+        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None, None).values, vec![1.0, 2.0]);
+        assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None, Some(1..3)).values, vec![1.0, 2.0]);
     }
 
     #[test]
