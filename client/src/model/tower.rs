@@ -22,8 +22,8 @@
 use std::collections::BTreeMap;
 
 use guild_proto::tower::{
-    POPULARITY, POPULARITY_NOISE_THRESHOLD, POPULARITY_SMOOTHING, POPULARITY_WEIGHT, TowerShape,
-    initial_values, tensors,
+    POPULARITY, POPULARITY_NOISE_THRESHOLD, POPULARITY_RECENCY, POPULARITY_SMOOTHING, POPULARITY_WEIGHT,
+    TowerShape, initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -288,15 +288,22 @@ impl Tower {
     }
 }
 
-/// A shopper's contribution to the popularity histogram: a unit vector spread evenly over
-/// the distinct items of its training history (every item but the validation target),
-/// as `(item, value)` pairs; empty for a shopper with no such item.
+/// A shopper's contribution to the popularity histogram: a unit vector over the distinct
+/// items of its training history (every item but the validation target), each weighted
+/// `γ^k` for its `k`-th most recent occurrence (summed over repeats; γ =
+/// [`POPULARITY_RECENCY`]) before the scaling, as `(item, value)` pairs in item order;
+/// empty for a shopper with no such item.
 pub fn popularity_contribution(user: &User) -> Vec<(usize, f32)> {
     let n = user.history.len();
-    let items: std::collections::BTreeSet<ItemIndex> =
-        user.history[..n.saturating_sub(1)].iter().copied().collect();
-    let value = 1.0 / (items.len() as f32).sqrt();
-    items.into_iter().map(|i| (i as usize, value)).collect()
+    let training = &user.history[..n.saturating_sub(1)];
+    let mut weights = BTreeMap::<usize, f64>::new();
+    let mut weight = 1.0;
+    for &item in training.iter().rev() {
+        *weights.entry(item as usize).or_default() += weight;
+        weight *= POPULARITY_RECENCY;
+    }
+    let norm = weights.values().map(|w| w * w).sum::<f64>().sqrt();
+    weights.into_iter().map(|(item, w)| (item, (w / norm) as f32)).collect()
 }
 
 /// The sum of `users`' popularity contributions over a catalogue of `catalogue` items
@@ -539,18 +546,27 @@ mod tests {
     }
 
     #[test]
-    fn a_shoppers_popularity_contribution_is_a_unit_vector_over_its_training_items() {
+    fn a_shoppers_popularity_contribution_is_a_unit_vector_over_its_training_items_weighted_to_recent_ones() {
         let user = User { id: "u".into(), history: vec![4, 9, 4, 7, 2], test_target: 8 };
         let contribution = popularity_contribution(&user);
         // Distinct items, the validation target (2) and the test target (8) excluded.
         assert_eq!(contribution.iter().map(|&(i, _)| i).collect::<Vec<_>>(), vec![4, 7, 9]);
         let norm: f32 = contribution.iter().map(|(_, v)| v * v).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-6, "{norm}");
+        // Before scaling, 7 (the latest) weighs 1, 4 weighs γ + γ³ (second and fourth most
+        // recent), 9 weighs γ².
+        let g = POPULARITY_RECENCY as f32;
+        let raw = [g + g * g * g, 1.0, g * g];
+        let raw_norm = raw.iter().map(|w| w * w).sum::<f32>().sqrt();
+        for ((_, value), w) in contribution.iter().zip(raw) {
+            assert!((value - w / raw_norm).abs() < 1e-6, "{value} vs {}", w / raw_norm);
+        }
+        assert!(contribution[1].1 > contribution[0].1 && contribution[0].1 > contribution[2].1);
         assert!(
             popularity_contribution(&User { id: "v".into(), history: vec![3], test_target: 1 }).is_empty()
         );
         let h = popularity_histogram(&[&user, &user], 10);
-        assert!((h[4] - 2.0 / 3f32.sqrt()).abs() < 1e-6 && h[2] == 0.0 && h[8] == 0.0);
+        assert!((h[4] - 2.0 * contribution[0].1).abs() < 1e-6 && h[2] == 0.0 && h[8] == 0.0);
     }
 
     #[test]
