@@ -213,6 +213,32 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
     assert_eq!(release_rate, 1.0, "the release samples every shopper");
     assert_eq!(training_rate, 0.1, "training samples at the training rate");
     assert!(release_rho < training_rho / 5.0, "z = 3 against z = 1: ρ ∝ 1/z²");
+    assert_a_release_then_training(&federation);
+}
+
+/// The same release with the merchant as the unit (the coordinator samples merchants at
+/// `privacy.popularity_sampling_rate`, 1 here): whatever the lightweight clients send, the
+/// coordinator moves only the histogram with it, and charges the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = four_merchants(dir.path(), 2, |c| {
+        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
+        c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
+        c.rounds.popularity_releases = 1;
+        c.privacy.popularity_noise_multiplier = 3.0;
+    })
+    .await;
+    every_client_in_every_round(&federation, 4, 2).await;
+    let entries: Vec<LedgerEntry> = federation.store().expect("store").ledger().expect("ledger");
+    assert_eq!(entries.len(), 2, "the release and the training round are both charged");
+    assert_a_release_then_training(&federation);
+}
+
+/// Version 1 of `federation` (a popularity release) differs from version 0 in the
+/// histogram alone, and version 2 (training) moves more than the histogram.
+fn assert_a_release_then_training(federation: &Federation) {
+    let store = federation.store().expect("store");
     let manifest = federation.config.manifest().expect("manifest");
     let range = manifest.accumulated_range().expect("a histogram");
     let d = manifest.parameter_count();
