@@ -25,16 +25,12 @@ def grid():
     import numpy as np
     from safetensors.numpy import load_file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from probe_popularity import read, histogram, recent
+    from probe_popularity import read, histogram, recent, prior
     V = load_file(sys.argv[2])["items"]; V = V / np.linalg.norm(V, axis=1, keepdims=True)
     n = len(V)
     valid = read("../shared/data/amazon-games/Games-6k.valid.inter")
     users = np.random.default_rng(0).choice(len(valid), 6000, replace=False)
-    def prior(h, beta, kappa=1.0, thr=3.0):
-        neg = h[h < 0]; s = np.sqrt((neg**2).mean()) if len(neg) else 0.0
-        v = np.maximum(h - thr * s, 0)
-        return beta * np.log1p(v / (kappa * v.mean()))
-    pp = prior(histogram(valid, n, recent(0.5)), 1.0)
+    pp = prior(histogram(valid, n, recent(0.5)), 1.0, kappa=1.0)
     def ndcg(weights, beta):
         tot = 0
         for s in range(0, len(users), 500):
@@ -59,16 +55,12 @@ def train():
     import numpy as np, torch
     from safetensors.numpy import load_file
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from probe_popularity import read, histogram, recent
+    from probe_popularity import read, histogram, recent, prior
     torch.manual_seed(0)
     V = load_file(sys.argv[2])["items"]; V = V / np.linalg.norm(V, axis=1, keepdims=True)
     n = len(V); Vt = torch.tensor(V, dtype=torch.float32)
     valid = read("../shared/data/amazon-games/Games-6k.valid.inter")
-    def prior(h, kappa=1.0, thr=3.0):
-        neg = h[h < 0]; s = np.sqrt((neg**2).mean()) if len(neg) else 0.0
-        v = np.maximum(h - thr * s, 0)
-        return np.log1p(v / (kappa * v.mean()))
-    pp = torch.tensor(prior(histogram(valid, n, recent(0.5))), dtype=torch.float32)
+    pp = torch.tensor(prior(histogram(valid, n, recent(0.5)), 1.0, kappa=1.0), dtype=torch.float32)
     L = 20
     rows = []
     for hist, _ in valid:

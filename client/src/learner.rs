@@ -185,14 +185,8 @@ pub fn popularity_share(task: &RoundTask) -> f64 {
 
 /// A merchant's popularity contribution: the mean of its shoppers' unit vectors.
 fn merchant_popularity(users: &[&User]) -> Vec<(usize, f32)> {
-    let mut sum = std::collections::BTreeMap::<usize, f32>::new();
-    for user in users {
-        for (item, value) in crate::model::tower::popularity_contribution(user) {
-            *sum.entry(item).or_default() += value;
-        }
-    }
     let n = users.len().max(1) as f32;
-    sum.into_iter().map(|(item, value)| (item, value / n)).collect()
+    crate::model::tower::popularity_sum(users).into_iter().map(|(item, value)| (item, value / n)).collect()
 }
 
 /// The local training a round's task asks for.

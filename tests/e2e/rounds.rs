@@ -189,31 +189,22 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
 async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own_rate() {
     use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
-    let federation = four_merchants(dir.path(), 2, |c| {
-        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
-        // Its item vectors are `small`'s hidden size, 16.
-        c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
+    let federation = tower_with_one_release(dir.path(), |c| {
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
         c.privacy.shoppers = 160;
-        c.rounds.popularity_releases = 1;
-        c.privacy.popularity_noise_multiplier = 3.0;
     })
     .await;
-    every_client_in_every_round(&federation, 4, 2).await;
-    let store = federation.store().expect("store");
-    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    let entries = run_and_check_a_release_then_training(&federation).await;
     let event = |e: &LedgerEntry| match e.event {
         PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
         other => panic!("not a shopper-unit event: {other:?}"),
     };
-    assert_eq!(entries.len(), 2);
     let ((release_rate, release_rho), (training_rate, training_rho)) =
         (event(&entries[0]), event(&entries[1]));
     assert_eq!(release_rate, 1.0, "the release samples every shopper");
     assert_eq!(training_rate, 0.1, "training samples at the training rate");
     assert!(release_rho < training_rho / 5.0, "z = 3 against z = 1: ρ ∝ 1/z²");
-    assert_a_release_then_training(&federation);
 }
 
 /// The same release with the merchant as the unit (the coordinator samples merchants at
@@ -222,23 +213,31 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let federation = four_merchants(dir.path(), 2, |c| {
+    let federation = tower_with_one_release(dir.path(), |_| {}).await;
+    run_and_check_a_release_then_training(&federation).await;
+}
+
+/// Four merchants on the tiny tower (its item vectors are `small`'s hidden size, 16), two
+/// rounds, the first a popularity release at z = 3; `more` adjusts the rest.
+async fn tower_with_one_release(dir: &std::path::Path, more: impl FnOnce(&mut Config)) -> Federation {
+    four_merchants(dir, 2, |c| {
         c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
         c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
         c.rounds.popularity_releases = 1;
         c.privacy.popularity_noise_multiplier = 3.0;
+        more(c);
     })
-    .await;
-    every_client_in_every_round(&federation, 4, 2).await;
-    let entries: Vec<LedgerEntry> = federation.store().expect("store").ledger().expect("ledger");
-    assert_eq!(entries.len(), 2, "the release and the training round are both charged");
-    assert_a_release_then_training(&federation);
+    .await
 }
 
-/// Version 1 of `federation` (a popularity release) differs from version 0 in the
-/// histogram alone, and version 2 (training) moves more than the histogram.
-fn assert_a_release_then_training(federation: &Federation) {
+/// Runs `federation`'s two rounds with every client, then checks that both were charged,
+/// that version 1 (the popularity release) differs from version 0 in the histogram alone,
+/// and that version 2 (training) moves more than the histogram; returns the ledger.
+async fn run_and_check_a_release_then_training(federation: &Federation) -> Vec<LedgerEntry> {
+    every_client_in_every_round(federation, 4, 2).await;
     let store = federation.store().expect("store");
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    assert_eq!(entries.len(), 2, "the release and the training round are both charged");
     let manifest = federation.config.manifest().expect("manifest");
     let range = manifest.accumulated_range().expect("a histogram");
     let d = manifest.parameter_count();
@@ -252,6 +251,7 @@ fn assert_a_release_then_training(federation: &Federation) {
     assert!(outside(&v0, &v1), "the release changed nothing but the histogram");
     assert_ne!(&v0[range.clone()], &v1[range.clone()], "the release moved the histogram");
     assert!(!outside(&v1, &v2), "the training round after it trained");
+    entries
 }
 
 /// #15.2: a hostile merchant sends uniform ring elements instead of its clipped, encoded

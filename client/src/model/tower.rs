@@ -306,15 +306,25 @@ pub fn popularity_contribution(user: &User) -> Vec<(usize, f32)> {
     weights.into_iter().map(|(item, w)| (item, (w / norm) as f32)).collect()
 }
 
-/// The sum of `users`' popularity contributions over a catalogue of `catalogue` items
-/// (what a federation's histogram estimates, up to scale and noise).
-pub fn popularity_histogram(users: &[&User], catalogue: usize) -> Vec<f32> {
-    let mut histogram = vec![0.0; catalogue];
+/// The sum of `users`' popularity contributions, by item (sparse; summed in `users`' order).
+pub fn popularity_sum(users: &[&User]) -> BTreeMap<usize, f32> {
+    let mut sum = BTreeMap::<usize, f32>::new();
     for user in users {
         for (item, value) in popularity_contribution(user) {
-            if let Some(h) = histogram.get_mut(item) {
-                *h += value;
-            }
+            *sum.entry(item).or_default() += value;
+        }
+    }
+    sum
+}
+
+/// The sum of `users`' popularity contributions over a catalogue of `catalogue` items
+/// (what a federation's histogram estimates, up to scale and noise); items outside the
+/// catalogue are left out.
+pub fn popularity_histogram(users: &[&User], catalogue: usize) -> Vec<f32> {
+    let mut histogram = vec![0.0; catalogue];
+    for (item, value) in popularity_sum(users) {
+        if let Some(h) = histogram.get_mut(item) {
+            *h = value;
         }
     }
     histogram
