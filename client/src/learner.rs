@@ -183,6 +183,27 @@ pub fn popularity_share(task: &RoundTask) -> f64 {
     if task.training.popularity_release { 1.0 } else { guild_proto::tower::POPULARITY_SHARE }
 }
 
+/// A pooling selection's update from one unit's NDCG@10 `values` under each of the `k`
+/// settings of the grid: `c/√k` times them in the first `k` coordinates, clipped to `c`
+/// (values in [0, 1] never exceed it), zeros elsewhere; an error if the update is shorter
+/// than the grid.
+pub fn selection_update(update: &mut [f32], values: &[f32], clip_norm: f64) -> anyhow::Result<()> {
+    let k = values.len();
+    if update.len() < k {
+        anyhow::bail!(
+            "a pooling selection of {k} settings needs at least {k} coordinates, not {}",
+            update.len()
+        );
+    }
+    let norm = values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+    let scale = clip_norm / (k as f64).sqrt().max(norm);
+    update.iter_mut().for_each(|u| *u = 0.0);
+    for (u, &v) in update.iter_mut().zip(values) {
+        *u = (f64::from(v) * scale) as f32;
+    }
+    Ok(())
+}
+
 /// A merchant's popularity contribution: the mean of its shoppers' unit vectors.
 fn merchant_popularity(users: &[&User]) -> Vec<(usize, f32)> {
     let n = users.len().max(1) as f32;
@@ -287,6 +308,17 @@ impl TowerLearner {
         let users = indices.iter().map(|&i| shared.dataset.users[i].clone()).collect();
         Ok((self.tower(&shared, values)?, shared.items.shallow_clone(), users))
     }
+
+    /// Each of the users at `indices`: its NDCG@10 on its validation item under every
+    /// setting of the pooling selection's grid, the tower at `values` otherwise
+    /// (`retrieval::selection_ndcg`).
+    fn selection_values(&self, values: &[f32], indices: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
+        let (mut tower, items, owned) = self.unlocked(values, indices)?;
+        let users: Vec<&User> = owned.iter().collect();
+        let items = items.to(tower.var_store().device());
+        let grid = guild_proto::tower::selection_grid(&self.config.shape);
+        Ok(retrieval::selection_ndcg(&mut tower, &items, &users, &grid)?)
+    }
 }
 
 impl Learner for TowerLearner {
@@ -308,6 +340,21 @@ impl Learner for TowerLearner {
             };
             let mut update = vec![0.0; global.len()];
             share_with_popularity(&mut update, range, &contribution, task.privacy.clip_norm, share);
+            return Ok(update);
+        }
+        if task.training.pooling_selection {
+            // Nothing trained: the merchant's mean NDCG@10 under each setting.
+            let per_shopper = self.selection_values(global, &self.users)?;
+            let scored = {
+                let shared = lock(&self.shared);
+                self.users.iter().filter(|&&i| shared.dataset.users[i].validation_example().is_some()).count()
+            };
+            let scored = scored.max(1);
+            let k = per_shopper.first().map_or(0, Vec::len);
+            let mean: Vec<f32> =
+                (0..k).map(|j| per_shopper.iter().map(|v| v[j]).sum::<f32>() / scored as f32).collect();
+            let mut update = vec![0.0; global.len()];
+            selection_update(&mut update, &mean, task.privacy.clip_norm)?;
             return Ok(update);
         }
         let config = round_training(task, self.temperature, self.config.shape.history);
@@ -366,6 +413,17 @@ impl Learner for TowerLearner {
                 share_with_popularity(&mut update, range.clone(), contribution, clip_norm, share);
                 each(&mut update)?;
                 update[range.clone()].iter_mut().for_each(|h| *h = 0.0);
+            }
+            return Ok(());
+        }
+        if task.training.pooling_selection {
+            // Nothing trained: each sampled shopper's NDCG@10 under each setting, in one
+            // buffer whose first k coordinates are cleared after each.
+            let mut update = vec![0.0; global.len()];
+            for values in self.selection_values(global, &indices)? {
+                selection_update(&mut update, &values, clip_norm)?;
+                each(&mut update)?;
+                update[..values.len()].iter_mut().for_each(|u| *u = 0.0);
             }
             return Ok(());
         }
@@ -441,6 +499,24 @@ impl Learner for ModelLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_selection_update_is_the_scaled_values_within_the_clip_norm_and_nothing_else() {
+        let c = 3.0;
+        // A stale buffer is overwritten; values in [0, 1] are scaled by c/√k.
+        let mut update = vec![9.0f32; 6];
+        selection_update(&mut update, &[1.0, 0.5, 0.0, 1.0], c).expect("fits");
+        assert_eq!(update, vec![1.5, 0.75, 0.0, 1.5, 0.0, 0.0]);
+        // Every setting at NDCG 1: exactly the clip norm.
+        selection_update(&mut update, &[1.0; 4], c).expect("fits");
+        let norm: f64 = update.iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - c).abs() < 1e-6, "{norm}");
+        // Out-of-range values (a corrupted score) are clipped, not passed on.
+        selection_update(&mut update, &[100.0, 0.0, 0.0, 0.0], c).expect("fits");
+        let norm: f64 = update.iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
+        assert!(norm <= c * (1.0 + 1e-6), "{norm}");
+        assert!(selection_update(&mut [0.0; 3], &[0.5; 4], c).is_err());
+    }
 
     #[test]
     fn an_update_shared_with_the_popularity_histogram_stays_within_the_clip_norm() {

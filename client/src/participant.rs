@@ -185,6 +185,11 @@ pub fn vet_task(
     if task.training.popularity_release && manifest.accumulated_range().is_none() {
         return refuse("a popularity release for an adapter without a popularity histogram".into());
     }
+    if task.training.pooling_selection && manifest.selection_ranges().is_none() {
+        return refuse(
+            "a pooling selection for an adapter that is not a tower with a popularity prior".into(),
+        );
+    }
     let s = &task.secagg;
     let holders = s.neighbours.min(s.cohort_size.saturating_sub(1));
     if s.threshold < min_active_threshold(holders) {
@@ -212,11 +217,12 @@ pub fn vet_task(
                 ));
             }
             let unit = task.privacy.unit;
-            // A popularity release may sample every shopper: what it sends of each is the
-            // shopper's item set alone, and its whole cost, unamplified at q = 1, goes
-            // through the ε cap below like any round's.
+            // A popularity release or a pooling selection may sample every shopper: what it
+            // sends of each is a bounded statistic (the shopper's item set, or its NDCG@10
+            // under each public setting), no gradient, and its whole cost, unamplified at
+            // q = 1, goes through the ε cap below like any round's.
             if unit == PrivacyUnit::Shopper
-                && !task.training.popularity_release
+                && !task.training.trains_nothing()
                 && task.privacy.shopper_sampling_rate > options.max_shopper_sampling_rate
             {
                 return refuse(format!(
@@ -764,6 +770,7 @@ mod tests {
                 data_seed: 1,
                 negatives: 0,
                 popularity_release: false,
+                pooling_selection: false,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -999,7 +1006,7 @@ mod tests {
     }
 
     #[test]
-    fn a_popularity_release_may_sample_every_shopper_but_pays_its_unamplified_cost() {
+    fn a_popularity_release_or_selection_may_sample_every_shopper_but_pays_its_unamplified_cost() {
         let options = ParticipantOptions { max_epsilon: 3.0, ..ParticipantOptions::default() };
         let ledger = ClientLedger::in_memory();
         let release = |z: f64| {
@@ -1027,6 +1034,16 @@ mod tests {
         lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
         let error = vet(&lora, &options, &ledger).expect_err("no histogram");
         assert!(error.contains("without a popularity histogram"), "{error}");
+        // So may a pooling selection, which needs a tower with a prior too.
+        let mut selection = release(2.0);
+        (selection.training.popularity_release, selection.training.pooling_selection) = (false, true);
+        selection.binding.task_sha256 = guild_proto::convert::task_digest(&selection);
+        vet_release(&selection).expect("a selection at q = 1 within the ε cap");
+        lora.training.popularity_release = false;
+        lora.training.pooling_selection = true;
+        lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
+        let error = vet(&lora, &options, &ledger).expect_err("no tower");
+        assert!(error.contains("not a tower with a popularity prior"), "{error}");
     }
 
     /// Shopper unit on the training thread: the merchant samples its own shoppers, each

@@ -15,7 +15,7 @@ use crate::data::{Dataset, Example, ItemIndex, User};
 use crate::model::lora::Adapters;
 use crate::model::tower::{Tower, TowerRow, normalise, tower_rows, zero_shot_scores};
 use crate::model::{BaseModel, ModelError};
-use guild_proto::tower::TowerShape;
+use guild_proto::tower::{PoolingSetting, TowerShape};
 
 /// Hyper-parameters of local training.
 #[derive(Clone, Debug, PartialEq)]
@@ -306,15 +306,7 @@ pub fn evaluate_ranks(
 /// Ranks each example's target in its row of `scores` (`[batch, catalogue]`), with the
 /// items already in its history excluded, and adds the row to `counts` and `ranks`.
 fn rank_rows(scores: &Tensor, examples: &[Example<'_>], counts: &mut RankingCounts, ranks: &mut Vec<u32>) {
-    let scores = scores.to(tch::Device::Cpu);
-    for (row, example) in examples.iter().enumerate() {
-        let seen: Vec<i64> =
-            example.history.iter().filter(|&&i| i != example.target).map(|&i| i64::from(i)).collect();
-        let _ = scores.get(row as i64).index_fill_(0, &Tensor::from_slice(&seen), f64::NEG_INFINITY);
-    }
-    let targets = Tensor::from_slice(&examples.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
-    let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
-    let row_ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
+    let (scores, targets, row_ranks) = target_ranks(scores, examples);
     let log_p = (&scores / EVALUATION_TEMPERATURE).log_softmax(1, Kind::Double).gather(
         1,
         &targets.unsqueeze(1),
@@ -327,9 +319,83 @@ fn rank_rows(scores: &Tensor, examples: &[Example<'_>], counts: &mut RankingCoun
         counts.reciprocal_rank_sum += 1.0 / rank as f64;
         if rank <= 10 {
             counts.hits_at_10 += 1;
-            counts.ndcg_at_10_sum += 1.0 / ((rank + 1) as f64).log2();
+            counts.ndcg_at_10_sum += ndcg_at_10(rank);
         }
     }
+}
+
+/// Each example's 1-based rank of its target among `scores` (a row per example, on any
+/// device), the items of its history other than the target masked out; with the masked
+/// scores (on the CPU) and the targets.
+fn target_ranks(scores: &Tensor, examples: &[Example<'_>]) -> (Tensor, Tensor, Tensor) {
+    let scores = scores.to(tch::Device::Cpu);
+    for (row, example) in examples.iter().enumerate() {
+        let seen: Vec<i64> =
+            example.history.iter().filter(|&&i| i != example.target).map(|&i| i64::from(i)).collect();
+        let _ = scores.get(row as i64).index_fill_(0, &Tensor::from_slice(&seen), f64::NEG_INFINITY);
+    }
+    let targets = Tensor::from_slice(&examples.iter().map(|e| i64::from(e.target)).collect::<Vec<_>>());
+    let target_scores = scores.gather(1, &targets.unsqueeze(1), false);
+    let row_ranks = scores.gt_tensor(&target_scores).sum_dim_intlist(1, false, Kind::Int64) + 1;
+    (scores, targets, row_ranks)
+}
+
+/// NDCG@10 of a target at 1-based `rank`.
+fn ndcg_at_10(rank: i64) -> f64 {
+    if rank <= 10 { 1.0 / ((rank + 1) as f64).log2() } else { 0.0 }
+}
+
+/// What a pooling selection asks of each user: its NDCG@10 on its validation item under
+/// every setting of `grid` (`guild_proto::tower::selection_grid` of the tower's shape),
+/// ranked as [`evaluate_tower`] ranks, with the tower's own values everywhere else;
+/// `[users][settings]`, all zeros for a user without a validation item. The cosine is
+/// computed once per distinct pooling and the prior added per weight. The tower is left
+/// at its values.
+pub fn selection_ndcg(
+    tower: &mut Tower,
+    items: &Tensor,
+    users: &[&User],
+    grid: &[PoolingSetting],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let shape = tower.config().shape;
+    let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
+    let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
+    let offset = tower.offset();
+    let mut out = vec![vec![0.0f32; grid.len()]; users.len()];
+    let examples: Vec<(usize, Example<'_>)> =
+        users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
+    // Settings sharing a pooling, in grid order.
+    let mut poolings: Vec<(&[f32], Vec<usize>)> = Vec::new();
+    for (j, setting) in grid.iter().enumerate() {
+        match poolings.iter_mut().find(|(r, _)| *r == setting.recency.as_slice()) {
+            Some((_, settings)) => settings.push(j),
+            None => poolings.push((&setting.recency, vec![j])),
+        }
+    }
+    for (_, settings) in &poolings {
+        let values = guild_proto::tower::with_setting(&shape, &offset, &grid[settings[0]])
+            .ok_or_else(|| bad("setting does not fit the tower"))?;
+        tower.set_offset(&values)?;
+        tch::no_grad(|| {
+            let adapted = normalise(&tower.adapt_items(items));
+            let prior = prior.unsqueeze(0);
+            for chunk in examples.chunks(256) {
+                let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
+                let just: Vec<Example<'_>> = chunk.iter().map(|(_, e)| *e).collect();
+                let cosine = normalise(&tower.shoppers(items, &histories)).matmul(&adapted.tr());
+                for &j in settings {
+                    let scores = &cosine + &prior * f64::from(grid[j].weight);
+                    let (_, _, ranks) = target_ranks(&scores, &just);
+                    let ranks = Vec::<i64>::try_from(&ranks).expect("int64 ranks");
+                    for ((user, _), rank) in chunk.iter().zip(ranks) {
+                        out[*user][j] = ndcg_at_10(rank) as f32;
+                    }
+                }
+            }
+        });
+    }
+    tower.set_offset(&offset)?;
+    Ok(out)
 }
 
 /// The examples of `split` of each user (users without one are skipped).
@@ -538,6 +604,65 @@ mod tests {
                 User { id: u.to_string(), history, test_target: (start + 6) % items }
             })
             .collect()
+    }
+
+    /// The oracle: each setting applied to the tower on its own and scored by
+    /// `evaluate_tower`, which the reports use.
+    #[test]
+    fn a_pooling_selection_scores_each_setting_as_the_evaluation_would() {
+        tch::manual_seed(2);
+        let catalogue = 120;
+        let items = normalise(&Tensor::randn([catalogue, 16], (Kind::Float, Device::Cpu)));
+        let mut users = shoppers(40, catalogue as u32);
+        // Varied histories (one too short for a validation item), so that the settings differ.
+        for (u, user) in users.iter_mut().enumerate() {
+            user.history.truncate(1 + u % 6);
+            user.history.extend((0..u % 4).map(|k| ((u * 13 + k * 29) % catalogue as usize) as u32));
+        }
+        let refs: Vec<&User> = users.iter().collect();
+        let shape = TowerShape {
+            hidden: 16,
+            history: 8,
+            zero_shot_items: 5,
+            item_rank: 4,
+            width: 16,
+            layers: 1,
+            heads: 4,
+            catalogue: catalogue as usize,
+        };
+        let mut tower = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+        let histogram: Vec<f32> = (0..catalogue).map(|i| ((i * 37) % 11) as f32).collect();
+        tower.set_popularity(&histogram).expect("histogram");
+        // A trained offset elsewhere must be kept while the settings are scored.
+        let offset: Vec<f32> =
+            tower.offset().iter().enumerate().map(|(i, o)| o + (i % 7) as f32 * 1e-3).collect();
+        tower.set_offset(&offset).expect("offset");
+        let grid = guild_proto::tower::selection_grid(&shape);
+        let selected = selection_ndcg(&mut tower, &items, &refs, &grid).expect("selection");
+        let moved = tower.offset().iter().zip(&offset).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved < 1e-5, "the tower is left at its values (moved by {moved})");
+        assert_eq!(selected.len(), refs.len());
+        assert!(selected[0].iter().all(|&v| v == 0.0), "no validation item, nothing scored");
+        let mut differ = false;
+        for (j, setting) in grid.iter().enumerate() {
+            let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+            alone
+                .set_offset(&guild_proto::tower::with_setting(&shape, &offset, setting).expect("fits"))
+                .expect("set");
+            let (_, ranks) = evaluate_tower(&shape, Some(&alone), &refs, &items, Split::Validation);
+            let with_item: Vec<&Vec<f32>> = refs
+                .iter()
+                .zip(&selected)
+                .filter(|(u, _)| u.validation_example().is_some())
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(ranks.len(), with_item.len());
+            for (rank, values) in ranks.iter().zip(&with_item) {
+                assert!((f64::from(values[j]) - ndcg_at_10(i64::from(*rank))).abs() < 1e-6, "setting {j}");
+                differ |= values[j] != values[0];
+            }
+        }
+        assert!(differ, "the grid's settings rank differently somewhere");
     }
 
     #[test]

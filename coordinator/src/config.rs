@@ -144,6 +144,13 @@ pub struct RoundsConfig {
     /// histogram and trains nothing. One release estimates the head of the catalogue far
     /// better than many training rounds that give the histogram a share of the clip.
     pub popularity_releases: u32,
+    /// One pooling selection after the popularity releases (sequence towers with a
+    /// popularity prior only): the adapter version after the releases comes from a round
+    /// in which each sampled unit sends its NDCG@10 on its validation items under each
+    /// setting of the public grid (`guild_proto::tower::selection_grid`), noised at
+    /// `privacy.selection_noise_multiplier`, and the coordinator sets the tower's pooling
+    /// and prior weight to the setting with the largest noisy sum and trains nothing.
+    pub pooling_selection: bool,
     /// Distinct cohort members that must complain about one merchant's sealed shares in a
     /// round before it is quarantined (a complaint cannot be checked by the coordinator, so
     /// one merchant's word is not enough). Protocol violations the coordinator sees itself
@@ -170,6 +177,7 @@ impl Default for RoundsConfig {
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
             popularity_releases: 0,
+            pooling_selection: false,
         }
     }
 }
@@ -193,9 +201,12 @@ pub struct PrivacyConfig {
     pub noise_multiplier: f64,
     /// z of the popularity releases (`rounds.popularity_releases`).
     pub popularity_noise_multiplier: f64,
-    /// The unit's sampling rate in popularity releases: shoppers, each merchant its own, in
-    /// the shopper unit; merchants, by the coordinator, in the merchant unit.
+    /// The unit's sampling rate in popularity releases and the pooling selection:
+    /// shoppers, each merchant its own, in the shopper unit; merchants, by the coordinator,
+    /// in the merchant unit.
     pub popularity_sampling_rate: f64,
+    /// z of the pooling selection (`rounds.pooling_selection`).
+    pub selection_noise_multiplier: f64,
     /// The federation's cap on ε at `delta`, over its whole life.
     pub epsilon_budget: f64,
     pub delta: f64,
@@ -216,6 +227,7 @@ impl Default for PrivacyConfig {
             noise_multiplier: 1.0,
             popularity_noise_multiplier: 0.0,
             popularity_sampling_rate: 1.0,
+            selection_noise_multiplier: 0.0,
             epsilon_budget: 8.0,
             delta: 1e-5,
             bit_width: 32,
@@ -402,6 +414,15 @@ impl Config {
             }
             _ => {}
         }
+        if r.pooling_selection {
+            let z = p.selection_noise_multiplier;
+            if !(z.is_finite() && (z > 0.0 || p.mode == PrivacyMode::DangerousNone)) {
+                return Err(invalid(
+                    "privacy.selection_noise_multiplier",
+                    format!("must be positive when rounds.pooling_selection is set, got {z}"),
+                ));
+            }
+        }
         if r.popularity_releases > 0 {
             let z = p.popularity_noise_multiplier;
             if !(z.is_finite() && (z > 0.0 || p.mode == PrivacyMode::DangerousNone)) {
@@ -410,6 +431,8 @@ impl Config {
                     format!("must be positive when rounds.popularity_releases > 0, got {z}"),
                 ));
             }
+        }
+        if r.popularity_releases > 0 || r.pooling_selection {
             let q = p.popularity_sampling_rate;
             if !(q > 0.0 && q <= 1.0) {
                 return Err(invalid(
@@ -564,6 +587,16 @@ mod tests {
         );
         let config = Config::parse(&format!("{MINIMAL}\n{release}"), env(&[])).expect("valid release");
         assert_eq!((config.rounds.popularity_releases, config.privacy.popularity_sampling_rate), (1, 1.0));
+        // So does a pooling selection, whatever the releases.
+        let selection = "[rounds]\npooling_selection = true";
+        assert!(error(selection, &[]).contains("privacy.selection_noise_multiplier"));
+        let selection = format!("{selection}\n[privacy]\nselection_noise_multiplier = 20.0");
+        let config = Config::parse(&format!("{MINIMAL}\n{selection}"), env(&[])).expect("valid selection");
+        assert!(config.rounds.pooling_selection);
+        assert!(
+            error(&selection, &[("GUILD_PRIVACY__POPULARITY_SAMPLING_RATE", "1.5")])
+                .contains("privacy.popularity_sampling_rate")
+        );
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
         assert!(

@@ -375,10 +375,22 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 format!("{} is above the limit of {}", t.negatives, MAX_NEGATIVES),
             ));
         }
+        if t.pooling_selection && t.popularity_release {
+            return Err(WireError::invalid(
+                "RoundTask.training.pooling_selection",
+                "a round is a popularity release or a pooling selection, not both",
+            ));
+        }
         if t.popularity_release && manifest.accumulated_range().is_none() {
             return Err(WireError::invalid(
                 "RoundTask.training.popularity_release",
                 "the task's adapter has no popularity histogram to release",
+            ));
+        }
+        if t.pooling_selection && manifest.selection_ranges().is_none() {
+            return Err(WireError::invalid(
+                "RoundTask.training.pooling_selection",
+                "the task's adapter is not a tower with a popularity prior to select the pooling of",
             ));
         }
         let training = TrainingParams {
@@ -389,6 +401,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             data_seed: t.data_seed,
             negatives: t.negatives,
             popularity_release: t.popularity_release,
+            pooling_selection: t.pooling_selection,
         };
 
         let p = required(m.privacy, "RoundTask.privacy")?;
@@ -521,6 +534,7 @@ impl From<RoundTask> for v1::RoundTask {
                 data_seed: t.training.data_seed,
                 negatives: t.training.negatives,
                 popularity_release: t.training.popularity_release,
+                pooling_selection: t.training.pooling_selection,
             }),
             privacy: Some(v1::PrivacyParams {
                 mode: privacy_mode_to_wire(t.privacy.mode).into(),
@@ -980,6 +994,7 @@ mod tests {
                 data_seed: 9,
                 negatives: 1024,
                 popularity_release: false,
+                pooling_selection: false,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -1165,6 +1180,17 @@ mod tests {
         check_rejected(
             |t| t.training.as_mut().expect("training").popularity_release = true,
             "RoundTask.training.popularity_release: the task's adapter has no popularity histogram to release",
+        );
+        check_rejected(
+            |t| t.training.as_mut().expect("training").pooling_selection = true,
+            "RoundTask.training.pooling_selection: the task's adapter is not a tower with a popularity prior",
+        );
+        check_rejected(
+            |t| {
+                let training = t.training.as_mut().expect("training");
+                (training.pooling_selection, training.popularity_release) = (true, true);
+            },
+            "a popularity release or a pooling selection, not both",
         );
         check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],

@@ -116,6 +116,15 @@ impl AdapterManifest {
         }
     }
 
+    /// Where a pooling selection writes (the tower's pooling weights' range and its prior
+    /// weight's index), if the adapter is a tower with a popularity prior.
+    pub fn selection_ranges(&self) -> Option<(std::ops::Range<usize>, usize)> {
+        match &self.family {
+            AdapterFamily::SequenceTower(shape) => crate::tower::selection_ranges(shape),
+            AdapterFamily::FfaLora => None,
+        }
+    }
+
     /// The manifest of a sequence tower of `shape` whose initial values come from `seed`.
     pub fn sequence_tower(
         base_model_sha256: [u8; SHA256_LEN],
@@ -153,6 +162,19 @@ pub struct TrainingParams {
     /// popularity contribution at the whole clip norm; the coordinator adds the mean to the
     /// histogram and leaves every trained value as it is.
     pub popularity_release: bool,
+    /// A pooling selection instead of training: each sampled unit sends `c/√k` times its
+    /// NDCG@10 under each of the `k` settings of [`crate::tower::selection_grid`] (in the
+    /// first `k` coordinates); the coordinator sets the tower's pooling and prior weight to
+    /// the setting whose noisy sum is largest and leaves everything else as it is.
+    pub pooling_selection: bool,
+}
+
+impl TrainingParams {
+    /// A round that trains nothing: its units send bounded statistics of their data (a
+    /// popularity release or a pooling selection), never a gradient.
+    pub fn trains_nothing(&self) -> bool {
+        self.popularity_release || self.pooling_selection
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]

@@ -161,14 +161,108 @@ pub fn popularity_prior(histogram: &[f32]) -> Vec<f32> {
 
 /// The flat-vector range of the popularity histogram, if the tower has one.
 pub fn popularity_range(shape: &TowerShape) -> Option<std::ops::Range<usize>> {
+    tensor_range(shape, POPULARITY)
+}
+
+/// The flat-vector range of the tensor `name`, if the tower has it.
+pub fn tensor_range(shape: &TowerShape, name: &str) -> Option<std::ops::Range<usize>> {
     let mut start = 0;
     for t in tensors(shape) {
-        if t.name == POPULARITY {
+        if t.name == name {
             return Some(start..start + t.len());
         }
         start += t.len();
     }
     None
+}
+
+/// The pooling decays a pooling selection scores: `Some(r)` weighs a shopper's `k`-th most
+/// recent item `r^k` (normalised to sum to one over the `L` items), `None` is the tower's
+/// start, the mean of the last `zero_shot_items`.
+pub const SELECTION_DECAYS: [Option<f64>; 4] = [None, Some(0.8), Some(0.6), Some(0.4)];
+
+/// The prior weights β a pooling selection scores with each decay.
+pub const SELECTION_WEIGHTS: [f64; 3] = [0.035, 0.05, 0.07];
+
+/// One setting of a pooling selection: the pooling weights (most recent item first, as the
+/// `recency` tensor holds them) and the prior weight β.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolingSetting {
+    pub recency: Vec<f32>,
+    pub weight: f32,
+}
+
+/// The public grid a pooling selection scores, decay by decay ([`SELECTION_DECAYS`]) and,
+/// within each, weight by weight ([`SELECTION_WEIGHTS`]). It is fixed here, not sent by
+/// the coordinator, so a round cannot ask merchants for statistics of any other shape.
+pub fn selection_grid(shape: &TowerShape) -> Vec<PoolingSetting> {
+    let mut grid = Vec::with_capacity(SELECTION_DECAYS.len() * SELECTION_WEIGHTS.len());
+    for decay in SELECTION_DECAYS {
+        let recency = match decay {
+            None => zero_shot_weights(shape.history, shape.zero_shot_items),
+            Some(r) => {
+                let raw: Vec<f64> = (0..shape.history).map(|k| r.powi(k as i32)).collect();
+                let total: f64 = raw.iter().sum();
+                raw.iter().map(|w| (w / total) as f32).collect()
+            }
+        };
+        for weight in SELECTION_WEIGHTS {
+            grid.push(PoolingSetting { recency: recency.clone(), weight: weight as f32 });
+        }
+    }
+    grid
+}
+
+/// The index of the grid's setting that `offset` holds (its pooling weights and prior
+/// weight within 1e-6 of the setting's), if any.
+pub fn setting_of(shape: &TowerShape, offset: &[f32]) -> Option<usize> {
+    let (recency, weight) = selection_ranges(shape)?;
+    let (pooling, beta) = (offset.get(recency)?, *offset.get(weight)?);
+    let start = zero_shot_weights(shape.history, shape.zero_shot_items);
+    let close = |a: f32, b: f32| (a - b).abs() < 1e-6;
+    selection_grid(shape).iter().position(|s| {
+        close(beta + POPULARITY_WEIGHT_INIT as f32, s.weight)
+            && pooling.iter().zip(&start).zip(&s.recency).all(|((o, i), w)| close(o + i, *w))
+    })
+}
+
+/// Setting `index` of the grid in words: its pooling and its prior weight.
+pub fn describe_setting(index: usize) -> String {
+    let (decay, weight) = (index / SELECTION_WEIGHTS.len(), index % SELECTION_WEIGHTS.len());
+    let pooling = match SELECTION_DECAYS.get(decay).copied().flatten() {
+        Some(r) => format!("pooling decaying by {r} per item back"),
+        None if decay < SELECTION_DECAYS.len() => {
+            "the start's pooling (the mean of the last items)".to_owned()
+        }
+        None => return format!("no setting {index}"),
+    };
+    format!("setting {index}: {pooling}, prior weight β = {}", SELECTION_WEIGHTS[weight])
+}
+
+/// Where a pooling selection writes in the flat vector: the pooling weights' range and the
+/// prior weight's index; `None` for a tower without a popularity prior.
+pub fn selection_ranges(shape: &TowerShape) -> Option<(std::ops::Range<usize>, usize)> {
+    let recency = tensor_range(shape, "recency")?;
+    let weight = tensor_range(shape, POPULARITY_WEIGHT)?;
+    Some((recency, weight.start))
+}
+
+/// `offset` (a tower's offset from its initial values) with the pooling weights and prior
+/// weight of `setting` in place of its own, every other value kept; `None` for a tower
+/// without a popularity prior or a setting of another history length. The initial
+/// values of both tensors do not depend on the seed, so neither does this.
+pub fn with_setting(shape: &TowerShape, offset: &[f32], setting: &PoolingSetting) -> Option<Vec<f32>> {
+    let (recency, weight) = selection_ranges(shape)?;
+    if setting.recency.len() != recency.len() || offset.len() <= weight || offset.len() < recency.end {
+        return None;
+    }
+    let mut out = offset.to_vec();
+    let start = zero_shot_weights(shape.history, shape.zero_shot_items);
+    for ((o, s), i) in out[recency].iter_mut().zip(&setting.recency).zip(start) {
+        *o = s - i;
+    }
+    out[weight] = setting.weight - POPULARITY_WEIGHT_INIT as f32;
+    Some(out)
 }
 
 /// How a tensor starts.
@@ -411,5 +505,63 @@ mod tests {
         assert!(TowerShape { heads: 5, ..shape(2) }.validate().is_err());
         assert!(TowerShape { zero_shot_items: 9, ..shape(2) }.validate().is_err());
         assert!(TowerShape { heads: 5, ..shape(0) }.validate().is_ok(), "no transformer, no heads to check");
+    }
+
+    #[test]
+    fn the_selection_grid_is_normalised_pooling_decays_with_the_start_among_them() {
+        let shape = TowerShape { catalogue: 30, ..shape(1) };
+        let grid = selection_grid(&shape);
+        assert_eq!(grid.len(), SELECTION_DECAYS.len() * SELECTION_WEIGHTS.len());
+        for setting in &grid {
+            let total: f32 = setting.recency.iter().sum();
+            assert!((total - 1.0).abs() < 1e-6, "{total}");
+            assert!(
+                setting.recency.windows(2).all(|w| w[0] >= w[1]),
+                "most recent first: {:?}",
+                setting.recency
+            );
+        }
+        // Decay 0.6: each weight 0.6 times the one after it (more recent).
+        let decay = &grid[2 * SELECTION_WEIGHTS.len()].recency;
+        assert!((decay[3] / decay[2] - 0.6).abs() < 1e-6);
+        // The tower's start is one of the settings: applying it to a zero offset keeps it zero.
+        let start = grid.iter().position(|s| {
+            s.recency == zero_shot_weights(shape.history, shape.zero_shot_items)
+                && s.weight == POPULARITY_WEIGHT_INIT as f32
+        });
+        let start = start.expect("the start is in the grid");
+        let zeros = vec![0.0; parameter_count(&shape)];
+        assert_eq!(with_setting(&shape, &zeros, &grid[start]), Some(zeros.clone()));
+        assert_eq!(setting_of(&shape, &zeros), Some(start));
+        for (j, setting) in grid.iter().enumerate() {
+            assert_eq!(setting_of(&shape, &with_setting(&shape, &zeros, setting).expect("fits")), Some(j));
+        }
+        assert!(describe_setting(2 * SELECTION_WEIGHTS.len() + 2).contains("decaying by 0.6"));
+    }
+
+    #[test]
+    fn a_setting_replaces_the_pooling_and_prior_weight_and_nothing_else() {
+        let without = shape(1);
+        let shape = TowerShape { catalogue: 30, ..without };
+        let n = parameter_count(&shape);
+        let offset: Vec<f32> = (0..n).map(|i| i as f32 * 1e-3).collect();
+        let setting = &selection_grid(&shape)[SELECTION_WEIGHTS.len() + 2];
+        let chosen = with_setting(&shape, &offset, setting).expect("a tower with a prior");
+        let (recency, weight) = selection_ranges(&shape).expect("ranges");
+        let initial = initial_values(&shape, 7);
+        for i in 0..n {
+            let value = initial[i] + chosen[i];
+            if recency.contains(&i) {
+                assert!((value - setting.recency[i - recency.start]).abs() < 1e-6, "{i}");
+            } else if i == weight {
+                assert!((value - setting.weight).abs() < 1e-6);
+            } else {
+                assert_eq!(chosen[i], offset[i], "{i} moved");
+            }
+        }
+        // No prior, nothing to select; a setting of another history length is refused.
+        assert!(with_setting(&without, &offset[..parameter_count(&without)], setting).is_none());
+        let short = PoolingSetting { recency: vec![1.0], weight: 0.05 };
+        assert!(with_setting(&shape, &offset, &short).is_none());
     }
 }

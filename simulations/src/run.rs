@@ -145,6 +145,8 @@ struct FederatedArm {
     /// Popularity releases before the training rounds, and their noise multiplier.
     popularity_releases: u32,
     popularity_noise_multiplier: f64,
+    /// z of the pooling selection after the releases, if the arm runs one.
+    selection_noise_multiplier: Option<f64>,
     epsilon_cap: f64,
     delta: f64,
     /// Every round the arm runs: its popularity releases and its training rounds.
@@ -216,6 +218,10 @@ async fn federated(
             c.rounds.popularity_releases = arm.popularity_releases;
             c.privacy.popularity_noise_multiplier = arm.popularity_noise_multiplier;
             c.privacy.popularity_sampling_rate = sh.popularity_sampling_rate;
+            if let Some(z) = arm.selection_noise_multiplier {
+                c.rounds.pooling_selection = true;
+                c.privacy.selection_noise_multiplier = z;
+            }
         }
     })?;
     let binary = coordinator_binary()?;
@@ -230,6 +236,14 @@ async fn federated(
             arm.popularity_noise_multiplier,
             sh.rounds,
             if sh.rounds > 0 { format!(" at z = {:.3}", arm.noise_multiplier) } else { String::new() }
+        ));
+    }
+    if let Some(z) = arm.selection_noise_multiplier {
+        events.push(format!(
+            "then one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on \
+             its validation item under the {} public settings of pooling and prior weight, z = {z:.3}",
+            arm.shopper.as_ref().map_or(1.0, |sh| sh.popularity_sampling_rate),
+            guild_proto::tower::SELECTION_DECAYS.len() * guild_proto::tower::SELECTION_WEIGHTS.len(),
         ));
     }
 
@@ -394,6 +408,19 @@ async fn federated(
     for mut p in processes {
         let _ = p.kill();
         let _ = p.wait();
+    }
+    if arm.selection_noise_multiplier.is_some() && world.spec.family == AdapterFamilyName::SequenceTower {
+        let version = u64::from(arm.popularity_releases) + 1;
+        if let Ok(record) = store.adapter(version) {
+            let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
+            events.push(match guild_proto::tower::setting_of(&world.spec.tower.shape, &values) {
+                Some(j) => format!(
+                    "the pooling selection (adapter version {version}) chose {}",
+                    guild_proto::tower::describe_setting(j)
+                ),
+                None => format!("adapter version {version} holds none of the selection's settings"),
+            });
+        }
     }
     let (dropped, straggled) = faults.injected.counts();
     if dropped.iter().sum::<u64>() > 0 {
@@ -582,8 +609,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let d = world.parameter_count();
     let delta = s.delta(n);
     let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
-    let shopper_rounds =
-        s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + u64::from(sh.popularity_releases));
+    let shopper_rounds = s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + sh.statistic_rounds());
     let progress = Progress::new(
         u64::from(s.arms.federated) * f.rounds
             + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
@@ -739,6 +765,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             shopper: None,
             noise_multiplier: 0.0,
             popularity_releases: 0,
+            selection_noise_multiplier: None,
             popularity_noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
@@ -780,6 +807,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             shopper: None,
             noise_multiplier: z,
             popularity_releases: 0,
+            selection_noise_multiplier: None,
             popularity_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
@@ -795,6 +823,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             shopper: None,
             noise_multiplier: z,
             popularity_releases: 0,
+            selection_noise_multiplier: None,
             popularity_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
@@ -829,6 +858,14 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             ..round.clone()
         };
         let releases = u64::from(sh.popularity_releases);
+        // The pooling selection, at its fixed z, is charged first; the rest is calibrated
+        // to what it leaves.
+        let selection = match sh.selection_noise_multiplier {
+            Some(z) => (RoundPrivacy { noise_multiplier: z, ..release.clone() })
+                .curve_after(1)?
+                .context("a selection without noise")?,
+            None => RdpCurve::zero(),
+        };
         for &epsilon in &s.arms.shopper_dp_epsilons {
             // Room for one round charged and then aborted (two if the coordinator is
             // killed before its last round), as for the other DP arms; a release-only arm is
@@ -839,16 +876,27 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                     && s.faults.kill_coordinator_after_round.is_some_and(|k| k < sh.rounds + releases),
             );
             let (z_release, z) = if sh.rounds == 0 {
-                (calibrate_noise(epsilon, &release, releases + spare, shopper_delta)?, 0.0)
+                let z_release = if releases == 0 {
+                    0.0
+                } else {
+                    calibrate_noise_after(epsilon, &selection, &release, releases + spare, shopper_delta)?
+                };
+                (z_release, 0.0)
             } else if releases == 0 {
-                (0.0, calibrate_noise(epsilon, &round, sh.rounds + 1 + spare, shopper_delta)?)
+                (
+                    0.0,
+                    calibrate_noise_after(epsilon, &selection, &round, sh.rounds + 1 + spare, shopper_delta)?,
+                )
             } else {
-                // (Scenario validation requires the share when both kinds of round run.)
+                // (Scenario validation requires the share when both kinds of round run; the
+                // selection's cost counts towards the releases' share.)
                 let share = sh.popularity_budget.context("arms.shopper_dp.popularity_budget")?;
-                let z_release = calibrate_noise(share * epsilon, &release, releases, shopper_delta)?;
+                let z_release =
+                    calibrate_noise_after(share * epsilon, &selection, &release, releases, shopper_delta)?;
                 let before = (RoundPrivacy { noise_multiplier: z_release, ..release.clone() })
                     .curve_after(releases)?
-                    .context("a release without noise")?;
+                    .context("a release without noise")?
+                    .compose(&selection);
                 let z =
                     calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
                 (z_release, z)
@@ -861,9 +909,10 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                 noise_multiplier: if sh.rounds == 0 { z_release } else { z },
                 popularity_releases: sh.popularity_releases,
                 popularity_noise_multiplier: z_release,
+                selection_noise_multiplier: sh.selection_noise_multiplier,
                 epsilon_cap: epsilon,
                 delta: shopper_delta,
-                rounds: sh.rounds + releases,
+                rounds: sh.rounds + sh.statistic_rounds(),
             });
         }
     }

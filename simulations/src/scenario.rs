@@ -192,6 +192,21 @@ pub struct ShopperDp {
     /// it when there are none.
     #[serde(default)]
     pub popularity_budget: Option<f64>,
+    /// z of one pooling selection after the releases (`rounds.pooling_selection`): each
+    /// merchant samples its shoppers at `popularity_sampling_rate` and sends each one's
+    /// NDCG@10 on its validation item under every setting of the public grid, and the
+    /// coordinator keeps the best setting of the tower's pooling and prior weight. Its cost
+    /// at this fixed z is charged first; the releases and training rounds are calibrated
+    /// to what is left of each arm's ε. None: no selection.
+    #[serde(default)]
+    pub selection_noise_multiplier: Option<f64>,
+}
+
+impl ShopperDp {
+    /// The rounds that train nothing: the releases and the selection.
+    pub fn statistic_rounds(&self) -> u64 {
+        u64::from(self.popularity_releases) + u64::from(self.selection_noise_multiplier.is_some())
+    }
 }
 
 fn every_shopper() -> f64 {
@@ -310,12 +325,12 @@ impl Scenario {
                 return Err(invalid("shopper_dp_epsilons needs [arms.shopper_dp] settings".into()));
             };
             if !(sh.sampling_rate > 0.0 && sh.sampling_rate <= 1.0)
-                || sh.rounds + u64::from(sh.popularity_releases) == 0
+                || sh.rounds + sh.statistic_rounds() == 0
                 || sh.merge_shops == 0
             {
                 return Err(invalid(
-                    "arms.shopper_dp: sampling_rate must be in (0, 1], rounds + popularity_releases and \
-                     merge_shops at least 1"
+                    "arms.shopper_dp: sampling_rate must be in (0, 1], rounds + popularity_releases (+ the \
+                     selection) and merge_shops at least 1"
                         .into(),
                 ));
             }
@@ -338,6 +353,23 @@ impl Scenario {
                                 .into(),
                         ));
                     }
+                }
+            }
+            if let Some(z) = sh.selection_noise_multiplier {
+                if !(z.is_finite() && z > 0.0) {
+                    return Err(invalid(
+                        "arms.shopper_dp.selection_noise_multiplier must be positive".into(),
+                    ));
+                }
+                if !scenario.federation.popularity {
+                    return Err(invalid(
+                        "arms.shopper_dp.selection_noise_multiplier needs federation.popularity = true (the \
+                         selection scores the prior's weight)"
+                            .into(),
+                    ));
+                }
+                if !(sh.popularity_sampling_rate > 0.0 && sh.popularity_sampling_rate <= 1.0) {
+                    return Err(invalid("arms.shopper_dp.popularity_sampling_rate must be in (0, 1]".into()));
                 }
             }
             if scenario.clients != ClientMode::Tasks {

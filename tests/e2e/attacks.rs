@@ -221,6 +221,7 @@ fn honest_task(z: f64) -> RoundTask {
             data_seed: 1,
             negatives: 0,
             popularity_release: false,
+            pooling_selection: false,
         },
         privacy: PrivacyParams {
             mode: PrivacyMode::Distributed,

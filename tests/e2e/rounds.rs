@@ -217,6 +217,55 @@ async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
     run_and_check_a_release_then_training(&federation).await;
 }
 
+/// The pooling selection end to end, between a release and a training round: version 2
+/// keeps the histogram and every trained value of version 1 and holds one of the public
+/// grid's settings of pooling and prior weight (whatever the lightweight clients send, the
+/// coordinator writes nothing else), charged to the shopper unit at the release's rate and
+/// the selection's own noise; version 3 trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_setting() {
+    use guild_privacy::PrivacyUnit;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shape = guild_proto::tower::TowerShape::tiny(16);
+    let federation = four_merchants(dir.path(), 3, |c| {
+        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
+        c.adapter.tower = shape;
+        c.rounds.popularity_releases = 1;
+        c.rounds.pooling_selection = true;
+        c.privacy.popularity_noise_multiplier = 3.0;
+        c.privacy.selection_noise_multiplier = 20.0;
+        c.privacy.unit = PrivacyUnit::Shopper;
+        c.privacy.shopper_sampling_rate = 0.1;
+        c.privacy.shoppers = 160;
+    })
+    .await;
+    every_client_in_every_round(&federation, 4, 3).await;
+    let store = federation.store().expect("store");
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    assert_eq!(entries.len(), 3, "release, selection and training are all charged");
+    let event = |e: &LedgerEntry| match e.event {
+        PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
+        other => panic!("not a shopper-unit event: {other:?}"),
+    };
+    let ((release_rate, release_rho), (selection_rate, selection_rho)) =
+        (event(&entries[0]), event(&entries[1]));
+    assert_eq!((release_rate, selection_rate), (1.0, 1.0), "both sample every shopper");
+    assert!(selection_rho < release_rho / 20.0, "z = 20 against z = 3: ρ ∝ 1/z²");
+    let manifest = federation.config.manifest().expect("manifest");
+    let (recency, weight) = manifest.selection_ranges().expect("a tower with a prior");
+    let d = manifest.parameter_count();
+    let version = |v: u64| {
+        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
+    };
+    let (v1, v2, v3) = (version(1), version(2), version(3));
+    let selected = |i: usize| recency.contains(&i) || i == weight;
+    let outside = |a: &[f32], b: &[f32]| a.iter().zip(b).enumerate().all(|(i, (x, y))| selected(i) || x == y);
+    assert!(outside(&v1, &v2), "the selection changed nothing but the pooling and the prior weight");
+    assert!(guild_proto::tower::setting_of(&shape, &v2).is_some(), "version 2 holds a setting of the grid");
+    assert!(guild_proto::tower::setting_of(&shape, &v1).is_some(), "the start is a setting too");
+    assert!(!outside(&v2, &v3), "the round after it trained");
+}
+
 /// Four merchants on the tiny tower (its item vectors are `small`'s hidden size, 16), two
 /// rounds, the first a popularity release at z = 3; `more` adjusts the rest.
 async fn tower_with_one_release(dir: &std::path::Path, more: impl FnOnce(&mut Config)) -> Federation {

@@ -176,6 +176,12 @@ impl Tower {
     /// units; differentiable in β only); `None` when the shape has no catalogue. Exactly
     /// zero while the histogram is.
     pub fn prior(&self) -> Option<Tensor> {
+        Some(self.popularity_log()? * self.var(POPULARITY_WEIGHT))
+    }
+
+    /// The prior at weight β = 1, `ln(1 + v_j/(κ·v̄))` (`[catalogue]`, no gradient); `None`
+    /// when the shape has no catalogue.
+    pub fn popularity_log(&self) -> Option<Tensor> {
         if self.config.shape.catalogue == 0 {
             return None;
         }
@@ -186,7 +192,7 @@ impl Tower {
         let sigma = (negative.square().sum(Kind::Float) / count).sqrt();
         let kept = (&histogram - sigma * POPULARITY_NOISE_THRESHOLD).clamp_min(0.0);
         let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
-        Some((kept / scale).log1p() * self.var(POPULARITY_WEIGHT))
+        Some((kept / scale).log1p())
     }
 
     /// Sets the popularity histogram (`[catalogue]` values, any scale); an error if the

@@ -14,7 +14,7 @@ use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::{release_step, server_step};
+use super::optimizer::{release_step, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::store::{AdapterRecord, RoundCommit};
 
@@ -242,7 +242,21 @@ impl Engine {
             let sigma = round.kind.noise_multiplier * self.config.privacy.clip_norm;
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
         }
-        let step = if round.kind.release {
+        let step = if round.kind.selection {
+            let guild_proto::domain::AdapterFamily::SequenceTower(shape) = &self.manifest.family else {
+                anyhow::bail!("a pooling selection for an adapter that is not a sequence tower");
+            };
+            let (step, best) =
+                selection_step(shape, &latest.values, &decoded, moments.as_ref()).ok_or_else(|| {
+                    anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
+                })?;
+            // The estimates, in NDCG@10: each setting's sum was c/√k times its values.
+            let k = guild_proto::tower::selection_grid(shape).len();
+            let scale = (k as f64).sqrt() / (self.config.privacy.clip_norm * round.denominator);
+            let estimates: Vec<String> = decoded[..k].iter().map(|s| format!("{:.4}", s * scale)).collect();
+            tracing::info!(setting = best, estimates = %estimates.join(" "), "pooling selected");
+            step
+        } else if round.kind.release {
             // Only the histogram was sent: everything else in the sum is noise.
             release_step(
                 &latest.values,

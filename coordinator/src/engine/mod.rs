@@ -113,7 +113,8 @@ struct Round {
     /// Fixed FedAvg denominator: the expected number of summands, q·N (merchants sampled
     /// by the coordinator, or shoppers sampled by their merchants).
     denominator: f64,
-    /// Training or a popularity release, and the noise and rates the round asked for.
+    /// Training, a popularity release or the pooling selection, and the noise and rates
+    /// the round asked for.
     kind: open::RoundKind,
     /// The phase now collecting messages; `None` once every phase closed.
     phase: Option<Phase>,

@@ -33,11 +33,13 @@ struct TaskTemplate<'a> {
     deadlines: Vec<Duration>,
 }
 
-/// What a round asks of its cohort: training, or a popularity release
-/// (`rounds.popularity_releases`), with the sampling rates and the noise that go with it.
+/// What a round asks of its cohort: training, a popularity release
+/// (`rounds.popularity_releases`) or the pooling selection (`rounds.pooling_selection`),
+/// with the sampling rates and the noise that go with it.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub(super) struct RoundKind {
     pub release: bool,
+    pub selection: bool,
     /// The rate at which the coordinator samples merchants.
     pub merchant_rate: f64,
     /// The rate at which the DP unit is sampled: merchants (by the coordinator) or
@@ -49,31 +51,39 @@ pub(super) struct RoundKind {
 impl RoundKind {
     /// The kind of the round that would follow adapter version `version`: the federation's
     /// first `rounds.popularity_releases` versions come from releases (when the adapter has
-    /// a popularity histogram), every later one from training.
+    /// a popularity histogram), the next from the pooling selection (when asked for, and the
+    /// adapter is a tower with a prior), every later one from training.
     pub fn after(
         config: &crate::config::Config,
         manifest: &guild_proto::domain::AdapterManifest,
         version: u64,
     ) -> Self {
         let (r, p) = (&config.rounds, &config.privacy);
-        let release = manifest.accumulated_range().is_some() && version < u64::from(r.popularity_releases);
-        let rate = |training: f64| if release { p.popularity_sampling_rate } else { training };
+        let releases =
+            if manifest.accumulated_range().is_some() { u64::from(r.popularity_releases) } else { 0 };
+        let release = version < releases;
+        let selection = r.pooling_selection && manifest.selection_ranges().is_some() && version == releases;
+        let rate = |training: f64| if release || selection { p.popularity_sampling_rate } else { training };
+        let noise_multiplier = if release {
+            p.popularity_noise_multiplier
+        } else if selection {
+            p.selection_noise_multiplier
+        } else {
+            p.noise_multiplier
+        };
         match p.unit {
             PrivacyUnit::Merchant => {
                 let q = rate(r.sampling_rate);
-                Self { release, merchant_rate: q, unit_rate: q, noise_multiplier: Self::z(config, release) }
+                Self { release, selection, merchant_rate: q, unit_rate: q, noise_multiplier }
             }
             PrivacyUnit::Shopper => Self {
                 release,
+                selection,
                 merchant_rate: r.sampling_rate,
                 unit_rate: rate(p.shopper_sampling_rate),
-                noise_multiplier: Self::z(config, release),
+                noise_multiplier,
             },
         }
-    }
-
-    fn z(config: &crate::config::Config, release: bool) -> f64 {
-        if release { config.privacy.popularity_noise_multiplier } else { config.privacy.noise_multiplier }
     }
 }
 
@@ -207,6 +217,7 @@ impl Engine {
             neighbours = k,
             adapter = latest.version,
             popularity_release = kind.release,
+            pooling_selection = kind.selection,
             "round opened"
         );
         self.metrics.participants.set(i64::from(n));
@@ -278,6 +289,7 @@ impl Engine {
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
                 popularity_release: template.kind.release,
+                pooling_selection: template.kind.selection,
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,
@@ -333,11 +345,22 @@ mod tests {
              shoppers = 1000\nnoise_multiplier = 1.1\npopularity_noise_multiplier = 2.5\n",
         );
         let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
-        let release = RoundKind { release: true, merchant_rate: 1.0, unit_rate: 1.0, noise_multiplier: 2.5 };
+        let release = RoundKind {
+            release: true,
+            selection: false,
+            merchant_rate: 1.0,
+            unit_rate: 1.0,
+            noise_multiplier: 2.5,
+        };
         assert_eq!(RoundKind::after(&shopper, &tower, 0), release);
         assert_eq!(RoundKind::after(&shopper, &tower, 1), release);
-        let training =
-            RoundKind { release: false, merchant_rate: 1.0, unit_rate: 0.02, noise_multiplier: 1.1 };
+        let training = RoundKind {
+            release: false,
+            selection: false,
+            merchant_rate: 1.0,
+            unit_rate: 0.02,
+            noise_multiplier: 1.1,
+        };
         assert_eq!(RoundKind::after(&shopper, &tower, 2), training);
         let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
         assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
@@ -346,8 +369,45 @@ mod tests {
             "[rounds]\npopularity_releases = 1\nsampling_rate = 0.1\n\
              [privacy]\npopularity_noise_multiplier = 2.0\npopularity_sampling_rate = 0.5\n",
         );
-        let release = RoundKind { release: true, merchant_rate: 0.5, unit_rate: 0.5, noise_multiplier: 2.0 };
+        let release = RoundKind {
+            release: true,
+            selection: false,
+            merchant_rate: 0.5,
+            unit_rate: 0.5,
+            noise_multiplier: 2.0,
+        };
         assert_eq!(RoundKind::after(&merchant, &tower, 0), release);
         assert_eq!(RoundKind::after(&merchant, &tower, 1).merchant_rate, 0.1);
+    }
+
+    /// The pooling selection comes right after the releases (or first, without them), at
+    /// the releases' rate and its own noise, and only for a tower with a prior.
+    #[test]
+    fn the_pooling_selection_follows_the_releases_at_its_own_noise() {
+        let shopper = config(
+            "[rounds]\npopularity_releases = 1\npooling_selection = true\n[privacy]\nunit = \"shopper\"\n\
+             shopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n\
+             popularity_noise_multiplier = 2.5\nselection_noise_multiplier = 20.0\n",
+        );
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
+        assert!(RoundKind::after(&shopper, &tower, 0).release);
+        let selection = RoundKind {
+            release: false,
+            selection: true,
+            merchant_rate: 1.0,
+            unit_rate: 1.0,
+            noise_multiplier: 20.0,
+        };
+        assert_eq!(RoundKind::after(&shopper, &tower, 1), selection);
+        let training = RoundKind::after(&shopper, &tower, 2);
+        assert!(!training.release && !training.selection && training.noise_multiplier == 1.1);
+        // A tower without a prior has neither.
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
+        assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
+        // Without releases the selection is the first round.
+        let first =
+            config("[rounds]\npooling_selection = true\n[privacy]\nselection_noise_multiplier = 20.0\n");
+        assert!(RoundKind::after(&first, &tower, 0).selection);
+        assert!(!RoundKind::after(&first, &tower, 1).selection);
     }
 }

@@ -123,6 +123,26 @@ pub fn release_step(
     ServerStep { values, moments: moments.cloned() }
 }
 
+/// The pooling selection's step for a tower of `shape`: the setting of the public grid
+/// (`guild_proto::tower::selection_grid`) whose noisy sum, in the first `k` coordinates of
+/// `sum`, is largest becomes the tower's pooling and prior weight; every other value is kept
+/// (what the sum holds elsewhere is noise alone) and the optimiser's `moments` carried over.
+/// With the chosen setting's index; `None` for a tower without a popularity prior or a sum
+/// shorter than the grid.
+pub fn selection_step(
+    shape: &guild_proto::tower::TowerShape,
+    current: &[f32],
+    sum: &[f64],
+    moments: Option<&Moments>,
+) -> Option<(ServerStep, usize)> {
+    let grid = guild_proto::tower::selection_grid(shape);
+    let scores = sum.get(..grid.len())?;
+    // The first of equal sums; a NaN never reaches here (the decoded sum's bound rejects it).
+    let best = (0..grid.len()).fold(0, |best, j| if scores[j] > scores[best] { j } else { best });
+    let values = guild_proto::tower::with_setting(shape, current, &grid[best])?;
+    Some((ServerStep { values, moments: moments.cloned() }, best))
+}
+
 fn optimizer_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -235,6 +255,37 @@ mod tests {
                 assert_eq!((m.first[1], m.first[2], m.second[1], m.second[2]), (0.0, 0.0, 0.0, 0.0));
             }
         }
+    }
+
+    #[test]
+    fn a_selection_takes_the_setting_with_the_largest_sum_and_moves_nothing_else() {
+        use guild_proto::tower::{
+            TowerShape, parameter_count, selection_grid, selection_ranges, with_setting,
+        };
+        let shape = TowerShape::tiny(10);
+        let n = parameter_count(&shape);
+        let current: Vec<f32> = (0..n).map(|i| i as f32 * 1e-2).collect();
+        let grid = selection_grid(&shape);
+        let mut sum = vec![-50.0; n];
+        sum[..grid.len()].iter_mut().enumerate().for_each(|(j, s)| *s = j as f64);
+        sum[4] = 1e3;
+        let moments = Moments::zeros(n);
+        let (step, best) =
+            selection_step(&shape, &current, &sum, Some(&moments)).expect("a tower with a prior");
+        assert_eq!(best, 4);
+        assert_eq!(step.values, with_setting(&shape, &current, &grid[4]).expect("fits"));
+        let (recency, weight) = selection_ranges(&shape).expect("ranges");
+        for (i, (&after, &before)) in step.values.iter().zip(&current).enumerate() {
+            if !recency.contains(&i) && i != weight {
+                assert_eq!(after, before, "{i} moved");
+            }
+        }
+        assert_eq!(step.moments, Some(moments));
+        // Ties go to the first; no prior or too short a sum, no selection.
+        let (_, first) = selection_step(&shape, &current, &vec![1.0; n], None).expect("fits");
+        assert_eq!(first, 0);
+        assert!(selection_step(&TowerShape::tiny(0), &current, &sum, None).is_none());
+        assert!(selection_step(&shape, &current, &sum[..3], None).is_none());
     }
 
     #[test]
