@@ -313,11 +313,11 @@ impl TowerLearner {
     /// setting of the pooling selection's grid, the tower at `values` otherwise
     /// (`retrieval::selection_ndcg`).
     fn selection_values(&self, values: &[f32], indices: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let (mut tower, items, owned) = self.unlocked(values, indices)?;
+        let (tower, items, owned) = self.unlocked(values, indices)?;
         let users: Vec<&User> = owned.iter().collect();
         let items = items.to(tower.var_store().device());
         let grid = guild_proto::tower::selection_grid(&self.config.shape);
-        Ok(retrieval::selection_ndcg(&mut tower, &items, &users, &grid)?)
+        Ok(retrieval::selection_ndcg(&tower, &items, &users, &grid)?)
     }
 }
 

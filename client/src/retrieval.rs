@@ -13,7 +13,9 @@ use tch::{Kind, Tensor, nn, nn::OptimizerConfig};
 
 use crate::data::{Dataset, Example, ItemIndex, User};
 use crate::model::lora::Adapters;
-use crate::model::tower::{Tower, TowerRow, normalise, tower_rows, zero_shot_scores};
+use crate::model::tower::{
+    Tower, TowerRow, last_positions, last_windows, normalise, tower_rows, zero_shot_scores,
+};
 use crate::model::{BaseModel, ModelError};
 use guild_proto::tower::{PoolingSetting, TowerShape};
 
@@ -347,12 +349,13 @@ fn ndcg_at_10(rank: i64) -> f64 {
 
 /// What a pooling selection asks of each user: its NDCG@10 on its validation item under
 /// every setting of `grid` (`guild_proto::tower::selection_grid` of the tower's shape),
-/// ranked as [`evaluate_tower`] ranks, with the tower's own values everywhere else;
-/// `[users][settings]`, all zeros for a user without a validation item. The cosine is
-/// computed once per distinct pooling and the prior added per weight. The tower is left
-/// at its values.
+/// ranked as [`evaluate_tower`] ranks (the history's other items masked out, ties in the
+/// target's favour), with the tower's own values everywhere else; `[users][settings]`, all
+/// zeros for a user without a validation item. Per batch of users the items' residual, the
+/// transformer and the masks are computed once, the cosine once per distinct pooling and
+/// the ranks once per setting.
 pub fn selection_ndcg(
-    tower: &mut Tower,
+    tower: &Tower,
     items: &Tensor,
     users: &[&User],
     grid: &[PoolingSetting],
@@ -360,11 +363,11 @@ pub fn selection_ndcg(
     let shape = tower.config().shape;
     let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
     let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
-    let offset = tower.offset();
-    let mut out = vec![vec![0.0f32; grid.len()]; users.len()];
-    let examples: Vec<(usize, Example<'_>)> =
-        users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
-    // Settings sharing a pooling, in grid order.
+    if grid.iter().any(|s| s.recency.len() != shape.history) {
+        return Err(bad("setting does not fit the tower's history length"));
+    }
+    let device = items.device();
+    // Distinct poolings in grid order, each with the settings that use it.
     let mut poolings: Vec<(&[f32], Vec<usize>)> = Vec::new();
     for (j, setting) in grid.iter().enumerate() {
         match poolings.iter_mut().find(|(r, _)| *r == setting.recency.as_slice()) {
@@ -372,29 +375,56 @@ pub fn selection_ndcg(
             None => poolings.push((&setting.recency, vec![j])),
         }
     }
-    for (_, settings) in &poolings {
-        let values = guild_proto::tower::with_setting(&shape, &offset, &grid[settings[0]])
-            .ok_or_else(|| bad("setting does not fit the tower"))?;
-        tower.set_offset(&values)?;
-        tch::no_grad(|| {
-            let adapted = normalise(&tower.adapt_items(items));
-            let prior = prior.unsqueeze(0);
-            for chunk in examples.chunks(256) {
-                let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
-                let just: Vec<Example<'_>> = chunk.iter().map(|(_, e)| *e).collect();
-                let cosine = normalise(&tower.shoppers(items, &histories)).matmul(&adapted.tr());
+    let recencies: Vec<Tensor> = poolings.iter().map(|(r, _)| Tensor::from_slice(r).to(device)).collect();
+    let recencies: Vec<&Tensor> = recencies.iter().collect();
+    let mut out = vec![vec![0.0f32; grid.len()]; users.len()];
+    let examples: Vec<(usize, Example<'_>)> =
+        users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
+    let catalogue = items.size()[0];
+    tch::no_grad(|| {
+        let adapted = normalise(&tower.adapt_items(items)).tr();
+        for chunk in examples.chunks(256) {
+            let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
+            let windows = last_windows(&histories, shape.history);
+            let b = chunk.len() as i64;
+            // The history's items other than the target, masked out of every ranking.
+            let seen: Vec<i64> = chunk
+                .iter()
+                .enumerate()
+                .flat_map(|(row, (_, e))| {
+                    e.history
+                        .iter()
+                        .filter(|&&i| i != e.target)
+                        .map(move |&i| row as i64 * catalogue + i64::from(i))
+                })
+                .collect();
+            let mask = Tensor::zeros([b * catalogue], (Kind::Bool, device))
+                .index_fill(0, &Tensor::from_slice(&seen).to(device), 1)
+                .view([b, catalogue]);
+            let targets =
+                Tensor::from_slice(&chunk.iter().map(|(_, e)| i64::from(e.target)).collect::<Vec<_>>())
+                    .to(device)
+                    .unsqueeze(1);
+            let prior_rows = prior.unsqueeze(0);
+            let target_prior = prior.index_select(0, &targets.squeeze_dim(1)).unsqueeze(1);
+            for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
+            {
+                let shoppers = normalise(&last_positions(&sequence, &windows));
+                let cosine = shoppers.matmul(&adapted).masked_fill(&mask, f64::NEG_INFINITY);
+                let target_cosine = cosine.gather(1, &targets, false);
                 for &j in settings {
-                    let scores = &cosine + &prior * f64::from(grid[j].weight);
-                    let (_, _, ranks) = target_ranks(&scores, &just);
+                    let beta = f64::from(grid[j].weight);
+                    let above =
+                        (&cosine + &prior_rows * beta).gt_tensor(&(&target_cosine + &target_prior * beta));
+                    let ranks = above.sum_dim_intlist(1, false, Kind::Int64).to(tch::Device::Cpu) + 1;
                     let ranks = Vec::<i64>::try_from(&ranks).expect("int64 ranks");
                     for ((user, _), rank) in chunk.iter().zip(ranks) {
                         out[*user][j] = ndcg_at_10(rank) as f32;
                     }
                 }
             }
-        });
-    }
-    tower.set_offset(&offset)?;
+        }
+    });
     Ok(out)
 }
 
@@ -638,7 +668,7 @@ mod tests {
             tower.offset().iter().enumerate().map(|(i, o)| o + (i % 7) as f32 * 1e-3).collect();
         tower.set_offset(&offset).expect("offset");
         let grid = guild_proto::tower::selection_grid(&shape);
-        let selected = selection_ndcg(&mut tower, &items, &refs, &grid).expect("selection");
+        let selected = selection_ndcg(&tower, &items, &refs, &grid).expect("selection");
         let moved = tower.offset().iter().zip(&offset).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
         assert!(moved < 1e-5, "the tower is left at its values (moved by {moved})");
         assert_eq!(selected.len(), refs.len());

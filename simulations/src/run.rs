@@ -227,24 +227,29 @@ async fn federated(
     let binary = coordinator_binary()?;
     federation.start_process(&binary).await?;
     let mut events = Vec::new();
-    if let (Some(sh), true) = (&arm.shopper, arm.popularity_releases > 0) {
-        events.push(format!(
-            "{} popularity release(s) first: every merchant's shoppers sampled at q = {}, each one's items \
-             at the whole clip norm, z = {:.3}; then {} training round(s){}",
-            arm.popularity_releases,
-            sh.popularity_sampling_rate,
-            arm.popularity_noise_multiplier,
-            sh.rounds,
-            if sh.rounds > 0 { format!(" at z = {:.3}", arm.noise_multiplier) } else { String::new() }
-        ));
-    }
-    if let Some(z) = arm.selection_noise_multiplier {
-        events.push(format!(
-            "then one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on \
-             its validation item under the {} public settings of pooling and prior weight, z = {z:.3}",
-            arm.shopper.as_ref().map_or(1.0, |sh| sh.popularity_sampling_rate),
-            guild_proto::tower::SELECTION_DECAYS.len() * guild_proto::tower::SELECTION_WEIGHTS.len(),
-        ));
+    if let Some(sh) = &arm.shopper {
+        let mut steps = Vec::new();
+        if arm.popularity_releases > 0 {
+            steps.push(format!(
+                "{} popularity release(s): every merchant's shoppers sampled at q = {}, each one's items at \
+                 the whole clip norm, z = {:.3}",
+                arm.popularity_releases, sh.popularity_sampling_rate, arm.popularity_noise_multiplier,
+            ));
+        }
+        if let Some(z) = arm.selection_noise_multiplier {
+            steps.push(format!(
+                "one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on its \
+                 validation item under the {} public settings of pooling and prior weight, z = {z:.3}",
+                sh.popularity_sampling_rate,
+                guild_proto::tower::SELECTION_DECAYS.len() * guild_proto::tower::SELECTION_WEIGHTS.len(),
+            ));
+        }
+        if sh.rounds > 0 {
+            steps.push(format!("{} training round(s) at z = {:.3}", sh.rounds, arm.noise_multiplier));
+        }
+        if arm.popularity_releases > 0 || arm.selection_noise_multiplier.is_some() {
+            events.push(steps.join("; then "));
+        }
     }
 
     let faults = Faults {

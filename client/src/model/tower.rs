@@ -136,12 +136,19 @@ impl Tower {
     /// of a short history exactly as [`Self::shoppers`] gives it for that prefix alone: a
     /// shopper's whole history trains in one row (SASRec's training, ICDM 2018).
     pub fn sequence(&self, items: &Tensor, windows: &[&[ItemIndex]]) -> Tensor {
+        let mut one = self.sequences(items, windows, &[self.var("recency")]);
+        one.pop().expect("one sequence per pooling")
+    }
+
+    /// [`Self::sequence`] once for each of `recencies` in place of the tower's own pooling
+    /// weights, the items' residual and the transformer computed once for all.
+    pub fn sequences(&self, items: &Tensor, windows: &[&[ItemIndex]], recencies: &[&Tensor]) -> Vec<Tensor> {
         let shape = &self.config.shape;
         let (raw, _) = gather_windows(items, windows, shape.history as i64);
         let sequence = self.adapt_items(&raw);
-        let pooled = pool(&sequence, self.var("recency"));
+        let pooled = recencies.iter().map(|recency| pool(&sequence, recency));
         if shape.layers == 0 {
-            return pooled;
+            return pooled.collect();
         }
         let (_, m, _) = sequence.size3().expect("[batch, length, hidden]");
         let xs = self.linear(&sequence, "input") + self.var("position").narrow(0, 0, m).unsqueeze(0);
@@ -149,7 +156,8 @@ impl Tower {
         // positions attend to the items and themselves and stay finite; nobody reads them).
         let allowed = Tensor::ones([m, m], (Kind::Bool, sequence.device())).tril(0).view([1, 1, m, m]);
         let xs = (0..shape.layers).fold(xs, |xs, i| self.block(i, &xs, &allowed));
-        pooled + xs.matmul(self.var("output"))
+        let transformed = xs.matmul(self.var("output"));
+        pooled.map(|p| p + &transformed).collect()
     }
 
     /// Shopper vectors `[batch, hidden]`: each history's last `L` items (oldest first) over
