@@ -624,6 +624,20 @@ mod tests {
     use super::*;
     use crate::model::tower::TowerConfig;
 
+    /// A one-layer tower over 16-dimensional items, L = 8 (the start: the mean of five).
+    fn tower_shape(item_rank: usize, heads: usize, catalogue: usize) -> TowerShape {
+        TowerShape {
+            hidden: 16,
+            history: 8,
+            zero_shot_items: 5,
+            item_rank,
+            width: 16,
+            layers: 1,
+            heads,
+            catalogue,
+        }
+    }
+
     /// Shoppers on a synthetic catalogue whose next item is always the item after the last
     /// one: a pattern the tower can learn from item vectors alone.
     fn shoppers(n: u32, items: u32) -> Vec<User> {
@@ -650,16 +664,7 @@ mod tests {
             user.history.extend((0..u % 4).map(|k| ((u * 13 + k * 29) % catalogue as usize) as u32));
         }
         let refs: Vec<&User> = users.iter().collect();
-        let shape = TowerShape {
-            hidden: 16,
-            history: 8,
-            zero_shot_items: 5,
-            item_rank: 4,
-            width: 16,
-            layers: 1,
-            heads: 4,
-            catalogue: catalogue as usize,
-        };
+        let shape = tower_shape(4, 4, catalogue as usize);
         let mut tower = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
         let histogram: Vec<f32> = (0..catalogue).map(|i| ((i * 37) % 11) as f32).collect();
         tower.set_popularity(&histogram).expect("histogram");
@@ -701,16 +706,7 @@ mod tests {
         let items = normalise(&Tensor::randn([200, 16], (Kind::Float, Device::Cpu)));
         let users = shoppers(300, 200);
         let refs: Vec<&User> = users.iter().collect();
-        let shape = TowerShape {
-            hidden: 16,
-            history: 8,
-            zero_shot_items: 5,
-            item_rank: 8,
-            width: 16,
-            layers: 1,
-            heads: 2,
-            catalogue: 0,
-        };
+        let shape = tower_shape(8, 2, 0);
         let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation);
         for negatives in [0, 32] {
             let tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
@@ -740,16 +736,7 @@ mod tests {
         let items = normalise(&Tensor::randn([50, 16], (Kind::Float, Device::Cpu)));
         let users = shoppers(4, 50);
         let refs: Vec<&User> = users.iter().collect();
-        let shape = TowerShape {
-            hidden: 16,
-            history: 8,
-            zero_shot_items: 5,
-            item_rank: 4,
-            width: 16,
-            layers: 1,
-            heads: 2,
-            catalogue: 0,
-        };
+        let shape = tower_shape(4, 2, 0);
         let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
         let global: Vec<f32> = (0..tower.parameter_count()).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();
         let collect = |tower: &mut Tower, users: &[&User], steps: usize| {

@@ -184,6 +184,9 @@ pub const SELECTION_DECAYS: [Option<f64>; 4] = [None, Some(0.8), Some(0.6), Some
 /// The prior weights β a pooling selection scores with each decay.
 pub const SELECTION_WEIGHTS: [f64; 3] = [0.035, 0.05, 0.07];
 
+/// k, the settings a pooling selection scores: every decay with every weight.
+pub const SELECTION_SETTINGS: usize = SELECTION_DECAYS.len() * SELECTION_WEIGHTS.len();
+
 /// One setting of a pooling selection: the pooling weights (most recent item first, as the
 /// `recency` tensor holds them) and the prior weight β.
 #[derive(Clone, Debug, PartialEq)]
@@ -196,7 +199,7 @@ pub struct PoolingSetting {
 /// within each, weight by weight ([`SELECTION_WEIGHTS`]). It is fixed here, not sent by
 /// the coordinator, so a round cannot ask merchants for statistics of any other shape.
 pub fn selection_grid(shape: &TowerShape) -> Vec<PoolingSetting> {
-    let mut grid = Vec::with_capacity(SELECTION_DECAYS.len() * SELECTION_WEIGHTS.len());
+    let mut grid = Vec::with_capacity(SELECTION_SETTINGS);
     for decay in SELECTION_DECAYS {
         let recency = match decay {
             None => zero_shot_weights(shape.history, shape.zero_shot_items),
@@ -511,7 +514,7 @@ mod tests {
     fn the_selection_grid_is_normalised_pooling_decays_with_the_start_among_them() {
         let shape = TowerShape { catalogue: 30, ..shape(1) };
         let grid = selection_grid(&shape);
-        assert_eq!(grid.len(), SELECTION_DECAYS.len() * SELECTION_WEIGHTS.len());
+        assert_eq!(grid.len(), SELECTION_SETTINGS);
         for setting in &grid {
             let total: f32 = setting.recency.iter().sum();
             assert!((total - 1.0).abs() < 1e-6, "{total}");

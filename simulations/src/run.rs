@@ -241,7 +241,7 @@ async fn federated(
                 "one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on its \
                  validation item under the {} public settings of pooling and prior weight, z = {z:.3}",
                 sh.popularity_sampling_rate,
-                guild_proto::tower::SELECTION_DECAYS.len() * guild_proto::tower::SELECTION_WEIGHTS.len(),
+                guild_proto::tower::SELECTION_SETTINGS,
             ));
         }
         if sh.rounds > 0 {
@@ -911,7 +911,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                 mode: PrivacyMode::Distributed,
                 unit: PrivacyUnit::Shopper,
                 shopper: Some(sh.clone()),
-                noise_multiplier: if sh.rounds == 0 { z_release } else { z },
+                // (The coordinator wants a positive z for training even when no round trains.)
+                noise_multiplier: match (sh.rounds, releases, sh.selection_noise_multiplier) {
+                    (0, 0, Some(z_selection)) => z_selection,
+                    (0, _, _) => z_release,
+                    _ => z,
+                },
                 popularity_releases: sh.popularity_releases,
                 popularity_noise_multiplier: z_release,
                 selection_noise_multiplier: sh.selection_noise_multiplier,

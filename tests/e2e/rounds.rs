@@ -189,19 +189,15 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
 async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own_rate() {
     use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
-    let federation = tower_with_one_release(dir.path(), |c| {
+    let federation = tower_with_one_release(dir.path(), 2, |c| {
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
         c.privacy.shoppers = 160;
     })
     .await;
     let entries = run_and_check_a_release_then_training(&federation).await;
-    let event = |e: &LedgerEntry| match e.event {
-        PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
-        other => panic!("not a shopper-unit event: {other:?}"),
-    };
     let ((release_rate, release_rho), (training_rate, training_rho)) =
-        (event(&entries[0]), event(&entries[1]));
+        (shopper_event(&entries[0]), shopper_event(&entries[1]));
     assert_eq!(release_rate, 1.0, "the release samples every shopper");
     assert_eq!(training_rate, 0.1, "training samples at the training rate");
     assert!(release_rho < training_rho / 5.0, "z = 3 against z = 1: ρ ∝ 1/z²");
@@ -213,7 +209,7 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let federation = tower_with_one_release(dir.path(), |_| {}).await;
+    let federation = tower_with_one_release(dir.path(), 2, |_| {}).await;
     run_and_check_a_release_then_training(&federation).await;
 }
 
@@ -227,12 +223,8 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
     let shape = guild_proto::tower::TowerShape::tiny(16);
-    let federation = four_merchants(dir.path(), 3, |c| {
-        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
-        c.adapter.tower = shape;
-        c.rounds.popularity_releases = 1;
+    let federation = tower_with_one_release(dir.path(), 3, |c| {
         c.rounds.pooling_selection = true;
-        c.privacy.popularity_noise_multiplier = 3.0;
         c.privacy.selection_noise_multiplier = 20.0;
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
@@ -243,12 +235,8 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     let store = federation.store().expect("store");
     let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
     assert_eq!(entries.len(), 3, "release, selection and training are all charged");
-    let event = |e: &LedgerEntry| match e.event {
-        PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
-        other => panic!("not a shopper-unit event: {other:?}"),
-    };
     let ((release_rate, release_rho), (selection_rate, selection_rho)) =
-        (event(&entries[0]), event(&entries[1]));
+        (shopper_event(&entries[0]), shopper_event(&entries[1]));
     assert_eq!((release_rate, selection_rate), (1.0, 1.0), "both sample every shopper");
     assert!(selection_rho < release_rho / 20.0, "z = 20 against z = 3: ρ ∝ 1/z²");
     let manifest = federation.config.manifest().expect("manifest");
@@ -266,10 +254,14 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     assert!(!outside(&v2, &v3), "the round after it trained");
 }
 
-/// Four merchants on the tiny tower (its item vectors are `small`'s hidden size, 16), two
-/// rounds, the first a popularity release at z = 3; `more` adjusts the rest.
-async fn tower_with_one_release(dir: &std::path::Path, more: impl FnOnce(&mut Config)) -> Federation {
-    four_merchants(dir, 2, |c| {
+/// Four merchants on the tiny tower (its item vectors are `small`'s hidden size, 16),
+/// `rounds` rounds, the first a popularity release at z = 3; `more` adjusts the rest.
+async fn tower_with_one_release(
+    dir: &std::path::Path,
+    rounds: u64,
+    more: impl FnOnce(&mut Config),
+) -> Federation {
+    four_merchants(dir, rounds, |c| {
         c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
         c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
         c.rounds.popularity_releases = 1;
@@ -277,6 +269,14 @@ async fn tower_with_one_release(dir: &std::path::Path, more: impl FnOnce(&mut Co
         more(c);
     })
     .await
+}
+
+/// A shopper-unit ledger event's sampling rate and ρ (a panic for any other event).
+fn shopper_event(e: &LedgerEntry) -> (f64, f64) {
+    match e.event {
+        PrivacyEvent::SubsampledZcdp { sampling_rate, rho } => (sampling_rate, rho),
+        other => panic!("not a shopper-unit event: {other:?}"),
+    }
 }
 
 /// Runs `federation`'s two rounds with every client, then checks that both were charged,

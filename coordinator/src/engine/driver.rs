@@ -251,7 +251,7 @@ impl Engine {
                     anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
                 })?;
             // The estimates, in NDCG@10: each setting's sum was c/√k times its values.
-            let k = guild_proto::tower::selection_grid(shape).len();
+            let k = guild_proto::tower::SELECTION_SETTINGS;
             let scale = (k as f64).sqrt() / (self.config.privacy.clip_norm * round.denominator);
             let estimates: Vec<String> = decoded[..k].iter().map(|s| format!("{:.4}", s * scale)).collect();
             tracing::info!(setting = best, estimates = %estimates.join(" "), "pooling selected");
