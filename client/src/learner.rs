@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 
 use guild_proto::domain::{AdapterManifest, RoundTask};
+use guild_proto::round::RoundKind;
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use tch::Tensor;
@@ -19,37 +20,82 @@ use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::tower::{Tower, TowerConfig};
 use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
 
-/// Local training and evaluation, however it is done.
+/// Whose updates a learner hands over in a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Units<'a> {
+    /// The merchant unit: one update from all of this merchant's shoppers.
+    Merchant,
+    /// The shopper unit: one update per shopper at these indices (below
+    /// [`Learner::shopper_count`]), each computed on its own.
+    Shoppers(&'a [usize]),
+}
+
+/// Receives each unit's update, unclipped, one at a time: the caller clips and encodes each
+/// on its own, and may reuse nothing of the buffer after it returns.
+pub type Each<'a> = dyn FnMut(&mut [f32]) -> anyhow::Result<()> + 'a;
+
+/// Local training and evaluation, however it is done: one method per round kind
+/// ([`contribute`] picks it), each handing every unit's update to `each`.
 pub trait Learner: Send + 'static {
     /// The adapter this learner trains; a task for another adapter is refused.
     fn manifest(&self) -> AdapterManifest;
-    /// Trains from the global adapter `global` and returns the update
-    /// Δ = B_local − B_global (unclipped: the caller clips and encodes it).
-    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>>;
     /// Evaluates adapter values on this merchant's validation data.
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>>;
     /// Shopper unit: how many shoppers this merchant samples from (indices `0..count`).
     fn shopper_count(&self) -> usize {
         0
     }
-    /// Shopper unit: trains from `global` on each of `shoppers` (indices below
-    /// [`Self::shopper_count`]) on its own and hands each one's update, unclipped, to
-    /// `each` (which clips and encodes it on its own), one at a time.
-    fn train_shoppers(
+    /// A training round: trains from the global adapter `global` on each unit and hands
+    /// over its update Δ = B_local − B_global.
+    fn train(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()>;
+    /// A popularity release: each unit's popularity contribution alone, at the whole clip
+    /// norm, and nothing trained.
+    fn popularity(
         &mut self,
         _task: &RoundTask,
         _global: &[f32],
-        _shoppers: &[usize],
-        _each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+        _units: Units<'_>,
+        _each: &mut Each<'_>,
     ) -> anyhow::Result<()> {
-        anyhow::bail!(
-            "this learner does not train per shopper, so it cannot take part in shopper-unit rounds"
-        )
+        anyhow::bail!("this learner's adapter has no popularity histogram to release")
+    }
+    /// A pooling selection: `c/√k` times each unit's NDCG@10 on its validation items under
+    /// each of the `k` settings of `guild_proto::tower::selection_grid`, nothing trained.
+    fn selection_scores(
+        &mut self,
+        _task: &RoundTask,
+        _global: &[f32],
+        _units: Units<'_>,
+        _each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        anyhow::bail!("this learner's adapter has no pooling to select")
     }
 }
 
-/// Random updates of a given norm: for load tests without a model. In the shopper unit
-/// each of `shoppers` shoppers gives a random update of that norm.
+/// Calls the learner method of the task's round kind.
+pub fn contribute(
+    learner: &mut dyn Learner,
+    task: &RoundTask,
+    global: &[f32],
+    units: Units<'_>,
+    each: &mut Each<'_>,
+) -> anyhow::Result<()> {
+    match task.training.kind {
+        RoundKind::Training => learner.train(task, global, units, each),
+        RoundKind::PopularityRelease => learner.popularity(task, global, units, each),
+        RoundKind::PoolingSelection => learner.selection_scores(task, global, units, each),
+    }
+}
+
+/// Random updates of a given norm, whatever the round's kind: for load tests without a
+/// model. In the shopper unit each of `shoppers` shoppers gives a random update of that
+/// norm.
 #[derive(Debug)]
 pub struct RandomLearner {
     pub manifest: AdapterManifest,
@@ -65,6 +111,17 @@ impl RandomLearner {
         x.iter_mut().for_each(|v| *v = (f64::from(*v) * self.norm / norm) as f32);
         x
     }
+
+    fn random_updates(&mut self, d: usize, units: Units<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let count = match units {
+            Units::Merchant => 1,
+            Units::Shoppers(shoppers) => shoppers.len(),
+        };
+        for _ in 0..count {
+            each(&mut self.random_update(d))?;
+        }
+        Ok(())
+    }
 }
 
 impl Learner for RandomLearner {
@@ -72,25 +129,38 @@ impl Learner for RandomLearner {
         self.manifest.clone()
     }
 
-    fn train(&mut self, _: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        Ok(self.random_update(global.len()))
-    }
-
     fn shopper_count(&self) -> usize {
         self.shoppers
     }
 
-    fn train_shoppers(
+    fn train(
         &mut self,
         _: &RoundTask,
         global: &[f32],
-        shoppers: &[usize],
-        each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+        units: Units<'_>,
+        each: &mut Each<'_>,
     ) -> anyhow::Result<()> {
-        for _ in shoppers {
-            each(&mut self.random_update(global.len()))?;
-        }
-        Ok(())
+        self.random_updates(global.len(), units, each)
+    }
+
+    fn popularity(
+        &mut self,
+        _: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        self.random_updates(global.len(), units, each)
+    }
+
+    fn selection_scores(
+        &mut self,
+        _: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        self.random_updates(global.len(), units, each)
     }
 
     fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -146,8 +216,8 @@ fn update(local: &[f32], global: &[f32]) -> Vec<f32> {
 /// down to norm `c·√(1−φ²)` if longer, and the histogram's coordinates are set to `c·φ`
 /// times `contribution` (of norm at most 1: one shopper's unit vector, or a merchant's mean
 /// of them), so the whole is within `c` and the participant's own clip leaves it as is.
-/// φ is [`popularity_share`]: `guild_proto::tower::POPULARITY_SHARE` in a training round,
-/// 1 in a popularity release (whose trained part is then zero).
+/// φ is `guild_proto::tower::POPULARITY_SHARE` in a training round, 1 in a popularity
+/// release (whose trained part is then zero).
 pub fn share_with_popularity(
     update: &mut [f32],
     range: std::ops::Range<usize>,
@@ -175,12 +245,6 @@ pub fn share_with_popularity(
             *h += weight * value;
         }
     }
-}
-
-/// φ, the share of the clip norm a round's task gives the popularity histogram: all of it
-/// in a popularity release, `guild_proto::tower::POPULARITY_SHARE` when training.
-pub fn popularity_share(task: &RoundTask) -> f64 {
-    if task.training.popularity_release { 1.0 } else { guild_proto::tower::POPULARITY_SHARE }
 }
 
 /// A pooling selection's update from one unit's NDCG@10 `values` under each of the `k`
@@ -321,115 +385,53 @@ impl TowerLearner {
     }
 }
 
-impl Learner for TowerLearner {
-    fn manifest(&self) -> AdapterManifest {
-        AdapterManifest::sequence_tower(self.base_model_sha256, self.config.shape, self.config.seed)
-    }
-
-    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        let range = guild_proto::tower::popularity_range(&self.config.shape);
-        let share = popularity_share(task);
-        if task.training.popularity_release {
-            // Nothing trained: the update is the merchant's popularity contribution alone.
-            let range =
-                range.ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
-            let contribution = {
-                let shared = lock(&self.shared);
-                let users: Vec<&User> = self.users.iter().map(|&i| &shared.dataset.users[i]).collect();
-                merchant_popularity(&users)
-            };
-            let mut update = vec![0.0; global.len()];
-            share_with_popularity(&mut update, range, &contribution, task.privacy.clip_norm, share);
-            return Ok(update);
-        }
-        if task.training.pooling_selection {
-            // Nothing trained: the merchant's mean NDCG@10 under each setting.
-            let per_shopper = self.selection_values(global, &self.users)?;
-            let scored = {
-                let shared = lock(&self.shared);
-                self.users.iter().filter(|&&i| shared.dataset.users[i].validation_example().is_some()).count()
-            };
-            let scored = scored.max(1);
-            let k = per_shopper.first().map_or(0, Vec::len);
-            let mean: Vec<f32> =
-                (0..k).map(|j| per_shopper.iter().map(|v| v[j]).sum::<f32>() / scored as f32).collect();
-            let mut update = vec![0.0; global.len()];
-            selection_update(&mut update, &mean, task.privacy.clip_norm)?;
-            return Ok(update);
-        }
-        let config = round_training(task, self.temperature, self.config.shape.history);
-        let (tower, items, owned) = self.unlocked(global, &self.users)?;
-        let users: Vec<&User> = owned.iter().collect();
-        retrieval::train_tower(&tower, &items, &users, &config)?;
-        let mut update = update(&tower.offset(), global);
-        if let Some(range) = range {
-            share_with_popularity(
-                &mut update,
-                range,
-                &merchant_popularity(&users),
-                task.privacy.clip_norm,
-                share,
-            );
-        }
-        Ok(update)
-    }
-
-    fn shopper_count(&self) -> usize {
-        self.users.len()
-    }
-
-    fn train_shoppers(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        shoppers: &[usize],
-        each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        let config = round_training(task, self.temperature, self.config.shape.history);
-        let indices = shoppers
+impl TowerLearner {
+    /// The dataset's indices of this merchant's shoppers at `shoppers`.
+    fn indices(&self, shoppers: &[usize]) -> anyhow::Result<Vec<usize>> {
+        shoppers
             .iter()
             .map(|&s| {
                 self.users.get(s).copied().ok_or_else(|| {
                     anyhow::anyhow!("shopper {s} is not among this merchant's {}", self.users.len())
                 })
             })
-            .collect::<anyhow::Result<Vec<usize>>>()?;
-        let share = popularity_share(task);
-        let clip_norm = task.privacy.clip_norm;
-        if task.training.popularity_release {
-            // Nothing trained: each sampled shopper's update is its popularity contribution
-            // alone, at the whole clip norm, in one buffer cleared after each.
-            let range = guild_proto::tower::popularity_range(&self.config.shape)
-                .ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
-            let contributions: Vec<Vec<(usize, f32)>> = {
-                let shared = lock(&self.shared);
-                indices
-                    .iter()
-                    .map(|&i| crate::model::tower::popularity_contribution(&shared.dataset.users[i]))
-                    .collect()
-            };
-            let mut update = vec![0.0; global.len()];
-            for contribution in &contributions {
-                share_with_popularity(&mut update, range.clone(), contribution, clip_norm, share);
-                each(&mut update)?;
-                update[range.clone()].iter_mut().for_each(|h| *h = 0.0);
+            .collect()
+    }
+}
+
+impl Learner for TowerLearner {
+    fn manifest(&self) -> AdapterManifest {
+        AdapterManifest::sequence_tower(self.base_model_sha256, self.config.shape, self.config.seed)
+    }
+
+    fn shopper_count(&self) -> usize {
+        self.users.len()
+    }
+
+    fn train(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        let config = round_training(task, self.temperature, self.config.shape.history);
+        let range = guild_proto::tower::popularity_range(&self.config.shape);
+        let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
+        let Units::Shoppers(shoppers) = units else {
+            let (tower, items, owned) = self.unlocked(global, &self.users)?;
+            let users: Vec<&User> = owned.iter().collect();
+            retrieval::train_tower(&tower, &items, &users, &config)?;
+            let mut update = update(&tower.offset(), global);
+            if let Some(range) = range {
+                share_with_popularity(&mut update, range, &merchant_popularity(&users), clip_norm, share);
             }
-            return Ok(());
-        }
-        if task.training.pooling_selection {
-            // Nothing trained: each sampled shopper's NDCG@10 under each setting, in one
-            // buffer whose first k coordinates are cleared after each.
-            let mut update = vec![0.0; global.len()];
-            for values in self.selection_values(global, &indices)? {
-                selection_update(&mut update, &values, clip_norm)?;
-                each(&mut update)?;
-                update[..values.len()].iter_mut().for_each(|u| *u = 0.0);
-            }
-            return Ok(());
-        }
+            return each(&mut update);
+        };
+        let indices = self.indices(shoppers)?;
         let (mut tower, items, owned) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
-        let Some(range) = guild_proto::tower::popularity_range(&self.config.shape) else {
+        let Some(range) = range else {
             return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each);
         };
         // `shopper_updates` hands over one update per user, in order.
@@ -441,6 +443,70 @@ impl Learner for TowerLearner {
             each(update)
         };
         retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &mut with_popularity)
+    }
+
+    fn popularity(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        // Nothing trained: each unit's update is its popularity contribution alone, at the
+        // whole clip norm, in one buffer cleared after each.
+        let range = guild_proto::tower::popularity_range(&self.config.shape)
+            .ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
+        let contributions: Vec<Vec<(usize, f32)>> = {
+            let shared = lock(&self.shared);
+            match units {
+                Units::Merchant => vec![merchant_popularity(&users(&shared.dataset, &self.users))],
+                Units::Shoppers(shoppers) => self
+                    .indices(shoppers)?
+                    .iter()
+                    .map(|&i| crate::model::tower::popularity_contribution(&shared.dataset.users[i]))
+                    .collect(),
+            }
+        };
+        let mut update = vec![0.0; global.len()];
+        for contribution in &contributions {
+            share_with_popularity(&mut update, range.clone(), contribution, task.privacy.clip_norm, 1.0);
+            each(&mut update)?;
+            update[range.clone()].iter_mut().for_each(|h| *h = 0.0);
+        }
+        Ok(())
+    }
+
+    fn selection_scores(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        // Nothing trained: each shopper's NDCG@10 under each setting, or the merchant's
+        // mean over its shoppers with a validation item, in one buffer whose first k
+        // coordinates are cleared after each.
+        let clip_norm = task.privacy.clip_norm;
+        let mut update = vec![0.0; global.len()];
+        let Units::Shoppers(shoppers) = units else {
+            let per_shopper = self.selection_values(global, &self.users)?;
+            let scored = {
+                let shared = lock(&self.shared);
+                self.users.iter().filter(|&&i| shared.dataset.users[i].validation_example().is_some()).count()
+            };
+            let scored = scored.max(1);
+            let k = per_shopper.first().map_or(0, Vec::len);
+            let mean: Vec<f32> =
+                (0..k).map(|j| per_shopper.iter().map(|v| v[j]).sum::<f32>() / scored as f32).collect();
+            selection_update(&mut update, &mean, clip_norm)?;
+            return each(&mut update);
+        };
+        for values in self.selection_values(global, &self.indices(shoppers)?)? {
+            selection_update(&mut update, &values, clip_norm)?;
+            each(&mut update)?;
+            update[..values.len()].iter_mut().for_each(|u| *u = 0.0);
+        }
+        Ok(())
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -466,14 +532,25 @@ impl Learner for ModelLearner {
         self.adapters.manifest()
     }
 
-    fn train(&mut self, task: &RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
+    fn train(
+        &mut self,
+        task: &RoundTask,
+        global: &[f32],
+        units: Units<'_>,
+        each: &mut Each<'_>,
+    ) -> anyhow::Result<()> {
+        if units != Units::Merchant {
+            anyhow::bail!(
+                "this learner does not train per shopper, so it cannot take part in shopper-unit rounds"
+            );
+        }
         self.adapters.set_flat(global)?;
         let config = round_training(task, self.temperature, self.history_items);
         let shared = lock(&self.shared);
         let users = users(&shared.dataset, &self.users);
         retrieval::train(&shared.base, &self.adapters, &shared.dataset, &users, &shared.items, &config)?;
         let local = self.adapters.flat();
-        Ok(update(&local, global))
+        each(&mut update(&local, global))
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {

@@ -21,6 +21,7 @@ pub use crate::faults::Faults;
 use crate::faults::Injected;
 use crate::identity::Identity;
 pub use crate::learner::Learner;
+use crate::learner::{Units, contribute};
 pub use crate::ledger::{ClientLedger, Participation};
 use crate::net::{Connection, NetError};
 use crate::retrieval::RankingCounts;
@@ -182,13 +183,8 @@ pub fn vet_task(
     if task.manifest != *manifest {
         return refuse("the task's adapter manifest differs from this client's model".into());
     }
-    if task.training.popularity_release && manifest.accumulated_range().is_none() {
-        return refuse("a popularity release for an adapter without a popularity histogram".into());
-    }
-    if task.training.pooling_selection && manifest.selection_ranges().is_none() {
-        return refuse(
-            "a pooling selection for an adapter that is not a tower with a popularity prior".into(),
-        );
+    if let Some(why) = task.training.kind.unsupported_by(manifest) {
+        return refuse(format!("a {}, but {why}", task.training.kind));
     }
     let s = &task.secagg;
     let holders = s.neighbours.min(s.cohort_size.saturating_sub(1));
@@ -222,7 +218,7 @@ pub fn vet_task(
             // under each public setting), no gradient, and its whole cost, unamplified at
             // q = 1, goes through the ε cap below like any round's.
             if unit == PrivacyUnit::Shopper
-                && !task.training.trains_nothing()
+                && task.training.kind.trains()
                 && task.privacy.shopper_sampling_rate > options.max_shopper_sampling_rate
             {
                 return refuse(format!(
@@ -312,8 +308,17 @@ fn privatised_update(
     let training = |e: anyhow::Error| ParticipantError::Training(format!("{e:#}"));
     match p.unit {
         PrivacyUnit::Merchant => {
-            let mut delta = learner.train(task, global).map_err(training)?;
-            Ok(ddg.encode(&mut delta, &rotation, &mut os_rng)?)
+            let mut encoded = None;
+            let mut each = |update: &mut [f32]| -> anyhow::Result<()> {
+                anyhow::ensure!(
+                    encoded.is_none(),
+                    "the learner handed over more than the merchant's one update"
+                );
+                encoded = Some(ddg.encode(update, &rotation, &mut os_rng)?);
+                Ok(())
+            };
+            contribute(learner, task, global, Units::Merchant, &mut each).map_err(training)?;
+            encoded.ok_or_else(|| ParticipantError::Training("the learner handed over no update".into()))
         }
         PrivacyUnit::Shopper => {
             let sampled = poisson_sample(learner.shopper_count(), p.shopper_sampling_rate, &mut os_rng)?;
@@ -327,7 +332,7 @@ fn privatised_update(
                 }
                 Ok(())
             };
-            learner.train_shoppers(task, global, &sampled, &mut each).map_err(training)?;
+            contribute(learner, task, global, Units::Shoppers(&sampled), &mut each).map_err(training)?;
             if left_out > 0 {
                 tracing::warn!(
                     left_out,
@@ -710,6 +715,7 @@ mod tests {
     use guild_privacy::cost::RoundPrivacy;
     use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
     use guild_proto::domain::{AdapterManifest, PrivacyParams, SecAggParams, TrainingParams};
+    use guild_proto::round::RoundKind;
     use guild_proto::tower::TowerShape;
 
     use super::*;
@@ -769,8 +775,7 @@ mod tests {
                 learning_rate: 1e-3,
                 data_seed: 1,
                 negatives: 0,
-                popularity_release: false,
-                pooling_selection: false,
+                kind: RoundKind::Training,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -1012,7 +1017,7 @@ mod tests {
         let release = |z: f64| {
             let mut task = task_for(tower(5), 51, 35, z);
             (task.privacy.unit, task.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 1.0);
-            task.training.popularity_release = true;
+            task.training.kind = RoundKind::PopularityRelease;
             task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
             task
         };
@@ -1025,22 +1030,21 @@ mod tests {
         assert!(error.contains("its shoppers' ε"), "{error}");
         // A training round at q = 1 is still refused, and a release needs a histogram.
         let mut training = release(2.0);
-        training.training.popularity_release = false;
+        training.training.kind = RoundKind::Training;
         training.binding.task_sha256 = guild_proto::convert::task_digest(&training);
         let error = vet_release(&training).expect_err("rate above the cap");
         assert!(error.contains("above this merchant's maximum"), "{error}");
         let mut lora = shopper_task(51, 35, 2.0, 1.0);
-        lora.training.popularity_release = true;
+        lora.training.kind = RoundKind::PopularityRelease;
         lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
         let error = vet(&lora, &options, &ledger).expect_err("no histogram");
-        assert!(error.contains("without a popularity histogram"), "{error}");
+        assert!(error.contains("has no popularity histogram"), "{error}");
         // So may a pooling selection, which needs a tower with a prior too.
         let mut selection = release(2.0);
-        (selection.training.popularity_release, selection.training.pooling_selection) = (false, true);
+        selection.training.kind = RoundKind::PoolingSelection;
         selection.binding.task_sha256 = guild_proto::convert::task_digest(&selection);
         vet_release(&selection).expect("a selection at q = 1 within the ε cap");
-        lora.training.popularity_release = false;
-        lora.training.pooling_selection = true;
+        lora.training.kind = RoundKind::PoolingSelection;
         lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
         let error = vet(&lora, &options, &ledger).expect_err("no tower");
         assert!(error.contains("not a tower with a popularity prior"), "{error}");
@@ -1074,10 +1078,11 @@ mod tests {
             shoppers: 10,
         };
         let mut expected = vec![0.0f64; d];
-        for _ in 0..10 {
-            let x = replay.train(&task, &vec![0.0; d]).expect("update");
-            expected.iter_mut().zip(&x).for_each(|(e, v)| *e += f64::from(*v));
-        }
+        let mut add = |x: &mut [f32]| -> anyhow::Result<()> {
+            expected.iter_mut().zip(x.iter()).for_each(|(e, v)| *e += f64::from(*v));
+            Ok(())
+        };
+        replay.train(&task, &vec![0.0; d], Units::Shoppers(&[0; 10]), &mut add).expect("updates");
         let error: f64 = sum.iter().zip(&expected).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = expected.iter().map(|x| x * x).sum::<f64>().sqrt();
         // Rounding adds about γ/2·√(10·d) of error: far below the norm of the sum (≈ √10).

@@ -9,6 +9,7 @@ use std::time::Duration;
 use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
+use guild_proto::round::{RoundKind, Schedule};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
@@ -137,20 +138,20 @@ pub struct RoundsConfig {
     pub negatives: u32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
-    /// The federation's first this many adapter versions come from popularity releases
-    /// instead of training (sequence towers with a popularity histogram only): each sampled
-    /// unit sends its popularity contribution at the whole clip norm, noised at
-    /// `privacy.popularity_noise_multiplier`, and the coordinator adds the mean to the
-    /// histogram and trains nothing. One release estimates the head of the catalogue far
-    /// better than many training rounds that give the histogram a share of the clip.
-    pub popularity_releases: u32,
-    /// One pooling selection after the popularity releases (sequence towers with a
-    /// popularity prior only): the adapter version after the releases comes from a round
-    /// in which each sampled unit sends its NDCG@10 on its validation items under each
-    /// setting of the public grid (`guild_proto::tower::selection_grid`), noised at
-    /// `privacy.selection_noise_multiplier`, and the coordinator sets the tower's pooling
-    /// and prior weight to the setting with the largest noisy sum and trains nothing.
-    pub pooling_selection: bool,
+    /// Popularity releases (`[rounds.popularity_release]`): the federation's first
+    /// `rounds` adapter versions come from them (sequence towers with a popularity histogram
+    /// only). Each sampled unit sends its popularity contribution at the whole clip norm and
+    /// the coordinator adds the mean to the histogram and trains nothing. One release
+    /// estimates the head of the catalogue far better than many training rounds that give
+    /// the histogram a share of the clip.
+    pub popularity_release: StatisticRounds,
+    /// The pooling selection (`[rounds.pooling_selection]`, `rounds` at most 1): the adapter
+    /// version after the releases comes from a round in which each sampled unit sends its
+    /// NDCG@10 on its validation items under each setting of the public grid
+    /// (`guild_proto::tower::selection_grid`), and the coordinator sets the tower's pooling
+    /// and prior weight to the setting with the largest noisy sum and trains nothing
+    /// (sequence towers with a popularity prior only).
+    pub pooling_selection: StatisticRounds,
     /// Distinct cohort members that must complain about one merchant's sealed shares in a
     /// round before it is quarantined (a complaint cannot be checked by the coordinator, so
     /// one merchant's word is not enough). Protocol violations the coordinator sees itself
@@ -176,10 +177,41 @@ impl Default for RoundsConfig {
             negatives: 1024,
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
-            popularity_releases: 0,
-            pooling_selection: false,
+            popularity_release: StatisticRounds::default(),
+            pooling_selection: StatisticRounds::default(),
         }
     }
+}
+
+/// A kind of round that sends a bounded statistic of each unit's data instead of training:
+/// how many such rounds the schedule holds, and their noise and sampling, together.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StatisticRounds {
+    /// Rounds of this kind in the schedule (`guild_proto::round::Schedule`).
+    pub rounds: u32,
+    /// z of these rounds: the decoded sum carries N(0, (z·c)²) per coordinate.
+    pub noise_multiplier: f64,
+    /// The unit's sampling rate in these rounds: shoppers, each merchant its own, in the
+    /// shopper unit; merchants, by the coordinator, in the merchant unit.
+    pub sampling_rate: f64,
+}
+
+impl Default for StatisticRounds {
+    fn default() -> Self {
+        Self { rounds: 0, noise_multiplier: 0.0, sampling_rate: 1.0 }
+    }
+}
+
+/// How one round of a kind samples and how much noise it carries.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KindPrivacy {
+    /// The rate at which the coordinator samples merchants.
+    pub merchant_rate: f64,
+    /// The rate at which the DP unit is sampled: merchants (by the coordinator) or
+    /// shoppers (each merchant its own).
+    pub unit_rate: f64,
+    pub noise_multiplier: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -199,14 +231,6 @@ pub struct PrivacyConfig {
     pub clip_norm: f64,
     /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
     pub noise_multiplier: f64,
-    /// z of the popularity releases (`rounds.popularity_releases`).
-    pub popularity_noise_multiplier: f64,
-    /// The unit's sampling rate in popularity releases and the pooling selection:
-    /// shoppers, each merchant its own, in the shopper unit; merchants, by the coordinator,
-    /// in the merchant unit.
-    pub popularity_sampling_rate: f64,
-    /// z of the pooling selection (`rounds.pooling_selection`).
-    pub selection_noise_multiplier: f64,
     /// The federation's cap on ε at `delta`, over its whole life.
     pub epsilon_budget: f64,
     pub delta: f64,
@@ -225,9 +249,6 @@ impl Default for PrivacyConfig {
             shoppers: 0,
             clip_norm: 0.1,
             noise_multiplier: 1.0,
-            popularity_noise_multiplier: 0.0,
-            popularity_sampling_rate: 1.0,
-            selection_noise_multiplier: 0.0,
             epsilon_budget: 8.0,
             delta: 1e-5,
             bit_width: 32,
@@ -282,29 +303,75 @@ impl Config {
         })?;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
-            let Some((section, key)) = rest.split_once("__") else { continue };
-            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
+            let Some((key, sections)) = path.split_last() else { continue };
+            if sections.is_empty() {
+                continue;
+            }
             // A TOML literal if it parses as one (numbers, booleans, arrays), else a string.
             let parsed = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or(toml::Value::String(value));
-            let section_table = table
-                .entry(section.clone())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
-                .as_table_mut()
-                .ok_or_else(|| ConfigError::Env {
-                    name: name.clone(),
-                    message: format!("{section} is not a section"),
-                })?;
-            section_table.insert(key, parsed);
+            let mut current = &mut table;
+            for (depth, section) in sections.iter().enumerate() {
+                current = current
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                    .as_table_mut()
+                    .ok_or_else(|| ConfigError::Env {
+                        name: name.clone(),
+                        message: format!("{} is not a section", sections[..=depth].join(".")),
+                    })?;
+            }
+            current.insert(key.clone(), parsed);
         }
         let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
             ConfigError::Parse { path: String::new(), message: e.to_string() }
         })?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The federation's order of round kinds, for the adapter it trains.
+    pub fn schedule(&self, manifest: &AdapterManifest) -> Schedule {
+        Schedule {
+            popularity_releases: self.rounds.popularity_release.rounds,
+            pooling_selection: self.rounds.pooling_selection.rounds > 0,
+        }
+        .for_adapter(manifest)
+    }
+
+    /// How a round of `kind` samples and how much noise it carries: training at
+    /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
+    /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
+    /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
+    pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
+        let (r, p) = (&self.rounds, &self.privacy);
+        let (merchant_unit_rate, shopper_unit_rate, noise_multiplier) = match kind {
+            RoundKind::Training => (r.sampling_rate, p.shopper_sampling_rate, p.noise_multiplier),
+            RoundKind::PopularityRelease => (
+                r.popularity_release.sampling_rate,
+                r.popularity_release.sampling_rate,
+                r.popularity_release.noise_multiplier,
+            ),
+            RoundKind::PoolingSelection => (
+                r.pooling_selection.sampling_rate,
+                r.pooling_selection.sampling_rate,
+                r.pooling_selection.noise_multiplier,
+            ),
+        };
+        match p.unit {
+            PrivacyUnit::Merchant => KindPrivacy {
+                merchant_rate: merchant_unit_rate,
+                unit_rate: merchant_unit_rate,
+                noise_multiplier,
+            },
+            PrivacyUnit::Shopper => {
+                KindPrivacy { merchant_rate: r.sampling_rate, unit_rate: shopper_unit_rate, noise_multiplier }
+            }
+        }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -402,11 +469,16 @@ impl Config {
         if !(p.noise_multiplier.is_finite() && p.noise_multiplier >= 0.0) {
             return Err(invalid("privacy.noise_multiplier", "must be ≥ 0"));
         }
+        // Training's z may be left at 0 only by a federation that never trains: one whose
+        // `max_rounds` ends within the schedule's statistic rounds.
+        let statistic_rounds = u64::from(r.popularity_release.rounds) + u64::from(r.pooling_selection.rounds);
+        let trains = r.max_rounds == 0 || r.max_rounds > statistic_rounds;
         match p.mode {
-            PrivacyMode::Distributed | PrivacyMode::Central if p.noise_multiplier <= 0.0 => {
+            PrivacyMode::Distributed | PrivacyMode::Central if trains && p.noise_multiplier <= 0.0 => {
                 return Err(invalid(
                     "privacy.noise_multiplier",
-                    "must be positive in distributed and central mode (mode = \"dangerous_none\" turns noise off)",
+                    "must be positive in distributed and central mode when the federation trains \
+                     (mode = \"dangerous_none\" turns noise off)",
                 ));
             }
             PrivacyMode::Local => {
@@ -414,31 +486,40 @@ impl Config {
             }
             _ => {}
         }
-        if r.pooling_selection {
-            let z = p.selection_noise_multiplier;
+        if r.pooling_selection.rounds > 1 {
+            return Err(invalid(
+                "rounds.pooling_selection.rounds",
+                format!(
+                    "a federation selects its pooling once: must be 0 or 1, got {}",
+                    r.pooling_selection.rounds
+                ),
+            ));
+        }
+        for (s, z_key, q_key) in [
+            (
+                &r.popularity_release,
+                "rounds.popularity_release.noise_multiplier",
+                "rounds.popularity_release.sampling_rate",
+            ),
+            (
+                &r.pooling_selection,
+                "rounds.pooling_selection.noise_multiplier",
+                "rounds.pooling_selection.sampling_rate",
+            ),
+        ] {
+            if s.rounds == 0 {
+                continue;
+            }
+            let z = s.noise_multiplier;
             if !(z.is_finite() && (z > 0.0 || p.mode == PrivacyMode::DangerousNone)) {
                 return Err(invalid(
-                    "privacy.selection_noise_multiplier",
-                    format!("must be positive when rounds.pooling_selection is set, got {z}"),
+                    z_key,
+                    format!("must be positive when the schedule has such rounds, got {z}"),
                 ));
             }
-        }
-        if r.popularity_releases > 0 {
-            let z = p.popularity_noise_multiplier;
-            if !(z.is_finite() && (z > 0.0 || p.mode == PrivacyMode::DangerousNone)) {
-                return Err(invalid(
-                    "privacy.popularity_noise_multiplier",
-                    format!("must be positive when rounds.popularity_releases > 0, got {z}"),
-                ));
-            }
-        }
-        if r.popularity_releases > 0 || r.pooling_selection {
-            let q = p.popularity_sampling_rate;
+            let q = s.sampling_rate;
             if !(q > 0.0 && q <= 1.0) {
-                return Err(invalid(
-                    "privacy.popularity_sampling_rate",
-                    format!("must be in (0, 1], got {q}"),
-                ));
+                return Err(invalid(q_key, format!("must be in (0, 1], got {q}")));
             }
         }
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
@@ -577,25 +658,35 @@ mod tests {
         assert!(error("[privacy]\nunit = \"shop\"", &[]).contains("unit"));
         let config = Config::parse(&format!("{MINIMAL}\n{shopper}"), env(&[])).expect("valid shopper unit");
         assert_eq!((config.privacy.unit, config.privacy.shoppers), (PrivacyUnit::Shopper, 50_000));
-        // A popularity release needs its own noise, and a rate in (0, 1].
-        let release = "[rounds]\npopularity_releases = 1";
-        assert!(error(release, &[]).contains("privacy.popularity_noise_multiplier"));
-        let release = format!("{release}\n[privacy]\npopularity_noise_multiplier = 2.0");
+        // A popularity release needs its own noise, and a rate in (0, 1]; nested tables
+        // take overrides too.
+        let release = "[rounds.popularity_release]\nrounds = 1";
+        assert!(error(release, &[]).contains("rounds.popularity_release.noise_multiplier"));
+        let release = format!("{release}\nnoise_multiplier = 2.0");
         assert!(
-            error(&release, &[("GUILD_PRIVACY__POPULARITY_SAMPLING_RATE", "0")])
-                .contains("privacy.popularity_sampling_rate")
+            error(&release, &[("GUILD_ROUNDS__POPULARITY_RELEASE__SAMPLING_RATE", "0")])
+                .contains("rounds.popularity_release.sampling_rate")
         );
         let config = Config::parse(&format!("{MINIMAL}\n{release}"), env(&[])).expect("valid release");
-        assert_eq!((config.rounds.popularity_releases, config.privacy.popularity_sampling_rate), (1, 1.0));
-        // So does a pooling selection, whatever the releases.
-        let selection = "[rounds]\npooling_selection = true";
-        assert!(error(selection, &[]).contains("privacy.selection_noise_multiplier"));
-        let selection = format!("{selection}\n[privacy]\nselection_noise_multiplier = 20.0");
+        let r = &config.rounds.popularity_release;
+        assert_eq!((r.rounds, r.noise_multiplier, r.sampling_rate), (1, 2.0, 1.0));
+        // So does a pooling selection, whatever the releases; a federation runs one at most.
+        let selection = "[rounds.pooling_selection]\nrounds = 1";
+        assert!(error(selection, &[]).contains("rounds.pooling_selection.noise_multiplier"));
+        let selection = format!("{selection}\nnoise_multiplier = 20.0");
         let config = Config::parse(&format!("{MINIMAL}\n{selection}"), env(&[])).expect("valid selection");
-        assert!(config.rounds.pooling_selection);
+        assert_eq!(config.rounds.pooling_selection.rounds, 1);
         assert!(
-            error(&selection, &[("GUILD_PRIVACY__POPULARITY_SAMPLING_RATE", "1.5")])
-                .contains("privacy.popularity_sampling_rate")
+            error(&selection, &[("GUILD_ROUNDS__POOLING_SELECTION__SAMPLING_RATE", "1.5")])
+                .contains("rounds.pooling_selection.sampling_rate")
+        );
+        assert!(
+            error(&selection, &[("GUILD_ROUNDS__POOLING_SELECTION__ROUNDS", "2")])
+                .contains("rounds.pooling_selection.rounds")
+        );
+        assert!(
+            error("[rounds]\nsampling_rate = 0.5", &[("GUILD_ROUNDS__SAMPLING_RATE__X", "1")])
+                .contains("rounds.sampling_rate is not a section")
         );
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));

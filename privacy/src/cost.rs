@@ -13,7 +13,7 @@
 //! noise whoever was sampled); local mode (simulator only) is the zero-out bound with the
 //! Gaussian's ρ = 1/(2z²). `dangerous_none` costs nothing because it protects nothing.
 
-use crate::accounting::{AccountingError, RdpCurve, epsilon_from_rdp, gaussian_zcdp_rho};
+use crate::accounting::{AccountingError, RdpCurve, calibrate_noise_by, epsilon_from_rdp, gaussian_zcdp_rho};
 use crate::dp::{DdgParams, DpError, ParamsRequest, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at};
 use crate::ledger::PrivacyEvent;
 use crate::{PrivacyMode, PrivacyUnit};
@@ -154,6 +154,29 @@ impl RoundPrivacy {
     }
 }
 
+/// The smallest z for which `rounds` rounds of `round` (its noise multiplier replaced),
+/// after rounds whose composed RDP is `before`, stay within ε = `target` at `delta`, by
+/// the cost the ledger charges ([`RoundPrivacy::curve_after`]); the bisection is the
+/// workspace's one calibrator ([`calibrate_noise_by`]). An error if no z reaches it (say,
+/// `before` alone is past it) or the round has no noise to calibrate (`dangerous_none`).
+pub fn calibrate_noise(
+    target: f64,
+    before: &RdpCurve,
+    round: &RoundPrivacy,
+    rounds: u64,
+    delta: f64,
+) -> Result<f64, CostError> {
+    calibrate_noise_by(
+        |z| {
+            let curve = (RoundPrivacy { noise_multiplier: z, ..round.clone() })
+                .curve_after(rounds)?
+                .ok_or(AccountingError::NoiseMultiplier(0.0))?;
+            Ok(epsilon_from_rdp(&before.clone().compose(&curve), delta)?.0)
+        },
+        target,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,5 +259,57 @@ mod tests {
         assert_eq!(cost.event, Some(PrivacyEvent::SubsampledZcdp { sampling_rate: 0.02, rho }));
         let merchant_rho = ddgauss_zcdp_rho(&merchant.cost().expect("cost").ddg, 19).expect("rho");
         assert!(rho < merchant_rho, "20 shares of noise, not 19: {rho} vs {merchant_rho}");
+    }
+
+    fn shopper_round(q: f64) -> RoundPrivacy {
+        RoundPrivacy {
+            mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Shopper,
+            sampling_rate: q,
+            noise_multiplier: 1.0,
+            clip_norm: 1.0,
+            dimension: 4096,
+            min_survivors: 18,
+            max_summands: sampled_shoppers_bound(50_000, q),
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        }
+    }
+
+    fn curve_at(round: &RoundPrivacy, z: f64, rounds: u64) -> RdpCurve {
+        let round = RoundPrivacy { noise_multiplier: z, ..round.clone() };
+        round.curve_after(rounds).expect("cost").expect("noised")
+    }
+
+    fn spent(parts: &[(&RoundPrivacy, f64, u64)], delta: f64) -> f64 {
+        let curve = parts.iter().fold(RdpCurve::zero(), |composed, (round, z, rounds)| {
+            composed.compose(&curve_at(round, *z, *rounds))
+        });
+        epsilon_from_rdp(&curve, delta).expect("ε").0
+    }
+
+    /// A release-only schedule spends its ε on the release; a release followed by training
+    /// rounds spends its share on the release and the rest, composed, on the training
+    /// rounds: the whole stays within the target and reaches it to the bisection's 1e-6.
+    #[test]
+    fn releases_and_training_rounds_share_the_target_epsilon_composed() {
+        let (release, training, delta) = (shopper_round(1.0), shopper_round(0.03), 1e-6);
+        let alone = calibrate_noise(3.0, &RdpCurve::zero(), &release, 1, delta).expect("z");
+        let total = spent(&[(&release, alone, 1)], delta);
+        assert!(total <= 3.0 && total > 3.0 * 0.9999, "{total}");
+        let z_release = calibrate_noise(1.5, &RdpCurve::zero(), &release, 1, delta).expect("z");
+        assert!(z_release > alone, "half the ε, more noise: {z_release} vs {alone}");
+        let before = curve_at(&release, z_release, 1);
+        let z = calibrate_noise(3.0, &before, &training, 6, delta).expect("z");
+        let total = spent(&[(&release, z_release, 1), (&training, z, 6)], delta);
+        assert!(total <= 3.0 && total > 3.0 * 0.9999, "{total}");
+        let training_alone = calibrate_noise(3.0, &RdpCurve::zero(), &training, 6, delta).expect("z");
+        assert!(z > training_alone, "the rest of the budget needs more noise: {z} vs {training_alone}");
+        assert!(
+            calibrate_noise(0.01, &before, &training, 6, delta).is_err(),
+            "the release alone is past 0.01"
+        );
+        let none = RoundPrivacy { mode: PrivacyMode::DangerousNone, ..training };
+        assert!(calibrate_noise(3.0, &RdpCurve::zero(), &none, 1, delta).is_err(), "nothing to calibrate");
     }
 }

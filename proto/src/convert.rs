@@ -9,6 +9,7 @@ use guild_privacy::{PrivacyMode, PrivacyUnit};
 use crate::domain::*;
 use crate::error::{Field, WireError};
 use crate::limits::*;
+use crate::round::RoundKind;
 use crate::tower::TowerShape;
 use crate::v1;
 
@@ -300,6 +301,25 @@ pub fn task_digest(task: &RoundTask) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+fn round_kind(kind: i32) -> Result<RoundKind> {
+    match v1::RoundKind::try_from(kind) {
+        Ok(v1::RoundKind::Training) => Ok(RoundKind::Training),
+        Ok(v1::RoundKind::PopularityRelease) => Ok(RoundKind::PopularityRelease),
+        Ok(v1::RoundKind::PoolingSelection) => Ok(RoundKind::PoolingSelection),
+        Ok(v1::RoundKind::Unspecified) | Err(_) => {
+            Err(WireError::invalid("RoundTask.training.kind", format!("unknown round kind {kind}")))
+        }
+    }
+}
+
+fn round_kind_to_wire(kind: RoundKind) -> v1::RoundKind {
+    match kind {
+        RoundKind::Training => v1::RoundKind::Training,
+        RoundKind::PopularityRelease => v1::RoundKind::PopularityRelease,
+        RoundKind::PoolingSelection => v1::RoundKind::PoolingSelection,
+    }
+}
+
 fn privacy_mode(mode: i32) -> Result<PrivacyMode> {
     match v1::PrivacyMode::try_from(mode) {
         Ok(v1::PrivacyMode::Distributed) => Ok(PrivacyMode::Distributed),
@@ -375,23 +395,9 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 format!("{} is above the limit of {}", t.negatives, MAX_NEGATIVES),
             ));
         }
-        if t.pooling_selection && t.popularity_release {
-            return Err(WireError::invalid(
-                "RoundTask.training.pooling_selection",
-                "a round is a popularity release or a pooling selection, not both",
-            ));
-        }
-        if t.popularity_release && manifest.accumulated_range().is_none() {
-            return Err(WireError::invalid(
-                "RoundTask.training.popularity_release",
-                "the task's adapter has no popularity histogram to release",
-            ));
-        }
-        if t.pooling_selection && manifest.selection_ranges().is_none() {
-            return Err(WireError::invalid(
-                "RoundTask.training.pooling_selection",
-                "the task's adapter is not a tower with a popularity prior to select the pooling of",
-            ));
+        let kind = round_kind(t.kind)?;
+        if let Some(why) = kind.unsupported_by(&manifest) {
+            return Err(WireError::invalid("RoundTask.training.kind", format!("a {kind}, but {why}")));
         }
         let training = TrainingParams {
             local_steps: t.local_steps,
@@ -400,8 +406,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 as f32,
             data_seed: t.data_seed,
             negatives: t.negatives,
-            popularity_release: t.popularity_release,
-            pooling_selection: t.pooling_selection,
+            kind,
         };
 
         let p = required(m.privacy, "RoundTask.privacy")?;
@@ -533,8 +538,7 @@ impl From<RoundTask> for v1::RoundTask {
                 learning_rate: t.training.learning_rate,
                 data_seed: t.training.data_seed,
                 negatives: t.training.negatives,
-                popularity_release: t.training.popularity_release,
-                pooling_selection: t.training.pooling_selection,
+                kind: round_kind_to_wire(t.training.kind).into(),
             }),
             privacy: Some(v1::PrivacyParams {
                 mode: privacy_mode_to_wire(t.privacy.mode).into(),
@@ -993,8 +997,7 @@ mod tests {
                 learning_rate: 1e-3,
                 data_seed: 9,
                 negatives: 1024,
-                popularity_release: false,
-                pooling_selection: false,
+                kind: RoundKind::Training,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -1178,20 +1181,18 @@ mod tests {
             "RoundTask.training.negatives: 1048577 is above the limit of 1048576",
         );
         check_rejected(
-            |t| t.training.as_mut().expect("training").popularity_release = true,
-            "RoundTask.training.popularity_release: the task's adapter has no popularity histogram to release",
+            |t| t.training.as_mut().expect("training").kind = v1::RoundKind::PopularityRelease.into(),
+            "RoundTask.training.kind: a popularity release, but the adapter has no popularity histogram to release",
         );
         check_rejected(
-            |t| t.training.as_mut().expect("training").pooling_selection = true,
-            "RoundTask.training.pooling_selection: the task's adapter is not a tower with a popularity prior",
+            |t| t.training.as_mut().expect("training").kind = v1::RoundKind::PoolingSelection.into(),
+            "RoundTask.training.kind: a pooling selection, but the adapter is not a tower with a popularity prior",
         );
         check_rejected(
-            |t| {
-                let training = t.training.as_mut().expect("training");
-                (training.pooling_selection, training.popularity_release) = (true, true);
-            },
-            "a popularity release or a pooling selection, not both",
+            |t| t.training.as_mut().expect("training").kind = v1::RoundKind::Unspecified.into(),
+            "RoundTask.training.kind: unknown round kind 0",
         );
+        check_rejected(|t| t.training.as_mut().expect("training").kind = 9, "unknown round kind 9");
         check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],
             "RoundTask.cohort.certificate: 1025 bytes for client #3, above the 1024-byte limit",

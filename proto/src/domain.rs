@@ -158,23 +158,9 @@ pub struct TrainingParams {
     pub data_seed: u64,
     /// Uniform negatives of the sequence tower's sampled softmax (0: the full softmax).
     pub negatives: u32,
-    /// A popularity release instead of training: each sampled unit sends only its
-    /// popularity contribution at the whole clip norm; the coordinator adds the mean to the
-    /// histogram and leaves every trained value as it is.
-    pub popularity_release: bool,
-    /// A pooling selection instead of training: each sampled unit sends `c/√k` times its
-    /// NDCG@10 under each of the `k` settings of [`crate::tower::selection_grid`] (in the
-    /// first `k` coordinates); the coordinator sets the tower's pooling and prior weight to
-    /// the setting whose noisy sum is largest and leaves everything else as it is.
-    pub pooling_selection: bool,
-}
-
-impl TrainingParams {
-    /// A round that trains nothing: its units send bounded statistics of their data (a
-    /// popularity release or a pooling selection), never a gradient.
-    pub fn trains_nothing(&self) -> bool {
-        self.popularity_release || self.pooling_selection
-    }
+    /// What the round asks of its cohort: training, or a bounded statistic of each unit's
+    /// data instead (a popularity release, a pooling selection).
+    pub kind: crate::round::RoundKind,
 }
 
 #[derive(Clone, Debug, PartialEq)]

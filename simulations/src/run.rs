@@ -13,11 +13,13 @@ use guild_client::data::Merchant;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_client::retrieval::{Split, TrainConfig};
-use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier, epsilon_from_rdp};
-use guild_privacy::cost::RoundPrivacy;
+use guild_coordinator::config::StatisticRounds;
+use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier};
+use guild_privacy::cost::{RoundPrivacy, calibrate_noise};
 use guild_privacy::ledger::Budget;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::AdapterFamilyName;
+use guild_proto::round::{RoundKind, Schedule};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
@@ -101,52 +103,19 @@ fn baseline_training(
     TrainConfig { batch_size, steps, learning_rate, seed, negatives, ..TrainConfig::default() }
 }
 
-/// The smallest z (to 0.1%) for which `rounds` rounds of `round` (its noise multiplier
-/// replaced) stay within ε = `target` at `delta`, by the same cost function the
-/// coordinator's ledger charges.
-pub fn calibrate_noise(target: f64, round: &RoundPrivacy, rounds: u64, delta: f64) -> anyhow::Result<f64> {
-    calibrate_noise_after(target, &RdpCurve::zero(), round, rounds, delta)
-}
-
-/// As [`calibrate_noise`], for rounds that follow others whose composed RDP is `before`.
-pub fn calibrate_noise_after(
-    target: f64,
-    before: &RdpCurve,
-    round: &RoundPrivacy,
-    rounds: u64,
-    delta: f64,
-) -> anyhow::Result<f64> {
-    let epsilon = |z: f64| -> anyhow::Result<f64> {
-        let curve = (RoundPrivacy { noise_multiplier: z, ..round.clone() })
-            .curve_after(rounds)?
-            .context("a round without noise has no ε")?;
-        Ok(epsilon_from_rdp(&before.clone().compose(&curve), delta)?.0)
-    };
-    let (mut lo, mut hi) = (0.05, 500.0);
-    anyhow::ensure!(epsilon(hi)? <= target, "ε = {target} is out of reach");
-    while hi / lo > 1.001 {
-        let mid = (lo * hi).sqrt();
-        if epsilon(mid).is_ok_and(|e| e <= target) {
-            hi = mid;
-        } else {
-            lo = mid;
-        }
-    }
-    Ok(hi)
-}
-
 struct FederatedArm {
     name: String,
     mode: PrivacyMode,
     unit: PrivacyUnit,
     /// The shopper-level arms' settings (the unit is then `Shopper`).
     shopper: Option<ShopperDp>,
+    /// z of the training rounds (0 when the arm runs none).
     noise_multiplier: f64,
-    /// Popularity releases before the training rounds, and their noise multiplier.
-    popularity_releases: u32,
+    /// The round kinds before training (shopper-level arms), in the coordinator's order.
+    schedule: Schedule,
+    /// z of the popularity releases and of the pooling selection (0 when the schedule has none).
     popularity_noise_multiplier: f64,
-    /// z of the pooling selection after the releases, if the arm runs one.
-    selection_noise_multiplier: Option<f64>,
+    selection_noise_multiplier: f64,
     epsilon_cap: f64,
     delta: f64,
     /// Every round the arm runs: its popularity releases and its training rounds.
@@ -215,39 +184,46 @@ async fn federated(
             c.privacy.shopper_sampling_rate = sh.sampling_rate;
             c.privacy.shoppers = shoppers as u64;
             c.privacy.clip_norm = sh.clip_norm;
-            c.rounds.popularity_releases = arm.popularity_releases;
-            c.privacy.popularity_noise_multiplier = arm.popularity_noise_multiplier;
-            c.privacy.popularity_sampling_rate = sh.popularity_sampling_rate;
-            if let Some(z) = arm.selection_noise_multiplier {
-                c.rounds.pooling_selection = true;
-                c.privacy.selection_noise_multiplier = z;
-            }
+            c.rounds.popularity_release = StatisticRounds {
+                rounds: arm.schedule.popularity_releases,
+                noise_multiplier: arm.popularity_noise_multiplier,
+                sampling_rate: sh.popularity_sampling_rate,
+            };
+            c.rounds.pooling_selection = StatisticRounds {
+                rounds: u32::from(arm.schedule.pooling_selection),
+                noise_multiplier: arm.selection_noise_multiplier,
+                sampling_rate: sh.popularity_sampling_rate,
+            };
         }
     })?;
     let binary = coordinator_binary()?;
     federation.start_process(&binary).await?;
     let mut events = Vec::new();
     if let Some(sh) = &arm.shopper {
-        let mut steps = Vec::new();
-        if arm.popularity_releases > 0 {
-            steps.push(format!(
-                "{} popularity release(s): every merchant's shoppers sampled at q = {}, each one's items at \
-                 the whole clip norm, z = {:.3}",
-                arm.popularity_releases, sh.popularity_sampling_rate, arm.popularity_noise_multiplier,
-            ));
-        }
-        if let Some(z) = arm.selection_noise_multiplier {
-            steps.push(format!(
-                "one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on its \
-                 validation item under the {} public settings of pooling and prior weight, z = {z:.3}",
-                sh.popularity_sampling_rate,
-                guild_proto::tower::SELECTION_SETTINGS,
-            ));
-        }
-        if sh.rounds > 0 {
-            steps.push(format!("{} training round(s) at z = {:.3}", sh.rounds, arm.noise_multiplier));
-        }
-        if arm.popularity_releases > 0 || arm.selection_noise_multiplier.is_some() {
+        // The arm's rounds as the coordinator's schedule runs them, one line per kind.
+        let schedule = arm.schedule;
+        let steps: Vec<String> = RoundKind::ALL
+            .into_iter()
+            .filter_map(|kind| {
+                let count = schedule.count(kind, arm.rounds);
+                (count > 0).then(|| match kind {
+                    RoundKind::PopularityRelease => format!(
+                        "{count} popularity release(s): every merchant's shoppers sampled at q = {}, each one's \
+                         items at the whole clip norm, z = {:.3}",
+                        sh.popularity_sampling_rate, arm.popularity_noise_multiplier,
+                    ),
+                    RoundKind::PoolingSelection => format!(
+                        "one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on \
+                         its validation item under the {} public settings of pooling and prior weight, z = {:.3}",
+                        sh.popularity_sampling_rate,
+                        guild_proto::tower::SELECTION_SETTINGS,
+                        arm.selection_noise_multiplier,
+                    ),
+                    RoundKind::Training => format!("{count} training round(s) at z = {:.3}", arm.noise_multiplier),
+                })
+            })
+            .collect();
+        if schedule.statistic_rounds() > 0 {
             events.push(steps.join("; then "));
         }
     }
@@ -414,18 +390,18 @@ async fn federated(
         let _ = p.kill();
         let _ = p.wait();
     }
-    if arm.selection_noise_multiplier.is_some() && world.spec.family == AdapterFamilyName::SequenceTower {
-        let version = u64::from(arm.popularity_releases) + 1;
-        if let Ok(record) = store.adapter(version) {
-            let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
-            events.push(match guild_proto::tower::setting_of(&world.spec.tower.shape, &values) {
-                Some(j) => format!(
-                    "the pooling selection (adapter version {version}) chose {}",
-                    guild_proto::tower::describe_setting(j)
-                ),
-                None => format!("adapter version {version} holds none of the selection's settings"),
-            });
-        }
+    if let Some(version) = arm.schedule.version_of(RoundKind::PoolingSelection)
+        && world.spec.family == AdapterFamilyName::SequenceTower
+        && let Ok(record) = store.adapter(version)
+    {
+        let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
+        events.push(match guild_proto::tower::setting_of(&world.spec.tower.shape, &values) {
+            Some(j) => format!(
+                "the pooling selection (adapter version {version}) chose {}",
+                guild_proto::tower::describe_setting(j)
+            ),
+            None => format!("adapter version {version} holds none of the selection's settings"),
+        });
     }
     let (dropped, straggled) = faults.injected.counts();
     if dropped.iter().sum::<u64>() > 0 {
@@ -614,7 +590,8 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let d = world.parameter_count();
     let delta = s.delta(n);
     let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
-    let shopper_rounds = s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + sh.statistic_rounds());
+    let shopper_rounds =
+        s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + sh.schedule().statistic_rounds());
     let progress = Progress::new(
         u64::from(s.arms.federated) * f.rounds
             + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
@@ -769,9 +746,9 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: 0.0,
-            popularity_releases: 0,
-            selection_noise_multiplier: None,
+            schedule: Schedule::default(),
             popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
             epsilon_cap: 1e9,
             delta,
             rounds: f.rounds,
@@ -804,16 +781,16 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     };
     let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
     for &epsilon in &s.arms.distributed_dp_epsilons {
-        let z = calibrate_noise(epsilon, &round, charged_rounds(plan.len()), delta)?;
+        let z = calibrate_noise(epsilon, &RdpCurve::zero(), &round, charged_rounds(plan.len()), delta)?;
         plan.push(FederatedArm {
             name: format!("federated DP ε={epsilon}"),
             mode: PrivacyMode::Distributed,
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: z,
-            popularity_releases: 0,
-            selection_noise_multiplier: None,
+            schedule: Schedule::default(),
             popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
             rounds: dp_rounds,
@@ -827,9 +804,9 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             unit: PrivacyUnit::Merchant,
             shopper: None,
             noise_multiplier: z,
-            popularity_releases: 0,
-            selection_noise_multiplier: None,
+            schedule: Schedule::default(),
             popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
             epsilon_cap: epsilon,
             delta,
             rounds: dp_rounds,
@@ -855,55 +832,55 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
             wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
         };
-        // A popularity release: every merchant's shoppers sampled at their own rate, the
-        // sum bounded accordingly.
-        let release = RoundPrivacy {
+        // The statistic rounds (releases, selection): every merchant's shoppers sampled at
+        // their own rate, the sum bounded accordingly.
+        let statistic = RoundPrivacy {
             sampling_rate: sh.popularity_sampling_rate,
             max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.popularity_sampling_rate),
             ..round.clone()
         };
-        let releases = u64::from(sh.popularity_releases);
+        // The coordinator's schedule of the arm's rounds, and how many of each kind it runs.
+        let schedule = sh.schedule();
+        let total = schedule.statistic_rounds() + sh.rounds;
+        let (releases, training) =
+            (schedule.count(RoundKind::PopularityRelease, total), schedule.count(RoundKind::Training, total));
         // The pooling selection, at its fixed z, is charged first; the rest is calibrated
         // to what it leaves.
         let selection = match sh.selection_noise_multiplier {
-            Some(z) => (RoundPrivacy { noise_multiplier: z, ..release.clone() })
-                .curve_after(1)?
+            Some(z) => (RoundPrivacy { noise_multiplier: z, ..statistic.clone() })
+                .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
                 .context("a selection without noise")?,
             None => RdpCurve::zero(),
         };
         for &epsilon in &s.arms.shopper_dp_epsilons {
             // Room for one round charged and then aborted (two if the coordinator is
-            // killed before its last round), as for the other DP arms; a release-only arm is
-            // calibrated for its releases alone and one more only if killed before its last
-            // (every merchant is in each round: an abort needs a third of them to fail at once).
+            // killed before its last round), as for the other DP arms; a statistics-only arm
+            // is calibrated for its releases alone and one more only if killed before its
+            // last (every merchant is in each round: an abort needs a third of them to fail
+            // at once).
             let spare = u64::from(
-                killed(plan.len())
-                    && s.faults.kill_coordinator_after_round.is_some_and(|k| k < sh.rounds + releases),
+                killed(plan.len()) && s.faults.kill_coordinator_after_round.is_some_and(|k| k < total),
             );
-            let (z_release, z) = if sh.rounds == 0 {
+            let (z_release, z) = if training == 0 {
                 let z_release = if releases == 0 {
                     0.0
                 } else {
-                    calibrate_noise_after(epsilon, &selection, &release, releases + spare, shopper_delta)?
+                    calibrate_noise(epsilon, &selection, &statistic, releases + spare, shopper_delta)?
                 };
                 (z_release, 0.0)
             } else if releases == 0 {
-                (
-                    0.0,
-                    calibrate_noise_after(epsilon, &selection, &round, sh.rounds + 1 + spare, shopper_delta)?,
-                )
+                (0.0, calibrate_noise(epsilon, &selection, &round, training + 1 + spare, shopper_delta)?)
             } else {
                 // (Scenario validation requires the share when both kinds of round run; the
                 // selection's cost counts towards the releases' share.)
                 let share = sh.popularity_budget.context("arms.shopper_dp.popularity_budget")?;
                 let z_release =
-                    calibrate_noise_after(share * epsilon, &selection, &release, releases, shopper_delta)?;
-                let before = (RoundPrivacy { noise_multiplier: z_release, ..release.clone() })
+                    calibrate_noise(share * epsilon, &selection, &statistic, releases, shopper_delta)?;
+                let before = (RoundPrivacy { noise_multiplier: z_release, ..statistic.clone() })
                     .curve_after(releases)?
                     .context("a release without noise")?
                     .compose(&selection);
-                let z =
-                    calibrate_noise_after(epsilon, &before, &round, sh.rounds + 1 + spare, shopper_delta)?;
+                let z = calibrate_noise(epsilon, &before, &round, training + 1 + spare, shopper_delta)?;
                 (z_release, z)
             };
             plan.push(FederatedArm {
@@ -911,18 +888,13 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
                 mode: PrivacyMode::Distributed,
                 unit: PrivacyUnit::Shopper,
                 shopper: Some(sh.clone()),
-                // (The coordinator wants a positive z for training even when no round trains.)
-                noise_multiplier: match (sh.rounds, releases, sh.selection_noise_multiplier) {
-                    (0, 0, Some(z_selection)) => z_selection,
-                    (0, _, _) => z_release,
-                    _ => z,
-                },
-                popularity_releases: sh.popularity_releases,
+                noise_multiplier: z,
+                schedule,
                 popularity_noise_multiplier: z_release,
-                selection_noise_multiplier: sh.selection_noise_multiplier,
+                selection_noise_multiplier: sh.selection_noise_multiplier.unwrap_or(0.0),
                 epsilon_cap: epsilon,
                 delta: shopper_delta,
-                rounds: sh.rounds + sh.statistic_rounds(),
+                rounds: total,
             });
         }
     }
@@ -962,59 +934,4 @@ pub fn machine() -> String {
 /// The report folder for a scenario run.
 pub fn default_out(scenario: &Scenario) -> PathBuf {
     PathBuf::from("reports").join(&scenario.name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn shopper_round(q: f64) -> RoundPrivacy {
-        RoundPrivacy {
-            mode: PrivacyMode::Distributed,
-            unit: PrivacyUnit::Shopper,
-            sampling_rate: q,
-            noise_multiplier: 1.0,
-            clip_norm: 1.0,
-            dimension: 4096,
-            min_survivors: 18,
-            max_summands: guild_privacy::cost::sampled_shoppers_bound(50_000, q),
-            bit_width: 32,
-            wrap_probability: 1e-9,
-        }
-    }
-
-    fn curve(round: &RoundPrivacy, z: f64, rounds: u64) -> RdpCurve {
-        let round = RoundPrivacy { noise_multiplier: z, ..round.clone() };
-        round.curve_after(rounds).expect("cost").expect("noised")
-    }
-
-    fn epsilon(parts: &[(&RoundPrivacy, f64, u64)], delta: f64) -> f64 {
-        let curve = parts.iter().fold(RdpCurve::zero(), |composed, (round, z, rounds)| {
-            composed.compose(&curve(round, *z, *rounds))
-        });
-        epsilon_from_rdp(&curve, delta).expect("ε").0
-    }
-
-    /// A release-only arm spends its ε on the release; a release followed by training rounds
-    /// spends its share on the release and the rest, composed, on the training rounds: the
-    /// whole stays within the target and reaches it to the bisection's 0.1%.
-    #[test]
-    fn releases_and_training_rounds_share_the_target_epsilon_composed() {
-        let (release, training, delta) = (shopper_round(1.0), shopper_round(0.03), 1e-6);
-        let alone = calibrate_noise(3.0, &release, 1, delta).expect("z");
-        let spent = epsilon(&[(&release, alone, 1)], delta);
-        assert!(spent <= 3.0 && spent > 3.0 * 0.99, "{spent}");
-        let z_release = calibrate_noise(1.5, &release, 1, delta).expect("z");
-        assert!(z_release > alone, "half the ε, more noise: {z_release} vs {alone}");
-        let before = curve(&release, z_release, 1);
-        let z = calibrate_noise_after(3.0, &before, &training, 6, delta).expect("z");
-        let total = epsilon(&[(&release, z_release, 1), (&training, z, 6)], delta);
-        assert!(total <= 3.0 && total > 3.0 * 0.99, "{total}");
-        let training_alone = calibrate_noise(3.0, &training, 6, delta).expect("z");
-        assert!(z > training_alone, "the rest of the budget needs more noise: {z} vs {training_alone}");
-        assert!(
-            calibrate_noise_after(0.01, &before, &training, 6, delta).is_err(),
-            "the release alone is past 0.01"
-        );
-    }
 }

@@ -180,7 +180,7 @@ pub struct ShopperDp {
     /// δ of the shopper-level arms (default: min(1e-6, 1/N^1.1) for N shoppers).
     #[serde(default)]
     pub delta: Option<f64>,
-    /// Popularity releases before the training rounds (`rounds.popularity_releases`): each
+    /// Popularity releases before the training rounds (`[rounds.popularity_release]`): each
     /// merchant samples its shoppers at `popularity_sampling_rate` and sends each one's
     /// unit vector of items at the whole clip norm; nothing is trained.
     #[serde(default)]
@@ -192,7 +192,7 @@ pub struct ShopperDp {
     /// it when there are none.
     #[serde(default)]
     pub popularity_budget: Option<f64>,
-    /// z of one pooling selection after the releases (`rounds.pooling_selection`): each
+    /// z of one pooling selection after the releases (`[rounds.pooling_selection]`): each
     /// merchant samples its shoppers at `popularity_sampling_rate` and sends each one's
     /// NDCG@10 on its validation item under every setting of the public grid, and the
     /// coordinator keeps the best setting of the tower's pooling and prior weight. Its cost
@@ -203,9 +203,12 @@ pub struct ShopperDp {
 }
 
 impl ShopperDp {
-    /// The rounds that train nothing: the releases and the selection.
-    pub fn statistic_rounds(&self) -> u64 {
-        u64::from(self.popularity_releases) + u64::from(self.selection_noise_multiplier.is_some())
+    /// The coordinator's schedule of the round kinds before training that these settings ask for.
+    pub fn schedule(&self) -> guild_proto::round::Schedule {
+        guild_proto::round::Schedule {
+            popularity_releases: self.popularity_releases,
+            pooling_selection: self.selection_noise_multiplier.is_some(),
+        }
     }
 }
 
@@ -325,7 +328,7 @@ impl Scenario {
                 return Err(invalid("shopper_dp_epsilons needs [arms.shopper_dp] settings".into()));
             };
             if !(sh.sampling_rate > 0.0 && sh.sampling_rate <= 1.0)
-                || sh.rounds + sh.statistic_rounds() == 0
+                || sh.rounds + sh.schedule().statistic_rounds() == 0
                 || sh.merge_shops == 0
             {
                 return Err(invalid(

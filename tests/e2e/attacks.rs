@@ -220,8 +220,7 @@ fn honest_task(z: f64) -> RoundTask {
             learning_rate: 1e-3,
             data_seed: 1,
             negatives: 0,
-            popularity_release: false,
-            pooling_selection: false,
+            kind: guild_proto::round::RoundKind::Training,
         },
         privacy: PrivacyParams {
             mode: PrivacyMode::Distributed,

@@ -179,7 +179,7 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     assert_ne!(store.adapter(2).expect("v2").data, store.adapter(0).expect("v0").data, "the adapter moved");
 }
 
-/// A popularity release (`rounds.popularity_releases`) end to end: the federation's first
+/// A popularity release (`[rounds.popularity_release]`) end to end: the federation's first
 /// version comes from a round in which every merchant samples every shopper (q = 1, above
 /// the clients' cap of 0.1 on training rounds, which a release is exempt from), at its own
 /// noise multiplier; the coordinator moves the histogram's coordinates only (everything
@@ -204,7 +204,7 @@ async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own
 }
 
 /// The same release with the merchant as the unit (the coordinator samples merchants at
-/// `privacy.popularity_sampling_rate`, 1 here): whatever the lightweight clients send, the
+/// `rounds.popularity_release.sampling_rate`, 1 here): whatever the lightweight clients send, the
 /// coordinator moves only the histogram with it, and charges the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
@@ -224,8 +224,8 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     let dir = tempfile::tempdir().expect("tempdir");
     let shape = guild_proto::tower::TowerShape::tiny(16);
     let federation = tower_with_one_release(dir.path(), 3, |c| {
-        c.rounds.pooling_selection = true;
-        c.privacy.selection_noise_multiplier = 20.0;
+        c.rounds.pooling_selection.rounds = 1;
+        c.rounds.pooling_selection.noise_multiplier = 20.0;
         c.privacy.unit = PrivacyUnit::Shopper;
         c.privacy.shopper_sampling_rate = 0.1;
         c.privacy.shoppers = 160;
@@ -264,8 +264,8 @@ async fn tower_with_one_release(
     four_merchants(dir, rounds, |c| {
         c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
         c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
-        c.rounds.popularity_releases = 1;
-        c.privacy.popularity_noise_multiplier = 3.0;
+        c.rounds.popularity_release.rounds = 1;
+        c.rounds.popularity_release.noise_multiplier = 3.0;
         more(c);
     })
     .await
@@ -348,8 +348,14 @@ impl guild_client::learner::Learner for EvaluatingLearner {
         self.0.manifest()
     }
 
-    fn train(&mut self, task: &guild_proto::domain::RoundTask, global: &[f32]) -> anyhow::Result<Vec<f32>> {
-        self.0.train(task, global)
+    fn train(
+        &mut self,
+        task: &guild_proto::domain::RoundTask,
+        global: &[f32],
+        units: guild_client::learner::Units<'_>,
+        each: &mut guild_client::learner::Each<'_>,
+    ) -> anyhow::Result<()> {
+        self.0.train(task, global, units, each)
     }
 
     fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<guild_client::retrieval::RankingCounts>> {

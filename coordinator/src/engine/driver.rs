@@ -11,6 +11,7 @@ use guild_privacy::dp::{RandomRotation, add_central_noise};
 use guild_privacy::ledger::{Charge, LedgerEntry};
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
+use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -239,34 +240,38 @@ impl Engine {
             );
         }
         if self.config.privacy.mode == PrivacyMode::Central {
-            let sigma = round.kind.noise_multiplier * self.config.privacy.clip_norm;
+            let sigma = round.noise_multiplier * self.config.privacy.clip_norm;
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
         }
-        let step = if round.kind.selection {
-            let guild_proto::domain::AdapterFamily::SequenceTower(shape) = &self.manifest.family else {
-                anyhow::bail!("a pooling selection for an adapter that is not a sequence tower");
-            };
-            let (step, best) =
-                selection_step(shape, &latest.values, &decoded, moments.as_ref()).ok_or_else(|| {
-                    anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
-                })?;
-            // The estimates, in NDCG@10: each setting's sum was c/√k times its values.
-            let k = guild_proto::tower::SELECTION_SETTINGS;
-            let scale = (k as f64).sqrt() / (self.config.privacy.clip_norm * round.denominator);
-            let estimates: Vec<String> = decoded[..k].iter().map(|s| format!("{:.4}", s * scale)).collect();
-            tracing::info!(setting = best, estimates = %estimates.join(" "), "pooling selected");
-            step
-        } else if round.kind.release {
-            // Only the histogram was sent: everything else in the sum is noise.
-            release_step(
-                &latest.values,
-                &decoded,
-                round.denominator,
-                moments.as_ref(),
-                self.manifest.accumulated_range(),
-            )
-        } else {
-            server_step(
+        // The server step of the round's kind.
+        let step = match round.kind {
+            RoundKind::PoolingSelection => {
+                let guild_proto::domain::AdapterFamily::SequenceTower(shape) = &self.manifest.family else {
+                    anyhow::bail!("a pooling selection for an adapter that is not a sequence tower");
+                };
+                let (step, best) = selection_step(shape, &latest.values, &decoded, moments.as_ref())
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
+                    })?;
+                // The estimates, in NDCG@10: each setting's sum was c/√k times its values.
+                let k = guild_proto::tower::SELECTION_SETTINGS;
+                let scale = (k as f64).sqrt() / (self.config.privacy.clip_norm * round.denominator);
+                let estimates: Vec<String> =
+                    decoded[..k].iter().map(|s| format!("{:.4}", s * scale)).collect();
+                tracing::info!(setting = best, estimates = %estimates.join(" "), "pooling selected");
+                step
+            }
+            RoundKind::PopularityRelease => {
+                // Only the histogram was sent: everything else in the sum is noise.
+                release_step(
+                    &latest.values,
+                    &decoded,
+                    round.denominator,
+                    moments.as_ref(),
+                    self.manifest.accumulated_range(),
+                )
+            }
+            RoundKind::Training => server_step(
                 self.config.rounds.server_optimizer,
                 &latest.values,
                 &decoded,
@@ -274,7 +279,7 @@ impl Engine {
                 self.config.rounds.server_learning_rate,
                 moments.as_ref(),
                 self.manifest.accumulated_range(),
-            )
+            ),
         };
         let bytes = guild_proto::adapter::to_bytes(&step.values);
         let sha256 = guild_proto::adapter::sha256(&bytes);

@@ -115,7 +115,9 @@ struct Round {
     denominator: f64,
     /// Training, a popularity release or the pooling selection, and the noise and rates
     /// the round asked for.
-    kind: open::RoundKind,
+    kind: guild_proto::round::RoundKind,
+    /// z of the round's kind (central mode adds the noise itself).
+    noise_multiplier: f64,
     /// The phase now collecting messages; `None` once every phase closed.
     phase: Option<Phase>,
     phase_started: Instant,

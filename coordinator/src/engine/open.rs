@@ -5,18 +5,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use guild_privacy::PrivacyUnit;
 use guild_privacy::cost::{RoundCost, RoundPrivacy, sampled_shoppers_bound};
 use guild_privacy::ledger::PrivacyEvent;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
 use guild_privacy::secagg::{Identities, Phase, RoundConfig, min_active_threshold};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
+use guild_proto::round::RoundKind;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::{Engine, Round, State};
+use crate::config::KindPrivacy;
 use crate::store::MerchantRecord;
 
 /// The round-wide parameters every task of a round carries.
@@ -26,65 +28,12 @@ struct TaskTemplate<'a> {
     round: &'a RoundConfig,
     cost: &'a RoundCost,
     kind: RoundKind,
+    privacy: KindPrivacy,
     rotation_seed: u64,
     identities: &'a Identities,
     /// Each member's client certificate, which binds its signing key.
     certificates: &'a BTreeMap<ClientIndex, Vec<u8>>,
     deadlines: Vec<Duration>,
-}
-
-/// What a round asks of its cohort: training, a popularity release
-/// (`rounds.popularity_releases`) or the pooling selection (`rounds.pooling_selection`),
-/// with the sampling rates and the noise that go with it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub(super) struct RoundKind {
-    pub release: bool,
-    pub selection: bool,
-    /// The rate at which the coordinator samples merchants.
-    pub merchant_rate: f64,
-    /// The rate at which the DP unit is sampled: merchants (by the coordinator) or
-    /// shoppers (each merchant its own).
-    pub unit_rate: f64,
-    pub noise_multiplier: f64,
-}
-
-impl RoundKind {
-    /// The kind of the round that would follow adapter version `version`: the federation's
-    /// first `rounds.popularity_releases` versions come from releases (when the adapter has
-    /// a popularity histogram), the next from the pooling selection (when asked for, and the
-    /// adapter is a tower with a prior), every later one from training.
-    pub fn after(
-        config: &crate::config::Config,
-        manifest: &guild_proto::domain::AdapterManifest,
-        version: u64,
-    ) -> Self {
-        let (r, p) = (&config.rounds, &config.privacy);
-        let releases =
-            if manifest.accumulated_range().is_some() { u64::from(r.popularity_releases) } else { 0 };
-        let release = version < releases;
-        let selection = r.pooling_selection && manifest.selection_ranges().is_some() && version == releases;
-        let rate = |training: f64| if release || selection { p.popularity_sampling_rate } else { training };
-        let noise_multiplier = if release {
-            p.popularity_noise_multiplier
-        } else if selection {
-            p.selection_noise_multiplier
-        } else {
-            p.noise_multiplier
-        };
-        match p.unit {
-            PrivacyUnit::Merchant => {
-                let q = rate(r.sampling_rate);
-                Self { release, selection, merchant_rate: q, unit_rate: q, noise_multiplier }
-            }
-            PrivacyUnit::Shopper => Self {
-                release,
-                selection,
-                merchant_rate: r.sampling_rate,
-                unit_rate: rate(p.shopper_sampling_rate),
-                noise_multiplier,
-            },
-        }
-    }
 }
 
 impl Engine {
@@ -101,11 +50,21 @@ impl Engine {
             );
             return Ok(false);
         }
-        let kind = RoundKind::after(cfg, &self.manifest, self.lock().latest.version);
+        let kind = cfg.schedule(&self.manifest).kind_after(self.lock().latest.version);
+        let privacy = cfg.kind_privacy(kind);
+        if matches!(cfg.privacy.mode, PrivacyMode::Distributed | PrivacyMode::Central)
+            && privacy.noise_multiplier <= 0.0
+        {
+            // (Configuration allows it only where `max_rounds` ends before such a round; a
+            // restarted daemon may still reach one.)
+            self.lock().status =
+                format!("the next round is a {kind} and no noise multiplier is set for it; no more rounds");
+            return Ok(false);
+        }
         // Poisson sampling: each merchant independently, with the OS's randomness.
         let mut rng = ChaCha20Rng::from_entropy();
         // (In the shopper unit the rate is 1: every merchant, each sampling its own shoppers.)
-        let q = kind.merchant_rate;
+        let q = privacy.merchant_rate;
         let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
         let n = cohort.len() as u32;
         if n > cfg.rounds.max_cohort {
@@ -133,7 +92,7 @@ impl Engine {
         let p = &cfg.privacy;
         // Who is sampled, at what rate, how many vectors the sum holds, and what it is
         // averaged over: merchants (drawn here), or shoppers (drawn by their merchants).
-        let unit_rate = kind.unit_rate;
+        let unit_rate = privacy.unit_rate;
         let (max_summands, denominator) = match p.unit {
             PrivacyUnit::Merchant => (n, q * population as f64),
             PrivacyUnit::Shopper => {
@@ -144,7 +103,7 @@ impl Engine {
             mode: p.mode,
             unit: p.unit,
             sampling_rate: unit_rate,
-            noise_multiplier: kind.noise_multiplier,
+            noise_multiplier: privacy.noise_multiplier,
             clip_norm: p.clip_norm,
             dimension: self.manifest.parameter_count(),
             min_survivors: t,
@@ -191,6 +150,7 @@ impl Engine {
             round: &round_config,
             cost: &cost,
             kind,
+            privacy,
             rotation_seed: rng.r#gen(),
             identities: &identities,
             certificates: &certificates,
@@ -216,8 +176,7 @@ impl Engine {
             threshold = t,
             neighbours = k,
             adapter = latest.version,
-            popularity_release = kind.release,
-            pooling_selection = kind.selection,
+            kind = %kind,
             "round opened"
         );
         self.metrics.participants.set(i64::from(n));
@@ -235,6 +194,7 @@ impl Engine {
             max_summands,
             denominator,
             kind,
+            noise_multiplier: privacy.noise_multiplier,
             phase: Some(Phase::AdvertiseKeys),
             phase_started: Instant::now(),
             received: BTreeSet::new(),
@@ -288,13 +248,12 @@ impl Engine {
                 batch_size: cfg.rounds.batch_size,
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
-                popularity_release: template.kind.release,
-                pooling_selection: template.kind.selection,
+                kind: template.kind,
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,
                 clip_norm: cfg.privacy.clip_norm,
-                noise_multiplier: template.kind.noise_multiplier,
+                noise_multiplier: template.privacy.noise_multiplier,
                 gamma: template.cost.ddg.gamma(),
                 bit_width: cfg.privacy.bit_width,
                 min_survivors: round.threshold,
@@ -302,7 +261,7 @@ impl Engine {
                 unit: template.cost.unit,
                 shopper_sampling_rate: match template.cost.unit {
                     PrivacyUnit::Merchant => 0.0,
-                    PrivacyUnit::Shopper => template.kind.unit_rate,
+                    PrivacyUnit::Shopper => template.privacy.unit_rate,
                 },
             },
             secagg: SecAggParams {
@@ -322,10 +281,10 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use guild_proto::domain::AdapterManifest;
+    use guild_proto::round::RoundKind;
     use guild_proto::tower::TowerShape;
 
-    use super::RoundKind;
-    use crate::config::Config;
+    use crate::config::{Config, KindPrivacy};
 
     fn config(extra: &str) -> Config {
         let text = format!(
@@ -335,79 +294,70 @@ mod tests {
         Config::parse(&text, Vec::new()).expect("valid")
     }
 
-    /// The federation's first `popularity_releases` versions come from releases, at the
-    /// release's own rate and noise; later ones from training; an adapter without a
-    /// popularity histogram has nothing to release.
+    /// The round after each version, as the coordinator opens it: the schedule's kind, at
+    /// that kind's rates and noise.
+    fn after(config: &Config, manifest: &AdapterManifest, version: u64) -> (RoundKind, KindPrivacy) {
+        let kind = config.schedule(manifest).kind_after(version);
+        (kind, config.kind_privacy(kind))
+    }
+
+    /// The federation's first releases come at their own rate and noise; later rounds
+    /// train; an adapter without a popularity histogram has nothing to release.
     #[test]
     fn the_first_versions_come_from_releases_at_their_own_rate_and_noise() {
         let shopper = config(
-            "[rounds]\npopularity_releases = 2\n[privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\n\
-             shoppers = 1000\nnoise_multiplier = 1.1\npopularity_noise_multiplier = 2.5\n",
+            "[rounds.popularity_release]\nrounds = 2\nnoise_multiplier = 2.5\n\
+             [privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n",
         );
         let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
-        let release = RoundKind {
-            release: true,
-            selection: false,
-            merchant_rate: 1.0,
-            unit_rate: 1.0,
-            noise_multiplier: 2.5,
-        };
-        assert_eq!(RoundKind::after(&shopper, &tower, 0), release);
-        assert_eq!(RoundKind::after(&shopper, &tower, 1), release);
-        let training = RoundKind {
-            release: false,
-            selection: false,
-            merchant_rate: 1.0,
-            unit_rate: 0.02,
-            noise_multiplier: 1.1,
-        };
-        assert_eq!(RoundKind::after(&shopper, &tower, 2), training);
+        let release = (
+            RoundKind::PopularityRelease,
+            KindPrivacy { merchant_rate: 1.0, unit_rate: 1.0, noise_multiplier: 2.5 },
+        );
+        assert_eq!(after(&shopper, &tower, 0), release);
+        assert_eq!(after(&shopper, &tower, 1), release);
+        let training =
+            (RoundKind::Training, KindPrivacy { merchant_rate: 1.0, unit_rate: 0.02, noise_multiplier: 1.1 });
+        assert_eq!(after(&shopper, &tower, 2), training);
         let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
-        assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
+        assert_eq!(after(&shopper, &plain, 0), training);
         // In the merchant unit a release samples merchants, at its own rate.
         let merchant = config(
-            "[rounds]\npopularity_releases = 1\nsampling_rate = 0.1\n\
-             [privacy]\npopularity_noise_multiplier = 2.0\npopularity_sampling_rate = 0.5\n",
+            "[rounds]\nsampling_rate = 0.1\n\
+             [rounds.popularity_release]\nrounds = 1\nnoise_multiplier = 2.0\nsampling_rate = 0.5\n",
         );
-        let release = RoundKind {
-            release: true,
-            selection: false,
-            merchant_rate: 0.5,
-            unit_rate: 0.5,
-            noise_multiplier: 2.0,
-        };
-        assert_eq!(RoundKind::after(&merchant, &tower, 0), release);
-        assert_eq!(RoundKind::after(&merchant, &tower, 1).merchant_rate, 0.1);
+        let release = (
+            RoundKind::PopularityRelease,
+            KindPrivacy { merchant_rate: 0.5, unit_rate: 0.5, noise_multiplier: 2.0 },
+        );
+        assert_eq!(after(&merchant, &tower, 0), release);
+        assert_eq!(after(&merchant, &tower, 1).1.merchant_rate, 0.1);
     }
 
     /// The pooling selection comes right after the releases (or first, without them), at
-    /// the releases' rate and its own noise, and only for a tower with a prior.
+    /// its own rate and noise, and only for a tower with a prior.
     #[test]
     fn the_pooling_selection_follows_the_releases_at_its_own_noise() {
         let shopper = config(
-            "[rounds]\npopularity_releases = 1\npooling_selection = true\n[privacy]\nunit = \"shopper\"\n\
-             shopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n\
-             popularity_noise_multiplier = 2.5\nselection_noise_multiplier = 20.0\n",
+            "[rounds.popularity_release]\nrounds = 1\nnoise_multiplier = 2.5\n\
+             [rounds.pooling_selection]\nrounds = 1\nnoise_multiplier = 20.0\n\
+             [privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n",
         );
         let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
-        assert!(RoundKind::after(&shopper, &tower, 0).release);
-        let selection = RoundKind {
-            release: false,
-            selection: true,
-            merchant_rate: 1.0,
-            unit_rate: 1.0,
-            noise_multiplier: 20.0,
-        };
-        assert_eq!(RoundKind::after(&shopper, &tower, 1), selection);
-        let training = RoundKind::after(&shopper, &tower, 2);
-        assert!(!training.release && !training.selection && training.noise_multiplier == 1.1);
+        assert_eq!(after(&shopper, &tower, 0).0, RoundKind::PopularityRelease);
+        let selection = (
+            RoundKind::PoolingSelection,
+            KindPrivacy { merchant_rate: 1.0, unit_rate: 1.0, noise_multiplier: 20.0 },
+        );
+        assert_eq!(after(&shopper, &tower, 1), selection);
+        let training = after(&shopper, &tower, 2);
+        assert_eq!((training.0, training.1.noise_multiplier), (RoundKind::Training, 1.1));
         // A tower without a prior has neither.
         let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
-        assert_eq!(RoundKind::after(&shopper, &plain, 0), training);
+        assert_eq!(after(&shopper, &plain, 0), training);
         // Without releases the selection is the first round.
-        let first =
-            config("[rounds]\npooling_selection = true\n[privacy]\nselection_noise_multiplier = 20.0\n");
-        assert!(RoundKind::after(&first, &tower, 0).selection);
-        assert!(!RoundKind::after(&first, &tower, 1).selection);
+        let first = config("[rounds.pooling_selection]\nrounds = 1\nnoise_multiplier = 20.0\n");
+        assert_eq!(after(&first, &tower, 0).0, RoundKind::PoolingSelection);
+        assert_eq!(after(&first, &tower, 1).0, RoundKind::Training);
     }
 }

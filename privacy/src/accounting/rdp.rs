@@ -244,14 +244,25 @@ fn calibrate(
     target_epsilon: f64,
 ) -> Result<f64, AccountingError> {
     check_delta(delta)?;
+    calibrate_noise_by(|z| Ok(epsilon_from_rdp(&curve(z)?.times(rounds), delta)?.0), target_epsilon)
+}
+
+/// The workspace's one noise calibrator: the smallest noise multiplier z (to 1e-6 relative,
+/// from above, so the result always meets the target) with `epsilon(z) ≤ target_epsilon`,
+/// for any ε(z) that decreases in z (the ledger's own cost of a schedule of rounds, or an
+/// ideal mechanism's). z is searched up to 10⁴.
+pub fn calibrate_noise_by<E: From<AccountingError>>(
+    epsilon: impl Fn(f64) -> Result<f64, E>,
+    target_epsilon: f64,
+) -> Result<f64, E> {
     if !(target_epsilon.is_finite() && target_epsilon > 0.0) {
-        return Err(AccountingError::TargetEpsilon(target_epsilon));
+        return Err(AccountingError::TargetEpsilon(target_epsilon).into());
     }
-    let epsilon = |z: f64| -> Result<f64, AccountingError> {
+    let epsilon = |z: f64| -> Result<f64, E> {
         if !(z.is_finite() && z > 0.0) {
-            return Err(AccountingError::NoiseMultiplier(z));
+            return Err(AccountingError::NoiseMultiplier(z).into());
         }
-        Ok(epsilon_from_rdp(&curve(z)?.times(rounds), delta)?.0)
+        epsilon(z)
     };
     const MAX_Z: f64 = 1e4;
     let (mut lo, mut hi) = (1e-3, 1.0);
@@ -263,7 +274,8 @@ fn calibrate(
                 target: target_epsilon,
                 max: MAX_Z,
                 reached: epsilon(MAX_Z)?,
-            });
+            }
+            .into());
         }
     }
     // ε(z) is decreasing in z: bisect for the boundary.
