@@ -34,6 +34,15 @@ pub enum Units<'a> {
 /// on its own, and may reuse nothing of the buffer after it returns.
 pub type Each<'a> = dyn FnMut(&mut [f32]) -> anyhow::Result<()> + 'a;
 
+/// What a learner is asked for in one round: the task, the global adapter's values it
+/// starts from, and whose updates to hand over.
+#[derive(Clone, Copy, Debug)]
+pub struct RoundInput<'a> {
+    pub task: &'a RoundTask,
+    pub global: &'a [f32],
+    pub units: Units<'a>,
+}
+
 /// Local training and evaluation, however it is done: one method per round kind
 /// ([`contribute`] picks it), each handing every unit's update to `each`.
 pub trait Learner: Send + 'static {
@@ -47,33 +56,15 @@ pub trait Learner: Send + 'static {
     }
     /// A training round: trains from the global adapter `global` on each unit and hands
     /// over its update Δ = B_local − B_global.
-    fn train(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()>;
+    fn train(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()>;
     /// A popularity release: each unit's popularity contribution alone, at the whole clip
     /// norm, and nothing trained.
-    fn popularity(
-        &mut self,
-        _task: &RoundTask,
-        _global: &[f32],
-        _units: Units<'_>,
-        _each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn popularity(&mut self, _round: RoundInput<'_>, _each: &mut Each<'_>) -> anyhow::Result<()> {
         anyhow::bail!("this learner's adapter has no popularity histogram to release")
     }
     /// A pooling selection: `c/√k` times each unit's NDCG@10 on its validation items under
     /// each of the `k` settings of `guild_proto::tower::selection_grid`, nothing trained.
-    fn selection_scores(
-        &mut self,
-        _task: &RoundTask,
-        _global: &[f32],
-        _units: Units<'_>,
-        _each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn selection_scores(&mut self, _round: RoundInput<'_>, _each: &mut Each<'_>) -> anyhow::Result<()> {
         anyhow::bail!("this learner's adapter has no pooling to select")
     }
 }
@@ -81,15 +72,13 @@ pub trait Learner: Send + 'static {
 /// Calls the learner method of the task's round kind.
 pub fn contribute(
     learner: &mut dyn Learner,
-    task: &RoundTask,
-    global: &[f32],
-    units: Units<'_>,
+    round: RoundInput<'_>,
     each: &mut Each<'_>,
 ) -> anyhow::Result<()> {
-    match task.training.kind {
-        RoundKind::Training => learner.train(task, global, units, each),
-        RoundKind::PopularityRelease => learner.popularity(task, global, units, each),
-        RoundKind::PoolingSelection => learner.selection_scores(task, global, units, each),
+    match round.task.training.kind {
+        RoundKind::Training => learner.train(round, each),
+        RoundKind::PopularityRelease => learner.popularity(round, each),
+        RoundKind::PoolingSelection => learner.selection_scores(round, each),
     }
 }
 
@@ -112,13 +101,13 @@ impl RandomLearner {
         x
     }
 
-    fn random_updates(&mut self, d: usize, units: Units<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
-        let count = match units {
+    fn random_updates(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let count = match round.units {
             Units::Merchant => 1,
             Units::Shoppers(shoppers) => shoppers.len(),
         };
         for _ in 0..count {
-            each(&mut self.random_update(d))?;
+            each(&mut self.random_update(round.global.len()))?;
         }
         Ok(())
     }
@@ -133,34 +122,16 @@ impl Learner for RandomLearner {
         self.shoppers
     }
 
-    fn train(
-        &mut self,
-        _: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
-        self.random_updates(global.len(), units, each)
+    fn train(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        self.random_updates(round, each)
     }
 
-    fn popularity(
-        &mut self,
-        _: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
-        self.random_updates(global.len(), units, each)
+    fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        self.random_updates(round, each)
     }
 
-    fn selection_scores(
-        &mut self,
-        _: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
-        self.random_updates(global.len(), units, each)
+    fn selection_scores(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        self.random_updates(round, each)
     }
 
     fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -408,13 +379,8 @@ impl Learner for TowerLearner {
         self.users.len()
     }
 
-    fn train(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn train(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let RoundInput { task, global, units } = round;
         let config = round_training(task, self.temperature, self.config.shape.history);
         let range = guild_proto::tower::popularity_range(&self.config.shape);
         let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
@@ -445,13 +411,8 @@ impl Learner for TowerLearner {
         retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &mut with_popularity)
     }
 
-    fn popularity(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let RoundInput { task, global, units } = round;
         // Nothing trained: each unit's update is its popularity contribution alone, at the
         // whole clip norm, in one buffer cleared after each.
         let range = guild_proto::tower::popularity_range(&self.config.shape)
@@ -476,13 +437,8 @@ impl Learner for TowerLearner {
         Ok(())
     }
 
-    fn selection_scores(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn selection_scores(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let RoundInput { task, global, units } = round;
         // Nothing trained: each shopper's NDCG@10 under each setting, or the merchant's
         // mean over its shoppers with a validation item, in one buffer whose first k
         // coordinates are cleared after each.
@@ -532,13 +488,8 @@ impl Learner for ModelLearner {
         self.adapters.manifest()
     }
 
-    fn train(
-        &mut self,
-        task: &RoundTask,
-        global: &[f32],
-        units: Units<'_>,
-        each: &mut Each<'_>,
-    ) -> anyhow::Result<()> {
+    fn train(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
+        let RoundInput { task, global, units } = round;
         if units != Units::Merchant {
             anyhow::bail!(
                 "this learner does not train per shopper, so it cannot take part in shopper-unit rounds"

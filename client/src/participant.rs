@@ -21,7 +21,7 @@ pub use crate::faults::Faults;
 use crate::faults::Injected;
 use crate::identity::Identity;
 pub use crate::learner::Learner;
-use crate::learner::{Units, contribute};
+use crate::learner::{RoundInput, Units, contribute};
 pub use crate::ledger::{ClientLedger, Participation};
 use crate::net::{Connection, NetError};
 use crate::retrieval::RankingCounts;
@@ -317,7 +317,8 @@ fn privatised_update(
                 encoded = Some(ddg.encode(update, &rotation, &mut os_rng)?);
                 Ok(())
             };
-            contribute(learner, task, global, Units::Merchant, &mut each).map_err(training)?;
+            contribute(learner, RoundInput { task, global, units: Units::Merchant }, &mut each)
+                .map_err(training)?;
             encoded.ok_or_else(|| ParticipantError::Training("the learner handed over no update".into()))
         }
         PrivacyUnit::Shopper => {
@@ -332,7 +333,8 @@ fn privatised_update(
                 }
                 Ok(())
             };
-            contribute(learner, task, global, Units::Shoppers(&sampled), &mut each).map_err(training)?;
+            contribute(learner, RoundInput { task, global, units: Units::Shoppers(&sampled) }, &mut each)
+                .map_err(training)?;
             if left_out > 0 {
                 tracing::warn!(
                     left_out,
@@ -1082,7 +1084,12 @@ mod tests {
             expected.iter_mut().zip(x.iter()).for_each(|(e, v)| *e += f64::from(*v));
             Ok(())
         };
-        replay.train(&task, &vec![0.0; d], Units::Shoppers(&[0; 10]), &mut add).expect("updates");
+        replay
+            .train(
+                RoundInput { task: &task, global: &vec![0.0; d], units: Units::Shoppers(&[0; 10]) },
+                &mut add,
+            )
+            .expect("updates");
         let error: f64 = sum.iter().zip(&expected).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
         let norm: f64 = expected.iter().map(|x| x * x).sum::<f64>().sqrt();
         // Rounding adds about γ/2·√(10·d) of error: far below the norm of the sum (≈ √10).

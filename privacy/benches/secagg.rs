@@ -14,21 +14,18 @@ use std::time::{Duration, Instant};
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use guild_privacy::secagg::client;
-use guild_privacy::secagg::crypto::{self, MaskSign, SigningKey};
-use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
+use guild_privacy::secagg::crypto::{self, MaskSign};
+use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::{Identities, Phase, RoundConfig};
+use guild_privacy::secagg::testkit::{TestCohort, index};
+use guild_privacy::secagg::Phase;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 
 const N: u32 = 100;
 const D: usize = 1 << 20;
 const K: u32 = 20;
 const T: u32 = 11;
-
-fn index(i: u32) -> ClientIndex {
-    ClientIndex::new(i).expect("non-zero")
-}
 
 fn peak_rss_mib() -> f64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -75,29 +72,7 @@ struct Timings {
 
 fn run(dropout_fraction: f64, seed: u64) -> Timings {
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let config = RoundConfig {
-        binding: RoundBinding {
-            federation_id: [1; 16],
-            round_id: 1,
-            adapter_sha256: [2; 32],
-            task_sha256: [3; 32],
-        },
-        cohort_size: N,
-        threshold: T,
-        neighbours: K,
-        vector_length: D,
-        bit_width: 32,
-    };
-    let mut signing = BTreeMap::new();
-    let mut identities = Identities::new();
-    for i in 1..=N {
-        let mut s = [0u8; 32];
-        rng.fill_bytes(&mut s);
-        let key = SigningKey::from_seed_unchecked(&s).expect("seed");
-        identities
-            .insert(index(i), ring::signature::KeyPair::public_key(&key).as_ref().try_into().expect("32"));
-        signing.insert(index(i), key);
-    }
+    let TestCohort { config, signing, identities } = TestCohort::new(1, N, T, K, D, 32, &mut rng);
     // Dropouts are spread evenly over the phases, a client each time.
     let dropped = (f64::from(N) * dropout_fraction).round() as u32;
     let drops_before: BTreeMap<ClientIndex, usize> =

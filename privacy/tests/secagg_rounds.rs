@@ -9,20 +9,13 @@ use guild_privacy::secagg::crypto::{self, AgreementKey, MaskSign, SigningKey};
 use guild_privacy::secagg::graph::NeighbourGraph;
 use guild_privacy::secagg::message::*;
 use guild_privacy::secagg::server::Server;
+use guild_privacy::secagg::testkit::{TestCohort, binding, index};
 use guild_privacy::secagg::{
     Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, shamir,
 };
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
-
-fn index(i: u32) -> ClientIndex {
-    ClientIndex::new(i).expect("non-zero")
-}
-
-fn binding(round_id: u64) -> RoundBinding {
-    RoundBinding { federation_id: [7; 16], round_id, adapter_sha256: [9; 32], task_sha256: [8; 32] }
-}
 
 struct Federation {
     config: RoundConfig,
@@ -35,29 +28,9 @@ struct Federation {
 impl Federation {
     fn new(n: u32, k: u32, t: u32, d: usize, bit_width: u32, seed: u64) -> Self {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let config = RoundConfig {
-            binding: binding(1),
-            cohort_size: n,
-            threshold: t,
-            neighbours: k,
-            vector_length: d,
-            bit_width,
-        };
-        let mut signing = BTreeMap::new();
-        let mut identities = BTreeMap::new();
-        let mut inputs = BTreeMap::new();
+        let TestCohort { config, signing, identities } = TestCohort::new(1, n, t, k, d, bit_width, &mut rng);
         let mask = if bit_width == 32 { u32::MAX } else { (1 << bit_width) - 1 };
-        for i in 1..=n {
-            let mut key_seed = [0u8; 32];
-            rng.fill_bytes(&mut key_seed);
-            let key = SigningKey::from_seed_unchecked(&key_seed).expect("32-byte seed");
-            identities.insert(
-                index(i),
-                ring::signature::KeyPair::public_key(&key).as_ref().try_into().expect("32"),
-            );
-            signing.insert(index(i), key);
-            inputs.insert(index(i), (0..d).map(|_| rng.next_u32() & mask).collect());
-        }
+        let inputs = (1..=n).map(|i| (index(i), (0..d).map(|_| rng.next_u32() & mask).collect())).collect();
         Self { config, signing, identities, inputs, rng }
     }
 

@@ -350,12 +350,10 @@ impl guild_client::learner::Learner for EvaluatingLearner {
 
     fn train(
         &mut self,
-        task: &guild_proto::domain::RoundTask,
-        global: &[f32],
-        units: guild_client::learner::Units<'_>,
+        round: guild_client::learner::RoundInput<'_>,
         each: &mut guild_client::learner::Each<'_>,
     ) -> anyhow::Result<()> {
-        self.0.train(task, global, units, each)
+        self.0.train(round, each)
     }
 
     fn evaluate(&mut self, _: &[f32]) -> anyhow::Result<Option<guild_client::retrieval::RankingCounts>> {

@@ -7,12 +7,13 @@
 use std::collections::BTreeMap;
 
 use rand_chacha::ChaCha20Rng;
-use rand_core::{RngCore, SeedableRng};
+use rand_core::SeedableRng;
 
 use super::client;
 use super::crypto::SigningKey;
 use super::message::*;
 use super::server::Server;
+use super::testkit::{TestCohort, index};
 use super::{Identities, RoundConfig};
 
 /// Reads the fuzzer's bytes as a stream of small decisions.
@@ -40,10 +41,6 @@ impl Tape<'_> {
     }
 }
 
-fn index(i: u32) -> ClientIndex {
-    ClientIndex::new(i).expect("non-zero")
-}
-
 struct Setup {
     config: RoundConfig,
     signing: BTreeMap<ClientIndex, SigningKey>,
@@ -54,32 +51,8 @@ struct Setup {
 
 fn setup() -> Setup {
     let mut rng = ChaCha20Rng::seed_from_u64(0);
-    let config = RoundConfig {
-        binding: RoundBinding {
-            federation_id: [1; 16],
-            round_id: 5,
-            adapter_sha256: [2; 32],
-            task_sha256: [3; 32],
-        },
-        cohort_size: 4,
-        threshold: 2,
-        neighbours: 3,
-        vector_length: 8,
-        bit_width: 16,
-    };
-    let mut signing = BTreeMap::new();
-    let mut identities = Identities::new();
-    let mut inputs = BTreeMap::new();
-    for i in 1..=4 {
-        let mut seed = [0u8; 32];
-        rng.fill_bytes(&mut seed);
-        let key = SigningKey::from_seed_unchecked(&seed).expect("32-byte seed");
-        let public: [u8; 32] =
-            ring::signature::KeyPair::public_key(&key).as_ref().try_into().expect("32 bytes");
-        identities.insert(index(i), public);
-        signing.insert(index(i), key);
-        inputs.insert(index(i), (0..8).map(|j| (i * 100 + j) & 0xffff).collect());
-    }
+    let TestCohort { config, signing, identities } = TestCohort::new(5, 4, 2, 3, 8, 16, &mut rng);
+    let inputs = (1..=4).map(|i| (index(i), (0..8).map(|j| (i * 100 + j) & 0xffff).collect())).collect();
     Setup { config, signing, identities, inputs, rng }
 }
 

@@ -21,6 +21,8 @@ pub mod message;
 mod phase;
 pub mod server;
 pub mod shamir;
+#[doc(hidden)]
+pub mod testkit;
 
 pub use error::{PeerMisbehaved, SecAggError, ServerMisbehaved};
 pub use phase::{Phase, UnknownPhase};

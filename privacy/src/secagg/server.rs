@@ -533,10 +533,9 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use rand_chacha::ChaCha20Rng;
-    use rand_core::{RngCore, SeedableRng};
-    use ring::signature::KeyPair;
+    use rand_core::SeedableRng;
 
-    use super::crypto::SigningKey;
+    use super::super::testkit::TestCohort;
 
     use super::*;
     use crate::secagg::client;
@@ -581,27 +580,7 @@ mod tests {
     #[test]
     fn a_low_order_key_is_refused_at_advertise_keys_and_the_round_completes_without_it() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        let config = RoundConfig {
-            binding: RoundBinding {
-                federation_id: [1; 16],
-                round_id: 2,
-                adapter_sha256: [2; 32],
-                task_sha256: [3; 32],
-            },
-            cohort_size: 5,
-            threshold: 3,
-            neighbours: 4,
-            vector_length: 16,
-            bit_width: 32,
-        };
-        let (mut signing, mut identities) = (BTreeMap::new(), Identities::new());
-        for i in 1..=5 {
-            let mut seed = [0u8; 32];
-            rng.fill_bytes(&mut seed);
-            let key = SigningKey::from_seed_unchecked(&seed).expect("seed");
-            identities.insert(index(i), key.public_key().as_ref().try_into().expect("32 bytes"));
-            signing.insert(index(i), key);
-        }
+        let TestCohort { config, signing, identities } = TestCohort::new(2, 5, 3, 4, 16, 32, &mut rng);
         let inputs: BTreeMap<ClientIndex, Vec<u32>> =
             (1..=5).map(|i| (index(i), (0..16).map(|j| i * 1000 + j).collect())).collect();
         let mut server = Server::new(config.clone(), identities.clone()).expect("server");
