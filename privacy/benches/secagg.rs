@@ -13,12 +13,12 @@ use std::time::{Duration, Instant};
 
 use chacha20::ChaCha20;
 use chacha20::cipher::{KeyIvInit, StreamCipher};
+use guild_privacy::secagg::Phase;
 use guild_privacy::secagg::client;
 use guild_privacy::secagg::crypto::{self, MaskSign};
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::server::Server;
 use guild_privacy::secagg::testkit::{TestCohort, index};
-use guild_privacy::secagg::Phase;
 use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 

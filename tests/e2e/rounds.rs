@@ -45,12 +45,15 @@ async fn four_merchants(
     federation
 }
 
-/// Spawns merchant `i` (0-based) as a lightweight client.
+/// Spawns merchant `i` (0-based) as a lightweight client that stops once it has taken part
+/// in `committed` committed rounds (0: never; abort its task); returns that count. A round
+/// that aborts (a deadline missed on a loaded machine) does not count: the client takes
+/// part in the retry, as a merchant's daemon would.
 pub async fn spawn_client(
     federation: &Federation,
     i: usize,
     faults: Faults,
-    max_rounds: u64,
+    committed: u64,
 ) -> JoinHandle<anyhow::Result<u64>> {
     let connection = federation.connect(i).await.expect("connect");
     let manifest = federation.config.manifest().expect("manifest");
@@ -59,7 +62,7 @@ pub async fn spawn_client(
     let options = ParticipantOptions {
         display_name: format!("Shop {i}"),
         faults,
-        max_rounds,
+        max_rounds: 0,
         poll: Duration::from_secs(2),
         max_backoff: Duration::from_millis(500),
         // These tests are about the coordinator's rounds and ledger; a merchant's own ε cap
@@ -76,15 +79,21 @@ pub async fn spawn_client(
         ClientLedger::in_memory(),
     );
     tokio::spawn(async move {
-        let mut committed = 0u64;
-        participant
-            .run(|result| {
-                if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
-                    committed += 1;
+        let taken = std::sync::atomic::AtomicU64::new(0);
+        let enough = tokio::sync::Notify::new();
+        let run = participant.run(|result| {
+            if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
+                let now = taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                if now == committed {
+                    enough.notify_one();
                 }
-            })
-            .await?;
-        Ok(committed)
+            }
+        });
+        tokio::select! {
+            result = run => result?,
+            () = enough.notified() => {}
+        }
+        Ok(taken.load(std::sync::atomic::Ordering::SeqCst))
     })
 }
 
@@ -314,29 +323,29 @@ async fn a_poisoned_sum_is_rejected_and_nothing_is_committed_from_it() {
     let mut clients = Vec::new();
     for i in 0..4 {
         let faults = Faults { poison_update: i == 2, ..Faults::default() };
-        clients.push(spawn_client(&federation, i, faults, 1).await);
+        clients.push(spawn_client(&federation, i, faults, 0).await);
     }
     let store = federation.store().expect("store");
+    let core = &federation.in_process().expect("running").core;
     let started = std::time::Instant::now();
-    while store.round_counts().expect("counts").aborted == 0 {
+    while !core.engine().metrics.encode().contains("guild_rounds_poisoned_total 1") {
         assert!(started.elapsed() < Duration::from_secs(60), "{:?}", store.round_counts());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     for client in clients {
-        let _ = tokio::time::timeout(Duration::from_secs(30), client).await;
+        client.abort();
     }
+    // Every round carries the poisoned update, so none commits; each that reached Unmask
+    // (the poisoned one, at least) keeps its charge.
     assert_eq!(store.round_counts().expect("counts").completed, 0);
     assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(0), "nothing committed");
-    assert_eq!(store.ledger().expect("ledger").len(), 1, "the round reached Unmask: its charge stands");
-    let core = &federation.in_process().expect("running").core;
+    assert!(!store.ledger().expect("ledger").is_empty(), "the round reached Unmask: its charge stands");
     let outcomes = core.engine().recent_outcomes();
     assert!(
         outcomes.iter().any(|(_, o)| matches!(o, guild_coordinator::engine::Outcome::Aborted { reason }
             if reason.contains("decoded sum has L2 norm"))),
         "{outcomes:?}"
     );
-    let metrics = core.engine().metrics.encode();
-    assert!(metrics.contains("guild_rounds_poisoned_total 1"), "{metrics}");
 }
 
 /// A random learner whose local evaluation finds something (ten validation shoppers, three
