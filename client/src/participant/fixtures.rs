@@ -118,12 +118,6 @@ pub(super) fn vet(
     vet_task(task, &manifest(), FEDERATION, &pki().ca.cert_der, options, ledger)
 }
 
-/// The attacks a coordinator could make on the cohort list, each refused: a key of its
-/// own in a real merchant's place, a member certified by another CA (of the same name:
-/// only the signature tells them apart), a server certificate, a certificate
-/// binding no key, a missing or duplicated certificate. Each task carries a matching
-/// digest, so only the certificate check stands in the way.
-
 /// The same task in the shopper unit at the merchant's sampling rate `q`.
 pub(super) fn shopper_task(n: u32, t: u32, noise_multiplier: f64, q: f64) -> RoundTask {
     let mut task = task(n, t, noise_multiplier);

@@ -230,6 +230,11 @@ mod tests {
     use super::super::fixtures::*;
     use super::*;
 
+    /// The attacks a coordinator could make on the cohort list, each refused: a key of its
+    /// own in a real merchant's place, a member certified by another CA (of the same name:
+    /// only the signature tells them apart), a server certificate, a certificate
+    /// binding no key, a missing or duplicated certificate. Each task carries a matching
+    /// digest, so only the certificate check stands in the way.
     #[test]
     fn a_cohort_member_whose_key_its_certificate_does_not_bind_is_refused() {
         let options = ParticipantOptions::default();
