@@ -10,7 +10,7 @@ use guild_sim::federation::Federation;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use crate::rounds::small;
+use crate::harness::small;
 
 fn binding(task: &RoundTask, round_id: u64) -> Option<v1::RoundBinding> {
     Some(v1::RoundBinding {

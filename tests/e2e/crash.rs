@@ -8,7 +8,7 @@ use guild_client::participant::Faults;
 use guild_privacy::secagg::Phase;
 use guild_sim::federation::{Federation, coordinator_binary};
 
-use crate::rounds::{futures_join, small, wait_for_rounds};
+use crate::harness::{futures_join, small, wait_for_rounds};
 
 /// What the store holds: (adapter versions, ledger round ids, completed round ids).
 fn snapshot(federation: &Federation) -> (Vec<u64>, Vec<u64>, u64, u64) {

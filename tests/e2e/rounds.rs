@@ -5,111 +5,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use guild_client::learner::RandomLearner;
-use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
+use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions};
 use guild_coordinator::config::Config;
 use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
 use guild_sim::federation::Federation;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
-use tokio::task::JoinHandle;
 
-/// A tiny adapter (d = 64) and short deadlines.
-pub fn small(config: &mut Config) {
-    config.adapter.layers = 1;
-    config.adapter.hidden = 16;
-    config.adapter.rank = 2;
-    config.rounds.sampling_rate = 1.0;
-    config.rounds.min_cohort = 3;
-    config.rounds.threshold = 2;
-    config.rounds.phase_deadlines_ms = [5_000, 3_000, 3_000, 3_000, 3_000];
-    config.privacy.clip_norm = 1.0;
-    config.privacy.noise_multiplier = 1.0;
-    config.privacy.epsilon_budget = 1e6;
-}
-
-/// A started in-process federation of four small merchants, all needed for a round, that
-/// stops after `max_rounds` committed rounds (0: never), with `more` applied to its config.
-async fn four_merchants(
-    dir: &std::path::Path,
-    max_rounds: u64,
-    more: impl FnOnce(&mut Config),
-) -> Federation {
-    let mut federation = Federation::init(dir, 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-        c.rounds.max_rounds = max_rounds;
-        more(c);
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
-    federation
-}
-
-/// Spawns merchant `i` (0-based) as a lightweight client that stops once it has taken part
-/// in `committed` committed rounds (0: never; abort its task); returns that count. A round
-/// that aborts (a deadline missed on a loaded machine) does not count: the client takes
-/// part in the retry, as a merchant's daemon would.
-pub async fn spawn_client(
-    federation: &Federation,
-    i: usize,
-    faults: Faults,
-    committed: u64,
-) -> JoinHandle<anyhow::Result<u64>> {
-    let connection = federation.connect(i).await.expect("connect");
-    let manifest = federation.config.manifest().expect("manifest");
-    let learner =
-        RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
-    let options = ParticipantOptions {
-        display_name: format!("Shop {i}"),
-        faults,
-        max_rounds: 0,
-        poll: Duration::from_secs(2),
-        max_backoff: Duration::from_millis(500),
-        // These tests are about the coordinator's rounds and ledger; a merchant's own ε cap
-        // (which would stop these clients after two rounds of z = 1) is tested in
-        // `guild_client::participant` and by `a_merchant_stops_at_its_own_epsilon_cap`.
-        max_epsilon: f64::INFINITY,
-        ..Default::default()
-    };
-    let mut participant = Participant::new(
-        connection,
-        Arc::new(federation.identity(i).expect("identity")),
-        Box::new(learner),
-        options,
-        ClientLedger::in_memory(),
-    );
-    tokio::spawn(async move {
-        let taken = std::sync::atomic::AtomicU64::new(0);
-        let enough = tokio::sync::Notify::new();
-        let run = participant.run(|result| {
-            if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
-                let now = taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                if now == committed {
-                    enough.notify_one();
-                }
-            }
-        });
-        tokio::select! {
-            result = run => result?,
-            () = enough.notified() => {}
-        }
-        Ok(taken.load(std::sync::atomic::Ordering::SeqCst))
-    })
-}
-
-/// Waits until the store holds `rounds` completed rounds.
-pub async fn wait_for_rounds(federation: &Federation, rounds: u64, limit: Duration) {
-    let store = federation.store().expect("store");
-    let started = std::time::Instant::now();
-    while store.round_counts().expect("counts").completed < rounds {
-        assert!(
-            started.elapsed() < limit,
-            "{rounds} rounds did not complete in {limit:?}: {:?}",
-            store.round_counts()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use crate::harness::{
+    eight_merchants, every_client_in_every_round, four_merchants, futures_join, small, spawn_client,
+    wait_for_rounds,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
@@ -429,35 +335,6 @@ async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_
     );
 }
 
-/// Runs `n` fault-free clients for `rounds` rounds and checks that each took part in every
-/// one of them.
-async fn every_client_in_every_round(federation: &Federation, n: usize, rounds: u64) {
-    let clients: Vec<_> = futures_join(federation, n, Faults::default(), rounds).await;
-    wait_for_rounds(federation, rounds, Duration::from_secs(60)).await;
-    for client in clients {
-        let committed = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client stops")
-            .expect("join")
-            .expect("client ran");
-        assert_eq!(committed, rounds, "every client took part in every round");
-    }
-}
-
-/// Spawns `n` lightweight clients.
-pub async fn futures_join(
-    federation: &Federation,
-    n: usize,
-    faults: Faults,
-    max_rounds: u64,
-) -> Vec<JoinHandle<anyhow::Result<u64>>> {
-    let mut clients = Vec::new();
-    for i in 0..n {
-        clients.push(spawn_client(federation, i, faults.clone(), max_rounds).await);
-    }
-    clients
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -624,19 +501,6 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
     }
     let coordinator_ledger = store.ledger().expect("ledger");
     assert_eq!(coordinator_ledger.len(), 1);
-}
-
-/// Eight merchants in a complete graph: seven share holders each, threshold ⌊2·7/3⌋ + 1 = 5,
-/// so each merchant's secrets survive two holders without its shares.
-async fn eight_merchants(dir: &std::path::Path, max_rounds: u64, min_cohort: u32) -> Federation {
-    let mut federation = Federation::init(dir, 8, |c| {
-        small(c);
-        c.rounds.min_cohort = min_cohort;
-        c.rounds.max_rounds = max_rounds;
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
-    federation
 }
 
 /// #15.1: a merchant that seals garbage for two neighbours, under its own valid signature,

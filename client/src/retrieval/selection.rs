@@ -1,0 +1,144 @@
+//! The pooling selection's scores: each shopper's NDCG@10 on its validation item under
+//! every setting of the public grid, as the evaluation would rank it.
+
+use super::*;
+
+/// What a pooling selection asks of each user: its NDCG@10 on its validation item under
+/// every setting of `grid` (`guild_proto::tower::selection_grid` of the tower's shape),
+/// ranked as [`evaluate_tower`] ranks (the history's other items masked out, ties in the
+/// target's favour), with the tower's own values everywhere else; `[users][settings]`, all
+/// zeros for a user without a validation item. Per batch of users the items' residual, the
+/// transformer and the masks are computed once, the cosine once per distinct pooling and
+/// the ranks once per setting.
+pub fn selection_ndcg(
+    tower: &Tower,
+    items: &Tensor,
+    users: &[&User],
+    grid: &[PoolingSetting],
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    let shape = tower.config().shape;
+    let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
+    let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
+    if grid.iter().any(|s| s.recency.len() != shape.history) {
+        return Err(bad("setting does not fit the tower's history length"));
+    }
+    let device = items.device();
+    // Distinct poolings in grid order, each with the settings that use it.
+    let mut poolings: Vec<(&[f32], Vec<usize>)> = Vec::new();
+    for (j, setting) in grid.iter().enumerate() {
+        match poolings.iter_mut().find(|(r, _)| *r == setting.recency.as_slice()) {
+            Some((_, settings)) => settings.push(j),
+            None => poolings.push((&setting.recency, vec![j])),
+        }
+    }
+    let recencies: Vec<Tensor> = poolings.iter().map(|(r, _)| Tensor::from_slice(r).to(device)).collect();
+    let recencies: Vec<&Tensor> = recencies.iter().collect();
+    let mut out = vec![vec![0.0f32; grid.len()]; users.len()];
+    let examples: Vec<(usize, Example<'_>)> =
+        users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
+    let catalogue = items.size()[0];
+    tch::no_grad(|| {
+        let adapted = normalise(&tower.adapt_items(items)).tr();
+        for chunk in examples.chunks(256) {
+            let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
+            let windows = last_windows(&histories, shape.history);
+            let b = chunk.len() as i64;
+            // The history's items other than the target, masked out of every ranking.
+            let seen: Vec<i64> = chunk
+                .iter()
+                .enumerate()
+                .flat_map(|(row, (_, e))| {
+                    e.history
+                        .iter()
+                        .filter(|&&i| i != e.target)
+                        .map(move |&i| row as i64 * catalogue + i64::from(i))
+                })
+                .collect();
+            let mask = Tensor::zeros([b * catalogue], (Kind::Bool, device))
+                .index_fill(0, &Tensor::from_slice(&seen).to(device), 1)
+                .view([b, catalogue]);
+            let targets =
+                Tensor::from_slice(&chunk.iter().map(|(_, e)| i64::from(e.target)).collect::<Vec<_>>())
+                    .to(device)
+                    .unsqueeze(1);
+            let prior_rows = prior.unsqueeze(0);
+            let target_prior = prior.index_select(0, &targets.squeeze_dim(1)).unsqueeze(1);
+            for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
+            {
+                let shoppers = normalise(&last_positions(&sequence, &windows));
+                let cosine = shoppers.matmul(&adapted).masked_fill(&mask, f64::NEG_INFINITY);
+                let target_cosine = cosine.gather(1, &targets, false);
+                for &j in settings {
+                    let beta = f64::from(grid[j].weight);
+                    let above =
+                        (&cosine + &prior_rows * beta).gt_tensor(&(&target_cosine + &target_prior * beta));
+                    let ranks = above.sum_dim_intlist(1, false, Kind::Int64).to(tch::Device::Cpu) + 1;
+                    let ranks = Vec::<i64>::try_from(&ranks).expect("int64 ranks");
+                    for ((user, _), rank) in chunk.iter().zip(ranks) {
+                        out[*user][j] = ndcg_at_10(rank) as f32;
+                    }
+                }
+            }
+        }
+    });
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::super::test_support::*;
+    use super::*;
+    use crate::model::tower::TowerConfig;
+
+    /// The oracle: each setting applied to the tower on its own and scored by
+    /// `evaluate_tower`, which the reports use.
+    #[test]
+    fn a_pooling_selection_scores_each_setting_as_the_evaluation_would() {
+        tch::manual_seed(2);
+        let catalogue = 120;
+        let items = normalise(&Tensor::randn([catalogue, 16], (Kind::Float, Device::Cpu)));
+        let mut users = shoppers(40, catalogue as u32);
+        // Varied histories (one too short for a validation item), so that the settings differ.
+        for (u, user) in users.iter_mut().enumerate() {
+            user.history.truncate(1 + u % 6);
+            user.history.extend((0..u % 4).map(|k| ((u * 13 + k * 29) % catalogue as usize) as u32));
+        }
+        let refs: Vec<&User> = users.iter().collect();
+        let shape = tower_shape(4, 4, catalogue as usize);
+        let mut tower = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+        let histogram: Vec<f32> = (0..catalogue).map(|i| ((i * 37) % 11) as f32).collect();
+        tower.set_popularity(&histogram).expect("histogram");
+        // A trained offset elsewhere must be kept while the settings are scored.
+        let offset: Vec<f32> =
+            tower.offset().iter().enumerate().map(|(i, o)| o + (i % 7) as f32 * 1e-3).collect();
+        tower.set_offset(&offset).expect("offset");
+        let grid = guild_proto::tower::selection_grid(&shape);
+        let selected = selection_ndcg(&tower, &items, &refs, &grid).expect("selection");
+        let moved = tower.offset().iter().zip(&offset).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved < 1e-5, "the tower is left at its values (moved by {moved})");
+        assert_eq!(selected.len(), refs.len());
+        assert!(selected[0].iter().all(|&v| v == 0.0), "no validation item, nothing scored");
+        let mut differ = false;
+        for (j, setting) in grid.iter().enumerate() {
+            let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+            alone
+                .set_offset(&guild_proto::tower::with_setting(&shape, &offset, setting).expect("fits"))
+                .expect("set");
+            let (_, ranks) = evaluate_tower(&shape, Some(&alone), &refs, &items, Split::Validation);
+            let with_item: Vec<&Vec<f32>> = refs
+                .iter()
+                .zip(&selected)
+                .filter(|(u, _)| u.validation_example().is_some())
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(ranks.len(), with_item.len());
+            for (rank, values) in ranks.iter().zip(&with_item) {
+                assert!((f64::from(values[j]) - ndcg_at_10(i64::from(*rank))).abs() < 1e-6, "setting {j}");
+                differ |= values[j] != values[0];
+            }
+        }
+        assert!(differ, "the grid's settings rank differently somewhere");
+    }
+}

@@ -1,0 +1,256 @@
+//! The sequence-tower family: full-catalogue evaluation, training with the full or a
+//! sampled softmax, and the shopper unit's per-shopper updates.
+
+use super::*;
+
+/// Full-catalogue evaluation of the sequence tower (as [`evaluate_ranks`]); `None`: the
+/// zero-shot ranker of `shape`, the mean of the last five item vectors.
+pub fn evaluate_tower(
+    shape: &TowerShape,
+    tower: Option<&Tower>,
+    users: &[&User],
+    items: &Tensor,
+    split: Split,
+) -> (RankingCounts, Vec<u32>) {
+    let examples = held_out(users, split);
+    let mut counts = RankingCounts::default();
+    let mut ranks = Vec::with_capacity(examples.len());
+    tch::no_grad(|| {
+        let adapted = tower.map(|t| normalise(&t.adapt_items(items)));
+        let prior = tower.and_then(Tower::prior).map(|p| p.unsqueeze(0));
+        for chunk in examples.chunks(256) {
+            let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
+            let scores = match (tower, &adapted) {
+                (Some(t), Some(adapted)) => {
+                    let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
+                    match &prior {
+                        Some(prior) => cosine + prior,
+                        None => cosine,
+                    }
+                }
+                _ => zero_shot_scores(items, &histories, shape),
+            };
+            rank_rows(&scores, chunk, &mut counts, &mut ranks);
+        }
+    });
+    (counts, ranks)
+}
+
+/// The tower's softmax cross-entropy of every target of `rows` (each weighs the same): over
+/// the whole catalogue, or (with `config.negatives`) over the target and uniform negatives
+/// shared by the batch.
+fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &TrainConfig) -> Tensor {
+    let device = items.device();
+    let windows: Vec<&[ItemIndex]> = rows.iter().map(|r| r.window).collect();
+    let sequence = tower.sequence(items, &windows);
+    let (b, m, hidden) = sequence.size3().expect("[batch, length, hidden]");
+    let (mut at, mut target) = (Vec::new(), Vec::new());
+    for (i, row) in rows.iter().enumerate() {
+        for p in row.first_target..row.window.len() {
+            at.push(i as i64 * m + p as i64);
+            target.push(i64::from(row.next[p]));
+        }
+    }
+    let targets = Tensor::from_slice(&target).to(device);
+    let shoppers =
+        normalise(&sequence.reshape([b * m, hidden]).index_select(0, &Tensor::from_slice(&at).to(device)));
+    let catalogue = items.size()[0];
+    let k = config.negatives as i64;
+    // The popularity prior (β is trained through it; the histogram is not).
+    let prior = tower.prior();
+    if k == 0 || k >= catalogue {
+        let cosine = shoppers.matmul(&normalise(&tower.adapt_items(items)).tr());
+        let scores = match &prior {
+            Some(prior) => cosine + prior.unsqueeze(0),
+            None => cosine,
+        };
+        return (scores / config.temperature).cross_entropy_for_logits(&targets);
+    }
+    let positives = normalise(&tower.adapt_items(&items.index_select(0, &targets)));
+    let negatives = Tensor::randint(catalogue, [k], (Kind::Int64, device));
+    let negative_vectors = normalise(&tower.adapt_items(&items.index_select(0, &negatives)));
+    let own = (&shoppers * &positives).sum_dim_intlist(-1, true, Kind::Float);
+    let others = shoppers.matmul(&negative_vectors.tr());
+    // Out of place (not `+=`), so autograd keeps what it saved.
+    let (own, others) = match &prior {
+        Some(prior) => (
+            own + prior.index_select(0, &targets).unsqueeze(1),
+            others + prior.index_select(0, &negatives).unsqueeze(0),
+        ),
+        None => (own, others),
+    };
+    // A sampled negative that is the row's own target is not a negative.
+    let same = targets.unsqueeze(1).eq_tensor(&negatives.unsqueeze(0));
+    let others = others.masked_fill(&same, -1e4);
+    let logits = Tensor::cat(&[own, others], 1) / config.temperature;
+    logits.cross_entropy_for_logits(&Tensor::zeros([targets.size()[0]], (Kind::Int64, device)))
+}
+
+/// Trains the sequence tower on the training examples of `users`: softmax cross-entropy at
+/// temperature τ (full, or sampled with `config.negatives`), AdamW on every tower variable,
+/// `config.steps` batches of `config.batch_size` rows (a row is one shopper's history of up
+/// to `L` items, trained at every position at once, or one longer prefix; reshuffled each
+/// epoch), deterministic for a seed.
+pub fn train_tower(
+    tower: &Tower,
+    items: &Tensor,
+    users: &[&User],
+    config: &TrainConfig,
+) -> Result<TrainReport, ModelError> {
+    let length = tower.config().shape.history;
+    let rows = users.iter().flat_map(|u| tower_rows(u, length)).collect();
+    let Some(mut rows) = training_set(rows, config) else {
+        return Ok(TrainReport::nothing());
+    };
+    let mut optimizer = adam_w(tower.var_store(), config.learning_rate)?;
+    let items = items.to(tower.var_store().device());
+    let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let example_count = rows.iter().map(TowerRow::targets).sum();
+    let mut batches = Batches::new(&mut rows, config.batch_size, config.seed);
+    for step in 0..config.steps {
+        let loss = tower_loss(tower, &items, batches.next_batch(), config);
+        optimizer.backward_step(&loss);
+        last = loss.double_value(&[]);
+        if step == 0 {
+            first = last;
+        }
+    }
+    Ok(TrainReport { steps: config.steps, examples: example_count, first_loss: first, last_loss: last })
+}
+
+/// The shopper unit's local computation: for each of `users` on its own, `config.steps`
+/// steps of plain SGD at `config.learning_rate` on that shopper's training rows alone
+/// (every row of its history at once), starting from the tower's values at `global`
+/// (an offset); `each` receives that shopper's update Δ = values − global, unclipped, one
+/// shopper at a time (the caller clips and encodes each on its own). One step is DP-SGD's
+/// per-example gradient, scaled by −η; several are user-level DP-FedAvg's local training
+/// (McMahan et al. 2018) with the shopper as the client. A shopper with no training rows
+/// gives a zero update. Leaves the tower at `global`.
+pub fn shopper_updates(
+    tower: &mut Tower,
+    items: &Tensor,
+    users: &[&User],
+    global: &[f32],
+    config: &TrainConfig,
+    each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let length = tower.config().shape.history;
+    let items = items.to(tower.var_store().device());
+    tch::manual_seed(config.seed as i64);
+    tower.set_offset(global)?;
+    if config.steps == 1 {
+        // One step is −η times the gradient at `global`: no copy of the values, no optimiser.
+        for user in users {
+            let rows = tower_rows(user, length);
+            let mut update = if rows.is_empty() {
+                vec![0.0; global.len()]
+            } else {
+                tower.zero_gradients();
+                tower_loss(tower, &items, &rows, config).backward();
+                tower.flat_gradient()
+            };
+            let eta = config.learning_rate as f32;
+            update.iter_mut().for_each(|g| *g *= -eta);
+            each(&mut update)?;
+        }
+        return Ok(());
+    }
+    for user in users {
+        tower.set_offset(global)?;
+        let rows = tower_rows(user, length);
+        if !rows.is_empty() && config.steps > 0 {
+            let mut sgd = nn::Sgd::default().build(tower.var_store(), config.learning_rate)?;
+            for _ in 0..config.steps {
+                let loss = tower_loss(tower, &items, &rows, config);
+                sgd.backward_step(&loss);
+            }
+        }
+        let mut update = tower.offset();
+        update.iter_mut().zip(global).for_each(|(u, g)| *u -= g);
+        each(&mut update)?;
+    }
+    tower.set_offset(global)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use tch::Device;
+
+    use super::super::test_support::*;
+    use super::*;
+    use crate::model::tower::TowerConfig;
+
+    #[test]
+    fn the_tower_learns_with_the_full_and_the_sampled_softmax() {
+        tch::manual_seed(1);
+        let items = normalise(&Tensor::randn([200, 16], (Kind::Float, Device::Cpu)));
+        let users = shoppers(300, 200);
+        let refs: Vec<&User> = users.iter().collect();
+        let shape = tower_shape(8, 2, 0);
+        let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation);
+        for negatives in [0, 32] {
+            let tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+            let config = TrainConfig {
+                batch_size: 32,
+                steps: 150,
+                learning_rate: 1e-2,
+                negatives,
+                ..TrainConfig::default()
+            };
+            let report = train_tower(&tower, &items, &refs, &config).expect("train");
+            assert!(report.last_loss < report.first_loss, "{negatives} negatives: {report:?}");
+            let (trained, ranks) = evaluate_tower(&shape, Some(&tower), &refs, &items, Split::Validation);
+            assert_eq!(ranks.len(), 300);
+            assert!(
+                trained.cross_entropy() < start.cross_entropy() - 0.5 && trained.mrr() > start.mrr(),
+                "{negatives} negatives: {trained:?} against the start {start:?}"
+            );
+        }
+    }
+
+    /// The shopper unit's local computation: one step (the gradient fast path) equals one
+    /// SGD step of the general path on that shopper alone, each shopper's update depends on
+    /// its own rows only, and the tower is left at the global values.
+    #[test]
+    fn shopper_updates_are_each_shoppers_own_sgd_step() {
+        let items = normalise(&Tensor::randn([50, 16], (Kind::Float, Device::Cpu)));
+        let users = shoppers(4, 50);
+        let refs: Vec<&User> = users.iter().collect();
+        let shape = tower_shape(4, 2, 0);
+        let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+        let global: Vec<f32> = (0..tower.parameter_count()).map(|i| ((i % 13) as f32 - 6.0) * 1e-3).collect();
+        let collect = |tower: &mut Tower, users: &[&User], steps: usize| {
+            let config = TrainConfig { steps, learning_rate: 0.5, negatives: 0, ..TrainConfig::default() };
+            let mut updates = Vec::new();
+            shopper_updates(tower, &items, users, &global, &config, &mut |u| {
+                updates.push(u.to_vec());
+                Ok(())
+            })
+            .expect("updates");
+            updates
+        };
+        let fast = collect(&mut tower, &refs, 1);
+        let moved = tower.offset().iter().zip(&global).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(moved < 1e-6, "the tower is left at the global values (moved {moved})");
+        assert_eq!(fast.len(), 4);
+        for (i, user) in refs.iter().enumerate() {
+            // The general path (an optimiser step from `global`) on this shopper alone.
+            let mut other = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+            other.set_offset(&global).expect("offset");
+            let mut sgd = nn::Sgd::default().build(other.var_store(), 0.5).expect("sgd");
+            let config = TrainConfig { negatives: 0, ..TrainConfig::default() };
+            sgd.backward_step(&tower_loss(&other, &items, &tower_rows(user, 8), &config));
+            let expected: Vec<f32> = other.offset().iter().zip(&global).map(|(v, g)| v - g).collect();
+            let diff = fast[i].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            let norm = expected.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!(norm > 0.0 && diff < 1e-5 * norm.max(1.0), "shopper {i}: off by {diff} (norm {norm})");
+            // The same shopper alone gives the same update: nothing leaks between shoppers.
+            let alone = collect(&mut tower, &refs[i..=i], 1);
+            assert!(alone[0] == fast[i], "shopper {i}: its update depends on the others");
+        }
+        let general = collect(&mut tower, &refs, 2);
+        assert_eq!(general.len(), 4);
+        assert!(general.iter().zip(&fast).all(|(g, f)| g != f), "two steps differ from one");
+    }
+}

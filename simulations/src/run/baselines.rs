@@ -1,0 +1,185 @@
+//! The reference arms, run in this process on the same evaluation users as every
+//! federated arm.
+
+use std::time::Instant;
+
+use guild_client::data::Merchant;
+use guild_client::retrieval::{Split, TrainConfig};
+use guild_proto::domain::AdapterFamilyName;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+use crate::progress::Progress;
+use crate::results::{ArmResult, Scores};
+use crate::scenario::Scenario;
+use crate::world::World;
+
+use super::{CENTRALISED, LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT};
+
+/// How the in-process baselines train.
+/// The sequence tower trains with the same sampled softmax as the merchants' clients.
+fn baseline_training(
+    world: &World,
+    steps: usize,
+    batch_size: usize,
+    learning_rate: f64,
+    seed: u64,
+) -> TrainConfig {
+    let negatives = match world.spec.family {
+        AdapterFamilyName::FfaLora => 0,
+        AdapterFamilyName::SequenceTower => guild_client::learner::TOWER_NEGATIVES,
+    };
+    TrainConfig { batch_size, steps, learning_rate, seed, negatives, ..TrainConfig::default() }
+}
+
+/// The in-process reference arms: zero-shot (for the sequence tower, both untrained
+/// rankers, the stronger on validation named zero-shot), the tower's start with the exact
+/// popularity histogram, local-only per merchant, and centralised.
+pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> anyhow::Result<Vec<ArmResult>> {
+    let mut arms = Vec::new();
+    if s.arms.zero_shot {
+        progress.message("zero-shot");
+        let t = Instant::now();
+        let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+            anyhow::Ok((world.score_with_ranks(None, Split::Test)?, world.score(None, Split::Validation)?))
+        })?;
+        let mut zero_shot = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        if world.spec.family == AdapterFamilyName::SequenceTower {
+            // Two untrained rankers: the tower's own start (the mean of the last five item
+            // vectors) and MiniLM on the last five titles concatenated, the latter on the
+            // first `titles_zero_shot_users` evaluation users. The stronger on validation
+            // (on those users) is the zero-shot every arm is compared with.
+            let t = Instant::now();
+            let k =
+                s.arms.titles_zero_shot_users.unwrap_or(world.eval_users.len()).min(world.eval_users.len());
+            let subsample = world.evaluated_on_first(k);
+            progress.message(format!("zero-shot: MiniLM on titles, {k} users"));
+            let ((test, ranks), validation, mean_of_five) = tokio::task::block_in_place(|| {
+                anyhow::Ok((
+                    subsample.score_lora(None, Split::Test)?,
+                    subsample.score_lora(None, Split::Validation)?.0,
+                    subsample.score(None, Split::Validation)?,
+                ))
+            })?;
+            let mut titles = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+            zero_shot.events.push("ranker: the mean of the last five item vectors".into());
+            titles.events.push(format!(
+                "ranker: MiniLM on the last five titles concatenated, on the first {k} evaluation users \
+                 (validation NDCG@10 {:.4} against {:.4} for the mean of the last five on them)",
+                titles.validation.ndcg_at_10, mean_of_five.ndcg_at_10
+            ));
+            if titles.validation.ndcg_at_10 > mean_of_five.ndcg_at_10 {
+                std::mem::swap(&mut titles, &mut zero_shot);
+            }
+            titles.arm = WEAKER_ZERO_SHOT.into();
+            arms.push(zero_shot);
+            arms.push(titles);
+        } else {
+            arms.push(zero_shot);
+        }
+        let t = Instant::now();
+        if let Some(values) = world.popularity_only(&world.all_merchant_users())? {
+            progress.message("zero-shot + popularity");
+            let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+                anyhow::Ok((
+                    world.score_with_ranks(Some(&values), Split::Test)?,
+                    world.score(Some(&values), Split::Validation)?,
+                ))
+            })?;
+            let mut arm = baseline(POPULARITY, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+            arm.events.push(
+                "the tower's start with the exact histogram of every merchant's shoppers and the prior's \
+                 initial weight; nothing trained"
+                    .into(),
+            );
+            arms.push(arm);
+        }
+    }
+    if let Some(local) = &s.arms.local_only {
+        let t = Instant::now();
+        let mut sample: Vec<&Merchant> = world.merchants.iter().collect();
+        sample.shuffle(&mut ChaCha20Rng::seed_from_u64(s.data.seed + 1));
+        sample.truncate(local.merchants);
+        let mut scores = Vec::new();
+        for (i, m) in sample.iter().enumerate() {
+            progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
+            let pair = tokio::task::block_in_place(|| {
+                let (values, _) = world.train_on(
+                    &m.users,
+                    &baseline_training(
+                        world,
+                        local.steps,
+                        local.batch_size,
+                        local.learning_rate,
+                        s.data.seed,
+                    ),
+                )?;
+                anyhow::Ok((
+                    world.score_with_ranks(Some(&values), Split::Test)?,
+                    world.score(Some(&values), Split::Validation)?,
+                ))
+            })?;
+            scores.push(pair);
+        }
+        let ranks: Vec<Vec<u32>> = scores.iter_mut().map(|((_, r), _)| std::mem::take(r)).collect();
+        let scores: Vec<(Scores, Scores)> = scores.into_iter().map(|((t, _), v)| (t, v)).collect();
+        let mean = |f: &dyn Fn(&(Scores, Scores)) -> Scores| {
+            let k = scores.len().max(1) as f64;
+            let all: Vec<Scores> = scores.iter().map(f).collect();
+            Scores {
+                users: all.first().map_or(0, |s| s.users),
+                recall_at_10: all.iter().map(|s| s.recall_at_10).sum::<f64>() / k,
+                ndcg_at_10: all.iter().map(|s| s.ndcg_at_10).sum::<f64>() / k,
+                mrr: all.iter().map(|s| s.mrr).sum::<f64>() / k,
+                cross_entropy: all.iter().map(|s| s.cross_entropy).sum::<f64>() / k,
+            }
+        };
+        let mut arm = baseline(LOCAL_ONLY, mean(&|p| p.0), mean(&|p| p.1), t.elapsed().as_secs_f64(), ranks);
+        arm.worst = scores.iter().map(|p| p.0).min_by(|a, b| a.mrr.total_cmp(&b.mrr));
+        arm.events.push(format!("{} merchants, {} steps each", scores.len(), local.steps));
+        arms.push(arm);
+    }
+    if let Some(central) = &s.arms.centralised {
+        progress.message("centralised");
+        let t = Instant::now();
+        let users = world.all_merchant_users();
+        let ((test, ranks), validation) = tokio::task::block_in_place(|| {
+            let (values, _) = world.train_on(
+                &users,
+                &baseline_training(
+                    world,
+                    central.steps,
+                    central.batch_size,
+                    central.learning_rate,
+                    s.data.seed,
+                ),
+            )?;
+            anyhow::Ok((
+                world.score_with_ranks(Some(&values), Split::Test)?,
+                world.score(Some(&values), Split::Validation)?,
+            ))
+        })?;
+        let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        arm.events.push(format!(
+            "{} steps of batch {} on {} users",
+            central.steps,
+            central.batch_size,
+            users.len()
+        ));
+        arms.push(arm);
+    }
+    Ok(arms)
+}
+
+/// A reference arm's result.
+fn baseline(name: &str, test: Scores, validation: Scores, wall: f64, ranks: Vec<Vec<u32>>) -> ArmResult {
+    ArmResult {
+        arm: name.to_owned(),
+        test,
+        validation,
+        wall_seconds: wall,
+        test_ranks: ranks,
+        ..ArmResult::default()
+    }
+}

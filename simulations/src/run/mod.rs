@@ -1,0 +1,134 @@
+//! The arms of a scenario: baselines in this process (zero-shot, local-only per merchant,
+//! centralised; `baselines`), and each federated arm (`plan`: its schedule and calibrated
+//! noise) as a real federation (`federated`: a `guild-coordinator` child process,
+//! merchants as clients over loopback mutual TLS) with the scenario's faults; every arm is
+//! scored on the same evaluation users against the full catalogue.
+
+mod baselines;
+mod federated;
+mod plan;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context as _;
+
+use crate::progress::Progress;
+use crate::results::{ArmResult, Comparison, RunResults};
+use crate::scenario::Scenario;
+use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, PairingError, paired_difference, per_user};
+use crate::world::{World, WorldSpec, lock};
+
+use baselines::baselines;
+use federated::federated;
+use plan::plan;
+
+/// The reference arms every other arm is compared with.
+pub const ZERO_SHOT: &str = "zero-shot";
+pub const LOCAL_ONLY: &str = "local-only (mean)";
+pub const CENTRALISED: &str = "centralised (non-private)";
+/// The other untrained ranker of the sequence-tower family, also a reference.
+pub const WEAKER_ZERO_SHOT: &str = "zero-shot (the weaker untrained ranker)";
+/// The tower's start plus the exact popularity histogram of every merchant's shoppers, no
+/// training: how much of a trained arm's gain popularity alone gives.
+pub const POPULARITY: &str = "zero-shot + popularity (non-private)";
+
+/// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
+/// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
+/// the weaker untrained ranker), the local-only mean (each user's metric averaged over the
+/// local merchants' models) and centralised.
+pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
+    let metrics = [Metric::NdcgAt10, Metric::RecallAt10];
+    let references: Vec<(String, Vec<Vec<f64>>)> = arms
+        .iter()
+        .filter(|a| {
+            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str())
+                && !a.test_ranks.is_empty()
+        })
+        .map(|a| {
+            Ok((
+                a.arm.clone(),
+                metrics.iter().map(|&m| per_user(m, &a.test_ranks)).collect::<Result<_, _>>()?,
+            ))
+        })
+        .collect::<Result<_, PairingError>>()?;
+    // The zero-shot reference is what every other arm is measured against; it is not
+    // compared with the trained references itself (their comparisons show the same pairs).
+    for arm in arms.iter_mut().filter(|a| !a.test_ranks.is_empty() && a.arm != ZERO_SHOT) {
+        let mine: Vec<Vec<f64>> =
+            metrics.iter().map(|&m| per_user(m, &arm.test_ranks)).collect::<Result<_, _>>()?;
+        arm.comparisons = references
+            .iter()
+            .filter(|(name, _)| *name != arm.arm)
+            .map(|(name, theirs)| {
+                let differences = metrics
+                    .iter()
+                    .zip(mine.iter().zip(theirs))
+                    .map(|(&m, (a, b))| {
+                        // An arm scored on the first n evaluation users only (a seeded
+                        // subsample) pairs with the others' first n.
+                        let n = a.len().min(b.len());
+                        paired_difference(m, &a[..n], &b[..n], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(Comparison { against: name.clone(), differences })
+            })
+            .collect::<Result<_, PairingError>>()?;
+    }
+    Ok(())
+}
+
+/// Runs `scenario`, writing stores and logs under `out`; returns every arm's results.
+pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
+    let started = Instant::now();
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let world = tokio::task::block_in_place(|| World::load(WorldSpec::of(&scenario)))?;
+    let s = &scenario;
+    let f = &s.federation;
+    let n = world.merchants.len();
+    let d = world.parameter_count();
+    let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
+    let shopper_rounds =
+        s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + sh.schedule().statistic_rounds());
+    let progress = Progress::new(
+        u64::from(s.arms.federated) * f.rounds
+            + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
+            + s.arms.shopper_dp_epsilons.len() as u64 * shopper_rounds,
+    );
+    let mut arms = baselines(&world, s, &progress)?;
+    let (plan, expected) = plan(&world, s)?;
+    for arm in &plan {
+        progress.message(arm.name.clone());
+        let result =
+            federated(&world, s, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
+        arms.push(result);
+    }
+    progress.finish();
+    compare_arms(&mut arms)?;
+    let shared = lock(&world.shared);
+    Ok(RunResults {
+        scenario: s.name.clone(),
+        description: s.description.clone(),
+        machine: machine(),
+        merchants: n,
+        dataset_users: shared.dataset.users.len(),
+        catalogue: shared.dataset.titles.len(),
+        eval_users: world.eval_users.len(),
+        expected_cohort: expected,
+        adapter_parameters: d,
+        wall_seconds: started.elapsed().as_secs_f64(),
+        arms,
+    })
+}
+
+/// A one-line description of this machine.
+pub fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let device = guild_client::training_device();
+    format!("{cpus} CPU threads, {} training device {device:?}", std::env::consts::ARCH)
+}
+
+/// The report folder for a scenario run.
+pub fn default_out(scenario: &Scenario) -> PathBuf {
+    PathBuf::from("reports").join(&scenario.name)
+}

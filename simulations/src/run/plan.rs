@@ -1,0 +1,212 @@
+//! Planning a scenario's federated arms: each arm's privacy unit, its schedule of round
+//! kinds and the noise multipliers that keep it within its ε, calibrated with the
+//! coordinator's own cost function.
+
+use anyhow::Context as _;
+use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier};
+use guild_privacy::cost::{RoundPrivacy, calibrate_noise};
+use guild_privacy::{PrivacyMode, PrivacyUnit};
+use guild_proto::round::{RoundKind, Schedule};
+
+use crate::scenario::{Scenario, ShopperDp};
+use crate::world::World;
+
+use super::federated::merge_shops;
+
+pub(super) struct FederatedArm {
+    pub(super) name: String,
+    pub(super) mode: PrivacyMode,
+    pub(super) unit: PrivacyUnit,
+    /// The shopper-level arms' settings (the unit is then `Shopper`).
+    pub(super) shopper: Option<ShopperDp>,
+    /// z of the training rounds (0 when the arm runs none).
+    pub(super) noise_multiplier: f64,
+    /// The round kinds before training (shopper-level arms), in the coordinator's order.
+    pub(super) schedule: Schedule,
+    /// z of the popularity releases and of the pooling selection (0 when the schedule has none).
+    pub(super) popularity_noise_multiplier: f64,
+    pub(super) selection_noise_multiplier: f64,
+    pub(super) epsilon_cap: f64,
+    pub(super) delta: f64,
+    /// Every round the arm runs: its popularity releases and its training rounds.
+    pub(super) rounds: u64,
+    /// Kill the coordinator after this many committed rounds (and restart it).
+    pub(super) kill_after: Option<u64>,
+}
+
+/// Every federated arm the scenario asks for, in order, with its noise calibrated by the
+/// coordinator's own cost (`guild_privacy::cost::calibrate_noise`) from the coordinator's
+/// schedule of round kinds; and the expected merchant-level cohort.
+pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<FederatedArm>, f64)> {
+    let f = &s.federation;
+    let n = world.merchants.len();
+    let d = world.parameter_count();
+    let delta = s.delta(n);
+    // The arms whose coordinator is killed (and restarted) after some round.
+    let killed = |index: usize| {
+        s.faults.kill_coordinator_after_round.is_some()
+            && (index == 0 || !s.faults.kill_coordinator_in_first_arm_only)
+    };
+    let kill_after = |index: usize| s.faults.kill_coordinator_after_round.filter(|_| killed(index));
+    let mut plan = Vec::new();
+    if s.arms.federated {
+        plan.push(FederatedArm {
+            name: "federated (non-private)".into(),
+            mode: PrivacyMode::DangerousNone,
+            unit: PrivacyUnit::Merchant,
+            shopper: None,
+            noise_multiplier: 0.0,
+            schedule: Schedule::default(),
+            popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
+            epsilon_cap: 1e9,
+            delta,
+            rounds: f.rounds,
+            kill_after: kill_after(plan.len()),
+        });
+    }
+    let expected = f.sampling_rate * n as f64;
+    // Calibrate for a generous cohort (mean + 4 sd): larger cohorts give a coarser γ and a
+    // slightly larger ρ per round, so actual rounds stay within the cap.
+    let generous = (expected + 4.0 * (expected * (1.0 - f.sampling_rate)).sqrt()).ceil().min(n as f64) as u32;
+    let round = RoundPrivacy {
+        mode: PrivacyMode::Distributed,
+        unit: PrivacyUnit::Merchant,
+        sampling_rate: f.sampling_rate,
+        noise_multiplier: 1.0,
+        clip_norm: f.clip_norm,
+        dimension: d,
+        min_survivors: f.threshold,
+        max_summands: generous.max(f.threshold),
+        bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
+        wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
+    };
+    let dp_rounds = s.arms.dp_rounds.unwrap_or(f.rounds);
+    // Calibrated for one round more than planned: a round that aborts in Unmask was charged
+    // before its shares were asked for (and is never refunded), so the cap must leave room
+    // for one such round or the arm would end short. An arm whose coordinator is killed
+    // gets room for one more: the kill can land after the open round's charge.
+    let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
+    for &epsilon in &s.arms.distributed_dp_epsilons {
+        let z = calibrate_noise(epsilon, &RdpCurve::zero(), &round, charged_rounds(plan.len()), delta)?;
+        plan.push(FederatedArm {
+            name: format!("federated DP ε={epsilon}"),
+            mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Merchant,
+            shopper: None,
+            noise_multiplier: z,
+            schedule: Schedule::default(),
+            popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
+            epsilon_cap: epsilon,
+            delta,
+            rounds: dp_rounds,
+            kill_after: kill_after(plan.len()),
+        });
+    }
+    for &epsilon in &s.arms.central_dp_epsilons {
+        let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds(plan.len()), delta, epsilon)?;
+        plan.push(FederatedArm {
+            name: format!("central DP ε={epsilon}"),
+            mode: PrivacyMode::Central,
+            unit: PrivacyUnit::Merchant,
+            shopper: None,
+            noise_multiplier: z,
+            schedule: Schedule::default(),
+            popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
+            epsilon_cap: epsilon,
+            delta,
+            rounds: dp_rounds,
+            kill_after: kill_after(plan.len()),
+        });
+    }
+    if let Some(sh) = &s.arms.shopper_dp {
+        let merchants = merge_shops(&world.merchants, sh.merge_shops).len() as u32;
+        let shoppers = world.merchants.iter().map(|m| m.users.len()).sum::<usize>() as u64;
+        let shopper_delta = sh.delta.unwrap_or_else(|| 1e-6f64.min(1.0 / (shoppers as f64).powf(1.1)));
+        let round = RoundPrivacy {
+            mode: PrivacyMode::Distributed,
+            unit: PrivacyUnit::Shopper,
+            sampling_rate: sh.sampling_rate,
+            noise_multiplier: 1.0,
+            clip_norm: sh.clip_norm,
+            dimension: d,
+            // Every merchant is in the complete-graph cohort: the threshold the coordinator
+            // raises each round to.
+            min_survivors: f
+                .threshold
+                .max(guild_privacy::secagg::min_active_threshold(merchants.saturating_sub(1))),
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.sampling_rate),
+            bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
+            wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
+        };
+        // The statistic rounds (releases, selection): every merchant's shoppers sampled at
+        // their own rate, the sum bounded accordingly.
+        let statistic = RoundPrivacy {
+            sampling_rate: sh.popularity_sampling_rate,
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.popularity_sampling_rate),
+            ..round.clone()
+        };
+        // The coordinator's schedule of the arm's rounds, and how many of each kind it runs.
+        let schedule = sh.schedule();
+        let total = schedule.statistic_rounds() + sh.rounds;
+        let (releases, training) =
+            (schedule.count(RoundKind::PopularityRelease, total), schedule.count(RoundKind::Training, total));
+        // The pooling selection, at its fixed z, is charged first; the rest is calibrated
+        // to what it leaves.
+        let selection = match sh.selection_noise_multiplier {
+            Some(z) => (RoundPrivacy { noise_multiplier: z, ..statistic.clone() })
+                .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
+                .context("a selection without noise")?,
+            None => RdpCurve::zero(),
+        };
+        for &epsilon in &s.arms.shopper_dp_epsilons {
+            // Room for one round charged and then aborted (two if the coordinator is
+            // killed before its last round), as for the other DP arms; a statistics-only arm
+            // is calibrated for its releases alone and one more only if killed before its
+            // last (every merchant is in each round: an abort needs a third of them to fail
+            // at once).
+            let spare = u64::from(
+                killed(plan.len()) && s.faults.kill_coordinator_after_round.is_some_and(|k| k < total),
+            );
+            let (z_release, z) = if training == 0 {
+                let z_release = if releases == 0 {
+                    0.0
+                } else {
+                    calibrate_noise(epsilon, &selection, &statistic, releases + spare, shopper_delta)?
+                };
+                (z_release, 0.0)
+            } else if releases == 0 {
+                (0.0, calibrate_noise(epsilon, &selection, &round, training + 1 + spare, shopper_delta)?)
+            } else {
+                // (Scenario validation requires the share when both kinds of round run; the
+                // selection's cost counts towards the releases' share.)
+                let share = sh.popularity_budget.context("arms.shopper_dp.popularity_budget")?;
+                let z_release =
+                    calibrate_noise(share * epsilon, &selection, &statistic, releases, shopper_delta)?;
+                let before = (RoundPrivacy { noise_multiplier: z_release, ..statistic.clone() })
+                    .curve_after(releases)?
+                    .context("a release without noise")?
+                    .compose(&selection);
+                let z = calibrate_noise(epsilon, &before, &round, training + 1 + spare, shopper_delta)?;
+                (z_release, z)
+            };
+            plan.push(FederatedArm {
+                name: format!("shopper-level DP ε={epsilon}"),
+                mode: PrivacyMode::Distributed,
+                unit: PrivacyUnit::Shopper,
+                shopper: Some(sh.clone()),
+                noise_multiplier: z,
+                schedule,
+                popularity_noise_multiplier: z_release,
+                selection_noise_multiplier: sh.selection_noise_multiplier.unwrap_or(0.0),
+                epsilon_cap: epsilon,
+                delta: shopper_delta,
+                rounds: total,
+                kill_after: kill_after(plan.len()),
+            });
+        }
+    }
+    Ok((plan, expected))
+}
