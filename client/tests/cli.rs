@@ -22,7 +22,7 @@ const TEST_ROW: &str = "0\t0 1\t2\n";
 /// A merchant folder with a real federation's credentials, a tiny valid dataset and a
 /// config pointing at `coordinator`.
 fn merchant(dir: &Path, coordinator: &str) -> std::path::PathBuf {
-    let pki = guild_coordinator::pki::issue(1).expect("issue certificates");
+    let pki = guild_proto::pki::issue(1).expect("issue certificates");
     std::fs::write(dir.join("ca.pem"), &pki.ca.cert_pem).expect("write");
     std::fs::write(dir.join("m.pem"), &pki.merchants[0].cert_pem).expect("write");
     std::fs::write(dir.join("m.key"), &pki.merchants[0].key_pem).expect("write");
@@ -138,10 +138,10 @@ fn keygen_makes_keys_and_a_request_the_ca_signs_into_a_binding_certificate() {
     let read = |name: &str| std::fs::read(dir.path().join(name)).expect("read");
     let identity = guild_client::identity::Identity::load_or_create(&dir.path().join("shop-7.signing"))
         .expect("the signing key");
-    let pki = guild_coordinator::pki::issue(0).expect("a CA");
-    let issuer = guild_coordinator::pki::issuer_from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).expect("issuer");
+    let pki = guild_proto::pki::issue(0).expect("a CA");
+    let issuer = guild_proto::pki::issuer_from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).expect("issuer");
     let csr = String::from_utf8(read("shop-7.csr")).expect("PEM");
-    let issued = guild_coordinator::pki::sign_merchant_request(&csr, &issuer).expect("signed");
+    let issued = guild_proto::pki::sign_merchant_request(&csr, &issuer).expect("signed");
     assert_eq!(issued.name, "shop-7");
     assert_eq!(
         guild_proto::certificate::verify_member(&pki.ca.cert_der, &issued.cert_der),

@@ -13,9 +13,9 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::pki::{self, FederationPki};
 use crate::service::{CoordinatorCore, CoordinatorService};
 use crate::store::Store;
+use guild_proto::pki::{self, FederationPki};
 
 /// A running coordinator.
 #[derive(Debug)]

@@ -9,6 +9,5 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod metrics;
-pub mod pki;
 pub mod service;
 pub mod store;

@@ -323,8 +323,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::SignCsr { ca_cert, ca_key, csr, out } => {
             let read =
                 |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-            let issuer = guild_coordinator::pki::issuer_from_pem(&read(&ca_cert)?, &read(&ca_key)?)?;
-            let issued = guild_coordinator::pki::sign_merchant_request(&read(&csr)?, &issuer)
+            let issuer = guild_proto::pki::issuer_from_pem(&read(&ca_cert)?, &read(&ca_key)?)?;
+            let issued = guild_proto::pki::sign_merchant_request(&read(&csr)?, &issuer)
                 .with_context(|| format!("{}", csr.display()))?;
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
@@ -349,12 +349,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Allow { config, merchant, cert } => {
             let config = load_config(&config)?;
-            let der = guild_coordinator::pki::read_cert_der(&cert)?;
+            let der = guild_proto::pki::read_cert_der(&cert)?;
             anyhow::ensure!(
                 guild_proto::domain::MerchantId::parse(&merchant).is_some(),
                 "merchant id {merchant:?} must be 1 to 128 ASCII letters, digits, '-', '_' or '.'"
             );
-            Store::open(&config.server.store)?.allow(&merchant, guild_coordinator::pki::fingerprint(&der))?;
+            Store::open(&config.server.store)?.allow(&merchant, guild_proto::pki::fingerprint(&der))?;
             println!("{}", serde_json::json!({ "allowed": merchant }));
             Ok(())
         }

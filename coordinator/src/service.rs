@@ -20,8 +20,8 @@ use tonic::codegen::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::engine::{Engine, EngineError, Outcome, PhaseMessage, PhaseOutput};
-use crate::pki::fingerprint;
 use crate::store::{MerchantRecord, Store, StoreError};
+use guild_proto::pki::fingerprint;
 
 /// Shared state behind every handler.
 #[derive(Debug)]

@@ -193,7 +193,7 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
 #[test]
 fn sign_csr_issues_a_binding_certificate_and_refuses_requests_without_a_key() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let pki = guild_coordinator::pki::issue(0).expect("a CA");
+    let pki = guild_proto::pki::issue(0).expect("a CA");
     let path = |name: &str| dir.path().join(name);
     std::fs::write(path("ca.pem"), &pki.ca.cert_pem).expect("write");
     std::fs::write(path("ca.key"), &pki.ca.key_pem).expect("write");
@@ -217,7 +217,7 @@ fn sign_csr_issues_a_binding_certificate_and_refuses_requests_without_a_key() {
     let (ok, stdout, stderr) = sign("shop-9.csr", "shop-9.pem");
     assert!(ok, "{stderr}");
     assert_eq!(json(&stdout)["merchant"], "shop-9");
-    let der = guild_coordinator::pki::read_cert_der(&path("shop-9.pem")).expect("certificate");
+    let der = guild_proto::pki::read_cert_der(&path("shop-9.pem")).expect("certificate");
     assert_eq!(guild_proto::certificate::verify_member(&pki.ca.cert_der, &der), Ok(key));
     let (ok, _, stderr) = sign("shop-9.csr", "shop-9.pem");
     assert!(!ok && stderr.contains("must not exist"), "{stderr}");

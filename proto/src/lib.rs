@@ -14,6 +14,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+pub mod pki;
 pub mod round;
 pub mod tower;
 

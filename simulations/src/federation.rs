@@ -12,8 +12,8 @@ use anyhow::Context;
 use guild_client::net::{Connection, TlsCredentials};
 use guild_coordinator::config::Config;
 use guild_coordinator::daemon::{self, Running};
-use guild_coordinator::pki::FederationPki;
 use guild_coordinator::store::Store;
+use guild_proto::pki::FederationPki;
 
 /// A federation's files, and its coordinator when running.
 #[derive(Debug)]

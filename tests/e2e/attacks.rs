@@ -10,7 +10,6 @@
 //! `privacy/tests/secagg_rounds.rs`; the charge-before-release order in `crash.rs`; the
 //! evaluation reports in `rounds.rs`.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,14 +19,11 @@ use guild_client::identity::Identity;
 use guild_client::learner::RandomLearner;
 use guild_client::net::{Connection, TlsCredentials};
 use guild_client::participant::{ClientLedger, Participant, ParticipantError, ParticipantOptions};
-use guild_coordinator::pki::FederationPki;
-use guild_privacy::cost::RoundPrivacy;
-use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
-use guild_privacy::secagg::{Phase, min_active_threshold};
-use guild_privacy::{PrivacyMode, PrivacyUnit};
-use guild_proto::domain::{
-    AdapterManifest, MerchantId, PrivacyParams, Registered, RoundTask, SecAggParams, Task, TrainingParams,
-};
+use guild_privacy::PrivacyMode;
+use guild_privacy::secagg::message::ClientIndex;
+use guild_privacy::secagg::min_active_threshold;
+use guild_proto::domain::{AdapterManifest, MerchantId, Registered, RoundTask, Task};
+use guild_proto::pki::FederationPki;
 use guild_proto::tower::TowerShape;
 use guild_proto::v1;
 use guild_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
@@ -172,8 +168,7 @@ fn manifest() -> AdapterManifest {
 
 /// The federation's certificates (the merchants' keys generated on their behalf), once.
 fn pki() -> &'static FederationPki {
-    static PKI: std::sync::OnceLock<FederationPki> = std::sync::OnceLock::new();
-    PKI.get_or_init(|| guild_coordinator::pki::issue(COHORT as usize).expect("pki"))
+    guild_testkit::pki()
 }
 
 fn identity(i: usize) -> Identity {
@@ -183,76 +178,10 @@ fn identity(i: usize) -> Identity {
 /// An honest task for a cohort of the federation's first `COHORT` merchants, at the
 /// active-security threshold, noise multiplier `z`; the victim is member 1.
 fn honest_task(z: f64) -> RoundTask {
-    let manifest = manifest();
-    let d = manifest.parameter_count();
-    let t = min_active_threshold(COHORT - 1);
-    let cost = RoundPrivacy {
-        mode: PrivacyMode::Distributed,
-        unit: PrivacyUnit::Merchant,
-        sampling_rate: 0.1,
-        noise_multiplier: z,
-        clip_norm: 1.0,
-        dimension: d,
-        min_survivors: t,
-        max_summands: COHORT,
-        bit_width: 32,
-        wrap_probability: 1e-9,
-    }
-    .cost()
-    .expect("cost");
-    let index = |i: u32| ClientIndex::new(i).expect("1-based");
-    let cohort: BTreeMap<ClientIndex, [u8; 32]> =
-        (1..=COHORT).map(|i| (index(i), identity(i as usize - 1).public_key())).collect();
-    let certificates: BTreeMap<ClientIndex, Vec<u8>> =
-        (1..=COHORT).map(|i| (index(i), pki().merchants[i as usize - 1].cert_der.clone())).collect();
-    let mut task = RoundTask {
-        binding: RoundBinding {
-            federation_id: FEDERATION,
-            round_id: 1,
-            adapter_sha256: [3; 32],
-            task_sha256: [0; 32],
-        },
-        adapter_version: 1,
-        manifest,
-        training: TrainingParams {
-            local_steps: 1,
-            batch_size: 8,
-            learning_rate: 1e-3,
-            data_seed: 1,
-            negatives: 0,
-            kind: guild_proto::round::RoundKind::Training,
-        },
-        privacy: PrivacyParams {
-            mode: PrivacyMode::Distributed,
-            clip_norm: 1.0,
-            noise_multiplier: z,
-            gamma: cost.ddg.gamma(),
-            bit_width: 32,
-            min_survivors: t,
-            rotation_seed: 5,
-            unit: PrivacyUnit::Merchant,
-            shopper_sampling_rate: 0.0,
-        },
-        secagg: SecAggParams {
-            my_index: index(1),
-            cohort_size: COHORT,
-            threshold: t,
-            neighbours: COHORT - 1,
-            vector_length: cost.ddg.padded_dimension() as u32,
-            phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
-        },
-        cohort,
-        certificates,
-    };
-    seal(&mut task);
-    task
+    guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(COHORT - 1), z)
 }
 
-/// Recomputes the task's digest: the attack is then consistent, and only the client's own
-/// checks stand in its way.
-fn seal(task: &mut RoundTask) {
-    task.binding.task_sha256 = guild_proto::convert::task_digest(task);
-}
+use guild_testkit::seal;
 
 /// What became of the scripted round at an honest client with `options`.
 struct Outcome {
@@ -409,7 +338,7 @@ async fn a_substituted_cohort_key_is_refused() {
 /// Attack 9: a sybil member with a certificate the federation's CA did not issue.
 #[tokio::test]
 async fn a_sybil_member_without_the_cas_certificate_is_refused() {
-    let other = guild_coordinator::pki::issue(1).expect("another CA");
+    let other = guild_proto::pki::issue(1).expect("another CA");
     let sybil = Identity::from_pkcs8(&other.merchants[0].signing_pkcs8).expect("identity");
     let mut task = honest_task(1.0);
     let second = ClientIndex::new(2).expect("1-based");

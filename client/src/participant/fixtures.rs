@@ -1,21 +1,13 @@
 //! Tasks an honest coordinator would send, and the test federation's PKI, for the tests
 //! of vetting and privatising.
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
-use guild_privacy::cost::RoundPrivacy;
-pub(super) use guild_privacy::secagg::Phase;
-pub(super) use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
+pub(super) use guild_privacy::secagg::message::ClientIndex;
 pub(super) use guild_privacy::{PrivacyMode, PrivacyUnit};
-pub(super) use guild_proto::domain::{
-    AdapterManifest, PrivacyParams, RoundTask, SecAggParams, TrainingParams,
-};
+pub(super) use guild_proto::domain::{AdapterManifest, RoundTask};
 pub(super) use guild_proto::round::RoundKind;
 use guild_proto::tower::TowerShape;
 
 use super::{ClientLedger, ParticipantOptions, vet_task};
-use crate::identity::Identity;
 
 pub(super) const FEDERATION: [u8; 16] = [7; 16];
 
@@ -35,79 +27,16 @@ pub(super) fn task(n: u32, t: u32, noise_multiplier: f64) -> RoundTask {
 }
 
 pub(super) fn task_for(manifest: AdapterManifest, n: u32, t: u32, noise_multiplier: f64) -> RoundTask {
-    let d = manifest.parameter_count();
-    let cost = RoundPrivacy {
-        mode: PrivacyMode::Distributed,
-        unit: PrivacyUnit::Merchant,
-        sampling_rate: 0.1,
-        noise_multiplier,
-        clip_norm: 1.0,
-        dimension: d,
-        min_survivors: t,
-        max_summands: n,
-        bit_width: 32,
-        wrap_probability: 1e-9,
-    }
-    .cost()
-    .expect("cost");
-    let pki = pki();
-    let cohort: BTreeMap<ClientIndex, [u8; 32]> = (1..=n)
-        .map(|i| (ClientIndex::new(i).expect("1-based"), bound_key(&pki.merchants[i as usize - 1])))
-        .collect();
-    let certificates: BTreeMap<ClientIndex, Vec<u8>> = (1..=n)
-        .map(|i| (ClientIndex::new(i).expect("1-based"), pki.merchants[i as usize - 1].cert_der.clone()))
-        .collect();
-    let mut task = RoundTask {
-        binding: RoundBinding {
-            federation_id: FEDERATION,
-            round_id: 3,
-            adapter_sha256: [2; 32],
-            task_sha256: [0; 32],
-        },
-        adapter_version: 2,
-        manifest,
-        training: TrainingParams {
-            local_steps: 1,
-            batch_size: 8,
-            learning_rate: 1e-3,
-            data_seed: 1,
-            negatives: 0,
-            kind: RoundKind::Training,
-        },
-        privacy: PrivacyParams {
-            mode: PrivacyMode::Distributed,
-            clip_norm: 1.0,
-            noise_multiplier,
-            gamma: cost.ddg.gamma(),
-            bit_width: 32,
-            min_survivors: t,
-            rotation_seed: 4,
-            unit: PrivacyUnit::Merchant,
-            shopper_sampling_rate: 0.0,
-        },
-        secagg: SecAggParams {
-            my_index: ClientIndex::new(1).expect("1-based"),
-            cohort_size: n,
-            threshold: t,
-            neighbours: n - 1,
-            vector_length: cost.ddg.padded_dimension() as u32,
-            phase_deadlines: vec![Duration::from_secs(5); Phase::COUNT],
-        },
-        cohort,
-        certificates,
-    };
-    task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
-    task
+    guild_testkit::honest_task(manifest, FEDERATION, n, t, noise_multiplier)
 }
 
-/// A federation's certificates for 60 merchants, issued once for the whole module.
-pub(super) fn pki() -> &'static guild_coordinator::pki::FederationPki {
-    static PKI: std::sync::OnceLock<guild_coordinator::pki::FederationPki> = std::sync::OnceLock::new();
-    PKI.get_or_init(|| guild_coordinator::pki::issue(60).expect("pki"))
+/// The test federation's certificates.
+pub(super) fn pki() -> &'static guild_proto::pki::FederationPki {
+    guild_testkit::pki()
 }
 
-pub(super) fn bound_key(merchant: &guild_coordinator::pki::Issued) -> [u8; 32] {
-    Identity::from_pkcs8(&merchant.signing_pkcs8).expect("identity").public_key()
+pub(super) fn bound_key(merchant: &guild_proto::pki::Issued) -> [u8; 32] {
+    guild_testkit::signing_key(merchant)
 }
 
 pub(super) fn vet(

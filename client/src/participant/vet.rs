@@ -239,7 +239,7 @@ mod tests {
     fn a_cohort_member_whose_key_its_certificate_does_not_bind_is_refused() {
         let options = ParticipantOptions::default();
         let ledger = ClientLedger::in_memory();
-        let other = guild_coordinator::pki::issue(1).expect("another federation's CA");
+        let other = guild_proto::pki::issue(1).expect("another federation's CA");
         let second = ClientIndex::new(2).expect("1-based");
         type Attack = (Box<dyn Fn(&mut RoundTask)>, &'static str);
         let attacks: Vec<Attack> = vec![

@@ -1,12 +1,12 @@
 //! The federation's certificates: a CA, the coordinator's server certificate, and one
-//! client certificate per merchant. A merchant *is* its certificate: the coordinator
+//! client certificate per merchant, issued to the profile [`crate::certificate`] checks. A merchant *is* its certificate: the coordinator
 //! requires a client certificate signed by the CA (mutual TLS, rustls) and then looks up
 //! the certificate's sha256 in the store's allow-list, so an unknown or revoked
 //! certificate is refused even when the CA signed it.
 //!
 //! A merchant makes its own keys and a CSR (`guild-client keygen`); the CA only signs
 //! ([`sign_merchant_request`], `guild-coordinator sign-csr`), keeping the CSR's name and
-//! the SecAgg+ signing key it binds (`guild_proto::certificate`) and setting everything
+//! the SecAgg+ signing key it binds ([`crate::certificate`]) and setting everything
 //! else itself. [`issue`] builds a whole test federation through the same path, generating
 //! the merchants' keys on their behalf (a demonstration convenience: whoever runs it holds
 //! those keys).
@@ -124,7 +124,7 @@ pub fn issue(merchants: usize) -> Result<FederationPki, PkiError> {
                 .map_err(|e| PkiError::Keys(e.to_string()))?;
             let mut public = [0u8; 32];
             public.copy_from_slice(ring::signature::KeyPair::public_key(&pair).as_ref());
-            let request = guild_proto::certificate::merchant_request(&name, &public)
+            let request = crate::certificate::merchant_request(&name, &public)
                 .map_err(|e| PkiError::Keys(e.to_string()))?;
             let mut issued = sign_merchant_request(&request.csr_pem, &issuer)?;
             issued.key_pem = request.key_pem;
@@ -146,25 +146,25 @@ pub fn sign_merchant_request(csr_pem: &str, issuer: &Issuer<'_, KeyPair>) -> Res
         Some(value) => dn_text(value).ok_or_else(|| bad("its common name is not text".into()))?,
         None => return Err(bad("it has no common name".into())),
     };
-    if guild_proto::domain::MerchantId::parse(&name).is_none() {
+    if crate::domain::MerchantId::parse(&name).is_none() {
         return Err(bad(format!(
             "its common name {name:?} is not a merchant id (1 to 128 ASCII letters, digits, '-', '_' or '.')"
         )));
     }
     let mut keys = csr.params.subject_alt_names.iter().filter_map(|san| match san {
-        SanType::URI(uri) => uri.as_str().strip_prefix(guild_proto::certificate::SIGNING_KEY_URI_PREFIX),
+        SanType::URI(uri) => uri.as_str().strip_prefix(crate::certificate::SIGNING_KEY_URI_PREFIX),
         _ => None,
     });
     let key = match (keys.next(), keys.next()) {
         (Some(hex), None) => {
-            guild_proto::certificate::parse_signing_key_hex(hex).map_err(|e| bad(e.to_string()))?
+            crate::certificate::parse_signing_key_hex(hex).map_err(|e| bad(e.to_string()))?
         }
         (None, _) => {
             return Err(bad("it binds no SecAgg+ signing key (make it with `guild-client keygen`)".into()));
         }
         (Some(_), Some(_)) => return Err(bad("it binds more than one SecAgg+ signing key".into())),
     };
-    let params = guild_proto::certificate::merchant_params(&name, &key).map_err(|e| bad(e.to_string()))?;
+    let params = crate::certificate::merchant_params(&name, &key).map_err(|e| bad(e.to_string()))?;
     let cert = params.signed_by(&csr.public_key, issuer)?;
     Ok(Issued {
         name,
