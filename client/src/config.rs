@@ -108,7 +108,9 @@ pub struct Guards {
     /// Take part in `central` and `dangerous_none` rounds, which have clients send
     /// un-noised (clipped, masked) updates.
     pub dangerous_send_unnoised_updates: bool,
-    /// Stop after this many rounds (0: run until stopped).
+    /// Stop after taking part in this many committed rounds (0: run until stopped). A round
+    /// that aborts does not count (its privacy cost does: `max_epsilon` counts every
+    /// participation).
     pub max_rounds: u64,
     /// Refuse a distributed-DP round that would take this merchant's own ε against the
     /// coordinator past this, at δ = `delta`: merchant-unit rounds composed without

@@ -78,24 +78,14 @@ mod tests {
             }
             .encode_to_vec(),
             v1::MaskedInputRequest {
-                binding: Some(v1::RoundBinding {
-                    federation_id: vec![0; 16],
-                    round_id: 3,
-                    adapter_sha256: vec![0; 32],
-                    task_sha256: vec![0; 32],
-                }),
+                binding: seed_binding(),
                 sender: 2,
                 masked: vec![1, 2, 3],
                 complaints: vec![v1::Complaint { accused: 1, pairwise_seed: vec![4; 32] }],
             }
             .encode_to_vec(),
             v1::UnmaskRequest {
-                binding: Some(v1::RoundBinding {
-                    federation_id: vec![0; 16],
-                    round_id: 3,
-                    adapter_sha256: vec![0; 32],
-                    task_sha256: vec![0; 32],
-                }),
+                binding: seed_binding(),
                 sender: 2,
                 self_mask_shares: vec![v1::ShamirShare { owner: 1, x: 2, y: vec![5; 5], salt: vec![6; 32] }],
                 mask_key_shares: vec![],
@@ -116,5 +106,15 @@ mod tests {
             }
             decode_wire(&data);
         }
+    }
+
+    /// The round binding of the seed messages.
+    fn seed_binding() -> Option<v1::RoundBinding> {
+        Some(v1::RoundBinding {
+            federation_id: vec![0; 16],
+            round_id: 3,
+            adapter_sha256: vec![0; 32],
+            task_sha256: vec![0; 32],
+        })
     }
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use guild_client::learner::RandomLearner;
+use guild_client::learner::{Learner, RandomLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
 use guild_coordinator::config::Config;
 use guild_sim::federation::Federation;
@@ -54,13 +54,17 @@ pub async fn spawn_client(
     faults: Faults,
     committed: u64,
 ) -> JoinHandle<anyhow::Result<u64>> {
-    let connection = federation.connect(i).await.expect("connect");
     let manifest = federation.config.manifest().expect("manifest");
     let learner =
         RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
-    let options = ParticipantOptions {
+    let options = ParticipantOptions { faults, max_rounds: committed, ..options(i) };
+    spawn_participant(federation, i, Box::new(learner), options).await
+}
+
+/// A lightweight merchant's options: quick polls and reconnections, and no ε cap of its own.
+pub fn options(i: usize) -> ParticipantOptions {
+    ParticipantOptions {
         display_name: format!("Shop {i}"),
-        faults,
         max_rounds: 0,
         poll: Duration::from_secs(2),
         max_backoff: Duration::from_millis(500),
@@ -69,30 +73,35 @@ pub async fn spawn_client(
         // `guild_client::participant` and by `a_merchant_stops_at_its_own_epsilon_cap`.
         max_epsilon: f64::INFINITY,
         ..Default::default()
-    };
+    }
+}
+
+/// Spawns merchant `i` with `learner` and `options` (its `max_rounds` committed rounds);
+/// returns how many committed rounds it took part in.
+pub async fn spawn_participant(
+    federation: &Federation,
+    i: usize,
+    learner: Box<dyn Learner>,
+    options: ParticipantOptions,
+) -> JoinHandle<anyhow::Result<u64>> {
+    let connection = federation.connect(i).await.expect("connect");
     let mut participant = Participant::new(
         connection,
         Arc::new(federation.identity(i).expect("identity")),
-        Box::new(learner),
+        learner,
         options,
         ClientLedger::in_memory(),
     );
     tokio::spawn(async move {
-        let taken = std::sync::atomic::AtomicU64::new(0);
-        let enough = tokio::sync::Notify::new();
-        let run = participant.run(|result| {
-            if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
-                let now = taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                if now == committed {
-                    enough.notify_one();
+        let mut taken = 0u64;
+        participant
+            .run(|result| {
+                if matches!(result, Ok(r) if r.outcome == RoundOutcome::Committed) {
+                    taken += 1;
                 }
-            }
-        });
-        tokio::select! {
-            result = run => result?,
-            () = enough.notified() => {}
-        }
-        Ok(taken.load(std::sync::atomic::Ordering::SeqCst))
+            })
+            .await?;
+        Ok(taken)
     })
 }
 

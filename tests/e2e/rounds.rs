@@ -13,8 +13,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::harness::{
-    eight_merchants, every_client_in_every_round, four_merchants, futures_join, small, spawn_client,
-    wait_for_rounds,
+    eight_merchants, every_client_in_every_round, four_merchants, futures_join, options, small, spawn_client,
+    spawn_participant, wait_for_rounds,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +293,6 @@ async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_
     let manifest = federation.config.manifest().expect("manifest");
     let mut handles = Vec::new();
     for i in 0..4 {
-        let connection = federation.connect(i).await.expect("connect");
         let learner = EvaluatingLearner(RandomLearner {
             manifest: manifest.clone(),
             norm: 0.5,
@@ -301,30 +300,18 @@ async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_
             shoppers: 0,
         });
         assert!(learner.manifest() == manifest);
-        let options = ParticipantOptions {
-            display_name: format!("Shop {i}"),
-            max_rounds: 1,
-            poll: Duration::from_secs(2),
-            max_epsilon: f64::INFINITY,
-            dangerous_report_unnoised_metrics: i == 3,
-            ..Default::default()
-        };
-        let mut participant = Participant::new(
-            connection,
-            Arc::new(federation.identity(i).expect("identity")),
-            Box::new(learner),
-            options,
-            ClientLedger::in_memory(),
-        );
-        handles.push(tokio::spawn(async move { participant.run(|_| {}).await }));
+        let options =
+            ParticipantOptions { dangerous_report_unnoised_metrics: i == 3, max_rounds: 1, ..options(i) };
+        handles.push(spawn_participant(&federation, i, Box::new(learner), options).await);
     }
     wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
     for handle in handles {
-        tokio::time::timeout(Duration::from_secs(30), handle)
+        let committed = tokio::time::timeout(Duration::from_secs(30), handle)
             .await
             .expect("client stops")
             .expect("join")
             .expect("client ran");
+        assert_eq!(committed, 1);
     }
     let evaluations = federation.store().expect("store").evaluations().expect("evaluations");
     assert_eq!(evaluations.len(), 1, "{evaluations:?}");

@@ -184,8 +184,9 @@ impl Participant {
         }
     }
 
-    /// Polls for tasks and takes part in rounds until `max_rounds` rounds were attempted,
-    /// calling `on_round` after each. Survives coordinator restarts (backoff and retry).
+    /// Polls for tasks and takes part in rounds until it has taken part in `max_rounds`
+    /// committed rounds, calling `on_round` after each round it takes part in (committed or
+    /// not). Survives coordinator restarts (backoff and retry).
     pub async fn run(
         &mut self,
         mut on_round: impl FnMut(&Result<RoundReport, ParticipantError>),
@@ -196,9 +197,9 @@ impl Participant {
         };
         let mut backoff = Duration::from_millis(100);
         let mut outage = Outage::default();
-        let mut attempted = 0u64;
+        let mut committed = 0u64;
         loop {
-            if self.options.max_rounds > 0 && attempted >= self.options.max_rounds {
+            if self.options.max_rounds > 0 && committed >= self.options.max_rounds {
                 return Ok(());
             }
             let task = match self.connection.get_task(&merchant, self.options.poll).await {
@@ -226,7 +227,6 @@ impl Participant {
                 }
                 Err(e) => return Err(e.into()),
             };
-            attempted += 1;
             let result = self.take_part(*task).await;
             if let Err(e) = &result {
                 tracing::info!(error = %e, "round not completed");
@@ -234,9 +234,11 @@ impl Participant {
             on_round(&result);
             if let Ok(report) = &result
                 && report.outcome == RoundOutcome::Committed
-                && let Err(e) = self.evaluate_latest().await
             {
-                tracing::warn!(error = %e, "evaluation of the new adapter failed");
+                committed += 1;
+                if let Err(e) = self.evaluate_latest().await {
+                    tracing::warn!(error = %e, "evaluation of the new adapter failed");
+                }
             }
         }
     }

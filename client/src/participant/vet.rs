@@ -26,7 +26,8 @@ pub struct ParticipantOptions {
     /// Longest pause between reconnection attempts.
     pub max_backoff: Duration,
     pub faults: Faults,
-    /// Stop after taking part in this many rounds (0: never).
+    /// Stop after taking part in this many committed rounds (0: never). A round that
+    /// aborts does not count; its privacy cost still goes to the ledger and `max_epsilon`.
     pub max_rounds: u64,
     /// Refuse a distributed-DP round that would take this merchant's own ε against the
     /// coordinator past this, at `delta`: in the merchant unit its participations composed

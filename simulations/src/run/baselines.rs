@@ -104,22 +104,9 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let mut scores = Vec::new();
         for (i, m) in sample.iter().enumerate() {
             progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
-            let pair = tokio::task::block_in_place(|| {
-                let (values, _) = world.train_on(
-                    &m.users,
-                    &baseline_training(
-                        world,
-                        local.steps,
-                        local.batch_size,
-                        local.learning_rate,
-                        s.data.seed,
-                    ),
-                )?;
-                anyhow::Ok((
-                    world.score_with_ranks(Some(&values), Split::Test)?,
-                    world.score(Some(&values), Split::Validation)?,
-                ))
-            })?;
+            let training =
+                baseline_training(world, local.steps, local.batch_size, local.learning_rate, s.data.seed);
+            let pair = train_and_score(world, &m.users, &training)?;
             scores.push(pair);
         }
         let ranks: Vec<Vec<u32>> = scores.iter_mut().map(|((_, r), _)| std::mem::take(r)).collect();
@@ -144,22 +131,9 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         progress.message("centralised");
         let t = Instant::now();
         let users = world.all_merchant_users();
-        let ((test, ranks), validation) = tokio::task::block_in_place(|| {
-            let (values, _) = world.train_on(
-                &users,
-                &baseline_training(
-                    world,
-                    central.steps,
-                    central.batch_size,
-                    central.learning_rate,
-                    s.data.seed,
-                ),
-            )?;
-            anyhow::Ok((
-                world.score_with_ranks(Some(&values), Split::Test)?,
-                world.score(Some(&values), Split::Validation)?,
-            ))
-        })?;
+        let training =
+            baseline_training(world, central.steps, central.batch_size, central.learning_rate, s.data.seed);
+        let ((test, ranks), validation) = train_and_score(world, &users, &training)?;
         let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
         arm.events.push(format!(
             "{} steps of batch {} on {} users",
@@ -170,6 +144,22 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         arms.push(arm);
     }
     Ok(arms)
+}
+
+/// Trains on `users` in this process and scores the result: test (with each user's rank)
+/// and validation.
+fn train_and_score(
+    world: &World,
+    users: &[usize],
+    training: &TrainConfig,
+) -> anyhow::Result<((Scores, Vec<u32>), Scores)> {
+    tokio::task::block_in_place(|| {
+        let (values, _) = world.train_on(users, training)?;
+        anyhow::Ok((
+            world.score_with_ranks(Some(&values), Split::Test)?,
+            world.score(Some(&values), Split::Validation)?,
+        ))
+    })
 }
 
 /// A reference arm's result.

@@ -34,6 +34,34 @@ pub(super) struct FederatedArm {
     pub(super) kill_after: Option<u64>,
 }
 
+impl FederatedArm {
+    /// An arm whose unit is the merchant and whose every round trains: `noise_multiplier`
+    /// z in `mode` (0 in `dangerous_none`), capped at `epsilon_cap` at `delta`.
+    fn merchant_level(
+        name: String,
+        mode: PrivacyMode,
+        noise_multiplier: f64,
+        epsilon_cap: f64,
+        delta: f64,
+        rounds: u64,
+    ) -> Self {
+        Self {
+            name,
+            mode,
+            unit: PrivacyUnit::Merchant,
+            shopper: None,
+            noise_multiplier,
+            schedule: Schedule::default(),
+            popularity_noise_multiplier: 0.0,
+            selection_noise_multiplier: 0.0,
+            epsilon_cap,
+            delta,
+            rounds,
+            kill_after: None,
+        }
+    }
+}
+
 /// Every federated arm the scenario asks for, in order, with its noise calibrated by the
 /// coordinator's own cost (`guild_privacy::cost::calibrate_noise`) from the coordinator's
 /// schedule of round kinds; and the expected merchant-level cohort.
@@ -50,20 +78,15 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     let kill_after = |index: usize| s.faults.kill_coordinator_after_round.filter(|_| killed(index));
     let mut plan = Vec::new();
     if s.arms.federated {
-        plan.push(FederatedArm {
-            name: "federated (non-private)".into(),
-            mode: PrivacyMode::DangerousNone,
-            unit: PrivacyUnit::Merchant,
-            shopper: None,
-            noise_multiplier: 0.0,
-            schedule: Schedule::default(),
-            popularity_noise_multiplier: 0.0,
-            selection_noise_multiplier: 0.0,
-            epsilon_cap: 1e9,
+        let arm = FederatedArm::merchant_level(
+            "federated (non-private)".into(),
+            PrivacyMode::DangerousNone,
+            0.0,
+            1e9,
             delta,
-            rounds: f.rounds,
-            kill_after: kill_after(plan.len()),
-        });
+            f.rounds,
+        );
+        plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
     }
     let expected = f.sampling_rate * n as f64;
     // Calibrate for a generous cohort (mean + 4 sd): larger cohorts give a coarser γ and a
@@ -89,37 +112,27 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
     for &epsilon in &s.arms.distributed_dp_epsilons {
         let z = calibrate_noise(epsilon, &RdpCurve::zero(), &round, charged_rounds(plan.len()), delta)?;
-        plan.push(FederatedArm {
-            name: format!("federated DP ε={epsilon}"),
-            mode: PrivacyMode::Distributed,
-            unit: PrivacyUnit::Merchant,
-            shopper: None,
-            noise_multiplier: z,
-            schedule: Schedule::default(),
-            popularity_noise_multiplier: 0.0,
-            selection_noise_multiplier: 0.0,
-            epsilon_cap: epsilon,
+        let arm = FederatedArm::merchant_level(
+            format!("federated DP ε={epsilon}"),
+            PrivacyMode::Distributed,
+            z,
+            epsilon,
             delta,
-            rounds: dp_rounds,
-            kill_after: kill_after(plan.len()),
-        });
+            dp_rounds,
+        );
+        plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
     }
     for &epsilon in &s.arms.central_dp_epsilons {
         let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds(plan.len()), delta, epsilon)?;
-        plan.push(FederatedArm {
-            name: format!("central DP ε={epsilon}"),
-            mode: PrivacyMode::Central,
-            unit: PrivacyUnit::Merchant,
-            shopper: None,
-            noise_multiplier: z,
-            schedule: Schedule::default(),
-            popularity_noise_multiplier: 0.0,
-            selection_noise_multiplier: 0.0,
-            epsilon_cap: epsilon,
+        let arm = FederatedArm::merchant_level(
+            format!("central DP ε={epsilon}"),
+            PrivacyMode::Central,
+            z,
+            epsilon,
             delta,
-            rounds: dp_rounds,
-            kill_after: kill_after(plan.len()),
-        });
+            dp_rounds,
+        );
+        plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
     }
     if let Some(sh) = &s.arms.shopper_dp {
         let merchants = merge_shops(&world.merchants, sh.merge_shops).len() as u32;
