@@ -137,6 +137,16 @@ batch_size = 32
 learning_rate = 0.001
 server_optimizer = "fed_avg"
 server_learning_rate = 1.0
+# Rounds that send a bounded statistic instead of training come first, each kind with its
+# own count, noise and sampling rate (sequence towers with a popularity prior only):
+# [rounds.popularity_release]
+# rounds = 1
+# noise_multiplier = 10.0
+# sampling_rate = 1.0
+# [rounds.pooling_selection]
+# rounds = 1
+# noise_multiplier = 10.0
+# sampling_rate = 1.0
 
 [privacy]
 mode = "distributed"
