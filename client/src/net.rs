@@ -35,8 +35,8 @@ pub enum NetError {
 }
 
 impl NetError {
-    /// Whether retrying later can help (the coordinator is down or restarting), as
-    /// opposed to a refusal that will not change.
+    /// Whether retrying later can help (the coordinator is down or restarting, or limits
+    /// this merchant's request rate), as opposed to a refusal that will not change.
     pub fn is_transient(&self) -> bool {
         match self {
             NetError::Unreachable { .. } => true,
@@ -46,6 +46,7 @@ impl NetError {
                     | tonic::Code::Unknown
                     | tonic::Code::DeadlineExceeded
                     | tonic::Code::Cancelled
+                    | tonic::Code::ResourceExhausted
             ),
             _ => false,
         }

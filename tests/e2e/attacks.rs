@@ -45,10 +45,15 @@ struct Calls {
     sent: u32,
 }
 
-/// A coordinator that answers registration honestly, hands out one scripted task, and
+/// A coordinator that answers registration honestly, hands out one scripted task (or the
+/// same task at every poll, as a real coordinator does while its round is open), and
 /// refuses everything else while counting it.
 struct Scripted {
     task: Mutex<Option<RoundTask>>,
+    /// Hand the task out at every poll instead of once.
+    repeat: bool,
+    /// Answer this many task polls first with the rate limit's `ResourceExhausted`.
+    rate_limited: u32,
     calls: Arc<Mutex<Calls>>,
 }
 
@@ -83,8 +88,18 @@ impl Coordinator for Scripted {
         &self,
         _: Request<v1::GetTaskRequest>,
     ) -> Result<Response<v1::GetTaskResponse>, Status> {
-        self.count(|c| c.tasks += 1);
-        let task = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+        let mut polls = 0;
+        self.count(|c| {
+            c.tasks += 1;
+            polls = c.tasks;
+        });
+        if polls <= self.rate_limited {
+            return Err(Status::resource_exhausted(
+                "merchant merchant-001 is over its request rate; retry later",
+            ));
+        }
+        let mut slot = self.task.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let task = if self.repeat { slot.clone() } else { slot.take() };
         let task = match task {
             Some(task) => Task::Round(Box::new(task)),
             None => Task::Wait { retry_after: Duration::from_secs(1), reason: "no more rounds".into() },
@@ -189,12 +204,11 @@ struct Outcome {
     calls: Calls,
 }
 
-/// Serves `task` from a scripted coordinator over mutual TLS and runs merchant-001's real
-/// `Participant` against it for one round.
-async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
+/// Serves `service` over mutual TLS with the federation's server certificate.
+async fn serve(
+    service: Scripted,
+) -> (SocketAddr, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     let pki = pki();
-    let calls = Arc::new(Mutex::new(Calls::default()));
-    let service = Scripted { task: Mutex::new(Some(task)), calls: calls.clone() };
     let tls = tonic::transport::ServerTlsConfig::new()
         .identity(tonic::transport::Identity::from_pem(&pki.server.cert_pem, &pki.server.key_pem))
         .client_ca_root(tonic::transport::Certificate::from_pem(&pki.ca.cert_pem));
@@ -207,6 +221,12 @@ async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
             .add_service(CoordinatorServer::new(service))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
     );
+    (address, server)
+}
+
+/// Merchant-001's real `Participant`, with a random learner, connected to `address`.
+async fn merchant(address: SocketAddr, options: ParticipantOptions) -> Participant {
+    let pki = pki();
     let credentials = TlsCredentials {
         ca_pem: pki.ca.cert_pem.clone().into_bytes(),
         cert_pem: pki.merchants[0].cert_pem.clone().into_bytes(),
@@ -216,14 +236,23 @@ async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
     let connection = Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect");
     let learner =
         RandomLearner { manifest: manifest(), norm: 0.5, rng: ChaCha20Rng::seed_from_u64(1), shoppers: 0 };
-    let options = ParticipantOptions { poll: Duration::from_secs(1), ..options };
-    let mut participant = Participant::new(
-        connection,
-        Arc::new(identity(0)),
-        Box::new(learner),
-        options,
-        ClientLedger::in_memory(),
-    );
+    Participant::new(connection, Arc::new(identity(0)), Box::new(learner), options, ClientLedger::in_memory())
+}
+
+/// Serves `task` from a scripted coordinator over mutual TLS and runs merchant-001's real
+/// `Participant` against it for one round.
+async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
+    one_round(task, 0, options).await
+}
+
+/// As [`attack`], the first `rate_limited` task polls answered with the rate limit.
+async fn one_round(task: RoundTask, rate_limited: u32, options: ParticipantOptions) -> Outcome {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let service =
+        Scripted { task: Mutex::new(Some(task)), repeat: false, rate_limited, calls: calls.clone() };
+    let (address, server) = serve(service).await;
+    let mut participant =
+        merchant(address, ParticipantOptions { poll: Duration::from_secs(1), ..options }).await;
     // The client's one round: its outcome is all this harness wants, so the client stops
     // once it is known (a refused task is no committed round, which would stop it itself).
     let mut result = Ok(());
@@ -352,4 +381,48 @@ async fn a_sybil_member_without_the_cas_certificate_is_refused() {
     task.certificates.insert(second, other.merchants[0].cert_der.clone());
     seal(&mut task);
     assert_refused(&attack(task, options()).await, "does not verify under the federation's CA key");
+}
+
+/// A merchant that refuses a task does not poll it again and again: the coordinator keeps
+/// offering the open round's task, and the merchant waits it out (a refusal storm would trip
+/// the coordinator's rate limit and, before, took every merchant down). Without the memory
+/// of the refused task, this client refuses it hundreds of times in three seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_task_is_waited_out_not_polled_in_a_storm() {
+    let mut task = honest_task(1.0);
+    task.secagg.threshold = 2;
+    seal(&mut task);
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let service =
+        Scripted { task: Mutex::new(Some(task)), repeat: true, rate_limited: 0, calls: calls.clone() };
+    let (address, server) = serve(service).await;
+    let mut participant =
+        merchant(address, ParticipantOptions { poll: Duration::from_secs(1), ..options() }).await;
+    let mut refusals = 0u32;
+    let ran = tokio::time::timeout(
+        Duration::from_secs(3),
+        participant.run(|round| {
+            if matches!(round, Err(ParticipantError::Refused(_))) {
+                refusals += 1;
+            }
+        }),
+    )
+    .await;
+    assert!(ran.is_err(), "the client keeps running: {ran:?}");
+    server.abort();
+    let calls = std::mem::take(&mut *calls.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+    assert_eq!(refusals, 1, "the same task refused again: {calls:?}");
+    // One poll a second while the refused task stays open (and the first).
+    assert!(calls.tasks <= 5, "{calls:?}");
+    assert_eq!((calls.downloads, calls.sent), (0, 0), "{calls:?}");
+}
+
+/// The coordinator's rate limit is a back-off, not an exit: a client whose first polls are
+/// refused with `ResourceExhausted` retries and takes the task when the limit lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limiting_is_a_back_off_not_an_exit() {
+    let outcome = one_round(honest_task(1.0), 3, options()).await;
+    let reason = outcome.result.expect_err("the scripted coordinator serves no adapter");
+    assert!(reason.starts_with("not a refusal"), "{reason}");
+    assert_eq!((outcome.calls.tasks, outcome.calls.downloads), (4, 1), "{:?}", outcome.calls);
 }

@@ -198,6 +198,10 @@ impl Participant {
         let mut backoff = Duration::from_millis(100);
         let mut outage = Outage::default();
         let mut committed = 0u64;
+        // The last task this merchant refused (its round and digest): polled again, the same
+        // task is not refused again (a refusal storm would trip the coordinator's rate limit)
+        // but waited out until the coordinator offers another.
+        let mut refused: Option<(u64, [u8; 32])> = None;
         loop {
             if self.options.max_rounds > 0 && committed >= self.options.max_rounds {
                 return Ok(());
@@ -206,6 +210,14 @@ impl Participant {
                 Ok(Task::Round(task)) => {
                     outage.recovered();
                     backoff = Duration::from_millis(100);
+                    if refused == Some((task.binding.round_id, task.binding.task_sha256)) {
+                        tracing::debug!(
+                            round = task.binding.round_id,
+                            "the task refused before; waiting for another"
+                        );
+                        tokio::time::sleep(self.options.poll).await;
+                        continue;
+                    }
                     task
                 }
                 Ok(Task::Wait { retry_after, .. }) => {
@@ -227,9 +239,13 @@ impl Participant {
                 }
                 Err(e) => return Err(e.into()),
             };
+            let key = (task.binding.round_id, task.binding.task_sha256);
             let result = self.take_part(*task).await;
             if let Err(e) = &result {
                 tracing::info!(error = %e, "round not completed");
+            }
+            if let Err(ParticipantError::Refused(_)) = &result {
+                refused = Some(key);
             }
             on_round(&result);
             if let Ok(report) = &result
