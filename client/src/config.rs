@@ -122,6 +122,9 @@ pub struct Guards {
     /// a higher rate than this (a popularity release, which trains nothing and sends only
     /// item sets, may sample every shopper; it is held to `max_epsilon` like any round).
     pub max_shopper_sampling_rate: f64,
+    /// Refuse rounds whose neighbour graph gives this merchant fewer share holders than
+    /// this (a smaller cohort's complete graph is accepted).
+    pub min_share_holders: u32,
     /// This merchant's append-only privacy ledger (created if absent).
     pub ledger: PathBuf,
     /// Report per-round evaluation counts on this merchant's validation shoppers to the
@@ -138,6 +141,7 @@ impl Default for Guards {
             max_epsilon: crate::participant::DEFAULT_MAX_EPSILON,
             delta: crate::participant::DEFAULT_DELTA,
             max_shopper_sampling_rate: crate::participant::DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
+            min_share_holders: crate::participant::DEFAULT_MIN_SHARE_HOLDERS,
             ledger: "privacy-ledger.txt".into(),
             dangerous_report_unnoised_metrics: false,
         }

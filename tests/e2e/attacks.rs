@@ -313,6 +313,28 @@ async fn a_threshold_below_the_active_security_bound_is_refused() {
     assert_refused(&attack(task, options()).await, "below the active-security bound");
 }
 
+/// The bound is taken on the graph the round builds: asked for an odd k = 17 in a cohort of
+/// 20, the graph gives each client 18 share holders (k rounded up to even), whose bound is
+/// 13; a threshold of 12, the bound for the 17 the task names, lets one more colluder in.
+#[tokio::test]
+async fn a_threshold_below_the_bound_of_the_graph_actually_built_is_refused() {
+    let mut task = guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(17), 1.0);
+    task.secagg.neighbours = 17;
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "bound 13 for 18 share holders");
+}
+
+/// A sparse graph with few share holders (6 here, at its own active-security threshold) is
+/// easier to surround with colluders by grinding rosters: below the merchant's floor it is
+/// refused.
+#[tokio::test]
+async fn a_neighbourhood_below_the_merchants_floor_is_refused() {
+    let mut task = guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(6), 1.0);
+    task.secagg.neighbours = 6;
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "below this merchant's minimum of 12");
+}
+
 /// Attack 3: each client adds σ²/min_survivors; min_survivors above the threshold lets a
 /// round complete with a fraction of the noise.
 #[tokio::test]

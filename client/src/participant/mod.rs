@@ -30,8 +30,8 @@ use crate::net::{Connection, NetError};
 use crate::retrieval::RankingCounts;
 use privatise::privatised_update;
 pub use vet::{
-    DEFAULT_DELTA, DEFAULT_MAX_EPSILON, DEFAULT_MAX_SHOPPER_SAMPLING_RATE, ParticipantOptions,
-    shown_participation, shown_round_rho, vet_task,
+    DEFAULT_DELTA, DEFAULT_MAX_EPSILON, DEFAULT_MAX_SHOPPER_SAMPLING_RATE, DEFAULT_MIN_SHARE_HOLDERS,
+    ParticipantOptions, shown_participation, shown_round_rho, vet_task,
 };
 
 /// How a round this client took part in ended.

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use guild_privacy::cost::round_rho;
 use guild_privacy::dp::DdgParams;
+use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::min_active_threshold;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::RoundTask;
@@ -38,11 +39,20 @@ pub struct ParticipantOptions {
     /// at a higher rate (less amplification, and more of its shoppers in every round); a
     /// popularity release is exempt (it sends item sets only) but not from `max_epsilon`.
     pub max_shopper_sampling_rate: f64,
+    /// Refuse a round whose neighbour graph gives this merchant fewer share holders than
+    /// this (the complete graph of a smaller cohort is accepted): the fewer holders, the
+    /// fewer colluders it takes to surround this merchant.
+    pub min_share_holders: u32,
     pub delta: f64,
     /// Send the per-round evaluation counts on this merchant's validation shoppers to the
     /// coordinator: un-noised, not charged to any ledger, so off by default.
     pub dangerous_report_unnoised_metrics: bool,
 }
+
+/// A merchant's default floor on its share holders in a sparse neighbour graph: at the
+/// active-security threshold it takes about a third of them, 4 here, colluding with the
+/// coordinator to unmask it.
+pub const DEFAULT_MIN_SHARE_HOLDERS: u32 = 12;
 
 /// A merchant's default cap on its own ε against the coordinator.
 pub const DEFAULT_MAX_EPSILON: f64 = 10.0;
@@ -63,6 +73,7 @@ impl Default for ParticipantOptions {
             max_rounds: 0,
             max_epsilon: DEFAULT_MAX_EPSILON,
             max_shopper_sampling_rate: DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
+            min_share_holders: DEFAULT_MIN_SHARE_HOLDERS,
             delta: DEFAULT_DELTA,
             dangerous_report_unnoised_metrics: false,
         }
@@ -125,7 +136,18 @@ pub fn vet_task(
         return refuse(format!("a {}, but {why}", task.training.kind));
     }
     let s = &task.secagg;
-    let holders = s.neighbours.min(s.cohort_size.saturating_sub(1));
+    // The bound is taken on the graph the round will build (`k` rounded up to even), not
+    // on the `k` the task names.
+    let holders = share_holders(s.cohort_size, s.neighbours);
+    // A small neighbourhood lets a coordinator grind rosters until colluders surround a
+    // victim: a sparse graph must give this merchant at least `min_share_holders`.
+    let floor = options.min_share_holders.min(s.cohort_size.saturating_sub(1));
+    if holders < floor {
+        return refuse(format!(
+            "{holders} share holders is below this merchant's minimum of {floor} \
+             (a small neighbourhood is easier to surround with colluders)"
+        ));
+    }
     if s.threshold < min_active_threshold(holders) {
         return refuse(format!(
             "threshold {} is below the active-security bound {} for {holders} share holders \

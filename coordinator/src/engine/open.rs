@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use guild_privacy::cost::{RoundCost, RoundPrivacy, sampled_shoppers_bound};
 use guild_privacy::ledger::PrivacyEvent;
+use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
 use guild_privacy::secagg::{Identities, Phase, RoundConfig, min_active_threshold};
@@ -88,7 +89,7 @@ impl Engine {
         let k = if cfg.rounds.neighbours == 0 { n - 1 } else { cfg.rounds.neighbours.min(n - 1) };
         // The configured threshold is a floor: each round raises it to the active-security
         // bound for its neighbourhood size, which every client checks for itself.
-        let t = cfg.rounds.threshold.max(min_active_threshold(k));
+        let t = cfg.rounds.threshold.max(min_active_threshold(share_holders(n, k)));
         let p = &cfg.privacy;
         // Who is sampled, at what rate, how many vectors the sum holds, and what it is
         // averaged over: merchants (drawn here), or shoppers (drawn by their merchants).

@@ -34,6 +34,16 @@ pub fn roster_seed(binding: &RoundBinding, roster: &BTreeMap<ClientIndex, Signed
     u64::from_le_bytes(first)
 }
 
+/// How many share holders each client of a round of `n` clients with `k` neighbours has in
+/// the graph [`NeighbourGraph::new`] builds: `k` rounded up to even (a client's neighbours
+/// lie on both sides of it on a shuffled ring), at most `n − 1`. Every bound that depends on
+/// the neighbourhood (the active-security threshold, the colluders it tolerates) takes this
+/// number, not `k`: with an odd `k` each client has one holder more than asked for.
+pub fn share_holders(n: u32, k: u32) -> u32 {
+    let others = n.saturating_sub(1);
+    if k + 1 >= n { others } else { (2 * k.div_ceil(2)).min(others) }
+}
+
 /// The neighbour lists of every client of a round.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NeighbourGraph {
@@ -92,6 +102,23 @@ impl NeighbourGraph {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The holders' count the bounds use is the degree of the graph actually built, for
+    /// every cohort and neighbour count up to 40 (odd and even k, sparse and complete).
+    #[test]
+    fn share_holders_is_the_degree_of_the_graph_built() {
+        for n in 2..=40u32 {
+            for k in 1..=n + 1 {
+                let graph = NeighbourGraph::new(n, k, u64::from(n * 100 + k));
+                for u in 1..=n {
+                    let u = ClientIndex::new(u).expect("non-zero");
+                    assert_eq!(graph.neighbours(u).len() as u32, share_holders(n, k), "n = {n}, k = {k}");
+                }
+            }
+        }
+        // The case that broke the client's check: 25 clients, 23 asked, a complete graph.
+        assert_eq!(share_holders(25, 23), 24);
+    }
 
     #[test]
     fn graph_is_symmetric_regular_and_seeded() {

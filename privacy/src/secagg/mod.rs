@@ -80,7 +80,7 @@ impl RoundConfig {
     /// the merchant's client (`guild_client::participant::vet_task`) checks before it joins.
     pub fn validate(&self) -> Result<(), SecAggError> {
         let n = self.cohort_size;
-        let k = self.neighbours.min(n.saturating_sub(1));
+        let k = graph::share_holders(n, self.neighbours);
         let problem = if n < 2 {
             Some("a round needs at least 2 clients".to_owned())
         } else if self.threshold < 2 || self.threshold > k {
