@@ -298,6 +298,9 @@ pub struct TowerLearner {
     users: Vec<usize>,
     eval_users: Vec<usize>,
     temperature: f64,
+    /// This merchant's secret for its shoppers' sampled negatives (`retrieval::shopper_seed`),
+    /// from the OS's randomness; it never leaves the process.
+    shopper_key: [u8; 32],
 }
 
 impl TowerLearner {
@@ -320,7 +323,17 @@ impl TowerLearner {
         let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
         let base_model_sha256 = guard.base.sha256();
         drop(guard);
-        Ok(Self { shared, config, base_model_sha256, users, eval_users: eval, temperature: 0.05 })
+        let mut shopper_key = [0u8; 32];
+        rand::RngCore::fill_bytes(&mut <ChaCha20Rng as rand::SeedableRng>::from_entropy(), &mut shopper_key);
+        Ok(Self {
+            shared,
+            config,
+            base_model_sha256,
+            users,
+            eval_users: eval,
+            temperature: 0.05,
+            shopper_key,
+        })
     }
 
     /// The tower at `values` (its offset from the start), on the shared model's device.
@@ -397,8 +410,10 @@ impl Learner for TowerLearner {
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
+        let (key, round_id) = (self.shopper_key, task.binding.round_id);
+        let seed_of = |user: &User| retrieval::shopper_seed(&key, round_id, &user.id);
         let Some(range) = range else {
-            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, each);
+            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, each);
         };
         // `shopper_updates` hands over one update per user, in order.
         let mut next = users.iter();
@@ -408,7 +423,15 @@ impl Learner for TowerLearner {
             share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
             each(update)
         };
-        retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &mut with_popularity)
+        retrieval::shopper_updates(
+            &mut tower,
+            &items,
+            &users,
+            global,
+            &config,
+            &seed_of,
+            &mut with_popularity,
+        )
     }
 
     fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {

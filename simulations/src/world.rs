@@ -232,7 +232,10 @@ impl World {
         let shared = lock(&self.shared);
         let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
         let users = Self::users(&shared.dataset, users);
-        retrieval::shopper_updates(&mut model, &shared.items, &users, from, config, each)
+        // In process the seed is the run's own: each shopper's negatives from its id and it.
+        let key: [u8; 32] = std::array::from_fn(|i| config.seed.to_le_bytes()[i % 8]);
+        let seed_of = |user: &User| retrieval::shopper_seed(&key, config.seed, &user.id);
+        retrieval::shopper_updates(&mut model, &shared.items, &users, from, config, &seed_of, each)
     }
 
     /// Trains fresh FFA-LoRA adapters on `users` and returns their values.

@@ -12,7 +12,7 @@ pub use metrics::{EVALUATION_TEMPERATURE, RankingCounts, Split};
 use metrics::{held_out, ndcg_at_10, rank_rows};
 pub use minilm::{evaluate_ranks, train};
 pub use selection::selection_ndcg;
-pub use tower::{evaluate_tower, shopper_updates, train_tower};
+pub use tower::{evaluate_tower, shopper_seed, shopper_updates, train_tower};
 
 use std::path::{Path, PathBuf};
 

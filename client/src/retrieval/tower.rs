@@ -1,6 +1,8 @@
 //! The sequence-tower family: full-catalogue evaluation, training with the full or a
 //! sampled softmax, and the shopper unit's per-shopper updates.
 
+use rand::Rng;
+
 use super::*;
 
 /// Full-catalogue evaluation of the sequence tower (as [`evaluate_ranks`]); `None`: the
@@ -38,8 +40,15 @@ pub fn evaluate_tower(
 
 /// The tower's softmax cross-entropy of every target of `rows` (each weighs the same): over
 /// the whole catalogue, or (with `config.negatives`) over the target and uniform negatives
-/// shared by the batch.
-fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &TrainConfig) -> Tensor {
+/// shared by the batch, drawn from `negatives_from` if given (a shopper's own generator),
+/// else from libtorch's.
+fn tower_loss(
+    tower: &Tower,
+    items: &Tensor,
+    rows: &[TowerRow<'_>],
+    config: &TrainConfig,
+    negatives_from: Option<&mut ChaCha20Rng>,
+) -> Tensor {
     let device = items.device();
     let windows: Vec<&[ItemIndex]> = rows.iter().map(|r| r.window).collect();
     let sequence = tower.sequence(items, &windows);
@@ -67,7 +76,13 @@ fn tower_loss(tower: &Tower, items: &Tensor, rows: &[TowerRow<'_>], config: &Tra
         return (scores / config.temperature).cross_entropy_for_logits(&targets);
     }
     let positives = normalise(&tower.adapt_items(&items.index_select(0, &targets)));
-    let negatives = Tensor::randint(catalogue, [k], (Kind::Int64, device));
+    let negatives = match negatives_from {
+        Some(rng) => {
+            let drawn: Vec<i64> = (0..k).map(|_| rng.gen_range(0..catalogue)).collect();
+            Tensor::from_slice(&drawn).to(device)
+        }
+        None => Tensor::randint(catalogue, [k], (Kind::Int64, device)),
+    };
     let negative_vectors = normalise(&tower.adapt_items(&items.index_select(0, &negatives)));
     let own = (&shoppers * &positives).sum_dim_intlist(-1, true, Kind::Float);
     let others = shoppers.matmul(&negative_vectors.tr());
@@ -108,7 +123,7 @@ pub fn train_tower(
     let example_count = rows.iter().map(TowerRow::targets).sum();
     let mut batches = Batches::new(&mut rows, config.batch_size, config.seed);
     for step in 0..config.steps {
-        let loss = tower_loss(tower, &items, batches.next_batch(), config);
+        let loss = tower_loss(tower, &items, batches.next_batch(), config, None);
         optimizer.backward_step(&loss);
         last = loss.double_value(&[]);
         if step == 0 {
@@ -126,12 +141,18 @@ pub fn train_tower(
 /// per-example gradient, scaled by −η; several are user-level DP-FedAvg's local training
 /// (McMahan et al. 2018) with the shopper as the client. A shopper with no training rows
 /// gives a zero update. Leaves the tower at `global`.
+///
+/// Each shopper's sampled negatives come from its own generator, seeded by `seed_of` (the
+/// merchant's secret key and the shopper: [`shopper_seed`]), so that a shopper's update
+/// depends on its own data and seed alone: adding or removing a shopper changes no other
+/// shopper's update, which the shopper unit's sensitivity bound assumes.
 pub fn shopper_updates(
     tower: &mut Tower,
     items: &Tensor,
     users: &[&User],
     global: &[f32],
     config: &TrainConfig,
+    seed_of: &dyn Fn(&User) -> u64,
     each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let length = tower.config().shape.history;
@@ -146,7 +167,8 @@ pub fn shopper_updates(
                 vec![0.0; global.len()]
             } else {
                 tower.zero_gradients();
-                tower_loss(tower, &items, &rows, config).backward();
+                let mut rng = ChaCha20Rng::seed_from_u64(seed_of(user));
+                tower_loss(tower, &items, &rows, config, Some(&mut rng)).backward();
                 tower.flat_gradient()
             };
             let eta = config.learning_rate as f32;
@@ -160,8 +182,9 @@ pub fn shopper_updates(
         let rows = tower_rows(user, length);
         if !rows.is_empty() && config.steps > 0 {
             let mut sgd = nn::Sgd::default().build(tower.var_store(), config.learning_rate)?;
+            let mut rng = ChaCha20Rng::seed_from_u64(seed_of(user));
             for _ in 0..config.steps {
-                let loss = tower_loss(tower, &items, &rows, config);
+                let loss = tower_loss(tower, &items, &rows, config, Some(&mut rng));
                 sgd.backward_step(&loss);
             }
         }
@@ -171,6 +194,20 @@ pub fn shopper_updates(
     }
     tower.set_offset(global)?;
     Ok(())
+}
+
+/// A shopper's seed for one round's sampled negatives: SHA-256 of the merchant's secret
+/// `key`, the round and the shopper's id. The coordinator, which chooses the round's data
+/// seed, cannot choose it, and no other shopper's presence changes it.
+pub fn shopper_seed(key: &[u8; 32], round_id: u64, shopper: &str) -> u64 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"guild/v1/shopper-negatives\0");
+    hasher.update(key);
+    hasher.update(round_id.to_le_bytes());
+    hasher.update(shopper.as_bytes());
+    let digest = hasher.finalize();
+    u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"))
 }
 
 #[cfg(test)]
@@ -223,7 +260,7 @@ mod tests {
         let collect = |tower: &mut Tower, users: &[&User], steps: usize| {
             let config = TrainConfig { steps, learning_rate: 0.5, negatives: 0, ..TrainConfig::default() };
             let mut updates = Vec::new();
-            shopper_updates(tower, &items, users, &global, &config, &mut |u| {
+            shopper_updates(tower, &items, users, &global, &config, &|u| u.history.len() as u64, &mut |u| {
                 updates.push(u.to_vec());
                 Ok(())
             })
@@ -240,7 +277,7 @@ mod tests {
             other.set_offset(&global).expect("offset");
             let mut sgd = nn::Sgd::default().build(other.var_store(), 0.5).expect("sgd");
             let config = TrainConfig { negatives: 0, ..TrainConfig::default() };
-            sgd.backward_step(&tower_loss(&other, &items, &tower_rows(user, 8), &config));
+            sgd.backward_step(&tower_loss(&other, &items, &tower_rows(user, 8), &config, None));
             let expected: Vec<f32> = other.offset().iter().zip(&global).map(|(v, g)| v - g).collect();
             let diff = fast[i].iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             let norm = expected.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -252,5 +289,41 @@ mod tests {
         let general = collect(&mut tower, &refs, 2);
         assert_eq!(general.len(), 4);
         assert!(general.iter().zip(&fast).all(|(g, f)| g != f), "two steps differ from one");
+    }
+
+    /// With sampled negatives (the shopper unit's rounds use 256), adding a shopper changes
+    /// no other shopper's update: each draws its negatives from its own seed. Drawn from one
+    /// generator in sampled order instead, every later shopper's negatives (and update)
+    /// would shift, breaking the sensitivity bound the ledger charges.
+    #[test]
+    fn adding_a_shopper_changes_no_other_shoppers_update() {
+        let items = normalise(&Tensor::randn([50, 16], (Kind::Float, Device::Cpu)));
+        let users = shoppers(5, 50);
+        let shape = tower_shape(4, 2, 0);
+        let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+        let global = vec![0.0f32; tower.parameter_count()];
+        let key = [7u8; 32];
+        let seed_of = |u: &User| shopper_seed(&key, 3, &u.id);
+        let mut collect = |users: &[&User], steps: usize| {
+            let config = TrainConfig { steps, learning_rate: 0.5, negatives: 8, ..TrainConfig::default() };
+            let mut updates = Vec::new();
+            shopper_updates(&mut tower, &items, users, &global, &config, &seed_of, &mut |u| {
+                updates.push(u.to_vec());
+                Ok(())
+            })
+            .expect("updates");
+            updates
+        };
+        for steps in [1, 2] {
+            let without: Vec<&User> = [0, 2, 3, 4].iter().map(|&i| &users[i]).collect();
+            let with: Vec<&User> = users.iter().collect();
+            let (a, b) = (collect(&without, steps), collect(&with, steps));
+            for (i, &j) in [0usize, 2, 3, 4].iter().enumerate() {
+                assert!(a[i] == b[j], "{steps} step(s): shopper {j}'s update moved when shopper 1 joined");
+            }
+        }
+        // The seed is the merchant's secret's, the round's and the shopper's alone.
+        assert_ne!(shopper_seed(&key, 3, "a"), shopper_seed(&key, 4, "a"));
+        assert_ne!(shopper_seed(&key, 3, "a"), shopper_seed(&[8; 32], 3, "a"));
     }
 }
