@@ -125,6 +125,9 @@ pub struct Guards {
     /// Refuse rounds whose neighbour graph gives this merchant fewer share holders than
     /// this (a smaller cohort's complete graph is accepted).
     pub min_share_holders: u32,
+    /// The privacy unit this merchant takes part in (`merchant` or `shopper`); a round in
+    /// the other unit is refused.
+    pub unit: guild_privacy::PrivacyUnit,
     /// This merchant's append-only privacy ledger (created if absent).
     pub ledger: PathBuf,
     /// Report per-round evaluation counts on this merchant's validation shoppers to the
@@ -142,6 +145,7 @@ impl Default for Guards {
             delta: crate::participant::DEFAULT_DELTA,
             max_shopper_sampling_rate: crate::participant::DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             min_share_holders: crate::participant::DEFAULT_MIN_SHARE_HOLDERS,
+            unit: guild_privacy::PrivacyUnit::Merchant,
             ledger: "privacy-ledger.txt".into(),
             dangerous_report_unnoised_metrics: false,
         }

@@ -174,6 +174,8 @@ key = "{name}.key"
 dataset = "data"
 eval_users = 100
 [guards]
+# The privacy unit this merchant takes part in ("merchant" or "shopper"); it refuses the other.
+unit = "merchant"
 min_noise_multiplier = 0.5
 dangerous_send_unnoised_updates = false
 # This merchant's own ε against the coordinator (its participations, no amplification by

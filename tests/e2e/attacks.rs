@@ -19,9 +19,9 @@ use guild_client::identity::Identity;
 use guild_client::learner::RandomLearner;
 use guild_client::net::{Connection, TlsCredentials};
 use guild_client::participant::{ClientLedger, Participant, ParticipantError, ParticipantOptions};
-use guild_privacy::PrivacyMode;
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::min_active_threshold;
+use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterManifest, MerchantId, Registered, RoundTask, Task};
 use guild_proto::pki::FederationPki;
 use guild_proto::tower::TowerShape;
@@ -333,6 +333,16 @@ async fn a_neighbourhood_below_the_merchants_floor_is_refused() {
     task.secagg.neighbours = 6;
     seal(&mut task);
     assert_refused(&attack(task, options()).await, "below this merchant's minimum of 12");
+}
+
+/// A coordinator switching a merchant-level federation to shopper-unit rounds (a release
+/// at q = 1, say, whose cohorts it differences) is refused: the merchant pins its unit.
+#[tokio::test]
+async fn a_switch_of_the_privacy_unit_is_refused() {
+    let mut task = honest_task(1.0);
+    (task.privacy.unit, task.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 0.05);
+    seal(&mut task);
+    assert_refused(&attack(task, options()).await, "takes part in merchant-unit rounds only");
 }
 
 /// Attack 3: each client adds σ²/min_survivors; min_survivors above the threshold lets a

@@ -57,7 +57,9 @@ pub async fn spawn_client(
     let manifest = federation.config.manifest().expect("manifest");
     let learner =
         RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
-    let options = ParticipantOptions { faults, max_rounds: committed, ..options(i) };
+    // A lightweight merchant pins the unit its federation announces.
+    let unit = federation.config.privacy.unit;
+    let options = ParticipantOptions { faults, max_rounds: committed, unit, ..options(i) };
     spawn_participant(federation, i, Box::new(learner), options).await
 }
 

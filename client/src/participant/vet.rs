@@ -43,6 +43,10 @@ pub struct ParticipantOptions {
     /// this (the complete graph of a smaller cohort is accepted): the fewer holders, the
     /// fewer colluders it takes to surround this merchant.
     pub min_share_holders: u32,
+    /// The privacy unit this merchant takes part in; a task in the other unit is refused,
+    /// so a coordinator cannot switch a merchant-level federation to shopper-unit rounds (or
+    /// back) and difference cohorts of its choosing.
+    pub unit: PrivacyUnit,
     pub delta: f64,
     /// Send the per-round evaluation counts on this merchant's validation shoppers to the
     /// coordinator: un-noised, not charged to any ledger, so off by default.
@@ -74,6 +78,7 @@ impl Default for ParticipantOptions {
             max_epsilon: DEFAULT_MAX_EPSILON,
             max_shopper_sampling_rate: DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             min_share_holders: DEFAULT_MIN_SHARE_HOLDERS,
+            unit: PrivacyUnit::Merchant,
             delta: DEFAULT_DELTA,
             dangerous_report_unnoised_metrics: false,
         }
@@ -134,6 +139,12 @@ pub fn vet_task(
     }
     if let Some(why) = task.training.kind.unsupported_by(manifest) {
         return refuse(format!("a {}, but {why}", task.training.kind));
+    }
+    if task.privacy.unit != options.unit {
+        return refuse(format!(
+            "a {}-unit round, but this merchant takes part in {}-unit rounds only (guards.unit)",
+            task.privacy.unit, options.unit
+        ));
     }
     let s = &task.secagg;
     // The bound is taken on the graph the round will build (`k` rounded up to even), not
@@ -410,7 +421,11 @@ mod tests {
 
     #[test]
     fn shopper_rounds_are_vetted_on_the_merchants_own_rate_and_its_shoppers_amplified_epsilon() {
-        let options = ParticipantOptions { max_epsilon: 3.0, ..ParticipantOptions::default() };
+        let options = ParticipantOptions {
+            max_epsilon: 3.0,
+            unit: PrivacyUnit::Shopper,
+            ..ParticipantOptions::default()
+        };
         let ledger = ClientLedger::in_memory();
         vet(&shopper_task(51, 35, 1.0, 0.02), &options, &ledger).expect("honest shopper round");
         let error = vet(&shopper_task(51, 35, 1.0, 0.5), &options, &ledger).expect_err("rate above the cap");
@@ -433,14 +448,21 @@ mod tests {
         assert!(error.contains("its shoppers' ε"), "{error}");
         assert!(ledger.epsilon(PrivacyUnit::Shopper, options.delta) <= 3.0);
         assert_eq!(ledger.epsilon(PrivacyUnit::Merchant, options.delta), 0.0);
-        // A merchant-unit round is judged on its own ledger column, still open.
-        vet(&self::task(51, 35, 2.0), &ParticipantOptions { max_epsilon: 5.0, ..options }, &ledger)
-            .expect("merchant round under its own cap");
+        // The merchant's unit is pinned: a merchant-unit round is refused whatever its cost.
+        let error = vet(&self::task(51, 35, 2.0), &options, &ledger).expect_err("the other unit");
+        assert!(
+            error.contains("a merchant-unit round, but this merchant takes part in shopper-unit"),
+            "{error}"
+        );
     }
 
     #[test]
     fn a_popularity_release_or_selection_may_sample_every_shopper_but_pays_its_unamplified_cost() {
-        let options = ParticipantOptions { max_epsilon: 3.0, ..ParticipantOptions::default() };
+        let options = ParticipantOptions {
+            max_epsilon: 3.0,
+            unit: PrivacyUnit::Shopper,
+            ..ParticipantOptions::default()
+        };
         let ledger = ClientLedger::in_memory();
         let release = |z: f64| {
             let mut task = task_for(tower(5), 51, 35, z);

@@ -173,6 +173,7 @@ pub(super) async fn federated(
                     // (nor the rate at which the shopper arms sample their shoppers).
                     max_epsilon: f64::INFINITY,
                     max_shopper_sampling_rate: 1.0,
+                    unit: arm.unit,
                     ..ParticipantOptions::default()
                 };
                 // Each merchant keeps its own durable ledger, read back after the arm for
@@ -474,6 +475,7 @@ fn spawn_client_process(
             max_rounds: 0,
             max_epsilon: f64::INFINITY,
             ledger: merchant_ledger(federation, i),
+            unit: federation.config.privacy.unit,
             ..Guards::default()
         },
     };
