@@ -318,10 +318,7 @@ async fn a_threshold_below_the_active_security_bound_is_refused() {
 /// 13; a threshold of 12, the bound for the 17 the task names, lets one more colluder in.
 #[tokio::test]
 async fn a_threshold_below_the_bound_of_the_graph_actually_built_is_refused() {
-    let mut task = guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(17), 1.0);
-    task.secagg.neighbours = 17;
-    seal(&mut task);
-    assert_refused(&attack(task, options()).await, "bound 13 for 18 share holders");
+    assert_refused(&attack(sparse_task(17), options()).await, "bound 13 for 18 share holders");
 }
 
 /// A sparse graph with few share holders (6 here, at its own active-security threshold) is
@@ -329,10 +326,16 @@ async fn a_threshold_below_the_bound_of_the_graph_actually_built_is_refused() {
 /// refused.
 #[tokio::test]
 async fn a_neighbourhood_below_the_merchants_floor_is_refused() {
-    let mut task = guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(6), 1.0);
-    task.secagg.neighbours = 6;
+    assert_refused(&attack(sparse_task(6), options()).await, "below this merchant's minimum of 12");
+}
+
+/// An honest task but for its graph: `k` neighbours, at the threshold the bound gives for
+/// `k` taken at its word.
+fn sparse_task(k: u32) -> RoundTask {
+    let mut task = guild_testkit::honest_task(manifest(), FEDERATION, COHORT, min_active_threshold(k), 1.0);
+    task.secagg.neighbours = k;
     seal(&mut task);
-    assert_refused(&attack(task, options()).await, "below this merchant's minimum of 12");
+    task
 }
 
 /// A coordinator switching a merchant-level federation to shopper-unit rounds (a release
