@@ -336,6 +336,18 @@ impl TowerLearner {
         })
     }
 
+    /// The dataset's indices of this merchant's shoppers at `shoppers`.
+    fn indices(&self, shoppers: &[usize]) -> anyhow::Result<Vec<usize>> {
+        shoppers
+            .iter()
+            .map(|&s| {
+                self.users.get(s).copied().ok_or_else(|| {
+                    anyhow::anyhow!("shopper {s} is not among this merchant's {}", self.users.len())
+                })
+            })
+            .collect()
+    }
+
     /// The tower at `values` (its offset from the start), on the shared model's device.
     fn tower(&self, shared: &Shared, values: &[f32]) -> Result<Tower, crate::model::ModelError> {
         let mut tower = Tower::new(self.config.clone(), shared.base.device())?;
@@ -366,20 +378,6 @@ impl TowerLearner {
         let items = items.to(tower.var_store().device());
         let grid = guild_proto::tower::selection_grid(&self.config.shape);
         Ok(retrieval::selection_ndcg(&tower, &items, &users, &grid)?)
-    }
-}
-
-impl TowerLearner {
-    /// The dataset's indices of this merchant's shoppers at `shoppers`.
-    fn indices(&self, shoppers: &[usize]) -> anyhow::Result<Vec<usize>> {
-        shoppers
-            .iter()
-            .map(|&s| {
-                self.users.get(s).copied().ok_or_else(|| {
-                    anyhow::anyhow!("shopper {s} is not among this merchant's {}", self.users.len())
-                })
-            })
-            .collect()
     }
 }
 

@@ -159,6 +159,16 @@ pub struct RoundsConfig {
     pub quarantine_after_complaints: u32,
 }
 
+impl RoundsConfig {
+    /// The order of round kinds these settings ask for, whatever the adapter.
+    pub fn schedule(&self) -> Schedule {
+        Schedule {
+            popularity_releases: self.popularity_release.rounds,
+            pooling_selection: self.pooling_selection.rounds > 0,
+        }
+    }
+}
+
 impl Default for RoundsConfig {
     fn default() -> Self {
         Self {
@@ -336,11 +346,7 @@ impl Config {
 
     /// The federation's order of round kinds, for the adapter it trains.
     pub fn schedule(&self, manifest: &AdapterManifest) -> Schedule {
-        Schedule {
-            popularity_releases: self.rounds.popularity_release.rounds,
-            pooling_selection: self.rounds.pooling_selection.rounds > 0,
-        }
-        .for_adapter(manifest)
+        self.rounds.schedule().for_adapter(manifest)
     }
 
     /// How a round of `kind` samples and how much noise it carries: training at
@@ -471,8 +477,7 @@ impl Config {
         }
         // Training's z may be left at 0 only by a federation that never trains: one whose
         // `max_rounds` ends within the schedule's statistic rounds.
-        let statistic_rounds = u64::from(r.popularity_release.rounds) + u64::from(r.pooling_selection.rounds);
-        let trains = r.max_rounds == 0 || r.max_rounds > statistic_rounds;
+        let trains = r.max_rounds == 0 || r.max_rounds > r.schedule().statistic_rounds();
         match p.mode {
             PrivacyMode::Distributed | PrivacyMode::Central if trains && p.noise_multiplier <= 0.0 => {
                 return Err(invalid(

@@ -232,7 +232,8 @@ impl World {
         let shared = lock(&self.shared);
         let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
         let users = Self::users(&shared.dataset, users);
-        // In process the seed is the run's own: each shopper's negatives from its id and it.
+        // In process there is no merchant secret: each shopper's negatives are seeded from
+        // the run's seed (as key and round) and the shopper's id.
         let key: [u8; 32] = std::array::from_fn(|i| config.seed.to_le_bytes()[i % 8]);
         let seed_of = |user: &User| retrieval::shopper_seed(&key, config.seed, &user.id);
         retrieval::shopper_updates(&mut model, &shared.items, &users, from, config, &seed_of, each)

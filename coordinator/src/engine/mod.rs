@@ -113,8 +113,7 @@ struct Round {
     /// Fixed FedAvg denominator: the expected number of summands, q·N (merchants sampled
     /// by the coordinator, or shoppers sampled by their merchants).
     denominator: f64,
-    /// Training, a popularity release or the pooling selection, and the noise and rates
-    /// the round asked for.
+    /// Training, a popularity release or the pooling selection: picks the server step.
     kind: guild_proto::round::RoundKind,
     /// z of the round's kind (central mode adds the noise itself).
     noise_multiplier: f64,
