@@ -130,6 +130,11 @@ pub struct Arms {
     /// Every merchant's training data pooled in one place.
     #[serde(default)]
     pub centralised: Option<Centralised>,
+    /// Sequence tower: the item-to-item counts of every merchant's shoppers, summed in one
+    /// place, as the untrained count ranker and as a prior added to the zero-shot and the
+    /// centralised rankers (its weight chosen on the validation split).
+    #[serde(default)]
+    pub item_counts: bool,
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
     #[serde(default)]
     pub federated: bool,

@@ -6,12 +6,12 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use guild_client::data::{Dataset, Merchant, User, partition};
+use guild_client::data::{Dataset, ItemIndex, Merchant, User, partition};
 use guild_client::learner::Shared;
 use guild_client::model::lora::{Adapters, LoraConfig};
 use guild_client::model::tower::{Tower, TowerConfig, popularity_histogram};
 use guild_client::model::{BaseModel, default_model_dir};
-use guild_client::retrieval::{self, Split, TrainConfig, TrainReport};
+use guild_client::retrieval::{self, ItemCounts, Split, TrainConfig, TrainReport};
 use guild_proto::domain::AdapterFamilyName;
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
@@ -289,12 +289,38 @@ impl World {
         Ok(Some(model.offset()))
     }
 
+    /// The exact item-to-item counts of `users`' training items over the catalogue.
+    pub fn item_counts(&self, users: &[usize]) -> ItemCounts {
+        let shared = lock(&self.shared);
+        ItemCounts::of_training(&Self::users(&shared.dataset, users), shared.dataset.titles.len())
+    }
+
+    /// The untrained count ranker on the evaluation users, with each user's rank.
+    pub fn score_counts(&self, counts: &ItemCounts, split: Split) -> (Scores, Vec<u32>) {
+        let shared = lock(&self.shared);
+        let users = Self::users(&shared.dataset, &self.eval_users);
+        let (ranking, ranks) = retrieval::evaluate_counts(counts, &users, split);
+        (ranking.into(), ranks)
+    }
+
     /// Scores a sequence tower's offset from its start (none: the zero-shot mean of the last
     /// five item vectors) on the evaluation users, with each user's rank.
     pub fn score_tower(
         &self,
         values: Option<&[f32]>,
         tower: &TowerConfig,
+        split: Split,
+    ) -> anyhow::Result<(Scores, Vec<u32>)> {
+        self.score_tower_with_counts(values, tower, None, split)
+    }
+
+    /// [`Self::score_tower`], with item-to-item counts added as a prior at a weight
+    /// ([`ItemCounts::prior`]), if given.
+    pub fn score_tower_with_counts(
+        &self,
+        values: Option<&[f32]>,
+        tower: &TowerConfig,
+        counts: Option<(&ItemCounts, f64)>,
         split: Split,
     ) -> anyhow::Result<(Scores, Vec<u32>)> {
         let shared = lock(&self.shared);
@@ -308,8 +334,16 @@ impl World {
             None => None,
         };
         let items = shared.items.to(shared.base.device());
-        let (counts, ranks) = retrieval::evaluate_tower(&tower.shape, model.as_ref(), &users, &items, split);
-        Ok((counts.into(), ranks))
+        let prior = counts.map(|(counts, weight)| move |h: &[&[ItemIndex]]| counts.prior(h, weight));
+        let (ranking, ranks) = retrieval::evaluate_tower_with_prior(
+            &tower.shape,
+            model.as_ref(),
+            &users,
+            &items,
+            split,
+            prior.as_ref().map(|p| p as retrieval::HistoryPrior<'_>),
+        );
+        Ok((ranking.into(), ranks))
     }
 
     /// The number of trained adapter parameters.

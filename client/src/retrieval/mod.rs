@@ -3,16 +3,20 @@
 //! product titles; score = cosine / τ; the loss is softmax cross-entropy against the
 //! other targets of the batch. Evaluation ranks the whole catalogue.
 
+mod counts;
 mod metrics;
 mod minilm;
 mod selection;
 mod tower;
 
+pub use counts::{CO_OCCURRENCE_WEIGHT, ItemCounts, RECENCY, WINDOW, evaluate_counts};
 pub use metrics::{EVALUATION_TEMPERATURE, RankingCounts, Split};
 use metrics::{held_out, ndcg_at_10, rank_rows};
 pub use minilm::{evaluate_ranks, train};
 pub use selection::selection_ndcg;
-pub use tower::{evaluate_tower, shopper_seed, shopper_updates, train_tower};
+pub use tower::{
+    HistoryPrior, evaluate_tower, evaluate_tower_with_prior, shopper_seed, shopper_updates, train_tower,
+};
 
 use std::path::{Path, PathBuf};
 

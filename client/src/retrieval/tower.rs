@@ -14,6 +14,21 @@ pub fn evaluate_tower(
     items: &Tensor,
     split: Split,
 ) -> (RankingCounts, Vec<u32>) {
+    evaluate_tower_with_prior(shape, tower, users, items, split, None)
+}
+
+/// A history's additive prior over the catalogue, `[batch, catalogue]` on the CPU.
+pub type HistoryPrior<'a> = &'a dyn Fn(&[&[ItemIndex]]) -> Tensor;
+
+/// [`evaluate_tower`], with `extra` (e.g. item-to-item counts) added to every row's scores.
+pub fn evaluate_tower_with_prior(
+    shape: &TowerShape,
+    tower: Option<&Tower>,
+    users: &[&User],
+    items: &Tensor,
+    split: Split,
+    extra: Option<HistoryPrior<'_>>,
+) -> (RankingCounts, Vec<u32>) {
     let examples = held_out(users, split);
     let mut counts = RankingCounts::default();
     let mut ranks = Vec::with_capacity(examples.len());
@@ -31,6 +46,10 @@ pub fn evaluate_tower(
                     }
                 }
                 _ => zero_shot_scores(items, &histories, shape),
+            };
+            let scores = match extra {
+                Some(extra) => scores.to_kind(Kind::Float).to(tch::Device::Cpu) + extra(&histories),
+                None => scores,
             };
             rank_rows(&scores, chunk, &mut counts, &mut ranks);
         }

@@ -15,7 +15,10 @@ use crate::results::{ArmResult, Scores};
 use crate::scenario::Scenario;
 use crate::world::World;
 
-use super::{CENTRALISED, LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT};
+use super::{
+    CENTRALISED, CENTRALISED_WITH_COUNTS, ITEM_COUNTS, LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT,
+    ZERO_SHOT_WITH_COUNTS,
+};
 
 /// How the in-process baselines train.
 /// The sequence tower trains with the same sampled softmax as the merchants' clients.
@@ -96,6 +99,33 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             arms.push(arm);
         }
     }
+    let counts = (s.arms.item_counts && world.spec.family == AdapterFamilyName::SequenceTower).then(|| {
+        progress.message("item-to-item counts");
+        let t = Instant::now();
+        let counts = world.item_counts(&world.all_merchant_users());
+        (counts, t.elapsed().as_secs_f64())
+    });
+    if let Some((counts, seconds)) = &counts {
+        let t = Instant::now();
+        let ((test, ranks), (validation, _)) = tokio::task::block_in_place(|| {
+            (world.score_counts(counts, Split::Test), world.score_counts(counts, Split::Validation))
+        });
+        let mut arm =
+            baseline(ITEM_COUNTS, test, validation, seconds + t.elapsed().as_secs_f64(), vec![ranks]);
+        arm.events.push(format!(
+            "untrained: a candidate's score is the sum over the history's last three items (weights {:?} \
+             from the most recent) of the count of transitions from that item to it plus {} times their \
+             co-occurrences within {} positions, over every merchant's shoppers' training items ({} \
+             pairs); ties broken by popularity",
+            guild_client::retrieval::RECENCY,
+            guild_client::retrieval::CO_OCCURRENCE_WEIGHT,
+            guild_client::retrieval::WINDOW,
+            counts.pairs()
+        ));
+        arms.push(arm);
+        progress.message("zero-shot + item-to-item counts");
+        arms.push(with_counts(world, ZERO_SHOT_WITH_COUNTS, None, counts, "the zero-shot ranker")?);
+    }
     if let Some(local) = &s.arms.local_only {
         let t = Instant::now();
         let mut sample: Vec<&Merchant> = world.merchants.iter().collect();
@@ -106,8 +136,8 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
             let training =
                 baseline_training(world, local.steps, local.batch_size, local.learning_rate, s.data.seed);
-            let pair = train_and_score(world, &m.users, &training)?;
-            scores.push(pair);
+            let trained = train_and_score(world, &m.users, &training)?;
+            scores.push((trained.test, trained.validation));
         }
         let ranks: Vec<Vec<u32>> = scores.iter_mut().map(|((_, r), _)| std::mem::take(r)).collect();
         let scores: Vec<(Scores, Scores)> = scores.into_iter().map(|((t, _), v)| (t, v)).collect();
@@ -133,7 +163,7 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let users = world.all_merchant_users();
         let training =
             baseline_training(world, central.steps, central.batch_size, central.learning_rate, s.data.seed);
-        let ((test, ranks), validation) = train_and_score(world, &users, &training)?;
+        let Trained { values, test: (test, ranks), validation } = train_and_score(world, &users, &training)?;
         let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
         arm.events.push(format!(
             "{} steps of batch {} on {} users",
@@ -142,23 +172,74 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             users.len()
         ));
         arms.push(arm);
+        if let Some((counts, _)) = &counts {
+            progress.message("centralised + item-to-item counts");
+            arms.push(with_counts(
+                world,
+                CENTRALISED_WITH_COUNTS,
+                Some(&values),
+                counts,
+                "the centralised tower",
+            )?);
+        }
     }
     Ok(arms)
 }
 
-/// Trains on `users` in this process and scores the result: test (with each user's rank)
-/// and validation.
-fn train_and_score(
+/// The weights of the counts' prior tried on the validation split.
+const COUNT_PRIOR_WEIGHTS: [f64; 3] = [0.1, 0.3, 1.0];
+
+/// A tower (`values`; none: zero-shot) plus the counts' prior `w · ln(1 + count)`, `w` the
+/// best of [`COUNT_PRIOR_WEIGHTS`] on the validation split; the test split read once, at it.
+fn with_counts(
     world: &World,
-    users: &[usize],
-    training: &TrainConfig,
-) -> anyhow::Result<((Scores, Vec<u32>), Scores)> {
+    name: &str,
+    values: Option<&[f32]>,
+    counts: &guild_client::retrieval::ItemCounts,
+    ranker: &str,
+) -> anyhow::Result<ArmResult> {
+    let t = Instant::now();
+    let tower = &world.spec.tower;
+    tokio::task::block_in_place(|| {
+        let mut tried = Vec::new();
+        for weight in COUNT_PRIOR_WEIGHTS {
+            let (validation, _) =
+                world.score_tower_with_counts(values, tower, Some((counts, weight)), Split::Validation)?;
+            tried.push((weight, validation));
+        }
+        let (weight, validation) = tried
+            .iter()
+            .copied()
+            .max_by(|a, b| a.1.ndcg_at_10.total_cmp(&b.1.ndcg_at_10))
+            .expect("weights to try");
+        let (test, ranks) =
+            world.score_tower_with_counts(values, tower, Some((counts, weight)), Split::Test)?;
+        let mut arm = baseline(name, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        let grid: Vec<String> = tried.iter().map(|(w, v)| format!("{w}: {:.4}", v.ndcg_at_10)).collect();
+        arm.events.push(format!(
+            "{ranker} plus w·ln(1 + count) of the item-to-item counts, w = {weight} chosen on validation \
+             NDCG@10 ({}); an upper reference for a tower with the counts summed exactly, no noise",
+            grid.join(", ")
+        ));
+        Ok(arm)
+    })
+}
+
+/// An in-process arm's trained values and their scores: test (with each user's rank) and
+/// validation.
+struct Trained {
+    values: Vec<f32>,
+    test: (Scores, Vec<u32>),
+    validation: Scores,
+}
+
+/// Trains on `users` in this process and scores the result.
+fn train_and_score(world: &World, users: &[usize], training: &TrainConfig) -> anyhow::Result<Trained> {
     tokio::task::block_in_place(|| {
         let (values, _) = world.train_on(users, training)?;
-        anyhow::Ok((
-            world.score_with_ranks(Some(&values), Split::Test)?,
-            world.score(Some(&values), Split::Validation)?,
-        ))
+        let test = world.score_with_ranks(Some(&values), Split::Test)?;
+        let validation = world.score(Some(&values), Split::Validation)?;
+        anyhow::Ok(Trained { values, test, validation })
     })
 }
 

@@ -32,6 +32,12 @@ pub const WEAKER_ZERO_SHOT: &str = "zero-shot (the weaker untrained ranker)";
 /// The tower's start plus the exact popularity histogram of every merchant's shoppers, no
 /// training: how much of a trained arm's gain popularity alone gives.
 pub const POPULARITY: &str = "zero-shot + popularity (non-private)";
+/// The untrained item-to-item count ranker over every merchant's shoppers, summed exactly:
+/// the strongest simple baseline.
+pub const ITEM_COUNTS: &str = "item-to-item counts (non-private)";
+/// The zero-shot and the centralised rankers plus the exact counts as a prior.
+pub const ZERO_SHOT_WITH_COUNTS: &str = "zero-shot + item-to-item counts (non-private)";
+pub const CENTRALISED_WITH_COUNTS: &str = "centralised + item-to-item counts (non-private)";
 
 /// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
 /// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
@@ -42,7 +48,8 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     let references: Vec<(String, Vec<Vec<f64>>)> = arms
         .iter()
         .filter(|a| {
-            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, LOCAL_ONLY, CENTRALISED].contains(&a.arm.as_str())
+            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, ITEM_COUNTS, LOCAL_ONLY, CENTRALISED]
+                .contains(&a.arm.as_str())
                 && !a.test_ranks.is_empty()
         })
         .map(|a| {
