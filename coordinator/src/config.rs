@@ -108,6 +108,21 @@ pub enum ServerOptimizer {
     FedAdam,
 }
 
+/// What the coordinator does to a training round's noisy sum before the server optimiser:
+/// post-processing of the DP release, so it costs no privacy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shrinkage {
+    /// Each tensor's part of the sum shrunk towards zero by its positive-part James–Stein
+    /// factor at the sum's known noise variance (`guild_privacy::dp::james_stein`): never a
+    /// larger expected error than the raw sum, and no step at all from a sum that is all
+    /// noise. Without noise it changes nothing.
+    #[default]
+    JamesStein,
+    /// The noisy sum as it is.
+    None,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundsConfig {
@@ -138,6 +153,8 @@ pub struct RoundsConfig {
     pub negatives: u32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
+    /// Applied to a training round's noisy sum before the server optimiser.
+    pub shrinkage: Shrinkage,
     /// Popularity releases (`[rounds.popularity_release]`): the federation's first
     /// `rounds` adapter versions come from them (sequence towers with a popularity histogram
     /// only). Each sampled unit sends its popularity contribution at the whole clip norm and
@@ -187,6 +204,7 @@ impl Default for RoundsConfig {
             negatives: 1024,
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
+            shrinkage: Shrinkage::JamesStein,
             popularity_release: StatisticRounds::default(),
             pooling_selection: StatisticRounds::default(),
         }

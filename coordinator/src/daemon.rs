@@ -137,6 +137,10 @@ batch_size = 32
 learning_rate = 0.001
 server_optimizer = "fed_avg"
 server_learning_rate = 1.0
+# A training round's noisy sum is shrunk per tensor by its positive-part James–Stein factor
+# at the sum's known noise variance before the server step (free post-processing; "none"
+# keeps the raw sum).
+shrinkage = "james_stein"
 # Rounds that send a bounded statistic instead of training come first, each kind with its
 # own count, noise and sampling rate (sequence towers with a popularity prior only):
 # [rounds.popularity_release]

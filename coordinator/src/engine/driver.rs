@@ -17,6 +17,7 @@ use rand_chacha::ChaCha20Rng;
 
 use super::optimizer::{release_step, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
+use crate::config::Shrinkage;
 use crate::store::{AdapterRecord, RoundCommit};
 
 /// The probability that an honest round's sum is rejected as poisoned
@@ -271,15 +272,38 @@ impl Engine {
                     self.manifest.accumulated_range(),
                 )
             }
-            RoundKind::Training => server_step(
-                self.config.rounds.server_optimizer,
-                &latest.values,
-                &decoded,
-                round.denominator,
-                self.config.rounds.server_learning_rate,
-                moments.as_ref(),
-                self.manifest.accumulated_range(),
-            ),
+            RoundKind::Training => {
+                if self.config.rounds.shrinkage == Shrinkage::JamesStein {
+                    // The noise each coordinate of the sum carries: the survivors' shares
+                    // and roundings, and the coordinator's own noise in central mode.
+                    let central = match self.config.privacy.mode {
+                        PrivacyMode::Central => {
+                            (round.noise_multiplier * self.config.privacy.clip_norm).powi(2)
+                        }
+                        _ => 0.0,
+                    };
+                    let variance = if round.noise_multiplier > 0.0 {
+                        round.ddg.decoded_noise_variance(survivors_of(round)) + central
+                    } else {
+                        0.0
+                    };
+                    let blocks = trained_blocks(&self.manifest);
+                    let factors = guild_privacy::dp::james_stein(&mut decoded, &blocks, variance);
+                    if variance > 0.0 {
+                        let shown: Vec<String> = factors.iter().map(|f| format!("{f:.3}")).collect();
+                        tracing::info!(round = round.id, variance, factors = %shown.join(" "), "noisy sum shrunk");
+                    }
+                }
+                server_step(
+                    self.config.rounds.server_optimizer,
+                    &latest.values,
+                    &decoded,
+                    round.denominator,
+                    self.config.rounds.server_learning_rate,
+                    moments.as_ref(),
+                    self.manifest.accumulated_range(),
+                )
+            }
         };
         let bytes = guild_proto::adapter::to_bytes(&step.values);
         let sha256 = guild_proto::adapter::sha256(&bytes);
@@ -312,5 +336,48 @@ fn push_outcome(outcomes: &mut VecDeque<(u64, Outcome)>, round: u64, outcome: Ou
     outcomes.push_back((round, outcome));
     while outcomes.len() > KEPT_OUTCOMES {
         outcomes.pop_front();
+    }
+}
+
+/// How many noise shares (and roundings) the decoded sum of `round` holds: one per survivor.
+fn survivors_of(round: &super::Round) -> u32 {
+    u32::try_from(round.survivors.len()).unwrap_or(u32::MAX)
+}
+
+/// The trained tensors' ranges in the adapter's flat vector, each a block of its own for the
+/// shrinkage; the accumulated statistics (the popularity histogram) are left out.
+fn trained_blocks(manifest: &guild_proto::domain::AdapterManifest) -> Vec<std::ops::Range<usize>> {
+    let accumulated = manifest.accumulated_range().unwrap_or(0..0);
+    let mut start = 0;
+    let mut blocks = Vec::new();
+    for tensor in &manifest.tensors {
+        let len: usize = tensor.shape.iter().product();
+        let block = start..start + len;
+        start += len;
+        if block.start >= accumulated.end || block.end <= accumulated.start {
+            blocks.push(block);
+        }
+    }
+    blocks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use guild_proto::domain::AdapterManifest;
+    use guild_proto::tower::TowerShape;
+
+    #[test]
+    fn the_shrinkage_blocks_are_the_trained_tensors_without_the_histogram() {
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
+        let blocks = trained_blocks(&tower);
+        let histogram = tower.accumulated_range().expect("a histogram");
+        assert_eq!(blocks.len(), tower.tensors.len() - 1);
+        assert!(blocks.iter().all(|b| b.end <= histogram.start || b.start >= histogram.end));
+        // The blocks and the histogram tile the flat vector.
+        let covered: usize = blocks.iter().map(ExactSizeIterator::len).sum::<usize>() + histogram.len();
+        assert_eq!(covered, tower.parameter_count());
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
+        assert_eq!(trained_blocks(&plain).len(), plain.tensors.len());
     }
 }

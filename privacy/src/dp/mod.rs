@@ -9,6 +9,7 @@ mod discrete_gaussian;
 mod gaussian;
 mod hadamard;
 mod sampling;
+mod shrinkage;
 
 pub use clip::{clip_l2, l2_norm};
 pub use ddgauss::{
@@ -18,6 +19,7 @@ pub use discrete_gaussian::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler
 pub use gaussian::{add_central_noise, privatise_local};
 pub use hadamard::{RandomRotation, fwht};
 pub use sampling::poisson_sample;
+pub use shrinkage::james_stein;
 
 /// What can go wrong when privatising or decoding an update.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
