@@ -44,6 +44,8 @@ pub fn james_stein(sum: &mut [f64], blocks: &[Range<usize>], variance: f64) -> V
 }
 
 #[cfg(test)]
+// One block covering a whole vector is what these tests mean by `[0..d]`.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use rand_chacha::ChaCha20Rng;
