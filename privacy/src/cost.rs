@@ -177,8 +177,55 @@ pub fn calibrate_noise(
     )
 }
 
+/// The noise variance of each coordinate of a round's decoded sum of `survivors` encodings,
+/// whatever the mode: the distributed shares (carried by `ddg`), the coordinator's own
+/// noise in central mode, each client's whole noise in local mode; every encoding's
+/// randomised rounding in all of them ([`DdgParams::decoded_noise_variance`]).
+pub fn decoded_sum_noise_variance(
+    mode: PrivacyMode,
+    noise_multiplier: f64,
+    clip_norm: f64,
+    ddg: &DdgParams,
+    survivors: u32,
+) -> f64 {
+    let sigma_squared = (noise_multiplier * clip_norm).powi(2);
+    let added = match mode {
+        PrivacyMode::Central => sigma_squared,
+        PrivacyMode::Local => f64::from(survivors) * sigma_squared,
+        PrivacyMode::Distributed | PrivacyMode::DangerousNone => 0.0,
+    };
+    ddg.decoded_noise_variance(survivors) + added
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_decoded_sum_carries_each_modes_noise_and_the_roundings() {
+        let request = |noise_stddev| ParamsRequest {
+            dimension: 100,
+            clip_norm: 1.0,
+            noise_stddev,
+            min_survivors: 4,
+            max_summands: 5,
+            bit_width: 32,
+            wrap_probability: 1e-9,
+        };
+        let (z, c, n) = (2.0, 0.5, 5);
+        let distributed = DdgParams::select(&request(z * c)).expect("feasible");
+        let plain = DdgParams::select(&request(0.0)).expect("feasible");
+        let rounding = plain.decoded_noise_variance(n);
+        let variance = |mode, ddg: &DdgParams| decoded_sum_noise_variance(mode, z, c, ddg, n);
+        // Distributed: five shares of σ²/4, σ = z·c = 1.
+        assert!(
+            (variance(PrivacyMode::Distributed, &distributed) - distributed.decoded_noise_variance(n)).abs()
+                < 1e-12
+        );
+        assert!(distributed.decoded_noise_variance(n) >= 1.25);
+        assert!((variance(PrivacyMode::Central, &plain) - (rounding + 1.0)).abs() < 1e-12);
+        assert!((variance(PrivacyMode::Local, &plain) - (rounding + 5.0)).abs() < 1e-12);
+        assert!((variance(PrivacyMode::DangerousNone, &plain) - rounding).abs() < 1e-12);
+    }
+
     use super::*;
     use crate::accounting::{RdpCurve, subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp};
 

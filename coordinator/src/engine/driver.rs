@@ -274,16 +274,14 @@ impl Engine {
             }
             RoundKind::Training => {
                 if self.config.rounds.shrinkage == Shrinkage::JamesStein {
-                    // The noise each coordinate of the sum carries: the survivors' shares
-                    // and roundings, and the coordinator's own noise in central mode.
-                    let central = match self.config.privacy.mode {
-                        PrivacyMode::Central => {
-                            (round.noise_multiplier * self.config.privacy.clip_norm).powi(2)
-                        }
-                        _ => 0.0,
-                    };
                     let variance = if round.noise_multiplier > 0.0 {
-                        round.ddg.decoded_noise_variance(survivors_of(round)) + central
+                        guild_privacy::cost::decoded_sum_noise_variance(
+                            self.config.privacy.mode,
+                            round.noise_multiplier,
+                            self.config.privacy.clip_norm,
+                            &round.ddg,
+                            survivors_of(round),
+                        )
                     } else {
                         0.0
                     };
