@@ -125,6 +125,10 @@ pub struct Guards {
     /// Refuse rounds whose neighbour graph gives this merchant fewer share holders than
     /// this (a smaller cohort's complete graph is accepted).
     pub min_share_holders: u32,
+    /// Refuse distributed rounds that tolerate fewer colluding survivors (who may add no
+    /// noise, or reveal theirs) than this; a round whose threshold cannot leave that many is
+    /// held to as many as it can (`guild_privacy::cost::round_colluders`).
+    pub min_tolerated_colluders: u32,
     /// The privacy unit this merchant takes part in (`merchant` or `shopper`); a round in
     /// the other unit is refused.
     pub unit: guild_privacy::PrivacyUnit,
@@ -145,6 +149,7 @@ impl Default for Guards {
             delta: crate::participant::DEFAULT_DELTA,
             max_shopper_sampling_rate: crate::participant::DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             min_share_holders: crate::participant::DEFAULT_MIN_SHARE_HOLDERS,
+            min_tolerated_colluders: guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS,
             unit: guild_privacy::PrivacyUnit::Merchant,
             ledger: "privacy-ledger.txt".into(),
             dangerous_report_unnoised_metrics: false,

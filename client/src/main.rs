@@ -244,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_epsilon: config.guards.max_epsilon,
                 max_shopper_sampling_rate: config.guards.max_shopper_sampling_rate,
                 min_share_holders: config.guards.min_share_holders,
+                min_tolerated_colluders: config.guards.min_tolerated_colluders,
                 unit: config.guards.unit,
                 delta: config.guards.delta,
                 dangerous_report_unnoised_metrics: config.guards.dangerous_report_unnoised_metrics,

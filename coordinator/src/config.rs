@@ -259,6 +259,12 @@ pub struct PrivacyConfig {
     pub clip_norm: f64,
     /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
     pub noise_multiplier: f64,
+    /// Survivors that may collude against a merchant (add no noise, or reveal theirs to the
+    /// coordinator) with the charged ε still holding: each client adds σ²/(t − c) and the
+    /// ledger counts only honest shares. A round whose threshold is below c + 2 (c + 1 in
+    /// the shopper unit) tolerates as many as it can (`guild_privacy::cost::round_colluders`).
+    /// Each merchant refuses a task below its own `guards.min_tolerated_colluders`.
+    pub tolerated_colluders: u32,
     /// The federation's cap on ε at `delta`, over its whole life.
     pub epsilon_budget: f64,
     pub delta: f64,
@@ -277,6 +283,7 @@ impl Default for PrivacyConfig {
             shoppers: 0,
             clip_norm: 0.1,
             noise_multiplier: 1.0,
+            tolerated_colluders: guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS,
             epsilon_budget: 8.0,
             delta: 1e-5,
             bit_width: 32,

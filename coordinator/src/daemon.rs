@@ -156,6 +156,9 @@ shrinkage = "james_stein"
 mode = "distributed"
 clip_norm = 0.1
 noise_multiplier = 1.0
+# Survivors that may collude against a merchant (add no noise, or reveal theirs) with the
+# charged ε still holding: each client adds σ²/(t − c). Merchants refuse fewer than their floor.
+tolerated_colluders = 3
 epsilon_budget = 8.0
 delta = 1e-5
 "#
@@ -181,6 +184,9 @@ eval_users = 100
 # The privacy unit this merchant takes part in ("merchant" or "shopper"); it refuses the other.
 unit = "merchant"
 min_noise_multiplier = 0.5
+# Refuse rounds that tolerate fewer colluding survivors than this (a round too small for it:
+# as many as its threshold allows).
+min_tolerated_colluders = 3
 dangerous_send_unnoised_updates = false
 # This merchant's own ε against the coordinator (its participations, no amplification by
 # sampling), kept in its own append-only ledger; rounds past the cap are refused.

@@ -3,8 +3,10 @@
 //! can recompute it from the task it was shown.
 //!
 //! Distributed mode: the DDGauss encoding is chosen for the round (`DdgParams::select`)
-//! and its zCDP ρ (Kairouz–Liu–Steinke) counts the noise of `t − 1` clients, the
-//! protected merchant's own share excluded. Poisson sampling at q amplifies it: for the
+//! with each client adding σ²/(t − c) for a round that accepts t survivors and tolerates c
+//! colluders, and its zCDP ρ (Kairouz–Liu–Steinke) counts only the shares of honest
+//! survivors: `t − 1 − c` in the merchant unit (the protected merchant's own share and the c
+//! colluders', who may add no noise or reveal theirs, excluded), `t − c` in the shopper unit. Poisson sampling at q amplifies it: for the
 //! merchant unit under zero-out adjacency by joint convexity
 //! (`PrivacyEvent::ZeroOutSampledZcdp`: a merchant that is not sampled takes its noise
 //! share with it, so the add/remove bounds do not apply), for the shopper unit by Zhu and
@@ -33,8 +35,13 @@ pub struct RoundPrivacy {
     pub clip_norm: f64,
     /// d: length of the update vector.
     pub dimension: usize,
-    /// t: fewest survivors the round accepts (each adds σ²/t of the noise variance).
+    /// t: fewest survivors the round accepts.
     pub min_survivors: u32,
+    /// c: survivors that may collude against a merchant (add no noise, or reveal theirs)
+    /// without the charged ε failing: each client adds σ²/(t − c), and only the other
+    /// honest survivors' shares are counted. Stated by the federation, checked by every
+    /// merchant against its own floor.
+    pub tolerated_colluders: u32,
     /// n: most vectors the sum may hold (for the modulus): the cohort (merchant unit) or a
     /// high-probability bound on the shoppers sampled across the federation (shopper unit).
     pub max_summands: u32,
@@ -48,6 +55,8 @@ pub struct RoundPrivacy {
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoundCost {
     pub unit: PrivacyUnit,
+    /// The colluding survivors the charged cost tolerates (the request's).
+    pub tolerated_colluders: u32,
     /// The DDGauss encoding every client and the server use (also in non-distributed
     /// modes, where it carries no noise and only moves the update through SecAgg+).
     pub ddg: DdgParams,
@@ -74,11 +83,57 @@ pub enum CostError {
 /// trusts with its data, and adding or removing a shopper changes no merchant's share, so
 /// the neighbouring outputs differ in mean only. The ledger charges ρ amplified by q; a
 /// merchant, which the coordinator knows it sampled, charges a merchant round whole.
-pub fn round_rho(ddg: &DdgParams, min_survivors: u32, unit: PrivacyUnit) -> Result<f64, CostError> {
+///
+/// `tolerated_colluders` (c) of the survivors are counted as adding nothing: `t − 1 − c`
+/// shares in the merchant unit, `t − c` in the shopper unit (the shopper's own merchant is
+/// the party it trusts, so it is not among the colluders).
+pub fn round_rho(
+    ddg: &DdgParams,
+    min_survivors: u32,
+    tolerated_colluders: u32,
+    unit: PrivacyUnit,
+) -> Result<f64, CostError> {
+    let honest = min_survivors.saturating_sub(tolerated_colluders);
     Ok(match unit {
-        PrivacyUnit::Merchant => ddgauss_zcdp_rho(ddg, min_survivors.saturating_sub(1))?,
-        PrivacyUnit::Shopper => ddgauss_zcdp_rho_at(ddg, min_survivors, ddg.summed_delta2_squared())?,
+        PrivacyUnit::Merchant => ddgauss_zcdp_rho(ddg, honest.saturating_sub(1))?,
+        PrivacyUnit::Shopper => ddgauss_zcdp_rho_at(ddg, honest, ddg.summed_delta2_squared())?,
     })
+}
+
+/// The shares σ² is split across when a round accepts `min_survivors` (t) and tolerates
+/// `tolerated_colluders` (c): `t − c`, so that the honest survivors of any round that
+/// completes carry σ² between them; at least 1 (an error in the cost otherwise).
+pub fn noise_shares(min_survivors: u32, tolerated_colluders: u32) -> u32 {
+    min_survivors.saturating_sub(tolerated_colluders)
+}
+
+/// The default number of colluding survivors a round tolerates (the federation's
+/// `privacy.tolerated_colluders`) and a merchant requires (`guards.min_tolerated_colluders`).
+pub const DEFAULT_TOLERATED_COLLUDERS: u32 = 3;
+
+/// The most colluders a round that accepts `min_survivors` (t) can tolerate and still
+/// leave a merchant one honest other share (`t − 2` in the merchant unit) or a shopper its
+/// own merchant's (`t − 1` in the shopper unit).
+pub fn most_tolerable_colluders(min_survivors: u32, unit: PrivacyUnit) -> u32 {
+    match unit {
+        PrivacyUnit::Merchant => min_survivors.saturating_sub(2),
+        PrivacyUnit::Shopper => min_survivors.saturating_sub(1),
+    }
+}
+
+/// The colluders a round with threshold t tolerates when `stated` are asked for: `stated`,
+/// or as many as t allows when that is fewer (a cohort so small that its active-security
+/// threshold is below `stated + 2`; the same rule a merchant applies to its floor, as it
+/// does for its share holders). The coordinator and every merchant compute it alike.
+pub fn round_colluders(stated: u32, min_survivors: u32, unit: PrivacyUnit) -> u32 {
+    stated.min(most_tolerable_colluders(min_survivors, unit))
+}
+
+/// The standard deviation, in units of z·c, of the noise in a decoded sum of `survivors`
+/// distributed shares, each σ²/(t − c): `√(survivors/(t − c))`, the price in noise of
+/// tolerating c colluders (1 when exactly t − c honest shares are summed).
+pub fn decoded_noise_multiplier_factor(survivors: u32, min_survivors: u32, tolerated_colluders: u32) -> f64 {
+    (f64::from(survivors) / f64::from(noise_shares(min_survivors, tolerated_colluders).max(1))).sqrt()
 }
 
 /// A bound on the shoppers that Poisson sampling at rate q draws from N, for the encoding's
@@ -108,7 +163,7 @@ impl RoundPrivacy {
             dimension: self.dimension,
             clip_norm: self.clip_norm,
             noise_stddev: self.distributed_noise_stddev(),
-            min_survivors: self.min_survivors,
+            noise_shares: noise_shares(self.min_survivors, self.tolerated_colluders),
             max_summands: self.max_summands,
             bit_width: self.bit_width,
             wrap_probability: self.wrap_probability,
@@ -117,11 +172,11 @@ impl RoundPrivacy {
         let event = match (self.mode, self.unit) {
             (PrivacyMode::Distributed, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {
                 sampling_rate,
-                rho: round_rho(&ddg, self.min_survivors, self.unit)?,
+                rho: round_rho(&ddg, self.min_survivors, self.tolerated_colluders, self.unit)?,
             }),
             (PrivacyMode::Distributed, PrivacyUnit::Shopper) => Some(PrivacyEvent::SubsampledZcdp {
                 sampling_rate,
-                rho: round_rho(&ddg, self.min_survivors, self.unit)?,
+                rho: round_rho(&ddg, self.min_survivors, self.tolerated_colluders, self.unit)?,
             }),
             (PrivacyMode::Local, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {
                 sampling_rate,
@@ -133,7 +188,7 @@ impl RoundPrivacy {
             }),
             (PrivacyMode::DangerousNone, _) => None,
         };
-        Ok(RoundCost { unit: self.unit, ddg, event })
+        Ok(RoundCost { unit: self.unit, tolerated_colluders: self.tolerated_colluders, ddg, event })
     }
 
     /// The RDP curve of `rounds` rounds of this cost, composed; `None` in `dangerous_none`
@@ -205,7 +260,7 @@ mod tests {
             dimension: 100,
             clip_norm: 1.0,
             noise_stddev,
-            min_survivors: 4,
+            noise_shares: 4,
             max_summands: 5,
             bit_width: 32,
             wrap_probability: 1e-9,
@@ -238,6 +293,7 @@ mod tests {
             clip_norm: 0.5,
             dimension: 4608,
             min_survivors: 20,
+            tolerated_colluders: 0,
             max_summands: 60,
             bit_width: 32,
             wrap_probability: 1e-9,
@@ -308,6 +364,59 @@ mod tests {
         assert!(rho < merchant_rho, "20 shares of noise, not 19: {rho} vs {merchant_rho}");
     }
 
+    /// Colluding survivors who withhold their noise (add none, or reveal it to the
+    /// coordinator) leave a merchant only the other honest survivors' shares. With c
+    /// tolerated, every round that completes (s ≥ t survivors, at most c of them colluding)
+    /// leaves it at least the noise the ledger charges for; one colluder more than tolerated
+    /// does not. Without the tolerance (c = 0, each client adding σ²/t and the ledger counting
+    /// t − 1 shares) the same c colluders take ε past the charge: the hole this closes.
+    #[test]
+    fn colluders_who_withhold_their_noise_stay_within_the_charged_cost() {
+        let (t, c) = (17, 9);
+        for unit in [PrivacyUnit::Merchant, PrivacyUnit::Shopper] {
+            let p = RoundPrivacy {
+                unit,
+                min_survivors: t,
+                tolerated_colluders: c,
+                ..round(PrivacyMode::Distributed)
+            };
+            let cost = p.cost().expect("cost");
+            let charged = round_rho(&cost.ddg, t, c, unit).expect("rho");
+            // What the merchant (or the shopper's merchant) really gets from `honest` shares.
+            let delta2_of = |ddg: &DdgParams| match unit {
+                PrivacyUnit::Merchant => ddg.delta2_squared(),
+                PrivacyUnit::Shopper => ddg.summed_delta2_squared(),
+            };
+            let delta2 = delta2_of(&cost.ddg);
+            let own = u32::from(unit == PrivacyUnit::Shopper);
+            let real = |survivors: u32, colluding: u32| {
+                ddgauss_zcdp_rho_at(&cost.ddg, survivors - 1 - colluding + own, delta2).expect("rho")
+            };
+            for survivors in t..=25 {
+                for colluding in 0..=c {
+                    assert!(
+                        real(survivors, colluding) <= charged * (1.0 + 1e-12),
+                        "{unit:?} s={survivors} c={colluding}"
+                    );
+                }
+            }
+            assert!(real(t, c + 1) > charged, "{unit:?}: the tolerance is tight");
+            // The old accounting: σ²/t each, t − 1 (merchant) or t (shopper) shares counted.
+            let naive = RoundPrivacy { tolerated_colluders: 0, ..p.clone() }.cost().expect("cost");
+            let naive_charged = round_rho(&naive.ddg, t, 0, unit).expect("rho");
+            let naive_real =
+                ddgauss_zcdp_rho_at(&naive.ddg, t - 1 - c + own, delta2_of(&naive.ddg)).expect("rho");
+            assert!(naive_real > 1.5 * naive_charged, "{unit:?}: {naive_real} vs {naive_charged}");
+        }
+        // Tolerating c costs noise in the decoded sum: √(s/(t − c)) times z·c.
+        assert!((decoded_noise_multiplier_factor(24, 17, 9) - (24.0f64 / 8.0).sqrt()).abs() < 1e-12);
+        assert!((decoded_noise_multiplier_factor(17, 17, 0) - 1.0).abs() < 1e-12);
+        // A tolerance that leaves no honest other share is refused.
+        let none_left =
+            RoundPrivacy { min_survivors: 10, tolerated_colluders: 9, ..round(PrivacyMode::Distributed) };
+        assert!(none_left.cost().is_err());
+    }
+
     fn shopper_round(q: f64) -> RoundPrivacy {
         RoundPrivacy {
             mode: PrivacyMode::Distributed,
@@ -317,6 +426,7 @@ mod tests {
             clip_norm: 1.0,
             dimension: 4096,
             min_survivors: 18,
+            tolerated_colluders: 0,
             max_summands: sampled_shoppers_bound(50_000, q),
             bit_width: 32,
             wrap_probability: 1e-9,

@@ -77,6 +77,7 @@ fn the_shopper_unit_ledger_reproduces_dp_accounting_to_1e_6_relative() {
             clip_norm: 1.0,
             dimension: 1024,
             min_survivors: 10,
+            tolerated_colluders: 0,
             max_summands: 1000,
             bit_width: 32,
             wrap_probability: 1e-9,

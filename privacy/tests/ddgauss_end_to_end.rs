@@ -43,7 +43,7 @@ fn decoded_sum_is_unbiased_and_carries_the_calibrated_noise() {
         dimension: d,
         clip_norm: 1.0,
         noise_stddev: sigma,
-        min_survivors: clients,
+        noise_shares: clients,
         max_summands: clients,
         bit_width: 32,
         wrap_probability: 1e-9,

@@ -171,6 +171,9 @@ pub struct PrivacyParams {
     pub gamma: f64,
     pub bit_width: u32,
     pub min_survivors: u32,
+    /// c: survivors that may collude without the round's ε failing; each client adds
+    /// σ²/(min_survivors − c) (`guild_privacy::cost::noise_shares`).
+    pub tolerated_colluders: u32,
     pub rotation_seed: u64,
     pub unit: PrivacyUnit,
     /// Shopper unit: the rate at which the merchant Poisson-samples its own shoppers (0 in

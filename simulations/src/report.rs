@@ -86,8 +86,9 @@ pub fn markdown(results: &RunResults) -> String {
                  shoppers in secret, so the amplification holds against the coordinator too. The merchants' \
                  own ledgers (each charging its shoppers' rounds at its own rate) read ε = {max:.2} at most and \
                  {mean:.2} on average (δ = {delta:.0e}). A shopper-level round gives no merchant-level \
-                 guarantee: a merchant's whole contribution is the sum of its shoppers'.\n\n",
-                arm.arm
+                 guarantee: a merchant's whole contribution is the sum of its shoppers'.{}\n\n",
+                arm.arm,
+                collusion(arm)
             );
         } else if let (Some(max), Some(mean), Some(delta)) =
             (arm.epsilon_against_coordinator_max, arm.epsilon_against_coordinator_mean, arm.delta)
@@ -96,8 +97,9 @@ pub fn markdown(results: &RunResults) -> String {
                 "**{}**: ε spent is model-level (amplified by sampling: against whoever sees the released \
                  adapters). Against the coordinator, which knows whom it sampled, each merchant's own ledger \
                  (its participations composed, no amplification) reads ε = {max:.2} for the merchant that took \
-                 part most and {mean:.2} on average over those that took part (δ = {delta:.0e}).\n\n",
-                arm.arm
+                 part most and {mean:.2} on average over those that took part (δ = {delta:.0e}).{}\n\n",
+                arm.arm,
+                collusion(arm)
             );
         }
     }
@@ -171,6 +173,17 @@ fn comparisons(results: &RunResults) -> String {
     }
     out += "\n↑: the whole interval is above zero; ↓: below.\n\n";
     out
+}
+
+/// What a distributed arm's ε holds against: its tolerated colluding survivors.
+fn collusion(arm: &ArmResult) -> String {
+    match arm.tolerated_colluders {
+        Some(c) => format!(
+            " Both figures hold with up to {c} of a round's survivors colluding with the coordinator \
+             (adding no noise, or revealing theirs): each merchant added σ²/(t − {c}) of the noise, not σ²/t."
+        ),
+        None => String::new(),
+    }
 }
 
 /// Whether federated DP at the largest ε beats the local-only mean, and by how much.

@@ -61,6 +61,10 @@ pub struct ArmResult {
     pub epsilon_against_coordinator_mean: Option<f64>,
     pub delta: Option<f64>,
     pub noise_multiplier: Option<f64>,
+    /// Distributed DP arms: the colluding survivors (who add no noise, or reveal theirs)
+    /// that `epsilon` and the merchants' own figures hold against.
+    #[serde(default)]
+    pub tolerated_colluders: Option<u32>,
     pub rounds: u64,
     pub rounds_aborted: u64,
     /// Rounds charged to the ledger after the last committed version (they aborted in

@@ -100,6 +100,14 @@ pub struct FederationSettings {
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]
     pub delta: Option<f64>,
+    /// c: colluding survivors the DP arms' ε holds against (each client adds σ²/(t − c));
+    /// the coordinator states it and every merchant requires it.
+    #[serde(default = "default_tolerated_colluders")]
+    pub tolerated_colluders: u32,
+}
+
+fn default_tolerated_colluders() -> u32 {
+    guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS
 }
 
 fn yes() -> bool {

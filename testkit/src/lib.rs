@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use guild_privacy::cost::RoundPrivacy;
+use guild_privacy::cost::{DEFAULT_TOLERATED_COLLUDERS, RoundPrivacy, round_colluders};
 use guild_privacy::secagg::Phase;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
@@ -50,6 +50,7 @@ pub fn honest_task(manifest: AdapterManifest, federation_id: [u8; 16], n: u32, t
         clip_norm: 1.0,
         dimension: manifest.parameter_count(),
         min_survivors: t,
+        tolerated_colluders: round_colluders(DEFAULT_TOLERATED_COLLUDERS, t, PrivacyUnit::Merchant),
         max_summands: n,
         bit_width: 32,
         wrap_probability: 1e-9,
@@ -76,6 +77,7 @@ pub fn honest_task(manifest: AdapterManifest, federation_id: [u8; 16], n: u32, t
             gamma: cost.ddg.gamma(),
             bit_width: 32,
             min_survivors: t,
+            tolerated_colluders: cost.tolerated_colluders,
             rotation_seed: 4,
             unit: PrivacyUnit::Merchant,
             shopper_sampling_rate: 0.0,

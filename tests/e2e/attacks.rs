@@ -358,6 +358,23 @@ async fn a_task_that_cuts_every_clients_noise_share_is_refused() {
     assert_refused(&attack(task, options()).await, "min_survivors 10000 is above the threshold");
 }
 
+/// Colluding survivors who add no noise (or reveal theirs) leave a merchant only the honest
+/// survivors' shares. A task that spreads σ² over all t survivors (tolerating no colluders)
+/// would let the merchant's floor of 3 colluders take its ε to ~(t − 1)/(t − 4) times the
+/// charge: refused. (That the charge of a tolerating task covers such colluders is tested
+/// on the ledger's cost function, `cost::tests::colluders_who_withhold_their_noise_stay_within_the_charged_cost`.)
+#[tokio::test]
+async fn a_task_that_does_not_tolerate_the_merchants_colluders_is_refused() {
+    let mut task = honest_task(1.0);
+    assert_eq!(task.privacy.tolerated_colluders, guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS);
+    task.privacy.tolerated_colluders = 0;
+    seal(&mut task);
+    assert_refused(
+        &attack(task, options()).await,
+        "tolerates 0 colluding survivors, below this merchant's minimum of 3",
+    );
+}
+
 /// Attack 3, the plain form: less noise than the merchant's floor.
 #[tokio::test]
 async fn noise_below_the_merchants_floor_is_refused() {

@@ -320,7 +320,8 @@ impl Participant {
         // The encoding: clip, rotate, scale, round, add this client's share of the noise.
         let p = &task.privacy;
         let noise = if p.mode == PrivacyMode::Distributed { p.noise_multiplier * p.clip_norm } else { 0.0 };
-        let ddg = DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, p.min_survivors)?;
+        let shares = guild_privacy::cost::noise_shares(p.min_survivors, p.tolerated_colluders);
+        let ddg = DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, shares)?;
         if ddg.padded_dimension() != task.secagg.vector_length as usize {
             return Err(ParticipantError::Refused("vector length does not match the encoding".into()));
         }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use guild_privacy::cost::round_rho;
+use guild_privacy::cost::{noise_shares, round_colluders, round_rho};
 use guild_privacy::dp::DdgParams;
 use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::min_active_threshold;
@@ -43,6 +43,12 @@ pub struct ParticipantOptions {
     /// this (the complete graph of a smaller cohort is accepted): the fewer holders, the
     /// fewer colluders it takes to surround this merchant.
     pub min_share_holders: u32,
+    /// Refuse a distributed round that tolerates fewer colluding survivors than this (or,
+    /// in a round whose threshold t cannot leave that many, fewer than t allows:
+    /// `guild_privacy::cost::round_colluders`). Colluders may add no noise or reveal theirs;
+    /// a round that tolerates c has each client add σ²/(t − c) and charges for t − c − 1
+    /// honest others, so the ε this merchant is charged holds with up to c of them.
+    pub min_tolerated_colluders: u32,
     /// The privacy unit this merchant takes part in; a task in the other unit is refused,
     /// so a coordinator cannot switch a merchant-level federation to shopper-unit rounds (or
     /// back) and difference cohorts of its choosing.
@@ -78,6 +84,7 @@ impl Default for ParticipantOptions {
             max_epsilon: DEFAULT_MAX_EPSILON,
             max_shopper_sampling_rate: DEFAULT_MAX_SHOPPER_SAMPLING_RATE,
             min_share_holders: DEFAULT_MIN_SHARE_HOLDERS,
+            min_tolerated_colluders: guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS,
             unit: PrivacyUnit::Merchant,
             delta: DEFAULT_DELTA,
             dangerous_report_unnoised_metrics: false,
@@ -184,6 +191,16 @@ pub fn vet_task(
                 ));
             }
             let unit = task.privacy.unit;
+            // Colluding survivors may withhold their noise: the task must spread σ² over
+            // few enough shares that the honest rest still carry what is charged.
+            let required = round_colluders(options.min_tolerated_colluders, task.privacy.min_survivors, unit);
+            if task.privacy.tolerated_colluders < required {
+                return refuse(format!(
+                    "the round tolerates {} colluding survivors, below this merchant's minimum of {required} \
+                     (colluders who withhold their noise would take its ε past the charge)",
+                    task.privacy.tolerated_colluders
+                ));
+            }
             // A popularity release or a pooling selection may sample every shopper: what it
             // sends of each is a bounded statistic (the shopper's item set, or its NDCG@10
             // under each public setting), no gradient, and its whole cost, unamplified at
@@ -239,9 +256,9 @@ pub fn shown_round_rho(task: &RoundTask) -> Result<f64, guild_privacy::cost::Cos
         p.gamma,
         p.bit_width,
         p.noise_multiplier * p.clip_norm,
-        p.min_survivors,
+        noise_shares(p.min_survivors, p.tolerated_colluders),
     )?;
-    round_rho(&ddg, p.min_survivors, p.unit)
+    round_rho(&ddg, p.min_survivors, p.tolerated_colluders, p.unit)
 }
 
 /// What this merchant's own ledger records for a distributed round as the task shows it:
@@ -354,6 +371,7 @@ mod tests {
             Box::new(|t| t.secagg.threshold += 1),
             Box::new(|t| t.privacy.noise_multiplier *= 0.5),
             Box::new(|t| t.privacy.min_survivors -= 1),
+            Box::new(|t| t.privacy.tolerated_colluders -= 1),
             Box::new(|t| t.privacy.rotation_seed ^= 1),
             Box::new(|t| (t.privacy.unit, t.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 0.05)),
             Box::new(|t| t.training.learning_rate *= 2.0),
@@ -380,6 +398,37 @@ mod tests {
         assert!(error.contains("active-security bound 34"), "{error}");
         assert!(vet(&task(51, 33, 1.0), &options, &ledger).is_err());
         vet(&task(51, 34, 1.0), &options, &ledger).expect("t = 34 is at the bound");
+    }
+
+    /// The merchant requires its floor of tolerated colluders, or as many as a round with a
+    /// threshold too small for it can tolerate (t − 2 in the merchant unit); its own ledger
+    /// charges the task's ρ, which counts only the other honest survivors' shares.
+    #[test]
+    fn a_task_that_tolerates_fewer_colluders_than_the_merchants_floor_is_refused() {
+        let options = ParticipantOptions { min_tolerated_colluders: 5, ..ParticipantOptions::default() };
+        let ledger = ClientLedger::in_memory();
+        let mut shown = task(51, 35, 1.0);
+        shown.privacy.tolerated_colluders = 4;
+        shown.binding.task_sha256 = guild_proto::convert::task_digest(&shown);
+        let error = vet(&shown, &options, &ledger).expect_err("4 < 5");
+        assert!(
+            error.contains("tolerates 4 colluding survivors, below this merchant's minimum of 5"),
+            "{error}"
+        );
+        shown.privacy.tolerated_colluders = 5;
+        shown.binding.task_sha256 = guild_proto::convert::task_digest(&shown);
+        vet(&shown, &options, &ledger).expect("5 tolerated");
+        // More colluders tolerated: more noise from each client, fewer shares counted.
+        let fewer = shown_round_rho(&shown).expect("rho");
+        shown.privacy.tolerated_colluders = 10;
+        assert!(shown_round_rho(&shown).expect("rho") < fewer * 1.1);
+        // A cohort of 4 (threshold 3) can leave at most one colluder and one honest other.
+        let mut small = task(4, 3, 1.0);
+        assert_eq!(small.privacy.tolerated_colluders, 1);
+        vet(&small, &options, &ledger).expect("as many as t = 3 allows");
+        small.privacy.tolerated_colluders = 0;
+        small.binding.task_sha256 = guild_proto::convert::task_digest(&small);
+        assert!(vet(&small, &options, &ledger).expect_err("0 < 1").contains("minimum of 1"));
     }
 
     #[test]

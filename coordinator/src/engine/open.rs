@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use guild_privacy::cost::{RoundCost, RoundPrivacy, sampled_shoppers_bound};
+use guild_privacy::cost::{RoundCost, RoundPrivacy, round_colluders, sampled_shoppers_bound};
 use guild_privacy::ledger::PrivacyEvent;
 use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
@@ -108,6 +108,7 @@ impl Engine {
             clip_norm: p.clip_norm,
             dimension: self.manifest.parameter_count(),
             min_survivors: t,
+            tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
             max_summands,
             bit_width: cfg.privacy.bit_width,
             wrap_probability: cfg.privacy.wrap_probability,
@@ -258,6 +259,7 @@ impl Engine {
                 gamma: template.cost.ddg.gamma(),
                 bit_width: cfg.privacy.bit_width,
                 min_survivors: round.threshold,
+                tolerated_colluders: template.cost.tolerated_colluders,
                 rotation_seed: template.rotation_seed,
                 unit: template.cost.unit,
                 shopper_sampling_rate: match template.cost.unit {

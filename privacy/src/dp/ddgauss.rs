@@ -34,8 +34,10 @@ pub struct ParamsRequest {
     pub clip_norm: f64,
     /// σ: standard deviation of the noise the decoded sum must carry (z·c); 0 for none.
     pub noise_stddev: f64,
-    /// t: fewest surviving clients a round accepts; each adds σ²/t of the variance.
-    pub min_survivors: u32,
+    /// s: the shares σ² is split across; each client adds σ²/s. A round that accepts t
+    /// survivors and tolerates c colluders (who may add nothing) uses s = t − c, so the
+    /// honest survivors alone carry σ² (`cost::RoundPrivacy::noise_shares`).
+    pub noise_shares: u32,
     /// n: most clients that may be summed.
     pub max_summands: u32,
     /// b: bits of the modular ring, 1..=32.
@@ -150,7 +152,7 @@ impl DdgParams {
             dimension,
             clip_norm,
             noise_stddev,
-            min_survivors,
+            noise_shares,
             max_summands,
             bit_width,
             wrap_probability,
@@ -158,10 +160,10 @@ impl DdgParams {
         if !(wrap_probability > 0.0 && wrap_probability < 1.0) {
             return Err(parameter("wrap_probability", format!("must be in (0, 1), got {wrap_probability}")));
         }
-        if min_survivors == 0 || max_summands < min_survivors {
+        if noise_shares == 0 || max_summands < noise_shares {
             return Err(parameter(
-                "min_survivors",
-                format!("need 1 ≤ min_survivors ({min_survivors}) ≤ max_summands ({max_summands})"),
+                "noise_shares",
+                format!("need 1 ≤ noise_shares ({noise_shares}) ≤ max_summands ({max_summands})"),
             ));
         }
         if !(noise_stddev.is_finite() && noise_stddev >= 0.0) {
@@ -172,7 +174,7 @@ impl DdgParams {
         let n = f64::from(max_summands);
         let k = (2.0 * (2.0 * d / wrap_probability).ln()).sqrt();
         let modulus = 2f64.powi(bit_width as i32);
-        let local_variance = noise_stddev * noise_stddev / f64::from(min_survivors);
+        let local_variance = noise_stddev * noise_stddev / f64::from(noise_shares);
         let signal_and_noise = clip_norm * clip_norm * n * n / d + local_variance * n;
         let room = modulus * modulus / (4.0 * k * k) - n / 4.0;
         if room <= 0.0 {
@@ -180,26 +182,26 @@ impl DdgParams {
         }
         let finest = (signal_and_noise / room).sqrt();
         let gamma = finest.max(local_variance.sqrt() / MAX_SCALED_STDDEV);
-        Self::from_round(dimension, clip_norm, gamma, bit_width, noise_stddev, min_survivors)
+        Self::from_round(dimension, clip_norm, gamma, bit_width, noise_stddev, noise_shares)
     }
 
-    /// The parameters a client rebuilds from its round task.
+    /// The parameters a client rebuilds from its round task; each client adds σ²/`noise_shares`.
     pub fn from_round(
         dimension: usize,
         clip_norm: f64,
         gamma: f64,
         bit_width: u32,
         noise_stddev: f64,
-        min_survivors: u32,
+        noise_shares: u32,
     ) -> Result<Self, DpError> {
         check_shape(dimension, clip_norm, bit_width)?;
         if !(gamma.is_finite() && gamma > 0.0) {
             return Err(parameter("gamma", format!("must be positive and finite, got {gamma}")));
         }
-        if min_survivors == 0 {
-            return Err(parameter("min_survivors", "must be at least 1".into()));
+        if noise_shares == 0 {
+            return Err(parameter("noise_shares", "must be at least 1".into()));
         }
-        let scaled = noise_stddev * noise_stddev / (gamma * gamma) / f64::from(min_survivors);
+        let scaled = noise_stddev * noise_stddev / (gamma * gamma) / f64::from(noise_shares);
         let local_variance = Rational::approximate(scaled).ok_or_else(|| {
             parameter("noise_stddev", format!("scaled local variance {scaled:e} is out of range"))
         })?;
@@ -448,7 +450,7 @@ mod tests {
             dimension: 1000,
             clip_norm: 1.0,
             noise_stddev: 1.0,
-            min_survivors: 8,
+            noise_shares: 8,
             max_summands: 10,
             bit_width: 20,
             wrap_probability: 1e-9,
@@ -476,8 +478,8 @@ mod tests {
         assert!(matches!(DdgParams::select(&tiny), Err(DpError::ModulusTooSmall { .. })));
         let coarse = DdgParams::from_round(1000, 1.0, 0.5, 20, 1.0, 8);
         assert!(matches!(coarse, Err(DpError::GranularityTooCoarse { .. })), "{coarse:?}");
-        let zero = ParamsRequest { min_survivors: 0, ..request() };
-        assert!(matches!(DdgParams::select(&zero), Err(DpError::Parameter { name: "min_survivors", .. })));
+        let zero = ParamsRequest { noise_shares: 0, ..request() };
+        assert!(matches!(DdgParams::select(&zero), Err(DpError::Parameter { name: "noise_shares", .. })));
     }
 
     #[test]
@@ -608,7 +610,7 @@ mod tests {
     fn honest_sums_stay_below_the_norm_bound_and_a_poisoned_one_does_not() {
         use rand_chacha::ChaCha20Rng;
         use rand_core::SeedableRng;
-        let request = ParamsRequest { bit_width: 32, max_summands: 10, min_survivors: 8, ..request() };
+        let request = ParamsRequest { bit_width: 32, max_summands: 10, noise_shares: 8, ..request() };
         let p = DdgParams::select(&request).expect("ok");
         let rotation = RandomRotation::new(p.padded_dimension(), 3);
         let bound = p.honest_sum_norm_bound(10, 10, 1e-9);

@@ -73,6 +73,7 @@ pub(super) async fn federated(
         c.privacy.mode = arm.mode;
         c.privacy.clip_norm = f.clip_norm;
         c.privacy.noise_multiplier = arm.noise_multiplier;
+        c.privacy.tolerated_colluders = f.tolerated_colluders;
         c.privacy.epsilon_budget = arm.epsilon_cap;
         c.privacy.delta = arm.delta;
         if let Some(sh) = &arm.shopper {
@@ -173,6 +174,7 @@ pub(super) async fn federated(
                     // (nor the rate at which the shopper arms sample their shoppers).
                     max_epsilon: f64::INFINITY,
                     max_shopper_sampling_rate: 1.0,
+                    min_tolerated_colluders: f.tolerated_colluders,
                     unit: arm.unit,
                     ..ParticipantOptions::default()
                 };
@@ -372,6 +374,7 @@ pub(super) async fn federated(
         epsilon: (arm.mode != PrivacyMode::DangerousNone).then_some(epsilon),
         delta: (arm.mode != PrivacyMode::DangerousNone).then_some(arm.delta),
         noise_multiplier: (arm.mode != PrivacyMode::DangerousNone).then_some(arm.noise_multiplier),
+        tolerated_colluders: (arm.mode == PrivacyMode::Distributed).then_some(f.tolerated_colluders),
         rounds: counts.completed,
         rounds_aborted: counts.aborted,
         charged_after_last_version: charged_after,

@@ -4,7 +4,7 @@
 
 use anyhow::Context as _;
 use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier};
-use guild_privacy::cost::{RoundPrivacy, calibrate_noise};
+use guild_privacy::cost::{RoundPrivacy, calibrate_noise, round_colluders};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::round::{RoundKind, Schedule};
 
@@ -100,6 +100,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         clip_norm: f.clip_norm,
         dimension: d,
         min_survivors: f.threshold,
+        tolerated_colluders: round_colluders(f.tolerated_colluders, f.threshold, PrivacyUnit::Merchant),
         max_summands: generous.max(f.threshold),
         bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
         wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
@@ -138,6 +139,8 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         let merchants = merge_shops(&world.merchants, sh.merge_shops).len() as u32;
         let shoppers = world.merchants.iter().map(|m| m.users.len()).sum::<usize>() as u64;
         let shopper_delta = sh.delta.unwrap_or_else(|| 1e-6f64.min(1.0 / (shoppers as f64).powf(1.1)));
+        let shopper_threshold =
+            f.threshold.max(guild_privacy::secagg::min_active_threshold(merchants.saturating_sub(1)));
         let round = RoundPrivacy {
             mode: PrivacyMode::Distributed,
             unit: PrivacyUnit::Shopper,
@@ -147,9 +150,12 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             dimension: d,
             // Every merchant is in the complete-graph cohort: the threshold the coordinator
             // raises each round to.
-            min_survivors: f
-                .threshold
-                .max(guild_privacy::secagg::min_active_threshold(merchants.saturating_sub(1))),
+            min_survivors: shopper_threshold,
+            tolerated_colluders: round_colluders(
+                f.tolerated_colluders,
+                shopper_threshold,
+                PrivacyUnit::Shopper,
+            ),
             max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.sampling_rate),
             bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
             wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
