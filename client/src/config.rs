@@ -23,6 +23,41 @@ pub struct ClientConfig {
     pub adapter: AdapterSettings,
     #[serde(default)]
     pub guards: Guards,
+    #[serde(default)]
+    pub serve: ServeConfig,
+}
+
+/// `guild-client serve`: the federated model's recommendations and search for this shop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// Address of the HTTP interface. It has no authentication of its own: keep it on the
+    /// shop's internal network (the default listens on loopback only).
+    pub listen: std::net::SocketAddr,
+    /// Serve this folder, written by `guild-coordinator export-adapter`, instead of the
+    /// latest version committed at the coordinator (for a shop that is offline).
+    pub adapter: Option<PathBuf>,
+    /// Seconds between checks for a newer committed version (each is built beside the one
+    /// serving, then swapped in).
+    pub refresh_seconds: u64,
+    /// Search: the weight of the shopper's recommendation score added to the query's
+    /// cosine when a history is given (chosen on validation shoppers: docs/results).
+    pub personalisation: f64,
+}
+
+/// Search's weight of the recommendation score, chosen on validation shoppers by
+/// `guild-sim search` (docs/results/README.md).
+pub const DEFAULT_PERSONALISATION: f64 = 0.5;
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            adapter: None,
+            refresh_seconds: 30,
+            personalisation: DEFAULT_PERSONALISATION,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -186,6 +221,15 @@ impl ClientConfig {
                 message: "guards.max_epsilon must be > 0 and guards.delta in (0, 1)".into(),
             });
         }
+        let w = config.serve.personalisation;
+        if !(w.is_finite() && w >= 0.0) || config.serve.refresh_seconds == 0 {
+            return Err(ClientConfigError::Parse {
+                path: path.display().to_string(),
+                message: format!(
+                    "serve.personalisation must be finite and ≥ 0 (got {w}) and serve.refresh_seconds at least 1"
+                ),
+            });
+        }
         let rate = config.guards.max_shopper_sampling_rate;
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(ClientConfigError::Parse {
@@ -204,6 +248,9 @@ impl ClientConfig {
             &mut config.guards.ledger,
         ];
         if let Some(dir) = config.model.dir.as_mut() {
+            paths.push(dir);
+        }
+        if let Some(dir) = config.serve.adapter.as_mut() {
             paths.push(dir);
         }
         for p in paths {

@@ -74,6 +74,8 @@ pub struct Dataset {
     pub name: String,
     /// Product titles, by item index.
     pub titles: Vec<String>,
+    /// Each item's id in the dataset's files, by item index (what a shop calls it).
+    pub item_ids: Vec<u64>,
     pub users: Vec<User>,
 }
 
@@ -177,6 +179,7 @@ impl Dataset {
         let text = read(&item_path)?;
         let mut items = HashMap::new();
         let mut titles = Vec::new();
+        let mut item_ids = Vec::new();
         for (line, l) in lines_after_header(&item_path, &text, ITEM_HEADER)? {
             let (id, title) =
                 l.split_once('\t').ok_or_else(|| line_error(&item_path, line, "expected `id<TAB>title`"))?;
@@ -185,6 +188,7 @@ impl Dataset {
                 return Err(line_error(&item_path, line, format!("item id {id} appears twice")));
             }
             titles.push(title.trim().to_owned());
+            item_ids.push(id);
         }
 
         let test_path = dir.join(format!("{name}.test.inter"));
@@ -213,7 +217,7 @@ impl Dataset {
             };
             users.push(User { id, history, test_target });
         }
-        Ok(Self { name, titles, users })
+        Ok(Self { name, titles, item_ids, users })
     }
 
     pub fn title(&self, item: ItemIndex) -> &str {
@@ -225,9 +229,11 @@ impl Dataset {
     pub fn first_users(&self, n: usize) -> Dataset {
         let mut remap: HashMap<ItemIndex, ItemIndex> = HashMap::new();
         let mut titles = Vec::new();
+        let mut item_ids = Vec::new();
         let mut map = |item: ItemIndex| {
             *remap.entry(item).or_insert_with(|| {
                 titles.push(self.titles[item as usize].clone());
+                item_ids.push(self.item_ids[item as usize]);
                 (titles.len() - 1) as ItemIndex
             })
         };
@@ -239,7 +245,7 @@ impl Dataset {
                 test_target: map(u.test_target),
             })
             .collect();
-        Dataset { name: format!("{}-first{n}", self.name), titles, users }
+        Dataset { name: format!("{}-first{n}", self.name), titles, item_ids, users }
     }
 }
 

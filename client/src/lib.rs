@@ -14,6 +14,7 @@ pub mod model;
 pub mod net;
 pub mod participant;
 pub mod retrieval;
+pub mod serve;
 
 /// The device local training runs on: the first CUDA GPU when there is one, else the CPU.
 pub fn training_device() -> tch::Device {

@@ -33,6 +33,14 @@ enum Command {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
         config: PathBuf,
     },
+    /// Serve the federation's model to this shop over HTTP/JSON: recommendations
+    /// (`POST /v1/recommend`) and search (`POST /v1/search`) from the latest committed
+    /// adapter version (or `[serve] adapter`, an exported folder), picking up new versions
+    /// as the federation commits them; `/healthz`, `/metrics`, `/openapi.json`.
+    Serve {
+        #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
+        config: PathBuf,
+    },
     /// Register with the coordinator and print the assigned id as JSON.
     Register {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
@@ -155,6 +163,69 @@ fn spinner() -> ProgressBar {
     bar
 }
 
+/// `guild-client serve`: loads the catalogue, its title vectors and the adapter, then
+/// answers until stopped.
+async fn serve(config: ClientConfig) -> anyhow::Result<()> {
+    use guild_client::serve::http::{AppState, ServeMetrics, router};
+    use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
+    let a = &config.adapter;
+    anyhow::ensure!(
+        a.family == AdapterFamilyName::SequenceTower,
+        "guild-client serve ranks with the sequence tower; [adapter] family is {:?}",
+        a.family
+    );
+    let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
+    let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
+    // Queries are encoded on the CPU: one short text per request.
+    let base = BaseModel::load(&model_dir, config.model.max_tokens, tch::Device::Cpu)?;
+    let items = guild_client::retrieval::catalogue_embeddings(
+        &base,
+        &dataset,
+        &config.model.cache,
+        config.model.max_tokens,
+    )?;
+    let hidden = items.size()[1] as usize;
+    anyhow::ensure!(
+        a.tower.hidden == hidden,
+        "adapter.tower.hidden is {}, but the catalogue's item vectors have {hidden} values",
+        a.tower.hidden
+    );
+    let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
+    let manifest =
+        guild_proto::domain::AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed);
+    let catalogue = Arc::new(Catalogue::new(&dataset));
+    let metrics = ServeMetrics::default();
+    let (model, connection) = match &config.serve.adapter {
+        Some(dir) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
+        None => {
+            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+            let mut connection = connect_with_retry(&config, &tls).await?;
+            let latest = connection.status().await?.latest_adapter_version;
+            let model = fetch_version(&mut connection, latest, &manifest, &tower, items.shallow_clone())
+                .await
+                .with_context(|| format!("loading adapter version {latest} from {}", config.coordinator))?;
+            (model, Some(connection))
+        }
+    };
+    metrics.set_version(model.version);
+    eprintln!(
+        "guild-client: serving adapter version {} over {} items on http://{}",
+        model.version,
+        catalogue.len(),
+        config.serve.listen
+    );
+    let engine = Arc::new(Engine::new(catalogue, model, Box::new(base), config.serve.personalisation));
+    let state = Arc::new(AppState { engine, metrics });
+    if let Some(connection) = connection {
+        let period = Duration::from_secs(config.serve.refresh_seconds);
+        tokio::spawn(follow(connection, state.clone(), manifest, tower, items, period));
+    }
+    let listener = tokio::net::TcpListener::bind(config.serve.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.serve.listen))?;
+    axum::serve(listener, router(state)).await.context("serving HTTP")
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
@@ -176,6 +247,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
             );
             Ok(())
+        }
+        Command::Serve { config } => {
+            let config = ClientConfig::load(&config)?;
+            runtime.block_on(serve(config))
         }
         Command::Run { config } => {
             let config = ClientConfig::load(&config)?;

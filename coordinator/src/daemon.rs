@@ -194,6 +194,11 @@ max_epsilon = 10.0
 delta = 1e-6
 ledger = "{name}.privacy-ledger"
 dangerous_report_unnoised_metrics = false
+[serve]
+# `guild-client serve`: this shop's recommendations and search over HTTP/JSON, from the latest
+# committed version (or `adapter = "folder"`, an export). No authentication: keep it internal.
+listen = "127.0.0.1:8080"
+refresh_seconds = 30
 "#,
         port = listen.port()
     )

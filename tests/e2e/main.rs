@@ -9,4 +9,5 @@ mod harness;
 mod model;
 mod registration;
 mod rounds;
+mod serving;
 mod simulation;

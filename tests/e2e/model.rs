@@ -125,12 +125,15 @@ fn small_dataset(n: usize) -> guild_client::data::Dataset {
         }
     }
     let mut titles = vec![String::new(); remap.len()];
+    let mut item_ids = vec![0; remap.len()];
     for (&old, &new) in &remap {
         titles[new as usize] = full.titles[old as usize].clone();
+        item_ids[new as usize] = full.item_ids[old as usize];
     }
     guild_client::data::Dataset {
         name: format!("games-small-{n}"),
         titles,
+        item_ids,
         users: users
             .iter()
             .map(|u| guild_client::data::User {

@@ -479,8 +479,10 @@ fn spawn_client_process(
             max_epsilon: f64::INFINITY,
             ledger: merchant_ledger(federation, i),
             unit: federation.config.privacy.unit,
+            min_tolerated_colluders: s.federation.tolerated_colluders,
             ..Guards::default()
         },
+        serve: Default::default(),
     };
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, toml::to_string(&config)?)?;

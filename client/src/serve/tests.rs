@@ -1,0 +1,272 @@
+use std::io::{Read as _, Write as _};
+
+use guild_proto::domain::AdapterManifest;
+use guild_proto::tower::TowerShape;
+use rand::{Rng as _, SeedableRng as _};
+
+use super::http::{AppState, ServeMetrics, router};
+use super::*;
+use crate::data::User;
+
+const ITEMS: usize = 40;
+const HIDDEN: usize = 12;
+
+fn config() -> TowerConfig {
+    TowerConfig {
+        shape: TowerShape {
+            hidden: HIDDEN,
+            history: 6,
+            zero_shot_items: 3,
+            item_rank: 3,
+            width: 8,
+            layers: 1,
+            heads: 2,
+            catalogue: ITEMS,
+        },
+        seed: 5,
+    }
+}
+
+fn items() -> Tensor {
+    tch::manual_seed(3);
+    normalise(&Tensor::randn([ITEMS as i64, HIDDEN as i64], (Kind::Float, Device::Cpu)))
+}
+
+/// A trained-looking offset: every value moved, the popularity histogram positive.
+fn offset(seed: u64) -> Vec<f32> {
+    let shape = config().shape;
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    let mut offset: Vec<f32> =
+        (0..guild_proto::tower::parameter_count(&shape)).map(|_| rng.gen_range(-0.2..0.2)).collect();
+    if let Some(range) = guild_proto::tower::popularity_range(&shape) {
+        for v in &mut offset[range] {
+            *v = rng.gen_range(0.0..50.0);
+        }
+    }
+    offset
+}
+
+fn dataset() -> Dataset {
+    Dataset {
+        name: "shop".into(),
+        titles: (0..ITEMS).map(|i| format!("item {i}")).collect(),
+        item_ids: (0..ITEMS as u64).map(|i| 1000 + 7 * i).collect(),
+        users: vec![User { id: "u".into(), history: vec![1, 2], test_target: 3 }],
+    }
+}
+
+/// The query encoder of these tests: the title vector of the item named by the query's
+/// number ("item 7" encodes as item 7's vector).
+struct TitleEncoder(Tensor);
+
+impl QueryEncoder for TitleEncoder {
+    fn encode(&self, text: &str) -> Result<Tensor, ModelError> {
+        let n: i64 = text.trim_start_matches("item ").parse().unwrap_or(0);
+        Ok(self.0.get(n))
+    }
+}
+
+fn engine(offset: &[f32], personalisation: f64) -> Engine {
+    let items = items();
+    let model = ServedModel::from_offset(config(), offset, 4, [9; 32], &items).expect("model");
+    Engine::new(Arc::new(Catalogue::new(&dataset())), model, Box::new(TitleEncoder(items)), personalisation)
+}
+
+fn ids(indices: &[ItemIndex]) -> Vec<u64> {
+    indices.iter().map(|&i| 1000 + 7 * u64::from(i)).collect()
+}
+
+#[test]
+fn recommendations_are_the_towers_own_scores_best_first_without_the_history() {
+    let offset = offset(1);
+    let engine = engine(&offset, 0.0);
+    let mut tower = Tower::new(config(), Device::Cpu).expect("tower");
+    tower.set_offset(&offset).expect("offset");
+    let history: Vec<ItemIndex> = vec![3, 9, 12, 3, 30];
+    let expected = Vec::<f32>::try_from(&tower.scores(&items(), &[&history]).squeeze_dim(0)).expect("scores");
+    let ranked = engine.recommend(&ids(&history), 10, true).expect("ranked");
+    assert_eq!(ranked.adapter_version, 4);
+    assert_eq!(ranked.items.len(), 10);
+    let mut best: Vec<(usize, f32)> =
+        expected.iter().copied().enumerate().filter(|(i, _)| !history.contains(&(*i as ItemIndex))).collect();
+    best.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (hit, (index, score)) in ranked.items.iter().zip(&best) {
+        assert_eq!(hit.item_id, 1000 + 7 * *index as u64);
+        assert_eq!(hit.title, format!("item {index}"));
+        assert!((hit.score - score).abs() < 1e-5, "{} vs {score}", hit.score);
+    }
+    // Without the exclusion the seen items compete too.
+    let all = engine.recommend(&ids(&history), ITEMS, false).expect("ranked");
+    assert_eq!(all.items.len(), ITEMS);
+    // An empty history ranks by the popularity prior alone.
+    let popular = engine.recommend(&[], 3, true).expect("ranked");
+    let prior = Vec::<f32>::try_from(&tower.prior().expect("prior")).expect("prior");
+    assert!((popular.items[0].score - prior.iter().copied().fold(f32::MIN, f32::max)).abs() < 1e-6);
+}
+
+#[test]
+fn an_exported_adapter_serves_the_same_scores_as_the_federations_flat_vector() {
+    let offset = offset(2);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifest = AdapterManifest::sequence_tower([1; 32], config().shape, config().seed);
+    guild_proto::adapter::write_tower(dir.path(), &manifest, &offset).expect("export");
+    let exported = ServedModel::from_export(dir.path(), &manifest, config(), &items()).expect("import");
+    let direct = ServedModel::from_offset(config(), &offset, 0, [0; 32], &items()).expect("model");
+    let history = [1, 5, 8];
+    for (a, b) in exported.recommend_scores(&history).iter().zip(direct.recommend_scores(&history)) {
+        assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+    }
+    // Another shape's export is refused, naming the tensor.
+    let other = TowerConfig { shape: TowerShape { item_rank: 4, ..config().shape }, ..config() };
+    let other_manifest = AdapterManifest::sequence_tower([1; 32], other.shape, other.seed);
+    let error = ServedModel::from_export(dir.path(), &other_manifest, other, &items()).expect_err("shape");
+    assert!(error.to_string().contains("item_a"), "{error}");
+}
+
+#[test]
+fn bad_requests_name_what_is_wrong() {
+    let engine = engine(&offset(1), 0.3);
+    let error = engine.recommend(&[1000, 5], 10, true).expect_err("unknown id").to_string();
+    assert!(error.contains("item 5 is not in this shop's catalogue"), "{error}");
+    for k in [0, MAX_K + 1] {
+        assert!(
+            engine.recommend(&[1000], k, true).expect_err("k").to_string().contains("k must be in 1..=100")
+        );
+    }
+    assert!(engine.search("   ", &[], 10).expect_err("empty").to_string().contains("query must have"));
+    let long = "x".repeat(MAX_QUERY_BYTES + 1);
+    assert!(engine.search(&long, &[], 10).is_err());
+    let history = vec![1000; MAX_HISTORY + 1];
+    assert!(engine.recommend(&history, 10, true).expect_err("long").to_string().contains("at most 1000"));
+}
+
+#[test]
+fn search_finds_the_item_named_and_personalises_by_the_recommendation_score() {
+    // With the item residual at zero, the adapted vectors are the title vectors: the
+    // query "item 7" (item 7's own vector) has cosine 1 with item 7.
+    let mut zero_residual = offset(3);
+    for name in ["item_a", "item_b"] {
+        let range = guild_proto::tower::tensor_range(&config().shape, name).expect(name);
+        zero_residual[range].iter_mut().for_each(|v| *v = 0.0);
+    }
+    let text_only = engine(&zero_residual, 0.0);
+    let ranked = text_only.search("item 7", &ids(&[1, 2]), 5).expect("search");
+    assert_eq!(ranked.items[0].item_id, 1000 + 7 * 7);
+    assert!((ranked.items[0].score - 1.0).abs() < 1e-5);
+    // Personalised: the text score plus w times the recommendation score, item by item.
+    let personalised = engine(&zero_residual, 0.5);
+    let history = [1, 2];
+    let text: HashMap<u64, f32> = text_only
+        .search("item 7", &ids(&history), ITEMS)
+        .expect("search")
+        .items
+        .into_iter()
+        .map(|h| (h.item_id, h.score))
+        .collect();
+    let recommendation: HashMap<u64, f32> = text_only
+        .recommend(&ids(&history), ITEMS, false)
+        .expect("ranked")
+        .items
+        .into_iter()
+        .map(|h| (h.item_id, h.score))
+        .collect();
+    for hit in personalised.search("item 7", &ids(&history), ITEMS).expect("search").items {
+        let expected = text[&hit.item_id] + 0.5 * recommendation[&hit.item_id];
+        assert!((hit.score - expected).abs() < 1e-5, "{} vs {expected}", hit.score);
+    }
+}
+
+#[test]
+fn a_swapped_model_answers_the_next_request_and_names_its_version() {
+    let engine = engine(&offset(1), 0.0);
+    assert_eq!(engine.version().0, 4);
+    let next = ServedModel::from_offset(config(), &offset(2), 5, [7; 32], &items()).expect("model");
+    engine.swap(next);
+    assert_eq!(engine.version(), (5, [7; 32]));
+    assert_eq!(engine.recommend(&ids(&[1]), 3, true).expect("ranked").adapter_version, 5);
+}
+
+#[test]
+fn top_k_keeps_the_best_in_order_and_skips_what_is_excluded_or_not_finite() {
+    let scores = [0.1, 0.9, f32::NAN, 0.5, 0.9, 0.3];
+    let excluded: HashSet<ItemIndex> = [3].into_iter().collect();
+    assert_eq!(top_k(&scores, 3, &excluded), vec![1, 4, 5]);
+    assert_eq!(top_k(&scores, 10, &HashSet::new()), vec![1, 4, 3, 5, 0]);
+    assert!(top_k(&scores, 0, &HashSet::new()).is_empty());
+}
+
+/// One HTTP/1.1 exchange with the server at `address`: the status and the body.
+fn exchange(address: std::net::SocketAddr, request: &str) -> (u16, String) {
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream.write_all(request.as_bytes()).expect("write");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read");
+    let status = answer.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (status, body)
+}
+
+fn post(address: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) {
+    exchange(
+        address,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+#[test]
+fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let engine = Arc::new(engine(&offset(1), 0.2));
+    let state = Arc::new(AppState { engine: engine.clone(), metrics: ServeMetrics::default() });
+    state.metrics.set_version(4);
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let address = listener.local_addr().expect("address");
+    runtime.spawn(async move { axum::serve(listener, router(state)).await });
+
+    let (status, body) = post(address, "/v1/recommend", r#"{"history": [1007, 1014], "k": 3}"#);
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(answer["adapter_version"], 4);
+    let direct = engine.recommend(&[1007, 1014], 3, true).expect("ranked");
+    let served: Vec<u64> = answer["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|h| h["item_id"].as_u64().expect("id"))
+        .collect();
+    assert_eq!(served, direct.items.iter().map(|h| h.item_id).collect::<Vec<_>>());
+
+    let (status, body) = post(address, "/v1/search", r#"{"query": "item 7", "k": 2}"#);
+    assert_eq!(status, 200, "{body}");
+
+    for (path, body, expected) in [
+        ("/v1/recommend", r#"{"history": [1007, 3]}"#, "item 3 is not in this shop's catalogue"),
+        ("/v1/recommend", r#"{"history": [1007], "k": 0}"#, "k must be in 1..=100"),
+        ("/v1/recommend", r#"{"history": "1007"}"#, "history"),
+        ("/v1/recommend", r#"{"history": [1007], "colour": 1}"#, "colour"),
+        ("/v1/recommend", "{not json", "JSON"),
+        ("/v1/search", r#"{"query": ""}"#, "query must have"),
+    ] {
+        let (status, answer) = post(address, path, body);
+        assert_eq!(status, 400, "{body}: {answer}");
+        assert!(answer.contains(expected), "{body}: {answer}");
+    }
+    let huge = format!(r#"{{"history": [{}]}}"#, vec!["1007"; 20_000].join(","));
+    assert_eq!(post(address, "/v1/recommend", &huge).0, 413);
+
+    let (status, body) = exchange(address, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""adapter_version":4"#), "{body}");
+    let (_, body) = exchange(address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert!(body.contains("guild_serve_request_seconds_count{endpoint=\"recommend\"}"), "{body}");
+    assert!(body.contains("guild_serve_adapter_version 4"), "{body}");
+    assert!(body.contains("guild_serve_requests_refused_total{endpoint=\"recommend\"}"), "{body}");
+    let (status, body) =
+        exchange(address, "GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200);
+    let document: serde_json::Value = serde_json::from_str(&body).expect("the OpenAPI document is JSON");
+    assert!(document["paths"]["/v1/recommend"].is_object() && document["paths"]["/v1/search"].is_object());
+}
