@@ -27,6 +27,9 @@ pub struct Faults {
     /// A hostile merchant: reveal a wrong value of one share at Unmask. The coordinator
     /// refuses it against the owner's commitment and names this merchant.
     pub false_unmask_share: bool,
+    /// A hostile merchant: accuse every other cohort member of sealing shares that do not
+    /// open (complaints the coordinator cannot check), to get honest merchants quarantined.
+    pub false_complaints: bool,
     /// What was injected, per phase; clones of these faults share one tally.
     pub injected: Arc<InjectedFaults>,
 }

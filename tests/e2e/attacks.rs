@@ -478,3 +478,50 @@ async fn rate_limiting_is_a_back_off_not_an_exit() {
     assert!(reason.starts_with("not a refusal"), "{reason}");
     assert_eq!((outcome.calls.tasks, outcome.calls.downloads), (4, 1), "{:?}", outcome.calls);
 }
+
+/// Complaints as a weapon: two colluding merchants accuse every other cohort member of
+/// sealing shares that do not open. A complaint cannot be checked (the shares are sealed
+/// under the pair's key), but an honest merchant accuses at most the k − t neighbours a round
+/// can survive without: the two liars, past that bound, are quarantined themselves, their
+/// complaints are not counted, and no honest merchant is quarantined; the honest six go on
+/// to commit a round without them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mass_complaint_quarantines_the_accusers_and_no_honest_merchant() {
+    use super::harness::{eight_merchants, spawn_client};
+    use guild_client::participant::Faults;
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Eight merchants, seven share holders each, t = 5: at most 2 accusations each.
+    let federation = eight_merchants(dir.path(), 0, 6).await;
+    let liars = [6, 7];
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let faults = Faults { false_complaints: liars.contains(&i), ..Faults::default() };
+        clients.push(spawn_client(&federation, i, faults, 0).await);
+    }
+    let store = federation.store().expect("store");
+    let started = std::time::Instant::now();
+    loop {
+        let quarantined = store.quarantined().expect("quarantine");
+        if quarantined.len() >= 2 && store.round_counts().expect("counts").completed >= 1 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "quarantined {quarantined:?}, rounds {:?}",
+            store.round_counts()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for client in clients {
+        client.abort();
+    }
+    let mut quarantined: Vec<String> =
+        store.quarantined().expect("quarantine").into_iter().map(|q| q.merchant_id).collect();
+    quarantined.sort();
+    let mut expected: Vec<String> = liars.iter().map(|&i| federation.pki.merchants[i].name.clone()).collect();
+    expected.sort();
+    assert_eq!(quarantined, expected, "only the accusers are quarantined");
+    for q in store.quarantined().expect("quarantine") {
+        assert!(q.reason.contains("more than the 2 a round can survive"), "{}", q.reason);
+    }
+}

@@ -376,7 +376,18 @@ impl Participant {
         // Each sealed share: indices, ciphertext, two commitments and a signature.
         bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16 + 128).sum::<u64>();
         let inbox = self.connection.share_keys(shares, timeout).await?;
-        let (state, masked) = state.on_inbox(inbox, &encoded.values)?;
+        let (state, mut masked) = state.on_inbox(inbox, &encoded.values)?;
+        if self.options.faults.false_complaints {
+            for &index in task.cohort.keys().filter(|&&i| i != s.my_index) {
+                if !masked.complaints.iter().any(|c| c.accused == index) {
+                    let mut pairwise_seed = [0u8; 32];
+                    rand::RngCore::fill_bytes(&mut os_rng, &mut pairwise_seed);
+                    masked
+                        .complaints
+                        .push(guild_privacy::secagg::message::Complaint { accused: index, pairwise_seed });
+                }
+            }
+        }
         for complaint in &masked.complaints {
             tracing::warn!(
                 round = task.binding.round_id,

@@ -2,7 +2,7 @@
 //! when every expected message arrived or its deadline passed, aborts a round that
 //! cannot go on, and finishes one that can (unmask, decode, server step, commit).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -122,7 +122,13 @@ impl Engine {
         if phase == Phase::MaskedInput {
             let complaints = round.server.complaints();
             let threshold = self.config.rounds.quarantine_after_complaints.max(1) as usize;
-            let mut accusers: BTreeMap<ClientIndex, Vec<ClientIndex>> = BTreeMap::new();
+            // An honest merchant complains only about neighbours whose signed shares did not
+            // open for it. A round survives at most k − t of those around one merchant, and
+            // more dishonest neighbours than that is past the collusion SecAgg+ tolerates: an
+            // accuser past the bound is lying, is quarantined itself, and none of its
+            // complaints count (else two colluders could quarantine every honest neighbour).
+            let most = most_accusations(round.server.config());
+            let mut by_accuser: BTreeMap<ClientIndex, Vec<ClientIndex>> = BTreeMap::new();
             for (accuser, accused) in complaints {
                 self.metrics.complaints.inc();
                 tracing::warn!(
@@ -131,9 +137,31 @@ impl Engine {
                     accused = round.merchant_at(accused),
                     "a cohort member says a neighbour's signed shares do not open"
                 );
-                accusers.entry(accused).or_default().push(accuser);
+                by_accuser.entry(accuser).or_default().push(accused);
             }
-            let named: Vec<(String, String)> = accusers
+            let mut named: Vec<(String, String)> = Vec::new();
+            let mut accusers: BTreeMap<ClientIndex, Vec<ClientIndex>> = BTreeMap::new();
+            for (accuser, accused) in by_accuser {
+                if accused.len() > most {
+                    if let Some(merchant) = round.merchant_at(accuser) {
+                        named.push((
+                            merchant.to_owned(),
+                            format!(
+                                "round {}: it accused {} neighbours of sealing shares that do not open, more \
+                                 than the {most} a round can survive (k − t)",
+                                round.id,
+                                accused.len()
+                            ),
+                        ));
+                    }
+                    continue;
+                }
+                for a in accused {
+                    accusers.entry(a).or_default().push(accuser);
+                }
+            }
+            let liars: BTreeSet<String> = named.iter().map(|(m, _)| m.clone()).collect();
+            let accused: Vec<(String, String)> = accusers
                 .into_iter()
                 .filter(|(_, by)| by.len() >= threshold)
                 .filter_map(|(accused, by)| {
@@ -144,7 +172,9 @@ impl Engine {
                         format!("round {}: its signed shares did not open for {}", round.id, by.join(", ")),
                     ))
                 })
+                .filter(|(merchant, _)| !liars.contains(merchant))
                 .collect();
+            named.extend(accused);
             let id = round.id;
             for (merchant, reason) in &named {
                 self.quarantine(merchant, id, reason);
@@ -357,6 +387,14 @@ fn trained_blocks(manifest: &guild_proto::domain::AdapterManifest) -> Vec<std::o
         }
     }
     blocks
+}
+
+/// The most neighbours one merchant may accuse in a round: `k − t` (share holders in the
+/// graph built, less the threshold), as many as a round survives without their shares; at
+/// least 1.
+pub(super) fn most_accusations(config: &guild_privacy::secagg::RoundConfig) -> usize {
+    let holders = guild_privacy::secagg::graph::share_holders(config.cohort_size, config.neighbours);
+    holders.saturating_sub(config.threshold).max(1) as usize
 }
 
 #[cfg(test)]
