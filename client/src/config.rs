@@ -41,12 +41,13 @@ pub struct ServeConfig {
     /// serving, then swapped in).
     pub refresh_seconds: u64,
     /// Search: the weight of the shopper's recommendation score added to the query's
-    /// cosine when a history is given (chosen on validation shoppers: docs/results).
+    /// cosine when a history is given ([`DEFAULT_PERSONALISATION`]).
     pub personalisation: f64,
 }
 
-/// Search's weight of the recommendation score, chosen on validation shoppers by
-/// `guild-sim search` (docs/results/README.md).
+/// Search's weight of the recommendation score: the weight the default scenario's search
+/// evaluation chooses on validation shoppers for a trained adapter (`[arms] search_users`;
+/// docs/results/README.md).
 pub const DEFAULT_PERSONALISATION: f64 = 0.5;
 
 impl Default for ServeConfig {

@@ -104,6 +104,7 @@ pub fn markdown(results: &RunResults) -> String {
         }
     }
     out += &comparisons(results);
+    out += &search(results);
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
     let eventful: Vec<&ArmResult> =
@@ -173,6 +174,37 @@ fn comparisons(results: &RunResults) -> String {
     }
     out += "\n↑: the whole interval is above zero; ↓: below.\n\n";
     out
+}
+
+/// The search table: each way of searching on the same test users, against text only.
+fn search(results: &RunResults) -> String {
+    let Some(first) = results.search.first() else { return String::new() };
+    let mut out = format!(
+        "## Search ({} test users)\n\n\
+         The query is {} words of the held-out item's title (lower-cased, runs of letters and digits of at \
+         least two characters, drawn per shopper with a seed from its id, kept in title order); the history \
+         before it is the context; the whole catalogue is ranked with the history's other items masked \
+         (`guild_client::retrieval::search`). Score: the query's MiniLM cosine with each (adapted) item \
+         vector, plus w times the history's recommendation score; w chosen on validation from {:?}.\n\n\
+         | search | w | NDCG@10 | Recall@10 | ΔNDCG@10 vs text only [95% CI] | ΔRecall@10 [95% CI] |\n\
+         |---|---|---|---|---|---|\n",
+        first.test.users,
+        guild_client::retrieval::QUERY_WORDS,
+        crate::run::SEARCH_WEIGHTS,
+    );
+    for s in &results.search {
+        let weight = s.weight.map_or("–".into(), |w| format!("{w}"));
+        out += &format!("| {} | {weight} | {:.4} | {:.4} |", s.name, s.test.ndcg_at_10, s.test.recall_at_10);
+        if s.against_text_only.is_empty() {
+            out += " – | – |\n";
+        } else {
+            for d in &s.against_text_only {
+                out += &format!(" {:+.4} [{:+.4}, {:+.4}] |", d.difference, d.ci_low, d.ci_high);
+            }
+            out += "\n";
+        }
+    }
+    out + "\n"
 }
 
 /// What a distributed arm's ε holds against: its tolerated colluding survivors.
@@ -444,6 +476,7 @@ mod tests {
             adapter_parameters: 10,
             wall_seconds: 1.0,
             arms: vec![arm("local-only (mean)", 0.02, None), arm("federated DP ε=8", dp, Some(8.0))],
+            search: Vec::new(),
         };
         assert!(verdict(&results(0.021)).contains("within noise"));
         assert!(verdict(&results(0.019)).contains("trails the local-only mean by 0.0010"));

@@ -88,6 +88,22 @@ pub struct ArmResult {
     /// 95% bootstrap intervals.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub comparisons: Vec<Comparison>,
+    /// The arm's final adapter (offset from the start, flat), kept in memory for the search
+    /// evaluation; never written.
+    #[serde(skip)]
+    pub final_adapter: Option<Vec<f32>>,
+}
+
+/// One way of searching, evaluated with `guild_client::retrieval::search`'s query protocol.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SearchResult {
+    pub name: String,
+    /// The personalisation weight, chosen on validation (none: text only).
+    pub weight: Option<f64>,
+    pub validation: Scores,
+    pub test: Scores,
+    /// Paired differences against text-only search on the same test users.
+    pub against_text_only: Vec<PairedDifference>,
 }
 
 /// One arm against one reference arm, on the same users.
@@ -110,4 +126,7 @@ pub struct RunResults {
     pub adapter_parameters: usize,
     pub wall_seconds: f64,
     pub arms: Vec<ArmResult>,
+    /// Search (`[arms] search_users`), with the query protocol stated in the report.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub search: Vec<SearchResult>,
 }

@@ -143,6 +143,12 @@ pub struct Arms {
     /// centralised rankers (its weight chosen on the validation split).
     #[serde(default)]
     pub item_counts: bool,
+    /// Sequence tower: evaluate search on this many of the evaluation users (0: none) with
+    /// the query protocol of `guild_client::retrieval::search`: text only, personalised by
+    /// the zero-shot history score, and personalised by each trained arm's adapter, the
+    /// personalisation weight chosen on validation.
+    #[serde(default)]
+    pub search_users: usize,
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
     #[serde(default)]
     pub federated: bool,

@@ -6,6 +6,7 @@
 mod counts;
 mod metrics;
 mod minilm;
+mod search;
 mod selection;
 mod tower;
 
@@ -13,6 +14,7 @@ pub use counts::{CO_OCCURRENCE_WEIGHT, ItemCounts, RECENCY, WINDOW, evaluate_cou
 pub use metrics::{EVALUATION_TEMPERATURE, RankingCounts, Split};
 use metrics::{held_out, ndcg_at_10, rank_rows};
 pub use minilm::{evaluate_ranks, train};
+pub use search::{QUERY_WORDS, evaluate_search, query_for, search_queries};
 pub use selection::selection_ndcg;
 pub use tower::{
     HistoryPrior, evaluate_tower, evaluate_tower_with_prior, shopper_seed, shopper_updates, train_tower,

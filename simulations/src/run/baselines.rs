@@ -171,6 +171,9 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             central.batch_size,
             users.len()
         ));
+        if world.spec.family == AdapterFamilyName::SequenceTower {
+            arm.final_adapter = Some(values.clone());
+        }
         arms.push(arm);
         if let Some((counts, _)) = &counts {
             progress.message("centralised + item-to-item counts");

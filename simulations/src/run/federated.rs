@@ -383,6 +383,7 @@ pub(super) async fn federated(
         curve,
         test_ranks: vec![ranks],
         comparisons: Vec::new(),
+        final_adapter: (world.spec.family == AdapterFamilyName::SequenceTower).then_some(values),
         phase_seconds: phase_stats.mean_seconds(),
         dropouts: phase_stats.dropouts(),
         events,

@@ -7,11 +7,15 @@
 mod baselines;
 mod federated;
 mod plan;
+mod search;
+
+pub use search::WEIGHTS as SEARCH_WEIGHTS;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::Context as _;
+use guild_proto::domain::AdapterFamilyName;
 
 use crate::progress::Progress;
 use crate::results::{ArmResult, Comparison, RunResults};
@@ -110,6 +114,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
             federated(&world, s, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
         arms.push(result);
     }
+    let search = if s.arms.search_users > 0 && world.spec.family == AdapterFamilyName::SequenceTower {
+        progress.message("search");
+        tokio::task::block_in_place(|| search::search(&world, s, &arms))?
+    } else {
+        Vec::new()
+    };
     progress.finish();
     compare_arms(&mut arms)?;
     let shared = lock(&world.shared);
@@ -125,6 +135,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         adapter_parameters: d,
         wall_seconds: started.elapsed().as_secs_f64(),
         arms,
+        search,
     })
 }
 
