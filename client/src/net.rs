@@ -26,12 +26,29 @@ pub enum NetError {
     BadCredentials { path: String, what: &'static str, reason: String },
     #[error("cannot reach the coordinator at {address}: {source}")]
     Unreachable { address: String, source: tonic::transport::Error },
+    /// The TLS handshake failed for a reason retrying will not change (a certificate for
+    /// another name, or signed by another CA): named, with what to do.
+    #[error("TLS with the coordinator at {address} failed: {reason}")]
+    Tls { address: String, reason: String },
     #[error("the coordinator refused the request: {}: {}", .0.code(), .0.message())]
-    Refused(#[from] tonic::Status),
+    Refused(tonic::Status),
+    /// The coordinator ended the TLS session over this merchant's certificate (TLS 1.3
+    /// sends that refusal after the handshake, so the first request receives it).
+    #[error("the coordinator refused this connection's TLS: {0}")]
+    TlsRefused(String),
     #[error("the coordinator sent a malformed answer: {0}")]
     Malformed(#[from] guild_proto::WireError),
     #[error("the adapter download is inconsistent: {0}")]
     Download(String),
+}
+
+impl From<tonic::Status> for NetError {
+    fn from(status: tonic::Status) -> Self {
+        match tls_problem(&status, None) {
+            Some(reason) if status.code() == tonic::Code::Unknown => NetError::TlsRefused(reason),
+            _ => NetError::Refused(status),
+        }
+    }
 }
 
 impl NetError {
@@ -50,6 +67,42 @@ impl NetError {
             ),
             _ => false,
         }
+    }
+}
+
+/// What a failed connection's error chain says about TLS, in words a merchant can act on;
+/// `None` when the failure is not a certificate problem (the coordinator is down, say).
+fn tls_problem(error: &(dyn std::error::Error + 'static), host: Option<&str>) -> Option<String> {
+    let host = host.unwrap_or("the coordinator's host");
+    let mut chain = Vec::new();
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = next {
+        chain.push(e.to_string());
+        next = e.source();
+    }
+    let text = chain.join(": ");
+    let has = |needle: &str| text.to_ascii_lowercase().contains(&needle.to_ascii_lowercase());
+    if has("NotValidForName") || has("not valid for name") {
+        Some(format!(
+            "the coordinator's certificate does not name {host:?}: connect by a name it covers, or have the \
+             operator issue one that covers it (`guild-coordinator issue-server-cert --name {host}`) ({text})"
+        ))
+    } else if has("UnknownIssuer") || has("BadSignature") || has("unknown issuer") {
+        Some(format!(
+            "the coordinator's certificate is not signed by the federation's CA in tls.ca (another \
+             federation, or the wrong ca.pem?) ({text})"
+        ))
+    } else if has("UnknownCA") || has("BadCertificate") || has("CertificateRequired") || has("DecryptError") {
+        Some(format!(
+            "the coordinator refused this merchant's certificate (tls.cert and tls.key): is it signed by the \
+             federation's CA, and is the key the one it was issued for? ({text})"
+        ))
+    } else if has("InvalidContentType") || has("corrupt message") {
+        Some(format!("the address does not answer TLS: is it the coordinator's gRPC port? ({text})"))
+    } else if has("certificate") {
+        Some(format!("the TLS handshake failed over a certificate ({text})"))
+    } else {
+        None
     }
 }
 
@@ -116,11 +169,17 @@ impl Connection {
                 .map_err(|e| bad(format!("the federation's CA certificate: {e}")))?
                 .into();
         let uri = address.parse::<tonic::transport::Uri>().map_err(|e| bad(e.to_string()))?;
-        let host = uri.host().unwrap_or("localhost").to_owned();
+        if uri.scheme_str() != Some("https") {
+            return Err(bad(
+                "it must start with https:// (the coordinator speaks only mutual TLS), e.g. https://coordinator.example:50051"
+                    .into(),
+            ));
+        }
+        let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_owned();
         let tls_config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&tls.ca_pem))
             .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))
-            .domain_name(host);
+            .domain_name(host.clone());
         let endpoint = Endpoint::from_shared(address.to_owned())
             .map_err(|e| bad(e.to_string()))?
             .tls_config(tls_config)
@@ -128,10 +187,10 @@ impl Connection {
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_while_idle(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| NetError::Unreachable { address: address.to_owned(), source })?;
+        let channel = endpoint.connect().await.map_err(|source| match tls_problem(&source, Some(&host)) {
+            Some(reason) => NetError::Tls { address: address.to_owned(), reason },
+            None => NetError::Unreachable { address: address.to_owned(), source },
+        })?;
         let inner = CoordinatorClient::new(channel)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes);

@@ -165,11 +165,12 @@ delta = 1e-5
     )
 }
 
-/// A `guild-client run` configuration for merchant `name` (paths relative to `merchants/`).
-pub fn sample_client_config(name: &str, listen: SocketAddr) -> String {
+/// A `guild-client run` configuration for merchant `name` (paths relative to `merchants/`),
+/// connecting to `host` (a name the server certificate covers).
+pub fn sample_client_config(name: &str, host: &str, listen: SocketAddr) -> String {
     format!(
         r#"# guild-client configuration of {name}. Point [data] at this merchant's behaviour data.
-coordinator = "https://localhost:{port}"
+coordinator = "https://{host}:{port}"
 display_name = "{name}"
 identity = "{name}.signing"
 [tls]
@@ -204,14 +205,27 @@ refresh_seconds = 30
     )
 }
 
-/// Issues a test federation's certificates under `dir`, writes `guild.toml`, and creates
-/// the store with every merchant's certificate on the allow-list.
-pub fn init_federation(dir: &Path, merchants: usize, listen: SocketAddr) -> anyhow::Result<FederationPki> {
+/// Issues a test federation's certificates under `dir` (the server's for `localhost`,
+/// `127.0.0.1` and `server_names`), writes `guild.toml`, and creates the store with every
+/// merchant's certificate on the allow-list; the merchants' sample configurations connect
+/// to the first of `server_names` (`localhost` without one).
+pub fn init_federation(
+    dir: &Path,
+    merchants: usize,
+    listen: SocketAddr,
+    server_names: &[String],
+) -> anyhow::Result<FederationPki> {
     let config_path = dir.join("guild.toml");
     if config_path.exists() {
         anyhow::bail!("{} already exists; refusing to overwrite a federation", config_path.display());
     }
-    let pki = pki::issue(merchants)?;
+    let pki = pki::issue_for(merchants, server_names)?;
+    // The first name asked for (checked by the issue above), as a URI's host.
+    let host = match server_names.first().map(|n| n.trim().trim_end_matches('.').to_ascii_lowercase()) {
+        Some(name) if name.parse::<std::net::Ipv6Addr>().is_ok() => format!("[{name}]"),
+        Some(name) => name,
+        None => "localhost".to_owned(),
+    };
     pki.write(dir)?;
     std::fs::write(&config_path, sample_config(listen))
         .with_context(|| format!("writing {}", config_path.display()))?;
@@ -219,7 +233,7 @@ pub fn init_federation(dir: &Path, merchants: usize, listen: SocketAddr) -> anyh
     for m in &pki.merchants {
         store.allow(&m.name, m.fingerprint())?;
         let client = dir.join("merchants").join(format!("{}.toml", m.name));
-        std::fs::write(&client, sample_client_config(&m.name, listen))
+        std::fs::write(&client, sample_client_config(&m.name, &host, listen))
             .with_context(|| format!("writing {}", client.display()))?;
     }
     Ok(pki)

@@ -56,6 +56,25 @@ enum Command {
         merchants: u64,
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,
+        /// A host name or IP address merchants on other machines connect to (repeatable):
+        /// the server certificate covers it besides `localhost` and `127.0.0.1`, and the
+        /// sample merchant configurations use the first.
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
+    },
+    /// Issue a new server certificate and key for the names merchants connect to (host names
+    /// or IP addresses; `localhost` and `127.0.0.1` are always included), signed by the
+    /// federation's CA: `OUT/server.pem` and `OUT/server.key`, never overwritten. Point
+    /// `[tls] cert` and `key` at them and restart the daemon.
+    IssueServerCert {
+        #[arg(long)]
+        ca_cert: PathBuf,
+        #[arg(long)]
+        ca_key: PathBuf,
+        #[arg(long = "name", required = true)]
+        names: Vec<String>,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Sign a merchant's certificate request (made by `guild-client keygen`) as the
     /// federation's CA: the certificate keeps the request's name and the SecAgg+ signing key
@@ -307,15 +326,63 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", privacy(command)?);
             Ok(())
         }
-        Command::InitFederation { out, merchants, listen } => {
+        Command::InitFederation { out, merchants, listen, server_names } => {
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let pki = daemon::init_federation(&out, merchants as usize, listen)?;
+            let pki = daemon::init_federation(&out, merchants as usize, listen, &server_names)?;
+            let mut report = serde_json::json!({
+                "config": out.join("guild.toml"),
+                "ca": out.join("ca.pem"),
+                "server_names": guild_proto::pki::server_names(&server_names)?,
+                "merchants": pki.merchants.iter().map(|m| &m.name).collect::<Vec<_>>(),
+            });
+            if listen.ip().is_unspecified() && server_names.is_empty() {
+                report["warning"] = serde_json::json!(format!(
+                    "listening on {listen}, but the server certificate covers only localhost and 127.0.0.1: \
+                     merchants on other machines cannot connect; pass --server-name HOST, or issue one later \
+                     with `guild-coordinator issue-server-cert`"
+                ));
+            }
+            println!("{report}");
+            Ok(())
+        }
+        Command::IssueServerCert { ca_cert, ca_key, names, out } => {
+            let read =
+                |p: &PathBuf| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let issuer = guild_proto::pki::issuer_from_pem(&read(&ca_cert)?, &read(&ca_key)?)
+                .with_context(|| format!("{} with {}", ca_cert.display(), ca_key.display()))?;
+            let issued = guild_proto::pki::issue_server(&issuer, &names)?;
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let (cert, key) = (out.join("server.pem"), out.join("server.key"));
+            for path in [&cert, &key] {
+                anyhow::ensure!(
+                    !path.exists(),
+                    "{} already exists; refusing to overwrite it",
+                    path.display()
+                );
+            }
+            let write = |path: &PathBuf, contents: &str, private: bool| -> anyhow::Result<()> {
+                let mut options = std::fs::OpenOptions::new();
+                options.write(true).create_new(true);
+                #[cfg(unix)]
+                if private {
+                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+                }
+                #[cfg(not(unix))]
+                let _ = private;
+                let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
+                std::io::Write::write_all(&mut file, contents.as_bytes())
+                    .and_then(|()| file.sync_all())
+                    .with_context(|| format!("writing {}", path.display()))
+            };
+            write(&key, &issued.key_pem, true)?;
+            write(&cert, &issued.cert_pem, false)?;
             println!(
                 "{}",
                 serde_json::json!({
-                    "config": out.join("guild.toml"),
-                    "ca": out.join("ca.pem"),
-                    "merchants": pki.merchants.iter().map(|m| &m.name).collect::<Vec<_>>(),
+                    "certificate": cert,
+                    "key": key,
+                    "names": guild_proto::pki::server_names(&names)?,
+                    "next": "set [tls] cert and key in the coordinator's configuration to these files and restart it; merchants connect with https://NAME:PORT",
                 })
             );
             Ok(())

@@ -74,11 +74,66 @@ pub fn merchant_name(i: usize) -> String {
 /// Issues a CA, a server certificate for `localhost`/`127.0.0.1`, and `merchants` client
 /// certificates (ECDSA P-256, valid for ten years).
 pub fn issue(merchants: usize) -> Result<FederationPki, PkiError> {
-    let validity = |p: &mut CertificateParams| {
-        let now = time::OffsetDateTime::now_utc();
-        p.not_before = now - time::Duration::days(1);
-        p.not_after = now + time::Duration::days(3650);
-    };
+    issue_for(merchants, &[])
+}
+
+fn validity(p: &mut CertificateParams) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(3650);
+}
+
+/// The names a server certificate covers: `localhost`, `127.0.0.1` and `names` (host
+/// names or IP addresses, as merchants write them in their `coordinator` address), each
+/// once; an error names one that is neither.
+pub fn server_names(names: &[String]) -> Result<Vec<String>, PkiError> {
+    let mut all = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+    for name in names {
+        let name = name.trim().trim_end_matches('.').to_ascii_lowercase();
+        let host_name = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            });
+        if name.parse::<std::net::IpAddr>().is_err() && !host_name {
+            return Err(PkiError::BadRequest(format!(
+                "server name {name:?} is neither a host name nor an IP address"
+            )));
+        }
+        if !all.contains(&name) {
+            all.push(name);
+        }
+    }
+    Ok(all)
+}
+
+/// Issues the coordinator's TLS server certificate for [`server_names`]`(names)`, signed by
+/// the CA `issuer`: what merchants on other machines need when they connect by a real host
+/// name or address (their `coordinator` setting must use one of the names).
+pub fn issue_server(issuer: &Issuer<'_, KeyPair>, names: &[String]) -> Result<Issued, PkiError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(server_names(names)?)?;
+    params.distinguished_name.push(DnType::CommonName, "server");
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params);
+    let cert = params.signed_by(&key, issuer)?;
+    Ok(Issued {
+        name: "server".into(),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        cert_der: cert.der().to_vec(),
+        signing_pkcs8: Vec::new(),
+    })
+}
+
+/// [`issue`], with the server certificate also covering `server_names` ([`issue_server`]).
+pub fn issue_for(merchants: usize, server_names: &[String]) -> Result<FederationPki, PkiError> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -94,26 +149,7 @@ pub fn issue(merchants: usize) -> Result<FederationPki, PkiError> {
         signing_pkcs8: Vec::new(),
     };
     let issuer = Issuer::new(ca_params, ca_key);
-
-    let leaf = |name: &str, sans: Vec<String>, usage: ExtendedKeyUsagePurpose| -> Result<Issued, PkiError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(sans)?;
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![usage];
-        params.use_authority_key_identifier_extension = true;
-        validity(&mut params);
-        let cert = params.signed_by(&key, &issuer)?;
-        Ok(Issued {
-            name: name.to_owned(),
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            cert_der: cert.der().to_vec(),
-            signing_pkcs8: Vec::new(),
-        })
-    };
-    let server =
-        leaf("server", vec!["localhost".into(), "127.0.0.1".into()], ExtendedKeyUsagePurpose::ServerAuth)?;
+    let server = issue_server(&issuer, server_names)?;
     let merchants = (1..=merchants)
         .map(|i| {
             // What `guild-client keygen` does at the merchant, then what the CA does.
@@ -240,6 +276,45 @@ pub fn read_cert_der(path: &Path) -> Result<Vec<u8>, PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The subject alternative names of a certificate, as text (`dns:` or `ip:`).
+    fn alternative_names(der: &[u8]) -> Vec<String> {
+        use x509_parser::extensions::{GeneralName, ParsedExtension};
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).expect("a certificate");
+        let mut names = Vec::new();
+        for ext in cert.extensions() {
+            if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
+                for name in &san.general_names {
+                    match name {
+                        GeneralName::DNSName(d) => names.push(format!("dns:{d}")),
+                        GeneralName::IPAddress(ip) => names.push(format!("ip:{ip:?}")),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn a_server_certificate_names_the_hosts_merchants_connect_to() {
+        let names = ["coord.example.com".to_owned(), "10.0.0.5".to_owned(), "LOCALHOST".to_owned()];
+        let pki = issue_for(0, &names).expect("issue");
+        let sans = alternative_names(&pki.server.cert_der);
+        assert!(sans.contains(&"dns:localhost".to_owned()), "{sans:?}");
+        assert!(sans.contains(&"dns:coord.example.com".to_owned()), "{sans:?}");
+        assert!(sans.contains(&"ip:[10, 0, 0, 5]".to_owned()), "an IP address SAN, not a DNS one: {sans:?}");
+        assert_eq!(sans.len(), 4, "localhost once: {sans:?}");
+        // Reissued later by the CA alone, for another name.
+        let issuer = issuer_from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).expect("issuer");
+        let again = issue_server(&issuer, &["shop-coordinator.internal".to_owned()]).expect("issue");
+        assert!(alternative_names(&again.cert_der).contains(&"dns:shop-coordinator.internal".to_owned()));
+        for bad in ["", "has space.example", "-lead.example", "a..b"] {
+            let error = server_names(&[bad.to_owned()]).expect_err(bad).to_string();
+            assert!(error.contains("neither a host name nor an IP address"), "{bad}: {error}");
+        }
+    }
 
     #[test]
     fn issues_distinct_certificates_and_writes_them() {

@@ -39,7 +39,7 @@ impl Federation {
         std::fs::create_dir_all(dir)?;
         // Absolute, so that the paths written into guild.toml mean the same from anywhere.
         let dir = &std::fs::canonicalize(dir)?;
-        let pki = daemon::init_federation(dir, merchants, address)?;
+        let pki = daemon::init_federation(dir, merchants, address, &[])?;
         let config_path = dir.join("guild.toml");
         let mut config = Config::load(&config_path, std::iter::empty())?;
         config.server.metrics_listen = Some(free_port()?);

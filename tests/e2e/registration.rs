@@ -180,6 +180,58 @@ async fn unreachable_coordinator_gives_a_clear_error() {
     assert!(error.to_string().contains("cannot reach the coordinator"), "{error}");
 }
 
+/// TLS problems that retrying cannot fix are named, with what to do, and not retried: a
+/// coordinator certificate from another CA, a merchant certificate the coordinator does not
+/// trust, and an address without `https://`.
+#[tokio::test]
+async fn tls_problems_are_named_and_not_retried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = federation(dir.path(), 1).await;
+    let limit = 1 << 20;
+    let other = guild_proto::pki::issue(1).expect("another federation");
+    let mut wrong_ca = federation.credentials(0);
+    wrong_ca.ca_pem = other.ca.cert_pem.clone().into_bytes();
+    let error = Connection::connect(&federation.uri(), &wrong_ca, limit).await.expect_err("another CA");
+    assert!(matches!(error, NetError::Tls { .. }) && !error.is_transient(), "{error}");
+    assert!(error.to_string().contains("not signed by the federation's CA"), "{error}");
+
+    let mut foreign = federation.credentials(0);
+    foreign.cert_pem = other.merchants[0].cert_pem.clone().into_bytes();
+    foreign.key_pem = other.merchants[0].key_pem.clone().into_bytes();
+    // TLS 1.3 completes the client's side of the handshake before the server refuses the
+    // certificate: the first request receives the refusal, named, and it is not retried.
+    let mut connection = Connection::connect(&federation.uri(), &foreign, limit).await.expect("handshake");
+    let identity = federation.identity(0).expect("identity");
+    let error = connection.register("x", &identity).await.expect_err("refused");
+    assert!(matches!(error, NetError::TlsRefused(_)) && !error.is_transient(), "{error:?}");
+    assert!(error.to_string().contains("refused this merchant's certificate"), "{error}");
+
+    let plain = federation.uri().replace("https://", "http://");
+    let error = Connection::connect(&plain, &federation.credentials(0), limit).await.expect_err("http");
+    assert!(error.to_string().contains("must start with https://"), "{error}");
+}
+
+/// `init-federation --server-name`: the server certificate covers the name merchants on other
+/// machines connect by, and their sample configurations use it.
+#[test]
+fn init_federation_issues_the_server_certificate_for_the_names_given() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let listen: std::net::SocketAddr = "0.0.0.0:50124".parse().expect("address");
+    let names = ["Coord.Example.com".to_owned(), "10.1.2.3".to_owned()];
+    guild_coordinator::daemon::init_federation(dir.path(), 1, listen, &names).expect("init");
+    let config =
+        guild_client::config::ClientConfig::load(&dir.path().join("merchants").join("merchant-001.toml"))
+            .expect("config");
+    assert_eq!(config.coordinator, "https://coord.example.com:50124");
+    let der = guild_proto::pki::read_cert_der(&dir.path().join("server.pem")).expect("server certificate");
+    let text = String::from_utf8_lossy(&der);
+    assert!(text.contains("coord.example.com"), "the name is in the certificate");
+    let bad = tempfile::tempdir().expect("tempdir");
+    let error = guild_coordinator::daemon::init_federation(bad.path(), 1, listen, &["not a name".to_owned()])
+        .expect_err("refused");
+    assert!(error.to_string().contains("neither a host name nor an IP address"), "{error}");
+}
+
 /// The coordinator cannot link the client crate (it would pull in libtorch), so the merchant
 /// configs that `init-federation` writes are a commented template: this keeps the template
 /// a valid `ClientConfig` that points at the federation's files.
@@ -187,7 +239,7 @@ async fn unreachable_coordinator_gives_a_clear_error() {
 fn init_federation_writes_merchant_configs_the_client_loads() {
     let dir = tempfile::tempdir().expect("tempdir");
     let listen: std::net::SocketAddr = "127.0.0.1:50123".parse().expect("address");
-    guild_coordinator::daemon::init_federation(dir.path(), 2, listen).expect("init");
+    guild_coordinator::daemon::init_federation(dir.path(), 2, listen, &[]).expect("init");
     let path = dir.path().join("merchants").join("merchant-002.toml");
     let config =
         guild_client::config::ClientConfig::load(&path).expect("the template parses as a client config");
