@@ -91,7 +91,15 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Allow a merchant's certificate (PEM), replacing any earlier one.
+    /// List the allow-list: every merchant, its certificate's SHA-256, and whether it is
+    /// revoked (JSON).
+    Allowed {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+    },
+    /// Allow a merchant's certificate (PEM), replacing any earlier one. The certificate must
+    /// be the federation CA's, for client authentication, binding a SecAgg+ key, and issued
+    /// for this merchant id.
     Allow {
         #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
         config: PathBuf,
@@ -414,12 +422,38 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Allowed { config } => {
+            let store = Store::open(&load_config(&config)?.server.store)?;
+            let list: Vec<serde_json::Value> = store
+                .allow_list()?
+                .into_iter()
+                .map(|a| {
+                    serde_json::json!({
+                        "merchant": a.merchant_id,
+                        "certificate_sha256": hex::encode(a.cert_sha256),
+                        "revoked": a.revoked,
+                        "added_at": a.added_at,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::json!({ "allowed": list }));
+            Ok(())
+        }
         Command::Allow { config, merchant, cert } => {
             let config = load_config(&config)?;
             let der = guild_proto::pki::read_cert_der(&cert)?;
             anyhow::ensure!(
                 guild_proto::domain::MerchantId::parse(&merchant).is_some(),
                 "merchant id {merchant:?} must be 1 to 128 ASCII letters, digits, '-', '_' or '.'"
+            );
+            let ca = guild_proto::pki::read_cert_der(&config.tls.ca)?;
+            guild_proto::certificate::verify_member(&ca, &der)
+                .with_context(|| format!("{} is refused", cert.display()))?;
+            let name = guild_proto::certificate::common_name(&der)?;
+            anyhow::ensure!(
+                name == merchant,
+                "{} was issued for {name:?}, not {merchant:?}: allowing it would let {name} register as {merchant}",
+                cert.display()
             );
             Store::open(&config.server.store)?.allow(&merchant, guild_proto::pki::fingerprint(&der))?;
             println!("{}", serde_json::json!({ "allowed": merchant }));
@@ -452,7 +486,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ExportAdapter { config, version, out } => {
             let config = load_config(&config)?;
             let manifest = config.manifest()?;
-            let record = Store::open(&config.server.store)?.adapter(version)?;
+            let store = Store::open(&config.server.store)?;
+            let versions = store.adapter_versions()?;
+            anyhow::ensure!(
+                versions.contains(&version),
+                "there is no adapter version {version}; the store holds {}",
+                match (versions.first(), versions.last()) {
+                    (Some(first), Some(last)) => format!("versions {first} to {last}"),
+                    _ => "none".to_owned(),
+                }
+            );
+            anyhow::ensure!(
+                std::fs::read_dir(&out).map_or(true, |mut entries| entries.next().is_none()),
+                "{} exists and is not empty; refusing to overwrite it",
+                out.display()
+            );
+            let record = store.adapter(version)?;
             let flat = guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count())?;
             guild_proto::adapter::export(&out, &manifest, &flat)?;
             println!(

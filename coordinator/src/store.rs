@@ -296,6 +296,16 @@ fn hash32(bytes: Vec<u8>, what: &'static str) -> Result<[u8; 32], StoreError> {
         .map_err(|b: Vec<u8>| StoreError::Corrupt { what, reason: format!("{} bytes, not 32", b.len()) })
 }
 
+/// One merchant on the allow-list.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allowed {
+    pub merchant_id: String,
+    pub cert_sha256: [u8; 32],
+    pub revoked: bool,
+    /// When it was added (Unix seconds).
+    pub added_at: i64,
+}
+
 impl Store {
     /// Adds `merchant_id` to the allow-list under the certificate with sha256
     /// `cert_sha256`, or replaces its certificate (and un-revokes it).
@@ -392,6 +402,32 @@ impl Store {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The allow-list, by merchant id.
+    pub fn allow_list(&self) -> Result<Vec<Allowed>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare(
+            "SELECT merchant_id, cert_sha256, revoked, added_at FROM allow_list ORDER BY merchant_id",
+        )?;
+        let rows = statement
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)? != 0, r.get(3)?))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        rows.into_iter()
+            .map(|(merchant_id, sha, revoked, added_at)| {
+                Ok(Allowed { merchant_id, cert_sha256: hash32(sha, "certificate hash")?, revoked, added_at })
+            })
+            .collect()
+    }
+
+    /// The adapter versions stored, oldest first.
+    pub fn adapter_versions(&self) -> Result<Vec<u64>, StoreError> {
+        let conn = self.conn();
+        let mut statement = conn.prepare("SELECT version FROM adapters ORDER BY version")?;
+        let versions = statement.query_map([], |r| r.get::<_, i64>(0))?.collect::<Result<Vec<_>, _>>()?;
+        Ok(versions.into_iter().map(|v| v as u64).collect())
     }
 
     /// How many certificates are allowed and not revoked.

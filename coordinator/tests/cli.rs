@@ -167,7 +167,52 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
     assert_eq!(status["current_phase"], "idle");
     let (ok, _, stderr) =
         coordinator(&["export-adapter", "--config", config, "--version", "0", "--out", "x"]);
-    assert!(!ok && stderr.contains("adapter version 0 does not exist"), "{stderr}");
+    assert!(!ok && stderr.contains("there is no adapter version 0; the store holds none"), "{stderr}");
+
+    // The allow-list is listed; a certificate is allowed only under the name it was issued
+    // for and only from the federation's CA.
+    let (ok, stdout, stderr) = coordinator(&["allowed", "--config", config]);
+    assert!(ok, "{stderr}");
+    let listed = json(&stdout)["allowed"].as_array().expect("a list").clone();
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0]["merchant"], "merchant-001");
+    assert_eq!(listed[0]["revoked"], false);
+    let cert_of = |m: &str| out.join("merchants").join(format!("{m}.pem"));
+    let second = cert_of("merchant-002");
+    let (ok, _, stderr) = coordinator(&[
+        "allow",
+        "--config",
+        config,
+        "--merchant",
+        "merchant-001",
+        "--cert",
+        second.to_str().expect("utf-8"),
+    ]);
+    assert!(!ok && stderr.contains("was issued for \"merchant-002\", not \"merchant-001\""), "{stderr}");
+    let foreign = guild_proto::pki::issue(1).expect("another CA");
+    let foreign_path = dir.path().join("foreign.pem");
+    std::fs::write(&foreign_path, &foreign.merchants[0].cert_pem).expect("write");
+    let (ok, _, stderr) = coordinator(&[
+        "allow",
+        "--config",
+        config,
+        "--merchant",
+        "merchant-001",
+        "--cert",
+        foreign_path.to_str().expect("utf-8"),
+    ]);
+    // (Both CAs are named "Guild federation CA": the signature is what tells them apart.)
+    assert!(!ok && stderr.contains("is refused") && stderr.contains("federation's CA"), "{stderr}");
+    let (ok, _, stderr) = coordinator(&[
+        "allow",
+        "--config",
+        config,
+        "--merchant",
+        "merchant-002",
+        "--cert",
+        second.to_str().expect("utf-8"),
+    ]);
+    assert!(ok, "{stderr}");
 
     let (ok, _, stderr) = coordinator(&["revoke", "--config", config, "--merchant", "merchant-009"]);
     assert!(!ok && stderr.contains("not on the allow-list"), "{stderr}");
@@ -221,6 +266,13 @@ fn sign_csr_issues_a_binding_certificate_and_refuses_requests_without_a_key() {
     assert_eq!(guild_proto::certificate::verify_member(&pki.ca.cert_der, &der), Ok(key));
     let (ok, _, stderr) = sign("shop-9.csr", "shop-9.pem");
     assert!(!ok && stderr.contains("must not exist"), "{stderr}");
+    // Signing with a key that is not the CA's (the server's, say) is refused.
+    std::fs::write(path("ca.key"), &guild_proto::pki::issue(0).expect("another").server.key_pem)
+        .expect("write");
+    let (ok, _, stderr) = sign("shop-9.csr", "other.pem");
+    assert!(!ok && stderr.contains("not the CA certificate's key"), "{stderr}");
+    assert!(!path("other.pem").exists());
+    std::fs::write(path("ca.key"), &pki.ca.key_pem).expect("write");
 
     // A request without the binding (a plain client-certificate request).
     let plain_key = rcgen::KeyPair::generate().expect("key");

@@ -54,14 +54,16 @@ fn renyi(p: &[f64], q: &[f64], alpha: f64) -> f64 {
     log_sum_exp(&terms) / (alpha - 1.0)
 }
 
-/// The KLS21 zCDP ρ for a one-coordinate sum of `n` shares of variance `var` and L2
-/// sensitivity `delta`: ε = min{√(Δ²/(nσ̂²) + τ/2), Δ/(√n σ̂) + τ}, ρ = ε²/2.
+/// The zCDP ρ the ledger charges (`dp::ddgauss_zcdp_rho_at`, what `cost::round_rho` calls)
+/// for a one-coordinate sum of `n` shares of scaled variance `var` and L2 sensitivity
+/// `delta`: the production function on a one-coordinate encoding (γ = 1, so the scaled
+/// variance is the share's own), not a re-implementation of the formula.
 fn kls_rho(var: f64, n: u32, delta: f64) -> f64 {
-    let pi2 = std::f64::consts::PI.powi(2);
-    let tau = 10.0 * (1..n).map(|k| (-2.0 * pi2 * var * f64::from(k) / f64::from(k + 1)).exp()).sum::<f64>();
-    let nf = f64::from(n);
-    let eps = (delta * delta / (nf * var) + tau / 2.0).sqrt().min(delta / (nf.sqrt() * var.sqrt()) + tau);
-    eps * eps / 2.0
+    let params =
+        guild_privacy::dp::DdgParams::from_round(1, 1.0, 1.0, 32, var.sqrt(), 1).expect("an encoding");
+    assert!((params.scaled_local_variance() - var).abs() < 1e-9, "the encoding's share variance is {var}");
+    assert_eq!(params.padded_dimension(), 1);
+    guild_privacy::dp::ddgauss_zcdp_rho_at(&params, n, delta * delta).expect("ρ")
 }
 
 #[test]

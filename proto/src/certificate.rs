@@ -163,6 +163,18 @@ pub fn verify_member(ca_der: &[u8], der: &[u8]) -> Result<[u8; 32], CertificateE
     binding(&cert)
 }
 
+/// The common name a certificate was issued for (a merchant's id, for a merchant's).
+pub fn common_name(der: &[u8]) -> Result<String, CertificateError> {
+    let cert = parse(der)?;
+    let name = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| CertificateError::Malformed("no common name".into()))?;
+    Ok(name.to_owned())
+}
+
 /// The DER of the first certificate in a PEM file.
 pub fn first_pem_certificate(pem: &[u8]) -> Result<Vec<u8>, CertificateError> {
     for block in x509_parser::pem::Pem::iter_from_buffer(pem) {

@@ -220,9 +220,24 @@ fn dn_text(value: &DnValue) -> Option<String> {
     }
 }
 
-/// The CA of `ca_cert_pem` with its key `ca_key_pem`, to sign requests with.
+/// The CA of `ca_cert_pem` with its key `ca_key_pem`, to sign requests with; refused when
+/// the key is not the certificate's (a certificate signed with another key, the server's
+/// say, would verify for no one).
 pub fn issuer_from_pem(ca_cert_pem: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, PkiError> {
     let key = KeyPair::from_pem(ca_key_pem)?;
+    let der = crate::certificate::first_pem_certificate(ca_cert_pem.as_bytes())
+        .map_err(|e| PkiError::BadRequest(format!("the CA certificate: {e}")))?;
+    let (_, ca) = x509_parser::prelude::FromDer::from_der(&der)
+        .map_err(|e: x509_parser::nom::Err<_>| PkiError::BadRequest(format!("the CA certificate: {e}")))?;
+    let ca: x509_parser::prelude::X509Certificate<'_> = ca;
+    if ca.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+        return Err(PkiError::BadRequest(
+            "the key is not the CA certificate's key (is it the server's or a merchant's key?)".into(),
+        ));
+    }
+    if !ca.is_ca() {
+        return Err(PkiError::BadRequest("the certificate is not a CA certificate (ca.pem?)".into()));
+    }
     Ok(Issuer::from_ca_cert_pem(ca_cert_pem, key)?)
 }
 
@@ -314,6 +329,20 @@ mod tests {
             let error = server_names(&[bad.to_owned()]).expect_err(bad).to_string();
             assert!(error.contains("neither a host name nor an IP address"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn a_ca_key_that_is_not_the_certificates_is_refused() {
+        let pki = issue(1).expect("issue");
+        assert!(issuer_from_pem(&pki.ca.cert_pem, &pki.ca.key_pem).is_ok());
+        let Err(error) = issuer_from_pem(&pki.ca.cert_pem, &pki.server.key_pem) else {
+            panic!("the server's key was taken for the CA's")
+        };
+        assert!(error.to_string().contains("not the CA certificate's key"), "{error}");
+        let Err(error) = issuer_from_pem(&pki.server.cert_pem, &pki.server.key_pem) else {
+            panic!("the server certificate was taken for a CA")
+        };
+        assert!(error.to_string().contains("not a CA certificate"), "{error}");
     }
 
     #[test]
