@@ -265,6 +265,9 @@ pub struct PrivacyConfig {
     /// the shopper unit) tolerates as many as it can (`guild_privacy::cost::round_colluders`).
     /// Each merchant refuses a task below its own `guards.min_tolerated_colluders`.
     pub tolerated_colluders: u32,
+    /// Start even when a DP training round's noise is above `plan::MAX_NOISE_TO_CLIP` times
+    /// the clip norm while `rounds.shrinkage = "none"` (`guild-coordinator privacy plan`).
+    pub dangerous_allow_noise_above_clip: bool,
     /// The federation's cap on ε at `delta`, over its whole life.
     pub epsilon_budget: f64,
     pub delta: f64,
@@ -284,6 +287,7 @@ impl Default for PrivacyConfig {
             clip_norm: 0.1,
             noise_multiplier: 1.0,
             tolerated_colluders: guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS,
+            dangerous_allow_noise_above_clip: false,
             epsilon_budget: 8.0,
             delta: 1e-5,
             bit_width: 32,

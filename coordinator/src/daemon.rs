@@ -54,6 +54,23 @@ const REQUEST_SLACK_SECONDS: u64 = 60;
 /// Opens the store and starts serving; returns once the ports are bound.
 pub async fn start(config: Config) -> anyhow::Result<Running> {
     let store = Arc::new(Store::open(&config.server.store)?);
+    // Say what the configuration will do before any round runs, and refuse training that
+    // would destroy the model (`plan::refuse`).
+    let plan = crate::plan::plan(&config, store.allowed_count()?)?;
+    crate::plan::refuse(&config, &plan).map_err(|reason| anyhow::anyhow!(reason))?;
+    for warning in &plan.warnings {
+        tracing::warn!("{warning}");
+    }
+    for k in &plan.kinds {
+        tracing::info!(
+            kind = ?k.kind,
+            rounds = k.rounds,
+            summands = k.expected_summands,
+            noise_to_clip = k.noise_to_clip,
+            epsilon = k.epsilon,
+            "planned"
+        );
+    }
     let base_model = config.base_model_sha256()?;
     let federation_id = store.federation(base_model, rand::random())?;
     let metrics = Metrics::new();

@@ -9,5 +9,6 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod metrics;
+pub mod plan;
 pub mod service;
 pub mod store;

@@ -155,6 +155,17 @@ enum PrivacyCommand {
         #[arg(long, value_parser = delta)]
         delta: f64,
     },
+    /// What the federation's configuration will do, before it runs: for each round kind,
+    /// the rounds, the expected summands, the noise of the averaged update against the clip
+    /// norm and the ε spent (JSON); `serve` refuses what this warns about when the server
+    /// applies the raw noisy sum.
+    Plan {
+        #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
+        config: PathBuf,
+        /// Merchants in the federation (default: those on the allow-list).
+        #[arg(long)]
+        merchants: Option<u64>,
+    },
     /// The smallest noise multiplier z that keeps T rounds at rate q within ε at δ.
     NoiseMultiplier {
         #[arg(long, default_value = "merchant")]
@@ -211,6 +222,19 @@ fn main() -> ExitCode {
 
 fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
     Ok(match command {
+        PrivacyCommand::Plan { config, merchants } => {
+            let config = load_config(&config)?;
+            let merchants = match merchants {
+                Some(n) => n,
+                None => Store::open(&config.server.store)?.allowed_count()?,
+            };
+            let plan = guild_coordinator::plan::plan(&config, merchants)?;
+            let mut value = serde_json::to_value(&plan)?;
+            if let Err(reason) = guild_coordinator::plan::refuse(&config, &plan) {
+                value["serve_refuses"] = serde_json::json!(reason);
+            }
+            value
+        }
         PrivacyCommand::Epsilon { unit, sampling_rate, noise_multiplier, rounds, delta } => {
             let (epsilon, order) =
                 epsilon_from_rdp(&model_curve(unit, sampling_rate, noise_multiplier)?.times(rounds), delta)?;

@@ -105,6 +105,21 @@ pub(super) async fn federated(
     let binary = coordinator_binary()?;
     federation.start_process(&binary).await?;
     let mut events = Vec::new();
+    if arm.mode != PrivacyMode::DangerousNone {
+        // What `guild-coordinator privacy plan` says of this arm before it runs.
+        let plan = guild_coordinator::plan::plan(&federation.config, n as u64)?;
+        let figures: Vec<String> = plan
+            .kinds
+            .iter()
+            .map(|k| {
+                format!(
+                    "{:?}: {} round(s), {:.0} summands expected, noise of the averaged update {:.2}× the clip norm",
+                    k.kind, k.rounds, k.expected_summands, k.noise_to_clip
+                )
+            })
+            .collect();
+        events.push(format!("planned: {}", figures.join("; ")));
+    }
     if let Some(sh) = &arm.shopper {
         // The arm's rounds as the coordinator's schedule runs them, one line per kind.
         let schedule = arm.schedule;
