@@ -240,6 +240,19 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
     let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
     let difference = max_abs_difference(&ours, &theirs);
     assert!(difference < 1e-5, "max |ours − python| = {difference}");
+    // What `guild-client serve` answers from the same exported folder is the same scores.
+    let served = guild_client::serve::ServedModel::from_export(
+        dir.path(),
+        &manifest,
+        TowerConfig { shape, seed: 21 },
+        &items,
+    )
+    .expect("served model");
+    for (history, row) in refs.iter().zip(&theirs) {
+        let scores = served.recommend_scores(history);
+        let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(served_difference < 1e-5, "max |served − python| = {served_difference}");
+    }
     // The offset moved the ranking away from zero-shot, so the check is not vacuous.
     let start = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
     assert!(max_abs_difference(&tch::no_grad(|| start.scores(&items, &refs)), &theirs) > 1e-3);

@@ -1,3 +1,5 @@
+//! The serving engine against the tower's own scores, and its HTTP interface over loopback.
+
 use std::io::{Read as _, Write as _};
 
 use guild_proto::domain::AdapterManifest;
