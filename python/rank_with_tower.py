@@ -72,8 +72,10 @@ def shoppers(tower, adapted, histories):
 
 def prior(tower):
     """The popularity prior of every item, beta * ln(1 + v_j / (kappa * mean(v))), with
-    v = max(w - 3 sigma, 0), w the federation's histogram and sigma its noise, estimated from
-    its negative entries (zero when the tower has no histogram)."""
+    v = max(w - t sigma, 0), w the federation's histogram, sigma its noise, estimated from
+    its negative entries, and t the export's popularity_noise_threshold (sqrt(2 ln catalogue),
+    at least 3) (zero when the tower has no histogram). A tower with item-to-item counts
+    (shape.neighbours > 0) adds a history prior this script does not compute."""
     w = tower["w"]
     if "popularity" not in w:
         return 0.0

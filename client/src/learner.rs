@@ -17,7 +17,7 @@ use tch::Tensor;
 use crate::data::{Dataset, User};
 use crate::model::BaseModel;
 use crate::model::lora::{Adapters, LoraConfig};
-use crate::model::tower::{Tower, TowerConfig};
+use crate::model::tower::{TitleNeighbours, Tower, TowerConfig};
 use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
 
 /// Whose updates a learner hands over in a round.
@@ -146,6 +146,44 @@ pub struct Shared {
     pub dataset: Dataset,
     /// Catalogue embeddings from the frozen base `[items, hidden]`, on the CPU.
     pub items: Tensor,
+    /// The catalogue's title neighbours, computed from `items` when a tower first needs them.
+    pub neighbours: Option<TitleNeighbours>,
+}
+
+impl Shared {
+    pub fn new(base: BaseModel, dataset: Dataset, items: Tensor) -> Self {
+        Self { base, dataset, items, neighbours: None }
+    }
+
+    /// The catalogue's `m` title neighbours per item, computed once.
+    pub fn title_neighbours(&mut self, m: usize) -> Result<TitleNeighbours, crate::model::ModelError> {
+        match &self.neighbours {
+            Some(n) if n.per_item() == m => Ok(n.clone()),
+            _ => {
+                let n = TitleNeighbours::of_items(&self.items, m)?;
+                self.neighbours = Some(n.clone());
+                Ok(n)
+            }
+        }
+    }
+
+    /// A tower of `config` on the base model's device, with its title neighbours if it
+    /// carries item-to-item counts.
+    pub fn tower(&mut self, config: &TowerConfig) -> Result<Tower, crate::model::ModelError> {
+        let mut tower = Tower::new(config.clone(), self.base.device())?;
+        if let Some(neighbours) = self.neighbours_for(&config.shape)? {
+            tower.set_neighbours(&neighbours)?;
+        }
+        Ok(tower)
+    }
+
+    /// The title neighbours a tower of `shape` needs (none without item-to-item counts).
+    pub fn neighbours_for(
+        &mut self,
+        shape: &guild_proto::tower::TowerShape,
+    ) -> Result<Option<TitleNeighbours>, crate::model::ModelError> {
+        if shape.neighbours > 0 { self.title_neighbours(shape.neighbours).map(Some) } else { Ok(None) }
+    }
 }
 
 /// One merchant's model, data and settings.
@@ -239,10 +277,18 @@ pub fn selection_update(update: &mut [f32], values: &[f32], clip_norm: f64) -> a
     Ok(())
 }
 
-/// A merchant's popularity contribution: the mean of its shoppers' unit vectors.
-fn merchant_popularity(users: &[&User]) -> Vec<(usize, f32)> {
+/// A merchant's contribution to the summed statistics (the popularity histogram and, with
+/// `neighbours`, the item-to-item counts): the mean of its shoppers' unit vectors.
+fn merchant_statistics(
+    users: &[&User],
+    catalogue: usize,
+    neighbours: Option<&TitleNeighbours>,
+) -> Vec<(usize, f32)> {
     let n = users.len().max(1) as f32;
-    crate::model::tower::popularity_sum(users).into_iter().map(|(item, value)| (item, value / n)).collect()
+    crate::model::tower::statistics_sum(users, catalogue, neighbours)
+        .into_iter()
+        .map(|(index, value)| (index, value / n))
+        .collect()
 }
 
 /// The local training a round's task asks for.
@@ -348,9 +394,14 @@ impl TowerLearner {
             .collect()
     }
 
+    /// The catalogue's title neighbours, if this merchant's tower carries item-to-item counts.
+    fn neighbours(&self) -> Result<Option<TitleNeighbours>, crate::model::ModelError> {
+        lock(&self.shared).neighbours_for(&self.config.shape)
+    }
+
     /// The tower at `values` (its offset from the start), on the shared model's device.
-    fn tower(&self, shared: &Shared, values: &[f32]) -> Result<Tower, crate::model::ModelError> {
-        let mut tower = Tower::new(self.config.clone(), shared.base.device())?;
+    fn tower(&self, shared: &mut Shared, values: &[f32]) -> Result<Tower, crate::model::ModelError> {
+        let mut tower = shared.tower(&self.config)?;
         tower.set_offset(values)?;
         Ok(tower)
     }
@@ -364,9 +415,9 @@ impl TowerLearner {
         values: &[f32],
         indices: &[usize],
     ) -> Result<(Tower, Tensor, Vec<User>), crate::model::ModelError> {
-        let shared = lock(&self.shared);
+        let mut shared = lock(&self.shared);
         let users = indices.iter().map(|&i| shared.dataset.users[i].clone()).collect();
-        Ok((self.tower(&shared, values)?, shared.items.shallow_clone(), users))
+        Ok((self.tower(&mut shared, values)?, shared.items.shallow_clone(), users))
     }
 
     /// Each of the users at `indices`: its NDCG@10 on its validation item under every
@@ -393,15 +444,17 @@ impl Learner for TowerLearner {
     fn train(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
         let RoundInput { task, global, units } = round;
         let config = round_training(task, self.temperature, self.config.shape.history);
-        let range = guild_proto::tower::popularity_range(&self.config.shape);
+        let range = guild_proto::tower::accumulated_range(&self.config.shape);
         let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
+        let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
         let Units::Shoppers(shoppers) = units else {
             let (tower, items, owned) = self.unlocked(global, &self.users)?;
             let users: Vec<&User> = owned.iter().collect();
             retrieval::train_tower(&tower, &items, &users, &config)?;
             let mut update = update(&tower.offset(), global);
             if let Some(range) = range {
-                share_with_popularity(&mut update, range, &merchant_popularity(&users), clip_norm, share);
+                let statistics = merchant_statistics(&users, catalogue, neighbours.as_ref());
+                share_with_popularity(&mut update, range, &statistics, clip_norm, share);
             }
             return each(&mut update);
         };
@@ -417,7 +470,8 @@ impl Learner for TowerLearner {
         let mut next = users.iter();
         let mut with_popularity = |update: &mut [f32]| {
             let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
-            let contribution = crate::model::tower::popularity_contribution(user);
+            let contribution =
+                crate::model::tower::statistics_contribution(user, catalogue, neighbours.as_ref());
             share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
             each(update)
         };
@@ -436,16 +490,27 @@ impl Learner for TowerLearner {
         let RoundInput { task, global, units } = round;
         // Nothing trained: each unit's update is its popularity contribution alone, at the
         // whole clip norm, in one buffer cleared after each.
-        let range = guild_proto::tower::popularity_range(&self.config.shape)
+        let range = guild_proto::tower::accumulated_range(&self.config.shape)
             .ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
+        let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
         let contributions: Vec<Vec<(usize, f32)>> = {
             let shared = lock(&self.shared);
             match units {
-                Units::Merchant => vec![merchant_popularity(&users(&shared.dataset, &self.users))],
+                Units::Merchant => vec![merchant_statistics(
+                    &users(&shared.dataset, &self.users),
+                    catalogue,
+                    neighbours.as_ref(),
+                )],
                 Units::Shoppers(shoppers) => self
                     .indices(shoppers)?
                     .iter()
-                    .map(|&i| crate::model::tower::popularity_contribution(&shared.dataset.users[i]))
+                    .map(|&i| {
+                        crate::model::tower::statistics_contribution(
+                            &shared.dataset.users[i],
+                            catalogue,
+                            neighbours.as_ref(),
+                        )
+                    })
                     .collect(),
             }
         };
@@ -490,8 +555,8 @@ impl Learner for TowerLearner {
         if self.eval_users.is_empty() {
             return Ok(None);
         }
-        let shared = lock(&self.shared);
-        let tower = self.tower(&shared, values)?;
+        let mut shared = lock(&self.shared);
+        let tower = self.tower(&mut shared, values)?;
         let users = users(&shared.dataset, &self.eval_users);
         let items = shared.items.to(tower.var_store().device());
         let (counts, _) =

@@ -288,7 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 &config.model.cache,
                 config.model.max_tokens,
             )?;
-            let shared = Arc::new(Mutex::new(Shared { base, dataset, items }));
+            let shared = Arc::new(Mutex::new(Shared::new(base, dataset, items)));
             let a = &config.adapter;
             let learner: Box<dyn Learner> = match a.family {
                 AdapterFamilyName::FfaLora => {

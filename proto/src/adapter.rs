@@ -126,12 +126,21 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "temperature": 0.05,
         "layer_norm_eps": 1e-5,
         "popularity_smoothing": crate::tower::POPULARITY_SMOOTHING,
-        "popularity_noise_threshold": crate::tower::POPULARITY_NOISE_THRESHOLD,
+        "popularity_noise_threshold": crate::tower::noise_threshold(shape.catalogue),
+        "transitions_noise_threshold": crate::tower::noise_threshold(shape.catalogue * shape.neighbours),
         "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
                     + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
                     [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
                     v = max(popularity - popularity_noise_threshold * sigma, 0), sigma = sqrt(mean of the \
-                    squared negative entries of popularity), when the tower has a popularity histogram]",
+                    squared negative entries of popularity), when the tower has a popularity histogram] \
+                    [+ transitions_weight * sum_k transitions_recency[k] * ln(1 + u / (popularity_smoothing \
+                    * mean(u)))[h_k, j] added to the score of item neighbours[h_k, j], h_k the k-th most \
+                    recent history item, u = max(popularity_next - transitions_noise_threshold * sigma_u, 0), \
+                    sigma_u from its negative entries, neighbours[i] the shape's `neighbours` items other than i \
+                    whose item vectors have the largest cosine with i's, nearest first, when the tower \
+                    has item-to-item counts]",
+        "transitions_weight": crate::tower::TRANSITIONS_WEIGHT,
+        "transitions_recency": crate::tower::TRANSITIONS_RECENCY,
     });
     let path = dir.join("tower.json");
     let text =

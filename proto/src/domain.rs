@@ -108,10 +108,10 @@ pub struct AdapterManifest {
 
 impl AdapterManifest {
     /// The flat-vector range the coordinator sums instead of training: the sequence
-    /// tower's popularity histogram, if it has one.
+    /// tower's popularity histogram and item-to-item counts, if it has them.
     pub fn accumulated_range(&self) -> Option<std::ops::Range<usize>> {
         match &self.family {
-            AdapterFamily::SequenceTower(shape) => crate::tower::popularity_range(shape),
+            AdapterFamily::SequenceTower(shape) => crate::tower::accumulated_range(shape),
             AdapterFamily::FfaLora => None,
         }
     }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use guild_client::data::{Dataset, ItemIndex, Merchant, User, partition};
 use guild_client::learner::Shared;
 use guild_client::model::lora::{Adapters, LoraConfig};
-use guild_client::model::tower::{Tower, TowerConfig, popularity_histogram};
+use guild_client::model::tower::{TowerConfig, popularity_histogram, statistics_sum};
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::retrieval::{self, ItemCounts, Split, TrainConfig, TrainReport};
 use guild_proto::domain::AdapterFamilyName;
@@ -115,7 +115,7 @@ impl World {
         pool.shuffle(&mut ChaCha20Rng::seed_from_u64(EVAL_USERS_SEED));
         pool.truncate(spec.eval_users);
         Ok(Self {
-            shared: Arc::new(Mutex::new(Shared { base, dataset, items })),
+            shared: Arc::new(Mutex::new(Shared::new(base, dataset, items))),
             merchants,
             eval_users: pool,
             spec,
@@ -208,8 +208,8 @@ impl World {
             self.spec.family == AdapterFamilyName::SequenceTower,
             "training from given values is for the sequence tower"
         );
-        let shared = lock(&self.shared);
-        let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(&self.spec.tower)?;
         model.set_offset(from)?;
         let users = Self::users(&shared.dataset, users);
         let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
@@ -229,8 +229,8 @@ impl World {
             self.spec.family == AdapterFamilyName::SequenceTower,
             "per-shopper updates are for the sequence tower"
         );
-        let shared = lock(&self.shared);
-        let mut model = Tower::new(self.spec.tower.clone(), shared.base.device())?;
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(&self.spec.tower)?;
         let users = Self::users(&shared.dataset, users);
         // In process there is no merchant secret: each shopper's negatives are seeded from
         // the run's seed (as key and round) and the shopper's id.
@@ -261,13 +261,14 @@ impl World {
         config: &TrainConfig,
         tower: &TowerConfig,
     ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
-        let shared = lock(&self.shared);
-        let mut model = Tower::new(tower.clone(), shared.base.device())?;
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(tower)?;
+        let neighbours = shared.neighbours_for(&tower.shape)?;
         let users = Self::users(&shared.dataset, users);
-        // Trained in one place, the histogram is exact: the users' own, before training
-        // (the prior's weight trains with it).
+        // Trained in one place, the statistics are exact: the users' own histogram (and
+        // item-to-item counts), before training (the prior's weight trains with it).
         if tower.shape.catalogue > 0 {
-            model.set_popularity(&popularity_histogram(&users, tower.shape.catalogue))?;
+            model.set_statistics(&statistics_sum(&users, tower.shape.catalogue, neighbours.as_ref()))?;
         }
         let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
         Ok((model.offset(), report))
@@ -280,8 +281,8 @@ impl World {
         if tower.shape.catalogue == 0 {
             return Ok(None);
         }
-        let shared = lock(&self.shared);
-        let mut model = Tower::new(tower.clone(), shared.base.device())?;
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(tower)?;
         model.set_popularity(&popularity_histogram(
             &Self::users(&shared.dataset, users),
             tower.shape.catalogue,
@@ -323,16 +324,16 @@ impl World {
         counts: Option<(&ItemCounts, f64)>,
         split: Split,
     ) -> anyhow::Result<(Scores, Vec<u32>)> {
-        let shared = lock(&self.shared);
-        let users = Self::users(&shared.dataset, &self.eval_users);
+        let mut shared = lock(&self.shared);
         let model = match values {
             Some(v) => {
-                let mut model = Tower::new(tower.clone(), shared.base.device())?;
+                let mut model = shared.tower(tower)?;
                 model.set_offset(v)?;
                 Some(model)
             }
             None => None,
         };
+        let users = Self::users(&shared.dataset, &self.eval_users);
         let items = shared.items.to(shared.base.device());
         let prior = counts.map(|(counts, weight)| move |h: &[&[ItemIndex]]| counts.prior(h, weight));
         let (ranking, ranks) = retrieval::evaluate_tower_with_prior(

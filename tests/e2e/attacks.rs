@@ -177,6 +177,7 @@ fn manifest() -> AdapterManifest {
         layers: 0,
         heads: 1,
         catalogue: 0,
+        neighbours: 0,
     };
     AdapterManifest::sequence_tower(base_model(), shape, 7)
 }
@@ -476,7 +477,11 @@ async fn rate_limiting_is_a_back_off_not_an_exit() {
     let outcome = one_round(honest_task(1.0), 3, options()).await;
     let reason = outcome.result.expect_err("the scripted coordinator serves no adapter");
     assert!(reason.starts_with("not a refusal"), "{reason}");
-    assert_eq!((outcome.calls.tasks, outcome.calls.downloads), (4, 1), "{:?}", outcome.calls);
+    // Three refused polls, then the one that took the task; the client may poll once more
+    // (for the next round) before the harness stops it, so the count is a lower bound. An
+    // exit on the rate limit would download nothing.
+    assert!(outcome.calls.tasks >= 4, "{:?}", outcome.calls);
+    assert_eq!(outcome.calls.downloads, 1, "{:?}", outcome.calls);
 }
 
 /// Complaints as a weapon: two colluding merchants accuse every other cohort member of

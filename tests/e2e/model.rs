@@ -215,6 +215,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         layers: 2,
         heads: 2,
         catalogue: 40,
+        neighbours: 0,
     };
     let mut tower = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
     let n = tower.parameter_count();

@@ -181,6 +181,7 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
             layers: 0,
             heads: 4,
             catalogue: results.catalogue,
+            neighbours: 0,
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));

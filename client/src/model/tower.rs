@@ -18,12 +18,22 @@
 //! zero-shot "mean of the last five items" ranking ([`zero_shot_weights`]); a test holds it
 //! to that. The histogram is not trained: each contribution adds a unit vector over a
 //! shopper's items ([`popularity_contribution`]) and the coordinator sums them.
+//!
+//! With `neighbours` M in the shape, the tower also carries item-to-item counts: for each
+//! item and each of its M title neighbours ([`TitleNeighbours`], public), how often
+//! shoppers went from one to the other ([`transitions_contribution`]), summed by the
+//! coordinator like the histogram and scored as a prior over a shopper's last three items
+//! ([`Tower::history_prior`]): the collaborative signal the frozen title vectors lack,
+//! restricted to pairs the federation can sum as a dense vector.
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use guild_proto::tower::{
-    POPULARITY, POPULARITY_NOISE_THRESHOLD, POPULARITY_RECENCY, POPULARITY_SMOOTHING, POPULARITY_WEIGHT,
-    TowerShape, initial_values, tensors,
+    CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, POPULARITY, POPULARITY_RECENCY, POPULARITY_SMOOTHING,
+    POPULARITY_WEIGHT, TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY, TRANSITIONS_WEIGHT, TowerShape,
+    initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -49,6 +59,13 @@ pub struct Tower {
     vars: BTreeMap<String, Tensor>,
     /// The initial values, flat: the federation aggregates offsets from them.
     initial: Vec<f32>,
+    /// The catalogue's title neighbours, `[catalogue, M]` on the tower's device, once set
+    /// ([`Self::set_neighbours`]); the item-to-item prior needs them.
+    neighbours: Option<Tensor>,
+    /// `ln(1 + v/(κ·v̄))` of the item-to-item counts, `[catalogue, M]`, recomputed whenever
+    /// the counts are set (they are never trained), so that scoring does not redo it per
+    /// batch or per request; `None` without counts.
+    transitions_log: Option<Tensor>,
 }
 
 impl Tower {
@@ -65,8 +82,8 @@ impl Tower {
                 path = &path / segment;
             }
             let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            // The histogram is summed by the coordinator, never trained here.
-            let var = if t.name == POPULARITY {
+            // The histogram and the counts are summed by the coordinator, never trained here.
+            let var = if t.name == POPULARITY || t.name == TRANSITIONS {
                 path.zeros_no_train(leaf, &shape)
             } else {
                 path.zeros(leaf, &shape)
@@ -74,7 +91,7 @@ impl Tower {
             vars.insert(t.name.clone(), var);
         }
         let initial = initial_values(&config.shape, config.seed);
-        let mut tower = Self { config, vs, vars, initial };
+        let mut tower = Self { config, vs, vars, initial, neighbours: None, transitions_log: None };
         let initial = tower.initial.clone();
         tower.set_flat(&initial)?;
         Ok(tower)
@@ -169,14 +186,99 @@ impl Tower {
     }
 
     /// Scores `[batch, items]` of each history against the whole catalogue: cosine plus the
-    /// popularity prior.
+    /// popularity prior plus the item-to-item prior.
     pub fn scores(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
         let shoppers = normalise(&self.shoppers(items, histories));
         let cosine = shoppers.matmul(&normalise(&self.adapt_items(items)).tr());
-        match self.prior() {
+        let scores = match self.prior() {
             Some(prior) => cosine + prior.unsqueeze(0),
             None => cosine,
+        };
+        self.with_history_prior(scores, histories)
+    }
+
+    /// `scores` (`[batch, catalogue]`, one row per history) plus the item-to-item prior of
+    /// each history, if the tower has one.
+    pub fn with_history_prior(&self, scores: Tensor, histories: &[&[ItemIndex]]) -> Tensor {
+        match self.history_prior(histories) {
+            Some(prior) => {
+                let device = scores.device();
+                scores + prior.to_device(device)
+            }
+            None => scores,
         }
+    }
+
+    /// Sets the catalogue's title neighbours, which the item-to-item prior indexes; an error
+    /// if they are not of the shape's catalogue and neighbour count.
+    pub fn set_neighbours(&mut self, neighbours: &TitleNeighbours) -> Result<(), super::ModelError> {
+        let shape = &self.config.shape;
+        if (neighbours.catalogue(), neighbours.per_item()) != (shape.catalogue, shape.neighbours) {
+            return Err(super::ModelError::AdapterShape(format!(
+                "title neighbours {} per item over {} items for a tower of {} over {}",
+                neighbours.per_item(),
+                neighbours.catalogue(),
+                shape.neighbours,
+                shape.catalogue
+            )));
+        }
+        self.neighbours = Some(neighbours.tensor().to(self.vs.device()));
+        Ok(())
+    }
+
+    /// Whether the tower carries item-to-item counts (and so needs its title neighbours).
+    pub fn needs_neighbours(&self) -> bool {
+        // A valid shape has a catalogue wherever it has neighbours.
+        self.config.shape.neighbours > 0
+    }
+
+    /// Recomputes [`Self::transitions_log`] from the counts' variable.
+    fn refresh_transitions_log(&mut self) {
+        let (catalogue, m) = (self.config.shape.catalogue as i64, self.config.shape.neighbours as i64);
+        self.transitions_log = self.vars.get(TRANSITIONS).map(|counts| {
+            let threshold = guild_proto::tower::noise_threshold((catalogue * m) as usize);
+            tch::no_grad(|| accumulated_log(&counts.detach(), threshold).view([catalogue, m]))
+        });
+    }
+
+    /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
+    /// `β_t · Σ_k r_k · ln(1 + v_{h_k,c}/(κ·v̄))` over its last three items `h_k`, `v` the
+    /// thresholded counts (`guild_proto::tower::TRANSITIONS_WEIGHT`); `None` for a tower
+    /// without counts, or whose neighbours were not set. Exactly zero while the counts are.
+    pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
+        if !self.needs_neighbours() {
+            return None;
+        }
+        let Some(neighbours) = &self.neighbours else {
+            tracing::warn!("a tower with item-to-item counts scored without its title neighbours");
+            return None;
+        };
+        let (catalogue, m) = (self.config.shape.catalogue as i64, self.config.shape.neighbours as i64);
+        let log = self.transitions_log.as_ref()?;
+        let depth = TRANSITIONS_RECENCY.len();
+        let (mut rows, mut weights) = (Vec::new(), Vec::new());
+        for history in histories {
+            for (k, weight) in TRANSITIONS_RECENCY.iter().enumerate() {
+                match history.len().checked_sub(k + 1).map(|i| history[i]) {
+                    Some(item) if i64::from(item) < catalogue => {
+                        rows.push(i64::from(item));
+                        weights.push(*weight as f32);
+                    }
+                    _ => {
+                        rows.push(0);
+                        weights.push(0.0);
+                    }
+                }
+            }
+        }
+        let device = log.device();
+        let rows = Tensor::from_slice(&rows).to(device);
+        let weights = Tensor::from_slice(&weights).to(device).unsqueeze(1);
+        let b = histories.len() as i64;
+        let values = (log.index_select(0, &rows) * weights).view([b, depth as i64 * m]);
+        let columns = neighbours.index_select(0, &rows).view([b, depth as i64 * m]);
+        let prior = Tensor::zeros([b, catalogue], (Kind::Float, device)).scatter_add(1, &columns, &values);
+        Some(prior * TRANSITIONS_WEIGHT)
     }
 
     /// The popularity prior of every catalogue item, `β · ln(1 + v_j / (κ·v̄))` with
@@ -193,14 +295,47 @@ impl Tower {
         if self.config.shape.catalogue == 0 {
             return None;
         }
-        let histogram = self.var(POPULARITY).detach();
-        // σ̂ from the negative entries (noise), 3σ̂ taken off: guild_proto's formula.
-        let negative = histogram.clamp_max(0.0);
-        let count = histogram.lt(0.0).sum(Kind::Float).clamp_min(1.0);
-        let sigma = (negative.square().sum(Kind::Float) / count).sqrt();
-        let kept = (&histogram - sigma * POPULARITY_NOISE_THRESHOLD).clamp_min(0.0);
-        let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
-        Some((kept / scale).log1p())
+        Some(accumulated_log(
+            &self.var(POPULARITY).detach(),
+            guild_proto::tower::noise_threshold(self.config.shape.catalogue),
+        ))
+    }
+
+    /// Sets the histogram and (if the tower has them) the counts from `sum`, indexed over the
+    /// accumulated range as [`statistics_sum`] gives it (what a federation's sums estimate,
+    /// up to scale and noise): a reference tower's exact statistics.
+    pub fn set_statistics(&mut self, sum: &BTreeMap<usize, f32>) -> Result<(), super::ModelError> {
+        let (catalogue, m) = (self.config.shape.catalogue, self.config.shape.neighbours);
+        let mut dense = vec![0.0f32; catalogue * (1 + m)];
+        for (&index, &value) in sum {
+            if let Some(d) = dense.get_mut(index) {
+                *d = value;
+            }
+        }
+        self.set_popularity(&dense[..catalogue])?;
+        if self.needs_neighbours() {
+            self.set_transitions(&dense[catalogue..])?;
+        }
+        Ok(())
+    }
+
+    /// Sets the item-to-item counts (`[catalogue · neighbours]` values, any scale); an error
+    /// if the tower has none or the length differs.
+    pub fn set_transitions(&mut self, counts: &[f32]) -> Result<(), super::ModelError> {
+        let expected = self.config.shape.catalogue * self.config.shape.neighbours;
+        let Some(var) = self.vars.get_mut(TRANSITIONS) else {
+            return Err(super::ModelError::AdapterShape("the tower has no item-to-item counts".into()));
+        };
+        if counts.len() != expected {
+            return Err(super::ModelError::AdapterShape(format!(
+                "{} item-to-item counts for a tower of {expected}",
+                counts.len()
+            )));
+        }
+        let values = Tensor::from_slice(counts).to(var.device()).view(var.size().as_slice());
+        tch::no_grad(|| var.copy_(&values));
+        self.refresh_transitions_log();
+        Ok(())
     }
 
     /// Sets the popularity histogram (`[catalogue]` values, any scale); an error if the
@@ -237,6 +372,7 @@ impl Tower {
             )));
         }
         super::copy_flat(self.vars.values_mut(), values);
+        self.refresh_transitions_log();
         Ok(())
     }
 
@@ -300,6 +436,151 @@ impl Tower {
     pub fn parameter_count(&self) -> usize {
         self.initial.len()
     }
+}
+
+/// `ln(1 + v/(κ·v̄))` of a summed statistic `w` (the histogram or the counts), with
+/// `v = max(w − threshold·σ̂, 0)` and σ̂ estimated from its negative entries (noise):
+/// `guild_proto::tower::popularity_prior`'s formula, in libtorch (`threshold` the
+/// `guild_proto::tower::noise_threshold` of the statistic's length).
+fn accumulated_log(sum: &Tensor, threshold: f64) -> Tensor {
+    let negative = sum.clamp_max(0.0);
+    let count = sum.lt(0.0).sum(Kind::Float).clamp_min(1.0);
+    let sigma = (negative.square().sum(Kind::Float) / count).sqrt();
+    let kept = (sum - sigma * threshold).clamp_min(0.0);
+    let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
+    (kept / scale).log1p()
+}
+
+/// Each catalogue item's `M` title neighbours: the items whose title vectors are closest to
+/// its own by cosine, itself left out, nearest first. Computed from the public catalogue
+/// embeddings alone, so every merchant derives the same lists (up to floating-point ties
+/// between near-equal neighbours on different hardware), and cheap to share (the lists sit
+/// behind an `Arc`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TitleNeighbours {
+    per_item: usize,
+    lists: Arc<[i64]>,
+}
+
+impl TitleNeighbours {
+    /// The `m` nearest titles of every row of `items` (`[catalogue, hidden]`).
+    pub fn of_items(items: &Tensor, m: usize) -> Result<Self, super::ModelError> {
+        let bad = |reason: String| super::ModelError::AdapterShape(reason);
+        let (n, _) = items.size2().map_err(|e| bad(format!("catalogue embeddings: {e}")))?;
+        if m == 0 || m as i64 >= n {
+            return Err(bad(format!("{m} title neighbours in a catalogue of {n} items")));
+        }
+        let lists = tch::no_grad(|| {
+            let unit = normalise(&items.to_kind(Kind::Float).to(Device::Cpu));
+            let mut lists = Vec::with_capacity(n as usize * m);
+            let chunk = 1024;
+            for start in (0..n).step_by(chunk) {
+                let len = chunk.min((n - start) as usize) as i64;
+                let rows = Tensor::arange_start(start, start + len, (Kind::Int64, Device::Cpu));
+                let similarity = unit.narrow(0, start, len).matmul(&unit.tr()).scatter_value(
+                    1,
+                    &rows.unsqueeze(1),
+                    f64::NEG_INFINITY,
+                );
+                let (_, nearest) = similarity.topk(m as i64, 1, true, true);
+                lists.extend(Vec::<i64>::try_from(nearest.flatten(0, -1)).expect("int64 indices"));
+            }
+            lists
+        });
+        Ok(Self { per_item: m, lists: lists.into() })
+    }
+
+    /// M: neighbours per item.
+    pub fn per_item(&self) -> usize {
+        self.per_item
+    }
+
+    pub fn catalogue(&self) -> usize {
+        self.lists.len() / self.per_item.max(1)
+    }
+
+    /// Item `item`'s neighbours, nearest first (empty outside the catalogue).
+    pub fn of(&self, item: ItemIndex) -> &[i64] {
+        let start = item as usize * self.per_item;
+        self.lists.get(start..start + self.per_item).unwrap_or(&[])
+    }
+
+    /// Where the pair (`from`, `to`) sits in the counts, `from · M + j` for `to` the `j`-th
+    /// neighbour of `from`; `None` if `to` is not among them.
+    pub fn slot(&self, from: ItemIndex, to: ItemIndex) -> Option<usize> {
+        let j = self.of(from).iter().position(|&n| n == i64::from(to))?;
+        Some(from as usize * self.per_item + j)
+    }
+
+    /// The lists as a `[catalogue, M]` int64 tensor on the CPU.
+    pub fn tensor(&self) -> Tensor {
+        Tensor::from_slice(&self.lists).view([self.catalogue() as i64, self.per_item as i64])
+    }
+}
+
+/// A shopper's contribution to the item-to-item counts: a unit vector over the slots
+/// ([`TitleNeighbours::slot`]) of the pairs in its training history (every item but the
+/// validation target) that are title neighbours: each transition counts
+/// `guild_proto::tower::TRANSITION_WEIGHT`, each pair within the co-occurrence window
+/// `CO_OCCURRENCE_WEIGHT` in both directions, before the scaling; `(slot, value)` pairs in
+/// slot order, empty for a shopper with no such pair.
+pub fn transitions_contribution(user: &User, neighbours: &TitleNeighbours) -> Vec<(usize, f32)> {
+    let n = user.history.len();
+    let training = &user.history[..n.saturating_sub(1)];
+    let mut counts = BTreeMap::<usize, f64>::new();
+    let mut add = |from: ItemIndex, to: ItemIndex, weight: f32| {
+        if let Some(slot) = neighbours.slot(from, to) {
+            *counts.entry(slot).or_default() += f64::from(weight);
+        }
+    };
+    for (k, &item) in training.iter().enumerate() {
+        if k >= 1 {
+            add(training[k - 1], item, TRANSITION_WEIGHT);
+        }
+        for &earlier in &training[k.saturating_sub(CO_OCCURRENCE_WINDOW)..k] {
+            add(earlier, item, CO_OCCURRENCE_WEIGHT);
+            add(item, earlier, CO_OCCURRENCE_WEIGHT);
+        }
+    }
+    let norm = counts.values().map(|c| c * c).sum::<f64>().sqrt();
+    counts.into_iter().map(|(slot, c)| (slot, (c / norm) as f32)).collect()
+}
+
+/// A shopper's contribution to the tower's summed statistics, indexed over the accumulated
+/// range (`guild_proto::tower::accumulated_range`: the histogram's `catalogue` items, then
+/// the counts' slots): its popularity contribution alone without `neighbours`, else that and
+/// its item-to-item contribution at `1/√2` each, so the whole is still a unit vector (either
+/// alone at full weight when the other is empty).
+pub fn statistics_contribution(
+    user: &User,
+    catalogue: usize,
+    neighbours: Option<&TitleNeighbours>,
+) -> Vec<(usize, f32)> {
+    let popularity = popularity_contribution(user);
+    let Some(neighbours) = neighbours else { return popularity };
+    let transitions = transitions_contribution(user, neighbours);
+    let half =
+        if popularity.is_empty() || transitions.is_empty() { 1.0 } else { std::f32::consts::FRAC_1_SQRT_2 };
+    popularity
+        .into_iter()
+        .map(|(item, v)| (item, v * half))
+        .chain(transitions.into_iter().map(|(slot, v)| (catalogue + slot, v * half)))
+        .collect()
+}
+
+/// The sum of `users`' statistics contributions ([`statistics_contribution`]), by index.
+pub fn statistics_sum(
+    users: &[&User],
+    catalogue: usize,
+    neighbours: Option<&TitleNeighbours>,
+) -> BTreeMap<usize, f32> {
+    let mut sum = BTreeMap::<usize, f32>::new();
+    for user in users {
+        for (index, value) in statistics_contribution(user, catalogue, neighbours) {
+            *sum.entry(index).or_default() += value;
+        }
+    }
+    sum
 }
 
 /// A shopper's contribution to the popularity histogram: a unit vector over the distinct
@@ -478,9 +759,147 @@ mod tests {
                 layers: 2,
                 heads: 4,
                 catalogue: CATALOGUE,
+                neighbours: 0,
             },
             seed: 3,
         }
+    }
+
+    fn with_neighbours(m: usize) -> TowerConfig {
+        let mut config = config();
+        config.shape.neighbours = m;
+        config
+    }
+
+    #[test]
+    fn title_neighbours_are_the_nearest_other_items_by_cosine() {
+        // Four items on a circle, 0 and 1 close, 2 and 3 close, the pairs far apart.
+        let angles = [0.0f32, 0.1, 2.0, 2.3, 4.0];
+        let flat: Vec<f32> = angles.iter().flat_map(|a| [a.cos() * 3.0, a.sin() * 3.0]).collect();
+        let items = Tensor::from_slice(&flat).view([5, 2]);
+        let neighbours = TitleNeighbours::of_items(&items, 2).expect("neighbours");
+        assert_eq!((neighbours.catalogue(), neighbours.per_item()), (5, 2));
+        assert_eq!(neighbours.of(0), &[1, 2], "nearest first, itself left out");
+        assert_eq!(neighbours.of(2), &[3, 1]);
+        assert_eq!(neighbours.slot(2, 1), Some(2 * 2 + 1));
+        assert_eq!(neighbours.slot(2, 4), None, "not a neighbour");
+        assert!(neighbours.of(9).is_empty(), "outside the catalogue");
+        assert!(TitleNeighbours::of_items(&items, 5).is_err(), "as many neighbours as items");
+        assert!(TitleNeighbours::of_items(&items, 0).is_err());
+    }
+
+    #[test]
+    fn a_shoppers_item_to_item_contribution_is_a_unit_vector_over_its_neighbouring_pairs() {
+        // Items 0..6 on a line: each item's two neighbours are the items next to it.
+        let flat: Vec<f32> = (0..6).flat_map(|i| [(i as f32 * 0.3).cos(), (i as f32 * 0.3).sin()]).collect();
+        let items = Tensor::from_slice(&flat).view([6, 2]);
+        let neighbours = TitleNeighbours::of_items(&items, 2).expect("neighbours");
+        assert_eq!(neighbours.of(2), &[1, 3]);
+        // Training items 1, 2, 4 (5 is the validation item): 1 → 2 is a transition and a
+        // co-occurrence, 2 – 4 and 1 – 4 co-occur but are not neighbours, and nothing pairs
+        // with 5.
+        let user = User { id: "u".into(), history: vec![1, 2, 4, 5], test_target: 0 };
+        let contribution = transitions_contribution(&user, &neighbours);
+        let slot_12 = neighbours.slot(1, 2).expect("neighbours");
+        let slot_21 = neighbours.slot(2, 1).expect("neighbours");
+        let raw = [(slot_12, 1.3f64), (slot_21, 0.3)];
+        let norm = raw.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
+        let mut expected: Vec<(usize, f32)> = raw.iter().map(|&(s, v)| (s, (v / norm) as f32)).collect();
+        expected.sort_by_key(|&(s, _)| s);
+        assert_eq!(contribution.len(), 2, "{contribution:?}");
+        for ((s, v), (es, ev)) in contribution.iter().zip(&expected) {
+            assert_eq!(s, es);
+            assert!((v - ev).abs() < 1e-6);
+        }
+        // With the histogram: one unit vector, half of its square in each part.
+        let both = statistics_contribution(&user, 6, Some(&neighbours));
+        let (histogram, counts): (Vec<_>, Vec<_>) = both.iter().partition(|(i, _)| *i < 6);
+        let square = |part: &[&(usize, f32)]| part.iter().map(|(_, v)| f64::from(*v).powi(2)).sum::<f64>();
+        assert!((square(&histogram) - 0.5).abs() < 1e-6 && (square(&counts) - 0.5).abs() < 1e-6);
+        assert!(counts.iter().all(|(i, _)| *i >= 6 && *i < 6 + 12));
+        // A shopper with no neighbouring pair gives its histogram alone, at full weight.
+        let far = User { id: "f".into(), history: vec![0, 5, 1], test_target: 0 };
+        let alone = statistics_contribution(&far, 6, Some(&neighbours));
+        assert_eq!(alone, popularity_contribution(&far));
+        assert_eq!(statistics_contribution(&user, 6, None), popularity_contribution(&user));
+    }
+
+    #[test]
+    fn counts_that_are_all_noise_give_no_prior_and_strong_counts_survive_it() {
+        // 16,859 × 32 counts of pure Gaussian noise (σ = 2), as a merchant-level DP sum of
+        // counts is: under the universal threshold at most a few entries survive (any
+        // survives with probability about 8%, more than three with probability below 10^−5
+        // for an unseeded draw; the seed makes it exact). The histogram's 3σ̂ would have
+        // kept about 0.13% of them (~730), each scored as a prior larger than any cosine.
+        let d = 16_859 * 32;
+        tch::manual_seed(11);
+        let noise = Tensor::randn([d as i64], (Kind::Float, Device::Cpu)) * 2.0;
+        let threshold = guild_proto::tower::noise_threshold(d);
+        assert!((threshold - (2.0 * (d as f64).ln()).sqrt()).abs() < 1e-12 && threshold > 5.0);
+        let survivors = |t: &Tensor| t.gt(0.0).sum(Kind::Int64).int64_value(&[]);
+        let universal = accumulated_log(&noise, threshold);
+        assert!(survivors(&universal) <= 3, "{} noise entries kept", survivors(&universal));
+        let three_sigma = accumulated_log(&noise, guild_proto::tower::POPULARITY_NOISE_THRESHOLD);
+        assert!(survivors(&three_sigma) > 500, "3σ̂ keeps {}", survivors(&three_sigma));
+        assert!(three_sigma.max().double_value(&[]) > 5.0, "and scores them far above a cosine");
+        // Twenty counts at 20σ on top of the noise are kept, and rank first.
+        let mut signal = vec![0.0f32; d];
+        for k in 0..20 {
+            signal[k * 1_000] = 40.0;
+        }
+        let summed = &noise + Tensor::from_slice(&signal);
+        let kept = accumulated_log(&summed, threshold);
+        let strong = Tensor::from_slice(&(0..20).map(|k| k * 1_000i64).collect::<Vec<_>>());
+        assert!(
+            kept.index_select(0, &strong).gt(0.0).all().int64_value(&[]) == 1,
+            "the strong counts survive"
+        );
+        assert!(survivors(&kept) <= 23, "{}", survivors(&kept));
+        // Exact counts (no negative entry, so σ̂ = 0) are kept whatever the threshold.
+        let exact = Tensor::from_slice(&signal);
+        assert!(
+            accumulated_log(&exact, threshold)
+                .equal(&accumulated_log(&exact, guild_proto::tower::POPULARITY_NOISE_THRESHOLD))
+        );
+    }
+
+    #[test]
+    fn the_item_to_item_prior_is_zero_at_start_and_adds_its_formula_to_the_scores() {
+        let items = catalogue(CATALOGUE as i64, 12);
+        let neighbours = TitleNeighbours::of_items(&items, 4).expect("neighbours");
+        let mut tower = Tower::new(with_neighbours(4), Device::Cpu).expect("tower");
+        tower.set_neighbours(&neighbours).expect("neighbours fit");
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        // At start the counts are empty: still exactly zero-shot.
+        let start = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(start.equal(&zero_shot_scores(&items, &histories, &config().shape)));
+        // One count: item 4 to its first neighbour. A history ending in 4 (weight 1) and one
+        // with 4 two items back (weight 0.25) gain β_t·ln(1 + v/v̄)·r on that neighbour only.
+        let mut counts = vec![0.0f32; CATALOGUE * 4];
+        counts[4 * 4] = 2.0;
+        tower.set_transitions(&counts).expect("counts");
+        let target = neighbours.of(4)[0];
+        let histories: [&[ItemIndex]; 3] = [&[9, 4], &[4, 7, 8], &[7, 8, 9]];
+        let prior = tower.history_prior(&histories).expect("a prior");
+        let mean = 2.0 / (CATALOGUE * 4) as f64;
+        let expected = TRANSITIONS_WEIGHT * (2.0 / mean).ln_1p();
+        let value = |row: i64, item: i64| prior.double_value(&[row, item]);
+        assert!((value(0, target) - expected).abs() < 1e-5, "{} against {expected}", value(0, target));
+        assert!((value(1, target) - 0.25 * expected).abs() < 1e-5);
+        let total = prior.abs().sum(Kind::Float).double_value(&[]);
+        assert!((total - value(0, target) - value(1, target)).abs() < 1e-5, "nothing else: {total}");
+        // The scores carry it; a tower without neighbours set adds none (and says so).
+        let scores = tch::no_grad(|| tower.scores(&items, &histories));
+        let mut plain = Tower::new(with_neighbours(4), Device::Cpu).expect("tower");
+        plain.set_transitions(&counts).expect("counts");
+        let without = tch::no_grad(|| plain.scores(&items, &histories));
+        assert!(((scores - without) - prior).abs().max().double_value(&[]) < 1e-6);
+        // Neighbours of another shape are refused.
+        let other = TitleNeighbours::of_items(&items, 3).expect("neighbours");
+        assert!(tower.set_neighbours(&other).is_err());
+        // The counts are never trained: a backward pass leaves no gradient on them.
+        assert!(!tower.vars[TRANSITIONS].requires_grad());
     }
 
     #[test]

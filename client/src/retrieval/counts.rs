@@ -14,13 +14,9 @@ use super::metrics::{held_out, rank_rows};
 use super::{RankingCounts, Split};
 use crate::data::{ItemIndex, User};
 
-/// A transition (the previous item to the next) counts 1.
-pub const TRANSITION_WEIGHT: f32 = 1.0;
-/// Two items within [`WINDOW`] positions of each other count this much, in both directions
-/// (a transition is also a co-occurrence).
-pub const CO_OCCURRENCE_WEIGHT: f32 = 0.3;
-/// The co-occurrence window: items at most this many positions apart.
-pub const WINDOW: usize = 3;
+/// The pair weights, shared with the federated counts of the sequence tower
+/// (`guild_proto::tower`): a transition counts 1, a co-occurrence within the window 0.3.
+pub use guild_proto::tower::{CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW as WINDOW, TRANSITION_WEIGHT};
 /// The weights of a history's last items in its score, from the most recent.
 pub const RECENCY: [f32; 3] = [1.0, 0.5, 0.25];
 /// The weight of popularity in the count ranker: it only breaks ties (at most this much,

@@ -200,6 +200,7 @@ mod test_support {
             layers: 1,
             heads,
             catalogue,
+            neighbours: 0,
         }
     }
 

@@ -92,10 +92,11 @@ pub fn evaluate_search(
             let personal = match tower {
                 Some(t) => {
                     let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
-                    match &prior {
+                    let scores = match &prior {
                         Some(prior) => cosine + prior,
                         None => cosine,
-                    }
+                    };
+                    t.with_history_prior(scores, &histories)
                 }
                 None => zero_shot_scores(items, &histories, shape),
             };

@@ -66,7 +66,10 @@ pub fn selection_ndcg(
             for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
             {
                 let shoppers = normalise(&last_positions(&sequence, &windows));
-                let cosine = shoppers.matmul(&adapted).masked_fill(&mask, f64::NEG_INFINITY);
+                // The item-to-item prior does not depend on the setting: it rides with the cosine.
+                let cosine = tower
+                    .with_history_prior(shoppers.matmul(&adapted), &histories)
+                    .masked_fill(&mask, f64::NEG_INFINITY);
                 let target_cosine = cosine.gather(1, &targets, false);
                 for &j in settings {
                     let beta = f64::from(grid[j].weight);

@@ -40,10 +40,11 @@ pub fn evaluate_tower_with_prior(
             let scores = match (tower, &adapted) {
                 (Some(t), Some(adapted)) => {
                     let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
-                    match &prior {
+                    let scores = match &prior {
                         Some(prior) => cosine + prior,
                         None => cosine,
-                    }
+                    };
+                    t.with_history_prior(scores, &histories)
                 }
                 _ => zero_shot_scores(items, &histories, shape),
             };

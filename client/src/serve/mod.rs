@@ -26,7 +26,7 @@ use guild_proto::domain::AdapterManifest;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, ItemIndex};
-use crate::model::tower::{Tower, TowerConfig, normalise};
+use crate::model::tower::{TitleNeighbours, Tower, TowerConfig, normalise};
 use crate::model::{BaseModel, ModelError};
 
 /// Most items one answer may hold.
@@ -119,6 +119,9 @@ impl ServedModel {
                 "the adapter's popularity prior covers {catalogue} items, this catalogue has {rows}"
             )));
         }
+        if tower.needs_neighbours() {
+            tower.set_neighbours(&title_neighbours(items, tower.config().shape.neighbours)?)?;
+        }
         let items = items.shallow_clone();
         let (adapted, prior) = tch::no_grad(|| (normalise(&tower.adapt_items(&items)), tower.prior()));
         Ok(Self { version, sha256, tower, items, adapted, prior })
@@ -177,8 +180,9 @@ impl ServedModel {
     pub fn recommend_scores(&self, history: &[ItemIndex]) -> Vec<f32> {
         tch::no_grad(|| {
             let scores = match self.shopper(history) {
-                Some(shopper) => self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0)),
-                None => self.with_prior(Tensor::zeros([self.adapted.size()[0]], (Kind::Float, Device::Cpu))),
+                Some(shopper) => self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0), history),
+                None => self
+                    .with_prior(Tensor::zeros([self.adapted.size()[0]], (Kind::Float, Device::Cpu)), history),
             };
             Vec::<f32>::try_from(&scores).unwrap_or_default()
         })
@@ -192,7 +196,7 @@ impl ServedModel {
             let text = self.adapted.matmul(&normalise(&query.view([1, -1])).tr()).squeeze_dim(1);
             let scores = match self.shopper(history) {
                 Some(shopper) if personalisation != 0.0 => {
-                    text + self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0))
+                    text + self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0), history)
                         * personalisation
                 }
                 _ => text,
@@ -201,12 +205,39 @@ impl ServedModel {
         })
     }
 
-    fn with_prior(&self, scores: Tensor) -> Tensor {
-        match &self.prior {
+    /// `scores` plus the popularity prior and `history`'s item-to-item prior (what the
+    /// tower has of them).
+    fn with_prior(&self, scores: Tensor, history: &[ItemIndex]) -> Tensor {
+        let scores = match &self.prior {
             Some(prior) => scores + prior,
             None => scores,
+        };
+        if history.is_empty() {
+            return scores;
         }
+        self.tower.with_history_prior(scores.unsqueeze(0), &[history]).squeeze_dim(0)
     }
+}
+
+/// The catalogue's `m` title neighbours, computed once per catalogue and neighbour count in
+/// this process (a new adapter version over the same catalogue reuses them).
+fn title_neighbours(items: &Tensor, m: usize) -> Result<TitleNeighbours, ModelError> {
+    type Key = (usize, usize, u64);
+    static CACHE: Mutex<Option<(Key, TitleNeighbours)>> = Mutex::new(None);
+    let rows = items.size().first().copied().unwrap_or(0) as usize;
+    // The catalogue's fingerprint: the sum of its vectors (a different catalogue of the same
+    // size does not reuse another's lists).
+    let sum = tch::no_grad(|| items.sum(Kind::Double).double_value(&[]));
+    let key = (m, rows, sum.to_bits());
+    let mut cache = CACHE.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((cached, neighbours)) = cache.as_ref()
+        && *cached == key
+    {
+        return Ok(neighbours.clone());
+    }
+    let neighbours = TitleNeighbours::of_items(items, m)?;
+    *cache = Some((key, neighbours.clone()));
+    Ok(neighbours)
 }
 
 /// Encodes a search query into the item vectors' space.

@@ -24,6 +24,7 @@ fn config() -> TowerConfig {
             layers: 1,
             heads: 2,
             catalogue: ITEMS,
+            neighbours: 3,
         },
         seed: 5,
     }
@@ -34,13 +35,14 @@ fn items() -> Tensor {
     normalise(&Tensor::randn([ITEMS as i64, HIDDEN as i64], (Kind::Float, Device::Cpu)))
 }
 
-/// A trained-looking offset: every value moved, the popularity histogram positive.
+/// A trained-looking offset: every value moved, the popularity histogram and the
+/// item-to-item counts positive.
 fn offset(seed: u64) -> Vec<f32> {
     let shape = config().shape;
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
     let mut offset: Vec<f32> =
         (0..guild_proto::tower::parameter_count(&shape)).map(|_| rng.gen_range(-0.2..0.2)).collect();
-    if let Some(range) = guild_proto::tower::popularity_range(&shape) {
+    if let Some(range) = guild_proto::tower::accumulated_range(&shape) {
         for v in &mut offset[range] {
             *v = rng.gen_range(0.0..50.0);
         }
@@ -84,7 +86,13 @@ fn recommendations_are_the_towers_own_scores_best_first_without_the_history() {
     let engine = engine(&offset, 0.0);
     let mut tower = Tower::new(config(), Device::Cpu).expect("tower");
     tower.set_offset(&offset).expect("offset");
+    let neighbours = TitleNeighbours::of_items(&items(), 3).expect("neighbours");
+    tower.set_neighbours(&neighbours).expect("neighbours");
     let history: Vec<ItemIndex> = vec![3, 9, 12, 3, 30];
+    // The served scores carry the item-to-item prior (the counts are positive).
+    assert!(
+        tower.history_prior(&[&history]).expect("a prior").abs().sum(Kind::Float).double_value(&[]) > 0.0
+    );
     let expected = Vec::<f32>::try_from(&tower.scores(&items(), &[&history]).squeeze_dim(0)).expect("scores");
     let ranked = engine.recommend(&ids(&history), 10, true).expect("ranked");
     assert_eq!(ranked.adapter_version, 4);

@@ -18,33 +18,38 @@
 
 use std::ops::Range;
 
-/// Shrinks each block of `sum` (ranges into it; a block of fewer than 3 coordinates is left
-/// as it is) towards zero by its positive-part James–Stein factor at per-coordinate noise
-/// variance `variance`; returns each block's factor in `[0, 1]`. A variance of zero (no
-/// noise) leaves every block as it is, with factor 1.
-pub fn james_stein(sum: &mut [f64], blocks: &[Range<usize>], variance: f64) -> Vec<f64> {
+/// Shrinks each block of `sum` (each a set of ranges into it, shrunk together; a block of
+/// fewer than 3 coordinates is left as it is) towards zero by its positive-part James–Stein
+/// factor at per-coordinate noise variance `variance`; returns each block's factor in
+/// `[0, 1]`. A variance of zero (no noise) leaves every block as it is, with factor 1; so
+/// does a block with a range outside `sum`.
+pub fn james_stein(sum: &mut [f64], blocks: &[Vec<Range<usize>>], variance: f64) -> Vec<f64> {
     blocks
         .iter()
         .map(|block| {
-            let Some(values) = sum.get_mut(block.clone()) else { return 1.0 };
-            let d = values.len();
+            if block.iter().any(|r| r.end > sum.len()) {
+                return 1.0;
+            }
+            let d: usize = block.iter().map(ExactSizeIterator::len).sum();
             if d < 3 || variance <= 0.0 || !variance.is_finite() {
                 return 1.0;
             }
-            let norm_squared: f64 = values.iter().map(|v| v * v).sum();
+            let norm_squared: f64 = block.iter().flat_map(|r| &sum[r.clone()]).map(|v| v * v).sum();
             let factor = if norm_squared > 0.0 {
                 (1.0 - (d as f64 - 2.0) * variance / norm_squared).max(0.0)
             } else {
                 0.0
             };
-            values.iter_mut().for_each(|v| *v *= factor);
+            for r in block {
+                sum[r.clone()].iter_mut().for_each(|v| *v *= factor);
+            }
             factor
         })
         .collect()
 }
 
 #[cfg(test)]
-// One block covering a whole vector is what these tests mean by `[0..d]`.
+// One range covering a whole vector is what these tests mean by `vec![0..d]`.
 #[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
@@ -79,7 +84,7 @@ mod tests {
             let sigma = 3.0;
             let mut y: Vec<f64> = normals(d, seed).iter().map(|z| sigma * z).collect();
             let raw = y.iter().map(|v| v * v).sum::<f64>().sqrt();
-            let factors = james_stein(&mut y, &[0..d], sigma * sigma);
+            let factors = james_stein(&mut y, &[vec![0..d]], sigma * sigma);
             let shrunk = y.iter().map(|v| v * v).sum::<f64>().sqrt();
             assert!(factors[0] <= 0.05, "seed {seed}: factor {}", factors[0]);
             assert!(shrunk <= 0.05 * raw, "seed {seed}: a step of {shrunk} from noise of norm {raw}");
@@ -104,7 +109,7 @@ mod tests {
                 let noise = normals(d, 10_000 * (k as u64 + 1) + trial);
                 let mut y: Vec<f64> = theta.iter().zip(&noise).map(|(t, z)| t + sigma * z).collect();
                 raw += squared_error(&y, &theta);
-                james_stein(&mut y, &[0..d], sigma * sigma);
+                james_stein(&mut y, &[vec![0..d]], sigma * sigma);
                 shrunk += squared_error(&y, &theta);
             }
             let baseline = trials as f64 * d as f64 * sigma * sigma;
@@ -127,7 +132,7 @@ mod tests {
         let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
         y[..d].iter_mut().for_each(|v| *v += 5.0);
         let before = y.clone();
-        let factors = james_stein(&mut y, &[0..d, d..2 * d, 2 * d..2 * d + 2], 0.01);
+        let factors = james_stein(&mut y, &[vec![0..d], vec![d..2 * d], vec![2 * d..2 * d + 2]], 0.01);
         assert!(factors[0] > 0.999, "strong signal: {}", factors[0]);
         assert!(factors[1] < 0.2, "pure noise: {}", factors[1]);
         assert_eq!(factors[2], 1.0);
@@ -135,13 +140,30 @@ mod tests {
     }
 
     #[test]
+    fn a_block_of_several_ranges_is_shrunk_as_one() {
+        // A scalar of pure noise joined to a block of strong signal keeps the block's factor
+        // (about 1); joined to a block of pure noise it goes to zero with it.
+        let d = 1_000;
+        let noise = normals(2 * d + 1, 9);
+        let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
+        y[..d].iter_mut().for_each(|v| *v += 5.0);
+        let scalar = y[2 * d];
+        let factors = james_stein(&mut y, &[vec![0..d, 2 * d..2 * d + 1], vec![d..2 * d]], 0.01);
+        assert!(factors[0] > 0.999 && (y[2 * d] - scalar * factors[0]).abs() < 1e-12, "{factors:?}");
+        let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
+        let factors = james_stein(&mut y, &[vec![0..d, 2 * d..2 * d + 1]], 0.01);
+        assert!(factors[0] < 0.2, "{factors:?}");
+        assert!((y[2 * d] - 0.1 * noise[2 * d] * factors[0]).abs() < 1e-12);
+    }
+
+    #[test]
     fn without_noise_nothing_changes() {
         let mut y = vec![0.5, -1.0, 2.0, 0.25];
         let before = y.clone();
-        assert_eq!(james_stein(&mut y, &[0..4], 0.0), vec![1.0]);
+        assert_eq!(james_stein(&mut y, &[vec![0..4]], 0.0), vec![1.0]);
         assert_eq!(y, before);
         // An empty or out-of-range block is left alone too.
-        assert_eq!(james_stein(&mut y, &[0..0, 2..9], 1.0), vec![1.0, 1.0]);
+        assert_eq!(james_stein(&mut y, &[vec![0..0], vec![2..9]], 1.0), vec![1.0, 1.0]);
         assert_eq!(y, before);
     }
 }

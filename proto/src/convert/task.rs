@@ -97,6 +97,7 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
                     layers: t.layers as usize,
                     heads: t.heads as usize,
                     catalogue: t.catalogue as usize,
+                    neighbours: t.neighbours as usize,
                 };
                 shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
                 let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
@@ -162,6 +163,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     layers: t.layers as u32,
                     heads: t.heads as u32,
                     catalogue: t.catalogue as u32,
+                    neighbours: t.neighbours as u32,
                 }),
             },
         }
@@ -552,6 +554,7 @@ mod tests {
             layers: 1,
             heads: 2,
             catalogue: 40,
+            neighbours: 3,
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);

@@ -17,7 +17,18 @@ use crate::world::{World, lock};
 pub const WEIGHTS: [f64; 5] = [0.25, 0.5, 1.0, 2.0, 4.0];
 
 pub(super) fn search(world: &World, s: &Scenario, arms: &[ArmResult]) -> anyhow::Result<Vec<SearchResult>> {
-    let shared = lock(&world.shared);
+    let mut shared = lock(&world.shared);
+    // The adapters' towers first: building one takes the shared state mutably (it computes
+    // the title neighbours once, if the tower has item-to-item counts).
+    let mut ways: Vec<(String, Option<Tower>)> =
+        vec![("text only".into(), None), ("personalised (zero-shot history score)".into(), None)];
+    for arm in arms {
+        if let Some(values) = &arm.final_adapter {
+            let mut tower = shared.tower(&world.spec.tower)?;
+            tower.set_offset(values)?;
+            ways.push((format!("personalised, {} adapter", arm.arm), Some(tower)));
+        }
+    }
     let n = s.arms.search_users.min(world.eval_users.len());
     let users: Vec<_> = world.eval_users[..n].iter().map(|&i| &shared.dataset.users[i]).collect();
     let encode = |split| -> anyhow::Result<_> {
@@ -28,15 +39,6 @@ pub(super) fn search(world: &World, s: &Scenario, arms: &[ArmResult]) -> anyhow:
     let (validation_queries, test_queries) = (encode(Split::Validation)?, encode(Split::Test)?);
     let items = shared.items.to(shared.base.device());
     let shape = &world.spec.tower.shape;
-    let mut ways: Vec<(String, Option<Tower>)> =
-        vec![("text only".into(), None), ("personalised (zero-shot history score)".into(), None)];
-    for arm in arms {
-        if let Some(values) = &arm.final_adapter {
-            let mut tower = Tower::new(world.spec.tower.clone(), shared.base.device())?;
-            tower.set_offset(values)?;
-            ways.push((format!("personalised, {} adapter", arm.arm), Some(tower)));
-        }
-    }
     let mut results: Vec<SearchResult> = Vec::new();
     let mut text_only: Option<Vec<f64>> = None;
     for (i, (name, tower)) in ways.iter().enumerate() {
