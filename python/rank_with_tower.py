@@ -2,7 +2,7 @@
 
 Usage as a library: `load(folder)` reads `tower.safetensors` and `tower.json`;
 `scores(tower, items, histories)` gives the score of every item for each history (cosine,
-plus the popularity prior when the tower has one)
+plus the popularity prior and the item-to-item prior when the tower has them)
 (item vectors: the base model's normalised embeddings of product titles; histories: item
 indices, oldest first). As a script it reads a JSON object from stdin,
 {"tower_dir": ..., "items": [[...], ...], "histories": [[...], ...]}, and prints
@@ -24,6 +24,9 @@ def load(folder):
         "eps": description["layer_norm_eps"],
         "smoothing": description.get("popularity_smoothing", 0.1),
         "threshold": description.get("popularity_noise_threshold", 3.0),
+        "transitions_threshold": description.get("transitions_noise_threshold", 3.0),
+        "transitions_weight": description.get("transitions_weight", 0.0),
+        "transitions_recency": description.get("transitions_recency", []),
         "w": load_file(f"{folder}/tower.safetensors"),
     }
 
@@ -74,26 +77,58 @@ def prior(tower):
     """The popularity prior of every item, beta * ln(1 + v_j / (kappa * mean(v))), with
     v = max(w - t sigma, 0), w the federation's histogram, sigma its noise, estimated from
     its negative entries, and t the export's popularity_noise_threshold (sqrt(2 ln catalogue),
-    at least 3) (zero when the tower has no histogram). A tower with item-to-item counts
-    (shape.neighbours > 0) adds a history prior this script does not compute."""
+    at least 3) (zero when the tower has no histogram)."""
     w = tower["w"]
     if "popularity" not in w:
         return 0.0
-    histogram = w["popularity"]
-    # The noise's deviation from the negative entries (every contribution is >= 0).
-    sigma = (histogram.clamp_max(0.0).square().sum() / (histogram < 0).sum().clamp_min(1)).sqrt()
-    kept = (histogram - tower["threshold"] * sigma).clamp_min(0.0)
-    scale = (kept.mean() * tower["smoothing"]).clamp_min(1e-30)
-    return (kept / scale).log1p() * w["popularity_weight"]
+    return _log_prior(w["popularity"], tower["threshold"], tower["smoothing"]) * w["popularity_weight"]
+
+
+def _log_prior(summed, threshold, smoothing):
+    """ln(1 + v / (kappa * mean(v))), v = max(w - threshold * sigma, 0), sigma the noise's
+    deviation from the negative entries (every contribution is >= 0)."""
+    sigma = (summed.clamp_max(0.0).square().sum() / (summed < 0).sum().clamp_min(1)).sqrt()
+    kept = (summed - threshold * sigma).clamp_min(0.0)
+    scale = (kept.mean() * smoothing).clamp_min(1e-30)
+    return (kept / scale).log1p()
+
+
+def title_neighbours(items, m):
+    """Each item's m nearest other items by cosine of the title vectors, nearest first."""
+    unit = items / items.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    similarity = unit @ unit.T
+    similarity.fill_diagonal_(float("-inf"))
+    return similarity.topk(m, dim=1).indices
+
+
+def history_prior(tower, items, histories):
+    """The item-to-item prior of each history, [len(histories), items]: transitions_weight *
+    sum over its last items h_k (weights transitions_recency, most recent first) of the
+    thresholded log counts of h_k and each of its title neighbours, added to that neighbour;
+    zero when the tower has no counts."""
+    w, shape = tower["w"], tower["shape"]
+    m = shape.get("neighbours", 0)
+    prior = torch.zeros(len(histories), items.shape[0])
+    if m == 0 or "popularity_next" not in w:
+        return prior
+    logs = _log_prior(w["popularity_next"], tower["transitions_threshold"], tower["smoothing"]).view(-1, m)
+    neighbours = title_neighbours(items, m)
+    for row, history in enumerate(histories):
+        for k, weight in enumerate(tower["transitions_recency"]):
+            if k < len(history) and history[-1 - k] < items.shape[0]:
+                item = history[-1 - k]
+                prior[row].index_add_(0, neighbours[item], logs[item] * weight)
+    return prior * tower["transitions_weight"]
 
 
 def scores(tower, items, histories):
-    """Cosine of shopper and item vectors plus the popularity prior (ranking scores; the
-    training softmax divides them by the temperature)."""
+    """Cosine of shopper and item vectors plus the popularity and item-to-item priors (ranking
+    scores; the training softmax divides them by the temperature)."""
     w = tower["w"]
     adapted = items + (items @ w["item_a"]) @ w["item_b"]
     normalise = lambda t: t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    return normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T + prior(tower)
+    cosine = normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T
+    return cosine + prior(tower) + history_prior(tower, items, histories)
 
 
 def main():

@@ -104,6 +104,7 @@ pub fn markdown(results: &RunResults) -> String {
         }
     }
     out += &comparisons(results);
+    out += &shares(results);
     out += &search(results);
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
@@ -174,6 +175,53 @@ fn comparisons(results: &RunResults) -> String {
     }
     out += "\n↑: the whole interval is above zero; ↓: below.\n\n";
     out
+}
+
+/// Each arm's share of the centralised arm's NDCG@10 gain over zero-shot, with its 95%
+/// paired-bootstrap interval (users resampled jointly for numerator and denominator), on
+/// the users every arm was scored on; empty without both references.
+fn shares(results: &RunResults) -> String {
+    use crate::run::{CENTRALISED, ZERO_SHOT};
+    use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, paired_share, per_user};
+    let values = |name: &str| {
+        let arm = results.arms.iter().find(|a| a.arm == name && !a.test_ranks.is_empty())?;
+        per_user(Metric::NdcgAt10, &arm.test_ranks).ok()
+    };
+    let (Some(base), Some(top)) = (values(ZERO_SHOT), values(CENTRALISED)) else { return String::new() };
+    let mut rows = String::new();
+    for arm in results.arms.iter().filter(|a| ![ZERO_SHOT, CENTRALISED].contains(&a.arm.as_str())) {
+        let Some(mine) = values(&arm.arm) else { continue };
+        // An arm scored on a subsample pairs with the others' first n users.
+        let n = mine.len().min(base.len()).min(top.len());
+        if n < base.len().min(top.len()) {
+            continue;
+        }
+        let Ok(s) = paired_share(&mine[..n], &base[..n], &top[..n], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+        else {
+            continue;
+        };
+        rows += &if s.ci_low.is_finite() {
+            format!(
+                "| {} | {:.0}% [{:.0}%, {:.0}%] |\n",
+                arm.arm,
+                100.0 * s.share,
+                100.0 * s.ci_low,
+                100.0 * s.ci_high
+            )
+        } else {
+            format!("| {} | undefined (the centralised gain is not positive in every resample) |\n", arm.arm)
+        };
+    }
+    if rows.is_empty() {
+        return String::new();
+    }
+    format!(
+        "## Share of the centralised gain\n\nEach arm's NDCG@10 gain over zero-shot as a share of the \
+         centralised arm's, on the same {} test users, with its 95% paired-bootstrap interval (users \
+         resampled jointly for both gains, {} resamples).\n\n| arm | share [95% CI] |\n|---|---|\n{rows}\n",
+        base.len().min(top.len()),
+        BOOTSTRAP_RESAMPLES
+    )
 }
 
 /// The search table: each way of searching on the same test users, against text only.

@@ -199,62 +199,84 @@ fn coordinator_manifest_and_exported_adapter_match_the_client_model() {
 
 /// A trained sequence tower exported by the coordinator's writer (initial values
 /// regenerated from the seed, plus the federated offset) and loaded by the documented
-/// Python snippet (`python/rank_with_tower.py`) ranks items with the same scores as ours.
+/// Python snippet (`python/rank_with_tower.py`) ranks items with the same scores as ours,
+/// with and without item-to-item counts.
 #[test]
 fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
-    use guild_client::model::tower::{Tower, TowerConfig};
+    use guild_client::model::tower::{TitleNeighbours, Tower, TowerConfig};
     use guild_proto::domain::AdapterManifest;
     use guild_proto::tower::TowerShape;
 
-    let shape = TowerShape {
-        hidden: 12,
-        history: 6,
-        zero_shot_items: 5,
-        item_rank: 3,
-        width: 8,
-        layers: 2,
-        heads: 2,
-        catalogue: 40,
-        neighbours: 0,
-    };
-    let mut tower = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
-    let n = tower.parameter_count();
-    let offset: Vec<f32> = (0..n).map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect();
-    tower.set_offset(&offset).expect("offset");
-    tch::manual_seed(5);
-    let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
-    let items = &items / items.norm_scalaropt_dim(2, [-1], true);
-    let histories: Vec<Vec<u32>> =
-        vec![vec![1], vec![3, 4, 5], (0..12).collect(), vec![7, 7, 2, 9, 30, 31, 1]];
-    let refs: Vec<&[u32]> = histories.iter().map(Vec::as_slice).collect();
-    let ours = tch::no_grad(|| tower.scores(&items, &refs));
+    for neighbours in [0, 4] {
+        let shape = TowerShape {
+            hidden: 12,
+            history: 6,
+            zero_shot_items: 5,
+            item_rank: 3,
+            width: 8,
+            layers: 2,
+            heads: 2,
+            catalogue: 40,
+            neighbours,
+        };
+        tch::manual_seed(5);
+        let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
+        let items = &items / items.norm_scalaropt_dim(2, [-1], true);
+        let mut tower = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
+        if neighbours > 0 {
+            tower
+                .set_neighbours(&TitleNeighbours::of_items(&items, neighbours).expect("neighbours"))
+                .expect("fit");
+        }
+        let n = tower.parameter_count();
+        let mut offset: Vec<f32> =
+            (0..n).map(|i| (((i * 2654435761) % 2001) as f32 / 1000.0 - 1.0) * 0.05).collect();
+        // Counts well above their noise (the offsets' negative entries), some of them zero.
+        if let Some(range) = guild_proto::tower::transitions_range(&shape) {
+            for (k, value) in offset[range].iter_mut().enumerate() {
+                *value = (k % 5) as f32 * 2.0;
+            }
+        }
+        tower.set_offset(&offset).expect("offset");
+        let histories: Vec<Vec<u32>> =
+            vec![vec![1], vec![3, 4, 5], (0..12).collect(), vec![7, 7, 2, 9, 30, 31, 1]];
+        let refs: Vec<&[u32]> = histories.iter().map(Vec::as_slice).collect();
+        let ours = tch::no_grad(|| tower.scores(&items, &refs));
+        if neighbours > 0 {
+            let prior = tower.history_prior(&refs).expect("a prior");
+            assert!(prior.abs().max().double_value(&[]) > 0.1, "the counts move the scores");
+        }
 
-    let dir = tempfile::tempdir().expect("tempdir");
-    let manifest = AdapterManifest::sequence_tower([0; 32], shape, 21);
-    guild_proto::adapter::export(dir.path(), &manifest, &offset).expect("export");
-    let request = serde_json::json!({
-        "tower_dir": dir.path(),
-        "items": Vec::<Vec<f32>>::try_from(&items).expect("items"),
-        "histories": histories,
-    });
-    let value = run_python("rank_with_tower.py", &request);
-    let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
-    let difference = max_abs_difference(&ours, &theirs);
-    assert!(difference < 1e-5, "max |ours − python| = {difference}");
-    // What `guild-client serve` answers from the same exported folder is the same scores.
-    let served = guild_client::serve::ServedModel::from_export(
-        dir.path(),
-        &manifest,
-        TowerConfig { shape, seed: 21 },
-        &items,
-    )
-    .expect("served model");
-    for (history, row) in refs.iter().zip(&theirs) {
-        let scores = served.recommend_scores(history);
-        let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        assert!(served_difference < 1e-5, "max |served − python| = {served_difference}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifest = AdapterManifest::sequence_tower([0; 32], shape, 21);
+        guild_proto::adapter::export(dir.path(), &manifest, &offset).expect("export");
+        let request = serde_json::json!({
+            "tower_dir": dir.path(),
+            "items": Vec::<Vec<f32>>::try_from(&items).expect("items"),
+            "histories": histories,
+        });
+        let value = run_python("rank_with_tower.py", &request);
+        let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
+        let difference = max_abs_difference(&ours, &theirs);
+        assert!(difference < 1e-5, "M = {neighbours}: max |ours − python| = {difference}");
+        // What `guild-client serve` answers from the same exported folder is the same scores.
+        let served = guild_client::serve::ServedModel::from_export(
+            dir.path(),
+            &manifest,
+            TowerConfig { shape, seed: 21 },
+            &items,
+        )
+        .expect("served model");
+        for (history, row) in refs.iter().zip(&theirs) {
+            let scores = served.recommend_scores(history);
+            let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(
+                served_difference < 1e-5,
+                "M = {neighbours}: max |served − python| = {served_difference}"
+            );
+        }
+        // The offset moved the ranking away from zero-shot, so the check is not vacuous.
+        let start = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
+        assert!(max_abs_difference(&tch::no_grad(|| start.scores(&items, &refs)), &theirs) > 1e-3);
     }
-    // The offset moved the ranking away from zero-shot, so the check is not vacuous.
-    let start = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
-    assert!(max_abs_difference(&tch::no_grad(|| start.scores(&items, &refs)), &theirs) > 1e-3);
 }
