@@ -526,24 +526,31 @@ impl TitleNeighbours {
 /// slot order, empty for a shopper with no such pair.
 pub fn transitions_contribution(user: &User, neighbours: &TitleNeighbours) -> Vec<(usize, f32)> {
     let n = user.history.len();
-    let training = &user.history[..n.saturating_sub(1)];
     let mut counts = BTreeMap::<usize, f64>::new();
-    let mut add = |from: ItemIndex, to: ItemIndex, weight: f32| {
+    item_pairs(&user.history[..n.saturating_sub(1)], |from, to, weight| {
         if let Some(slot) = neighbours.slot(from, to) {
             *counts.entry(slot).or_default() += f64::from(weight);
         }
-    };
-    for (k, &item) in training.iter().enumerate() {
+    });
+    let norm = counts.values().map(|c| c * c).sum::<f64>().sqrt();
+    counts.into_iter().map(|(slot, c)| (slot, (c / norm) as f32)).collect()
+}
+
+/// Hands `add` every item-to-item pair of `items` (a history, oldest first) with its weight:
+/// each transition (the previous item to the next) `guild_proto::tower::TRANSITION_WEIGHT`,
+/// and each pair within `CO_OCCURRENCE_WINDOW` positions `CO_OCCURRENCE_WEIGHT` in both
+/// directions (a transition is also a co-occurrence). The federated counts and the exact
+/// count ranker (`retrieval::counts`) both count with it.
+pub fn item_pairs(items: &[ItemIndex], mut add: impl FnMut(ItemIndex, ItemIndex, f32)) {
+    for (k, &item) in items.iter().enumerate() {
         if k >= 1 {
-            add(training[k - 1], item, TRANSITION_WEIGHT);
+            add(items[k - 1], item, TRANSITION_WEIGHT);
         }
-        for &earlier in &training[k.saturating_sub(CO_OCCURRENCE_WINDOW)..k] {
+        for &earlier in &items[k.saturating_sub(CO_OCCURRENCE_WINDOW)..k] {
             add(earlier, item, CO_OCCURRENCE_WEIGHT);
             add(item, earlier, CO_OCCURRENCE_WEIGHT);
         }
     }
-    let norm = counts.values().map(|c| c * c).sum::<f64>().sqrt();
-    counts.into_iter().map(|(slot, c)| (slot, (c / norm) as f32)).collect()
 }
 
 /// A shopper's contribution to the tower's summed statistics, indexed over the accumulated
@@ -603,13 +610,8 @@ pub fn popularity_contribution(user: &User) -> Vec<(usize, f32)> {
 
 /// The sum of `users`' popularity contributions, by item (sparse; summed in `users`' order).
 pub fn popularity_sum(users: &[&User]) -> BTreeMap<usize, f32> {
-    let mut sum = BTreeMap::<usize, f32>::new();
-    for user in users {
-        for (item, value) in popularity_contribution(user) {
-            *sum.entry(item).or_default() += value;
-        }
-    }
-    sum
+    // Without neighbours a shopper's statistics are its popularity contribution alone.
+    statistics_sum(users, 0, None)
 }
 
 /// The sum of `users`' popularity contributions over a catalogue of `catalogue` items

@@ -15,8 +15,9 @@ use super::{RankingCounts, Split};
 use crate::data::{ItemIndex, User};
 
 /// The pair weights, shared with the federated counts of the sequence tower
-/// (`guild_proto::tower`): a transition counts 1, a co-occurrence within the window 0.3.
-pub use guild_proto::tower::{CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW as WINDOW, TRANSITION_WEIGHT};
+/// (`guild_proto::tower`; both enumerate pairs with `model::tower::item_pairs`): a
+/// co-occurrence within the window counts 0.3, a transition 1.
+pub use guild_proto::tower::{CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW as WINDOW};
 /// The weights of a history's last items in its score, from the most recent.
 pub const RECENCY: [f32; 3] = [1.0, 0.5, 0.25];
 /// The weight of popularity in the count ranker: it only breaks ties (at most this much,
@@ -39,16 +40,12 @@ impl ItemCounts {
         let mut popularity = vec![0.0f32; catalogue];
         for user in users {
             let training = &user.history[..user.history.len().saturating_sub(1)];
-            for (k, &item) in training.iter().enumerate() {
+            for &item in training {
                 popularity[item as usize] += 1.0;
-                if k >= 1 {
-                    *pairs.entry((training[k - 1], item)).or_default() += TRANSITION_WEIGHT;
-                }
-                for &earlier in &training[k.saturating_sub(WINDOW)..k] {
-                    *pairs.entry((earlier, item)).or_default() += CO_OCCURRENCE_WEIGHT;
-                    *pairs.entry((item, earlier)).or_default() += CO_OCCURRENCE_WEIGHT;
-                }
             }
+            crate::model::tower::item_pairs(training, |from, to, weight| {
+                *pairs.entry((from, to)).or_default() += weight;
+            });
         }
         let mut rows = vec![Vec::new(); catalogue];
         for ((from, to), count) in pairs {
