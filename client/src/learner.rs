@@ -30,9 +30,41 @@ pub enum Units<'a> {
     Shoppers(&'a [usize]),
 }
 
+/// One unit's update, unclipped, as the learner has it.
+#[derive(Debug, PartialEq)]
+pub enum Update<'a> {
+    /// Every coordinate of the adapter: a training round's.
+    Dense(&'a mut [f32]),
+    /// Zero except `values` at `indices` (strictly increasing): a popularity release or a
+    /// pooling selection, which touch a unit's few coordinates out of the adapter's millions
+    /// and are encoded at the cost of those few (`DdgSum::add_sparse`).
+    Sparse { indices: &'a [usize], values: &'a mut [f32] },
+}
+
+impl Update<'_> {
+    /// The update as a vector of all `dimension` coordinates.
+    pub fn to_dense(&self, dimension: usize) -> anyhow::Result<Vec<f32>> {
+        match self {
+            Update::Dense(x) => {
+                anyhow::ensure!(x.len() == dimension, "an update of {} coordinates, not {dimension}", x.len());
+                Ok(x.to_vec())
+            }
+            Update::Sparse { indices, values } => {
+                let mut dense = vec![0.0; dimension];
+                for (&i, &v) in indices.iter().zip(values.iter()) {
+                    *dense.get_mut(i).ok_or_else(|| {
+                        anyhow::anyhow!("a sparse update at coordinate {i} of a {dimension}-coordinate adapter")
+                    })? += v;
+                }
+                Ok(dense)
+            }
+        }
+    }
+}
+
 /// Receives each unit's update, unclipped, one at a time: the caller clips and encodes each
-/// on its own, and may reuse nothing of the buffer after it returns.
-pub type Each<'a> = dyn FnMut(&mut [f32]) -> anyhow::Result<()> + 'a;
+/// on its own, and may reuse nothing of the buffers after it returns.
+pub type Each<'a> = dyn FnMut(Update<'_>) -> anyhow::Result<()> + 'a;
 
 /// What a learner is asked for in one round: the task, the global adapter's values it
 /// starts from, and whose updates to hand over.
@@ -107,7 +139,7 @@ impl RandomLearner {
             Units::Shoppers(shoppers) => shoppers.len(),
         };
         for _ in 0..count {
-            each(&mut self.random_update(round.global.len()))?;
+            each(Update::Dense(&mut self.random_update(round.global.len())))?;
         }
         Ok(())
     }
@@ -257,24 +289,30 @@ pub fn share_with_popularity(
 }
 
 /// A pooling selection's update from one unit's NDCG@10 `values` under each of the `k`
-/// settings of the grid: `c/√k` times them in the first `k` coordinates, clipped to `c`
-/// (values in [0, 1] never exceed it), zeros elsewhere; an error if the update is shorter
-/// than the grid.
-pub fn selection_update(update: &mut [f32], values: &[f32], clip_norm: f64) -> anyhow::Result<()> {
+/// settings of the grid: `c/√k` times them, for the first `k` coordinates (zeros
+/// elsewhere), clipped to `c` (values in [0, 1] never exceed it).
+pub fn selection_update(values: &[f32], clip_norm: f64) -> Vec<f32> {
     let k = values.len();
-    if update.len() < k {
-        anyhow::bail!(
-            "a pooling selection of {k} settings needs at least {k} coordinates, not {}",
-            update.len()
-        );
-    }
     let norm = values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
     let scale = clip_norm / (k as f64).sqrt().max(norm);
-    update.iter_mut().for_each(|u| *u = 0.0);
-    for (u, &v) in update.iter_mut().zip(values) {
-        *u = (f64::from(v) * scale) as f32;
+    values.iter().map(|&v| (f64::from(v) * scale) as f32).collect()
+}
+
+/// A popularity release's update from one unit's statistics `contribution` (of norm at
+/// most 1): `c` times it at the statistics' coordinates `range`, nothing else, as a sparse
+/// update (strictly increasing indices; a repeated entry is summed, an entry past the range
+/// dropped). What [`share_with_popularity`] gives a zero update at φ = 1.
+pub fn release_update(
+    range: std::ops::Range<usize>,
+    contribution: &[(usize, f32)],
+    clip_norm: f64,
+) -> (Vec<usize>, Vec<f32>) {
+    let weight = clip_norm as f32;
+    let mut summed = std::collections::BTreeMap::<usize, f32>::new();
+    for &(item, value) in contribution.iter().filter(|(item, _)| *item < range.len()) {
+        *summed.entry(range.start + item).or_insert(0.0) += weight * value;
     }
-    Ok(())
+    summed.into_iter().unzip()
 }
 
 /// A merchant's contribution to the summed statistics (the popularity histogram and, with
@@ -456,7 +494,7 @@ impl Learner for TowerLearner {
                 let statistics = merchant_statistics(&users, catalogue, neighbours.as_ref());
                 share_with_popularity(&mut update, range, &statistics, clip_norm, share);
             }
-            return each(&mut update);
+            return each(Update::Dense(&mut update));
         };
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned) = self.unlocked(global, &indices)?;
@@ -464,7 +502,9 @@ impl Learner for TowerLearner {
         let (key, round_id) = (self.shopper_key, task.binding.round_id);
         let seed_of = |user: &User| retrieval::shopper_seed(&key, round_id, &user.id);
         let Some(range) = range else {
-            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, each);
+            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, &mut |u| {
+                each(Update::Dense(u))
+            });
         };
         // `shopper_updates` hands over one update per user, in order.
         let mut next = users.iter();
@@ -473,7 +513,7 @@ impl Learner for TowerLearner {
             let contribution =
                 crate::model::tower::statistics_contribution(user, catalogue, neighbours.as_ref());
             share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
-            each(update)
+            each(Update::Dense(update))
         };
         retrieval::shopper_updates(
             &mut tower,
@@ -487,7 +527,7 @@ impl Learner for TowerLearner {
     }
 
     fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
-        let RoundInput { task, global, units } = round;
+        let RoundInput { task, units, .. } = round;
         // Nothing trained: each unit's update is its popularity contribution alone, at the
         // whole clip norm, in one buffer cleared after each.
         let range = guild_proto::tower::accumulated_range(&self.config.shape)
@@ -514,11 +554,10 @@ impl Learner for TowerLearner {
                     .collect(),
             }
         };
-        let mut update = vec![0.0; global.len()];
         for contribution in &contributions {
-            share_with_popularity(&mut update, range.clone(), contribution, task.privacy.clip_norm, 1.0);
-            each(&mut update)?;
-            update[range.clone()].iter_mut().for_each(|h| *h = 0.0);
+            let (indices, mut values) =
+                release_update(range.clone(), contribution, task.privacy.clip_norm);
+            each(Update::Sparse { indices: &indices, values: &mut values })?;
         }
         Ok(())
     }
@@ -529,7 +568,6 @@ impl Learner for TowerLearner {
         // mean over its shoppers with a validation item, in one buffer whose first k
         // coordinates are cleared after each.
         let clip_norm = task.privacy.clip_norm;
-        let mut update = vec![0.0; global.len()];
         let Units::Shoppers(shoppers) = units else {
             let per_shopper = self.selection_values(global, &self.users)?;
             let scored = {
@@ -540,13 +578,17 @@ impl Learner for TowerLearner {
             let k = per_shopper.first().map_or(0, Vec::len);
             let mean: Vec<f32> =
                 (0..k).map(|j| per_shopper.iter().map(|v| v[j]).sum::<f32>() / scored as f32).collect();
-            selection_update(&mut update, &mean, clip_norm)?;
-            return each(&mut update);
+            let mut values = selection_update(&mean, clip_norm);
+            let indices: Vec<usize> = (0..values.len()).collect();
+            return each(Update::Sparse { indices: &indices, values: &mut values });
         };
+        let mut indices = Vec::new();
         for values in self.selection_values(global, &self.indices(shoppers)?)? {
-            selection_update(&mut update, &values, clip_norm)?;
-            each(&mut update)?;
-            update[..values.len()].iter_mut().for_each(|u| *u = 0.0);
+            let mut values = selection_update(&values, clip_norm);
+            if indices.len() != values.len() {
+                indices = (0..values.len()).collect();
+            }
+            each(Update::Sparse { indices: &indices, values: &mut values })?;
         }
         Ok(())
     }
@@ -587,7 +629,7 @@ impl Learner for ModelLearner {
         let users = users(&shared.dataset, &self.users);
         retrieval::train(&shared.base, &self.adapters, &shared.dataset, &users, &shared.items, &config)?;
         let local = self.adapters.flat();
-        each(&mut update(&local, global))
+        each(Update::Dense(&mut update(&local, global)))
     }
 
     fn evaluate(&mut self, values: &[f32]) -> anyhow::Result<Option<RankingCounts>> {
@@ -617,19 +659,32 @@ mod tests {
     #[test]
     fn a_selection_update_is_the_scaled_values_within_the_clip_norm_and_nothing_else() {
         let c = 3.0;
-        // A stale buffer is overwritten; values in [0, 1] are scaled by c/√k.
-        let mut update = vec![9.0f32; 6];
-        selection_update(&mut update, &[1.0, 0.5, 0.0, 1.0], c).expect("fits");
-        assert_eq!(update, vec![1.5, 0.75, 0.0, 1.5, 0.0, 0.0]);
+        // Values in [0, 1] are scaled by c/√k.
+        assert_eq!(selection_update(&[1.0, 0.5, 0.0, 1.0], c), vec![1.5, 0.75, 0.0, 1.5]);
         // Every setting at NDCG 1: exactly the clip norm.
-        selection_update(&mut update, &[1.0; 4], c).expect("fits");
-        let norm: f64 = update.iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 =
+            selection_update(&[1.0; 4], c).iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
         assert!((norm - c).abs() < 1e-6, "{norm}");
         // Out-of-range values (a corrupted score) are clipped, not passed on.
-        selection_update(&mut update, &[100.0, 0.0, 0.0, 0.0], c).expect("fits");
+        let update = selection_update(&[100.0, 0.0, 0.0, 0.0], c);
         let norm: f64 = update.iter().map(|&u| f64::from(u).powi(2)).sum::<f64>().sqrt();
         assert!(norm <= c * (1.0 + 1e-6), "{norm}");
-        assert!(selection_update(&mut [0.0; 3], &[0.5; 4], c).is_err());
+    }
+
+    /// A release's sparse update is, coordinate for coordinate, the dense update the
+    /// shared-with-popularity path gives at φ = 1 (repeated entries summed in order, entries
+    /// past the catalogue dropped), and densifies back to it.
+    #[test]
+    fn a_release_update_is_the_dense_release_at_its_nonzero_coordinates() {
+        let c = 2.0;
+        let contribution = [(3, 0.5f32), (1, 0.6), (3, 0.3), (9, 5.0), (0, 0.1)];
+        let mut dense = vec![7.0f32; 10];
+        share_with_popularity(&mut dense, 4..9, &contribution, c, 1.0);
+        let (indices, mut values) = release_update(4..9, &contribution, c);
+        assert_eq!(indices, vec![4, 5, 7]);
+        let sparse = Update::Sparse { indices: &indices, values: &mut values };
+        assert_eq!(sparse.to_dense(10).expect("fits"), dense);
+        assert!(sparse.to_dense(6).is_err(), "a coordinate past the adapter is an error");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use super::ParticipantError;
-use crate::learner::{Learner, RoundInput, Units, contribute};
+use crate::learner::{Learner, RoundInput, Units, Update, contribute};
 
 /// Trains and privatises this merchant's contribution to a round, on the training thread.
 /// Merchant unit: one update, clipped and encoded whole. Shopper unit: shoppers
@@ -32,12 +32,15 @@ pub(super) fn privatised_update(
     match p.unit {
         PrivacyUnit::Merchant => {
             let mut encoded = None;
-            let mut each = |update: &mut [f32]| -> anyhow::Result<()> {
+            let mut each = |update: Update<'_>| -> anyhow::Result<()> {
                 anyhow::ensure!(
                     encoded.is_none(),
                     "the learner handed over more than the merchant's one update"
                 );
-                encoded = Some(ddg.encode(update, &rotation, &mut os_rng)?);
+                encoded = Some(match update {
+                    Update::Dense(x) => ddg.encode(x, &rotation, &mut os_rng)?,
+                    sparse => ddg.encode(&mut sparse.to_dense(ddg.dimension())?, &rotation, &mut os_rng)?,
+                });
                 Ok(())
             };
             contribute(learner, RoundInput { task, global, units: Units::Merchant }, &mut each)
@@ -48,8 +51,12 @@ pub(super) fn privatised_update(
             let sampled = poisson_sample(learner.shopper_count(), p.shopper_sampling_rate, &mut os_rng)?;
             let mut sum = ddg.summands(&rotation);
             let mut left_out = 0usize;
-            let mut each = |update: &mut [f32]| -> anyhow::Result<()> {
-                match sum.add(update) {
+            let mut each = |update: Update<'_>| -> anyhow::Result<()> {
+                let added = match update {
+                    Update::Dense(x) => sum.add(x),
+                    Update::Sparse { indices, values } => sum.add_sparse(indices, values),
+                };
+                match added {
                     Ok(()) => {}
                     Err(guild_privacy::dp::DpError::NonFinite { .. }) => left_out += 1,
                     Err(e) => return Err(e.into()),
@@ -104,8 +111,8 @@ mod tests {
             shoppers: 10,
         };
         let mut expected = vec![0.0f64; d];
-        let mut add = |x: &mut [f32]| -> anyhow::Result<()> {
-            expected.iter_mut().zip(x.iter()).for_each(|(e, v)| *e += f64::from(*v));
+        let mut add = |x: Update<'_>| -> anyhow::Result<()> {
+            expected.iter_mut().zip(x.to_dense(d)?).for_each(|(e, v)| *e += f64::from(v));
             Ok(())
         };
         replay

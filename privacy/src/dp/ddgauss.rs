@@ -99,6 +99,43 @@ impl DdgSum<'_> {
         Ok(())
     }
 
+    /// Adds a sparse summand: `values` at the coordinates `indices` (strictly increasing,
+    /// each below the dimension), zero everywhere else. `values` is consumed as scratch
+    /// space. Exactly [`Self::add`] on the dense vector, to the bit (its norm, clipping and
+    /// sum skip only zeros), at the cost of the non-zeros rather than of d: a popularity
+    /// release or a pooling selection touches a shopper's few coordinates out of millions.
+    /// Indices out of order, repeated or out of range are refused (a repeated index would
+    /// hide part of the summand's norm from the clipping) and leave the sum as it was.
+    pub fn add_sparse(&mut self, indices: &[usize], values: &mut [f32]) -> Result<(), DpError> {
+        if indices.len() != values.len() {
+            return Err(parameter(
+                "indices",
+                format!("{} indices for {} values", indices.len(), values.len()),
+            ));
+        }
+        if let Some(pair) = indices.windows(2).find(|pair| pair[0] >= pair[1]) {
+            return Err(parameter(
+                "indices",
+                format!("must be strictly increasing, found {} then {}", pair[0], pair[1]),
+            ));
+        }
+        if let Some(&last) = indices.last()
+            && last >= self.params.dimension
+        {
+            return Err(DpError::Dimension { expected: self.params.dimension, actual: last + 1 });
+        }
+        let norm = clip_l2(values, self.params.clip_norm).map_err(|e| match e {
+            DpError::NonFinite { index } => DpError::NonFinite { index: indices[index] },
+            other => other,
+        })?;
+        for (&i, &v) in indices.iter().zip(values.iter()) {
+            self.sum[i] += f64::from(v);
+        }
+        self.count += 1;
+        self.largest_norm = self.largest_norm.max(norm);
+        Ok(())
+    }
+
     /// Summands added so far.
     pub fn count(&self) -> u32 {
         self.count
@@ -549,6 +586,49 @@ mod tests {
         assert!(matches!(without.add(&mut bad), Err(DpError::NonFinite { .. })));
         assert_eq!(without.count(), 20);
         assert_eq!(without.rounded(&mut ChaCha20Rng::seed_from_u64(1)), before);
+    }
+
+    /// A sparse summand adds exactly what its dense vector adds, to the bit, whether it is
+    /// clipped or not; malformed sparse summands are refused, name what is wrong, and leave
+    /// the sum as it was.
+    #[test]
+    fn a_sparse_summand_adds_exactly_its_dense_vector_and_malformed_ones_are_refused() {
+        use rand_chacha::ChaCha20Rng;
+        use rand_core::SeedableRng;
+        let p = DdgParams::select(&request()).expect("ok");
+        let rotation = RandomRotation::new(p.padded_dimension(), 1);
+        let (mut dense, mut sparse) = (p.summands(&rotation), p.summands(&rotation));
+        // Short summands (untouched by the clipping) and long ones (clipped), overlapping.
+        let cases: [(&[usize], &[f32]); 4] = [
+            (&[0, 7, 999], &[0.1, -0.2, 0.3]),
+            (&[3, 7, 500], &[30.0, -40.0, 1e-3]),
+            (&[], &[]),
+            (&[7], &[5.0]),
+        ];
+        for (indices, values) in cases {
+            let mut x = vec![0.0f32; 1000];
+            indices.iter().zip(values).for_each(|(&i, &v)| x[i] = v);
+            dense.add(&mut x).expect("finite");
+            sparse.add_sparse(indices, &mut values.to_vec()).expect("well formed");
+        }
+        assert_eq!(sparse.count(), 4);
+        assert_eq!(sparse.largest_norm.to_bits(), dense.largest_norm.to_bits());
+        assert!(sparse.sum.iter().zip(&dense.sum).all(|(a, b)| a.to_bits() == b.to_bits()));
+        let before = sparse.rounded(&mut ChaCha20Rng::seed_from_u64(1));
+        assert_eq!(before, dense.rounded(&mut ChaCha20Rng::seed_from_u64(1)));
+
+        let refused = |sum: &mut DdgSum<'_>, indices: &[usize], values: &[f32]| {
+            sum.add_sparse(indices, &mut values.to_vec()).expect_err("malformed").to_string()
+        };
+        let repeated = refused(&mut sparse, &[3, 3], &[1.0, 1.0]);
+        assert!(repeated.contains("strictly increasing, found 3 then 3"), "{repeated}");
+        assert!(refused(&mut sparse, &[5, 2], &[1.0, 1.0]).contains("found 5 then 2"));
+        assert!(refused(&mut sparse, &[2, 1000], &[1.0, 1.0]).contains("1001 coordinates"));
+        assert!(refused(&mut sparse, &[2, 4], &[1.0]).contains("2 indices for 1 values"));
+        let nan = sparse.add_sparse(&[2, 40], &mut [1.0, f32::NAN]);
+        assert_eq!(nan, Err(DpError::NonFinite { index: 40 }));
+        assert_eq!(sparse.count(), 4);
+        assert_eq!(sparse.rounded(&mut ChaCha20Rng::seed_from_u64(1)), before);
     }
 
     /// The decoded sum of a merchant's summands is the sum of each one clipped on its own.
