@@ -13,9 +13,9 @@
 
 use std::time::Instant;
 
+use guild_client::data::User;
 use guild_client::learner::{release_update, share_with_popularity};
 use guild_client::model::tower::{TitleNeighbours, Tower, TowerConfig, normalise, statistics_contribution};
-use guild_client::data::User;
 use guild_privacy::dp::{DdgParams, ParamsRequest, RandomRotation};
 use guild_proto::tower::TowerShape;
 use rand::{Rng, SeedableRng};
@@ -98,7 +98,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         sparse.add_sparse(&indices, &mut values)?;
     }
     let sparse_s = started.elapsed().as_secs_f64();
-    let same = dense.rounded(&mut ChaCha20Rng::seed_from_u64(5)) == sparse.rounded(&mut ChaCha20Rng::seed_from_u64(5));
+    let same = dense.rounded(&mut ChaCha20Rng::seed_from_u64(5))
+        == sparse.rounded(&mut ChaCha20Rng::seed_from_u64(5));
     if !same {
         return Err("the dense and sparse release sums differ".into());
     }

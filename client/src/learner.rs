@@ -3,8 +3,9 @@
 //! shoppers), and [`RandomLearner`] (random updates of a given norm, for load tests).
 //!
 //! Simulated merchants share one loaded base model and one catalogue embedding behind a
-//! mutex (libtorch tensors are `Send` but not `Sync`, and two CPU cores gain nothing from
-//! training two merchants at once); each merchant has its own adapters.
+//! mutex (libtorch tensors are `Send` but not `Sync`); each merchant has its own adapters,
+//! and computes with them outside the lock, at most one merchant per core at a time
+//! ([`Permits`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -46,14 +47,20 @@ impl Update<'_> {
     pub fn to_dense(&self, dimension: usize) -> anyhow::Result<Vec<f32>> {
         match self {
             Update::Dense(x) => {
-                anyhow::ensure!(x.len() == dimension, "an update of {} coordinates, not {dimension}", x.len());
+                anyhow::ensure!(
+                    x.len() == dimension,
+                    "an update of {} coordinates, not {dimension}",
+                    x.len()
+                );
                 Ok(x.to_vec())
             }
             Update::Sparse { indices, values } => {
                 let mut dense = vec![0.0; dimension];
                 for (&i, &v) in indices.iter().zip(values.iter()) {
                     *dense.get_mut(i).ok_or_else(|| {
-                        anyhow::anyhow!("a sparse update at coordinate {i} of a {dimension}-coordinate adapter")
+                        anyhow::anyhow!(
+                            "a sparse update at coordinate {i} of a {dimension}-coordinate adapter"
+                        )
                     })? += v;
                 }
                 Ok(dense)
@@ -171,6 +178,46 @@ impl Learner for RandomLearner {
     }
 }
 
+/// A bound on how many simulated merchants compute with their own tensors at once (a
+/// counting semaphore). Merchants train and score outside the shared lock, side by side;
+/// without a bound, every merchant of a round builds its tower at once (26 in a shopper-level
+/// selection, each scoring batches against the whole catalogue), for no speed on a machine
+/// whose cores the first few already fill, and the process's peak memory grows with the
+/// cohort.
+#[derive(Debug)]
+pub struct Permits {
+    free: Mutex<usize>,
+    freed: std::sync::Condvar,
+}
+
+/// One merchant's permit to compute; returned when dropped.
+#[derive(Debug)]
+pub struct Permit(Arc<Permits>);
+
+impl Permits {
+    /// `n` permits (at least one).
+    pub fn new(n: usize) -> Arc<Self> {
+        Arc::new(Self { free: Mutex::new(n.max(1)), freed: std::sync::Condvar::new() })
+    }
+
+    /// Waits for a permit.
+    pub fn acquire(self: &Arc<Self>) -> Permit {
+        let mut free = self.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *free == 0 {
+            free = self.freed.wait(free).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *free -= 1;
+        Permit(Arc::clone(self))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        *self.0.free.lock().unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
+        self.0.freed.notify_one();
+    }
+}
+
 /// What every simulated merchant shares, read-only.
 #[derive(Debug)]
 pub struct Shared {
@@ -180,11 +227,14 @@ pub struct Shared {
     pub items: Tensor,
     /// The catalogue's title neighbours, computed from `items` when a tower first needs them.
     pub neighbours: Option<TitleNeighbours>,
+    /// How many merchants may compute with their own tensors at once: one per core.
+    pub permits: Arc<Permits>,
 }
 
 impl Shared {
     pub fn new(base: BaseModel, dataset: Dataset, items: Tensor) -> Self {
-        Self { base, dataset, items, neighbours: None }
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        Self { base, dataset, items, neighbours: None, permits: Permits::new(cores) }
     }
 
     /// The catalogue's `m` title neighbours per item, computed once.
@@ -447,22 +497,27 @@ impl TowerLearner {
     /// What training needs, taken under the shared lock and used after it is released, so
     /// that the merchants of one simulation train side by side: the tower at `values`, a
     /// shallow clone of the catalogue embeddings (libtorch's reads of one tensor from several
-    /// threads are safe, and nothing writes to it) and copies of the users at `indices`.
+    /// threads are safe, and nothing writes to it) and copies of the users at `indices`, with
+    /// a permit ([`Permits`]) to hold while they are used.
     fn unlocked(
         &self,
         values: &[f32],
         indices: &[usize],
-    ) -> Result<(Tower, Tensor, Vec<User>), crate::model::ModelError> {
+    ) -> Result<(Tower, Tensor, Vec<User>, Permit), crate::model::ModelError> {
+        let permit = {
+            let permits = Arc::clone(&lock(&self.shared).permits);
+            permits.acquire()
+        };
         let mut shared = lock(&self.shared);
         let users = indices.iter().map(|&i| shared.dataset.users[i].clone()).collect();
-        Ok((self.tower(&mut shared, values)?, shared.items.shallow_clone(), users))
+        Ok((self.tower(&mut shared, values)?, shared.items.shallow_clone(), users, permit))
     }
 
     /// Each of the users at `indices`: its NDCG@10 on its validation item under every
     /// setting of the pooling selection's grid, the tower at `values` otherwise
     /// (`retrieval::selection_ndcg`).
     fn selection_values(&self, values: &[f32], indices: &[usize]) -> anyhow::Result<Vec<Vec<f32>>> {
-        let (tower, items, owned) = self.unlocked(values, indices)?;
+        let (tower, items, owned, _permit) = self.unlocked(values, indices)?;
         let users: Vec<&User> = owned.iter().collect();
         let items = items.to(tower.var_store().device());
         let grid = guild_proto::tower::selection_grid(&self.config.shape);
@@ -486,7 +541,7 @@ impl Learner for TowerLearner {
         let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
         let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
         let Units::Shoppers(shoppers) = units else {
-            let (tower, items, owned) = self.unlocked(global, &self.users)?;
+            let (tower, items, owned, _permit) = self.unlocked(global, &self.users)?;
             let users: Vec<&User> = owned.iter().collect();
             retrieval::train_tower(&tower, &items, &users, &config)?;
             let mut update = update(&tower.offset(), global);
@@ -497,14 +552,20 @@ impl Learner for TowerLearner {
             return each(Update::Dense(&mut update));
         };
         let indices = self.indices(shoppers)?;
-        let (mut tower, items, owned) = self.unlocked(global, &indices)?;
+        let (mut tower, items, owned, _permit) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
         let (key, round_id) = (self.shopper_key, task.binding.round_id);
         let seed_of = |user: &User| retrieval::shopper_seed(&key, round_id, &user.id);
         let Some(range) = range else {
-            return retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, &mut |u| {
-                each(Update::Dense(u))
-            });
+            return retrieval::shopper_updates(
+                &mut tower,
+                &items,
+                &users,
+                global,
+                &config,
+                &seed_of,
+                &mut |u| each(Update::Dense(u)),
+            );
         };
         // `shopper_updates` hands over one update per user, in order.
         let mut next = users.iter();
@@ -555,8 +616,7 @@ impl Learner for TowerLearner {
             }
         };
         for contribution in &contributions {
-            let (indices, mut values) =
-                release_update(range.clone(), contribution, task.privacy.clip_norm);
+            let (indices, mut values) = release_update(range.clone(), contribution, task.privacy.clip_norm);
             each(Update::Sparse { indices: &indices, values: &mut values })?;
         }
         Ok(())
@@ -655,6 +715,38 @@ impl Learner for ModelLearner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Permits bound how many hold one at once, and every waiter gets one in the end.
+    #[test]
+    fn permits_bound_concurrency_and_every_waiter_is_served() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let permits = Permits::new(2);
+        let (now, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let workers: Vec<_> = (0..6)
+            .map(|_| {
+                let (permits, now, most) = (Arc::clone(&permits), Arc::clone(&now), Arc::clone(&most));
+                std::thread::spawn(move || {
+                    let _permit = permits.acquire();
+                    let holding = now.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(holding, Ordering::SeqCst);
+                    // Hold until a second holder shows up (or 5 s pass), so that a bound of
+                    // one would show, then a little longer, so that a third would.
+                    let started = std::time::Instant::now();
+                    while now.load(Ordering::SeqCst) < 2 && started.elapsed().as_secs() < 5 {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                    most.fetch_max(now.load(Ordering::SeqCst), Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    now.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker");
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 2, "two at once, never more");
+        assert_eq!(*permits.free.lock().expect("lock"), 2, "every permit returned");
+    }
 
     #[test]
     fn a_selection_update_is_the_scaled_values_within_the_clip_norm_and_nothing_else() {

@@ -145,6 +145,53 @@ impl Drop for Federation {
     }
 }
 
+/// How fast this machine expands SecAgg+ masks, in keystream bytes per second on one core:
+/// the time [`guild_privacy::secagg::crypto::apply_mask`] takes over 16 MiB, best of three.
+pub fn mask_keystream_rate() -> f64 {
+    let mut acc = vec![0u32; 1 << 22];
+    let seed = [7u8; 32];
+    let best = (0..3)
+        .map(|_| {
+            let started = Instant::now();
+            guild_privacy::secagg::crypto::apply_mask(
+                &mut acc,
+                &seed,
+                guild_privacy::secagg::crypto::MaskSign::Add,
+                32,
+            );
+            started.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min);
+    (4 * acc.len()) as f64 / best.max(1e-9)
+}
+
+/// The phase deadlines of a federation whose clients all run on one machine of `cores`
+/// cores: the configured ones, with the masked-input phase's raised to what the phase
+/// does. In that phase each of `cohort` clients expands its self mask and one pairwise mask
+/// per neighbour (`neighbours`, k), each `padded_dimension` words, before it can send; on
+/// separate machines that takes each merchant a fraction of a second, but a simulated
+/// cohort does it all on the same cores, beside the coordinator: a fixed deadline that a
+/// loaded machine cannot meet aborts the round after every client has charged its ledger,
+/// and the retry trains again. The phase gets 1 s plus three times the expansion's time at
+/// `keystream_rate` bytes per second per core ([`mask_keystream_rate`]), if that is longer
+/// than configured.
+pub fn shared_machine_deadlines(
+    configured_ms: [u64; guild_privacy::secagg::Phase::COUNT],
+    padded_dimension: usize,
+    cohort: usize,
+    neighbours: usize,
+    cores: usize,
+    keystream_rate: f64,
+) -> [u64; guild_privacy::secagg::Phase::COUNT] {
+    let masks = cohort as f64 * (neighbours.min(cohort.saturating_sub(1)) + 1) as f64;
+    let seconds = masks * 4.0 * padded_dimension as f64 / (keystream_rate * cores.max(1) as f64);
+    let needed = 1_000 + (3_000.0 * seconds).ceil() as u64;
+    let mut deadlines = configured_ms;
+    let masked = guild_privacy::secagg::Phase::MaskedInput.index();
+    deadlines[masked] = deadlines[masked].max(needed);
+    deadlines
+}
+
 /// The `guild-coordinator` binary built beside the running executable (`target/<profile>/`).
 pub fn coordinator_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
@@ -159,4 +206,36 @@ pub fn coordinator_binary() -> anyhow::Result<PathBuf> {
         binary.display()
     );
     Ok(binary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The masked-input deadline grows with the phase's work (cohort × masks × length over
+    /// the cores) and never drops below what is configured; the other phases keep theirs.
+    #[test]
+    fn the_masked_input_deadline_follows_the_cohorts_masking_work() {
+        let configured = [300_000, 3_000, 3_000, 3_000, 3_000];
+        let gb = 1e9;
+        // 26 clients, each with 25 neighbours, masking 2^21 words at 1 GB/s on 2 cores:
+        // 26 · 26 · 8 MiB / 2 GB/s ≈ 2.84 s of work, so 1 s + 3 · 2.84 s.
+        let raised = shared_machine_deadlines(configured, 1 << 21, 26, 25, 2, gb);
+        let work = 26.0 * 26.0 * 4.0 * f64::from(1u32 << 21) / (2.0 * gb);
+        assert_eq!(raised[2], 1_000 + (3_000.0 * work).ceil() as u64);
+        assert_eq!([raised[0], raised[1], raised[3], raised[4]], [300_000, 3_000, 3_000, 3_000]);
+        // Neighbours beyond the cohort do not count; twice the cores, about half the time.
+        assert_eq!(shared_machine_deadlines(configured, 1 << 21, 26, 1_000, 2, gb), raised);
+        let wider = shared_machine_deadlines(configured, 1 << 21, 26, 25, 4, gb);
+        assert!(wider[2] < raised[2] && wider[2] > raised[2] / 2, "{wider:?}");
+        // A small round needs less than configured: the configured deadline stands.
+        assert_eq!(shared_machine_deadlines(configured, 64, 4, 3, 2, gb), configured);
+    }
+
+    /// The measured keystream rate is a rate: positive and finite.
+    #[test]
+    fn the_keystream_rate_is_measured() {
+        let rate = mask_keystream_rate();
+        assert!(rate.is_finite() && rate > 1e6, "{rate}");
+    }
 }
