@@ -21,6 +21,26 @@ pub fn training_device() -> tch::Device {
     tch::Device::cuda_if_available()
 }
 
+/// Keeps the C allocator, which libtorch's tensors and Rust's buffers both use, from holding
+/// memory that was freed, by giving it at most two arenas. With glibc's default (eight
+/// arenas per core), a process whose many threads allocate and free update buffers of
+/// several MiB and score batches against the catalogue keeps several times the memory it
+/// uses: a simulated federation (three federated rounds, then a shopper-level release and
+/// selection; `/usr/bin/time -v`) peaked at 3.8 GB with the default and 2.4 GB with two
+/// arenas, and ran faster (128 s against 166 s). Also mapping every block of 1 MiB or more
+/// on its own brought the peak to 1.5 GB, but made the run 50% slower (page faults on every
+/// large tensor), so the mmap threshold is left as it is. Call it first in `main`, before
+/// any thread starts.
+pub fn bound_allocator_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[allow(unsafe_code)]
+    // SAFETY: mallopt only sets allocator parameters; it is called before any other thread
+    // exists, and the parameters are valid for glibc (a failure leaves the defaults).
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`), with colours only when
 /// stderr is a terminal, so that a log piped to a file stays plain text.
 pub fn init_logging(default_filter: &str) {

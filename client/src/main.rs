@@ -118,6 +118,7 @@ fn lock_hidden(shared: &Mutex<Shared>) -> usize {
 }
 
 fn main() -> ExitCode {
+    guild_client::bound_allocator_memory();
     guild_client::init_logging("warn");
     let cli = Cli::parse();
     match run(cli) {

@@ -104,9 +104,10 @@ pub(super) async fn federated(
             };
         }
         // Every client of a cohort masks on this machine's cores: the masked-input phase
-        // gets the time that takes (cohorts bounded at their mean plus three deviations).
+        // gets the time that takes (for a cohort one deviation above its mean; three times
+        // the work leaves room for cohorts larger still and for the coordinator's own).
         let q = c.rounds.sampling_rate;
-        let cohort = ((q * n as f64 + 3.0 * (q * (1.0 - q) * n as f64).sqrt()).ceil() as usize).clamp(1, n);
+        let cohort = ((q * n as f64 + (q * (1.0 - q) * n as f64).sqrt()).ceil() as usize).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
         c.rounds.phase_deadlines_ms = crate::federation::shared_machine_deadlines(
             c.rounds.phase_deadlines_ms,
