@@ -48,7 +48,7 @@ pub struct ServeConfig {
 /// Search's weight of the recommendation score: the weight the default scenario's search
 /// evaluation chooses on validation shoppers for a trained adapter (`[arms] search_users`;
 /// docs/results/README.md).
-pub const DEFAULT_PERSONALISATION: f64 = 0.5;
+pub const DEFAULT_PERSONALISATION: f64 = 0.125;
 
 impl Default for ServeConfig {
     fn default() -> Self {

@@ -19,6 +19,8 @@ pub fn selection_ndcg(
     let shape = tower.config().shape;
     let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
     let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
+    let prior =
+        Vec::<f32>::try_from(prior.to(tch::Device::Cpu).view([-1])).map_err(|e| bad(&e.to_string()))?;
     if grid.iter().any(|s| s.recency.len() != shape.history) {
         return Err(bad("setting does not fit the tower's history length"));
     }
@@ -37,7 +39,7 @@ pub fn selection_ndcg(
     let examples: Vec<(usize, Example<'_>)> =
         users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
     let catalogue = items.size()[0];
-    tch::no_grad(|| {
+    tch::no_grad(|| -> Result<(), ModelError> {
         let adapted = normalise(&tower.adapt_items(items)).tr();
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
@@ -57,34 +59,43 @@ pub fn selection_ndcg(
             let mask = Tensor::zeros([b * catalogue], (Kind::Bool, device))
                 .index_fill(0, &Tensor::from_slice(&seen).to(device), 1)
                 .view([b, catalogue]);
-            let targets =
-                Tensor::from_slice(&chunk.iter().map(|(_, e)| i64::from(e.target)).collect::<Vec<_>>())
-                    .to(device)
-                    .unsqueeze(1);
-            let prior_rows = prior.unsqueeze(0);
-            let target_prior = prior.index_select(0, &targets.squeeze_dim(1)).unsqueeze(1);
             for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
             {
                 let shoppers = normalise(&last_positions(&sequence, &windows));
                 // The item-to-item prior does not depend on the setting: it rides with the cosine.
                 let cosine = tower
                     .with_history_prior(shoppers.matmul(&adapted), &histories)
-                    .masked_fill(&mask, f64::NEG_INFINITY);
-                let target_cosine = cosine.gather(1, &targets, false);
-                for &j in settings {
-                    let beta = f64::from(grid[j].weight);
-                    let above =
-                        (&cosine + &prior_rows * beta).gt_tensor(&(&target_cosine + &target_prior * beta));
-                    let ranks = above.sum_dim_intlist(1, false, Kind::Int64).to(tch::Device::Cpu) + 1;
-                    let ranks = Vec::<i64>::try_from(&ranks).expect("int64 ranks");
-                    for ((user, _), rank) in chunk.iter().zip(ranks) {
+                    .masked_fill(&mask, f64::NEG_INFINITY)
+                    .to(tch::Device::Cpu);
+                let cosine = Vec::<f32>::try_from(cosine.view([-1])).map_err(|e| bad(&e.to_string()))?;
+                let betas: Vec<f32> = settings.iter().map(|&j| grid[j].weight).collect();
+                for (row, (user, example)) in chunk.iter().enumerate() {
+                    let scores = &cosine[row * catalogue as usize..(row + 1) * catalogue as usize];
+                    let ranks = ranks_under_weights(scores, &prior, example.target as usize, &betas);
+                    for (&j, rank) in settings.iter().zip(ranks) {
                         out[*user][j] = ndcg_at_10(rank) as f32;
                     }
                 }
             }
         }
-    });
+        Ok(())
+    })?;
     Ok(out)
+}
+
+/// The target's rank among `scores + β·prior` for each β of `betas`: one plus the items
+/// whose score beats the target's (ties in the target's favour; a masked item's −∞ never
+/// does), all weights in one pass over the catalogue. Each sum is the tensor expression
+/// `scores + prior * β` in f32, multiplied then added, as the evaluation computes it.
+fn ranks_under_weights(scores: &[f32], prior: &[f32], target: usize, betas: &[f32]) -> Vec<i64> {
+    let thresholds: Vec<f32> = betas.iter().map(|&b| scores[target] + prior[target] * b).collect();
+    let mut above = vec![0i64; betas.len()];
+    for (&s, &p) in scores.iter().zip(prior) {
+        for ((count, &b), &t) in above.iter_mut().zip(betas).zip(&thresholds) {
+            *count += i64::from(s + p * b > t);
+        }
+    }
+    above.into_iter().map(|a| a + 1).collect()
 }
 
 #[cfg(test)]

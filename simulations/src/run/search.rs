@@ -14,7 +14,7 @@ use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, paired_differenc
 use crate::world::{World, lock};
 
 /// The personalisation weights tried on validation.
-pub const WEIGHTS: [f64; 5] = [0.25, 0.5, 1.0, 2.0, 4.0];
+pub const WEIGHTS: [f64; 8] = [0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0];
 
 pub(super) fn search(world: &World, s: &Scenario, arms: &[ArmResult]) -> anyhow::Result<Vec<SearchResult>> {
     let mut shared = lock(&world.shared);
