@@ -556,35 +556,19 @@ impl Learner for TowerLearner {
         let users: Vec<&User> = owned.iter().collect();
         let (key, round_id) = (self.shopper_key, task.binding.round_id);
         let seed_of = |user: &User| retrieval::shopper_seed(&key, round_id, &user.id);
-        let Some(range) = range else {
-            return retrieval::shopper_updates(
-                &mut tower,
-                &items,
-                &users,
-                global,
-                &config,
-                &seed_of,
-                &mut |u| each(Update::Dense(u)),
-            );
-        };
-        // `shopper_updates` hands over one update per user, in order.
+        // `shopper_updates` hands over one update per user, in order; with statistics, each
+        // gets its shopper's share of them.
         let mut next = users.iter();
-        let mut with_popularity = |update: &mut [f32]| {
-            let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
-            let contribution =
-                crate::model::tower::statistics_contribution(user, catalogue, neighbours.as_ref());
-            share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
+        let mut hand_over = |update: &mut [f32]| {
+            if let Some(range) = &range {
+                let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
+                let contribution =
+                    crate::model::tower::statistics_contribution(user, catalogue, neighbours.as_ref());
+                share_with_popularity(update, range.clone(), &contribution, clip_norm, share);
+            }
             each(Update::Dense(update))
         };
-        retrieval::shopper_updates(
-            &mut tower,
-            &items,
-            &users,
-            global,
-            &config,
-            &seed_of,
-            &mut with_popularity,
-        )
+        retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, &mut hand_over)
     }
 
     fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {

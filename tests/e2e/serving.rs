@@ -1,5 +1,5 @@
 //! `guild-client serve` against a real federation: it follows the committed versions and
-//! swaps each in without failing a request.
+//! swaps each in without failing a request, and answers over HTTP/JSON and gRPC on one port.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,9 +7,11 @@ use std::time::Duration;
 
 use guild_client::data::{Dataset, User};
 use guild_client::model::tower::{TowerConfig, normalise};
-use guild_client::serve::http::{AppState, ServeMetrics};
+use guild_client::serve::http::{AppState, ServeMetrics, router};
 use guild_client::serve::{Catalogue, Engine, QueryEncoder, ServedModel, fetch_version, follow};
 use guild_proto::tower::TowerShape;
+use guild_proto::v1::shop_client::ShopClient;
+use guild_proto::v1::{RecommendRequest, SearchRequest};
 use tch::{Device, Kind, Tensor};
 
 use super::harness::{four_merchants, futures_join, wait_for_rounds};
@@ -99,6 +101,49 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     for hit in served.items {
         assert!((hit.score - scores[hit.item_id as usize]).abs() < 1e-6);
     }
+
+    // Served over loopback: both interfaces answer with version 3's items, on one port.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    let direct: Vec<u64> =
+        engine.recommend(&[4, 5], 5, true).expect("ranked").items.iter().map(|h| h.item_id).collect();
+    let mut shop = ShopClient::connect(format!("http://{address}")).await.expect("connect");
+    let answer = shop
+        .recommend(RecommendRequest { history: vec![4, 5], k: Some(5), include_seen: false })
+        .await
+        .expect("ranked over gRPC")
+        .into_inner();
+    assert_eq!(answer.adapter_version, 3);
+    assert_eq!(answer.items.iter().map(|h| h.item_id).collect::<Vec<_>>(), direct);
+    let searched = shop
+        .search(SearchRequest { query: "anything".into(), history: vec![4, 5], k: Some(3) })
+        .await
+        .expect("searched over gRPC")
+        .into_inner();
+    assert_eq!(searched.items.len(), 3);
+    let body = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let json = r#"{"history": [4, 5], "k": 5}"#;
+        let mut stream = std::net::TcpStream::connect(address).expect("connect");
+        write!(
+            stream,
+            "POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{json}",
+            json.len()
+        )
+        .expect("write");
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).expect("read");
+        answer
+    })
+    .await
+    .expect("HTTP exchange");
+    let json: serde_json::Value =
+        serde_json::from_str(body.split_once("\r\n\r\n").map_or("", |(_, b)| b)).expect("JSON answer");
+    assert_eq!(json["adapter_version"], 3);
+    let over_http: Vec<u64> =
+        json["items"].as_array().expect("items").iter().filter_map(|h| h["item_id"].as_u64()).collect();
+    assert_eq!(over_http, direct);
     follower.abort();
     for client in clients {
         client.abort();

@@ -106,6 +106,9 @@ impl From<ServeError> for ApiError {
                 tracing::error!("serving failed: {e}");
                 Self(StatusCode::INTERNAL_SERVER_ERROR, format!("the model failed: {e}"))
             }
+            ServeError::Stopped(m) => {
+                Self(StatusCode::INTERNAL_SERVER_ERROR, format!("scoring stopped: {m}"))
+            }
         }
     }
 }
@@ -146,7 +149,8 @@ pub struct SearchRequest {
     pub k: usize,
 }
 
-/// The router, with its state.
+/// The router, with its state: the HTTP/JSON endpoints and, on the same port, the gRPC
+/// `Shop` service ([`super::grpc`]; HTTP/2 without TLS).
 pub fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/recommend", post(recommend))
@@ -155,27 +159,34 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(super::grpc::routes(state))
 }
 
-/// Runs `work` on the blocking pool and records its latency and outcome under `endpoint`.
-async fn timed(
+/// Runs `work` on the blocking pool and records its latency and outcome under `endpoint`
+/// (both interfaces' calls).
+pub(super) async fn scored(
     state: &AppState,
     endpoint: &str,
     work: impl FnOnce(&Engine) -> Result<Ranked, ServeError> + Send + 'static,
-    engine: Arc<Engine>,
-) -> Result<Json<Ranked>, ApiError> {
+) -> Result<Ranked, ServeError> {
     let started = Instant::now();
+    let engine = state.engine.clone();
     let result = tokio::task::spawn_blocking(move || work(&engine))
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("scoring stopped: {e}")))
-        .and_then(|r| r.map_err(ApiError::from));
+        .map_err(|e| ServeError::Stopped(e.to_string()))
+        .and_then(|r| r);
     let label = EndpointLabel { endpoint: endpoint.into() };
     state.metrics.latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
     if result.is_err() {
         state.metrics.requests_refused.get_or_create(&label).inc();
     }
-    result.map(Json)
+    result
+}
+
+/// A call refused before it was scored (a body that does not parse), counted under `endpoint`.
+fn refused(state: &AppState, endpoint: &str) {
+    state.metrics.requests_refused.get_or_create(&EndpointLabel { endpoint: endpoint.into() }).inc();
 }
 
 async fn recommend(
@@ -183,14 +194,9 @@ async fn recommend(
     body: Result<Json<RecommendRequest>, JsonRejection>,
 ) -> Result<Json<Ranked>, ApiError> {
     let Json(request) = body.inspect_err(|_| refused(&state, "recommend"))?;
-    let engine = state.engine.clone();
-    timed(
-        &state,
-        "recommend",
-        move |e| e.recommend(&request.history, request.k, request.exclude_seen),
-        engine,
-    )
-    .await
+    let answer =
+        scored(&state, "recommend", move |e| e.recommend(&request.history, request.k, request.exclude_seen));
+    Ok(Json(answer.await?))
 }
 
 async fn search(
@@ -198,12 +204,8 @@ async fn search(
     body: Result<Json<SearchRequest>, JsonRejection>,
 ) -> Result<Json<Ranked>, ApiError> {
     let Json(request) = body.inspect_err(|_| refused(&state, "search"))?;
-    let engine = state.engine.clone();
-    timed(&state, "search", move |e| e.search(&request.query, &request.history, request.k), engine).await
-}
-
-fn refused(state: &AppState, endpoint: &str) {
-    state.metrics.requests_refused.get_or_create(&EndpointLabel { endpoint: endpoint.into() }).inc();
+    let answer = scored(&state, "search", move |e| e.search(&request.query, &request.history, request.k));
+    Ok(Json(answer.await?))
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {

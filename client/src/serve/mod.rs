@@ -15,6 +15,7 @@
 //! the cosine of the query's MiniLM vector and the adapted item vector, plus, when a history
 //! is given, `personalisation` times the recommendation score.
 
+pub mod grpc;
 pub mod http;
 
 use std::collections::{HashMap, HashSet};
@@ -36,14 +37,16 @@ pub const MAX_HISTORY: usize = 1_000;
 /// Longest search query, in bytes.
 pub const MAX_QUERY_BYTES: usize = 1_000;
 
-/// Why a request cannot be answered. `BadRequest` is the caller's mistake (HTTP 400);
-/// `Model` is this server's.
+/// Why a request cannot be answered. `BadRequest` is the caller's mistake (HTTP 400, gRPC
+/// `INVALID_ARGUMENT`); `Model` and `Stopped` are this server's.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]
     BadRequest(String),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error("scoring stopped: {0}")]
+    Stopped(String),
 }
 
 /// The merchant's catalogue: item ids and titles by item index, and the index of each id.

@@ -280,3 +280,61 @@ fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
     let document: serde_json::Value = serde_json::from_str(&body).expect("the OpenAPI document is JSON");
     assert!(document["paths"]["/v1/recommend"].is_object() && document["paths"]["/v1/search"].is_object());
 }
+
+/// The same two calls over gRPC, on the HTTP interface's port: the engine's answers, the
+/// defaults (`k` 10, the history left out), and bad requests refused `INVALID_ARGUMENT`
+/// with the same reasons; both interfaces' latencies are recorded.
+#[test]
+fn the_grpc_interface_answers_on_the_same_port_and_refuses_bad_input_with_a_reason() {
+    use guild_proto::v1::shop_client::ShopClient;
+    use guild_proto::v1::{RecommendRequest, SearchRequest};
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let engine = Arc::new(engine(&offset(1), 0.2));
+    let state = Arc::new(AppState { engine: engine.clone(), metrics: ServeMetrics::default() });
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+    let address = listener.local_addr().expect("address");
+    let metrics = state.clone();
+    runtime.spawn(async move { axum::serve(listener, router(state)).await });
+
+    let mut client = runtime.block_on(ShopClient::connect(format!("http://{address}"))).expect("connect");
+    let ids_of = |items: &[guild_proto::v1::RankedItem]| items.iter().map(|h| h.item_id).collect::<Vec<_>>();
+    let recommend = |client: &mut ShopClient<_>, history: Vec<u64>, k, include_seen| {
+        runtime.block_on(client.recommend(RecommendRequest { history, k, include_seen }))
+    };
+    let answer = recommend(&mut client, vec![1007, 1014], Some(3), false).expect("ranked").into_inner();
+    let direct = engine.recommend(&[1007, 1014], 3, true).expect("ranked");
+    assert_eq!(answer.adapter_version, 4);
+    assert_eq!(ids_of(&answer.items), direct.items.iter().map(|h| h.item_id).collect::<Vec<_>>());
+    assert_eq!(answer.items[0].title, direct.items[0].title);
+    assert!((answer.items[0].score - direct.items[0].score).abs() < 1e-6);
+    // Defaults: ten items, the history's own left out unless asked for.
+    let answer = recommend(&mut client, vec![1007], None, false).expect("ranked").into_inner();
+    assert_eq!(answer.items.len(), 10);
+    assert!(!ids_of(&answer.items).contains(&1007));
+    let seen = recommend(&mut client, vec![1007], Some(ITEMS as u32), true).expect("ranked").into_inner();
+    assert!(ids_of(&seen.items).contains(&1007));
+
+    let search = |client: &mut ShopClient<_>, query: &str, k| {
+        runtime.block_on(client.search(SearchRequest { query: query.into(), history: vec![1007], k }))
+    };
+    let answer = search(&mut client, "item 7", Some(2)).expect("ranked").into_inner();
+    let direct = engine.search("item 7", &[1007], 2).expect("ranked");
+    assert_eq!(ids_of(&answer.items), direct.items.iter().map(|h| h.item_id).collect::<Vec<_>>());
+
+    for (status, expected) in [
+        (recommend(&mut client, vec![1007, 3], None, false), "item 3 is not in this shop's catalogue"),
+        (recommend(&mut client, vec![1007], Some(0), false), "k must be in 1..=100"),
+        (recommend(&mut client, vec![1007], Some(101), false), "k must be in 1..=100"),
+        (search(&mut client, "  ", None), "query must have"),
+    ] {
+        let status = status.expect_err("refused");
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(expected), "{status:?}");
+    }
+    // The JSON interface answers on the same port.
+    assert_eq!(post(address, "/v1/recommend", r#"{"history": [1007], "k": 2}"#).0, 200);
+    let text = metrics.metrics.encode();
+    assert!(text.contains("guild_serve_request_seconds_count{endpoint=\"grpc_recommend\"} 6"), "{text}");
+    assert!(text.contains("guild_serve_requests_refused_total{endpoint=\"grpc_search\"} 1"), "{text}");
+    assert!(text.contains("guild_serve_request_seconds_count{endpoint=\"recommend\"} 1"), "{text}");
+}
