@@ -2,9 +2,9 @@
 //!
 //! Each test uses a fixed seed, so it is deterministic; the thresholds are chosen so that
 //! a correct sampler with a fresh seed would fail with probability at most 1e-6 per test
-//! (the chi-square quantile at 1 − 1e-6). The OpenDP reference draws from OpenSSL and
-//! cannot be seeded: the two-sample test is random on that side, with the same 1e-6
-//! false-failure rate.
+//! (the chi-square quantile at 1 − 1e-6). The OpenDP reference draws from its own thread
+//! generator and cannot be seeded: the two-sample test is random on that side, with the
+//! same 1e-6 false-failure rate.
 
 use guild_privacy::dp::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler, Rational};
 use rand_chacha::ChaCha20Rng;

@@ -217,8 +217,10 @@ fn isqrt(n: u64) -> u64 {
     x
 }
 
-/// OpenDP's exact sampler (arbitrary precision, OpenSSL randomness), the reference that
-/// [`Cks20Sampler`] is tested and benchmarked against. Takes σ, not σ², as a rational.
+/// OpenDP's exact sampler (arbitrary precision; its randomness from `rand`'s thread
+/// generator, as OpenDP is built without its `use-openssl` feature), the reference that
+/// [`Cks20Sampler`] is tested and benchmarked against; no round's noise comes from it.
+/// Takes σ, not σ², as a rational.
 #[derive(Debug)]
 pub struct OpenDpSampler {
     scale: dashu::rational::RBig,
