@@ -100,17 +100,8 @@ async fn load(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let shape = TowerShape {
-        hidden: 384,
-        history: 20,
-        zero_shot_items: 5,
-        item_rank: 32,
-        width: 128,
-        layers: 1,
-        heads: 4,
-        catalogue: ITEMS,
-        neighbours: 64,
-    };
+    // The default scenario's tower: one layer, 64 title neighbours.
+    let shape = TowerShape { layers: 1, catalogue: ITEMS, neighbours: 64, ..TowerShape::default() };
     tch::manual_seed(1);
     let items = normalise(&Tensor::randn([ITEMS as i64, 384], (Kind::Float, Device::Cpu)));
     let mut rng = ChaCha20Rng::seed_from_u64(2);

@@ -26,17 +26,8 @@ const SHOPPERS: usize = 2_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let catalogue = 16_859;
-    let shape = TowerShape {
-        hidden: 384,
-        history: 20,
-        zero_shot_items: 5,
-        item_rank: 32,
-        width: 128,
-        layers: 1,
-        heads: 4,
-        catalogue,
-        neighbours: 64,
-    };
+    // The default scenario's tower: one layer, 64 title neighbours.
+    let shape = TowerShape { layers: 1, catalogue, neighbours: 64, ..TowerShape::default() };
     tch::manual_seed(1);
     let items = normalise(&Tensor::randn([catalogue as i64, 384], (Kind::Float, Device::Cpu)));
     let neighbours = TitleNeighbours::of_items(&items, shape.neighbours)?;
