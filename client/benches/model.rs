@@ -15,15 +15,6 @@ use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::retrieval::{TrainConfig, query_text};
 use tch::{Device, Kind, Tensor, nn::OptimizerConfig};
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = TrainConfig::default();
     let (steps, batch) = (10usize, config.batch_size);
@@ -74,7 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "batch": batch,
             "examples_per_second": training,
             "catalogue_sentences_per_second": encoding,
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": guild_client::peak_rss_mib(),
         })
     );
     Ok(())

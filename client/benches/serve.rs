@@ -41,15 +41,6 @@ const WORDS: [&str; 12] = [
     "keyboard",
 ];
 
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -156,7 +147,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "items": ITEMS,
             "floor_matvec_ms_p50": percentile(&floor, 0.5),
             "threads": tch::get_num_threads(),
-            "peak_rss_mib": peak_rss_mib(),
+            "peak_rss_mib": guild_client::peak_rss_mib(),
             "load": rows,
         })
     );

@@ -574,7 +574,7 @@ impl Learner for TowerLearner {
     fn popularity(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
         let RoundInput { task, units, .. } = round;
         // Nothing trained: each unit's update is its popularity contribution alone, at the
-        // whole clip norm, in one buffer cleared after each.
+        // whole clip norm, as its non-zeros.
         let range = guild_proto::tower::accumulated_range(&self.config.shape)
             .ok_or_else(|| anyhow::anyhow!("a popularity release for a tower without one"))?;
         let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
@@ -609,9 +609,9 @@ impl Learner for TowerLearner {
     fn selection_scores(&mut self, round: RoundInput<'_>, each: &mut Each<'_>) -> anyhow::Result<()> {
         let RoundInput { task, global, units } = round;
         // Nothing trained: each shopper's NDCG@10 under each setting, or the merchant's
-        // mean over its shoppers with a validation item, in one buffer whose first k
-        // coordinates are cleared after each.
+        // mean over its shoppers with a validation item, in the first k coordinates.
         let clip_norm = task.privacy.clip_norm;
+        let indices: Vec<usize> = (0..guild_proto::tower::selection_grid(&self.config.shape).len()).collect();
         let Units::Shoppers(shoppers) = units else {
             let per_shopper = self.selection_values(global, &self.users)?;
             let scored = {
@@ -623,15 +623,10 @@ impl Learner for TowerLearner {
             let mean: Vec<f32> =
                 (0..k).map(|j| per_shopper.iter().map(|v| v[j]).sum::<f32>() / scored as f32).collect();
             let mut values = selection_update(&mean, clip_norm);
-            let indices: Vec<usize> = (0..values.len()).collect();
             return each(Update::Sparse { indices: &indices, values: &mut values });
         };
-        let mut indices = Vec::new();
         for values in self.selection_values(global, &self.indices(shoppers)?)? {
             let mut values = selection_update(&values, clip_norm);
-            if indices.len() != values.len() {
-                indices = (0..values.len()).collect();
-            }
             each(Update::Sparse { indices: &indices, values: &mut values })?;
         }
         Ok(())

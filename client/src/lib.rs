@@ -41,6 +41,18 @@ pub fn bound_allocator_memory() {
     }
 }
 
+/// Peak resident set size of this process (Linux `VmHWM`), MiB; NaN elsewhere.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map_or(f64::NAN, |kb| kb / 1024.0)
+}
+
 /// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`), with colours only when
 /// stderr is a terminal, so that a log piped to a file stays plain text.
 pub fn init_logging(default_filter: &str) {

@@ -168,7 +168,8 @@ pub fn mask_keystream_rate() -> f64 {
 /// The phase deadlines of a federation whose clients all run on one machine of `cores`
 /// cores: the configured ones, with the masked-input phase's raised to what the phase
 /// does. In that phase each of `cohort` clients expands its self mask and one pairwise mask
-/// per neighbour (`neighbours`, k), each `padded_dimension` words, before it can send; on
+/// per neighbour of the graph built from k = `neighbours` (`secagg::graph::share_holders`),
+/// each `padded_dimension` words, before it can send; on
 /// separate machines that takes each merchant a fraction of a second, but a simulated
 /// cohort does it all on the same cores, beside the coordinator: a fixed deadline that a
 /// loaded machine cannot meet aborts the round after every client has charged its ledger,
@@ -183,7 +184,11 @@ pub fn shared_machine_deadlines(
     cores: usize,
     keystream_rate: f64,
 ) -> [u64; guild_privacy::secagg::Phase::COUNT] {
-    let masks = cohort as f64 * (neighbours.min(cohort.saturating_sub(1)) + 1) as f64;
+    let degree = guild_privacy::secagg::graph::share_holders(
+        u32::try_from(cohort).unwrap_or(u32::MAX),
+        u32::try_from(neighbours).unwrap_or(u32::MAX),
+    );
+    let masks = cohort as f64 * f64::from(degree + 1);
     let seconds = masks * 4.0 * padded_dimension as f64 / (keystream_rate * cores.max(1) as f64);
     let needed = 1_000 + (3_000.0 * seconds).ceil() as u64;
     let mut deadlines = configured_ms;

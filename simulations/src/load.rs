@@ -37,18 +37,6 @@ pub struct LoadReport {
     pub peak_rss_mib: f64,
 }
 
-/// Peak resident set size of this process (Linux `VmHWM`), MiB; NaN elsewhere.
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .map_or(f64::NAN, |kb| kb / 1024.0)
-}
-
 /// One flooding loop: an allow-listed merchant (never registered, so never in a cohort)
 /// sends, until `stop`, a cycle of a status request, a short task poll and a full-size
 /// masked input bound to no round; returns how many requests it sent.
@@ -209,6 +197,6 @@ pub async fn run(
         flood_streams,
         flood_requests,
         flood_rate_limited: counter(&text, "guild_requests_rate_limited_total").unwrap_or(0.0) as u64,
-        peak_rss_mib: peak_rss_mib(),
+        peak_rss_mib: guild_client::peak_rss_mib(),
     })
 }

@@ -106,9 +106,7 @@ impl From<ServeError> for ApiError {
                 tracing::error!("serving failed: {e}");
                 Self(StatusCode::INTERNAL_SERVER_ERROR, format!("the model failed: {e}"))
             }
-            ServeError::Stopped(m) => {
-                Self(StatusCode::INTERNAL_SERVER_ERROR, format!("scoring stopped: {m}"))
-            }
+            stopped @ ServeError::Stopped(_) => Self(StatusCode::INTERNAL_SERVER_ERROR, stopped.to_string()),
         }
     }
 }
