@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use guild_client::data::Dataset;
 use guild_client::model::tower::{TowerConfig, normalise};
 use guild_client::model::{BaseModel, default_model_dir};
-use guild_client::serve::http::{AppState, ServeMetrics, router};
+use guild_client::serve::http::{AppState, ServeMetrics, serve};
 use guild_client::serve::{Catalogue, Engine, ServedModel};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
@@ -128,7 +128,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let state = Arc::new(AppState { engine, metrics: ServeMetrics::default() });
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let address = listener.local_addr()?;
-    runtime.spawn(async move { axum::serve(listener, router(state)).await });
+    runtime.spawn(async move { serve(listener, state).await });
 
     let mut rows = Vec::new();
     for (name, search) in [("recommend", false), ("search", true)] {

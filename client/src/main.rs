@@ -167,7 +167,7 @@ fn spinner() -> ProgressBar {
 /// `guild-client serve`: loads the catalogue, its title vectors and the adapter, then
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
-    use guild_client::serve::http::{AppState, ServeMetrics, router};
+    use guild_client::serve::http::{AppState, ServeMetrics};
     use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
     let a = &config.adapter;
     anyhow::ensure!(
@@ -224,7 +224,7 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.serve.listen)
         .await
         .with_context(|| format!("listening on {}", config.serve.listen))?;
-    axum::serve(listener, router(state)).await.context("serving HTTP")
+    guild_client::serve::http::serve(listener, state).await.context("serving HTTP")
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use guild_client::data::{Dataset, User};
 use guild_client::model::tower::{TowerConfig, normalise};
-use guild_client::serve::http::{AppState, ServeMetrics, router};
+use guild_client::serve::http::{AppState, ServeMetrics, serve};
 use guild_client::serve::{Catalogue, Engine, QueryEncoder, ServedModel, fetch_version, follow};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
@@ -105,7 +105,7 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     // Served over loopback: both interfaces answer with version 3's items, on one port.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
-    tokio::spawn(async move { axum::serve(listener, router(state)).await });
+    tokio::spawn(async move { serve(listener, state).await });
     let direct: Vec<u64> =
         engine.recommend(&[4, 5], 5, true).expect("ranked").items.iter().map(|h| h.item_id).collect();
     let mut shop = ShopClient::connect(format!("http://{address}")).await.expect("connect");

@@ -15,7 +15,7 @@ use guild_proto::v1::{RankedItem, RankedItems, RecommendRequest, SearchRequest};
 use tonic::{Request, Response, Status};
 
 use super::http::{AppState, MAX_BODY_BYTES, scored};
-use super::{Ranked, ServeError};
+use super::{Query, Ranked, ServeError};
 
 /// Items returned when a request does not say how many.
 pub const DEFAULT_K: u32 = 10;
@@ -55,12 +55,14 @@ impl Shop for ShopService {
     async fn recommend(&self, request: Request<RecommendRequest>) -> Result<Response<RankedItems>, Status> {
         let RecommendRequest { history, k, include_seen } = request.into_inner();
         let k = k.unwrap_or(DEFAULT_K) as usize;
-        answer(scored(&self.state, "grpc_recommend", move |e| e.recommend(&history, k, !include_seen)).await)
+        let query = Query::Recommend { history, k, exclude_seen: !include_seen };
+        answer(scored(&self.state, "grpc_recommend", query).await)
     }
 
     async fn search(&self, request: Request<SearchRequest>) -> Result<Response<RankedItems>, Status> {
         let SearchRequest { query, history, k } = request.into_inner();
         let k = k.unwrap_or(DEFAULT_K) as usize;
-        answer(scored(&self.state, "grpc_search", move |e| e.search(&query, &history, k)).await)
+        let query = Query::Search { text: query, history, k };
+        answer(scored(&self.state, "grpc_search", query).await)
     }
 }

@@ -3,13 +3,15 @@
 //! - `POST /v1/recommend` `{"history": [item ids, oldest first], "k": 10, "exclude_seen": true}`
 //! - `POST /v1/search` `{"query": "text", "history": [item ids], "k": 10}`
 //! - `GET /healthz`: the adapter version served and its hash
-//! - `GET /metrics`: Prometheus latency histograms per endpoint and the served version
+//! - `GET /metrics`: Prometheus latency histograms per endpoint, the served version and
+//!   the batches scored
 //! - `GET /openapi.json`: the OpenAPI 3 document of the above
 //!
 //! Answers are `{"adapter_version": V, "items": [{"item_id", "title", "score"}, ...]}`. A
 //! malformed body, an unknown item id or a `k` out of range is answered 400 with
 //! `{"error": "..."}` naming what is wrong; a body over 64 KiB is answered 413. Scoring runs
-//! on the blocking pool, never on the async workers.
+//! on the engine's scoring thread, never on the async workers.
+//! - `GET /`: a page to try the model (search, build a history, see recommendations).
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -28,12 +30,15 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
-use super::{Engine, Ranked, ServeError};
+use super::{Engine, Query, Ranked, ServeError};
 
 /// Largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 const OPENAPI: &str = include_str!("openapi.json");
+/// The page to try the model: a search box, a history built from the results, and the
+/// recommendations after it, over the same two calls (titles set as text, never as markup).
+pub const PAGE: &str = include_str!("page.html");
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EndpointLabel {
@@ -46,6 +51,7 @@ pub struct ServeMetrics {
     registry: Registry,
     latency: Family<EndpointLabel, Histogram>,
     adapter_version: Gauge<i64, std::sync::atomic::AtomicI64>,
+    scored_batches: Gauge<i64, std::sync::atomic::AtomicI64>,
     requests_refused: Family<EndpointLabel, prometheus_client::metrics::counter::Counter<u64, AtomicU64>>,
 }
 
@@ -59,13 +65,19 @@ impl Default for ServeMetrics {
         registry.register("request_seconds", "Time to answer a request, by endpoint", latency.clone());
         let adapter_version = Gauge::default();
         registry.register("adapter_version", "The adapter version being served", adapter_version.clone());
+        let scored_batches = Gauge::default();
+        registry.register(
+            "scored_batches",
+            "Batches of requests scored together (requests over batches: the mean batch)",
+            scored_batches.clone(),
+        );
         let requests_refused = Family::default();
         registry.register(
             "requests_refused",
             "Requests answered with an error, by endpoint",
             requests_refused.clone(),
         );
-        Self { registry, latency, adapter_version, requests_refused }
+        Self { registry, latency, adapter_version, scored_batches, requests_refused }
     }
 }
 
@@ -106,7 +118,10 @@ impl From<ServeError> for ApiError {
                 tracing::error!("serving failed: {e}");
                 Self(StatusCode::INTERNAL_SERVER_ERROR, format!("the model failed: {e}"))
             }
-            stopped @ ServeError::Stopped(_) => Self(StatusCode::INTERNAL_SERVER_ERROR, stopped.to_string()),
+            e @ (ServeError::Stopped(_) | ServeError::Encoder(_)) => {
+                tracing::error!("serving failed: {e}");
+                Self(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+            }
         }
     }
 }
@@ -153,6 +168,7 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
     axum::Router::new()
         .route("/v1/recommend", post(recommend))
         .route("/v1/search", post(search))
+        .route("/", get(page))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI) }))
@@ -161,19 +177,25 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         .merge(super::grpc::routes(state))
 }
 
-/// Runs `work` on the blocking pool and records its latency and outcome under `endpoint`
-/// (both interfaces' calls).
-pub(super) async fn scored(
-    state: &AppState,
-    endpoint: &str,
-    work: impl FnOnce(&Engine) -> Result<Ranked, ServeError> + Send + 'static,
-) -> Result<Ranked, ServeError> {
+/// Serves `state` on `listener` until the process ends, with `TCP_NODELAY` on every
+/// accepted connection: HTTP/2 writes a response as several small frames, and with Nagle's
+/// algorithm on, each small frame after the first waits for the peer's delayed
+/// acknowledgement (up to 40 ms on Linux; it was the p99 of a lone caller before).
+pub async fn serve(listener: tokio::net::TcpListener, state: Arc<AppState>) -> std::io::Result<()> {
+    use axum::serve::ListenerExt as _;
+    let listener = listener.tap_io(|stream| {
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
+        }
+    });
+    axum::serve(listener, router(state)).await
+}
+
+/// Answers `query` on the engine's scoring thread and records its latency and outcome
+/// under `endpoint` (both interfaces' calls).
+pub(super) async fn scored(state: &AppState, endpoint: &str, query: Query) -> Result<Ranked, ServeError> {
     let started = Instant::now();
-    let engine = state.engine.clone();
-    let result = tokio::task::spawn_blocking(move || work(&engine))
-        .await
-        .map_err(|e| ServeError::Stopped(e.to_string()))
-        .and_then(|r| r);
+    let result = state.engine.answer(query).await;
     let label = EndpointLabel { endpoint: endpoint.into() };
     state.metrics.latency.get_or_create(&label).observe(started.elapsed().as_secs_f64());
     if result.is_err() {
@@ -182,7 +204,6 @@ pub(super) async fn scored(
     result
 }
 
-/// A call refused before it was scored (a body that does not parse), counted under `endpoint`.
 fn refused(state: &AppState, endpoint: &str) {
     state.metrics.requests_refused.get_or_create(&EndpointLabel { endpoint: endpoint.into() }).inc();
 }
@@ -192,8 +213,9 @@ async fn recommend(
     body: Result<Json<RecommendRequest>, JsonRejection>,
 ) -> Result<Json<Ranked>, ApiError> {
     let Json(request) = body.inspect_err(|_| refused(&state, "recommend"))?;
-    let answer =
-        scored(&state, "recommend", move |e| e.recommend(&request.history, request.k, request.exclude_seen));
+    let query =
+        Query::Recommend { history: request.history, k: request.k, exclude_seen: request.exclude_seen };
+    let answer = scored(&state, "recommend", query);
     Ok(Json(answer.await?))
 }
 
@@ -202,8 +224,22 @@ async fn search(
     body: Result<Json<SearchRequest>, JsonRejection>,
 ) -> Result<Json<Ranked>, ApiError> {
     let Json(request) = body.inspect_err(|_| refused(&state, "search"))?;
-    let answer = scored(&state, "search", move |e| e.search(&request.query, &request.history, request.k));
+    let query = Query::Search { text: request.query, history: request.history, k: request.k };
+    let answer = scored(&state, "search", query);
     Ok(Json(answer.await?))
+}
+
+async fn page() -> impl IntoResponse {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        PAGE,
+    )
 }
 
 async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -217,6 +253,7 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
+    state.metrics.scored_batches.set(i64::try_from(state.engine.batches_scored()).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),

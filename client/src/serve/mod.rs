@@ -5,9 +5,11 @@
 //! - [`ServedModel`]: one adapter version (the sequence tower) ready to score: its adapted
 //!   item vectors, normalised once, and its popularity prior.
 //! - [`Engine`]: the catalogue, the model behind an atomic pointer (a new version is built
-//!   beside the one serving and swapped in; a request in flight finishes on the version it
-//!   started with) and the query encoder. Every answer names the adapter version it came from.
-//! - [`http`]: the HTTP/JSON interface (`guild-client serve`).
+//!   beside the one serving and swapped in between batches) and the scoring thread, which
+//!   scores the requests queued together as one batch with the query encoder and one product
+//!   over the item vectors. Every answer names the adapter version it came from.
+//! - [`http`]: the HTTP/JSON interface and the page to try it (`guild-client serve`);
+//!   [`grpc`]: the same two calls over gRPC, on the same port.
 //!
 //! Scores are the ones the federation trained for and evaluates: recommendation is
 //! [`Tower::scores`] (cosine of the shopper and adapted item vectors plus the popularity
@@ -38,7 +40,7 @@ pub const MAX_HISTORY: usize = 1_000;
 pub const MAX_QUERY_BYTES: usize = 1_000;
 
 /// Why a request cannot be answered. `BadRequest` is the caller's mistake (HTTP 400, gRPC
-/// `INVALID_ARGUMENT`); `Model` and `Stopped` are this server's.
+/// `INVALID_ARGUMENT`); the others are this server's.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("{0}")]
@@ -47,6 +49,8 @@ pub enum ServeError {
     Model(#[from] ModelError),
     #[error("scoring stopped: {0}")]
     Stopped(String),
+    #[error("encoding the query failed: {0}")]
+    Encoder(String),
 }
 
 /// The merchant's catalogue: item ids and titles by item index, and the index of each id.
@@ -173,53 +177,83 @@ impl ServedModel {
         Self::from_offset(config, &offset, 0, guild_proto::adapter::sha256(&bytes), items)
     }
 
-    /// The shopper's normalised vector `[1, hidden]`, `None` for an empty history.
-    fn shopper(&self, history: &[ItemIndex]) -> Option<Tensor> {
-        (!history.is_empty()).then(|| normalise(&self.tower.shoppers(&self.items, &[history])))
-    }
-
     /// Each catalogue item's recommendation score for `history`: [`Tower::scores`]; for an
     /// empty history the popularity prior alone (zeros without one).
     pub fn recommend_scores(&self, history: &[ItemIndex]) -> Vec<f32> {
-        tch::no_grad(|| {
-            let scores = match self.shopper(history) {
-                Some(shopper) => self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0), history),
-                None => self
-                    .with_prior(Tensor::zeros([self.adapted.size()[0]], (Kind::Float, Device::Cpu)), history),
-            };
-            Vec::<f32>::try_from(&scores).unwrap_or_default()
-        })
+        let scores = self.scores(&[Row { history, query: None }], 0.0);
+        Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default()
     }
 
-    /// Each item's search score: the cosine of the query vector (normalised, `[hidden]`)
-    /// and the adapted item vector, plus `personalisation` times the recommendation score
-    /// when there is a history.
+    /// Each item's search score: the cosine of the query vector (`[hidden]`) and the adapted
+    /// item vector, plus `personalisation` times the recommendation score when there is a
+    /// history.
     pub fn search_scores(&self, query: &Tensor, history: &[ItemIndex], personalisation: f64) -> Vec<f32> {
-        tch::no_grad(|| {
-            let text = self.adapted.matmul(&normalise(&query.view([1, -1])).tr()).squeeze_dim(1);
-            let scores = match self.shopper(history) {
-                Some(shopper) if personalisation != 0.0 => {
-                    text + self.with_prior(shopper.matmul(&self.adapted.tr()).squeeze_dim(0), history)
-                        * personalisation
-                }
-                _ => text,
-            };
-            Vec::<f32>::try_from(&scores).unwrap_or_default()
-        })
+        let scores = self.scores(&[Row { history, query: Some(query) }], personalisation);
+        Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default()
     }
 
-    /// `scores` plus the popularity prior and `history`'s item-to-item prior (what the
-    /// tower has of them).
-    fn with_prior(&self, scores: Tensor, history: &[ItemIndex]) -> Tensor {
-        let scores = match &self.prior {
-            Some(prior) => scores + prior,
-            None => scores,
-        };
-        if history.is_empty() {
-            return scores;
-        }
-        self.tower.with_history_prior(scores.unsqueeze(0), &[history]).squeeze_dim(0)
+    /// The scores of a batch of rows, `[rows, items]`, each row as
+    /// [`Self::recommend_scores`] (no query) or [`Self::search_scores`] (a query) would give
+    /// it alone, with one product over the item vectors for the whole batch: both are linear
+    /// in one vector per row, `(t + w·s)·A + w·(prior + item-to-item prior)`, with `t` the
+    /// normalised query (zero for a recommendation), `s` the normalised shopper and `w` the
+    /// weight of the recommendation score (1 for a recommendation, `personalisation` for a
+    /// search with a history, 0 for one without). Reading the 26 MB of item vectors once for
+    /// many requests, not once each, is what lets a loaded server keep up.
+    pub fn scores(&self, rows: &[Row<'_>], personalisation: f64) -> Tensor {
+        tch::no_grad(|| {
+            let (b, hidden) = (rows.len() as i64, self.adapted.size()[1]);
+            let weight = |row: &Row<'_>| match row.query {
+                None => 1.0,
+                Some(_) if row.history.is_empty() => 0.0,
+                Some(_) => personalisation as f32,
+            };
+            let weights: Vec<f32> = rows.iter().map(weight).collect();
+            let mut queries = Tensor::zeros([b, hidden], (Kind::Float, Device::Cpu));
+            let searched: Vec<i64> = (0..b).filter(|&i| rows[i as usize].query.is_some()).collect();
+            if !searched.is_empty() {
+                let texts: Vec<Tensor> = searched
+                    .iter()
+                    .filter_map(|&i| rows[i as usize].query)
+                    .map(|q| normalise(&q.view([1, -1])))
+                    .collect();
+                queries = queries.index_copy(0, &Tensor::from_slice(&searched), &Tensor::cat(&texts, 0));
+            }
+            // Rows whose shopper counts: a history, at a weight that is not zero.
+            let personal: Vec<i64> = (0..b)
+                .filter(|&i| !rows[i as usize].history.is_empty() && weights[i as usize] != 0.0)
+                .collect();
+            let histories: Vec<&[ItemIndex]> = personal.iter().map(|&i| rows[i as usize].history).collect();
+            let personal_weights =
+                Tensor::from_slice(&personal.iter().map(|&i| weights[i as usize]).collect::<Vec<f32>>())
+                    .unsqueeze(1);
+            let personal = Tensor::from_slice(&personal);
+            if !histories.is_empty() {
+                let shoppers = normalise(&self.tower.shoppers(&self.items, &histories)) * &personal_weights;
+                queries = queries.index_add(0, &personal, &shoppers);
+            }
+            let mut scores = queries.matmul(&self.adapted.tr());
+            if let Some(prior) = &self.prior
+                && weights.iter().any(|&w| w != 0.0)
+            {
+                scores += Tensor::from_slice(&weights).unsqueeze(1) * prior.unsqueeze(0);
+            }
+            if !histories.is_empty()
+                && let Some(prior) = self.tower.history_prior(&histories)
+            {
+                scores = scores.index_add(0, &personal, &(prior * &personal_weights));
+            }
+            scores
+        })
     }
+}
+
+/// One row of a batch to score: a shopper's history (item indices, oldest first; may be
+/// empty) and, for a search, the query's vector `[hidden]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Row<'a> {
+    pub history: &'a [ItemIndex],
+    pub query: Option<&'a Tensor>,
 }
 
 /// The catalogue's `m` title neighbours, computed once per catalogue and neighbour count in
@@ -243,15 +277,26 @@ fn title_neighbours(items: &Tensor, m: usize) -> Result<TitleNeighbours, ModelEr
     Ok(neighbours)
 }
 
-/// Encodes a search query into the item vectors' space.
+/// Encodes search queries into the item vectors' space.
 pub trait QueryEncoder: Send {
     /// The query's normalised vector `[hidden]`.
     fn encode(&self, text: &str) -> Result<Tensor, ModelError>;
+
+    /// The normalised vectors of several queries, `[queries, hidden]` (one pass where the
+    /// encoder can batch).
+    fn encode_all(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
+        let vectors = texts.iter().map(|t| self.encode(t)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Tensor::stack(&vectors, 0))
+    }
 }
 
 impl QueryEncoder for BaseModel {
     fn encode(&self, text: &str) -> Result<Tensor, ModelError> {
         tch::no_grad(|| Ok(self.embed(&[text], None)?.squeeze_dim(0).to(Device::Cpu)))
+    }
+
+    fn encode_all(&self, texts: &[&str]) -> Result<Tensor, ModelError> {
+        tch::no_grad(|| Ok(self.embed(texts, None)?.to(Device::Cpu)))
     }
 }
 
@@ -287,13 +332,66 @@ pub fn top_k(scores: &[f32], k: usize, excluded: &HashSet<ItemIndex>) -> Vec<Ite
     candidates
 }
 
-/// The catalogue, the model being served and the query encoder.
+/// Most requests scored in one batch.
+pub const MAX_BATCH: usize = 64;
+
+/// A request to rank, as the interfaces receive it (item ids, not indices).
+#[derive(Clone, Debug)]
+pub enum Query {
+    /// The `k` best items to show after `history` (oldest first), without the history's
+    /// own items when `exclude_seen`.
+    Recommend { history: Vec<u64>, k: usize, exclude_seen: bool },
+    /// The `k` best items for `text`, personalised by `history` when it is not empty.
+    Search { text: String, history: Vec<u64>, k: usize },
+}
+
+/// Where a job's answer goes: a caller blocked on a thread, or a task awaiting it.
+enum Reply {
+    Blocking(std::sync::mpsc::SyncSender<Result<Ranked, ServeError>>),
+    Async(tokio::sync::oneshot::Sender<Result<Ranked, ServeError>>),
+}
+
+impl Reply {
+    fn send(self, answer: Result<Ranked, ServeError>) {
+        // A caller that went away (a closed connection) needs no answer.
+        match self {
+            Self::Blocking(tx) => drop(tx.send(answer)),
+            Self::Async(tx) => drop(tx.send(answer)),
+        }
+    }
+}
+
+/// A validated request waiting for the scorer.
+struct Job {
+    history: Vec<ItemIndex>,
+    /// The query's text, for a search.
+    text: Option<String>,
+    k: usize,
+    exclude_seen: bool,
+    reply: Reply,
+}
+
+/// The version being served, readable without waiting for the scorer.
+struct Serving {
+    version: u64,
+    sha256: [u8; 32],
+    model: Mutex<ServedModel>,
+}
+
+/// The catalogue, the model being served, and the scoring thread.
+///
+/// Requests are validated on the caller's thread and queued; one scoring thread takes
+/// everything queued (up to [`MAX_BATCH`]) and scores it as one batch against the version
+/// being served when the batch starts: one encoder pass for its search queries and one
+/// product with the item vectors for all of it ([`ServedModel::scores`]). An idle server
+/// answers a lone request at once (no waiting to fill a batch); a loaded one answers many
+/// requests for about the price of one read of the item vectors.
 pub struct Engine {
     catalogue: Arc<Catalogue>,
-    model: ArcSwap<Mutex<ServedModel>>,
-    encoder: Mutex<Box<dyn QueryEncoder>>,
-    /// The weight of the recommendation score in search (chosen on validation shoppers).
-    personalisation: f64,
+    serving: Arc<ArcSwap<Serving>>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    /// Batches scored so far (with the requests answered, the mean batch size).
+    batches: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -312,78 +410,205 @@ fn check_k(k: usize) -> Result<(), ServeError> {
     Ok(())
 }
 
+fn stopped() -> ServeError {
+    ServeError::Stopped("the scoring thread ended before answering".into())
+}
+
 impl Engine {
+    /// Serves `model`, searching with `encoder` and weighting the recommendation score by
+    /// `personalisation` in search (chosen on validation shoppers). Starts the scoring
+    /// thread, which ends when the engine is dropped.
     pub fn new(
         catalogue: Arc<Catalogue>,
         model: ServedModel,
         encoder: Box<dyn QueryEncoder>,
         personalisation: f64,
     ) -> Self {
-        Self {
-            catalogue,
-            model: ArcSwap::from_pointee(Mutex::new(model)),
-            encoder: Mutex::new(encoder),
+        let serving = Arc::new(ArcSwap::from_pointee(Serving::new(model)));
+        let (jobs, queue) = std::sync::mpsc::channel();
+        let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let scorer = Scorer {
+            catalogue: catalogue.clone(),
+            serving: serving.clone(),
+            encoder,
             personalisation,
+            batches: batches.clone(),
+        };
+        let spawned =
+            std::thread::Builder::new().name("guild-serve-scorer".into()).spawn(move || scorer.run(&queue));
+        if let Err(e) = spawned {
+            // Every request will answer `Stopped`, naming why.
+            tracing::error!("cannot start the scoring thread: {e}");
         }
+        Self { catalogue, serving, jobs, batches }
     }
 
     pub fn catalogue(&self) -> &Catalogue {
         &self.catalogue
     }
 
-    /// The version and hash of the adapter being served.
-    pub fn version(&self) -> (u64, [u8; 32]) {
-        let model = self.model.load();
-        let model = model.lock().unwrap_or_else(PoisonError::into_inner);
-        (model.version, model.sha256)
+    /// How many batches the scorer has scored (requests over batches is the mean batch).
+    pub fn batches_scored(&self) -> u64 {
+        self.batches.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Serves `model` from now on; requests already running finish on the old one.
+    /// The version and hash of the adapter being served.
+    pub fn version(&self) -> (u64, [u8; 32]) {
+        let serving = self.serving.load();
+        (serving.version, serving.sha256)
+    }
+
+    /// Serves `model` from now on; a batch already being scored finishes on the old one.
     pub fn swap(&self, model: ServedModel) {
-        self.model.store(Arc::new(Mutex::new(model)));
+        self.serving.store(Arc::new(Serving::new(model)));
+    }
+
+    /// Checks `query` and queues it for the scorer, its answer to go to `reply`.
+    fn submit(&self, query: Query, reply: Reply) -> Result<(), ServeError> {
+        let job = match query {
+            Query::Recommend { history, k, exclude_seen } => {
+                check_k(k)?;
+                Job { history: self.catalogue.resolve(&history)?, text: None, k, exclude_seen, reply }
+            }
+            Query::Search { text, history, k } => {
+                check_k(k)?;
+                let text = text.trim();
+                if text.is_empty() || text.len() > MAX_QUERY_BYTES {
+                    return Err(ServeError::BadRequest(format!(
+                        "query must have 1 to {MAX_QUERY_BYTES} bytes of text, got {}",
+                        text.len()
+                    )));
+                }
+                let history = self.catalogue.resolve(&history)?;
+                Job { history, text: Some(text.to_owned()), k, exclude_seen: false, reply }
+            }
+        };
+        self.jobs.send(job).map_err(|_| stopped())
+    }
+
+    /// Answers `query` (from an async task).
+    pub async fn answer(&self, query: Query) -> Result<Ranked, ServeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.submit(query, Reply::Async(tx))?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    /// Answers `query`, blocking this thread until it is scored.
+    pub fn answer_blocking(&self, query: Query) -> Result<Ranked, ServeError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.submit(query, Reply::Blocking(tx))?;
+        rx.recv().map_err(|_| stopped())?
     }
 
     /// The `k` best items to show after `history` (item ids, oldest first), leaving out
     /// the history's own items when `exclude_seen`.
     pub fn recommend(&self, history: &[u64], k: usize, exclude_seen: bool) -> Result<Ranked, ServeError> {
-        check_k(k)?;
-        let history = self.catalogue.resolve(history)?;
-        let model = self.model.load_full();
-        let model = model.lock().unwrap_or_else(PoisonError::into_inner);
-        let scores = model.recommend_scores(&history);
-        let excluded = if exclude_seen { history.iter().copied().collect() } else { HashSet::new() };
-        Ok(self.ranked(model.version, &scores, k, &excluded))
+        self.answer_blocking(Query::Recommend { history: history.to_vec(), k, exclude_seen })
     }
 
     /// The `k` best items for `query`, personalised by `history` when it is not empty.
     pub fn search(&self, query: &str, history: &[u64], k: usize) -> Result<Ranked, ServeError> {
-        check_k(k)?;
-        let query = query.trim();
-        if query.is_empty() || query.len() > MAX_QUERY_BYTES {
-            return Err(ServeError::BadRequest(format!(
-                "query must have 1 to {MAX_QUERY_BYTES} bytes of text, got {}",
-                query.len()
-            )));
+        self.answer_blocking(Query::Search { text: query.to_owned(), history: history.to_vec(), k })
+    }
+}
+
+impl Serving {
+    fn new(model: ServedModel) -> Self {
+        Self { version: model.version, sha256: model.sha256, model: Mutex::new(model) }
+    }
+}
+
+/// The scoring thread's state: it alone touches the model and the encoder.
+struct Scorer {
+    catalogue: Arc<Catalogue>,
+    serving: Arc<ArcSwap<Serving>>,
+    encoder: Box<dyn QueryEncoder>,
+    personalisation: f64,
+    batches: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Scorer {
+    /// Scores batches until every sender of `queue` is gone.
+    fn run(self, queue: &std::sync::mpsc::Receiver<Job>) {
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            // A panic inside libtorch fails this batch (its callers get `Stopped` as the
+            // replies drop), not the server.
+            self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score(batch)));
+            if scored.is_err() {
+                tracing::error!("scoring a batch panicked; its requests were answered with an error");
+            }
         }
-        let history = self.catalogue.resolve(history)?;
-        let vector = self.encoder.lock().unwrap_or_else(PoisonError::into_inner).encode(query)?;
-        let model = self.model.load_full();
-        let model = model.lock().unwrap_or_else(PoisonError::into_inner);
-        let scores = model.search_scores(&vector, &history, self.personalisation);
-        Ok(self.ranked(model.version, &scores, k, &HashSet::new()))
     }
 
-    fn ranked(&self, version: u64, scores: &[f32], k: usize, excluded: &HashSet<ItemIndex>) -> Ranked {
-        let items = top_k(scores, k, excluded)
-            .into_iter()
-            .map(|i| Hit {
-                item_id: self.catalogue.ids[i as usize],
-                title: self.catalogue.titles[i as usize].clone(),
-                score: scores[i as usize],
+    fn score(&self, batch: Vec<Job>) {
+        let serving = self.serving.load_full();
+        let model = serving.model.lock().unwrap_or_else(PoisonError::into_inner);
+        let texts: Vec<&str> = batch.iter().filter_map(|job| job.text.as_deref()).collect();
+        let vectors = if texts.is_empty() {
+            Ok(Vec::new())
+        } else {
+            self.encoder.encode_all(&texts).map(|t| (0..texts.len() as i64).map(|i| t.get(i)).collect())
+        };
+        let vectors: Vec<Tensor> = match vectors {
+            Ok(vectors) => vectors,
+            Err(e) => {
+                // The searches fail with the encoder's error; the recommendations go on.
+                let message = e.to_string();
+                let (searches, rest): (Vec<Job>, Vec<Job>) =
+                    batch.into_iter().partition(|j| j.text.is_some());
+                for job in searches {
+                    job.reply.send(Err(ServeError::Encoder(message.clone())));
+                }
+                drop(model);
+                return self.score(rest);
+            }
+        };
+        let mut searched = vectors.iter();
+        let rows: Vec<Row<'_>> = batch
+            .iter()
+            .map(|job| Row {
+                history: &job.history,
+                query: if job.text.is_some() { searched.next() } else { None },
             })
             .collect();
-        Ranked { adapter_version: version, items }
+        let scores = if rows.is_empty() { None } else { Some(model.scores(&rows, self.personalisation)) };
+        drop(model);
+        let Some(scores) = scores else { return };
+        let scores = Vec::<f32>::try_from(&scores.flatten(0, -1)).unwrap_or_default();
+        let items = self.catalogue.len();
+        for (i, job) in batch.into_iter().enumerate() {
+            let row = scores.get(i * items..(i + 1) * items).unwrap_or(&[]);
+            let excluded =
+                if job.exclude_seen { job.history.iter().copied().collect() } else { HashSet::new() };
+            job.reply.send(Ok(ranked(&self.catalogue, serving.version, row, job.k, &excluded)));
+        }
     }
+}
+
+fn ranked(
+    catalogue: &Catalogue,
+    version: u64,
+    scores: &[f32],
+    k: usize,
+    excluded: &HashSet<ItemIndex>,
+) -> Ranked {
+    let items = top_k(scores, k, excluded)
+        .into_iter()
+        .map(|i| Hit {
+            item_id: catalogue.ids[i as usize],
+            title: catalogue.titles[i as usize].clone(),
+            score: scores[i as usize],
+        })
+        .collect();
+    Ranked { adapter_version: version, items }
 }
 
 /// Fetches committed version `version` from the coordinator (its hash checked over the

@@ -6,7 +6,7 @@ use guild_proto::domain::AdapterManifest;
 use guild_proto::tower::TowerShape;
 use rand::{Rng as _, SeedableRng as _};
 
-use super::http::{AppState, ServeMetrics, router};
+use super::http::{AppState, ServeMetrics, serve};
 use super::*;
 use crate::data::User;
 
@@ -197,6 +197,90 @@ fn a_swapped_model_answers_the_next_request_and_names_its_version() {
 }
 
 #[test]
+fn a_batch_scores_every_row_exactly_as_that_row_alone() {
+    let model = ServedModel::from_offset(config(), &offset(4), 1, [0; 32], &items()).expect("model");
+    let (q7, q20) = (items().get(7), items().get(20));
+    let (long, short, longest): (Vec<ItemIndex>, Vec<ItemIndex>, Vec<ItemIndex>) =
+        (vec![3, 9, 12, 3, 30], vec![8, 1], (0..11).collect());
+    // Histories of different lengths (padded in the batch; one longer than the tower's
+    // window), an empty one, searches with and without a history.
+    let rows = [
+        Row { history: &long, query: None },
+        Row { history: &[], query: None },
+        Row { history: &short, query: Some(&q7) },
+        Row { history: &[], query: Some(&q20) },
+        Row { history: &longest, query: None },
+        Row { history: &short, query: None },
+        Row { history: &long, query: Some(&q20) },
+    ];
+    let batch = model.scores(&rows, 0.4);
+    assert_eq!(batch.size(), [rows.len() as i64, ITEMS as i64]);
+    for (i, row) in rows.iter().enumerate() {
+        let alone = match row.query {
+            None => model.recommend_scores(row.history),
+            Some(query) => model.search_scores(query, row.history, 0.4),
+        };
+        let batched = Vec::<f32>::try_from(&batch.get(i as i64)).expect("row");
+        for (a, b) in batched.iter().zip(&alone) {
+            assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
+        }
+    }
+    // A search without a history is the text's cosine alone: no prior.
+    let text = Vec::<f32>::try_from(&batch.get(3)).expect("row");
+    let cosine =
+        Vec::<f32>::try_from(&model.adapted.matmul(&normalise(&q20.view([1, -1])).tr()).squeeze_dim(1))
+            .expect("cosine");
+    for (a, b) in text.iter().zip(&cosine) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+}
+
+#[test]
+fn requests_queued_while_the_scorer_is_busy_are_scored_as_one_batch_with_their_own_answers() {
+    let engine = engine(&offset(1), 0.3);
+    let queries: Vec<Query> = (0..12u32)
+        .map(|i| {
+            let history = ids(&(i..i + 1 + i % 4).collect::<Vec<ItemIndex>>());
+            if i % 3 == 0 {
+                Query::Search { text: format!("item {i}"), history, k: 5 }
+            } else {
+                Query::Recommend { history, k: 5, exclude_seen: i % 2 == 0 }
+            }
+        })
+        .collect();
+    let alone: Vec<Ranked> =
+        queries.iter().map(|q| engine.answer_blocking(q.clone()).expect("answered")).collect();
+    let before = engine.batches_scored();
+    // Hold the model so the scorer waits: everything submitted meanwhile queues up.
+    let serving = engine.serving.load_full();
+    let held = serving.model.lock().expect("model");
+    let replies: Vec<_> = queries
+        .iter()
+        .map(|q| {
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            engine.submit(q.clone(), Reply::Blocking(tx)).expect("queued");
+            rx
+        })
+        .collect();
+    drop(held);
+    for (rx, expected) in replies.into_iter().zip(&alone) {
+        let answer = rx.recv().expect("a reply").expect("ranked");
+        assert_eq!(answer.adapter_version, expected.adapter_version);
+        assert_eq!(
+            answer.items.iter().map(|h| h.item_id).collect::<Vec<_>>(),
+            expected.items.iter().map(|h| h.item_id).collect::<Vec<_>>()
+        );
+        for (a, b) in answer.items.iter().zip(&expected.items) {
+            assert!((a.score - b.score).abs() < 1e-5);
+        }
+    }
+    // The first request may have been taken alone before the others arrived; the rest
+    // waited together.
+    let batches = engine.batches_scored() - before;
+    assert!(batches <= 2, "{batches} batches for 12 requests queued together");
+}
+
+#[test]
 fn top_k_keeps_the_best_in_order_and_skips_what_is_excluded_or_not_finite() {
     let scores = [0.1, 0.9, f32::NAN, 0.5, 0.9, 0.3];
     let excluded: HashSet<ItemIndex> = [3].into_iter().collect();
@@ -234,7 +318,7 @@ fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
     state.metrics.set_version(4);
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("address");
-    runtime.spawn(async move { axum::serve(listener, router(state)).await });
+    runtime.spawn(async move { serve(listener, state).await });
 
     let (status, body) = post(address, "/v1/recommend", r#"{"history": [1007, 1014], "k": 3}"#);
     assert_eq!(status, 200, "{body}");
@@ -273,7 +357,17 @@ fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
     let (_, body) = exchange(address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(body.contains("guild_serve_request_seconds_count{endpoint=\"recommend\"}"), "{body}");
     assert!(body.contains("guild_serve_adapter_version 4"), "{body}");
+    let batches = format!("guild_serve_scored_batches {}", engine.batches_scored());
+    assert!(engine.batches_scored() > 0 && body.contains(&batches), "{body}");
     assert!(body.contains("guild_serve_requests_refused_total{endpoint=\"recommend\"}"), "{body}");
+    // The page to try it: served as HTML, calling the two endpoints this router answers, and
+    // putting titles on the page as text only.
+    let (status, page) = exchange(address, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("fetch(path") && page.contains("\"/v1/search\"") && page.contains("\"/v1/recommend\"")
+    );
+    assert!(!page.contains("innerHTML"), "titles are shop data: never parsed as markup");
     let (status, body) =
         exchange(address, "GET /openapi.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert_eq!(status, 200);
@@ -294,7 +388,7 @@ fn the_grpc_interface_answers_on_the_same_port_and_refuses_bad_input_with_a_reas
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("address");
     let metrics = state.clone();
-    runtime.spawn(async move { axum::serve(listener, router(state)).await });
+    runtime.spawn(async move { serve(listener, state).await });
 
     let mut client = runtime.block_on(ShopClient::connect(format!("http://{address}"))).expect("connect");
     let ids_of = |items: &[guild_proto::v1::RankedItem]| items.iter().map(|h| h.item_id).collect::<Vec<_>>();
