@@ -219,6 +219,13 @@ pub struct ShopperDp {
     /// to what is left of each arm's ε. None: no selection.
     #[serde(default)]
     pub selection_noise_multiplier: Option<f64>,
+    /// q of the pooling selection: the rate at which each merchant samples its shoppers for
+    /// it (default: `popularity_sampling_rate`). Scoring a shopper under every setting costs
+    /// about a millisecond of a core against the whole catalogue, so sampling fewer makes
+    /// the selection cheaper as well as amplified; its noisy sums still separate the
+    /// settings when thousands of shoppers are sampled.
+    #[serde(default)]
+    pub selection_sampling_rate: Option<f64>,
 }
 
 impl ShopperDp {
@@ -228,6 +235,11 @@ impl ShopperDp {
             popularity_releases: self.popularity_releases,
             pooling_selection: self.selection_noise_multiplier.is_some(),
         }
+    }
+
+    /// The rate at which the pooling selection samples each merchant's shoppers.
+    pub fn selection_rate(&self) -> f64 {
+        self.selection_sampling_rate.unwrap_or(self.popularity_sampling_rate)
     }
 }
 
@@ -390,8 +402,12 @@ impl Scenario {
                             .into(),
                     ));
                 }
-                if !(sh.popularity_sampling_rate > 0.0 && sh.popularity_sampling_rate <= 1.0) {
-                    return Err(invalid("arms.shopper_dp.popularity_sampling_rate must be in (0, 1]".into()));
+                if !(sh.selection_rate() > 0.0 && sh.selection_rate() <= 1.0) {
+                    return Err(invalid(
+                        "arms.shopper_dp.selection_sampling_rate (or popularity_sampling_rate, its default) must \
+                         be in (0, 1]"
+                            .into(),
+                    ));
                 }
             }
             if scenario.clients != ClientMode::Tasks {
@@ -453,6 +469,32 @@ federated = true
         }
         names.sort();
         assert!(names.contains(&"default".to_owned()) && names.contains(&"shopper".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn the_pooling_selection_samples_at_its_own_rate_or_the_releases_and_a_bad_rate_is_refused() {
+        let shopper = BASE.replace(
+            "federated = true",
+            "federated = true\nshopper_dp_epsilons = [3.0]\nshopper_dp = { sampling_rate = 0.1, rounds = 0, \
+             popularity_releases = 1, popularity_sampling_rate = 0.8, selection_noise_multiplier = 10.0, \
+             clip_norm = 1.0, learning_rate = 1.0 }",
+        );
+        let selection_rate =
+            |text: &str| load(text).map(|s| s.arms.shopper_dp.expect("shopper arms").selection_rate());
+        assert_eq!(selection_rate(&shopper).expect("valid"), 0.8);
+        let own = shopper.replace(
+            "selection_noise_multiplier",
+            "selection_sampling_rate = 0.3, selection_noise_multiplier",
+        );
+        assert_eq!(selection_rate(&own).expect("valid"), 0.3);
+        for bad in ["0.0", "1.5"] {
+            let text = shopper.replace(
+                "selection_noise_multiplier",
+                &format!("selection_sampling_rate = {bad}, selection_noise_multiplier"),
+            );
+            let error = selection_rate(&text).expect_err("refused").to_string();
+            assert!(error.contains("selection_sampling_rate"), "{error}");
+        }
     }
 
     #[test]

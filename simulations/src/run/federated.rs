@@ -100,7 +100,7 @@ pub(super) async fn federated(
             c.rounds.pooling_selection = StatisticRounds {
                 rounds: u32::from(arm.schedule.pooling_selection),
                 noise_multiplier: arm.selection_noise_multiplier,
-                sampling_rate: sh.popularity_sampling_rate,
+                sampling_rate: sh.selection_rate(),
             };
         }
         // Every client of a cohort masks on this machine's cores: the masked-input phase
@@ -164,7 +164,7 @@ pub(super) async fn federated(
                     RoundKind::PoolingSelection => format!(
                         "one pooling selection: every merchant's shoppers sampled at q = {}, each one's NDCG@10 on \
                          its validation item under the {} public settings of pooling and prior weight, z = {:.3}",
-                        sh.popularity_sampling_rate,
+                        sh.selection_rate(),
                         guild_proto::tower::SELECTION_SETTINGS,
                         arm.selection_noise_multiplier,
                     ),

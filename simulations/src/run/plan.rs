@@ -175,9 +175,14 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         // The pooling selection, at its fixed z, is charged first; the rest is calibrated
         // to what it leaves.
         let selection = match sh.selection_noise_multiplier {
-            Some(z) => (RoundPrivacy { noise_multiplier: z, ..statistic.clone() })
-                .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
-                .context("a selection without noise")?,
+            Some(z) => (RoundPrivacy {
+                noise_multiplier: z,
+                sampling_rate: sh.selection_rate(),
+                max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.selection_rate()),
+                ..statistic.clone()
+            })
+            .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
+            .context("a selection without noise")?,
             None => RdpCurve::zero(),
         };
         for &epsilon in &s.arms.shopper_dp_epsilons {
