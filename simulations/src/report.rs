@@ -106,6 +106,7 @@ pub fn markdown(results: &RunResults) -> String {
     out += &comparisons(results);
     out += &shares(results);
     out += &search(results);
+    out += &serving(results);
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
     let eventful: Vec<&ArmResult> =
@@ -222,6 +223,26 @@ fn shares(results: &RunResults) -> String {
         base.len().min(top.len()),
         BOOTSTRAP_RESAMPLES
     )
+}
+
+/// The serving table: the federated arm's final version answering `Recommend` on loopback.
+fn serving(results: &RunResults) -> String {
+    let Some(serving) = &results.serving else { return String::new() };
+    let mut out = format!(
+        "\n## Serving the {} adapter\n\n`guild-client serve`'s router (its engine batches the \
+         requests that arrive together) on loopback with the arm's final version; a gRPC client sends \
+         `Recommend` (k = 10, the history's items left out) with each of {} evaluation users' test \
+         histories, on each of the callers' own connections, after the arms on this machine.\n\n\
+         | callers | requests/s | p50 (ms) | p99 (ms) |\n|---|---|---|---|\n",
+        serving.arm, serving.requests
+    );
+    for load in &serving.loads {
+        out += &format!(
+            "| {} | {:.0} | {:.2} | {:.2} |\n",
+            load.concurrency, load.requests_per_s, load.p50_ms, load.p99_ms
+        );
+    }
+    out
 }
 
 /// The search table: each way of searching on the same test users, against text only.
@@ -525,6 +546,7 @@ mod tests {
             wall_seconds: 1.0,
             arms: vec![arm("local-only (mean)", 0.02, None), arm("federated DP ε=8", dp, Some(8.0))],
             search: Vec::new(),
+            serving: None,
         };
         assert!(verdict(&results(0.021)).contains("within noise"));
         assert!(verdict(&results(0.019)).contains("trails the local-only mean by 0.0010"));

@@ -129,4 +129,25 @@ pub struct RunResults {
     /// Search (`[arms] search_users`), with the query protocol stated in the report.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub search: Vec<SearchResult>,
+    /// The federated arm's final version served on loopback (`[arms] serve_requests`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<ServingResult>,
+}
+
+/// `guild-client serve`'s router answering `Recommend` over gRPC on loopback with one arm's
+/// final version.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServingResult {
+    pub arm: String,
+    /// Requests sent at each concurrency: one per evaluation user's test history.
+    pub requests: usize,
+    pub loads: Vec<ServingLoad>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServingLoad {
+    pub concurrency: usize,
+    pub requests_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
 }

@@ -149,6 +149,12 @@ pub struct Arms {
     /// personalisation weight chosen on validation.
     #[serde(default)]
     pub search_users: usize,
+    /// Sequence tower: serve the federated arm's final version with `guild-client serve`'s
+    /// router on loopback and send this many `Recommend` calls over gRPC (the first
+    /// evaluation users' test histories) at concurrency 1 and 16; the report quotes requests
+    /// per second, p50 and p99 (0: not measured).
+    #[serde(default)]
+    pub serve_requests: usize,
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
     #[serde(default)]
     pub federated: bool,

@@ -141,6 +141,16 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
     assert!(curve.windows(2).all(|w| w[1] < w[0]), "validation cross-entropy by round: {curve:?}");
     assert_eq!(federated.rounds, 3);
     assert!(federated.events.iter().any(|e| e.contains("SIGKILLed")), "{:?}", federated.events);
+    // The federated version, served by `guild-client serve`'s router on loopback, answered
+    // every recommendation at both concurrencies (each call checks its 10 items).
+    let serving = results.serving.as_ref().expect("the scenario serves the federated adapter");
+    assert_eq!((serving.arm.as_str(), serving.requests), ("federated (non-private)", 200));
+    assert_eq!(serving.loads.iter().map(|l| l.concurrency).collect::<Vec<_>>(), [1, 16]);
+    for load in &serving.loads {
+        assert!(load.requests_per_s > 0.0 && load.p50_ms > 0.0 && load.p99_ms >= load.p50_ms, "{load:?}");
+    }
+    let report = guild_sim::report::markdown(&results);
+    assert!(report.contains("## Serving the federated (non-private) adapter"), "{report}");
     let dp = arm("federated DP ε=8");
     let epsilon = dp.epsilon.expect("DP arm spends ε");
     assert!(epsilon > 0.0 && epsilon <= 8.0 + 1e-9, "ε = {epsilon}");

@@ -300,6 +300,17 @@ impl QueryEncoder for BaseModel {
     }
 }
 
+/// An encoder for a server that answers recommendations only: every search is refused
+/// with an error naming why.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RecommendOnly;
+
+impl QueryEncoder for RecommendOnly {
+    fn encode(&self, _: &str) -> Result<Tensor, ModelError> {
+        Err(ModelError::Tokenizer("this server answers recommendations only, not searches".into()))
+    }
+}
+
 /// One ranked item of an answer.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Hit {

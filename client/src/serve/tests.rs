@@ -281,6 +281,16 @@ fn requests_queued_while_the_scorer_is_busy_are_scored_as_one_batch_with_their_o
 }
 
 #[test]
+fn a_recommend_only_server_refuses_searches_with_the_reason_and_still_recommends() {
+    let model = ServedModel::from_offset(config(), &offset(1), 4, [9; 32], &items()).expect("model");
+    let engine = Engine::new(Arc::new(Catalogue::new(&dataset())), model, Box::new(RecommendOnly), 0.3);
+    let error = engine.search("item 7", &[], 5).expect_err("no searches");
+    assert!(matches!(error, ServeError::Encoder(_)), "{error}");
+    assert!(error.to_string().contains("recommendations only"), "{error}");
+    assert_eq!(engine.recommend(&ids(&[1, 2]), 5, true).expect("ranked").items.len(), 5);
+}
+
+#[test]
 fn top_k_keeps_the_best_in_order_and_skips_what_is_excluded_or_not_finite() {
     let scores = [0.1, 0.9, f32::NAN, 0.5, 0.9, 0.3];
     let excluded: HashSet<ItemIndex> = [3].into_iter().collect();

@@ -8,6 +8,7 @@ mod baselines;
 mod federated;
 mod plan;
 mod search;
+mod serving;
 
 pub use search::WEIGHTS as SEARCH_WEIGHTS;
 
@@ -120,6 +121,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     } else {
         Vec::new()
     };
+    let serving = if s.arms.serve_requests > 0 && world.spec.family == AdapterFamilyName::SequenceTower {
+        progress.message("serving");
+        serving::serving(&world, s, &arms).await?
+    } else {
+        None
+    };
     progress.finish();
     compare_arms(&mut arms)?;
     let shared = lock(&world.shared);
@@ -136,6 +143,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         wall_seconds: started.elapsed().as_secs_f64(),
         arms,
         search,
+        serving,
     })
 }
 
