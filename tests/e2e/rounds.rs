@@ -24,7 +24,9 @@ async fn rounds_commit_adapters_and_ledger_entries_that_match_the_accountant() {
         .with_test_writer()
         .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
-    let federation = four_merchants(dir.path(), 3, |_| {}).await;
+    // Raw steps: the random updates are noise to the gated shrinkage, which would leave the
+    // adapter exactly where it was (as it should), and this test checks that rounds commit.
+    let federation = four_merchants(dir.path(), 3, raw_steps).await;
     every_client_in_every_round(&federation, 4, 3).await;
     let store = federation.store().expect("store");
     assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(3));
