@@ -161,12 +161,13 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
         };
         // The statistic rounds (releases, selection): every merchant's shoppers sampled at
-        // their own rate, the sum bounded accordingly.
-        let statistic = RoundPrivacy {
-            sampling_rate: sh.popularity_sampling_rate,
-            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.popularity_sampling_rate),
+        // the kind's own rate, the sum bounded accordingly.
+        let sampled_at = |q: f64| RoundPrivacy {
+            sampling_rate: q,
+            max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, q),
             ..round.clone()
         };
+        let statistic = sampled_at(sh.popularity_sampling_rate);
         // The coordinator's schedule of the arm's rounds, and how many of each kind it runs.
         let schedule = sh.schedule();
         let total = schedule.statistic_rounds() + sh.rounds;
@@ -175,14 +176,9 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         // The pooling selection, at its fixed z, is charged first; the rest is calibrated
         // to what it leaves.
         let selection = match sh.selection_noise_multiplier {
-            Some(z) => (RoundPrivacy {
-                noise_multiplier: z,
-                sampling_rate: sh.selection_rate(),
-                max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, sh.selection_rate()),
-                ..statistic.clone()
-            })
-            .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
-            .context("a selection without noise")?,
+            Some(z) => (RoundPrivacy { noise_multiplier: z, ..sampled_at(sh.selection_rate()) })
+                .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
+                .context("a selection without noise")?,
             None => RdpCurve::zero(),
         };
         for &epsilon in &s.arms.shopper_dp_epsilons {

@@ -20,14 +20,14 @@ use crate::world::{World, lock};
 /// The concurrent callers of each measurement.
 pub const CONCURRENCY: [usize; 2] = [1, 16];
 
-/// The arm whose final version is served: the non-private federation's, else the first
-/// federated arm with one.
-fn served_arm(arms: &[ArmResult]) -> Option<&ArmResult> {
-    let federated = |a: &&ArmResult| a.arm.starts_with("federated") && a.final_adapter.is_some();
-    arms.iter()
-        .filter(federated)
-        .find(|a| a.arm == "federated (non-private)")
-        .or_else(|| arms.iter().find(federated))
+/// The arm whose final version is served, and that version (offset from the start): the
+/// non-private federation's, else the first federated arm's that has one.
+fn served_arm(arms: &[ArmResult]) -> Option<(&ArmResult, &[f32])> {
+    let federated = arms
+        .iter()
+        .filter(|a| a.arm.starts_with("federated"))
+        .filter_map(|a| Some((a, a.final_adapter.as_deref()?)));
+    federated.clone().find(|(a, _)| a.arm == "federated (non-private)").or_else(|| federated.clone().next())
 }
 
 pub(super) async fn serving(
@@ -35,8 +35,7 @@ pub(super) async fn serving(
     s: &Scenario,
     arms: &[ArmResult],
 ) -> anyhow::Result<Option<ServingResult>> {
-    let Some(arm) = served_arm(arms) else { return Ok(None) };
-    let Some(offset) = &arm.final_adapter else { return Ok(None) };
+    let Some((arm, offset)) = served_arm(arms) else { return Ok(None) };
     let (model, catalogue, histories) = tokio::task::block_in_place(|| -> anyhow::Result<_> {
         let shared = lock(&world.shared);
         let model = ServedModel::from_offset(world.spec.tower.clone(), offset, 0, [0; 32], &shared.items)?;
@@ -61,14 +60,15 @@ pub(super) async fn serving(
     let server = tokio::spawn(serve(listener, state));
     let histories = Arc::new(histories);
     let mut loads = Vec::new();
-    for concurrency in CONCURRENCY {
-        let measured = load(address, &histories, concurrency).await;
-        if measured.is_err() {
-            server.abort();
+    let measured: anyhow::Result<()> = async {
+        for concurrency in CONCURRENCY {
+            loads.push(load(address, &histories, concurrency).await?);
         }
-        loads.push(measured?);
+        Ok(())
     }
+    .await;
     server.abort();
+    measured?;
     Ok(Some(ServingResult { arm: arm.arm.clone(), requests: histories.len(), loads }))
 }
 
