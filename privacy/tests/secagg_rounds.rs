@@ -265,6 +265,79 @@ fn honest_clients_refuse_a_server_that_shows_different_survivor_lists() {
     }
 }
 
+/// The most shares of each of the victim's two secrets (its mask key, its self-mask seed)
+/// a lying server can collect with `colluders` holders on its side, over every way of
+/// splitting the victim's honest holders between a survivor list without the victim (they
+/// reveal shares of its mask key) and the full list (shares of its self-mask seed): each
+/// client is shown only the signatures on its own list, the colluders sign both lists and
+/// hand over their own share of each secret. The graph is complete, so only how many
+/// honest holders are told the victim dropped matters. Returns the best split's smaller
+/// count: the victim is unmasked when it reaches t.
+fn best_split_against_the_last_client(n: u32, t: u32, colluders: u32, seed: u64) -> u32 {
+    let victim = index(n);
+    let everyone: Vec<ClientIndex> = (1..=n).map(index).collect();
+    let without_victim: Vec<ClientIndex> = everyone.iter().copied().filter(|&c| c != victim).collect();
+    let colluding: Vec<ClientIndex> = (1..=colluders).map(index).collect();
+    let honest_holders: Vec<ClientIndex> = (colluders + 1..n).map(index).collect();
+    let mut best = 0;
+    for told in 0..=honest_holders.len() {
+        let told_dropped: BTreeSet<ClientIndex> = honest_holders[..told].iter().copied().collect();
+        let list_for = |c: ClientIndex| if told_dropped.contains(&c) { &without_victim } else { &everyone };
+        let mut f = Federation::new(n, n - 1, t, 16, 32, seed + told as u64);
+        let (_, states, mut inboxes) = honest_through_shares(&mut f);
+        let mut signed = Vec::new();
+        let mut waiting = Vec::new();
+        for (c, state) in states {
+            let (state, _) =
+                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &f.inputs[&c]).expect("inbox");
+            if colluding.contains(&c) {
+                for list in [&without_victim, &everyone] {
+                    let payload = guild_privacy::secagg::signed::survivors(&f.config.binding, list);
+                    let signature = crypto::sign(&f.signing[&c], &payload);
+                    signed.push((list.clone(), SurvivorSignature { sender: c, signature }));
+                }
+                continue;
+            }
+            let (state, check) = state.on_survivors(list_for(c).clone(), &f.signing[&c]).expect("a survivor");
+            signed.push((list_for(c).clone(), SurvivorSignature { sender: c, signature: check.signature }));
+            waiting.push((c, state));
+        }
+        let (mut mask_key, mut self_mask) = (colluders, colluders);
+        for (c, state) in waiting {
+            let shown: Vec<SurvivorSignature> =
+                signed.iter().filter(|(list, _)| list == list_for(c)).map(|(_, s)| s.clone()).collect();
+            if let Ok(unmask) = state.on_signatures(shown, &f.identities) {
+                mask_key += unmask.mask_key_shares.iter().filter(|s| s.owner == victim).count() as u32;
+                self_mask += unmask.self_mask_shares.iter().filter(|s| s.owner == victim).count() as u32;
+            }
+        }
+        best = best.max(mask_key.min(self_mask));
+    }
+    best
+}
+
+#[test]
+fn colluders_who_sign_both_survivor_lists_unmask_no_one_within_the_threshold_bound() {
+    // Thirteen clients, each holding shares of every other's secrets (k = 12), at the
+    // active threshold t = ⌊2k/3⌋ + 1 = 9: the bound tolerates c < 2t − k, five colluders.
+    // An honest holder reveals only after t of its neighbours (not itself) signed its list,
+    // so the split needs h_A − 1 + c ≥ t on the victim-dropped side and h_B + c ≥ t on the
+    // other (the victim signs there): it works from c = 2t + 1 − k = 7 on, fewer than the
+    // t = 9 that could rebuild the secrets alone. At five, and at six (the bound's margin of
+    // one), every split leaves the server short of t shares of one secret. The signature
+    // check is what stops six: a holder that revealed whenever asked would need only
+    // h_A + c ≥ t and h_B + c ≥ t, c ≥ 2t − k = 6 (this test fails without it).
+    let (n, t) = (13, 9);
+    let bound = guild_privacy::secagg::colluders_tolerated(t, n - 1);
+    assert_eq!((bound, guild_privacy::secagg::min_active_threshold(n - 1)), (5, t));
+    for colluders in [bound, bound + 1] {
+        let best = best_split_against_the_last_client(n, t, colluders, 70);
+        assert!(best < t, "{colluders} colluders collected {best} shares of both secrets");
+    }
+    let beyond = best_split_against_the_last_client(n, t, bound + 2, 90);
+    assert!(beyond >= t, "{} colluders reach t = {t} with the right split, got {beyond}", bound + 2);
+}
+
 #[test]
 fn a_client_the_server_calls_dropped_after_its_input_stays_hidden() {
     // The server receives client 4's masked input but tells everyone (consistently) that

@@ -59,8 +59,10 @@ pub struct RoundConfig {
 /// dropped (they reveal shares of its mask key) and others that it survived (they reveal
 /// shares of its self-mask seed); with both it strips both masks. An honest holder reveals
 /// only after t signatures on one survivor list and signs one list per round, so with
-/// `c` colluding holders the coordinator needs `(k − c) + 2c ≥ 2t`: the input stays hidden
-/// while `c < 2t − k` (Bonawitz et al., CCS 2017, active model; Bell et al., CCS 2020, for
+/// `c` colluding holders the coordinator needs `(k − c) + 2c ≥ 2t` (in the complete graph
+/// `2t + 1`: a holder counts its neighbours' signatures, not its own; measured at both
+/// ends by `colluders_who_sign_both_survivor_lists...` in `tests/secagg_rounds.rs`): the
+/// input stays hidden while `c < 2t − k` (Bonawitz et al., CCS 2017, active model; Bell et al., CCS 2020, for
 /// the neighbourhoods of SecAgg+). At `t = ⌊2k/3⌋ + 1` that is fewer than about k/3
 /// colluders, and a round survives up to `k − t` dropped neighbours.
 pub fn min_active_threshold(holders: u32) -> u32 {
