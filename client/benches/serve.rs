@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use guild_client::data::Dataset;
 use guild_client::model::tower::{TowerConfig, normalise};
 use guild_client::model::{BaseModel, default_model_dir};
-use guild_client::serve::http::{AppState, ServeMetrics, serve};
+use guild_client::serve::http::{AppState, serve};
 use guild_client::serve::{Catalogue, Engine, ServedModel};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
@@ -125,7 +125,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     floor.sort_by(f64::total_cmp);
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let state = Arc::new(AppState { engine, metrics: ServeMetrics::default() });
+    let state = Arc::new(AppState::new(engine));
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
     let address = listener.local_addr()?;
     runtime.spawn(async move { serve(listener, state).await });

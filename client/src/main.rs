@@ -167,7 +167,7 @@ fn spinner() -> ProgressBar {
 /// `guild-client serve`: loads the catalogue, its title vectors and the adapter, then
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
-    use guild_client::serve::http::{AppState, ServeMetrics};
+    use guild_client::serve::http::AppState;
     use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
     let a = &config.adapter;
     anyhow::ensure!(
@@ -195,7 +195,6 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let manifest =
         guild_proto::domain::AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed);
     let catalogue = Arc::new(Catalogue::new(&dataset));
-    let metrics = ServeMetrics::default();
     let (model, connection) = match &config.serve.adapter {
         Some(dir) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
         None => {
@@ -208,15 +207,16 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
             (model, Some(connection))
         }
     };
-    metrics.set_version(model.version);
+    let version = model.version;
     eprintln!(
         "guild-client: serving adapter version {} over {} items on http://{}",
-        model.version,
+        version,
         catalogue.len(),
         config.serve.listen
     );
     let engine = Arc::new(Engine::new(catalogue, model, Box::new(base), config.serve.personalisation));
-    let state = Arc::new(AppState { engine, metrics });
+    let state = Arc::new(AppState::new(engine));
+    state.metrics.set_version(version);
     if let Some(connection) = connection {
         let period = Duration::from_secs(config.serve.refresh_seconds);
         tokio::spawn(follow(connection, state.clone(), manifest, tower, items, period));

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use guild_client::data::{Dataset, User};
 use guild_client::model::tower::{TowerConfig, normalise};
-use guild_client::serve::http::{AppState, ServeMetrics, serve};
+use guild_client::serve::http::{AppState, serve};
 use guild_client::serve::{Catalogue, Engine, QueryEncoder, ServedModel, fetch_version, follow};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
@@ -51,7 +51,7 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     let first =
         fetch_version(&mut connection, 0, &manifest, &tower, items.shallow_clone()).await.expect("v0");
     let engine = Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), first, Box::new(NoQueries), 0.5));
-    let state = Arc::new(AppState { engine: engine.clone(), metrics: ServeMetrics::default() });
+    let state = Arc::new(AppState::new(engine.clone()));
     let follower = tokio::spawn(follow(
         connection,
         state.clone(),

@@ -51,12 +51,12 @@ pub struct ServeMetrics {
     registry: Registry,
     latency: Family<EndpointLabel, Histogram>,
     adapter_version: Gauge<i64, std::sync::atomic::AtomicI64>,
-    scored_batches: Gauge<i64, std::sync::atomic::AtomicI64>,
     requests_refused: Family<EndpointLabel, prometheus_client::metrics::counter::Counter<u64, AtomicU64>>,
 }
 
-impl Default for ServeMetrics {
-    fn default() -> Self {
+impl ServeMetrics {
+    /// The metrics of a server whose scorer counts its batches in `scored_batches`.
+    pub fn new(scored_batches: super::BatchCounter) -> Self {
         let mut registry = Registry::with_prefix("guild_serve");
         let latency = Family::<EndpointLabel, Histogram>::new_with_constructor(|| {
             // 0.5 ms to ~4 s.
@@ -65,11 +65,10 @@ impl Default for ServeMetrics {
         registry.register("request_seconds", "Time to answer a request, by endpoint", latency.clone());
         let adapter_version = Gauge::default();
         registry.register("adapter_version", "The adapter version being served", adapter_version.clone());
-        let scored_batches = Gauge::default();
         registry.register(
             "scored_batches",
             "Batches of requests scored together (requests over batches: the mean batch)",
-            scored_batches.clone(),
+            scored_batches,
         );
         let requests_refused = Family::default();
         registry.register(
@@ -77,11 +76,9 @@ impl Default for ServeMetrics {
             "Requests answered with an error, by endpoint",
             requests_refused.clone(),
         );
-        Self { registry, latency, adapter_version, scored_batches, requests_refused }
+        Self { registry, latency, adapter_version, requests_refused }
     }
-}
 
-impl ServeMetrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -99,6 +96,13 @@ impl ServeMetrics {
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub metrics: ServeMetrics,
+}
+
+impl AppState {
+    /// The state of a server of `engine`, its metrics counting the engine's batches.
+    pub fn new(engine: Arc<Engine>) -> Self {
+        Self { metrics: ServeMetrics::new(engine.batch_counter()), engine }
+    }
 }
 
 /// An error answer: `{"error": message}` with its status.
@@ -253,7 +257,6 @@ async fn healthz(State(state): State<Arc<AppState>>) -> Json<serde_json::Value> 
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> impl IntoResponse {
-    state.metrics.scored_batches.set(i64::try_from(state.engine.batches_scored()).unwrap_or(i64::MAX));
     (
         [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
         state.metrics.encode(),

@@ -402,8 +402,11 @@ pub struct Engine {
     serving: Arc<ArcSwap<Serving>>,
     jobs: std::sync::mpsc::Sender<Job>,
     /// Batches scored so far (with the requests answered, the mean batch size).
-    batches: Arc<std::sync::atomic::AtomicU64>,
+    batches: BatchCounter,
 }
+
+/// The count of batches the scorer has scored, shared with the server's metrics.
+pub type BatchCounter = prometheus_client::metrics::counter::Counter<u64, std::sync::atomic::AtomicU64>;
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -437,7 +440,7 @@ impl Engine {
     ) -> Self {
         let serving = Arc::new(ArcSwap::from_pointee(Serving::new(model)));
         let (jobs, queue) = std::sync::mpsc::channel();
-        let batches = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let batches = BatchCounter::default();
         let scorer = Scorer {
             catalogue: catalogue.clone(),
             serving: serving.clone(),
@@ -460,7 +463,12 @@ impl Engine {
 
     /// How many batches the scorer has scored (requests over batches is the mean batch).
     pub fn batches_scored(&self) -> u64 {
-        self.batches.load(std::sync::atomic::Ordering::Relaxed)
+        self.batches.get()
+    }
+
+    /// The scorer's batch count itself, to register as a metric.
+    pub fn batch_counter(&self) -> BatchCounter {
+        self.batches.clone()
     }
 
     /// The version and hash of the adapter being served.
@@ -535,7 +543,7 @@ struct Scorer {
     serving: Arc<ArcSwap<Serving>>,
     encoder: Box<dyn QueryEncoder>,
     personalisation: f64,
-    batches: Arc<std::sync::atomic::AtomicU64>,
+    batches: BatchCounter,
 }
 
 impl Scorer {
@@ -551,7 +559,7 @@ impl Scorer {
             }
             // A panic inside libtorch fails this batch (its callers get `Stopped` as the
             // replies drop), not the server.
-            self.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.batches.inc();
             let scored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.score(batch)));
             if scored.is_err() {
                 tracing::error!("scoring a batch panicked; its requests were answered with an error");

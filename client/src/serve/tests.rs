@@ -6,7 +6,7 @@ use guild_proto::domain::AdapterManifest;
 use guild_proto::tower::TowerShape;
 use rand::{Rng as _, SeedableRng as _};
 
-use super::http::{AppState, ServeMetrics, serve};
+use super::http::{AppState, serve};
 use super::*;
 use crate::data::User;
 
@@ -324,7 +324,7 @@ fn post(address: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) 
 fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let engine = Arc::new(engine(&offset(1), 0.2));
-    let state = Arc::new(AppState { engine: engine.clone(), metrics: ServeMetrics::default() });
+    let state = Arc::new(AppState::new(engine.clone()));
     state.metrics.set_version(4);
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("address");
@@ -367,8 +367,9 @@ fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
     let (_, body) = exchange(address, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     assert!(body.contains("guild_serve_request_seconds_count{endpoint=\"recommend\"}"), "{body}");
     assert!(body.contains("guild_serve_adapter_version 4"), "{body}");
-    let batches = format!("guild_serve_scored_batches {}", engine.batches_scored());
+    let batches = format!("guild_serve_scored_batches_total {}", engine.batches_scored());
     assert!(engine.batches_scored() > 0 && body.contains(&batches), "{body}");
+    assert!(body.contains("# TYPE guild_serve_scored_batches counter"), "{body}");
     assert!(body.contains("guild_serve_requests_refused_total{endpoint=\"recommend\"}"), "{body}");
     // The page to try it: served as HTML, calling the two endpoints this router answers, and
     // putting titles on the page as text only.
@@ -394,7 +395,7 @@ fn the_grpc_interface_answers_on_the_same_port_and_refuses_bad_input_with_a_reas
     use guild_proto::v1::{RecommendRequest, SearchRequest};
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let engine = Arc::new(engine(&offset(1), 0.2));
-    let state = Arc::new(AppState { engine: engine.clone(), metrics: ServeMetrics::default() });
+    let state = Arc::new(AppState::new(engine.clone()));
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("address");
     let metrics = state.clone();

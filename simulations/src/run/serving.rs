@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use guild_client::serve::http::{AppState, ServeMetrics, serve};
+use guild_client::serve::http::{AppState, serve};
 use guild_client::serve::{Catalogue, Engine, MAX_HISTORY, RecommendOnly, ServedModel};
 use guild_proto::v1::RecommendRequest;
 use guild_proto::v1::shop_client::ShopClient;
@@ -54,7 +54,7 @@ pub(super) async fn serving(
         return Ok(None);
     }
     let engine = Arc::new(Engine::new(Arc::new(catalogue), model, Box::new(RecommendOnly), 0.0));
-    let state = Arc::new(AppState { engine, metrics: ServeMetrics::default() });
+    let state = Arc::new(AppState::new(engine));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let server = tokio::spawn(serve(listener, state));
