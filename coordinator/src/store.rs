@@ -141,6 +141,14 @@ pub struct RoundCounts {
     pub open: u64,
 }
 
+/// An aborted round: the phase it was in and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AbortedRound {
+    pub round_id: u64,
+    pub phase: String,
+    pub reason: String,
+}
+
 /// A merchant kept out of cohorts after it was named as misbehaving.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Quarantined {
@@ -659,6 +667,19 @@ impl Store {
         Ok(counts)
     }
 
+    /// The last `n` aborted rounds, newest first: why each was aborted and in which phase.
+    pub fn recent_aborts(&self, n: u64) -> Result<Vec<AbortedRound>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT round_id, phase, coalesce(reason, '') FROM rounds WHERE status = 'aborted'
+             ORDER BY round_id DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![n as i64], |r| {
+            Ok(AbortedRound { round_id: r.get::<_, i64>(0)? as u64, phase: r.get(1)?, reason: r.get(2)? })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Records a merchant's evaluation of an adapter version (the latest report wins).
     pub fn record_evaluation(&self, report: &guild_proto::domain::MetricsReport) -> Result<(), StoreError> {
         self.conn().execute(
@@ -800,6 +821,20 @@ mod tests {
         assert_eq!(store.abort_open_rounds("restart").expect("abort"), 1);
         let r3 = store.open_round(3).expect("open");
         assert!(r3 > r2, "round ids are never reused");
+        store.abort_round(r3, "AdvertiseKeys deadline: 2 of 3").expect("abort");
+        let aborted = |round_id, phase: &str, reason: &str| AbortedRound {
+            round_id,
+            phase: phase.into(),
+            reason: reason.into(),
+        };
+        assert_eq!(
+            store.recent_aborts(5).expect("aborts"),
+            vec![
+                aborted(r3, "AdvertiseKeys", "AdvertiseKeys deadline: 2 of 3"),
+                aborted(r2, COMMITTING, "restart")
+            ]
+        );
+        assert_eq!(store.recent_aborts(1).expect("aborts").len(), 1);
         assert_eq!(store.latest_adapter().expect("latest").map(|a| a.version), Some(1));
     }
 

@@ -114,8 +114,9 @@ pub async fn wait_for_rounds(federation: &Federation, rounds: u64, limit: Durati
     while store.round_counts().expect("counts").completed < rounds {
         assert!(
             started.elapsed() < limit,
-            "{rounds} rounds did not complete in {limit:?}: {:?}",
-            store.round_counts()
+            "{rounds} rounds did not complete in {limit:?}: {:?}; the last aborts, newest first: {:?}",
+            store.round_counts(),
+            store.recent_aborts(5)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
