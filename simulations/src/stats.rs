@@ -90,30 +90,64 @@ pub fn paired_difference(
     resamples: usize,
     seed: u64,
 ) -> Result<PairedDifference, PairingError> {
-    if a.len() != b.len() {
-        return Err(PairingError::DifferentUsers { a: a.len(), b: b.len() });
+    let mut one = paired_differences(metric, &[(a, b)], resamples, seed)?;
+    Ok(one.pop().expect("one result per pair"))
+}
+
+/// [`paired_difference`] of each pair, all over the same number of users: each resample's
+/// users are drawn once for every pair, so the whole set costs one pair's random draws and
+/// each result is exactly what [`paired_difference`] alone gives it.
+pub fn paired_differences(
+    metric: Metric,
+    pairs: &[(&[f64], &[f64])],
+    resamples: usize,
+    seed: u64,
+) -> Result<Vec<PairedDifference>, PairingError> {
+    let Some(&(first, _)) = pairs.first() else { return Ok(Vec::new()) };
+    let n = first.len();
+    for &(a, b) in pairs {
+        if a.len() != b.len() {
+            return Err(PairingError::DifferentUsers { a: a.len(), b: b.len() });
+        }
+        if a.len() != n {
+            return Err(PairingError::DifferentUsers { a: n, b: a.len() });
+        }
     }
-    let n = a.len();
     if n == 0 {
         return Err(PairingError::Empty);
     }
-    let diffs: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let diffs: Vec<Vec<f64>> =
+        pairs.iter().map(|(a, b)| a.iter().zip(*b).map(|(x, y)| x - y).collect()).collect();
     let mean = |v: &mut dyn Iterator<Item = f64>| v.sum::<f64>() / n as f64;
-    let difference = mean(&mut diffs.iter().copied());
-    let reference = mean(&mut b.iter().copied());
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    let mut means: Vec<f64> =
-        (0..resamples.max(1)).map(|_| mean(&mut (0..n).map(|_| diffs[rng.gen_range(0..n)]))).collect();
-    means.sort_by(f64::total_cmp);
-    let quantile = |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
-    Ok(PairedDifference {
-        metric,
-        users: n,
-        difference,
-        relative: if reference > 0.0 { difference / reference } else { f64::NAN },
-        ci_low: quantile(0.025),
-        ci_high: quantile(0.975),
-    })
+    let mut means = vec![Vec::with_capacity(resamples.max(1)); pairs.len()];
+    let mut drawn = vec![0usize; n];
+    for _ in 0..resamples.max(1) {
+        drawn.iter_mut().for_each(|u| *u = rng.gen_range(0..n));
+        for (means, diffs) in means.iter_mut().zip(&diffs) {
+            means.push(mean(&mut drawn.iter().map(|&u| diffs[u])));
+        }
+    }
+    Ok(pairs
+        .iter()
+        .zip(&diffs)
+        .zip(means)
+        .map(|((&(_, b), diffs), mut means)| {
+            let difference = mean(&mut diffs.iter().copied());
+            let reference = mean(&mut b.iter().copied());
+            means.sort_by(f64::total_cmp);
+            let quantile =
+                |q: f64| means[((q * (means.len() - 1) as f64).round() as usize).min(means.len() - 1)];
+            PairedDifference {
+                metric,
+                users: n,
+                difference,
+                relative: if reference > 0.0 { difference / reference } else { f64::NAN },
+                ci_low: quantile(0.025),
+                ci_high: quantile(0.975),
+            }
+        })
+        .collect())
 }
 
 /// An arm's share of a reference gain: `(mean(a) − mean(base)) / (mean(top) − mean(base))`
@@ -210,6 +244,26 @@ mod tests {
         let none = paired_share(&a, &base, &base, 200, 1).expect("share");
         assert!(none.share.is_nan() && none.ci_low.is_infinite() && none.ci_high.is_infinite());
         assert!(paired_share(&a[..10], &base, &top, 10, 1).is_err());
+    }
+
+    #[test]
+    fn pairs_compared_together_get_exactly_what_each_gets_alone() {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let arms: Vec<Vec<f64>> =
+            (0..4).map(|k| (0..700).map(|_| rng.gen_range(0.0..0.1 + 0.02 * k as f64)).collect()).collect();
+        let pairs: Vec<(&[f64], &[f64])> =
+            vec![(&arms[1], &arms[0]), (&arms[2], &arms[0]), (&arms[3], &arms[1]), (&arms[0], &arms[3])];
+        let together = paired_differences(Metric::NdcgAt10, &pairs, 300, 9).expect("paired");
+        assert_eq!(together.len(), pairs.len());
+        for (&(a, b), d) in pairs.iter().zip(&together) {
+            assert_eq!(paired_difference(Metric::NdcgAt10, a, b, 300, 9).expect("paired"), *d);
+        }
+        // Every pair must cover the same users.
+        let short = &arms[1][..600];
+        assert_eq!(
+            paired_differences(Metric::NdcgAt10, &[(&arms[0], &arms[1]), (short, &arms[2][..600])], 10, 0),
+            Err(PairingError::DifferentUsers { a: 700, b: 600 })
+        );
     }
 
     #[test]

@@ -7,9 +7,15 @@ use super::*;
 /// every setting of `grid` (`guild_proto::tower::selection_grid` of the tower's shape),
 /// ranked as [`evaluate_tower`] ranks (the history's other items masked out, ties in the
 /// target's favour), with the tower's own values everywhere else; `[users][settings]`, all
-/// zeros for a user without a validation item. Per batch of users the items' residual, the
-/// transformer and the masks are computed once, the cosine once per distinct pooling and
-/// the ranks once per setting.
+/// zeros for a user without a validation item.
+///
+/// NDCG@10 is zero once ten items beat the target, so a user's ranking stops there: the
+/// catalogue is scanned in chunks of growing size, most popular items first (they are the
+/// likeliest to beat it), and a user leaves a pooling's scan as soon as every setting of
+/// that pooling has ten items above its target; the result is exactly the full ranking's.
+/// Per batch of users the items' residual, the transformer, the item-to-item prior and
+/// the masks are computed once, the products once per distinct pooling and still-ranked
+/// user, the counts once per setting in one pass over each chunk.
 pub fn selection_ndcg(
     tower: &Tower,
     items: &Tensor,
@@ -19,8 +25,6 @@ pub fn selection_ndcg(
     let shape = tower.config().shape;
     let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
     let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
-    let prior =
-        Vec::<f32>::try_from(prior.to(tch::Device::Cpu).view([-1])).map_err(|e| bad(&e.to_string()))?;
     if grid.iter().any(|s| s.recency.len() != shape.history) {
         return Err(bad("setting does not fit the tower's history length"));
     }
@@ -39,8 +43,20 @@ pub fn selection_ndcg(
     let examples: Vec<(usize, Example<'_>)> =
         users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
     let catalogue = items.size()[0];
+    // The scan's order: most popular first (ties by index), and each item's place in it.
+    let prior = prior.to(tch::Device::Cpu).view([-1]);
+    let order = prior.argsort(0, true).to(device);
+    let prior = Vec::<f32>::try_from(prior.index_select(0, &order.to(tch::Device::Cpu)))
+        .map_err(|e| bad(&e.to_string()))?;
+    let order_cpu = Vec::<i64>::try_from(order.to(tch::Device::Cpu)).map_err(|e| bad(&e.to_string()))?;
+    let mut place = vec![0i64; catalogue as usize];
+    for (k, &item) in order_cpu.iter().enumerate() {
+        place[item as usize] = k as i64;
+    }
+    let chunks = scan_chunks(catalogue);
     tch::no_grad(|| -> Result<(), ModelError> {
-        let adapted = normalise(&tower.adapt_items(items)).tr();
+        // Normalised adapted items, `[hidden, catalogue]` in scan order.
+        let adapted = normalise(&tower.adapt_items(items)).index_select(0, &order).tr().contiguous();
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|(_, e)| e.history).collect();
             let windows = last_windows(&histories, shape.history);
@@ -59,21 +75,66 @@ pub fn selection_ndcg(
             let mask = Tensor::zeros([b * catalogue], (Kind::Bool, device))
                 .index_fill(0, &Tensor::from_slice(&seen).to(device), 1)
                 .view([b, catalogue]);
+            // What every pooling adds to the cosine: the item-to-item prior and the mask,
+            // `[b, catalogue]` in scan order.
+            let base = tower
+                .with_history_prior(Tensor::zeros([b, catalogue], (Kind::Float, device)), &histories)
+                .masked_fill(&mask, f64::NEG_INFINITY)
+                .index_select(1, &order);
+            let targets: Vec<i64> = chunk.iter().map(|(_, e)| place[e.target as usize]).collect();
+            let target_columns = Tensor::from_slice(&targets).to(device);
+            let target_base = base.gather(1, &target_columns.unsqueeze(1), false).squeeze_dim(1);
+            let target_items = adapted.index_select(1, &target_columns).tr();
             for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
             {
                 let shoppers = normalise(&last_positions(&sequence, &windows));
-                // The item-to-item prior does not depend on the setting: it rides with the cosine.
-                let cosine = tower
-                    .with_history_prior(shoppers.matmul(&adapted), &histories)
-                    .masked_fill(&mask, f64::NEG_INFINITY)
-                    .to(tch::Device::Cpu);
-                let cosine = Vec::<f32>::try_from(cosine.view([-1])).map_err(|e| bad(&e.to_string()))?;
                 let betas: Vec<f32> = settings.iter().map(|&j| grid[j].weight).collect();
-                for (row, (user, example)) in chunk.iter().enumerate() {
-                    let scores = &cosine[row * catalogue as usize..(row + 1) * catalogue as usize];
-                    let ranks = ranks_under_weights(scores, &prior, example.target as usize, &betas);
-                    for (&j, rank) in settings.iter().zip(ranks) {
-                        out[*user][j] = ndcg_at_10(rank) as f32;
+                // The target's score (cosine plus what the base adds) and each setting's
+                // threshold, raised by the tie tolerance (see `TIE_TOLERANCE`).
+                let target_scores =
+                    (&shoppers * &target_items).sum_dim_intlist(1, false, Kind::Float) + &target_base;
+                let target_scores = Vec::<f32>::try_from(target_scores.to(tch::Device::Cpu))
+                    .map_err(|e| bad(&e.to_string()))?;
+                let thresholds: Vec<Vec<f32>> = (0..chunk.len())
+                    .map(|row| {
+                        let t = targets[row] as usize;
+                        betas
+                            .iter()
+                            .map(|&beta| {
+                                let score = target_scores[row] + prior[t] * beta;
+                                score + TIE_TOLERANCE * (score.abs() + 1.0)
+                            })
+                            .collect()
+                    })
+                    .collect();
+                let mut above = vec![vec![0i64; betas.len()]; chunk.len()];
+                let mut ranked: Vec<usize> = (0..chunk.len()).collect();
+                for &(start, end) in &chunks {
+                    if ranked.is_empty() {
+                        break;
+                    }
+                    let width = end - start;
+                    let rows =
+                        Tensor::from_slice(&ranked.iter().map(|&r| r as i64).collect::<Vec<_>>()).to(device);
+                    let (who, added) = if ranked.len() == chunk.len() {
+                        (shoppers.shallow_clone(), base.narrow(1, start, width))
+                    } else {
+                        (shoppers.index_select(0, &rows), base.index_select(0, &rows).narrow(1, start, width))
+                    };
+                    let scores = (who.matmul(&adapted.narrow(1, start, width)) + added).to(tch::Device::Cpu);
+                    let scores = Vec::<f32>::try_from(scores.view([-1])).map_err(|e| bad(&e.to_string()))?;
+                    let window = &prior[start as usize..end as usize];
+                    for (k, &row) in ranked.iter().enumerate() {
+                        let row_scores = &scores[k * width as usize..(k + 1) * width as usize];
+                        // The target never counts against itself.
+                        let own = usize::try_from(targets[row] - start).ok().filter(|&o| o < width as usize);
+                        count_above(row_scores, window, own, &betas, &thresholds[row], &mut above[row]);
+                    }
+                    ranked.retain(|&row| above[row].iter().any(|&a| a < 10));
+                }
+                for (row, (user, _)) in chunk.iter().enumerate() {
+                    for (&j, &a) in settings.iter().zip(&above[row]) {
+                        out[*user][j] = ndcg_at_10(a + 1) as f32;
                     }
                 }
             }
@@ -83,19 +144,48 @@ pub fn selection_ndcg(
     Ok(out)
 }
 
-/// The target's rank among `scores + β·prior` for each β of `betas`: one plus the items
-/// whose score beats the target's (ties in the target's favour; a masked item's −∞ never
-/// does), all weights in one pass over the catalogue. Each sum is the tensor expression
-/// `scores + prior * β` in f32, multiplied then added, as the evaluation computes it.
-fn ranks_under_weights(scores: &[f32], prior: &[f32], target: usize, betas: &[f32]) -> Vec<i64> {
-    let thresholds: Vec<f32> = betas.iter().map(|&b| scores[target] + prior[target] * b).collect();
-    let mut above = vec![0i64; betas.len()];
-    for (&s, &p) in scores.iter().zip(prior) {
-        for ((count, &b), &t) in above.iter_mut().zip(betas).zip(&thresholds) {
-            *count += i64::from(s + p * b > t);
-        }
+/// The scan's chunks over a catalogue: `[start, end)` ranges of 1,024 items, then four
+/// times as many each time, to the end.
+fn scan_chunks(catalogue: i64) -> Vec<(i64, i64)> {
+    let (mut chunks, mut start, mut width) = (Vec::new(), 0i64, 1024i64);
+    while start < catalogue {
+        let end = (start + width).min(catalogue);
+        chunks.push((start, end));
+        start = end;
+        width *= 4;
     }
-    above.into_iter().map(|a| a + 1).collect()
+    chunks
+}
+
+/// How far above the target's score (relative to its magnitude plus one) an item must
+/// score to count above it: eight f32 roundings. The full ranking scores every item in one
+/// product, so an item with the target's own vector and prior (a duplicate title, both
+/// unseen) ties with it exactly and the tie goes to the target; here the target's score
+/// comes from a product of its own, which may round differently, so ties are taken within
+/// this tolerance instead.
+const TIE_TOLERANCE: f32 = 8.0 * f32::EPSILON;
+
+/// Adds to `above[s]` the items of one chunk whose score beats the target under the
+/// setting of weight `betas[s]`: `scores + β·prior > threshold`, the threshold the
+/// target's own score raised by [`TIE_TOLERANCE`] (ties in the target's favour; a masked
+/// item's −∞ never beats it), except the target's own column `own`.
+/// Each sum is the tensor expression `scores + prior * β` in f32, multiplied then added,
+/// as the evaluation computes it.
+fn count_above(
+    scores: &[f32],
+    prior: &[f32],
+    own: Option<usize>,
+    betas: &[f32],
+    thresholds: &[f32],
+    above: &mut [i64],
+) {
+    for ((count, &b), &t) in above.iter_mut().zip(betas).zip(thresholds) {
+        let mut n = scores.iter().zip(prior).filter(|&(&x, &p)| x + p * b > t).count() as i64;
+        if let Some(o) = own {
+            n -= i64::from(scores[o] + prior[o] * b > t);
+        }
+        *count += n;
+    }
 }
 
 #[cfg(test)]
@@ -104,10 +194,44 @@ mod tests {
 
     use super::super::test_support::*;
     use super::*;
-    use crate::model::tower::TowerConfig;
+    use crate::model::tower::{TitleNeighbours, TowerConfig};
 
-    /// The oracle: each setting applied to the tower on its own and scored by
-    /// `evaluate_tower`, which the reports use.
+    /// The oracle: each setting applied to a tower of `offset` on its own and scored by
+    /// `evaluate_tower`, which the reports use. Returns whether the settings differ somewhere.
+    fn assert_as_the_evaluation(
+        shape: TowerShape,
+        offset: &[f32],
+        neighbours: Option<&TitleNeighbours>,
+        items: &Tensor,
+        refs: &[&User],
+        selected: &[Vec<f32>],
+    ) -> bool {
+        let grid = guild_proto::tower::selection_grid(&shape);
+        let mut differ = false;
+        for (j, setting) in grid.iter().enumerate() {
+            let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+            if let Some(neighbours) = neighbours {
+                alone.set_neighbours(neighbours).expect("neighbours fit");
+            }
+            alone
+                .set_offset(&guild_proto::tower::with_setting(&shape, offset, setting).expect("fits"))
+                .expect("set");
+            let (_, ranks) = evaluate_tower(&shape, Some(&alone), refs, items, Split::Validation);
+            let with_item: Vec<&Vec<f32>> = refs
+                .iter()
+                .zip(selected)
+                .filter(|(u, _)| u.validation_example().is_some())
+                .map(|(_, v)| v)
+                .collect();
+            assert_eq!(ranks.len(), with_item.len());
+            for (rank, values) in ranks.iter().zip(&with_item) {
+                assert!((f64::from(values[j]) - ndcg_at_10(i64::from(*rank))).abs() < 1e-6, "setting {j}");
+                differ |= values[j] != values[0];
+            }
+        }
+        differ
+    }
+
     #[test]
     fn a_pooling_selection_scores_each_setting_as_the_evaluation_would() {
         tch::manual_seed(2);
@@ -134,25 +258,72 @@ mod tests {
         assert!(moved < 1e-5, "the tower is left at its values (moved by {moved})");
         assert_eq!(selected.len(), refs.len());
         assert!(selected[0].iter().all(|&v| v == 0.0), "no validation item, nothing scored");
-        let mut differ = false;
-        for (j, setting) in grid.iter().enumerate() {
-            let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
-            alone
-                .set_offset(&guild_proto::tower::with_setting(&shape, &offset, setting).expect("fits"))
-                .expect("set");
-            let (_, ranks) = evaluate_tower(&shape, Some(&alone), &refs, &items, Split::Validation);
-            let with_item: Vec<&Vec<f32>> = refs
-                .iter()
-                .zip(&selected)
-                .filter(|(u, _)| u.validation_example().is_some())
-                .map(|(_, v)| v)
-                .collect();
-            assert_eq!(ranks.len(), with_item.len());
-            for (rank, values) in ranks.iter().zip(&with_item) {
-                assert!((f64::from(values[j]) - ndcg_at_10(i64::from(*rank))).abs() < 1e-6, "setting {j}");
-                differ |= values[j] != values[0];
-            }
+        assert!(
+            assert_as_the_evaluation(shape, &offset, None, &items, &refs, &selected),
+            "the grid's settings rank differently somewhere"
+        );
+    }
+
+    /// A catalogue of several scan chunks with an item-to-item prior: users whose target
+    /// ranks high under some settings and nowhere under others, so that some leave the scan
+    /// early, some in the middle and some never, and targets with a twin of the same vector
+    /// and prior (a tie the full ranking gives the target; fails without `TIE_TOLERANCE`):
+    /// every NDCG@10 is still the full ranking's.
+    #[test]
+    fn a_selection_that_stops_ranking_early_scores_as_the_full_catalogue_would() {
+        tch::manual_seed(3);
+        let catalogue = 3_000usize;
+        assert!(scan_chunks(catalogue as i64).len() >= 2, "several chunks");
+        // Title vectors as wide as MiniLM's, where a product's rounding depends on its shape.
+        let items = normalise(&Tensor::randn([catalogue as i64, 384], (Kind::Float, Device::Cpu)));
+        // A few very popular items spread over the catalogue's index range: a target among
+        // them ranks near the top under the heavier prior weights and anywhere under the
+        // lightest; the others rank wherever their cosine puts them. Items 2,000..2,012
+        // repeat them (duplicate titles) with the same popularity: a target among them ties
+        // with its twin, and the tie is the target's.
+        let popular: Vec<u32> = (0..12).map(|k| k * 241 + 17).collect();
+        let twins = Tensor::arange_start(2_000, 2_012, (Kind::Int64, Device::Cpu));
+        let sources = Tensor::from_slice(&popular.iter().map(|&i| i64::from(i)).collect::<Vec<_>>());
+        let items = items.index_copy(0, &twins, &items.index_select(0, &sources));
+        let twin_of = |i: u32| if (2_000..2_012).contains(&i) { popular[(i - 2_000) as usize] } else { i };
+        let neighbours = TitleNeighbours::of_items(&items, 4).expect("neighbours");
+        let mut shape = tower_shape(4, 4, catalogue);
+        (shape.hidden, shape.neighbours) = (384, 4);
+        let mut tower = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+        tower.set_neighbours(&neighbours).expect("neighbours fit");
+        let histogram: Vec<f32> = (0..catalogue as u32)
+            .map(twin_of)
+            .map(|i| if popular.contains(&i) { 5_000.0 + i as f32 } else { (i % 13) as f32 })
+            .collect();
+        tower.set_popularity(&histogram).expect("histogram");
+        // Item-to-item counts from each item to its first neighbour.
+        let counts: Vec<f32> = (0..catalogue * 4).map(|k| if k % 4 == 0 { 40.0 } else { 0.0 }).collect();
+        tower.set_transitions(&counts).expect("counts");
+        let offset = tower.offset();
+        let mut users = shoppers(90, catalogue as u32);
+        for (u, user) in users.iter_mut().enumerate() {
+            user.history.truncate(2 + u % 5);
+            let last = *user.history.last().expect("non-empty");
+            // The validation target (the history's last item): popular, a neighbour of the
+            // item before it, one of a duplicated pair, or any item.
+            let target = match u % 4 {
+                0 => popular[u % popular.len()],
+                1 => neighbours.of(last)[0] as u32,
+                2 if u % 8 < 4 => popular[u % popular.len()],
+                2 => 2_000 + (u % popular.len()) as u32,
+                _ => ((u * 997) % catalogue) as u32,
+            };
+            user.history.push(target);
         }
-        assert!(differ, "the grid's settings rank differently somewhere");
+        let refs: Vec<&User> = users.iter().collect();
+        let grid = guild_proto::tower::selection_grid(&shape);
+        let selected = selection_ndcg(&tower, &items, &refs, &grid).expect("selection");
+        let scored = selected.iter().flatten().filter(|&&v| v > 0.0).count();
+        let unscored = selected.iter().flatten().filter(|&&v| v == 0.0).count();
+        assert!(scored > 20 && unscored > 20, "targets in and out of the top ten: {scored} and {unscored}");
+        assert!(
+            assert_as_the_evaluation(shape, &offset, Some(&neighbours), &items, &refs, &selected),
+            "the grid's settings rank differently somewhere"
+        );
     }
 }

@@ -21,7 +21,7 @@ use guild_proto::domain::AdapterFamilyName;
 use crate::progress::Progress;
 use crate::results::{ArmResult, Comparison, RunResults};
 use crate::scenario::Scenario;
-use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, PairingError, paired_difference, per_user};
+use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, PairingError, paired_differences, per_user};
 use crate::world::{World, WorldSpec, lock};
 
 use baselines::baselines;
@@ -43,6 +43,10 @@ pub const ITEM_COUNTS: &str = "item-to-item counts (non-private)";
 /// The zero-shot and the centralised rankers plus the exact counts as a prior.
 pub const ZERO_SHOT_WITH_COUNTS: &str = "zero-shot + item-to-item counts (non-private)";
 pub const CENTRALISED_WITH_COUNTS: &str = "centralised + item-to-item counts (non-private)";
+/// The shopper-level arms' release and selection without noise (ε = ∞), and the same
+/// selection on the centralised tower.
+pub const EXACT_STATISTICS_SELECTED: &str = "statistics + selection, no noise (non-private)";
+pub const CENTRALISED_SELECTED: &str = "centralised + selection (non-private)";
 
 /// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
 /// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
@@ -66,26 +70,61 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
         .collect::<Result<_, PairingError>>()?;
     // The zero-shot reference is what every other arm is measured against; it is not
     // compared with the trained references itself (their comparisons show the same pairs).
-    for arm in arms.iter_mut().filter(|a| !a.test_ranks.is_empty() && a.arm != ZERO_SHOT) {
-        let mine: Vec<Vec<f64>> =
-            metrics.iter().map(|&m| per_user(m, &arm.test_ranks)).collect::<Result<_, _>>()?;
-        arm.comparisons = references
+    // Every comparison over the same users draws the same resamples, so they are drawn once
+    // per metric and number of users (an arm scored on the first n evaluation users only, a
+    // seeded subsample, pairs with the others' first n).
+    let compared: Vec<usize> =
+        (0..arms.len()).filter(|&i| !arms[i].test_ranks.is_empty() && arms[i].arm != ZERO_SHOT).collect();
+    let mine: Vec<Vec<Vec<f64>>> = compared
+        .iter()
+        .map(|&i| metrics.iter().map(|&m| per_user(m, &arms[i].test_ranks)).collect::<Result<_, _>>())
+        .collect::<Result<_, PairingError>>()?;
+    // (compared arm, reference, metric, users)
+    let mut jobs: Vec<(usize, usize, usize, usize)> = Vec::new();
+    for (k, &i) in compared.iter().enumerate() {
+        for (r, (name, theirs)) in references.iter().enumerate() {
+            if *name != arms[i].arm {
+                for (m, (a, b)) in mine[k].iter().zip(theirs).enumerate() {
+                    jobs.push((k, r, m, a.len().min(b.len())));
+                }
+            }
+        }
+    }
+    let mut results = vec![None; jobs.len()];
+    let mut groups: Vec<(usize, usize)> = jobs.iter().map(|&(_, _, m, n)| (m, n)).collect();
+    groups.sort_unstable();
+    groups.dedup();
+    for (metric, n) in groups {
+        let members: Vec<usize> =
+            (0..jobs.len()).filter(|&j| (jobs[j].2, jobs[j].3) == (metric, n)).collect();
+        let pairs: Vec<(&[f64], &[f64])> = members
             .iter()
-            .filter(|(name, _)| *name != arm.arm)
-            .map(|(name, theirs)| {
-                let differences = metrics
-                    .iter()
-                    .zip(mine.iter().zip(theirs))
-                    .map(|(&m, (a, b))| {
-                        // An arm scored on the first n evaluation users only (a seeded
-                        // subsample) pairs with the others' first n.
-                        let n = a.len().min(b.len());
-                        paired_difference(m, &a[..n], &b[..n], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
-                    })
-                    .collect::<Result<_, _>>()?;
-                Ok(Comparison { against: name.clone(), differences })
+            .map(|&j| {
+                let (k, r, m, n) = jobs[j];
+                (&mine[k][m][..n], &references[r].1[m][..n])
             })
-            .collect::<Result<_, PairingError>>()?;
+            .collect();
+        let differences = paired_differences(metrics[metric], &pairs, BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)?;
+        for (j, d) in members.into_iter().zip(differences) {
+            results[j] = Some(d);
+        }
+    }
+    let mut results = jobs.iter().zip(results);
+    for (k, &i) in compared.iter().enumerate() {
+        let mut comparisons = Vec::new();
+        for (r, (name, _)) in references.iter().enumerate() {
+            if *name == arms[i].arm {
+                continue;
+            }
+            let mut differences = Vec::new();
+            for _ in &metrics {
+                let (&(jk, jr, _, _), d) = results.next().expect("a result per job");
+                debug_assert_eq!((jk, jr), (k, r));
+                differences.push(d.expect("every job's group was compared"));
+            }
+            comparisons.push(Comparison { against: name.clone(), differences });
+        }
+        arms[i].comparisons = comparisons;
     }
     Ok(())
 }
@@ -127,8 +166,9 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     } else {
         None
     };
-    progress.finish();
+    progress.message("paired comparisons");
     compare_arms(&mut arms)?;
+    progress.finish();
     let shared = lock(&world.shared);
     Ok(RunResults {
         scenario: s.name.clone(),
