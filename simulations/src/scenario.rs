@@ -143,6 +143,13 @@ pub struct Arms {
     /// centralised rankers (its weight chosen on the validation split).
     #[serde(default)]
     pub item_counts: bool,
+    /// Sequence tower: the shopper-level arms' release and pooling selection without noise
+    /// (every merchant's shoppers' statistics summed exactly, the setting with the best mean
+    /// validation NDCG@10 over them), and the same selection on the centralised tower: how
+    /// much of those arms' gain privacy costs, and what the selection adds to a trained
+    /// tower. Each selection scores every shopper under the grid's 12 settings.
+    #[serde(default)]
+    pub exact_selection: bool,
     /// Sequence tower: evaluate search on this many of the evaluation users (0: none) with
     /// the query protocol of `guild_client::retrieval::search`: text only, personalised by
     /// the zero-shot history score, and personalised by each trained arm's adapter, the

@@ -274,6 +274,49 @@ impl World {
         Ok((model.offset(), report))
     }
 
+    /// The tower's start with `users`' statistics summed exactly (no noise, every shopper
+    /// at the same unit weight as in a shopper-level release), as an offset; `None` without
+    /// a prior. The ε = ∞ end of the shopper-level arms' popularity release.
+    pub fn exact_statistics(&self, users: &[usize]) -> anyhow::Result<Option<Vec<f32>>> {
+        let tower = &self.spec.tower;
+        if tower.shape.catalogue == 0 {
+            return Ok(None);
+        }
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(tower)?;
+        let neighbours = shared.neighbours_for(&tower.shape)?;
+        let users = Self::users(&shared.dataset, users);
+        model.set_statistics(&statistics_sum(&users, tower.shape.catalogue, neighbours.as_ref()))?;
+        Ok(Some(model.offset()))
+    }
+
+    /// The pooling selection without noise: the setting of the public grid
+    /// (`guild_proto::tower::selection_grid`) with the highest mean validation NDCG@10 over
+    /// `users` for the tower at `values`, and `values` with it applied. The ε = ∞ end of the
+    /// shopper-level arms' selection (which sums the same per-shopper scores with noise).
+    pub fn exact_selection(&self, values: &[f32], users: &[usize]) -> anyhow::Result<(Vec<f32>, usize)> {
+        let tower = &self.spec.tower;
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(tower)?;
+        model.set_offset(values)?;
+        let refs = Self::users(&shared.dataset, users);
+        let items = shared.items.to(model.var_store().device());
+        let grid = guild_proto::tower::selection_grid(&tower.shape);
+        let scores = retrieval::selection_ndcg(&model, &items, &refs, &grid)?;
+        let mut totals = vec![0f64; grid.len()];
+        for row in &scores {
+            for (total, value) in totals.iter_mut().zip(row) {
+                *total += f64::from(*value);
+            }
+        }
+        let best = (0..grid.len())
+            .max_by(|&a, &b| totals[a].total_cmp(&totals[b]).then(b.cmp(&a)))
+            .ok_or_else(|| anyhow::anyhow!("the selection grid is empty"))?;
+        let selected = guild_proto::tower::with_setting(&tower.shape, values, &grid[best])
+            .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
+        Ok((selected, best))
+    }
+
     /// The untrained tower with the exact popularity histogram of `users`, as an offset
     /// (`None` without a prior): zero-shot plus popularity, a reference ranker.
     pub fn popularity_only(&self, users: &[usize]) -> anyhow::Result<Option<Vec<f32>>> {

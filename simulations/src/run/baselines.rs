@@ -16,8 +16,8 @@ use crate::scenario::Scenario;
 use crate::world::World;
 
 use super::{
-    CENTRALISED, CENTRALISED_WITH_COUNTS, ITEM_COUNTS, LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT,
-    ZERO_SHOT_WITH_COUNTS,
+    CENTRALISED, CENTRALISED_SELECTED, CENTRALISED_WITH_COUNTS, EXACT_STATISTICS_SELECTED, ITEM_COUNTS,
+    LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT, ZERO_SHOT_WITH_COUNTS,
 };
 
 /// How the in-process baselines train.
@@ -175,6 +175,10 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             arm.final_adapter = Some(values.clone());
         }
         arms.push(arm);
+        if s.arms.exact_selection && world.spec.family == AdapterFamilyName::SequenceTower {
+            progress.message("centralised + selection");
+            arms.push(selected(world, CENTRALISED_SELECTED, &values, "the centralised tower")?);
+        }
         if let Some((counts, _)) = &counts {
             progress.message("centralised + item-to-item counts");
             arms.push(with_counts(
@@ -186,7 +190,43 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             )?);
         }
     }
+    if s.arms.exact_selection && world.spec.family == AdapterFamilyName::SequenceTower {
+        progress.message("statistics + selection, no noise");
+        let t = Instant::now();
+        let exact = tokio::task::block_in_place(|| world.exact_statistics(&world.all_merchant_users()))?;
+        if let Some(values) = exact {
+            let mut arm = selected(world, EXACT_STATISTICS_SELECTED, &values, "the tower's start")?;
+            arm.wall_seconds = t.elapsed().as_secs_f64();
+            arm.events.insert(
+                0,
+                "the shopper-level arms' popularity release without noise: every merchant's shoppers' \
+                 statistics (popularity and item-to-item counts, one unit vector per shopper) summed \
+                 exactly into the tower's start; nothing trained"
+                    .into(),
+            );
+            arms.push(arm);
+        }
+    }
     Ok(arms)
+}
+
+/// `values` with the pooling selection applied without noise (every merchant's shoppers'
+/// validation NDCG@10 under the grid's settings, the best mean chosen), scored.
+fn selected(world: &World, name: &str, values: &[f32], what: &str) -> anyhow::Result<ArmResult> {
+    let t = Instant::now();
+    tokio::task::block_in_place(|| {
+        let (values, best) = world.exact_selection(values, &world.all_merchant_users())?;
+        let (test, ranks) = world.score_with_ranks(Some(&values), Split::Test)?;
+        let validation = world.score(Some(&values), Split::Validation)?;
+        let mut arm = baseline(name, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        arm.events.push(format!(
+            "{what} with the pooling selection without noise: the grid's {} with the best mean \
+             validation NDCG@10 over every merchant's shoppers",
+            guild_proto::tower::describe_setting(best)
+        ));
+        arm.final_adapter = Some(values);
+        Ok(arm)
+    })
 }
 
 /// The weights of the counts' prior tried on the validation split.
