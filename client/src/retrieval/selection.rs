@@ -119,7 +119,7 @@ pub fn selection_ndcg(
                     let (who, added) = if ranked.len() == chunk.len() {
                         (shoppers.shallow_clone(), base.narrow(1, start, width))
                     } else {
-                        (shoppers.index_select(0, &rows), base.index_select(0, &rows).narrow(1, start, width))
+                        (shoppers.index_select(0, &rows), base.narrow(1, start, width).index_select(0, &rows))
                     };
                     let scores = (who.matmul(&adapted.narrow(1, start, width)) + added).to(tch::Device::Cpu);
                     let scores = Vec::<f32>::try_from(scores.view([-1])).map_err(|e| bad(&e.to_string()))?;
