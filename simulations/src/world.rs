@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use guild_client::data::{Dataset, ItemIndex, Merchant, User, partition};
 use guild_client::learner::Shared;
 use guild_client::model::lora::{Adapters, LoraConfig};
-use guild_client::model::tower::{TowerConfig, popularity_histogram, statistics_sum};
+use guild_client::model::tower::{Tower, TowerConfig, popularity_histogram, statistics_sum};
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::retrieval::{self, ItemCounts, Split, TrainConfig, TrainReport};
 use guild_proto::domain::AdapterFamilyName;
@@ -262,16 +262,29 @@ impl World {
         tower: &TowerConfig,
     ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
         let mut shared = lock(&self.shared);
-        let mut model = shared.tower(tower)?;
-        let neighbours = shared.neighbours_for(&tower.shape)?;
-        let users = Self::users(&shared.dataset, users);
         // Trained in one place, the statistics are exact: the users' own histogram (and
         // item-to-item counts), before training (the prior's weight trains with it).
-        if tower.shape.catalogue > 0 {
-            model.set_statistics(&statistics_sum(&users, tower.shape.catalogue, neighbours.as_ref()))?;
-        }
+        let model = Self::tower_with_exact_statistics(&mut shared, tower, users)?;
+        let users = Self::users(&shared.dataset, users);
         let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
         Ok((model.offset(), report))
+    }
+
+    /// A fresh tower of `config` with `users`' statistics summed exactly (no noise, one
+    /// unit vector per shopper, as a shopper-level release sums them), where it has a
+    /// catalogue.
+    fn tower_with_exact_statistics(
+        shared: &mut Shared,
+        config: &TowerConfig,
+        users: &[usize],
+    ) -> anyhow::Result<Tower> {
+        let mut model = shared.tower(config)?;
+        if config.shape.catalogue > 0 {
+            let neighbours = shared.neighbours_for(&config.shape)?;
+            let users = Self::users(&shared.dataset, users);
+            model.set_statistics(&statistics_sum(&users, config.shape.catalogue, neighbours.as_ref()))?;
+        }
+        Ok(model)
     }
 
     /// The tower's start with `users`' statistics summed exactly (no noise, every shopper
@@ -283,17 +296,14 @@ impl World {
             return Ok(None);
         }
         let mut shared = lock(&self.shared);
-        let mut model = shared.tower(tower)?;
-        let neighbours = shared.neighbours_for(&tower.shape)?;
-        let users = Self::users(&shared.dataset, users);
-        model.set_statistics(&statistics_sum(&users, tower.shape.catalogue, neighbours.as_ref()))?;
-        Ok(Some(model.offset()))
+        Ok(Some(Self::tower_with_exact_statistics(&mut shared, tower, users)?.offset()))
     }
 
     /// The pooling selection without noise: the setting of the public grid
     /// (`guild_proto::tower::selection_grid`) with the highest mean validation NDCG@10 over
-    /// `users` for the tower at `values`, and `values` with it applied. The ε = ∞ end of the
-    /// shopper-level arms' selection (which sums the same per-shopper scores with noise).
+    /// `users` for the tower at `values`, and `values` with it applied by the coordinator's
+    /// own selection step. The ε = ∞ end of the shopper-level arms' selection (which sums
+    /// the same per-shopper scores with noise).
     pub fn exact_selection(&self, values: &[f32], users: &[usize]) -> anyhow::Result<(Vec<f32>, usize)> {
         let tower = &self.spec.tower;
         let mut shared = lock(&self.shared);
@@ -309,12 +319,10 @@ impl World {
                 *total += f64::from(*value);
             }
         }
-        let best = (0..grid.len())
-            .max_by(|&a, &b| totals[a].total_cmp(&totals[b]).then(b.cmp(&a)))
-            .ok_or_else(|| anyhow::anyhow!("the selection grid is empty"))?;
-        let selected = guild_proto::tower::with_setting(&tower.shape, values, &grid[best])
-            .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
-        Ok((selected, best))
+        let (step, best) =
+            guild_coordinator::engine::optimizer::selection_step(&tower.shape, values, &totals, None)
+                .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
+        Ok((step.values, best))
     }
 
     /// The untrained tower with the exact popularity histogram of `users`, as an offset

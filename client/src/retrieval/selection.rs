@@ -12,7 +12,8 @@ use super::*;
 /// NDCG@10 is zero once ten items beat the target, so a user's ranking stops there: the
 /// catalogue is scanned in chunks of growing size, most popular items first (they are the
 /// likeliest to beat it), and a user leaves a pooling's scan as soon as every setting of
-/// that pooling has ten items above its target; the result is exactly the full ranking's.
+/// that pooling has ten items above its target; the ranks are the full ranking's (ties
+/// within [`TIE_TOLERANCE`] go to the target, as exact ties do there).
 /// Per batch of users the items' residual, the transformer, the item-to-item prior and
 /// the masks are computed once, the products once per distinct pooling and still-ranked
 /// user, the counts once per setting in one pass over each chunk.
@@ -45,12 +46,12 @@ pub fn selection_ndcg(
     let catalogue = items.size()[0];
     // The scan's order: most popular first (ties by index), and each item's place in it.
     let prior = prior.to(tch::Device::Cpu).view([-1]);
-    let order = prior.argsort(0, true).to(device);
-    let prior = Vec::<f32>::try_from(prior.index_select(0, &order.to(tch::Device::Cpu)))
-        .map_err(|e| bad(&e.to_string()))?;
-    let order_cpu = Vec::<i64>::try_from(order.to(tch::Device::Cpu)).map_err(|e| bad(&e.to_string()))?;
+    let scan = prior.argsort(0, true);
+    let prior = Vec::<f32>::try_from(prior.index_select(0, &scan)).map_err(|e| bad(&e.to_string()))?;
+    let scan_items = Vec::<i64>::try_from(&scan).map_err(|e| bad(&e.to_string()))?;
+    let order = scan.to(device);
     let mut place = vec![0i64; catalogue as usize];
-    for (k, &item) in order_cpu.iter().enumerate() {
+    for (k, &item) in scan_items.iter().enumerate() {
         place[item as usize] = k as i64;
     }
     let chunks = scan_chunks(catalogue);
@@ -114,11 +115,11 @@ pub fn selection_ndcg(
                         break;
                     }
                     let width = end - start;
-                    let rows =
-                        Tensor::from_slice(&ranked.iter().map(|&r| r as i64).collect::<Vec<_>>()).to(device);
                     let (who, added) = if ranked.len() == chunk.len() {
                         (shoppers.shallow_clone(), base.narrow(1, start, width))
                     } else {
+                        let rows = Tensor::from_slice(&ranked.iter().map(|&r| r as i64).collect::<Vec<_>>())
+                            .to(device);
                         (shoppers.index_select(0, &rows), base.narrow(1, start, width).index_select(0, &rows))
                     };
                     let scores = (who.matmul(&adapted.narrow(1, start, width)) + added).to(tch::Device::Cpu);

@@ -109,21 +109,14 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
             results[j] = Some(d);
         }
     }
-    let mut results = jobs.iter().zip(results);
-    for (k, &i) in compared.iter().enumerate() {
-        let mut comparisons = Vec::new();
-        for (r, (name, _)) in references.iter().enumerate() {
-            if *name == arms[i].arm {
-                continue;
-            }
-            let mut differences = Vec::new();
-            for _ in &metrics {
-                let (&(jk, jr, _, _), d) = results.next().expect("a result per job");
-                debug_assert_eq!((jk, jr), (k, r));
-                differences.push(d.expect("every job's group was compared"));
-            }
-            comparisons.push(Comparison { against: name.clone(), differences });
-        }
+    // Each (arm, reference) pair's jobs are its metrics, in order.
+    let mut comparisons = vec![Vec::new(); compared.len()];
+    for (pair, differences) in jobs.chunks(metrics.len()).zip(results.chunks(metrics.len())) {
+        let (k, r, _, _) = pair[0];
+        let differences = differences.iter().map(|d| d.expect("every job's group was compared")).collect();
+        comparisons[k].push(Comparison { against: references[r].0.clone(), differences });
+    }
+    for (&i, comparisons) in compared.iter().zip(comparisons) {
         arms[i].comparisons = comparisons;
     }
     Ok(())
