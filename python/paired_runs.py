@@ -10,6 +10,12 @@ Usage (the README's comparison of the runs of 2026-12-03 and 2026-12-04):
 
     python3 python/paired_runs.py docs/results/default/results.json \\
         docs/results/default/results-2026-12-03b.json
+
+With `--against ARM` and one results file, every arm of that run is compared with ARM of
+the same run instead (the README's shopper-level arms against the noiseless selection):
+
+    python3 python/paired_runs.py docs/results/shopper/results.json \\
+        --against "statistics + selection, no noise (non-private)"
 """
 import json
 import math
@@ -27,12 +33,16 @@ def per_user(arm):
 
 
 def main():
-    new, old = (json.load(open(path)) for path in sys.argv[1:3])
-    before = {a["arm"]: a for a in old["arms"] if a.get("test_ranks")}
-    for arm in new["arms"]:
-        if not arm.get("test_ranks") or arm["arm"] not in before:
-            continue
-        x, y = per_user(arm), per_user(before[arm["arm"]])
+    if len(sys.argv) == 4 and sys.argv[2] == "--against":
+        new = json.load(open(sys.argv[1]))
+        reference = next(a for a in new["arms"] if a["arm"] == sys.argv[3])
+        pairs = [(a, reference) for a in new["arms"] if a.get("test_ranks") and a is not reference]
+    else:
+        new, old = (json.load(open(path)) for path in sys.argv[1:3])
+        before = {a["arm"]: a for a in old["arms"] if a.get("test_ranks")}
+        pairs = [(a, before[a["arm"]]) for a in new["arms"] if a.get("test_ranks") and a["arm"] in before]
+    for arm, other in pairs:
+        x, y = per_user(arm), per_user(other)
         if len(x) != len(y):
             continue
         n = len(x)
