@@ -103,12 +103,31 @@ pub fn catalogue_embeddings(
     progress.finish_and_clear();
     let embeddings = Tensor::cat(&parts, 0);
     std::fs::create_dir_all(cache_dir).map_err(|e| ModelError::io(cache_dir, e))?;
-    // Write to a temporary name, then rename: a crash never leaves a truncated cache.
-    let partial = path.with_extension("partial");
-    Tensor::write_safetensors(&[("items", &embeddings)], &partial)
-        .map_err(|e| ModelError::load(&partial, e))?;
-    std::fs::rename(&partial, &path).map_err(|e| ModelError::io(&path, e))?;
+    write_atomically(&path, |partial| {
+        Tensor::write_safetensors(&[("items", &embeddings)], partial)
+            .map_err(|e| ModelError::load(partial, e))
+    })?;
     Ok(embeddings)
+}
+
+/// Writes `path` through `write` into a temporary file of its own beside it, then renames
+/// that over `path`: a crash never leaves a truncated file, and writers racing for the same
+/// path (two processes encoding the same catalogue) each publish a whole file instead of
+/// renaming one another's half-written one away.
+fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), ModelError>,
+) -> Result<(), ModelError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let prefix = path.file_name().map(|n| format!("{}.", n.to_string_lossy())).unwrap_or_default();
+    let partial = tempfile::Builder::new()
+        .prefix(&prefix)
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| ModelError::io(dir, e))?;
+    write(partial.path())?;
+    partial.persist(path).map_err(|e| ModelError::io(path, e.error))?;
+    Ok(())
 }
 
 fn progress_bar(len: u64, message: &'static str) -> ProgressBar {
@@ -183,6 +202,44 @@ pub fn sample_users<'a>(users: &[&'a User], n: usize, seed: u64) -> Vec<&'a User
     sample.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
     sample.truncate(n);
     sample
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Barrier};
+
+    #[test]
+    fn writers_racing_for_one_cache_file_each_publish_a_whole_file() {
+        // Every writer has written its file before any publishes it: with one shared
+        // temporary name the first rename moves it away and the others fail (as two
+        // simulations encoding the same catalogue once did).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("items.safetensors");
+        let writers = 4;
+        let written = Arc::new(Barrier::new(writers));
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let (path, written) = (path.clone(), Arc::clone(&written));
+                std::thread::spawn(move || {
+                    write_atomically(&path, |partial| {
+                        std::fs::write(partial, vec![w as u8; 4096])
+                            .map_err(|e| ModelError::io(partial, e))?;
+                        written.wait();
+                        Ok(())
+                    })
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().expect("writer thread").expect("every writer publishes");
+        }
+        let bytes = std::fs::read(&path).expect("the published file");
+        assert_eq!(bytes.len(), 4096);
+        assert!(bytes.iter().all(|&b| b == bytes[0]), "one writer's whole file");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).expect("list").collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
+    }
 }
 
 #[cfg(test)]
