@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use guild_proto::domain::{AdapterManifest, RoundTask};
-use guild_proto::round::RoundKind;
+use guild_proto::round::{RoundKind, TrainedPart};
 use rand::Rng;
 use rand_chacha::ChaCha20Rng;
 use tch::Tensor;
@@ -541,6 +541,12 @@ impl Learner for TowerLearner {
         let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
         let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
         let Units::Shoppers(shoppers) = units else {
+            if task.training.trained != TrainedPart::Whole {
+                anyhow::bail!(
+                    "training {} takes one gradient per shopper: the shopper unit only",
+                    task.training.trained
+                );
+            }
             let (tower, items, owned, _permit) = self.unlocked(global, &self.users)?;
             let users: Vec<&User> = owned.iter().collect();
             retrieval::train_tower(&tower, &items, &users, &config)?;
@@ -551,6 +557,10 @@ impl Learner for TowerLearner {
             }
             return each(Update::Dense(&mut update));
         };
+        // Training a part: each shopper's gradient there alone, and no statistics (the
+        // releases carry them).
+        let part = task.training.trained.ranges(&task.manifest);
+        let range = if part.is_some() { None } else { range };
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned, _permit) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();
@@ -559,7 +569,19 @@ impl Learner for TowerLearner {
         // `shopper_updates` hands over one update per user, in order; with statistics, each
         // gets its shopper's share of them.
         let mut next = users.iter();
+        // A part's update is its few coordinates, encoded at their cost alone.
+        let part_indices: Option<Vec<usize>> = part.as_ref().map(|ranges| {
+            let mut indices: Vec<usize> = ranges.iter().flat_map(Clone::clone).collect();
+            indices.sort_unstable();
+            indices.dedup();
+            indices
+        });
         let mut hand_over = |update: &mut [f32]| {
+            if let Some(indices) = &part_indices {
+                let mut values: Vec<f32> =
+                    indices.iter().map(|&i| update.get(i).copied().unwrap_or(0.0)).collect();
+                return each(Update::Sparse { indices, values: &mut values });
+            }
             if let Some(range) = &range {
                 let user = next.next().ok_or_else(|| anyhow::anyhow!("more updates than shoppers"))?;
                 let contribution =
@@ -568,6 +590,16 @@ impl Learner for TowerLearner {
             }
             each(Update::Dense(update))
         };
+        if part.is_some() {
+            return retrieval::shopper_part_gradients(
+                &mut tower,
+                &items,
+                &users,
+                global,
+                &config,
+                &mut hand_over,
+            );
+        }
         retrieval::shopper_updates(&mut tower, &items, &users, global, &config, &seed_of, &mut hand_over)
     }
 

@@ -9,7 +9,7 @@ use std::time::Duration;
 use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
-use guild_proto::round::{RoundKind, Schedule};
+use guild_proto::round::{RoundKind, Schedule, TrainedPart};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
@@ -155,6 +155,11 @@ pub struct RoundsConfig {
     pub server_learning_rate: f64,
     /// Applied to a training round's noisy sum before the server optimiser.
     pub shrinkage: Shrinkage,
+    /// What training rounds train: `"whole"` (every trained value of the adapter) or
+    /// `"pooling"` (the sequence tower's pooling weights and prior weight alone, a few dozen
+    /// values that DP noise does not drown; shopper unit with `local_steps = 1`, DP-SGD's
+    /// per-shopper gradient, only). The statistics are left to the releases then.
+    pub trained: TrainedPart,
     /// Popularity releases (`[rounds.popularity_release]`): the federation's first
     /// `rounds` adapter versions come from them (sequence towers with a popularity histogram
     /// only). Each sampled unit sends its popularity contribution at the whole clip norm and
@@ -205,6 +210,7 @@ impl Default for RoundsConfig {
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
             shrinkage: Shrinkage::JamesStein,
+            trained: TrainedPart::Whole,
             popularity_release: StatisticRounds::default(),
             pooling_selection: StatisticRounds::default(),
         }
@@ -520,6 +526,22 @@ impl Config {
             }
             _ => {}
         }
+        if r.trained == TrainedPart::Pooling {
+            if a.family != AdapterFamilyName::SequenceTower || a.tower.catalogue == 0 {
+                return Err(invalid(
+                    "rounds.trained",
+                    "\"pooling\" trains a sequence tower's pooling and popularity prior weight: needs \
+                     adapter.family = \"sequence_tower\" with adapter.tower.catalogue set",
+                ));
+            }
+            if p.unit != PrivacyUnit::Shopper || r.local_steps != 1 {
+                return Err(invalid(
+                    "rounds.trained",
+                    "\"pooling\" takes one gradient per shopper: needs privacy.unit = \"shopper\" and \
+                     rounds.local_steps = 1",
+                ));
+            }
+        }
         if r.pooling_selection.rounds > 1 {
             return Err(invalid(
                 "rounds.pooling_selection.rounds",
@@ -718,6 +740,19 @@ mod tests {
             error(&selection, &[("GUILD_ROUNDS__POOLING_SELECTION__ROUNDS", "2")])
                 .contains("rounds.pooling_selection.rounds")
         );
+        // Training the pooling part: a tower with a prior, the shopper unit, one local step.
+        let tower = [("GUILD_ADAPTER__FAMILY", "sequence_tower"), ("GUILD_ADAPTER__TOWER__CATALOGUE", "100")];
+        let pooling = format!("{shopper}\n[rounds]\ntrained = \"pooling\"");
+        assert!(
+            error(&pooling, &[("GUILD_ROUNDS__LOCAL_STEPS", "1")])
+                .contains("adapter.family = \"sequence_tower\"")
+        );
+        assert!(error(&pooling, &tower).contains("rounds.local_steps = 1"));
+        let one_step = [tower[0], tower[1], ("GUILD_ROUNDS__LOCAL_STEPS", "1")];
+        let config = Config::parse(&format!("{MINIMAL}\n{pooling}"), env(&one_step)).expect("valid pooling");
+        assert_eq!(config.rounds.trained, TrainedPart::Pooling);
+        assert!(error("[rounds]\ntrained = \"pooling\"", &one_step).contains("privacy.unit = \"shopper\""));
+        assert!(error("[rounds]\ntrained = \"pool\"", &[]).contains("trained"));
         assert!(
             error("[rounds]\nsampling_rate = 0.5", &[("GUILD_ROUNDS__SAMPLING_RATE__X", "1")])
                 .contains("rounds.sampling_rate is not a section")

@@ -126,7 +126,12 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
         let cost = round.cost()?;
         let variance =
             decoded_sum_noise_variance(p.mode, privacy.noise_multiplier, p.clip_norm, &cost.ddg, n);
-        let noise_to_clip = (d as f64 * variance).sqrt() / summands.max(1.0) / p.clip_norm;
+        // The noise that reaches the model: over the part a training round trains.
+        let moved = match config.rounds.trained.ranges(&manifest) {
+            Some(part) if kind == RoundKind::Training => part.iter().map(ExactSizeIterator::len).sum(),
+            _ => d,
+        };
+        let noise_to_clip = (moved as f64 * variance).sqrt() / summands.max(1.0) / p.clip_norm;
         // Training without a round limit runs until the budget is spent: count those rounds.
         if kind == RoundKind::Training
             && config.rounds.max_rounds == 0

@@ -161,6 +161,8 @@ pub struct TrainingParams {
     /// What the round asks of its cohort: training, or a bounded statistic of each unit's
     /// data instead (a popularity release, a pooling selection).
     pub kind: crate::round::RoundKind,
+    /// Which values a training round trains (the whole adapter for the other kinds).
+    pub trained: crate::round::TrainedPart,
 }
 
 #[derive(Clone, Debug, PartialEq)]

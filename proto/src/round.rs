@@ -67,6 +67,62 @@ impl std::fmt::Display for RoundKind {
     }
 }
 
+/// Which of the adapter's values a training round trains. The other kinds train nothing.
+///
+/// `Pooling` is the part a pooling selection chooses on a grid (the tower's recency
+/// weights and its popularity prior's weight: `AdapterManifest::selection_ranges`), here
+/// trained by gradient: a few dozen coordinates, where noise of z·c per coordinate is small
+/// against the clipped gradients of thousands of shoppers, unlike the whole tower's
+/// hundreds of thousands (issue: DP training that adds on top of the releases).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainedPart {
+    /// Every trained value of the adapter.
+    #[default]
+    Whole,
+    /// The sequence tower's pooling weights and popularity prior weight alone.
+    Pooling,
+}
+
+impl TrainedPart {
+    /// Lower-case words for logs and messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Whole => "the whole adapter",
+            Self::Pooling => "the pooling and prior weight",
+        }
+    }
+
+    /// Why an adapter cannot train this part, if it cannot.
+    pub fn unsupported_by(self, manifest: &AdapterManifest) -> Option<&'static str> {
+        match self {
+            Self::Whole => None,
+            Self::Pooling => manifest
+                .selection_ranges()
+                .is_none()
+                .then_some("the adapter is not a tower with a popularity prior to train the pooling of"),
+        }
+    }
+
+    /// The flat-vector ranges this part trains in `manifest`'s adapter: `None` for the
+    /// whole adapter (or an adapter without the part, which [`Self::unsupported_by`] names).
+    pub fn ranges(self, manifest: &AdapterManifest) -> Option<Vec<std::ops::Range<usize>>> {
+        match self {
+            Self::Whole => None,
+            Self::Pooling => {
+                let (recency, weight) = manifest.selection_ranges()?;
+                Some(vec![recency, weight..weight + 1])
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for TrainedPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
 /// The federation's order of round kinds: its first `popularity_releases` adapter versions
 /// come from popularity releases, the next from one pooling selection (if asked for), and
 /// every later one from training. Kinds the adapter cannot run are left out
@@ -129,7 +185,7 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
-    use super::{RoundKind, Schedule};
+    use super::{RoundKind, Schedule, TrainedPart};
     use crate::domain::AdapterManifest;
     use crate::tower::TowerShape;
 
@@ -165,5 +221,17 @@ mod tests {
             assert_eq!(kind.unsupported_by(&with_prior), None, "{kind}");
             assert_eq!(kind.unsupported_by(&plain).is_none(), kind.trains(), "{kind}");
         }
+    }
+
+    #[test]
+    fn the_pooling_part_is_the_coordinates_a_selection_sets() {
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
+        let (recency, weight) = tower.selection_ranges().expect("a tower with a prior");
+        let ranges = TrainedPart::Pooling.ranges(&tower).expect("the pooling part");
+        assert_eq!(ranges, vec![recency.clone(), weight..weight + 1]);
+        assert_eq!(TrainedPart::Whole.ranges(&tower), None);
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
+        assert!(TrainedPart::Pooling.unsupported_by(&plain).is_some());
+        assert_eq!(TrainedPart::Whole.unsupported_by(&plain), None);
     }
 }

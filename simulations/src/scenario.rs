@@ -209,6 +209,10 @@ pub struct ShopperDp {
     pub server_optimizer: ServerOptimizer,
     #[serde(default = "one")]
     pub server_learning_rate: f64,
+    /// What the training rounds train (`[rounds] trained`): `"whole"`, or `"pooling"` (the
+    /// tower's pooling and prior weight alone, by each shopper's gradient; `local_steps = 1`).
+    #[serde(default)]
+    pub trained: guild_proto::round::TrainedPart,
     /// δ of the shopper-level arms (default: min(1e-6, 1/N^1.1) for N shoppers).
     #[serde(default)]
     pub delta: Option<f64>,
@@ -423,6 +427,15 @@ impl Scenario {
                     ));
                 }
             }
+            if sh.trained == guild_proto::round::TrainedPart::Pooling
+                && (sh.local_steps != 1 || !scenario.federation.popularity)
+            {
+                return Err(invalid(
+                    "arms.shopper_dp.trained = \"pooling\" takes one gradient per shopper of a tower with a \
+                     popularity prior: needs local_steps = 1 and federation.popularity = true"
+                        .into(),
+                ));
+            }
             if scenario.clients != ClientMode::Tasks {
                 return Err(invalid("shopper-level arms run with clients = \"tasks\" only".into()));
             }
@@ -482,6 +495,24 @@ federated = true
         }
         names.sort();
         assert!(names.contains(&"default".to_owned()) && names.contains(&"shopper".to_owned()), "{names:?}");
+    }
+
+    #[test]
+    fn training_the_pooling_part_needs_one_step_per_shopper() {
+        let arm = |more: &str| {
+            BASE.replace(
+                "federated = true",
+                &format!(
+                    "federated = true\nshopper_dp_epsilons = [3.0]\nshopper_dp = {{ sampling_rate = 0.1, rounds = 2, \
+                     popularity_releases = 1, popularity_budget = 0.9, clip_norm = 1.0, learning_rate = 1.0, \
+                     trained = \"pooling\"{more} }}"
+                ),
+            )
+        };
+        let sh = load(&arm("")).expect("valid").arms.shopper_dp.expect("shopper arms");
+        assert_eq!(sh.trained, guild_proto::round::TrainedPart::Pooling);
+        let error = load(&arm(", local_steps = 2")).expect_err("two steps").to_string();
+        assert!(error.contains("one gradient per shopper"), "{error}");
     }
 
     #[test]

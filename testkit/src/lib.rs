@@ -69,6 +69,7 @@ pub fn honest_task(manifest: AdapterManifest, federation_id: [u8; 16], n: u32, t
             data_seed: 1,
             negatives: 0,
             kind: RoundKind::Training,
+            trained: guild_proto::round::TrainedPart::Whole,
         },
         privacy: PrivacyParams {
             mode: PrivacyMode::Distributed,

@@ -172,6 +172,42 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     assert!(!outside(&v2, &v3), "the round after it trained");
 }
 
+/// Training rounds of the pooling part (shopper unit, one gradient each) commit versions
+/// that differ from the one before only in the pooling weights and the prior weight: the
+/// coordinator drops the rest of the noisy sum and leaves the histogram to the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_the_pooling_part_moves_only_the_pooling_and_prior_weight() {
+    use guild_privacy::PrivacyUnit;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = tower_with_one_release(dir.path(), 3, |c| {
+        c.rounds.trained = guild_proto::round::TrainedPart::Pooling;
+        c.rounds.local_steps = 1;
+        c.privacy.unit = PrivacyUnit::Shopper;
+        c.privacy.shopper_sampling_rate = 0.1;
+        c.privacy.shoppers = 160;
+    })
+    .await;
+    // The lightweight clients send random values at every coordinate: whatever reaches the
+    // sum outside the part must not reach the model.
+    every_client_in_every_round(&federation, 4, 3).await;
+    let store = federation.store().expect("store");
+    let manifest = federation.config.manifest().expect("manifest");
+    let (recency, weight) = manifest.selection_ranges().expect("a tower with a prior");
+    let d = manifest.parameter_count();
+    let version = |v: u64| {
+        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
+    };
+    let part = |i: usize| recency.contains(&i) || i == weight;
+    for (before, after) in [(1, 2), (2, 3)] {
+        let (a, b) = (version(before), version(after));
+        let moved: Vec<usize> = (0..d).filter(|&i| a[i] != b[i]).collect();
+        assert!(moved.iter().all(|&i| part(i)), "version {after} moved values outside the part: {moved:?}");
+        assert!(!moved.is_empty(), "version {after} trained the part");
+    }
+    let entries: Vec<LedgerEntry> = store.ledger().expect("ledger");
+    assert_eq!(entries.len(), 3, "the release and both training rounds are charged");
+}
+
 /// The server applies the raw noisy sum of a training round: the lightweight clients send
 /// updates in random directions, which the default James–Stein shrinkage rightly takes for
 /// noise (the adapter would stay where it was), and these tests are about the rounds' flow.

@@ -9,6 +9,7 @@ use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::min_active_threshold;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::RoundTask;
+use guild_proto::round::TrainedPart;
 
 use crate::faults::Faults;
 use crate::ledger::{ClientLedger, Participation};
@@ -146,6 +147,18 @@ pub fn vet_task(
     }
     if let Some(why) = task.training.kind.unsupported_by(manifest) {
         return refuse(format!("a {}, but {why}", task.training.kind));
+    }
+    if let Some(why) = task.training.trained.unsupported_by(manifest) {
+        return refuse(format!("training {}, but {why}", task.training.trained));
+    }
+    if task.training.trained == TrainedPart::Pooling
+        && (task.privacy.unit != PrivacyUnit::Shopper || task.training.local_steps != 1)
+    {
+        return refuse(format!(
+            "training {} takes one gradient per shopper (the shopper unit, one local step), \
+             got a {}-unit round of {} local steps",
+            task.training.trained, task.privacy.unit, task.training.local_steps
+        ));
     }
     if task.privacy.unit != options.unit {
         return refuse(format!(
@@ -546,6 +559,28 @@ mod tests {
         lora.training.kind = RoundKind::PoolingSelection;
         lora.binding.task_sha256 = guild_proto::convert::task_digest(&lora);
         let error = vet(&lora, &options, &ledger).expect_err("no tower");
+        assert!(error.contains("not a tower with a popularity prior"), "{error}");
+    }
+
+    #[test]
+    fn training_the_pooling_part_is_taken_as_one_gradient_per_shopper_of_a_tower_only() {
+        let ledger = ClientLedger::in_memory();
+        let check = |unit: PrivacyUnit, steps: u32, manifest: AdapterManifest| {
+            let options = ParticipantOptions { max_epsilon: 100.0, unit, ..ParticipantOptions::default() };
+            let mut task = task_for(manifest.clone(), 51, 35, 2.0);
+            if unit == PrivacyUnit::Shopper {
+                (task.privacy.unit, task.privacy.shopper_sampling_rate) = (unit, 0.05);
+            }
+            (task.training.trained, task.training.local_steps) = (TrainedPart::Pooling, steps);
+            task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
+            vet_task(&task, &manifest, FEDERATION, &pki().ca.cert_der, &options, &ledger)
+        };
+        check(PrivacyUnit::Shopper, 1, tower(5)).expect("one gradient per shopper of a tower");
+        let error = check(PrivacyUnit::Shopper, 2, tower(5)).expect_err("two local steps");
+        assert!(error.contains("one gradient per shopper"), "{error}");
+        let error = check(PrivacyUnit::Merchant, 1, tower(5)).expect_err("the merchant unit");
+        assert!(error.contains("one gradient per shopper"), "{error}");
+        let error = check(PrivacyUnit::Shopper, 1, tower(0)).expect_err("no prior");
         assert!(error.contains("not a tower with a popularity prior"), "{error}");
     }
 }

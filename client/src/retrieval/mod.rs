@@ -17,7 +17,8 @@ pub use minilm::{evaluate_ranks, train};
 pub use search::{QUERY_WORDS, evaluate_search, query_for, search_queries};
 pub use selection::selection_ndcg;
 pub use tower::{
-    HistoryPrior, evaluate_tower, evaluate_tower_with_prior, shopper_seed, shopper_updates, train_tower,
+    HistoryPrior, evaluate_tower, evaluate_tower_with_prior, shopper_part_gradients, shopper_seed,
+    shopper_updates, train_tower,
 };
 
 use std::path::{Path, PathBuf};

@@ -181,21 +181,11 @@ pub fn shopper_updates(
     tower.set_offset(global)?;
     if config.steps == 1 {
         // One step is −η times the gradient at `global`: no copy of the values, no optimiser.
-        for user in users {
-            let rows = tower_rows(user, length);
-            let mut update = if rows.is_empty() {
-                vec![0.0; global.len()]
-            } else {
-                tower.zero_gradients();
-                let mut rng = ChaCha20Rng::seed_from_u64(seed_of(user));
-                tower_loss(tower, &items, &rows, config, Some(&mut rng)).backward();
-                tower.flat_gradient()
-            };
-            let eta = config.learning_rate as f32;
-            update.iter_mut().for_each(|g| *g *= -eta);
-            each(&mut update)?;
-        }
-        return Ok(());
+        let loss = |tower: &Tower, user: &User, rows: &[TowerRow<'_>]| {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed_of(user));
+            tower_loss(tower, &items, rows, config, Some(&mut rng))
+        };
+        return each_shoppers_step(tower, users, global.len(), config.learning_rate as f32, &loss, each);
     }
     for user in users {
         tower.set_offset(global)?;
@@ -214,6 +204,92 @@ pub fn shopper_updates(
     }
     tower.set_offset(global)?;
     Ok(())
+}
+
+/// The shopper unit's gradient of the pooling part alone (the tower's recency weights and
+/// popularity prior weight, `guild_proto::round::TrainedPart::Pooling`): for each of `users`
+/// on its own, −η times the gradient at `global` of the full-softmax cross-entropy of its
+/// training rows, scored as the tower ranks (cosine against the whole catalogue plus the
+/// popularity prior plus the item-to-item prior of each target's history), handed to
+/// `each` as a whole-adapter vector (zero outside the part's gradient; the caller keeps
+/// the part). The catalogue's adapted vectors do not move in such a round, so they are
+/// computed once, without gradient; no negatives are sampled, so no shopper's update
+/// depends on anything but its own rows. A shopper with no training rows gives a zero
+/// update. Leaves the tower at `global`.
+pub fn shopper_part_gradients(
+    tower: &mut Tower,
+    items: &Tensor,
+    users: &[&User],
+    global: &[f32],
+    config: &TrainConfig,
+    each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let items = items.to(tower.var_store().device());
+    tower.set_offset(global)?;
+    let catalogue = tch::no_grad(|| normalise(&tower.adapt_items(&items)));
+    let loss = |tower: &Tower, _: &User, rows: &[TowerRow<'_>]| {
+        ranking_loss(tower, &items, &catalogue, rows, config.temperature)
+    };
+    each_shoppers_step(tower, users, global.len(), config.learning_rate as f32, &loss, each)
+}
+
+/// For each of `users` on its own: −η times the gradient of `loss` on its training rows at
+/// the tower's current values (zeros for a shopper without rows), handed to `each`.
+fn each_shoppers_step(
+    tower: &mut Tower,
+    users: &[&User],
+    dimension: usize,
+    eta: f32,
+    loss: &dyn Fn(&Tower, &User, &[TowerRow<'_>]) -> Tensor,
+    each: &mut dyn FnMut(&mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let length = tower.config().shape.history;
+    for user in users {
+        let rows = tower_rows(user, length);
+        let mut update = if rows.is_empty() {
+            vec![0.0; dimension]
+        } else {
+            tower.zero_gradients();
+            loss(tower, user, &rows).backward();
+            tower.flat_gradient()
+        };
+        update.iter_mut().for_each(|g| *g *= -eta);
+        each(&mut update)?;
+    }
+    Ok(())
+}
+
+/// The full-softmax cross-entropy of every target of `rows`, each scored as the tower ranks
+/// at inference: cosine against `catalogue` (the adapted, normalised item vectors, taken as
+/// fixed), plus the popularity prior, plus the item-to-item prior of the target's history.
+fn ranking_loss(
+    tower: &Tower,
+    items: &Tensor,
+    catalogue: &Tensor,
+    rows: &[TowerRow<'_>],
+    temperature: f64,
+) -> Tensor {
+    let device = items.device();
+    let windows: Vec<&[ItemIndex]> = rows.iter().map(|r| r.window).collect();
+    let sequence = tower.sequence(items, &windows);
+    let (b, m, hidden) = sequence.size3().expect("[batch, length, hidden]");
+    let (mut at, mut target, mut histories) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, row) in rows.iter().enumerate() {
+        for p in row.first_target..row.window.len() {
+            at.push(i as i64 * m + p as i64);
+            target.push(i64::from(row.next[p]));
+            histories.push(&row.window[..=p]);
+        }
+    }
+    let shoppers =
+        normalise(&sequence.reshape([b * m, hidden]).index_select(0, &Tensor::from_slice(&at).to(device)));
+    let scores = shoppers.matmul(&catalogue.tr());
+    let scores = match tower.prior() {
+        Some(prior) => scores + prior.unsqueeze(0),
+        None => scores,
+    };
+    let scores = tower.with_history_prior(scores, &histories);
+    (scores / temperature).cross_entropy_for_logits(&Tensor::from_slice(&target).to(device))
 }
 
 /// A shopper's seed for one round's sampled negatives: SHA-256 of the merchant's secret
@@ -345,5 +421,66 @@ mod tests {
         // The seed is the merchant's secret's, the round's and the shopper's alone.
         assert_ne!(shopper_seed(&key, 3, "a"), shopper_seed(&key, 4, "a"));
         assert_ne!(shopper_seed(&key, 3, "a"), shopper_seed(&[8; 32], 3, "a"));
+    }
+
+    /// The pooling part's gradient (recency weights, popularity prior weight) is the
+    /// derivative of the loss as the tower ranks, priors included: held to central finite
+    /// differences; each shopper's depends on its rows alone.
+    #[test]
+    fn the_part_gradient_is_the_ranking_losss_derivative_and_each_shoppers_own() {
+        use crate::model::tower::TitleNeighbours;
+        let items = normalise(&Tensor::randn([50, 16], (Kind::Float, Device::Cpu)));
+        let users = shoppers(5, 50);
+        let mut shape = tower_shape(4, 2, 50);
+        shape.neighbours = 4;
+        let mut tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
+        tower.set_neighbours(&TitleNeighbours::of_items(&items, 4).expect("neighbours")).expect("set");
+        let popularity: Vec<f32> = (0..50).map(|i| (i % 7) as f32).collect();
+        tower.set_popularity(&popularity).expect("popularity");
+        let counts: Vec<f32> = (0..200).map(|i| (i % 5) as f32).collect();
+        tower.set_transitions(&counts).expect("counts");
+        let global = tower.offset();
+        let manifest = guild_proto::domain::AdapterManifest::sequence_tower([0; 32], shape, 4);
+        let (recency, weight) = manifest.selection_ranges().expect("a tower with a prior");
+        let config = TrainConfig { learning_rate: 1.0, ..TrainConfig::default() };
+        let collect = |tower: &mut Tower, users: &[&User]| {
+            let mut updates = Vec::new();
+            shopper_part_gradients(tower, &items, users, &global, &config, &mut |u| {
+                updates.push(u.to_vec());
+                Ok(())
+            })
+            .expect("gradients");
+            updates
+        };
+        let all: Vec<&User> = users.iter().collect();
+        let updates = collect(&mut tower, &all);
+        assert_eq!(tower.offset(), global, "the tower is left at the global values");
+        let catalogue = tch::no_grad(|| normalise(&tower.adapt_items(&items)));
+        let loss_at = |tower: &mut Tower, at: &[f32], user: &User| {
+            tower.set_offset(at).expect("offset");
+            let loss = ranking_loss(tower, &items, &catalogue, &tower_rows(user, 8), config.temperature);
+            loss.double_value(&[])
+        };
+        let h = 1e-3_f32;
+        for (u, user) in all.iter().enumerate() {
+            for i in [recency.start, recency.start + 1, weight] {
+                let (mut plus, mut minus) = (global.clone(), global.clone());
+                plus[i] += h;
+                minus[i] -= h;
+                let slope = (loss_at(&mut tower, &plus, user) - loss_at(&mut tower, &minus, user))
+                    / f64::from(2.0 * h);
+                let got = -f64::from(updates[u][i]);
+                assert!(
+                    (got - slope).abs() <= 2e-2 * slope.abs().max(1e-2),
+                    "shopper {u}, coordinate {i}: gradient {got} against finite differences {slope}"
+                );
+            }
+        }
+        tower.set_offset(&global).expect("offset");
+        let without: Vec<&User> = [0, 2, 3, 4].iter().map(|&i| &users[i]).collect();
+        let fewer = collect(&mut tower, &without);
+        for (i, &j) in [0usize, 2, 3, 4].iter().enumerate() {
+            assert!(fewer[i] == updates[j], "shopper {j}'s gradient moved when shopper 1 left");
+        }
     }
 }

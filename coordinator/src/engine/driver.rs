@@ -15,7 +15,7 @@ use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::{release_step, selection_step, server_step};
+use super::optimizer::{keep_part, part_step, release_step, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::config::Shrinkage;
 use crate::store::{AdapterRecord, RoundCommit};
@@ -303,6 +303,12 @@ impl Engine {
                 )
             }
             RoundKind::Training => {
+                // A round that trains a part: what the sum holds elsewhere is noise alone,
+                // and the statistics are the releases' to move.
+                let part = self.config.rounds.trained.ranges(&self.manifest);
+                if let Some(ranges) = &part {
+                    keep_part(&mut decoded, ranges);
+                }
                 if self.config.rounds.shrinkage == Shrinkage::JamesStein {
                     let variance = if round.noise_multiplier > 0.0 {
                         guild_privacy::cost::decoded_sum_noise_variance(
@@ -315,22 +321,36 @@ impl Engine {
                     } else {
                         0.0
                     };
-                    let blocks = trained_blocks(&self.manifest);
+                    // A part is one block: it is small, and trained as a whole.
+                    let blocks = part.clone().map_or_else(|| trained_blocks(&self.manifest), |r| vec![r]);
                     let factors = guild_privacy::dp::james_stein(&mut decoded, &blocks, variance);
                     if variance > 0.0 {
                         let shown: Vec<String> = factors.iter().map(|f| format!("{f:.3}")).collect();
                         tracing::info!(round = round.id, variance, factors = %shown.join(" "), "noisy sum shrunk");
                     }
                 }
-                server_step(
-                    self.config.rounds.server_optimizer,
-                    &latest.values,
-                    &decoded,
-                    round.denominator,
-                    self.config.rounds.server_learning_rate,
-                    moments.as_ref(),
-                    self.manifest.accumulated_range(),
-                )
+                let (optimizer, rate) =
+                    (self.config.rounds.server_optimizer, self.config.rounds.server_learning_rate);
+                match &part {
+                    Some(ranges) => part_step(
+                        optimizer,
+                        &latest.values,
+                        &decoded,
+                        round.denominator,
+                        rate,
+                        moments.as_ref(),
+                        ranges,
+                    ),
+                    None => server_step(
+                        optimizer,
+                        &latest.values,
+                        &decoded,
+                        round.denominator,
+                        rate,
+                        moments.as_ref(),
+                        self.manifest.accumulated_range(),
+                    ),
+                }
             }
         };
         let bytes = guild_proto::adapter::to_bytes(&step.values);

@@ -14,7 +14,7 @@ use guild_privacy::secagg::{Identities, Phase, RoundConfig, min_active_threshold
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
-use guild_proto::round::RoundKind;
+use guild_proto::round::{RoundKind, TrainedPart};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -251,6 +251,7 @@ impl Engine {
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
                 kind: template.kind,
+                trained: if template.kind.trains() { cfg.rounds.trained } else { TrainedPart::Whole },
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,

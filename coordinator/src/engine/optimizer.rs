@@ -143,6 +143,46 @@ pub fn selection_step(
     Some((ServerStep { values, moments: moments.cloned() }, best))
 }
 
+/// Sets every coordinate of a decoded `sum` outside `part` to zero: in a round that trains
+/// a part, what the sum holds elsewhere is noise alone.
+pub fn keep_part(sum: &mut [f64], part: &[std::ops::Range<usize>]) {
+    let mut kept = vec![0.0; sum.len()];
+    for range in part.iter().filter(|r| r.end <= sum.len()) {
+        kept[range.clone()].copy_from_slice(&sum[range.clone()]);
+    }
+    sum.copy_from_slice(&kept);
+}
+
+/// A training round's step on `part` of the adapter alone: the optimiser applied to the
+/// part's coordinates of `sum / denominator`; every other value, and FedAdam's moments
+/// there, kept exactly as they were (the statistics are the releases' to move).
+pub fn part_step(
+    optimizer: ServerOptimizer,
+    current: &[f32],
+    sum: &[f64],
+    denominator: f64,
+    learning_rate: f64,
+    moments: Option<&Moments>,
+    part: &[std::ops::Range<usize>],
+) -> ServerStep {
+    let mut mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
+    keep_part(&mut mean, part);
+    let step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
+    let mut values = current.to_vec();
+    let mut kept_moments = step.moments.as_ref().map(|_| match moments {
+        Some(m) if m.first.len() == current.len() => m.clone(),
+        _ => Moments::zeros(current.len()),
+    });
+    for range in part.iter().filter(|r| r.end <= current.len()) {
+        values[range.clone()].copy_from_slice(&step.values[range.clone()]);
+        if let (Some(kept), Some(next)) = (kept_moments.as_mut(), step.moments.as_ref()) {
+            kept.first[range.clone()].copy_from_slice(&next.first[range.clone()]);
+            kept.second[range.clone()].copy_from_slice(&next.second[range.clone()]);
+        }
+    }
+    ServerStep { values, moments: kept_moments.or_else(|| moments.cloned()) }
+}
+
 fn optimizer_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -299,6 +339,43 @@ mod tests {
         // Without a histogram (or one that does not fit) nothing moves at all.
         assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None, None).values, vec![1.0, 2.0]);
         assert_eq!(release_step(&[1.0, 2.0], &[5.0, 5.0], 1.0, None, Some(1..3)).values, vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn a_part_step_moves_the_part_alone_and_keeps_every_other_value_and_moment() {
+        let current = [1.0_f32, 2.0, 3.0, 4.0, 5.0];
+        let sum = [10.0, 20.0, 30.0, 40.0, 50.0];
+        let part = [1..2, 3..4];
+        let avg = part_step(ServerOptimizer::FedAvg, &current, &sum, 10.0, 0.5, None, &part);
+        assert_eq!(avg.values, vec![1.0, 3.0, 3.0, 6.0, 5.0]);
+        assert_eq!(avg.moments, None);
+        // FedAdam with moments left by earlier whole-adapter rounds: outside the part, a
+        // whole step would keep moving values on their old first moments.
+        let mut earlier = Moments::zeros(5);
+        earlier.first = vec![0.5; 5];
+        earlier.second = vec![0.25; 5];
+        let adam = part_step(ServerOptimizer::FedAdam, &current, &sum, 10.0, 0.1, Some(&earlier), &part);
+        let whole = optimizer_step(
+            ServerOptimizer::FedAdam,
+            &current,
+            &[0.0, 2.0, 0.0, 4.0, 0.0],
+            0.1,
+            Some(&earlier),
+        );
+        let moments = adam.moments.expect("FedAdam keeps moments");
+        for (i, &start) in current.iter().enumerate() {
+            let inside = i == 1 || i == 3;
+            let want = if inside { whole.values[i] } else { start };
+            assert_eq!(adam.values[i], want, "value {i}");
+            let next = whole.moments.as_ref().expect("moments");
+            let (first, second) =
+                if inside { (next.first[i], next.second[i]) } else { (earlier.first[i], earlier.second[i]) };
+            assert_eq!((moments.first[i], moments.second[i]), (first, second), "moments {i}");
+        }
+        assert_ne!(whole.values[0], current[0], "a whole step would have moved coordinate 0");
+        let mut noisy = sum.to_vec();
+        keep_part(&mut noisy, &part);
+        assert_eq!(noisy, vec![0.0, 20.0, 0.0, 40.0, 0.0]);
     }
 
     #[test]

@@ -20,7 +20,7 @@ use guild_privacy::{PrivacyMode, PrivacyUnit};
 use crate::domain::*;
 use crate::error::{Field, WireError};
 use crate::limits::*;
-use crate::round::RoundKind;
+use crate::round::{RoundKind, TrainedPart};
 use crate::tower::TowerShape;
 use crate::v1;
 

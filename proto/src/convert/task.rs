@@ -210,6 +210,23 @@ fn round_kind_to_wire(kind: RoundKind) -> v1::RoundKind {
     }
 }
 
+fn trained_part(part: i32) -> Result<TrainedPart> {
+    match v1::TrainedPart::try_from(part) {
+        Ok(v1::TrainedPart::Whole) => Ok(TrainedPart::Whole),
+        Ok(v1::TrainedPart::Pooling) => Ok(TrainedPart::Pooling),
+        Ok(v1::TrainedPart::Unspecified) | Err(_) => {
+            Err(WireError::invalid("RoundTask.training.trained", format!("unknown trained part {part}")))
+        }
+    }
+}
+
+fn trained_part_to_wire(part: TrainedPart) -> v1::TrainedPart {
+    match part {
+        TrainedPart::Whole => v1::TrainedPart::Whole,
+        TrainedPart::Pooling => v1::TrainedPart::Pooling,
+    }
+}
+
 fn privacy_mode(mode: i32) -> Result<PrivacyMode> {
     match v1::PrivacyMode::try_from(mode) {
         Ok(v1::PrivacyMode::Distributed) => Ok(PrivacyMode::Distributed),
@@ -289,6 +306,16 @@ impl TryFrom<v1::RoundTask> for RoundTask {
         if let Some(why) = kind.unsupported_by(&manifest) {
             return Err(WireError::invalid("RoundTask.training.kind", format!("a {kind}, but {why}")));
         }
+        let trained = trained_part(t.trained)?;
+        if !kind.trains() && trained != TrainedPart::Whole {
+            return Err(WireError::invalid(
+                "RoundTask.training.trained",
+                format!("{trained} in a {kind}, which trains nothing"),
+            ));
+        }
+        if let Some(why) = trained.unsupported_by(&manifest) {
+            return Err(WireError::invalid("RoundTask.training.trained", format!("{trained}, but {why}")));
+        }
         let training = TrainingParams {
             local_steps: t.local_steps,
             batch_size: t.batch_size,
@@ -297,6 +324,7 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             data_seed: t.data_seed,
             negatives: t.negatives,
             kind,
+            trained,
         };
 
         let p = required(m.privacy, "RoundTask.privacy")?;
@@ -430,6 +458,7 @@ impl From<RoundTask> for v1::RoundTask {
                 data_seed: t.training.data_seed,
                 negatives: t.training.negatives,
                 kind: round_kind_to_wire(t.training.kind).into(),
+                trained: trained_part_to_wire(t.training.trained).into(),
             }),
             privacy: Some(v1::PrivacyParams {
                 mode: privacy_mode_to_wire(t.privacy.mode).into(),
@@ -500,6 +529,7 @@ mod tests {
                 data_seed: 9,
                 negatives: 1024,
                 kind: RoundKind::Training,
+                trained: TrainedPart::Whole,
             },
             privacy: PrivacyParams {
                 mode: PrivacyMode::Distributed,
@@ -697,6 +727,14 @@ mod tests {
             "RoundTask.training.kind: unknown round kind 0",
         );
         check_rejected(|t| t.training.as_mut().expect("training").kind = 9, "unknown round kind 9");
+        check_rejected(
+            |t| t.training.as_mut().expect("training").trained = v1::TrainedPart::Unspecified.into(),
+            "RoundTask.training.trained: unknown trained part 0",
+        );
+        check_rejected(
+            |t| t.training.as_mut().expect("training").trained = v1::TrainedPart::Pooling.into(),
+            "RoundTask.training.trained: the pooling and prior weight, but the adapter is not a tower",
+        );
         check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],
             "RoundTask.cohort.certificate: 1025 bytes for client #3, above the 1024-byte limit",

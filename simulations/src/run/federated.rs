@@ -88,6 +88,7 @@ pub(super) async fn federated(
             c.rounds.negatives = sh.negatives;
             c.rounds.server_learning_rate = sh.server_learning_rate;
             c.rounds.server_optimizer = sh.server_optimizer;
+            c.rounds.trained = sh.trained;
             c.privacy.unit = PrivacyUnit::Shopper;
             c.privacy.shopper_sampling_rate = sh.sampling_rate;
             c.privacy.shoppers = shoppers as u64;
