@@ -229,12 +229,15 @@ pub struct Shared {
     pub neighbours: Option<TitleNeighbours>,
     /// How many merchants may compute with their own tensors at once: one per core.
     pub permits: Arc<Permits>,
+    /// The dataset's catalogue digest (`guild_proto::domain::catalogue_sha256`).
+    pub catalogue_sha256: [u8; 32],
 }
 
 impl Shared {
     pub fn new(base: BaseModel, dataset: Dataset, items: Tensor) -> Self {
         let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Self { base, dataset, items, neighbours: None, permits: Permits::new(cores) }
+        let catalogue_sha256 = guild_proto::domain::catalogue_sha256(&dataset.item_ids);
+        Self { base, dataset, items, neighbours: None, permits: Permits::new(cores), catalogue_sha256 }
     }
 
     /// The catalogue's `m` title neighbours per item, computed once.
@@ -435,6 +438,8 @@ pub struct TowerLearner {
     /// This merchant's secret for its shoppers' sampled negatives (`retrieval::shopper_seed`),
     /// from the OS's randomness; it never leaves the process.
     shopper_key: [u8; 32],
+    /// This merchant's catalogue, which its manifest states (checked against the task's).
+    catalogue_sha256: [u8; 32],
 }
 
 impl TowerLearner {
@@ -455,7 +460,7 @@ impl TowerLearner {
             )));
         }
         let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
-        let base_model_sha256 = guard.base.sha256();
+        let (base_model_sha256, catalogue_sha256) = (guard.base.sha256(), guard.catalogue_sha256);
         drop(guard);
         let mut shopper_key = [0u8; 32];
         rand::RngCore::fill_bytes(&mut <ChaCha20Rng as rand::SeedableRng>::from_entropy(), &mut shopper_key);
@@ -467,6 +472,7 @@ impl TowerLearner {
             eval_users: eval,
             temperature: 0.05,
             shopper_key,
+            catalogue_sha256,
         })
     }
 
@@ -528,6 +534,7 @@ impl TowerLearner {
 impl Learner for TowerLearner {
     fn manifest(&self) -> AdapterManifest {
         AdapterManifest::sequence_tower(self.base_model_sha256, self.config.shape, self.config.seed)
+            .with_catalogue(Some(self.catalogue_sha256))
     }
 
     fn shopper_count(&self) -> usize {

@@ -41,6 +41,12 @@ enum Command {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
         config: PathBuf,
     },
+    /// Print this merchant's catalogue digest and item count as JSON: the value of the
+    /// coordinator's `adapter.catalogue_sha256`, which every merchant's catalogue must match.
+    Catalogue {
+        #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
+        config: PathBuf,
+    },
     /// Register with the coordinator and print the assigned id as JSON.
     Register {
         #[arg(long, env = "GUILD_CLIENT_CONFIG", default_value = "merchant.toml")]
@@ -231,6 +237,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
         Command::Keygen { name, out } => keygen(&name, &out),
+        Command::Catalogue { config } => {
+            let config = ClientConfig::load(&config)?;
+            let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
+            let digest = guild_proto::domain::catalogue_sha256(&dataset.item_ids);
+            let shown = serde_json::json!({
+                "items": dataset.item_ids.len(),
+                "catalogue_sha256": hex::encode(digest),
+            });
+            println!("{shown}");
+            Ok(())
+        }
         Command::Register { config } => {
             let config = ClientConfig::load(&config)?;
             let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;

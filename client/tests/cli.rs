@@ -162,3 +162,18 @@ fn keygen_makes_keys_and_a_request_the_ca_signs_into_a_binding_certificate() {
     let (ok, stderr) = client(&["keygen", "--name", "not a name", "--out", out]);
     assert!(!ok && stderr.contains("must be 1 to 128 ASCII letters"), "{stderr}");
 }
+
+#[test]
+fn catalogue_prints_the_digest_the_coordinator_states() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = merchant(dir.path(), "https://127.0.0.1:1");
+    let out = Command::new(env!("CARGO_BIN_EXE_guild-client"))
+        .args(["catalogue", "--config", &config.display().to_string()])
+        .output()
+        .expect("run the binary");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(shown["items"], 3);
+    let expected = hex::encode(guild_proto::domain::catalogue_sha256(&[0, 1, 2]));
+    assert_eq!(shown["catalogue_sha256"], expected.as_str());
+}

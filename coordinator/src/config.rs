@@ -84,6 +84,12 @@ pub struct AdapterConfig {
     pub frozen_a_seed: u64,
     /// The sequence tower's shape; its `hidden` must equal `hidden`.
     pub tower: TowerShape,
+    /// The federation's catalogue: 64 hex digits of `guild_proto::domain::catalogue_sha256`
+    /// of its item ids in order (`guild-client catalogue --config merchant.toml` prints it).
+    /// Stated in every task's manifest; a merchant whose catalogue differs refuses the
+    /// federation's rounds instead of adding its shoppers to the wrong items. Empty: not
+    /// stated (nothing is checked).
+    pub catalogue_sha256: String,
 }
 
 impl Default for AdapterConfig {
@@ -97,6 +103,7 @@ impl Default for AdapterConfig {
             targets: vec!["query".into(), "value".into()],
             frozen_a_seed: 0,
             tower: TowerShape::default(),
+            catalogue_sha256: String::new(),
         }
     }
 }
@@ -417,6 +424,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.base_model_sha256()?;
+        self.catalogue_sha256()?;
         let a = &self.adapter;
         if a.family == AdapterFamilyName::SequenceTower {
             a.tower.validate().map_err(|reason| invalid("adapter.tower", reason))?;
@@ -623,11 +631,24 @@ impl Config {
             .ok_or_else(|| invalid("server.base_model_sha256", "must be 64 hex digits"))
     }
 
+    /// The federation's catalogue digest, if `adapter.catalogue_sha256` states one.
+    pub fn catalogue_sha256(&self) -> Result<Option<[u8; 32]>, ConfigError> {
+        let hex = &self.adapter.catalogue_sha256;
+        if hex.is_empty() {
+            return Ok(None);
+        }
+        hex::decode(hex).ok().and_then(|b| b.try_into().ok()).map(Some).ok_or_else(|| {
+            invalid("adapter.catalogue_sha256", "must be 64 hex digits (or empty: not stated)")
+        })
+    }
+
     /// The manifest of the adapter this federation trains, in the order of its flat vector.
     pub fn manifest(&self) -> Result<AdapterManifest, ConfigError> {
         let a = &self.adapter;
+        let catalogue = self.catalogue_sha256()?;
         if a.family == AdapterFamilyName::SequenceTower {
-            return Ok(AdapterManifest::sequence_tower(self.base_model_sha256()?, a.tower, a.frozen_a_seed));
+            return Ok(AdapterManifest::sequence_tower(self.base_model_sha256()?, a.tower, a.frozen_a_seed)
+                .with_catalogue(catalogue));
         }
         let mut targets = a.targets.clone();
         targets.sort();
@@ -647,6 +668,7 @@ impl Config {
             alpha: a.alpha,
             frozen_a_seed: a.frozen_a_seed,
             family: AdapterFamily::FfaLora,
+            catalogue_sha256: catalogue,
         })
     }
 
@@ -758,6 +780,12 @@ mod tests {
                 .contains("rounds.sampling_rate is not a section")
         );
         assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
+        assert!(error("[adapter]\ncatalogue_sha256 = \"abc\"", &[]).contains("adapter.catalogue_sha256"));
+        let digest = "ab".repeat(32);
+        let stated =
+            Config::parse(&format!("{MINIMAL}\n[adapter]\ncatalogue_sha256 = \"{digest}\""), env(&[]))
+                .expect("a stated catalogue");
+        assert_eq!(stated.manifest().expect("manifest").catalogue_sha256, Some([0xab; 32]));
         assert!(error("", &[("GUILD_SERVER__LISTEN", "nowhere")]).contains("listen"));
         assert!(
             Config::parse(

@@ -239,6 +239,7 @@ mod tests {
             alpha: 4.0,
             frozen_a_seed: 7,
             family: crate::domain::AdapterFamily::FfaLora,
+            catalogue_sha256: None,
         };
         let flat: Vec<f32> = (0..16).map(|i| i as f32).collect();
         let dir = tempfile::tempdir().expect("tempdir");

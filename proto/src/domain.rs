@@ -104,9 +104,34 @@ pub struct AdapterManifest {
     /// Seeds FFA-LoRA's frozen A, or the sequence tower's initial values.
     pub frozen_a_seed: u64,
     pub family: AdapterFamily,
+    /// The federation's catalogue ([`catalogue_sha256`] of its item ids in order), if the
+    /// federation states it: the tower's histogram, counts and item vectors are indexed by
+    /// catalogue position, so a merchant whose catalogue differs (another order, an item
+    /// more) would add its shoppers to the wrong items. Each merchant checks its own.
+    pub catalogue_sha256: Option<[u8; SHA256_LEN]>,
+}
+
+/// The digest that names a catalogue: SHA-256 of a domain-separation prefix and each item's
+/// id in catalogue order, in decimal, one per line. Two catalogues with the same items in
+/// another order differ.
+pub fn catalogue_sha256(item_ids: &[u64]) -> [u8; SHA256_LEN] {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(b"guild/v1/catalogue\0");
+    for id in item_ids {
+        hasher.update(id.to_string().as_bytes());
+        hasher.update(b"\n");
+    }
+    hasher.finalize().into()
 }
 
 impl AdapterManifest {
+    /// This manifest, stating the federation's catalogue.
+    pub fn with_catalogue(mut self, catalogue_sha256: Option<[u8; SHA256_LEN]>) -> Self {
+        self.catalogue_sha256 = catalogue_sha256;
+        self
+    }
+
     /// The flat-vector range the coordinator sums instead of training: the sequence
     /// tower's popularity histogram and item-to-item counts, if it has them.
     pub fn accumulated_range(&self) -> Option<std::ops::Range<usize>> {
@@ -141,6 +166,7 @@ impl AdapterManifest {
             alpha: 1.0,
             frozen_a_seed: seed,
             family: AdapterFamily::SequenceTower(shape),
+            catalogue_sha256: None,
         }
     }
 
@@ -241,4 +267,27 @@ pub struct StatusReport {
     pub current_phase: String,
     /// Shopper-level ε.
     pub shopper_epsilon_spent: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::catalogue_sha256;
+
+    #[test]
+    fn a_catalogue_digest_names_the_items_and_their_order() {
+        // Known answer: SHA-256 of "guild/v1/catalogue\0" "1\n" "22\n" "333\n".
+        let mut message = b"guild/v1/catalogue\0".to_vec();
+        message.extend_from_slice(b"1\n22\n333\n");
+        use sha2::Digest;
+        let expected: [u8; 32] = sha2::Sha256::digest(&message).into();
+        assert_eq!(catalogue_sha256(&[1, 22, 333]), expected);
+        assert_ne!(catalogue_sha256(&[1, 22, 333]), catalogue_sha256(&[22, 1, 333]), "order counts");
+        assert_ne!(
+            catalogue_sha256(&[1, 22, 333]),
+            catalogue_sha256(&[1, 22, 333, 4]),
+            "an item more counts"
+        );
+        // The separator keeps ids apart: [1, 22] is not [12, 2].
+        assert_ne!(catalogue_sha256(&[1, 22]), catalogue_sha256(&[12, 2]));
+    }
 }

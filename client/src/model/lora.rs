@@ -103,6 +103,7 @@ impl Adapters {
             alpha: self.config.alpha as f32,
             frozen_a_seed: self.config.frozen_a_seed,
             family: guild_proto::domain::AdapterFamily::FfaLora,
+            catalogue_sha256: None,
         }
     }
 

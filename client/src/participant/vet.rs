@@ -142,6 +142,22 @@ pub fn vet_task(
         );
     }
     check_cohort(task, federation_ca)?;
+    // The catalogue first, by name: a federation that states its catalogue is refused by a
+    // merchant whose own differs (its shoppers would be added to the wrong items); one that
+    // does not state it is not checked.
+    let ours = manifest.catalogue_sha256;
+    if let (Some(theirs), Some(ours)) = (task.manifest.catalogue_sha256, ours)
+        && theirs != ours
+    {
+        return refuse(format!(
+            "the federation's catalogue (sha256 {}) differs from this merchant's (sha256 {}): every merchant \
+             must hold the federation's items in the same order (guild-client catalogue prints a data \
+             folder's digest)",
+            hex::encode(theirs),
+            hex::encode(ours)
+        ));
+    }
+    let manifest = &manifest.clone().with_catalogue(task.manifest.catalogue_sha256);
     if task.manifest != *manifest {
         return refuse("the task's adapter manifest differs from this client's model".into());
     }
@@ -582,5 +598,21 @@ mod tests {
         assert!(error.contains("one gradient per shopper"), "{error}");
         let error = check(PrivacyUnit::Shopper, 1, tower(0)).expect_err("no prior");
         assert!(error.contains("not a tower with a popularity prior"), "{error}");
+    }
+
+    #[test]
+    fn a_merchant_whose_catalogue_differs_from_the_federations_is_refused_by_name() {
+        let (options, ledger) = (ParticipantOptions::default(), ClientLedger::in_memory());
+        let ours = tower(5).with_catalogue(Some([7; 32]));
+        let stating = |catalogue: Option<[u8; 32]>| {
+            let mut task = task_for(tower(5).with_catalogue(catalogue), 51, 35, 1.0);
+            task.binding.task_sha256 = guild_proto::convert::task_digest(&task);
+            vet_task(&task, &ours, FEDERATION, &pki().ca.cert_der, &options, &ledger)
+        };
+        stating(Some([7; 32])).expect("the same catalogue");
+        stating(None).expect("a federation that states no catalogue is not checked");
+        let error = stating(Some([8; 32])).expect_err("another catalogue");
+        assert!(error.contains("the federation's catalogue (sha256 0808"), "{error}");
+        assert!(error.contains("this merchant's (sha256 0707"), "{error}");
     }
 }

@@ -129,6 +129,11 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
             alpha: positive_finite(f64::from(m.alpha), "AdapterManifest.alpha")? as f32,
             frozen_a_seed: m.frozen_a_seed,
             family,
+            catalogue_sha256: if m.catalogue_sha256.is_empty() {
+                None
+            } else {
+                Some(fixed(&m.catalogue_sha256, "AdapterManifest.catalogue_sha256")?)
+            },
         })
     }
 }
@@ -166,6 +171,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     neighbours: t.neighbours as u32,
                 }),
             },
+            catalogue_sha256: m.catalogue_sha256.map(|d| d.to_vec()).unwrap_or_default(),
         }
     }
 }
@@ -521,6 +527,7 @@ mod tests {
                 alpha: 16.0,
                 frozen_a_seed: 42,
                 family: AdapterFamily::FfaLora,
+                catalogue_sha256: Some([5; 32]),
             },
             training: TrainingParams {
                 local_steps: 2,
@@ -710,6 +717,14 @@ mod tests {
         );
         check_rejected(|t| t.cohort.truncate(9), "RoundTask.cohort: lists 9 members for a cohort of 10");
         check_rejected(|t| t.cohort[1].index = 1, "is listed twice");
+        check_rejected(
+            |t| {
+                if let Some(m) = t.manifest.as_mut() {
+                    m.catalogue_sha256 = vec![1, 2, 3]
+                }
+            },
+            "AdapterManifest.catalogue_sha256",
+        );
         check_rejected(
             |t| t.training.as_mut().expect("training").negatives = (1 << 20) + 1,
             "RoundTask.training.negatives: 1048577 is above the limit of 1048576",

@@ -54,8 +54,11 @@ pub(super) async fn federated(
     let shoppers: usize = merchants.iter().map(|m| m.users.len()).sum();
     let keystream_rate = crate::federation::mask_keystream_rate();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    // The federation states its catalogue; every merchant checks its own against it.
+    let catalogue = hex::encode(crate::world::lock(&world.shared).catalogue_sha256);
     let mut federation = Federation::init(&dir, n, |c| {
         c.adapter.family = f.family;
+        c.adapter.catalogue_sha256 = catalogue.clone();
         c.adapter.rank = f.rank;
         c.adapter.alpha = world.spec.lora.alpha as f32;
         c.adapter.tower = world.spec.tower.shape;
