@@ -565,9 +565,8 @@ impl Learner for TowerLearner {
             return each(Update::Dense(&mut update));
         };
         // Training a part: each shopper's gradient there alone, and no statistics (the
-        // releases carry them).
+        // releases carry them): `hand_over` sends the part's coordinates and nothing else.
         let part = task.training.trained.ranges(&task.manifest);
-        let range = if part.is_some() { None } else { range };
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned, _permit) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();

@@ -15,7 +15,7 @@ use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::{keep_part, part_step, release_step, selection_step, server_step};
+use super::optimizer::{part_step, release_step, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::config::Shrinkage;
 use crate::store::{AdapterRecord, RoundCommit};
@@ -303,12 +303,10 @@ impl Engine {
                 )
             }
             RoundKind::Training => {
-                // A round that trains a part: what the sum holds elsewhere is noise alone,
-                // and the statistics are the releases' to move.
+                // A round that trains a part shrinks and steps on the part alone
+                // (`part_step` drops the rest of the sum: noise, and the statistics are the
+                // releases' to move).
                 let part = self.config.rounds.trained.ranges(&self.manifest);
-                if let Some(ranges) = &part {
-                    keep_part(&mut decoded, ranges);
-                }
                 if self.config.rounds.shrinkage == Shrinkage::JamesStein {
                     let variance = if round.noise_multiplier > 0.0 {
                         guild_privacy::cost::decoded_sum_noise_variance(

@@ -145,7 +145,7 @@ pub fn selection_step(
 
 /// Sets every coordinate of a decoded `sum` outside `part` to zero: in a round that trains
 /// a part, what the sum holds elsewhere is noise alone.
-pub fn keep_part(sum: &mut [f64], part: &[std::ops::Range<usize>]) {
+fn keep_part(sum: &mut [f64], part: &[std::ops::Range<usize>]) {
     let mut kept = vec![0.0; sum.len()];
     for range in part.iter().filter(|r| r.end <= sum.len()) {
         kept[range.clone()].copy_from_slice(&sum[range.clone()]);
