@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use guild_proto::domain::AdapterFamilyName;
+use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +19,11 @@ pub struct ClientConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub model: ModelConfig,
-    #[serde(default)]
-    pub adapter: AdapterSettings,
+    /// The adapter the federation trains. Leave it out to take the coordinator's (its
+    /// status states it); when given, it must equal the coordinator's or the client stops
+    /// at start naming what differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adapter: Option<AdapterSettings>,
     #[serde(default)]
     pub guards: Guards,
     #[serde(default)]
@@ -67,6 +70,18 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The name the coordinator's certificate holds, when `coordinator` reaches it by
+    /// another (an IP address, a proxy): the certificate is checked for this name instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl TlsFiles {
+    /// Reads the three PEM files (each checked to hold what it should).
+    pub fn credentials(&self) -> Result<crate::net::TlsCredentials, crate::net::NetError> {
+        Ok(crate::net::TlsCredentials::load(&self.ca, &self.cert, &self.key)?
+            .with_server_name(self.server_name.clone()))
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -110,7 +125,8 @@ impl Default for ModelConfig {
     }
 }
 
-/// Must equal the coordinator's `[adapter]` section, or tasks are refused.
+/// The coordinator's `[adapter]` section, as a merchant states it (or learns it from the
+/// coordinator's manifest: [`AdapterSettings::resolve`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdapterSettings {
@@ -132,6 +148,101 @@ impl Default for AdapterSettings {
             frozen_a_seed: 0,
             tower: TowerShape::default(),
         }
+    }
+}
+
+impl AdapterSettings {
+    /// The settings a federation's manifest states.
+    pub fn from_manifest(manifest: &AdapterManifest) -> Self {
+        let (family, tower) = match manifest.family {
+            AdapterFamily::FfaLora => (AdapterFamilyName::FfaLora, TowerShape::default()),
+            AdapterFamily::SequenceTower(shape) => (AdapterFamilyName::SequenceTower, shape),
+        };
+        let (rank, alpha) = match manifest.family {
+            AdapterFamily::FfaLora => (manifest.rank as i64, f64::from(manifest.alpha)),
+            AdapterFamily::SequenceTower(_) => (Self::default().rank, Self::default().alpha),
+        };
+        Self { family, rank, alpha, frozen_a_seed: manifest.frozen_a_seed, tower }
+    }
+
+    /// Where these settings differ from what `manifest` states, one phrase each ("rank: 8
+    /// here, 4 at the coordinator"); empty when they agree. A sequence tower's `rank` and
+    /// `alpha` are not part of its manifest, and FFA-LoRA's tower shape is not.
+    pub fn differences(&self, manifest: &AdapterManifest) -> Vec<String> {
+        self.compare(&Self::from_manifest(manifest), "here", "at the coordinator")
+    }
+
+    /// Where `self` (called `ours`) differs from `theirs`, in the fields `theirs`'s family
+    /// uses.
+    pub fn compare(&self, theirs: &Self, ours: &str, their: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |what: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{what}: {a} {ours}, {b} {their}"));
+            }
+        };
+        differ("family", format!("{:?}", self.family), format!("{:?}", theirs.family));
+        differ("frozen_a_seed", self.frozen_a_seed.to_string(), theirs.frozen_a_seed.to_string());
+        match theirs.family {
+            AdapterFamilyName::FfaLora => {
+                differ("rank", self.rank.to_string(), theirs.rank.to_string());
+                differ("alpha", (self.alpha as f32).to_string(), (theirs.alpha as f32).to_string());
+            }
+            AdapterFamilyName::SequenceTower => {
+                differ("tower", format!("{:?}", self.tower), format!("{:?}", theirs.tower));
+            }
+        }
+        out
+    }
+
+    /// The adapter a merchant trains and serves: its own `[adapter]` section (`configured`)
+    /// checked against the coordinator's manifest (`stated`), or learned from the manifest
+    /// when the section is left out. Errors name what differs, or what is missing.
+    pub fn resolve(
+        configured: Option<&Self>,
+        stated: Option<&AdapterManifest>,
+    ) -> Result<Self, AdapterSettingsError> {
+        match (configured, stated) {
+            (Some(own), Some(manifest)) => {
+                let differences = own.differences(manifest);
+                if differences.is_empty() {
+                    Ok(own.clone())
+                } else {
+                    Err(AdapterSettingsError::Differs(differences.join("; ")))
+                }
+            }
+            (Some(own), None) => Ok(own.clone()),
+            (None, Some(manifest)) => Ok(Self::from_manifest(manifest)),
+            (None, None) => Err(AdapterSettingsError::Unstated),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterSettingsError {
+    #[error(
+        "this config's [adapter] differs from the federation's ({0}): remove [adapter] to take the coordinator's, or ask its operator which is meant"
+    )]
+    Differs(String),
+    #[error(
+        "the coordinator does not state its adapter (an older version): set [adapter] in this config to the coordinator's"
+    )]
+    Unstated,
+    #[error(
+        "this merchant's catalogue (SHA-256 {local}) is not the federation's ({stated}): every merchant must hold the same items in the same order (`guild-client catalogue --config FILE` prints a data folder's digest)"
+    )]
+    Catalogue { local: String, stated: String },
+}
+
+/// Checks a merchant's catalogue against the one `manifest` states (not checked when it
+/// states none).
+pub fn check_catalogue(manifest: &AdapterManifest, item_ids: &[u64]) -> Result<(), AdapterSettingsError> {
+    let Some(stated) = manifest.catalogue_sha256 else { return Ok(()) };
+    let local = guild_proto::domain::catalogue_sha256(item_ids);
+    if local == stated {
+        Ok(())
+    } else {
+        Err(AdapterSettingsError::Catalogue { local: hex::encode(local), stated: hex::encode(stated) })
     }
 }
 
@@ -292,5 +403,78 @@ mod tests {
         std::fs::write(&path, text.replace("[data]", "[data]\ndatset = 1")).expect("write");
         let error = ClientConfig::load(&path).expect_err("typo").to_string();
         assert!(error.contains("datset") && error.contains("merchant.toml"), "{error}");
+        assert_eq!(config.adapter, None, "left out: learned from the coordinator");
+    }
+
+    fn tower_manifest(shape: TowerShape, seed: u64) -> AdapterManifest {
+        AdapterManifest::sequence_tower([7; 32], shape, seed).with_catalogue(Some([9; 32]))
+    }
+
+    #[test]
+    fn a_merchant_without_an_adapter_section_takes_the_coordinators() {
+        let shape = TowerShape { catalogue: 100, neighbours: 4, ..TowerShape::tiny(100) };
+        let manifest = tower_manifest(shape, 11);
+        let learned = AdapterSettings::resolve(None, Some(&manifest)).expect("learned");
+        assert_eq!(learned.family, AdapterFamilyName::SequenceTower);
+        assert_eq!((learned.tower, learned.frozen_a_seed), (shape, 11));
+        // What it learned builds the manifest it learned from.
+        let rebuilt = AdapterManifest::sequence_tower([7; 32], learned.tower, learned.frozen_a_seed);
+        assert_eq!(rebuilt.with_catalogue(manifest.catalogue_sha256), manifest);
+        assert!(learned.differences(&manifest).is_empty());
+
+        let lora = AdapterManifest {
+            base_model_sha256: [7; 32],
+            tensors: Vec::new(),
+            rank: 4,
+            alpha: 8.0,
+            frozen_a_seed: 3,
+            family: AdapterFamily::FfaLora,
+            catalogue_sha256: None,
+        };
+        let learned = AdapterSettings::resolve(None, Some(&lora)).expect("learned");
+        assert_eq!(
+            (learned.family, learned.rank, learned.alpha, learned.frozen_a_seed),
+            (AdapterFamilyName::FfaLora, 4, 8.0, 3)
+        );
+    }
+
+    #[test]
+    fn a_stated_adapter_that_differs_is_refused_naming_each_difference() {
+        let shape = TowerShape::tiny(100);
+        let manifest = tower_manifest(shape, 11);
+        let own = AdapterSettings {
+            family: AdapterFamilyName::SequenceTower,
+            frozen_a_seed: 12,
+            tower: TowerShape { layers: shape.layers + 1, ..shape },
+            ..AdapterSettings::default()
+        };
+        let error = AdapterSettings::resolve(Some(&own), Some(&manifest)).expect_err("differs").to_string();
+        assert!(error.contains("frozen_a_seed: 12 here, 11 at the coordinator"), "{error}");
+        assert!(error.contains("tower:") && error.contains("remove [adapter]"), "{error}");
+        let same = AdapterSettings { frozen_a_seed: 11, tower: shape, ..own.clone() };
+        assert_eq!(AdapterSettings::resolve(Some(&same), Some(&manifest)).expect("agrees"), same);
+        let lora = AdapterSettings::default();
+        let error = AdapterSettings::resolve(Some(&lora), Some(&manifest)).expect_err("family").to_string();
+        assert!(error.contains("family: FfaLora here, SequenceTower at the coordinator"), "{error}");
+        // An older coordinator that states nothing: the config's own section, or an error.
+        assert_eq!(AdapterSettings::resolve(Some(&lora), None).expect("own"), lora);
+        let error = AdapterSettings::resolve(None, None).expect_err("nothing").to_string();
+        assert!(error.contains("does not state its adapter"), "{error}");
+    }
+
+    #[test]
+    fn a_catalogue_that_differs_from_the_federations_is_named_by_both_digests() {
+        let ids = [5_u64, 6, 7];
+        let digest = guild_proto::domain::catalogue_sha256(&ids);
+        let manifest = AdapterManifest::sequence_tower([7; 32], TowerShape::tiny(3), 0);
+        assert!(
+            check_catalogue(&manifest, &[7, 6, 5]).is_ok(),
+            "a federation that states none is not checked"
+        );
+        let manifest = manifest.with_catalogue(Some(digest));
+        assert!(check_catalogue(&manifest, &ids).is_ok());
+        let error = check_catalogue(&manifest, &[7, 6, 5]).expect_err("reordered").to_string();
+        let local = hex::encode(guild_proto::domain::catalogue_sha256(&[7, 6, 5]));
+        assert!(error.contains(&local) && error.contains(&hex::encode(digest)), "{error}");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use guild_client::config::ClientConfig;
+use guild_client::config::{AdapterSettings, ClientConfig};
 use guild_client::identity::Identity;
 use guild_client::learner::{Learner, ModelLearner, Shared, TowerLearner};
 use guild_client::model::lora::LoraConfig;
@@ -15,7 +15,7 @@ use guild_client::model::tower::TowerConfig;
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::net::{Connection, NetError, TlsCredentials};
 use guild_client::participant::{Participant, ParticipantOptions};
-use guild_proto::domain::AdapterFamilyName;
+use guild_proto::domain::{AdapterFamilyName, AdapterManifest};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Debug, Parser)]
@@ -170,21 +170,59 @@ fn spinner() -> ProgressBar {
     bar
 }
 
+/// The adapter this merchant trains or serves: its config's `[adapter]`, checked against
+/// what the coordinator (or an exported folder) states, or learned from it; and its base
+/// model held to the stated one (the catalogue is checked before the model loads). Returns
+/// the settings and the manifest every version follows.
+fn adapter_for(
+    config: &ClientConfig,
+    stated: Option<AdapterManifest>,
+    base_model_sha256: [u8; 32],
+    source: &str,
+) -> anyhow::Result<(AdapterSettings, Option<AdapterManifest>)> {
+    let settings = AdapterSettings::resolve(config.adapter.as_ref(), stated.as_ref())
+        .with_context(|| format!("the adapter of {source}"))?;
+    if let Some(manifest) = &stated {
+        anyhow::ensure!(
+            manifest.base_model_sha256 == base_model_sha256,
+            "{source} adapts base model {}, this merchant's is {} (`[model] dir`)",
+            hex::encode(manifest.base_model_sha256),
+            hex::encode(base_model_sha256)
+        );
+    }
+    Ok((settings, stated))
+}
+
 /// `guild-client serve`: loads the catalogue, its title vectors and the adapter, then
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     use guild_client::serve::http::AppState;
     use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
-    let a = &config.adapter;
-    anyhow::ensure!(
-        a.family == AdapterFamilyName::SequenceTower,
-        "guild-client serve ranks with the sequence tower; [adapter] family is {:?}",
-        a.family
-    );
     let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
+    // Ask first: a coordinator that cannot be reached, or states another catalogue, is
+    // named before the model loads.
+    let (connection, stated, source) = match &config.serve.adapter {
+        Some(dir) => (None, guild_proto::adapter::read_tower_manifest(dir)?, dir.display().to_string()),
+        None => {
+            let tls = config.tls.credentials()?;
+            let mut connection = connect_with_retry(&config, &tls).await?;
+            let stated = connection.status().await?.manifest;
+            (Some(connection), stated, format!("the federation at {}", config.coordinator))
+        }
+    };
+    if let Some(manifest) = &stated {
+        guild_client::config::check_catalogue(manifest, &dataset.item_ids)
+            .with_context(|| format!("the catalogue of {source}"))?;
+    }
     let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
     // Queries are encoded on the CPU: one short text per request.
     let base = BaseModel::load(&model_dir, config.model.max_tokens, tch::Device::Cpu)?;
+    let (a, stated) = adapter_for(&config, stated, base.sha256(), &source)?;
+    anyhow::ensure!(
+        a.family == AdapterFamilyName::SequenceTower,
+        "guild-client serve ranks with the sequence tower; {source} trains {:?}",
+        a.family
+    );
     let items = guild_client::retrieval::catalogue_embeddings(
         &base,
         &dataset,
@@ -194,18 +232,17 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let hidden = items.size()[1] as usize;
     anyhow::ensure!(
         a.tower.hidden == hidden,
-        "adapter.tower.hidden is {}, but the catalogue's item vectors have {hidden} values",
+        "the adapter's tower reads {}-value item vectors, but the catalogue's have {hidden} values",
         a.tower.hidden
     );
     let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
     let manifest =
-        guild_proto::domain::AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed);
+        stated.unwrap_or_else(|| AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed));
     let catalogue = Arc::new(Catalogue::new(&dataset));
-    let (model, connection) = match &config.serve.adapter {
-        Some(dir) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
-        None => {
-            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
-            let mut connection = connect_with_retry(&config, &tls).await?;
+    let (model, connection) = match (&config.serve.adapter, connection) {
+        (Some(dir), _) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
+        (None, None) => anyhow::bail!("no adapter to serve"),
+        (None, Some(mut connection)) => {
             let latest = connection.status().await?.latest_adapter_version;
             let model = fetch_version(&mut connection, latest, &manifest, &tower, items.shallow_clone())
                 .await
@@ -250,7 +287,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Register { config } => {
             let config = ClientConfig::load(&config)?;
-            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+            let tls = config.tls.credentials()?;
             let identity = Identity::load_or_create(&config.identity)?;
             let registered = runtime.block_on(async {
                 let mut connection = connect(&config, &tls).await?;
@@ -274,7 +311,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let config = ClientConfig::load(&config)?;
             // Cheap checks first: a wrong certificate or data file is named before the
             // model loads.
-            let tls = TlsCredentials::load(&config.tls.ca, &config.tls.cert, &config.tls.key)?;
+            let tls = config.tls.credentials()?;
             let identity = Arc::new(Identity::load_or_create(&config.identity)?);
             let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
             let users: Vec<usize> = match &config.data.merchant {
@@ -293,12 +330,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             let device = guild_client::training_device();
+            // Ask the coordinator which adapter it trains before the model loads: a
+            // coordinator that cannot be reached, or states another catalogue, is named first.
+            let mut connection = runtime.block_on(connect_with_retry(&config, &tls))?;
+            let stated = runtime.block_on(connection.status())?.manifest;
+            let source = format!("the federation at {}", config.coordinator);
+            if let Some(manifest) = &stated {
+                guild_client::config::check_catalogue(manifest, &dataset.item_ids)
+                    .with_context(|| format!("the catalogue of {source}"))?;
+            }
             let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
             let base = BaseModel::load(&model_dir, config.model.max_tokens, device)?;
+            let (a, _) = adapter_for(&config, stated, base.sha256(), &source)?;
             eprintln!(
-                "guild-client: {} shoppers, catalogue of {} items, training on {device:?}",
+                "guild-client: {} shoppers, catalogue of {} items, training {:?} on {device:?}",
                 users.len(),
-                dataset.titles.len()
+                dataset.titles.len(),
+                a.family
             );
             let items = guild_client::retrieval::catalogue_embeddings(
                 &base,
@@ -307,7 +355,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.model.max_tokens,
             )?;
             let shared = Arc::new(Mutex::new(Shared::new(base, dataset, items)));
-            let a = &config.adapter;
             let learner: Box<dyn Learner> = match a.family {
                 AdapterFamilyName::FfaLora => {
                     let lora = LoraConfig {
@@ -322,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let hidden = lock_hidden(&shared);
                     anyhow::ensure!(
                         a.tower.hidden == hidden,
-                        "adapter.tower.hidden is {}, but the catalogue's item vectors have {hidden} values",
+                        "the adapter's tower reads {}-value item vectors, but the catalogue's have {hidden} values",
                         a.tower.hidden
                     );
                     let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
@@ -354,7 +401,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 config.guards.delta
             );
             runtime.block_on(async {
-                let connection = connect_with_retry(&config, &tls).await?;
                 let mut participant = Participant::new(connection, identity, learner, options, ledger);
                 let merchant = participant.register().await?;
                 eprintln!("guild-client: registered as {merchant}; waiting for rounds");

@@ -84,8 +84,9 @@ fn tls_problem(error: &(dyn std::error::Error + 'static), host: Option<&str>) ->
     let has = |needle: &str| text.to_ascii_lowercase().contains(&needle.to_ascii_lowercase());
     if has("NotValidForName") || has("not valid for name") {
         Some(format!(
-            "the coordinator's certificate does not name {host:?}: connect by a name it covers, or have the \
-             operator issue one that covers it (`guild-coordinator issue-server-cert --name {host}`) ({text})"
+            "the coordinator's certificate does not name {host:?}: connect by a name it covers (or set \
+             tls.server_name to one), or have the operator issue one that covers it \
+             (`guild-coordinator issue-server-cert --name {host}`) ({text})"
         ))
     } else if has("UnknownIssuer") || has("BadSignature") || has("unknown issuer") {
         Some(format!(
@@ -112,6 +113,9 @@ pub struct TlsCredentials {
     pub ca_pem: Vec<u8>,
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+    /// The name the coordinator's certificate must hold, when it is not the address's host
+    /// (a coordinator reached by IP address, or through a proxy); `None`: the host.
+    pub server_name: Option<String>,
 }
 
 impl TlsCredentials {
@@ -137,7 +141,15 @@ impl TlsCredentials {
             ca_pem: read(ca, "CA certificate (PEM)", certificate)?,
             cert_pem: read(cert, "merchant certificate (PEM)", certificate)?,
             key_pem: read(key, "private key (PEM)", private_key)?,
+            server_name: None,
         })
+    }
+
+    /// These credentials, checking the coordinator's certificate for `name` instead of the
+    /// address's host (`None`: the host).
+    pub fn with_server_name(mut self, name: Option<String>) -> Self {
+        self.server_name = name;
+        self
     }
 }
 
@@ -156,8 +168,8 @@ fn with_timeout<T>(message: T, timeout: Duration) -> tonic::Request<T> {
 }
 
 impl Connection {
-    /// Connects over mutual TLS; the server must present a certificate for `localhost`
-    /// or the address's host signed by the federation's CA.
+    /// Connects over mutual TLS; the server must present a certificate signed by the
+    /// federation's CA for the address's host (or `tls.server_name`, when set).
     pub async fn connect(
         address: &str,
         tls: &TlsCredentials,
@@ -175,7 +187,10 @@ impl Connection {
                     .into(),
             ));
         }
-        let host = uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_owned();
+        let host = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => uri.host().unwrap_or("localhost").trim_matches(|c| c == '[' || c == ']').to_owned(),
+        };
         let tls_config = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&tls.ca_pem))
             .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem))

@@ -47,12 +47,14 @@ enum Command {
         #[arg(long, env = "GUILD_CONFIG", default_value = "guild.toml")]
         config: PathBuf,
     },
-    /// Issue a CA, a server certificate and N merchant certificates for a test federation,
-    /// write guild.toml, and allow-list every merchant in a new store.
+    /// Issue a CA and a server certificate, write guild.toml and a new store; with
+    /// `--merchants N`, also N demo merchants (keys, certificates, configs, allow-listed).
     InitFederation {
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        /// Demo merchants to make (0: none; real merchants make their own keys with
+        /// `guild-client keygen` and are signed and allowed one by one).
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000))]
         merchants: u64,
         #[arg(long, default_value = "127.0.0.1:50051")]
         listen: SocketAddr,

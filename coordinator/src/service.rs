@@ -96,6 +96,7 @@ impl CoordinatorCore {
             } else {
                 f64::MAX
             },
+            manifest: Some(self.engine.manifest().clone()),
         })
     }
 }

@@ -146,7 +146,14 @@ pub fn sampled_shoppers_bound(shoppers: u64, q: f64) -> u32 {
 
 /// ε(δ) of zCDP ρ: `ρ + 2·√(ρ·ln(1/δ))` (Bun–Steinke 2016, Prop. 1.3); infinite for infinite ρ.
 pub fn zcdp_epsilon(rho: f64, delta: f64) -> f64 {
-    if rho.is_infinite() { f64::INFINITY } else { rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt() }
+    if rho.is_infinite() {
+        f64::INFINITY
+    } else if rho == 0.0 {
+        // Also for -0.0, the sum of no rounds' ρ, which would print as "-0.000".
+        0.0
+    } else {
+        rho + 2.0 * (rho * (1.0 / delta).ln()).sqrt()
+    }
 }
 
 impl RoundPrivacy {
@@ -282,6 +289,15 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn no_rounds_spend_exactly_zero_and_some_spend_the_bun_steinke_figure() {
+        let none: f64 = std::iter::empty::<f64>().sum();
+        assert_eq!(zcdp_epsilon(none, 1e-6).to_bits(), 0.0_f64.to_bits(), "+0, not -0");
+        let rho = 0.125;
+        assert_eq!(zcdp_epsilon(rho, 1e-6), rho + 2.0 * (rho * 1e6_f64.ln()).sqrt());
+        assert_eq!(zcdp_epsilon(f64::INFINITY, 1e-6), f64::INFINITY);
+    }
     use crate::accounting::{RdpCurve, subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp};
 
     fn round(mode: PrivacyMode) -> RoundPrivacy {

@@ -94,6 +94,38 @@ pub fn export(dir: &Path, manifest: &AdapterManifest, flat: &[f32]) -> Result<()
     }
 }
 
+/// The manifest of the tower exported in `dir` (its `tower.json`), or `None` for an export
+/// that does not state its seed and base model (written before they were stated).
+pub fn read_tower_manifest(dir: &Path) -> Result<Option<AdapterManifest>, AdapterError> {
+    #[derive(serde::Deserialize)]
+    struct Description {
+        family: String,
+        shape: crate::tower::TowerShape,
+        frozen_a_seed: Option<u64>,
+        base_model_sha256: Option<String>,
+        catalogue_sha256: Option<String>,
+    }
+    let path = dir.join("tower.json");
+    let text = std::fs::read(&path).map_err(|e| io(&path, e))?;
+    let bad = |what: String| AdapterError::Manifest(format!("{}: {what}", path.display()));
+    let d: Description = serde_json::from_slice(&text).map_err(|e| bad(e.to_string()))?;
+    if d.family != "sequence_tower" {
+        return Err(bad(format!("family {:?}, not a sequence tower", d.family)));
+    }
+    let digest = |field: &str, hex: &str| -> Result<[u8; 32], AdapterError> {
+        hex::decode(hex)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad(format!("{field} must be 64 hex digits, got {hex:?}")))
+    };
+    let (Some(seed), Some(base)) = (d.frozen_a_seed, d.base_model_sha256) else { return Ok(None) };
+    let catalogue = d.catalogue_sha256.map(|c| digest("catalogue_sha256", &c)).transpose()?;
+    Ok(Some(
+        AdapterManifest::sequence_tower(digest("base_model_sha256", &base)?, d.shape, seed)
+            .with_catalogue(catalogue),
+    ))
+}
+
 /// Writes a sequence tower (`offset` from its seeded initial values, in manifest order) as
 /// `tower.safetensors` (every tensor at `initial + offset`, named as in the manifest) and
 /// `tower.json` (the family, the shape, the temperature and how to score).
@@ -123,6 +155,9 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "base_model_name_or_path": "sentence-transformers/all-MiniLM-L6-v2",
         "item_vectors": "the base model's normalised mean-pooled embedding of each product title",
         "shape": shape,
+        "frozen_a_seed": manifest.frozen_a_seed,
+        "base_model_sha256": hex::encode(manifest.base_model_sha256),
+        "catalogue_sha256": manifest.catalogue_sha256.map(hex::encode),
         "temperature": 0.05,
         "layer_norm_eps": 1e-5,
         "popularity_smoothing": crate::tower::POPULARITY_SMOOTHING,
@@ -259,5 +294,34 @@ mod tests {
             serde_json::from_slice(&std::fs::read(dir.path().join("adapter_config.json")).expect("read"))
                 .expect("json");
         assert_eq!(config["target_modules"], serde_json::json!(["query", "value"]));
+    }
+
+    #[test]
+    fn a_tower_export_states_the_manifest_it_follows() {
+        let shape = crate::tower::TowerShape::tiny(5);
+        let manifest = AdapterManifest::sequence_tower([3; 32], shape, 42).with_catalogue(Some([4; 32]));
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_tower(dir.path(), &manifest, &vec![0.0; manifest.parameter_count()]).expect("export");
+        assert_eq!(read_tower_manifest(dir.path()).expect("read"), Some(manifest.clone()));
+        // One that states no catalogue reads back without one.
+        let unstated = manifest.clone().with_catalogue(None);
+        write_tower(dir.path(), &unstated, &vec![0.0; manifest.parameter_count()]).expect("export");
+        assert_eq!(read_tower_manifest(dir.path()).expect("read"), Some(unstated));
+        // An export from before the seed and base model were stated: nothing to learn from.
+        let path = dir.path().join("tower.json");
+        let mut json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read")).expect("json");
+        json.as_object_mut().expect("object").remove("frozen_a_seed");
+        std::fs::write(&path, json.to_string()).expect("write");
+        assert_eq!(read_tower_manifest(dir.path()).expect("read"), None);
+        // A digest that is not one is named.
+        json["frozen_a_seed"] = 42.into();
+        json["catalogue_sha256"] = "abc".into();
+        std::fs::write(&path, json.to_string()).expect("write");
+        let error = read_tower_manifest(dir.path()).expect_err("bad digest").to_string();
+        assert!(
+            error.contains("catalogue_sha256 must be 64 hex digits") && error.contains("tower.json"),
+            "{error}"
+        );
     }
 }

@@ -267,6 +267,8 @@ pub struct StatusReport {
     pub current_phase: String,
     /// Shopper-level ε.
     pub shopper_epsilon_spent: f64,
+    /// The adapter this federation trains; `None` from a coordinator that does not say.
+    pub manifest: Option<AdapterManifest>,
 }
 
 #[cfg(test)]

@@ -123,6 +123,7 @@ impl Federation {
             ca_pem: self.pki.ca.cert_pem.clone().into_bytes(),
             cert_pem: m.cert_pem.clone().into_bytes(),
             key_pem: m.key_pem.clone().into_bytes(),
+            server_name: None,
         }
     }
 

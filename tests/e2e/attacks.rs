@@ -232,6 +232,7 @@ async fn merchant(address: SocketAddr, options: ParticipantOptions) -> Participa
         ca_pem: pki.ca.cert_pem.clone().into_bytes(),
         cert_pem: pki.merchants[0].cert_pem.clone().into_bytes(),
         key_pem: pki.merchants[0].key_pem.clone().into_bytes(),
+        server_name: None,
     };
     let uri = format!("https://localhost:{}", address.port());
     let connection = Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect");

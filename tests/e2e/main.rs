@@ -5,6 +5,7 @@ mod attacks;
 mod bad_input;
 mod crash;
 mod data;
+mod deployment;
 mod harness;
 mod model;
 mod registration;

@@ -79,6 +79,7 @@ async fn unknown_revoked_and_foreign_certificates_are_refused() {
         ca_pem: federation.pki.ca.cert_pem.clone().into_bytes(),
         cert_pem: other.pki.merchants[0].cert_pem.clone().into_bytes(),
         key_pem: other.pki.merchants[0].key_pem.clone().into_bytes(),
+        server_name: None,
     };
     let refused = match Connection::connect(&federation.uri(), &foreign, 1 << 20).await {
         Err(_) => true,

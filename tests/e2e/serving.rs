@@ -17,6 +17,7 @@ use tch::{Device, Kind, Tensor};
 use super::harness::{four_merchants, futures_join, wait_for_rounds};
 
 const ITEMS: usize = 16;
+const CATALOGUE: [u64; ITEMS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 
 struct NoQueries;
 
@@ -33,6 +34,7 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     let federation = four_merchants(dir.path(), 3, |c| {
         c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
         c.adapter.tower = shape;
+        c.adapter.catalogue_sha256 = hex::encode(guild_proto::domain::catalogue_sha256(&CATALOGUE));
     })
     .await;
     let manifest = federation.config.manifest().expect("manifest");
@@ -42,12 +44,17 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     let dataset = Dataset {
         name: "shop".into(),
         titles: (0..ITEMS).map(|i| format!("item {i}")).collect(),
-        item_ids: (0..ITEMS as u64).collect(),
+        item_ids: CATALOGUE.to_vec(),
         users: vec![User { id: "u".into(), history: vec![1], test_target: 2 }],
     };
 
-    // The served model starts at version 0, fetched and checked like any other.
+    // The coordinator states the adapter it trains, catalogue included: what a merchant
+    // without an `[adapter]` section learns, and what serve holds every version to.
     let mut connection = federation.connect(0).await.expect("connect");
+    let status = connection.status().await.expect("status");
+    assert_eq!(status.manifest.as_ref(), Some(&manifest));
+    guild_client::config::check_catalogue(&manifest, &dataset.item_ids).expect("the shop's catalogue");
+    // The served model starts at version 0, fetched and checked like any other.
     let first =
         fetch_version(&mut connection, 0, &manifest, &tower, items.shallow_clone()).await.expect("v0");
     let engine = Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), first, Box::new(NoQueries), 0.5));
@@ -56,6 +63,23 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
         connection,
         state.clone(),
         manifest.clone(),
+        tower.clone(),
+        items.shallow_clone(),
+        Duration::from_millis(100),
+    ));
+    // A shop serving another catalogue (the same items reordered) never takes a version
+    // of this federation: its items would be scored at the wrong positions.
+    let reordered: Vec<u64> = CATALOGUE.iter().rev().copied().collect();
+    let foreign = manifest.clone().with_catalogue(Some(guild_proto::domain::catalogue_sha256(&reordered)));
+    let mut other_connection = federation.connect(1).await.expect("connect");
+    let other_first =
+        fetch_version(&mut other_connection, 0, &foreign, &tower, items.shallow_clone()).await.expect("v0");
+    let other_engine =
+        Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), other_first, Box::new(NoQueries), 0.5));
+    let other_follower = tokio::spawn(follow(
+        other_connection,
+        Arc::new(AppState::new(other_engine.clone())),
+        foreign,
         tower.clone(),
         items.shallow_clone(),
         Duration::from_millis(100),
@@ -88,6 +112,10 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     stop.store(true, Ordering::Relaxed);
+    // The other shop's follower has seen version 3 by now (the same period) and refused it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(other_engine.version().0, 0, "a version for another catalogue was served");
+    other_follower.abort();
     let (answered, last) = asking.await.expect("requests ran");
     assert!(answered > 10, "{answered} requests");
     assert_eq!(last, 3);

@@ -651,6 +651,33 @@ pub async fn fetch_version(
     Ok(model)
 }
 
+/// How the federation's manifest (`stated`, from its status) differs from the one serving,
+/// or `None` when every version it commits can be served by this shop: its catalogue digest
+/// (naming both), then the adapter's settings, then its base model.
+pub fn manifest_change(serving: &AdapterManifest, stated: &AdapterManifest) -> Option<String> {
+    if serving == stated {
+        return None;
+    }
+    let hexed = |d: Option<[u8; 32]>| d.map_or_else(|| "none stated".to_owned(), hex::encode);
+    if serving.catalogue_sha256 != stated.catalogue_sha256 {
+        return Some(format!(
+            "catalogue {} where this shop serves {}",
+            hexed(stated.catalogue_sha256),
+            hexed(serving.catalogue_sha256)
+        ));
+    }
+    let settings = crate::config::AdapterSettings::from_manifest;
+    let differences = settings(stated).compare(&settings(serving), "stated now", "serving");
+    if !differences.is_empty() {
+        return Some(differences.join("; "));
+    }
+    Some(format!(
+        "base model {} where this shop serves {}",
+        hexed(Some(stated.base_model_sha256)),
+        hexed(Some(serving.base_model_sha256))
+    ))
+}
+
 /// Keeps `state` serving the latest committed version: every `period`, asks the coordinator
 /// for its latest version and, when it is newer, builds it beside the one serving and swaps
 /// it in. A failure is logged and retried at the next tick; the old version keeps serving.
@@ -666,8 +693,8 @@ pub async fn follow(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let latest = match connection.status().await {
-            Ok(status) => status.latest_adapter_version,
+        let (latest, stated) = match connection.status().await {
+            Ok(status) => (status.latest_adapter_version, status.manifest),
             Err(e) => {
                 tracing::warn!(
                     "cannot ask the coordinator for its latest version: {e}; serving the current one"
@@ -676,6 +703,12 @@ pub async fn follow(
             }
         };
         if latest <= state.engine.version().0 {
+            continue;
+        }
+        if let Some(change) = stated.as_ref().and_then(|stated| manifest_change(&manifest, stated)) {
+            tracing::warn!(
+                "adapter version {latest} follows another adapter than the one serving ({change}); serving the current one (restart `guild-client serve` to take the new adapter)"
+            );
             continue;
         }
         match fetch_version(&mut connection, latest, &manifest, &config, items.shallow_clone()).await {

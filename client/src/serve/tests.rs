@@ -443,3 +443,21 @@ fn the_grpc_interface_answers_on_the_same_port_and_refuses_bad_input_with_a_reas
     assert!(text.contains("guild_serve_requests_refused_total{endpoint=\"grpc_search\"} 1"), "{text}");
     assert!(text.contains("guild_serve_request_seconds_count{endpoint=\"recommend\"} 1"), "{text}");
 }
+
+#[test]
+fn a_change_of_the_federations_adapter_is_named_and_an_unchanged_one_is_not() {
+    let serving =
+        AdapterManifest::sequence_tower([1; 32], config().shape, config().seed).with_catalogue(Some([2; 32]));
+    assert_eq!(manifest_change(&serving, &serving.clone()), None);
+    let recatalogued = serving.clone().with_catalogue(Some([3; 32]));
+    let change = manifest_change(&serving, &recatalogued).expect("changed");
+    assert!(change.contains(&hex::encode([3; 32])) && change.contains(&hex::encode([2; 32])), "{change}");
+    let unstated = serving.clone().with_catalogue(None);
+    assert!(manifest_change(&serving, &unstated).expect("changed").contains("none stated"));
+    let reseeded = AdapterManifest::sequence_tower([1; 32], config().shape, config().seed + 1)
+        .with_catalogue(Some([2; 32]));
+    let change = manifest_change(&serving, &reseeded).expect("changed");
+    assert!(change.contains("frozen_a_seed") && change.contains("stated now"), "{change}");
+    let rebased = AdapterManifest { base_model_sha256: [9; 32], ..serving.clone() };
+    assert!(manifest_change(&serving, &rebased).expect("changed").contains("base model"));
+}

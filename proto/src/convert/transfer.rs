@@ -93,6 +93,7 @@ impl TryFrom<v1::StatusResponse> for StatusReport {
                 m.shopper_epsilon_spent,
                 "StatusResponse.shopper_epsilon_spent",
             )?,
+            manifest: m.manifest.map(AdapterManifest::try_from).transpose()?,
         })
     }
 }
@@ -109,6 +110,7 @@ impl From<StatusReport> for v1::StatusResponse {
             delta: s.delta,
             current_phase: s.current_phase,
             shopper_epsilon_spent: s.shopper_epsilon_spent,
+            manifest: s.manifest.map(Into::into),
         }
     }
 }
@@ -128,5 +130,34 @@ mod tests {
         };
         let error = AdapterChunk::try_from(chunk).expect_err("overrun");
         assert!(error.to_string().contains("past total_bytes"), "{error}");
+    }
+
+    #[test]
+    fn a_status_states_the_federations_manifest_and_older_ones_none() {
+        let manifest =
+            AdapterManifest::sequence_tower([2; 32], TowerShape::tiny(4), 9).with_catalogue(Some([5; 32]));
+        let status = StatusReport {
+            federation_id: [1; 16],
+            registered_merchants: 3,
+            rounds_completed: 2,
+            rounds_aborted: 0,
+            latest_adapter_version: 2,
+            epsilon_spent: 0.5,
+            delta: 1e-6,
+            current_phase: "idle".into(),
+            shopper_epsilon_spent: 0.0,
+            manifest: Some(manifest),
+        };
+        let wire = v1::StatusResponse::from(status.clone());
+        assert_eq!(StatusReport::try_from(wire.clone()).expect("valid"), status);
+        let older = v1::StatusResponse { manifest: None, ..wire.clone() };
+        assert_eq!(StatusReport::try_from(older).expect("valid").manifest, None);
+        // A malformed manifest is refused, named, like any other field.
+        let mut bad = wire;
+        if let Some(m) = bad.manifest.as_mut() {
+            m.base_model_sha256 = vec![0; 3];
+        }
+        let error = StatusReport::try_from(bad).expect_err("malformed").to_string();
+        assert!(error.contains("base_model_sha256"), "{error}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use guild_client::config::{AdapterSettings, ClientConfig, DataConfig, Guards, ModelConfig, TlsFiles};
+use guild_client::config::{ClientConfig, DataConfig, Guards, ModelConfig, TlsFiles};
 use guild_client::data::Merchant;
 use guild_client::learner::{Learner, ModelLearner, TowerLearner};
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions, RoundOutcome};
@@ -242,7 +242,7 @@ pub(super) async fn federated(
                 }));
             }
             ClientMode::Processes => {
-                processes.push(spawn_client_process(&federation, world, s, i, merchant, unnoised)?)
+                processes.push(spawn_client_process(&federation, s, i, merchant, unnoised)?)
             }
         }
     }
@@ -477,7 +477,6 @@ fn epsilon_against_coordinator(
 
 fn spawn_client_process(
     federation: &Federation,
-    world: &World,
     s: &Scenario,
     i: usize,
     merchant: &Merchant,
@@ -497,6 +496,7 @@ fn spawn_client_process(
             ca: "../ca.pem".into(),
             cert: format!("{name}.pem").into(),
             key: format!("{name}.key").into(),
+            server_name: None,
         },
         data: DataConfig {
             dataset: std::fs::canonicalize(&s.data.dataset)?,
@@ -510,16 +510,8 @@ fn spawn_client_process(
             max_tokens: s.data.max_tokens,
             cache: std::fs::canonicalize(&s.data.cache).unwrap_or_else(|_| s.data.cache.clone()),
         },
-        adapter: AdapterSettings {
-            family: s.federation.family,
-            rank: world.spec.lora.rank,
-            alpha: world.spec.lora.alpha,
-            frozen_a_seed: match s.federation.family {
-                AdapterFamilyName::FfaLora => world.spec.lora.frozen_a_seed,
-                AdapterFamilyName::SequenceTower => world.spec.tower.seed,
-            },
-            tower: world.spec.tower.shape,
-        },
+        // Left out: each process learns the federation's adapter from the coordinator.
+        adapter: None,
         guards: Guards {
             min_noise_multiplier: 0.0,
             dangerous_send_unnoised_updates: unnoised,
