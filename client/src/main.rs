@@ -117,12 +117,6 @@ fn keygen(name: &str, out: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The size of the catalogue's item vectors.
-fn lock_hidden(shared: &Mutex<Shared>) -> usize {
-    let shared = shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    shared.items.size()[1] as usize
-}
-
 fn main() -> ExitCode {
     guild_client::bound_allocator_memory();
     guild_client::init_logging("warn");
@@ -193,6 +187,39 @@ fn adapter_for(
     Ok((settings, stated))
 }
 
+/// What `run` and `serve` both start from, given the manifest `source` states: the
+/// merchant's catalogue checked against it (before the model loads), the base model, the
+/// adapter settings (`adapter_for`) and the catalogue's title vectors, whose size a tower
+/// must read.
+fn load_for(
+    config: &ClientConfig,
+    dataset: &guild_client::data::Dataset,
+    stated: Option<AdapterManifest>,
+    source: &str,
+    device: tch::Device,
+) -> anyhow::Result<(BaseModel, AdapterSettings, Option<AdapterManifest>, tch::Tensor)> {
+    if let Some(manifest) = &stated {
+        guild_client::config::check_catalogue(manifest, &dataset.item_ids)
+            .with_context(|| format!("the catalogue of {source}"))?;
+    }
+    let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
+    let base = BaseModel::load(&model_dir, config.model.max_tokens, device)?;
+    let (settings, stated) = adapter_for(config, stated, base.sha256(), source)?;
+    let items = guild_client::retrieval::catalogue_embeddings(
+        &base,
+        dataset,
+        &config.model.cache,
+        config.model.max_tokens,
+    )?;
+    let hidden = items.size()[1] as usize;
+    anyhow::ensure!(
+        settings.family != AdapterFamilyName::SequenceTower || settings.tower.hidden == hidden,
+        "the adapter's tower reads {}-value item vectors, but the catalogue's have {hidden} values",
+        settings.tower.hidden
+    );
+    Ok((base, settings, stated, items))
+}
+
 /// `guild-client serve`: loads the catalogue, its title vectors and the adapter, then
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
@@ -210,30 +237,12 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
             (Some(connection), stated, format!("the federation at {}", config.coordinator))
         }
     };
-    if let Some(manifest) = &stated {
-        guild_client::config::check_catalogue(manifest, &dataset.item_ids)
-            .with_context(|| format!("the catalogue of {source}"))?;
-    }
-    let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
     // Queries are encoded on the CPU: one short text per request.
-    let base = BaseModel::load(&model_dir, config.model.max_tokens, tch::Device::Cpu)?;
-    let (a, stated) = adapter_for(&config, stated, base.sha256(), &source)?;
+    let (base, a, stated, items) = load_for(&config, &dataset, stated, &source, tch::Device::Cpu)?;
     anyhow::ensure!(
         a.family == AdapterFamilyName::SequenceTower,
         "guild-client serve ranks with the sequence tower; {source} trains {:?}",
         a.family
-    );
-    let items = guild_client::retrieval::catalogue_embeddings(
-        &base,
-        &dataset,
-        &config.model.cache,
-        config.model.max_tokens,
-    )?;
-    let hidden = items.size()[1] as usize;
-    anyhow::ensure!(
-        a.tower.hidden == hidden,
-        "the adapter's tower reads {}-value item vectors, but the catalogue's have {hidden} values",
-        a.tower.hidden
     );
     let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
     let manifest =
@@ -335,25 +344,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut connection = runtime.block_on(connect_with_retry(&config, &tls))?;
             let stated = runtime.block_on(connection.status())?.manifest;
             let source = format!("the federation at {}", config.coordinator);
-            if let Some(manifest) = &stated {
-                guild_client::config::check_catalogue(manifest, &dataset.item_ids)
-                    .with_context(|| format!("the catalogue of {source}"))?;
-            }
-            let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
-            let base = BaseModel::load(&model_dir, config.model.max_tokens, device)?;
-            let (a, _) = adapter_for(&config, stated, base.sha256(), &source)?;
+            let (base, a, _, items) = load_for(&config, &dataset, stated, &source, device)?;
             eprintln!(
                 "guild-client: {} shoppers, catalogue of {} items, training {:?} on {device:?}",
                 users.len(),
                 dataset.titles.len(),
                 a.family
             );
-            let items = guild_client::retrieval::catalogue_embeddings(
-                &base,
-                &dataset,
-                &config.model.cache,
-                config.model.max_tokens,
-            )?;
             let shared = Arc::new(Mutex::new(Shared::new(base, dataset, items)));
             let learner: Box<dyn Learner> = match a.family {
                 AdapterFamilyName::FfaLora => {
@@ -366,12 +363,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Box::new(ModelLearner::new(shared, lora, users, config.data.eval_users, 0))
                 }
                 AdapterFamilyName::SequenceTower => {
-                    let hidden = lock_hidden(&shared);
-                    anyhow::ensure!(
-                        a.tower.hidden == hidden,
-                        "the adapter's tower reads {}-value item vectors, but the catalogue's have {hidden} values",
-                        a.tower.hidden
-                    );
                     let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
                     Box::new(TowerLearner::new(shared, tower, users, config.data.eval_users, 0)?)
                 }

@@ -177,3 +177,35 @@ fn catalogue_prints_the_digest_the_coordinator_states() {
     let expected = hex::encode(guild_proto::domain::catalogue_sha256(&[0, 1, 2]));
     assert_eq!(shown["catalogue_sha256"], expected.as_str());
 }
+
+/// A `guild-client` copied to a fresh folder with libtorch's `lib` folder beside it (in
+/// `libtorch/lib`) loads that libtorch, not the build tree's: the dynamic loader's trace
+/// (glibc's `LD_DEBUG=libs`) shows it found there first.
+#[cfg(target_os = "linux")]
+#[test]
+fn a_client_copied_with_its_libtorch_loads_the_copy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let install = dir.path().join("guild");
+    std::fs::create_dir_all(install.join("libtorch")).expect("mkdir");
+    let binary = install.join("guild-client");
+    std::fs::copy(env!("CARGO_BIN_EXE_guild-client"), &binary).expect("copy the binary");
+    // A link stands for the copied folder (libtorch is several GB).
+    std::os::unix::fs::symlink(env!("GUILD_BUILD_LIBTORCH_LIB"), install.join("libtorch").join("lib"))
+        .expect("link libtorch");
+    let config = merchant(dir.path(), "https://127.0.0.1:1");
+    let out = Command::new(&binary)
+        .args(["catalogue", "--config", &config.display().to_string()])
+        .env("LD_DEBUG", "libs")
+        .env_remove("LD_LIBRARY_PATH")
+        .output()
+        .expect("run the copy");
+    let trace = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{trace}");
+    let copied = install.join("libtorch").join("lib").join("libtorch_cpu.so");
+    let first_try = trace.lines().find(|l| l.contains("trying file=") && l.contains("libtorch_cpu.so"));
+    assert!(
+        first_try.is_some_and(|l| l.contains(&copied.display().to_string())),
+        "libtorch_cpu.so was first looked for at {first_try:?}, not {}",
+        copied.display()
+    );
+}

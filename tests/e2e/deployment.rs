@@ -40,6 +40,19 @@ fn run(name: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Starts `name args…` in the background, its standard error in `log`.
+fn start(name: &str, args: &[&str], log: &Path) -> Running {
+    let log = std::fs::File::create(log).expect("log file");
+    Running(
+        Command::new(binary(name))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}")),
+    )
+}
+
 fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0)).expect("bind").local_addr().expect("address").port()
 }
@@ -196,14 +209,10 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
         .replace("127.0.0.1:9464", &format!("127.0.0.1:{}", free_port("127.0.0.1")));
     assert_ne!(configured, sample, "the sample config has the sections the README names");
     std::fs::write(&config_path, configured).expect("write guild.toml");
-    let log = std::fs::File::create(root.join("coordinator.log")).expect("log");
-    let _coordinator = Running(
-        Command::new(binary("guild-coordinator"))
-            .args(["serve", "--config", &text(&config_path)])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("start the coordinator"),
+    let _coordinator = start(
+        "guild-coordinator",
+        &["serve", "--config", &text(&config_path)],
+        &root.join("coordinator.log"),
     );
 
     // A merchant that reaches the coordinator by address without naming the certificate's
@@ -226,14 +235,10 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
         .iter()
         .enumerate()
         .map(|(i, config)| {
-            let log = std::fs::File::create(root.join(format!("shop-{}.log", i + 1))).expect("log");
-            Running(
-                Command::new(binary("guild-client"))
-                    .args(["run", "--config", &text(config)])
-                    .stdout(Stdio::null())
-                    .stderr(log)
-                    .spawn()
-                    .expect("start a client"),
+            start(
+                "guild-client",
+                &["run", "--config", &text(config)],
+                &root.join(format!("shop-{}.log", i + 1)),
             )
         })
         .collect();
@@ -269,15 +274,8 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
         let config = guild_client::config::ClientConfig::load(&serve_config).expect("config");
         config.serve.listen.to_string()
     };
-    let serve_log = std::fs::File::create(root.join("serve.log")).expect("log");
-    let _serving = Running(
-        Command::new(binary("guild-client"))
-            .args(["serve", "--config", &text(&serve_config)])
-            .stdout(Stdio::null())
-            .stderr(serve_log)
-            .spawn()
-            .expect("start serving"),
-    );
+    let _serving =
+        start("guild-client", &["serve", "--config", &text(&serve_config)], &root.join("serve.log"));
     let started = Instant::now();
     let answer = loop {
         if let Some(answer) =

