@@ -355,6 +355,15 @@ impl World {
         (ranking.into(), ranks)
     }
 
+    /// Scores the most-popular ranker of `counts` (its popularity) on the evaluation users,
+    /// with each user's rank.
+    pub fn score_most_popular(&self, counts: &ItemCounts, split: Split) -> (Scores, Vec<u32>) {
+        let shared = lock(&self.shared);
+        let users = Self::users(&shared.dataset, &self.eval_users);
+        let (ranking, ranks) = retrieval::evaluate_most_popular(counts, &users, split);
+        (ranking.into(), ranks)
+    }
+
     /// Scores a sequence tower's offset from its start (none: the zero-shot mean of the last
     /// five item vectors) on the evaluation users, with each user's rank.
     pub fn score_tower(

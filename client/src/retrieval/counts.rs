@@ -110,6 +110,26 @@ pub fn evaluate_counts(counts: &ItemCounts, users: &[&User], split: Split) -> (R
     (ranking, ranks)
 }
 
+/// The most-popular ranker on `users`' held-out items of `split`: every history gets the
+/// same scores, the number of training interactions of each item over the users the counts
+/// were built from (divided by the largest), the history masked as every ranker's is.
+pub fn evaluate_most_popular(
+    counts: &ItemCounts,
+    users: &[&User],
+    split: Split,
+) -> (RankingCounts, Vec<u32>) {
+    let most = counts.popularity.iter().copied().fold(1.0f32, f32::max);
+    let row = Tensor::from_slice(&counts.popularity.iter().map(|p| p / most).collect::<Vec<_>>());
+    let examples = held_out(users, split);
+    let mut ranking = RankingCounts::default();
+    let mut ranks = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(256) {
+        let scores = row.unsqueeze(0).expand([chunk.len() as i64, -1], false).contiguous();
+        rank_rows(&scores, chunk, &mut ranking, &mut ranks);
+    }
+    (ranking, ranks)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +187,20 @@ mod tests {
         let other = [user(&[5, 0], 2)];
         let (_, ranks) = evaluate_counts(&counts, &other.iter().collect::<Vec<_>>(), Split::Test);
         assert_eq!(ranks, vec![2]);
+    }
+
+    #[test]
+    fn the_most_popular_ranker_ranks_by_training_interactions_with_the_history_masked() {
+        // Training items (each history's last item, 4, is its validation item): 2 three
+        // times, 1 twice, 0 and 5 once.
+        let users = [user(&[2, 1, 0, 4], 3), user(&[2, 1, 4], 0), user(&[2, 4], 1), user(&[5, 4], 0)];
+        let users: Vec<&User> = users.iter().collect();
+        let counts = ItemCounts::of_training(&users, 8);
+        let (ranking, ranks) = evaluate_most_popular(&counts, &users, Split::Test);
+        // 3 is never seen: behind 5 (2, 1 and 0 are masked); 0 ties with 5 (a tie is not
+        // ahead); 1 is behind only the masked 2; 0 is behind 2 and 1 where they are not masked.
+        assert_eq!(ranks, [2, 1, 1, 3]);
+        assert_eq!(ranking.users, 4);
+        assert_eq!(ranking.hits_at_10, 4);
     }
 }

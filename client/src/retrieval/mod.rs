@@ -10,7 +10,7 @@ mod search;
 mod selection;
 mod tower;
 
-pub use counts::{CO_OCCURRENCE_WEIGHT, ItemCounts, RECENCY, WINDOW, evaluate_counts};
+pub use counts::{CO_OCCURRENCE_WEIGHT, ItemCounts, RECENCY, WINDOW, evaluate_counts, evaluate_most_popular};
 pub use metrics::{EVALUATION_TEMPERATURE, RankingCounts, Split};
 use metrics::{held_out, ndcg_at_10, rank_rows};
 pub use minilm::{evaluate_ranks, train};

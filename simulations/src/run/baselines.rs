@@ -17,7 +17,7 @@ use crate::world::World;
 
 use super::{
     CENTRALISED, CENTRALISED_SELECTED, CENTRALISED_WITH_COUNTS, EXACT_STATISTICS_SELECTED, ITEM_COUNTS,
-    LOCAL_ONLY, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT, ZERO_SHOT_WITH_COUNTS,
+    LOCAL_ONLY, MOST_POPULAR, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT, ZERO_SHOT_WITH_COUNTS,
 };
 
 /// How the in-process baselines train.
@@ -122,6 +122,20 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             guild_client::retrieval::WINDOW,
             counts.pairs()
         ));
+        arms.push(arm);
+        let t = Instant::now();
+        let ((test, ranks), (validation, _)) = tokio::task::block_in_place(|| {
+            (
+                world.score_most_popular(counts, Split::Test),
+                world.score_most_popular(counts, Split::Validation),
+            )
+        });
+        let mut arm = baseline(MOST_POPULAR, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+        arm.events.push(
+            "untrained: every history ranks the catalogue by each item's training interactions over every \
+             merchant's shoppers (the counts' popularity), its own items masked"
+                .into(),
+        );
         arms.push(arm);
         progress.message("zero-shot + item-to-item counts");
         arms.push(with_counts(world, ZERO_SHOT_WITH_COUNTS, None, counts, "the zero-shot ranker")?);

@@ -37,6 +37,8 @@ pub const WEAKER_ZERO_SHOT: &str = "zero-shot (the weaker untrained ranker)";
 /// The tower's start plus the exact popularity histogram of every merchant's shoppers, no
 /// training: how much of a trained arm's gain popularity alone gives.
 pub const POPULARITY: &str = "zero-shot + popularity (non-private)";
+/// Every history ranked by the items' training interactions over every merchant's shoppers.
+pub const MOST_POPULAR: &str = "most popular (non-private)";
 /// The untrained item-to-item count ranker over every merchant's shoppers, summed exactly:
 /// the strongest simple baseline.
 pub const ITEM_COUNTS: &str = "item-to-item counts (non-private)";
