@@ -405,8 +405,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                                     "last round {} ({}); waiting for the next",
                                     r.round_id, r.outcome
                                 ));
+                                let validation = r.evaluation.as_ref().map_or(String::new(), |e| {
+                                    let worse = e.worse_than.map_or(String::new(), |(v, before)| {
+                                        format!(", WORSE than v{v}'s {before:.4} beyond noise")
+                                    });
+                                    format!(
+                                        " | v{}: validation NDCG@10 {:.4} over {} of its shoppers{worse}",
+                                        e.version,
+                                        e.counts.ndcg_at_10(),
+                                        e.counts.users
+                                    )
+                                });
                                 format!(
-                                    "round {:>4} | adapter v{} | {} | train {:.1} s | secagg {:.2} s | sent {} KiB",
+                                    "round {:>4} | adapter v{} | {} | train {:.1} s | secagg {:.2} s | sent {} KiB{validation}",
                                     r.round_id,
                                     r.adapter_version,
                                     r.outcome,

@@ -261,10 +261,28 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
     }
     let latest = status(&config_path)["latest_adapter_version"].as_u64().expect("version");
     assert!(latest >= 1, "a version was committed");
+    // Each merchant stops after its one round (`guards.max_rounds = 1`), once it has scored
+    // the committed version on its own validation shoppers and said so.
+    let started = Instant::now();
+    for client in &mut clients {
+        let exit = loop {
+            if let Ok(Some(exit)) = client.0.try_wait() {
+                break exit;
+            }
+            assert!(started.elapsed() < Duration::from_secs(120), "a client did not stop: {}", logs());
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(exit.success(), "a client failed ({exit}): {}", logs());
+    }
     let client_logs = logs();
     assert!(
         client_logs.contains("training SequenceTower"),
         "the merchants learned the adapter: {client_logs}"
+    );
+    assert_eq!(
+        client_logs.matches("validation NDCG@10").count(),
+        MERCHANTS,
+        "each merchant reports its own score of the version: {client_logs}"
     );
     drop(clients);
 

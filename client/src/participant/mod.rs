@@ -63,6 +63,34 @@ pub struct RoundReport {
     pub secagg_seconds: f64,
     pub bytes_sent: u64,
     pub norm_before_clipping: f64,
+    /// This merchant's own validation metrics of the version a committed round made (kept
+    /// local unless `dangerous_report_unnoised_metrics`); `None` when it was not evaluated.
+    pub evaluation: Option<VersionEvaluation>,
+}
+
+/// A committed version scored on this merchant's validation shoppers.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VersionEvaluation {
+    pub version: u64,
+    pub counts: RankingCounts,
+    /// The version evaluated before it and its NDCG@10, when this one fell below it by more
+    /// than noise ([`fell_beyond_noise`]).
+    pub worse_than: Option<(u64, f64)>,
+}
+
+/// Whether NDCG@10 fell from `before` to `after` by more than two standard errors of the
+/// difference. One shopper's NDCG@10 lies in [0, 1], so its variance is at most its mean m,
+/// and the difference of the two means has variance at most m₁/n₁ + m₂/n₂ (the bound for
+/// independent samples: the same shoppers scored twice only make the difference less noisy,
+/// so the test errs towards silence). Two versions that rank equally well are flagged at
+/// most about 2.3% of the time (one-sided, normal approximation of the mean).
+pub fn fell_beyond_noise(before: &RankingCounts, after: &RankingCounts) -> bool {
+    if before.users == 0 || after.users == 0 {
+        return false;
+    }
+    let (m1, m2) = (before.ndcg_at_10(), after.ndcg_at_10());
+    let standard_error = (m1 / before.users as f64 + m2 / after.users as f64).sqrt();
+    m1 - m2 > 2.0 * standard_error
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +151,8 @@ pub struct Participant {
     adapter: Option<(u64, [u8; 32], Vec<f32>)>,
     rng: ChaCha20Rng,
     ledger: ClientLedger,
+    /// The last version this merchant evaluated, and its counts.
+    last_evaluation: Option<(u64, RankingCounts)>,
 }
 
 impl std::fmt::Debug for Participant {
@@ -150,6 +180,7 @@ impl Participant {
             federation_id: [0; 16],
             adapter: None,
             rng: ChaCha20Rng::from_entropy(),
+            last_evaluation: None,
         }
     }
 
@@ -240,22 +271,23 @@ impl Participant {
                 Err(e) => return Err(e.into()),
             };
             let key = (task.binding.round_id, task.binding.task_sha256);
-            let result = self.take_part(*task).await;
+            let mut result = self.take_part(*task).await;
             if let Err(e) = &result {
                 tracing::info!(error = %e, "round not completed");
             }
             if let Err(ParticipantError::Refused(_)) = &result {
                 refused = Some(key);
             }
-            on_round(&result);
-            if let Ok(report) = &result
+            if let Ok(report) = &mut result
                 && report.outcome == RoundOutcome::Committed
             {
                 committed += 1;
-                if let Err(e) = self.evaluate_latest().await {
-                    tracing::warn!(error = %e, "evaluation of the new adapter failed");
+                match self.evaluate_latest().await {
+                    Ok(evaluation) => report.evaluation = evaluation,
+                    Err(e) => tracing::warn!(error = %e, "evaluation of the new adapter failed"),
                 }
             }
+            on_round(&result);
         }
     }
 
@@ -433,12 +465,14 @@ impl Participant {
             secagg_seconds: secagg_started.elapsed().as_secs_f64(),
             bytes_sent,
             norm_before_clipping: encoded.norm_before_clipping as f64,
+            evaluation: None,
         })
     }
 
-    /// Fetches the latest adapter, evaluates it on this merchant's validation data, and
-    /// reports the counts.
-    pub async fn evaluate_latest(&mut self) -> Result<Option<RankingCounts>, ParticipantError> {
+    /// Fetches the latest adapter, evaluates it on this merchant's validation data, warns
+    /// when it fell below the version evaluated before by more than noise, and reports the
+    /// counts to the coordinator only with `dangerous_report_unnoised_metrics`.
+    pub async fn evaluate_latest(&mut self) -> Result<Option<VersionEvaluation>, ParticipantError> {
         let Some(merchant) = self.merchant_id.clone() else { return Ok(None) };
         let status = self.connection.status().await?;
         let Some(learner) = &self.learner else { return Ok(None) };
@@ -471,6 +505,46 @@ impl Participant {
                 })
                 .await?;
         }
-        Ok(counts)
+        let Some(counts) = counts else { return Ok(None) };
+        let version = status.latest_adapter_version;
+        let worse_than = match &self.last_evaluation {
+            Some((before, previous)) if *before < version && fell_beyond_noise(previous, &counts) => {
+                tracing::warn!(
+                    version,
+                    ndcg_at_10 = counts.ndcg_at_10(),
+                    previous_version = before,
+                    previous_ndcg_at_10 = previous.ndcg_at_10(),
+                    users = counts.users,
+                    "the federation's new version ranks this merchant's validation shoppers worse than the one before, beyond noise"
+                );
+                Some((*before, previous.ndcg_at_10()))
+            }
+            _ => None,
+        };
+        self.last_evaluation = Some((version, counts));
+        Ok(Some(VersionEvaluation { version, counts, worse_than }))
+    }
+}
+
+#[cfg(test)]
+mod evaluation_tests {
+    use super::*;
+
+    fn counts(users: u64, ndcg: f64) -> RankingCounts {
+        RankingCounts { users, ndcg_at_10_sum: ndcg * users as f64, ..RankingCounts::default() }
+    }
+
+    #[test]
+    fn a_version_is_flagged_only_when_it_falls_by_more_than_two_standard_errors() {
+        // 1,000 shoppers: 0.04 → 0.02 is beyond 2·√(0.06/1000) = 0.0155; 0.04 → 0.035 is not.
+        assert!(fell_beyond_noise(&counts(1000, 0.04), &counts(1000, 0.02)));
+        assert!(!fell_beyond_noise(&counts(1000, 0.04), &counts(1000, 0.035)));
+        // A gain is never flagged, nor a version no shopper scored.
+        assert!(!fell_beyond_noise(&counts(1000, 0.02), &counts(1000, 0.04)));
+        assert!(!fell_beyond_noise(&counts(0, 0.0), &counts(1000, 0.0)));
+        // The fall the deployment trial saw (0.0248 → 0.0011) is within noise over 100
+        // shoppers (2·√(0.0259/100) = 0.032) and beyond it over 500 (0.0144).
+        assert!(!fell_beyond_noise(&counts(100, 0.0248), &counts(100, 0.0011)));
+        assert!(fell_beyond_noise(&counts(500, 0.0248), &counts(500, 0.0011)));
     }
 }
