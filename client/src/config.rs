@@ -46,6 +46,12 @@ pub struct ServeConfig {
     /// Search: the weight of the shopper's recommendation score added to the query's
     /// cosine when a history is given ([`DEFAULT_PERSONALISATION`]).
     pub personalisation: f64,
+    /// Where `guild-client run` keeps every committed version it evaluates, each an exported
+    /// folder `v{N}` (a sequence tower of the default scenario's shape is about 5.4 MB);
+    /// `adapter` may name this folder to serve the newest kept.
+    pub versions: PathBuf,
+    /// Whether `run` keeps them.
+    pub keep_versions: bool,
 }
 
 /// Search's weight of the recommendation score: the weight the default scenario's search
@@ -60,6 +66,8 @@ impl Default for ServeConfig {
             adapter: None,
             refresh_seconds: 30,
             personalisation: DEFAULT_PERSONALISATION,
+            versions: "adapters".into(),
+            keep_versions: true,
         }
     }
 }
@@ -365,6 +373,7 @@ impl ClientConfig {
         if let Some(dir) = config.serve.adapter.as_mut() {
             paths.push(dir);
         }
+        paths.push(&mut config.serve.versions);
         for p in paths {
             if p.is_relative() {
                 *p = base.join(&*p);

@@ -228,7 +228,9 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
     // Ask first: a coordinator that cannot be reached, or states another catalogue, is
     // named before the model loads.
-    let (connection, stated, source) = match &config.serve.adapter {
+    // `[serve] adapter` may name one exported folder, or the folder of kept versions.
+    let exported = config.serve.adapter.as_deref().map(guild_client::serve::newest_kept);
+    let (connection, stated, source) = match &exported {
         Some(dir) => (None, guild_proto::adapter::read_tower_manifest(dir)?, dir.display().to_string()),
         None => {
             let tls = config.tls.credentials()?;
@@ -248,7 +250,7 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let manifest =
         stated.unwrap_or_else(|| AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed));
     let catalogue = Arc::new(Catalogue::new(&dataset));
-    let (model, connection) = match (&config.serve.adapter, connection) {
+    let (model, connection) = match (&exported, connection) {
         (Some(dir), _) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
         (None, None) => anyhow::bail!("no adapter to serve"),
         (None, Some(mut connection)) => {
@@ -379,6 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 unit: config.guards.unit,
                 delta: config.guards.delta,
                 dangerous_report_unnoised_metrics: config.guards.dangerous_report_unnoised_metrics,
+                keep_versions: config.serve.keep_versions.then(|| config.serve.versions.clone()),
                 ..Default::default()
             };
             let ledger = guild_client::participant::ClientLedger::open(&config.guards.ledger)?;

@@ -285,6 +285,11 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
         "each merchant reports its own score of the version: {client_logs}"
     );
     drop(clients);
+    // Each merchant kept the committed version as an export `serve` can read offline.
+    let kept = guild_client::serve::newest_kept(&root.join("shop-2").join("adapters"));
+    let manifest = guild_proto::adapter::read_tower_manifest(&kept).expect("a kept export").expect("stated");
+    assert_eq!(manifest.catalogue_sha256.map(hex::encode).as_deref(), Some(digest.as_str()));
+    assert!(kept.ends_with(format!("v{latest}")), "{}", kept.display());
 
     // The merchant serves the committed version to its shop.
     let serve_config = configs[0].clone();

@@ -78,6 +78,37 @@ pub struct VersionEvaluation {
     pub worse_than: Option<(u64, f64)>,
 }
 
+/// Keeps committed version `version` (the flat vector `values` of `manifest`) as the folder
+/// `dir/v{version}`, written as `guild-coordinator export-adapter` writes one (what `serve`
+/// reads), whole or not at all: built in a temporary folder beside it, then renamed. A
+/// version already kept is left as it is.
+pub fn keep_version(
+    dir: &std::path::Path,
+    version: u64,
+    manifest: &guild_proto::domain::AdapterManifest,
+    values: &[f32],
+) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context as _;
+    let kept = dir.join(format!("v{version}"));
+    if kept.exists() {
+        return Ok(kept);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let building = tempfile::Builder::new()
+        .prefix(&format!(".v{version}-"))
+        .tempdir_in(dir)
+        .with_context(|| format!("a temporary folder in {}", dir.display()))?;
+    guild_proto::adapter::export(building.path(), manifest, values)?;
+    let building = building.keep();
+    if let Err(e) = std::fs::rename(&building, &kept) {
+        let _ = std::fs::remove_dir_all(&building);
+        if !kept.exists() {
+            return Err(e).with_context(|| format!("renaming into {}", kept.display()));
+        }
+    }
+    Ok(kept)
+}
+
 /// Whether NDCG@10 fell from `before` to `after` by more than two standard errors of the
 /// difference. One shopper's NDCG@10 lies in [0, 1], so its variance is at most its mean m,
 /// and the difference of the two means has variance at most m₁/n₁ + m₂/n₂ (the bound for
@@ -505,8 +536,14 @@ impl Participant {
                 })
                 .await?;
         }
-        let Some(counts) = counts else { return Ok(None) };
         let version = status.latest_adapter_version;
+        if let (Some(dir), Some(learner)) = (&self.options.keep_versions, &self.learner)
+            && let Some(values) = self.adapter.as_ref().filter(|a| a.0 == version).map(|a| &a.2)
+            && let Err(e) = keep_version(dir, version, &learner.manifest(), values)
+        {
+            tracing::warn!(version, error = %e, "cannot keep the committed version locally");
+        }
+        let Some(counts) = counts else { return Ok(None) };
         let worse_than = match &self.last_evaluation {
             Some((before, previous)) if *before < version && fell_beyond_noise(previous, &counts) => {
                 tracing::warn!(
@@ -546,5 +583,33 @@ mod evaluation_tests {
         // shoppers (2·√(0.0259/100) = 0.032) and beyond it over 500 (0.0144).
         assert!(!fell_beyond_noise(&counts(100, 0.0248), &counts(100, 0.0011)));
         assert!(fell_beyond_noise(&counts(500, 0.0248), &counts(500, 0.0011)));
+    }
+
+    #[test]
+    fn a_kept_version_is_an_export_serve_reads_and_is_written_once() {
+        let shape = guild_proto::tower::TowerShape::tiny(6);
+        let manifest = guild_proto::domain::AdapterManifest::sequence_tower([3; 32], shape, 5)
+            .with_catalogue(Some([4; 32]));
+        let values: Vec<f32> = (0..manifest.parameter_count()).map(|i| i as f32 * 1e-3).collect();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let kept = keep_version(dir.path(), 7, &manifest, &values).expect("kept");
+        assert_eq!(kept, dir.path().join("v7"));
+        assert_eq!(guild_proto::adapter::read_tower_manifest(&kept).expect("read"), Some(manifest.clone()));
+        // Kept again (another round's evaluation of the same version): left as it is, and no
+        // temporary folder is left behind either time.
+        let before = std::fs::read(kept.join("tower.safetensors")).expect("read");
+        let zeros = vec![0.0; values.len()];
+        keep_version(dir.path(), 7, &manifest, &zeros).expect("kept again");
+        assert_eq!(std::fs::read(kept.join("tower.safetensors")).expect("read"), before);
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, ["v7"]);
+        // serve's `[serve] adapter = <this folder>` takes the newest kept.
+        keep_version(dir.path(), 12, &manifest, &zeros).expect("kept");
+        keep_version(dir.path(), 9, &manifest, &zeros).expect("kept");
+        assert_eq!(crate::serve::newest_kept(dir.path()), dir.path().join("v12"));
+        assert_eq!(crate::serve::newest_kept(&kept), kept, "an export is served as it is");
     }
 }
