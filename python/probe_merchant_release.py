@@ -13,13 +13,9 @@ histogram, and each (size, z, contribution) averaged over two noise draws.
     python3 python/probe_merchant_release.py --data ../shared/data/amazon-games \\
         --items .cache/items-<hash>-Games-6k-16859-96.safetensors
 """
-import argparse
-from pathlib import Path
-
 import numpy as np
-from safetensors.numpy import load_file
 
-from probe_popularity import read, unit
+from probe_popularity import arguments, load, unit, zero_shot_ndcg
 
 
 def prior(h, beta=0.05, kappa=1.0):
@@ -31,32 +27,14 @@ def prior(h, beta=0.05, kappa=1.0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="folder with Games-6k.valid.inter")
-    parser.add_argument("--items", required=True, help="guild-sim's catalogue-embedding cache")
-    parser.add_argument("--users", type=int, default=4000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    vectors = load_file(args.items)["items"]
-    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    args = arguments(__doc__.splitlines()[0])
+    vectors, valid, users = load(args)
     items = len(vectors)
-    valid = read(Path(args.data) / "Games-6k.valid.inter")
     rng = np.random.default_rng(args.seed)
-    users = rng.choice(len(valid), args.users, replace=False)
+    rng.choice(len(valid), args.users, replace=False)  # the draw `load` made: the same shops
 
     def ndcg(extra):
-        total = 0.0
-        for s in range(0, len(users), 500):
-            batch = users[s:s + 500]
-            q = np.stack([vectors[valid[u][0][-5:]].mean(0) for u in batch])
-            q /= np.linalg.norm(q, axis=1, keepdims=True)
-            scores = q @ vectors.T + extra
-            for r, u in enumerate(batch):
-                scores[r, valid[u][0]] = -1e9
-            target = np.array([valid[u][1] for u in batch])
-            rank = (scores > scores[np.arange(len(batch)), target][:, None]).sum(1)
-            total += np.where(rank < 10, 1 / np.log2(rank + 2), 0).sum()
-        return total / len(users)
+        return zero_shot_ndcg(vectors, valid, users, lambda batch: extra)
 
     order = rng.permutation(len(valid))
 

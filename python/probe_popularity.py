@@ -107,35 +107,55 @@ def sweep(valid, items, ndcg, noise):
                     report(f"gamma={gamma} z={z} beta={beta} kappa={kappa}", value)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def arguments(description, **extra):
+    """The probes' command line: the data folder, the embedding cache, users and seed."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", required=True, help="folder with Games-6k.valid.inter")
     parser.add_argument("--items", required=True, help="guild-sim's catalogue-embedding cache")
     parser.add_argument("--users", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sweep", action="store_true", help="grid-search beta, kappa, gamma")
-    args = parser.parse_args()
-    if args.sweep:
-        args.users = 6000
+    for flag, options in extra.items():
+        parser.add_argument(flag, **options)
+    return parser.parse_args()
+
+
+def load(args):
+    """The normalised item vectors, the validation rows and a seeded sample of users."""
     vectors = load_file(args.items)["items"]
     vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-    items = len(vectors)
     valid = read(Path(args.data) / "Games-6k.valid.inter")
     users = np.random.default_rng(args.seed).choice(len(valid), args.users, replace=False)
+    return vectors, valid, users
+
+
+def zero_shot_ndcg(vectors, valid, users, extra):
+    """Validation NDCG@10 of the mean of the last five item vectors plus `extra(batch)`."""
+    total = 0.0
+    for s in range(0, len(users), 500):
+        batch = users[s:s + 500]
+        queries = np.stack([vectors[valid[u][0][-5:]].mean(0) for u in batch])
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        scores = queries @ vectors.T + extra(batch)
+        for r, u in enumerate(batch):
+            scores[r, valid[u][0]] = -1e9
+        target = np.array([valid[u][1] for u in batch])
+        rank = (scores > scores[np.arange(len(batch)), target][:, None]).sum(1)
+        total += np.where(rank < 10, 1 / np.log2(rank + 2), 0).sum()
+    return total / len(users)
+
+
+def main():
+    args = arguments(
+        __doc__.splitlines()[0],
+        **{"--sweep": {"action": "store_true", "help": "grid-search beta, kappa, gamma"}},
+    )
+    if args.sweep:
+        args.users = 6000
+    vectors, valid, users = load(args)
+    items = len(vectors)
 
     def ndcg(extra):
-        total = 0.0
-        for s in range(0, len(users), 500):
-            batch = users[s:s + 500]
-            queries = np.stack([vectors[valid[u][0][-5:]].mean(0) for u in batch])
-            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-            scores = queries @ vectors.T + extra(batch)
-            for r, u in enumerate(batch):
-                scores[r, valid[u][0]] = -1e9
-            target = np.array([valid[u][1] for u in batch])
-            rank = (scores > scores[np.arange(len(batch)), target][:, None]).sum(1)
-            total += np.where(rank < 10, 1 / np.log2(rank + 2), 0).sum()
-        return total / len(users)
+        return zero_shot_ndcg(vectors, valid, users, extra)
 
     def report(name, extra):
         print(f"{name}: {ndcg(extra):.5f}", flush=True)
