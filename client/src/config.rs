@@ -50,9 +50,12 @@ pub struct ServeConfig {
     /// folder `v{N}` (a sequence tower of the default scenario's shape is about 5.4 MB);
     /// `adapter` may name this folder to serve the newest kept.
     pub versions: PathBuf,
-    /// Whether `run` keeps them.
-    pub keep_versions: bool,
+    /// How many of the newest versions `run` keeps there (0: none); older ones are removed.
+    pub keep_versions: usize,
 }
+
+/// How many committed versions a merchant keeps by default (about 54 MB of the default tower).
+pub const DEFAULT_KEEP_VERSIONS: usize = 10;
 
 /// Search's weight of the recommendation score: the weight the default scenario's search
 /// evaluation chooses on validation shoppers for a trained adapter (`[arms] search_users`;
@@ -67,7 +70,7 @@ impl Default for ServeConfig {
             refresh_seconds: 30,
             personalisation: DEFAULT_PERSONALISATION,
             versions: "adapters".into(),
-            keep_versions: true,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
         }
     }
 }

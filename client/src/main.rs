@@ -381,7 +381,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 unit: config.guards.unit,
                 delta: config.guards.delta,
                 dangerous_report_unnoised_metrics: config.guards.dangerous_report_unnoised_metrics,
-                keep_versions: config.serve.keep_versions.then(|| config.serve.versions.clone()),
+                keep_versions: (config.serve.keep_versions > 0)
+                    .then(|| (config.serve.versions.clone(), config.serve.keep_versions)),
                 ..Default::default()
             };
             let ledger = guild_client::participant::ClientLedger::open(&config.guards.ledger)?;

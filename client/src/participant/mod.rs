@@ -109,6 +109,24 @@ pub fn keep_version(
     Ok(kept)
 }
 
+/// Removes the versions kept in `dir` (folders `v{N}`) but the newest `last`.
+pub fn prune_versions(dir: &std::path::Path, last: usize) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let mut kept: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
+            Some((version, e.path()))
+        })
+        .collect();
+    kept.sort_unstable_by_key(|(version, _)| std::cmp::Reverse(*version));
+    for (_, path) in kept.into_iter().skip(last) {
+        std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Whether NDCG@10 fell from `before` to `after` by more than two standard errors of the
 /// difference. One shopper's NDCG@10 lies in [0, 1], so its variance is at most its mean m,
 /// and the difference of the two means has variance at most m₁/n₁ + m₂/n₂ (the bound for
@@ -537,9 +555,10 @@ impl Participant {
                 .await?;
         }
         let version = status.latest_adapter_version;
-        if let (Some(dir), Some(learner)) = (&self.options.keep_versions, &self.learner)
+        if let (Some((dir, last)), Some(learner)) = (&self.options.keep_versions, &self.learner)
             && let Some(values) = self.adapter.as_ref().filter(|a| a.0 == version).map(|a| &a.2)
             && let Err(e) = keep_version(dir, version, &learner.manifest(), values)
+                .and_then(|_| prune_versions(dir, *last))
         {
             tracing::warn!(version, error = %e, "cannot keep the committed version locally");
         }
@@ -611,5 +630,14 @@ mod evaluation_tests {
         keep_version(dir.path(), 9, &manifest, &zeros).expect("kept");
         assert_eq!(crate::serve::newest_kept(dir.path()), dir.path().join("v12"));
         assert_eq!(crate::serve::newest_kept(&kept), kept, "an export is served as it is");
+        // Only the newest two are kept (by version, not by the order they were kept).
+        std::fs::create_dir(dir.path().join("notes")).expect("an unrelated folder");
+        prune_versions(dir.path(), 2).expect("pruned");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["notes", "v12", "v9"]);
     }
 }

@@ -58,10 +58,10 @@ pub struct ParticipantOptions {
     /// Send the per-round evaluation counts on this merchant's validation shoppers to the
     /// coordinator: un-noised, not charged to any ledger, so off by default.
     pub dangerous_report_unnoised_metrics: bool,
-    /// Keep every committed version this merchant evaluates as an exported folder
-    /// `v{version}` here (what `guild-client serve` reads with `[serve] adapter`); `None`:
-    /// keep none.
-    pub keep_versions: Option<std::path::PathBuf>,
+    /// Keep the newest committed versions this merchant evaluates, this many, each as an
+    /// exported folder `v{version}` in this folder (what `guild-client serve` reads with
+    /// `[serve] adapter`); `None`: keep none.
+    pub keep_versions: Option<(std::path::PathBuf, usize)>,
 }
 
 /// A merchant's default floor on its share holders in a sparse neighbour graph: at the
