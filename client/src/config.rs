@@ -236,7 +236,7 @@ pub enum AdapterSettingsError {
     )]
     Differs(String),
     #[error(
-        "the coordinator does not state its adapter (an older version): set [adapter] in this config to the coordinator's"
+        "the federation (its coordinator, or an exported folder) does not state its adapter (an older version): set [adapter] in this config to the coordinator's"
     )]
     Unstated,
     #[error(
