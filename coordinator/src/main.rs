@@ -349,7 +349,13 @@ fn status(config: &Config) -> anyhow::Result<serde_json::Value> {
         "privacy_unit": config.privacy.unit,
         "epsilon_budget": budget.epsilon,
         "delta": budget.delta,
-        "budget_exhausted": spent.epsilon.max(shopper.epsilon) >= budget.epsilon,
+        // As the daemon decides it: whether the next round would take ε past the budget.
+        "budget_exhausted": guild_coordinator::plan::next_round_exhausts(
+            config,
+            &ledger,
+            store.latest_adapter()?.map_or(0, |a| a.version),
+            store.allowed_count()?,
+        )?,
         "quarantined": store.quarantined()?,
     }))
 }

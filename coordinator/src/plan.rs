@@ -74,6 +74,68 @@ pub struct PrivacyPlan {
     pub warnings: Vec<String>,
 }
 
+/// A round of one kind as the planner expects it: its privacy at the expected cohort.
+struct Expected {
+    round: RoundPrivacy,
+    /// Merchants expected in the cohort, and that rounded (at least 2).
+    cohort: f64,
+    n: u32,
+    /// The threshold the coordinator raises such a round to.
+    t: u32,
+    /// What its sum is averaged over.
+    summands: f64,
+}
+
+/// A round of `kind` of `config` over an adapter of `d` values, at the cohort expected
+/// of `merchants` allowed merchants (the daemon computes the same from the cohort it draws).
+fn expected_round(config: &Config, kind: RoundKind, d: usize, merchants: u64) -> Expected {
+    let p = &config.privacy;
+    let privacy = config.kind_privacy(kind);
+    let cohort = (privacy.merchant_rate * merchants as f64).max(f64::from(config.rounds.min_cohort));
+    let n = cohort.round().max(2.0) as u32;
+    let k = if config.rounds.neighbours == 0 { n - 1 } else { config.rounds.neighbours.min(n - 1) };
+    let t = config.rounds.threshold.max(min_active_threshold(share_holders(n, k))).min(n);
+    let (max_summands, summands) = match p.unit {
+        PrivacyUnit::Merchant => (n, cohort),
+        PrivacyUnit::Shopper => {
+            (sampled_shoppers_bound(p.shoppers, privacy.unit_rate), privacy.unit_rate * p.shoppers as f64)
+        }
+    };
+    let round = RoundPrivacy {
+        mode: p.mode,
+        unit: p.unit,
+        sampling_rate: privacy.unit_rate,
+        noise_multiplier: privacy.noise_multiplier,
+        clip_norm: p.clip_norm,
+        dimension: d,
+        min_survivors: t,
+        tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
+        max_summands,
+        bit_width: p.bit_width,
+        wrap_probability: p.wrap_probability,
+    };
+    Expected { round, cohort, n, t, summands }
+}
+
+/// Whether the daemon would refuse the next round for the budget, as `status` reports it:
+/// the round of the kind the schedule runs after `latest_version`, at the cohort expected of
+/// `merchants`, would take the ledger's ε past `privacy.epsilon_budget` (the daemon checks
+/// the same with the cohort it draws; spent ε alone can be below the cap while no round fits).
+pub fn next_round_exhausts(
+    config: &Config,
+    ledger: &guild_privacy::ledger::Ledger,
+    latest_version: u64,
+    merchants: u64,
+) -> anyhow::Result<bool> {
+    let manifest = config.manifest()?;
+    let kind = config.schedule(&manifest).kind_after(latest_version);
+    let cost = expected_round(config, kind, manifest.parameter_count(), merchants).round.cost()?;
+    Ok(match &cost.event {
+        Some(event) => ledger.spent_if(cost.unit, event)?.epsilon > config.privacy.epsilon_budget,
+        None => false,
+    })
+}
+
 /// The plan of `config` for a federation of `merchants` allowed merchants.
 pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
     let manifest = config.manifest()?;
@@ -100,29 +162,7 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
             continue;
         }
         let privacy = config.kind_privacy(kind);
-        let cohort = (privacy.merchant_rate * merchants as f64).max(f64::from(config.rounds.min_cohort));
-        let n = cohort.round().max(2.0) as u32;
-        let k = if config.rounds.neighbours == 0 { n - 1 } else { config.rounds.neighbours.min(n - 1) };
-        let t = config.rounds.threshold.max(min_active_threshold(share_holders(n, k))).min(n);
-        let (max_summands, summands) = match p.unit {
-            PrivacyUnit::Merchant => (n, cohort),
-            PrivacyUnit::Shopper => {
-                (sampled_shoppers_bound(p.shoppers, privacy.unit_rate), privacy.unit_rate * p.shoppers as f64)
-            }
-        };
-        let round = RoundPrivacy {
-            mode: p.mode,
-            unit: p.unit,
-            sampling_rate: privacy.unit_rate,
-            noise_multiplier: privacy.noise_multiplier,
-            clip_norm: p.clip_norm,
-            dimension: d,
-            min_survivors: t,
-            tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
-            max_summands,
-            bit_width: p.bit_width,
-            wrap_probability: p.wrap_probability,
-        };
+        let Expected { round, cohort, n, t, summands } = expected_round(config, kind, d, merchants);
         let cost = round.cost()?;
         let variance =
             decoded_sum_noise_variance(p.mode, privacy.noise_multiplier, p.clip_norm, &cost.ddg, n);
@@ -257,6 +297,33 @@ mod tests {
 
     fn config(more: &[(&str, &str)]) -> Config {
         Config::parse(CONFIG, more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))).expect("valid")
+    }
+
+    /// The disagreement an operator saw: spent ε below the budget while the daemon refuses
+    /// the next round, which would cross it. `status` now asks what the daemon asks.
+    #[test]
+    fn the_budget_is_exhausted_when_the_next_round_would_cross_it_not_only_once_crossed() {
+        use guild_privacy::ledger::{Budget, Ledger, LedgerEntry};
+        // One round at z = 0.9 over the default scenario's cohorts costs a few ε; a budget a
+        // little above one round's ε holds one round and not two.
+        let one = config(&[]);
+        let manifest = one.manifest().expect("manifest");
+        let kind = one.schedule(&manifest).kind_after(0);
+        let cost = expected_round(&one, kind, manifest.parameter_count(), 508).round.cost().expect("cost");
+        let event = cost.event.expect("a DP round");
+        let fresh = Ledger::new(Budget { epsilon: 1e9, delta: 1e-5 }, Vec::new()).expect("ledger");
+        let one_round = fresh.spent_if(cost.unit, &event).expect("spent").epsilon;
+        let budget = (one_round * 1.2).to_string();
+        let config = config(&[("GUILD_PRIVACY__EPSILON_BUDGET", budget.as_str())]);
+        let empty =
+            Ledger::new(Budget { epsilon: one_round * 1.2, delta: 1e-5 }, Vec::new()).expect("ledger");
+        assert!(!next_round_exhausts(&config, &empty, 0, 508).expect("status"));
+        let entry = LedgerEntry { round_id: 1, unit: cost.unit, event };
+        let charged =
+            Ledger::new(Budget { epsilon: one_round * 1.2, delta: 1e-5 }, vec![entry]).expect("ledger");
+        let spent = charged.spent(cost.unit).expect("spent").epsilon;
+        assert!(spent < one_round * 1.2, "below the budget: {spent}");
+        assert!(next_round_exhausts(&config, &charged, 1, 508).expect("status"), "no second round fits");
     }
 
     /// The default scenario's merchant-level arm (about 25 of 508 merchants a round, z ≈ 0.9,
