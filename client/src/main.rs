@@ -166,17 +166,16 @@ fn spinner() -> ProgressBar {
 
 /// The adapter this merchant trains or serves: its config's `[adapter]`, checked against
 /// what the coordinator (or an exported folder) states, or learned from it; and its base
-/// model held to the stated one (the catalogue is checked before the model loads). Returns
-/// the settings and the manifest every version follows.
+/// model held to the stated one (the catalogue is checked before the model loads).
 fn adapter_for(
     config: &ClientConfig,
-    stated: Option<AdapterManifest>,
+    stated: Option<&AdapterManifest>,
     base_model_sha256: [u8; 32],
     source: &str,
-) -> anyhow::Result<(AdapterSettings, Option<AdapterManifest>)> {
-    let settings = AdapterSettings::resolve(config.adapter.as_ref(), stated.as_ref())
+) -> anyhow::Result<AdapterSettings> {
+    let settings = AdapterSettings::resolve(config.adapter.as_ref(), stated)
         .with_context(|| format!("the adapter of {source}"))?;
-    if let Some(manifest) = &stated {
+    if let Some(manifest) = stated {
         anyhow::ensure!(
             manifest.base_model_sha256 == base_model_sha256,
             "{source} adapts base model {}, this merchant's is {} (`[model] dir`)",
@@ -184,7 +183,7 @@ fn adapter_for(
             hex::encode(base_model_sha256)
         );
     }
-    Ok((settings, stated))
+    Ok(settings)
 }
 
 /// What `run` and `serve` both start from, given the manifest `source` states: the
@@ -204,7 +203,7 @@ fn load_for(
     }
     let model_dir = config.model.dir.clone().unwrap_or_else(default_model_dir);
     let base = BaseModel::load(&model_dir, config.model.max_tokens, device)?;
-    let (settings, stated) = adapter_for(config, stated, base.sha256(), source)?;
+    let settings = adapter_for(config, stated.as_ref(), base.sha256(), source)?;
     let items = guild_client::retrieval::catalogue_embeddings(
         &base,
         dataset,
@@ -226,17 +225,26 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     use guild_client::serve::http::AppState;
     use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
     let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
-    // Ask first: a coordinator that cannot be reached, or states another catalogue, is
-    // named before the model loads.
-    // `[serve] adapter` may name one exported folder, or the folder of kept versions.
-    let exported = config.serve.adapter.as_deref().map(guild_client::serve::newest_kept);
-    let (connection, stated, source) = match &exported {
-        Some(dir) => (None, guild_proto::adapter::read_tower_manifest(dir)?, dir.display().to_string()),
+    // Where versions come from: `[serve] adapter` (one exported folder, or the folder of
+    // kept versions), or the coordinator, asked first, so that one that cannot be reached,
+    // or states another catalogue, is named before the model loads.
+    enum From {
+        Export(PathBuf),
+        Coordinator { connection: Connection, latest: u64 },
+    }
+    let (from, stated, source) = match config.serve.adapter.as_deref() {
+        Some(dir) => {
+            let dir = guild_client::serve::newest_kept(dir);
+            let stated = guild_proto::adapter::read_tower_manifest(&dir)?;
+            let source = dir.display().to_string();
+            (From::Export(dir), stated, source)
+        }
         None => {
             let tls = config.tls.credentials()?;
             let mut connection = connect_with_retry(&config, &tls).await?;
-            let stated = connection.status().await?.manifest;
-            (Some(connection), stated, format!("the federation at {}", config.coordinator))
+            let status = connection.status().await?;
+            let from = From::Coordinator { connection, latest: status.latest_adapter_version };
+            (from, status.manifest, format!("the federation at {}", config.coordinator))
         }
     };
     // Queries are encoded on the CPU: one short text per request.
@@ -250,11 +258,9 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     let manifest =
         stated.unwrap_or_else(|| AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed));
     let catalogue = Arc::new(Catalogue::new(&dataset));
-    let (model, connection) = match (&exported, connection) {
-        (Some(dir), _) => (ServedModel::from_export(dir, &manifest, tower.clone(), &items)?, None),
-        (None, None) => anyhow::bail!("no adapter to serve"),
-        (None, Some(mut connection)) => {
-            let latest = connection.status().await?.latest_adapter_version;
+    let (model, connection) = match from {
+        From::Export(dir) => (ServedModel::from_export(&dir, &manifest, tower.clone(), &items)?, None),
+        From::Coordinator { mut connection, latest } => {
             let model = fetch_version(&mut connection, latest, &manifest, &tower, items.shallow_clone())
                 .await
                 .with_context(|| format!("loading adapter version {latest} from {}", config.coordinator))?;
