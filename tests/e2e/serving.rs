@@ -87,8 +87,9 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
 
     // Requests run the whole time; each must be answered, by a version never older than the last.
     let stop = Arc::new(AtomicBool::new(false));
+    let so_far = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let asking = {
-        let (engine, stop) = (engine.clone(), stop.clone());
+        let (engine, stop, so_far) = (engine.clone(), stop.clone(), so_far.clone());
         tokio::task::spawn_blocking(move || {
             let (mut answered, mut last) = (0u64, 0u64);
             while !stop.load(Ordering::Relaxed) {
@@ -97,11 +98,20 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
                 assert!(ranked.adapter_version >= last, "version went back");
                 last = ranked.adapter_version;
                 answered += 1;
+                so_far.store(answered, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(2));
             }
             (answered, last)
         })
     };
+    // The rounds start once requests are flowing: three tiny rounds can commit in half a
+    // second, which a loaded machine (the suite's other tests beside it) may spend on a
+    // handful of requests.
+    let started = std::time::Instant::now();
+    while so_far.load(Ordering::Relaxed) < 10 {
+        assert!(started.elapsed() < Duration::from_secs(20), "requests did not start");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let clients = futures_join(&federation, 4, Default::default(), 3).await;
     wait_for_rounds(&federation, 3, Duration::from_secs(90)).await;
