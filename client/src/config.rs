@@ -165,13 +165,14 @@ impl Default for AdapterSettings {
 impl AdapterSettings {
     /// The settings a federation's manifest states.
     pub fn from_manifest(manifest: &AdapterManifest) -> Self {
-        let (family, tower) = match manifest.family {
-            AdapterFamily::FfaLora => (AdapterFamilyName::FfaLora, TowerShape::default()),
-            AdapterFamily::SequenceTower(shape) => (AdapterFamilyName::SequenceTower, shape),
-        };
-        let (rank, alpha) = match manifest.family {
-            AdapterFamily::FfaLora => (manifest.rank as i64, f64::from(manifest.alpha)),
-            AdapterFamily::SequenceTower(_) => (Self::default().rank, Self::default().alpha),
+        let defaults = Self::default();
+        let (family, rank, alpha, tower) = match manifest.family {
+            AdapterFamily::FfaLora => {
+                (AdapterFamilyName::FfaLora, manifest.rank as i64, f64::from(manifest.alpha), defaults.tower)
+            }
+            AdapterFamily::SequenceTower(shape) => {
+                (AdapterFamilyName::SequenceTower, defaults.rank, defaults.alpha, shape)
+            }
         };
         Self { family, rank, alpha, frozen_a_seed: manifest.frozen_a_seed, tower }
     }

@@ -112,14 +112,7 @@ pub fn keep_version(
 /// Removes the versions kept in `dir` (folders `v{N}`) but the newest `last`.
 pub fn prune_versions(dir: &std::path::Path, last: usize) -> anyhow::Result<()> {
     use anyhow::Context as _;
-    let mut kept: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
-            Some((version, e.path()))
-        })
-        .collect();
+    let mut kept = crate::serve::kept_versions(dir).with_context(|| format!("listing {}", dir.display()))?;
     kept.sort_unstable_by_key(|(version, _)| std::cmp::Reverse(*version));
     for (_, path) in kept.into_iter().skip(last) {
         std::fs::remove_dir_all(&path).with_context(|| format!("removing {}", path.display()))?;

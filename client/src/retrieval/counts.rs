@@ -100,14 +100,7 @@ impl ItemCounts {
 /// its target, the history masked as every ranker's is. Its cross-entropy is of raw counts
 /// over the evaluation temperature: not comparable with the cosine rankers'.
 pub fn evaluate_counts(counts: &ItemCounts, users: &[&User], split: Split) -> (RankingCounts, Vec<u32>) {
-    let examples = held_out(users, split);
-    let mut ranking = RankingCounts::default();
-    let mut ranks = Vec::with_capacity(examples.len());
-    for chunk in examples.chunks(256) {
-        let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
-        rank_rows(&counts.ranker_scores(&histories), chunk, &mut ranking, &mut ranks);
-    }
-    (ranking, ranks)
+    rank_held_out(users, split, |histories| counts.ranker_scores(histories))
 }
 
 /// The most-popular ranker on `users`' held-out items of `split`: every history gets the
@@ -120,12 +113,24 @@ pub fn evaluate_most_popular(
 ) -> (RankingCounts, Vec<u32>) {
     let most = counts.popularity.iter().copied().fold(1.0f32, f32::max);
     let row = Tensor::from_slice(&counts.popularity.iter().map(|p| p / most).collect::<Vec<_>>());
+    rank_held_out(users, split, |histories| {
+        row.unsqueeze(0).expand([histories.len() as i64, -1], false).contiguous()
+    })
+}
+
+/// Ranks `users`' held-out items of `split` by `scores` of each batch of histories
+/// (`[batch, catalogue]`), the history masked.
+fn rank_held_out(
+    users: &[&User],
+    split: Split,
+    scores: impl Fn(&[&[ItemIndex]]) -> Tensor,
+) -> (RankingCounts, Vec<u32>) {
     let examples = held_out(users, split);
     let mut ranking = RankingCounts::default();
     let mut ranks = Vec::with_capacity(examples.len());
     for chunk in examples.chunks(256) {
-        let scores = row.unsqueeze(0).expand([chunk.len() as i64, -1], false).contiguous();
-        rank_rows(&scores, chunk, &mut ranking, &mut ranks);
+        let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
+        rank_rows(&scores(&histories), chunk, &mut ranking, &mut ranks);
     }
     (ranking, ranks)
 }

@@ -651,6 +651,17 @@ pub async fn fetch_version(
     Ok(model)
 }
 
+/// The versions `guild-client run` keeps in `dir` (folders `v{N}`), with their numbers.
+pub fn kept_versions(dir: &Path) -> std::io::Result<Vec<(u64, std::path::PathBuf)>> {
+    Ok(std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.strip_prefix('v')?.parse().ok()?;
+            Some((version, e.path()))
+        })
+        .collect())
+}
+
 /// The folder to serve for `[serve] adapter = dir`: `dir` itself when it holds an exported
 /// tower, else its newest kept version `v{N}` (what `guild-client run` keeps), else `dir`
 /// (whose missing files are then named when it is read).
@@ -658,17 +669,12 @@ pub fn newest_kept(dir: &Path) -> std::path::PathBuf {
     if dir.join("tower.json").is_file() {
         return dir.to_owned();
     }
-    let newest = std::fs::read_dir(dir).ok().and_then(|entries| {
-        entries
-            .filter_map(Result::ok)
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let version: u64 = name.strip_prefix('v')?.parse().ok()?;
-                e.path().join("tower.json").is_file().then_some((version, e.path()))
-            })
-            .max_by_key(|(version, _)| *version)
-    });
-    newest.map_or_else(|| dir.to_owned(), |(_, path)| path)
+    kept_versions(dir)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, path)| path.join("tower.json").is_file())
+        .max_by_key(|(version, _)| *version)
+        .map_or_else(|| dir.to_owned(), |(_, path)| path)
 }
 
 /// How the federation's manifest (`stated`, from its status) differs from the one serving,
