@@ -230,6 +230,30 @@ fn a_federation_deployed_by_the_readme_steps_trains_and_serves_across_addresses(
     assert!(stderr.contains("does not name \"127.0.0.2\"") && stderr.contains("tls.server_name"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(30), "named within seconds: {:?}", started.elapsed());
 
+    // A merchant whose catalogue holds the same items in another order stops at start, before
+    // its model loads or it registers, naming both digests.
+    let reordered = home.join("reordered");
+    std::fs::create_dir_all(&reordered).expect("mkdir");
+    for file in ["shop.valid.inter", "shop.test.inter"] {
+        std::fs::copy(home.join("data").join(file), reordered.join(file)).expect("copy");
+    }
+    let items = std::fs::read_to_string(home.join("data").join("shop.item")).expect("read");
+    let (header, rows) = items.split_once('\n').expect("a header");
+    let mut rows: Vec<&str> = rows.lines().collect();
+    rows.reverse();
+    std::fs::write(reordered.join("shop.item"), format!("{header}\n{}\n", rows.join("\n"))).expect("write");
+    let config =
+        merchant_config(&home, "reordered.toml", "shop-1", port, Some(SERVER_NAME), free_port("127.0.0.1"));
+    let text_of = std::fs::read_to_string(&config).expect("read");
+    std::fs::write(&config, text_of.replace("dataset = \"data/\"", "dataset = \"reordered/\""))
+        .expect("write");
+    let out =
+        Command::new(binary("guild-client")).args(["run", "--config", &text(&config)]).output().expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is not the federation's") && stderr.contains(&digest), "{stderr}");
+    assert!(!stderr.contains("registered as"), "it stopped before registering: {stderr}");
+
     // 5. Each merchant runs its client until it has taken part in a committed round.
     let mut clients: Vec<Running> = configs
         .iter()
