@@ -87,23 +87,8 @@ fn keygen(name: &str, out: &std::path::Path) -> anyhow::Result<()> {
     }
     let identity = Identity::load_or_create(&signing)?;
     let request = guild_proto::certificate::merchant_request(name, &identity.public_key())?;
-    let write = |path: &std::path::Path, contents: &str, private: bool| -> anyhow::Result<()> {
-        use std::io::Write;
-        let mut options = std::fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        if private {
-            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        }
-        #[cfg(not(unix))]
-        let _ = private;
-        let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-        file.write_all(contents.as_bytes())
-            .and_then(|()| file.sync_all())
-            .with_context(|| format!("writing {}", path.display()))
-    };
-    write(&key, &request.key_pem, true)?;
-    write(&csr, &request.csr_pem, false)?;
+    guild_proto::pki::write_new(&key, request.key_pem.as_bytes(), true)?;
+    guild_proto::pki::write_new(&csr, request.csr_pem.as_bytes(), false)?;
     println!(
         "{}",
         serde_json::json!({

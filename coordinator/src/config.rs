@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use guild_privacy::cost::{RoundPrivacy, round_colluders, sampled_shoppers_bound};
+use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
@@ -395,6 +397,43 @@ impl Config {
     /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
     /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
     /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
+    /// The SecAgg+ shape of a round over `n` sampled merchants: each one's neighbours `k` (the
+    /// complete graph when `rounds.neighbours` is 0) and the threshold `t`, the configured
+    /// floor raised to the active-security bound for that neighbourhood, which every client
+    /// checks for itself.
+    pub fn cohort_shape(&self, n: u32) -> (u32, u32) {
+        let r = &self.rounds;
+        let k = if r.neighbours == 0 { n.saturating_sub(1) } else { r.neighbours.min(n.saturating_sub(1)) };
+        (k, r.threshold.max(min_active_threshold(share_holders(n, k))))
+    }
+
+    /// The privacy of a round of `kind` over `n` sampled merchants and an adapter of
+    /// `dimension` values: the one description the daemon charges and the planner predicts
+    /// with (merchant unit: at most `n` summands; shopper unit: the bound on the shoppers the
+    /// merchants sample).
+    pub fn round_privacy(&self, kind: RoundKind, n: u32, dimension: usize) -> RoundPrivacy {
+        let p = &self.privacy;
+        let privacy = self.kind_privacy(kind);
+        let (_, t) = self.cohort_shape(n);
+        let max_summands = match p.unit {
+            PrivacyUnit::Merchant => n,
+            PrivacyUnit::Shopper => sampled_shoppers_bound(p.shoppers, privacy.unit_rate),
+        };
+        RoundPrivacy {
+            mode: p.mode,
+            unit: p.unit,
+            sampling_rate: privacy.unit_rate,
+            noise_multiplier: privacy.noise_multiplier,
+            clip_norm: p.clip_norm,
+            dimension,
+            min_survivors: t,
+            tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
+            max_summands,
+            bit_width: p.bit_width,
+            wrap_probability: p.wrap_probability,
+        }
+    }
+
     pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
         let (r, p) = (&self.rounds, &self.privacy);
         let (merchant_unit_rate, shopper_unit_rate, noise_multiplier) = match kind {

@@ -11,8 +11,7 @@ use guild_coordinator::daemon;
 use guild_coordinator::store::Store;
 use guild_privacy::PrivacyUnit;
 use guild_privacy::accounting::{
-    RdpCurve, calibrate_noise_multiplier, calibrate_zero_out_noise_multiplier, epsilon_from_rdp,
-    gaussian_zcdp_rho, subsampled_gaussian_rdp, zero_out_sampled_zcdp_rdp,
+    Neighbours, RdpCurve, calibrate_noise_multiplier, epsilon_from_rdp, sampled_gaussian_curve,
 };
 use guild_privacy::ledger::{Budget, Ledger};
 
@@ -253,14 +252,8 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
             })
         }
         PrivacyCommand::NoiseMultiplier { unit, sampling_rate, rounds, delta, target_epsilon } => {
-            let z = match unit {
-                PrivacyUnit::Merchant => {
-                    calibrate_zero_out_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?
-                }
-                PrivacyUnit::Shopper => {
-                    calibrate_noise_multiplier(sampling_rate, rounds, delta, target_epsilon)?
-                }
-            };
+            let z =
+                calibrate_noise_multiplier(neighbours(unit), sampling_rate, rounds, delta, target_epsilon)?;
             let (epsilon, _) = epsilon_from_rdp(&model_curve(unit, sampling_rate, z)?.times(rounds), delta)?;
             serde_json::json!({
                 "unit": unit,
@@ -281,11 +274,17 @@ fn privacy(command: PrivacyCommand) -> anyhow::Result<serde_json::Value> {
 /// adjacency (it takes its noise share with it when not sampled: the joint-convexity
 /// bound), a shopper under add/remove (its merchant's share is there either way: the
 /// subsampled Gaussian).
+/// The neighbours of `unit`'s model-level accountant: merchants' noise is added by the
+/// participants (zero-out), shoppers are added or removed.
+fn neighbours(unit: PrivacyUnit) -> Neighbours {
+    match unit {
+        PrivacyUnit::Merchant => Neighbours::ZeroOut,
+        PrivacyUnit::Shopper => Neighbours::AddRemove,
+    }
+}
+
 fn model_curve(unit: PrivacyUnit, q: f64, z: f64) -> anyhow::Result<RdpCurve> {
-    Ok(match unit {
-        PrivacyUnit::Merchant => zero_out_sampled_zcdp_rdp(q, gaussian_zcdp_rho(z)?)?,
-        PrivacyUnit::Shopper => subsampled_gaussian_rdp(q, z)?,
-    })
+    Ok(sampled_gaussian_curve(neighbours(unit), q, z)?)
 }
 
 fn accountant(unit: PrivacyUnit) -> &'static str {
@@ -311,7 +310,9 @@ fn against_coordinator(
 ) -> anyhow::Result<f64> {
     Ok(match unit {
         PrivacyUnit::Shopper => epsilon,
-        PrivacyUnit::Merchant => epsilon_from_rdp(&subsampled_gaussian_rdp(1.0, z)?.times(rounds), delta)?.0,
+        PrivacyUnit::Merchant => {
+            epsilon_from_rdp(&sampled_gaussian_curve(Neighbours::AddRemove, 1.0, z)?.times(rounds), delta)?.0
+        }
     })
 }
 
@@ -400,22 +401,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     path.display()
                 );
             }
-            let write = |path: &PathBuf, contents: &str, private: bool| -> anyhow::Result<()> {
-                let mut options = std::fs::OpenOptions::new();
-                options.write(true).create_new(true);
-                #[cfg(unix)]
-                if private {
-                    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-                }
-                #[cfg(not(unix))]
-                let _ = private;
-                let mut file = options.open(path).with_context(|| format!("creating {}", path.display()))?;
-                std::io::Write::write_all(&mut file, contents.as_bytes())
-                    .and_then(|()| file.sync_all())
-                    .with_context(|| format!("writing {}", path.display()))
-            };
-            write(&key, &issued.key_pem, true)?;
-            write(&cert, &issued.cert_pem, false)?;
+            guild_proto::pki::write_new(&key, issued.key_pem.as_bytes(), true)?;
+            guild_proto::pki::write_new(&cert, issued.cert_pem.as_bytes(), false)?;
             println!(
                 "{}",
                 serde_json::json!({

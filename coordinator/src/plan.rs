@@ -13,11 +13,7 @@
 //! before shrinkage: a ratio of about 20).
 
 use guild_privacy::accounting::{RdpCurve, epsilon_from_rdp};
-use guild_privacy::cost::{
-    RoundPrivacy, decoded_sum_noise_variance, round_colluders, sampled_shoppers_bound,
-};
-use guild_privacy::secagg::graph::share_holders;
-use guild_privacy::secagg::min_active_threshold;
+use guild_privacy::cost::{RoundPrivacy, decoded_sum_noise_variance};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::round::RoundKind;
 use serde::Serialize;
@@ -89,30 +85,14 @@ struct Expected {
 /// A round of `kind` of `config` over an adapter of `d` values, at the cohort expected
 /// of `merchants` allowed merchants (the daemon computes the same from the cohort it draws).
 fn expected_round(config: &Config, kind: RoundKind, d: usize, merchants: u64) -> Expected {
-    let p = &config.privacy;
     let privacy = config.kind_privacy(kind);
     let cohort = (privacy.merchant_rate * merchants as f64).max(f64::from(config.rounds.min_cohort));
     let n = cohort.round().max(2.0) as u32;
-    let k = if config.rounds.neighbours == 0 { n - 1 } else { config.rounds.neighbours.min(n - 1) };
-    let t = config.rounds.threshold.max(min_active_threshold(share_holders(n, k))).min(n);
-    let (max_summands, summands) = match p.unit {
-        PrivacyUnit::Merchant => (n, cohort),
-        PrivacyUnit::Shopper => {
-            (sampled_shoppers_bound(p.shoppers, privacy.unit_rate), privacy.unit_rate * p.shoppers as f64)
-        }
-    };
-    let round = RoundPrivacy {
-        mode: p.mode,
-        unit: p.unit,
-        sampling_rate: privacy.unit_rate,
-        noise_multiplier: privacy.noise_multiplier,
-        clip_norm: p.clip_norm,
-        dimension: d,
-        min_survivors: t,
-        tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
-        max_summands,
-        bit_width: p.bit_width,
-        wrap_probability: p.wrap_probability,
+    let round = config.round_privacy(kind, n, d);
+    let t = round.min_survivors;
+    let summands = match config.privacy.unit {
+        PrivacyUnit::Merchant => cohort,
+        PrivacyUnit::Shopper => privacy.unit_rate * config.privacy.shoppers as f64,
     };
     Expected { round, cohort, n, t, summands }
 }

@@ -179,28 +179,23 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
     assert_eq!(listed[0]["revoked"], false);
     let cert_of = |m: &str| out.join("merchants").join(format!("{m}.pem"));
     let second = cert_of("merchant-002");
-    let (ok, _, stderr) = coordinator(&[
-        "allow",
-        "--config",
-        config,
-        "--merchant",
-        "merchant-001",
-        "--cert",
-        second.to_str().expect("utf-8"),
-    ]);
+    let allow_001 = |cert: &std::path::Path| {
+        coordinator(&[
+            "allow",
+            "--config",
+            config,
+            "--merchant",
+            "merchant-001",
+            "--cert",
+            cert.to_str().expect("utf-8"),
+        ])
+    };
+    let (ok, _, stderr) = allow_001(&second);
     assert!(!ok && stderr.contains("was issued for \"merchant-002\", not \"merchant-001\""), "{stderr}");
     let foreign = guild_proto::pki::issue(1).expect("another CA");
     let foreign_path = dir.path().join("foreign.pem");
     std::fs::write(&foreign_path, &foreign.merchants[0].cert_pem).expect("write");
-    let (ok, _, stderr) = coordinator(&[
-        "allow",
-        "--config",
-        config,
-        "--merchant",
-        "merchant-001",
-        "--cert",
-        foreign_path.to_str().expect("utf-8"),
-    ]);
+    let (ok, _, stderr) = allow_001(&foreign_path);
     // (Both CAs are named "Guild federation CA": the signature is what tells them apart.)
     assert!(!ok && stderr.contains("is refused") && stderr.contains("federation's CA"), "{stderr}");
     let (ok, _, stderr) = coordinator(&[

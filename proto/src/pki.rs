@@ -242,9 +242,23 @@ pub fn issuer_from_pem(ca_cert_pem: &str, ca_key_pem: &str) -> Result<Issuer<'st
 }
 
 fn write(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
+    write_file(path, contents, private, false)
+}
+
+/// Writes a key or certificate a person asked for to `path`, which must not exist yet
+/// (`private`: readable by its owner only), and syncs it to disk.
+pub fn write_new(path: &Path, contents: &[u8], private: bool) -> Result<(), PkiError> {
+    write_file(path, contents, private, true)
+}
+
+fn write_file(path: &Path, contents: &[u8], private: bool, create_new: bool) -> Result<(), PkiError> {
     let io = |source| PkiError::Io { path: path.to_owned(), source };
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    if create_new {
+        options.write(true).create_new(true);
+    } else {
+        options.write(true).create(true).truncate(true);
+    }
     #[cfg(unix)]
     if private {
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);

@@ -274,7 +274,6 @@ fn shopper_dp(
     plan: &FedAvgPlan,
     started: std::time::Instant,
 ) -> anyhow::Result<serde_json::Value> {
-    use guild_client::retrieval::Split;
     use guild_privacy::accounting::{epsilon_from_rdp, subsampled_gaussian_rdp};
     use guild_privacy::dp::{add_central_noise, clip_l2, poisson_sample};
     use rand::SeedableRng;
@@ -282,12 +281,10 @@ fn shopper_dp(
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0x5709);
     let shoppers = world.all_merchant_users();
     let expected = plan.sampling_rate * shoppers.len() as f64;
-    let mut global = vec![0.0f32; world.parameter_count()];
-    let mut server = ServerState::new(global.len());
-    let mut curve = Vec::new();
     let per_round = subsampled_gaussian_rdp(plan.sampling_rate, plan.noise_multiplier)?;
     let mut training_seconds = 0.0;
-    for round in 1..=plan.rounds {
+    let dimension = world.parameter_count();
+    let mut result = in_process_rounds(world, plan, "shopper-level DP-SGD", |round, global| {
         let sampled: Vec<usize> = poisson_sample(shoppers.len(), plan.sampling_rate, &mut rng)?
             .into_iter()
             .map(|i| shoppers[i])
@@ -296,7 +293,7 @@ fn shopper_dp(
         let config =
             guild_client::retrieval::TrainConfig { seed: train.seed ^ (round << 20), ..train.clone() };
         let t = std::time::Instant::now();
-        world.shopper_updates(&global, &sampled, &config, &mut |update| {
+        world.shopper_updates(global, &sampled, &config, &mut |update| {
             clip_l2(update, plan.clip_norm)?;
             sum.iter_mut().zip(update.iter()).for_each(|(s, u)| *s += f64::from(*u));
             Ok(())
@@ -305,29 +302,50 @@ fn shopper_dp(
         let signal = sum.iter().map(|s| s * s).sum::<f64>().sqrt() / expected;
         add_central_noise(&mut sum, plan.noise_multiplier * plan.clip_norm, &mut rng)?;
         let mean: Vec<f64> = sum.iter().map(|s| s / expected).collect();
-        server.step(plan, &mut global, &mean);
-        let validation = world.score(Some(&global), Split::Validation)?;
         let epsilon = epsilon_from_rdp(&per_round.clone().times(round), 1e-6)?.0;
-        eprintln!(
-            "round {round}: {} shoppers, mean clipped update norm {signal:.4} (noise {:.4}), validation NDCG@10 {:.4}, ε {epsilon:.2}, {:.0} s ({:.1} ms a shopper)",
+        let line = format!(
+            "{} shoppers, mean clipped update norm {signal:.4} (noise {:.4}), ε {epsilon:.2}, {:.0} s ({:.1} ms a shopper)",
             sampled.len(),
-            plan.noise_multiplier * plan.clip_norm * (global.len() as f64).sqrt() / expected,
-            validation.ndcg_at_10,
+            plan.noise_multiplier * plan.clip_norm * (dimension as f64).sqrt() / expected,
             started.elapsed().as_secs_f64(),
             1e3 * training_seconds / (round as f64 * expected),
         );
+        Ok((mean, line))
+    })?;
+    result.insert("epsilon_at_1e-6".into(), epsilon_from_rdp(&per_round.times(plan.rounds), 1e-6)?.0.into());
+    result.insert("training_seconds".into(), training_seconds.into());
+    result.insert("wall_seconds".into(), started.elapsed().as_secs_f64().into());
+    Ok(serde_json::Value::Object(result))
+}
+
+/// `plan.rounds` rounds in this process: `round` returns each round's mean update (from the
+/// global values it is given) and a line describing it; the server steps on the mean, the
+/// validation metric is printed after each round and the test metric read once at the end.
+fn in_process_rounds(
+    world: &guild_sim::world::World,
+    plan: &FedAvgPlan,
+    arm: &str,
+    mut round: impl FnMut(u64, &[f32]) -> anyhow::Result<(Vec<f64>, String)>,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    use guild_client::retrieval::Split;
+
+    let mut global = vec![0.0f32; world.parameter_count()];
+    let mut server = ServerState::new(global.len());
+    let mut curve = Vec::new();
+    for r in 1..=plan.rounds {
+        let (mean, line) = round(r, &global)?;
+        server.step(plan, &mut global, &mean);
+        let validation = world.score(Some(&global), Split::Validation)?;
+        eprintln!("round {r}: {line}, validation NDCG@10 {:.4}", validation.ndcg_at_10);
         curve.push(validation.ndcg_at_10);
     }
     let test = world.score(Some(&global), Split::Test)?;
-    Ok(serde_json::json!({
-        "arm": "shopper-level DP-SGD",
-        "validation_ndcg_at_10_by_round": curve,
-        "ndcg_at_10": test.ndcg_at_10,
-        "recall_at_10": test.recall_at_10,
-        "epsilon_at_1e-6": epsilon_from_rdp(&per_round.times(plan.rounds), 1e-6)?.0,
-        "training_seconds": training_seconds,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-    }))
+    let mut result = serde_json::Map::new();
+    result.insert("arm".into(), arm.into());
+    result.insert("validation_ndcg_at_10_by_round".into(), curve.into());
+    result.insert("ndcg_at_10".into(), test.ndcg_at_10.into());
+    result.insert("recall_at_10".into(), test.recall_at_10.into());
+    Ok(result)
 }
 
 /// FedAvg(M) in this process: each round Poisson-samples merchants, each trains from the
@@ -339,44 +357,26 @@ fn fedavg(
     plan: &FedAvgPlan,
     started: std::time::Instant,
 ) -> anyhow::Result<serde_json::Value> {
-    use guild_client::retrieval::Split;
     use rand::{Rng, SeedableRng};
 
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0xfed);
-    let mut global = vec![0.0f32; world.parameter_count()];
-    let mut server = ServerState::new(global.len());
-    let mut curve = Vec::new();
-    for round in 1..=plan.rounds {
+    let mut result = in_process_rounds(world, plan, "FedAvg", |round, global| {
         let cohort: Vec<_> = world.merchants.iter().filter(|_| rng.gen_bool(plan.sampling_rate)).collect();
-        let mut mean = vec![0.0f32; global.len()];
+        let mut mean = vec![0.0f64; global.len()];
         for (i, merchant) in cohort.iter().enumerate() {
             let config = guild_client::retrieval::TrainConfig {
                 seed: train.seed ^ (round << 20) ^ i as u64,
                 ..train.clone()
             };
-            let (values, _) = world.train_from(&global, &merchant.users, &config)?;
-            for ((m, v), g) in mean.iter_mut().zip(&values).zip(&global) {
-                *m += (v - g) / cohort.len().max(1) as f32;
+            let (values, _) = world.train_from(global, &merchant.users, &config)?;
+            for ((m, v), g) in mean.iter_mut().zip(&values).zip(global) {
+                *m += f64::from((v - g) / cohort.len().max(1) as f32);
             }
         }
-        server.step(plan, &mut global, &mean.iter().map(|&m| f64::from(m)).collect::<Vec<f64>>());
-        let validation = world.score(Some(&global), Split::Validation)?;
-        eprintln!(
-            "round {round}: {} merchants, validation NDCG@10 {:.4}, {:.0} s",
-            cohort.len(),
-            validation.ndcg_at_10,
-            started.elapsed().as_secs_f64()
-        );
-        curve.push(validation.ndcg_at_10);
-    }
-    let test = world.score(Some(&global), Split::Test)?;
-    Ok(serde_json::json!({
-        "arm": "FedAvg",
-        "validation_ndcg_at_10_by_round": curve,
-        "ndcg_at_10": test.ndcg_at_10,
-        "recall_at_10": test.recall_at_10,
-        "wall_seconds": started.elapsed().as_secs_f64(),
-    }))
+        Ok((mean, format!("{} merchants, {:.0} s", cohort.len(), started.elapsed().as_secs_f64())))
+    })?;
+    result.insert("wall_seconds".into(), started.elapsed().as_secs_f64().into());
+    Ok(serde_json::Value::Object(result))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -417,24 +417,13 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     })
     .expect("init");
     let config = &federation.config;
-    let threshold = guild_privacy::secagg::min_active_threshold(3).max(config.rounds.threshold);
-    let round = guild_privacy::cost::RoundPrivacy {
-        mode: config.privacy.mode,
-        unit: config.privacy.unit,
-        sampling_rate: config.rounds.sampling_rate,
-        noise_multiplier: config.privacy.noise_multiplier,
-        clip_norm: config.privacy.clip_norm,
-        dimension: config.manifest().expect("manifest").parameter_count(),
-        min_survivors: threshold,
-        tolerated_colluders: guild_privacy::cost::round_colluders(
-            config.privacy.tolerated_colluders,
-            threshold,
-            config.privacy.unit,
-        ),
-        max_summands: 4,
-        bit_width: config.privacy.bit_width,
-        wrap_probability: config.privacy.wrap_probability,
-    };
+    let dimension = config.manifest().expect("manifest").parameter_count();
+    let round = config.round_privacy(guild_proto::round::RoundKind::Training, 4, dimension);
+    assert_eq!(
+        round.min_survivors,
+        guild_privacy::secagg::min_active_threshold(3).max(config.rounds.threshold)
+    );
+    assert_eq!(round.max_summands, 4);
     let delta = config.privacy.delta;
     let (two, three) = (round.epsilon_after(2, delta).expect("ε"), round.epsilon_after(3, delta).expect("ε"));
     let cap = (two + three) / 2.0;

@@ -329,25 +329,13 @@ impl Engine {
                 }
                 let (optimizer, rate) =
                     (self.config.rounds.server_optimizer, self.config.rounds.server_learning_rate);
+                let (values, n, moments) = (&latest.values, round.denominator, moments.as_ref());
                 match &part {
-                    Some(ranges) => part_step(
-                        optimizer,
-                        &latest.values,
-                        &decoded,
-                        round.denominator,
-                        rate,
-                        moments.as_ref(),
-                        ranges,
-                    ),
-                    None => server_step(
-                        optimizer,
-                        &latest.values,
-                        &decoded,
-                        round.denominator,
-                        rate,
-                        moments.as_ref(),
-                        self.manifest.accumulated_range(),
-                    ),
+                    Some(ranges) => part_step(optimizer, values, &decoded, n, rate, moments, ranges),
+                    None => {
+                        let histogram = self.manifest.accumulated_range();
+                        server_step(optimizer, values, &decoded, n, rate, moments, histogram)
+                    }
                 }
             }
         };

@@ -5,12 +5,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use guild_privacy::cost::{RoundCost, RoundPrivacy, round_colluders, sampled_shoppers_bound};
+use guild_privacy::cost::RoundCost;
 use guild_privacy::ledger::PrivacyEvent;
-use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::message::{ClientIndex, RoundBinding};
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::{Identities, Phase, RoundConfig, min_active_threshold};
+use guild_privacy::secagg::{Identities, Phase, RoundConfig};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
@@ -86,34 +85,17 @@ impl Engine {
             );
             return Ok(false);
         }
-        let k = if cfg.rounds.neighbours == 0 { n - 1 } else { cfg.rounds.neighbours.min(n - 1) };
-        // The configured threshold is a floor: each round raises it to the active-security
-        // bound for its neighbourhood size, which every client checks for itself.
-        let t = cfg.rounds.threshold.max(min_active_threshold(share_holders(n, k)));
+        let (k, t) = cfg.cohort_shape(n);
         let p = &cfg.privacy;
-        // Who is sampled, at what rate, how many vectors the sum holds, and what it is
-        // averaged over: merchants (drawn here), or shoppers (drawn by their merchants).
-        let unit_rate = privacy.unit_rate;
-        let (max_summands, denominator) = match p.unit {
-            PrivacyUnit::Merchant => (n, q * population as f64),
-            PrivacyUnit::Shopper => {
-                (sampled_shoppers_bound(p.shoppers, unit_rate), unit_rate * p.shoppers as f64)
-            }
+        // What the sum is averaged over: merchants (drawn here), or shoppers (drawn by their
+        // merchants).
+        let denominator = match p.unit {
+            PrivacyUnit::Merchant => q * population as f64,
+            PrivacyUnit::Shopper => privacy.unit_rate * p.shoppers as f64,
         };
-        let cost = RoundPrivacy {
-            mode: p.mode,
-            unit: p.unit,
-            sampling_rate: unit_rate,
-            noise_multiplier: privacy.noise_multiplier,
-            clip_norm: p.clip_norm,
-            dimension: self.manifest.parameter_count(),
-            min_survivors: t,
-            tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
-            max_summands,
-            bit_width: cfg.privacy.bit_width,
-            wrap_probability: cfg.privacy.wrap_probability,
-        }
-        .cost()?;
+        let round = cfg.round_privacy(kind, n, self.manifest.parameter_count());
+        let max_summands = round.max_summands;
+        let cost = round.cost()?;
         let mut state = self.lock();
         if let Some(event) = &cost.event
             && !self.within_budget(&mut state, cost.unit, event)?

@@ -10,7 +10,7 @@
 mod rdp;
 
 pub use rdp::{
-    AccountingError, ORDERS, RdpCurve, calibrate_noise_by, calibrate_noise_multiplier,
-    calibrate_zero_out_noise_multiplier, epsilon_from_rdp, gaussian_zcdp_rho, subsampled_gaussian_rdp,
+    AccountingError, Neighbours, ORDERS, RdpCurve, calibrate_noise_by, calibrate_noise_multiplier,
+    epsilon_from_rdp, gaussian_zcdp_rho, sampled_gaussian_curve, subsampled_gaussian_rdp,
     subsampled_zcdp_rdp, zero_out_sampled_zcdp_rdp,
 };

@@ -211,40 +211,41 @@ pub fn epsilon_from_rdp(curve: &RdpCurve, delta: f64) -> Result<(f64, u32), Acco
     Ok((best.0.max(0.0), best.1))
 }
 
-/// The smallest noise multiplier z (to 1e-6 relative) for which `rounds` rounds of the
-/// Poisson-subsampled Gaussian at rate `q` stay within `target_epsilon` at `delta`
-/// (add/remove neighbours: central mode, and the shopper unit).
+/// Which datasets the Poisson-subsampled Gaussian's accountant treats as neighbours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Neighbours {
+    /// One unit added or removed ([`subsampled_gaussian_rdp`]): central mode, and the
+    /// shopper unit.
+    AddRemove,
+    /// One unit's contribution replaced by zero ([`zero_out_sampled_zcdp_rdp`] with the
+    /// Gaussian's ρ = 1/(2z²)): the merchant unit with the noise added by the participants.
+    ZeroOut,
+}
+
+/// The RDP curve of one round of the Gaussian with noise multiplier `z`, each unit
+/// Poisson-sampled at rate `q`, for `neighbours`.
+pub fn sampled_gaussian_curve(neighbours: Neighbours, q: f64, z: f64) -> Result<RdpCurve, AccountingError> {
+    match neighbours {
+        Neighbours::AddRemove => subsampled_gaussian_rdp(q, z),
+        Neighbours::ZeroOut => zero_out_sampled_zcdp_rdp(q, gaussian_zcdp_rho(z)?),
+    }
+}
+
+/// The smallest noise multiplier z (to 1e-6 relative) for which `rounds` rounds of
+/// [`sampled_gaussian_curve`] stay within `target_epsilon` at `delta`.
 pub fn calibrate_noise_multiplier(
+    neighbours: Neighbours,
     q: f64,
     rounds: u64,
     delta: f64,
     target_epsilon: f64,
 ) -> Result<f64, AccountingError> {
     check_rate(q)?;
-    calibrate(&|z| subsampled_gaussian_rdp(q, z), rounds, delta, target_epsilon)
-}
-
-/// [`calibrate_noise_multiplier`] for the merchant unit with the noise added by the
-/// participants (zero-out adjacency, [`zero_out_sampled_zcdp_rdp`] with the Gaussian's
-/// ρ = 1/(2z²)).
-pub fn calibrate_zero_out_noise_multiplier(
-    q: f64,
-    rounds: u64,
-    delta: f64,
-    target_epsilon: f64,
-) -> Result<f64, AccountingError> {
-    check_rate(q)?;
-    calibrate(&|z| zero_out_sampled_zcdp_rdp(q, gaussian_zcdp_rho(z)?), rounds, delta, target_epsilon)
-}
-
-fn calibrate(
-    curve: &dyn Fn(f64) -> Result<RdpCurve, AccountingError>,
-    rounds: u64,
-    delta: f64,
-    target_epsilon: f64,
-) -> Result<f64, AccountingError> {
     check_delta(delta)?;
-    calibrate_noise_by(|z| Ok(epsilon_from_rdp(&curve(z)?.times(rounds), delta)?.0), target_epsilon)
+    calibrate_noise_by(
+        |z| Ok(epsilon_from_rdp(&sampled_gaussian_curve(neighbours, q, z)?.times(rounds), delta)?.0),
+        target_epsilon,
+    )
 }
 
 /// The workspace's one noise calibrator: the smallest noise multiplier z (to 1e-6 relative,
@@ -338,16 +339,18 @@ mod tests {
 
     #[test]
     fn zero_out_calibration_inverts_its_accountant_and_needs_more_noise() {
-        let z = calibrate_zero_out_noise_multiplier(0.05, 6, 1e-5, 8.0).expect("reachable");
+        let z = calibrate_noise_multiplier(Neighbours::ZeroOut, 0.05, 6, 1e-5, 8.0).expect("reachable");
         let curve = zero_out_sampled_zcdp_rdp(0.05, 1.0 / (2.0 * z * z)).expect("valid").times(6);
         let (eps, _) = epsilon_from_rdp(&curve, 1e-5).expect("ok");
         assert!(eps <= 8.0 && eps > 7.99, "z = {z} gives ε = {eps}");
-        assert!(z > calibrate_noise_multiplier(0.05, 6, 1e-5, 8.0).expect("reachable"));
+        assert!(
+            z > calibrate_noise_multiplier(Neighbours::AddRemove, 0.05, 6, 1e-5, 8.0).expect("reachable")
+        );
     }
 
     #[test]
     fn calibration_inverts_the_accountant() {
-        let z = calibrate_noise_multiplier(0.1, 100, 1e-5, 3.0).expect("reachable");
+        let z = calibrate_noise_multiplier(Neighbours::AddRemove, 0.1, 100, 1e-5, 3.0).expect("reachable");
         let (eps, _) =
             epsilon_from_rdp(&subsampled_gaussian_rdp(0.1, z).expect("valid").times(100), 1e-5).expect("ok");
         assert!(eps <= 3.0 && eps > 2.99, "z = {z} gives ε = {eps}");

@@ -3,7 +3,7 @@
 //! coordinator's own cost function.
 
 use anyhow::Context as _;
-use guild_privacy::accounting::{RdpCurve, calibrate_noise_multiplier};
+use guild_privacy::accounting::{Neighbours, RdpCurve, calibrate_noise_multiplier};
 use guild_privacy::cost::{RoundPrivacy, calibrate_noise, round_colluders};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::round::{RoundKind, Schedule};
@@ -124,7 +124,13 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
     }
     for &epsilon in &s.arms.central_dp_epsilons {
-        let z = calibrate_noise_multiplier(f.sampling_rate, charged_rounds(plan.len()), delta, epsilon)?;
+        let z = calibrate_noise_multiplier(
+            Neighbours::AddRemove,
+            f.sampling_rate,
+            charged_rounds(plan.len()),
+            delta,
+            epsilon,
+        )?;
         let arm = FederatedArm::merchant_level(
             format!("central DP ε={epsilon}"),
             PrivacyMode::Central,
