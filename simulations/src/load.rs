@@ -20,6 +20,8 @@ pub struct LoadReport {
     pub neighbours: u32,
     pub threshold: u32,
     pub rounds: u64,
+    /// Whether the rounds carried DP noise (DDGauss in distributed mode) or none.
+    pub noise: bool,
     /// From the end of round 1 to the end of the last round.
     pub wall_seconds: f64,
     pub rounds_per_minute: f64,
@@ -74,14 +76,28 @@ fn counter(text: &str, name: &str) -> Option<f64> {
 }
 
 /// Runs `rounds` rounds of `clients` lightweight clients with d = `dimension`.
-pub async fn run(
-    clients: usize,
-    dimension: usize,
-    rounds: u64,
-    neighbours: u32,
-    threshold: u32,
-    flood_streams: usize,
-) -> anyhow::Result<LoadReport> {
+/// What a load run does.
+#[derive(Clone, Debug)]
+pub struct LoadSettings {
+    pub clients: usize,
+    /// Length of each update vector: a power of two, at least 1,024.
+    pub dimension: usize,
+    /// Rounds to run; the first is warm-up and not timed.
+    pub rounds: u64,
+    /// SecAgg+ neighbours per client (0: the complete graph).
+    pub neighbours: u32,
+    pub threshold: u32,
+    /// Request loops of one more, flooding merchant (0: none).
+    pub flood_streams: usize,
+    /// Rounds without DP noise (`privacy.mode = "dangerous_none"`): SecAgg+ and the
+    /// encoding alone, the work a secure-aggregation peer without DP does (random vectors,
+    /// no data).
+    pub dangerous_no_noise: bool,
+}
+
+pub async fn run(settings: LoadSettings) -> anyhow::Result<LoadReport> {
+    let LoadSettings { clients, dimension, rounds, neighbours, threshold, flood_streams, dangerous_no_noise } =
+        settings;
     anyhow::ensure!(rounds >= 2, "at least 2 rounds: the first is warm-up");
     anyhow::ensure!(
         dimension.is_power_of_two() && dimension >= 1024,
@@ -92,8 +108,10 @@ pub async fn run(
     let merchants = clients + usize::from(flood_streams > 0);
     let mut federation = Federation::init(dir.path(), merchants, |c| {
         c.adapter.layers = 1;
-        c.adapter.hidden = 512;
-        c.adapter.rank = dimension / 1024;
+        // A LoRA shape of exactly `dimension` values (A and B: 2 · hidden · rank).
+        let hidden = 512.max(((dimension / 2) as f64).sqrt() as usize).next_power_of_two();
+        c.adapter.hidden = hidden;
+        c.adapter.rank = dimension / (2 * hidden);
         c.rounds.sampling_rate = 1.0;
         c.rounds.min_cohort = clients as u32;
         c.rounds.threshold = threshold;
@@ -105,6 +123,9 @@ pub async fn run(
         // round: the work per round does not depend on it.
         c.privacy.noise_multiplier = 5.0;
         c.privacy.epsilon_budget = 1e9;
+        if dangerous_no_noise {
+            c.privacy.mode = guild_privacy::PrivacyMode::DangerousNone;
+        }
     })?;
     federation.start_in_process().await?;
     let manifest = federation.config.manifest()?;
@@ -125,6 +146,7 @@ pub async fn run(
         let options = ParticipantOptions {
             display_name: format!("load-{i}"),
             max_rounds: rounds,
+            dangerous_send_unnoised_updates: dangerous_no_noise,
             ..Default::default()
         };
         let mut participant = Participant::new(
@@ -190,6 +212,7 @@ pub async fn run(
         neighbours,
         threshold,
         rounds,
+        noise: !dangerous_no_noise,
         wall_seconds: wall,
         rounds_per_minute: timed_rounds as f64 * 60.0 / wall,
         phase_seconds,

@@ -75,6 +75,10 @@ enum Command {
         /// a cohort), each on its own connection; 0 for none.
         #[arg(long, default_value_t = 0)]
         flood: usize,
+        /// Rounds without DP noise (`privacy.mode = "dangerous_none"`): secure aggregation
+        /// alone, as a peer without DP runs it.
+        #[arg(long)]
+        dangerous_no_noise: bool,
     },
     /// Train and evaluate one non-federated arm on a fixed, seeded sample of test users.
     Local {
@@ -403,10 +407,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             eprintln!("guild-sim: report written to {}", out.display());
             Ok(())
         }
-        Command::Load { clients, dimension, rounds, neighbours, threshold, flood } => {
+        Command::Load { clients, dimension, rounds, neighbours, threshold, flood, dangerous_no_noise } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let report = runtime
-                .block_on(guild_sim::load::run(clients, dimension, rounds, neighbours, threshold, flood))?;
+            let settings = guild_sim::load::LoadSettings {
+                clients,
+                dimension,
+                rounds,
+                neighbours,
+                threshold,
+                flood_streams: flood,
+                dangerous_no_noise,
+            };
+            let report = runtime.block_on(guild_sim::load::run(settings))?;
             println!("{}", serde_json::to_string_pretty(&report)?);
             Ok(())
         }

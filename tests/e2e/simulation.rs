@@ -208,7 +208,17 @@ const FEDERATED_MARGIN: f64 = 0.002;
 /// stopped working unnoticed: the clients' own ε caps refused its rounds).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_load_harness_runs_rounds_beside_a_flooding_merchant() {
-    let report = guild_sim::load::run(8, 1024, 6, 0, 5, 2).await.expect("the load run completes");
+    let report = guild_sim::load::run(guild_sim::load::LoadSettings {
+        clients: 8,
+        dimension: 1024,
+        rounds: 6,
+        neighbours: 0,
+        threshold: 5,
+        flood_streams: 2,
+        dangerous_no_noise: false,
+    })
+    .await
+    .expect("the load run completes");
     assert_eq!(report.rounds, 6);
     assert!(report.rounds_per_minute > 0.0 && report.rounds_per_minute.is_finite(), "{report:?}");
     assert!(report.coordinator_seconds_per_round > 0.0, "{report:?}");
