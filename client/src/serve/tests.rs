@@ -461,3 +461,160 @@ fn a_change_of_the_federations_adapter_is_named_and_an_unchanged_one_is_not() {
     let rebased = AdapterManifest { base_model_sha256: [9; 32], ..serving.clone() };
     assert!(manifest_change(&serving, &rebased).expect("changed").contains("base model"));
 }
+
+/// Debian's Chromium, driven over WebDriver by Debian's chromedriver (`scripts/setup --test`
+/// installs both; `GUILD_CHROMIUM` and `GUILD_CHROMEDRIVER` name other binaries).
+mod browser {
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use fantoccini::{Client, ClientBuilder, Locator};
+
+    use super::*;
+
+    /// The chromedriver process, stopped when dropped.
+    struct Driver(Child);
+
+    impl Drop for Driver {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn binary(variable: &str, default: &str) -> String {
+        let path = std::env::var(variable).unwrap_or_else(|_| default.to_owned());
+        assert!(
+            Command::new(&path).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok(),
+            "{path} does not run: this test drives Debian's chromium with its chromium-driver \
+             (`scripts/setup --test` installs both; {variable} names another binary)"
+        );
+        path
+    }
+
+    async fn start(profile: &Path) -> (Driver, Client) {
+        let chromium = binary("GUILD_CHROMIUM", "/usr/bin/chromium");
+        let chromedriver = binary("GUILD_CHROMEDRIVER", "chromedriver");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let driver = Driver(
+            Command::new(chromedriver)
+                .arg(format!("--port={port}"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start chromedriver"),
+        );
+        // Headless, and without the background connections a closed network refuses.
+        let capabilities = serde_json::json!({
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": chromium,
+                "args": [
+                    "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--disable-quic", "--no-first-run", "--disable-background-networking",
+                    "--disable-component-update", "--disable-sync",
+                    format!("--user-data-dir={}", profile.display()),
+                ],
+            },
+        });
+        let serde_json::Value::Object(capabilities) = capabilities else { unreachable!("an object literal") };
+        let connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        let started = Instant::now();
+        loop {
+            match ClientBuilder::new(connector.clone())
+                .capabilities(capabilities.clone())
+                .connect(&format!("http://127.0.0.1:{port}"))
+                .await
+            {
+                Ok(client) => return (driver, client),
+                Err(_) if started.elapsed() < Duration::from_secs(30) => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("no WebDriver session within 30 s: {e}"),
+            }
+        }
+    }
+
+    /// Waits until the text of `#id` contains `wanted`; returns it.
+    async fn text_of(client: &Client, id: &str, wanted: &str) -> String {
+        let started = Instant::now();
+        loop {
+            let text = client.find(Locator::Id(id)).await.expect(id).text().await.expect("text");
+            if text.contains(wanted) {
+                return text;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "#{id} says {text:?}, waited for {wanted:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The ids in the results table, in order (each row's item cell ends "(id)").
+    async fn shown(client: &Client) -> Vec<u64> {
+        let mut ids = Vec::new();
+        for row in client.find_all(Locator::Css("#results tbody tr td:nth-child(2)")).await.expect("rows") {
+            let text = row.text().await.expect("text");
+            let id = text.rsplit('(').next().and_then(|t| t.trim_end_matches(')').parse().ok());
+            ids.push(id.unwrap_or_else(|| panic!("no item id in {text:?}")));
+        }
+        ids
+    }
+
+    /// The page in a real browser: it shows the served version, searches, adds a result to
+    /// the shopper's history and recommends after it, each list the engine's own answer.
+    #[test]
+    fn the_page_searches_builds_a_history_and_recommends_in_chromium() {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let engine = Arc::new(engine(&offset(1), 0.2));
+        let state = Arc::new(AppState::new(engine.clone()));
+        state.metrics.set_version(4);
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
+        let address = listener.local_addr().expect("address");
+        runtime.spawn(async move { serve(listener, state).await });
+        let profile = tempfile::tempdir().expect("tempdir");
+
+        let searched = engine.search("item 7", &[], 10).expect("ranked");
+        let searched: Vec<u64> = searched.items.iter().map(|h| h.item_id).collect();
+        let first = searched[0];
+        let recommended = engine.recommend(&[first], 10, true).expect("ranked");
+        let recommended: Vec<u64> = recommended.items.iter().map(|h| h.item_id).collect();
+
+        runtime.block_on(async {
+            let (_driver, client) = start(profile.path()).await;
+            client.goto(&format!("http://{address}/")).await.expect("the page loads");
+            text_of(&client, "version", &format!("adapter version 4 over {ITEMS} items")).await;
+
+            client.find(Locator::Id("query")).await.expect("query").send_keys("item 7").await.expect("typed");
+            client
+                .find(Locator::Css("#search-form button"))
+                .await
+                .expect("button")
+                .click()
+                .await
+                .expect("click");
+            text_of(&client, "status", "Search: 10 items, ranked by adapter version 4").await;
+            assert_eq!(shown(&client).await, searched);
+
+            client
+                .find(Locator::Css("#results tbody tr button"))
+                .await
+                .expect("add")
+                .click()
+                .await
+                .expect("click");
+            let history = text_of(&client, "history", &format!("({first})")).await;
+            assert_eq!(history.lines().count(), 1, "{history}");
+
+            client.find(Locator::Id("recommend")).await.expect("recommend").click().await.expect("click");
+            text_of(&client, "status", "Recommendations: 10 items").await;
+            assert_eq!(shown(&client).await, recommended);
+            assert!(!recommended.contains(&first), "the history's own item is left out");
+            client.close().await.expect("close the session");
+        });
+    }
+}
