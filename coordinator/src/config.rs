@@ -11,7 +11,7 @@ use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
-use guild_proto::round::{RoundKind, Schedule, TrainedPart};
+use guild_proto::round::{RoundKind, Schedule, SummedCoordinates, TrainedPart};
 use guild_proto::tower::TowerShape;
 use serde::{Deserialize, Serialize};
 
@@ -397,6 +397,18 @@ impl Config {
     /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
     /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
     /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
+    /// What a round of `kind` trains: `rounds.trained` for training, the whole adapter (as the
+    /// wire states it) for the statistic kinds, which train nothing.
+    pub fn trained_in(&self, kind: RoundKind) -> TrainedPart {
+        if kind.trains() { self.rounds.trained } else { TrainedPart::Whole }
+    }
+
+    /// The coordinates of `manifest`'s adapter a round of `kind` sums: its SecAgg+ vector,
+    /// its noise and its privacy cost are over these alone.
+    pub fn summed(&self, kind: RoundKind, manifest: &AdapterManifest) -> SummedCoordinates {
+        SummedCoordinates::of(kind, self.trained_in(kind), manifest)
+    }
+
     /// The SecAgg+ shape of a round over `n` sampled merchants: each one's neighbours `k` (the
     /// complete graph when `rounds.neighbours` is 0) and the threshold `t`, the configured
     /// floor raised to the active-security bound for that neighbourhood, which every client

@@ -18,6 +18,8 @@ use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::round::RoundKind;
 use serde::Serialize;
 
+use guild_proto::domain::AdapterManifest;
+
 use crate::config::{Config, Shrinkage};
 
 /// The largest noise-to-clip ratio of a training round that `serve` starts with when the
@@ -47,6 +49,8 @@ pub struct KindPlan {
     /// The fewest survivors a round of that cohort accepts, and the colluders it tolerates.
     pub threshold: u32,
     pub tolerated_colluders: u32,
+    /// The adapter coordinates a round of this kind sums (`d` below).
+    pub summed: usize,
     /// `√(d·v)/m / c`: the noise norm of the averaged update against the clip norm.
     pub noise_to_clip: f64,
     /// ε after this kind's rounds alone, at the federation's δ.
@@ -82,9 +86,11 @@ struct Expected {
     summands: f64,
 }
 
-/// A round of `kind` of `config` over an adapter of `d` values, at the cohort expected
-/// of `merchants` allowed merchants (the daemon computes the same from the cohort it draws).
-fn expected_round(config: &Config, kind: RoundKind, d: usize, merchants: u64) -> Expected {
+/// A round of `kind` of `config` over `manifest`'s adapter (the coordinates a round of that
+/// kind sums), at the cohort expected of `merchants` allowed merchants (the daemon computes
+/// the same from the cohort it draws).
+fn expected_round(config: &Config, kind: RoundKind, manifest: &AdapterManifest, merchants: u64) -> Expected {
+    let d = config.summed(kind, manifest).len();
     let privacy = config.kind_privacy(kind);
     let cohort = (privacy.merchant_rate * merchants as f64).max(f64::from(config.rounds.min_cohort));
     let n = cohort.round().max(2.0) as u32;
@@ -109,7 +115,7 @@ pub fn next_round_exhausts(
 ) -> anyhow::Result<bool> {
     let manifest = config.manifest()?;
     let kind = config.schedule(&manifest).kind_after(latest_version);
-    let cost = expected_round(config, kind, manifest.parameter_count(), merchants).round.cost()?;
+    let cost = expected_round(config, kind, &manifest, merchants).round.cost()?;
     Ok(match &cost.event {
         Some(event) => ledger.spent_if(cost.unit, event)?.epsilon > config.privacy.epsilon_budget,
         None => false,
@@ -142,15 +148,12 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
             continue;
         }
         let privacy = config.kind_privacy(kind);
-        let Expected { round, cohort, n, t, summands } = expected_round(config, kind, d, merchants);
+        let Expected { round, cohort, n, t, summands } = expected_round(config, kind, &manifest, merchants);
         let cost = round.cost()?;
         let variance =
             decoded_sum_noise_variance(p.mode, privacy.noise_multiplier, p.clip_norm, &cost.ddg, n);
-        // The noise that reaches the model: over the part a training round trains.
-        let moved = match config.rounds.trained.ranges(&manifest) {
-            Some(part) if kind == RoundKind::Training => part.iter().map(ExactSizeIterator::len).sum(),
-            _ => d,
-        };
+        // The noise that reaches the model: over the coordinates the round sums.
+        let moved = round.dimension;
         let noise_to_clip = (moved as f64 * variance).sqrt() / summands.max(1.0) / p.clip_norm;
         // Training without a round limit runs until the budget is spent: count those rounds.
         if kind == RoundKind::Training
@@ -194,6 +197,7 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
             expected_summands: summands,
             threshold: t,
             tolerated_colluders: round.tolerated_colluders,
+            summed: round.dimension,
             noise_to_clip,
             epsilon,
         });
@@ -289,7 +293,7 @@ mod tests {
         let one = config(&[]);
         let manifest = one.manifest().expect("manifest");
         let kind = one.schedule(&manifest).kind_after(0);
-        let cost = expected_round(&one, kind, manifest.parameter_count(), 508).round.cost().expect("cost");
+        let cost = expected_round(&one, kind, &manifest, 508).round.cost().expect("cost");
         let event = cost.event.expect("a DP round");
         let fresh = Ledger::new(Budget { epsilon: 1e9, delta: 1e-5 }, Vec::new()).expect("ledger");
         let one_round = fresh.spent_if(cost.unit, &event).expect("spent").epsilon;

@@ -123,6 +123,112 @@ impl std::fmt::Display for TrainedPart {
     }
 }
 
+/// The adapter coordinates a round sums: its SecAgg+ vector, its noise and its privacy cost
+/// cover their concatenation, in order, and nothing else. A training round sums what it
+/// trains (the whole adapter, or its [`TrainedPart`]); a popularity release the statistics
+/// (the popularity histogram and the item-to-item counts); a pooling selection the scores of
+/// the public grid's settings, which it carries in the adapter's first coordinates. The
+/// client and the coordinator derive it from the task alone (its kind, trained part and
+/// manifest, all covered by the task digest), so the wire carries no list of ranges.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SummedCoordinates {
+    /// Sorted, disjoint, non-empty ranges of the adapter's flat vector.
+    ranges: Vec<std::ops::Range<usize>>,
+    /// Where each range starts in the summed vector.
+    starts: Vec<usize>,
+    len: usize,
+    dimension: usize,
+}
+
+impl SummedCoordinates {
+    /// What a round of `kind` training `trained` sums of `manifest`'s adapter.
+    #[allow(clippy::single_range_in_vec_init, reason = "a list of ranges that holds one")]
+    pub fn of(kind: RoundKind, trained: TrainedPart, manifest: &AdapterManifest) -> Self {
+        let dimension = manifest.parameter_count();
+        let ranges = match kind {
+            RoundKind::Training => trained.ranges(manifest),
+            RoundKind::PopularityRelease => manifest.accumulated_range().map(|r| vec![r]),
+            RoundKind::PoolingSelection => {
+                manifest.selection_ranges().map(|_| vec![0..crate::tower::SELECTION_SETTINGS.min(dimension)])
+            }
+        };
+        Self::new(ranges.unwrap_or_else(|| vec![0..dimension]), dimension)
+    }
+
+    fn new(mut ranges: Vec<std::ops::Range<usize>>, dimension: usize) -> Self {
+        ranges.retain(|r| !r.is_empty() && r.end <= dimension);
+        ranges.sort_by_key(|r| r.start);
+        let mut merged: Vec<std::ops::Range<usize>> = Vec::with_capacity(ranges.len());
+        for r in ranges {
+            match merged.last_mut() {
+                Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+                _ => merged.push(r),
+            }
+        }
+        let mut starts = Vec::with_capacity(merged.len());
+        let mut len = 0;
+        for r in &merged {
+            starts.push(len);
+            len += r.len();
+        }
+        Self { ranges: merged, starts, len, dimension }
+    }
+
+    /// How many coordinates the round sums: the length of its vector before padding.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The adapter's whole dimension.
+    pub fn dimension(&self) -> usize {
+        self.dimension
+    }
+
+    /// Whether the round sums every coordinate of the adapter.
+    pub fn is_whole(&self) -> bool {
+        self.len == self.dimension
+    }
+
+    /// The summed ranges of the adapter's flat vector.
+    pub fn ranges(&self) -> &[std::ops::Range<usize>] {
+        &self.ranges
+    }
+
+    /// Where adapter coordinate `index` sits in the summed vector, if the round sums it.
+    pub fn position(&self, index: usize) -> Option<usize> {
+        let i = self.ranges.partition_point(|r| r.end <= index);
+        let r = self.ranges.get(i)?;
+        r.contains(&index).then(|| self.starts[i] + (index - r.start))
+    }
+
+    /// The summed coordinates of a vector over the whole adapter.
+    pub fn gather<T: Copy>(&self, full: &[T]) -> Vec<T> {
+        self.ranges.iter().flat_map(|r| full.get(r.clone()).unwrap_or_default().iter().copied()).collect()
+    }
+
+    /// A summed vector placed back over the whole adapter, zero elsewhere.
+    pub fn scatter(&self, summed: &[f64]) -> Vec<f64> {
+        let mut full = vec![0.0; self.dimension];
+        for (r, &start) in self.ranges.iter().zip(&self.starts) {
+            if let Some(values) = summed.get(start..start + r.len()) {
+                full[r.clone()].copy_from_slice(values);
+            }
+        }
+        full
+    }
+}
+
+impl crate::domain::RoundTask {
+    /// The coordinates this task's round sums ([`SummedCoordinates::of`]).
+    pub fn summed(&self) -> SummedCoordinates {
+        SummedCoordinates::of(self.training.kind, self.training.trained, &self.manifest)
+    }
+}
+
 /// The federation's order of round kinds: its first `popularity_releases` adapter versions
 /// come from popularity releases, the next from one pooling selection (if asked for), and
 /// every later one from training. Kinds the adapter cannot run are left out
@@ -185,7 +291,7 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
-    use super::{RoundKind, Schedule, TrainedPart};
+    use super::{RoundKind, Schedule, SummedCoordinates, TrainedPart};
     use crate::domain::AdapterManifest;
     use crate::tower::TowerShape;
 
@@ -233,5 +339,43 @@ mod tests {
         let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
         assert!(TrainedPart::Pooling.unsupported_by(&plain).is_some());
         assert_eq!(TrainedPart::Whole.unsupported_by(&plain), None);
+    }
+
+    #[test]
+    fn each_kind_sums_its_own_coordinates_and_they_go_back_where_they_came_from() {
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
+        let d = tower.parameter_count();
+        let whole = SummedCoordinates::of(RoundKind::Training, TrainedPart::Whole, &tower);
+        assert!(whole.is_whole() && whole.len() == d);
+        let release = SummedCoordinates::of(RoundKind::PopularityRelease, TrainedPart::Whole, &tower);
+        let statistics = tower.accumulated_range().expect("a prior");
+        assert_eq!(release.ranges(), std::slice::from_ref(&statistics));
+        let selection = SummedCoordinates::of(RoundKind::PoolingSelection, TrainedPart::Whole, &tower);
+        let grid = 0..crate::tower::SELECTION_SETTINGS;
+        assert_eq!(selection.ranges(), std::slice::from_ref(&grid));
+        let pooling = SummedCoordinates::of(RoundKind::Training, TrainedPart::Pooling, &tower);
+        let (recency, weight) = tower.selection_ranges().expect("a prior");
+        assert_eq!(pooling.len(), recency.len() + 1);
+        // Positions follow the adapter's order; coordinates outside have none.
+        let (first, second) =
+            if weight < recency.start { (weight, recency.start) } else { (recency.start, weight) };
+        assert_eq!(pooling.position(first), Some(0));
+        assert_eq!(pooling.position(second), Some(if first == weight { 1 } else { recency.len() }));
+        assert_eq!(pooling.position(d - 1).is_some(), weight == d - 1 || recency.contains(&(d - 1)));
+        assert_eq!(release.position(statistics.start - 1), None);
+        assert_eq!(release.position(d), None);
+        // Gathering then scattering keeps the summed coordinates and zeroes the rest.
+        let full: Vec<f64> = (0..d).map(|i| i as f64 + 1.0).collect();
+        for summed in [&whole, &release, &selection, &pooling] {
+            let back = summed.scatter(&summed.gather(&full));
+            for (i, (&b, &f)) in back.iter().zip(&full).enumerate() {
+                assert_eq!(b, if summed.position(i).is_some() { f } else { 0.0 }, "coordinate {i}");
+            }
+        }
+        // An adapter without the statistics or the selection sums everything.
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
+        for kind in RoundKind::ALL {
+            assert!(SummedCoordinates::of(kind, TrainedPart::Whole, &plain).is_whole(), "{kind}");
+        }
     }
 }

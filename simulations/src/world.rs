@@ -415,6 +415,23 @@ impl World {
         }
     }
 
+    /// How many coordinates of this world's adapter a round of `kind` training `trained`
+    /// sums (`guild_proto::round::SummedCoordinates`): the dimension its noise and its
+    /// privacy cost are over.
+    pub fn summed(
+        &self,
+        kind: guild_proto::round::RoundKind,
+        trained: guild_proto::round::TrainedPart,
+    ) -> usize {
+        let manifest = match self.spec.family {
+            AdapterFamilyName::FfaLora => self.adapters(&lock(&self.shared)).manifest(),
+            AdapterFamilyName::SequenceTower => {
+                guild_proto::domain::AdapterManifest::sequence_tower([0; 32], self.spec.tower.shape, 0)
+            }
+        };
+        guild_proto::round::SummedCoordinates::of(kind, trained, &manifest).len()
+    }
+
     /// Every merchant's shoppers, pooled (the centralised arm's data).
     pub fn all_merchant_users(&self) -> Vec<usize> {
         self.merchants.iter().flat_map(|m| m.users.iter().copied()).collect()

@@ -388,14 +388,21 @@ impl Participant {
     /// One round: check, fetch, train, privatise, SecAgg+.
     pub async fn take_part(&mut self, task: RoundTask) -> Result<RoundReport, ParticipantError> {
         self.check(&task)?;
-        let d = task.manifest.parameter_count();
-        let global = self.global_adapter(task.adapter_version, task.binding.adapter_sha256, d).await?;
+        let global = self
+            .global_adapter(
+                task.adapter_version,
+                task.binding.adapter_sha256,
+                task.manifest.parameter_count(),
+            )
+            .await?;
 
         // The encoding: clip, rotate, scale, round, add this client's share of the noise.
         let p = &task.privacy;
         let noise = if p.mode == PrivacyMode::Distributed { p.noise_multiplier * p.clip_norm } else { 0.0 };
         let shares = guild_privacy::cost::noise_shares(p.min_survivors, p.tolerated_colluders);
-        let ddg = DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, shares)?;
+        // Over the coordinates the round sums, not the whole adapter.
+        let ddg =
+            DdgParams::from_round(task.summed().len(), p.clip_norm, p.gamma, p.bit_width, noise, shares)?;
         if ddg.padded_dimension() != task.secagg.vector_length as usize {
             return Err(ParticipantError::Refused("vector length does not match the encoding".into()));
         }

@@ -5,6 +5,7 @@
 use guild_privacy::PrivacyUnit;
 use guild_privacy::dp::{DdgEncoding, DdgParams, RandomRotation, poisson_sample};
 use guild_proto::domain::RoundTask;
+use guild_proto::round::SummedCoordinates;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -27,6 +28,9 @@ pub(super) fn privatised_update(
 ) -> Result<DdgEncoding, ParticipantError> {
     let p = &task.privacy;
     let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+    // The learner's updates are over the whole adapter; the round sums only its own
+    // coordinates (`SummedCoordinates`), and those alone are clipped, noised and sent.
+    let summed = task.summed();
     let mut os_rng = ChaCha20Rng::from_entropy();
     let training = |e: anyhow::Error| ParticipantError::Training(format!("{e:#}"));
     match p.unit {
@@ -38,8 +42,13 @@ pub(super) fn privatised_update(
                     "the learner handed over more than the merchant's one update"
                 );
                 encoded = Some(match update {
-                    Update::Dense(x) => ddg.encode(x, &rotation, &mut os_rng)?,
-                    sparse => ddg.encode(&mut sparse.to_dense(ddg.dimension())?, &rotation, &mut os_rng)?,
+                    Update::Dense(x) if summed.is_whole() => ddg.encode(x, &rotation, &mut os_rng)?,
+                    Update::Dense(x) => ddg.encode(&mut gather(&summed, x)?, &rotation, &mut os_rng)?,
+                    Update::Sparse { indices, values } => {
+                        let indices = positions(&summed, indices)?;
+                        let sparse = Update::Sparse { indices: &indices, values };
+                        ddg.encode(&mut sparse.to_dense(ddg.dimension())?, &rotation, &mut os_rng)?
+                    }
                 });
                 Ok(())
             };
@@ -53,8 +62,11 @@ pub(super) fn privatised_update(
             let mut left_out = 0usize;
             let mut each = |update: Update<'_>| -> anyhow::Result<()> {
                 let added = match update {
-                    Update::Dense(x) => sum.add(x),
-                    Update::Sparse { indices, values } => sum.add_sparse(indices, values),
+                    Update::Dense(x) if summed.is_whole() => sum.add(x),
+                    Update::Dense(x) => sum.add(&mut gather(&summed, x)?),
+                    Update::Sparse { indices, values } => {
+                        sum.add_sparse(&positions(&summed, indices)?, values)
+                    }
                 };
                 match added {
                     Ok(()) => {}
@@ -76,6 +88,34 @@ pub(super) fn privatised_update(
             Ok(sum.finish(&mut os_rng)?)
         }
     }
+}
+
+/// A dense update over the whole adapter, restricted to the coordinates the round sums.
+fn gather(summed: &SummedCoordinates, x: &[f32]) -> anyhow::Result<Vec<f32>> {
+    anyhow::ensure!(
+        x.len() == summed.dimension(),
+        "an update of {} coordinates, not the adapter's {}",
+        x.len(),
+        summed.dimension()
+    );
+    Ok(summed.gather(x))
+}
+
+/// A sparse update's adapter coordinates as positions in the summed vector (still strictly
+/// increasing: the summed ranges keep the adapter's order). A coordinate the round does not
+/// sum is the learner's mistake, named rather than dropped.
+fn positions(summed: &SummedCoordinates, indices: &[usize]) -> anyhow::Result<Vec<usize>> {
+    if summed.is_whole() {
+        return Ok(indices.to_vec());
+    }
+    indices
+        .iter()
+        .map(|&i| {
+            summed.position(i).ok_or_else(|| {
+                anyhow::anyhow!("an update at adapter coordinate {i}, which this round does not sum")
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -285,7 +285,7 @@ pub fn vet_task(
 pub fn shown_round_rho(task: &RoundTask) -> Result<f64, guild_privacy::cost::CostError> {
     let p = &task.privacy;
     let ddg = DdgParams::from_round(
-        task.manifest.parameter_count(),
+        task.summed().len(),
         p.clip_norm,
         p.gamma,
         p.bit_width,

@@ -274,6 +274,8 @@ impl Engine {
             let sigma = round.noise_multiplier * self.config.privacy.clip_norm;
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
         }
+        // Back over the whole adapter: the coordinates the round did not sum stay zero.
+        let mut decoded = if round.summed.is_whole() { decoded } else { round.summed.scatter(&decoded) };
         // The server step of the round's kind.
         let step = match round.kind {
             RoundKind::PoolingSelection => {

@@ -115,6 +115,8 @@ struct Round {
     denominator: f64,
     /// Training, a popularity release or the pooling selection: picks the server step.
     kind: guild_proto::round::RoundKind,
+    /// The adapter coordinates the round sums (its vector is their concatenation).
+    summed: guild_proto::round::SummedCoordinates,
     /// z of the round's kind (central mode adds the noise itself).
     noise_multiplier: f64,
     /// The phase now collecting messages; `None` once every phase closed.

@@ -13,7 +13,7 @@ use guild_privacy::secagg::{Identities, Phase, RoundConfig};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
-use guild_proto::round::{RoundKind, TrainedPart};
+use guild_proto::round::RoundKind;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -93,7 +93,8 @@ impl Engine {
             PrivacyUnit::Merchant => q * population as f64,
             PrivacyUnit::Shopper => privacy.unit_rate * p.shoppers as f64,
         };
-        let round = cfg.round_privacy(kind, n, self.manifest.parameter_count());
+        let summed = cfg.summed(kind, &self.manifest);
+        let round = cfg.round_privacy(kind, n, summed.len());
         let max_summands = round.max_summands;
         let cost = round.cost()?;
         let mut state = self.lock();
@@ -178,6 +179,7 @@ impl Engine {
             max_summands,
             denominator,
             kind,
+            summed,
             noise_multiplier: privacy.noise_multiplier,
             phase: Some(Phase::AdvertiseKeys),
             phase_started: Instant::now(),
@@ -233,7 +235,7 @@ impl Engine {
                 learning_rate: cfg.rounds.learning_rate,
                 data_seed,
                 kind: template.kind,
-                trained: if template.kind.trains() { cfg.rounds.trained } else { TrainedPart::Whole },
+                trained: cfg.trained_in(template.kind),
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,

@@ -378,12 +378,14 @@ impl TryFrom<v1::RoundTask> for RoundTask {
                 format!("must be 1..={MAX_VECTOR_LENGTH}"),
             ));
         }
-        if s.vector_length as usize != manifest.parameter_count().next_power_of_two() {
+        let summed = crate::round::SummedCoordinates::of(kind, trained, &manifest);
+        if s.vector_length as usize != summed.len().next_power_of_two() {
             return Err(WireError::invalid(
                 "RoundTask.secagg.vector_length",
                 format!(
-                    "{} does not match the manifest's {} parameters padded to a power of two",
+                    "{} does not match the manifest: a {kind} sums {} of its {} parameters, padded to a power of two",
                     s.vector_length,
+                    summed.len(),
                     manifest.parameter_count()
                 ),
             ));
@@ -595,7 +597,7 @@ mod tests {
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);
-        task.secagg.vector_length = task.manifest.parameter_count().next_power_of_two() as u32;
+        task.secagg.vector_length = task.summed().len().next_power_of_two() as u32;
         let wire = v1::RoundTask::from(task.clone());
         assert_eq!(RoundTask::try_from(wire.clone()).expect("valid"), task);
         let mut renamed = wire.clone();
@@ -616,6 +618,14 @@ mod tests {
         }
         let error = RoundTask::try_from(bad).expect_err("bad shape").to_string();
         assert!(error.contains("AdapterManifest.tower"), "{error}");
+        // A pooling selection's vector is its twelve scores, padded: 16, not the adapter's.
+        let mut selection = task.clone();
+        selection.training.kind = crate::round::RoundKind::PoolingSelection;
+        selection.secagg.vector_length = 16;
+        assert_eq!(RoundTask::try_from(v1::RoundTask::from(selection.clone())).expect("valid"), selection);
+        selection.secagg.vector_length = task.secagg.vector_length;
+        let error = RoundTask::try_from(v1::RoundTask::from(selection)).expect_err("whole length").to_string();
+        assert!(error.contains("a pooling selection sums 12 of its"), "{error}");
     }
 
     #[test]

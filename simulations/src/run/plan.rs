@@ -6,7 +6,7 @@ use anyhow::Context as _;
 use guild_privacy::accounting::{Neighbours, RdpCurve, calibrate_noise_multiplier};
 use guild_privacy::cost::{RoundPrivacy, calibrate_noise, round_colluders};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
-use guild_proto::round::{RoundKind, Schedule};
+use guild_proto::round::{RoundKind, Schedule, TrainedPart};
 
 use crate::scenario::{Scenario, ShopperDp};
 use crate::world::World;
@@ -68,7 +68,9 @@ impl FederatedArm {
 pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<FederatedArm>, f64)> {
     let f = &s.federation;
     let n = world.merchants.len();
-    let d = world.parameter_count();
+    // Merchant-level arms train the whole adapter; each round kind's cost is over the
+    // coordinates it sums, as the coordinator charges it.
+    let d = world.summed(RoundKind::Training, TrainedPart::Whole);
     let delta = s.delta(n);
     // The arms whose coordinator is killed (and restarted) after some round.
     let killed = |index: usize| {
@@ -153,7 +155,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             sampling_rate: sh.sampling_rate,
             noise_multiplier: 1.0,
             clip_norm: sh.clip_norm,
-            dimension: d,
+            dimension: world.summed(RoundKind::Training, sh.trained),
             // Every merchant is in the complete-graph cohort: the threshold the coordinator
             // raises each round to.
             min_survivors: shopper_threshold,
@@ -168,12 +170,13 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         };
         // The statistic rounds (releases, selection): every merchant's shoppers sampled at
         // the kind's own rate, the sum bounded accordingly.
-        let sampled_at = |q: f64| RoundPrivacy {
+        let sampled_at = |q: f64, kind: RoundKind| RoundPrivacy {
             sampling_rate: q,
             max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, q),
+            dimension: world.summed(kind, TrainedPart::Whole),
             ..round.clone()
         };
-        let statistic = sampled_at(sh.popularity_sampling_rate);
+        let statistic = sampled_at(sh.popularity_sampling_rate, RoundKind::PopularityRelease);
         // The coordinator's schedule of the arm's rounds, and how many of each kind it runs.
         let schedule = sh.schedule();
         let total = schedule.statistic_rounds() + sh.rounds;
@@ -182,9 +185,12 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         // The pooling selection, at its fixed z, is charged first; the rest is calibrated
         // to what it leaves.
         let selection = match sh.selection_noise_multiplier {
-            Some(z) => (RoundPrivacy { noise_multiplier: z, ..sampled_at(sh.selection_rate()) })
-                .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
-                .context("a selection without noise")?,
+            Some(z) => (RoundPrivacy {
+                noise_multiplier: z,
+                ..sampled_at(sh.selection_rate(), RoundKind::PoolingSelection)
+            })
+            .curve_after(schedule.count(RoundKind::PoolingSelection, total))?
+            .context("a selection without noise")?,
             None => RdpCurve::zero(),
         };
         for &epsilon in &s.arms.shopper_dp_epsilons {
