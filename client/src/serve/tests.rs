@@ -320,15 +320,23 @@ fn post(address: std::net::SocketAddr, path: &str, body: &str) -> (u16, String) 
     )
 }
 
-#[test]
-fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
+/// The test engine served over HTTP and gRPC on a loopback port: the runtime serving it,
+/// the engine, the server's state (its metrics; version 4 set) and the address.
+fn served() -> (tokio::runtime::Runtime, Arc<Engine>, Arc<AppState>, std::net::SocketAddr) {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let engine = Arc::new(engine(&offset(1), 0.2));
     let state = Arc::new(AppState::new(engine.clone()));
     state.metrics.set_version(4);
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
     let address = listener.local_addr().expect("address");
-    runtime.spawn(async move { serve(listener, state).await });
+    let serving = state.clone();
+    runtime.spawn(async move { serve(listener, serving).await });
+    (runtime, engine, state, address)
+}
+
+#[test]
+fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
+    let (_runtime, engine, _, address) = served();
 
     let (status, body) = post(address, "/v1/recommend", r#"{"history": [1007, 1014], "k": 3}"#);
     assert_eq!(status, 200, "{body}");
@@ -393,13 +401,7 @@ fn the_http_interface_answers_json_and_refuses_bad_input_with_a_reason() {
 fn the_grpc_interface_answers_on_the_same_port_and_refuses_bad_input_with_a_reason() {
     use guild_proto::v1::shop_client::ShopClient;
     use guild_proto::v1::{RecommendRequest, SearchRequest};
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let engine = Arc::new(engine(&offset(1), 0.2));
-    let state = Arc::new(AppState::new(engine.clone()));
-    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-    let address = listener.local_addr().expect("address");
-    let metrics = state.clone();
-    runtime.spawn(async move { serve(listener, state).await });
+    let (runtime, engine, metrics, address) = served();
 
     let mut client = runtime.block_on(ShopClient::connect(format!("http://{address}"))).expect("connect");
     let ids_of = |items: &[guild_proto::v1::RankedItem]| items.iter().map(|h| h.item_id).collect::<Vec<_>>();
@@ -569,13 +571,7 @@ mod browser {
     /// the shopper's history and recommends after it, each list the engine's own answer.
     #[test]
     fn the_page_searches_builds_a_history_and_recommends_in_chromium() {
-        let runtime = tokio::runtime::Runtime::new().expect("runtime");
-        let engine = Arc::new(engine(&offset(1), 0.2));
-        let state = Arc::new(AppState::new(engine.clone()));
-        state.metrics.set_version(4);
-        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("bind");
-        let address = listener.local_addr().expect("address");
-        runtime.spawn(async move { serve(listener, state).await });
+        let (runtime, engine, _, address) = served();
         let profile = tempfile::tempdir().expect("tempdir");
 
         let searched = engine.search("item 7", &[], 10).expect("ranked");

@@ -624,7 +624,8 @@ mod tests {
         selection.secagg.vector_length = 16;
         assert_eq!(RoundTask::try_from(v1::RoundTask::from(selection.clone())).expect("valid"), selection);
         selection.secagg.vector_length = task.secagg.vector_length;
-        let error = RoundTask::try_from(v1::RoundTask::from(selection)).expect_err("whole length").to_string();
+        let error =
+            RoundTask::try_from(v1::RoundTask::from(selection)).expect_err("whole length").to_string();
         assert!(error.contains("a pooling selection sums 12 of its"), "{error}");
     }
 
