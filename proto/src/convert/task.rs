@@ -620,7 +620,7 @@ mod tests {
         assert!(error.contains("AdapterManifest.tower"), "{error}");
         // A pooling selection's vector is its twelve scores, padded: 16, not the adapter's.
         let mut selection = task.clone();
-        selection.training.kind = crate::round::RoundKind::PoolingSelection;
+        selection.training.kind = RoundKind::PoolingSelection;
         selection.secagg.vector_length = 16;
         assert_eq!(RoundTask::try_from(v1::RoundTask::from(selection.clone())).expect("valid"), selection);
         selection.secagg.vector_length = task.secagg.vector_length;
