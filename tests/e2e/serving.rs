@@ -92,7 +92,10 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
         let (engine, stop, so_far) = (engine.clone(), stop.clone(), so_far.clone());
         tokio::task::spawn_blocking(move || {
             let (mut answered, mut last) = (0u64, 0u64);
-            while !stop.load(Ordering::Relaxed) {
+            // Past the stop, until one answer comes from version 3: a request in flight when
+            // serve swapped to it was answered by version 2 (a loaded machine showed it).
+            let began = std::time::Instant::now();
+            while (!stop.load(Ordering::Relaxed) || last < 3) && began.elapsed() < Duration::from_secs(180) {
                 let ranked = engine.recommend(&[1, 2, 3], 5, true).expect("every request is answered");
                 assert_eq!(ranked.items.len(), 5);
                 assert!(ranked.adapter_version >= last, "version went back");
