@@ -393,10 +393,6 @@ impl Config {
         self.rounds.schedule().for_adapter(manifest)
     }
 
-    /// How a round of `kind` samples and how much noise it carries: training at
-    /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
-    /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
-    /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
     /// What a round of `kind` trains: `rounds.trained` for training, the whole adapter (as the
     /// wire states it) for the statistic kinds, which train nothing.
     pub fn trained_in(&self, kind: RoundKind) -> TrainedPart {
@@ -419,11 +415,11 @@ impl Config {
         (k, r.threshold.max(min_active_threshold(share_holders(n, k))))
     }
 
-    /// The privacy of a round of `kind` over `n` sampled merchants and an adapter of
-    /// `dimension` values: the one description the daemon charges and the planner predicts
-    /// with (merchant unit: at most `n` summands; shopper unit: the bound on the shoppers the
-    /// merchants sample).
-    pub fn round_privacy(&self, kind: RoundKind, n: u32, dimension: usize) -> RoundPrivacy {
+    /// The privacy of a round of `kind` over `n` sampled merchants and `manifest`'s adapter
+    /// (over the coordinates the kind sums, [`Self::summed`]): the one description the daemon
+    /// charges and the planner predicts with (merchant unit: at most `n` summands; shopper
+    /// unit: the bound on the shoppers the merchants sample).
+    pub fn round_privacy(&self, kind: RoundKind, n: u32, manifest: &AdapterManifest) -> RoundPrivacy {
         let p = &self.privacy;
         let privacy = self.kind_privacy(kind);
         let (_, t) = self.cohort_shape(n);
@@ -437,7 +433,7 @@ impl Config {
             sampling_rate: privacy.unit_rate,
             noise_multiplier: privacy.noise_multiplier,
             clip_norm: p.clip_norm,
-            dimension,
+            dimension: self.summed(kind, manifest).len(),
             min_survivors: t,
             tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
             max_summands,
@@ -446,6 +442,10 @@ impl Config {
         }
     }
 
+    /// How a round of `kind` samples and how much noise it carries: training at
+    /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
+    /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
+    /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
     pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
         let (r, p) = (&self.rounds, &self.privacy);
         let (merchant_unit_rate, shopper_unit_rate, noise_multiplier) = match kind {

@@ -90,11 +90,10 @@ struct Expected {
 /// kind sums), at the cohort expected of `merchants` allowed merchants (the daemon computes
 /// the same from the cohort it draws).
 fn expected_round(config: &Config, kind: RoundKind, manifest: &AdapterManifest, merchants: u64) -> Expected {
-    let d = config.summed(kind, manifest).len();
     let privacy = config.kind_privacy(kind);
     let cohort = (privacy.merchant_rate * merchants as f64).max(f64::from(config.rounds.min_cohort));
     let n = cohort.round().max(2.0) as u32;
-    let round = config.round_privacy(kind, n, d);
+    let round = config.round_privacy(kind, n, manifest);
     let t = round.min_survivors;
     let summands = match config.privacy.unit {
         PrivacyUnit::Merchant => cohort,

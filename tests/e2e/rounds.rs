@@ -417,8 +417,9 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     })
     .expect("init");
     let config = &federation.config;
-    let dimension = config.manifest().expect("manifest").parameter_count();
-    let round = config.round_privacy(guild_proto::round::RoundKind::Training, 4, dimension);
+    let manifest = config.manifest().expect("manifest");
+    let round = config.round_privacy(guild_proto::round::RoundKind::Training, 4, &manifest);
+    assert_eq!(round.dimension, manifest.parameter_count(), "a training round sums the whole adapter");
     assert_eq!(
         round.min_survivors,
         guild_privacy::secagg::min_active_threshold(3).max(config.rounds.threshold)

@@ -94,7 +94,7 @@ impl Engine {
             PrivacyUnit::Shopper => privacy.unit_rate * p.shoppers as f64,
         };
         let summed = cfg.summed(kind, &self.manifest);
-        let round = cfg.round_privacy(kind, n, summed.len());
+        let round = cfg.round_privacy(kind, n, &self.manifest);
         let max_summands = round.max_summands;
         let cost = round.cost()?;
         let mut state = self.lock();
