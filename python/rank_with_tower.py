@@ -104,15 +104,20 @@ def title_neighbours(items, m):
 def history_prior(tower, items, histories):
     """The item-to-item prior of each history, [len(histories), items]: transitions_weight *
     sum over its last items h_k (weights transitions_recency, most recent first) of the
-    thresholded log counts of h_k and each of its title neighbours, added to that neighbour;
+    thresholded log counts of h_k and each of its title neighbours (or, for a tower with a
+    pair sketch, the neighbours decoded from it), added to that neighbour;
     zero when the tower has no counts."""
     w, shape = tower["w"], tower["shape"]
     m = shape.get("neighbours", 0)
     prior = torch.zeros(len(histories), items.shape[0])
     if m == 0 or "popularity_next" not in w:
         return prior
-    logs = _log_prior(w["popularity_next"], tower["transitions_threshold"], tower["smoothing"]).view(-1, m)
-    neighbours = title_neighbours(items, m)
+    if "sketch_neighbours" in w:
+        # A pair sketch: the export carries each item's decoded neighbours and their counts.
+        counts, neighbours = w["sketch_counts"], w["sketch_neighbours"].long()
+    else:
+        counts, neighbours = w["popularity_next"], title_neighbours(items, m)
+    logs = _log_prior(counts, tower["transitions_threshold"], tower["smoothing"]).view(-1, m)
     for row, history in enumerate(histories):
         for k, weight in enumerate(tower["transitions_recency"]):
             if k < len(history) and history[-1 - k] < items.shape[0]:

@@ -7,7 +7,10 @@
 //!   dense vector the release sent before (`DdgSum::add`) and as its non-zeros
 //!   (`DdgSum::add_sparse`, what it sends now); both sums are checked equal;
 //! - the pooling selection's scoring: each shopper's NDCG@10 under the grid's 12 settings
-//!   (`retrieval::selection_ndcg`).
+//!   (`retrieval::selection_ndcg`);
+//! - a pair sketch's decoding (3 rows of 2^20 buckets, the shoppers' pairs summed into it):
+//!   each item's 64 neighbours by estimate (`guild_proto::tower::sketch_neighbours`), what
+//!   every process does once per sketch it sees.
 //!
 //! Prints one JSON object. `cargo bench -p guild-client --bench statistics`
 
@@ -15,7 +18,10 @@ use std::time::Instant;
 
 use guild_client::data::User;
 use guild_client::learner::{release_update, share_with_popularity};
-use guild_client::model::tower::{TitleNeighbours, Tower, TowerConfig, normalise, statistics_contribution};
+use guild_client::model::tower::{
+    PairSlots, TitleNeighbours, Tower, TowerConfig, normalise, statistics_contribution,
+    transitions_contribution,
+};
 use guild_privacy::dp::{DdgParams, ParamsRequest, RandomRotation};
 use guild_proto::tower::TowerShape;
 use rand::{Rng, SeedableRng};
@@ -71,8 +77,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wrap_probability: 1e-9,
     })?;
     let rotation = RandomRotation::new(params.padded_dimension(), 4);
+    let slots = PairSlots::Titles(neighbours);
     let contributions: Vec<Vec<(usize, f32)>> =
-        refs.iter().map(|u| statistics_contribution(u, catalogue, Some(&neighbours))).collect();
+        refs.iter().map(|u| statistics_contribution(u, catalogue, Some(&slots))).collect();
     let nonzeros = contributions.iter().map(Vec::len).sum::<usize>() as f64 / SHOPPERS as f64;
     let mut dense = params.summands(&rotation);
     let started = Instant::now();
@@ -102,6 +109,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let selection_s = started.elapsed().as_secs_f64();
     let mean: f64 = scores.iter().map(|s| f64::from(s[0])).sum::<f64>() / SHOPPERS as f64;
 
+    // A pair sketch's decoding.
+    let sketched = TowerShape { pair_sketch: 1 << 20, ..shape };
+    let slots = PairSlots::Sketch { buckets: sketched.pair_sketch };
+    let mut sketch = vec![0f32; guild_proto::tower::SKETCH_ROWS * sketched.pair_sketch];
+    for user in &refs {
+        for (index, value) in transitions_contribution(user, &slots) {
+            sketch[index] += value;
+        }
+    }
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let started = Instant::now();
+    let (lists, _) = guild_proto::tower::sketch_neighbours(&sketched, &sketch, threads);
+    let decode_s = started.elapsed().as_secs_f64();
+    if lists.len() != catalogue * sketched.neighbours {
+        return Err("the sketch decoded to the wrong number of neighbours".into());
+    }
+
     println!(
         "{}",
         serde_json::json!({
@@ -115,6 +139,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "selection_us_per_shopper": 1e6 * selection_s / SHOPPERS as f64,
             "selection_shoppers_per_s": SHOPPERS as f64 / selection_s,
             "selection_mean_ndcg_setting_0": mean,
+            "sketch_decode_s": decode_s,
+            "sketch_decode_threads": threads,
             "threads": tch::get_num_threads(),
         })
     );

@@ -18,7 +18,7 @@ use tch::Tensor;
 use crate::data::{Dataset, User};
 use crate::model::BaseModel;
 use crate::model::lora::{Adapters, LoraConfig};
-use crate::model::tower::{TitleNeighbours, Tower, TowerConfig};
+use crate::model::tower::{PairSlots, TitleNeighbours, Tower, TowerConfig};
 use crate::retrieval::{self, RankingCounts, Split, TrainConfig};
 
 /// Whose updates a learner hands over in a round.
@@ -256,18 +256,19 @@ impl Shared {
     /// carries item-to-item counts.
     pub fn tower(&mut self, config: &TowerConfig) -> Result<Tower, crate::model::ModelError> {
         let mut tower = Tower::new(config.clone(), self.base.device())?;
-        if let Some(neighbours) = self.neighbours_for(&config.shape)? {
+        if let Some(PairSlots::Titles(neighbours)) = self.neighbours_for(&config.shape)? {
             tower.set_neighbours(&neighbours)?;
         }
         Ok(tower)
     }
 
-    /// The title neighbours a tower of `shape` needs (none without item-to-item counts).
+    /// Where a tower of `shape` counts item pairs: its title neighbours, or its pair sketch
+    /// (none without item-to-item counts).
     pub fn neighbours_for(
         &mut self,
         shape: &guild_proto::tower::TowerShape,
-    ) -> Result<Option<TitleNeighbours>, crate::model::ModelError> {
-        if shape.neighbours > 0 { self.title_neighbours(shape.neighbours).map(Some) } else { Ok(None) }
+    ) -> Result<Option<PairSlots>, crate::model::ModelError> {
+        PairSlots::of(shape, || self.title_neighbours(shape.neighbours))
     }
 }
 
@@ -373,7 +374,7 @@ pub fn release_update(
 fn merchant_statistics(
     users: &[&User],
     catalogue: usize,
-    neighbours: Option<&TitleNeighbours>,
+    neighbours: Option<&PairSlots>,
 ) -> Vec<(usize, f32)> {
     let n = users.len().max(1) as f32;
     crate::model::tower::statistics_sum(users, catalogue, neighbours)
@@ -489,7 +490,7 @@ impl TowerLearner {
     }
 
     /// The catalogue's title neighbours, if this merchant's tower carries item-to-item counts.
-    fn neighbours(&self) -> Result<Option<TitleNeighbours>, crate::model::ModelError> {
+    fn neighbours(&self) -> Result<Option<PairSlots>, crate::model::ModelError> {
         lock(&self.shared).neighbours_for(&self.config.shape)
     }
 

@@ -126,6 +126,12 @@ pub fn read_tower_manifest(dir: &Path) -> Result<Option<AdapterManifest>, Adapte
     ))
 }
 
+/// In an exported tower with a pair sketch: each item's neighbours decoded from it,
+/// `[catalogue, M]` item indices as f32 (`guild_proto::tower::sketch_neighbours`).
+pub const SKETCH_NEIGHBOURS: &str = "sketch_neighbours";
+/// In an exported tower with a pair sketch: the estimated counts of [`SKETCH_NEIGHBOURS`].
+pub const SKETCH_COUNTS: &str = "sketch_counts";
+
 /// Writes a sequence tower (`offset` from its seeded initial values, in manifest order) as
 /// `tower.safetensors` (every tensor at `initial + offset`, named as in the manifest) and
 /// `tower.json` (the family, the shape, the temperature and how to score).
@@ -148,6 +154,16 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         tensors.push((t.name.clone(), t.shape.clone(), to_bytes(&values[start..start + n])));
         start += n;
     }
+    // A pair sketch's decoding, so that a ranker outside Guild need not hash and decode it:
+    // each item's neighbours (item indices, exact in f32) and their estimated counts.
+    if let Some(range) = crate::tower::transitions_range(&shape).filter(|_| shape.pair_sketch > 0) {
+        let threads = std::thread::available_parallelism().map_or(1, usize::from);
+        let (lists, estimates) = crate::tower::sketch_neighbours(&shape, &values[range], threads);
+        let lists: Vec<f32> = lists.iter().map(|&i| i as f32).collect();
+        let dims = vec![shape.catalogue, shape.neighbours];
+        tensors.push((SKETCH_NEIGHBOURS.into(), dims.clone(), to_bytes(&lists)));
+        tensors.push((SKETCH_COUNTS.into(), dims, to_bytes(&estimates)));
+    }
     std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
     write_safetensors(&dir.join("tower.safetensors"), &tensors)?;
     let description = serde_json::json!({
@@ -163,6 +179,7 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "popularity_smoothing": crate::tower::POPULARITY_SMOOTHING,
         "popularity_noise_threshold": crate::tower::noise_threshold(shape.catalogue),
         "transitions_noise_threshold": crate::tower::noise_threshold(shape.catalogue * shape.neighbours),
+        "pair_sketch": shape.pair_sketch,
         "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
                     + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
                     [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
@@ -173,7 +190,10 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
                     recent history item, u = max(popularity_next - transitions_noise_threshold * sigma_u, 0), \
                     sigma_u from its negative entries, neighbours[i] the shape's `neighbours` items other than i \
                     whose item vectors have the largest cosine with i's, nearest first, when the tower \
-                    has item-to-item counts]",
+                    has item-to-item counts; with pair_sketch > 0, popularity_next is a count-min \
+                    sketch of every pair, and neighbours and the counts u is computed from are the \
+                    file's sketch_neighbours and sketch_counts, decoded from it by \
+                    guild_proto::tower::sketch_neighbours]",
         "transitions_weight": crate::tower::TRANSITIONS_WEIGHT,
         "transitions_recency": crate::tower::TRANSITIONS_RECENCY,
     });

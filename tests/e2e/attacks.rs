@@ -178,6 +178,7 @@ fn manifest() -> AdapterManifest {
         heads: 1,
         catalogue: 0,
         neighbours: 0,
+        pair_sketch: 0,
     };
     AdapterManifest::sequence_tower(base_model(), shape, 7)
 }

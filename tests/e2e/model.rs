@@ -200,14 +200,14 @@ fn coordinator_manifest_and_exported_adapter_match_the_client_model() {
 /// A trained sequence tower exported by the coordinator's writer (initial values
 /// regenerated from the seed, plus the federated offset) and loaded by the documented
 /// Python snippet (`python/rank_with_tower.py`) ranks items with the same scores as ours,
-/// with and without item-to-item counts.
+/// with and without item-to-item counts, over title neighbours or a pair sketch.
 #[test]
 fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
     use guild_client::model::tower::{TitleNeighbours, Tower, TowerConfig};
     use guild_proto::domain::AdapterManifest;
     use guild_proto::tower::TowerShape;
 
-    for neighbours in [0, 4] {
+    for (neighbours, pair_sketch) in [(0, 0), (4, 0), (4, 64)] {
         let shape = TowerShape {
             hidden: 12,
             history: 6,
@@ -218,12 +218,13 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
             heads: 2,
             catalogue: 40,
             neighbours,
+            pair_sketch,
         };
         tch::manual_seed(5);
         let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
         let items = &items / items.norm_scalaropt_dim(2, [-1], true);
         let mut tower = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
-        if neighbours > 0 {
+        if tower.needs_neighbours() {
             tower
                 .set_neighbours(&TitleNeighbours::of_items(&items, neighbours).expect("neighbours"))
                 .expect("fit");
@@ -258,7 +259,10 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         let value = run_python("rank_with_tower.py", &request);
         let theirs: Vec<Vec<f32>> = serde_json::from_value(value["scores"].clone()).expect("scores");
         let difference = max_abs_difference(&ours, &theirs);
-        assert!(difference < 1e-5, "M = {neighbours}: max |ours − python| = {difference}");
+        assert!(
+            difference < 1e-5,
+            "M = {neighbours}, sketch {pair_sketch}: max |ours − python| = {difference}"
+        );
         // What `guild-client serve` answers from the same exported folder is the same scores.
         let served = guild_client::serve::ServedModel::from_export(
             dir.path(),
@@ -272,7 +276,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
             let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(
                 served_difference < 1e-5,
-                "M = {neighbours}: max |served − python| = {served_difference}"
+                "M = {neighbours}, sketch {pair_sketch}: max |served − python| = {served_difference}"
             );
         }
         // The offset moved the ranking away from zero-shot, so the check is not vacuous.

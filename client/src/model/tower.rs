@@ -226,19 +226,36 @@ impl Tower {
         Ok(())
     }
 
-    /// Whether the tower carries item-to-item counts (and so needs its title neighbours).
+    /// Whether the tower carries item-to-item counts over title neighbours (and so needs
+    /// them set); a tower with a pair sketch decodes its neighbours from the sketch itself.
     pub fn needs_neighbours(&self) -> bool {
         // A valid shape has a catalogue wherever it has neighbours.
-        self.config.shape.neighbours > 0
+        self.config.shape.neighbours > 0 && self.config.shape.pair_sketch == 0
     }
 
-    /// Recomputes [`Self::transitions_log`] from the counts' variable.
+    /// Recomputes [`Self::transitions_log`] from the counts' variable; with a pair sketch,
+    /// first decodes each item's neighbours and their estimated counts from it
+    /// ([`decoded_sketch`]).
     fn refresh_transitions_log(&mut self) {
-        let (catalogue, m) = (self.config.shape.catalogue as i64, self.config.shape.neighbours as i64);
-        self.transitions_log = self.vars.get(TRANSITIONS).map(|counts| {
-            let threshold = guild_proto::tower::noise_threshold((catalogue * m) as usize);
-            tch::no_grad(|| accumulated_log(&counts.detach(), threshold).view([catalogue, m]))
-        });
+        let shape = self.config.shape;
+        let (catalogue, m) = (shape.catalogue as i64, shape.neighbours as i64);
+        let Some(counts) = self.vars.get(TRANSITIONS) else {
+            self.transitions_log = None;
+            return;
+        };
+        let counts = if shape.pair_sketch > 0 {
+            let sketch =
+                Vec::<f32>::try_from(counts.detach().to(Device::Cpu).flatten(0, -1)).expect("float32 sketch");
+            let decoded = decoded_sketch(&shape, &sketch);
+            let device = self.vs.device();
+            self.neighbours = Some(Tensor::from_slice(&decoded.lists).view([catalogue, m]).to(device));
+            Tensor::from_slice(&decoded.estimates).to(device)
+        } else {
+            counts.detach()
+        };
+        let threshold = guild_proto::tower::noise_threshold((catalogue * m) as usize);
+        self.transitions_log =
+            Some(tch::no_grad(|| accumulated_log(&counts, threshold).view([catalogue, m])));
     }
 
     /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
@@ -246,7 +263,7 @@ impl Tower {
     /// thresholded counts (`guild_proto::tower::TRANSITIONS_WEIGHT`); `None` for a tower
     /// without counts, or whose neighbours were not set. Exactly zero while the counts are.
     pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
-        if !self.needs_neighbours() {
+        if self.config.shape.neighbours == 0 {
             return None;
         }
         let Some(neighbours) = &self.neighbours else {
@@ -305,27 +322,28 @@ impl Tower {
     /// accumulated range as [`statistics_sum`] gives it (what a federation's sums estimate,
     /// up to scale and noise): a reference tower's exact statistics.
     pub fn set_statistics(&mut self, sum: &BTreeMap<usize, f32>) -> Result<(), super::ModelError> {
-        let (catalogue, m) = (self.config.shape.catalogue, self.config.shape.neighbours);
-        let mut dense = vec![0.0f32; catalogue * (1 + m)];
+        let catalogue = self.config.shape.catalogue;
+        let counts = self.vars.get(TRANSITIONS).map_or(0, Tensor::numel);
+        let mut dense = vec![0.0f32; catalogue + counts];
         for (&index, &value) in sum {
             if let Some(d) = dense.get_mut(index) {
                 *d = value;
             }
         }
         self.set_popularity(&dense[..catalogue])?;
-        if self.needs_neighbours() {
+        if counts > 0 {
             self.set_transitions(&dense[catalogue..])?;
         }
         Ok(())
     }
 
-    /// Sets the item-to-item counts (`[catalogue · neighbours]` values, any scale); an error
-    /// if the tower has none or the length differs.
+    /// Sets the item-to-item counts (`[catalogue · neighbours]` values, or the pair sketch's
+    /// `[rows · pair_sketch]`, any scale); an error if the tower has none or the length differs.
     pub fn set_transitions(&mut self, counts: &[f32]) -> Result<(), super::ModelError> {
-        let expected = self.config.shape.catalogue * self.config.shape.neighbours;
         let Some(var) = self.vars.get_mut(TRANSITIONS) else {
             return Err(super::ModelError::AdapterShape("the tower has no item-to-item counts".into()));
         };
+        let expected = var.numel();
         if counts.len() != expected {
             return Err(super::ModelError::AdapterShape(format!(
                 "{} item-to-item counts for a tower of {expected}",
@@ -438,6 +456,49 @@ impl Tower {
     }
 }
 
+/// Each item's neighbours and their estimated counts, decoded from a pair sketch
+/// (`guild_proto::tower::sketch_neighbours`), `[catalogue, M]` each, row-major.
+#[derive(Debug)]
+pub struct DecodedSketch {
+    pub lists: Vec<i64>,
+    pub estimates: Vec<f32>,
+}
+
+/// The pair sketch `sketch` of a tower of `shape` decoded, from a cache of the last few
+/// sketches decoded in this process: decoding costs seconds, and every tower a process builds
+/// at one adapter version (each merchant of a simulation, each evaluation, `serve`'s model)
+/// decodes the same sketch. An all-zero sketch (the start) decodes without the work: every
+/// estimate is zero, and each item's neighbours are the first `M` other items.
+pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> {
+    type Entry = (TowerShape, Vec<f32>, Arc<DecodedSketch>);
+    static CACHE: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+    const KEPT: usize = 2;
+    let (n, m) = (shape.catalogue, shape.neighbours);
+    if sketch.iter().all(|&v| v == 0.0) {
+        let lists = (0..n as i64).flat_map(|i| (0..n as i64).filter(move |&j| j != i).take(m)).collect();
+        return Arc::new(DecodedSketch { lists, estimates: vec![0.0; n * m] });
+    }
+    let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, _, decoded)) = cache.iter().find(|(s, v, _)| s == shape && v.as_slice() == sketch) {
+        return Arc::clone(decoded);
+    }
+    let started = std::time::Instant::now();
+    let threads = std::thread::available_parallelism().map_or(1, usize::from);
+    let (lists, estimates) = guild_proto::tower::sketch_neighbours(shape, sketch, threads);
+    let decoded = Arc::new(DecodedSketch { lists: lists.into_iter().map(i64::from).collect(), estimates });
+    tracing::debug!(
+        items = n,
+        per_item = m,
+        seconds = started.elapsed().as_secs_f64(),
+        "pair sketch decoded"
+    );
+    if cache.len() >= KEPT {
+        cache.remove(0);
+    }
+    cache.push((*shape, sketch.to_vec(), Arc::clone(&decoded)));
+    decoded
+}
+
 /// `ln(1 + v/(κ·v̄))` of a summed statistic `w` (the histogram or the counts), with
 /// `v = max(w − threshold·σ̂, 0)` and σ̂ estimated from its negative entries (noise):
 /// `guild_proto::tower::popularity_prior`'s formula, in libtorch (`threshold` the
@@ -518,19 +579,62 @@ impl TitleNeighbours {
     }
 }
 
+/// Where the item-to-item statistic counts a pair: the slot of a title neighbour
+/// ([`TitleNeighbours::slot`]; pairs of items that are not title neighbours are not counted),
+/// or the pair sketch's buckets, one a row, over every pair
+/// (`guild_proto::tower::sketch_bucket`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum PairSlots {
+    Titles(TitleNeighbours),
+    Sketch { buckets: usize },
+}
+
+impl PairSlots {
+    /// How a tower of `shape` counts pairs, given the catalogue's title neighbours (which
+    /// only a shape without a pair sketch needs); `None` without item-to-item counts.
+    pub fn of(
+        shape: &TowerShape,
+        titles: impl FnOnce() -> Result<TitleNeighbours, super::ModelError>,
+    ) -> Result<Option<Self>, super::ModelError> {
+        Ok(if shape.neighbours == 0 {
+            None
+        } else if shape.pair_sketch > 0 {
+            Some(Self::Sketch { buckets: shape.pair_sketch })
+        } else {
+            Some(Self::Titles(titles()?))
+        })
+    }
+
+    /// Adds `weight` for the pair (`from`, `to`) to `counts`.
+    fn add(&self, from: ItemIndex, to: ItemIndex, weight: f32, counts: &mut BTreeMap<usize, f64>) {
+        match self {
+            Self::Titles(neighbours) => {
+                if let Some(slot) = neighbours.slot(from, to) {
+                    *counts.entry(slot).or_default() += f64::from(weight);
+                }
+            }
+            // An item with itself is never its own neighbour.
+            Self::Sketch { .. } if from == to => {}
+            Self::Sketch { buckets } => {
+                for row in 0..guild_proto::tower::SKETCH_ROWS {
+                    let index = guild_proto::tower::sketch_bucket(*buckets, row, from as usize, to as usize);
+                    *counts.entry(index).or_default() += f64::from(weight);
+                }
+            }
+        }
+    }
+}
+
 /// A shopper's contribution to the item-to-item counts: a unit vector over the slots
-/// ([`TitleNeighbours::slot`]) of the pairs in its training history (every item but the
-/// validation target) that are title neighbours: each transition counts
-/// `guild_proto::tower::TRANSITION_WEIGHT`, each pair within the co-occurrence window
-/// `CO_OCCURRENCE_WEIGHT` in both directions, before the scaling; `(slot, value)` pairs in
-/// slot order, empty for a shopper with no such pair.
-pub fn transitions_contribution(user: &User, neighbours: &TitleNeighbours) -> Vec<(usize, f32)> {
+/// ([`PairSlots`]) of the pairs in its training history (every item but the validation
+/// target): each transition counts `guild_proto::tower::TRANSITION_WEIGHT`, each pair within
+/// the co-occurrence window `CO_OCCURRENCE_WEIGHT` in both directions, before the scaling;
+/// `(slot, value)` pairs in slot order, empty for a shopper with no counted pair.
+pub fn transitions_contribution(user: &User, slots: &PairSlots) -> Vec<(usize, f32)> {
     let n = user.history.len();
     let mut counts = BTreeMap::<usize, f64>::new();
     item_pairs(&user.history[..n.saturating_sub(1)], |from, to, weight| {
-        if let Some(slot) = neighbours.slot(from, to) {
-            *counts.entry(slot).or_default() += f64::from(weight);
-        }
+        slots.add(from, to, weight, &mut counts)
     });
     let norm = counts.values().map(|c| c * c).sum::<f64>().sqrt();
     counts.into_iter().map(|(slot, c)| (slot, (c / norm) as f32)).collect()
@@ -561,7 +665,7 @@ pub fn item_pairs(items: &[ItemIndex], mut add: impl FnMut(ItemIndex, ItemIndex,
 pub fn statistics_contribution(
     user: &User,
     catalogue: usize,
-    neighbours: Option<&TitleNeighbours>,
+    neighbours: Option<&PairSlots>,
 ) -> Vec<(usize, f32)> {
     let popularity = popularity_contribution(user);
     let Some(neighbours) = neighbours else { return popularity };
@@ -579,7 +683,7 @@ pub fn statistics_contribution(
 pub fn statistics_sum(
     users: &[&User],
     catalogue: usize,
-    neighbours: Option<&TitleNeighbours>,
+    neighbours: Option<&PairSlots>,
 ) -> BTreeMap<usize, f32> {
     let mut sum = BTreeMap::<usize, f32>::new();
     for user in users {
@@ -762,6 +866,7 @@ mod tests {
                 heads: 4,
                 catalogue: CATALOGUE,
                 neighbours: 0,
+                pair_sketch: 0,
             },
             seed: 3,
         }
@@ -795,15 +900,16 @@ mod tests {
         // Items 0..6 on a line: each item's two neighbours are the items next to it.
         let flat: Vec<f32> = (0..6).flat_map(|i| [(i as f32 * 0.3).cos(), (i as f32 * 0.3).sin()]).collect();
         let items = Tensor::from_slice(&flat).view([6, 2]);
-        let neighbours = TitleNeighbours::of_items(&items, 2).expect("neighbours");
-        assert_eq!(neighbours.of(2), &[1, 3]);
+        let titles = TitleNeighbours::of_items(&items, 2).expect("neighbours");
+        assert_eq!(titles.of(2), &[1, 3]);
+        let neighbours = PairSlots::Titles(titles.clone());
         // Training items 1, 2, 4 (5 is the validation item): 1 → 2 is a transition and a
         // co-occurrence, 2 – 4 and 1 – 4 co-occur but are not neighbours, and nothing pairs
         // with 5.
         let user = User { id: "u".into(), history: vec![1, 2, 4, 5], test_target: 0 };
         let contribution = transitions_contribution(&user, &neighbours);
-        let slot_12 = neighbours.slot(1, 2).expect("neighbours");
-        let slot_21 = neighbours.slot(2, 1).expect("neighbours");
+        let slot_12 = titles.slot(1, 2).expect("neighbours");
+        let slot_21 = titles.slot(2, 1).expect("neighbours");
         let raw = [(slot_12, 1.3f64), (slot_21, 0.3)];
         let norm = raw.iter().map(|(_, v)| v * v).sum::<f64>().sqrt();
         let mut expected: Vec<(usize, f32)> = raw.iter().map(|&(s, v)| (s, (v / norm) as f32)).collect();
@@ -902,6 +1008,45 @@ mod tests {
         assert!(tower.set_neighbours(&other).is_err());
         // The counts are never trained: a backward pass leaves no gradient on them.
         assert!(!tower.vars[TRANSITIONS].requires_grad());
+    }
+
+    #[test]
+    fn a_sketched_tower_is_zero_shot_at_start_then_finds_the_items_shoppers_go_to_next() {
+        let items = catalogue(CATALOGUE as i64, 12);
+        let mut sketched = with_neighbours(4);
+        sketched.shape.pair_sketch = 256;
+        let mut tower = Tower::new(sketched.clone(), Device::Cpu).expect("tower");
+        assert!(!tower.needs_neighbours(), "its neighbours come from its own sketch");
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        let start = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(start.equal(&zero_shot_scores(&items, &histories, &config().shape)));
+        // Shoppers who all go 10 → 50 → 20 (items far apart by title, as far as the
+        // catalogue's random vectors go): after the sketch of their pairs is summed, 50 is
+        // item 10's first neighbour and 20 item 50's, and a history ending in 10 ranks 50
+        // above where zero-shot put it.
+        let slots = PairSlots::Sketch { buckets: 256 };
+        let users: Vec<User> = (0..30)
+            .map(|u| User { id: format!("u{u}"), history: vec![10, 50, 20, 59], test_target: 0 })
+            .collect();
+        let refs: Vec<&User> = users.iter().collect();
+        let one = transitions_contribution(&users[0], &slots);
+        let norm: f64 = one.iter().map(|(_, v)| f64::from(*v).powi(2)).sum::<f64>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-6, "a unit vector: {norm}");
+        assert!(one.iter().all(|(i, _)| *i < guild_proto::tower::SKETCH_ROWS * 256));
+        tower.set_statistics(&statistics_sum(&refs, CATALOGUE, Some(&slots))).expect("statistics");
+        let lists = tower.neighbours.as_ref().expect("decoded neighbours");
+        assert_eq!(lists.int64_value(&[10, 0]), 50);
+        assert_eq!(lists.int64_value(&[50, 0]), 20);
+        let after: [&[ItemIndex]; 1] = [&[3, 10]];
+        let prior = tower.history_prior(&after).expect("a prior");
+        let best = prior.argmax(1, false).int64_value(&[0]);
+        assert!(best == 50 || best == 20, "the prior's top item after 10 is {best}");
+        assert!(prior.double_value(&[0, 50]) > 0.0);
+        // The same sketch decodes the same lists in another tower (the cache, or not).
+        let mut again = Tower::new(sketched, Device::Cpu).expect("tower");
+        again.set_offset(&tower.offset()).expect("offset");
+        assert!(again.neighbours.as_ref().expect("decoded").equal(lists));
     }
 
     #[test]

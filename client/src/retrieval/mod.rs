@@ -259,6 +259,7 @@ mod test_support {
             heads,
             catalogue,
             neighbours: 0,
+            pair_sketch: 0,
         }
     }
 

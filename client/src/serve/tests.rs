@@ -25,6 +25,7 @@ fn config() -> TowerConfig {
             heads: 2,
             catalogue: ITEMS,
             neighbours: 3,
+            pair_sketch: 0,
         },
         seed: 5,
     }

@@ -443,6 +443,7 @@ mod tests {
                 heads: 4,
                 catalogue: 300,
                 neighbours,
+                pair_sketch: 0,
             };
             let tower = AdapterManifest::sequence_tower([0; 32], shape, 0);
             let blocks = trained_blocks(&tower);

@@ -98,6 +98,7 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
                     heads: t.heads as usize,
                     catalogue: t.catalogue as usize,
                     neighbours: t.neighbours as usize,
+                    pair_sketch: t.pair_sketch as usize,
                 };
                 shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
                 let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
@@ -169,6 +170,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     heads: t.heads as u32,
                     catalogue: t.catalogue as u32,
                     neighbours: t.neighbours as u32,
+                    pair_sketch: t.pair_sketch as u32,
                 }),
             },
             catalogue_sha256: m.catalogue_sha256.map(|d| d.to_vec()).unwrap_or_default(),
@@ -594,6 +596,7 @@ mod tests {
             heads: 2,
             catalogue: 40,
             neighbours: 3,
+            pair_sketch: 0,
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);
@@ -618,6 +621,20 @@ mod tests {
         }
         let error = RoundTask::try_from(bad).expect_err("bad shape").to_string();
         assert!(error.contains("AdapterManifest.tower"), "{error}");
+        // A tower whose neighbours come from a pair sketch travels with its sketch's width
+        // (the task digest covers it), and a width that is not a power of two is refused.
+        let mut sketched = task.clone();
+        sketched.manifest =
+            AdapterManifest::sequence_tower([3; 32], TowerShape { pair_sketch: 64, ..shape }, 9);
+        sketched.secagg.vector_length = sketched.summed().len().next_power_of_two() as u32;
+        let wire = v1::RoundTask::from(sketched.clone());
+        assert_eq!(RoundTask::try_from(wire.clone()).expect("valid"), sketched);
+        let mut odd = wire;
+        if let Some(t) = odd.manifest.as_mut().and_then(|m| m.tower.as_mut()) {
+            t.pair_sketch = 48;
+        }
+        let error = RoundTask::try_from(odd).expect_err("odd width").to_string();
+        assert!(error.contains("pair_sketch 48"), "{error}");
         // A pooling selection's vector is its twelve scores, padded: 16, not the adapter's.
         let mut selection = task.clone();
         selection.training.kind = RoundKind::PoolingSelection;

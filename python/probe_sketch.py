@@ -1,0 +1,165 @@
+"""Pair-sketch probe for the sequence tower's item-to-item prior: a research tool, not part of Guild.
+
+Scores what `guild_proto::tower::sketch_neighbours` decodes: every shopper's item pairs
+(transitions 1, co-occurrence within 3 positions 0.3 both ways, as the tower counts them) as a
+unit vector hashed into `rows` rows of 2^w buckets (the same SplitMix64 bucket hash as
+`guild_proto::tower::sketch_bucket`), summed over shoppers (plus N(0, z^2) per bucket, if
+asked), each item's top M other items by their estimate (the least of the rows: count-min;
+or, with `--signed`, a count sketch's signed median), those estimates as the counts of
+`probe_transitions.py`'s prior (beta_t = 0.2 over the last three items, thresholded at
+sqrt(2 ln d) deviations estimated from the negative estimates), on top of the zero-shot
+start and the popularity prior. Validation users (each user's last history item), 4,000 of
+them, the same sample as `probe_transitions.py`.
+
+Usage:
+
+    python3 python/probe_sketch.py --data ../shared/data/amazon-games \\
+        --items .cache/items-<hash>-Games-6k-16859-96.safetensors [--widths 19,20] [--rows 3] \\
+        [--ms 32,64] [--z 0] [--signed]
+
+Measured (validation NDCG@10, M = 64 unless said; about 75 s a decode on one core):
+title neighbours with exact counts (`probe_transitions.py`) 0.0552; zero-shot + popularity
+alone 0.0367. Count-min, 3 rows: 2^19 0.0610, 2^20 0.0668. Signed count sketch, 3 rows:
+2^18 0.0562 (M = 32: 0.0561), 2^19 0.0585 (0.0597), 2^20 0.0633 (0.0621); one row of 2^21:
+0.0556. With noise of a shopper-level release at about epsilon = 3 (z = 2.4 on each shopper's
+unit vector): 0.0375 (3 x 2^20, signed) and 0.0373 (1 x 2^21), no better than popularity
+alone: a sketch of millions of buckets carries noise that drowns the pairs of all but the
+most popular items. Earlier, exact counts released over the pairs decoded from a 3 x 2^20
+sketch scored 0.0722 against 0.0726 for exact counts over each item's top 64 pairs: the
+estimates' collisions, not the decoded neighbours, are what the one-stage sketch loses.
+"""
+import argparse
+import collections
+import sys
+import time
+
+import numpy as np
+from safetensors.numpy import load_file
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from probe_transitions import load  # noqa: E402
+
+U = np.uint64
+
+
+def bucket(row, f, t, buckets):
+    """guild_proto::tower::sketch_bucket, vectorised; with the sign bit a count sketch uses."""
+    with np.errstate(over="ignore"):
+        z = (U(row) << U(56)) ^ (f.astype(U) << U(28)) ^ t.astype(U)
+        z = z + U(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> U(30))) * U(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> U(27))) * U(0x94D049BB133111EB)
+        z = z ^ (z >> U(31))
+    index = ((z >> U(1)) & U(buckets - 1)).astype(np.int64) + row * buckets
+    return index, np.where((z & U(1)) == 0, 1.0, -1.0)
+
+
+def pairs(training):
+    c = collections.defaultdict(float)
+    for k, item in enumerate(training):
+        if k >= 1:
+            c[(training[k - 1], item)] += 1.0
+        for earlier in training[max(0, k - 3):k]:
+            c[(earlier, item)] += 0.3
+            c[(item, earlier)] += 0.3
+    return {p: v for p, v in c.items() if p[0] != p[1]}
+
+
+def thresholded_log(w, d):
+    negative = w[w < 0]
+    sigma = np.sqrt((negative ** 2).mean()) if len(negative) else 0.0
+    kept = np.maximum(w - max(3.0, np.sqrt(2 * np.log(d))) * sigma, 0)
+    m = kept.mean()
+    return np.log1p(kept / m) if m > 0 else 0 * kept
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", required=True)
+    p.add_argument("--items", required=True)
+    p.add_argument("--widths", default="19,20", help="log2 of the buckets per row, comma-separated")
+    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--ms", default="64", help="neighbours per item, comma-separated")
+    p.add_argument("--z", default="0", help="noise deviations per bucket, comma-separated")
+    p.add_argument("--signed", action="store_true", help="a count sketch (signed, median) instead of count-min")
+    a = p.parse_args()
+    n, users = load(a.data)
+    e = load_file(a.items)["items"].astype(np.float32)
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    popularity, per_user = np.zeros(n), []
+    for h in users:
+        training = h[:-1]
+        w, g = collections.defaultdict(float), 1.0
+        for item in reversed(training):
+            w[item] += g
+            g *= 0.5
+        norm = np.sqrt(sum(x * x for x in w.values()))
+        for item, x in w.items():
+            popularity[item] += x / norm
+        c = pairs(training)
+        if c:
+            keys = np.array(list(c.keys()))
+            per_user.append((keys[:, 0], keys[:, 1], np.array(list(c.values()))))
+    prior = thresholded_log(popularity, n)
+    evaluated = np.random.default_rng(0).choice(len(users), 4000, replace=False)
+    queries = {}
+    for u in evaluated:
+        q = e[users[u][:-1][-5:]].mean(0)
+        queries[u] = q / np.linalg.norm(q)
+
+    def ndcg(neighbours, log, beta_t=0.2):
+        total = 0.0
+        for u in evaluated:
+            history, target = users[u][:-1], users[u][-1]
+            scores = e @ queries[u] + 0.05 * prior
+            for item, r in zip(reversed(history), [1, 0.5, 0.25]):
+                np.add.at(scores, neighbours[item], beta_t * r * log[item])
+            scores[history] = -1e9
+            rank = (scores > scores[target]).sum()
+            if rank < 10:
+                total += 1 / np.log2(rank + 2)
+        return total / len(evaluated)
+
+    ms = [int(x) for x in a.ms.split(",")]
+    top = max(ms)
+    for w in [int(x) for x in a.widths.split(",")]:
+        buckets = 1 << w
+        for z in [float(x) for x in a.z.split(",")]:
+            sketch = np.zeros(a.rows * buckets)
+            for f, t, v in per_user:
+                hashed = [bucket(r, f, t, buckets) for r in range(a.rows)]
+                index = np.concatenate([i for i, _ in hashed])
+                value = np.concatenate([(s if a.signed else 1.0) * v for _, s in hashed])
+                unique, inverse = np.unique(index, return_inverse=True)
+                summed = np.bincount(inverse, value)
+                sketch[unique] += summed / np.linalg.norm(summed)
+            if z > 0:
+                sketch += np.random.default_rng(3).normal(0, z, sketch.shape)
+            noised = a.signed or (sketch < 0).any()
+            started = time.time()
+            neighbours, estimates = np.zeros((n, top), dtype=np.int64), np.zeros((n, top))
+            everything = np.arange(n)
+            for start in range(0, n, 256):
+                rows = np.arange(start, min(n, start + 256))
+                f, t = np.repeat(rows, n), np.tile(everything, len(rows))
+                per_row = []
+                for r in range(a.rows):
+                    index, sign = bucket(r, f, t, buckets)
+                    per_row.append((sign if a.signed else 1.0) * sketch[index])
+                per_row = np.stack(per_row)
+                estimate = (np.median(per_row, axis=0) if noised else per_row.min(axis=0)).reshape(len(rows), n)
+                estimate[np.arange(len(rows)), rows] = -np.inf
+                best = np.argpartition(-estimate, top, axis=1)[:, :top]
+                order = np.lexsort((best, -np.take_along_axis(estimate, best, axis=1)), axis=1)
+                neighbours[rows] = np.take_along_axis(best, order, axis=1)
+                estimates[rows] = np.take_along_axis(estimate, neighbours[rows], axis=1)
+            for m in ms:
+                log = thresholded_log(estimates[:, :m].copy(), n * m)
+                score = ndcg(neighbours[:, :m], log)
+                kind = "signed" if a.signed else "count-min"
+                print(f"{kind} {a.rows}x2^{w} z={z} M={m} decode {time.time() - started:.0f}s NDCG@10={score:.4f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
