@@ -76,8 +76,9 @@ def shoppers(tower, adapted, histories):
 def prior(tower):
     """The popularity prior of every item, beta * ln(1 + v_j / (kappa * mean(v))), with
     v = max(w - t sigma, 0), w the federation's histogram, sigma its noise, estimated from
-    its negative entries, and t the export's popularity_noise_threshold (sqrt(2 ln catalogue),
-    at least 3) (zero when the tower has no histogram)."""
+    its negative entries, and t the export's popularity_noise_threshold (the level the
+    largest of the catalogue's noise entries passes with probability 1e-3; 3 in exports that
+    state none) (zero when the tower has no histogram)."""
     w = tower["w"]
     if "popularity" not in w:
         return 0.0
