@@ -391,6 +391,8 @@ impl ClientConfig {
 mod tests {
     use super::*;
 
+    /// Paths in a merchant's config are relative to the file, not to where the client runs;
+    /// a misspelt key is refused, naming the key and the file.
     #[test]
     fn relative_paths_follow_the_file_and_typos_are_named() {
         let dir = tempfile::tempdir().expect("tempdir");

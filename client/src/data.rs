@@ -395,35 +395,25 @@ mod tests {
 
     #[test]
     fn corrupt_files_are_named_with_their_line() {
-        check_error(|d| write(d, "T.item", "id\ttitle\n"), "T.item:1: header is");
-        check_error(
-            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 99\t13\n")),
-            "T.test.inter:2: unknown item id 99",
-        );
-        check_error(
-            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 x\t13\n")),
-            "T.test.inter:2: item id \"x\" is not",
-        );
-        check_error(
-            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\nu\t10\t13\n")),
-            "T.test.inter:2: user id \"u\"",
-        );
-        check_error(
-            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t\t13\n")),
-            "T.test.inter:2: user 1 has an empty history",
-        );
-        check_error(
-            |d| write(d, "T.test.inter", &format!("{INTER_HEADER}\n1\t10 11\n")),
-            "T.test.inter:2: 2 tab-separated fields",
-        );
-        check_error(
-            |d| write(d, "T.valid.inter", &format!("{INTER_HEADER}\n1\t10 12\t12\n")),
-            "T.valid.inter:2: user 1 disagrees",
-        );
-        check_error(
-            |d| write(d, "T.item", "item_id:token\ttitle:token_seq\n10\tA\n10\tB\n"),
-            "T.item:3: item id 10 appears twice",
-        );
+        // (file, its contents, what the error must say)
+        let inter = |row: &str| format!("{INTER_HEADER}\n{row}\n");
+        let cases = [
+            ("T.item", "id\ttitle\n".to_owned(), "T.item:1: header is"),
+            ("T.test.inter", inter("1\t10 99\t13"), "T.test.inter:2: unknown item id 99"),
+            ("T.test.inter", inter("1\t10 x\t13"), "T.test.inter:2: item id \"x\" is not"),
+            ("T.test.inter", inter("u\t10\t13"), "T.test.inter:2: user id \"u\""),
+            ("T.test.inter", inter("1\t\t13"), "T.test.inter:2: user 1 has an empty history"),
+            ("T.test.inter", inter("1\t10 11"), "T.test.inter:2: 2 tab-separated fields"),
+            ("T.valid.inter", inter("1\t10 12\t12"), "T.valid.inter:2: user 1 disagrees"),
+            (
+                "T.item",
+                "item_id:token\ttitle:token_seq\n10\tA\n10\tB\n".to_owned(),
+                "T.item:3: item id 10 appears twice",
+            ),
+        ];
+        for (file, contents, expected) in cases {
+            check_error(|d| write(d, file, &contents), expected);
+        }
         check_error(|d| std::fs::remove_file(d.join("T.item")).expect("rm"), "no *.item file");
     }
 

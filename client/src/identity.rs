@@ -86,6 +86,7 @@ impl Identity {
 mod tests {
     use super::*;
 
+    /// The first start makes the key; every later one reads the same key back.
     #[test]
     fn key_is_created_once_then_reloaded() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -175,6 +175,9 @@ impl ClientLedger {
 mod tests {
     use super::*;
 
+    /// The merchant's own record of what it spent is durable: a reopened ledger holds the
+    /// same participations, their zCDP ρ adds up, and ε follows from the sum (checked
+    /// against the closed form), growing with each round it would take part in.
     #[test]
     fn participations_survive_a_reopen_and_compose_by_addition() {
         let dir = tempfile::tempdir().expect("tempdir");

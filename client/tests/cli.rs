@@ -10,6 +10,14 @@ fn client(args: &[&str]) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
+/// Runs the client with `args`, expecting it to fail with every one of `named` in its
+/// error output.
+fn fails_naming(args: &[&str], named: &[&str]) {
+    let (ok, stderr) = client(args);
+    assert!(!ok, "{args:?} must fail");
+    assert!(named.iter().all(|n| stderr.contains(n)), "{stderr:?} must name each of {named:?}");
+}
+
 /// Writes a RecBole interaction file: the typed header, then `rows`.
 fn write_inter(path: &Path, rows: &str) {
     std::fs::write(path, format!("user_id:token\titem_id_list:token_seq\titem_id:token\n{rows}"))
@@ -57,9 +65,7 @@ fn closed_port() -> u16 {
 fn a_missing_config_file_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("nope.toml");
-    let (ok, stderr) = client(&["run", "--config", path.to_str().expect("utf-8")]);
-    assert!(!ok);
-    assert!(stderr.contains("nope.toml"), "{stderr}");
+    fails_naming(&["run", "--config", path.to_str().expect("utf-8")], &["nope.toml"]);
 }
 
 #[test]
@@ -69,22 +75,16 @@ fn wrong_credential_files_are_named_before_anything_loads() {
     let config = config.to_str().expect("utf-8");
 
     std::fs::write(dir.path().join("m.pem"), "not a certificate").expect("write");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("m.pem") && stderr.contains("merchant certificate"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["m.pem", "merchant certificate"]);
 
     // The certificate where the key should be.
     let ca = std::fs::read(dir.path().join("ca.pem")).expect("read");
     std::fs::write(dir.path().join("m.pem"), &ca).expect("write");
     std::fs::write(dir.path().join("m.key"), &ca).expect("write");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("m.key") && stderr.contains("CERTIFICATE"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["m.key", "CERTIFICATE"]);
 
     std::fs::remove_file(dir.path().join("ca.pem")).expect("remove");
-    let (ok, stderr) = client(&["register", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("ca.pem"), "{stderr}");
+    fails_naming(&["register", "--config", config], &["ca.pem"]);
 }
 
 #[test]
@@ -95,25 +95,17 @@ fn a_missing_or_corrupt_data_file_is_named_with_its_line() {
     let data = dir.path().join("data");
 
     write_inter(&data.join("tiny.test.inter"), "0\t0 1\n");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("expected 3"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["tiny.test.inter:2", "expected 3"]);
 
     write_inter(&data.join("tiny.test.inter"), "0\t0 7\t2\n");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("tiny.test.inter:2") && stderr.contains("unknown item id 7"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["tiny.test.inter:2", "unknown item id 7"]);
 
     write_inter(&data.join("tiny.test.inter"), TEST_ROW);
     std::fs::remove_file(data.join("tiny.valid.inter")).expect("remove");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("tiny.valid.inter"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["tiny.valid.inter"]);
 
     std::fs::remove_dir_all(&data).expect("remove");
-    let (ok, stderr) = client(&["run", "--config", config]);
-    assert!(!ok);
-    assert!(stderr.contains("data"), "{stderr}");
+    fails_naming(&["run", "--config", config], &["data"]);
 }
 
 #[test]
@@ -121,9 +113,10 @@ fn a_coordinator_that_is_down_is_named_with_its_address() {
     let dir = tempfile::tempdir().expect("tempdir");
     let address = format!("https://localhost:{}", closed_port());
     let config = merchant(dir.path(), &address);
-    let (ok, stderr) = client(&["register", "--config", config.to_str().expect("utf-8")]);
-    assert!(!ok);
-    assert!(stderr.contains("cannot reach the coordinator") && stderr.contains(&address), "{stderr}");
+    fails_naming(
+        &["register", "--config", config.to_str().expect("utf-8")],
+        &["cannot reach the coordinator", &address],
+    );
 }
 
 /// `keygen` makes the merchant's keys and a request that the federation's CA signs into a

@@ -135,8 +135,6 @@ pub enum Shrinkage {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundsConfig {
-    /// q: each eligible merchant joins a round independently with this probability.
-    pub sampling_rate: f64,
     /// Fewest sampled merchants a round starts with; a smaller sample is skipped.
     pub min_cohort: u32,
     /// t: survivors needed in every neighbourhood (and in all) for the sum to be revealed.
@@ -164,6 +162,8 @@ pub struct RoundsConfig {
     pub server_learning_rate: f64,
     /// Applied to a training round's noisy sum before the server optimiser.
     pub shrinkage: Shrinkage,
+    /// Training rounds' noise and sampling (`[rounds.training]`).
+    pub training: TrainingRounds,
     /// What training rounds train: `"whole"` (every trained value of the adapter) or
     /// `"pooling"` (the sequence tower's pooling weights and prior weight alone, a few dozen
     /// values that DP noise does not drown; shopper unit with `local_steps = 1`, DP-SGD's
@@ -203,7 +203,6 @@ impl RoundsConfig {
 impl Default for RoundsConfig {
     fn default() -> Self {
         Self {
-            sampling_rate: 1.0,
             min_cohort: 3,
             threshold: 2,
             neighbours: 0,
@@ -219,10 +218,29 @@ impl Default for RoundsConfig {
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
             shrinkage: Shrinkage::JamesStein,
+            training: TrainingRounds::default(),
             trained: TrainedPart::Whole,
             popularity_release: StatisticRounds::default(),
             pooling_selection: StatisticRounds::default(),
         }
+    }
+}
+
+/// The rounds that train the adapter: their noise and sampling, as each statistic kind has
+/// its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainingRounds {
+    /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
+    pub noise_multiplier: f64,
+    /// q, the unit's sampling rate: merchants, by the coordinator, in the merchant unit;
+    /// shoppers, each merchant its own, in the shopper unit (where every merchant takes part).
+    pub sampling_rate: f64,
+}
+
+impl Default for TrainingRounds {
+    fn default() -> Self {
+        Self { noise_multiplier: 1.0, sampling_rate: 1.0 }
     }
 }
 
@@ -261,19 +279,15 @@ pub struct KindPrivacy {
 #[serde(deny_unknown_fields, default)]
 pub struct PrivacyConfig {
     pub mode: PrivacyMode,
-    /// Whom the DP protects: `merchant` (the coordinator samples merchants at
-    /// `rounds.sampling_rate`) or `shopper` (every merchant takes part, `rounds.sampling_rate`
-    /// must be 1, and each samples its own shoppers at `shopper_sampling_rate`).
+    /// Whom the DP protects: `merchant` (the coordinator samples merchants at each round
+    /// kind's `sampling_rate`) or `shopper` (every merchant takes part and samples its own
+    /// shoppers at the kind's `sampling_rate`).
     pub unit: PrivacyUnit,
-    /// Shopper unit: the rate at which each merchant Poisson-samples its shoppers.
-    pub shopper_sampling_rate: f64,
     /// Shopper unit: N, the shoppers across the federation (declared by the merchants). The
     /// server divides the noisy sum by the expected number sampled, q·N, never by a count.
     pub shoppers: u64,
     /// c: the L2 clip norm of one merchant's update, or of one shopper's in the shopper unit.
     pub clip_norm: f64,
-    /// z: the decoded sum carries N(0, (z·c)²) per coordinate.
-    pub noise_multiplier: f64,
     /// Survivors that may collude against a merchant (add no noise, or reveal theirs to the
     /// coordinator) with the charged ε still holding: each client adds σ²/(t − c) and the
     /// ledger counts only honest shares. A round whose threshold is below c + 2 (c + 1 in
@@ -297,10 +311,8 @@ impl Default for PrivacyConfig {
         Self {
             mode: PrivacyMode::Distributed,
             unit: PrivacyUnit::Merchant,
-            shopper_sampling_rate: 0.0,
             shoppers: 0,
             clip_norm: 0.1,
-            noise_multiplier: 1.0,
             tolerated_colluders: guild_privacy::cost::DEFAULT_TOLERATED_COLLUDERS,
             dangerous_allow_noise_above_clip: false,
             epsilon_budget: 8.0,
@@ -442,35 +454,26 @@ impl Config {
         }
     }
 
-    /// How a round of `kind` samples and how much noise it carries: training at
-    /// `rounds.sampling_rate` (merchants) or `privacy.shopper_sampling_rate` (shoppers) and
-    /// `privacy.noise_multiplier`; a statistic kind at its own table's rate and z. In the
-    /// shopper unit every merchant takes part at `rounds.sampling_rate` (which is 1).
+    /// How a round of `kind` samples and how much noise it carries: at its own table's rate
+    /// and z (`[rounds.training]`, `[rounds.popularity_release]`, `[rounds.pooling_selection]`).
+    /// The rate is the unit's: merchants in the merchant unit; shoppers in the shopper unit,
+    /// where every merchant takes part.
     pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
-        let (r, p) = (&self.rounds, &self.privacy);
-        let (merchant_unit_rate, shopper_unit_rate, noise_multiplier) = match kind {
-            RoundKind::Training => (r.sampling_rate, p.shopper_sampling_rate, p.noise_multiplier),
-            RoundKind::PopularityRelease => (
-                r.popularity_release.sampling_rate,
-                r.popularity_release.sampling_rate,
-                r.popularity_release.noise_multiplier,
-            ),
-            RoundKind::PoolingSelection => (
-                r.pooling_selection.sampling_rate,
-                r.pooling_selection.sampling_rate,
-                r.pooling_selection.noise_multiplier,
-            ),
-        };
-        match p.unit {
-            PrivacyUnit::Merchant => KindPrivacy {
-                merchant_rate: merchant_unit_rate,
-                unit_rate: merchant_unit_rate,
-                noise_multiplier,
-            },
-            PrivacyUnit::Shopper => {
-                KindPrivacy { merchant_rate: r.sampling_rate, unit_rate: shopper_unit_rate, noise_multiplier }
+        let r = &self.rounds;
+        let (unit_rate, noise_multiplier) = match kind {
+            RoundKind::Training => (r.training.sampling_rate, r.training.noise_multiplier),
+            RoundKind::PopularityRelease => {
+                (r.popularity_release.sampling_rate, r.popularity_release.noise_multiplier)
             }
-        }
+            RoundKind::PoolingSelection => {
+                (r.pooling_selection.sampling_rate, r.pooling_selection.noise_multiplier)
+            }
+        };
+        let merchant_rate = match self.privacy.unit {
+            PrivacyUnit::Merchant => unit_rate,
+            PrivacyUnit::Shopper => 1.0,
+        };
+        KindPrivacy { merchant_rate, unit_rate, noise_multiplier }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -500,12 +503,6 @@ impl Config {
             return Err(invalid("adapter.alpha", "must be positive"));
         }
         let r = &self.rounds;
-        if !(r.sampling_rate > 0.0 && r.sampling_rate <= 1.0) {
-            return Err(invalid(
-                "rounds.sampling_rate",
-                format!("must be in (0, 1], got {}", r.sampling_rate),
-            ));
-        }
         if r.threshold < 2 {
             return Err(invalid("rounds.threshold", "must be at least 2"));
         }
@@ -566,16 +563,23 @@ impl Config {
         if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
             return Err(invalid("privacy.clip_norm", "must be positive"));
         }
-        if !(p.noise_multiplier.is_finite() && p.noise_multiplier >= 0.0) {
-            return Err(invalid("privacy.noise_multiplier", "must be ≥ 0"));
+        let training = &r.training;
+        if !(training.noise_multiplier.is_finite() && training.noise_multiplier >= 0.0) {
+            return Err(invalid("rounds.training.noise_multiplier", "must be ≥ 0"));
+        }
+        if !(training.sampling_rate > 0.0 && training.sampling_rate <= 1.0) {
+            return Err(invalid(
+                "rounds.training.sampling_rate",
+                format!("must be in (0, 1], got {}", training.sampling_rate),
+            ));
         }
         // Training's z may be left at 0 only by a federation that never trains: one whose
         // `max_rounds` ends within the schedule's statistic rounds.
         let trains = r.max_rounds == 0 || r.max_rounds > r.schedule().statistic_rounds();
         match p.mode {
-            PrivacyMode::Distributed | PrivacyMode::Central if trains && p.noise_multiplier <= 0.0 => {
+            PrivacyMode::Distributed | PrivacyMode::Central if trains && training.noise_multiplier <= 0.0 => {
                 return Err(invalid(
-                    "privacy.noise_multiplier",
+                    "rounds.training.noise_multiplier",
                     "must be positive in distributed and central mode when the federation trains \
                      (mode = \"dangerous_none\" turns noise off)",
                 ));
@@ -640,31 +644,11 @@ impl Config {
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
         }
-        match p.unit {
-            PrivacyUnit::Merchant if p.shopper_sampling_rate != 0.0 => {
-                return Err(invalid("privacy.shopper_sampling_rate", "applies to unit = \"shopper\" only"));
-            }
-            PrivacyUnit::Shopper => {
-                if !(p.shopper_sampling_rate > 0.0 && p.shopper_sampling_rate <= 1.0) {
-                    return Err(invalid(
-                        "privacy.shopper_sampling_rate",
-                        format!("must be in (0, 1] in the shopper unit, got {}", p.shopper_sampling_rate),
-                    ));
-                }
-                if p.shoppers == 0 {
-                    return Err(invalid(
-                        "privacy.shoppers",
-                        "the shopper unit needs the number of shoppers across the federation",
-                    ));
-                }
-                if r.sampling_rate != 1.0 {
-                    return Err(invalid(
-                        "rounds.sampling_rate",
-                        "must be 1 in the shopper unit: every merchant takes part and samples its own shoppers",
-                    ));
-                }
-            }
-            PrivacyUnit::Merchant => {}
+        if p.unit == PrivacyUnit::Shopper && p.shoppers == 0 {
+            return Err(invalid(
+                "privacy.shoppers",
+                "the shopper unit needs the number of shoppers across the federation",
+            ));
         }
         if !(8..=32).contains(&p.bit_width) {
             return Err(invalid("privacy.bit_width", "must be 8..=32"));
@@ -729,10 +713,11 @@ impl Config {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const MINIMAL: &str = r#"
+    /// The smallest configuration `Config::parse` accepts: listen address, store and TLS files.
+    pub(crate) const MINIMAL: &str = r#"
         [server]
         listen = "127.0.0.1:50051"
         store = "guild.db"
@@ -754,14 +739,14 @@ mod tests {
         let config = Config::parse(
             MINIMAL,
             env(&[
-                ("GUILD_ROUNDS__SAMPLING_RATE", "0.25"),
+                ("GUILD_ROUNDS__TRAINING__SAMPLING_RATE", "0.25"),
                 ("GUILD_PRIVACY__MODE", "central"),
                 ("GUILD_SERVER__LISTEN", "0.0.0.0:9000"),
                 ("UNRELATED", "x"),
             ]),
         )
         .expect("valid");
-        assert_eq!(config.rounds.sampling_rate, 0.25);
+        assert_eq!(config.rounds.training.sampling_rate, 0.25);
         assert_eq!(config.privacy.mode, PrivacyMode::Central);
         assert_eq!(config.server.listen.port(), 9000);
     }
@@ -771,22 +756,25 @@ mod tests {
         let error = |extra: &str, env_pairs: &[(&str, &str)]| {
             Config::parse(&format!("{MINIMAL}\n{extra}"), env(env_pairs)).expect_err("invalid").to_string()
         };
-        assert!(error("", &[("GUILD_ROUNDS__SAMPLING_RATE", "1.5")]).contains("rounds.sampling_rate"));
-        assert!(error("[rounds]\nthreshold = 5\nmin_cohort = 4", &[]).contains("rounds.min_cohort"));
-        assert!(error("[privacy]\nnoise_multiplier = 0.0", &[]).contains("dangerous_none"));
-        // The shopper unit needs its rate and population, and every merchant in the round.
-        let shopper = "[privacy]\nunit = \"shopper\"\nshoppers = 50000";
-        assert!(error(shopper, &[]).contains("privacy.shopper_sampling_rate"));
-        let shopper = format!("{shopper}\nshopper_sampling_rate = 0.02");
-        assert!(error(&shopper, &[("GUILD_ROUNDS__SAMPLING_RATE", "0.5")]).contains("rounds.sampling_rate"));
         assert!(
-            error("[privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02", &[])
-                .contains("privacy.shoppers")
+            error("", &[("GUILD_ROUNDS__TRAINING__SAMPLING_RATE", "1.5")])
+                .contains("rounds.training.sampling_rate")
         );
-        assert!(error("[privacy]\nshopper_sampling_rate = 0.02", &[]).contains("unit = \"shopper\" only"));
+        assert!(error("[rounds]\nthreshold = 5\nmin_cohort = 4", &[]).contains("rounds.min_cohort"));
+        let untrained = error("[rounds.training]\nnoise_multiplier = 0.0", &[]);
+        assert!(
+            untrained.contains("rounds.training.noise_multiplier") && untrained.contains("dangerous_none")
+        );
+        // The shopper unit needs its population; the training table's rate is then the
+        // shoppers', and every merchant takes part.
+        assert!(error("[privacy]\nunit = \"shopper\"", &[]).contains("privacy.shoppers"));
+        let shopper =
+            "[rounds.training]\nsampling_rate = 0.02\n[privacy]\nunit = \"shopper\"\nshoppers = 50000";
         assert!(error("[privacy]\nunit = \"shop\"", &[]).contains("unit"));
         let config = Config::parse(&format!("{MINIMAL}\n{shopper}"), env(&[])).expect("valid shopper unit");
         assert_eq!((config.privacy.unit, config.privacy.shoppers), (PrivacyUnit::Shopper, 50_000));
+        let training = config.kind_privacy(RoundKind::Training);
+        assert_eq!((training.merchant_rate, training.unit_rate), (1.0, 0.02));
         // A popularity release needs its own noise, and a rate in (0, 1]; nested tables
         // take overrides too.
         let release = "[rounds.popularity_release]\nrounds = 1";
@@ -815,7 +803,7 @@ mod tests {
         );
         // Training the pooling part: a tower with a prior, the shopper unit, one local step.
         let tower = [("GUILD_ADAPTER__FAMILY", "sequence_tower"), ("GUILD_ADAPTER__TOWER__CATALOGUE", "100")];
-        let pooling = format!("{shopper}\n[rounds]\ntrained = \"pooling\"");
+        let pooling = format!("[rounds]\ntrained = \"pooling\"\n{shopper}");
         assert!(
             error(&pooling, &[("GUILD_ROUNDS__LOCAL_STEPS", "1")])
                 .contains("adapter.family = \"sequence_tower\"")
@@ -827,10 +815,10 @@ mod tests {
         assert!(error("[rounds]\ntrained = \"pooling\"", &one_step).contains("privacy.unit = \"shopper\""));
         assert!(error("[rounds]\ntrained = \"pool\"", &[]).contains("trained"));
         assert!(
-            error("[rounds]\nsampling_rate = 0.5", &[("GUILD_ROUNDS__SAMPLING_RATE__X", "1")])
-                .contains("rounds.sampling_rate is not a section")
+            error("[rounds]\nthreshold = 2", &[("GUILD_ROUNDS__THRESHOLD__X", "1")])
+                .contains("rounds.threshold is not a section")
         );
-        assert!(error("[rounds]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
+        assert!(error("[rounds.training]\nsampling_rat = 0.5", &[]).contains("sampling_rat"));
         assert!(error("[adapter]\ncatalogue_sha256 = \"abc\"", &[]).contains("adapter.catalogue_sha256"));
         let digest = "ab".repeat(32);
         let stated =

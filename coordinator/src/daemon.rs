@@ -144,7 +144,6 @@ targets = ["query", "value"]
 frozen_a_seed = 0
 
 [rounds]
-sampling_rate = 1.0
 min_cohort = 3
 threshold = 2
 neighbours = 0
@@ -158,8 +157,13 @@ server_learning_rate = 1.0
 # at the sum's known noise variance before the server step (free post-processing; "none"
 # keeps the raw sum).
 shrinkage = "james_stein"
+# Each kind of round has its own noise multiplier z (the decoded sum carries N(0, (z·c)²) per
+# coordinate) and sampling rate (of merchants, or of shoppers in the shopper unit).
+[rounds.training]
+noise_multiplier = 1.0
+sampling_rate = 1.0
 # Rounds that send a bounded statistic instead of training come first, each kind with its
-# own count, noise and sampling rate (sequence towers with a popularity prior only):
+# own count (sequence towers with a popularity prior only):
 # [rounds.popularity_release]
 # rounds = 1
 # noise_multiplier = 10.0
@@ -172,7 +176,6 @@ shrinkage = "james_stein"
 [privacy]
 mode = "distributed"
 clip_norm = 0.1
-noise_multiplier = 1.0
 # Survivors that may collude against a merchant (add no noise, or reveal theirs) with the
 # charged ε still holding: each client adds σ²/(t − c). Merchants refuse fewer than their floor.
 tolerated_colluders = 3

@@ -259,27 +259,26 @@ pub fn refuse(config: &Config, plan: &PrivacyPlan) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::tests::MINIMAL;
 
-    const CONFIG: &str = r#"
-        [server]
-        listen = "127.0.0.1:50051"
-        store = "guild.db"
-        [tls]
-        ca = "ca.pem"
-        cert = "server.pem"
-        key = "server.key"
+    const ROUNDS: &str = r#"
         [rounds]
-        sampling_rate = 0.05
         min_cohort = 15
         threshold = 10
         max_rounds = 3
+        [rounds.training]
+        sampling_rate = 0.05
+        noise_multiplier = 0.9
         [privacy]
         clip_norm = 10.0
-        noise_multiplier = 0.9
     "#;
 
     fn config(more: &[(&str, &str)]) -> Config {
-        Config::parse(CONFIG, more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))).expect("valid")
+        Config::parse(
+            &format!("{MINIMAL}{ROUNDS}"),
+            more.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        )
+        .expect("valid")
     }
 
     /// The disagreement an operator saw: spent ε below the budget while the daemon refuses
@@ -339,7 +338,8 @@ mod tests {
         ]);
         assert!(refuse(&allowed, &super::plan(&allowed, 508).expect("plan")).is_ok());
         // More merchants per round: less noise per averaged step.
-        let crowded = super::plan(&config(&[("GUILD_ROUNDS__SAMPLING_RATE", "1.0")]), 508).expect("plan");
+        let crowded =
+            super::plan(&config(&[("GUILD_ROUNDS__TRAINING__SAMPLING_RATE", "1.0")]), 508).expect("plan");
         let crowded = crowded.kinds.iter().find(|k| k.kind == RoundKind::Training).expect("training");
         assert!(crowded.noise_to_clip < training.noise_to_clip / 3.0);
     }

@@ -723,6 +723,9 @@ mod tests {
 
     use super::*;
 
+    /// Registered merchants outlive the daemon; opening the store again runs its migrations
+    /// again without harm; the federation's id is fixed at the first open, and a store made
+    /// for another base model refuses to open for this one.
     #[test]
     fn registry_survives_reopening_and_migrations_are_idempotent() {
         let dir = tempfile::tempdir().expect("tempdir");

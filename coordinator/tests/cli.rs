@@ -220,11 +220,11 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
     // A bad setting stops the daemon at start with the key named.
     let (ok, _, stderr) = Command::new(env!("CARGO_BIN_EXE_guild-coordinator"))
         .args(["serve", "--config", config])
-        .env("GUILD_ROUNDS__SAMPLING_RATE", "2")
+        .env("GUILD_ROUNDS__TRAINING__SAMPLING_RATE", "2")
         .output()
         .map(|o| (o.status.success(), (), String::from_utf8_lossy(&o.stderr).into_owned()))
         .expect("run");
-    assert!(!ok && stderr.contains("rounds.sampling_rate"), "{stderr}");
+    assert!(!ok && stderr.contains("rounds.training.sampling_rate"), "{stderr}");
 }
 
 /// `sign-csr` signs a merchant's request into a certificate that binds its signing key, and

@@ -112,7 +112,6 @@ pub async fn run(settings: LoadSettings) -> anyhow::Result<LoadReport> {
         let hidden = 512.max(((dimension / 2) as f64).sqrt() as usize).next_power_of_two();
         c.adapter.hidden = hidden;
         c.adapter.rank = dimension / (2 * hidden);
-        c.rounds.sampling_rate = 1.0;
         c.rounds.min_cohort = clients as u32;
         c.rounds.threshold = threshold;
         c.rounds.neighbours = neighbours;
@@ -121,7 +120,7 @@ pub async fn run(settings: LoadSettings) -> anyhow::Result<LoadReport> {
         c.privacy.clip_norm = 1.0;
         // Noise large enough that the clients' own ε caps (`guards.max_epsilon`) admit every
         // round: the work per round does not depend on it.
-        c.privacy.noise_multiplier = 5.0;
+        c.rounds.training.noise_multiplier = 5.0;
         c.privacy.epsilon_budget = 1e9;
         if dangerous_no_noise {
             c.privacy.mode = guild_privacy::PrivacyMode::DangerousNone;

@@ -126,27 +126,8 @@ enum Command {
         /// Sequence tower: uniform negatives per batch (0: full softmax over the catalogue).
         #[arg(long, default_value_t = 0)]
         negatives: usize,
-        /// `--arm fedavg`: rounds; `--steps` and `--batch-size` are each merchant's per round.
-        #[arg(long, default_value_t = 10)]
-        rounds: u64,
-        /// `--arm fedavg`: Poisson sampling rate of merchants per round.
-        #[arg(long, default_value_t = 0.1)]
-        sampling_rate: f64,
-        /// `--arm fedavg`: the server's learning rate on the mean update.
-        #[arg(long, default_value_t = 1.0)]
-        server_learning_rate: f64,
-        /// `--arm fedavg`: the server's momentum (FedAvgM; 0: plain FedAvg).
-        #[arg(long, default_value_t = 0.0)]
-        server_momentum: f64,
-        /// `--arm fedavg`: FedAdam (the coordinator's) instead of FedAvg(M) on the server.
-        #[arg(long)]
-        server_adam: bool,
-        /// `--arm shopper-dp`: L2 clip norm of one shopper's update.
-        #[arg(long, default_value_t = 1.0)]
-        clip_norm: f64,
-        /// `--arm shopper-dp`: z; the noisy sum carries N(0, (z·c)²) per coordinate.
-        #[arg(long, default_value_t = 1.0)]
-        noise_multiplier: f64,
+        #[command(flatten)]
+        plan: FedAvgPlan,
     },
 }
 
@@ -188,11 +169,12 @@ fn local(
             .clone(),
     };
     let training_started = std::time::Instant::now();
+    let in_process = InProcess { world: &world, train: &train, plan: &plan, started };
     if let Arm::Fedavg = arm {
-        return fedavg(&world, &train, &plan, started);
+        return fedavg(in_process);
     }
     if let Arm::ShopperDp = arm {
-        return shopper_dp(&world, &train, &plan, started);
+        return shopper_dp(in_process);
     }
     let trained = if train_users.is_empty() { None } else { Some(world.train_on(&train_users, &train)?) };
     let training_seconds = training_started.elapsed().as_secs_f64();
@@ -223,13 +205,28 @@ fn local(
 }
 
 /// `--arm fedavg`'s and `--arm shopper-dp`'s schedule.
+#[derive(Debug, clap::Args)]
 struct FedAvgPlan {
+    /// `--arm fedavg`: rounds; `--steps` and `--batch-size` are each merchant's per round.
+    #[arg(long, default_value_t = 10)]
     rounds: u64,
+    /// `--arm fedavg`: Poisson sampling rate of merchants per round.
+    #[arg(long, default_value_t = 0.1)]
     sampling_rate: f64,
+    /// `--arm fedavg`: the server's learning rate on the mean update.
+    #[arg(long, default_value_t = 1.0)]
     server_learning_rate: f64,
+    /// `--arm fedavg`: the server's momentum (FedAvgM; 0: plain FedAvg).
+    #[arg(long, default_value_t = 0.0)]
     server_momentum: f64,
+    /// `--arm fedavg`: FedAdam (the coordinator's) instead of FedAvg(M) on the server.
+    #[arg(long)]
     server_adam: bool,
+    /// `--arm shopper-dp`: L2 clip norm of one shopper's update.
+    #[arg(long, default_value_t = 1.0)]
     clip_norm: f64,
+    /// `--arm shopper-dp`: z; the noisy sum carries N(0, (z·c)²) per coordinate.
+    #[arg(long, default_value_t = 1.0)]
     noise_multiplier: f64,
 }
 
@@ -269,15 +266,20 @@ impl ServerState {
     }
 }
 
+/// What an arm that runs its rounds in this process (no gRPC, no SecAgg+) works from.
+#[derive(Clone, Copy)]
+struct InProcess<'a> {
+    world: &'a guild_sim::world::World,
+    train: &'a guild_client::retrieval::TrainConfig,
+    plan: &'a FedAvgPlan,
+    started: std::time::Instant,
+}
+
 /// Shopper-level DP-SGD in this process (see [`Arm::ShopperDp`]), with continuous Gaussian
 /// noise standing in for the federation's distributed discrete Gaussian. Prints the
 /// validation metric and the accountant's ε (δ = 1e-6) each round.
-fn shopper_dp(
-    world: &guild_sim::world::World,
-    train: &guild_client::retrieval::TrainConfig,
-    plan: &FedAvgPlan,
-    started: std::time::Instant,
-) -> anyhow::Result<serde_json::Value> {
+fn shopper_dp(arm: InProcess<'_>) -> anyhow::Result<serde_json::Value> {
+    let InProcess { world, train, plan, started } = arm;
     use guild_privacy::accounting::{epsilon_from_rdp, subsampled_gaussian_rdp};
     use guild_privacy::dp::{add_central_noise, clip_l2, poisson_sample};
     use rand::SeedableRng;
@@ -355,12 +357,8 @@ fn in_process_rounds(
 /// FedAvg(M) in this process: each round Poisson-samples merchants, each trains from the
 /// global values and returns its change, the server moves by its learning rate times the
 /// (momentum-averaged) mean change. Prints the validation metric each round.
-fn fedavg(
-    world: &guild_sim::world::World,
-    train: &guild_client::retrieval::TrainConfig,
-    plan: &FedAvgPlan,
-    started: std::time::Instant,
-) -> anyhow::Result<serde_json::Value> {
+fn fedavg(arm: InProcess<'_>) -> anyhow::Result<serde_json::Value> {
+    let InProcess { world, train, plan, started } = arm;
     use rand::{Rng, SeedableRng};
 
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(train.seed ^ 0xfed);
@@ -440,13 +438,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             cache,
             negatives,
-            rounds,
-            sampling_rate,
-            server_learning_rate,
-            server_momentum,
-            server_adam,
-            clip_norm,
-            noise_multiplier,
+            plan,
         } => {
             let train = guild_client::retrieval::TrainConfig {
                 batch_size,
@@ -482,15 +474,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 // The in-process tuner averages every coordinate: no summed histogram.
                 popularity: false,
-            };
-            let plan = FedAvgPlan {
-                rounds,
-                sampling_rate,
-                server_learning_rate,
-                server_momentum,
-                server_adam,
-                clip_norm,
-                noise_multiplier,
             };
             let result = local(arm, spec, &merchant, train, plan)?;
             println!("{result}");

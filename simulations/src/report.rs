@@ -107,6 +107,8 @@ pub fn markdown(results: &RunResults) -> String {
     out += &shares(results);
     out += &search(results);
     out += &serving(results);
+    // A paragraph, not a last row of the table before it.
+    out += "\n";
     out += &verdict(results);
     out += "\n## Faults injected and survived\n\n";
     let eventful: Vec<&ArmResult> =

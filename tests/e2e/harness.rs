@@ -17,29 +17,48 @@ pub fn small(config: &mut Config) {
     config.adapter.layers = 1;
     config.adapter.hidden = 16;
     config.adapter.rank = 2;
-    config.rounds.sampling_rate = 1.0;
+    config.rounds.training.sampling_rate = 1.0;
     config.rounds.min_cohort = 3;
     config.rounds.threshold = 2;
     config.rounds.phase_deadlines_ms = [5_000, 3_000, 3_000, 3_000, 3_000];
     config.privacy.clip_norm = 1.0;
-    config.privacy.noise_multiplier = 1.0;
+    config.rounds.training.noise_multiplier = 1.0;
     config.privacy.epsilon_budget = 1e6;
 }
 
-/// A started in-process federation of four small merchants, all needed for a round, that
-/// stops after `max_rounds` committed rounds (0: never), with `more` applied to its config.
-pub async fn four_merchants(
+/// The shopper unit for the four-merchant federations: 160 shoppers across the federation
+/// (each lightweight merchant has 40), each merchant sampling its own at q = 0.1 in training
+/// rounds.
+pub fn shopper_unit(config: &mut Config) {
+    config.privacy.unit = guild_privacy::PrivacyUnit::Shopper;
+    config.rounds.training.sampling_rate = 0.1;
+    config.privacy.shoppers = 160;
+}
+
+/// An in-process federation of four small merchants, all needed for a round, that stops
+/// after `max_rounds` committed rounds (0: never), with `more` applied to its config; not
+/// started.
+pub fn four_merchants_unstarted(
     dir: &std::path::Path,
     max_rounds: u64,
     more: impl FnOnce(&mut Config),
 ) -> Federation {
-    let mut federation = Federation::init(dir, 4, |c| {
+    Federation::init(dir, 4, |c| {
         small(c);
         c.rounds.min_cohort = 4;
         c.rounds.max_rounds = max_rounds;
         more(c);
     })
-    .expect("init");
+    .expect("init")
+}
+
+/// [`four_merchants_unstarted`], started.
+pub async fn four_merchants(
+    dir: &std::path::Path,
+    max_rounds: u64,
+    more: impl FnOnce(&mut Config),
+) -> Federation {
+    let mut federation = four_merchants_unstarted(dir, max_rounds, more);
     federation.start_in_process().await.expect("start");
     federation
 }
@@ -126,6 +145,16 @@ pub async fn wait_for_rounds(federation: &Federation, rounds: u64, limit: Durati
 /// one of them.
 pub async fn every_client_in_every_round(federation: &Federation, n: usize, rounds: u64) {
     let clients: Vec<_> = futures_join(federation, n, Faults::default(), rounds).await;
+    each_took_part_in(federation, clients, rounds).await;
+}
+
+/// Waits for `rounds` completed rounds, then for each client to stop, and checks that each
+/// took part in all of them.
+pub async fn each_took_part_in(
+    federation: &Federation,
+    clients: Vec<JoinHandle<anyhow::Result<u64>>>,
+    rounds: u64,
+) {
     wait_for_rounds(federation, rounds, Duration::from_secs(60)).await;
     for client in clients {
         let committed = tokio::time::timeout(Duration::from_secs(30), client)

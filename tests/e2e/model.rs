@@ -74,12 +74,15 @@ fn embeddings_match_transformers_and_peft_within_1e_4() {
     assert!(diff < 1e-4, "adapters off: max |Δ| = {diff:e}");
 
     // Adapters on: give B non-zero values, export as PEFT, let peft load it.
-    let mut adapters = Adapters::new(
-        LoraConfig { frozen_a_seed: 7, ..Default::default() },
-        base.config(),
-        base.sha256(),
-        Device::Cpu,
-    );
+    let fresh = || {
+        Adapters::new(
+            LoraConfig { frozen_a_seed: 7, ..Default::default() },
+            base.config(),
+            base.sha256(),
+            Device::Cpu,
+        )
+    };
+    let mut adapters = fresh();
     let count = adapters.manifest().parameter_count();
     let values: Vec<f32> = (0..count).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
     adapters.set_flat(&values).expect("set B");
@@ -93,12 +96,7 @@ fn embeddings_match_transformers_and_peft_within_1e_4() {
     assert!(diff < 1e-4, "adapters on (via peft): max |Δ| = {diff:e}");
 
     // The export round-trips into fresh adapters of the same federation.
-    let mut again = Adapters::new(
-        LoraConfig { frozen_a_seed: 7, ..Default::default() },
-        base.config(),
-        base.sha256(),
-        Device::Cpu,
-    );
+    let mut again = fresh();
     again.import_peft(dir.path()).expect("import");
     assert_eq!(again.flat(), values);
     // ...and is refused by a federation with another frozen A.

@@ -6,6 +6,17 @@ use guild_client::net::{Connection, NetError, TlsCredentials};
 use guild_proto::v1;
 use guild_sim::federation::Federation;
 
+/// Checks that a registration was refused as permission denied with `reason` in its message;
+/// `what` names what was registered.
+fn refused_naming<T: std::fmt::Debug>(result: Result<T, NetError>, what: &str, reason: &str) {
+    let status = match result {
+        Err(NetError::Refused(status)) => status,
+        other => panic!("{what} must be refused, got {other:?}"),
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    assert!(status.message().contains(reason), "{}", status.message());
+}
+
 async fn federation(dir: &std::path::Path, merchants: usize) -> Federation {
     let mut federation = Federation::init(dir, merchants, |c| c.rounds.min_cohort = 100).expect("init");
     federation.start_in_process().await.expect("start");
@@ -19,12 +30,11 @@ async fn merchant_registers_with_its_certificate_and_the_store_records_it() {
     let identity = federation.identity(1).expect("identity");
     let mut connection = federation.connect(1).await.expect("connect");
     // A signing key other than the one the certificate binds is refused, and nothing stored.
-    let status = match connection.register("Shop B", &Identity::ephemeral().expect("identity")).await {
-        Err(NetError::Refused(status)) => status,
-        other => panic!("a key the certificate does not bind must be refused, got {other:?}"),
-    };
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("differs from the one its certificate binds"), "{}", status.message());
+    refused_naming(
+        connection.register("Shop B", &Identity::ephemeral().expect("identity")).await,
+        "a key the certificate does not bind",
+        "differs from the one its certificate binds",
+    );
     assert!(federation.store().expect("store").merchants().expect("merchants").is_empty());
     let registered = connection.register("Shop B", &identity).await.expect("register");
 
@@ -55,23 +65,17 @@ async fn unknown_revoked_and_foreign_certificates_are_refused() {
     // Signed by the federation's CA but taken off the allow-list.
     assert!(store.revoke("merchant-003").expect("revoke"));
     let mut revoked = federation.connect(2).await.expect("TLS still completes");
-    let status = match revoked.register("Shop C", &identity).await {
-        Err(NetError::Refused(status)) => status,
-        other => panic!("a revoked certificate must be refused, got {other:?}"),
-    };
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("revoked"), "{}", status.message());
+    refused_naming(revoked.register("Shop C", &identity).await, "a revoked certificate", "revoked");
 
     // Signed by the CA but not on the allow-list: merchant-002's entry now names another
     // certificate, so its own is unknown.
     store.allow("merchant-002", [0xAB; 32]).expect("re-allow");
     let mut unknown = federation.connect(1).await.expect("TLS still completes");
-    let status = match unknown.register("Shop B", &identity).await {
-        Err(NetError::Refused(status)) => status,
-        other => panic!("an unknown certificate must be refused, got {other:?}"),
-    };
-    assert_eq!(status.code(), tonic::Code::PermissionDenied);
-    assert!(status.message().contains("not on this federation's allow-list"), "{}", status.message());
+    refused_naming(
+        unknown.register("Shop B", &identity).await,
+        "an unknown certificate",
+        "not on this federation's allow-list",
+    );
 
     // A certificate from another CA fails the TLS handshake (or its first request).
     let other = Federation::init(&dir.path().join("other"), 1, |_| {}).expect("other federation");

@@ -13,8 +13,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::harness::{
-    eight_merchants, every_client_in_every_round, four_merchants, futures_join, options, small, spawn_client,
-    spawn_participant, wait_for_rounds,
+    each_took_part_in, eight_merchants, every_client_in_every_round, four_merchants,
+    four_merchants_unstarted, futures_join, options, shopper_unit, small, spawn_client, spawn_participant,
+    wait_for_rounds,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -75,9 +76,7 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
     use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = four_merchants(dir.path(), 2, |c| {
-        c.privacy.unit = PrivacyUnit::Shopper;
-        c.privacy.shopper_sampling_rate = 0.1;
-        c.privacy.shoppers = 160;
+        shopper_unit(c);
         raw_steps(c);
     })
     .await;
@@ -105,12 +104,9 @@ async fn shopper_unit_rounds_commit_and_charge_the_shoppers_rate() {
 /// noise. The next round trains as usual, at the training rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_popularity_release_moves_only_the_histogram_and_is_charged_at_its_own_rate() {
-    use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = tower_with_one_release(dir.path(), 2, |c| {
-        c.privacy.unit = PrivacyUnit::Shopper;
-        c.privacy.shopper_sampling_rate = 0.1;
-        c.privacy.shoppers = 160;
+        shopper_unit(c);
     })
     .await;
     let entries = run_and_check_a_release_then_training(&federation).await;
@@ -138,15 +134,12 @@ async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
 /// the selection's own noise; version 3 trains.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_setting() {
-    use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
     let shape = guild_proto::tower::TowerShape::tiny(16);
     let federation = tower_with_one_release(dir.path(), 3, |c| {
         c.rounds.pooling_selection.rounds = 1;
         c.rounds.pooling_selection.noise_multiplier = 20.0;
-        c.privacy.unit = PrivacyUnit::Shopper;
-        c.privacy.shopper_sampling_rate = 0.1;
-        c.privacy.shoppers = 160;
+        shopper_unit(c);
     })
     .await;
     every_client_in_every_round(&federation, 4, 3).await;
@@ -177,14 +170,11 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
 /// coordinator drops the rest of the noisy sum and leaves the histogram to the release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_the_pooling_part_moves_only_the_pooling_and_prior_weight() {
-    use guild_privacy::PrivacyUnit;
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = tower_with_one_release(dir.path(), 3, |c| {
         c.rounds.trained = guild_proto::round::TrainedPart::Pooling;
         c.rounds.local_steps = 1;
-        c.privacy.unit = PrivacyUnit::Shopper;
-        c.privacy.shopper_sampling_rate = 0.1;
-        c.privacy.shoppers = 160;
+        shopper_unit(c);
     })
     .await;
     // The lightweight clients send random values at every coordinate: whatever reaches the
@@ -354,15 +344,7 @@ async fn evaluation_counts_reach_the_coordinator_only_from_a_merchant_that_opts_
             ParticipantOptions { dangerous_report_unnoised_metrics: i == 3, max_rounds: 1, ..options(i) };
         handles.push(spawn_participant(&federation, i, Box::new(learner), options).await);
     }
-    wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
-    for handle in handles {
-        let committed = tokio::time::timeout(Duration::from_secs(30), handle)
-            .await
-            .expect("client stops")
-            .expect("join")
-            .expect("client ran");
-        assert_eq!(committed, 1);
-    }
+    each_took_part_in(&federation, handles, 1).await;
     let evaluations = federation.store().expect("store").evaluations().expect("evaluations");
     assert_eq!(evaluations.len(), 1, "{evaluations:?}");
     assert_eq!(
@@ -411,11 +393,7 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
     // The cap sits halfway between what two and three rounds of this mechanism cost (four
     // clients: three share holders each, so the threshold is raised to 3), computed with the
     // coordinator's own cost function: it admits exactly two.
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-    })
-    .expect("init");
+    let mut federation = four_merchants_unstarted(dir.path(), 0, |_| {});
     let config = &federation.config;
     let manifest = config.manifest().expect("manifest");
     let round = config.round_privacy(guild_proto::round::RoundKind::Training, 4, &manifest);
@@ -467,12 +445,7 @@ async fn the_budget_refuses_the_round_that_would_cross_it_and_the_daemon_keeps_s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merchant_stops_at_its_own_epsilon_cap() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut federation = Federation::init(dir.path(), 4, |c| {
-        small(c);
-        c.rounds.min_cohort = 4;
-    })
-    .expect("init");
-    federation.start_in_process().await.expect("start");
+    let federation = four_merchants(dir.path(), 0, |_| {}).await;
     let task_rho = |participant_ledger: &ClientLedger| participant_ledger.rho();
     let mut handles = Vec::new();
     let ledgers: Vec<std::path::PathBuf> =

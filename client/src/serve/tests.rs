@@ -557,6 +557,11 @@ mod browser {
         }
     }
 
+    /// Clicks the first element `css` selects.
+    async fn click(client: &Client, css: &str) {
+        client.find(Locator::Css(css)).await.expect(css).click().await.expect("click");
+    }
+
     /// The ids in the results table, in order (each row's item cell ends "(id)").
     async fn shown(client: &Client) -> Vec<u64> {
         let mut ids = Vec::new();
@@ -587,27 +592,15 @@ mod browser {
             text_of(&client, "version", &format!("adapter version 4 over {ITEMS} items")).await;
 
             client.find(Locator::Id("query")).await.expect("query").send_keys("item 7").await.expect("typed");
-            client
-                .find(Locator::Css("#search-form button"))
-                .await
-                .expect("button")
-                .click()
-                .await
-                .expect("click");
+            click(&client, "#search-form button").await;
             text_of(&client, "status", "Search: 10 items, ranked by adapter version 4").await;
             assert_eq!(shown(&client).await, searched);
 
-            client
-                .find(Locator::Css("#results tbody tr button"))
-                .await
-                .expect("add")
-                .click()
-                .await
-                .expect("click");
+            click(&client, "#results tbody tr button").await;
             let history = text_of(&client, "history", &format!("({first})")).await;
             assert_eq!(history.lines().count(), 1, "{history}");
 
-            client.find(Locator::Id("recommend")).await.expect("recommend").click().await.expect("click");
+            click(&client, "#recommend").await;
             text_of(&client, "status", "Recommendations: 10 items").await;
             assert_eq!(shown(&client).await, recommended);
             assert!(!recommended.contains(&first), "the history's own item is left out");

@@ -295,7 +295,8 @@ mod tests {
     fn the_first_versions_come_from_releases_at_their_own_rate_and_noise() {
         let shopper = config(
             "[rounds.popularity_release]\nrounds = 2\nnoise_multiplier = 2.5\n\
-             [privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n",
+             [rounds.training]\nsampling_rate = 0.02\nnoise_multiplier = 1.1\n\
+             [privacy]\nunit = \"shopper\"\nshoppers = 1000\n",
         );
         let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
         let release = (
@@ -311,7 +312,7 @@ mod tests {
         assert_eq!(after(&shopper, &plain, 0), training);
         // In the merchant unit a release samples merchants, at its own rate.
         let merchant = config(
-            "[rounds]\nsampling_rate = 0.1\n\
+            "[rounds.training]\nsampling_rate = 0.1\n\
              [rounds.popularity_release]\nrounds = 1\nnoise_multiplier = 2.0\nsampling_rate = 0.5\n",
         );
         let release = (
@@ -329,7 +330,8 @@ mod tests {
         let shopper = config(
             "[rounds.popularity_release]\nrounds = 1\nnoise_multiplier = 2.5\n\
              [rounds.pooling_selection]\nrounds = 1\nnoise_multiplier = 20.0\n\
-             [privacy]\nunit = \"shopper\"\nshopper_sampling_rate = 0.02\nshoppers = 1000\nnoise_multiplier = 1.1\n",
+             [rounds.training]\nsampling_rate = 0.02\nnoise_multiplier = 1.1\n\
+             [privacy]\nunit = \"shopper\"\nshoppers = 1000\n",
         );
         let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
         assert_eq!(after(&shopper, &tower, 0).0, RoundKind::PopularityRelease);

@@ -63,7 +63,7 @@ pub(super) async fn federated(
         c.adapter.alpha = world.spec.lora.alpha as f32;
         c.adapter.tower = world.spec.tower.shape;
         c.adapter.frozen_a_seed = world.spec.tower.seed;
-        c.rounds.sampling_rate = f.sampling_rate;
+        c.rounds.training.sampling_rate = f.sampling_rate;
         c.rounds.min_cohort = f.min_cohort;
         c.rounds.threshold = f.threshold;
         c.rounds.neighbours = f.neighbours;
@@ -77,13 +77,12 @@ pub(super) async fn federated(
         c.rounds.server_optimizer = f.server_optimizer;
         c.privacy.mode = arm.mode;
         c.privacy.clip_norm = f.clip_norm;
-        c.privacy.noise_multiplier = arm.noise_multiplier;
+        c.rounds.training.noise_multiplier = arm.noise_multiplier;
         c.privacy.tolerated_colluders = f.tolerated_colluders;
         c.privacy.epsilon_budget = arm.epsilon_cap;
         c.privacy.delta = arm.delta;
         if let Some(sh) = &arm.shopper {
             // Every merchant in every round, each sampling its own shoppers.
-            c.rounds.sampling_rate = 1.0;
             c.rounds.min_cohort = n as u32;
             c.rounds.neighbours = 0;
             c.rounds.local_steps = sh.local_steps;
@@ -93,7 +92,7 @@ pub(super) async fn federated(
             c.rounds.server_optimizer = sh.server_optimizer;
             c.rounds.trained = sh.trained;
             c.privacy.unit = PrivacyUnit::Shopper;
-            c.privacy.shopper_sampling_rate = sh.sampling_rate;
+            c.rounds.training.sampling_rate = sh.sampling_rate;
             c.privacy.shoppers = shoppers as u64;
             c.privacy.clip_norm = sh.clip_norm;
             c.rounds.popularity_release = StatisticRounds {
@@ -110,7 +109,7 @@ pub(super) async fn federated(
         // Every client of a cohort masks on this machine's cores: the masked-input phase
         // gets the time that takes (for a cohort one deviation above its mean; three times
         // the work leaves room for cohorts larger still and for the coordinator's own).
-        let q = c.rounds.sampling_rate;
+        let q = c.kind_privacy(RoundKind::Training).merchant_rate;
         let cohort = ((q * n as f64 + (q * (1.0 - q) * n as f64).sqrt()).ceil() as usize).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
         c.rounds.phase_deadlines_ms = crate::federation::shared_machine_deadlines(
