@@ -122,63 +122,50 @@ fn fed_avg() -> ServerOptimizer {
     ServerOptimizer::FedAvg
 }
 
-#[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// Every arm is off (or empty) unless the scenario names it.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct Arms {
-    #[serde(default)]
     pub zero_shot: bool,
     /// Sequence tower: the titles-concatenated zero-shot ranker runs MiniLM per user, so it
     /// may be scored on the first this many evaluation users only (default: all of them);
     /// its comparisons pair those users.
-    #[serde(default)]
     pub titles_zero_shot_users: Option<usize>,
     /// Each of a seeded sample of merchants trains alone.
-    #[serde(default)]
     pub local_only: Option<LocalOnly>,
     /// Every merchant's training data pooled in one place.
-    #[serde(default)]
     pub centralised: Option<Centralised>,
     /// Sequence tower: the item-to-item counts of every merchant's shoppers, summed in one
     /// place, as the untrained count ranker and as a prior added to the zero-shot and the
     /// centralised rankers (its weight chosen on the validation split).
-    #[serde(default)]
     pub item_counts: bool,
     /// Sequence tower: the shopper-level arms' release and pooling selection without noise
     /// (every merchant's shoppers' statistics summed exactly, the setting with the best mean
     /// validation NDCG@10 over them), and the same selection on the centralised tower: how
     /// much of those arms' gain privacy costs, and what the selection adds to a trained
     /// tower. Each selection scores every shopper under the grid's 12 settings.
-    #[serde(default)]
     pub exact_selection: bool,
     /// Sequence tower: evaluate search on this many of the evaluation users (0: none) with
     /// the query protocol of `guild_client::retrieval::search`: text only, personalised by
     /// the zero-shot history score, and personalised by each trained arm's adapter, the
     /// personalisation weight chosen on validation.
-    #[serde(default)]
     pub search_users: usize,
     /// Sequence tower: serve the federated arm's final version with `guild-client serve`'s
     /// router on loopback and send this many `Recommend` calls over gRPC (the first
     /// evaluation users' test histories) at concurrency 1 and 16; the report quotes requests
     /// per second, p50 and p99 (0: not measured).
-    #[serde(default)]
     pub serve_requests: usize,
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
-    #[serde(default)]
     pub federated: bool,
     /// Rounds of each DP arm (default: `federation.rounds`); at a fixed ε, fewer rounds
     /// mean less noise per round.
-    #[serde(default)]
     pub dp_rounds: Option<u64>,
     /// Federated with distributed DP (DDGauss + SecAgg+) at these ε.
-    #[serde(default)]
     pub distributed_dp_epsilons: Vec<f64>,
     /// Federated with central DP (trusted coordinator) at these ε.
-    #[serde(default)]
     pub central_dp_epsilons: Vec<f64>,
     /// Federated with shopper-level distributed DP at these ε (settings in `shopper_dp`).
-    #[serde(default)]
     pub shopper_dp_epsilons: Vec<f64>,
-    #[serde(default)]
     pub shopper_dp: Option<ShopperDp>,
 }
 
@@ -309,24 +296,20 @@ pub struct Centralised {
     pub learning_rate: f64,
 }
 
+/// No faults unless the scenario asks for them.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct FaultSettings {
     /// Probability that a client abandons a round before each phase's message.
-    #[serde(default)]
     pub drop: [f64; Phase::COUNT],
     /// Probability that a client sleeps `straggle_ms` before a phase's message.
-    #[serde(default)]
     pub straggle: f64,
-    #[serde(default)]
     pub straggle_ms: u64,
     /// SIGKILL the coordinator once the round after this many committed rounds is open,
     /// then restart it (in every federated arm, or the first only, below).
-    #[serde(default)]
     pub kill_coordinator_after_round: Option<u64>,
     /// Kill and restart the coordinator in the first federated arm only (each restart costs
     /// an aborted round and the clients' reconnection, about 30 s on two cores).
-    #[serde(default)]
     pub kill_coordinator_in_first_arm_only: bool,
 }
 

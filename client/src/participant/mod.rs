@@ -458,6 +458,11 @@ impl Participant {
         bytes_sent += shares.shares.iter().map(|x| x.ciphertext.len() as u64 + 16 + 128).sum::<u64>();
         let inbox = self.connection.share_keys(shares, timeout).await?;
         let (state, mut masked) = state.on_inbox(inbox, &encoded.values)?;
+        // The encoded update is in the masked input now: free it (4 bytes a coordinate of
+        // the round's vector) before the phases that wait on the whole cohort (a simulated
+        // federation holds every merchant's at once).
+        let norm_before_clipping = encoded.norm_before_clipping;
+        drop(encoded);
         if self.options.faults.false_complaints {
             for &index in task.cohort.keys().filter(|&&i| i != s.my_index) {
                 if !masked.complaints.iter().any(|c| c.accused == index) {
@@ -513,7 +518,7 @@ impl Participant {
             train_seconds,
             secagg_seconds: secagg_started.elapsed().as_secs_f64(),
             bytes_sent,
-            norm_before_clipping: encoded.norm_before_clipping as f64,
+            norm_before_clipping: norm_before_clipping as f64,
             evaluation: None,
         })
     }
