@@ -339,6 +339,11 @@ fn invalid(key: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, reason: reason.into() }
 }
 
+/// A round kind's sampling rate `q` at `key` must be in (0, 1].
+fn check_rate(q: f64, key: &'static str) -> Result<(), ConfigError> {
+    if q > 0.0 && q <= 1.0 { Ok(()) } else { Err(invalid(key, format!("must be in (0, 1], got {q}"))) }
+}
+
 const ENV_PREFIX: &str = "GUILD_";
 
 impl Config {
@@ -567,12 +572,7 @@ impl Config {
         if !(training.noise_multiplier.is_finite() && training.noise_multiplier >= 0.0) {
             return Err(invalid("rounds.training.noise_multiplier", "must be ≥ 0"));
         }
-        if !(training.sampling_rate > 0.0 && training.sampling_rate <= 1.0) {
-            return Err(invalid(
-                "rounds.training.sampling_rate",
-                format!("must be in (0, 1], got {}", training.sampling_rate),
-            ));
-        }
+        check_rate(training.sampling_rate, "rounds.training.sampling_rate")?;
         // Training's z may be left at 0 only by a federation that never trains: one whose
         // `max_rounds` ends within the schedule's statistic rounds.
         let trains = r.max_rounds == 0 || r.max_rounds > r.schedule().statistic_rounds();
@@ -636,10 +636,7 @@ impl Config {
                     format!("must be positive when the schedule has such rounds, got {z}"),
                 ));
             }
-            let q = s.sampling_rate;
-            if !(q > 0.0 && q <= 1.0) {
-                return Err(invalid(q_key, format!("must be in (0, 1], got {q}")));
-            }
+            check_rate(s.sampling_rate, q_key)?;
         }
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));

@@ -305,8 +305,9 @@ pub const STATISTIC_FALSE_KEEP: f64 = 1e-3;
 /// counts) below this many noise deviations count as nothing, so that a sum that is all
 /// noise gives no prior: `Φ⁻¹(1 − α/d)` with α = [`STATISTIC_FALSE_KEEP`], the level the
 /// largest of `d` standard normals passes with probability at most α (5.30 for the
-/// 16,859-item histogram, 6.01 for its 16,859 × 64 counts; 3.09 for a single entry). One entry of noise that passes is no small error: the
-/// `ln(1 + v/(κ·v̄))` transform divides by the mean of what is kept, so a lone survivor
+/// 16,859-item histogram, 6.01 for its 16,859 × 64 counts; 3.09 for a single entry). One
+/// entry of noise that passes is no small error: the `ln(1 + v/(κ·v̄))` transform divides
+/// by the mean of what is kept, so a lone survivor
 /// scores about `ln d` (10 to 14) times its weight, above any cosine, for every shopper. The
 /// universal threshold `√(2 ln d)` (Donoho and Johnstone; 4.41 and 5.27 here) let one
 /// through with probability about 8% per tensor and refresh, and a merchant-level DP run
