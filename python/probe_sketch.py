@@ -28,16 +28,13 @@ most popular items. Earlier, exact counts released over the pairs decoded from a
 sketch scored 0.0722 against 0.0726 for exact counts over each item's top 64 pairs: the
 estimates' collisions, not the decoded neighbours, are what the one-stage sketch loses.
 """
-import argparse
-import collections
 import sys
 import time
 
 import numpy as np
-from safetensors.numpy import load_file
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from probe_transitions import load  # noqa: E402
+from probe_transitions import data_arguments, load, pairs, prior, recency, unit_items  # noqa: E402
 
 U = np.uint64
 
@@ -54,29 +51,15 @@ def bucket(row, f, t, buckets):
     return index, np.where((z & U(1)) == 0, 1.0, -1.0)
 
 
-def pairs(training):
-    c = collections.defaultdict(float)
-    for k, item in enumerate(training):
-        if k >= 1:
-            c[(training[k - 1], item)] += 1.0
-        for earlier in training[max(0, k - 3):k]:
-            c[(earlier, item)] += 0.3
-            c[(item, earlier)] += 0.3
-    return {p: v for p, v in c.items() if p[0] != p[1]}
-
-
 def thresholded_log(w, d):
     negative = w[w < 0]
     sigma = np.sqrt((negative ** 2).mean()) if len(negative) else 0.0
     kept = np.maximum(w - max(3.0, np.sqrt(2 * np.log(d))) * sigma, 0)
-    m = kept.mean()
-    return np.log1p(kept / m) if m > 0 else 0 * kept
+    return prior(kept)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--data", required=True)
-    p.add_argument("--items", required=True)
+    p = data_arguments()
     p.add_argument("--widths", default="19,20", help="log2 of the buckets per row, comma-separated")
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--ms", default="64", help="neighbours per item, comma-separated")
@@ -84,18 +67,12 @@ def main():
     p.add_argument("--signed", action="store_true", help="a count sketch (signed, median) instead of count-min")
     a = p.parse_args()
     n, users = load(a.data)
-    e = load_file(a.items)["items"].astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e = unit_items(a.items)
     popularity, per_user = np.zeros(n), []
     for h in users:
         training = h[:-1]
-        w, g = collections.defaultdict(float), 1.0
-        for item in reversed(training):
-            w[item] += g
-            g *= 0.5
-        norm = np.sqrt(sum(x * x for x in w.values()))
-        for item, x in w.items():
-            popularity[item] += x / norm
+        for item, x in recency(training).items():
+            popularity[item] += x
         c = pairs(training)
         if c:
             keys = np.array(list(c.keys()))

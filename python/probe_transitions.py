@@ -45,21 +45,54 @@ def load(data):
     return len(items), users
 
 
+def pairs(training):
+    """A shopper's item pairs: transitions 1, co-occurrence within 3 positions 0.3 both ways."""
+    c = collections.defaultdict(float)
+    for k, item in enumerate(training):
+        if k >= 1:
+            c[(training[k - 1], item)] += 1.0
+        for earlier in training[max(0, k - 3):k]:
+            c[(earlier, item)] += 0.3
+            c[(item, earlier)] += 0.3
+    return {p: v for p, v in c.items() if p[0] != p[1]}
+
+
+def recency(training):
+    """A shopper's unit popularity vector: weight 1, 1/2, 1/4, ... from the most recent item."""
+    w, g = collections.defaultdict(float), 1.0
+    for item in reversed(training):
+        w[item] += g
+        g *= 0.5
+    norm = np.sqrt(sum(x * x for x in w.values()))
+    return {item: x / norm for item, x in w.items()}
+
+
 def prior(w):
     m = w.mean()
     return np.log1p(w / m) if m > 0 else 0 * w
 
 
-def main():
+def unit_items(path):
+    """The cached catalogue embeddings, each row scaled to unit length."""
+    e = load_file(path)["items"].astype(np.float32)
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def data_arguments():
+    """A parser that takes the dataset's folder and the cached catalogue embeddings."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", required=True)
     parser.add_argument("--items", required=True)
+    return parser
+
+
+def main():
+    parser = data_arguments()
     parser.add_argument("--neighbours", default="32", help="M, or a comma-separated list of M to sweep")
     parser.add_argument("--betas", default="0,0.02,0.05,0.1,0.2,0.4", help="beta_t values to score")
     args = parser.parse_args()
     n, users = load(args.data)
-    e = load_file(args.items)["items"].astype(np.float32)
-    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    e = unit_items(args.items)
     ms = [int(x) for x in args.neighbours.split(",")]
     s = e @ e.T
     np.fill_diagonal(s, -2)
@@ -78,26 +111,13 @@ def score(users, n, e, nbr, betas):
     counts, pop = np.zeros(n * m), np.zeros(n)
     for h in users:
         tr = h[:-1]
-        c = collections.defaultdict(float)
-        for k, it in enumerate(tr):
-            if k >= 1 and it in slot[tr[k - 1]]:
-                c[tr[k - 1] * m + slot[tr[k - 1]][it]] += 1.0
-            for earlier in tr[max(0, k - 3):k]:
-                if it in slot[earlier]:
-                    c[earlier * m + slot[earlier][it]] += 0.3
-                if earlier in slot[it]:
-                    c[it * m + slot[it][earlier]] += 0.3
+        c = {a * m + slot[a][b]: v for (a, b), v in pairs(tr).items() if b in slot[a]}
         if c:
             norm = np.linalg.norm(list(c.values()))
             for key, x in c.items():
                 counts[key] += x / norm
-        w, g = collections.defaultdict(float), 1.0
-        for it in reversed(tr):
-            w[it] += g
-            g *= 0.5
-        norm = np.sqrt(sum(x * x for x in w.values()))
-        for it, x in w.items():
-            pop[it] += x / norm
+        for it, x in recency(tr).items():
+            pop[it] += x
     p, t = prior(pop), prior(counts).reshape(n, m)
     ev = np.random.default_rng(0).choice(len(users), 4000, replace=False)
 

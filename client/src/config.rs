@@ -316,52 +316,30 @@ impl Default for Guards {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ClientConfigError {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
-}
+/// A merchant's configuration file that could not be read or says something invalid.
+pub type ClientConfigError = guild_proto::config_file::ConfigFileError;
 
 impl ClientConfig {
     pub fn load(path: &Path) -> Result<Self, ClientConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ClientConfigError::Read { path: path.display().to_string(), source })?;
-        let mut config: Self = toml::from_str(&text).map_err(|e| ClientConfigError::Parse {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
+        let mut config: Self = guild_proto::config_file::load(path)?;
+        let invalid = |message: String| ClientConfigError::invalid(path, message);
         if config.guards.min_noise_multiplier.is_nan() || config.guards.min_noise_multiplier < 0.0 {
-            return Err(ClientConfigError::Parse {
-                path: path.display().to_string(),
-                message: "guards.min_noise_multiplier must be ≥ 0".into(),
-            });
+            return Err(invalid("guards.min_noise_multiplier must be ≥ 0".into()));
         }
         let (cap, delta) = (config.guards.max_epsilon, config.guards.delta);
         if cap.is_nan() || cap <= 0.0 || delta.is_nan() || delta <= 0.0 || delta >= 1.0 {
-            return Err(ClientConfigError::Parse {
-                path: path.display().to_string(),
-                message: "guards.max_epsilon must be > 0 and guards.delta in (0, 1)".into(),
-            });
+            return Err(invalid("guards.max_epsilon must be > 0 and guards.delta in (0, 1)".into()));
         }
         let w = config.serve.personalisation;
         if !(w.is_finite() && w >= 0.0) || config.serve.refresh_seconds == 0 {
-            return Err(ClientConfigError::Parse {
-                path: path.display().to_string(),
-                message: format!(
-                    "serve.personalisation must be finite and ≥ 0 (got {w}) and serve.refresh_seconds at least 1"
-                ),
-            });
+            return Err(invalid(format!(
+                "serve.personalisation must be finite and ≥ 0 (got {w}) and serve.refresh_seconds at least 1"
+            )));
         }
         let rate = config.guards.max_shopper_sampling_rate;
         if !(rate > 0.0 && rate <= 1.0) {
-            return Err(ClientConfigError::Parse {
-                path: path.display().to_string(),
-                message: format!("guards.max_shopper_sampling_rate must be in (0, 1], got {rate}"),
-            });
+            return Err(invalid(format!("guards.max_shopper_sampling_rate must be in (0, 1], got {rate}")));
         }
-        let base = path.parent().unwrap_or(Path::new("."));
         let mut paths = vec![
             &mut config.identity,
             &mut config.tls.ca,
@@ -378,11 +356,7 @@ impl ClientConfig {
             paths.push(dir);
         }
         paths.push(&mut config.serve.versions);
-        for p in paths {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        guild_proto::config_file::resolve_relative(path, paths);
         Ok(config)
     }
 }
@@ -395,8 +369,7 @@ mod tests {
     /// a misspelt key is refused, naming the key and the file.
     #[test]
     fn relative_paths_follow_the_file_and_typos_are_named() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("merchant.toml");
+        let (dir, path) = guild_testkit::scratch_path("merchant.toml");
         let text = r#"
             coordinator = "https://127.0.0.1:50051"
             display_name = "Shop"

@@ -89,8 +89,7 @@ mod tests {
     /// The first start makes the key; every later one reads the same key back.
     #[test]
     fn key_is_created_once_then_reloaded() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("merchant.key");
+        let (_dir, path) = guild_testkit::scratch_path("merchant.key");
         let first = Identity::load_or_create(&path).expect("create");
         let again = Identity::load_or_create(&path).expect("load");
         assert_eq!(first.public_key(), again.public_key());
@@ -102,8 +101,7 @@ mod tests {
 
     #[test]
     fn corrupt_key_file_is_named_in_the_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("merchant.key");
+        let (_dir, path) = guild_testkit::scratch_path("merchant.key");
         fs::write(&path, b"not a key").expect("write");
         let error = Identity::load_or_create(&path).expect_err("must refuse");
         assert!(error.to_string().contains("merchant.key"), "{error}");

@@ -679,8 +679,14 @@ impl Learner for TowerLearner {
         let tower = self.tower(&mut shared, values)?;
         let users = users(&shared.dataset, &self.eval_users);
         let items = shared.items.to(tower.var_store().device());
-        let (counts, _) =
-            retrieval::evaluate_tower(&self.config.shape, Some(&tower), &users, &items, Split::Validation);
+        let (counts, _) = retrieval::evaluate_tower(
+            &self.config.shape,
+            Some(&tower),
+            &users,
+            &items,
+            Split::Validation,
+            None,
+        );
         Ok(Some(counts))
     }
 }

@@ -180,8 +180,7 @@ mod tests {
     /// against the closed form), growing with each round it would take part in.
     #[test]
     fn participations_survive_a_reopen_and_compose_by_addition() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger");
+        let (_dir, path) = guild_testkit::scratch_path("ledger");
         let mut ledger = ClientLedger::open(&path).expect("new ledger");
         assert_eq!(ledger.rho(), 0.0);
         ledger.record(Participation::merchant("ab".into(), 3, 0.25)).expect("record");
@@ -199,8 +198,7 @@ mod tests {
 
     #[test]
     fn shopper_rounds_count_amplified_by_the_merchants_own_rate_and_apart_from_merchant_rounds() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger");
+        let (_dir, path) = guild_testkit::scratch_path("ledger");
         let mut ledger = ClientLedger::open(&path).expect("new ledger");
         ledger.record(Participation::merchant("ab".into(), 1, 0.25)).expect("record");
         for round in 2..12 {
@@ -222,8 +220,7 @@ mod tests {
 
     #[test]
     fn a_damaged_ledger_is_an_error_naming_the_line_not_a_fresh_start() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("ledger");
+        let (_dir, path) = guild_testkit::scratch_path("ledger");
         std::fs::write(&path, "ab 1 2.5e-1\nab two 0.1\n").expect("write");
         let error = ClientLedger::open(&path).expect_err("corrupt").to_string();
         assert!(error.contains("line 2") && error.contains("round id"), "{error}");

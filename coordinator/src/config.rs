@@ -10,6 +10,7 @@ use guild_privacy::cost::{RoundPrivacy, round_colluders, sampled_shoppers_bound}
 use guild_privacy::secagg::graph::share_holders;
 use guild_privacy::secagg::{Phase, min_active_threshold};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
+use guild_proto::config_file::ConfigFileError;
 use guild_proto::domain::{AdapterFamily, AdapterFamilyName, AdapterManifest, ManifestTensor};
 use guild_proto::round::{RoundKind, Schedule, SummedCoordinates, TrainedPart};
 use guild_proto::tower::TowerShape;
@@ -325,10 +326,8 @@ impl Default for PrivacyConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Parse { path: String, message: String },
+    #[error(transparent)]
+    File(#[from] ConfigFileError),
     #[error("environment variable {name}: {message}")]
     Env { name: String, message: String },
     #[error("invalid setting {key}: {reason}")]
@@ -350,28 +349,24 @@ impl Config {
     /// Reads `path`, applies `GUILD_<SECTION>__<KEY>` overrides from `env`, and validates.
     /// Relative paths in the file are taken relative to the file's folder.
     pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let text = guild_proto::config_file::read(path)?;
         let mut config = Self::parse(&text, env).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => {
-                ConfigError::Parse { path: path.display().to_string(), message }
+            ConfigError::File(ConfigFileError::Invalid { message, .. }) => {
+                ConfigFileError::invalid(path, message).into()
             }
             other => other,
         })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut config.server.store, &mut config.tls.ca, &mut config.tls.cert, &mut config.tls.key] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
-        }
+        let tls = &mut config.tls;
+        let paths = [&mut config.server.store, &mut tls.ca, &mut tls.cert, &mut tls.key];
+        guild_proto::config_file::resolve_relative(path, paths);
         Ok(config)
     }
 
     pub fn parse(text: &str, env: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
-        let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| ConfigError::Parse {
-            path: String::new(),
-            message: e.to_string(),
-        })?;
+        // The file's name is added by `load`.
+        let unnamed =
+            |e: toml::de::Error| ConfigFileError::Invalid { path: String::new(), message: e.to_string() };
+        let mut table: toml::Table = text.parse().map_err(unnamed)?;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix(ENV_PREFIX) else { continue };
             let path: Vec<String> = rest.split("__").map(str::to_ascii_lowercase).collect();
@@ -398,9 +393,7 @@ impl Config {
             }
             current.insert(key.clone(), parsed);
         }
-        let config: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-            ConfigError::Parse { path: String::new(), message: e.to_string() }
-        })?;
+        let config: Config = toml::Value::Table(table).try_into().map_err(unnamed)?;
         config.validate()?;
         Ok(config)
     }

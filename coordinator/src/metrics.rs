@@ -65,103 +65,97 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        let mut metrics = Self {
+            registry: Arc::default(),
+            rounds_completed: Counter::default(),
+            rounds_aborted: Counter::default(),
+            rounds_skipped: Counter::default(),
+            rounds_refused: Counter::default(),
+            rounds_poisoned: Counter::default(),
+            participants: Gauge::default(),
+            dropouts: Family::default(),
+            phase_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.001, 2.0, 20))
+            }),
+            epsilon_spent: Gauge::default(),
+            epsilon_against_coordinator_bound: Gauge::default(),
+            shopper_epsilon_spent: Gauge::default(),
+            bytes_received: Family::default(),
+            rejected_messages: Family::default(),
+            engine_busy_seconds: Counter::default(),
+            merchants_quarantined: Gauge::default(),
+            complaints: Counter::default(),
+            rate_limited: Counter::default(),
+        };
+        let m = &metrics;
         let mut registry = Registry::with_prefix("guild");
-        let rounds_completed = Counter::default();
-        let rounds_aborted = Counter::default();
-        let rounds_skipped = Counter::default();
-        let rounds_refused = Counter::default();
-        let rounds_poisoned = Counter::default();
-        let participants = Gauge::default();
-        let dropouts = Family::<PhaseLabel, Counter>::default();
-        let phase_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.001, 2.0, 20))
-        });
-        let epsilon_spent = Gauge::<f64, AtomicU64>::default();
-        let epsilon_against_coordinator_bound = Gauge::<f64, AtomicU64>::default();
-        let shopper_epsilon_spent = Gauge::<f64, AtomicU64>::default();
-        let bytes_received = Family::<RpcLabel, Counter>::default();
-        let rejected_messages = Family::<RpcLabel, Counter>::default();
-        let engine_busy_seconds = Counter::<f64, AtomicU64>::default();
-        let merchants_quarantined = Gauge::default();
-        let complaints = Counter::default();
-        let rate_limited = Counter::default();
-        registry.register(
-            "requests_rate_limited",
-            "Requests refused because their merchant was over its request rate",
-            rate_limited.clone(),
-        );
-        registry.register(
-            "merchants_quarantined",
-            "Merchants named as misbehaving and kept out of cohorts until an operator lifts it",
-            merchants_quarantined.clone(),
-        );
-        registry.register(
-            "complaints",
-            "Complaints by cohort members about a neighbour's sealed shares",
-            complaints.clone(),
-        );
+        let counters = [
+            ("rounds_completed", "Rounds whose adapter was committed", &m.rounds_completed),
+            ("rounds_aborted", "Rounds aborted (too few survivors, or a restart)", &m.rounds_aborted),
+            ("rounds_skipped", "Samples smaller than the minimum cohort", &m.rounds_skipped),
+            ("rounds_refused", "Rounds refused by the privacy budget", &m.rounds_refused),
+            (
+                "rounds_poisoned",
+                "Rounds whose decoded sum exceeded what clipped updates and the noise reach",
+                &m.rounds_poisoned,
+            ),
+            ("complaints", "Complaints by cohort members about a neighbour's sealed shares", &m.complaints),
+            (
+                "requests_rate_limited",
+                "Requests refused because their merchant was over its request rate",
+                &m.rate_limited,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
+        let gauges = [
+            ("participants", "Cohort size of the latest round", &m.participants),
+            (
+                "merchants_quarantined",
+                "Merchants named as misbehaving and kept out of cohorts until an operator lifts it",
+                &m.merchants_quarantined,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            registry.register(name, help, gauge.clone());
+        }
+        let epsilons = [
+            (
+                "epsilon_spent",
+                "Merchant-level privacy spent, model-level (amplified by sampling), ε at the configured δ",
+                &m.epsilon_spent,
+            ),
+            (
+                "epsilon_against_coordinator_bound",
+                "Merchant-level ε against this coordinator for a merchant in every charged round (no amplification), at the configured δ",
+                &m.epsilon_against_coordinator_bound,
+            ),
+            (
+                "shopper_epsilon_spent",
+                "Shopper-level privacy spent, ε at the configured δ (amplification by merchants' own sampling holds against the coordinator too)",
+                &m.shopper_epsilon_spent,
+            ),
+        ];
+        for (name, help, gauge) in epsilons {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register("dropouts", "Clients that missed a phase's deadline", m.dropouts.clone());
+        let by_rpc = [
+            ("received_bytes", "Protobuf bytes received, by RPC", &m.bytes_received),
+            ("rejected_messages", "Messages refused, by RPC", &m.rejected_messages),
+        ];
+        for (name, help, family) in by_rpc {
+            registry.register(name, help, family.clone());
+        }
+        registry.register("phase_seconds", "Time from a phase's start to its close", m.phase_seconds.clone());
         registry.register(
             "engine_busy_seconds",
             "Seconds the round engine spent working",
-            engine_busy_seconds.clone(),
+            m.engine_busy_seconds.clone(),
         );
-        registry.register("rounds_completed", "Rounds whose adapter was committed", rounds_completed.clone());
-        registry.register(
-            "rounds_aborted",
-            "Rounds aborted (too few survivors, or a restart)",
-            rounds_aborted.clone(),
-        );
-        registry.register(
-            "rounds_skipped",
-            "Samples smaller than the minimum cohort",
-            rounds_skipped.clone(),
-        );
-        registry.register("rounds_refused", "Rounds refused by the privacy budget", rounds_refused.clone());
-        registry.register(
-            "rounds_poisoned",
-            "Rounds whose decoded sum exceeded what clipped updates and the noise reach",
-            rounds_poisoned.clone(),
-        );
-        registry.register("participants", "Cohort size of the latest round", participants.clone());
-        registry.register("dropouts", "Clients that missed a phase's deadline", dropouts.clone());
-        registry.register("phase_seconds", "Time from a phase's start to its close", phase_seconds.clone());
-        registry.register(
-            "epsilon_spent",
-            "Merchant-level privacy spent, model-level (amplified by sampling), ε at the configured δ",
-            epsilon_spent.clone(),
-        );
-        registry.register(
-            "epsilon_against_coordinator_bound",
-            "Merchant-level ε against this coordinator for a merchant in every charged round (no amplification), at the configured δ",
-            epsilon_against_coordinator_bound.clone(),
-        );
-        registry.register(
-            "shopper_epsilon_spent",
-            "Shopper-level privacy spent, ε at the configured δ (amplification by merchants' own sampling holds against the coordinator too)",
-            shopper_epsilon_spent.clone(),
-        );
-        registry.register("received_bytes", "Protobuf bytes received, by RPC", bytes_received.clone());
-        registry.register("rejected_messages", "Messages refused, by RPC", rejected_messages.clone());
-        Self {
-            registry: Arc::new(registry),
-            rounds_completed,
-            rounds_aborted,
-            rounds_skipped,
-            rounds_refused,
-            rounds_poisoned,
-            participants,
-            dropouts,
-            phase_seconds,
-            epsilon_spent,
-            epsilon_against_coordinator_bound,
-            shopper_epsilon_spent,
-            bytes_received,
-            rejected_messages,
-            engine_busy_seconds,
-            merchants_quarantined,
-            complaints,
-            rate_limited,
-        }
+        metrics.registry = Arc::new(registry);
+        metrics
     }
 
     /// Publishes the ε figures of `ledger`: merchant-level model-level and against the

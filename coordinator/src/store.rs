@@ -728,8 +728,7 @@ mod tests {
     /// for another base model refuses to open for this one.
     #[test]
     fn registry_survives_reopening_and_migrations_are_idempotent() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("guild.db");
+        let (_dir, path) = guild_testkit::scratch_path("guild.db");
         let record = MerchantRecord {
             merchant_id: "shop-1".into(),
             display_name: "Shop One".into(),

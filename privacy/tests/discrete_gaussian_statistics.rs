@@ -88,24 +88,13 @@ fn check_against_pmf(sigma: f64, variance: Rational, draws: usize, seed: u64) {
     assert!((var - exact).abs() < tolerance, "σ = {sigma}: sample variance {var}, exact {exact}");
 }
 
+/// σ = 1/2, 2, 50 and 10,000, each at its own seed.
 #[test]
-fn chi_square_against_the_exact_pmf_at_sigma_one_half() {
-    check_against_pmf(0.5, Rational::new(1, 4).expect("valid"), 200_000, 1);
-}
-
-#[test]
-fn chi_square_against_the_exact_pmf_at_sigma_two() {
-    check_against_pmf(2.0, Rational::new(4, 1).expect("valid"), 200_000, 2);
-}
-
-#[test]
-fn chi_square_against_the_exact_pmf_at_sigma_fifty() {
-    check_against_pmf(50.0, Rational::new(2500, 1).expect("valid"), 200_000, 3);
-}
-
-#[test]
-fn chi_square_against_the_exact_pmf_at_sigma_ten_thousand() {
-    check_against_pmf(1e4, Rational::new(100_000_000, 1).expect("valid"), 200_000, 4);
+fn chi_square_against_the_exact_pmf_from_narrow_to_wide() {
+    let variances = [(0.5, (1, 4)), (2.0, (4, 1)), (50.0, (2500, 1)), (1e4, (100_000_000, 1))];
+    for (seed, (sigma, (num, den))) in (1..).zip(variances) {
+        check_against_pmf(sigma, Rational::new(num, den).expect("valid"), 200_000, seed);
+    }
 }
 
 /// Pearson's two-sample homogeneity test between our sampler and OpenDP's.

@@ -5,46 +5,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use guild_privacy::secagg::client::{self, ExpectSignatures};
-use guild_privacy::secagg::crypto::{self, AgreementKey, MaskSign, SigningKey};
+use guild_privacy::secagg::crypto::{self, AgreementKey, MaskSign};
 use guild_privacy::secagg::graph::NeighbourGraph;
 use guild_privacy::secagg::message::*;
 use guild_privacy::secagg::server::Server;
-use guild_privacy::secagg::testkit::{TestCohort, binding, index};
-use guild_privacy::secagg::{
-    Identities, PeerMisbehaved, Phase, RoundConfig, SecAggError, ServerMisbehaved, shamir,
-};
+use guild_privacy::secagg::testkit::{TestCohort, TestRound, binding, index};
+use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError, ServerMisbehaved, shamir};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
 use statrs::distribution::{ChiSquared, ContinuousCDF};
 
-struct Federation {
-    config: RoundConfig,
-    signing: BTreeMap<ClientIndex, SigningKey>,
-    identities: Identities,
-    inputs: BTreeMap<ClientIndex, Vec<u32>>,
-    rng: ChaCha20Rng,
-}
+type Federation = TestRound;
 
-impl Federation {
-    fn new(n: u32, k: u32, t: u32, d: usize, bit_width: u32, seed: u64) -> Self {
-        let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        let TestCohort { config, signing, identities } = TestCohort::new(1, n, t, k, d, bit_width, &mut rng);
-        let mask = if bit_width == 32 { u32::MAX } else { (1 << bit_width) - 1 };
-        let inputs = (1..=n).map(|i| (index(i), (0..d).map(|_| rng.next_u32() & mask).collect())).collect();
-        Self { config, signing, identities, inputs, rng }
-    }
-
-    fn server(&self) -> Server {
-        Server::new(self.config.clone(), self.identities.clone()).expect("valid config")
-    }
-
-    fn expected_sum(&self, survivors: &[ClientIndex]) -> Vec<u32> {
-        let mut sum = vec![0u32; self.config.vector_length];
-        for s in survivors {
-            guild_privacy::dp::add_mod(&mut sum, &self.inputs[s], self.config.bit_width);
-        }
-        sum
-    }
+/// A round of `n` clients at threshold `t` with `k` neighbours over `d` random words of
+/// `bit_width` bits each, every draw from `seed`.
+fn federation(n: u32, k: u32, t: u32, d: usize, bit_width: u32, seed: u64) -> Federation {
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    let cohort = TestCohort::new(1, n, t, k, d, bit_width, &mut rng);
+    let mask = if bit_width == 32 { u32::MAX } else { (1 << bit_width) - 1 };
+    let inputs = (1..=n).map(|i| (index(i), (0..d).map(|_| rng.next_u32() & mask).collect())).collect();
+    TestRound::new(cohort, inputs, rng)
 }
 
 /// The phase before which a client stops talking (0 = never advertises keys).
@@ -126,7 +106,7 @@ fn run_round(f: &mut Federation, dropouts: &Dropouts) -> (Result<Vec<u32>, SecAg
 }
 
 fn check_exact_sum(n: u32, k: u32, t: u32, d: usize, dropouts: Dropouts, seed: u64) {
-    let mut f = Federation::new(n, k, t, d, 32, seed);
+    let mut f = federation(n, k, t, d, 32, seed);
     let (result, survivors) = run_round(&mut f, &dropouts);
     let sum = result.unwrap_or_else(|e| panic!("n={n} k={k} t={t} dropouts={dropouts:?}: {e}"));
     let expected_survivors: Vec<ClientIndex> =
@@ -163,7 +143,7 @@ fn dropouts_at_every_phase_up_to_the_threshold_leave_the_exact_survivors_sum() {
 #[test]
 fn more_dropouts_than_the_threshold_abort_and_reveal_nothing() {
     for phase in 0..=3 {
-        let mut f = Federation::new(10, 9, 6, 32, 32, 30 + phase as u64);
+        let mut f = federation(10, 9, 6, 32, 32, 30 + phase as u64);
         let dropouts: Dropouts = (1..=5).map(|i| (index(i), phase)).collect();
         let (result, _) = run_round(&mut f, &dropouts);
         assert!(
@@ -174,7 +154,7 @@ fn more_dropouts_than_the_threshold_abort_and_reveal_nothing() {
     // n = 3 with t = 2 (the smallest threshold that protects against one colluder)
     // tolerates no dropout: one at any phase aborts.
     for phase in 0..=4 {
-        let mut f = Federation::new(3, 2, 2, 16, 32, 35 + phase as u64);
+        let mut f = federation(3, 2, 2, 16, 32, 35 + phase as u64);
         let (result, _) = run_round(&mut f, &[(index(2), phase)].into());
         assert!(
             matches!(result, Err(SecAggError::TooFewSurvivors { .. })),
@@ -182,7 +162,7 @@ fn more_dropouts_than_the_threshold_abort_and_reveal_nothing() {
         );
     }
     // Inputs are in, but too few clients answer the unmasking: the server gets no result.
-    let mut f = Federation::new(10, 9, 6, 32, 32, 40);
+    let mut f = federation(10, 9, 6, 32, 32, 40);
     let dropouts: Dropouts = (1..=5).map(|i| (index(i), 4)).collect();
     let (result, _) = run_round(&mut f, &dropouts);
     assert!(matches!(result, Err(SecAggError::TooFewSurvivors { phase: Phase::Unmask, .. })), "{result:?}");
@@ -252,7 +232,7 @@ fn honest_clients_refuse_a_server_that_shows_different_survivor_lists() {
     // The server tells client 1 that client 5 dropped (hoping for 5's mask-key share)
     // and everyone else that 5 survived (for 5's self-mask share): with both it could
     // unmask 5's input alone. The signatures expose the split.
-    let mut f = Federation::new(6, 5, 3, 16, 32, 50);
+    let mut f = federation(6, 5, 3, 16, 32, 50);
     let all: Vec<ClientIndex> = (1..=6).map(index).collect();
     let without_5: Vec<ClientIndex> = all.iter().copied().filter(|&c| c != index(5)).collect();
     let round =
@@ -283,7 +263,7 @@ fn best_split_against_the_last_client(n: u32, t: u32, colluders: u32, seed: u64)
     for told in 0..=honest_holders.len() {
         let told_dropped: BTreeSet<ClientIndex> = honest_holders[..told].iter().copied().collect();
         let list_for = |c: ClientIndex| if told_dropped.contains(&c) { &without_victim } else { &everyone };
-        let mut f = Federation::new(n, n - 1, t, 16, 32, seed + told as u64);
+        let mut f = federation(n, n - 1, t, 16, 32, seed + told as u64);
         let (_, states, mut inboxes) = honest_through_shares(&mut f);
         let mut signed = Vec::new();
         let mut waiting = Vec::new();
@@ -343,7 +323,7 @@ fn a_client_the_server_calls_dropped_after_its_input_stays_hidden() {
     // The server receives client 4's masked input but tells everyone (consistently) that
     // 4 dropped. Honest clients then reveal 4's mask-key shares, never its self-mask
     // shares: removing 4's pairwise masks still leaves PRG(b_4) on its input.
-    let mut f = Federation::new(5, 4, 3, 256, 32, 60);
+    let mut f = federation(5, 4, 3, 256, 32, 60);
     let four = index(4);
     let without_4: Vec<ClientIndex> = (1..=5).map(index).filter(|&c| c != four).collect();
     let round = round_with_lying_server(&mut f, |_| without_4.clone());
@@ -397,7 +377,7 @@ fn a_single_masked_vector_is_indistinguishable_from_uniform() {
     // Chi-square on the top 8 bits of 2^16 masked words of an all-zero input (the most
     // structured input there is). Seeded, so deterministic; with a fresh seed a uniform
     // vector fails the 1e-6 threshold with probability 1e-6.
-    let mut f = Federation::new(4, 3, 2, 1 << 16, 32, 70);
+    let mut f = federation(4, 3, 2, 1 << 16, 32, 70);
     for input in f.inputs.values_mut() {
         input.iter_mut().for_each(|v| *v = 0);
     }
@@ -413,7 +393,7 @@ fn a_single_masked_vector_is_indistinguishable_from_uniform() {
 
 #[test]
 fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
-    let mut f = Federation::new(4, 3, 2, 8, 32, 80);
+    let mut f = federation(4, 3, 2, 8, 32, 80);
     let mut server = f.server();
     let (one, two) = (index(1), index(2));
     let (_, keys_1) = client::start(f.config.clone(), one, &f.signing[&one], &mut f.rng).expect("start");
@@ -456,7 +436,7 @@ fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
     ));
 
     // A full honest run up to phase 2 to test lengths.
-    let mut f = Federation::new(4, 3, 2, 8, 16, 81);
+    let mut f = federation(4, 3, 2, 8, 16, 81);
     let mut server = f.server();
     let mut states = BTreeMap::new();
     for c in (1..=4).map(index) {
@@ -511,7 +491,7 @@ fn bad_messages_are_rejected_with_typed_errors_naming_the_sender() {
 #[test]
 fn the_server_refuses_reveals_honest_clients_never_make() {
     // A malicious client (or a replay) offering a survivor's mask-key share is refused.
-    let mut f = Federation::new(5, 4, 3, 8, 32, 90);
+    let mut f = federation(5, 4, 3, 8, 32, 90);
     let (mut server, next, mut inboxes) = honest_through_shares(&mut f);
     let mut after = BTreeMap::new();
     for (c, s) in next {
@@ -571,7 +551,7 @@ fn state_machines_survive_random_adversaries() {
 #[test]
 fn the_neighbour_graph_is_drawn_from_the_roster_not_chosen_by_the_coordinator() {
     use guild_privacy::secagg::graph::roster_seed;
-    let mut f = Federation::new(30, 10, 7, 16, 32, 21);
+    let mut f = federation(30, 10, 7, 16, 32, 21);
     let mut server = f.server();
     let mut states = BTreeMap::new();
     for c in (1..=30).map(index) {
@@ -694,7 +674,7 @@ fn adversarial_round(f: &mut Federation, bad: &Misbehaviour) -> AdversarialRound
 #[test]
 fn a_neighbour_that_seals_garbage_is_named_and_the_round_still_gives_the_exact_sum() {
     for drops in [false, true] {
-        let mut f = Federation::new(8, 7, 5, 64, 24, 41);
+        let mut f = federation(8, 7, 5, 64, 24, 41);
         let bad = Misbehaviour {
             garbage: vec![(index(8), index(2)), (index(8), index(5))],
             drop_before_input: if drops { vec![index(8)] } else { vec![] },
@@ -707,7 +687,7 @@ fn a_neighbour_that_seals_garbage_is_named_and_the_round_still_gives_the_exact_s
         assert_eq!(round.result.expect("the round finishes"), f.expected_sum(&round.survivors));
         assert!(round.refused.is_empty());
     }
-    let mut f = Federation::new(8, 7, 5, 64, 24, 42);
+    let mut f = federation(8, 7, 5, 64, 24, 42);
     let garbage = [2, 5, 6].map(|i| (index(8), index(i))).to_vec();
     let round = adversarial_round(&mut f, &Misbehaviour { garbage, ..Misbehaviour::default() });
     assert_eq!(
@@ -720,7 +700,7 @@ fn a_neighbour_that_seals_garbage_is_named_and_the_round_still_gives_the_exact_s
 /// signed commitment and named; the others' shares reconstruct and the sum is exact.
 #[test]
 fn a_false_unmask_share_is_refused_its_holder_named_and_the_round_finishes() {
-    let mut f = Federation::new(8, 7, 5, 64, 24, 43);
+    let mut f = federation(8, 7, 5, 64, 24, 43);
     let bad = Misbehaviour { false_share: Some(index(3)), ..Misbehaviour::default() };
     let round = adversarial_round(&mut f, &bad);
     assert!(
@@ -739,7 +719,7 @@ fn a_false_unmask_share_is_refused_its_holder_named_and_the_round_finishes() {
 /// that leaves a neighbour out of its shares is refused at ShareKeys and named.
 #[test]
 fn altered_forwarded_shares_stop_the_client_and_incomplete_shares_are_refused() {
-    let mut f = Federation::new(5, 4, 3, 8, 16, 44);
+    let mut f = federation(5, 4, 3, 8, 16, 44);
     let (mut server, mut waiting, mut inboxes) = honest_through_shares(&mut f);
     let one = index(1);
     let mut inbox = inboxes.remove(&one).expect("an inbox");

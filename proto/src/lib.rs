@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod certificate;
+pub mod config_file;
 pub mod convert;
 pub mod domain;
 mod error;

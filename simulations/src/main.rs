@@ -245,7 +245,8 @@ impl ServerState {
     /// Moves `global` by the server's learning rate on the round's mean update.
     fn step(&mut self, plan: &FedAvgPlan, global: &mut Vec<f32>, mean: &[f64]) {
         if plan.server_adam {
-            use guild_coordinator::{config::ServerOptimizer, engine::optimizer::server_step};
+            use guild_coordinator::config::ServerOptimizer;
+            use guild_coordinator::engine::optimizer::{Trained, server_step};
             let step = server_step(
                 ServerOptimizer::FedAdam,
                 global,
@@ -253,7 +254,7 @@ impl ServerState {
                 1.0,
                 plan.server_learning_rate,
                 self.moments.as_ref(),
-                None,
+                Trained::All(None),
             );
             *global = step.values;
             self.moments = step.moments;

@@ -323,20 +323,13 @@ pub enum ClientMode {
     Processes,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ScenarioError {
-    #[error("reading {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}: {message}")]
-    Invalid { path: String, message: String },
-}
+/// A scenario file that could not be read or says something invalid.
+pub type ScenarioError = guild_proto::config_file::ConfigFileError;
 
 impl Scenario {
     pub fn load(path: &Path) -> Result<Self, ScenarioError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ScenarioError::Read { path: path.display().to_string(), source })?;
-        let invalid = |message: String| ScenarioError::Invalid { path: path.display().to_string(), message };
-        let scenario: Scenario = toml::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+        let scenario: Scenario = guild_proto::config_file::load(path)?;
+        let invalid = |message: String| ScenarioError::invalid(path, message);
         let f = &scenario.federation;
         if f.rounds == 0 || !(f.sampling_rate > 0.0 && f.sampling_rate <= 1.0) {
             return Err(invalid("federation.rounds must be ≥ 1 and sampling_rate in (0, 1]".into()));

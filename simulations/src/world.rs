@@ -396,7 +396,7 @@ impl World {
         let users = Self::users(&shared.dataset, &self.eval_users);
         let items = shared.items.to(shared.base.device());
         let prior = counts.map(|(counts, weight)| move |h: &[&[ItemIndex]]| counts.prior(h, weight));
-        let (ranking, ranks) = retrieval::evaluate_tower_with_prior(
+        let (ranking, ranks) = retrieval::evaluate_tower(
             &tower.shape,
             model.as_ref(),
             &users,

@@ -3,6 +3,7 @@
 //! would send. A dev-dependency only: nothing that ships links it.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -13,6 +14,14 @@ use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::{AdapterManifest, PrivacyParams, RoundTask, SecAggParams, TrainingParams};
 use guild_proto::pki::{FederationPki, Issued};
 use guild_proto::round::RoundKind;
+
+/// A path named `name` inside a fresh temporary directory, which is removed when the
+/// returned guard drops: keep the guard alive as long as the path is used.
+pub fn scratch_path(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join(name);
+    (dir, path)
+}
 
 /// Merchants in the test federation's PKI.
 pub const PKI_MERCHANTS: usize = 60;

@@ -494,17 +494,16 @@ async fn rate_limiting_is_a_back_off_not_an_exit() {
 /// to commit a round without them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mass_complaint_quarantines_the_accusers_and_no_honest_merchant() {
-    use super::harness::{eight_merchants, spawn_client};
+    use super::harness::{eight_merchants, spawn_eight};
     use guild_client::participant::Faults;
     let dir = tempfile::tempdir().expect("tempdir");
     // Eight merchants, seven share holders each, t = 5: at most 2 accusations each.
     let federation = eight_merchants(dir.path(), 0, 6).await;
     let liars = [6, 7];
-    let mut clients = Vec::new();
-    for i in 0..8 {
-        let faults = Faults { false_complaints: liars.contains(&i), ..Faults::default() };
-        clients.push(spawn_client(&federation, i, faults, 0).await);
-    }
+    let clients = spawn_eight(&federation, |i| {
+        (Faults { false_complaints: liars.contains(&i), ..Faults::default() }, 0)
+    })
+    .await;
     let store = federation.store().expect("store");
     let started = std::time::Instant::now();
     loop {

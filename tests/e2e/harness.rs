@@ -127,6 +127,20 @@ pub async fn spawn_participant(
 }
 
 /// Waits until the store holds `rounds` completed rounds.
+/// The eight merchants of [`eight_merchants`] as lightweight clients, merchant `i` with
+/// the faults and the number of committed rounds after which it stops of `each(i)`.
+pub async fn spawn_eight(
+    federation: &Federation,
+    each: impl Fn(usize) -> (Faults, u64),
+) -> Vec<JoinHandle<anyhow::Result<u64>>> {
+    let mut clients = Vec::new();
+    for i in 0..8 {
+        let (faults, committed) = each(i);
+        clients.push(spawn_client(federation, i, faults, committed).await);
+    }
+    clients
+}
+
 pub async fn wait_for_rounds(federation: &Federation, rounds: u64, limit: Duration) {
     let store = federation.store().expect("store");
     let started = std::time::Instant::now();

@@ -14,8 +14,8 @@ use rand_chacha::ChaCha20Rng;
 
 use crate::harness::{
     each_took_part_in, eight_merchants, every_client_in_every_round, four_merchants,
-    four_merchants_unstarted, futures_join, options, shopper_unit, small, spawn_client, spawn_participant,
-    wait_for_rounds,
+    four_merchants_unstarted, futures_join, options, shopper_unit, small, spawn_client, spawn_eight,
+    spawn_participant, wait_for_rounds,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -519,12 +519,14 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
 async fn a_merchant_that_seals_garbage_is_named_quarantined_and_the_round_commits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = eight_merchants(dir.path(), 2, 7).await;
-    let mut clients = Vec::new();
-    for i in 0..8 {
+    let clients = spawn_eight(&federation, |i| {
         let hostile = i == 7;
-        let faults = Faults { garbage_shares: if hostile { 2 } else { 0 }, ..Faults::default() };
-        clients.push(spawn_client(&federation, i, faults, if hostile { 1 } else { 2 }).await);
-    }
+        (
+            Faults { garbage_shares: if hostile { 2 } else { 0 }, ..Faults::default() },
+            if hostile { 1 } else { 2 },
+        )
+    })
+    .await;
     wait_for_rounds(&federation, 2, Duration::from_secs(90)).await;
     for client in clients {
         let _ = tokio::time::timeout(Duration::from_secs(30), client).await;
@@ -556,11 +558,8 @@ async fn a_merchant_that_seals_garbage_is_named_quarantined_and_the_round_commit
 async fn a_false_unmask_share_is_refused_its_sender_quarantined_and_the_round_commits() {
     let dir = tempfile::tempdir().expect("tempdir");
     let federation = eight_merchants(dir.path(), 1, 8).await;
-    let mut clients = Vec::new();
-    for i in 0..8 {
-        let faults = Faults { false_unmask_share: i == 3, ..Faults::default() };
-        clients.push(spawn_client(&federation, i, faults, 1).await);
-    }
+    let clients =
+        spawn_eight(&federation, |i| (Faults { false_unmask_share: i == 3, ..Faults::default() }, 1)).await;
     wait_for_rounds(&federation, 1, Duration::from_secs(60)).await;
     for client in clients {
         client.abort();

@@ -17,8 +17,7 @@ pub use minilm::{evaluate_ranks, train};
 pub use search::{QUERY_WORDS, evaluate_search, query_for, search_queries};
 pub use selection::selection_ndcg;
 pub use tower::{
-    HistoryPrior, evaluate_tower, evaluate_tower_with_prior, shopper_part_gradients, shopper_seed,
-    shopper_updates, train_tower,
+    HistoryPrior, evaluate_tower, shopper_part_gradients, shopper_seed, shopper_updates, train_tower,
 };
 
 use std::path::{Path, PathBuf};
@@ -215,8 +214,7 @@ mod tests {
         // Every writer has written its file before any publishes it: with one shared
         // temporary name the first rename moves it away and the others fail (as two
         // simulations encoding the same catalogue once did).
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("items.safetensors");
+        let (dir, path) = guild_testkit::scratch_path("items.safetensors");
         let writers = 4;
         let written = Arc::new(Barrier::new(writers));
         let handles: Vec<_> = (0..writers)

@@ -217,7 +217,7 @@ mod tests {
             alone
                 .set_offset(&guild_proto::tower::with_setting(&shape, offset, setting).expect("fits"))
                 .expect("set");
-            let (_, ranks) = evaluate_tower(&shape, Some(&alone), refs, items, Split::Validation);
+            let (_, ranks) = evaluate_tower(&shape, Some(&alone), refs, items, Split::Validation, None);
             let with_item: Vec<&Vec<f32>> = refs
                 .iter()
                 .zip(selected)

@@ -5,23 +5,13 @@ use rand::Rng;
 
 use super::*;
 
-/// Full-catalogue evaluation of the sequence tower (as [`evaluate_ranks`]); `None`: the
-/// zero-shot ranker of `shape`, the mean of the last five item vectors.
-pub fn evaluate_tower(
-    shape: &TowerShape,
-    tower: Option<&Tower>,
-    users: &[&User],
-    items: &Tensor,
-    split: Split,
-) -> (RankingCounts, Vec<u32>) {
-    evaluate_tower_with_prior(shape, tower, users, items, split, None)
-}
-
 /// A history's additive prior over the catalogue, `[batch, catalogue]` on the CPU.
 pub type HistoryPrior<'a> = &'a dyn Fn(&[&[ItemIndex]]) -> Tensor;
 
-/// [`evaluate_tower`], with `extra` (e.g. item-to-item counts) added to every row's scores.
-pub fn evaluate_tower_with_prior(
+/// Full-catalogue evaluation of the sequence tower (as [`evaluate_ranks`]), with `extra`
+/// (e.g. item-to-item counts) added to every row's scores; `tower` `None`: the zero-shot
+/// ranker of `shape`, the mean of the last five item vectors.
+pub fn evaluate_tower(
     shape: &TowerShape,
     tower: Option<&Tower>,
     users: &[&User],
@@ -321,7 +311,7 @@ mod tests {
         let users = shoppers(300, 200);
         let refs: Vec<&User> = users.iter().collect();
         let shape = tower_shape(8, 2, 0);
-        let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation);
+        let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation, None);
         for negatives in [0, 32] {
             let tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
             let config = TrainConfig {
@@ -333,7 +323,8 @@ mod tests {
             };
             let report = train_tower(&tower, &items, &refs, &config).expect("train");
             assert!(report.last_loss < report.first_loss, "{negatives} negatives: {report:?}");
-            let (trained, ranks) = evaluate_tower(&shape, Some(&tower), &refs, &items, Split::Validation);
+            let (trained, ranks) =
+                evaluate_tower(&shape, Some(&tower), &refs, &items, Split::Validation, None);
             assert_eq!(ranks.len(), 300);
             assert!(
                 trained.cross_entropy() < start.cross_entropy() - 0.5 && trained.mrr() > start.mrr(),

@@ -15,7 +15,7 @@ use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::{part_step, release_step, selection_step, server_step};
+use super::optimizer::{Trained, release_step, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::config::Shrinkage;
 use crate::store::{AdapterRecord, RoundCommit};
@@ -306,7 +306,7 @@ impl Engine {
             }
             RoundKind::Training => {
                 // A round that trains a part shrinks and steps on the part alone
-                // (`part_step` drops the rest of the sum: noise, and the statistics are the
+                // (`Trained::Part` drops the rest of the sum: noise, and the statistics are the
                 // releases' to move).
                 let part = self.config.rounds.trained.ranges(&self.manifest);
                 if self.config.rounds.shrinkage == Shrinkage::JamesStein {
@@ -332,13 +332,11 @@ impl Engine {
                 let (optimizer, rate) =
                     (self.config.rounds.server_optimizer, self.config.rounds.server_learning_rate);
                 let (values, n, moments) = (&latest.values, round.denominator, moments.as_ref());
-                match &part {
-                    Some(ranges) => part_step(optimizer, values, &decoded, n, rate, moments, ranges),
-                    None => {
-                        let histogram = self.manifest.accumulated_range();
-                        server_step(optimizer, values, &decoded, n, rate, moments, histogram)
-                    }
-                }
+                let trained = match &part {
+                    Some(ranges) => Trained::Part(ranges),
+                    None => Trained::All(self.manifest.accumulated_range()),
+                };
+                server_step(optimizer, values, &decoded, n, rate, moments, trained)
             }
         };
         let bytes = guild_proto::adapter::to_bytes(&step.values);

@@ -78,13 +78,23 @@ pub fn fed_adam(
     (values, next)
 }
 
-/// Applies `optimizer` to `current` with the decoded `sum` of the round's updates,
-/// divided by the fixed `denominator`. FedAdam starts from zero moments when `moments`
-/// is `None` (the first round, or a federation that switched optimiser).
-///
-/// The coordinates in `accumulated` (the sequence tower's popularity histogram) are a
-/// running sum, not trained: they get the mean contribution added as it is, whatever the
-/// optimiser, and FedAdam's moments there stay zero.
+/// Which coordinates a training round's step moves.
+#[derive(Clone, Debug)]
+pub enum Trained<'a> {
+    /// Every coordinate; those in the range (the sequence tower's statistics) are a running
+    /// sum, not trained: they get the mean contribution added as it is, whatever the
+    /// optimiser, and FedAdam's moments there stay zero.
+    All(Option<std::ops::Range<usize>>),
+    /// Only these ranges: every other value, and FedAdam's moments there, kept exactly as
+    /// they were (what the sum holds elsewhere is noise, and the statistics are the
+    /// releases' to move).
+    Part(&'a [std::ops::Range<usize>]),
+}
+
+/// Applies `optimizer` to the `trained` coordinates of `current` with the decoded `sum` of
+/// the round's updates, divided by the fixed `denominator`. FedAdam starts from zero
+/// moments when `moments` is `None` (the first round, or a federation that switched
+/// optimiser).
 pub fn server_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -92,17 +102,38 @@ pub fn server_step(
     denominator: f64,
     learning_rate: f64,
     moments: Option<&Moments>,
-    accumulated: Option<std::ops::Range<usize>>,
+    trained: Trained<'_>,
 ) -> ServerStep {
     let mut mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
-    let accumulated = accumulated.filter(|r| r.end <= mean.len()).unwrap_or(0..0);
-    let added: Vec<f64> = mean[accumulated.clone()].to_vec();
-    mean[accumulated.clone()].iter_mut().for_each(|m| *m = 0.0);
-    let mut step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
-    for (x, a) in step.values[accumulated].iter_mut().zip(added) {
-        *x = (f64::from(*x) + a) as f32;
+    match trained {
+        Trained::All(accumulated) => {
+            let accumulated = accumulated.filter(|r| r.end <= mean.len()).unwrap_or(0..0);
+            let added: Vec<f64> = mean[accumulated.clone()].to_vec();
+            mean[accumulated.clone()].iter_mut().for_each(|m| *m = 0.0);
+            let mut step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
+            for (x, a) in step.values[accumulated].iter_mut().zip(added) {
+                *x = (f64::from(*x) + a) as f32;
+            }
+            step
+        }
+        Trained::Part(part) => {
+            keep_part(&mut mean, part);
+            let step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
+            let mut values = current.to_vec();
+            let mut kept_moments = step.moments.as_ref().map(|_| match moments {
+                Some(m) if m.first.len() == current.len() => m.clone(),
+                _ => Moments::zeros(current.len()),
+            });
+            for range in part.iter().filter(|r| r.end <= current.len()) {
+                values[range.clone()].copy_from_slice(&step.values[range.clone()]);
+                if let (Some(kept), Some(next)) = (kept_moments.as_mut(), step.moments.as_ref()) {
+                    kept.first[range.clone()].copy_from_slice(&next.first[range.clone()]);
+                    kept.second[range.clone()].copy_from_slice(&next.second[range.clone()]);
+                }
+            }
+            ServerStep { values, moments: kept_moments.or_else(|| moments.cloned()) }
+        }
     }
-    step
 }
 
 /// A popularity release's step: the mean contribution added to the histogram's
@@ -153,36 +184,6 @@ fn keep_part(sum: &mut [f64], part: &[std::ops::Range<usize>]) {
     sum.copy_from_slice(&kept);
 }
 
-/// A training round's step on `part` of the adapter alone: the optimiser applied to the
-/// part's coordinates of `sum / denominator`; every other value, and FedAdam's moments
-/// there, kept exactly as they were (the statistics are the releases' to move).
-pub fn part_step(
-    optimizer: ServerOptimizer,
-    current: &[f32],
-    sum: &[f64],
-    denominator: f64,
-    learning_rate: f64,
-    moments: Option<&Moments>,
-    part: &[std::ops::Range<usize>],
-) -> ServerStep {
-    let mut mean: Vec<f64> = sum.iter().map(|s| s / denominator).collect();
-    keep_part(&mut mean, part);
-    let step = optimizer_step(optimizer, current, &mean, learning_rate, moments);
-    let mut values = current.to_vec();
-    let mut kept_moments = step.moments.as_ref().map(|_| match moments {
-        Some(m) if m.first.len() == current.len() => m.clone(),
-        _ => Moments::zeros(current.len()),
-    });
-    for range in part.iter().filter(|r| r.end <= current.len()) {
-        values[range.clone()].copy_from_slice(&step.values[range.clone()]);
-        if let (Some(kept), Some(next)) = (kept_moments.as_mut(), step.moments.as_ref()) {
-            kept.first[range.clone()].copy_from_slice(&next.first[range.clone()]);
-            kept.second[range.clone()].copy_from_slice(&next.second[range.clone()]);
-        }
-    }
-    ServerStep { values, moments: kept_moments.or_else(|| moments.cloned()) }
-}
-
 fn optimizer_step(
     optimizer: ServerOptimizer,
     current: &[f32],
@@ -222,8 +223,15 @@ mod tests {
 
     #[test]
     fn fed_avg_adds_the_mean_update_times_the_learning_rate() {
-        let step =
-            server_step(ServerOptimizer::FedAvg, &[1.0, -2.0, 0.5], &[4.0, 8.0, -2.0], 4.0, 0.5, None, None);
+        let step = server_step(
+            ServerOptimizer::FedAvg,
+            &[1.0, -2.0, 0.5],
+            &[4.0, 8.0, -2.0],
+            4.0,
+            0.5,
+            None,
+            Trained::All(None),
+        );
         assert_eq!(step.values, vec![1.5, -1.0, 0.25]);
         assert_eq!(step.moments, None);
     }
@@ -231,8 +239,15 @@ mod tests {
     #[test]
     fn fed_adam_first_step_matches_the_formula_by_hand() {
         // Zero moments, mean update u: m = 0.1u, v = 0.01u², step = η·0.1u/(0.1|u| + τ).
-        let step =
-            server_step(ServerOptimizer::FedAdam, &[0.0, 1.0, 0.0], &[2.0, -0.5, 0.0], 1.0, 0.1, None, None);
+        let step = server_step(
+            ServerOptimizer::FedAdam,
+            &[0.0, 1.0, 0.0],
+            &[2.0, -0.5, 0.0],
+            1.0,
+            0.1,
+            None,
+            Trained::All(None),
+        );
         let moments = step.moments.expect("FedAdam keeps moments");
         close(&moments.first, &[0.2, -0.05, 0.0]);
         assert!((moments.second[0] - 0.04).abs() < 1e-15 && (moments.second[1] - 0.0025).abs() < 1e-15);
@@ -248,7 +263,15 @@ mod tests {
     #[test]
     fn fed_adam_accumulates_moments_across_rounds() {
         let d = 2;
-        let first = server_step(ServerOptimizer::FedAdam, &[0.0; 2], &[1.0, 1.0], 1.0, 0.01, None, None);
+        let first = server_step(
+            ServerOptimizer::FedAdam,
+            &[0.0; 2],
+            &[1.0, 1.0],
+            1.0,
+            0.01,
+            None,
+            Trained::All(None),
+        );
         let second = server_step(
             ServerOptimizer::FedAdam,
             &first.values,
@@ -256,7 +279,7 @@ mod tests {
             1.0,
             0.01,
             first.moments.as_ref(),
-            None,
+            Trained::All(None),
         );
         let m = second.moments.expect("moments");
         assert_eq!(m.first.len(), d);
@@ -271,7 +294,7 @@ mod tests {
             1.0,
             0.01,
             first.moments.as_ref(),
-            None,
+            Trained::All(None),
         );
         close(&restarted.moments.expect("moments").first, &[0.1; 3]);
     }
@@ -287,7 +310,7 @@ mod tests {
                 4.0,
                 0.1,
                 None,
-                Some(1..3),
+                Trained::All(Some(1..3)),
             );
             assert_eq!(&step.values[1..3], &[4.0, 2.5], "{optimizer:?}");
             assert!(step.values[0] > 1.0 && step.values[3] > 4.0, "the rest is trained: {:?}", step.values);
@@ -346,7 +369,7 @@ mod tests {
         let current = [1.0_f32, 2.0, 3.0, 4.0, 5.0];
         let sum = [10.0, 20.0, 30.0, 40.0, 50.0];
         let part = [1..2, 3..4];
-        let avg = part_step(ServerOptimizer::FedAvg, &current, &sum, 10.0, 0.5, None, &part);
+        let avg = server_step(ServerOptimizer::FedAvg, &current, &sum, 10.0, 0.5, None, Trained::Part(&part));
         assert_eq!(avg.values, vec![1.0, 3.0, 3.0, 6.0, 5.0]);
         assert_eq!(avg.moments, None);
         // FedAdam with moments left by earlier whole-adapter rounds: outside the part, a
@@ -354,7 +377,15 @@ mod tests {
         let mut earlier = Moments::zeros(5);
         earlier.first = vec![0.5; 5];
         earlier.second = vec![0.25; 5];
-        let adam = part_step(ServerOptimizer::FedAdam, &current, &sum, 10.0, 0.1, Some(&earlier), &part);
+        let adam = server_step(
+            ServerOptimizer::FedAdam,
+            &current,
+            &sum,
+            10.0,
+            0.1,
+            Some(&earlier),
+            Trained::Part(&part),
+        );
         let whole = optimizer_step(
             ServerOptimizer::FedAdam,
             &current,

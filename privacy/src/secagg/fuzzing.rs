@@ -10,11 +10,9 @@ use rand_chacha::ChaCha20Rng;
 use rand_core::SeedableRng;
 
 use super::client;
-use super::crypto::SigningKey;
 use super::message::*;
 use super::server::Server;
-use super::testkit::{TestCohort, index};
-use super::{Identities, RoundConfig};
+use super::testkit::{TestCohort, TestRound, index};
 
 /// Reads the fuzzer's bytes as a stream of small decisions.
 struct Tape<'a> {
@@ -41,19 +39,11 @@ impl Tape<'_> {
     }
 }
 
-struct Setup {
-    config: RoundConfig,
-    signing: BTreeMap<ClientIndex, SigningKey>,
-    identities: Identities,
-    inputs: BTreeMap<ClientIndex, Vec<u32>>,
-    rng: ChaCha20Rng,
-}
-
-fn setup() -> Setup {
+fn setup() -> TestRound {
     let mut rng = ChaCha20Rng::seed_from_u64(0);
-    let TestCohort { config, signing, identities } = TestCohort::new(5, 4, 2, 3, 8, 16, &mut rng);
+    let cohort = TestCohort::new(5, 4, 2, 3, 8, 16, &mut rng);
     let inputs = (1..=4).map(|i| (index(i), (0..8).map(|j| (i * 100 + j) & 0xffff).collect())).collect();
-    Setup { config, signing, identities, inputs, rng }
+    TestRound::new(cohort, inputs, rng)
 }
 
 fn corrupt_bytes(tape: &mut Tape<'_>, bytes: &mut Vec<u8>) {
@@ -80,7 +70,7 @@ pub fn drive_client(data: &[u8]) {
     let mut tape = Tape { data };
     let mut s = setup();
     let me = index(1);
-    let mut server = Server::new(s.config.clone(), s.identities.clone()).expect("valid");
+    let mut server = s.server();
     let mut states = BTreeMap::new();
     for c in (1..=4).map(index) {
         let (state, msg) =
@@ -171,11 +161,8 @@ fn server_roster_for_others(roster: &[SignedKeys]) -> Vec<SignedKeys> {
 }
 
 /// A round that finishes must give exactly the survivors' sum.
-fn check_sum(s: &Setup, server: &Server, sum: &[u32]) {
-    let mut expected = vec![0u32; s.config.vector_length];
-    for c in server.survivors() {
-        crate::dp::add_mod(&mut expected, &s.inputs[&c], s.config.bit_width);
-    }
+fn check_sum(s: &TestRound, server: &Server, sum: &[u32]) {
+    let expected = s.expected_sum(&server.survivors());
     assert_eq!(sum, expected.as_slice(), "a finished round must yield exactly the survivors' sum");
 }
 
@@ -186,7 +173,7 @@ pub fn drive_server(data: &[u8]) {
     let mut tape = Tape { data };
     let mut s = setup();
     let attacker = index(1);
-    let mut server = Server::new(s.config.clone(), s.identities.clone()).expect("valid");
+    let mut server = s.server();
 
     let mut states = BTreeMap::new();
     let mut replay: Vec<(ClientIndex, AdvertiseKeys)> = Vec::new();

@@ -4,10 +4,12 @@
 
 use std::collections::BTreeMap;
 
+use rand_chacha::ChaCha20Rng;
 use rand_core::RngCore;
 
 use super::crypto::SigningKey;
 use super::message::{ClientIndex, RoundBinding};
+use super::server::Server;
 use super::{Identities, RoundConfig};
 
 /// Client `i` (1-based).
@@ -60,5 +62,37 @@ impl TestCohort {
             signing.insert(index(i), key);
         }
         Self { config, signing, identities }
+    }
+}
+
+/// A cohort, each member's input vector and the generator the members draw from: what a
+/// test needs to play whole rounds and check their sums.
+#[derive(Debug)]
+pub struct TestRound {
+    pub config: RoundConfig,
+    pub signing: BTreeMap<ClientIndex, SigningKey>,
+    pub identities: Identities,
+    pub inputs: BTreeMap<ClientIndex, Vec<u32>>,
+    pub rng: ChaCha20Rng,
+}
+
+impl TestRound {
+    pub fn new(cohort: TestCohort, inputs: BTreeMap<ClientIndex, Vec<u32>>, rng: ChaCha20Rng) -> Self {
+        let TestCohort { config, signing, identities } = cohort;
+        Self { config, signing, identities, inputs, rng }
+    }
+
+    /// A fresh server for the round.
+    pub fn server(&self) -> Server {
+        Server::new(self.config.clone(), self.identities.clone()).expect("a valid round configuration")
+    }
+
+    /// The sum of `survivors`' inputs in the round's ring: what a finished round must give.
+    pub fn expected_sum(&self, survivors: &[ClientIndex]) -> Vec<u32> {
+        let mut sum = vec![0u32; self.config.vector_length];
+        for s in survivors {
+            crate::dp::add_mod(&mut sum, &self.inputs[s], self.config.bit_width);
+        }
+        sum
     }
 }
