@@ -1,6 +1,7 @@
 //! Building blocks of the simulation harness: a federation on loopback with real
 //! certificates and a real coordinator, real clients, scenarios and reports.
 
+pub mod early_stopping;
 pub mod federation;
 pub mod load;
 pub mod observe;

@@ -10,6 +10,7 @@ use plotters::prelude::*;
 use guild_privacy::secagg::Phase;
 
 use crate::results::{ArmResult, RunResults};
+use crate::stats::Metric;
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -185,7 +186,7 @@ fn comparisons(results: &RunResults) -> String {
 /// the users every arm was scored on; empty without both references.
 fn shares(results: &RunResults) -> String {
     use crate::run::{CENTRALISED, ZERO_SHOT};
-    use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, Metric, paired_share, per_user};
+    use crate::stats::{BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_share, per_user};
     let values = |name: &str| {
         let arm = results.arms.iter().find(|a| a.arm == name && !a.test_ranks.is_empty())?;
         per_user(Metric::NdcgAt10, &arm.test_ranks).ok()
@@ -289,44 +290,36 @@ fn collusion(arm: &ArmResult) -> String {
     }
 }
 
-/// Whether federated DP at the largest ε beats the local-only mean, and by how much.
+/// Whether merchant-level federated DP at the largest ε beats zero-shot (the untrained start
+/// every federated arm begins from), by its paired NDCG@10 difference and 95% interval on
+/// the same test users; empty without such an arm or its comparison.
 fn verdict(results: &RunResults) -> String {
-    let local = results.arms.iter().find(|a| a.arm.starts_with("local-only"));
     let dp = results
         .arms
         .iter()
         .filter(|a| a.arm.starts_with("federated DP"))
         .max_by(|a, b| a.epsilon.unwrap_or(0.0).total_cmp(&b.epsilon.unwrap_or(0.0)));
-    let (Some(local), Some(dp)) = (local, dp) else { return String::new() };
-    let diff = dp.test.mrr - local.test.mrr;
-    let rel = 100.0 * diff / local.test.mrr.max(1e-12);
-    let bound = difference_se_bound(local.test.mrr, dp.test.mrr, results.eval_users);
-    let noise = format!(
-        "On {} test users the standard error of a difference in MRR between two arms is at most {bound:.4} \
-         (each user's reciprocal rank r lies in [0, 1], so its variance is at most E[r] = MRR).",
-        results.eval_users
-    );
+    let Some(dp) = dp else { return String::new() };
+    let against = dp.comparisons.iter().find(|c| c.against == crate::run::ZERO_SHOT);
+    let Some(d) = against.and_then(|c| c.differences.iter().find(|d| d.metric == Metric::NdcgAt10)) else {
+        return String::new();
+    };
+    let shown = format!("{:+.4} NDCG@10 [{:+.4}, {:+.4}]", d.difference, d.ci_low, d.ci_high);
     let fix = format!(
         "Client-level DP adds noise of standard deviation z·c/cohort to every coordinate of the averaged \
-         update; with an expected cohort of {:.0} it competes with the signal in all {} coordinates. What would \
-         close the gap: larger cohorts (hundreds to thousands of merchants per round, as on a GPU or at platform \
-         scale: the noise shrinks as 1/cohort), more rounds (each round is one server step), and fewer adapter \
-         parameters.",
+         update; with an expected cohort of {:.0} it competes with the signal in all {} coordinates, and the \
+         server's shrinkage and the statistics' noise threshold keep what does not clear its noise from moving \
+         the model. What would close the gap: larger cohorts (hundreds to thousands of merchants per round: the \
+         noise shrinks as 1/cohort), more rounds, and fewer trained parameters.",
         results.expected_cohort, results.adapter_parameters
     );
-    if diff > 2.0 * bound {
-        format!(
-            "**{}** beats the local-only mean by {diff:+.4} MRR ({rel:+.1}%), more than twice the bound on its \
-             standard error. {noise}\n",
-            dp.arm
-        )
-    } else if diff > 0.0 {
-        format!(
-            "**{}** is ahead of the local-only mean by {diff:+.4} MRR ({rel:+.1}%), which is within noise. {noise} {fix}\n",
-            dp.arm
-        )
+    let users = format!("on the same {} test users (paired, 95% bootstrap interval)", d.users);
+    if d.significantly_positive() {
+        format!("**{}** beats zero-shot, the untrained start, by {shown} {users}.\n", dp.arm)
+    } else if d.ci_high < 0.0 {
+        format!("**{}** falls below zero-shot, the untrained start, by {shown} {users}. {fix}\n", dp.arm)
     } else {
-        format!("**{}** trails the local-only mean by {:.4} MRR ({rel:+.1}%). {noise} {fix}\n", dp.arm, -diff)
+        format!("**{}** is within noise of zero-shot, the untrained start: {shown} {users}. {fix}\n", dp.arm)
     }
 }
 
@@ -335,14 +328,6 @@ fn verdict(results: &RunResults) -> String {
 /// the per-round plot, conservative by construction.
 fn se_bound(mean: f64, n: usize) -> f64 {
     (mean.max(0.0) / n.max(1) as f64).sqrt()
-}
-
-/// An upper bound on the standard error of the difference of two arms' MRR on `n` users: a
-/// reciprocal rank lies in [0, 1], so its variance is at most its mean, and whatever the
-/// correlation of the two arms, Var(A − B) ≤ (σ_A + σ_B)².
-fn difference_se_bound(mrr_a: f64, mrr_b: f64, n: usize) -> f64 {
-    let n = n.max(1) as f64;
-    (mrr_a / n).sqrt() + (mrr_b / n).sqrt()
 }
 
 /// A line chart's frame: where it goes, its captions and where its legend sits.
@@ -517,25 +502,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_error_bound_holds_for_the_worst_case_of_reciprocal_ranks() {
-        // Reciprocal ranks of 0 or 1 with mean m have variance m(1 − m) ≤ m: the bound's
-        // extreme case. Two arms of n users each, perfectly anti-correlated.
-        let (n, m) = (1000usize, 0.25);
-        let exact = 2.0 * (m * (1.0 - m) / n as f64).sqrt();
-        let bound = difference_se_bound(m, m, n);
-        assert!(bound >= exact, "{bound} < {exact}");
-        assert!((bound - 2.0 * (m / n as f64).sqrt()).abs() < 1e-15);
-    }
-
-    #[test]
-    fn the_verdict_says_within_noise_unless_the_gap_is_large() {
-        let arm = |name: &str, mrr: f64, epsilon: Option<f64>| ArmResult {
-            arm: name.into(),
-            test: crate::results::Scores { mrr, ..Default::default() },
-            epsilon,
-            ..Default::default()
+    fn the_verdict_compares_dp_with_zero_shot_by_its_paired_interval() {
+        let difference = |difference: f64, ci_low: f64, ci_high: f64| crate::stats::PairedDifference {
+            metric: Metric::NdcgAt10,
+            users: 1000,
+            difference,
+            relative: f64::NAN,
+            ci_low,
+            ci_high,
         };
-        let results = |dp: f64| RunResults {
+        let results = |d: crate::stats::PairedDifference| RunResults {
             scenario: "t".into(),
             description: String::new(),
             machine: String::new(),
@@ -546,13 +522,31 @@ mod tests {
             expected_cohort: 5.0,
             adapter_parameters: 10,
             wall_seconds: 1.0,
-            arms: vec![arm("local-only (mean)", 0.02, None), arm("federated DP ε=8", dp, Some(8.0))],
+            arms: vec![
+                ArmResult { arm: "local-only (mean)".into(), ..Default::default() },
+                ArmResult {
+                    arm: "federated DP ε=8".into(),
+                    epsilon: Some(8.0),
+                    comparisons: vec![crate::results::Comparison {
+                        against: crate::run::ZERO_SHOT.into(),
+                        differences: vec![d],
+                    }],
+                    ..Default::default()
+                },
+            ],
             search: Vec::new(),
             serving: None,
         };
-        assert!(verdict(&results(0.021)).contains("within noise"));
-        assert!(verdict(&results(0.019)).contains("trails the local-only mean by 0.0010"));
-        // Here the bound is √(0.02/1000) + √(0.05/1000) ≈ 0.0115: a gap of 0.03 is more than twice it.
-        assert!(verdict(&results(0.05)).contains("beats the local-only mean by +0.0300"));
+        let above = verdict(&results(difference(0.002, 0.001, 0.003)));
+        assert!(
+            above.contains("beats zero-shot") && above.contains("+0.0020 NDCG@10 [+0.0010, +0.0030]"),
+            "{above}"
+        );
+        assert!(verdict(&results(difference(0.0, -0.0001, 0.0001))).contains("within noise of zero-shot"));
+        assert!(verdict(&results(difference(-0.004, -0.005, -0.003))).contains("falls below zero-shot"));
+        // Without a comparison against zero-shot there is nothing to say.
+        let mut none = results(difference(0.002, 0.001, 0.003));
+        none.arms[1].comparisons.clear();
+        assert_eq!(verdict(&none), "");
     }
 }

@@ -289,11 +289,27 @@ fn baseline_learning_rate() -> f64 {
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Centralised {
+    /// Steps of training; with `early_stopping`, the most it trains.
     pub steps: usize,
     #[serde(default = "baseline_batch")]
     pub batch_size: usize,
     #[serde(default = "baseline_learning_rate")]
     pub learning_rate: f64,
+    /// Sequence tower: stop when validation NDCG@10 stops improving.
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// Early stopping on the validation split: validation NDCG@10 of the first `users`
+/// evaluation users (their validation items, never their test items) at the start and every
+/// `every` steps; training stops once `patience` checks in a row have not beaten the best,
+/// and the arm is the best check's tower.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    pub every: usize,
+    pub patience: usize,
+    pub users: usize,
 }
 
 /// No faults unless the scenario asks for them.
@@ -336,6 +352,13 @@ impl Scenario {
         }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
+        }
+        if let Some(stop) = scenario.arms.centralised.as_ref().and_then(|c| c.early_stopping.as_ref())
+            && (stop.every == 0 || stop.patience == 0 || stop.users == 0)
+        {
+            return Err(invalid(
+                "arms.centralised.early_stopping's every, patience and users must be ≥ 1".into(),
+            ));
         }
         if scenario
             .arms

@@ -3,6 +3,7 @@
 //! training on a set of users and scoring adapter values. Used by `guild-sim run` (every
 //! baseline and federated arm) and `guild-sim local`.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -17,8 +18,9 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 
+use crate::early_stopping::Patience;
 use crate::results::Scores;
-use crate::scenario::Scenario;
+use crate::scenario::{EarlyStopping, Scenario};
 
 /// Seed of the evaluation-user sample, the same for every arm and command.
 pub const EVAL_USERS_SEED: u64 = 12_345;
@@ -192,7 +194,10 @@ impl World {
     pub fn train_on(&self, users: &[usize], config: &TrainConfig) -> anyhow::Result<(Vec<f32>, TrainReport)> {
         match self.spec.family {
             AdapterFamilyName::FfaLora => self.train_lora(users, config),
-            AdapterFamilyName::SequenceTower => self.train_tower(users, config, &self.spec.tower),
+            AdapterFamilyName::SequenceTower => {
+                let (values, report, _) = self.train_tower(users, config, None)?;
+                Ok((values, report))
+            }
         }
     }
 
@@ -253,21 +258,59 @@ impl World {
         Ok((adapters.flat(), report))
     }
 
-    /// Trains a fresh sequence tower (zero-shot at start) on `users` over the cached
-    /// catalogue embeddings and returns its values.
+    /// Trains the scenario's sequence tower on `users` from its start with their
+    /// statistics summed exactly (trained in one place, the statistics are exact: the users'
+    /// own histogram and item-to-item counts, before training; the prior's weight trains
+    /// with it). With `stop`, early stopping: validation NDCG@10 of the first `stop.users`
+    /// evaluation users (their validation items) at the start and every `stop.every` steps
+    /// (and after the last), stopping once `stop.patience` checks in a row have not beaten
+    /// the best, and the best check's values returned. The values, the report of the steps
+    /// taken, and the checks (none without `stop`).
     pub fn train_tower(
         &self,
         users: &[usize],
         config: &TrainConfig,
-        tower: &TowerConfig,
-    ) -> anyhow::Result<(Vec<f32>, TrainReport)> {
+        stop: Option<&EarlyStopping>,
+    ) -> anyhow::Result<(Vec<f32>, TrainReport, Patience)> {
+        let tower = &self.spec.tower;
         let mut shared = lock(&self.shared);
-        // Trained in one place, the statistics are exact: the users' own histogram (and
-        // item-to-item counts), before training (the prior's weight trains with it).
         let model = Self::tower_with_exact_statistics(&mut shared, tower, users)?;
-        let users = Self::users(&shared.dataset, users);
-        let report = retrieval::train_tower(&model, &shared.items, &users, config)?;
-        Ok((model.offset(), report))
+        let shared = &*shared;
+        let training = Self::users(&shared.dataset, users);
+        let mut patience = Patience::new(stop.map_or(1, |s| s.patience));
+        let Some(stop) = stop else {
+            let report = retrieval::train_tower(&model, &shared.items, &training, config)?;
+            return Ok((model.offset(), report, patience));
+        };
+        let k = stop.users.min(self.eval_users.len());
+        let validation = Self::users(&shared.dataset, &self.eval_users[..k]);
+        let items = shared.items.to(shared.base.device());
+        let score = |model: &Tower| {
+            let (counts, _) = retrieval::evaluate_tower(
+                &tower.shape,
+                Some(model),
+                &validation,
+                &items,
+                Split::Validation,
+                None,
+            );
+            counts.ndcg_at_10()
+        };
+        let mut best = model.offset();
+        // The start is the first check: a training that never beats it keeps the start.
+        let _ = patience.observe(0, score(&model));
+        let mut check = |steps: usize, model: &Tower| {
+            if !steps.is_multiple_of(stop.every) && steps != config.steps {
+                return ControlFlow::Continue(());
+            }
+            let (improved, flow) = patience.observe(steps, score(model));
+            if improved {
+                best = model.offset();
+            }
+            flow
+        };
+        let report = retrieval::train_tower_with(&model, &shared.items, &training, config, &mut check)?;
+        Ok((best, report, patience))
     }
 
     /// A fresh tower of `config` with `users`' statistics summed exactly (no noise, one

@@ -243,8 +243,12 @@ async fn the_noiseless_selection_picks_the_setting_the_evaluation_ranks_best() {
     let arms = &mut scenario.arms;
     arms.zero_shot = false;
     arms.local_only = None;
-    arms.centralised =
-        Some(guild_sim::scenario::Centralised { steps: 20, batch_size: 32, learning_rate: 0.001 });
+    arms.centralised = Some(guild_sim::scenario::Centralised {
+        steps: 20,
+        batch_size: 32,
+        learning_rate: 0.001,
+        early_stopping: None,
+    });
     (arms.federated, arms.item_counts, arms.exact_selection) = (false, false, true);
     (arms.search_users, arms.serve_requests) = (0, 0);
     arms.distributed_dp_epsilons.clear();
@@ -288,4 +292,43 @@ async fn the_noiseless_selection_picks_the_setting_the_evaluation_ranks_best() {
         exact.validation.ndcg_at_10,
         scores[best]
     );
+}
+
+/// Early stopping of the centralised tower on real data: the arm keeps the best check's
+/// tower (its validation score on the checked users is the best check's, not the last's),
+/// checks the start and every `every` steps, and stops once `patience` checks in a row have
+/// not beaten the best.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_stopping_keeps_the_best_checked_tower_and_stops_after_its_patience() {
+    let mut scenario = scenario("tower-smoke");
+    scenario.data.max_users = Some(2_000);
+    scenario.data.eval_users = 400;
+    let world = tokio::task::block_in_place(|| {
+        guild_sim::world::World::load(guild_sim::world::WorldSpec::of(&scenario))
+    })
+    .expect("world");
+    let users = world.all_merchant_users();
+    // A learning rate high enough that the validation score moves between checks.
+    let training = guild_client::retrieval::TrainConfig {
+        batch_size: 32,
+        steps: 60,
+        learning_rate: 0.01,
+        negatives: guild_client::learner::TOWER_NEGATIVES,
+        ..Default::default()
+    };
+    let stop = guild_sim::scenario::EarlyStopping { every: 10, patience: 2, users: 400 };
+    let (values, report, checks) =
+        tokio::task::block_in_place(|| world.train_tower(&users, &training, Some(&stop))).expect("trains");
+    let steps: Vec<usize> = checks.checks().iter().map(|&(step, _)| step).collect();
+    let expected: Vec<usize> = (0..=report.steps).step_by(10).collect();
+    assert_eq!(steps, expected, "the start and every 10 steps up to the last");
+    let (best_step, best) = checks.best().expect("a best check");
+    let after_best = steps.iter().filter(|&&s| s > best_step).count();
+    if report.steps < training.steps {
+        assert_eq!(after_best, stop.patience, "stopped after its patience: {:?}", checks.checks());
+    } else {
+        assert!(after_best < stop.patience, "ran out of steps first: {:?}", checks.checks());
+    }
+    let kept = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation)).expect("scores");
+    assert!((kept.ndcg_at_10 - best).abs() < 1e-9, "kept {} against the best check {best}", kept.ndcg_at_10);
 }

@@ -18,6 +18,7 @@ pub use search::{QUERY_WORDS, evaluate_search, query_for, search_queries};
 pub use selection::selection_ndcg;
 pub use tower::{
     HistoryPrior, evaluate_tower, shopper_part_gradients, shopper_seed, shopper_updates, train_tower,
+    train_tower_with,
 };
 
 use std::path::{Path, PathBuf};

@@ -1,6 +1,8 @@
 //! The sequence-tower family: full-catalogue evaluation, training with the full or a
 //! sampled softmax, and the shopper unit's per-shopper updates.
 
+use std::ops::ControlFlow;
+
 use rand::Rng;
 
 use super::*;
@@ -122,6 +124,19 @@ pub fn train_tower(
     users: &[&User],
     config: &TrainConfig,
 ) -> Result<TrainReport, ModelError> {
+    train_tower_with(tower, items, users, config, &mut |_, _| ControlFlow::Continue(()))
+}
+
+/// [`train_tower`], calling `after(steps, tower)` after each step (`steps` taken so far):
+/// training stops where it breaks (e.g. early stopping on a validation score), and the
+/// report counts the steps taken.
+pub fn train_tower_with(
+    tower: &Tower,
+    items: &Tensor,
+    users: &[&User],
+    config: &TrainConfig,
+    after: &mut dyn FnMut(usize, &Tower) -> ControlFlow<()>,
+) -> Result<TrainReport, ModelError> {
     let length = tower.config().shape.history;
     let rows = users.iter().flat_map(|u| tower_rows(u, length)).collect();
     let Some(mut rows) = training_set(rows, config) else {
@@ -132,15 +147,20 @@ pub fn train_tower(
     let (mut first, mut last) = (f64::NAN, f64::NAN);
     let example_count = rows.iter().map(TowerRow::targets).sum();
     let mut batches = Batches::new(&mut rows, config.batch_size, config.seed);
-    for step in 0..config.steps {
+    let mut steps = 0;
+    while steps < config.steps {
         let loss = tower_loss(tower, &items, batches.next_batch(), config, None);
         optimizer.backward_step(&loss);
         last = loss.double_value(&[]);
-        if step == 0 {
+        if steps == 0 {
             first = last;
         }
+        steps += 1;
+        if after(steps, tower).is_break() {
+            break;
+        }
     }
-    Ok(TrainReport { steps: config.steps, examples: example_count, first_loss: first, last_loss: last })
+    Ok(TrainReport { steps, examples: example_count, first_loss: first, last_loss: last })
 }
 
 /// The shopper unit's local computation: for each of `users` on its own, `config.steps`

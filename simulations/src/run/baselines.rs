@@ -10,9 +10,10 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha20Rng;
 
+use crate::early_stopping::Patience;
 use crate::progress::Progress;
 use crate::results::{ArmResult, Scores};
-use crate::scenario::Scenario;
+use crate::scenario::{EarlyStopping, Scenario};
 use crate::world::World;
 
 use super::{
@@ -177,14 +178,23 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let users = world.all_merchant_users();
         let training =
             baseline_training(world, central.steps, central.batch_size, central.learning_rate, s.data.seed);
-        let Trained { values, test: (test, ranks), validation } = train_and_score(world, &users, &training)?;
+        let (Trained { values, test: (test, ranks), validation }, taken) = match &central.early_stopping {
+            None => (train_and_score(world, &users, &training)?, format!("{} steps", central.steps)),
+            Some(stop) => {
+                anyhow::ensure!(
+                    world.spec.family == AdapterFamilyName::SequenceTower,
+                    "early stopping is for the sequence tower"
+                );
+                let (values, report, checks) =
+                    tokio::task::block_in_place(|| world.train_tower(&users, &training, Some(stop)))?;
+                (
+                    score_trained(world, values)?,
+                    early_stopping_note(central.steps, stop, report.steps, &checks),
+                )
+            }
+        };
         let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
-        arm.events.push(format!(
-            "{} steps of batch {} on {} users",
-            central.steps,
-            central.batch_size,
-            users.len()
-        ));
+        arm.events.push(format!("{taken} of batch {} on {} users", central.batch_size, users.len()));
         if world.spec.family == AdapterFamilyName::SequenceTower {
             arm.final_adapter = Some(values.clone());
         }
@@ -292,12 +302,34 @@ struct Trained {
 
 /// Trains on `users` in this process and scores the result.
 fn train_and_score(world: &World, users: &[usize], training: &TrainConfig) -> anyhow::Result<Trained> {
+    let (values, _) = tokio::task::block_in_place(|| world.train_on(users, training))?;
+    score_trained(world, values)
+}
+
+/// Trained `values`, scored on the test split (once) and on validation.
+fn score_trained(world: &World, values: Vec<f32>) -> anyhow::Result<Trained> {
     tokio::task::block_in_place(|| {
-        let (values, _) = world.train_on(users, training)?;
         let test = world.score_with_ranks(Some(&values), Split::Test)?;
         let validation = world.score(Some(&values), Split::Validation)?;
         anyhow::Ok(Trained { values, test, validation })
     })
+}
+
+/// What early stopping did, in words: the steps taken of at most `most`, the rule, the
+/// best check and every check.
+fn early_stopping_note(most: usize, stop: &EarlyStopping, taken: usize, checks: &Patience) -> String {
+    let (best_step, best) = checks.best().unwrap_or((0, f64::NAN));
+    let all: Vec<String> = checks.checks().iter().map(|(step, ndcg)| format!("{step}: {ndcg:.4}")).collect();
+    let ended = if taken < most { "stopped early" } else { "ran to the most" };
+    format!(
+        "{taken} steps of at most {most} ({ended}: validation NDCG@10 of the first {} evaluation \
+         users, on their validation items, checked every {} steps, patience {}); kept the best check, \
+         step {best_step} ({best:.4}; checks {})",
+        stop.users,
+        stop.every,
+        stop.patience,
+        all.join(", ")
+    )
 }
 
 /// A reference arm's result.
