@@ -257,11 +257,15 @@ pub struct StatisticRounds {
     /// The unit's sampling rate in these rounds: shoppers, each merchant its own, in the
     /// shopper unit; merchants, by the coordinator, in the merchant unit.
     pub sampling_rate: f64,
+    /// c of these rounds, where it differs from `privacy.clip_norm` (a statistic's scale
+    /// is not an update's: a merchant's mean NDCG@10 under the selection's settings has a
+    /// norm of about 0.1, a training update's up to the training clip norm).
+    pub clip_norm: Option<f64>,
 }
 
 impl Default for StatisticRounds {
     fn default() -> Self {
-        Self { rounds: 0, noise_multiplier: 0.0, sampling_rate: 1.0 }
+        Self { rounds: 0, noise_multiplier: 0.0, sampling_rate: 1.0, clip_norm: None }
     }
 }
 
@@ -442,7 +446,7 @@ impl Config {
             unit: p.unit,
             sampling_rate: privacy.unit_rate,
             noise_multiplier: privacy.noise_multiplier,
-            clip_norm: p.clip_norm,
+            clip_norm: self.clip_norm(kind),
             dimension: self.summed(kind, manifest).len(),
             min_survivors: t,
             tolerated_colluders: round_colluders(p.tolerated_colluders, t, p.unit),
@@ -456,6 +460,17 @@ impl Config {
     /// and z (`[rounds.training]`, `[rounds.popularity_release]`, `[rounds.pooling_selection]`).
     /// The rate is the unit's: merchants in the merchant unit; shoppers in the shopper unit,
     /// where every merchant takes part.
+    /// c of a round of `kind`: the kind's own `clip_norm` where its table states one,
+    /// `privacy.clip_norm` otherwise (training always).
+    pub fn clip_norm(&self, kind: RoundKind) -> f64 {
+        let own = match kind {
+            RoundKind::Training => None,
+            RoundKind::PopularityRelease => self.rounds.popularity_release.clip_norm,
+            RoundKind::PoolingSelection => self.rounds.pooling_selection.clip_norm,
+        };
+        own.unwrap_or(self.privacy.clip_norm)
+    }
+
     pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
         let r = &self.rounds;
         let (unit_rate, noise_multiplier) = match kind {
@@ -560,6 +575,14 @@ impl Config {
         let p = &self.privacy;
         if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
             return Err(invalid("privacy.clip_norm", "must be positive"));
+        }
+        for (key, own) in [
+            ("rounds.popularity_release.clip_norm", self.rounds.popularity_release.clip_norm),
+            ("rounds.pooling_selection.clip_norm", self.rounds.pooling_selection.clip_norm),
+        ] {
+            if own.is_some_and(|c| !(c.is_finite() && c > 0.0)) {
+                return Err(invalid(key, "must be positive"));
+            }
         }
         let training = &r.training;
         if !(training.noise_multiplier.is_finite() && training.noise_multiplier >= 0.0) {
@@ -739,6 +762,28 @@ pub(crate) mod tests {
         assert_eq!(config.rounds.training.sampling_rate, 0.25);
         assert_eq!(config.privacy.mode, PrivacyMode::Central);
         assert_eq!(config.server.listen.port(), 9000);
+    }
+
+    /// A statistic kind's own clip norm reaches what the round charges, encodes and sends
+    /// (`round_privacy`, and through it the task); training keeps `privacy.clip_norm`; a
+    /// clip norm that is not positive is refused naming its key.
+    #[test]
+    fn a_statistic_kind_clips_at_its_own_norm() {
+        let selection = "[rounds.pooling_selection]\nrounds = 1\nnoise_multiplier = 0.5\nclip_norm = 0.1\n\
+                         [adapter]\nfamily = \"sequence_tower\"\n[privacy]\nclip_norm = 10.0";
+        let config = Config::parse(&format!("{MINIMAL}\n{selection}"), env(&[])).expect("valid");
+        assert_eq!(config.clip_norm(RoundKind::PoolingSelection), 0.1);
+        assert_eq!(config.clip_norm(RoundKind::PopularityRelease), 10.0);
+        assert_eq!(config.clip_norm(RoundKind::Training), 10.0);
+        let manifest = config.manifest().expect("manifest");
+        assert_eq!(config.round_privacy(RoundKind::PoolingSelection, 20, &manifest).clip_norm, 0.1);
+        assert_eq!(config.round_privacy(RoundKind::Training, 20, &manifest).clip_norm, 10.0);
+        let refused = Config::parse(
+            &format!("{MINIMAL}\n{selection}"),
+            env(&[("GUILD_ROUNDS__POOLING_SELECTION__CLIP_NORM", "-1")]),
+        )
+        .expect_err("a negative clip norm");
+        assert!(refused.to_string().contains("rounds.pooling_selection.clip_norm"), "{refused}");
     }
 
     #[test]

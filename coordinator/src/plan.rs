@@ -149,11 +149,11 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
         let privacy = config.kind_privacy(kind);
         let Expected { round, cohort, n, t, summands } = expected_round(config, kind, &manifest, merchants);
         let cost = round.cost()?;
-        let variance =
-            decoded_sum_noise_variance(p.mode, privacy.noise_multiplier, p.clip_norm, &cost.ddg, n);
+        let c = config.clip_norm(kind);
+        let variance = decoded_sum_noise_variance(p.mode, privacy.noise_multiplier, c, &cost.ddg, n);
         // The noise that reaches the model: over the coordinates the round sums.
         let moved = round.dimension;
-        let noise_to_clip = (moved as f64 * variance).sqrt() / summands.max(1.0) / p.clip_norm;
+        let noise_to_clip = (moved as f64 * variance).sqrt() / summands.max(1.0) / c;
         // Training without a round limit runs until the budget is spent: count those rounds.
         if kind == RoundKind::Training
             && config.rounds.max_rounds == 0

@@ -162,6 +162,9 @@ pub struct Arms {
     pub dp_rounds: Option<u64>,
     /// Federated with distributed DP (DDGauss + SecAgg+) at these ε.
     pub distributed_dp_epsilons: Vec<f64>,
+    /// Sequence tower: the merchant-level DP arms start with one pooling selection, its
+    /// cost charged first and the training rounds' z calibrated to what it leaves.
+    pub dp_selection: Option<MerchantSelection>,
     /// Federated with central DP (trusted coordinator) at these ε.
     pub central_dp_epsilons: Vec<f64>,
     /// Federated with shopper-level distributed DP at these ε (settings in `shopper_dp`).
@@ -300,6 +303,20 @@ pub struct Centralised {
     pub early_stopping: Option<EarlyStopping>,
 }
 
+/// A merchant-level pooling selection: merchants sampled at `sampling_rate`, each
+/// sending its shoppers' NDCG@10 on their validation items under the public grid's
+/// settings, summed, centred and clipped at `clip_norm`, with noise
+/// `noise_multiplier`·`clip_norm`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantSelection {
+    pub noise_multiplier: f64,
+    pub clip_norm: f64,
+    /// The merchants' sampling rate in the selection (default: the training rounds').
+    #[serde(default)]
+    pub sampling_rate: Option<f64>,
+}
+
 /// Early stopping on the validation split: validation NDCG@10 of the first `users`
 /// evaluation users (their validation items, never their test items) at the start and every
 /// `every` steps; training stops once `patience` checks in a row have not beaten the best,
@@ -352,6 +369,17 @@ impl Scenario {
         }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
+        }
+        if let Some(sel) = &scenario.arms.dp_selection
+            && !(sel.noise_multiplier > 0.0
+                && sel.clip_norm > 0.0
+                && sel.clip_norm.is_finite()
+                && sel.sampling_rate.is_none_or(|q| q > 0.0 && q <= 1.0))
+        {
+            return Err(invalid(
+                "arms.dp_selection's noise_multiplier and clip_norm must be positive, its sampling_rate in (0, 1]"
+                    .into(),
+            ));
         }
         if let Some(stop) = scenario.arms.centralised.as_ref().and_then(|c| c.early_stopping.as_ref())
             && (stop.every == 0 || stop.patience == 0 || stop.users == 0)

@@ -155,6 +155,14 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
     let dp = arm("federated DP ε=8");
     let epsilon = dp.epsilon.expect("DP arm spends ε");
     assert!(epsilon > 0.0 && epsilon <= 8.0 + 1e-9, "ε = {epsilon}");
+    // Its merchant-level pooling selection ran at its own clip norm and committed a setting
+    // of the grid as version 1, before its training rounds.
+    assert!(dp.events.iter().any(|e| e.contains("clipped at c = 1")), "{:?}", dp.events);
+    assert!(
+        dp.events.iter().any(|e| e.contains("the pooling selection (adapter version 1) chose setting")),
+        "{:?}",
+        dp.events
+    );
     // Every merchant is in every round here (q = 1), so nothing is amplified: each
     // merchant's own ledger (zCDP composed, the looser zCDP-to-(ε, δ) conversion) reads at
     // least the coordinator's model-level ε (RDP composed) for a merchant that sent its

@@ -271,7 +271,7 @@ impl Engine {
             );
         }
         if self.config.privacy.mode == PrivacyMode::Central {
-            let sigma = round.noise_multiplier * self.config.privacy.clip_norm;
+            let sigma = round.noise_multiplier * self.config.clip_norm(round.kind);
             add_central_noise(&mut decoded, sigma, &mut ChaCha20Rng::from_entropy())?;
         }
         // Back over the whole adapter: the coordinates the round did not sum stay zero.
@@ -286,9 +286,10 @@ impl Engine {
                     .ok_or_else(|| {
                         anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
                     })?;
-                // The estimates, in NDCG@10: each setting's sum was c/√k times its values.
+                // The estimates, in NDCG@10: each shopper's setting's sum was c/√k times its
+                // values (a merchant's is its centred means at norm c: then only their order).
                 let k = guild_proto::tower::SELECTION_SETTINGS;
-                let scale = (k as f64).sqrt() / (self.config.privacy.clip_norm * round.denominator);
+                let scale = (k as f64).sqrt() / (self.config.clip_norm(round.kind) * round.denominator);
                 let estimates: Vec<String> =
                     decoded[..k].iter().map(|s| format!("{:.4}", s * scale)).collect();
                 tracing::info!(setting = best, estimates = %estimates.join(" "), "pooling selected");
@@ -314,7 +315,7 @@ impl Engine {
                         guild_privacy::cost::decoded_sum_noise_variance(
                             self.config.privacy.mode,
                             round.noise_multiplier,
-                            self.config.privacy.clip_norm,
+                            self.config.clip_norm(round.kind),
                             &round.ddg,
                             survivors_of(round),
                         )

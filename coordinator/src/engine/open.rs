@@ -239,7 +239,7 @@ impl Engine {
             },
             privacy: PrivacyParams {
                 mode: cfg.privacy.mode,
-                clip_norm: cfg.privacy.clip_norm,
+                clip_norm: cfg.clip_norm(template.kind),
                 noise_multiplier: template.privacy.noise_multiplier,
                 gamma: template.cost.ddg.gamma(),
                 bit_width: cfg.privacy.bit_width,

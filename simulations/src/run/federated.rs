@@ -99,11 +99,22 @@ pub(super) async fn federated(
                 rounds: arm.schedule.popularity_releases,
                 noise_multiplier: arm.popularity_noise_multiplier,
                 sampling_rate: sh.popularity_sampling_rate,
+                clip_norm: None,
             };
             c.rounds.pooling_selection = StatisticRounds {
                 rounds: u32::from(arm.schedule.pooling_selection),
                 noise_multiplier: arm.selection_noise_multiplier,
                 sampling_rate: sh.selection_rate(),
+                clip_norm: None,
+            };
+        } else if arm.schedule.pooling_selection {
+            // A merchant-level selection: merchants sampled as for training, each sending
+            // its shoppers' mean NDCG@10 at the selection's own clip norm.
+            c.rounds.pooling_selection = StatisticRounds {
+                rounds: 1,
+                noise_multiplier: arm.selection_noise_multiplier,
+                sampling_rate: arm.selection_rate,
+                clip_norm: arm.selection_clip_norm,
             };
         }
         // Every client of a cohort masks on this machine's cores: the masked-input phase
@@ -150,6 +161,20 @@ pub(super) async fn federated(
             })
             .collect();
         events.push(format!("planned: {}", figures.join("; ")));
+    }
+    if arm.shopper.is_none() && arm.schedule.pooling_selection {
+        events.push(format!(
+            "one pooling selection: merchants sampled at q = {}, each sending its shoppers' NDCG@10 on their \
+             validation items under the {} public settings of pooling and prior weight, summed, centred and \
+             clipped at c = {}, \
+             z = {:.3}; then {} training round(s) at z = {:.3}",
+            arm.selection_rate,
+            guild_proto::tower::SELECTION_SETTINGS,
+            arm.selection_clip_norm.unwrap_or(f.clip_norm),
+            arm.selection_noise_multiplier,
+            arm.rounds - 1,
+            arm.noise_multiplier
+        ));
     }
     if let Some(sh) = &arm.shopper {
         // The arm's rounds as the coordinator's schedule runs them, one line per kind.

@@ -8,7 +8,7 @@ use guild_privacy::cost::{RoundPrivacy, calibrate_noise, round_colluders};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::round::{RoundKind, Schedule, TrainedPart};
 
-use crate::scenario::{Scenario, ShopperDp};
+use crate::scenario::{MerchantSelection, Scenario, ShopperDp};
 use crate::world::World;
 
 use super::federated::merge_shops;
@@ -21,11 +21,16 @@ pub(super) struct FederatedArm {
     pub(super) shopper: Option<ShopperDp>,
     /// z of the training rounds (0 when the arm runs none).
     pub(super) noise_multiplier: f64,
-    /// The round kinds before training (shopper-level arms), in the coordinator's order.
+    /// The round kinds before training (shopper-level arms, and merchant-level ones with a
+    /// selection), in the coordinator's order.
     pub(super) schedule: Schedule,
     /// z of the popularity releases and of the pooling selection (0 when the schedule has none).
     pub(super) popularity_noise_multiplier: f64,
     pub(super) selection_noise_multiplier: f64,
+    /// c of the pooling selection where it is not the arm's clip norm (merchant-level arms).
+    pub(super) selection_clip_norm: Option<f64>,
+    /// The merchants' sampling rate in a merchant-level selection.
+    pub(super) selection_rate: f64,
     pub(super) epsilon_cap: f64,
     pub(super) delta: f64,
     /// Every round the arm runs: its popularity releases and its training rounds.
@@ -54,6 +59,8 @@ impl FederatedArm {
             schedule: Schedule::default(),
             popularity_noise_multiplier: 0.0,
             selection_noise_multiplier: 0.0,
+            selection_clip_norm: None,
+            selection_rate: 1.0,
             epsilon_cap,
             delta,
             rounds,
@@ -113,8 +120,32 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     // for one such round or the arm would end short. An arm whose coordinator is killed
     // gets room for one more: the kill can land after the open round's charge.
     let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
+    let selection_rate = |sel: &MerchantSelection| sel.sampling_rate.unwrap_or(f.sampling_rate);
+    let selection_cohort = |sel: &MerchantSelection| {
+        let (q, n) = (selection_rate(sel), n as f64);
+        ((q * n + 4.0 * (q * (1.0 - q) * n).sqrt()).ceil().min(n) as u32).max(f.threshold)
+    };
+    // A merchant-level pooling selection, at its fixed z, is charged first (merchants
+    // sampled at the training rounds' rate); the training rounds get what it leaves.
+    let selection = match &s.arms.dp_selection {
+        Some(sel) => Some((
+            sel,
+            (RoundPrivacy {
+                noise_multiplier: sel.noise_multiplier,
+                clip_norm: sel.clip_norm,
+                dimension: world.summed(RoundKind::PoolingSelection, TrainedPart::Whole),
+                sampling_rate: selection_rate(sel),
+                max_summands: selection_cohort(sel),
+                ..round.clone()
+            })
+            .curve_after(1)?
+            .context("a selection without noise")?,
+        )),
+        None => None,
+    };
     for &epsilon in &s.arms.distributed_dp_epsilons {
-        let z = calibrate_noise(epsilon, &RdpCurve::zero(), &round, charged_rounds(plan.len()), delta)?;
+        let before = selection.as_ref().map_or_else(RdpCurve::zero, |(_, curve)| curve.clone());
+        let z = calibrate_noise(epsilon, &before, &round, charged_rounds(plan.len()), delta)?;
         let arm = FederatedArm::merchant_level(
             format!("federated DP ε={epsilon}"),
             PrivacyMode::Distributed,
@@ -123,6 +154,17 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             delta,
             dp_rounds,
         );
+        let arm = match &selection {
+            Some((sel, _)) => FederatedArm {
+                schedule: Schedule { popularity_releases: 0, pooling_selection: true },
+                selection_noise_multiplier: sel.noise_multiplier,
+                selection_clip_norm: Some(sel.clip_norm),
+                selection_rate: selection_rate(sel),
+                rounds: dp_rounds + 1,
+                ..arm
+            },
+            None => arm,
+        };
         plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
     }
     for &epsilon in &s.arms.central_dp_epsilons {
@@ -233,6 +275,8 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
                 schedule,
                 popularity_noise_multiplier: z_release,
                 selection_noise_multiplier: sh.selection_noise_multiplier.unwrap_or(0.0),
+                selection_clip_norm: None,
+                selection_rate: 1.0,
                 epsilon_cap: epsilon,
                 delta: shopper_delta,
                 rounds: total,
