@@ -786,7 +786,7 @@ mod tests {
     }
 
     #[test]
-    fn a_merchants_selection_update_is_its_centred_means_within_the_clip_norm() {
+    fn a_merchants_selection_update_is_its_centred_sums_within_the_clip_norm() {
         let means = [0.030_f32, 0.034, 0.031, 0.029];
         // Within the clip norm: the means less their average, as they are.
         let update = merchant_selection_update(&means, 0.02);

@@ -258,8 +258,9 @@ pub struct StatisticRounds {
     /// shopper unit; merchants, by the coordinator, in the merchant unit.
     pub sampling_rate: f64,
     /// c of these rounds, where it differs from `privacy.clip_norm` (a statistic's scale
-    /// is not an update's: a merchant's mean NDCG@10 under the selection's settings has a
-    /// norm of about 0.1, a training update's up to the training clip norm).
+    /// is not an update's: a merchant's centred sum of its shoppers' NDCG@10 under the
+    /// selection's settings is clipped at 1 in the default scenario, its training updates
+    /// at 10).
     pub clip_norm: Option<f64>,
 }
 
@@ -456,10 +457,6 @@ impl Config {
         }
     }
 
-    /// How a round of `kind` samples and how much noise it carries: at its own table's rate
-    /// and z (`[rounds.training]`, `[rounds.popularity_release]`, `[rounds.pooling_selection]`).
-    /// The rate is the unit's: merchants in the merchant unit; shoppers in the shopper unit,
-    /// where every merchant takes part.
     /// c of a round of `kind`: the kind's own `clip_norm` where its table states one,
     /// `privacy.clip_norm` otherwise (training always).
     pub fn clip_norm(&self, kind: RoundKind) -> f64 {
@@ -471,6 +468,10 @@ impl Config {
         own.unwrap_or(self.privacy.clip_norm)
     }
 
+    /// How a round of `kind` samples and how much noise it carries: at its own table's rate
+    /// and z (`[rounds.training]`, `[rounds.popularity_release]`, `[rounds.pooling_selection]`).
+    /// The rate is the unit's: merchants in the merchant unit; shoppers in the shopper unit,
+    /// where every merchant takes part.
     pub fn kind_privacy(&self, kind: RoundKind) -> KindPrivacy {
         let r = &self.rounds;
         let (unit_rate, noise_multiplier) = match kind {

@@ -287,7 +287,8 @@ impl Engine {
                         anyhow::anyhow!("a pooling selection for a tower without a popularity prior")
                     })?;
                 // The estimates, in NDCG@10: each shopper's setting's sum was c/√k times its
-                // values (a merchant's is its centred means at norm c: then only their order).
+                // values (in the merchant unit the sums are of centred, clipped sums of
+                // NDCG@10: then only their order means anything).
                 let k = guild_proto::tower::SELECTION_SETTINGS;
                 let scale = (k as f64).sqrt() / (self.config.clip_norm(round.kind) * round.denominator);
                 let estimates: Vec<String> =

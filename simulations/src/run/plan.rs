@@ -100,7 +100,10 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     let expected = f.sampling_rate * n as f64;
     // Calibrate for a generous cohort (mean + 4 sd): larger cohorts give a coarser γ and a
     // slightly larger ρ per round, so actual rounds stay within the cap.
-    let generous = (expected + 4.0 * (expected * (1.0 - f.sampling_rate)).sqrt()).ceil().min(n as f64) as u32;
+    let generous = |q: f64| {
+        let (mean, n) = (q * n as f64, n as f64);
+        ((mean + 4.0 * (mean * (1.0 - q)).sqrt()).ceil().min(n) as u32).max(f.threshold)
+    };
     let round = RoundPrivacy {
         mode: PrivacyMode::Distributed,
         unit: PrivacyUnit::Merchant,
@@ -110,7 +113,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         dimension: d,
         min_survivors: f.threshold,
         tolerated_colluders: round_colluders(f.tolerated_colluders, f.threshold, PrivacyUnit::Merchant),
-        max_summands: generous.max(f.threshold),
+        max_summands: generous(f.sampling_rate),
         bit_width: guild_coordinator::config::PrivacyConfig::default().bit_width,
         wrap_probability: guild_coordinator::config::PrivacyConfig::default().wrap_probability,
     };
@@ -121,12 +124,9 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     // gets room for one more: the kill can land after the open round's charge.
     let charged_rounds = |index: usize| dp_rounds + 1 + u64::from(killed(index));
     let selection_rate = |sel: &MerchantSelection| sel.sampling_rate.unwrap_or(f.sampling_rate);
-    let selection_cohort = |sel: &MerchantSelection| {
-        let (q, n) = (selection_rate(sel), n as f64);
-        ((q * n + 4.0 * (q * (1.0 - q) * n).sqrt()).ceil().min(n) as u32).max(f.threshold)
-    };
     // A merchant-level pooling selection, at its fixed z, is charged first (merchants
-    // sampled at the training rounds' rate); the training rounds get what it leaves.
+    // sampled at its own rate, the training rounds' by default); the training rounds get
+    // what it leaves.
     let selection = match &s.arms.dp_selection {
         Some(sel) => Some((
             sel,
@@ -135,7 +135,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
                 clip_norm: sel.clip_norm,
                 dimension: world.summed(RoundKind::PoolingSelection, TrainedPart::Whole),
                 sampling_rate: selection_rate(sel),
-                max_summands: selection_cohort(sel),
+                max_summands: generous(selection_rate(sel)),
                 ..round.clone()
             })
             .curve_after(1)?
