@@ -130,19 +130,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let world = tokio::task::block_in_place(|| World::load(WorldSpec::of(&scenario)))?;
     let s = &scenario;
-    let f = &s.federation;
     let n = world.merchants.len();
     let d = world.parameter_count();
-    let dp_arms = (s.arms.distributed_dp_epsilons.len() + s.arms.central_dp_epsilons.len()) as u64;
-    let shopper_rounds =
-        s.arms.shopper_dp.as_ref().map_or(0, |sh| sh.rounds + sh.schedule().statistic_rounds());
-    let progress = Progress::new(
-        u64::from(s.arms.federated) * f.rounds
-            + dp_arms * s.arms.dp_rounds.unwrap_or(f.rounds)
-            + s.arms.shopper_dp_epsilons.len() as u64 * shopper_rounds,
-    );
-    let mut arms = baselines(&world, s, &progress)?;
+    // Every round of every federated arm, its statistic rounds included.
     let (plan, expected) = plan(&world, s)?;
+    let progress = Progress::new(plan.iter().map(|arm| arm.rounds).sum());
+    let mut arms = baselines(&world, s, &progress)?;
     for arm in &plan {
         progress.message(arm.name.clone());
         let result =
