@@ -211,12 +211,67 @@ pub fn coordinator_binary() -> anyhow::Result<PathBuf> {
         "{} is missing: build it with `cargo build -p guild-coordinator` (with --release for a release guild-sim)",
         binary.display()
     );
+    // Run from the source tree it was built in, a binary older than a source it is built
+    // from would run old code where the rest of the process runs new (`cargo test -p` and
+    // `cargo build -p guild-sim` do not rebuild it).
+    let built = std::fs::metadata(&binary).and_then(|m| m.modified()).ok();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_owned);
+    if let (Some(built), Some(root)) = (built, root)
+        && let Some((source, _)) = newer_source(&root, built)
+    {
+        anyhow::bail!(
+            "{} is older than {}: rebuild it with `cargo build --workspace` (with --release for a release guild-sim)",
+            binary.display(),
+            source.display()
+        );
+    }
     Ok(binary)
+}
+
+/// A source file of the coordinator's crates under `root` (a workspace checkout) modified
+/// after `built`, with its time; `None` when there is none or no such tree.
+fn newer_source(root: &Path, built: std::time::SystemTime) -> Option<(PathBuf, std::time::SystemTime)> {
+    fn walk(dir: &Path, built: std::time::SystemTime) -> Option<(PathBuf, std::time::SystemTime)> {
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let path = entry.path();
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.is_dir() {
+                if let Some(found) = walk(&path, built) {
+                    return Some(found);
+                }
+            } else if let Ok(modified) = meta.modified()
+                && modified > built
+                && path.extension().is_some_and(|e| e == "rs" || e == "proto")
+            {
+                return Some((path, modified));
+            }
+        }
+        None
+    }
+    ["coordinator/src", "proto/src", "proto/proto", "privacy/src"]
+        .iter()
+        .find_map(|dir| walk(&root.join(dir), built))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A coordinator binary older than a source of its crates is named with that source;
+    /// one built after every source, or without a source tree, passes.
+    #[test]
+    fn a_source_newer_than_the_binary_is_found() {
+        let tree = tempfile::tempdir().expect("tempdir");
+        let source = tree.path().join("coordinator/src/engine/driver.rs");
+        std::fs::create_dir_all(source.parent().expect("folder")).expect("folders");
+        std::fs::write(&source, "// code").expect("source");
+        std::fs::write(tree.path().join("coordinator/src/notes.txt"), "").expect("other file");
+        let written = std::fs::metadata(&source).and_then(|m| m.modified()).expect("mtime");
+        let before = written - Duration::from_secs(60);
+        assert_eq!(newer_source(tree.path(), before).map(|(p, _)| p), Some(source));
+        assert_eq!(newer_source(tree.path(), written + Duration::from_secs(60)), None);
+        assert_eq!(newer_source(&tree.path().join("nowhere"), before), None);
+    }
 
     /// The masked-input deadline grows with the phase's work (cohort × masks × length over
     /// the cores) and never drops below what is configured; the other phases keep theirs.
