@@ -272,6 +272,10 @@ impl Shared {
     }
 }
 
+/// FFA-LoRA's query text: the titles of a shopper's last this many items, most recent first
+/// (`retrieval::query_text`), in training, evaluation and serving alike.
+pub const LORA_HISTORY_ITEMS: usize = 5;
+
 /// One merchant's model, data and settings.
 #[derive(Debug)]
 pub struct ModelLearner {
@@ -297,7 +301,14 @@ impl ModelLearner {
         let adapters = Adapters::new(lora, guard.base.config(), guard.base.sha256(), guard.base.device());
         let eval = evaluation_sample(&guard.dataset, &users, eval_users, seed);
         drop(guard);
-        Self { shared, adapters, users, eval_users: eval, history_items: 5, temperature: 0.05 }
+        Self {
+            shared,
+            adapters,
+            users,
+            eval_users: eval,
+            history_items: LORA_HISTORY_ITEMS,
+            temperature: 0.05,
+        }
     }
 }
 

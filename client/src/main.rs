@@ -208,7 +208,7 @@ fn load_for(
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     use guild_client::serve::http::AppState;
-    use guild_client::serve::{Catalogue, Engine, ServedModel, fetch_version, follow};
+    use guild_client::serve::{Catalogue, Engine, LoraSpec, ModelSpec, ServedModel, fetch_version, follow};
     let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
     // Where versions come from: `[serve] adapter` (one exported folder, or the folder of
     // kept versions), or the coordinator, asked first, so that one that cannot be reached,
@@ -234,19 +234,46 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     };
     // Queries are encoded on the CPU: one short text per request.
     let (base, a, stated, items) = load_for(&config, &dataset, stated, &source, tch::Device::Cpu)?;
-    anyhow::ensure!(
-        a.family == AdapterFamilyName::SequenceTower,
-        "guild-client serve ranks with the sequence tower; {source} trains {:?}",
-        a.family
-    );
     let tower = TowerConfig { shape: a.tower, seed: a.frozen_a_seed };
-    let manifest =
-        stated.unwrap_or_else(|| AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed));
+    let lora =
+        LoraConfig { rank: a.rank, alpha: a.alpha, frozen_a_seed: a.frozen_a_seed, ..LoraConfig::default() };
+    let (spec, manifest) = match a.family {
+        AdapterFamilyName::SequenceTower => (
+            ModelSpec::Tower(tower.clone()),
+            stated
+                .unwrap_or_else(|| AdapterManifest::sequence_tower(base.sha256(), a.tower, a.frozen_a_seed)),
+        ),
+        AdapterFamilyName::FfaLora => {
+            let manifest = stated.unwrap_or_else(|| {
+                guild_client::model::lora::Adapters::new(
+                    lora.clone(),
+                    base.config(),
+                    base.sha256(),
+                    base.device(),
+                )
+                .manifest()
+            });
+            let spec = LoraSpec {
+                config: lora,
+                model_dir: config.model.dir.clone().unwrap_or_else(default_model_dir),
+                max_tokens: config.model.max_tokens,
+                titles: dataset.titles.clone().into(),
+            };
+            (ModelSpec::Lora(spec), manifest)
+        }
+    };
     let catalogue = Arc::new(Catalogue::new(&dataset));
     let (model, connection) = match from {
-        From::Export(dir) => (ServedModel::from_export(&dir, &manifest, tower.clone(), &items)?, None),
+        From::Export(dir) => {
+            anyhow::ensure!(
+                a.family == AdapterFamilyName::SequenceTower,
+                "{source} is an exported FFA-LoRA adapter (a PEFT folder); guild-client serve reads exported \
+                 sequence towers only, and serves FFA-LoRA from the coordinator (leave [serve] adapter out)"
+            );
+            (ServedModel::from_export(&dir, &manifest, tower, &items)?, None)
+        }
         From::Coordinator { mut connection, latest } => {
-            let model = fetch_version(&mut connection, latest, &manifest, &tower, items.shallow_clone())
+            let model = fetch_version(&mut connection, latest, &manifest, &spec, items.shallow_clone())
                 .await
                 .with_context(|| format!("loading adapter version {latest} from {}", config.coordinator))?;
             (model, Some(connection))
@@ -264,7 +291,7 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     state.metrics.set_version(version);
     if let Some(connection) = connection {
         let period = Duration::from_secs(config.serve.refresh_seconds);
-        tokio::spawn(follow(connection, state.clone(), manifest, tower, items, period));
+        tokio::spawn(follow(connection, state.clone(), manifest, spec, items, period));
     }
     let listener = tokio::net::TcpListener::bind(config.serve.listen)
         .await

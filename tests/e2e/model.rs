@@ -270,7 +270,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         )
         .expect("served model");
         for (history, row) in refs.iter().zip(&theirs) {
-            let scores = served.recommend_scores(history);
+            let scores = served.recommend_scores(history).expect("scores");
             let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(
                 served_difference < 1e-5,
@@ -280,5 +280,81 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         // The offset moved the ranking away from zero-shot, so the check is not vacuous.
         let start = Tower::new(TowerConfig { shape, seed: 21 }, Device::Cpu).expect("tower");
         assert!(max_abs_difference(&tch::no_grad(|| start.scores(&items, &refs)), &theirs) > 1e-3);
+    }
+}
+
+/// FFA-LoRA as `guild-client serve` serves it: an item's recommendation score for a history
+/// is the cosine of the history's query text (its last five titles, most recent first,
+/// `retrieval::query_text`) encoded by MiniLM with the adapter and the item's frozen title
+/// vector, as the federation evaluates the family. Held to transformers + peft's embedding of
+/// the same texts with the exported adapter (within 1e-4), and the adapter moves the scores.
+#[test]
+fn a_served_lora_version_scores_histories_as_peft_embeds_them() {
+    use guild_client::serve::{LoraSpec, ServedModel};
+    let titles = titles(30);
+    let refs: Vec<&str> = titles.iter().map(String::as_str).collect();
+    let base = BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model");
+    let items = base.embed_all(&refs, 16, None).expect("title vectors");
+    let config = LoraConfig { frozen_a_seed: 7, ..Default::default() };
+    let mut adapters = Adapters::new(config.clone(), base.config(), base.sha256(), Device::Cpu);
+    let count = adapters.manifest().parameter_count();
+    let values: Vec<f32> = (0..count).map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.1).collect();
+    adapters.set_flat(&values).expect("set B");
+    let dir = tempfile::tempdir().expect("tempdir");
+    adapters.export_peft(dir.path()).expect("export");
+
+    let spec =
+        LoraSpec { config, model_dir: model_dir(), max_tokens: MAX_TOKENS, titles: titles.clone().into() };
+    let served = ServedModel::from_lora(&spec, &values, 1, [0; 32], &items).expect("served model");
+    let start = ServedModel::from_lora(&spec, &vec![0.0; count], 0, [0; 32], &items).expect("start");
+    let histories: Vec<Vec<u32>> = vec![vec![3], vec![1, 2, 3, 4, 5, 6, 7], vec![29, 0, 14]];
+    let dataset = guild_client::data::Dataset {
+        name: "titles".into(),
+        titles: titles.clone(),
+        item_ids: (0..titles.len() as u64).collect(),
+        users: Vec::new(),
+    };
+    let texts: Vec<String> = histories
+        .iter()
+        .map(|h| guild_client::retrieval::query_text(&dataset, h, guild_client::learner::LORA_HISTORY_ITEMS))
+        .collect();
+    let queries = reference(&texts, Some(dir.path()));
+    let vectors: Vec<Vec<f32>> = Vec::try_from(&items).expect("2-d");
+    let mut moved = 0.0f32;
+    for ((history, query), text) in histories.iter().zip(&queries).zip(&texts) {
+        let ours = served.recommend_scores(history).expect("scores");
+        let expected: Vec<f32> =
+            vectors.iter().map(|v| v.iter().zip(query).map(|(a, b)| a * b).sum()).collect();
+        let difference = ours.iter().zip(&expected).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        assert!(difference < 1e-4, "{text:?}: max |served − peft| = {difference:e}");
+        let unadapted = start.recommend_scores(history).expect("scores");
+        moved = moved.max(ours.iter().zip(&unadapted).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
+    }
+    assert!(moved > 1e-2, "the adapter must move the scores (moved {moved})");
+
+    // The serving engine answers with the same scores, batched with other requests.
+    let expected = served.recommend_scores(&histories[1]).expect("scores");
+    let catalogue = std::sync::Arc::new(guild_client::serve::Catalogue::new(&dataset));
+    let engine = std::sync::Arc::new(guild_client::serve::Engine::new(
+        catalogue,
+        served,
+        Box::new(guild_client::serve::RecommendOnly),
+        0.0,
+    ));
+    let ids: Vec<u64> = histories[1].iter().map(|&i| u64::from(i)).collect();
+    let askers: Vec<_> = (0..4)
+        .map(|_| {
+            let (engine, ids) = (engine.clone(), ids.clone());
+            std::thread::spawn(move || engine.recommend(&ids, 5, true).expect("ranked"))
+        })
+        .collect();
+    for asker in askers {
+        let ranked = asker.join().expect("asker");
+        assert_eq!(ranked.adapter_version, 1);
+        assert_eq!(ranked.items.len(), 5);
+        for hit in ranked.items {
+            assert!(!ids.contains(&hit.item_id), "a seen item was recommended");
+            assert!((hit.score - expected[hit.item_id as usize]).abs() < 1e-5, "{hit:?}");
+        }
     }
 }

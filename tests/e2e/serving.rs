@@ -8,7 +8,7 @@ use std::time::Duration;
 use guild_client::data::{Dataset, User};
 use guild_client::model::tower::{TowerConfig, normalise};
 use guild_client::serve::http::{AppState, serve};
-use guild_client::serve::{Catalogue, Engine, QueryEncoder, ServedModel, fetch_version, follow};
+use guild_client::serve::{Catalogue, Engine, ModelSpec, QueryEncoder, ServedModel, fetch_version, follow};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
 use guild_proto::v1::{RecommendRequest, SearchRequest};
@@ -39,6 +39,7 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     .await;
     let manifest = federation.config.manifest().expect("manifest");
     let tower = TowerConfig { shape, seed: federation.config.adapter.frozen_a_seed };
+    let spec = ModelSpec::Tower(tower.clone());
     tch::manual_seed(1);
     let items = normalise(&Tensor::randn([ITEMS as i64, 16], (Kind::Float, Device::Cpu)));
     let dataset = Dataset {
@@ -55,15 +56,14 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     assert_eq!(status.manifest.as_ref(), Some(&manifest));
     guild_client::config::check_catalogue(&manifest, &dataset.item_ids).expect("the shop's catalogue");
     // The served model starts at version 0, fetched and checked like any other.
-    let first =
-        fetch_version(&mut connection, 0, &manifest, &tower, items.shallow_clone()).await.expect("v0");
+    let first = fetch_version(&mut connection, 0, &manifest, &spec, items.shallow_clone()).await.expect("v0");
     let engine = Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), first, Box::new(NoQueries), 0.5));
     let state = Arc::new(AppState::new(engine.clone()));
     let follower = tokio::spawn(follow(
         connection,
         state.clone(),
         manifest.clone(),
-        tower.clone(),
+        spec.clone(),
         items.shallow_clone(),
         Duration::from_millis(100),
     ));
@@ -73,14 +73,14 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     let foreign = manifest.clone().with_catalogue(Some(guild_proto::domain::catalogue_sha256(&reordered)));
     let mut other_connection = federation.connect(1).await.expect("connect");
     let other_first =
-        fetch_version(&mut other_connection, 0, &foreign, &tower, items.shallow_clone()).await.expect("v0");
+        fetch_version(&mut other_connection, 0, &foreign, &spec, items.shallow_clone()).await.expect("v0");
     let other_engine =
         Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), other_first, Box::new(NoQueries), 0.5));
     let other_follower = tokio::spawn(follow(
         other_connection,
         Arc::new(AppState::new(other_engine.clone())),
         foreign,
-        tower.clone(),
+        spec.clone(),
         items.shallow_clone(),
         Duration::from_millis(100),
     ));
@@ -138,7 +138,7 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
     let values = guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count()).expect("values");
     let expected = ServedModel::from_offset(tower, &values, 3, record.sha256, &items).expect("model");
     let served = engine.recommend(&[4, 5], ITEMS - 2, true).expect("ranked");
-    let scores = expected.recommend_scores(&[4, 5]);
+    let scores = expected.recommend_scores(&[4, 5]).expect("scores");
     for hit in served.items {
         assert!((hit.score - scores[hit.item_id as usize]).abs() < 1e-6);
     }

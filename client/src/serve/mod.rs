@@ -2,8 +2,11 @@
 //! shopper's history and search by text, personalised by that history.
 //!
 //! - [`Catalogue`]: the merchant's items (ids, titles) and their frozen MiniLM title vectors.
-//! - [`ServedModel`]: one adapter version (the sequence tower) ready to score: its adapted
-//!   item vectors, normalised once, and its popularity prior.
+//! - [`ServedModel`]: one adapter version ready to score: the sequence tower (its adapted item
+//!   vectors, normalised once, and its priors), or FFA-LoRA inside MiniLM (a shopper is the
+//!   adapted MiniLM's vector of the titles of its last items, against the frozen title
+//!   vectors, as the federation evaluates it); [`ModelSpec`] says which, and how to build a
+//!   version from the federation's flat vector.
 //! - [`Engine`]: the catalogue, the model behind an atomic pointer (a new version is built
 //!   beside the one serving and swapped in between batches) and the scoring thread, which
 //!   scores the requests queued together as one batch with the query encoder and one product
@@ -29,6 +32,7 @@ use guild_proto::domain::AdapterManifest;
 use tch::{Device, Kind, Tensor};
 
 use crate::data::{Dataset, ItemIndex};
+use crate::model::lora::{Adapters, LoraConfig};
 use crate::model::tower::{TitleNeighbours, Tower, TowerConfig, normalise};
 use crate::model::{BaseModel, ModelError};
 
@@ -93,12 +97,42 @@ impl Catalogue {
     }
 }
 
+/// How to build a served version from the federation's flat vector: the adapter family and
+/// what it needs beside the values.
+#[derive(Clone, Debug)]
+pub enum ModelSpec {
+    /// The sequence tower of this shape and seed.
+    Tower(TowerConfig),
+    /// FFA-LoRA inside the base model.
+    Lora(LoraSpec),
+}
+
+/// What an FFA-LoRA version needs beside its B values: its settings, where the base model it
+/// adapts is (each version loads its own copy: libtorch's tensors are not shared between
+/// threads) and the catalogue's titles, from which a shopper's query text is made
+/// ([`crate::retrieval::query_text`]: its last [`crate::learner::LORA_HISTORY_ITEMS`]
+/// titles, most recent first).
+#[derive(Clone, Debug)]
+pub struct LoraSpec {
+    pub config: LoraConfig,
+    pub model_dir: std::path::PathBuf,
+    pub max_tokens: usize,
+    pub titles: Arc<[String]>,
+}
+
+/// What a served version ranks shoppers with.
+#[derive(Debug)]
+enum Ranker {
+    Tower(Tower),
+    Lora { base: Box<BaseModel>, adapters: Adapters, titles: Arc<[String]> },
+}
+
 /// One adapter version, ready to score.
 #[derive(Debug)]
 pub struct ServedModel {
     pub version: u64,
     pub sha256: [u8; 32],
-    tower: Tower,
+    ranker: Ranker,
     /// The catalogue's frozen title vectors `[items, hidden]` (shared storage).
     items: Tensor,
     /// Adapted item vectors, normalised, `[items, hidden]`.
@@ -131,7 +165,79 @@ impl ServedModel {
         }
         let items = items.shallow_clone();
         let (adapted, prior) = tch::no_grad(|| (normalise(&tower.adapt_items(&items)), tower.prior()));
-        Ok(Self { version, sha256, tower, items, adapted, prior })
+        Ok(Self { version, sha256, ranker: Ranker::Tower(tower), items, adapted, prior })
+    }
+
+    /// FFA-LoRA at the federation's flat vector `flat` (its B values) over the catalogue's
+    /// frozen title vectors `items`: a shopper is the adapted MiniLM's vector of its query
+    /// text, an item its frozen title vector, as the federation evaluates the family.
+    pub fn from_lora(
+        spec: &LoraSpec,
+        flat: &[f32],
+        version: u64,
+        sha256: [u8; 32],
+        items: &Tensor,
+    ) -> Result<Self, ModelError> {
+        let rows = items.size().first().copied().unwrap_or(0) as usize;
+        if rows != spec.titles.len() {
+            return Err(ModelError::AdapterShape(format!(
+                "{rows} title vectors for a catalogue of {} titles",
+                spec.titles.len()
+            )));
+        }
+        let base = Box::new(BaseModel::load(&spec.model_dir, spec.max_tokens, Device::Cpu)?);
+        let mut adapters = Adapters::new(spec.config.clone(), base.config(), base.sha256(), base.device());
+        adapters.set_flat(flat)?;
+        let items = items.shallow_clone();
+        let adapted = tch::no_grad(|| normalise(&items));
+        let ranker = Ranker::Lora { base, adapters, titles: spec.titles.clone() };
+        Ok(Self { version, sha256, ranker, items, adapted, prior: None })
+    }
+
+    /// The version of `spec`'s family at the federation's flat vector `values`.
+    pub fn build(
+        spec: &ModelSpec,
+        values: &[f32],
+        version: u64,
+        sha256: [u8; 32],
+        items: &Tensor,
+    ) -> Result<Self, ModelError> {
+        match spec {
+            ModelSpec::Tower(config) => Self::from_offset(config.clone(), values, version, sha256, items),
+            ModelSpec::Lora(lora) => Self::from_lora(lora, values, version, sha256, items),
+        }
+    }
+
+    /// The shoppers' vectors of `histories` (not normalised), `[histories, hidden]`.
+    fn shoppers(&self, histories: &[&[ItemIndex]]) -> Result<Tensor, ModelError> {
+        match &self.ranker {
+            Ranker::Tower(tower) => Ok(tower.shoppers(&self.items, histories)),
+            Ranker::Lora { base, adapters, titles } => {
+                let texts: Vec<String> = histories
+                    .iter()
+                    .map(|h| {
+                        // `retrieval::query_text`'s text, from the titles this version holds.
+                        h.iter()
+                            .rev()
+                            .take(crate::learner::LORA_HISTORY_ITEMS)
+                            .filter_map(|&i| titles.get(i as usize).map(String::as_str))
+                            .collect::<Vec<_>>()
+                            .join(" ; ")
+                    })
+                    .collect();
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let lora: &dyn crate::model::bert::LowRank = adapters;
+                Ok(base.embed_all(&refs, 64, Some(lora))?.to(Device::Cpu))
+            }
+        }
+    }
+
+    /// The item-to-item prior of `histories`, for a tower that has one.
+    fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
+        match &self.ranker {
+            Ranker::Tower(tower) => tower.history_prior(histories),
+            Ranker::Lora { .. } => None,
+        }
     }
 
     /// The tower exported by `guild-coordinator export-adapter` in `dir`
@@ -177,19 +283,25 @@ impl ServedModel {
         Self::from_offset(config, &offset, 0, guild_proto::adapter::sha256(&bytes), items)
     }
 
-    /// Each catalogue item's recommendation score for `history`: [`Tower::scores`]; for an
-    /// empty history the popularity prior alone (zeros without one).
-    pub fn recommend_scores(&self, history: &[ItemIndex]) -> Vec<f32> {
-        let scores = self.scores(&[Row { history, query: None }], 0.0);
-        Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default()
+    /// Each catalogue item's recommendation score for `history`: [`Tower::scores`] (or the
+    /// FFA-LoRA shopper's cosine with each title vector); for an empty history the
+    /// popularity prior alone (zeros without one).
+    pub fn recommend_scores(&self, history: &[ItemIndex]) -> Result<Vec<f32>, ModelError> {
+        let scores = self.scores(&[Row { history, query: None }], 0.0)?;
+        Ok(Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default())
     }
 
     /// Each item's search score: the cosine of the query vector (`[hidden]`) and the adapted
     /// item vector, plus `personalisation` times the recommendation score when there is a
     /// history.
-    pub fn search_scores(&self, query: &Tensor, history: &[ItemIndex], personalisation: f64) -> Vec<f32> {
-        let scores = self.scores(&[Row { history, query: Some(query) }], personalisation);
-        Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default()
+    pub fn search_scores(
+        &self,
+        query: &Tensor,
+        history: &[ItemIndex],
+        personalisation: f64,
+    ) -> Result<Vec<f32>, ModelError> {
+        let scores = self.scores(&[Row { history, query: Some(query) }], personalisation)?;
+        Ok(Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default())
     }
 
     /// The scores of a batch of rows, `[rows, items]`, each row as
@@ -200,7 +312,7 @@ impl ServedModel {
     /// weight of the recommendation score (1 for a recommendation, `personalisation` for a
     /// search with a history, 0 for one without). Reading the 26 MB of item vectors once for
     /// many requests, not once each, is what lets a loaded server keep up.
-    pub fn scores(&self, rows: &[Row<'_>], personalisation: f64) -> Tensor {
+    pub fn scores(&self, rows: &[Row<'_>], personalisation: f64) -> Result<Tensor, ModelError> {
         tch::no_grad(|| {
             let (b, hidden) = (rows.len() as i64, self.adapted.size()[1]);
             let weight = |row: &Row<'_>| match row.query {
@@ -229,7 +341,7 @@ impl ServedModel {
                     .unsqueeze(1);
             let personal = Tensor::from_slice(&personal);
             if !histories.is_empty() {
-                let shoppers = normalise(&self.tower.shoppers(&self.items, &histories)) * &personal_weights;
+                let shoppers = normalise(&self.shoppers(&histories)?) * &personal_weights;
                 queries = queries.index_add(0, &personal, &shoppers);
             }
             let mut scores = queries.matmul(&self.adapted.tr());
@@ -239,11 +351,11 @@ impl ServedModel {
                 scores += Tensor::from_slice(&weights).unsqueeze(1) * prior.unsqueeze(0);
             }
             if !histories.is_empty()
-                && let Some(prior) = self.tower.history_prior(&histories)
+                && let Some(prior) = self.history_prior(&histories)
             {
                 scores = scores.index_add(0, &personal, &(prior * &personal_weights));
             }
-            scores
+            Ok(scores)
         })
     }
 }
@@ -600,7 +712,18 @@ impl Scorer {
             .collect();
         let scores = if rows.is_empty() { None } else { Some(model.scores(&rows, self.personalisation)) };
         drop(model);
-        let Some(scores) = scores else { return };
+        let scores = match scores {
+            None => return,
+            Some(Ok(scores)) => scores,
+            Some(Err(e)) => {
+                // The shoppers' encoder failed (FFA-LoRA runs the base model per request).
+                let message = e.to_string();
+                for job in batch {
+                    job.reply.send(Err(ServeError::Model(ModelError::Tokenizer(message.clone()))));
+                }
+                return;
+            }
+        };
         let scores = Vec::<f32>::try_from(&scores.flatten(0, -1)).unwrap_or_default();
         let items = self.catalogue.len();
         for (i, job) in batch.into_iter().enumerate() {
@@ -637,17 +760,16 @@ pub async fn fetch_version(
     connection: &mut crate::net::Connection,
     version: u64,
     manifest: &AdapterManifest,
-    config: &TowerConfig,
+    spec: &ModelSpec,
     items: Tensor,
 ) -> Result<ServedModel, anyhow::Error> {
     let (bytes, sha256) = connection.download_adapter(version).await?;
     let offset = guild_proto::adapter::from_bytes(&bytes, manifest.parameter_count())
         .map_err(|e| anyhow::anyhow!("adapter version {version}: {e}"))?;
-    let config = config.clone();
-    let model = tokio::task::spawn_blocking(move || {
-        ServedModel::from_offset(config, &offset, version, sha256, &items)
-    })
-    .await??;
+    let spec = spec.clone();
+    let model =
+        tokio::task::spawn_blocking(move || ServedModel::build(&spec, &offset, version, sha256, &items))
+            .await??;
     Ok(model)
 }
 
@@ -711,7 +833,7 @@ pub async fn follow(
     mut connection: crate::net::Connection,
     state: Arc<http::AppState>,
     manifest: AdapterManifest,
-    config: TowerConfig,
+    spec: ModelSpec,
     items: Tensor,
     period: std::time::Duration,
 ) {
@@ -737,7 +859,7 @@ pub async fn follow(
             );
             continue;
         }
-        match fetch_version(&mut connection, latest, &manifest, &config, items.shallow_clone()).await {
+        match fetch_version(&mut connection, latest, &manifest, &spec, items.shallow_clone()).await {
             Ok(model) => {
                 state.engine.swap(model);
                 state.metrics.set_version(latest);

@@ -124,7 +124,8 @@ fn an_exported_adapter_serves_the_same_scores_as_the_federations_flat_vector() {
     let exported = ServedModel::from_export(dir.path(), &manifest, config(), &items()).expect("import");
     let direct = ServedModel::from_offset(config(), &offset, 0, [0; 32], &items()).expect("model");
     let history = [1, 5, 8];
-    for (a, b) in exported.recommend_scores(&history).iter().zip(direct.recommend_scores(&history)) {
+    let (exported, direct) = (exported.recommend_scores(&history), direct.recommend_scores(&history));
+    for (a, b) in exported.expect("scores").iter().zip(direct.expect("scores")) {
         assert!((a - b).abs() < 1e-6, "{a} vs {b}");
     }
     // Another shape's export is refused, naming the tensor.
@@ -214,13 +215,14 @@ fn a_batch_scores_every_row_exactly_as_that_row_alone() {
         Row { history: &short, query: None },
         Row { history: &long, query: Some(&q20) },
     ];
-    let batch = model.scores(&rows, 0.4);
+    let batch = model.scores(&rows, 0.4).expect("scores");
     assert_eq!(batch.size(), [rows.len() as i64, ITEMS as i64]);
     for (i, row) in rows.iter().enumerate() {
         let alone = match row.query {
             None => model.recommend_scores(row.history),
             Some(query) => model.search_scores(query, row.history, 0.4),
-        };
+        }
+        .expect("scores");
         let batched = Vec::<f32>::try_from(&batch.get(i as i64)).expect("row");
         for (a, b) in batched.iter().zip(&alone) {
             assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
