@@ -6,7 +6,9 @@
 //! over the gRPC interface (one HTTP/2 connection per concurrent caller) at concurrency 1,
 //! 16 and 64, and measures each request from send to answer: requests per second, p50 and
 //! p99. Beside them, the physical floor of one request: one 16,859 × 384 matrix–vector
-//! product, timed in the same run. Prints one JSON object.
+//! product, timed in the same run. Then the FFA-LoRA family's recommendations (MiniLM with the
+//! adapter over a history's last five titles, per request) at concurrency 1 and 16. Prints one
+//! JSON object.
 //!
 //! `cargo bench -p guild-client --bench serve`
 
@@ -14,10 +16,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guild_client::data::Dataset;
+use guild_client::model::lora::{Adapters, LoraConfig};
 use guild_client::model::tower::{TowerConfig, normalise};
 use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::serve::http::{AppState, serve};
-use guild_client::serve::{Catalogue, Engine, ServedModel};
+use guild_client::serve::{Catalogue, Engine, LoraSpec, ServedModel};
 use guild_proto::tower::TowerShape;
 use guild_proto::v1::shop_client::ShopClient;
 use guild_proto::v1::{RecommendRequest, SearchRequest};
@@ -111,6 +114,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         users: Vec::new(),
     };
     let base = BaseModel::load(&default_model_dir(), 96, Device::Cpu)?;
+    // FFA-LoRA over the same catalogue, B drawn small.
+    let lora = LoraConfig::default();
+    let count =
+        Adapters::new(lora.clone(), base.config(), base.sha256(), Device::Cpu).manifest().parameter_count();
+    let b: Vec<f32> = (0..count).map(|_| rng.gen_range(-0.01..0.01)).collect();
+    let spec = LoraSpec {
+        config: lora,
+        model_dir: default_model_dir(),
+        max_tokens: 96,
+        titles: dataset.titles.clone().into(),
+    };
+    let lora_model = ServedModel::from_lora(&spec, &b, 1, [0; 32], &items)?;
+    let lora_engine = Arc::new(Engine::new(
+        Arc::new(Catalogue::new(&dataset)),
+        lora_model,
+        Box::new(guild_client::serve::RecommendOnly),
+        0.0,
+    ));
     let engine = Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), model, Box::new(base), 0.125));
 
     // The floor: one matrix–vector product over the catalogue, median of 500.
@@ -140,6 +161,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "requests_per_s": rps, "p50_ms": p50, "p99_ms": p99,
             }));
         }
+    }
+    let state = Arc::new(AppState::new(lora_engine));
+    let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+    let lora_address = listener.local_addr()?;
+    runtime.spawn(async move { serve(listener, state).await });
+    for concurrency in [1, 16] {
+        let (rps, p50, p99) =
+            runtime.block_on(load(lora_address, concurrency, Duration::from_secs(8), false))?;
+        rows.push(serde_json::json!({
+            "call": "recommend (FFA-LoRA)", "concurrency": concurrency,
+            "requests_per_s": rps, "p50_ms": p50, "p99_ms": p99,
+        }));
     }
     println!(
         "{}",
