@@ -25,6 +25,8 @@ def load(folder):
         "smoothing": description.get("popularity_smoothing", 0.1),
         "threshold": description.get("popularity_noise_threshold", 3.0),
         "transitions_threshold": description.get("transitions_noise_threshold", 3.0),
+        "transitions_exceedances": description.get("transitions_noise_exceedances"),
+        "transitions_strict": description.get("transitions_strict_threshold"),
         "transitions_weight": description.get("transitions_weight", 0.0),
         "transitions_recency": description.get("transitions_recency", []),
         "w": load_file(f"{folder}/tower.safetensors"),
@@ -94,6 +96,16 @@ def _log_prior(summed, threshold, smoothing):
     return (kept / scale).log1p()
 
 
+def _counts_threshold(counts, tower):
+    """The counts' threshold: the lower level when more of their entries exceed it than noise
+    alone would (the export's transitions_noise_exceedances), else the strict one."""
+    lower, bound = tower["transitions_threshold"], tower["transitions_exceedances"]
+    if bound is None or tower["transitions_strict"] is None:
+        return lower
+    sigma = (counts.clamp_max(0.0).square().sum() / (counts < 0).sum().clamp_min(1)).sqrt()
+    return lower if int((counts > lower * sigma).sum()) > bound else tower["transitions_strict"]
+
+
 def title_neighbours(items, m):
     """Each item's m nearest other items by cosine of the title vectors, nearest first."""
     unit = items / items.norm(dim=-1, keepdim=True).clamp_min(1e-12)
@@ -118,7 +130,7 @@ def history_prior(tower, items, histories):
         counts, neighbours = w["sketch_counts"], w["sketch_neighbours"].long()
     else:
         counts, neighbours = w["popularity_next"], title_neighbours(items, m)
-    logs = _log_prior(counts, tower["transitions_threshold"], tower["smoothing"]).view(-1, m)
+    logs = _log_prior(counts, _counts_threshold(counts, tower), tower["smoothing"]).view(-1, m)
     for row, history in enumerate(histories):
         for k, weight in enumerate(tower["transitions_recency"]):
             if k < len(history) and history[-1 - k] < items.shape[0]:

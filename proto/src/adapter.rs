@@ -178,7 +178,9 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "layer_norm_eps": 1e-5,
         "popularity_smoothing": crate::tower::POPULARITY_SMOOTHING,
         "popularity_noise_threshold": crate::tower::noise_threshold(shape.catalogue),
-        "transitions_noise_threshold": crate::tower::noise_threshold(shape.catalogue * shape.neighbours),
+        "transitions_noise_threshold": crate::tower::COUNTS_NOISE_THRESHOLD,
+        "transitions_noise_exceedances": crate::tower::counts_noise_exceedances(shape.catalogue * shape.neighbours),
+        "transitions_strict_threshold": crate::tower::noise_threshold(shape.catalogue * shape.neighbours),
         "pair_sketch": shape.pair_sketch,
         "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
                     + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
@@ -187,8 +189,10 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
                     squared negative entries of popularity), when the tower has a popularity histogram] \
                     [+ transitions_weight * sum_k transitions_recency[k] * ln(1 + u / (popularity_smoothing \
                     * mean(u)))[h_k, j] added to the score of item neighbours[h_k, j], h_k the k-th most \
-                    recent history item, u = max(popularity_next - transitions_noise_threshold * sigma_u, 0), \
-                    sigma_u from its negative entries, neighbours[i] the shape's `neighbours` items other than i \
+                    recent history item, u = max(popularity_next - t_u * sigma_u, 0), \
+                    sigma_u from its negative entries, t_u = transitions_noise_threshold when more than \
+                    transitions_noise_exceedances entries of popularity_next exceed \
+                    transitions_noise_threshold * sigma_u, else transitions_strict_threshold, neighbours[i] the shape's `neighbours` items other than i \
                     whose item vectors have the largest cosine with i's, nearest first, when the tower \
                     has item-to-item counts; with pair_sketch > 0, popularity_next is a count-min \
                     sketch of every pair, and neighbours and the counts u is computed from are the \

@@ -253,9 +253,7 @@ impl Tower {
         } else {
             counts.detach()
         };
-        let threshold = guild_proto::tower::noise_threshold((catalogue * m) as usize);
-        self.transitions_log =
-            Some(tch::no_grad(|| accumulated_log(&counts, threshold).view([catalogue, m])));
+        self.transitions_log = Some(tch::no_grad(|| counts_log(&counts).view([catalogue, m])));
     }
 
     /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
@@ -504,12 +502,25 @@ pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> 
 /// `guild_proto::tower::popularity_prior`'s formula, in libtorch (`threshold` the
 /// `guild_proto::tower::noise_threshold` of the statistic's length).
 fn accumulated_log(sum: &Tensor, threshold: f64) -> Tensor {
-    let negative = sum.clamp_max(0.0);
-    let count = sum.lt(0.0).sum(Kind::Float).clamp_min(1.0);
-    let sigma = (negative.square().sum(Kind::Float) / count).sqrt();
-    let kept = (sum - sigma * threshold).clamp_min(0.0);
+    let kept = (sum - noise_deviation(sum) * threshold).clamp_min(0.0);
     let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
     (kept / scale).log1p()
+}
+
+/// σ̂ of a summed statistic, a scalar tensor: the root mean square of its negative entries
+/// (every contribution is non-negative, so they are noise), 0 when none is negative.
+fn noise_deviation(sum: &Tensor) -> Tensor {
+    let count = sum.lt(0.0).sum(Kind::Float).clamp_min(1.0);
+    (sum.clamp_max(0.0).square().sum(Kind::Float) / count).sqrt()
+}
+
+/// [`accumulated_log`] of the item-to-item counts, at the threshold
+/// `guild_proto::tower::counts_threshold` gives for how many of them exceed its lower level.
+fn counts_log(counts: &Tensor) -> Tensor {
+    let level = noise_deviation(counts) * guild_proto::tower::COUNTS_NOISE_THRESHOLD;
+    let exceeding = counts.gt_tensor(&level).sum(Kind::Int64).int64_value(&[]);
+    let threshold = guild_proto::tower::counts_threshold(counts.numel(), exceeding.max(0) as u64);
+    accumulated_log(counts, threshold)
 }
 
 /// Each catalogue item's `M` title neighbours: the items whose title vectors are closest to
@@ -659,9 +670,10 @@ pub fn item_pairs(items: &[ItemIndex], mut add: impl FnMut(ItemIndex, ItemIndex,
 
 /// A shopper's contribution to the tower's summed statistics, indexed over the accumulated
 /// range (`guild_proto::tower::accumulated_range`: the histogram's `catalogue` items, then
-/// the counts' slots): its popularity contribution alone without `neighbours`, else that and
-/// its item-to-item contribution at `1/√2` each, so the whole is still a unit vector (either
-/// alone at full weight when the other is empty).
+/// the counts' slots): its popularity contribution alone without `neighbours`, else that at
+/// `√(1 − a)` and its item-to-item contribution at `√a` (a =
+/// `guild_proto::tower::COUNTS_SHARE`), so the whole is still a unit vector (either alone at
+/// full weight when the other is empty).
 pub fn statistics_contribution(
     user: &User,
     catalogue: usize,
@@ -670,12 +682,16 @@ pub fn statistics_contribution(
     let popularity = popularity_contribution(user);
     let Some(neighbours) = neighbours else { return popularity };
     let transitions = transitions_contribution(user, neighbours);
-    let half =
-        if popularity.is_empty() || transitions.is_empty() { 1.0 } else { std::f32::consts::FRAC_1_SQRT_2 };
+    let share = guild_proto::tower::COUNTS_SHARE;
+    let (to_popularity, to_counts) = if popularity.is_empty() || transitions.is_empty() {
+        (1.0, 1.0)
+    } else {
+        ((1.0 - share).sqrt() as f32, share.sqrt() as f32)
+    };
     popularity
         .into_iter()
-        .map(|(item, v)| (item, v * half))
-        .chain(transitions.into_iter().map(|(slot, v)| (catalogue + slot, v * half)))
+        .map(|(item, v)| (item, v * to_popularity))
+        .chain(transitions.into_iter().map(|(slot, v)| (catalogue + slot, v * to_counts)))
         .collect()
 }
 
@@ -919,11 +935,11 @@ mod tests {
             assert_eq!(s, es);
             assert!((v - ev).abs() < 1e-6);
         }
-        // With the histogram: one unit vector, half of its square in each part.
+        // With the histogram: one unit vector, the counts' share of its square in the counts.
         let both = statistics_contribution(&user, 6, Some(&neighbours));
         let (histogram, counts): (Vec<_>, Vec<_>) = both.iter().partition(|(i, _)| *i < 6);
         let square = |part: &[&(usize, f32)]| part.iter().map(|(_, v)| f64::from(*v).powi(2)).sum::<f64>();
-        assert!((square(&histogram) - 0.5).abs() < 1e-6 && (square(&counts) - 0.5).abs() < 1e-6);
+        assert!((square(&histogram) - 0.2).abs() < 1e-6 && (square(&counts) - 0.8).abs() < 1e-6);
         assert!(counts.iter().all(|(i, _)| *i >= 6 && *i < 6 + 12));
         // A shopper with no neighbouring pair gives its histogram alone, at full weight.
         let far = User { id: "f".into(), history: vec![0, 5, 1], test_target: 0 };
@@ -950,6 +966,29 @@ mod tests {
         let three_sigma = accumulated_log(&noise, 3.0);
         assert!(survivors(&three_sigma) > 500, "3σ̂ keeps {}", survivors(&three_sigma));
         assert!(three_sigma.max().double_value(&[]) > 5.0, "and scores them far above a cosine");
+        // The counts' own rule keeps nothing of it either: about 126 entries pass the lower
+        // level, not significantly more than noise gives (at most 162 but once in a
+        // thousand), so the strict threshold applies.
+        assert_eq!(
+            survivors(&counts_log(&noise)),
+            0,
+            "{} noise entries kept",
+            survivors(&counts_log(&noise))
+        );
+        // A thousand counts at 4.5σ, between the two levels: the counts' rule keeps about 84%
+        // of them (with the noise entries above 3.5σ̂, about 126), the strict level about 8%.
+        let mut moderate = vec![0.0f32; d];
+        for k in 0..1_000 {
+            moderate[k * 500 + 7] = 9.0;
+        }
+        let summed = &noise + Tensor::from_slice(&moderate);
+        let rows = Tensor::from_slice(&(0..1_000).map(|k| k * 500 + 7i64).collect::<Vec<_>>());
+        let lenient = counts_log(&summed);
+        let found = lenient.index_select(0, &rows).gt(0.0).sum(Kind::Int64).int64_value(&[]);
+        assert!(found > 800, "{found} of the 1,000 moderate counts kept");
+        assert!(survivors(&lenient) < found + 250, "{} kept in all", survivors(&lenient));
+        let strict = accumulated_log(&summed, threshold);
+        assert!(survivors(&strict) < 200, "the strict level keeps {}", survivors(&strict));
         // Twenty counts at 20σ on top of the noise are kept, and rank first.
         let mut signal = vec![0.0f32; d];
         for k in 0..20 {

@@ -19,7 +19,7 @@ pub use discrete_gaussian::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler
 pub use gaussian::{add_central_noise, privatise_local};
 pub use hadamard::{RandomRotation, fwht};
 pub use sampling::poisson_sample;
-pub use shrinkage::{james_stein, max_normal_quantile};
+pub use shrinkage::{james_stein, max_normal_quantile, noise_exceedances};
 
 /// What can go wrong when privatising or decoding an update.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]

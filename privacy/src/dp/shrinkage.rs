@@ -44,6 +44,27 @@ pub fn max_normal_quantile(count: usize, alpha: f64) -> f64 {
     -Normal::standard().inverse_cdf(alpha / count.max(1) as f64)
 }
 
+/// How many of `count` independent standard normals pure noise puts above `level`, except
+/// with probability at most `alpha`: the smallest `k` with `P(Binomial(count, 1 − Φ(level))
+/// > k) ≤ α`. A summed statistic with more of its entries above `level` noise deviations
+/// than this carries signal at that level (a one-sided test at level `alpha`).
+pub fn noise_exceedances(count: usize, level: f64, alpha: f64) -> u64 {
+    use statrs::distribution::{Binomial, ContinuousCDF, DiscreteCDF, Normal};
+    let count = count as u64;
+    let Ok(binomial) = Binomial::new(Normal::standard().sf(level), count) else { return count };
+    // The CDF is non-decreasing and 1 at `count`: bisect for its first value ≥ 1 − α.
+    let (mut low, mut high) = (0, count);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if binomial.cdf(middle) >= 1.0 - alpha {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    low
+}
+
 /// Shrinks each block of `sum` (each a set of ranges into it, shrunk together; a block of
 /// fewer than 3 coordinates is left as it is) towards zero by its positive-part James–Stein
 /// factor at per-coordinate noise variance `variance`, and to zero when its squared norm is
@@ -188,6 +209,25 @@ mod tests {
         // tight here to about α²/2).
         let level = max_normal_quantile(5_000, 0.2);
         let passed = (0..200).filter(|&seed| normals(5_000, seed).iter().any(|&z| z > level)).count();
+        assert!((0.107..=0.293).contains(&(passed as f64 / 200.0)), "{passed} of 200");
+    }
+
+    /// Known values from SciPy 1.17's `binom.ppf(1 − α, n, norm.sf(level))`: 301 of
+    /// 16,859 × 64 entries above 3.5 deviations at α = 10⁻³, 6 of 1,000 above 3 and 2,353 of
+    /// 100,000 above 2 at α = 0.05; and simulated, pure noise of 2,000 entries passes the
+    /// bound at α = 0.2 in about a fifth of 200 seeded draws (a binomial's 99.9% range:
+    /// 0.2 ± 0.093, below it since the count is discrete).
+    #[test]
+    fn noise_exceedances_match_the_binomial_quantiles() {
+        assert_eq!(noise_exceedances(16_859 * 64, 3.5, 1e-3), 301);
+        assert_eq!(noise_exceedances(1_000, 3.0, 1e-3), 6);
+        assert_eq!(noise_exceedances(100_000, 2.0, 0.05), 2_353);
+        assert_eq!(noise_exceedances(0, 3.5, 1e-3), 0, "nothing to exceed");
+        assert!(noise_exceedances(6, 3.5, 1e-3) <= 1, "{}", noise_exceedances(6, 3.5, 1e-3));
+        let bound = noise_exceedances(2_000, 1.5, 0.2) as usize;
+        let passed = (0..200)
+            .filter(|&seed| normals(2_000, seed).iter().filter(|&&z| z > 1.5).count() > bound)
+            .count();
         assert!((0.107..=0.293).contains(&(passed as f64 / 200.0)), "{passed} of 200");
     }
 
