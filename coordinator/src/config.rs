@@ -138,6 +138,11 @@ pub enum Shrinkage {
 pub struct RoundsConfig {
     /// Fewest sampled merchants a round starts with; a smaller sample is skipped.
     pub min_cohort: u32,
+    /// No round opens before this many merchants have registered (quarantined ones
+    /// included, so a quarantine never stalls the federation): a federation whose merchants
+    /// join over some seconds would otherwise sample its first rounds from the first
+    /// `min_cohort` to arrive. 0: as soon as `min_cohort` are eligible.
+    pub start_after_registered: u64,
     /// t: survivors needed in every neighbourhood (and in all) for the sum to be revealed.
     pub threshold: u32,
     /// k: SecAgg+ neighbours per client; 0 for the complete graph.
@@ -205,6 +210,7 @@ impl Default for RoundsConfig {
     fn default() -> Self {
         Self {
             min_cohort: 3,
+            start_after_registered: 0,
             threshold: 2,
             neighbours: 0,
             phase_deadlines_ms: [120_000, 10_000, 30_000, 10_000, 10_000],

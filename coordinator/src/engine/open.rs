@@ -40,6 +40,15 @@ impl Engine {
     /// Samples a cohort and opens a round, or says (in the status) why not.
     pub(super) fn try_open(&self) -> Result<bool, anyhow::Error> {
         let cfg = &self.config;
+        let registered = self.store.merchant_count()?;
+        if registered < cfg.rounds.start_after_registered {
+            self.lock().status = format!(
+                "waiting for merchants: {registered} registered, the first round waits for {} \
+                 (rounds.start_after_registered)",
+                cfg.rounds.start_after_registered
+            );
+            return Ok(false);
+        }
         let eligible = self.store.eligible_merchants()?;
         let population = self.store.allowed_count()?.max(eligible.len() as u64);
         if (eligible.len() as u32) < cfg.rounds.min_cohort {
@@ -349,5 +358,41 @@ mod tests {
         let first = config("[rounds.pooling_selection]\nrounds = 1\nnoise_multiplier = 20.0\n");
         assert_eq!(after(&first, &tower, 0).0, RoundKind::PoolingSelection);
         assert_eq!(after(&first, &tower, 1).0, RoundKind::Training);
+    }
+
+    /// With `start_after_registered`, no round opens while fewer merchants have registered,
+    /// even with enough of them for a cohort, and the status says what it waits for; once
+    /// they have, the round opens (every merchant sampled here, at rate 1).
+    #[test]
+    fn no_round_opens_before_the_configured_merchants_have_registered() {
+        use std::sync::Arc;
+
+        use crate::metrics::Metrics;
+        use crate::store::{MerchantRecord, Store};
+
+        let config = config(
+            "[rounds]\nmin_cohort = 3\nthreshold = 2\nstart_after_registered = 4\n\
+             [rounds.training]\nsampling_rate = 1.0\n",
+        );
+        let store = Arc::new(Store::open_in_memory().expect("store"));
+        let engine = super::Engine::new(config, Arc::clone(&store), [0; 16], Metrics::new()).expect("engine");
+        let join = |k: u8| {
+            let id = format!("merchant-{k}");
+            let record = MerchantRecord {
+                merchant_id: id.clone(),
+                display_name: id.clone(),
+                signing_public_key: [k; 32],
+                certificate: vec![k],
+            };
+            store.allow(&id, [k; 32]).expect("allowed");
+            store.upsert_merchant(&record).expect("registered");
+        };
+        for k in 0..3 {
+            join(k);
+        }
+        assert!(!engine.try_open().expect("no error"), "a round opened with 3 of 4 registered");
+        assert!(engine.status().phase.contains("start_after_registered"), "{}", engine.status().phase);
+        join(3);
+        assert!(engine.try_open().expect("no error"), "{}", engine.status().phase);
     }
 }

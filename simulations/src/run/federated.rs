@@ -65,6 +65,8 @@ pub(super) async fn federated(
         c.adapter.frozen_a_seed = world.spec.tower.seed;
         c.rounds.training.sampling_rate = f.sampling_rate;
         c.rounds.min_cohort = f.min_cohort;
+        // Every in-process merchant joins before the first round is sampled.
+        c.rounds.start_after_registered = n as u64;
         c.rounds.threshold = f.threshold;
         c.rounds.neighbours = f.neighbours;
         c.rounds.phase_deadlines_ms = f.phase_deadlines_ms;
