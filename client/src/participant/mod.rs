@@ -182,7 +182,9 @@ impl Outage {
     }
 }
 
-/// A merchant client: its connection, identity, learner and the adapter it last fetched.
+/// A merchant client: its connection, identity and learner. It keeps no copy of the global
+/// adapter between rounds (a whole adapter per merchant adds up where many run in one
+/// process, as in the simulator): each round and evaluation fetches the version it names.
 pub struct Participant {
     connection: Connection,
     identity: Arc<Identity>,
@@ -190,7 +192,6 @@ pub struct Participant {
     options: ParticipantOptions,
     merchant_id: Option<MerchantId>,
     federation_id: [u8; 16],
-    adapter: Option<(u64, [u8; 32], Vec<f32>)>,
     rng: ChaCha20Rng,
     ledger: ClientLedger,
     /// The last version this merchant evaluated, and its counts.
@@ -220,7 +221,6 @@ impl Participant {
             options,
             merchant_id: None,
             federation_id: [0; 16],
-            adapter: None,
             rng: ChaCha20Rng::from_entropy(),
             last_evaluation: None,
         }
@@ -355,22 +355,14 @@ impl Participant {
         sha256: [u8; 32],
         d: usize,
     ) -> Result<Vec<f32>, ParticipantError> {
-        if let Some((v, sha, values)) = &self.adapter
-            && *v == version
-            && *sha == sha256
-        {
-            return Ok(values.clone());
-        }
         let (bytes, sha) = self.connection.download_adapter(version).await?;
         if sha != sha256 {
             return Err(ParticipantError::Refused(format!(
                 "adapter version {version} has a different hash than the task binds (a server showing clients different models?)"
             )));
         }
-        let values = guild_proto::adapter::from_bytes(&bytes, d)
-            .map_err(|e| ParticipantError::Refused(format!("adapter version {version}: {e}")))?;
-        self.adapter = Some((version, sha, values.clone()));
-        Ok(values)
+        guild_proto::adapter::from_bytes(&bytes, d)
+            .map_err(|e| ParticipantError::Refused(format!("adapter version {version}: {e}")))
     }
 
     /// Injects the simulation's fault, if any, before `phase`'s message.
@@ -531,15 +523,14 @@ impl Participant {
         let status = self.connection.status().await?;
         let Some(learner) = &self.learner else { return Ok(None) };
         let d = learner.manifest().parameter_count();
-        let (bytes, sha) = self.connection.download_adapter(status.latest_adapter_version).await?;
+        let (bytes, _) = self.connection.download_adapter(status.latest_adapter_version).await?;
         let values = guild_proto::adapter::from_bytes(&bytes, d)
             .map_err(|e| ParticipantError::Refused(format!("adapter: {e}")))?;
-        self.adapter = Some((status.latest_adapter_version, sha, values.clone()));
         let mut learner =
             self.learner.take().ok_or_else(|| ParticipantError::Refused("learner busy".into()))?;
-        let (learner, counts) = tokio::task::spawn_blocking(move || {
+        let (learner, counts, values) = tokio::task::spawn_blocking(move || {
             let counts = learner.evaluate(&values);
-            (learner, counts)
+            (learner, counts, values)
         })
         .await
         .map_err(|e| ParticipantError::Training(format!("the evaluation thread failed: {e}")))?;
@@ -561,8 +552,7 @@ impl Participant {
         }
         let version = status.latest_adapter_version;
         if let (Some((dir, last)), Some(learner)) = (&self.options.keep_versions, &self.learner)
-            && let Some(values) = self.adapter.as_ref().filter(|a| a.0 == version).map(|a| &a.2)
-            && let Err(e) = keep_version(dir, version, &learner.manifest(), values)
+            && let Err(e) = keep_version(dir, version, &learner.manifest(), &values)
                 .and_then(|_| prune_versions(dir, *last))
         {
             tracing::warn!(version, error = %e, "cannot keep the committed version locally");
