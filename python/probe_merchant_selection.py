@@ -16,7 +16,15 @@ pooling's NDCG@10 on every shopper, beside the best pooling's.
 Usage (about 4 minutes on one core):
 
     python3 python/probe_merchant_selection.py --data ../shared/data/amazon-games \\
-        --items .cache/items-<hash>-Games-6k-16859-96.safetensors --rates 0.25,1 --z 3
+        --items .cache/items-<hash>-Games-6k-16859-96.safetensors --rates 0.25,0.5,1 --z 3
+
+Measured (2026-12-05, 506 merchants; validation NDCG@10 of every shopper: start 0.0259,
+decay 0.8 0.0286, 0.6 0.0299, 0.4 0.0289; the merchants' centred sums have median norm
+1.62, 74% clipped): at q = 0.25 the pick is decay 0.6 in 88% of 2,000 draws, 0.8 in 9%, 0.4
+in 3%, the start never (mean pick 0.0298); at q = 0.5 and 1, 0.6 in 99% and 100%. The
+default run of 2026-12-05 (d)'s selection had sampled 22 merchants, not about 127: the
+coordinator opened it while most merchants were still registering (now
+`rounds.start_after_registered`).
 """
 import numpy as np
 
