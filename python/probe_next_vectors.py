@@ -41,27 +41,17 @@ n, users = pt.load(args.data)
 e = pt.unit_items(args.items)
 centred = e - e.mean(0)
 _, _, vt = np.linalg.svd(centred, full_matrices=False)
-ev = np.random.default_rng(0).choice(len(users), 4000, replace=False)
+ev = pt.evaluation_sample(users)
 pairs = [pt.pairs(h[:-1]) for h in users]
 pops = [pt.recency(h[:-1]) for h in users]
 rng = np.random.default_rng(1)
 
 
 def ndcg(p, blocks, pe, gamma):
-    total = 0.0
-    for u in ev:
-        h = users[u]
-        hist, target = h[:-1], h[-1]
-        q = e[hist[-5:]].mean(0)
-        scores = e @ (q / np.linalg.norm(q)) + 0.05 * p
-        if gamma > 0:
-            for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
-                scores += gamma * r * (pe @ blocks[it])
-        scores[hist] = -1e9
-        rank = (scores > scores[target]).sum()
-        if rank < 10:
-            total += 1 / np.log2(rank + 2)
-    return total / len(ev)
+    def add(hist, scores):
+        for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
+            scores += gamma * r * (pe @ blocks[it])
+    return pt.validation_ndcg(users, ev, e, p, add if gamma > 0 else None)
 
 
 for k in [int(x) for x in args.dims.split(",")]:

@@ -63,19 +63,12 @@ def thresholded(w, t):
     sigma = np.sqrt((neg ** 2).mean()) if len(neg) else 0.0
     kept = np.maximum(w - t * sigma, 0)
     return pt.prior(kept)
-ev = np.random.default_rng(0).choice(len(users), 4000, replace=False)
+ev = pt.evaluation_sample(users)
 def ndcg(p, tc):
-    total = 0.0
-    for u in ev:
-        h = users[u]; hist, target = h[:-1], h[-1]
-        q = e[hist[-5:]].mean(0)
-        scores = e @ (q / np.linalg.norm(q)) + 0.05 * p
+    def add(hist, scores):
         for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
             scores[nbr[it]] += 0.2 * r * tc[it]
-        scores[hist] = -1e9
-        rank = (scores > scores[target]).sum()
-        if rank < 10: total += 1 / np.log2(rank + 2)
-    return total / len(ev)
+    return pt.validation_ndcg(users, ev, e, p, add)
 rng = np.random.default_rng(1)
 for a in splits:
     pop, counts = sums(a)

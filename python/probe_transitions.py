@@ -78,6 +78,31 @@ def unit_items(path):
     return e / np.linalg.norm(e, axis=1, keepdims=True)
 
 
+def evaluation_sample(users):
+    """The probes' 4,000 evaluation users, a seeded sample."""
+    return np.random.default_rng(0).choice(len(users), 4000, replace=False)
+
+
+def validation_ndcg(users, sample, e, p, add=None):
+    """Validation NDCG@10 of the users at `sample` (each history's last item the target, the
+    rest the history, masked; the full catalogue): the zero-shot tower's cosine with the mean
+    of the last five title vectors, plus 0.05 times the popularity prior `p`, plus what
+    `add(history, scores)` adds to the scores in place."""
+    total = 0.0
+    for u in sample:
+        h = users[u]
+        hist, target = h[:-1], h[-1]
+        q = e[hist[-5:]].mean(0)
+        scores = e @ (q / np.linalg.norm(q)) + 0.05 * p
+        if add is not None:
+            add(hist, scores)
+        scores[hist] = -1e9
+        rank = (scores > scores[target]).sum()
+        if rank < 10:
+            total += 1 / np.log2(rank + 2)
+    return total / len(sample)
+
+
 def data_arguments():
     """A parser that takes the dataset's folder and the cached catalogue embeddings."""
     parser = argparse.ArgumentParser()
@@ -119,22 +144,13 @@ def score(users, n, e, nbr, betas):
         for it, x in recency(tr).items():
             pop[it] += x
     p, t = prior(pop), prior(counts).reshape(n, m)
-    ev = np.random.default_rng(0).choice(len(users), 4000, replace=False)
+    ev = evaluation_sample(users)
 
     def ndcg(beta_t):
-        total = 0.0
-        for u in ev:
-            h = users[u]
-            hist, target = h[:-1], h[-1]
-            q = e[hist[-5:]].mean(0)
-            scores = e @ (q / np.linalg.norm(q)) + 0.05 * p
+        def add(hist, scores):
             for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
                 scores[nbr[it]] += beta_t * r * t[it]
-            scores[hist] = -1e9
-            rank = (scores > scores[target]).sum()
-            if rank < 10:
-                total += 1 / np.log2(rank + 2)
-        return total / len(ev)
+        return validation_ndcg(users, ev, e, p, add)
 
     for beta_t in betas:
         print(f"  beta_t={beta_t} NDCG@10={ndcg(beta_t):.4f}", flush=True)

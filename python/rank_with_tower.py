@@ -90,10 +90,16 @@ def prior(tower):
 def _log_prior(summed, threshold, smoothing):
     """ln(1 + v / (kappa * mean(v))), v = max(w - threshold * sigma, 0), sigma the noise's
     deviation from the negative entries (every contribution is >= 0)."""
-    sigma = (summed.clamp_max(0.0).square().sum() / (summed < 0).sum().clamp_min(1)).sqrt()
+    sigma = _noise_sigma(summed)
     kept = (summed - threshold * sigma).clamp_min(0.0)
     scale = (kept.mean() * smoothing).clamp_min(1e-30)
     return (kept / scale).log1p()
+
+
+def _noise_sigma(summed):
+    """The noise's deviation in a summed statistic: the root mean square of its negative
+    entries (0 when none is negative)."""
+    return (summed.clamp_max(0.0).square().sum() / (summed < 0).sum().clamp_min(1)).sqrt()
 
 
 def _counts_threshold(counts, tower):
@@ -102,7 +108,7 @@ def _counts_threshold(counts, tower):
     lower, bound = tower["transitions_threshold"], tower["transitions_exceedances"]
     if bound is None or tower["transitions_strict"] is None:
         return lower
-    sigma = (counts.clamp_max(0.0).square().sum() / (counts < 0).sum().clamp_min(1)).sqrt()
+    sigma = _noise_sigma(counts)
     return lower if int((counts > lower * sigma).sum()) > bound else tower["transitions_strict"]
 
 

@@ -500,9 +500,15 @@ pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> 
 /// `ln(1 + v/(κ·v̄))` of a summed statistic `w` (the histogram or the counts), with
 /// `v = max(w − threshold·σ̂, 0)` and σ̂ estimated from its negative entries (noise):
 /// `guild_proto::tower::popularity_prior`'s formula, in libtorch (`threshold` the
-/// `guild_proto::tower::noise_threshold` of the statistic's length).
+/// `guild_proto::tower::noise_threshold` of the statistic's length; the counts' own rule is
+/// [`counts_log`]).
 fn accumulated_log(sum: &Tensor, threshold: f64) -> Tensor {
-    let kept = (sum - noise_deviation(sum) * threshold).clamp_min(0.0);
+    log_above(sum, &noise_deviation(sum), threshold)
+}
+
+/// [`accumulated_log`] at a noise deviation `sigma` already estimated.
+fn log_above(sum: &Tensor, sigma: &Tensor, threshold: f64) -> Tensor {
+    let kept = (sum - sigma * threshold).clamp_min(0.0);
     let scale = (kept.mean(Kind::Float) * POPULARITY_SMOOTHING).clamp_min(1e-30);
     (kept / scale).log1p()
 }
@@ -517,10 +523,11 @@ fn noise_deviation(sum: &Tensor) -> Tensor {
 /// [`accumulated_log`] of the item-to-item counts, at the threshold
 /// `guild_proto::tower::counts_threshold` gives for how many of them exceed its lower level.
 fn counts_log(counts: &Tensor) -> Tensor {
-    let level = noise_deviation(counts) * guild_proto::tower::COUNTS_NOISE_THRESHOLD;
+    let sigma = noise_deviation(counts);
+    let level = &sigma * guild_proto::tower::COUNTS_NOISE_THRESHOLD;
     let exceeding = counts.gt_tensor(&level).sum(Kind::Int64).int64_value(&[]);
     let threshold = guild_proto::tower::counts_threshold(counts.numel(), exceeding.max(0) as u64);
-    accumulated_log(counts, threshold)
+    log_above(counts, &sigma, threshold)
 }
 
 /// Each catalogue item's `M` title neighbours: the items whose title vectors are closest to
