@@ -27,6 +27,11 @@ fn titles(n: usize) -> Vec<String> {
     text.lines().skip(1).filter_map(|l| l.split_once('\t')).map(|(_, t)| t.to_owned()).take(n).collect()
 }
 
+/// MiniLM on the CPU and the first `n` titles of the real catalogue.
+fn base_and_titles(n: usize) -> (BaseModel, Vec<String>) {
+    (BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model"), titles(n))
+}
+
 /// Runs `python/SCRIPT` from the project's virtualenv with `request` as JSON on stdin and
 /// returns the JSON it prints.
 fn run_python(script: &str, request: &serde_json::Value) -> serde_json::Value {
@@ -63,9 +68,8 @@ fn max_abs_difference(ours: &Tensor, theirs: &[Vec<f32>]) -> f32 {
 
 #[test]
 fn embeddings_match_transformers_and_peft_within_1e_4() {
-    let sentences = titles(24);
+    let (base, sentences) = base_and_titles(24);
     let refs: Vec<&str> = sentences.iter().map(String::as_str).collect();
-    let base = BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model");
 
     // Adapters off.
     let ours = base.embed_all(&refs, 8, None).expect("embed");
@@ -291,9 +295,8 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
 #[test]
 fn a_served_lora_version_scores_histories_as_peft_embeds_them() {
     use guild_client::serve::{LoraSpec, ServedModel};
-    let titles = titles(30);
+    let (base, titles) = base_and_titles(30);
     let refs: Vec<&str> = titles.iter().map(String::as_str).collect();
-    let base = BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model");
     let items = base.embed_all(&refs, 16, None).expect("title vectors");
     let config = LoraConfig { frozen_a_seed: 7, ..Default::default() };
     let mut adapters = Adapters::new(config.clone(), base.config(), base.sha256(), Device::Cpu);

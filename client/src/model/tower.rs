@@ -188,10 +188,24 @@ impl Tower {
     /// Scores `[batch, items]` of each history against the whole catalogue: cosine plus the
     /// popularity prior plus the item-to-item prior.
     pub fn scores(&self, items: &Tensor, histories: &[&[ItemIndex]]) -> Tensor {
-        let shoppers = normalise(&self.shoppers(items, histories));
-        let cosine = shoppers.matmul(&normalise(&self.adapt_items(items)).tr());
-        let scores = match self.prior() {
-            Some(prior) => cosine + prior.unsqueeze(0),
+        let adapted = normalise(&self.adapt_items(items));
+        let prior = self.prior().map(|p| p.unsqueeze(0));
+        self.scores_against(items, &adapted, prior.as_ref(), histories)
+    }
+
+    /// [`Tower::scores`] with what does not depend on the histories computed once by the
+    /// caller: `adapted`, the catalogue's adapted vectors normalised (`[items, hidden]`), and
+    /// `prior`, the popularity prior as one row (`[1, items]`).
+    pub fn scores_against(
+        &self,
+        items: &Tensor,
+        adapted: &Tensor,
+        prior: Option<&Tensor>,
+        histories: &[&[ItemIndex]],
+    ) -> Tensor {
+        let cosine = normalise(&self.shoppers(items, histories)).matmul(&adapted.tr());
+        let scores = match prior {
+            Some(prior) => cosine + prior,
             None => cosine,
         };
         self.with_history_prior(scores, histories)

@@ -502,14 +502,17 @@ mod tests {
         assert!(error.contains("past its cap of 5"), "{error}");
     }
 
+    /// A shopper-unit merchant's options with its shoppers' ε capped at `max_epsilon`, and
+    /// an empty ledger.
+    fn shopper_merchant_capped_at(max_epsilon: f64) -> (ParticipantOptions, ClientLedger) {
+        let options =
+            ParticipantOptions { max_epsilon, unit: PrivacyUnit::Shopper, ..ParticipantOptions::default() };
+        (options, ClientLedger::in_memory())
+    }
+
     #[test]
     fn shopper_rounds_are_vetted_on_the_merchants_own_rate_and_its_shoppers_amplified_epsilon() {
-        let options = ParticipantOptions {
-            max_epsilon: 3.0,
-            unit: PrivacyUnit::Shopper,
-            ..ParticipantOptions::default()
-        };
-        let ledger = ClientLedger::in_memory();
+        let (options, ledger) = shopper_merchant_capped_at(3.0);
         vet(&shopper_task(51, 35, 1.0, 0.02), &options, &ledger).expect("honest shopper round");
         let error = vet(&shopper_task(51, 35, 1.0, 0.5), &options, &ledger).expect_err("rate above the cap");
         assert!(error.contains("shopper sampling rate 0.5 is above this merchant's maximum 0.1"), "{error}");
@@ -541,12 +544,7 @@ mod tests {
 
     #[test]
     fn a_popularity_release_or_selection_may_sample_every_shopper_but_pays_its_unamplified_cost() {
-        let options = ParticipantOptions {
-            max_epsilon: 3.0,
-            unit: PrivacyUnit::Shopper,
-            ..ParticipantOptions::default()
-        };
-        let ledger = ClientLedger::in_memory();
+        let (options, ledger) = shopper_merchant_capped_at(3.0);
         let release = |z: f64| {
             let mut task = task_for(tower(5), 51, 35, z);
             (task.privacy.unit, task.privacy.shopper_sampling_rate) = (PrivacyUnit::Shopper, 1.0);

@@ -90,14 +90,7 @@ pub fn evaluate_search(
             let text = queries.narrow(0, start, chunk.len() as i64).matmul(&adapted.tr());
             start += chunk.len() as i64;
             let personal = match tower {
-                Some(t) => {
-                    let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
-                    let scores = match &prior {
-                        Some(prior) => cosine + prior,
-                        None => cosine,
-                    };
-                    t.with_history_prior(scores, &histories)
-                }
+                Some(t) => t.scores_against(items, &adapted, prior.as_ref(), &histories),
                 None => zero_shot_scores(items, &histories, shape),
             };
             for (w, (counts, ranks)) in weights.iter().zip(out.iter_mut()) {

@@ -30,14 +30,7 @@ pub fn evaluate_tower(
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
             let scores = match (tower, &adapted) {
-                (Some(t), Some(adapted)) => {
-                    let cosine = normalise(&t.shoppers(items, &histories)).matmul(&adapted.tr());
-                    let scores = match &prior {
-                        Some(prior) => cosine + prior,
-                        None => cosine,
-                    };
-                    t.with_history_prior(scores, &histories)
-                }
+                (Some(t), Some(adapted)) => t.scores_against(items, adapted, prior.as_ref(), &histories),
                 _ => zero_shot_scores(items, &histories, shape),
             };
             let scores = match extra {

@@ -231,13 +231,19 @@ mod tests {
         assert!((0.107..=0.293).contains(&(passed as f64 / 200.0)), "{passed} of 200");
     }
 
+    /// `len` values of noise N(0, 0.1²) (seeded), the first `d` of them shifted by a strong
+    /// signal of 5.
+    fn strong_then_noise(d: usize, len: usize, seed: u64) -> Vec<f64> {
+        let mut y: Vec<f64> = normals(len, seed).iter().map(|z| 0.1 * z).collect();
+        y[..d].iter_mut().for_each(|v| *v += 5.0);
+        y
+    }
+
     #[test]
     fn each_block_is_shrunk_by_its_own_signal_to_noise_ratio() {
         // Block 0 carries a strong signal, block 1 none; a 2-coordinate block is left alone.
         let d = 1_000;
-        let noise = normals(2 * d + 2, 7);
-        let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
-        y[..d].iter_mut().for_each(|v| *v += 5.0);
+        let mut y = strong_then_noise(d, 2 * d + 2, 7);
         let before = y.clone();
         let factors = james_stein(&mut y, &[vec![0..d], vec![d..2 * d], vec![2 * d..2 * d + 2]], 0.01);
         assert!(factors[0] > 0.999, "strong signal: {}", factors[0]);
@@ -251,13 +257,11 @@ mod tests {
         // A scalar of pure noise joined to a block of strong signal keeps the block's factor
         // (about 1); joined to a block of pure noise it goes to zero with it.
         let d = 1_000;
-        let noise = normals(2 * d + 1, 9);
-        let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
-        y[..d].iter_mut().for_each(|v| *v += 5.0);
+        let mut y = strong_then_noise(d, 2 * d + 1, 9);
         let scalar = y[2 * d];
         let factors = james_stein(&mut y, &[vec![0..d, 2 * d..2 * d + 1], vec![d..2 * d]], 0.01);
         assert!(factors[0] > 0.999 && (y[2 * d] - scalar * factors[0]).abs() < 1e-12, "{factors:?}");
-        let mut y: Vec<f64> = noise.iter().map(|z| 0.1 * z).collect();
+        let mut y: Vec<f64> = normals(2 * d + 1, 9).iter().map(|z| 0.1 * z).collect();
         let factors = james_stein(&mut y, &[vec![0..d, 2 * d..2 * d + 1]], 0.01);
         assert_eq!(factors[0], 0.0, "{factors:?}");
         assert_eq!(y[2 * d], 0.0);
