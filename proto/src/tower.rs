@@ -468,6 +468,19 @@ pub fn selection_ranges(shape: &TowerShape) -> Option<(std::ops::Range<usize>, u
     Some((recency, weight.start))
 }
 
+/// The pooling weights and prior weight that `offset` holds (a trained tower's own, which
+/// need not be on the grid), as a setting that [`with_setting`] puts back; `None` for a
+/// tower without a popularity prior.
+pub fn setting_in(shape: &TowerShape, offset: &[f32]) -> Option<PoolingSetting> {
+    let (recency, weight) = selection_ranges(shape)?;
+    let start = zero_shot_weights(shape.history, shape.zero_shot_items);
+    let pooling = offset.get(recency)?;
+    Some(PoolingSetting {
+        recency: pooling.iter().zip(start).map(|(o, i)| o + i).collect(),
+        weight: offset.get(weight)? + POPULARITY_WEIGHT_INIT as f32,
+    })
+}
+
 /// `offset` (a tower's offset from its initial values) with the pooling weights and prior
 /// weight of `setting` in place of its own, every other value kept; `None` for a tower
 /// without a popularity prior or a setting of another history length. The initial
@@ -879,5 +892,22 @@ mod tests {
         assert!(with_setting(&without, &offset[..parameter_count(&without)], setting).is_none());
         let short = PoolingSetting { recency: vec![1.0], weight: 0.05 };
         assert!(with_setting(&shape, &offset, &short).is_none());
+    }
+
+    #[test]
+    fn a_towers_own_setting_is_read_back_as_with_setting_wrote_it() {
+        let without = shape(1);
+        let shape = TowerShape { catalogue: 30, ..without };
+        let offset: Vec<f32> = (0..parameter_count(&shape)).map(|i| (i % 17) as f32 * 1e-3).collect();
+        // A trained offset's own setting puts back exactly what it holds.
+        let own = setting_in(&shape, &offset).expect("a tower with a prior");
+        let back = with_setting(&shape, &offset, &own).expect("fits");
+        assert!(back.iter().zip(&offset).all(|(a, b)| (a - b).abs() < 1e-6));
+        // A grid setting written in is read back.
+        let setting = &selection_grid(&shape)[2 * SELECTION_WEIGHTS.len() + 1];
+        let read = setting_in(&shape, &with_setting(&shape, &offset, setting).expect("fits")).expect("read");
+        assert!(read.recency.iter().zip(&setting.recency).all(|(a, b)| (a - b).abs() < 1e-6));
+        assert!((read.weight - setting.weight).abs() < 1e-6);
+        assert!(setting_in(&without, &offset[..parameter_count(&without)]).is_none());
     }
 }

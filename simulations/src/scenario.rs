@@ -145,6 +145,12 @@ pub struct Arms {
     /// much of those arms' gain privacy costs, and what the selection adds to a trained
     /// tower. Each selection scores every shopper under the grid's 12 settings.
     pub exact_selection: bool,
+    /// Sequence tower: the non-private trained arms (centralised, federated without noise,
+    /// each local-only merchant) choose their pooling on validation before the test split is
+    /// read, as the DP arms' selection round does: their own trained pooling or one of the
+    /// grid's 12 settings, by mean validation NDCG@10 over the first this many evaluation
+    /// users (a local-only merchant: over its own shoppers); 0: no choice.
+    pub pooling_choice_users: usize,
     /// Sequence tower: evaluate search on this many of the evaluation users (0: none) with
     /// the query protocol of `guild_client::retrieval::search`: text only, personalised by
     /// the zero-shot history score, and personalised by each trained arm's adapter, the

@@ -368,6 +368,53 @@ impl World {
         Ok((step.values, best))
     }
 
+    /// A trained tower's pooling chosen on validation without noise: its own pooling and
+    /// prior weight ([`guild_proto::tower::setting_in`]) and each of the public grid's
+    /// settings, scored by mean validation NDCG@10 over `users`; the best (its own on a tie)
+    /// applied to `values`. What a non-private arm gets in place of the DP arms' selection
+    /// round, where training may have moved the pooling off the grid.
+    pub fn pooling_choice(
+        &self,
+        values: &[f32],
+        users: &[usize],
+    ) -> anyhow::Result<(Vec<f32>, PoolingChoice)> {
+        let tower = &self.spec.tower;
+        let own = guild_proto::tower::setting_in(&tower.shape, values)
+            .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
+        let grid = guild_proto::tower::selection_grid(&tower.shape);
+        let candidates: Vec<_> = std::iter::once(own).chain(grid.iter().cloned()).collect();
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(tower)?;
+        model.set_offset(values)?;
+        let refs = Self::users(&shared.dataset, users);
+        let items = shared.items.to(model.var_store().device());
+        let scores = retrieval::selection_ndcg(&model, &items, &refs, &candidates)?;
+        // Means over the users with a validation item (the others score zero everywhere).
+        let ranked = refs.iter().filter(|u| u.validation_example().is_some()).count().max(1) as f64;
+        let mut means = vec![0f64; candidates.len()];
+        for row in &scores {
+            for (mean, value) in means.iter_mut().zip(row) {
+                *mean += f64::from(*value) / ranked;
+            }
+        }
+        // The first best: the tower's own pooling wins a tie.
+        let best = (1..means.len()).fold(0, |best, j| if means[j] > means[best] { j } else { best });
+        let values = match best {
+            0 => values.to_vec(),
+            j => guild_proto::tower::with_setting(&tower.shape, values, &grid[j - 1])
+                .ok_or_else(|| anyhow::anyhow!("the grid's setting does not fit the tower"))?,
+        };
+        Ok((
+            values,
+            PoolingChoice {
+                setting: best.checked_sub(1),
+                own: means[0],
+                chosen: means[best],
+                users: users.len(),
+            },
+        ))
+    }
+
     /// The untrained tower with the exact popularity histogram of `users`, as an offset
     /// (`None` without a prior): zero-shot plus popularity, a reference ranker.
     pub fn popularity_only(&self, users: &[usize]) -> anyhow::Result<Option<Vec<f32>>> {
@@ -478,5 +525,36 @@ impl World {
     /// Every merchant's shoppers, pooled (the centralised arm's data).
     pub fn all_merchant_users(&self) -> Vec<usize> {
         self.merchants.iter().flat_map(|m| m.users.iter().copied()).collect()
+    }
+}
+
+/// What [`World::pooling_choice`] chose: a grid setting (`None`: the tower's own pooling)
+/// and the mean validation NDCG@10 of the tower's own pooling and of the choice, over `users`.
+#[derive(Clone, Copy, Debug)]
+pub struct PoolingChoice {
+    pub setting: Option<usize>,
+    pub own: f64,
+    pub chosen: f64,
+    pub users: usize,
+}
+
+impl PoolingChoice {
+    /// The choice in words, for the report.
+    pub fn describe(&self, whose: &str) -> String {
+        match self.setting {
+            None => format!(
+                "pooling chosen on validation ({whose}, {} users): kept its trained pooling (NDCG@10 {:.4}, no \
+                 setting of the grid above it)",
+                self.users, self.own
+            ),
+            Some(j) => format!(
+                "pooling chosen on validation ({whose}, {} users): the grid's {} (NDCG@10 {:.4} against its \
+                 trained pooling's {:.4})",
+                self.users,
+                guild_proto::tower::describe_setting(j),
+                self.chosen,
+                self.own
+            ),
+        }
     }
 }

@@ -205,6 +205,15 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));
+    // The non-private trained arms chose their pooling on validation (`pooling_choice_users`);
+    // the DP arms did not (theirs is a round of the federation, charged to ε).
+    let chose = |a: &guild_sim::results::ArmResult| {
+        a.events.iter().any(|e| e.contains("pooling chosen on validation"))
+    };
+    for name in ["federated (non-private)", "centralised (non-private)", "local-only (mean)"] {
+        assert!(chose(arm(name)), "{name}: {:?}", arm(name).events);
+    }
+    assert!(!chose(dp) && !chose(shopper), "{:?} {:?}", dp.events, shopper.events);
 }
 
 /// The tower smoke's margin of the federated arm over its start in validation NDCG@10 (see
@@ -302,28 +311,81 @@ async fn the_noiseless_selection_picks_the_setting_the_evaluation_ranks_best() {
     );
 }
 
+/// The tower smoke's world on its first 2,000 shoppers with `eval_users` of them evaluated,
+/// every merchant's shoppers, and centralised training of `steps` steps of 32 at `lr`.
+fn smoke_world(
+    eval_users: usize,
+    steps: usize,
+    lr: f64,
+) -> (guild_sim::world::World, Vec<usize>, guild_client::retrieval::TrainConfig) {
+    let mut scenario = scenario("tower-smoke");
+    scenario.data.max_users = Some(2_000);
+    scenario.data.eval_users = eval_users;
+    let world = tokio::task::block_in_place(|| {
+        guild_sim::world::World::load(guild_sim::world::WorldSpec::of(&scenario))
+    })
+    .expect("world");
+    let users = world.all_merchant_users();
+    let training = guild_client::retrieval::TrainConfig {
+        batch_size: 32,
+        steps,
+        learning_rate: lr,
+        negatives: guild_client::learner::TOWER_NEGATIVES,
+        ..Default::default()
+    };
+    (world, users, training)
+}
+
+/// A trained tower's pooling chosen on validation (`[arms] pooling_choice_users`): its own
+/// trained pooling and the grid's settings, each as the evaluation itself scores it; the best
+/// is applied, and a tie keeps the tower's own (a tower already at the best setting keeps it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trained_towers_pooling_choice_is_the_best_the_evaluation_ranks_its_own_on_a_tie() {
+    let (world, users, training) = smoke_world(1_000, 30, 0.003);
+    let (trained, _) = tokio::task::block_in_place(|| world.train_on(&users, &training)).expect("trains");
+    let shape = &world.spec.tower.shape;
+    let validation = |values: &[f32]| {
+        tokio::task::block_in_place(|| world.score(Some(values), Split::Validation))
+            .expect("scores")
+            .ndcg_at_10
+    };
+    let own = validation(&trained);
+    let grid: Vec<f64> = guild_proto::tower::selection_grid(shape)
+        .iter()
+        .map(|setting| validation(&guild_proto::tower::with_setting(shape, &trained, setting).expect("fits")))
+        .collect();
+    let (chosen, choice) =
+        tokio::task::block_in_place(|| world.pooling_choice(&trained, &world.eval_users)).expect("a choice");
+    assert!(
+        (choice.own - own).abs() < 1e-6,
+        "its own pooling: {} against the evaluation's {own}",
+        choice.own
+    );
+    let best = grid.iter().copied().fold(own, f64::max);
+    assert!((validation(&chosen) - best).abs() < 1e-6, "chose {choice:?}: own {own}, grid {grid:?}");
+    match choice.setting {
+        None => assert!(grid.iter().all(|&g| g <= own), "kept its own below the grid: {own}, {grid:?}"),
+        Some(j) => assert!(grid[j] > own && (grid[j] - best).abs() < 1e-12, "{j}: own {own}, grid {grid:?}"),
+    }
+    // A tower already at the grid's best setting ties with it and keeps its own.
+    let top = (0..grid.len()).fold(0, |b, j| if grid[j] > grid[b] { j } else { b });
+    let at =
+        guild_proto::tower::with_setting(shape, &trained, &guild_proto::tower::selection_grid(shape)[top])
+            .expect("fits");
+    let (kept, choice) =
+        tokio::task::block_in_place(|| world.pooling_choice(&at, &world.eval_users)).expect("a choice");
+    assert_eq!(choice.setting, None, "a tie keeps its own: {choice:?}");
+    assert_eq!(kept, at);
+}
+
 /// Early stopping of the centralised tower on real data: the arm keeps the best check's
 /// tower (its validation score on the checked users is the best check's, not the last's),
 /// checks the start and every `every` steps, and stops once `patience` checks in a row have
 /// not beaten the best.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn early_stopping_keeps_the_best_checked_tower_and_stops_after_its_patience() {
-    let mut scenario = scenario("tower-smoke");
-    scenario.data.max_users = Some(2_000);
-    scenario.data.eval_users = 400;
-    let world = tokio::task::block_in_place(|| {
-        guild_sim::world::World::load(guild_sim::world::WorldSpec::of(&scenario))
-    })
-    .expect("world");
-    let users = world.all_merchant_users();
     // A learning rate high enough that the validation score moves between checks.
-    let training = guild_client::retrieval::TrainConfig {
-        batch_size: 32,
-        steps: 60,
-        learning_rate: 0.01,
-        negatives: guild_client::learner::TOWER_NEGATIVES,
-        ..Default::default()
-    };
+    let (world, users, training) = smoke_world(400, 60, 0.01);
     let stop = guild_sim::scenario::EarlyStopping { every: 10, patience: 2, users: 400 };
     let (values, report, checks) =
         tokio::task::block_in_place(|| world.train_tower(&users, &training, Some(&stop))).expect("trains");

@@ -19,6 +19,7 @@ use crate::world::World;
 use super::{
     CENTRALISED, CENTRALISED_SELECTED, CENTRALISED_WITH_COUNTS, EXACT_STATISTICS_SELECTED, ITEM_COUNTS,
     LOCAL_ONLY, MOST_POPULAR, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT, ZERO_SHOT_WITH_COUNTS,
+    with_pooling_choice,
 };
 
 /// How the in-process baselines train.
@@ -146,12 +147,15 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let mut sample: Vec<&Merchant> = world.merchants.iter().collect();
         sample.shuffle(&mut ChaCha20Rng::seed_from_u64(s.data.seed + 1));
         sample.truncate(local.merchants);
-        let mut scores = Vec::new();
+        let (mut scores, mut choices) = (Vec::new(), Vec::new());
         for (i, m) in sample.iter().enumerate() {
             progress.message(format!("local-only: {} ({}/{})", m.name, i + 1, sample.len()));
             let training =
                 baseline_training(world, local.steps, local.batch_size, local.learning_rate, s.data.seed);
-            let trained = train_and_score(world, &m.users, &training)?;
+            let (values, _) = tokio::task::block_in_place(|| world.train_on(&m.users, &training))?;
+            let (values, choice) = with_pooling_choice(world, s, values, Some(&m.users), "its own shoppers")?;
+            choices.extend(choice.map(|c| format!("{}: {c}", m.name)));
+            let trained = score_trained(world, values)?;
             scores.push((trained.test, trained.validation));
         }
         let ranks: Vec<Vec<u32>> = scores.iter_mut().map(|((_, r), _)| std::mem::take(r)).collect();
@@ -170,6 +174,7 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let mut arm = baseline(LOCAL_ONLY, mean(&|p| p.0), mean(&|p| p.1), t.elapsed().as_secs_f64(), ranks);
         arm.worst = scores.iter().map(|p| p.0).min_by(|a, b| a.mrr.total_cmp(&b.mrr));
         arm.events.push(format!("{} merchants, {} steps each", scores.len(), local.steps));
+        arm.events.extend(choices);
         arms.push(arm);
     }
     if let Some(central) = &s.arms.centralised {
@@ -178,8 +183,11 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
         let users = world.all_merchant_users();
         let training =
             baseline_training(world, central.steps, central.batch_size, central.learning_rate, s.data.seed);
-        let (Trained { values, test: (test, ranks), validation }, taken) = match &central.early_stopping {
-            None => (train_and_score(world, &users, &training)?, format!("{} steps", central.steps)),
+        let (values, taken) = match &central.early_stopping {
+            None => {
+                let (values, _) = tokio::task::block_in_place(|| world.train_on(&users, &training))?;
+                (values, format!("{} steps", central.steps))
+            }
             Some(stop) => {
                 anyhow::ensure!(
                     world.spec.family == AdapterFamilyName::SequenceTower,
@@ -187,14 +195,14 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
                 );
                 let (values, report, checks) =
                     tokio::task::block_in_place(|| world.train_tower(&users, &training, Some(stop)))?;
-                (
-                    score_trained(world, values)?,
-                    early_stopping_note(central.steps, stop, report.steps, &checks),
-                )
+                (values, early_stopping_note(central.steps, stop, report.steps, &checks))
             }
         };
+        let (values, choice) = with_pooling_choice(world, s, values, None, "the first evaluation users")?;
+        let Trained { values, test: (test, ranks), validation } = score_trained(world, values)?;
         let mut arm = baseline(CENTRALISED, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
         arm.events.push(format!("{taken} of batch {} on {} users", central.batch_size, users.len()));
+        arm.events.extend(choice);
         if world.spec.family == AdapterFamilyName::SequenceTower {
             arm.final_adapter = Some(values.clone());
         }
@@ -298,12 +306,6 @@ struct Trained {
     values: Vec<f32>,
     test: (Scores, Vec<u32>),
     validation: Scores,
-}
-
-/// Trains on `users` in this process and scores the result.
-fn train_and_score(world: &World, users: &[usize], training: &TrainConfig) -> anyhow::Result<Trained> {
-    let (values, _) = tokio::task::block_in_place(|| world.train_on(users, training))?;
-    score_trained(world, values)
 }
 
 /// Trained `values`, scored on the test split (once) and on validation.

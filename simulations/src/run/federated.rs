@@ -416,6 +416,16 @@ pub(super) async fn federated(
     }
     let record = store.latest_adapter()?.context("no adapter")?;
     let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
+    // Without noise, the pooling is chosen on validation as for the other non-private arms
+    // (the DP arms' own selection is a round of theirs).
+    let values = if arm.mode == PrivacyMode::DangerousNone {
+        let (values, choice) =
+            super::with_pooling_choice(world, s, values, None, "the first evaluation users")?;
+        events.extend(choice);
+        values
+    } else {
+        values
+    };
     let (test, ranks) = tokio::task::block_in_place(|| world.score_with_ranks(Some(&values), Split::Test))?;
     let validation = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation))?;
     let epsilon = epsilon_after(&store, budget, arm.unit, None)?;

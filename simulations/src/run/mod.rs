@@ -186,3 +186,27 @@ pub fn machine() -> String {
 pub fn default_out(scenario: &Scenario) -> PathBuf {
     PathBuf::from("reports").join(&scenario.name)
 }
+
+/// A non-private trained arm's `values` with its pooling chosen on validation
+/// (`[arms] pooling_choice_users`, [`World::pooling_choice`]) over `users` (default: the
+/// first that many evaluation users), and the choice in words naming `whose` users; `values`
+/// as they are (and no words) when the scenario asks for no choice or the adapter has no
+/// pooling to choose.
+fn with_pooling_choice(
+    world: &World,
+    s: &Scenario,
+    values: Vec<f32>,
+    users: Option<&[usize]>,
+    whose: &str,
+) -> anyhow::Result<(Vec<f32>, Option<String>)> {
+    let n = s.arms.pooling_choice_users;
+    if n == 0
+        || world.spec.family != AdapterFamilyName::SequenceTower
+        || world.spec.tower.shape.catalogue == 0
+    {
+        return Ok((values, None));
+    }
+    let users = users.unwrap_or(&world.eval_users[..n.min(world.eval_users.len())]);
+    let (values, choice) = tokio::task::block_in_place(|| world.pooling_choice(&values, users))?;
+    Ok((values, Some(choice.describe(whose))))
+}
