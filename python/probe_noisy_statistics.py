@@ -28,55 +28,90 @@ import numpy as np
 
 import probe_transitions as pt
 
-a_ = pt.data_arguments()
-a_.add_argument("--z", default="0,1.667", help="noise multipliers, comma-separated (0: exact)")
-a_.add_argument("--splits", default="0.5", help="the counts' share a of each shopper's squared norm")
-a_.add_argument("--thresholds", default="6.01", help="the counts' thresholds t_c, in noise deviations")
-args = a_.parse_args()
-n, users = pt.load(args.data)
-e = pt.unit_items(args.items)
-zs = [float(x) for x in args.z.split(",")]
-splits = [float(x) for x in args.splits.split(",")]
-tcs = [float(x) for x in args.thresholds.split(",")]
-s = e @ e.T; np.fill_diagonal(s, -2)
 M = 64
-top = np.argpartition(-s, M, axis=1)[:, :M]
-order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
-nbr = np.take_along_axis(top, order, axis=1); del s
-slot = [{int(b): j for j, b in enumerate(nbr[a])} for a in range(n)]
-pop_rows, cnt_rows = [], []
-for h in users:
-    tr = h[:-1]
-    c = {a * M + slot[a][b]: v for (a, b), v in pt.pairs(tr).items() if b in slot[a]}
-    cn = np.linalg.norm(list(c.values())) if c else 1.0
-    cnt_rows.append({k: v / cn for k, v in c.items()})
-    pop_rows.append(pt.recency(tr))
-def sums(a):
-    pop, counts = np.zeros(n), np.zeros(n * M)
-    for p, c in zip(pop_rows, cnt_rows):
-        sp, sc = (np.sqrt(1 - a), np.sqrt(a)) if (p and c) else (1.0, 1.0)
-        for k, v in p.items(): pop[k] += v * sp
-        for k, v in c.items(): counts[k] += v * sc
-    return pop, counts
+
+
+class Release:
+    """Each shopper's statistics as a shopper-level release sends them, over each item's M
+    nearest titles (`nbr`), ready to be summed at a split and noised."""
+
+    def __init__(self, data, items):
+        self.n, self.users = pt.load(data)
+        self.e = pt.unit_items(items)
+        s = self.e @ self.e.T
+        np.fill_diagonal(s, -2)
+        top = np.argpartition(-s, M, axis=1)[:, :M]
+        order = np.argsort(-np.take_along_axis(s, top, axis=1), axis=1)
+        self.nbr = np.take_along_axis(top, order, axis=1)
+        del s
+        slot = [{int(b): j for j, b in enumerate(self.nbr[a])} for a in range(self.n)]
+        self.pop_rows, self.cnt_rows = [], []
+        for h in self.users:
+            tr = h[:-1]
+            c = {a * M + slot[a][b]: v for (a, b), v in pt.pairs(tr).items() if b in slot[a]}
+            cn = np.linalg.norm(list(c.values())) if c else 1.0
+            self.cnt_rows.append({k: v / cn for k, v in c.items()})
+            self.pop_rows.append(pt.recency(tr))
+        self.sample = pt.evaluation_sample(self.users)
+
+    def sums(self, a):
+        """The release's exact sums: the histogram and the counts, a the counts' share."""
+        pop, counts = np.zeros(self.n), np.zeros(self.n * M)
+        for p, c in zip(self.pop_rows, self.cnt_rows):
+            sp, sc = (np.sqrt(1 - a), np.sqrt(a)) if (p and c) else (1.0, 1.0)
+            for k, v in p.items():
+                pop[k] += v * sp
+            for k, v in c.items():
+                counts[k] += v * sc
+        return pop, counts
+
+    def noisy(self, a, z, tc, rng):
+        """One noise draw of the release at z: the histogram's prior (thresholded at 5.30
+        sigma-hat) and the counts' prior (at tc), `[n]` and `[n, M]`."""
+        pop, counts = self.sums(a)
+        p = thresholded(pop + rng.normal(0, z, self.n), 5.30)
+        c = thresholded(counts + rng.normal(0, z, self.n * M), tc)
+        return p, c.reshape(self.n, M)
+
+    def ndcg(self, p, tc):
+        """Validation NDCG@10 of the probes' users: the zero-shot pooling, beta = 0.05, the
+        counts at beta_t = 0.2 over the last three items."""
+        def add(hist, scores):
+            for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
+                scores[self.nbr[it]] += 0.2 * r * tc[it]
+        return pt.validation_ndcg(self.users, self.sample, self.e, p, add)
+
+
 def thresholded(w, t):
     neg = w[w < 0]
     sigma = np.sqrt((neg ** 2).mean()) if len(neg) else 0.0
     kept = np.maximum(w - t * sigma, 0)
     return pt.prior(kept)
-ev = pt.evaluation_sample(users)
-def ndcg(p, tc):
-    def add(hist, scores):
-        for it, r in zip(reversed(hist), [1, 0.5, 0.25]):
-            scores[nbr[it]] += 0.2 * r * tc[it]
-    return pt.validation_ndcg(users, ev, e, p, add)
-rng = np.random.default_rng(1)
-for a in splits:
-    pop, counts = sums(a)
-    if 0.0 in zs:
-        print(f"a={a} exact: {ndcg(pt.prior(pop), pt.prior(counts).reshape(n, M)):.4f}", flush=True)
-    for z in [z for z in zs if z > 0]:
-        noisy_p = pop + rng.normal(0, z, n); noisy_c = counts + rng.normal(0, z, n * M)
-        p = thresholded(noisy_p, 5.30)
-        for t in tcs:
-            kept = int((thresholded(noisy_c, t) > 0).sum())
-            print(f"a={a} z={z} t_c={t} ({kept} kept): {ndcg(p, thresholded(noisy_c, t).reshape(n, M)):.4f}", flush=True)
+
+
+def main():
+    a_ = pt.data_arguments()
+    a_.add_argument("--z", default="0,1.667", help="noise multipliers, comma-separated (0: exact)")
+    a_.add_argument("--splits", default="0.5", help="the counts' share a of each shopper's squared norm")
+    a_.add_argument("--thresholds", default="6.01", help="the counts' thresholds t_c, in noise deviations")
+    args = a_.parse_args()
+    release = Release(args.data, args.items)
+    n = release.n
+    zs = [float(x) for x in args.z.split(",")]
+    rng = np.random.default_rng(1)
+    for a in [float(x) for x in args.splits.split(",")]:
+        pop, counts = release.sums(a)
+        if 0.0 in zs:
+            print(f"a={a} exact: {release.ndcg(pt.prior(pop), pt.prior(counts).reshape(n, M)):.4f}", flush=True)
+        for z in [z for z in zs if z > 0]:
+            noisy_p = pop + rng.normal(0, z, n)
+            noisy_c = counts + rng.normal(0, z, n * M)
+            p = thresholded(noisy_p, 5.30)
+            for t in [float(x) for x in args.thresholds.split(",")]:
+                tc = thresholded(noisy_c, t)
+                kept = int((tc > 0).sum())
+                print(f"a={a} z={z} t_c={t} ({kept} kept): {release.ndcg(p, tc.reshape(n, M)):.4f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
