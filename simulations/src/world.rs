@@ -342,6 +342,30 @@ impl World {
         Ok(Some(Self::tower_with_exact_statistics(&mut shared, tower, users)?.offset()))
     }
 
+    /// Each of `settings` applied to the tower at `values`: its NDCG@10 summed over `users`'
+    /// validation items (`retrieval::selection_ndcg`, as a selection round's shoppers score
+    /// it), and how many of `users` have a validation item.
+    fn setting_totals(
+        &self,
+        values: &[f32],
+        users: &[usize],
+        settings: &[guild_proto::tower::PoolingSetting],
+    ) -> anyhow::Result<(Vec<f64>, usize)> {
+        let mut shared = lock(&self.shared);
+        let mut model = shared.tower(&self.spec.tower)?;
+        model.set_offset(values)?;
+        let refs = Self::users(&shared.dataset, users);
+        let items = shared.items.to(model.var_store().device());
+        let scores = retrieval::selection_ndcg(&model, &items, &refs, settings)?;
+        let mut totals = vec![0f64; settings.len()];
+        for row in &scores {
+            for (total, value) in totals.iter_mut().zip(row) {
+                *total += f64::from(*value);
+            }
+        }
+        Ok((totals, refs.iter().filter(|u| u.validation_example().is_some()).count()))
+    }
+
     /// The pooling selection without noise: the setting of the public grid
     /// (`guild_proto::tower::selection_grid`) with the highest mean validation NDCG@10 over
     /// `users` for the tower at `values`, and `values` with it applied by the coordinator's
@@ -349,19 +373,8 @@ impl World {
     /// the same per-shopper scores with noise).
     pub fn exact_selection(&self, values: &[f32], users: &[usize]) -> anyhow::Result<(Vec<f32>, usize)> {
         let tower = &self.spec.tower;
-        let mut shared = lock(&self.shared);
-        let mut model = shared.tower(tower)?;
-        model.set_offset(values)?;
-        let refs = Self::users(&shared.dataset, users);
-        let items = shared.items.to(model.var_store().device());
         let grid = guild_proto::tower::selection_grid(&tower.shape);
-        let scores = retrieval::selection_ndcg(&model, &items, &refs, &grid)?;
-        let mut totals = vec![0f64; grid.len()];
-        for row in &scores {
-            for (total, value) in totals.iter_mut().zip(row) {
-                *total += f64::from(*value);
-            }
-        }
+        let (totals, _) = self.setting_totals(values, users, &grid)?;
         let (step, best) =
             guild_coordinator::engine::optimizer::selection_step(&tower.shape, values, &totals, None)
                 .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
@@ -383,20 +396,9 @@ impl World {
             .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
         let grid = guild_proto::tower::selection_grid(&tower.shape);
         let candidates: Vec<_> = std::iter::once(own).chain(grid.iter().cloned()).collect();
-        let mut shared = lock(&self.shared);
-        let mut model = shared.tower(tower)?;
-        model.set_offset(values)?;
-        let refs = Self::users(&shared.dataset, users);
-        let items = shared.items.to(model.var_store().device());
-        let scores = retrieval::selection_ndcg(&model, &items, &refs, &candidates)?;
+        let (totals, ranked) = self.setting_totals(values, users, &candidates)?;
         // Means over the users with a validation item (the others score zero everywhere).
-        let ranked = refs.iter().filter(|u| u.validation_example().is_some()).count().max(1) as f64;
-        let mut means = vec![0f64; candidates.len()];
-        for row in &scores {
-            for (mean, value) in means.iter_mut().zip(row) {
-                *mean += f64::from(*value) / ranked;
-            }
-        }
+        let means: Vec<f64> = totals.iter().map(|t| t / ranked.max(1) as f64).collect();
         // The first best: the tower's own pooling wins a tie.
         let best = (1..means.len()).fold(0, |best, j| if means[j] > means[best] { j } else { best });
         let values = match best {

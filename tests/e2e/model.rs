@@ -10,7 +10,7 @@ use guild_client::model::BaseModel;
 use guild_client::model::lora::{Adapters, LoraConfig};
 use tch::{Device, Tensor};
 
-const MAX_TOKENS: usize = 96;
+pub(super) const MAX_TOKENS: usize = 96;
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
@@ -28,7 +28,7 @@ fn titles(n: usize) -> Vec<String> {
 }
 
 /// MiniLM on the CPU and the first `n` titles of the real catalogue.
-fn base_and_titles(n: usize) -> (BaseModel, Vec<String>) {
+pub(super) fn base_and_titles(n: usize) -> (BaseModel, Vec<String>) {
     (BaseModel::load(&model_dir(), MAX_TOKENS, Device::Cpu).expect("load model"), titles(n))
 }
 

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use guild_client::data::{Dataset, User};
+use guild_client::model::default_model_dir;
 use guild_client::model::lora::LoraConfig;
 use guild_client::model::tower::{TowerConfig, normalise};
-use guild_client::model::{BaseModel, default_model_dir};
 use guild_client::serve::http::{AppState, serve};
 use guild_client::serve::{
     Catalogue, Engine, LoraSpec, ModelSpec, QueryEncoder, ServedModel, fetch_version, follow,
@@ -23,6 +23,7 @@ use guild_proto::v1::{RecommendRequest, SearchRequest};
 use tch::{Device, Kind, Tensor};
 
 use super::harness::{four_merchants, futures_join, wait_for_rounds};
+use super::model::{MAX_TOKENS, base_and_titles};
 
 const ITEMS: usize = 16;
 const CATALOGUE: [u64; ITEMS] = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
@@ -55,21 +56,11 @@ async fn serve_follows_committed_versions_and_never_drops_a_request() {
 }
 
 /// FFA-LoRA served as `guild-client serve` serves it: every version loads MiniLM with the
-/// federation's B values (the lightweight merchants send random updates of its B values), and each recommendation encodes the shopper's recent titles.
+/// federation's B values (the lightweight merchants send random updates of them), and each
+/// recommendation encodes the shopper's recent titles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_follows_committed_lora_versions_and_never_drops_a_request() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/amazon-games/Games-6k.item");
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let titles: Vec<String> = text
-        .lines()
-        .skip(1)
-        .filter_map(|l| l.split_once('\t'))
-        .map(|(_, t)| t.to_owned())
-        .take(ITEMS)
-        .collect();
-    let max_tokens = 96;
-    let base = BaseModel::load(&default_model_dir(), max_tokens, Device::Cpu).expect("MiniLM");
+    let (base, titles) = base_and_titles(ITEMS);
     let refs: Vec<&str> = titles.iter().map(String::as_str).collect();
     let items = base.embed_all(&refs, 16, None).expect("title vectors");
     let spec_titles: Arc<[String]> = titles.clone().into();
@@ -88,7 +79,7 @@ async fn serve_follows_committed_lora_versions_and_never_drops_a_request() {
                     ..LoraConfig::default()
                 },
                 model_dir: default_model_dir(),
-                max_tokens,
+                max_tokens: MAX_TOKENS,
                 titles: spec_titles.clone(),
             })
         },
