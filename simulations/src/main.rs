@@ -133,6 +133,7 @@ enum Command {
 
 fn main() -> ExitCode {
     guild_client::bound_allocator_memory();
+    guild_client::keep_large_buffers_in_heap();
     guild_client::init_logging("warn");
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,10 @@
 //! router (the same engine, batching and connection settings) on loopback, and a gRPC client
 //! sending `Recommend` (k = 10, the history's own items left out) with the test histories of
 //! the first `[arms] serve_requests` evaluation users, at each of [`CONCURRENCY`]: requests
-//! per second, p50 and p99, measured after the arms on the machine that ran them.
+//! per second, p50 and p99, measured after the arms on the machine that ran them, in the
+//! simulator's process (whose allocator keeps large buffers in its heap,
+//! `guild_client::keep_large_buffers_in_heap`, which `guild-client serve` does not: the
+//! serving benchmark, `cargo bench -p guild-client --bench serve`, measures the binary's).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
