@@ -150,6 +150,9 @@ def scores(tower, items, histories):
     scores; the training softmax divides them by the temperature)."""
     w = tower["w"]
     adapted = items + (items @ w["item_a"]) @ w["item_b"]
+    if "item_ids" in w:
+        # Learned item-ID embeddings, one row per catalogue item, projected into the item space.
+        adapted = adapted + w["item_ids"] @ w["item_ids_out"]
     normalise = lambda t: t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cosine = normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T
     return cosine + prior(tower) + history_prior(tower, items, histories)

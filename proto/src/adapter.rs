@@ -182,7 +182,9 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "transitions_noise_exceedances": crate::tower::counts_noise_exceedances(shape.catalogue * shape.neighbours),
         "transitions_strict_threshold": crate::tower::noise_threshold(shape.catalogue * shape.neighbours),
         "pair_sketch": shape.pair_sketch,
-        "scoring": "items' = v + (v @ item_a) @ item_b; shopper = sum_j recency[j] * items'[last - j] \
+        "item_ids": shape.item_ids,
+        "scoring": "items' = v + (v @ item_a) @ item_b [+ item_ids[i] @ item_ids_out, for item i, when \
+                    item_ids > 0]; shopper = sum_j recency[j] * items'[last - j] \
                     + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
                     [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
                     v = max(popularity - popularity_noise_threshold * sigma, 0), sigma = sqrt(mean of the \

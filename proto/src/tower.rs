@@ -48,6 +48,12 @@ pub struct TowerShape {
     /// estimates its shoppers went to most often ([`sketch_neighbours`]): collaborative
     /// neighbours, where title neighbours miss most of what shoppers buy together.
     pub pair_sketch: usize,
+    /// Rank of the learned item-ID embeddings (0: none; a catalogue is needed): each item's
+    /// own `[item_ids]` vector ([`ITEM_IDS`], zero at start), projected into the item space
+    /// by [`ITEM_IDS_OUT`] and added to its adapted vector, `v' = v + (v·A)·B + e_i·P`.
+    /// What the title vectors cannot say about an item and the counts do not reach (the
+    /// transductive setting of UniSRec, KDD 2022), learned by the federation like the rest.
+    pub item_ids: usize,
 }
 
 impl Default for TowerShape {
@@ -65,6 +71,7 @@ impl Default for TowerShape {
             catalogue: 0,
             neighbours: 0,
             pair_sketch: 0,
+            item_ids: 0,
         }
     }
 }
@@ -85,6 +92,7 @@ impl TowerShape {
             catalogue,
             neighbours: 0,
             pair_sketch: 0,
+            item_ids: 0,
         }
     }
 
@@ -108,7 +116,10 @@ impl TowerShape {
                 "pair_sketch {} must be a power of two, and needs neighbours to decode (neighbours {})",
                 self.pair_sketch, self.neighbours
             ))
+        } else if self.item_ids > 0 && self.catalogue == 0 {
+            Some(format!("item_ids {} needs a catalogue (catalogue 0)", self.item_ids))
         } else if self.layers > 16
+            || self.item_ids > 4096
             || self.neighbours > MAX_NEIGHBOURS
             || self.pair_sketch > MAX_SKETCH_BUCKETS
             || self.width > 4096
@@ -213,6 +224,14 @@ pub fn sketch_neighbours(shape: &TowerShape, sketch: &[f32], threads: usize) -> 
 /// name sorts right after it, so that the two are one range of the flat vector
 /// ([`accumulated_range`]).
 pub const TRANSITIONS: &str = "popularity_next";
+
+/// The learned item-ID embeddings' tensor, `[catalogue, item_ids]`: zero at start, so that
+/// the tower starts at the zero-shot ranking whatever [`ITEM_IDS_OUT`] holds.
+pub const ITEM_IDS: &str = "item_ids";
+
+/// The item-ID embeddings' projection into the item space, `[item_ids, hidden]`, drawn at
+/// random (at zero, no gradient would reach either).
+pub const ITEM_IDS_OUT: &str = "item_ids_out";
 
 /// β_t, the weight of the item-to-item prior in cosine units (a constant, not trained): a
 /// candidate's prior is `β_t · Σ_k r_k · ln(1 + v_{h_k,c} / (κ·v̄))` over the shopper's last
@@ -581,6 +600,11 @@ pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
         if shape.neighbours > 0 {
             all.push(TowerTensor::new(TRANSITIONS, &transitions_shape(shape), Init::Zeros));
         }
+        if shape.item_ids > 0 {
+            all.push(TowerTensor::new(ITEM_IDS, &[shape.catalogue, shape.item_ids], Init::Zeros));
+            let stdev = 1.0 / (shape.item_ids as f64).sqrt();
+            all.push(TowerTensor::new(ITEM_IDS_OUT, &[shape.item_ids, h], Init::Normal { stdev }));
+        }
     }
     all.sort_by(|a, b| a.name.cmp(&b.name));
     all
@@ -641,6 +665,7 @@ mod tests {
             catalogue: 0,
             neighbours: 0,
             pair_sketch: 0,
+            item_ids: 0,
         }
     }
 
@@ -693,6 +718,29 @@ mod tests {
         let range = transitions_range(&shape).expect("counts");
         assert_eq!(range.len(), SKETCH_ROWS * 8192);
         assert_eq!(accumulated_range(&shape).expect("statistics").len(), 50 + SKETCH_ROWS * 8192);
+    }
+
+    #[test]
+    fn item_id_embeddings_need_a_catalogue_and_start_at_zero() {
+        assert!(
+            TowerShape { item_ids: 4, ..shape(0) }
+                .validate()
+                .expect_err("no catalogue")
+                .contains("item_ids 4")
+        );
+        let shape = TowerShape { catalogue: 30, item_ids: 4, ..shape(1) };
+        assert!(shape.validate().is_ok());
+        let ids = tensor_range(&shape, ITEM_IDS).expect("item ids");
+        let out = tensor_range(&shape, ITEM_IDS_OUT).expect("their projection");
+        assert_eq!((ids.len(), out.len()), (30 * 4, 4 * 12));
+        let values = initial_values(&shape, 7);
+        assert!(values[ids].iter().all(|&v| v == 0.0), "the tower starts at zero-shot");
+        // Drawn, not zero: with both at zero no gradient would reach either.
+        assert!(values[out].iter().all(|&v| v != 0.0));
+        assert_eq!(
+            parameter_count(&shape),
+            parameter_count(&TowerShape { item_ids: 0, ..shape }) + 30 * 4 + 4 * 12
+        );
     }
 
     // Computed independently (SplitMix64 in Python) for buckets 2^20 and the pair (12, 345).

@@ -179,6 +179,7 @@ fn manifest() -> AdapterManifest {
         catalogue: 0,
         neighbours: 0,
         pair_sketch: 0,
+        item_ids: 0,
     };
     AdapterManifest::sequence_tower(base_model(), shape, 7)
 }

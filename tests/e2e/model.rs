@@ -209,7 +209,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
     use guild_proto::domain::AdapterManifest;
     use guild_proto::tower::TowerShape;
 
-    for (neighbours, pair_sketch) in [(0, 0), (4, 0), (4, 64)] {
+    for (neighbours, pair_sketch, item_ids) in [(0, 0, 0), (4, 0, 0), (4, 64, 0), (4, 0, 3)] {
         let shape = TowerShape {
             hidden: 12,
             history: 6,
@@ -221,6 +221,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
             catalogue: 40,
             neighbours,
             pair_sketch,
+            item_ids,
         };
         tch::manual_seed(5);
         let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
@@ -263,7 +264,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         let difference = max_abs_difference(&ours, &theirs);
         assert!(
             difference < 1e-5,
-            "M = {neighbours}, sketch {pair_sketch}: max |ours − python| = {difference}"
+            "M = {neighbours}, sketch {pair_sketch}, item ids {item_ids}: max |ours − python| = {difference}"
         );
         // What `guild-client serve` answers from the same exported folder is the same scores.
         let served = guild_client::serve::ServedModel::from_export(
@@ -278,7 +279,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
             let served_difference = scores.iter().zip(row).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
             assert!(
                 served_difference < 1e-5,
-                "M = {neighbours}, sketch {pair_sketch}: max |served − python| = {served_difference}"
+                "M = {neighbours}, sketch {pair_sketch}, item ids {item_ids}: max |served − python| = {served_difference}"
             );
         }
         // The offset moved the ranking away from zero-shot, so the check is not vacuous.

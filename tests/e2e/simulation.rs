@@ -202,6 +202,7 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
             catalogue: results.catalogue,
             neighbours: 0,
             pair_sketch: 0,
+            item_ids: 0,
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));

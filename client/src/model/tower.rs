@@ -31,9 +31,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use guild_proto::tower::{
-    CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, POPULARITY, POPULARITY_RECENCY, POPULARITY_SMOOTHING,
-    POPULARITY_WEIGHT, TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY, TRANSITIONS_WEIGHT, TowerShape,
-    initial_values, tensors,
+    CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, ITEM_IDS, ITEM_IDS_OUT, POPULARITY, POPULARITY_RECENCY,
+    POPULARITY_SMOOTHING, POPULARITY_WEIGHT, TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY,
+    TRANSITIONS_WEIGHT, TowerShape, initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -142,9 +142,30 @@ impl Tower {
         &xs + self.linear(&hidden, &p("mlp_out"))
     }
 
-    /// Adapted item vectors `v + (v·A)·B`, `[items, hidden]`.
+    /// The catalogue's adapted item vectors `v + (v·A)·B [+ e_i·P]`, `[items, hidden]`:
+    /// `items` is the whole catalogue, in catalogue order (the item-ID embeddings, when the
+    /// shape has them, are added row by row).
     pub fn adapt_items(&self, items: &Tensor) -> Tensor {
-        items + items.matmul(self.var("item_a")).matmul(self.var("item_b"))
+        let residual = items + items.matmul(self.var("item_a")).matmul(self.var("item_b"));
+        if self.config.shape.item_ids == 0 {
+            return residual;
+        }
+        let rows = items.size()[0];
+        assert_eq!(
+            rows, self.config.shape.catalogue as i64,
+            "adapt_items takes the whole catalogue; gathered rows go through adapt_rows"
+        );
+        residual + self.var(ITEM_IDS).matmul(self.var(ITEM_IDS_OUT))
+    }
+
+    /// Adapted vectors of the items at `index` (`[n]`), given their title vectors `vectors`
+    /// (`[n, hidden]`, the catalogue's rows at `index`).
+    pub fn adapt_rows(&self, vectors: &Tensor, index: &Tensor) -> Tensor {
+        let residual = vectors + vectors.matmul(self.var("item_a")).matmul(self.var("item_b"));
+        if self.config.shape.item_ids == 0 {
+            return residual;
+        }
+        residual + self.var(ITEM_IDS).index_select(0, index).matmul(self.var(ITEM_IDS_OUT))
     }
 
     /// The shopper vector after every position of each window, `[batch, m, hidden]` with
@@ -161,8 +182,13 @@ impl Tower {
     /// weights, the items' residual and the transformer computed once for all.
     pub fn sequences(&self, items: &Tensor, windows: &[&[ItemIndex]], recencies: &[&Tensor]) -> Vec<Tensor> {
         let shape = &self.config.shape;
-        let (raw, _) = gather_windows(items, windows, shape.history as i64);
-        let sequence = self.adapt_items(&raw);
+        let (index, valid) = window_index(windows, shape.history as i64, items.device());
+        let (b, m) = valid.size2().expect("[batch, m]");
+        let hidden = items.size()[1];
+        let valid = valid.unsqueeze(-1).to_kind(items.kind());
+        let raw = items.index_select(0, &index);
+        // Padding (index 0) is zeroed after adapting: its item-ID term would not be zero.
+        let sequence = self.adapt_rows(&raw, &index).view([b, m, hidden]) * valid;
         let pooled = recencies.iter().map(|recency| pool(&sequence, recency));
         if shape.layers == 0 {
             return pooled.collect();
@@ -823,6 +849,18 @@ pub fn last_windows<'h>(histories: &[&'h [ItemIndex]], length: usize) -> Vec<&'h
 /// with zeros to the longest window, `[batch, m, hidden]`, and which positions hold an item,
 /// `[batch, m]`.
 pub fn gather_windows(items: &Tensor, windows: &[&[ItemIndex]], length: i64) -> (Tensor, Tensor) {
+    let (index, valid) = window_index(windows, length, items.device());
+    let (b, m) = valid.size2().expect("[batch, m]");
+    let hidden = items.size()[1];
+    let sequence =
+        items.index_select(0, &index).view([b, m, hidden]) * valid.unsqueeze(-1).to_kind(items.kind());
+    (sequence, valid)
+}
+
+/// The catalogue index of each window position (at most `length` items a window,
+/// left-aligned, right-padded with item 0 to the longest window), flat `[batch · m]`, and
+/// which positions hold an item, `[batch, m]`.
+pub fn window_index(windows: &[&[ItemIndex]], length: i64, device: Device) -> (Tensor, Tensor) {
     let m = windows.iter().map(|w| w.len()).max().unwrap_or(0).clamp(1, length as usize);
     let mut index = Vec::with_capacity(windows.len() * m);
     let mut valid = Vec::with_capacity(windows.len() * m);
@@ -832,14 +870,8 @@ pub fn gather_windows(items: &Tensor, windows: &[&[ItemIndex]], length: i64) -> 
         index.extend(w.iter().map(|&i| i64::from(i)).chain(std::iter::repeat_n(0i64, pad)));
         valid.extend(std::iter::repeat_n(true, w.len()).chain(std::iter::repeat_n(false, pad)));
     }
-    let device = items.device();
     let (b, m) = (windows.len() as i64, m as i64);
-    let hidden = items.size()[1];
-    let index = Tensor::from_slice(&index).to(device);
-    let valid = Tensor::from_slice(&valid).view([b, m]).to(device);
-    let sequence =
-        items.index_select(0, &index).view([b, m, hidden]) * valid.unsqueeze(-1).to_kind(items.kind());
-    (sequence, valid)
+    (Tensor::from_slice(&index).to(device), Tensor::from_slice(&valid).view([b, m]).to(device))
 }
 
 /// `pooled_p = Σ_j w_j · v_(p−j)` at every position `p` of `sequence` `[batch, m, hidden]`:
@@ -904,6 +936,7 @@ mod tests {
                 catalogue: CATALOGUE,
                 neighbours: 0,
                 pair_sketch: 0,
+                item_ids: 0,
             },
             seed: 3,
         }
@@ -1214,6 +1247,45 @@ mod tests {
         );
         let h = popularity_histogram(&[&user, &user], 10);
         assert!((h[4] - 2.0 * contribution[0].1).abs() < 1e-6 && h[2] == 0.0 && h[8] == 0.0);
+    }
+
+    #[test]
+    fn item_id_embeddings_start_at_zero_shot_and_move_only_their_own_item() {
+        let items = catalogue(CATALOGUE as i64, 12);
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        let mut config = config();
+        config.shape.item_ids = 3;
+        let mut tower = Tower::new(config.clone(), Device::Cpu).expect("tower");
+        let zero_shot = zero_shot_scores(&items, &histories, &config.shape);
+        let ours = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(ours.equal(&zero_shot), "scores differ by {}", (&ours - &zero_shot).abs().max());
+        // Item 7's own embedding set: its adapted vector moves and no other item's does, and
+        // the catalogue's rows are what the gathered rows give.
+        let before = tch::no_grad(|| tower.adapt_items(&items));
+        let range = guild_proto::tower::tensor_range(&config.shape, ITEM_IDS).expect("item ids");
+        let mut offset = vec![0f32; tower.parameter_count()];
+        offset[range.start + 7 * 3..range.start + 8 * 3].copy_from_slice(&[0.5, -0.3, 0.2]);
+        tower.set_offset(&offset).expect("offset");
+        let after = tch::no_grad(|| tower.adapt_items(&items));
+        let moved = (&after - &before).abs().sum_dim_intlist(1, false, Kind::Float).gt(1e-6);
+        let moved: Vec<bool> = Vec::try_from(moved).expect("rows");
+        assert_eq!(
+            moved.iter().enumerate().filter(|&(_, &m)| m).map(|(i, _)| i).collect::<Vec<_>>(),
+            vec![7]
+        );
+        let index = Tensor::from_slice(&[7i64, 2, 7, 59]);
+        let gathered = tch::no_grad(|| tower.adapt_rows(&items.index_select(0, &index), &index));
+        assert!(gathered.allclose(&after.index_select(0, &index), 1e-6, 1e-6, false));
+        // Histories holding item 7 score differently; the other histories' scores of the
+        // other items do not change.
+        let scores = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(!scores.get(4).equal(&zero_shot.get(4)), "history 4 holds item 7");
+        let others = Tensor::from_slice(&[0i64, 1, 2, 3]);
+        let keep: Vec<i64> = (0..CATALOGUE as i64).filter(|&i| i != 7).collect();
+        let keep = Tensor::from_slice(&keep);
+        let unchanged = |s: &Tensor| s.index_select(0, &others).index_select(1, &keep);
+        assert!(unchanged(&scores).allclose(&unchanged(&zero_shot), 1e-6, 1e-6, false));
     }
 
     #[test]

@@ -259,6 +259,7 @@ mod test_support {
             catalogue,
             neighbours: 0,
             pair_sketch: 0,
+            item_ids: 0,
         }
     }
 

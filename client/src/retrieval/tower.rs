@@ -80,7 +80,7 @@ fn tower_loss(
         };
         return (scores / config.temperature).cross_entropy_for_logits(&targets);
     }
-    let positives = normalise(&tower.adapt_items(&items.index_select(0, &targets)));
+    let positives = normalise(&tower.adapt_rows(&items.index_select(0, &targets), &targets));
     let negatives = match negatives_from {
         Some(rng) => {
             let drawn: Vec<i64> = (0..k).map(|_| rng.gen_range(0..catalogue)).collect();
@@ -88,7 +88,7 @@ fn tower_loss(
         }
         None => Tensor::randint(catalogue, [k], (Kind::Int64, device)),
     };
-    let negative_vectors = normalise(&tower.adapt_items(&items.index_select(0, &negatives)));
+    let negative_vectors = normalise(&tower.adapt_rows(&items.index_select(0, &negatives), &negatives));
     let own = (&shoppers * &positives).sum_dim_intlist(-1, true, Kind::Float);
     let others = shoppers.matmul(&negative_vectors.tr());
     // Out of place (not `+=`), so autograd keeps what it saved.
@@ -325,7 +325,12 @@ mod tests {
         let refs: Vec<&User> = users.iter().collect();
         let shape = tower_shape(8, 2, 0);
         let (start, _) = evaluate_tower(&shape, None, &refs, &items, Split::Validation, None);
-        for negatives in [0, 32] {
+        // The last run with learned item-ID embeddings, which need the catalogue's size.
+        for (negatives, item_ids) in [(0, 0), (32, 0), (32, 4)] {
+            let shape = match item_ids {
+                0 => shape,
+                _ => TowerShape { catalogue: 200, item_ids, ..shape },
+            };
             let tower = Tower::new(TowerConfig { shape, seed: 4 }, Device::Cpu).expect("tower");
             let config = TrainConfig {
                 batch_size: 32,
@@ -343,6 +348,10 @@ mod tests {
                 trained.cross_entropy() < start.cross_entropy() - 0.5 && trained.mrr() > start.mrr(),
                 "{negatives} negatives: {trained:?} against the start {start:?}"
             );
+            if let Some(range) = guild_proto::tower::tensor_range(&shape, guild_proto::tower::ITEM_IDS) {
+                let moved = tower.offset()[range].iter().filter(|v| v.abs() > 1e-4).count();
+                assert!(moved > 100, "{moved} of 800 item-ID values trained");
+            }
         }
     }
 

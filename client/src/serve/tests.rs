@@ -26,6 +26,7 @@ fn config() -> TowerConfig {
             catalogue: ITEMS,
             neighbours: 3,
             pair_sketch: 0,
+            item_ids: 0,
         },
         seed: 5,
     }

@@ -444,6 +444,7 @@ mod tests {
                 catalogue: 300,
                 neighbours,
                 pair_sketch: 0,
+                item_ids: 0,
             };
             let tower = AdapterManifest::sequence_tower([0; 32], shape, 0);
             let blocks = trained_blocks(&tower);

@@ -99,6 +99,7 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
                     catalogue: t.catalogue as usize,
                     neighbours: t.neighbours as usize,
                     pair_sketch: t.pair_sketch as usize,
+                    item_ids: t.item_ids as usize,
                 };
                 shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
                 let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
@@ -171,6 +172,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     catalogue: t.catalogue as u32,
                     neighbours: t.neighbours as u32,
                     pair_sketch: t.pair_sketch as u32,
+                    item_ids: t.item_ids as u32,
                 }),
             },
             catalogue_sha256: m.catalogue_sha256.map(|d| d.to_vec()).unwrap_or_default(),
@@ -597,6 +599,7 @@ mod tests {
             catalogue: 40,
             neighbours: 3,
             pair_sketch: 0,
+            item_ids: 0,
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);
