@@ -8,7 +8,8 @@ without its validation item): a shopper is the recency-weighted pool of its last
 input vectors, an item's output vector is scored against it, plus a learned item bias.
 Item vectors are `title @ A + id` (both), `title @ A` (titles) or `id` alone (ids); `last3`
 is `ids` pooled with the item-to-item prior's fixed weights (1, 0.5, 0.25 over the last three
-items) instead of learned ones over 20.
+items) instead of learned ones over 20; `shared` is `both` with one vector per item for the
+history and the candidates (the tower's way) instead of an input and an output vector.
 Validation NDCG@10 (each history's last item, the history masked, the full catalogue) on the
 probes' 4,000 users: the model alone, the counts ranker (zero-shot + popularity prior +
 w * sum_k r_k ln(1 + count), r = 1, 0.5, 0.25 over the last three items, the counts of every
@@ -61,12 +62,15 @@ class Model(torch.nn.Module):
     def items(self):
         vin = torch.zeros_like(self.id_in)
         vout = torch.zeros_like(self.id_out)
-        if self.variant in ("both", "titles"):
+        if self.variant in ("both", "titles", "shared"):
             vin = vin + self.titles @ self.a
             vout = vout + self.titles @ self.b
-        if self.variant in ("both", "ids", "last3"):
+        if self.variant in ("both", "ids", "last3", "shared"):
             vin = vin + self.id_in
             vout = vout + self.id_out
+        if self.variant == "shared":
+            # One vector per item, in the history and as a candidate, as the tower has.
+            vout = vin
         return vin, vout
 
     def forward(self, x):
