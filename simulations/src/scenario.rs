@@ -128,8 +128,8 @@ fn fed_avg() -> ServerOptimizer {
 pub struct Arms {
     pub zero_shot: bool,
     /// Sequence tower: the titles-concatenated zero-shot ranker runs MiniLM per user, so it
-    /// may be scored on the first this many evaluation users only (default: all of them);
-    /// its comparisons pair those users.
+    /// may be scored on the first this many evaluation users only (default: all of them; 0:
+    /// not run, the mean of the last five is zero-shot); its comparisons pair those users.
     pub titles_zero_shot_users: Option<usize>,
     /// Each of a seeded sample of merchants trains alone.
     pub local_only: Option<LocalOnly>,

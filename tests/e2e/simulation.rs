@@ -403,3 +403,29 @@ async fn early_stopping_keeps_the_best_checked_tower_and_stops_after_its_patienc
     let kept = tokio::task::block_in_place(|| world.score(Some(&values), Split::Validation)).expect("scores");
     assert!((kept.ndcg_at_10 - best).abs() < 1e-9, "kept {} against the best check {best}", kept.ndcg_at_10);
 }
+
+/// A scenario that does not run the titles-concatenated zero-shot ranker
+/// (`titles_zero_shot_users = 0`) reports the mean of the last five as zero-shot and writes
+/// its report, instead of failing at the paired comparisons with an arm of no users after
+/// every other arm has run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scenario_without_the_titles_ranker_reports_zero_shot_alone() {
+    let mut scenario = scenario("tower-smoke");
+    scenario.data.max_users = Some(2_000);
+    scenario.data.eval_users = 200;
+    scenario.arms =
+        guild_sim::scenario::Arms { zero_shot: true, titles_zero_shot_users: Some(0), ..Default::default() };
+    let out = tempfile::tempdir().expect("tempdir");
+    let results = guild_sim::run::run(scenario, out.path()).await.expect("the scenario runs and reports");
+    let names: Vec<&str> = results.arms.iter().map(|a| a.arm.as_str()).collect();
+    assert!(names.contains(&"zero-shot"), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("weaker")), "no titles ranker was run: {names:?}");
+    let zero_shot = results.arms.iter().find(|a| a.arm == "zero-shot").expect("zero-shot");
+    assert!(
+        zero_shot.events.iter().any(|e| e.contains("titles_zero_shot_users = 0")),
+        "{:?}",
+        zero_shot.events
+    );
+    guild_sim::report::write(&results, out.path()).expect("the report is written");
+    assert!(out.path().join("summary.md").exists());
+}

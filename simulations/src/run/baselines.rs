@@ -50,14 +50,13 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             anyhow::Ok((world.score_with_ranks(None, Split::Test)?, world.score(None, Split::Validation)?))
         })?;
         let mut zero_shot = baseline(ZERO_SHOT, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
-        if world.spec.family == AdapterFamilyName::SequenceTower {
+        let k = s.arms.titles_zero_shot_users.unwrap_or(world.eval_users.len()).min(world.eval_users.len());
+        if world.spec.family == AdapterFamilyName::SequenceTower && k > 0 {
             // Two untrained rankers: the tower's own start (the mean of the last five item
             // vectors) and MiniLM on the last five titles concatenated, the latter on the
             // first `titles_zero_shot_users` evaluation users. The stronger on validation
             // (on those users) is the zero-shot every arm is compared with.
             let t = Instant::now();
-            let k =
-                s.arms.titles_zero_shot_users.unwrap_or(world.eval_users.len()).min(world.eval_users.len());
             let subsample = world.evaluated_on_first(k);
             progress.message(format!("zero-shot: MiniLM on titles, {k} users"));
             let ((test, ranks), validation, mean_of_five) = tokio::task::block_in_place(|| {
@@ -81,6 +80,13 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             arms.push(zero_shot);
             arms.push(titles);
         } else {
+            if world.spec.family == AdapterFamilyName::SequenceTower {
+                zero_shot.events.push(
+                    "ranker: the mean of the last five item vectors (the titles-concatenated ranker not run: \
+                     titles_zero_shot_users = 0)"
+                        .into(),
+                );
+            }
             arms.push(zero_shot);
         }
         let t = Instant::now();
