@@ -133,6 +133,10 @@ pub enum Shrinkage {
     None,
 }
 
+/// The largest `rounds.item_ids_scale`: the cohort a round may hold
+/// ([`RoundsConfig::max_cohort`]'s default), the most a row's few senders can be diluted.
+pub const MAX_ITEM_IDS_SCALE: f64 = 1_000.0;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundsConfig {
@@ -166,6 +170,14 @@ pub struct RoundsConfig {
     pub negatives: u32,
     pub server_optimizer: ServerOptimizer,
     pub server_learning_rate: f64,
+    /// The factor a training round's averaged update of the sequence tower's item-ID rows
+    /// (`item_ids`) is multiplied by before the server optimiser (with FedAvg: those rows'
+    /// learning rate is this times `server_learning_rate`). A row moves only in the
+    /// merchants whose shoppers bought its item, and the mean divides what they send by the
+    /// whole cohort; every other value is shared by all of them. Post-processing of the
+    /// noisy sum: it costs no privacy, and scales those rows' noise with their step. 1: plain
+    /// FedAvg; at most [`MAX_ITEM_IDS_SCALE`].
+    pub item_ids_scale: f64,
     /// Applied to a training round's noisy sum before the server optimiser.
     pub shrinkage: Shrinkage,
     /// Training rounds' noise and sampling (`[rounds.training]`).
@@ -224,6 +236,7 @@ impl Default for RoundsConfig {
             negatives: 1024,
             server_optimizer: ServerOptimizer::FedAvg,
             server_learning_rate: 1.0,
+            item_ids_scale: 1.0,
             shrinkage: Shrinkage::JamesStein,
             training: TrainingRounds::default(),
             trained: TrainedPart::Whole,
@@ -579,6 +592,13 @@ impl Config {
         if !(r.server_learning_rate.is_finite() && r.server_learning_rate > 0.0) {
             return Err(invalid("rounds.server_learning_rate", "must be positive"));
         }
+        if !(r.item_ids_scale.is_finite() && r.item_ids_scale > 0.0 && r.item_ids_scale <= MAX_ITEM_IDS_SCALE)
+        {
+            return Err(invalid(
+                "rounds.item_ids_scale",
+                format!("must be positive and at most {MAX_ITEM_IDS_SCALE}"),
+            ));
+        }
         let p = &self.privacy;
         if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
             return Err(invalid("privacy.clip_norm", "must be positive"));
@@ -803,6 +823,16 @@ pub(crate) mod tests {
                 .contains("rounds.training.sampling_rate")
         );
         assert!(error("[rounds]\nthreshold = 5\nmin_cohort = 4", &[]).contains("rounds.min_cohort"));
+        // The item-ID rows' step: positive and bounded, from the file or the environment.
+        for bad in ["0.0", "-1.0", "1001.0", "nan"] {
+            assert!(
+                error("", &[("GUILD_ROUNDS__ITEM_IDS_SCALE", bad)]).contains("rounds.item_ids_scale"),
+                "{bad}"
+            );
+        }
+        let scaled = Config::parse(&format!("{MINIMAL}\n[rounds]\nitem_ids_scale = 10.0"), env(&[]))
+            .expect("a valid scale");
+        assert_eq!(scaled.rounds.item_ids_scale, 10.0);
         let untrained = error("[rounds.training]\nnoise_multiplier = 0.0", &[]);
         assert!(
             untrained.contains("rounds.training.noise_multiplier") && untrained.contains("dangerous_none")

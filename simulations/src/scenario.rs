@@ -80,6 +80,11 @@ pub struct FederationSettings {
     pub server_learning_rate: f64,
     #[serde(default = "fed_avg")]
     pub server_optimizer: ServerOptimizer,
+    /// The factor the server multiplies the tower's item-ID rows' averaged update by
+    /// (`rounds.item_ids_scale` of the coordinator): a row is moved only by the merchants
+    /// whose shoppers bought its item, and the mean divides by the whole cohort.
+    #[serde(default = "one")]
+    pub item_ids_scale: f64,
     /// Uniform negatives of the tower's sampled softmax in each client's rounds (0: full).
     #[serde(default = "tower_negatives")]
     pub negatives: u32,
@@ -373,6 +378,10 @@ impl Scenario {
         if f.rounds == 0 || !(f.sampling_rate > 0.0 && f.sampling_rate <= 1.0) {
             return Err(invalid("federation.rounds must be ≥ 1 and sampling_rate in (0, 1]".into()));
         }
+        let most = guild_coordinator::config::MAX_ITEM_IDS_SCALE;
+        if !(f.item_ids_scale.is_finite() && f.item_ids_scale > 0.0 && f.item_ids_scale <= most) {
+            return Err(invalid(format!("federation.item_ids_scale must be positive and at most {most}")));
+        }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
         }
@@ -582,5 +591,17 @@ federated = true
         let typo = BASE.replace("rank = 1", "rank = 1\nserver_optimizer = \"fedadam\"");
         let error = load(&typo).expect_err("a typo is refused").to_string();
         assert!(error.contains("fedadam"), "{error}");
+    }
+
+    #[test]
+    fn the_item_id_rows_scale_defaults_to_plain_fed_avg_and_a_bad_one_is_named() {
+        assert_eq!(load(BASE).expect("valid").federation.item_ids_scale, 1.0);
+        let scaled = BASE.replace("rank = 1", "rank = 1\nitem_ids_scale = 10.0");
+        assert_eq!(load(&scaled).expect("valid").federation.item_ids_scale, 10.0);
+        for bad in ["0.0", "-2.0", "5000.0"] {
+            let text = BASE.replace("rank = 1", &format!("rank = 1\nitem_ids_scale = {bad}"));
+            let error = load(&text).expect_err("refused").to_string();
+            assert!(error.contains("federation.item_ids_scale"), "{bad}: {error}");
+        }
     }
 }

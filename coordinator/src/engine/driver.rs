@@ -15,7 +15,7 @@ use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::optimizer::{Trained, release_step, selection_step, server_step};
+use super::optimizer::{Trained, release_step, scale_range, selection_step, server_step};
 use super::{AdapterVersion, Engine, KEPT_OUTCOMES, Outcome, State};
 use crate::config::Shrinkage;
 use crate::store::{AdapterRecord, RoundCommit};
@@ -330,6 +330,12 @@ impl Engine {
                         let shown: Vec<String> = factors.iter().map(|f| format!("{f:.3}")).collect();
                         tracing::info!(round = round.id, variance, factors = %shown.join(" "), "noisy sum shrunk");
                     }
+                }
+                // The item-ID rows get their own step (`rounds.item_ids_scale`): each is sent by
+                // the few merchants whose shoppers bought its item, and the mean divides by all.
+                if let guild_proto::domain::AdapterFamily::SequenceTower(shape) = &self.manifest.family {
+                    let rows = guild_proto::tower::tensor_range(shape, guild_proto::tower::ITEM_IDS);
+                    scale_range(&mut decoded, rows, self.config.rounds.item_ids_scale);
                 }
                 let (optimizer, rate) =
                     (self.config.rounds.server_optimizer, self.config.rounds.server_learning_rate);

@@ -174,6 +174,15 @@ pub fn selection_step(
     Some((ServerStep { values, moments: moments.cloned() }, best))
 }
 
+/// Multiplies a decoded `sum`'s coordinates in `range` by `factor`: the sequence tower's
+/// item-ID rows get their own step (`rounds.item_ids_scale`) before the server optimiser.
+/// No range (an adapter without item IDs), or one past the sum, changes nothing.
+pub fn scale_range(sum: &mut [f64], range: Option<std::ops::Range<usize>>, factor: f64) {
+    if let Some(rows) = range.and_then(|r| sum.get_mut(r)) {
+        rows.iter_mut().for_each(|s| *s *= factor);
+    }
+}
+
 /// Sets every coordinate of a decoded `sum` outside `part` to zero: in a round that trains
 /// a part, what the sum holds elsewhere is noise alone.
 fn keep_part(sum: &mut [f64], part: &[std::ops::Range<usize>]) {
@@ -349,6 +358,22 @@ mod tests {
         assert_eq!(first, 0);
         assert!(selection_step(&TowerShape::tiny(0), &current, &sum, None).is_none());
         assert!(selection_step(&shape, &current, &sum[..3], None).is_none());
+    }
+
+    #[test]
+    fn the_item_id_rows_step_is_scaled_and_nothing_else_moves_more() {
+        let current = [1.0_f32, 1.0, 1.0, 1.0];
+        let mut sum = vec![4.0, 4.0, 4.0, 4.0];
+        scale_range(&mut sum, Some(1..3), 10.0);
+        assert_eq!(sum, vec![4.0, 40.0, 40.0, 4.0]);
+        // With FedAvg the rows' learning rate is the factor times the server's.
+        let step = server_step(ServerOptimizer::FedAvg, &current, &sum, 4.0, 0.5, None, Trained::All(None));
+        assert_eq!(step.values, vec![1.5, 6.0, 6.0, 1.5]);
+        // No item IDs, or rows that do not fit the sum: nothing scaled.
+        let mut unchanged = vec![4.0, 4.0];
+        scale_range(&mut unchanged, None, 10.0);
+        scale_range(&mut unchanged, Some(1..3), 10.0);
+        assert_eq!(unchanged, vec![4.0, 4.0]);
     }
 
     #[test]

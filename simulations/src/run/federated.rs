@@ -77,6 +77,7 @@ pub(super) async fn federated(
         c.rounds.negatives = f.negatives;
         c.rounds.server_learning_rate = f.server_learning_rate;
         c.rounds.server_optimizer = f.server_optimizer;
+        c.rounds.item_ids_scale = f.item_ids_scale;
         c.privacy.mode = arm.mode;
         c.privacy.clip_norm = f.clip_norm;
         c.rounds.training.noise_multiplier = arm.noise_multiplier;
