@@ -405,7 +405,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             guild_sim::report::write(&results, &out)?;
             println!("{}", guild_sim::report::markdown(&results));
             eprintln!("guild-sim: report written to {}", out.display());
-            Ok(())
+            match &results.comparisons_failed {
+                Some(error) => anyhow::bail!(
+                    "the paired comparisons failed ({error}); every arm's scores are in {}",
+                    out.display()
+                ),
+                None => Ok(()),
+            }
         }
         Command::Load { clients, dimension, rounds, neighbours, threshold, flood, dangerous_no_noise } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

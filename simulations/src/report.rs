@@ -145,6 +145,12 @@ pub fn markdown(results: &RunResults) -> String {
 
 /// The paired differences of every arm against the reference arms, with their intervals.
 fn comparisons(results: &RunResults) -> String {
+    if let Some(error) = &results.comparisons_failed {
+        return format!(
+            "## Paired differences\n\nThe paired comparisons could not be made: {error}. Every arm's scores \
+             above stand; `results.json` holds each arm's per-user ranks.\n\n"
+        );
+    }
     let compared: Vec<&ArmResult> = results.arms.iter().filter(|a| !a.comparisons.is_empty()).collect();
     if compared.is_empty() {
         return String::new();
@@ -501,6 +507,45 @@ pub fn write(results: &RunResults, dir: &Path) -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
+    /// Comparisons that cannot be made (here an arm whose models ranked different numbers
+    /// of users) keep every arm's scores, and the report says why there are no intervals.
+    #[test]
+    fn failed_comparisons_keep_the_arms_and_the_report_says_why() {
+        let arm = |name: &str, ranks: Vec<Vec<u32>>| ArmResult {
+            arm: name.into(),
+            test: crate::results::Scores { ndcg_at_10: 0.5, ..Default::default() },
+            test_ranks: ranks,
+            ..Default::default()
+        };
+        let mut arms =
+            vec![arm(crate::run::ZERO_SHOT, vec![vec![1, 2, 3]]), arm("federated", vec![vec![1, 2, 3]])];
+        assert_eq!(crate::run::compare_or_keep(&mut arms), None);
+        assert!(!arms[1].comparisons.is_empty(), "comparable arms are compared");
+        arms.push(arm("local-only (mean)", vec![vec![1, 2, 3], vec![1]]));
+        let error = crate::run::compare_or_keep(&mut arms).expect("a failure");
+        assert!(error.contains("same users"), "{error}");
+        assert_eq!(arms.len(), 3, "no arm lost");
+        assert!(arms.iter().all(|a| a.comparisons.is_empty() && a.test.ndcg_at_10 == 0.5));
+        let results = RunResults {
+            scenario: "t".into(),
+            description: String::new(),
+            machine: String::new(),
+            merchants: 1,
+            dataset_users: 3,
+            catalogue: 10,
+            eval_users: 3,
+            expected_cohort: 1.0,
+            adapter_parameters: 1,
+            wall_seconds: 1.0,
+            arms,
+            search: Vec::new(),
+            serving: None,
+            comparisons_failed: Some(error.clone()),
+        };
+        let text = markdown(&results);
+        assert!(text.contains("could not be made") && text.contains(&error), "{text}");
+    }
+
     #[test]
     fn the_verdict_compares_dp_with_zero_shot_by_its_paired_interval() {
         let difference = |difference: f64, ci_low: f64, ci_high: f64| crate::stats::PairedDifference {
@@ -536,6 +581,7 @@ mod tests {
             ],
             search: Vec::new(),
             serving: None,
+            comparisons_failed: None,
         };
         let above = verdict(&results(difference(0.002, 0.001, 0.003)));
         assert!(

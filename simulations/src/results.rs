@@ -132,6 +132,11 @@ pub struct RunResults {
     /// The federated arm's final version served on loopback (`[arms] serve_requests`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving: Option<ServingResult>,
+    /// Why the paired comparisons could not be made, if they could not: every arm's scores
+    /// are kept and the report written all the same (a run is many minutes of work), and
+    /// `guild-sim run` then exits with this error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparisons_failed: Option<String>,
 }
 
 /// `guild-client serve`'s router answering `Recommend` over gRPC on loopback with one arm's

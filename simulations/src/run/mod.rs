@@ -155,7 +155,7 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         None
     };
     progress.message("paired comparisons");
-    compare_arms(&mut arms)?;
+    let comparisons_failed = compare_or_keep(&mut arms);
     progress.finish();
     let shared = lock(&world.shared);
     Ok(RunResults {
@@ -172,7 +172,17 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         arms,
         search,
         serving,
+        comparisons_failed,
     })
+}
+
+/// [`compare_arms`], or, where it fails, every arm as it was with no comparisons and the
+/// error in words: the arms' scores are the run's work, and are written all the same.
+pub fn compare_or_keep(arms: &mut [ArmResult]) -> Option<String> {
+    let error = compare_arms(arms).err()?;
+    tracing::error!(error = format!("{error:#}"), "paired comparisons failed; the arms' scores are kept");
+    arms.iter_mut().for_each(|arm| arm.comparisons.clear());
+    Some(format!("{error:#}"))
 }
 
 /// A one-line description of this machine.
