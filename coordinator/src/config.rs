@@ -632,6 +632,14 @@ impl Config {
             }
             _ => {}
         }
+        if r.item_ids_scale != 1.0 && !(a.family == AdapterFamilyName::SequenceTower && a.tower.item_ids > 0)
+        {
+            return Err(invalid(
+                "rounds.item_ids_scale",
+                "scales the sequence tower's item-ID rows: needs adapter.family = \"sequence_tower\" with \
+                 adapter.tower.item_ids set (1 leaves every adapter as FedAvg moves it)",
+            ));
+        }
         if r.trained == TrainedPart::Pooling {
             if a.family != AdapterFamilyName::SequenceTower || a.tower.catalogue == 0 {
                 return Err(invalid(
@@ -830,9 +838,20 @@ pub(crate) mod tests {
                 "{bad}"
             );
         }
-        let scaled = Config::parse(&format!("{MINIMAL}\n[rounds]\nitem_ids_scale = 10.0"), env(&[]))
-            .expect("a valid scale");
+        // A scale other than 1 needs item IDs to scale.
+        let scale = format!("{MINIMAL}\n[rounds]\nitem_ids_scale = 10.0");
+        let ids = [
+            ("GUILD_ADAPTER__FAMILY", "sequence_tower"),
+            ("GUILD_ADAPTER__TOWER__CATALOGUE", "100"),
+            ("GUILD_ADAPTER__TOWER__ITEM_IDS", "4"),
+        ];
+        let scaled = Config::parse(&scale, env(&ids)).expect("a valid scale");
         assert_eq!(scaled.rounds.item_ids_scale, 10.0);
+        let without = Config::parse(&scale, env(&ids[..2])).expect_err("no item IDs").to_string();
+        assert!(
+            without.contains("rounds.item_ids_scale") && without.contains("adapter.tower.item_ids"),
+            "{without}"
+        );
         let untrained = error("[rounds.training]\nnoise_multiplier = 0.0", &[]);
         assert!(
             untrained.contains("rounds.training.noise_multiplier") && untrained.contains("dangerous_none")

@@ -382,6 +382,14 @@ impl Scenario {
         if !(f.item_ids_scale.is_finite() && f.item_ids_scale > 0.0 && f.item_ids_scale <= most) {
             return Err(invalid(format!("federation.item_ids_scale must be positive and at most {most}")));
         }
+        let has_item_ids = f.family == AdapterFamilyName::SequenceTower && f.tower.item_ids > 0;
+        if f.item_ids_scale != 1.0 && !has_item_ids {
+            return Err(invalid(
+                "federation.item_ids_scale scales the sequence tower's item-ID rows: needs family = \
+                 \"sequence_tower\" and tower.item_ids set"
+                    .into(),
+            ));
+        }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
         }
@@ -596,10 +604,14 @@ federated = true
     #[test]
     fn the_item_id_rows_scale_defaults_to_plain_fed_avg_and_a_bad_one_is_named() {
         assert_eq!(load(BASE).expect("valid").federation.item_ids_scale, 1.0);
-        let scaled = BASE.replace("rank = 1", "rank = 1\nitem_ids_scale = 10.0");
+        let tower = "rank = 1\nfamily = \"sequence_tower\"\ntower = { catalogue = 100, item_ids = 4 }";
+        let scaled = BASE.replace("rank = 1", &format!("{tower}\nitem_ids_scale = 10.0"));
         assert_eq!(load(&scaled).expect("valid").federation.item_ids_scale, 10.0);
+        // Without item IDs there is nothing to scale.
+        let error = load(&BASE.replace("rank = 1", "rank = 1\nitem_ids_scale = 10.0")).expect_err("no IDs");
+        assert!(error.to_string().contains("tower.item_ids"), "{error}");
         for bad in ["0.0", "-2.0", "5000.0"] {
-            let text = BASE.replace("rank = 1", &format!("rank = 1\nitem_ids_scale = {bad}"));
+            let text = BASE.replace("rank = 1", &format!("{tower}\nitem_ids_scale = {bad}"));
             let error = load(&text).expect_err("refused").to_string();
             assert!(error.contains("federation.item_ids_scale"), "{bad}: {error}");
         }
