@@ -137,6 +137,31 @@ pub enum Shrinkage {
 /// ([`RoundsConfig::max_cohort`]'s default), the most a row's few senders can be diluted.
 pub const MAX_ITEM_IDS_SCALE: f64 = 1_000.0;
 
+/// What makes a value unfit for `rounds.item_ids_scale`: the coordinator's configuration and
+/// the simulator's scenarios ask the same question, each naming its own keys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ItemIdsScaleProblem {
+    /// Not positive, not finite, or above [`MAX_ITEM_IDS_SCALE`].
+    OutOfRange,
+    /// Other than 1 for an adapter without item-ID rows (not a sequence tower, or one whose
+    /// shape has no `item_ids`): nothing to scale.
+    NothingToScale,
+}
+
+/// Whether `scale` may be `rounds.item_ids_scale` for an adapter of `family` whose tower
+/// shape has `item_ids` values per item.
+pub fn item_ids_scale_problem(
+    scale: f64,
+    family: AdapterFamilyName,
+    item_ids: usize,
+) -> Option<ItemIdsScaleProblem> {
+    if !(scale.is_finite() && scale > 0.0 && scale <= MAX_ITEM_IDS_SCALE) {
+        return Some(ItemIdsScaleProblem::OutOfRange);
+    }
+    let has_item_ids = family == AdapterFamilyName::SequenceTower && item_ids > 0;
+    (scale != 1.0 && !has_item_ids).then_some(ItemIdsScaleProblem::NothingToScale)
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoundsConfig {
@@ -592,12 +617,21 @@ impl Config {
         if !(r.server_learning_rate.is_finite() && r.server_learning_rate > 0.0) {
             return Err(invalid("rounds.server_learning_rate", "must be positive"));
         }
-        if !(r.item_ids_scale.is_finite() && r.item_ids_scale > 0.0 && r.item_ids_scale <= MAX_ITEM_IDS_SCALE)
-        {
-            return Err(invalid(
-                "rounds.item_ids_scale",
-                format!("must be positive and at most {MAX_ITEM_IDS_SCALE}"),
-            ));
+        match item_ids_scale_problem(r.item_ids_scale, self.adapter.family, self.adapter.tower.item_ids) {
+            Some(ItemIdsScaleProblem::OutOfRange) => {
+                return Err(invalid(
+                    "rounds.item_ids_scale",
+                    format!("must be positive and at most {MAX_ITEM_IDS_SCALE}"),
+                ));
+            }
+            Some(ItemIdsScaleProblem::NothingToScale) => {
+                return Err(invalid(
+                    "rounds.item_ids_scale",
+                    "scales the sequence tower's item-ID rows: needs adapter.family = \"sequence_tower\" with \
+                     adapter.tower.item_ids set (1 leaves every adapter as FedAvg moves it)",
+                ));
+            }
+            None => {}
         }
         let p = &self.privacy;
         if !(p.clip_norm.is_finite() && p.clip_norm > 0.0) {
@@ -631,14 +665,6 @@ impl Config {
                 return Err(invalid("privacy.mode", "local mode is offered by the simulator only"));
             }
             _ => {}
-        }
-        if r.item_ids_scale != 1.0 && !(a.family == AdapterFamilyName::SequenceTower && a.tower.item_ids > 0)
-        {
-            return Err(invalid(
-                "rounds.item_ids_scale",
-                "scales the sequence tower's item-ID rows: needs adapter.family = \"sequence_tower\" with \
-                 adapter.tower.item_ids set (1 leaves every adapter as FedAvg moves it)",
-            ));
         }
         if r.trained == TrainedPart::Pooling {
             if a.family != AdapterFamilyName::SequenceTower || a.tower.catalogue == 0 {

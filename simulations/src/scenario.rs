@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use guild_coordinator::config::ServerOptimizer;
+use guild_coordinator::config::{
+    ItemIdsScaleProblem, MAX_ITEM_IDS_SCALE, ServerOptimizer, item_ids_scale_problem,
+};
 use guild_privacy::secagg::Phase;
 use guild_proto::domain::AdapterFamilyName;
 use guild_proto::tower::TowerShape;
@@ -378,17 +380,20 @@ impl Scenario {
         if f.rounds == 0 || !(f.sampling_rate > 0.0 && f.sampling_rate <= 1.0) {
             return Err(invalid("federation.rounds must be ≥ 1 and sampling_rate in (0, 1]".into()));
         }
-        let most = guild_coordinator::config::MAX_ITEM_IDS_SCALE;
-        if !(f.item_ids_scale.is_finite() && f.item_ids_scale > 0.0 && f.item_ids_scale <= most) {
-            return Err(invalid(format!("federation.item_ids_scale must be positive and at most {most}")));
-        }
-        let has_item_ids = f.family == AdapterFamilyName::SequenceTower && f.tower.item_ids > 0;
-        if f.item_ids_scale != 1.0 && !has_item_ids {
-            return Err(invalid(
-                "federation.item_ids_scale scales the sequence tower's item-ID rows: needs family = \
-                 \"sequence_tower\" and tower.item_ids set"
-                    .into(),
-            ));
+        match item_ids_scale_problem(f.item_ids_scale, f.family, f.tower.item_ids) {
+            Some(ItemIdsScaleProblem::OutOfRange) => {
+                return Err(invalid(format!(
+                    "federation.item_ids_scale must be positive and at most {MAX_ITEM_IDS_SCALE}"
+                )));
+            }
+            Some(ItemIdsScaleProblem::NothingToScale) => {
+                return Err(invalid(
+                    "federation.item_ids_scale scales the sequence tower's item-ID rows: needs family = \
+                     \"sequence_tower\" and tower.item_ids set"
+                        .into(),
+                ));
+            }
+            None => {}
         }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));

@@ -179,10 +179,10 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
 /// [`compare_arms`], or, where it fails, every arm as it was with no comparisons and the
 /// error in words: the arms' scores are the run's work, and are written all the same.
 pub fn compare_or_keep(arms: &mut [ArmResult]) -> Option<String> {
-    let error = compare_arms(arms).err()?;
-    tracing::error!(error = format!("{error:#}"), "paired comparisons failed; the arms' scores are kept");
+    let error = format!("{:#}", compare_arms(arms).err()?);
+    tracing::error!(error, "paired comparisons failed; the arms' scores are kept");
     arms.iter_mut().for_each(|arm| arm.comparisons.clear());
-    Some(format!("{error:#}"))
+    Some(error)
 }
 
 /// A one-line description of this machine.
