@@ -306,11 +306,19 @@ pub struct StatisticRounds {
     /// selection's settings is clipped at 1 in the default scenario, its training updates
     /// at 10).
     pub clip_norm: Option<f64>,
+    /// Popularity releases only, and only without noise: the `rounds` releases partition
+    /// the merchants instead of sampling them, so that each takes part in exactly one
+    /// (`guild_proto::round::release_part` of its id) and the summed statistics cover every
+    /// merchant while each round's cohort stays about `1/rounds` of the federation (a
+    /// round of every merchant at once would be as large as the federation). Training's
+    /// few sampled rounds reach a fraction of the merchants; the counts' prior is only as
+    /// good as the pairs summed into it.
+    pub partition: bool,
 }
 
 impl Default for StatisticRounds {
     fn default() -> Self {
-        Self { rounds: 0, noise_multiplier: 0.0, sampling_rate: 1.0, clip_norm: None }
+        Self { rounds: 0, noise_multiplier: 0.0, sampling_rate: 1.0, clip_norm: None, partition: false }
     }
 }
 
@@ -512,6 +520,13 @@ impl Config {
         own.unwrap_or(self.privacy.clip_norm)
     }
 
+    /// The number of parts a partitioned popularity release splits the merchants into (its
+    /// `rounds`; `rounds.popularity_release.partition`), `None` where releases sample.
+    pub fn release_parts(&self) -> Option<u32> {
+        let release = &self.rounds.popularity_release;
+        (release.partition && release.rounds > 0).then_some(release.rounds)
+    }
+
     /// How a round of `kind` samples and how much noise it carries: at its own table's rate
     /// and z (`[rounds.training]`, `[rounds.popularity_release]`, `[rounds.pooling_selection]`).
     /// The rate is the unit's: merchants in the merchant unit; shoppers in the shopper unit,
@@ -520,9 +535,11 @@ impl Config {
         let r = &self.rounds;
         let (unit_rate, noise_multiplier) = match kind {
             RoundKind::Training => (r.training.sampling_rate, r.training.noise_multiplier),
-            RoundKind::PopularityRelease => {
-                (r.popularity_release.sampling_rate, r.popularity_release.noise_multiplier)
-            }
+            // A partitioned release takes a `1/rounds` part of the merchants each round.
+            RoundKind::PopularityRelease => match self.release_parts() {
+                Some(parts) => (1.0 / f64::from(parts), r.popularity_release.noise_multiplier),
+                None => (r.popularity_release.sampling_rate, r.popularity_release.noise_multiplier),
+            },
             RoundKind::PoolingSelection => {
                 (r.pooling_selection.sampling_rate, r.pooling_selection.noise_multiplier)
             }
@@ -715,6 +732,31 @@ impl Config {
             }
             check_rate(s.sampling_rate, q_key)?;
         }
+        if r.pooling_selection.partition {
+            return Err(invalid(
+                "rounds.pooling_selection.partition",
+                "only popularity releases partition the merchants (a selection is one round)",
+            ));
+        }
+        if r.popularity_release.partition {
+            // Each merchant in exactly one round is parallel composition, which the ledger
+            // does not account; under DP a release at sampling_rate 1 covers every merchant.
+            if p.mode != PrivacyMode::DangerousNone || p.unit != PrivacyUnit::Merchant {
+                return Err(invalid(
+                    "rounds.popularity_release.partition",
+                    "partitions the merchants of a federation without noise only: needs privacy.mode = \
+                     \"dangerous_none\" and privacy.unit = \"merchant\" (under DP, a release at \
+                     sampling_rate = 1 takes every merchant in one round)",
+                ));
+            }
+            if r.popularity_release.sampling_rate != 1.0 {
+                return Err(invalid(
+                    "rounds.popularity_release.sampling_rate",
+                    "a partitioned release takes each merchant in one of its rounds, sampling none: \
+                     leave sampling_rate out (or at 1)",
+                ));
+            }
+        }
         if !(p.epsilon_budget.is_finite() && p.epsilon_budget > 0.0 && p.delta > 0.0 && p.delta < 1.0) {
             return Err(invalid("privacy", "epsilon_budget must be positive and delta in (0, 1)"));
         }
@@ -845,6 +887,48 @@ pub(crate) mod tests {
         )
         .expect_err("a negative clip norm");
         assert!(refused.to_string().contains("rounds.pooling_selection.clip_norm"), "{refused}");
+    }
+
+    /// A partitioned release: without noise and in the merchant unit only, sampling nothing
+    /// (each round a `1/rounds` part of the merchants); under DP, or with a rate, or in a
+    /// selection, it is refused naming the key.
+    #[test]
+    fn a_partitioned_release_is_for_a_federation_without_noise() {
+        let release =
+            "[rounds.popularity_release]\nrounds = 4\npartition = true\n[privacy]\nmode = \"dangerous_none\"";
+        let config = Config::parse(&format!("{MINIMAL}\n{release}"), env(&[])).expect("valid partition");
+        assert_eq!(config.release_parts(), Some(4));
+        let q = config.kind_privacy(RoundKind::PopularityRelease);
+        assert_eq!((q.merchant_rate, q.unit_rate), (0.25, 0.25));
+        assert_eq!(config.kind_privacy(RoundKind::Training).merchant_rate, 1.0);
+        let error = |pairs: &[(&str, &str)]| {
+            Config::parse(&format!("{MINIMAL}\n{release}"), env(pairs)).expect_err("invalid").to_string()
+        };
+        let noisy = error(&[
+            ("GUILD_PRIVACY__MODE", "distributed"),
+            ("GUILD_ROUNDS__POPULARITY_RELEASE__NOISE_MULTIPLIER", "1.0"),
+        ]);
+        assert!(
+            noisy.contains("rounds.popularity_release.partition") && noisy.contains("dangerous_none"),
+            "{noisy}"
+        );
+        let shoppers = error(&[("GUILD_PRIVACY__UNIT", "shopper"), ("GUILD_PRIVACY__SHOPPERS", "1000")]);
+        assert!(shoppers.contains("rounds.popularity_release.partition"), "{shoppers}");
+        let sampled = error(&[("GUILD_ROUNDS__POPULARITY_RELEASE__SAMPLING_RATE", "0.5")]);
+        assert!(sampled.contains("rounds.popularity_release.sampling_rate"), "{sampled}");
+        let selection = error(&[("GUILD_ROUNDS__POOLING_SELECTION__PARTITION", "true")]);
+        assert!(selection.contains("rounds.pooling_selection.partition"), "{selection}");
+        // Without `partition`, releases sample at their rate.
+        let sampled = Config::parse(
+            &format!("{MINIMAL}\n{release}"),
+            env(&[
+                ("GUILD_ROUNDS__POPULARITY_RELEASE__PARTITION", "false"),
+                ("GUILD_ROUNDS__POPULARITY_RELEASE__SAMPLING_RATE", "0.5"),
+            ]),
+        )
+        .expect("a sampled release");
+        assert_eq!(sampled.release_parts(), None);
+        assert_eq!(sampled.kind_privacy(RoundKind::PopularityRelease).merchant_rate, 0.5);
     }
 
     #[test]

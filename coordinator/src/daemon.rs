@@ -168,6 +168,8 @@ sampling_rate = 1.0
 # rounds = 1
 # noise_multiplier = 10.0
 # sampling_rate = 1.0
+# (Without noise, `partition = true` makes the `rounds` releases take disjoint parts of the
+# merchants instead of sampling: every merchant's statistics summed once, cohorts 1/rounds.)
 # [rounds.pooling_selection]
 # rounds = 1
 # noise_multiplier = 10.0

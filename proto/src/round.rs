@@ -229,6 +229,39 @@ impl crate::domain::RoundTask {
     }
 }
 
+/// The members of part `part` (of `parts`) of a partitioned release among `merchant_ids`
+/// (the federation's eligible merchants), as indices into it: the merchants are ordered by
+/// SHA-256 over a domain tag, the federation and the id, and the `i`-th of `parts` runs of
+/// that order is part `i`. The parts of one set of merchants are disjoint, cover it and
+/// differ in size by at most one; the order is fixed by the ids alone, so a merchant cannot
+/// choose its part without choosing another id. (A merchant that joins between two of the
+/// releases shifts the runs' bounds: a neighbour in the order may then be summed twice or
+/// not at all.)
+pub fn release_part(federation_id: &[u8; 16], merchant_ids: &[&str], part: u32, parts: u32) -> Vec<usize> {
+    use sha2::{Digest, Sha256};
+    let parts = parts.max(1) as usize;
+    let key = |id: &str| -> [u8; 32] {
+        Sha256::new()
+            .chain_update(b"guild release partition v1\0")
+            .chain_update(federation_id)
+            .chain_update(id.as_bytes())
+            .finalize()
+            .into()
+    };
+    let mut order: Vec<([u8; 32], usize)> =
+        merchant_ids.iter().enumerate().map(|(i, id)| (key(id), i)).collect();
+    order.sort_unstable();
+    let n = order.len();
+    let part = part as usize;
+    if part >= parts {
+        return Vec::new();
+    }
+    let mut members: Vec<usize> =
+        order[part * n / parts..(part + 1) * n / parts].iter().map(|&(_, i)| i).collect();
+    members.sort_unstable();
+    members
+}
+
 /// The federation's order of round kinds: its first `popularity_releases` adapter versions
 /// come from popularity releases, the next from one pooling selection (if asked for), and
 /// every later one from training. Kinds the adapter cannot run are left out
@@ -291,9 +324,53 @@ impl Schedule {
 
 #[cfg(test)]
 mod tests {
-    use super::{RoundKind, Schedule, SummedCoordinates, TrainedPart};
+    use super::{RoundKind, Schedule, SummedCoordinates, TrainedPart, release_part};
     use crate::domain::AdapterManifest;
     use crate::tower::TowerShape;
+
+    /// Known answer, computed independently with Python's hashlib (the ids sorted by
+    /// `sha256(b"guild release partition v1\0" + bytes([7]*16) + id)`, cut into runs of
+    /// `i*n//parts`): the parts are fixed by the federation and the ids alone.
+    #[test]
+    fn a_release_partition_is_fixed_by_the_federation_and_the_ids() {
+        let ids = ["merchant-001", "merchant-002", "merchant-003", "shop-42", "shop-7"];
+        let parts: Vec<Vec<usize>> = (0..2).map(|p| release_part(&[7u8; 16], &ids, p, 2)).collect();
+        expect_test::expect!["[[0, 3], [1, 2, 4]]"].assert_eq(&format!("{parts:?}"));
+        assert_eq!(
+            release_part(&[7u8; 16], &ids, 0, 1),
+            vec![0, 1, 2, 3, 4],
+            "one part holds every merchant"
+        );
+        assert!(release_part(&[7u8; 16], &ids, 2, 2).is_empty(), "no part past the last");
+    }
+
+    /// The parts of one set of merchants are disjoint, cover it, and differ in size by at
+    /// most one, whatever the set's order.
+    #[test]
+    fn release_parts_split_the_merchants_evenly_and_once() {
+        let owned: Vec<String> = (0..508).map(|i| format!("merchant-{i:03}")).collect();
+        let mut ids: Vec<&str> = owned.iter().map(String::as_str).collect();
+        for parts in [1, 3, 10, 20] {
+            let mut seen = vec![0u32; ids.len()];
+            let mut sizes = Vec::new();
+            for part in 0..parts {
+                let members = release_part(&[3u8; 16], &ids, part, parts);
+                sizes.push(members.len());
+                members.iter().for_each(|&i| seen[i] += 1);
+            }
+            assert!(seen.iter().all(|&c| c == 1), "{parts} parts: each merchant in exactly one");
+            let (min, max) = (sizes.iter().min().expect("parts"), sizes.iter().max().expect("parts"));
+            assert!(max - min <= 1, "{parts} parts: sizes {sizes:?}");
+        }
+        // The same merchants in another order: the same parts.
+        let before: Vec<&str> = release_part(&[3u8; 16], &ids, 4, 10).iter().map(|&i| ids[i]).collect();
+        ids.reverse();
+        let mut after: Vec<&str> = release_part(&[3u8; 16], &ids, 4, 10).iter().map(|&i| ids[i]).collect();
+        after.sort_unstable();
+        let mut before = before;
+        before.sort_unstable();
+        assert_eq!(before, after);
+    }
 
     #[test]
     fn releases_come_first_then_the_selection_then_training() {

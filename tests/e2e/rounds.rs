@@ -127,6 +127,68 @@ async fn a_merchant_unit_popularity_release_moves_only_the_histogram() {
     run_and_check_a_release_then_training(&federation).await;
 }
 
+/// A partitioned release (`rounds.popularity_release.partition`, no noise) end to end: two
+/// releases over ten merchants take two disjoint parts of five, so every merchant's
+/// statistics are summed exactly once. Each merchant leaves after its first committed
+/// round, so the second release can take all five that are left only if its cohort is the
+/// part the first did not take. Sampled instead, it fails: at q = 1 (the partition ignored)
+/// the first round takes all ten and the second never commits; at q = 1/2 the second
+/// commits without some of the five left (who then never stop) unless its draw holds all
+/// of them, about 7% of the time. Nothing moves but the statistics, and nothing is charged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_release_sums_each_merchant_once_in_disjoint_parts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 10, |c| {
+        small(c);
+        c.adapter.family = guild_proto::domain::AdapterFamilyName::SequenceTower;
+        c.adapter.tower = guild_proto::tower::TowerShape::tiny(16);
+        c.privacy.mode = guild_privacy::PrivacyMode::DangerousNone;
+        c.rounds.min_cohort = 5;
+        c.rounds.threshold = 4;
+        c.rounds.max_rounds = 2;
+        c.rounds.popularity_release.rounds = 2;
+        c.rounds.popularity_release.partition = true;
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let manifest = federation.config.manifest().expect("manifest");
+    let mut clients = Vec::new();
+    for i in 0..10 {
+        let learner = RandomLearner {
+            manifest: manifest.clone(),
+            norm: 0.5,
+            rng: ChaCha20Rng::seed_from_u64(i as u64),
+            shoppers: 40,
+        };
+        // A federation without noise: each merchant must say it sends unnoised updates.
+        let options =
+            ParticipantOptions { dangerous_send_unnoised_updates: true, max_rounds: 1, ..options(i) };
+        clients.push(spawn_participant(&federation, i, Box::new(learner), options).await);
+    }
+    wait_for_rounds(&federation, 2, Duration::from_secs(90)).await;
+    for client in clients {
+        let committed = tokio::time::timeout(Duration::from_secs(30), client)
+            .await
+            .expect("client stops")
+            .expect("join")
+            .expect("client ran");
+        assert_eq!(committed, 1, "each merchant is in exactly one release");
+    }
+    let store = federation.store().expect("store");
+    assert!(store.ledger().expect("ledger").is_empty(), "releases without noise are not charged");
+    let range = manifest.accumulated_range().expect("statistics");
+    let d = manifest.parameter_count();
+    let version = |v: u64| {
+        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
+    };
+    let (v0, v1, v2) = (version(0), version(1), version(2));
+    for (before, after) in [(&v0, &v1), (&v1, &v2)] {
+        let outside = before.iter().zip(after.iter()).enumerate().filter(|(i, _)| !range.contains(i));
+        assert!(outside.clone().all(|(_, (x, y))| x == y), "a release moves the statistics alone");
+        assert_ne!(&before[range.clone()], &after[range.clone()], "each release moved the statistics");
+    }
+}
+
 /// The pooling selection end to end, between a release and a training round: version 2
 /// keeps the histogram and every trained value of version 1 and holds one of the public
 /// grid's settings of pooling and prior weight (whatever the lightweight clients send, the

@@ -13,7 +13,7 @@ use guild_privacy::secagg::{Identities, Phase, RoundConfig};
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::convert::task_digest;
 use guild_proto::domain::{PrivacyParams, RoundTask, SecAggParams, TrainingParams};
-use guild_proto::round::RoundKind;
+use guild_proto::round::{RoundKind, release_part};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
@@ -70,12 +70,35 @@ impl Engine {
                 format!("the next round is a {kind} and no noise multiplier is set for it; no more rounds");
             return Ok(false);
         }
-        // Poisson sampling: each merchant independently, with the OS's randomness.
         let mut rng = ChaCha20Rng::from_entropy();
         // (In the shopper unit the rate is 1: every merchant, each sampling its own shoppers.)
         let q = privacy.merchant_rate;
-        let cohort: Vec<MerchantRecord> = eligible.into_iter().filter(|_| rng.gen_bool(q)).collect();
+        let partition = cfg.release_parts().filter(|_| kind == RoundKind::PopularityRelease);
+        let cohort: Vec<MerchantRecord> = match partition {
+            // A partitioned release (no noise): the i-th release takes the merchants of part
+            // i, so that each merchant is summed in exactly one (an aborted release is
+            // retried with the same part).
+            Some(parts) => {
+                let part = (self.lock().latest.version % u64::from(parts)) as u32;
+                let ids: Vec<&str> = eligible.iter().map(|m| m.merchant_id.as_str()).collect();
+                let members = release_part(&self.federation_id, &ids, part, parts);
+                members.into_iter().map(|i| eligible[i].clone()).collect()
+            }
+            // Poisson sampling: each merchant independently, with the OS's randomness.
+            None => eligible.into_iter().filter(|_| rng.gen_bool(q)).collect(),
+        };
         let n = cohort.len() as u32;
+        if let Some(parts) = partition
+            && !(cfg.rounds.min_cohort..=cfg.rounds.max_cohort).contains(&n)
+        {
+            // The same part comes up again: only more merchants registering can change it.
+            self.lock().status = format!(
+                "the partitioned release's part of {n} merchants is outside the cohort limits \
+                 {}..={} (rounds.popularity_release.rounds = {parts} parts); waiting for merchants",
+                cfg.rounds.min_cohort, cfg.rounds.max_cohort
+            );
+            return Ok(false);
+        }
         if n > cfg.rounds.max_cohort {
             // As for a small sample: nothing is computed from it, so it costs no privacy.
             self.metrics.rounds_skipped.inc();

@@ -103,12 +103,14 @@ pub(super) async fn federated(
                 noise_multiplier: arm.popularity_noise_multiplier,
                 sampling_rate: sh.popularity_sampling_rate,
                 clip_norm: None,
+                partition: false,
             };
             c.rounds.pooling_selection = StatisticRounds {
                 rounds: u32::from(arm.schedule.pooling_selection),
                 noise_multiplier: arm.selection_noise_multiplier,
                 sampling_rate: sh.selection_rate(),
                 clip_norm: None,
+                partition: false,
             };
         } else if arm.schedule.pooling_selection {
             // A merchant-level selection: merchants sampled as for training, each sending
@@ -118,13 +120,24 @@ pub(super) async fn federated(
                 noise_multiplier: arm.selection_noise_multiplier,
                 sampling_rate: arm.selection_rate,
                 clip_norm: arm.selection_clip_norm,
+                partition: false,
+            };
+        } else if arm.schedule.popularity_releases > 0 {
+            // Without noise: every merchant's statistics, one part of the merchants a round.
+            c.rounds.popularity_release = StatisticRounds {
+                rounds: arm.schedule.popularity_releases,
+                partition: true,
+                ..StatisticRounds::default()
             };
         }
         // Every client of a cohort masks on this machine's cores: the masked-input phase
         // gets the time that takes (for a cohort one deviation above its mean; three times
         // the work leaves room for cohorts larger still and for the coordinator's own).
         let q = c.kind_privacy(RoundKind::Training).merchant_rate;
-        let cohort = ((q * n as f64 + (q * (1.0 - q) * n as f64).sqrt()).ceil() as usize).clamp(1, n);
+        let sampled = (q * n as f64 + (q * (1.0 - q) * n as f64).sqrt()).ceil() as usize;
+        // A partitioned release's part is n/parts merchants (its vector no longer).
+        let part = c.release_parts().map_or(0, |parts| n.div_ceil(parts as usize));
+        let cohort = sampled.max(part).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
         c.rounds.phase_deadlines_ms = crate::federation::shared_machine_deadlines(
             c.rounds.phase_deadlines_ms,
@@ -177,6 +190,15 @@ pub(super) async fn federated(
             arm.selection_noise_multiplier,
             arm.rounds - 1,
             arm.noise_multiplier
+        ));
+    }
+    if arm.shopper.is_none() && arm.schedule.popularity_releases > 0 {
+        events.push(format!(
+            "{} popularity releases first, each over one of as many parts of the merchants (each merchant in \
+             one, `rounds.popularity_release.partition`), every merchant's statistics summed without noise; \
+             then {} training round(s)",
+            arm.schedule.popularity_releases,
+            arm.rounds - u64::from(arm.schedule.popularity_releases)
         ));
     }
     if let Some(sh) = &arm.shopper {

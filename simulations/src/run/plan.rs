@@ -87,15 +87,18 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
     let kill_after = |index: usize| s.faults.kill_coordinator_after_round.filter(|_| killed(index));
     let mut plan = Vec::new();
     if s.arms.federated {
+        let releases = u64::from(f.release_parts);
         let arm = FederatedArm::merchant_level(
             "federated (non-private)".into(),
             PrivacyMode::DangerousNone,
             0.0,
             1e9,
             delta,
-            f.rounds,
+            f.rounds + releases,
         );
-        plan.push(FederatedArm { kill_after: kill_after(plan.len()), ..arm });
+        // Its partitioned releases (if any) come first, then its training rounds.
+        let schedule = Schedule { popularity_releases: f.release_parts, pooling_selection: false };
+        plan.push(FederatedArm { kill_after: kill_after(plan.len()), schedule, ..arm });
     }
     let expected = f.sampling_rate * n as f64;
     // Calibrate for a generous cohort (mean + 4 sd): larger cohorts give a coarser γ and a
