@@ -170,14 +170,24 @@ pub async fn each_took_part_in(
     rounds: u64,
 ) {
     wait_for_rounds(federation, rounds, Duration::from_secs(60)).await;
+    for committed in committed_by(clients).await {
+        assert_eq!(committed, rounds, "every client took part in every round");
+    }
+}
+
+/// Waits for each of `clients` to stop (30 s each) and returns how many committed rounds
+/// each took part in.
+pub async fn committed_by(clients: Vec<JoinHandle<anyhow::Result<u64>>>) -> Vec<u64> {
+    let mut counts = Vec::with_capacity(clients.len());
     for client in clients {
         let committed = tokio::time::timeout(Duration::from_secs(30), client)
             .await
             .expect("client stops")
             .expect("join")
             .expect("client ran");
-        assert_eq!(committed, rounds, "every client took part in every round");
+        counts.push(committed);
     }
+    counts
 }
 
 /// Spawns `n` lightweight clients.

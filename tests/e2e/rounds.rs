@@ -13,7 +13,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::harness::{
-    each_took_part_in, eight_merchants, every_client_in_every_round, four_merchants,
+    committed_by, each_took_part_in, eight_merchants, every_client_in_every_round, four_merchants,
     four_merchants_unstarted, futures_join, options, shopper_unit, small, spawn_client, spawn_eight,
     spawn_participant, wait_for_rounds,
 };
@@ -166,14 +166,7 @@ async fn a_partitioned_release_sums_each_merchant_once_in_disjoint_parts() {
         clients.push(spawn_participant(&federation, i, Box::new(learner), options).await);
     }
     wait_for_rounds(&federation, 2, Duration::from_secs(90)).await;
-    for client in clients {
-        let committed = tokio::time::timeout(Duration::from_secs(30), client)
-            .await
-            .expect("client stops")
-            .expect("join")
-            .expect("client ran");
-        assert_eq!(committed, 1, "each merchant is in exactly one release");
-    }
+    assert_eq!(committed_by(clients).await, vec![1; 10], "each merchant is in exactly one release");
     let store = federation.store().expect("store");
     assert!(store.ledger().expect("ledger").is_empty(), "releases without noise are not charged");
     let range = manifest.accumulated_range().expect("statistics");
