@@ -39,8 +39,12 @@ pub struct KindPlan {
     /// `max_rounds`, as many as the budget affords after the others.
     pub rounds: u64,
     pub unit: PrivacyUnit,
-    /// q: the rate at which the unit is sampled.
+    /// q: the rate at which the unit is sampled (a partitioned release: the share of the
+    /// merchants in each of its parts, none sampled).
     pub sampling_rate: f64,
+    /// Whether the rounds take disjoint parts of the merchants instead of sampling them
+    /// (`rounds.popularity_release.partition`).
+    pub partitioned: bool,
     pub noise_multiplier: f64,
     /// Merchants expected in a round's cohort.
     pub expected_cohort: f64,
@@ -191,6 +195,7 @@ pub fn plan(config: &Config, merchants: u64) -> anyhow::Result<PrivacyPlan> {
             rounds,
             unit: p.unit,
             sampling_rate: privacy.unit_rate,
+            partitioned: kind == RoundKind::PopularityRelease && config.release_parts().is_some(),
             noise_multiplier: privacy.noise_multiplier,
             expected_cohort: cohort,
             expected_summands: summands,
@@ -342,6 +347,29 @@ mod tests {
             super::plan(&config(&[("GUILD_ROUNDS__TRAINING__SAMPLING_RATE", "1.0")]), 508).expect("plan");
         let crowded = crowded.kinds.iter().find(|k| k.kind == RoundKind::Training).expect("training");
         assert!(crowded.noise_to_clip < training.noise_to_clip / 3.0);
+    }
+
+    /// A partitioned release (no noise) is planned as what it is: its rounds, each about
+    /// `1/rounds` of the merchants, none sampled, and no ε bound (nothing is noised).
+    #[test]
+    fn a_partitioned_release_is_planned_as_parts_of_the_merchants() {
+        let partitioned = config(&[
+            ("GUILD_PRIVACY__MODE", "dangerous_none"),
+            ("GUILD_ADAPTER__FAMILY", "sequence_tower"),
+            ("GUILD_ADAPTER__TOWER__CATALOGUE", "100"),
+            ("GUILD_ROUNDS__MAX_ROUNDS", "25"),
+            ("GUILD_ROUNDS__POPULARITY_RELEASE__ROUNDS", "20"),
+            ("GUILD_ROUNDS__POPULARITY_RELEASE__PARTITION", "true"),
+        ]);
+        let plan = plan(&partitioned, 508).expect("plan");
+        let release = plan.kinds.iter().find(|k| k.kind == RoundKind::PopularityRelease).expect("release");
+        assert!(release.partitioned);
+        assert_eq!(release.rounds, 20);
+        assert!((release.expected_cohort - 25.4).abs() < 1e-9, "{}", release.expected_cohort);
+        assert!(release.epsilon.is_infinite(), "{}", release.epsilon);
+        let training = plan.kinds.iter().find(|k| k.kind == RoundKind::Training).expect("training");
+        assert!(!training.partitioned);
+        assert_eq!(training.rounds, 5);
     }
 
     /// With no round limit the planner counts the training rounds the budget affords.
