@@ -536,10 +536,11 @@ impl Config {
         let (unit_rate, noise_multiplier) = match kind {
             RoundKind::Training => (r.training.sampling_rate, r.training.noise_multiplier),
             // A partitioned release takes a `1/rounds` part of the merchants each round.
-            RoundKind::PopularityRelease => match self.release_parts() {
-                Some(parts) => (1.0 / f64::from(parts), r.popularity_release.noise_multiplier),
-                None => (r.popularity_release.sampling_rate, r.popularity_release.noise_multiplier),
-            },
+            RoundKind::PopularityRelease => (
+                self.release_parts()
+                    .map_or(r.popularity_release.sampling_rate, |parts| 1.0 / f64::from(parts)),
+                r.popularity_release.noise_multiplier,
+            ),
             RoundKind::PoolingSelection => {
                 (r.pooling_selection.sampling_rate, r.pooling_selection.noise_multiplier)
             }

@@ -239,7 +239,10 @@ impl crate::domain::RoundTask {
 /// not at all.)
 pub fn release_part(federation_id: &[u8; 16], merchant_ids: &[&str], part: u32, parts: u32) -> Vec<usize> {
     use sha2::{Digest, Sha256};
-    let parts = parts.max(1) as usize;
+    let (part, parts) = (part as usize, parts.max(1) as usize);
+    if part >= parts {
+        return Vec::new();
+    }
     let key = |id: &str| -> [u8; 32] {
         Sha256::new()
             .chain_update(b"guild release partition v1\0")
@@ -252,10 +255,6 @@ pub fn release_part(federation_id: &[u8; 16], merchant_ids: &[&str], part: u32, 
         merchant_ids.iter().enumerate().map(|(i, id)| (key(id), i)).collect();
     order.sort_unstable();
     let n = order.len();
-    let part = part as usize;
-    if part >= parts {
-        return Vec::new();
-    }
     let mut members: Vec<usize> =
         order[part * n / parts..(part + 1) * n / parts].iter().map(|&(_, i)| i).collect();
     members.sort_unstable();

@@ -73,13 +73,23 @@ pub async fn spawn_client(
     faults: Faults,
     committed: u64,
 ) -> JoinHandle<anyhow::Result<u64>> {
-    let manifest = federation.config.manifest().expect("manifest");
-    let learner =
-        RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
+    let learner = lightweight_learner(federation, i);
     // A lightweight merchant pins the unit its federation announces.
     let unit = federation.config.privacy.unit;
     let options = ParticipantOptions { faults, max_rounds: committed, unit, ..options(i) };
     spawn_participant(federation, i, Box::new(learner), options).await
+}
+
+/// Merchant `i`'s lightweight learner: seeded random updates of norm 0.5 over the
+/// federation's adapter, as if from 40 shoppers.
+pub fn lightweight_learner(federation: &Federation, i: usize) -> RandomLearner {
+    let manifest = federation.config.manifest().expect("manifest");
+    RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 }
+}
+
+/// The values of adapter `version` in `store`, an adapter of `d` values.
+pub fn adapter_values(store: &guild_coordinator::store::Store, d: usize, version: u64) -> Vec<f32> {
+    guild_proto::adapter::from_bytes(&store.adapter(version).expect("version").data, d).expect("values")
 }
 
 /// A lightweight merchant's options: quick polls and reconnections, and no ε cap of its own.

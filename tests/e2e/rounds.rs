@@ -13,9 +13,9 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::harness::{
-    committed_by, each_took_part_in, eight_merchants, every_client_in_every_round, four_merchants,
-    four_merchants_unstarted, futures_join, options, shopper_unit, small, spawn_client, spawn_eight,
-    spawn_participant, wait_for_rounds,
+    adapter_values, committed_by, each_took_part_in, eight_merchants, every_client_in_every_round,
+    four_merchants, four_merchants_unstarted, futures_join, lightweight_learner, options, shopper_unit,
+    small, spawn_client, spawn_eight, spawn_participant, wait_for_rounds,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,15 +151,9 @@ async fn a_partitioned_release_sums_each_merchant_once_in_disjoint_parts() {
     })
     .expect("init");
     federation.start_in_process().await.expect("start");
-    let manifest = federation.config.manifest().expect("manifest");
     let mut clients = Vec::new();
     for i in 0..10 {
-        let learner = RandomLearner {
-            manifest: manifest.clone(),
-            norm: 0.5,
-            rng: ChaCha20Rng::seed_from_u64(i as u64),
-            shoppers: 40,
-        };
+        let learner = lightweight_learner(&federation, i);
         // A federation without noise: each merchant must say it sends unnoised updates.
         let options =
             ParticipantOptions { dangerous_send_unnoised_updates: true, max_rounds: 1, ..options(i) };
@@ -169,15 +163,13 @@ async fn a_partitioned_release_sums_each_merchant_once_in_disjoint_parts() {
     assert_eq!(committed_by(clients).await, vec![1; 10], "each merchant is in exactly one release");
     let store = federation.store().expect("store");
     assert!(store.ledger().expect("ledger").is_empty(), "releases without noise are not charged");
+    let manifest = federation.config.manifest().expect("manifest");
     let range = manifest.accumulated_range().expect("statistics");
     let d = manifest.parameter_count();
-    let version = |v: u64| {
-        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
-    };
+    let version = |v: u64| adapter_values(&store, d, v);
     let (v0, v1, v2) = (version(0), version(1), version(2));
     for (before, after) in [(&v0, &v1), (&v1, &v2)] {
-        let outside = before.iter().zip(after.iter()).enumerate().filter(|(i, _)| !range.contains(i));
-        assert!(outside.clone().all(|(_, (x, y))| x == y), "a release moves the statistics alone");
+        assert!(unchanged_outside(&range, before, after), "a release moves the statistics alone");
         assert_ne!(&before[range.clone()], &after[range.clone()], "each release moved the statistics");
     }
 }
@@ -208,9 +200,7 @@ async fn a_pooling_selection_sets_only_the_pooling_and_prior_weight_to_a_grid_se
     let manifest = federation.config.manifest().expect("manifest");
     let (recency, weight) = manifest.selection_ranges().expect("a tower with a prior");
     let d = manifest.parameter_count();
-    let version = |v: u64| {
-        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
-    };
+    let version = |v: u64| adapter_values(&store, d, v);
     let (v1, v2, v3) = (version(1), version(2), version(3));
     let selected = |i: usize| recency.contains(&i) || i == weight;
     let outside = |a: &[f32], b: &[f32]| a.iter().zip(b).enumerate().all(|(i, (x, y))| selected(i) || x == y);
@@ -239,9 +229,7 @@ async fn training_the_pooling_part_moves_only_the_pooling_and_prior_weight() {
     let manifest = federation.config.manifest().expect("manifest");
     let (recency, weight) = manifest.selection_ranges().expect("a tower with a prior");
     let d = manifest.parameter_count();
-    let version = |v: u64| {
-        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
-    };
+    let version = |v: u64| adapter_values(&store, d, v);
     let part = |i: usize| recency.contains(&i) || i == weight;
     for (before, after) in [(1, 2), (2, 3)] {
         let (a, b) = (version(before), version(after));
@@ -300,17 +288,17 @@ async fn run_and_check_a_release_then_training(federation: &Federation) -> Vec<L
     let manifest = federation.config.manifest().expect("manifest");
     let range = manifest.accumulated_range().expect("a histogram");
     let d = manifest.parameter_count();
-    let version = |v: u64| {
-        guild_proto::adapter::from_bytes(&store.adapter(v).expect("version").data, d).expect("values")
-    };
+    let version = |v: u64| adapter_values(&store, d, v);
     let (v0, v1, v2) = (version(0), version(1), version(2));
-    let outside = |a: &[f32], b: &[f32]| {
-        a.iter().zip(b).enumerate().filter(|(i, _)| !range.contains(i)).all(|(_, (x, y))| x == y)
-    };
-    assert!(outside(&v0, &v1), "the release changed nothing but the histogram");
+    assert!(unchanged_outside(&range, &v0, &v1), "the release changed nothing but the histogram");
     assert_ne!(&v0[range.clone()], &v1[range.clone()], "the release moved the histogram");
-    assert!(!outside(&v1, &v2), "the training round after it trained");
+    assert!(!unchanged_outside(&range, &v1, &v2), "the training round after it trained");
     entries
+}
+
+/// Whether `a` and `b` hold the same values everywhere outside `range`.
+fn unchanged_outside(range: &std::ops::Range<usize>, a: &[f32], b: &[f32]) -> bool {
+    a.iter().zip(b).enumerate().filter(|(i, _)| !range.contains(i)).all(|(_, (x, y))| x == y)
 }
 
 /// #15.2: a hostile merchant sends uniform ring elements instead of its clipped, encoded
@@ -510,9 +498,7 @@ async fn a_merchant_stops_at_its_own_epsilon_cap() {
     // ε(δ = 1e-6) ≈ 8.4 after one round and ≈ 12.5 after two; a cap of 9 allows one.
     for (i, path) in ledgers.iter().enumerate() {
         let connection = federation.connect(i).await.expect("connect");
-        let manifest = federation.config.manifest().expect("manifest");
-        let learner =
-            RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(i as u64), shoppers: 40 };
+        let learner = lightweight_learner(&federation, i);
         let options = ParticipantOptions {
             display_name: format!("Shop {i}"),
             poll: Duration::from_secs(1),
