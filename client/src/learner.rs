@@ -576,12 +576,13 @@ impl Learner for TowerLearner {
         let range = guild_proto::tower::accumulated_range(&self.config.shape);
         let (clip_norm, share) = (task.privacy.clip_norm, guild_proto::tower::POPULARITY_SHARE);
         let (catalogue, neighbours) = (self.config.shape.catalogue, self.neighbours()?);
+        // The statistics go into a training round's update only when it trains the whole
+        // adapter; with `Weights` the releases carry them, and the weights get the whole clip.
+        let trained = task.training.trained;
+        let range = range.filter(|_| trained == TrainedPart::Whole);
         let Units::Shoppers(shoppers) = units else {
-            if task.training.trained != TrainedPart::Whole {
-                anyhow::bail!(
-                    "training {} takes one gradient per shopper: the shopper unit only",
-                    task.training.trained
-                );
+            if trained == TrainedPart::Pooling {
+                anyhow::bail!("training {trained} takes one gradient per shopper: the shopper unit only");
             }
             let (tower, items, owned, _permit) = self.unlocked(global, &self.users)?;
             let users: Vec<&User> = owned.iter().collect();
@@ -593,9 +594,11 @@ impl Learner for TowerLearner {
             }
             return each(Update::Dense(&mut update));
         };
-        // Training a part: each shopper's gradient there alone, and no statistics (the
+        // Training the pooling: each shopper's gradient there alone, and no statistics (the
         // releases carry them): `hand_over` sends the part's coordinates and nothing else.
-        let part = task.training.trained.ranges(&task.manifest);
+        // The weights are trained as the whole adapter is, less the statistics (the round
+        // gathers the coordinates it sums from the dense update).
+        let part = (trained == TrainedPart::Pooling).then(|| trained.ranges(&task.manifest)).flatten();
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned, _permit) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();

@@ -207,10 +207,13 @@ pub struct RoundsConfig {
     pub shrinkage: Shrinkage,
     /// Training rounds' noise and sampling (`[rounds.training]`).
     pub training: TrainingRounds,
-    /// What training rounds train: `"whole"` (every trained value of the adapter) or
-    /// `"pooling"` (the sequence tower's pooling weights and prior weight alone, a few dozen
-    /// values that DP noise does not drown; shopper unit with `local_steps = 1`, DP-SGD's
-    /// per-shopper gradient, only). The statistics are left to the releases then.
+    /// What training rounds train: `"whole"` (every trained value of the adapter, and each
+    /// unit adds its statistics), `"weights"` (the same less the statistics, which the
+    /// popularity releases carry: a federation whose releases sum every merchant's statistics
+    /// once, `popularity_release.partition`, would otherwise add the sampled merchants' again)
+    /// or `"pooling"` (the sequence tower's pooling weights and prior weight alone, a few
+    /// dozen values that DP noise does not drown; shopper unit with `local_steps = 1`,
+    /// DP-SGD's per-shopper gradient, only). The statistics are left to the releases in both.
     pub trained: TrainedPart,
     /// Popularity releases (`[rounds.popularity_release]`): the federation's first
     /// `rounds` adapter versions come from them (sequence towers with a popularity histogram
@@ -700,6 +703,23 @@ impl Config {
                 ));
             }
         }
+        if r.trained == TrainedPart::Weights {
+            if a.family != AdapterFamilyName::SequenceTower || a.tower.catalogue == 0 {
+                return Err(invalid(
+                    "rounds.trained",
+                    "\"weights\" leaves a sequence tower's statistics out of training: needs adapter.family = \
+                     \"sequence_tower\" with adapter.tower.catalogue set",
+                ));
+            }
+            if r.popularity_release.rounds == 0 {
+                return Err(invalid(
+                    "rounds.trained",
+                    "\"weights\" leaves the statistics to the popularity releases: needs \
+                     rounds.popularity_release.rounds of at least 1 (without releases the statistics \
+                     would stay empty)",
+                ));
+            }
+        }
         if r.pooling_selection.rounds > 1 {
             return Err(invalid(
                 "rounds.pooling_selection.rounds",
@@ -1016,6 +1036,21 @@ pub(crate) mod tests {
         assert_eq!(config.rounds.trained, TrainedPart::Pooling);
         assert!(error("[rounds]\ntrained = \"pooling\"", &one_step).contains("privacy.unit = \"shopper\""));
         assert!(error("[rounds]\ntrained = \"pool\"", &[]).contains("trained"));
+        // Training the weights alone: a tower with statistics, and releases that carry them.
+        let weights = "[rounds]\ntrained = \"weights\"";
+        let releases = [
+            tower[0],
+            tower[1],
+            ("GUILD_ROUNDS__POPULARITY_RELEASE__ROUNDS", "4"),
+            ("GUILD_ROUNDS__POPULARITY_RELEASE__PARTITION", "true"),
+            ("GUILD_PRIVACY__MODE", "dangerous_none"),
+        ];
+        assert!(error(weights, &releases[2..]).contains("adapter.family = \"sequence_tower\""));
+        assert!(error(weights, &tower).contains("rounds.popularity_release.rounds of at least 1"));
+        let config = Config::parse(&format!("{MINIMAL}\n{weights}"), env(&releases)).expect("valid weights");
+        assert_eq!(config.rounds.trained, TrainedPart::Weights);
+        assert_eq!(config.trained_in(RoundKind::Training), TrainedPart::Weights);
+        assert_eq!(config.trained_in(RoundKind::PopularityRelease), TrainedPart::Whole);
         assert!(
             error("[rounds]\nthreshold = 2", &[("GUILD_ROUNDS__THRESHOLD__X", "1")])
                 .contains("rounds.threshold is not a section")

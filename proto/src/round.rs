@@ -82,6 +82,12 @@ pub enum TrainedPart {
     Whole,
     /// The sequence tower's pooling weights and popularity prior weight alone.
     Pooling,
+    /// Every trained value but the sequence tower's statistics (the popularity histogram and
+    /// the item-to-item counts): a federation whose popularity releases sum every merchant's
+    /// statistics once (`rounds.popularity_release.partition`) trains the rest without
+    /// adding them again, and its training rounds carry the weights alone (a quarter of the
+    /// default tower's coordinates).
+    Weights,
 }
 
 impl TrainedPart {
@@ -90,6 +96,7 @@ impl TrainedPart {
         match self {
             Self::Whole => "the whole adapter",
             Self::Pooling => "the pooling and prior weight",
+            Self::Weights => "the weights without the statistics",
         }
     }
 
@@ -101,6 +108,10 @@ impl TrainedPart {
                 .selection_ranges()
                 .is_none()
                 .then_some("the adapter is not a tower with a popularity prior to train the pooling of"),
+            Self::Weights => manifest
+                .accumulated_range()
+                .is_none()
+                .then_some("the adapter has no statistics to leave out of its training"),
         }
     }
 
@@ -112,6 +123,15 @@ impl TrainedPart {
             Self::Pooling => {
                 let (recency, weight) = manifest.selection_ranges()?;
                 Some(vec![recency, weight..weight + 1])
+            }
+            Self::Weights => {
+                let statistics = manifest.accumulated_range()?;
+                let dimension = manifest.parameter_count();
+                let ranges: Vec<_> = [0..statistics.start, statistics.end..dimension]
+                    .into_iter()
+                    .filter(|r| !r.is_empty())
+                    .collect();
+                Some(ranges)
             }
         }
     }
@@ -415,6 +435,23 @@ mod tests {
         let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
         assert!(TrainedPart::Pooling.unsupported_by(&plain).is_some());
         assert_eq!(TrainedPart::Whole.unsupported_by(&plain), None);
+    }
+
+    #[test]
+    fn the_weights_are_every_coordinate_but_the_statistics() {
+        let tower = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(10), 0);
+        let (d, statistics) = (tower.parameter_count(), tower.accumulated_range().expect("a prior"));
+        let weights = SummedCoordinates::of(RoundKind::Training, TrainedPart::Weights, &tower);
+        let release = SummedCoordinates::of(RoundKind::PopularityRelease, TrainedPart::Whole, &tower);
+        // Together a training round of the weights and a release sum each coordinate once.
+        assert_eq!(weights.len() + release.len(), d);
+        for i in 0..d {
+            assert_eq!(weights.position(i).is_some(), !statistics.contains(&i), "coordinate {i}");
+            assert_ne!(weights.position(i).is_some(), release.position(i).is_some(), "coordinate {i}");
+        }
+        let plain = AdapterManifest::sequence_tower([0; 32], TowerShape::tiny(0), 0);
+        assert!(TrainedPart::Weights.unsupported_by(&plain).is_some());
+        assert_eq!(TrainedPart::Weights.ranges(&plain), None);
     }
 
     #[test]

@@ -95,6 +95,12 @@ pub struct FederationSettings {
     /// the merchants).
     #[serde(default)]
     pub release_parts: u32,
+    /// What the non-private federated arm's training rounds train (`rounds.trained` of the
+    /// coordinator): `"whole"` (every trained value, each merchant adding its statistics
+    /// again) or `"weights"` (the same less the statistics, which its `release_parts`
+    /// releases have summed once: a round's vector is then the weights alone).
+    #[serde(default)]
+    pub trained: guild_proto::round::TrainedPart,
     /// Uniform negatives of the tower's sampled softmax in each client's rounds (0: full).
     #[serde(default = "tower_negatives")]
     pub negatives: u32,
@@ -410,6 +416,16 @@ impl Scenario {
                     .into(),
             ));
         }
+        match f.trained {
+            guild_proto::round::TrainedPart::Whole => {}
+            guild_proto::round::TrainedPart::Weights if f.release_parts > 0 => {}
+            other => {
+                return Err(invalid(format!(
+                    "federation.trained: the federated arm trains \"whole\", or \"weights\" after its \
+                     release_parts releases have summed the statistics, not {other}"
+                )));
+            }
+        }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
         }
@@ -629,6 +645,17 @@ federated = true
         for bad in ["rank = 1\nrelease_parts = 20", &format!("{tower}\npopularity = false")] {
             let error = load(&BASE.replace("rank = 1", bad)).expect_err("refused").to_string();
             assert!(error.contains("federation.release_parts"), "{bad}: {error}");
+        }
+        // Training the weights alone follows the releases that carry the statistics.
+        let weights = format!("{tower}\ntrained = \"weights\"");
+        let loaded = load(&BASE.replace("rank = 1", &weights)).expect("valid");
+        assert_eq!(loaded.federation.trained, guild_proto::round::TrainedPart::Weights);
+        for bad in [
+            weights.replace("release_parts = 20", "release_parts = 0"),
+            format!("{tower}\ntrained = \"pooling\""),
+        ] {
+            let error = load(&BASE.replace("rank = 1", &bad)).expect_err("refused").to_string();
+            assert!(error.contains("federation.trained"), "{bad}: {error}");
         }
     }
 

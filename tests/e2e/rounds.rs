@@ -241,6 +241,34 @@ async fn training_the_pooling_part_moves_only_the_pooling_and_prior_weight() {
     assert_eq!(entries.len(), 3, "the release and both training rounds are charged");
 }
 
+/// Training rounds of the weights (`rounds.trained = "weights"`) after a release commit
+/// versions that keep the statistics exactly as the release left them: the clients' rounds
+/// carry the weights alone, and the coordinator adds nothing to the histogram or the counts
+/// (trained whole, each round would add the cohort's statistics again). Every other
+/// trained value moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_the_weights_leaves_the_statistics_to_the_release() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let federation = tower_with_one_release(dir.path(), 3, |c| {
+        c.rounds.trained = guild_proto::round::TrainedPart::Weights
+    })
+    .await;
+    // The lightweight clients send random values at every coordinate, the statistics too.
+    every_client_in_every_round(&federation, 4, 3).await;
+    let store = federation.store().expect("store");
+    let manifest = federation.config.manifest().expect("manifest");
+    let statistics = manifest.accumulated_range().expect("statistics");
+    let d = manifest.parameter_count();
+    let version = |v: u64| adapter_values(&store, d, v);
+    assert_ne!(&version(0)[statistics.clone()], &version(1)[statistics.clone()], "the release moved them");
+    for (before, after) in [(1, 2), (2, 3)] {
+        let (a, b) = (version(before), version(after));
+        assert_eq!(&a[statistics.clone()], &b[statistics.clone()], "version {after} moved the statistics");
+        let moved = (0..d).filter(|&i| !statistics.contains(&i) && a[i] != b[i]).count();
+        assert!(moved > (d - statistics.len()) / 2, "version {after} trained the weights: {moved} moved");
+    }
+}
+
 /// The server applies the raw noisy sum of a training round: the lightweight clients send
 /// updates in random directions, which the default James–Stein shrinkage rightly takes for
 /// noise (the adapter would stay where it was), and these tests are about the rounds' flow.

@@ -11,7 +11,7 @@ use guild_privacy::dp::{RandomRotation, add_central_noise};
 use guild_privacy::ledger::{Charge, LedgerEntry};
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
-use guild_proto::round::RoundKind;
+use guild_proto::round::{RoundKind, TrainedPart};
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -323,8 +323,12 @@ impl Engine {
                     } else {
                         0.0
                     };
-                    // A part is one block: it is small, and trained as a whole.
-                    let blocks = part.clone().map_or_else(|| trained_blocks(&self.manifest), |r| vec![r]);
+                    // The pooling is one block: it is small, and trained as a whole. The
+                    // weights (every trained tensor) are blocked as the whole adapter is.
+                    let blocks = match (&part, self.config.rounds.trained) {
+                        (Some(ranges), TrainedPart::Pooling) => vec![ranges.clone()],
+                        _ => trained_blocks(&self.manifest),
+                    };
                     let factors = guild_privacy::dp::james_stein(&mut decoded, &blocks, variance);
                     if variance > 0.0 {
                         let shown: Vec<String> = factors.iter().map(|f| format!("{f:.3}")).collect();

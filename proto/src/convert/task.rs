@@ -224,6 +224,7 @@ fn trained_part(part: i32) -> Result<TrainedPart> {
     match v1::TrainedPart::try_from(part) {
         Ok(v1::TrainedPart::Whole) => Ok(TrainedPart::Whole),
         Ok(v1::TrainedPart::Pooling) => Ok(TrainedPart::Pooling),
+        Ok(v1::TrainedPart::Weights) => Ok(TrainedPart::Weights),
         Ok(v1::TrainedPart::Unspecified) | Err(_) => {
             Err(WireError::invalid("RoundTask.training.trained", format!("unknown trained part {part}")))
         }
@@ -234,6 +235,7 @@ fn trained_part_to_wire(part: TrainedPart) -> v1::TrainedPart {
     match part {
         TrainedPart::Whole => v1::TrainedPart::Whole,
         TrainedPart::Pooling => v1::TrainedPart::Pooling,
+        TrainedPart::Weights => v1::TrainedPart::Weights,
     }
 }
 
@@ -647,6 +649,11 @@ mod tests {
         let error =
             RoundTask::try_from(v1::RoundTask::from(selection)).expect_err("whole length").to_string();
         assert!(error.contains("a pooling selection sums 12 of its"), "{error}");
+        // A round that trains the weights alone round-trips, its vector the weights' length.
+        let mut weights = sketched;
+        weights.training.trained = TrainedPart::Weights;
+        weights.secagg.vector_length = weights.summed().len().next_power_of_two() as u32;
+        assert_eq!(RoundTask::try_from(v1::RoundTask::from(weights.clone())).expect("valid"), weights);
     }
 
     #[test]
@@ -780,6 +787,10 @@ mod tests {
         check_rejected(
             |t| t.training.as_mut().expect("training").trained = v1::TrainedPart::Pooling.into(),
             "RoundTask.training.trained: the pooling and prior weight, but the adapter is not a tower",
+        );
+        check_rejected(
+            |t| t.training.as_mut().expect("training").trained = v1::TrainedPart::Weights.into(),
+            "RoundTask.training.trained: the weights without the statistics, but the adapter has no statistics",
         );
         check_rejected(
             |t| t.cohort[2].certificate = vec![0; 1025],

@@ -129,6 +129,7 @@ pub(super) async fn federated(
                 partition: true,
                 ..StatisticRounds::default()
             };
+            c.rounds.trained = f.trained;
         }
         // Every client of a cohort masks on this machine's cores: the masked-input phase
         // gets the time that takes (for a cohort one deviation above its mean; three times
@@ -139,9 +140,18 @@ pub(super) async fn federated(
         let part = c.release_parts().map_or(0, |parts| n.div_ceil(parts as usize));
         let cohort = sampled.max(part).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
+        // The longest vector any of the arm's rounds masks (each kind sums its own
+        // coordinates: a release the statistics, training the weights alone with `weights`).
+        let longest = c
+            .rounds
+            .schedule()
+            .plan(c.rounds.max_rounds)
+            .map(|kind| world.summed(kind, c.trained_in(kind)))
+            .max()
+            .unwrap_or_else(|| world.parameter_count());
         c.rounds.phase_deadlines_ms = crate::federation::shared_machine_deadlines(
             c.rounds.phase_deadlines_ms,
-            world.parameter_count().next_power_of_two(),
+            longest.next_power_of_two(),
             cohort,
             k,
             cores,
