@@ -206,9 +206,10 @@ pub(super) async fn federated(
         events.push(format!(
             "{} popularity releases first, each over one of as many parts of the merchants (each merchant in \
              one, `rounds.popularity_release.partition`), every merchant's statistics summed without noise; \
-             then {} training round(s)",
+             then {} training round(s) of {}",
             arm.schedule.popularity_releases,
-            arm.rounds - u64::from(arm.schedule.popularity_releases)
+            arm.rounds - u64::from(arm.schedule.popularity_releases),
+            federation.config.rounds.trained
         ));
     }
     if let Some(sh) = &arm.shopper {
