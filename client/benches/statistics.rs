@@ -1,9 +1,9 @@
 //! The shopper-level statistic rounds' local cost at the default scenario's shape (16,859
-//! items, 384-dimensional title vectors, history 20, 64 title neighbours; a synthetic
+//! items, 384-dimensional title vectors, history 20, 60 title neighbours; a synthetic
 //! catalogue and synthetic shoppers, so it needs neither the model nor the data):
 //!
 //! - the popularity release's encoding: each shopper's statistics (popularity and
-//!   item-to-item counts) added to a `DdgSum` of the adapter's 1,353,904 coordinates, as the
+//!   item-to-item counts) added to a `DdgSum` of the adapter's 1,286,468 coordinates, as the
 //!   dense vector the release sent before (`DdgSum::add`) and as its non-zeros
 //!   (`DdgSum::add_sparse`, what it sends now); both sums are checked equal;
 //! - the pooling selection's scoring: each shopper's NDCG@10 under the grid's 12 settings
@@ -32,8 +32,8 @@ const SHOPPERS: usize = 2_000;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let catalogue = 16_859;
-    // The default scenario's tower: one layer, 64 title neighbours.
-    let shape = TowerShape { layers: 1, catalogue, neighbours: 64, ..TowerShape::default() };
+    // The default scenario's tower: one layer, 60 title neighbours.
+    let shape = TowerShape { layers: 1, catalogue, neighbours: 60, ..TowerShape::default() };
     tch::manual_seed(1);
     let items = normalise(&Tensor::randn([catalogue as i64, 384], (Kind::Float, Device::Cpu)));
     let neighbours = TitleNeighbours::of_items(&items, shape.neighbours)?;
@@ -110,7 +110,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mean: f64 = scores.iter().map(|s| f64::from(s[0])).sum::<f64>() / SHOPPERS as f64;
 
     // A pair sketch's decoding.
-    let sketched = TowerShape { pair_sketch: 1 << 20, ..shape };
+    // The collaborative scenario's sketch: 64 neighbours an item.
+    let sketched = TowerShape { pair_sketch: 1 << 20, neighbours: 64, ..shape };
     let slots = PairSlots::Sketch { buckets: sketched.pair_sketch };
     let mut sketch = vec![0f32; guild_proto::tower::SKETCH_ROWS * sketched.pair_sketch];
     for user in &refs {
