@@ -85,7 +85,7 @@ pub enum TrainedPart {
     /// Every trained value but the sequence tower's statistics (the popularity histogram and
     /// the item-to-item counts): a federation whose popularity releases sum every merchant's
     /// statistics once (`rounds.popularity_release.partition`) trains the rest without
-    /// adding them again, and its training rounds carry the weights alone (a quarter of the
+    /// adding them again, and its training rounds carry the weights alone (a fifth of the
     /// default tower's coordinates).
     Weights,
 }
