@@ -598,7 +598,10 @@ impl Learner for TowerLearner {
         // releases carry them): `hand_over` sends the part's coordinates and nothing else.
         // The weights are trained as the whole adapter is, less the statistics (the round
         // gathers the coordinates it sums from the dense update).
-        let part = (trained == TrainedPart::Pooling).then(|| trained.ranges(&task.manifest)).flatten();
+        let part = match trained {
+            TrainedPart::Pooling => trained.ranges(&task.manifest),
+            TrainedPart::Whole | TrainedPart::Weights => None,
+        };
         let indices = self.indices(shoppers)?;
         let (mut tower, items, owned, _permit) = self.unlocked(global, &indices)?;
         let users: Vec<&User> = owned.iter().collect();

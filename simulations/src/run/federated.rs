@@ -140,12 +140,12 @@ pub(super) async fn federated(
         let part = c.release_parts().map_or(0, |parts| n.div_ceil(parts as usize));
         let cohort = sampled.max(part).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
-        // The longest vector any of the arm's rounds masks (each kind sums its own
+        // The longest vector any of the arm's round kinds masks (each kind sums its own
         // coordinates: a release the statistics, training the weights alone with `weights`).
-        let longest = c
-            .rounds
-            .schedule()
-            .plan(c.rounds.max_rounds)
+        let schedule = c.rounds.schedule();
+        let longest = RoundKind::ALL
+            .into_iter()
+            .filter(|&kind| schedule.count(kind, c.rounds.max_rounds) > 0)
             .map(|kind| world.summed(kind, c.trained_in(kind)))
             .max()
             .unwrap_or_else(|| world.parameter_count());
