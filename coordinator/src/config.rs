@@ -133,6 +133,46 @@ pub enum Shrinkage {
     None,
 }
 
+/// Closing a SecAgg+ phase before its deadline once most of its expected senders have
+/// answered (`[rounds.early_close]`): the rest get a grace in proportion to how long the
+/// quorum took. A merchant that vanished never answers, so without it every dropout costs
+/// the whole phase deadline; a late merchant cut off is a dropout, which the protocol
+/// tolerates down to the threshold (the phase waits for its deadline rather than leave
+/// fewer than the threshold, and Unmask waits until every secret has threshold shares).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyClose {
+    /// Share of the phase's expected senders that must have answered, in (0, 1].
+    pub quorum: f64,
+    /// The others get this multiple of the time the quorum took ...
+    pub grace_factor: f64,
+    /// ... and at least this many milliseconds.
+    pub min_grace_ms: u64,
+}
+
+impl EarlyClose {
+    /// The first setting out of range, as (its key in the coordinator's configuration, what
+    /// it must be).
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if !(self.quorum.is_finite() && self.quorum > 0.0 && self.quorum <= 1.0) {
+            return Some(("rounds.early_close.quorum", "must be in (0, 1]"));
+        }
+        if !(self.grace_factor.is_finite() && (0.0..=100.0).contains(&self.grace_factor)) {
+            return Some(("rounds.early_close.grace_factor", "must be 0 to 100"));
+        }
+        (self.min_grace_ms > 3_600_000)
+            .then_some(("rounds.early_close.min_grace_ms", "must be at most 1 hour"))
+    }
+
+    /// When the phase may close once `received` of its `expected` senders have answered,
+    /// `elapsed` after it opened: `None` while short of the quorum.
+    pub fn grace(&self, expected: usize, received: usize, elapsed: Duration) -> Option<Duration> {
+        let needed = (self.quorum * expected as f64).ceil() as usize;
+        (expected > 0 && received >= needed.max(1))
+            .then(|| elapsed.mul_f64(self.grace_factor).max(Duration::from_millis(self.min_grace_ms)))
+    }
+}
+
 /// The largest `rounds.item_ids_scale`: the cohort a round may hold
 /// ([`RoundsConfig::max_cohort`]'s default), the most a row's few senders can be diluted.
 pub const MAX_ITEM_IDS_SCALE: f64 = 1_000.0;
@@ -187,6 +227,9 @@ pub struct RoundsConfig {
     pub max_cohort: u32,
     /// Pause between rounds.
     pub pause_ms: u64,
+    /// Close a phase once most of it has answered (`[rounds.early_close]`); without it a
+    /// phase waits for every expected sender or its deadline.
+    pub early_close: Option<EarlyClose>,
     pub local_steps: u32,
     pub batch_size: u32,
     pub learning_rate: f32,
@@ -257,6 +300,7 @@ impl Default for RoundsConfig {
             max_rounds: 0,
             max_cohort: 1_000,
             pause_ms: 0,
+            early_close: None,
             quarantine_after_complaints: 2,
             local_steps: 2,
             batch_size: 32,
@@ -625,6 +669,9 @@ impl Config {
         if r.phase_deadlines_ms.iter().any(|&ms| ms == 0 || ms > 3_600_000) {
             return Err(invalid("rounds.phase_deadlines_ms", "each must be 1 ms to 1 hour"));
         }
+        if let Some((key, problem)) = r.early_close.as_ref().and_then(EarlyClose::problem) {
+            return Err(invalid(key, problem));
+        }
         if r.local_steps == 0 || r.batch_size == 0 || !(r.learning_rate.is_finite() && r.learning_rate > 0.0)
         {
             return Err(invalid("rounds", "local_steps, batch_size and learning_rate must be positive"));
@@ -886,6 +933,40 @@ pub(crate) mod tests {
         assert_eq!(config.rounds.training.sampling_rate, 0.25);
         assert_eq!(config.privacy.mode, PrivacyMode::Central);
         assert_eq!(config.server.listen.port(), 9000);
+    }
+
+    /// `[rounds.early_close]`: off by default, read from its table (and written back by a
+    /// configuration's serialisation), its grace the larger of the factor times the time the
+    /// quorum took and the floor, none short of the quorum; a quorum outside (0, 1] or a
+    /// negative factor is refused naming its key.
+    #[test]
+    fn early_close_parses_round_trips_and_is_checked() {
+        let table = "[rounds.early_close]\nquorum = 0.8\ngrace_factor = 0.5\nmin_grace_ms = 300";
+        let config = Config::parse(&format!("{MINIMAL}\n{table}"), env(&[])).expect("valid");
+        let policy = config.rounds.early_close.clone().expect("set");
+        assert_eq!(policy, EarlyClose { quorum: 0.8, grace_factor: 0.5, min_grace_ms: 300 });
+        let written = toml::to_string(&config).expect("toml");
+        assert_eq!(
+            Config::parse(&written, env(&[])).expect("reparsed").rounds.early_close,
+            Some(policy.clone())
+        );
+        let ms = Duration::from_millis;
+        assert_eq!(policy.grace(25, 19, ms(4_000)), None, "19 of 25 is short of 80%");
+        assert_eq!(policy.grace(25, 20, ms(4_000)), Some(ms(2_000)));
+        assert_eq!(policy.grace(25, 20, ms(100)), Some(ms(300)), "the floor");
+        assert_eq!(policy.grace(0, 0, ms(100)), None, "nobody expected");
+        for (key, value) in [("QUORUM", "0"), ("QUORUM", "1.5"), ("GRACE_FACTOR", "-1")] {
+            let refused = Config::parse(
+                &format!("{MINIMAL}\n{table}"),
+                env(&[(&format!("GUILD_ROUNDS__EARLY_CLOSE__{key}"), value)]),
+            )
+            .expect_err("out of range");
+            assert!(
+                refused.to_string().contains(&format!("rounds.early_close.{}", key.to_lowercase())),
+                "{refused}"
+            );
+        }
+        assert_eq!(Config::parse(MINIMAL, env(&[])).expect("valid").rounds.early_close, None);
     }
 
     /// A statistic kind's own clip norm reaches what the round charges, encodes and sends

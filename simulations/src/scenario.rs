@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use guild_coordinator::config::{
-    ItemIdsScaleProblem, MAX_ITEM_IDS_SCALE, ServerOptimizer, item_ids_scale_problem,
+    EarlyClose, ItemIdsScaleProblem, MAX_ITEM_IDS_SCALE, ServerOptimizer, item_ids_scale_problem,
 };
 use guild_privacy::secagg::Phase;
 use guild_proto::domain::AdapterFamilyName;
@@ -118,6 +118,11 @@ pub struct FederationSettings {
     #[serde(default = "yes")]
     pub popularity: bool,
     pub phase_deadlines_ms: [u64; Phase::COUNT],
+    /// Every federated arm's phases close once this share of their senders answered and
+    /// the rest had their grace (`[rounds.early_close]` of the coordinator): a merchant the
+    /// faults made vanish then costs a fraction of a phase deadline, not all of it.
+    #[serde(default)]
+    pub early_close: Option<EarlyClose>,
     /// δ of the DP arms; by default 1e-5, or 1/N^1.1 when N merchants make that smaller.
     #[serde(default)]
     pub delta: Option<f64>,
@@ -426,6 +431,9 @@ impl Scenario {
                 )));
             }
         }
+        if let Some((key, problem)) = f.early_close.as_ref().and_then(EarlyClose::problem) {
+            return Err(invalid(format!("federation.{}: {problem}", key.trim_start_matches("rounds."))));
+        }
         if scenario.data.eval_users == 0 || scenario.data.shop_size == 0 {
             return Err(invalid("data.eval_users and data.shop_size must be ≥ 1".into()));
         }
@@ -657,6 +665,22 @@ federated = true
             let error = load(&BASE.replace("rank = 1", &bad)).expect_err("refused").to_string();
             assert!(error.contains("federation.trained"), "{bad}: {error}");
         }
+    }
+
+    /// `federation.early_close` reaches the scenario as written, is off by default, and a
+    /// quorum out of range is refused naming the scenario's key.
+    #[test]
+    fn early_close_is_read_and_a_bad_quorum_is_named() {
+        assert_eq!(load(BASE).expect("valid").federation.early_close, None);
+        let policy = "rank = 1\nearly_close = { quorum = 0.8, grace_factor = 0.5, min_grace_ms = 500 }";
+        let loaded = load(&BASE.replace("rank = 1", policy)).expect("valid");
+        assert_eq!(
+            loaded.federation.early_close,
+            Some(EarlyClose { quorum: 0.8, grace_factor: 0.5, min_grace_ms: 500 })
+        );
+        let error =
+            load(&BASE.replace("rank = 1", &policy.replace("0.8", "1.2"))).expect_err("refused").to_string();
+        assert!(error.contains("federation.early_close.quorum"), "{error}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use guild_client::learner::RandomLearner;
 use guild_client::participant::{ClientLedger, Faults, Participant, ParticipantOptions};
 use guild_coordinator::config::Config;
 use guild_privacy::ledger::{Budget, Ledger, LedgerEntry, PrivacyEvent};
+use guild_privacy::secagg::Phase;
 use guild_sim::federation::Federation;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -456,6 +457,46 @@ async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
     let counts = store.round_counts().expect("counts");
     assert_eq!(store.ledger().expect("ledger").len() as u64, counts.completed);
     assert_eq!(store.adapter_count().expect("adapters"), counts.completed + 1);
+}
+
+/// Two merchants vanish every round, before ShareKeys and before MaskedInput, and the
+/// phases' deadlines are a minute: with `rounds.early_close` each phase closes once eight
+/// in ten have answered and the rest had their grace, so two rounds commit in far less than
+/// the two minutes a single round would wait out without it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn phases_close_early_once_a_quorum_answered_and_the_vanished_cost_no_deadline() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut federation = Federation::init(dir.path(), 10, |c| {
+        small(c);
+        c.rounds.threshold = 3;
+        c.rounds.min_cohort = 8;
+        c.rounds.phase_deadlines_ms = [10_000, 60_000, 60_000, 60_000, 60_000];
+        c.rounds.early_close =
+            Some(guild_coordinator::config::EarlyClose { quorum: 0.8, grace_factor: 1.0, min_grace_ms: 300 });
+    })
+    .expect("init");
+    federation.start_in_process().await.expect("start");
+    let mut clients = futures_join(&federation, 8, Faults::default(), 0).await;
+    for (i, phase) in [(8, Phase::ShareKeys), (9, Phase::MaskedInput)] {
+        let mut drop = [0.0; 5];
+        drop[phase.index()] = 1.0;
+        clients.push(spawn_client(&federation, i, Faults { drop, ..Default::default() }, 0).await);
+    }
+    wait_for_rounds(&federation, 2, Duration::from_secs(60)).await;
+    let metrics = federation.in_process().expect("running").core.engine().metrics.encode();
+    for phase in ["ShareKeys", "MaskedInput"] {
+        assert!(metrics.contains(&format!("guild_dropouts_total{{phase=\"{phase}\"}}")), "{metrics}");
+    }
+    for c in &clients {
+        c.abort();
+    }
+    let store = federation.store().expect("store");
+    let counts = store.round_counts().expect("counts");
+    assert_eq!(store.ledger().expect("ledger").len() as u64, counts.completed);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,15 +60,26 @@ impl Engine {
     /// Drives the open round through its phases, then finishes it.
     async fn drive(&self) {
         for phase in Phase::ALL {
-            let deadline = tokio::time::Instant::now() + self.config.phase_deadline(phase);
+            let opened = tokio::time::Instant::now();
+            let mut deadline = opened + self.config.phase_deadline(phase);
+            let mut shortened = false;
             loop {
                 let notified = self.arrivals.notified();
-                let all_in = {
+                let (all_in, grace) = {
                     let state = self.lock();
-                    state.round.as_ref().is_none_or(|r| r.expected.is_subset(&r.received))
+                    match state.round.as_ref() {
+                        None => (true, None),
+                        Some(r) => (r.expected.is_subset(&r.received), self.early_close(r, phase, opened)),
+                    }
                 };
                 if all_in {
                     break;
+                }
+                if let Some(grace) = grace
+                    && !shortened
+                {
+                    shortened = true;
+                    deadline = deadline.min(tokio::time::Instant::now() + grace);
                 }
                 tokio::select! {
                     () = notified => {}
@@ -91,6 +102,26 @@ impl Engine {
             }
             Err(error) => self.abort(format!("finishing failed: {error}")),
         }
+    }
+
+    /// The grace left to the phase's missing senders once `rounds.early_close`'s quorum has
+    /// answered, and never while closing would leave fewer than the round's threshold (or,
+    /// in Unmask, a secret short of its threshold shares): `None` to wait on.
+    fn early_close(
+        &self,
+        round: &super::Round,
+        phase: Phase,
+        opened: tokio::time::Instant,
+    ) -> Option<Duration> {
+        let policy = self.config.rounds.early_close.as_ref()?;
+        let received = round.expected.intersection(&round.received).count();
+        if received < round.server.config().threshold as usize {
+            return None;
+        }
+        if phase == Phase::Unmask && !round.server.has_unmask_shares() {
+            return None;
+        }
+        policy.grace(round.expected.len(), received, opened.elapsed())
     }
 
     fn close_phase(&self, phase: Phase) -> Result<(), String> {

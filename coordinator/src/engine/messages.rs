@@ -130,7 +130,9 @@ impl Engine {
         let all_in = round.expected.is_subset(&round.received);
         let id = round.id;
         drop(state);
-        if all_in {
+        // The driver looks again when the phase may close: all in, or (with an early-close
+        // policy) at each arrival, which may complete its quorum.
+        if all_in || self.config.rounds.early_close.is_some() {
             self.arrivals.notify_one();
         }
         Ok((id, phase))

@@ -433,6 +433,23 @@ impl Server {
         Ok(())
     }
 
+    /// Whether the Unmask responses so far hold `threshold` shares of every secret
+    /// [`Server::finish`] reconstructs: each survivor's self-mask seed and each key of a
+    /// client that dropped after sharing. A coordinator may close the phase early once it
+    /// holds (waiting for the rest reveals nothing more); whether the shares reconstruct is
+    /// still `finish`'s to check.
+    pub fn has_unmask_shares(&self) -> bool {
+        if !matches!(self.stage, Stage::Unmask { .. }) {
+            return false;
+        }
+        let t = self.config.threshold as usize;
+        let enough = |map: &BTreeMap<ClientIndex, Vec<(u32, ShareValues)>>, owner: &ClientIndex| {
+            map.get(owner).is_some_and(|shares| shares.len() >= t)
+        };
+        self.survivors.iter().all(|v| enough(&self.self_mask_shares, v))
+            && self.shared.difference(&self.survivors).all(|u| enough(&self.mask_key_shares, u))
+    }
+
     /// Removes every mask and returns Σ_{U3} x mod 2^b, or aborts if some secret has
     /// fewer than `threshold` shares or does not reconstruct.
     pub fn finish(&mut self) -> Result<Vec<u32>, SecAggError> {
@@ -634,6 +651,64 @@ mod tests {
         let sum = server.finish().expect("the round completes");
         let expected: Vec<u32> =
             (0..16).map(|j| (1..=4u32).map(|i| inputs[&index(i)][j]).fold(0u32, u32::wrapping_add)).collect();
+        assert_eq!(sum, expected);
+    }
+    /// Client 5 shares its keys, then drops before MaskedInput. The Unmask phase holds
+    /// `threshold` shares of every secret only once enough survivors have answered: never
+    /// before `threshold` of them, and with every survivor's answer the sum comes out exact.
+    #[test]
+    fn unmask_shares_are_enough_only_with_threshold_responders() {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        let TestCohort { config, signing, identities } = TestCohort::new(3, 5, 3, 4, 8, 32, &mut rng);
+        let inputs: BTreeMap<ClientIndex, Vec<u32>> =
+            (1..=5).map(|i| (index(i), (0..8).map(|j| i * 100 + j).collect())).collect();
+        let mut server = Server::new(config.clone(), identities.clone()).expect("server");
+        let mut states = BTreeMap::new();
+        for c in (1..=5).map(index) {
+            let (state, msg) = client::start(config.clone(), c, &signing[&c], &mut rng).expect("start");
+            server.receive_keys(c, msg).expect("keys");
+            states.insert(c, state);
+        }
+        assert!(!server.has_unmask_shares(), "not in the Unmask phase");
+        let roster = server.close_keys().expect("roster");
+        let mut waiting = BTreeMap::new();
+        for (c, state) in states {
+            let (next, msg) =
+                state.on_roster(roster.clone(), &identities, &signing[&c], &mut rng).expect("shares");
+            server.receive_shares(c, msg).expect("shares");
+            waiting.insert(c, next);
+        }
+        let mut inboxes = server.close_shares().expect("inboxes");
+        let mut masked = BTreeMap::new();
+        for (c, state) in waiting {
+            let (next, msg) =
+                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &inputs[&c]).expect("input");
+            if c == index(5) {
+                continue;
+            }
+            server.receive_masked_input(c, msg).expect("input");
+            masked.insert(c, next);
+        }
+        let survivors = server.close_inputs().expect("survivors");
+        let mut checked = BTreeMap::new();
+        for (c, state) in masked {
+            let (next, msg) = state.on_survivors(survivors.clone(), &signing[&c]).expect("signature");
+            server.receive_consistency(c, msg).expect("signature");
+            checked.insert(c, next);
+        }
+        let signatures = server.close_consistency().expect("signatures");
+        assert!(!server.has_unmask_shares(), "no share yet");
+        for (answered, (c, state)) in checked.into_iter().enumerate() {
+            let msg = state.on_signatures(signatures.clone(), &identities).expect("unmask");
+            server.receive_unmask(c, msg).expect("unmask");
+            if answered + 1 < 3 {
+                assert!(!server.has_unmask_shares(), "{} responders hold fewer than 3 shares", answered + 1);
+            }
+        }
+        assert!(server.has_unmask_shares(), "every survivor answered");
+        let sum = server.finish().expect("the round completes");
+        let expected: Vec<u32> =
+            (0..8).map(|j| (1..=4u32).map(|i| inputs[&index(i)][j]).fold(0u32, u32::wrapping_add)).collect();
         assert_eq!(sum, expected);
     }
 }

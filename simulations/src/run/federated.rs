@@ -70,6 +70,7 @@ pub(super) async fn federated(
         c.rounds.threshold = f.threshold;
         c.rounds.neighbours = f.neighbours;
         c.rounds.phase_deadlines_ms = f.phase_deadlines_ms;
+        c.rounds.early_close = f.early_close.clone();
         c.rounds.max_rounds = arm.rounds;
         c.rounds.local_steps = f.local_steps;
         c.rounds.batch_size = f.batch_size;
