@@ -465,10 +465,6 @@ async fn rounds_survive_dropouts_and_abort_cleanly_below_threshold() {
 /// the two minutes a single round would wait out without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn phases_close_early_once_a_quorum_answered_and_the_vanished_cost_no_deadline() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut federation = Federation::init(dir.path(), 10, |c| {
         small(c);

@@ -561,6 +561,46 @@ mod tests {
         ClientIndex::new(i).expect("1-based")
     }
 
+    /// Plays ShareKeys, MaskedInput and ConsistencyCheck honestly for the clients whose keys
+    /// `server` took (`states`), `vanish` dropping out before its masked input: what each
+    /// survivor holds at Unmask, and the signatures it gets.
+    fn play_to_unmask(
+        server: &mut Server,
+        cohort: &TestCohort,
+        states: BTreeMap<ClientIndex, client::ExpectRoster>,
+        inputs: &BTreeMap<ClientIndex, Vec<u32>>,
+        vanish: Option<ClientIndex>,
+        rng: &mut ChaCha20Rng,
+    ) -> (BTreeMap<ClientIndex, client::ExpectSignatures>, Vec<SurvivorSignature>) {
+        let TestCohort { signing, identities, .. } = cohort;
+        let roster = server.close_keys().expect("roster");
+        let mut waiting = BTreeMap::new();
+        for (c, state) in states {
+            let (next, msg) = state.on_roster(roster.clone(), identities, &signing[&c], rng).expect("shares");
+            server.receive_shares(c, msg).expect("shares");
+            waiting.insert(c, next);
+        }
+        let mut inboxes = server.close_shares().expect("inboxes");
+        let mut masked = BTreeMap::new();
+        for (c, state) in waiting {
+            let (next, msg) =
+                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &inputs[&c]).expect("input");
+            if Some(c) == vanish {
+                continue;
+            }
+            server.receive_masked_input(c, msg).expect("input");
+            masked.insert(c, next);
+        }
+        let survivors = server.close_inputs().expect("survivors");
+        let mut checked = BTreeMap::new();
+        for (c, state) in masked {
+            let (next, msg) = state.on_survivors(survivors.clone(), &signing[&c]).expect("signature");
+            server.receive_consistency(c, msg).expect("signature");
+            checked.insert(c, next);
+        }
+        (checked, server.close_consistency().expect("signatures"))
+    }
+
     /// The small-order points of Curve25519 as X25519 public keys (u-coordinates,
     /// little-endian; the list libsodium refuses), and non-canonical encodings of them.
     const LOW_ORDER: [&str; 7] = [
@@ -597,7 +637,8 @@ mod tests {
     #[test]
     fn a_low_order_key_is_refused_at_advertise_keys_and_the_round_completes_without_it() {
         let mut rng = ChaCha20Rng::seed_from_u64(7);
-        let TestCohort { config, signing, identities } = TestCohort::new(2, 5, 3, 4, 16, 32, &mut rng);
+        let cohort = TestCohort::new(2, 5, 3, 4, 16, 32, &mut rng);
+        let TestCohort { config, signing, identities } = &cohort;
         let inputs: BTreeMap<ClientIndex, Vec<u32>> =
             (1..=5).map(|i| (index(i), (0..16).map(|j| i * 1000 + j).collect())).collect();
         let mut server = Server::new(config.clone(), identities.clone()).expect("server");
@@ -619,33 +660,10 @@ mod tests {
             server.receive_keys(c, msg).expect("honest keys");
             states.insert(c, state);
         }
-        let roster = server.close_keys().expect("roster");
-        assert_eq!(roster.len(), 4, "the bad key never reaches the others");
-        let mut waiting = BTreeMap::new();
-        for (c, state) in states {
-            let (next, msg) =
-                state.on_roster(roster.clone(), &identities, &signing[&c], &mut rng).expect("shares");
-            server.receive_shares(c, msg).expect("shares");
-            waiting.insert(c, next);
-        }
-        let mut inboxes = server.close_shares().expect("inboxes");
-        let mut masked = BTreeMap::new();
-        for (c, state) in waiting {
-            let (next, msg) =
-                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &inputs[&c]).expect("input");
-            server.receive_masked_input(c, msg).expect("input");
-            masked.insert(c, next);
-        }
-        let survivors = server.close_inputs().expect("survivors");
-        let mut checked = BTreeMap::new();
-        for (c, state) in masked {
-            let (next, msg) = state.on_survivors(survivors.clone(), &signing[&c]).expect("signature");
-            server.receive_consistency(c, msg).expect("signature");
-            checked.insert(c, next);
-        }
-        let signatures = server.close_consistency().expect("signatures");
+        let (checked, signatures) = play_to_unmask(&mut server, &cohort, states, &inputs, None, &mut rng);
+        assert_eq!(server.roster().len(), 4, "the bad key never reaches the others");
         for (c, state) in checked {
-            let msg = state.on_signatures(signatures.clone(), &identities).expect("unmask");
+            let msg = state.on_signatures(signatures.clone(), identities).expect("unmask");
             server.receive_unmask(c, msg).expect("unmask");
         }
         let sum = server.finish().expect("the round completes");
@@ -653,13 +671,15 @@ mod tests {
             (0..16).map(|j| (1..=4u32).map(|i| inputs[&index(i)][j]).fold(0u32, u32::wrapping_add)).collect();
         assert_eq!(sum, expected);
     }
+
     /// Client 5 shares its keys, then drops before MaskedInput. The Unmask phase holds
     /// `threshold` shares of every secret only once enough survivors have answered: never
     /// before `threshold` of them, and with every survivor's answer the sum comes out exact.
     #[test]
     fn unmask_shares_are_enough_only_with_threshold_responders() {
         let mut rng = ChaCha20Rng::seed_from_u64(11);
-        let TestCohort { config, signing, identities } = TestCohort::new(3, 5, 3, 4, 8, 32, &mut rng);
+        let cohort = TestCohort::new(3, 5, 3, 4, 8, 32, &mut rng);
+        let TestCohort { config, signing, identities } = &cohort;
         let inputs: BTreeMap<ClientIndex, Vec<u32>> =
             (1..=5).map(|i| (index(i), (0..8).map(|j| i * 100 + j).collect())).collect();
         let mut server = Server::new(config.clone(), identities.clone()).expect("server");
@@ -670,36 +690,11 @@ mod tests {
             states.insert(c, state);
         }
         assert!(!server.has_unmask_shares(), "not in the Unmask phase");
-        let roster = server.close_keys().expect("roster");
-        let mut waiting = BTreeMap::new();
-        for (c, state) in states {
-            let (next, msg) =
-                state.on_roster(roster.clone(), &identities, &signing[&c], &mut rng).expect("shares");
-            server.receive_shares(c, msg).expect("shares");
-            waiting.insert(c, next);
-        }
-        let mut inboxes = server.close_shares().expect("inboxes");
-        let mut masked = BTreeMap::new();
-        for (c, state) in waiting {
-            let (next, msg) =
-                state.on_inbox(inboxes.remove(&c).unwrap_or_default(), &inputs[&c]).expect("input");
-            if c == index(5) {
-                continue;
-            }
-            server.receive_masked_input(c, msg).expect("input");
-            masked.insert(c, next);
-        }
-        let survivors = server.close_inputs().expect("survivors");
-        let mut checked = BTreeMap::new();
-        for (c, state) in masked {
-            let (next, msg) = state.on_survivors(survivors.clone(), &signing[&c]).expect("signature");
-            server.receive_consistency(c, msg).expect("signature");
-            checked.insert(c, next);
-        }
-        let signatures = server.close_consistency().expect("signatures");
+        let (checked, signatures) =
+            play_to_unmask(&mut server, &cohort, states, &inputs, Some(index(5)), &mut rng);
         assert!(!server.has_unmask_shares(), "no share yet");
         for (answered, (c, state)) in checked.into_iter().enumerate() {
-            let msg = state.on_signatures(signatures.clone(), &identities).expect("unmask");
+            let msg = state.on_signatures(signatures.clone(), identities).expect("unmask");
             server.receive_unmask(c, msg).expect("unmask");
             if answered + 1 < 3 {
                 assert!(!server.has_unmask_shares(), "{} responders hold fewer than 3 shares", answered + 1);
