@@ -967,6 +967,15 @@ pub(crate) mod tests {
             );
         }
         assert_eq!(Config::parse(MINIMAL, env(&[])).expect("valid").rounds.early_close, None);
+        // The line `init-federation`'s sample configuration carries, uncommented, is this policy.
+        let sample = crate::daemon::sample_config("127.0.0.1:50051".parse().expect("address"));
+        let line = "# early_close = { quorum = 0.8, grace_factor = 0.5, min_grace_ms = 500 }";
+        assert!(sample.contains(line), "the sample names the policy");
+        let uncommented = Config::parse(&sample.replace(line, &line[2..]), env(&[])).expect("valid");
+        assert_eq!(
+            uncommented.rounds.early_close,
+            Some(EarlyClose { quorum: 0.8, grace_factor: 0.5, min_grace_ms: 500 })
+        );
     }
 
     /// A statistic kind's own clip norm reaches what the round charges, encodes and sends

@@ -153,6 +153,10 @@ batch_size = 32
 learning_rate = 0.001
 server_optimizer = "fed_avg"
 server_learning_rate = 1.0
+# Uncomment to close a phase once 80% of its senders answered and the rest had half the time
+# that took (at least 0.5 s), rather than wait out the deadline for a merchant that vanished;
+# never below the threshold. Must come before the [rounds.*] tables, as here.
+# early_close = {{ quorum = 0.8, grace_factor = 0.5, min_grace_ms = 500 }}
 # A training round's noisy sum is shrunk per tensor by its positive-part James–Stein factor
 # at the sum's known noise variance before the server step (free post-processing; "none"
 # keeps the raw sum).
