@@ -2,7 +2,7 @@
 //! when stderr is a file or a pipe (a bar there would print nothing for the whole run).
 
 use std::io::IsTerminal;
-use std::sync::Mutex;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// Rounds done out of those planned, and what the run is doing now.
@@ -13,7 +13,7 @@ pub struct Progress {
     plain: bool,
     started: Instant,
     /// When the run's first federated round ended: the rounds' pace is measured from it.
-    first_round: Mutex<Option<Instant>>,
+    first_round: OnceLock<Instant>,
 }
 
 impl Progress {
@@ -26,7 +26,7 @@ impl Progress {
             indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} rounds  {msg}")
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
-        Self { bar, plain, started: Instant::now(), first_round: Mutex::new(None) }
+        Self { bar, plain, started: Instant::now(), first_round: OnceLock::new() }
     }
 
     /// Says what the run is doing now.
@@ -45,8 +45,7 @@ impl Progress {
         let done = self.bar.position();
         let total = self.bar.length().unwrap_or(done);
         let now = Instant::now();
-        let first =
-            *self.first_round.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(now);
+        let first = *self.first_round.get_or_init(|| now);
         let left = match rounds_left(now - first, done, total) {
             Some(left) => format!(", about {} of rounds left", minutes(left)),
             None => String::new(),

@@ -69,15 +69,16 @@ impl Engine {
                     let state = self.lock();
                     match state.round.as_ref() {
                         None => (true, None),
-                        Some(r) => (r.expected.is_subset(&r.received), self.early_close(r, phase, opened)),
+                        Some(r) => (
+                            r.expected.is_subset(&r.received),
+                            if shortened { None } else { self.early_close(r, phase, opened) },
+                        ),
                     }
                 };
                 if all_in {
                     break;
                 }
-                if let Some(grace) = grace
-                    && !shortened
-                {
+                if let Some(grace) = grace {
                     shortened = true;
                     deadline = deadline.min(tokio::time::Instant::now() + grace);
                 }
