@@ -171,9 +171,11 @@ pub fn sketch_bucket(buckets: usize, row: usize, from: usize, to: usize) -> usiz
 /// instead of the least, over sums whose rounding left buckets at −1e-10, cost a federation
 /// most of the sketch's gain.)
 pub fn sketch_estimate(sketch: &[f32], buckets: usize, from: usize, to: usize) -> f32 {
+    // `+ 0.0` turns a −0 into +0, so that estimates order the same under `<` and `total_cmp`.
     (0..SKETCH_ROWS)
         .map(|row| sketch.get(sketch_bucket(buckets, row, from, to)).copied().unwrap_or(0.0))
         .fold(f32::INFINITY, f32::min)
+        + 0.0
 }
 
 /// Each catalogue item's `M = shape.neighbours` neighbours decoded from the pair sketch
@@ -182,38 +184,86 @@ pub fn sketch_estimate(sketch: &[f32], buckets: usize, from: usize, to: usize) -
 /// to the lower index, with those estimates: `catalogue × M` item indices and as many
 /// estimates, item after item (empty for a shape without a sketch). A function of the sketch
 /// alone (post-processing of a DP release costs no privacy), deterministic, so every merchant
-/// and every `serve` decodes the same lists. `O(catalogue² · rows)`: a few seconds of a core
-/// for 16,859 items, spread over `threads`.
+/// and every `serve` decodes the same lists. `O(catalogue²)` reads of the first row, and the
+/// other rows only where they can matter ([`decode_item`]): about 1.4 s of two cores for
+/// 16,859 items, spread over `threads`.
 pub fn sketch_neighbours(shape: &TowerShape, sketch: &[f32], threads: usize) -> (Vec<u32>, Vec<f32>) {
     let (n, m, buckets) = (shape.catalogue, shape.neighbours, shape.pair_sketch);
     if n == 0 || m == 0 || buckets == 0 || m >= n || sketch.len() != SKETCH_ROWS * buckets {
         return (Vec::new(), Vec::new());
     }
-    let decode = |from: usize, lists: &mut [u32], estimates: &mut [f32]| {
-        let mut scored: Vec<(f32, u32)> = (0..n)
-            .filter(|&to| to != from)
-            .map(|to| (sketch_estimate(sketch, buckets, from, to), to as u32))
-            .collect();
-        let order = |a: &(f32, u32), b: &(f32, u32)| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1));
-        scored.select_nth_unstable_by(m - 1, order);
-        scored[..m].sort_by(order);
-        for ((list, estimate), (e, to)) in lists.iter_mut().zip(estimates.iter_mut()).zip(&scored[..m]) {
-            (*list, *estimate) = (*to, *e);
-        }
-    };
     let (mut lists, mut estimates) = (vec![0u32; n * m], vec![0f32; n * m]);
     let per = n.div_ceil(threads.max(1));
     std::thread::scope(|scope| {
         let parts = lists.chunks_mut(per * m).zip(estimates.chunks_mut(per * m));
         for (chunk, (lists, estimates)) in parts.enumerate() {
             scope.spawn(move || {
+                let mut first = Vec::with_capacity(n);
                 for (i, (list, estimate)) in lists.chunks_mut(m).zip(estimates.chunks_mut(m)).enumerate() {
-                    decode(chunk * per + i, list, estimate);
+                    decode_item(sketch, buckets, n, chunk * per + i, &mut first, list, estimate);
                 }
             });
         }
     });
     (lists, estimates)
+}
+
+/// The order of decoded neighbours: the larger estimate first, ties to the lower index.
+fn heavier_first(a: &(f32, u32), b: &(f32, u32)) -> std::cmp::Ordering {
+    b.0.total_cmp(&a.0).then(a.1.cmp(&b.1))
+}
+
+/// Item `from`'s `list.len()` neighbours and their estimates, as [`sketch_neighbours`]
+/// defines them, reading the rows past the first only where they can matter. An estimate is
+/// the least of the pair's rows, so it is at most its first row's bucket. The `M` items
+/// whose first-row buckets are largest have estimates whose least, `L`, bounds the `M`-th
+/// largest estimate from below: an item below `L` in the first row cannot be among the `M`;
+/// one above it is estimated in full; one at `L` can only tie at `L`, and then enters only
+/// ahead of a tied item of a higher index. So the result is the exhaustive decoding's
+/// exactly (a test holds the two together), and a sparse sketch, most of whose pairs tie at
+/// zero, costs about one read of the first row per pair. `first` is scratch space.
+fn decode_item(
+    sketch: &[f32],
+    buckets: usize,
+    n: usize,
+    from: usize,
+    first: &mut Vec<(f32, u32)>,
+    list: &mut [u32],
+    estimates: &mut [f32],
+) {
+    let m = list.len();
+    let estimate = |to: u32| (sketch_estimate(sketch, buckets, from, to as usize), to);
+    let row0 = |to: usize| sketch.get(sketch_bucket(buckets, 0, from, to)).copied().unwrap_or(0.0) + 0.0;
+    first.clear();
+    first.extend((0..n).filter(|&to| to != from).map(|to| (row0(to), to as u32)));
+    first.select_nth_unstable_by(m - 1, heavier_first);
+    let mut scored: Vec<(f32, u32)> = first[..m].iter().map(|&(_, to)| estimate(to)).collect();
+    let bound = scored.iter().map(|s| s.0).fold(f32::INFINITY, f32::min);
+    // Above the bound in the first row, or NaN there (it bounds nothing: `f32::min` skips it).
+    scored.extend(first[m..].iter().filter(|&&(v, _)| v > bound || v.is_nan()).map(|&(_, to)| estimate(to)));
+    let keep = |scored: &mut Vec<(f32, u32)>| {
+        scored.select_nth_unstable_by(m - 1, heavier_first);
+        scored.truncate(m);
+    };
+    keep(&mut scored);
+    // Items at the bound in the first row tie with the kept items at the bound, if they
+    // reach it, and come before those of higher indices.
+    if let Some(last) = scored.iter().filter(|s| s.0 == bound).map(|s| s.1).max() {
+        let tied: Vec<(f32, u32)> = first[m..]
+            .iter()
+            .filter(|&&(v, to)| v == bound && to < last)
+            .map(|&(_, to)| estimate(to))
+            .filter(|s| s.0 == bound)
+            .collect();
+        if !tied.is_empty() {
+            scored.extend(tied);
+            keep(&mut scored);
+        }
+    }
+    scored.sort_by(heavier_first);
+    for ((list, estimate), (e, to)) in list.iter_mut().zip(estimates.iter_mut()).zip(&scored) {
+        (*list, *estimate) = (*to, *e);
+    }
 }
 
 /// The item-to-item counts' tensor, `[catalogue, neighbours]`: entry `(i, j)` is the
@@ -652,6 +702,7 @@ fn standard_normal(rng: &mut ChaCha20Rng) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand_chacha::ChaCha20Rng;
 
     fn shape(layers: usize) -> TowerShape {
         TowerShape {
@@ -666,6 +717,60 @@ mod tests {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+        }
+    }
+
+    /// Every other item estimated and the `M` heaviest kept: the decoding's definition.
+    fn exhaustive_neighbours(shape: &TowerShape, sketch: &[f32]) -> (Vec<u32>, Vec<f32>) {
+        let (n, m, buckets) = (shape.catalogue, shape.neighbours, shape.pair_sketch);
+        let (mut lists, mut estimates) = (Vec::new(), Vec::new());
+        for from in 0..n {
+            let mut scored: Vec<(f32, u32)> = (0..n)
+                .filter(|&to| to != from)
+                .map(|to| (sketch_estimate(sketch, buckets, from, to), to as u32))
+                .collect();
+            scored.sort_by(heavier_first);
+            lists.extend(scored[..m].iter().map(|s| s.1));
+            estimates.extend(scored[..m].iter().map(|s| s.0));
+        }
+        (lists, estimates)
+    }
+
+    #[test]
+    fn the_pruned_decoding_is_the_exhaustive_one() {
+        // Sketches where the first row's bound prunes most items, where it prunes none (all
+        // equal), with ties everywhere (small integers), with negative noise, with a NaN,
+        // sparse (most pairs tied at zero), and with more neighbours than most items have
+        // pairs.
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        for (case, (catalogue, neighbours, buckets)) in
+            [(120, 5, 256), (60, 10, 64), (300, 40, 1024), (40, 39, 16)].into_iter().enumerate()
+        {
+            let shape = TowerShape { catalogue, neighbours, pair_sketch: buckets, ..shape(0) };
+            let len = SKETCH_ROWS * buckets;
+            let sketches: Vec<Vec<f32>> = vec![
+                (0..len).map(|_| f32::from(rng.gen_range(0u8..4))).collect(),
+                vec![1.0; len],
+                (0..len).map(|_| rng.gen_range(-1.0f32..1.0)).collect(),
+                (0..len).map(|i| if i == 3 { f32::NAN } else { f32::from(rng.gen_range(0u8..50)) }).collect(),
+                // Sparse, as a sum of few shoppers' pairs: most pairs tie at zero (some −0).
+                (0..len)
+                    .map(|i| match (rng.gen_bool(0.05), i % 7) {
+                        (true, _) => f32::from(rng.gen_range(1u8..9)),
+                        (false, 0) => -0.0,
+                        (false, _) => 0.0,
+                    })
+                    .collect(),
+            ];
+            for (k, sketch) in sketches.iter().enumerate() {
+                let expected = exhaustive_neighbours(&shape, sketch);
+                for threads in [1, 3] {
+                    let (lists, estimates) = sketch_neighbours(&shape, sketch, threads);
+                    assert_eq!(lists, expected.0, "case {case}, sketch {k}, {threads} threads");
+                    let same = estimates.iter().zip(&expected.1).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "case {case}, sketch {k}: estimates differ");
+                }
+            }
         }
     }
 
@@ -703,7 +808,8 @@ mod tests {
             assert!(estimates[i * 3] >= 5.0, "item {i}: {}", estimates[i * 3]);
         }
         assert!(exact >= 45, "the second neighbour decoded for {exact} of 50 items");
-        assert_eq!(sketch_neighbours(&shape, &sketch, 4), (lists.clone(), estimates));
+        assert_eq!(sketch_neighbours(&shape, &sketch, 4), (lists.clone(), estimates.clone()));
+        assert_eq!((lists.clone(), estimates), exhaustive_neighbours(&shape, &sketch));
         // Noised (a deterministic ±0.5 on every bucket), the heaviest pairs still come first.
         let noised: Vec<f32> =
             sketch.iter().enumerate().map(|(i, v)| v + if i % 2 == 0 { 0.5 } else { -0.5 }).collect();

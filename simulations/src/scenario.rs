@@ -113,6 +113,12 @@ pub struct FederationSettings {
     /// set from the data when `popularity` is on).
     #[serde(default)]
     pub tower: TowerShape,
+    /// The DP arms' tower shape where it is not `tower` (their `catalogue` set the same
+    /// way): a pair sketch of millions of buckets carries noise no DP arm here survives, so
+    /// the non-private arms (every baseline and the federated arm without noise) may carry
+    /// collaborative signal that the DP arms, with title neighbours, do not.
+    #[serde(default)]
+    pub dp_tower: Option<TowerShape>,
     /// The sequence tower carries the popularity prior: a histogram over the catalogue that
     /// the federation accumulates (noised like the rest, in DP arms).
     #[serde(default = "yes")]
@@ -414,6 +420,11 @@ impl Scenario {
             }
             None => {}
         }
+        if f.dp_tower.is_some() && f.family != AdapterFamilyName::SequenceTower {
+            return Err(invalid(
+                "federation.dp_tower is a sequence tower's shape: needs family = \"sequence_tower\"".into(),
+            ));
+        }
         if f.release_parts > 0 && !(f.family == AdapterFamilyName::SequenceTower && f.popularity) {
             return Err(invalid(
                 "federation.release_parts releases the sequence tower's statistics: needs family = \
@@ -681,6 +692,23 @@ federated = true
         let error =
             load(&BASE.replace("rank = 1", &policy.replace("0.8", "1.2"))).expect_err("refused").to_string();
         assert!(error.contains("federation.early_close.quorum"), "{error}");
+    }
+
+    /// The DP arms' own tower shape: absent by default (every arm shares `tower`), read as
+    /// written, and refused with a family that has no tower.
+    #[test]
+    fn the_dp_arms_tower_is_their_own_only_when_set_and_only_for_the_tower() {
+        assert_eq!(load(BASE).expect("valid").federation.dp_tower, None);
+        let tower =
+            "rank = 1\nfamily = \"sequence_tower\"\ntower = { neighbours = 64, pair_sketch = 1048576 }";
+        let both = format!("{tower}\ndp_tower = {{ neighbours = 60 }}");
+        let loaded = load(&BASE.replace("rank = 1", &both)).expect("valid");
+        let (shape, dp) = (loaded.federation.tower, loaded.federation.dp_tower.expect("set"));
+        assert_eq!((shape.neighbours, shape.pair_sketch), (64, 1 << 20));
+        assert_eq!((dp.neighbours, dp.pair_sketch), (60, 0));
+        let error =
+            load(&BASE.replace("rank = 1", "rank = 1\ndp_tower = { neighbours = 60 }")).expect_err("LoRA");
+        assert!(error.to_string().contains("federation.dp_tower"), "{error}");
     }
 
     #[test]

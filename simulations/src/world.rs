@@ -149,6 +149,20 @@ impl World {
         }
     }
 
+    /// The same world with the sequence tower's shape `shape` (its `catalogue` this
+    /// world's): the DP arms' world where the scenario sets `federation.dp_tower`.
+    pub fn with_tower(&self, mut shape: guild_proto::tower::TowerShape) -> World {
+        shape.catalogue = self.spec.tower.shape.catalogue;
+        let mut spec = self.spec.clone();
+        spec.tower.shape = shape;
+        World {
+            spec,
+            shared: Arc::clone(&self.shared),
+            merchants: self.merchants.clone(),
+            eval_users: self.eval_users.clone(),
+        }
+    }
+
     /// Scores adapter values of the world's family (none: its zero-shot ranker) on the
     /// evaluation users.
     pub fn score(&self, values: Option<&[f32]>, split: Split) -> anyhow::Result<Scores> {

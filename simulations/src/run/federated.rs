@@ -78,7 +78,8 @@ pub(super) async fn federated(
         c.rounds.negatives = f.negatives;
         c.rounds.server_learning_rate = f.server_learning_rate;
         c.rounds.server_optimizer = f.server_optimizer;
-        c.rounds.item_ids_scale = f.item_ids_scale;
+        // (The DP arms' tower may have no item-ID rows to scale: `federation.dp_tower`.)
+        c.rounds.item_ids_scale = if world.spec.tower.shape.item_ids > 0 { f.item_ids_scale } else { 1.0 };
         c.privacy.mode = arm.mode;
         c.privacy.clip_norm = f.clip_norm;
         c.rounds.training.noise_multiplier = arm.noise_multiplier;

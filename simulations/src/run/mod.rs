@@ -132,19 +132,30 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let s = &scenario;
     let n = world.merchants.len();
     let d = world.parameter_count();
+    // The DP arms' world: the scenario's `dp_tower` shape, if it sets one.
+    let dp_world = s.federation.dp_tower.map(|shape| world.with_tower(shape));
+    let private = dp_world.as_ref().unwrap_or(&world);
     // Every round of every federated arm, its statistic rounds included.
-    let (plan, expected) = plan(&world, s)?;
+    let (plan, expected) = plan(&world, private, s)?;
     let progress = Progress::new(plan.iter().map(|arm| arm.rounds).sum());
     let mut arms = baselines(&world, s, &progress)?;
     for arm in &plan {
         progress.message(arm.name.clone());
-        let result =
-            federated(&world, s, arm, out, &progress).await.with_context(|| format!("arm {}", arm.name))?;
+        let arm_world = if arm.mode == guild_privacy::PrivacyMode::DangerousNone { &world } else { private };
+        let mut result = federated(arm_world, s, arm, out, &progress)
+            .await
+            .with_context(|| format!("arm {}", arm.name))?;
+        if dp_world.is_some() && arm.mode != guild_privacy::PrivacyMode::DangerousNone {
+            result.events.push(format!(
+                "the DP arms' tower (`federation.dp_tower`): {} coordinates against the non-private arms' {d}",
+                private.parameter_count()
+            ));
+        }
         arms.push(result);
     }
     let search = if s.arms.search_users > 0 && world.spec.family == AdapterFamilyName::SequenceTower {
         progress.message("search");
-        tokio::task::block_in_place(|| search::search(&world, s, &arms))?
+        tokio::task::block_in_place(|| search::search(&world, private, s, &arms))?
     } else {
         Vec::new()
     };

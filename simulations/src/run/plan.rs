@@ -71,13 +71,15 @@ impl FederatedArm {
 
 /// Every federated arm the scenario asks for, in order, with its noise calibrated by the
 /// coordinator's own cost (`guild_privacy::cost::calibrate_noise`) from the coordinator's
-/// schedule of round kinds; and the expected merchant-level cohort.
-pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<FederatedArm>, f64)> {
+/// schedule of round kinds; and the expected merchant-level cohort. The DP arms run in
+/// `private` (the world of the scenario's `dp_tower`, or `world`), and their dimensions are
+/// its.
+pub(super) fn plan(world: &World, private: &World, s: &Scenario) -> anyhow::Result<(Vec<FederatedArm>, f64)> {
     let f = &s.federation;
     let n = world.merchants.len();
     // Merchant-level arms train the whole adapter; each round kind's cost is over the
     // coordinates it sums, as the coordinator charges it.
-    let d = world.summed(RoundKind::Training, TrainedPart::Whole);
+    let d = private.summed(RoundKind::Training, TrainedPart::Whole);
     let delta = s.delta(n);
     // The arms whose coordinator is killed (and restarted) after some round.
     let killed = |index: usize| {
@@ -136,7 +138,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             (RoundPrivacy {
                 noise_multiplier: sel.noise_multiplier,
                 clip_norm: sel.clip_norm,
-                dimension: world.summed(RoundKind::PoolingSelection, TrainedPart::Whole),
+                dimension: private.summed(RoundKind::PoolingSelection, TrainedPart::Whole),
                 sampling_rate: selection_rate(sel),
                 max_summands: generous(selection_rate(sel)),
                 ..round.clone()
@@ -200,7 +202,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
             sampling_rate: sh.sampling_rate,
             noise_multiplier: 1.0,
             clip_norm: sh.clip_norm,
-            dimension: world.summed(RoundKind::Training, sh.trained),
+            dimension: private.summed(RoundKind::Training, sh.trained),
             // Every merchant is in the complete-graph cohort: the threshold the coordinator
             // raises each round to.
             min_survivors: shopper_threshold,
@@ -218,7 +220,7 @@ pub(super) fn plan(world: &World, s: &Scenario) -> anyhow::Result<(Vec<Federated
         let sampled_at = |q: f64, kind: RoundKind| RoundPrivacy {
             sampling_rate: q,
             max_summands: guild_privacy::cost::sampled_shoppers_bound(shoppers, q),
-            dimension: world.summed(kind, TrainedPart::Whole),
+            dimension: private.summed(kind, TrainedPart::Whole),
             ..round.clone()
         };
         let statistic = sampled_at(sh.popularity_sampling_rate, RoundKind::PopularityRelease);

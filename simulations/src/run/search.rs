@@ -7,6 +7,7 @@
 
 use guild_client::model::tower::Tower;
 use guild_client::retrieval::{Split, evaluate_search, search_queries};
+use guild_proto::tower::TowerShape;
 
 use crate::results::{ArmResult, Scores, SearchResult};
 use crate::scenario::Scenario;
@@ -16,17 +17,27 @@ use crate::world::{World, lock};
 /// The personalisation weights tried on validation.
 pub const WEIGHTS: [f64; 8] = [0.03125, 0.0625, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0];
 
-pub(super) fn search(world: &World, s: &Scenario, arms: &[ArmResult]) -> anyhow::Result<Vec<SearchResult>> {
+/// Search on `world`'s evaluation users; a DP arm's adapter (one with an ε) has the shape
+/// of `private`'s tower (the scenario's `dp_tower`, or `world`'s).
+pub(super) fn search(
+    world: &World,
+    private: &World,
+    s: &Scenario,
+    arms: &[ArmResult],
+) -> anyhow::Result<Vec<SearchResult>> {
     let mut shared = lock(&world.shared);
     // The adapters' towers first: building one takes the shared state mutably (it computes
     // the title neighbours once, if the tower has item-to-item counts).
-    let mut ways: Vec<(String, Option<Tower>)> =
-        vec![("text only".into(), None), ("personalised (zero-shot history score)".into(), None)];
+    let mut ways: Vec<(String, Option<Tower>, &TowerShape)> = vec![
+        ("text only".into(), None, &world.spec.tower.shape),
+        ("personalised (zero-shot history score)".into(), None, &world.spec.tower.shape),
+    ];
     for arm in arms {
         if let Some(values) = &arm.final_adapter {
-            let mut tower = shared.tower(&world.spec.tower)?;
+            let config = if arm.epsilon.is_some() { &private.spec.tower } else { &world.spec.tower };
+            let mut tower = shared.tower(config)?;
             tower.set_offset(values)?;
-            ways.push((format!("personalised, {} adapter", arm.arm), Some(tower)));
+            ways.push((format!("personalised, {} adapter", arm.arm), Some(tower), &config.shape));
         }
     }
     let n = s.arms.search_users.min(world.eval_users.len());
@@ -38,10 +49,9 @@ pub(super) fn search(world: &World, s: &Scenario, arms: &[ArmResult]) -> anyhow:
     };
     let (validation_queries, test_queries) = (encode(Split::Validation)?, encode(Split::Test)?);
     let items = shared.items.to(shared.base.device());
-    let shape = &world.spec.tower.shape;
     let mut results: Vec<SearchResult> = Vec::new();
     let mut text_only: Option<Vec<f64>> = None;
-    for (i, (name, tower)) in ways.iter().enumerate() {
+    for (i, (name, tower, shape)) in ways.iter().enumerate() {
         let grid: &[f64] = if i == 0 { &[0.0] } else { &WEIGHTS };
         let validation = evaluate_search(
             shape,
