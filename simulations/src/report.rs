@@ -262,7 +262,7 @@ fn search(results: &RunResults) -> String {
          The query is {} words of the held-out item's title (lower-cased, runs of letters and digits of at \
          least two characters, drawn per shopper with a seed from its id, kept in title order); the history \
          before it is the context; the whole catalogue is ranked with the history's other items masked \
-         (`guild_client::retrieval::search`). Score: the query's MiniLM cosine with each (adapted) item \
+         (`guild_client::retrieval::search`). Score: the query's MiniLM cosine with each item's MiniLM title \
          vector, plus w times the history's recommendation score; w chosen on validation from {:?}.\n\n\
          | search | w | NDCG@10 | Recall@10 | ΔNDCG@10 vs text only [95% CI] | ΔRecall@10 [95% CI] |\n\
          |---|---|---|---|---|---|\n",

@@ -8,9 +8,10 @@
 //! - **the context** is the history before the target;
 //! - **the ranking** is over the whole catalogue, the history's items other than the target
 //!   masked (as for recommendations), scored as `guild-client serve` scores a search:
-//!   the query's MiniLM cosine with each (adapted) item vector, plus `w` times the
-//!   recommendation score of the history (the tower's, or the zero-shot mean of the last
-//!   items' when there is no adapter).
+//!   the query's MiniLM cosine with each item's MiniLM title vector (not the adapted one: the
+//!   query and the titles share MiniLM's space, the adapted vectors and their item IDs do
+//!   not), plus `w` times the recommendation score of the history (the tower's, with its
+//!   adapted item vectors, or the zero-shot mean of the last items' when there is no adapter).
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -78,19 +79,21 @@ pub fn evaluate_search(
     let mut out: Vec<(RankingCounts, Vec<u32>)> =
         weights.iter().map(|_| (RankingCounts::default(), Vec::with_capacity(examples.len()))).collect();
     tch::no_grad(|| {
-        let adapted = match tower {
-            Some(t) => normalise(&t.adapt_items(items)),
-            None => normalise(items),
-        };
+        // The query is MiniLM's, so its text score is against MiniLM's title vectors; the
+        // adapted ones (residual, item IDs) serve the recommendation score alone.
+        let titles = normalise(items);
+        let adapted = tower.map(|t| normalise(&t.adapt_items(items)));
         let prior = tower.and_then(Tower::prior).map(|p| p.unsqueeze(0));
         let queries = normalise(&queries.to(items.device()));
         let mut start = 0i64;
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
-            let text = queries.narrow(0, start, chunk.len() as i64).matmul(&adapted.tr());
+            let text = queries.narrow(0, start, chunk.len() as i64).matmul(&titles.tr());
             start += chunk.len() as i64;
             let personal = match tower {
-                Some(t) => t.scores_against(items, &adapted, prior.as_ref(), &histories),
+                Some(t) => {
+                    t.scores_against(items, adapted.as_ref().unwrap_or(&titles), prior.as_ref(), &histories)
+                }
                 None => zero_shot_scores(items, &histories, shape),
             };
             for (w, (counts, ranks)) in weights.iter().zip(out.iter_mut()) {

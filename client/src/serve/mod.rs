@@ -17,8 +17,9 @@
 //! Scores are the ones the federation trained for and evaluates: recommendation is
 //! [`Tower::scores`] (cosine of the shopper and adapted item vectors plus the popularity
 //! prior; the same function `python/rank_with_tower.py` reproduces). Search scores an item by
-//! the cosine of the query's MiniLM vector and the adapted item vector, plus, when a history
-//! is given, `personalisation` times the recommendation score.
+//! the cosine of the query's MiniLM vector and the item's MiniLM title vector (the query and
+//! the titles share MiniLM's space; the adapted vectors, item IDs included, do not), plus,
+//! when a history is given, `personalisation` times the recommendation score.
 
 pub mod grpc;
 pub mod http;
@@ -137,6 +138,9 @@ pub struct ServedModel {
     items: Tensor,
     /// Adapted item vectors, normalised, `[items, hidden]`.
     adapted: Tensor,
+    /// The title vectors normalised, `[items, hidden]`, that a query is scored against,
+    /// where they are not `adapted` (the tower; FFA-LoRA's items are the title vectors).
+    titles: Option<Tensor>,
     /// The popularity prior `[items]`, when the tower has one.
     prior: Option<Tensor>,
 }
@@ -164,8 +168,17 @@ impl ServedModel {
             tower.set_neighbours(&title_neighbours(items, tower.config().shape.neighbours)?)?;
         }
         let items = items.shallow_clone();
-        let (adapted, prior) = tch::no_grad(|| (normalise(&tower.adapt_items(&items)), tower.prior()));
-        Ok(Self { version, sha256, ranker: Ranker::Tower(tower), items, adapted, prior })
+        let (adapted, titles, prior) =
+            tch::no_grad(|| (normalise(&tower.adapt_items(&items)), normalise(&items), tower.prior()));
+        Ok(Self {
+            version,
+            sha256,
+            ranker: Ranker::Tower(tower),
+            items,
+            adapted,
+            titles: Some(titles),
+            prior,
+        })
     }
 
     /// FFA-LoRA at the federation's flat vector `flat` (its B values) over the catalogue's
@@ -191,7 +204,7 @@ impl ServedModel {
         let items = items.shallow_clone();
         let adapted = tch::no_grad(|| normalise(&items));
         let ranker = Ranker::Lora { base, adapters, titles: spec.titles.clone() };
-        Ok(Self { version, sha256, ranker, items, adapted, prior: None })
+        Ok(Self { version, sha256, ranker, items, adapted, titles: None, prior: None })
     }
 
     /// The version of `spec`'s family at the federation's flat vector `values`.
@@ -291,8 +304,8 @@ impl ServedModel {
         Ok(Vec::<f32>::try_from(&scores.squeeze_dim(0)).unwrap_or_default())
     }
 
-    /// Each item's search score: the cosine of the query vector (`[hidden]`) and the adapted
-    /// item vector, plus `personalisation` times the recommendation score when there is a
+    /// Each item's search score: the cosine of the query vector (`[hidden]`) and the item's
+    /// title vector, plus `personalisation` times the recommendation score when there is a
     /// history.
     pub fn search_scores(
         &self,
@@ -306,12 +319,14 @@ impl ServedModel {
 
     /// The scores of a batch of rows, `[rows, items]`, each row as
     /// [`Self::recommend_scores`] (no query) or [`Self::search_scores`] (a query) would give
-    /// it alone, with one product over the item vectors for the whole batch: both are linear
-    /// in one vector per row, `(t + w·s)·A + w·(prior + item-to-item prior)`, with `t` the
-    /// normalised query (zero for a recommendation), `s` the normalised shopper and `w` the
-    /// weight of the recommendation score (1 for a recommendation, `personalisation` for a
-    /// search with a history, 0 for one without). Reading the 26 MB of item vectors once for
-    /// many requests, not once each, is what lets a loaded server keep up.
+    /// it alone, with one product over each set of item vectors for the whole batch: a row
+    /// scores `t·T + w·s·A + w·(prior + item-to-item prior)`, with `t` the normalised query
+    /// (zero for a recommendation), `T` the normalised title vectors, `s` the normalised
+    /// shopper, `A` the adapted item vectors and `w` the weight of the recommendation score
+    /// (1 for a recommendation, `personalisation` for a search with a history, 0 for one
+    /// without); where `T` is `A` (FFA-LoRA) that is `(t + w·s)·A`, one product. Reading the
+    /// 26 MB of item vectors once for many requests, not once each, is what lets a loaded
+    /// server keep up.
     pub fn scores(&self, rows: &[Row<'_>], personalisation: f64) -> Result<Tensor, ModelError> {
         tch::no_grad(|| {
             let (b, hidden) = (rows.len() as i64, self.adapted.size()[1]);
@@ -323,13 +338,19 @@ impl ServedModel {
             let weights: Vec<f32> = rows.iter().map(weight).collect();
             let mut queries = Tensor::zeros([b, hidden], (Kind::Float, Device::Cpu));
             let searched: Vec<i64> = (0..b).filter(|&i| rows[i as usize].query.is_some()).collect();
+            // The searched rows' query scores against the title vectors, where those are not `A`.
+            let mut text_scores: Option<Tensor> = None;
             if !searched.is_empty() {
                 let texts: Vec<Tensor> = searched
                     .iter()
                     .filter_map(|&i| rows[i as usize].query)
                     .map(|q| normalise(&q.view([1, -1])))
                     .collect();
-                queries = queries.index_copy(0, &Tensor::from_slice(&searched), &Tensor::cat(&texts, 0));
+                let texts = Tensor::cat(&texts, 0);
+                match &self.titles {
+                    None => queries = queries.index_copy(0, &Tensor::from_slice(&searched), &texts),
+                    Some(titles) => text_scores = Some(texts.matmul(&titles.tr())),
+                }
             }
             // Rows whose shopper counts: a history, at a weight that is not zero.
             let personal: Vec<i64> = (0..b)
@@ -345,6 +366,9 @@ impl ServedModel {
                 queries = queries.index_add(0, &personal, &shoppers);
             }
             let mut scores = queries.matmul(&self.adapted.tr());
+            if let Some(text) = &text_scores {
+                scores = scores.index_add(0, &Tensor::from_slice(&searched), text);
+            }
             if let Some(prior) = &self.prior
                 && weights.iter().any(|&w| w != 0.0)
             {

@@ -155,6 +155,12 @@ fn bad_requests_name_what_is_wrong() {
 
 #[test]
 fn search_finds_the_item_named_and_personalises_by_the_recommendation_score() {
+    // With a residual, a query is still scored against the title vectors (the query is
+    // MiniLM's; the adapted vectors are not in its space): "item 7" scores 1 at item 7.
+    let adapted = engine(&offset(3), 0.0);
+    let ranked = adapted.search("item 7", &ids(&[1, 2]), 5).expect("search");
+    assert_eq!(ranked.items[0].item_id, 1000 + 7 * 7);
+    assert!((ranked.items[0].score - 1.0).abs() < 1e-5, "{}", ranked.items[0].score);
     // With the item residual at zero, the adapted vectors are the title vectors: the
     // query "item 7" (item 7's own vector) has cosine 1 with item 7.
     let mut zero_residual = offset(3);
@@ -229,11 +235,12 @@ fn a_batch_scores_every_row_exactly_as_that_row_alone() {
             assert!((a - b).abs() < 1e-5, "row {i}: {a} vs {b}");
         }
     }
-    // A search without a history is the text's cosine alone: no prior.
+    // A search without a history is the query's cosine with the title vectors alone: no
+    // prior, and not the adapted vectors.
     let text = Vec::<f32>::try_from(&batch.get(3)).expect("row");
-    let cosine =
-        Vec::<f32>::try_from(&model.adapted.matmul(&normalise(&q20.view([1, -1])).tr()).squeeze_dim(1))
-            .expect("cosine");
+    let titles = normalise(&model.items);
+    let cosine = Vec::<f32>::try_from(&titles.matmul(&normalise(&q20.view([1, -1])).tr()).squeeze_dim(1))
+        .expect("cosine");
     for (a, b) in text.iter().zip(&cosine) {
         assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
