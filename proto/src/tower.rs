@@ -171,11 +171,13 @@ pub fn sketch_bucket(buckets: usize, row: usize, from: usize, to: usize) -> usiz
 /// instead of the least, over sums whose rounding left buckets at −1e-10, cost a federation
 /// most of the sketch's gain.)
 pub fn sketch_estimate(sketch: &[f32], buckets: usize, from: usize, to: usize) -> f32 {
-    // `+ 0.0` turns a −0 into +0, so that estimates order the same under `<` and `total_cmp`.
-    (0..SKETCH_ROWS)
-        .map(|row| sketch.get(sketch_bucket(buckets, row, from, to)).copied().unwrap_or(0.0))
-        .fold(f32::INFINITY, f32::min)
-        + 0.0
+    (0..SKETCH_ROWS).map(|row| sketch_cell(sketch, buckets, row, from, to)).fold(f32::INFINITY, f32::min)
+}
+
+/// The bucket of the pair `(from, to)` in row `row` of `sketch` (0 past its end), a −0 read
+/// as +0 so that values order the same under `<` and `total_cmp`.
+fn sketch_cell(sketch: &[f32], buckets: usize, row: usize, from: usize, to: usize) -> f32 {
+    sketch.get(sketch_bucket(buckets, row, from, to)).copied().unwrap_or(0.0) + 0.0
 }
 
 /// Each catalogue item's `M = shape.neighbours` neighbours decoded from the pair sketch
@@ -233,9 +235,10 @@ fn decode_item(
 ) {
     let m = list.len();
     let estimate = |to: u32| (sketch_estimate(sketch, buckets, from, to as usize), to);
-    let row0 = |to: usize| sketch.get(sketch_bucket(buckets, 0, from, to)).copied().unwrap_or(0.0) + 0.0;
     first.clear();
-    first.extend((0..n).filter(|&to| to != from).map(|to| (row0(to), to as u32)));
+    first.extend(
+        (0..n).filter(|&to| to != from).map(|to| (sketch_cell(sketch, buckets, 0, from, to), to as u32)),
+    );
     first.select_nth_unstable_by(m - 1, heavier_first);
     let mut scored: Vec<(f32, u32)> = first[..m].iter().map(|&(_, to)| estimate(to)).collect();
     let bound = scored.iter().map(|s| s.0).fold(f32::INFINITY, f32::min);

@@ -141,12 +141,7 @@ impl World {
     /// The same world evaluated on the first `n` of its evaluation users only (a seeded
     /// random subsample, paired user by user with the whole set's first `n`).
     pub fn evaluated_on_first(&self, n: usize) -> World {
-        World {
-            spec: self.spec.clone(),
-            shared: Arc::clone(&self.shared),
-            merchants: self.merchants.clone(),
-            eval_users: self.eval_users[..n.min(self.eval_users.len())].to_vec(),
-        }
+        self.sharing(self.spec.clone(), self.eval_users[..n.min(self.eval_users.len())].to_vec())
     }
 
     /// The same world with the sequence tower's shape `shape` (its `catalogue` this
@@ -155,12 +150,12 @@ impl World {
         shape.catalogue = self.spec.tower.shape.catalogue;
         let mut spec = self.spec.clone();
         spec.tower.shape = shape;
-        World {
-            spec,
-            shared: Arc::clone(&self.shared),
-            merchants: self.merchants.clone(),
-            eval_users: self.eval_users.clone(),
-        }
+        self.sharing(spec, self.eval_users.clone())
+    }
+
+    /// A world of `spec` and `eval_users` over this one's data, model and merchants.
+    fn sharing(&self, spec: WorldSpec, eval_users: Vec<usize>) -> World {
+        World { spec, shared: Arc::clone(&self.shared), merchants: self.merchants.clone(), eval_users }
     }
 
     /// Scores adapter values of the world's family (none: its zero-shot ranker) on the

@@ -82,18 +82,16 @@ pub fn evaluate_search(
         // The query is MiniLM's, so its text score is against MiniLM's title vectors; the
         // adapted ones (residual, item IDs) serve the recommendation score alone.
         let titles = normalise(items);
-        let adapted = tower.map(|t| normalise(&t.adapt_items(items)));
-        let prior = tower.and_then(Tower::prior).map(|p| p.unsqueeze(0));
+        let tower = tower.map(|t| (t, normalise(&t.adapt_items(items))));
+        let prior = tower.as_ref().and_then(|(t, _)| t.prior()).map(|p| p.unsqueeze(0));
         let queries = normalise(&queries.to(items.device()));
         let mut start = 0i64;
         for chunk in examples.chunks(256) {
             let histories: Vec<&[ItemIndex]> = chunk.iter().map(|e| e.history).collect();
             let text = queries.narrow(0, start, chunk.len() as i64).matmul(&titles.tr());
             start += chunk.len() as i64;
-            let personal = match tower {
-                Some(t) => {
-                    t.scores_against(items, adapted.as_ref().unwrap_or(&titles), prior.as_ref(), &histories)
-                }
+            let personal = match &tower {
+                Some((t, adapted)) => t.scores_against(items, adapted, prior.as_ref(), &histories),
                 None => zero_shot_scores(items, &histories, shape),
             };
             for (w, (counts, ranks)) in weights.iter().zip(out.iter_mut()) {

@@ -141,11 +141,12 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let mut arms = baselines(&world, s, &progress)?;
     for arm in &plan {
         progress.message(arm.name.clone());
-        let arm_world = if arm.mode == guild_privacy::PrivacyMode::DangerousNone { &world } else { private };
+        let dp_arm = arm.mode != guild_privacy::PrivacyMode::DangerousNone;
+        let arm_world = if dp_arm { private } else { &world };
         let mut result = federated(arm_world, s, arm, out, &progress)
             .await
             .with_context(|| format!("arm {}", arm.name))?;
-        if dp_world.is_some() && arm.mode != guild_privacy::PrivacyMode::DangerousNone {
+        if dp_arm && dp_world.is_some() {
             result.events.push(format!(
                 "the DP arms' tower (`federation.dp_tower`): {} coordinates against the non-private arms' {d}",
                 private.parameter_count()
