@@ -78,6 +78,8 @@ pub type Each<'a> = dyn FnMut(Update<'_>) -> anyhow::Result<()> + 'a;
 #[derive(Clone, Copy, Debug)]
 pub struct RoundInput<'a> {
     pub task: &'a RoundTask,
+    /// The adapter the round starts from; empty in a popularity release, which sends the
+    /// merchant's own statistics and reads nothing of it (the client does not fetch it).
     pub global: &'a [f32],
     pub units: Units<'a>,
 }
@@ -146,7 +148,7 @@ impl RandomLearner {
             Units::Shoppers(shoppers) => shoppers.len(),
         };
         for _ in 0..count {
-            each(Update::Dense(&mut self.random_update(round.global.len())))?;
+            each(Update::Dense(&mut self.random_update(self.manifest.parameter_count())))?;
         }
         Ok(())
     }

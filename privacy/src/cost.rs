@@ -166,15 +166,19 @@ impl RoundPrivacy {
 
     /// The round's encoding and privacy event.
     pub fn cost(&self) -> Result<RoundCost, CostError> {
-        let ddg = DdgParams::select(&ParamsRequest {
-            dimension: self.dimension,
-            clip_norm: self.clip_norm,
-            noise_stddev: self.distributed_noise_stddev(),
-            noise_shares: noise_shares(self.min_survivors, self.tolerated_colluders),
-            max_summands: self.max_summands,
-            bit_width: self.bit_width,
-            wrap_probability: self.wrap_probability,
-        })?;
+        let ddg = if self.mode.rotates() {
+            DdgParams::select(&ParamsRequest {
+                dimension: self.dimension,
+                clip_norm: self.clip_norm,
+                noise_stddev: self.distributed_noise_stddev(),
+                noise_shares: noise_shares(self.min_survivors, self.tolerated_colluders),
+                max_summands: self.max_summands,
+                bit_width: self.bit_width,
+                wrap_probability: self.wrap_probability,
+            })?
+        } else {
+            DdgParams::select_unrotated(self.dimension, self.clip_norm, self.max_summands, self.bit_width)?
+        };
         let sampling_rate = self.sampling_rate;
         let event = match (self.mode, self.unit) {
             (PrivacyMode::Distributed, PrivacyUnit::Merchant) => Some(PrivacyEvent::ZeroOutSampledZcdp {

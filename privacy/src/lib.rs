@@ -27,6 +27,17 @@ pub enum PrivacyMode {
     DangerousNone,
 }
 
+impl PrivacyMode {
+    /// Whether the round's encoding rotates the update before rounding
+    /// ([`dp::DdgParams::rotated`]). The rotation spreads the energy of the update and of
+    /// the noise over the coordinates so that a fine γ cannot wrap the modular sum; with no
+    /// noise and no privacy claim (`dangerous_none`) a coarser γ bounds every coordinate
+    /// outright, and the encoding skips the rotation and its padding to a power of two.
+    pub fn rotates(self) -> bool {
+        self != Self::DangerousNone
+    }
+}
+
 /// Whom a round's differential privacy protects: the neighbouring datasets differ in one
 /// merchant's whole contribution, or in one shopper's whole history.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -74,7 +74,7 @@ mod tests {
             v1::RegisterRequest {
                 display_name: "Shop".into(),
                 signing_public_key: vec![1; 32],
-                protocol_version: 1,
+                protocol_version: crate::PROTOCOL_VERSION,
             }
             .encode_to_vec(),
             v1::MaskedInputRequest {

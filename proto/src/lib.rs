@@ -31,5 +31,7 @@ pub mod v1 {
     tonic::include_proto!("guild.v1");
 }
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. 2: SecAgg+ masks are expanded with AES-256-CTR
+/// (ChaCha20 in 1), and a round without noise is encoded without rotation or padding; a
+/// client of another version would mask with a different generator, so registration refuses it.
+pub const PROTOCOL_VERSION: u32 = 2;

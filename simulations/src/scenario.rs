@@ -48,6 +48,13 @@ pub struct DataSettings {
     /// evaluation users (default: all); every arm's final scores use all of them.
     #[serde(default)]
     pub curve_users: Option<usize>,
+    /// Of a federated arm's popularity releases, the curve draws every this many-th
+    /// version and the last (default: every one). Each point costs a scoring of the curve
+    /// users, and with a pair sketch its decoding (seconds), on the cores the federation
+    /// runs on; a partitioned release's intermediate versions hold part of the merchants'
+    /// statistics only.
+    #[serde(default)]
+    pub curve_release_every: Option<u32>,
     /// Validation users each client evaluates after each round and reports.
     #[serde(default)]
     pub client_eval_users: usize,
@@ -171,6 +178,10 @@ pub struct Arms {
     /// place, as the untrained count ranker and as a prior added to the zero-shot and the
     /// centralised rankers (its weight chosen on the validation split).
     pub item_counts: bool,
+    /// With `item_counts`: the exact counts as a prior on the centralised tower too (default:
+    /// yes), an upper reference for a tower with the counts summed without noise.
+    #[serde(default = "yes")]
+    pub centralised_with_counts: bool,
     /// Sequence tower: the shopper-level arms' release and pooling selection without noise
     /// (every merchant's shoppers' statistics summed exactly, the setting with the best mean
     /// validation NDCG@10 over them), and the same selection on the centralised tower: how

@@ -410,6 +410,9 @@ async fn a_mode_without_client_noise_is_refused_unless_opted_in() {
     for mode in [PrivacyMode::Central, PrivacyMode::DangerousNone] {
         let mut task = honest_task(1.0);
         task.privacy.mode = mode;
+        // A well-formed task of that mode: without noise the encoding is not padded (else the
+        // wire would refuse the task before the client's own vetting could).
+        task.secagg.vector_length = guild_privacy::dp::encoded_length(mode, task.summed().len()) as u32;
         seal(&mut task);
         assert_refused(&attack(task, options()).await, "set dangerous_send_unnoised_updates");
     }

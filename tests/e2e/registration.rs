@@ -104,7 +104,7 @@ async fn malformed_and_oversized_registrations_are_refused_and_nothing_stored() 
             v1::RegisterRequest {
                 display_name: "x".into(),
                 signing_public_key: vec![1; 31],
-                protocol_version: 1,
+                protocol_version: guild_proto::PROTOCOL_VERSION,
             },
             "RegisterRequest.signing_public_key: expected 32 bytes, got 31",
         ),
@@ -112,7 +112,7 @@ async fn malformed_and_oversized_registrations_are_refused_and_nothing_stored() 
             v1::RegisterRequest {
                 display_name: "".into(),
                 signing_public_key: vec![1; 32],
-                protocol_version: 1,
+                protocol_version: guild_proto::PROTOCOL_VERSION,
             },
             "RegisterRequest.display_name",
         ),
@@ -135,7 +135,7 @@ async fn malformed_and_oversized_registrations_are_refused_and_nothing_stored() 
     let huge = v1::RegisterRequest {
         display_name: "x".repeat(limit + 1),
         signing_public_key: vec![1; 32],
-        protocol_version: 1,
+        protocol_version: guild_proto::PROTOCOL_VERSION,
     };
     let status = raw.register(huge).await.expect_err("must be refused");
     assert!(matches!(status.code(), tonic::Code::OutOfRange | tonic::Code::ResourceExhausted), "{status:?}");
@@ -158,7 +158,7 @@ async fn a_revoked_merchant_is_refused_before_its_message_is_decoded() {
     let huge = || v1::RegisterRequest {
         display_name: "x".repeat(limit + 1),
         signing_public_key: vec![1; 32],
-        protocol_version: 1,
+        protocol_version: guild_proto::PROTOCOL_VERSION,
     };
     let mut revoked =
         federation.connect(1).await.expect("TLS still completes").raw().max_encoding_message_size(usize::MAX);
@@ -282,7 +282,7 @@ async fn the_decode_limit_fits_the_federation_and_a_flooding_merchant_is_held_to
     let between = v1::RegisterRequest {
         display_name: "x".repeat(own + 1),
         signing_public_key: vec![1; 32],
-        protocol_version: 1,
+        protocol_version: guild_proto::PROTOCOL_VERSION,
     };
     assert!(between.display_name.len() < wire);
     let status = honest.register(between).await.expect_err("above this federation's limit");

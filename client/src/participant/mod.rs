@@ -18,6 +18,7 @@ use guild_privacy::PrivacyMode;
 use guild_privacy::dp::DdgParams;
 use guild_privacy::secagg::{Phase, RoundConfig, client as secagg};
 use guild_proto::domain::{MerchantId, MetricsReport, RoundTask, Task};
+use guild_proto::round::RoundKind;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
@@ -380,21 +381,32 @@ impl Participant {
     /// One round: check, fetch, train, privatise, SecAgg+.
     pub async fn take_part(&mut self, task: RoundTask) -> Result<RoundReport, ParticipantError> {
         self.check(&task)?;
-        let global = self
-            .global_adapter(
+        // A popularity release sends this merchant's own statistics and reads nothing of the
+        // adapter the round starts from: it is not fetched (with a pair sketch, 16 MB each
+        // merchant of a release).
+        let global = if task.training.kind == RoundKind::PopularityRelease {
+            Vec::new()
+        } else {
+            self.global_adapter(
                 task.adapter_version,
                 task.binding.adapter_sha256,
                 task.manifest.parameter_count(),
             )
-            .await?;
+            .await?
+        };
 
         // The encoding: clip, rotate, scale, round, add this client's share of the noise.
         let p = &task.privacy;
         let noise = if p.mode == PrivacyMode::Distributed { p.noise_multiplier * p.clip_norm } else { 0.0 };
         let shares = guild_privacy::cost::noise_shares(p.min_survivors, p.tolerated_colluders);
         // Over the coordinates the round sums, not the whole adapter.
-        let ddg =
-            DdgParams::from_round(task.summed().len(), p.clip_norm, p.gamma, p.bit_width, noise, shares)?;
+        // (Without noise the encoding is not rotated: `PrivacyMode::rotates`.)
+        let d = task.summed().len();
+        let ddg = if p.mode.rotates() {
+            DdgParams::from_round(d, p.clip_norm, p.gamma, p.bit_width, noise, shares)?
+        } else {
+            DdgParams::unrotated(d, p.clip_norm, p.gamma, p.bit_width)?
+        };
         if ddg.padded_dimension() != task.secagg.vector_length as usize {
             return Err(ParticipantError::Refused("vector length does not match the encoding".into()));
         }

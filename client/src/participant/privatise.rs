@@ -3,7 +3,7 @@
 //! (merchant unit) or each sampled shopper's, summed (shopper unit).
 
 use guild_privacy::PrivacyUnit;
-use guild_privacy::dp::{DdgEncoding, DdgParams, RandomRotation, poisson_sample};
+use guild_privacy::dp::{DdgEncoding, DdgParams, poisson_sample};
 use guild_proto::domain::RoundTask;
 use guild_proto::round::SummedCoordinates;
 use rand::SeedableRng;
@@ -27,7 +27,7 @@ pub(super) fn privatised_update(
     ddg: &DdgParams,
 ) -> Result<DdgEncoding, ParticipantError> {
     let p = &task.privacy;
-    let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+    let rotation = ddg.rotation(p.rotation_seed);
     // The learner's updates are over the whole adapter; the round sums only its own
     // coordinates (`SummedCoordinates`), and those alone are clipped, noised and sent.
     let summed = task.summed();
@@ -142,7 +142,7 @@ mod tests {
             shoppers: 10,
         };
         let encoded = privatised_update(&mut learner, &task, &vec![0.0; d], &ddg).expect("encoded");
-        let rotation = RandomRotation::new(ddg.padded_dimension(), p.rotation_seed);
+        let rotation = ddg.rotation(p.rotation_seed);
         let sum = ddg.decode(&encoded.values, &rotation).expect("decode");
         let mut replay = crate::learner::RandomLearner {
             manifest: manifest(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use guild_privacy::PrivacyMode;
-use guild_privacy::dp::{RandomRotation, add_central_noise};
+use guild_privacy::dp::add_central_noise;
 use guild_privacy::ledger::{Charge, LedgerEntry};
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::{PeerMisbehaved, Phase, SecAggError};
@@ -282,7 +282,7 @@ impl Engine {
                 return Err(error.into());
             }
         };
-        let rotation = RandomRotation::new(round.ddg.padded_dimension(), round.rotation_seed);
+        let rotation = round.ddg.rotation(round.rotation_seed);
         let mut decoded = round.ddg.decode(&sum, &rotation)?;
         // A poisoned sum: no clipped, encoded updates and noise reach this norm. The round is
         // rejected (its charge stands, as for any round that reached Unmask).

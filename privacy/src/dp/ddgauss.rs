@@ -56,6 +56,9 @@ pub struct DdgParams {
     bit_width: u32,
     /// σ²/γ²/t, the variance of each client's noise in the scaled (integer) domain.
     local_variance: Rational,
+    /// Whether the update is rotated (and padded to a power of two) before rounding; an
+    /// encoding without noise need not be ([`Self::unrotated`]).
+    rotated: bool,
 }
 
 /// One client's encoded, noised update, ready to be masked.
@@ -255,13 +258,66 @@ impl DdgParams {
             gamma,
             bit_width,
             local_variance,
+            rotated: true,
         })
+    }
+
+    /// The encoding of a round that adds no noise (`dangerous_none`), γ chosen here: no
+    /// rotation and no padding, each coordinate clipped, scaled and rounded where it is. A
+    /// clipped update's coordinate is at most c in magnitude and its rounding moves it by
+    /// less than 1 in the scaled domain, so the sum of `max_summands` encodings stays below
+    /// `n·(c/γ + 1)` in every coordinate; γ = n·c / (2^(b−1) − n − 1) keeps that inside the
+    /// ring's half-width, and the sum never wraps (no probability to accept). Coarser than a
+    /// rotated encoding's γ by about √d / (2k) (k a few standard deviations), which at 32
+    /// bits leaves a clipped update's coordinates a rounding error near 10⁻⁷·c each: it
+    /// saves the rotation, the padding (up to half the masked vector) and their inverse.
+    pub fn select_unrotated(
+        dimension: usize,
+        clip_norm: f64,
+        max_summands: u32,
+        bit_width: u32,
+    ) -> Result<Self, DpError> {
+        check_shape(dimension, clip_norm, bit_width)?;
+        let n = f64::from(max_summands.max(1));
+        let room = 2f64.powi(bit_width as i32 - 1) - n - 1.0;
+        if room <= 0.0 {
+            return Err(parameter(
+                "bit_width",
+                format!("a ring of 2^{bit_width} cannot hold the sum of {max_summands} unrotated encodings"),
+            ));
+        }
+        Self::unrotated(dimension, clip_norm, n * clip_norm / room, bit_width)
+    }
+
+    /// The parameters of an encoding without rotation or noise that a client rebuilds from
+    /// its round task ([`Self::select_unrotated`]).
+    pub fn unrotated(dimension: usize, clip_norm: f64, gamma: f64, bit_width: u32) -> Result<Self, DpError> {
+        let rotated = Self::from_round(dimension, clip_norm, gamma, bit_width, 0.0, 1)?;
+        Ok(Self { padded_dimension: dimension, rotated: false, ..rotated })
+    }
+
+    /// Whether the update is rotated before rounding (and its length padded to a power of
+    /// two); [`Self::rotation`] is the identity when not.
+    pub fn rotated(&self) -> bool {
+        self.rotated
+    }
+
+    /// The round's rotation for its public `seed`: the randomized Hadamard transform of the
+    /// padded dimension, or the identity for an encoding without rotation.
+    pub fn rotation(&self, seed: u64) -> RandomRotation {
+        if self.rotated {
+            RandomRotation::new(self.padded_dimension, seed)
+        } else {
+            RandomRotation::identity()
+        }
     }
 
     pub fn dimension(&self) -> usize {
         self.dimension
     }
 
+    /// The length of an encoding and of the masked vector: the dimension padded to a power
+    /// of two, or the dimension itself without rotation.
     pub fn padded_dimension(&self) -> usize {
         self.padded_dimension
     }
@@ -430,6 +486,12 @@ fn uniform01(rng: &mut impl RngCore) -> f64 {
     (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// The length of a round's encoding of `dimension` coordinates in `mode`: padded to a
+/// power of two for the rotation, or the dimension itself ([`DdgParams::rotated`]).
+pub fn encoded_length(mode: crate::PrivacyMode, dimension: usize) -> usize {
+    if mode.rotates() { dimension.next_power_of_two() } else { dimension }
+}
+
 /// Adds `x` into `acc` coordinate-wise mod 2^b.
 pub fn add_mod(acc: &mut [u32], x: &[u32], bit_width: u32) {
     let mask = if bit_width == 32 { u32::MAX } else { (1u32 << bit_width) - 1 };
@@ -481,6 +543,60 @@ pub fn ddgauss_zcdp_rho_at(params: &DdgParams, noise_shares: u32, delta2_sq: f64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without rotation: no padding, the identity rotation, and the sum of the worst case (every
+    /// client's whole clip norm in one coordinate, of either sign) decodes without wrapping,
+    /// each coordinate within n·γ of the clipped sum. A γ one part in a thousand finer
+    /// wraps it, so the bound is what holds the sum in the ring.
+    #[test]
+    fn an_unrotated_encoding_holds_the_worst_case_sum_without_padding() {
+        use rand_core::SeedableRng;
+        let (d, n, c, b) = (1000usize, 30u32, 2.5f64, 20u32);
+        let params = DdgParams::select_unrotated(d, c, n, b).expect("fits");
+        assert!(!params.rotated());
+        assert_eq!(params.padded_dimension(), d);
+        assert_eq!(encoded_length(crate::PrivacyMode::DangerousNone, d), d);
+        assert_eq!(encoded_length(crate::PrivacyMode::Distributed, d), 1024);
+        assert_eq!(DdgParams::unrotated(d, c, params.gamma(), b).expect("rebuilt"), params);
+        assert!(DdgParams::from_round(d, c, params.gamma(), b, 0.0, 1).expect("rotated").rotated());
+        let sum_of = |params: &DdgParams, sign: f32| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(5);
+            let rotation = params.rotation(9);
+            let mut acc = vec![0u32; params.padded_dimension()];
+            for _ in 0..n {
+                // Above the clip norm: clipped to c, all of it in coordinate 3.
+                let mut x = vec![0f32; d];
+                x[3] = sign * 4.0;
+                x[7] = sign * 1e-3;
+                let encoded = params.encode(&mut x, &rotation, &mut rng).expect("encode");
+                add_mod(&mut acc, &encoded.values, b);
+            }
+            params.decode(&acc, &rotation).expect("decode")
+        };
+        for sign in [1.0f32, -1.0] {
+            let decoded = sum_of(&params, sign);
+            // The clipped update: c·x/‖x‖ at coordinates 3 and 7, zero elsewhere.
+            let norm = f64::from(4.0f32).hypot(f64::from(1e-3f32));
+            let clipped = |i: usize| match i {
+                3 => f64::from(sign) * c * 4.0 / norm,
+                7 => f64::from(sign) * c * f64::from(1e-3f32) / norm,
+                _ => 0.0,
+            };
+            for (i, v) in decoded.iter().enumerate() {
+                let expected = f64::from(n) * clipped(i);
+                assert!(
+                    (v - expected).abs() <= f64::from(n) * params.gamma(),
+                    "coordinate {i}: {v} vs {expected}"
+                );
+            }
+        }
+        let finer = DdgParams::unrotated(d, c, params.gamma() * 0.999, b).expect("finer");
+        let wrapped = sum_of(&finer, 1.0);
+        assert!(wrapped[3] < 0.0, "a finer γ wraps the worst case: {}", wrapped[3]);
+        // A ring too small for the summands is refused, naming the bit width.
+        let error = DdgParams::select_unrotated(d, c, 1 << 12, 12).expect_err("too small").to_string();
+        assert!(error.contains("bit_width"), "{error}");
+    }
 
     fn request() -> ParamsRequest {
         ParamsRequest {

@@ -27,10 +27,12 @@ pub fn fwht(x: &mut [f64]) {
     }
 }
 
-/// x ↦ H·D·x with D a diagonal of random signs drawn from a round's public seed.
+/// x ↦ H·D·x with D a diagonal of random signs drawn from a round's public seed, or the
+/// identity ([`Self::identity`], an encoding without rotation).
 #[derive(Clone, Debug)]
 pub struct RandomRotation {
-    signs: Vec<bool>,
+    /// `None`: the identity.
+    signs: Option<Vec<bool>>,
 }
 
 impl RandomRotation {
@@ -43,12 +45,18 @@ impl RandomRotation {
             let word = rng.next_u64();
             signs.extend((0..64).map(|bit| word >> bit & 1 == 1).take(padded_dimension - signs.len()));
         }
-        Self { signs }
+        Self { signs: Some(signs) }
+    }
+
+    /// The identity, of any length: what an encoding without rotation applies.
+    pub fn identity() -> Self {
+        Self { signs: None }
     }
 
     /// H·D·x, in place.
     pub fn forward(&self, x: &mut [f64]) {
-        for (v, &negative) in x.iter_mut().zip(&self.signs) {
+        let Some(signs) = &self.signs else { return };
+        for (v, &negative) in x.iter_mut().zip(signs) {
             if negative {
                 *v = -*v;
             }
@@ -58,8 +66,9 @@ impl RandomRotation {
 
     /// D·H·y, the inverse of [`Self::forward`], in place.
     pub fn inverse(&self, y: &mut [f64]) {
+        let Some(signs) = &self.signs else { return };
         fwht(y);
-        for (v, &negative) in y.iter_mut().zip(&self.signs) {
+        for (v, &negative) in y.iter_mut().zip(signs) {
             if negative {
                 *v = -*v;
             }

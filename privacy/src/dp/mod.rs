@@ -14,6 +14,7 @@ mod shrinkage;
 pub use clip::{clip_l2, l2_norm};
 pub use ddgauss::{
     DdgEncoding, DdgParams, DdgSum, ParamsRequest, add_mod, ddgauss_zcdp_rho, ddgauss_zcdp_rho_at,
+    encoded_length,
 };
 pub use discrete_gaussian::{Cks20Sampler, DiscreteGaussianSampler, OpenDpSampler, Rational};
 pub use gaussian::{add_central_noise, privatise_local};

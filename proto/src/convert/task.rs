@@ -385,11 +385,11 @@ impl TryFrom<v1::RoundTask> for RoundTask {
             ));
         }
         let summed = crate::round::SummedCoordinates::of(kind, trained, &manifest);
-        if s.vector_length as usize != summed.len().next_power_of_two() {
+        if s.vector_length as usize != guild_privacy::dp::encoded_length(mode, summed.len()) {
             return Err(WireError::invalid(
                 "RoundTask.secagg.vector_length",
                 format!(
-                    "{} does not match the manifest: a {kind} sums {} of its {} parameters, padded to a power of two",
+                    "{} does not match the manifest: a {kind} sums {} of its {} parameters, padded to a power of two unless the mode adds no noise",
                     s.vector_length,
                     summed.len(),
                     manifest.parameter_count()
@@ -654,6 +654,21 @@ mod tests {
         weights.training.trained = TrainedPart::Weights;
         weights.secagg.vector_length = weights.summed().len().next_power_of_two() as u32;
         assert_eq!(RoundTask::try_from(v1::RoundTask::from(weights.clone())).expect("valid"), weights);
+        // A round that adds no noise encodes without rotation: its vector is the summed
+        // coordinates themselves, and the padded length is refused (as is the unpadded one
+        // in a mode with noise).
+        let d = weights.summed().len();
+        assert!(!d.is_power_of_two(), "the case needs padding to differ");
+        let mut plain = weights.clone();
+        plain.privacy.mode = PrivacyMode::DangerousNone;
+        plain.secagg.vector_length = d as u32;
+        assert_eq!(RoundTask::try_from(v1::RoundTask::from(plain.clone())).expect("valid"), plain);
+        plain.secagg.vector_length = d.next_power_of_two() as u32;
+        let error = RoundTask::try_from(v1::RoundTask::from(plain)).expect_err("padded").to_string();
+        assert!(error.contains("RoundTask.secagg.vector_length"), "{error}");
+        weights.secagg.vector_length = d as u32;
+        let error = RoundTask::try_from(v1::RoundTask::from(weights)).expect_err("unpadded").to_string();
+        assert!(error.contains("RoundTask.secagg.vector_length"), "{error}");
     }
 
     #[test]

@@ -217,7 +217,7 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
             progress.message("centralised + selection");
             arms.push(selected(world, CENTRALISED_SELECTED, &values, "the centralised tower")?);
         }
-        if let Some((counts, _)) = &counts {
+        if let Some((counts, _)) = counts.as_ref().filter(|_| s.arms.centralised_with_counts) {
             progress.message("centralised + item-to-item counts");
             arms.push(with_counts(
                 world,

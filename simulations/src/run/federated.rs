@@ -18,6 +18,7 @@ use guild_privacy::ledger::Budget;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
 use guild_proto::domain::AdapterFamilyName;
 use guild_proto::round::RoundKind;
+use guild_proto::round::Schedule;
 
 use crate::federation::{Federation, coordinator_binary};
 use crate::observe::{PhaseStats, charged_after_last_version, epsilon_after, per_phase};
@@ -169,7 +170,7 @@ pub(super) async fn federated(
     if masked > configured {
         events.push(format!(
             "masked-input deadline {:.1} s, not {:.1} s: every client of a cohort masks on the same {cores} cores \
-             (ChaCha20 keystream at {:.2} GB/s per core)",
+             (mask keystream, AES-256-CTR, at {:.2} GB/s per core)",
             masked as f64 / 1e3,
             configured as f64 / 1e3,
             keystream_rate / 1e9
@@ -319,6 +320,13 @@ pub(super) async fn federated(
         let latest = store.latest_adapter()?.map_or(0, |a| a.version);
         while *seen < latest {
             *seen += 1;
+            if !drawn_on_curve(arm.schedule, *seen, s.data.curve_release_every) {
+                progress.round_done(format!(
+                    "{}: adapter version {seen}, a popularity release not drawn on the curve",
+                    arm.name
+                ));
+                continue;
+            }
             let record = store.adapter(*seen)?;
             let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
             let validation =
@@ -601,4 +609,30 @@ fn spawn_client_process(
     let binary = coordinator_binary()?.with_file_name("guild-client");
     let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
     Ok(std::process::Command::new(binary).args(["run", "--config"]).arg(&path).stderr(log).spawn()?)
+}
+
+/// Whether the curve draws adapter version `version`: every training version, and of the
+/// popularity releases every `every`-th and the last (every one without `every`).
+fn drawn_on_curve(schedule: Schedule, version: u64, every: Option<u32>) -> bool {
+    let releases = u64::from(schedule.popularity_releases);
+    match every {
+        Some(every) if version >= 1 && version < releases => version.is_multiple_of(u64::from(every.max(1))),
+        _ => true,
+    }
+}
+
+#[cfg(test)]
+mod curve_tests {
+    use super::*;
+
+    #[test]
+    fn the_curve_thins_the_releases_alone_and_keeps_their_last() {
+        let schedule = Schedule { popularity_releases: 20, pooling_selection: false };
+        let drawn: Vec<u64> = (1..=30).filter(|&v| drawn_on_curve(schedule, v, Some(5))).collect();
+        assert_eq!(drawn, [5, 10, 15, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30]);
+        let odd = Schedule { popularity_releases: 7, pooling_selection: true };
+        let drawn: Vec<u64> = (1..=10).filter(|&v| drawn_on_curve(odd, v, Some(3))).collect();
+        assert_eq!(drawn, [3, 6, 7, 8, 9, 10]);
+        assert!((1..=30).all(|v| drawn_on_curve(schedule, v, None)));
+    }
 }
