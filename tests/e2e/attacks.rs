@@ -22,8 +22,9 @@ use guild_client::participant::{ClientLedger, Participant, ParticipantError, Par
 use guild_privacy::secagg::message::ClientIndex;
 use guild_privacy::secagg::min_active_threshold;
 use guild_privacy::{PrivacyMode, PrivacyUnit};
-use guild_proto::domain::{AdapterManifest, MerchantId, Registered, RoundTask, Task};
+use guild_proto::domain::{AdapterFamily, AdapterManifest, MerchantId, Registered, RoundTask, Task};
 use guild_proto::pki::FederationPki;
+use guild_proto::round::RoundKind;
 use guild_proto::tower::TowerShape;
 use guild_proto::v1;
 use guild_proto::v1::coordinator_server::{Coordinator, CoordinatorServer};
@@ -229,6 +230,15 @@ async fn serve(
 
 /// Merchant-001's real `Participant`, with a random learner, connected to `address`.
 async fn merchant(address: SocketAddr, options: ParticipantOptions) -> Participant {
+    merchant_of(address, options, manifest()).await
+}
+
+/// As [`merchant`], its learner's adapter `manifest`.
+async fn merchant_of(
+    address: SocketAddr,
+    options: ParticipantOptions,
+    manifest: AdapterManifest,
+) -> Participant {
     let pki = pki();
     let credentials = TlsCredentials {
         ca_pem: pki.ca.cert_pem.clone().into_bytes(),
@@ -238,8 +248,7 @@ async fn merchant(address: SocketAddr, options: ParticipantOptions) -> Participa
     };
     let uri = format!("https://localhost:{}", address.port());
     let connection = Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect");
-    let learner =
-        RandomLearner { manifest: manifest(), norm: 0.5, rng: ChaCha20Rng::seed_from_u64(1), shoppers: 0 };
+    let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(1), shoppers: 0 };
     Participant::new(connection, Arc::new(identity(0)), Box::new(learner), options, ClientLedger::in_memory())
 }
 
@@ -251,12 +260,22 @@ async fn attack(task: RoundTask, options: ParticipantOptions) -> Outcome {
 
 /// As [`attack`], the first `rate_limited` task polls answered with the rate limit.
 async fn one_round(task: RoundTask, rate_limited: u32, options: ParticipantOptions) -> Outcome {
+    one_round_of(task, rate_limited, options, manifest()).await
+}
+
+/// As [`one_round`], the client's learner training the adapter of `manifest`.
+async fn one_round_of(
+    task: RoundTask,
+    rate_limited: u32,
+    options: ParticipantOptions,
+    manifest: AdapterManifest,
+) -> Outcome {
     let calls = Arc::new(Mutex::new(Calls::default()));
     let service =
         Scripted { task: Mutex::new(Some(task)), repeat: false, rate_limited, calls: calls.clone() };
     let (address, server) = serve(service).await;
     let mut participant =
-        merchant(address, ParticipantOptions { poll: Duration::from_secs(1), ..options }).await;
+        merchant_of(address, ParticipantOptions { poll: Duration::from_secs(1), ..options }, manifest).await;
     // The client's one round: its outcome is all this harness wants, so the client stops
     // once it is known (a refused task is no committed round, which would stop it itself).
     let mut result = Ok(());
@@ -304,6 +323,33 @@ async fn the_harness_lets_an_honest_task_through_to_the_adapter_download() {
     let reason = outcome.result.expect_err("the scripted coordinator serves no adapter");
     assert!(reason.starts_with("not a refusal"), "{reason}");
     assert_eq!(outcome.calls.downloads, 1, "the vetted task went on to the adapter: {:?}", outcome.calls);
+}
+
+/// A popularity release sends the merchant's own statistics and reads nothing of the adapter
+/// the round starts from: the client goes from the vetted task to its key advertisement
+/// without downloading it (16 MB a merchant with a pair sketch); the same task as a training
+/// round downloads it first.
+#[tokio::test]
+async fn a_popularity_release_does_not_fetch_the_adapter() {
+    let AdapterFamily::SequenceTower(shape) = manifest().family else { panic!("a tower") };
+    let with_catalogue =
+        AdapterManifest::sequence_tower(base_model(), TowerShape { catalogue: 6, ..shape }, 7);
+    let task_of = |kind: RoundKind| {
+        let t = min_active_threshold(COHORT - 1);
+        let mut task = guild_testkit::honest_task(with_catalogue.clone(), FEDERATION, COHORT, t, 1.0);
+        task.training.kind = kind;
+        task.secagg.vector_length =
+            guild_privacy::dp::encoded_length(task.privacy.mode, task.summed().len()) as u32;
+        seal(&mut task);
+        task
+    };
+    let release =
+        one_round_of(task_of(RoundKind::PopularityRelease), 0, options(), with_catalogue.clone()).await;
+    let reason = release.result.expect_err("the scripted coordinator ends the round at its keys");
+    assert!(reason.starts_with("not a refusal"), "{reason}");
+    assert_eq!((release.calls.downloads, release.calls.sent), (0, 1), "{:?}", release.calls);
+    let training = one_round_of(task_of(RoundKind::Training), 0, options(), with_catalogue).await;
+    assert_eq!((training.calls.downloads, training.calls.sent), (1, 0), "{:?}", training.calls);
 }
 
 /// Attack 1: a threshold below Bonawitz et al.'s active bound lets a coordinator that shows
