@@ -38,7 +38,7 @@ fn peak_rss_mib() -> f64 {
 /// Raw keystream rate of the mask generator's cipher (AES-256 in counter mode), in GB/s.
 fn keystream_rate() -> f64 {
     let mut buffer = vec![0u8; 4 << 20];
-    let mut cipher = ctr::Ctr128BE::<aes::Aes256>::new(&[1u8; 32].into(), &[0u8; 16].into());
+    let mut cipher = crypto::MaskCipher::new(&[1u8; 32].into(), &[0u8; 16].into());
     cipher.apply_keystream(&mut buffer); // warm up
     let start = Instant::now();
     for _ in 0..32 {

@@ -50,14 +50,13 @@ pub struct ParamsRequest {
 #[derive(Clone, Debug, PartialEq)]
 pub struct DdgParams {
     dimension: usize,
-    padded_dimension: usize,
     clip_norm: f64,
     gamma: f64,
     bit_width: u32,
     /// σ²/γ²/t, the variance of each client's noise in the scaled (integer) domain.
     local_variance: Rational,
-    /// Whether the update is rotated (and padded to a power of two) before rounding; an
-    /// encoding without noise need not be ([`Self::unrotated`]).
+    /// Whether the update is rotated (and padded to a power of two, [`padded_length`])
+    /// before rounding; an encoding without noise need not be ([`Self::unrotated`]).
     rotated: bool,
 }
 
@@ -147,7 +146,7 @@ impl DdgSum<'_> {
     /// The sum scaled by 1/γ, rotated and randomly rounded, before noise: what one
     /// summand's sensitivity is about.
     pub fn rounded(&self, rng: &mut (impl RngCore + CryptoRng)) -> Vec<i64> {
-        let mut rotated = vec![0.0f64; self.params.padded_dimension];
+        let mut rotated = vec![0.0f64; self.params.padded_dimension()];
         for (r, &v) in rotated.iter_mut().zip(&self.sum) {
             *r = v / self.params.gamma;
         }
@@ -165,7 +164,7 @@ impl DdgSum<'_> {
     /// reduces mod 2^b.
     pub fn finish(self, rng: &mut (impl RngCore + CryptoRng)) -> Result<DdgEncoding, DpError> {
         let rounded = self.rounded(rng);
-        let mut noise = vec![0i64; self.params.padded_dimension];
+        let mut noise = vec![0i64; self.params.padded_dimension()];
         let mut sampler = Cks20Sampler::new(self.params.local_variance, &mut *rng);
         super::DiscreteGaussianSampler::fill(&mut sampler, &mut noise)?;
         let mask = self.params.mask();
@@ -210,7 +209,7 @@ impl DdgParams {
             return Err(parameter("noise_stddev", format!("must be finite and ≥ 0, got {noise_stddev}")));
         }
         check_shape(dimension, clip_norm, bit_width)?;
-        let d = dimension.next_power_of_two() as f64;
+        let d = padded_length(true, dimension) as f64;
         let n = f64::from(max_summands);
         let k = (2.0 * (2.0 * d / wrap_probability).ln()).sqrt();
         let modulus = 2f64.powi(bit_width as i32);
@@ -251,15 +250,7 @@ impl DdgParams {
                 scaled_stddev: local_variance.to_f64().sqrt(),
             });
         }
-        Ok(Self {
-            dimension,
-            padded_dimension: dimension.next_power_of_two(),
-            clip_norm,
-            gamma,
-            bit_width,
-            local_variance,
-            rotated: true,
-        })
+        Ok(Self { dimension, clip_norm, gamma, bit_width, local_variance, rotated: true })
     }
 
     /// The encoding of a round that adds no noise (`dangerous_none`), γ chosen here: no
@@ -293,7 +284,7 @@ impl DdgParams {
     /// its round task ([`Self::select_unrotated`]).
     pub fn unrotated(dimension: usize, clip_norm: f64, gamma: f64, bit_width: u32) -> Result<Self, DpError> {
         let rotated = Self::from_round(dimension, clip_norm, gamma, bit_width, 0.0, 1)?;
-        Ok(Self { padded_dimension: dimension, rotated: false, ..rotated })
+        Ok(Self { rotated: false, ..rotated })
     }
 
     /// Whether the update is rotated before rounding (and its length padded to a power of
@@ -306,7 +297,7 @@ impl DdgParams {
     /// padded dimension, or the identity for an encoding without rotation.
     pub fn rotation(&self, seed: u64) -> RandomRotation {
         if self.rotated {
-            RandomRotation::new(self.padded_dimension, seed)
+            RandomRotation::new(self.padded_dimension(), seed)
         } else {
             RandomRotation::identity()
         }
@@ -319,7 +310,7 @@ impl DdgParams {
     /// The length of an encoding and of the masked vector: the dimension padded to a power
     /// of two, or the dimension itself without rotation.
     pub fn padded_dimension(&self) -> usize {
-        self.padded_dimension
+        padded_length(self.rotated, self.dimension)
     }
 
     pub fn gamma(&self) -> f64 {
@@ -346,7 +337,7 @@ impl DdgParams {
     /// Δ₂²: the bound on ‖x̃‖₂² that conditional rounding enforces, in the scaled domain:
     /// `min{(c/γ + √d)², c²/γ² + d/4 + √(2 ln(1/β))·(c/γ + √d/2)}`.
     pub fn delta2_squared(&self) -> f64 {
-        let (c, d) = (self.clip_norm / self.gamma, self.padded_dimension as f64);
+        let (c, d) = (self.clip_norm / self.gamma, self.padded_dimension() as f64);
         let first = (c + d.sqrt()).powi(2);
         let second = c * c + d / 4.0 + (2.0 * (1.0 / BETA).ln()).sqrt() * (c + d.sqrt() / 2.0);
         first.min(second)
@@ -361,7 +352,7 @@ impl DdgParams {
     /// (Hsu, Kakade and Zhang 2012). A sum above it did not come from clipped, encoded
     /// updates: some client sent something else.
     pub fn honest_sum_norm_bound(&self, summands: u32, shares: u32, false_rejection: f64) -> f64 {
-        let d = self.padded_dimension as f64;
+        let d = self.padded_dimension() as f64;
         let m = f64::from(summands);
         let v = f64::from(shares) * self.scaled_local_variance() * self.gamma * self.gamma;
         m * self.clip_norm
@@ -382,7 +373,7 @@ impl DdgParams {
         rng: &mut (impl RngCore + CryptoRng),
     ) -> Result<DdgEncoding, DpError> {
         let (rounded, norm, tries) = self.round_one(x, rotation, rng)?;
-        let mut noise = vec![0i64; self.padded_dimension];
+        let mut noise = vec![0i64; self.padded_dimension()];
         let mut sampler = Cks20Sampler::new(self.local_variance, &mut *rng);
         super::DiscreteGaussianSampler::fill(&mut sampler, &mut noise)?;
         let mask = self.mask();
@@ -404,7 +395,7 @@ impl DdgParams {
     /// almost nothing against per-summand conditional rounding, which would rotate and round
     /// d coordinates per shopper instead of per merchant.
     pub fn summed_delta2_squared(&self) -> f64 {
-        (self.clip_norm / self.gamma + (self.padded_dimension as f64).sqrt()).powi(2)
+        (self.clip_norm / self.gamma + (self.padded_dimension() as f64).sqrt()).powi(2)
     }
 
     /// Clips `x` (consumed) to c, rotates, scales by 1/γ and rounds it conditionally: the
@@ -420,14 +411,14 @@ impl DdgParams {
             return Err(DpError::Dimension { expected: self.dimension, actual: x.len() });
         }
         let norm = clip_l2(x, self.clip_norm)?;
-        let mut rotated = vec![0.0f64; self.padded_dimension];
+        let mut rotated = vec![0.0f64; self.padded_dimension()];
         for (r, &v) in rotated.iter_mut().zip(x.iter()) {
             *r = f64::from(v) / self.gamma;
         }
         rotation.forward(&mut rotated);
 
         let bound = self.delta2_squared();
-        let mut rounded = vec![0i64; self.padded_dimension];
+        let mut rounded = vec![0i64; self.padded_dimension()];
         let mut tries = 0;
         loop {
             tries += 1;
@@ -450,8 +441,8 @@ impl DdgParams {
 
     /// Decodes the modular sum of encodings back to the sum of (clipped, noised) updates.
     pub fn decode(&self, sum: &[u32], rotation: &RandomRotation) -> Result<Vec<f64>, DpError> {
-        if sum.len() != self.padded_dimension {
-            return Err(DpError::Dimension { expected: self.padded_dimension, actual: sum.len() });
+        if sum.len() != self.padded_dimension() {
+            return Err(DpError::Dimension { expected: self.padded_dimension(), actual: sum.len() });
         }
         let modulus = 1i64 << self.bit_width;
         let half = modulus / 2;
@@ -489,7 +480,13 @@ fn uniform01(rng: &mut impl RngCore) -> f64 {
 /// The length of a round's encoding of `dimension` coordinates in `mode`: padded to a
 /// power of two for the rotation, or the dimension itself ([`DdgParams::rotated`]).
 pub fn encoded_length(mode: crate::PrivacyMode, dimension: usize) -> usize {
-    if mode.rotates() { dimension.next_power_of_two() } else { dimension }
+    padded_length(mode.rotates(), dimension)
+}
+
+/// The one rule of an encoding's length: a rotated one is padded to a power of two for the
+/// Hadamard transform, an unrotated one is the dimension itself.
+fn padded_length(rotated: bool, dimension: usize) -> usize {
+    if rotated { dimension.next_power_of_two() } else { dimension }
 }
 
 /// Adds `x` into `acc` coordinate-wise mod 2^b.
@@ -525,7 +522,7 @@ pub fn ddgauss_zcdp_rho_at(params: &DdgParams, noise_shares: u32, delta2_sq: f64
         return Ok(f64::INFINITY);
     }
     let n = f64::from(noise_shares);
-    let d = params.padded_dimension as f64;
+    let d = params.padded_dimension() as f64;
     let pi2 = std::f64::consts::PI * std::f64::consts::PI;
     let tau = 10.0
         * (1..noise_shares)

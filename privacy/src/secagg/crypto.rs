@@ -229,7 +229,7 @@ pub enum MaskSign {
 
 /// The mask generator: AES-256 keyed by a 32-byte seed, in counter mode from the all-zero
 /// 128-bit block, the counter big-endian (NIST SP 800-38A's CTR with `Ctr128BE`).
-type MaskCipher = ctr::Ctr128BE<aes::Aes256>;
+pub type MaskCipher = ctr::Ctr128BE<aes::Aes256>;
 
 /// Adds (or subtracts) the keystream of [`MaskCipher`] keyed by `seed`, read as
 /// little-endian u32 words, to `acc` mod 2^`bit_width`.
