@@ -5,6 +5,7 @@
 //! **Architecture invariant:** the coordinator never links libtorch. It aggregates flat
 //! integer vectors and knows the adapter only by its manifest.
 
+pub mod average;
 pub mod config;
 pub mod daemon;
 pub mod engine;

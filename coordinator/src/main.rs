@@ -133,6 +133,10 @@ enum Command {
         version: u64,
         #[arg(long)]
         out: PathBuf,
+        /// Write the mean of the last K training versions up to V instead of V alone (tail
+        /// averaging; the accumulated statistics are V's). 1: V itself.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+        average_last: u64,
     },
     /// Privacy accounting for the Poisson-subsampled Gaussian (prints JSON).
     #[command(subcommand)]
@@ -502,7 +506,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "lifted": merchant }));
             Ok(())
         }
-        Command::ExportAdapter { config, version, out } => {
+        Command::ExportAdapter { config, version, out, average_last } => {
             let config = load_config(&config)?;
             let manifest = config.manifest()?;
             let store = Store::open(&config.server.store)?;
@@ -521,11 +525,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 out.display()
             );
             let record = store.adapter(version)?;
-            let flat = guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count())?;
+            let (flat, averaged) = if average_last > 1 {
+                let schedule = config.schedule(&manifest);
+                let (flat, versions) = guild_coordinator::average::averaged_adapter(
+                    &store,
+                    &manifest,
+                    schedule,
+                    version,
+                    average_last,
+                )?;
+                (flat, Some(versions))
+            } else {
+                (guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count())?, None)
+            };
             guild_proto::adapter::export(&out, &manifest, &flat)?;
+            let averaged = averaged.map(|v| serde_json::json!({ "first": v.start(), "last": v.end() }));
             println!(
                 "{}",
-                serde_json::json!({ "version": version, "sha256": hex::encode(record.sha256), "out": out })
+                serde_json::json!({
+                    "version": version,
+                    "sha256": hex::encode(record.sha256),
+                    "averaged_versions": averaged,
+                    "out": out,
+                })
             );
             Ok(())
         }

@@ -168,6 +168,19 @@ fn init_federation_status_and_export_adapter_work_from_the_command_line() {
     let (ok, _, stderr) =
         coordinator(&["export-adapter", "--config", config, "--version", "0", "--out", "x"]);
     assert!(!ok && stderr.contains("there is no adapter version 0; the store holds none"), "{stderr}");
+    // A tail average of no versions is refused by name.
+    let (ok, _, stderr) = coordinator(&[
+        "export-adapter",
+        "--config",
+        config,
+        "--version",
+        "0",
+        "--out",
+        "x",
+        "--average-last",
+        "0",
+    ]);
+    assert!(!ok && stderr.contains("--average-last"), "{stderr}");
 
     // The allow-list is listed; a certificate is allowed only under the name it was issued
     // for and only from the federation's CA.

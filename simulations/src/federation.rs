@@ -170,7 +170,8 @@ pub fn mask_keystream_rate() -> f64 {
 /// cores: the configured ones, with the masked-input phase's raised to what the phase
 /// does. In that phase each of `cohort` clients expands its self mask and one pairwise mask
 /// per neighbour of the graph built from k = `neighbours` (`secagg::graph::share_holders`),
-/// each `padded_dimension` words, before it can send; on
+/// each `encoded_length` words (the vector as the round's mode encodes it,
+/// `guild_privacy::dp::encoded_length`), before it can send; on
 /// separate machines that takes each merchant a fraction of a second, but a simulated
 /// cohort does it all on the same cores, beside the coordinator: a fixed deadline that a
 /// loaded machine cannot meet aborts the round after every client has charged its ledger,
@@ -179,7 +180,7 @@ pub fn mask_keystream_rate() -> f64 {
 /// than configured.
 pub fn shared_machine_deadlines(
     configured_ms: [u64; guild_privacy::secagg::Phase::COUNT],
-    padded_dimension: usize,
+    encoded_length: usize,
     cohort: usize,
     neighbours: usize,
     cores: usize,
@@ -190,7 +191,7 @@ pub fn shared_machine_deadlines(
         u32::try_from(neighbours).unwrap_or(u32::MAX),
     );
     let masks = cohort as f64 * f64::from(degree + 1);
-    let seconds = masks * 4.0 * padded_dimension as f64 / (keystream_rate * cores.max(1) as f64);
+    let seconds = masks * 4.0 * encoded_length as f64 / (keystream_rate * cores.max(1) as f64);
     let needed = 1_000 + (3_000.0 * seconds).ceil() as u64;
     let mut deadlines = configured_ms;
     let masked = guild_privacy::secagg::Phase::MaskedInput.index();

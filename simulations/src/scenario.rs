@@ -94,6 +94,12 @@ pub struct FederationSettings {
     /// whose shoppers bought its item, and the mean divides by the whole cohort.
     #[serde(default = "one")]
     pub item_ids_scale: f64,
+    /// Each federated arm's model, the one scored on the test split, is the mean of its last
+    /// this many training versions (`guild_coordinator::average`, `export-adapter
+    /// --average-last`: tail averaging, post-processing of released versions); 1: its last
+    /// version alone.
+    #[serde(default = "one_version")]
+    pub average_last: u64,
     /// The non-private federated arm first sums every merchant's statistics (the
     /// popularity histogram and the item-to-item counts) in this many popularity releases,
     /// each over one part of the merchants (`rounds.popularity_release.partition` of the
@@ -151,6 +157,10 @@ fn default_tolerated_colluders() -> u32 {
 
 fn yes() -> bool {
     true
+}
+
+fn one_version() -> u64 {
+    1
 }
 
 fn one() -> f64 {
@@ -415,6 +425,9 @@ impl Scenario {
         let f = &scenario.federation;
         if f.rounds == 0 || !(f.sampling_rate > 0.0 && f.sampling_rate <= 1.0) {
             return Err(invalid("federation.rounds must be ≥ 1 and sampling_rate in (0, 1]".into()));
+        }
+        if f.average_last == 0 {
+            return Err(invalid("federation.average_last must be ≥ 1 (1: the last version alone)".into()));
         }
         match item_ids_scale_problem(f.item_ids_scale, f.family, f.tower.item_ids) {
             Some(ItemIdsScaleProblem::OutOfRange) => {
@@ -720,6 +733,15 @@ federated = true
         let error =
             load(&BASE.replace("rank = 1", "rank = 1\ndp_tower = { neighbours = 60 }")).expect_err("LoRA");
         assert!(error.to_string().contains("federation.dp_tower"), "{error}");
+    }
+
+    #[test]
+    fn the_tail_average_defaults_to_the_last_version_and_an_empty_one_is_named() {
+        assert_eq!(load(BASE).expect("valid").federation.average_last, 1);
+        let averaged = load(&BASE.replace("rank = 1", "rank = 1\naverage_last = 8")).expect("valid");
+        assert_eq!(averaged.federation.average_last, 8);
+        let error = load(&BASE.replace("rank = 1", "rank = 1\naverage_last = 0")).expect_err("none");
+        assert!(error.to_string().contains("federation.average_last"), "{error}");
     }
 
     #[test]

@@ -524,13 +524,18 @@ impl World {
         kind: guild_proto::round::RoundKind,
         trained: guild_proto::round::TrainedPart,
     ) -> usize {
-        let manifest = match self.spec.family {
+        guild_proto::round::SummedCoordinates::of(kind, trained, &self.manifest()).len()
+    }
+
+    /// This world's adapter manifest, for its shape and ranges alone (a tower's without the
+    /// base model's hash or the initial values' seed).
+    pub fn manifest(&self) -> guild_proto::domain::AdapterManifest {
+        match self.spec.family {
             AdapterFamilyName::FfaLora => self.adapters(&lock(&self.shared)).manifest(),
             AdapterFamilyName::SequenceTower => {
                 guild_proto::domain::AdapterManifest::sequence_tower([0; 32], self.spec.tower.shape, 0)
             }
-        };
-        guild_proto::round::SummedCoordinates::of(kind, trained, &manifest).len()
+        }
     }
 
     /// Every merchant's shoppers, pooled (the centralised arm's data).

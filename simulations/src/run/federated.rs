@@ -144,17 +144,19 @@ pub(super) async fn federated(
         let cohort = sampled.max(part).clamp(1, n);
         let k = if c.rounds.neighbours == 0 { cohort } else { c.rounds.neighbours as usize };
         // The longest vector any of the arm's round kinds masks (each kind sums its own
-        // coordinates: a release the statistics, training the weights alone with `weights`).
+        // coordinates: a release the statistics, training the weights alone with `weights`),
+        // as encoded: padded to a power of two where the mode rotates, as it is without noise.
         let schedule = c.rounds.schedule();
+        let encoded = |d| guild_privacy::dp::encoded_length(c.privacy.mode, d);
         let longest = RoundKind::ALL
             .into_iter()
             .filter(|&kind| schedule.count(kind, c.rounds.max_rounds) > 0)
-            .map(|kind| world.summed(kind, c.trained_in(kind)))
+            .map(|kind| encoded(world.summed(kind, c.trained_in(kind))))
             .max()
-            .unwrap_or_else(|| world.parameter_count());
+            .unwrap_or_else(|| encoded(world.parameter_count()));
         c.rounds.phase_deadlines_ms = crate::federation::shared_machine_deadlines(
             c.rounds.phase_deadlines_ms,
-            longest.next_power_of_two(),
+            longest,
             cohort,
             k,
             cores,
@@ -460,6 +462,33 @@ pub(super) async fn federated(
     }
     let record = store.latest_adapter()?.context("no adapter")?;
     let values = guild_proto::adapter::from_bytes(&record.data, world.parameter_count())?;
+    // The arm's model: its last version, or the mean of its last `average_last` training
+    // versions (tail averaging; the statistics the last version's).
+    let values = if s.federation.average_last > 1 {
+        match guild_coordinator::average::averaged_adapter(
+            &store,
+            &world.manifest(),
+            arm.schedule,
+            record.version,
+            s.federation.average_last,
+        ) {
+            Ok((averaged, versions)) => {
+                events.push(format!(
+                    "the model scored is the mean of adapter versions {} to {} (tail averaging, \
+                     `average_last` = {}), the accumulated statistics version {}'s",
+                    versions.start(),
+                    versions.end(),
+                    s.federation.average_last,
+                    versions.end()
+                ));
+                averaged
+            }
+            Err(guild_coordinator::average::AverageError::NotTrained(_)) => values,
+            Err(error) => return Err(error.into()),
+        }
+    } else {
+        values
+    };
     // Without noise, the pooling is chosen on validation as for the other non-private arms
     // (the DP arms' own selection is a round of theirs).
     let values = if arm.mode == PrivacyMode::DangerousNone {
