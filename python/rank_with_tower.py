@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 def load(folder):
     with open(f"{folder}/tower.json") as f:
         description = json.load(f)
+    w = load_file(f"{folder}/tower.safetensors")
     return {
         "shape": description["shape"],
         "eps": description["layer_norm_eps"],
@@ -27,9 +28,13 @@ def load(folder):
         "transitions_threshold": description.get("transitions_noise_threshold", 3.0),
         "transitions_exceedances": description.get("transitions_noise_exceedances"),
         "transitions_strict": description.get("transitions_strict_threshold"),
-        "transitions_weight": description.get("transitions_weight", 0.0),
         "transitions_recency": description.get("transitions_recency", []),
-        "w": load_file(f"{folder}/tower.safetensors"),
+        "w": w,
+        # The item-to-item prior's weight: a tensor of the file (chosen on validation, so
+        # each version holds its own), or, from an older export, the description's constant.
+        "transitions_weight": float(w["transitions_weight"][0])
+        if "transitions_weight" in w
+        else description.get("transitions_weight", 0.0),
     }
 
 

@@ -189,7 +189,7 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
                     [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
                     v = max(popularity - popularity_noise_threshold * sigma, 0), sigma = sqrt(mean of the \
                     squared negative entries of popularity), when the tower has a popularity histogram] \
-                    [+ transitions_weight * sum_k transitions_recency[k] * ln(1 + u / (popularity_smoothing \
+                    [+ transitions_weight[0] * sum_k transitions_recency[k] * ln(1 + u / (popularity_smoothing \
                     * mean(u)))[h_k, j] added to the score of item neighbours[h_k, j], h_k the k-th most \
                     recent history item, u = max(popularity_next - t_u * sigma_u, 0), \
                     sigma_u from its negative entries, t_u = transitions_noise_threshold when more than \
@@ -200,7 +200,6 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
                     sketch of every pair, and neighbours and the counts u is computed from are the \
                     file's sketch_neighbours and sketch_counts, decoded from it by \
                     guild_proto::tower::sketch_neighbours]",
-        "transitions_weight": crate::tower::TRANSITIONS_WEIGHT,
         "transitions_recency": crate::tower::TRANSITIONS_RECENCY,
     });
     let path = dir.join("tower.json");

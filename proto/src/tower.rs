@@ -286,13 +286,24 @@ pub const ITEM_IDS: &str = "item_ids";
 /// random (at zero, no gradient would reach either).
 pub const ITEM_IDS_OUT: &str = "item_ids_out";
 
-/// β_t, the weight of the item-to-item prior in cosine units (a constant, not trained): a
-/// candidate's prior is `β_t · Σ_k r_k · ln(1 + v_{h_k,c} / (κ·v̄))` over the shopper's last
-/// items `h_k` (weights [`TRANSITIONS_RECENCY`]), `v` the thresholded counts as in
-/// [`popularity_prior`], 0 for a candidate that is not among `h_k`'s neighbours. Chosen on
-/// the validation split over the zero-shot ranker with the popularity prior
-/// (`python/probe_transitions.py`).
+/// β_t's tensor, `[1]`, in a tower with item-to-item counts: the weight of the item-to-item
+/// prior in cosine units. A candidate's prior is `β_t · Σ_k r_k · ln(1 + v_{h_k,c} / (κ·v̄))`
+/// over the shopper's last items `h_k` (weights [`TRANSITIONS_RECENCY`]), `v` the
+/// thresholded counts as in [`popularity_prior`], 0 for a candidate that is not among
+/// `h_k`'s neighbours. It starts at [`TRANSITIONS_WEIGHT`] and no gradient reaches it (the
+/// training loss leaves the prior out: with it in, a tower's rows whose own pairs are in the
+/// counts teach it to lean on them): a trained tower's β_t is chosen on validation
+/// ([`with_transitions_weight`]), since a tower that learned more of the collaborative signal
+/// itself wants less of the prior.
+pub const TRANSITIONS_WEIGHT_TENSOR: &str = "transitions_weight";
+
+/// β_t's initial value. Chosen on the validation split over the zero-shot ranker with the
+/// popularity prior (`python/probe_transitions.py`).
 pub const TRANSITIONS_WEIGHT: f64 = 0.2;
+
+/// The values of β_t a trained tower's choice on validation tries
+/// ([`with_transitions_weight`]), [`TRANSITIONS_WEIGHT`] among them.
+pub const TRANSITIONS_WEIGHTS: [f64; 7] = [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3];
 
 /// The weights of a shopper's last items in the item-to-item prior, most recent first.
 pub const TRANSITIONS_RECENCY: [f64; 3] = [1.0, 0.5, 0.25];
@@ -464,6 +475,22 @@ pub fn tensor_range(shape: &TowerShape, name: &str) -> Option<std::ops::Range<us
         start += t.len();
     }
     None
+}
+
+/// The weight β_t of the item-to-item prior that `offset` (a tower's offset from its
+/// initial values) holds; `None` for a tower without item-to-item counts.
+pub fn transitions_weight_in(shape: &TowerShape, offset: &[f32]) -> Option<f64> {
+    let at = tensor_range(shape, TRANSITIONS_WEIGHT_TENSOR)?.start;
+    Some(f64::from(*offset.get(at)?) + TRANSITIONS_WEIGHT)
+}
+
+/// `offset` with the item-to-item prior's weight β_t set to `weight`, every other value
+/// kept; `None` for a tower without item-to-item counts (or an offset too short for one).
+pub fn with_transitions_weight(shape: &TowerShape, offset: &[f32], weight: f64) -> Option<Vec<f32>> {
+    let at = tensor_range(shape, TRANSITIONS_WEIGHT_TENSOR)?.start;
+    let mut values = offset.to_vec();
+    *values.get_mut(at)? = (weight - TRANSITIONS_WEIGHT) as f32;
+    Some(values)
 }
 
 /// The pooling decays a pooling selection scores: `Some(r)` weighs a shopper's `k`-th most
@@ -652,6 +679,7 @@ pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
         all.push(TowerTensor::new(POPULARITY_WEIGHT, &[1], Init::Constant(POPULARITY_WEIGHT_INIT)));
         if shape.neighbours > 0 {
             all.push(TowerTensor::new(TRANSITIONS, &transitions_shape(shape), Init::Zeros));
+            all.push(TowerTensor::new(TRANSITIONS_WEIGHT_TENSOR, &[1], Init::Constant(TRANSITIONS_WEIGHT)));
         }
         if shape.item_ids > 0 {
             all.push(TowerTensor::new(ITEM_IDS, &[shape.catalogue, shape.item_ids], Init::Zeros));
@@ -721,6 +749,32 @@ mod tests {
             pair_sketch: 0,
             item_ids: 0,
         }
+    }
+
+    /// β_t is a tensor of a tower with item-to-item counts alone, starting at
+    /// [`TRANSITIONS_WEIGHT`], outside the accumulated statistics; setting it touches its
+    /// coordinate alone and reads back.
+    #[test]
+    fn the_item_to_item_prior_s_weight_is_one_coordinate_set_and_read_by_value() {
+        let plain = TowerShape { catalogue: 30, ..shape(1) };
+        assert!(tensor_range(&plain, TRANSITIONS_WEIGHT_TENSOR).is_none());
+        assert!(transitions_weight_in(&plain, &vec![0.0; parameter_count(&plain)]).is_none());
+        assert!(with_transitions_weight(&plain, &vec![0.0; parameter_count(&plain)], 0.1).is_none());
+        let counted = TowerShape { neighbours: 4, ..plain };
+        assert_eq!(parameter_count(&counted), parameter_count(&plain) + 30 * 4 + 1);
+        let at = tensor_range(&counted, TRANSITIONS_WEIGHT_TENSOR).expect("a weight").start;
+        let accumulated = accumulated_range(&counted).expect("statistics");
+        assert!(!accumulated.contains(&at), "β_t is not summed like the counts");
+        assert_eq!(initial_values(&counted, 3)[at], TRANSITIONS_WEIGHT as f32);
+        let offset: Vec<f32> = (0..parameter_count(&counted)).map(|i| i as f32 * 1e-3).collect();
+        let start = vec![0.0; offset.len()];
+        assert_eq!(transitions_weight_in(&counted, &start), Some(TRANSITIONS_WEIGHT));
+        let set = with_transitions_weight(&counted, &offset, 0.05).expect("fits");
+        assert!((transitions_weight_in(&counted, &set).expect("a weight") - 0.05).abs() < 1e-7);
+        let changed: Vec<usize> = (0..offset.len()).filter(|&i| set[i] != offset[i]).collect();
+        assert_eq!(changed, [at]);
+        assert!(with_transitions_weight(&counted, &offset[..at], 0.05).is_none(), "too short");
+        assert!(TRANSITIONS_WEIGHTS.contains(&TRANSITIONS_WEIGHT), "the start is among the choices");
     }
 
     /// Every other item estimated and the `M` heaviest kept: the decoding's definition.
@@ -858,7 +912,8 @@ mod tests {
     #[test]
     fn item_to_item_counts_follow_the_histogram_and_form_one_accumulated_range_with_it() {
         let s = TowerShape { catalogue: 30, neighbours: 4, ..shape(1) };
-        assert_eq!(parameter_count(&s), parameter_count(&shape(1)) + 30 + 1 + 30 * 4);
+        // The histogram, its weight β, the counts and their weight β_t.
+        assert_eq!(parameter_count(&s), parameter_count(&shape(1)) + 30 + 1 + 30 * 4 + 1);
         let (popularity, transitions) =
             (popularity_range(&s).expect("histogram"), transitions_range(&s).expect("counts"));
         assert_eq!((popularity.len(), transitions.len()), (30, 120));

@@ -394,7 +394,9 @@ impl World {
     /// prior weight ([`guild_proto::tower::setting_in`]) and each of the public grid's
     /// settings, scored by mean validation NDCG@10 over `users`; the best (its own on a tie)
     /// applied to `values`. What a non-private arm gets in place of the DP arms' selection
-    /// round, where training may have moved the pooling off the grid.
+    /// round, where training may have moved the pooling off the grid. Then, for a tower with
+    /// item-to-item counts, the counts' weight β_t the same way, with the chosen pooling:
+    /// each of [`guild_proto::tower::TRANSITIONS_WEIGHTS`] (its own on a tie).
     pub fn pooling_choice(
         &self,
         values: &[f32],
@@ -415,6 +417,13 @@ impl World {
             j => guild_proto::tower::with_setting(&tower.shape, values, &grid[j - 1])
                 .ok_or_else(|| anyhow::anyhow!("the grid's setting does not fit the tower"))?,
         };
+        let (values, transitions) = match guild_proto::tower::transitions_weight_in(&tower.shape, &values) {
+            Some(own) => {
+                let (values, choice) = self.transitions_weight_choice(values, own, means[best], users)?;
+                (values, Some(choice))
+            }
+            None => (values, None),
+        };
         Ok((
             values,
             PoolingChoice {
@@ -422,8 +431,40 @@ impl World {
                 own: means[0],
                 chosen: means[best],
                 users: users.len(),
+                transitions,
             },
         ))
+    }
+
+    /// The item-to-item prior's weight β_t of the tower at `values` (which holds `own`,
+    /// scoring `own_mean`) chosen on validation: each of
+    /// [`guild_proto::tower::TRANSITIONS_WEIGHTS`] scored by mean validation NDCG@10 over
+    /// `users`, the best applied (`own` on a tie).
+    fn transitions_weight_choice(
+        &self,
+        values: Vec<f32>,
+        own: f64,
+        own_mean: f64,
+        users: &[usize],
+    ) -> anyhow::Result<(Vec<f32>, TransitionsChoice)> {
+        let shape = &self.spec.tower.shape;
+        let mut best = (own, own_mean, values.clone());
+        for weight in guild_proto::tower::TRANSITIONS_WEIGHTS {
+            if (weight - own).abs() < 1e-9 {
+                continue;
+            }
+            let candidate = guild_proto::tower::with_transitions_weight(shape, &values, weight)
+                .ok_or_else(|| anyhow::anyhow!("β_t does not fit the tower"))?;
+            let setting = guild_proto::tower::setting_in(shape, &candidate)
+                .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
+            let (totals, ranked) = self.setting_totals(&candidate, users, &[setting])?;
+            let mean = totals[0] / ranked.max(1) as f64;
+            if mean > best.1 {
+                best = (weight, mean, candidate);
+            }
+        }
+        let (chosen, mean, values) = best;
+        Ok((values, TransitionsChoice { own, own_mean, chosen, mean }))
     }
 
     /// The untrained tower with the exact popularity histogram of `users`, as an offset
@@ -552,11 +593,45 @@ pub struct PoolingChoice {
     pub own: f64,
     pub chosen: f64,
     pub users: usize,
+    /// The item-to-item prior's weight chosen after the pooling, for a tower with counts.
+    pub transitions: Option<TransitionsChoice>,
+}
+
+/// What [`World::pooling_choice`] chose for the item-to-item prior's weight β_t: the weight
+/// the tower held and its mean validation NDCG@10 (with the chosen pooling), and the chosen
+/// weight and its mean.
+#[derive(Clone, Copy, Debug)]
+pub struct TransitionsChoice {
+    pub own: f64,
+    pub own_mean: f64,
+    pub chosen: f64,
+    pub mean: f64,
 }
 
 impl PoolingChoice {
     /// The choice in words, for the report.
     pub fn describe(&self, whose: &str) -> String {
+        let pooling = self.describe_pooling(whose);
+        match self.transitions {
+            None => pooling,
+            Some(t) if (t.chosen - t.own).abs() < 1e-9 => format!(
+                "{pooling}; the item-to-item prior's weight β_t kept at {} (no weight of {:?} above it)",
+                t.own,
+                guild_proto::tower::TRANSITIONS_WEIGHTS
+            ),
+            Some(t) => format!(
+                "{pooling}; then the item-to-item prior's weight β_t {} of {:?} (NDCG@10 {:.4} against {:.4} at \
+                 its {})",
+                t.chosen,
+                guild_proto::tower::TRANSITIONS_WEIGHTS,
+                t.mean,
+                t.own_mean,
+                t.own
+            ),
+        }
+    }
+
+    fn describe_pooling(&self, whose: &str) -> String {
         match self.setting {
             None => format!(
                 "pooling chosen on validation ({whose}, {} users): kept its trained pooling (NDCG@10 {:.4}, no \

@@ -379,6 +379,59 @@ async fn a_trained_towers_pooling_choice_is_the_best_the_evaluation_ranks_its_ow
     assert_eq!(kept, at);
 }
 
+/// With item-to-item counts, the choice goes on to the counts' weight β_t: with the chosen
+/// pooling, each of `TRANSITIONS_WEIGHTS` as the evaluation scores it, the best applied and
+/// named (the tower's own on a tie).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pooling_choice_then_chooses_the_item_to_item_prior_s_weight() {
+    use guild_proto::tower::{
+        TRANSITIONS_WEIGHT, TRANSITIONS_WEIGHTS, transitions_weight_in, with_transitions_weight,
+    };
+    let mut scenario = scenario("tower-smoke");
+    scenario.data.max_users = Some(2_000);
+    scenario.data.eval_users = 1_000;
+    scenario.federation.tower.neighbours = 16;
+    let world = tokio::task::block_in_place(|| {
+        guild_sim::world::World::load(guild_sim::world::WorldSpec::of(&scenario))
+    })
+    .expect("world");
+    let users = world.all_merchant_users();
+    let start = tokio::task::block_in_place(|| world.exact_statistics(&users))
+        .expect("statistics")
+        .expect("a tower with counts");
+    let shape = &world.spec.tower.shape;
+    let validation = |values: &[f32]| {
+        tokio::task::block_in_place(|| world.score(Some(values), Split::Validation))
+            .expect("scores")
+            .ndcg_at_10
+    };
+    let (chosen, choice) =
+        tokio::task::block_in_place(|| world.pooling_choice(&start, &world.eval_users)).expect("a choice");
+    let t = choice.transitions.expect("a tower with counts chooses β_t");
+    assert!((t.own - TRANSITIONS_WEIGHT).abs() < 1e-6, "the start's β_t: {t:?}");
+    // The chosen pooling at the start's β_t, then at each weight.
+    let pooled = with_transitions_weight(shape, &chosen, t.own).expect("fits");
+    assert!((validation(&pooled) - t.own_mean).abs() < 1e-6, "{t:?}");
+    let scores: Vec<f64> = TRANSITIONS_WEIGHTS
+        .iter()
+        .map(|&w| validation(&with_transitions_weight(shape, &pooled, w).expect("fits")))
+        .collect();
+    assert!(scores.iter().any(|&s| s != scores[0]), "the weights rank differently: {scores:?}");
+    let best = scores.iter().copied().fold(t.own_mean, f64::max);
+    assert!((validation(&chosen) - best).abs() < 1e-6, "chose {t:?} of {scores:?}");
+    let applied = transitions_weight_in(shape, &chosen).expect("a weight");
+    assert!((applied - t.chosen).abs() < 1e-6, "{applied} applied, {t:?} reported");
+    if best > t.own_mean {
+        assert!(
+            choice.describe("them").contains(&format!("β_t {}", t.chosen)),
+            "{}",
+            choice.describe("them")
+        );
+    } else {
+        assert!((t.chosen - t.own).abs() < 1e-9, "a tie keeps its own: {t:?}");
+    }
+}
+
 /// Early stopping of the centralised tower on real data: the arm keeps the best check's
 /// tower (its validation score on the checked users is the best check's, not the last's),
 /// checks the start and every `every` steps, and stops once `patience` checks in a row have

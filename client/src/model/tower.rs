@@ -33,7 +33,7 @@ use std::sync::Arc;
 use guild_proto::tower::{
     CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, ITEM_IDS, ITEM_IDS_OUT, POPULARITY, POPULARITY_RECENCY,
     POPULARITY_SMOOTHING, POPULARITY_WEIGHT, TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY,
-    TRANSITIONS_WEIGHT, TowerShape, initial_values, tensors,
+    TRANSITIONS_WEIGHT_TENSOR, TowerShape, initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -82,8 +82,10 @@ impl Tower {
                 path = &path / segment;
             }
             let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            // The histogram and the counts are summed by the coordinator, never trained here.
-            let var = if t.name == POPULARITY || t.name == TRANSITIONS {
+            // The histogram and the counts are summed by the coordinator, never trained here;
+            // the counts' weight β_t is chosen on validation, not trained either.
+            let var = if t.name == POPULARITY || t.name == TRANSITIONS || t.name == TRANSITIONS_WEIGHT_TENSOR
+            {
                 path.zeros_no_train(leaf, &shape)
             } else {
                 path.zeros(leaf, &shape)
@@ -303,7 +305,8 @@ impl Tower {
 
     /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
     /// `β_t · Σ_k r_k · ln(1 + v_{h_k,c}/(κ·v̄))` over its last three items `h_k`, `v` the
-    /// thresholded counts (`guild_proto::tower::TRANSITIONS_WEIGHT`); `None` for a tower
+    /// thresholded counts, β_t the tower's `transitions_weight`
+    /// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, not trained); `None` for a tower
     /// without counts, or whose neighbours were not set. Exactly zero while the counts are.
     pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
         if self.config.shape.neighbours == 0 {
@@ -338,7 +341,7 @@ impl Tower {
         let values = (log.index_select(0, &rows) * weights).view([b, depth as i64 * m]);
         let columns = neighbours.index_select(0, &rows).view([b, depth as i64 * m]);
         let prior = Tensor::zeros([b, catalogue], (Kind::Float, device)).scatter_add(1, &columns, &values);
-        Some(prior * TRANSITIONS_WEIGHT)
+        Some(prior * self.var(TRANSITIONS_WEIGHT_TENSOR).detach().to_device(device))
     }
 
     /// The popularity prior of every catalogue item, `β · ln(1 + v_j / (κ·v̄))` with
@@ -913,6 +916,8 @@ pub fn zero_shot_scores(items: &Tensor, histories: &[&[ItemIndex]], shape: &Towe
 
 #[cfg(test)]
 mod tests {
+    use guild_proto::tower::TRANSITIONS_WEIGHT;
+
     use super::*;
     use crate::data::Example;
 
@@ -1103,6 +1108,17 @@ mod tests {
         assert!(tower.set_neighbours(&other).is_err());
         // The counts are never trained: a backward pass leaves no gradient on them.
         assert!(!tower.vars[TRANSITIONS].requires_grad());
+        // β_t is the tower's own value (chosen on validation, never trained): doubled, it
+        // doubles the prior and moves nothing else.
+        assert!(!tower.vars[TRANSITIONS_WEIGHT_TENSOR].requires_grad());
+        let once = tower.history_prior(&histories).expect("a prior");
+        let shape = tower.config().shape;
+        let doubled =
+            guild_proto::tower::with_transitions_weight(&shape, &tower.offset(), 2.0 * TRANSITIONS_WEIGHT)
+                .expect("a tower with counts has β_t");
+        tower.set_offset(&doubled).expect("offset");
+        let twice = tower.history_prior(&histories).expect("a prior");
+        assert!((twice - once * 2.0).abs().max().double_value(&[]) < 1e-6);
     }
 
     #[test]
