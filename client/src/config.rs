@@ -52,6 +52,11 @@ pub struct ServeConfig {
     pub versions: PathBuf,
     /// How many of the newest versions `run` keeps there (0: none); older ones are removed.
     pub keep_versions: usize,
+    /// Serve the mean of the last this many training versions the coordinator committed
+    /// (tail averaging, as `guild-coordinator export-adapter --average-last` exports it)
+    /// instead of the newest alone (1); each download's hash is checked. Versions from the
+    /// coordinator only, not `adapter`.
+    pub average_last: u64,
 }
 
 /// How many committed versions a merchant keeps by default (about 54 MB of the default tower).
@@ -71,6 +76,7 @@ impl Default for ServeConfig {
             personalisation: DEFAULT_PERSONALISATION,
             versions: "adapters".into(),
             keep_versions: DEFAULT_KEEP_VERSIONS,
+            average_last: 1,
         }
     }
 }
@@ -336,6 +342,11 @@ impl ClientConfig {
                 "serve.personalisation must be finite and ≥ 0 (got {w}) and serve.refresh_seconds at least 1"
             )));
         }
+        if config.serve.average_last == 0 {
+            return Err(invalid(
+                "serve.average_last must be at least 1 (1: the newest version alone)".into(),
+            ));
+        }
         let rate = config.guards.max_shopper_sampling_rate;
         if !(rate > 0.0 && rate <= 1.0) {
             return Err(invalid(format!("guards.max_shopper_sampling_rate must be in (0, 1], got {rate}")));
@@ -392,6 +403,13 @@ mod tests {
         let error = ClientConfig::load(&path).expect_err("typo").to_string();
         assert!(error.contains("datset") && error.contains("merchant.toml"), "{error}");
         assert_eq!(config.adapter, None, "left out: learned from the coordinator");
+        // Serving the mean of the last versions: 1 (the newest alone) unless set; 0 refused.
+        assert_eq!(config.serve.average_last, 1);
+        std::fs::write(&path, format!("{text}\n[serve]\naverage_last = 8\n")).expect("write");
+        assert_eq!(ClientConfig::load(&path).expect("valid").serve.average_last, 8);
+        std::fs::write(&path, format!("{text}\n[serve]\naverage_last = 0\n")).expect("write");
+        let error = ClientConfig::load(&path).expect_err("no versions").to_string();
+        assert!(error.contains("serve.average_last") && error.contains("merchant.toml"), "{error}");
     }
 
     fn tower_manifest(shape: TowerShape, seed: u64) -> AdapterManifest {

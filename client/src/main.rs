@@ -208,14 +208,16 @@ fn load_for(
 /// answers until stopped.
 async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     use guild_client::serve::http::AppState;
-    use guild_client::serve::{Catalogue, Engine, LoraSpec, ModelSpec, ServedModel, fetch_version, follow};
+    use guild_client::serve::{
+        Catalogue, Engine, LoraSpec, ModelSpec, ServedModel, fetch_average, follow, served_versions,
+    };
     let dataset = guild_client::data::Dataset::load(&config.data.dataset)?;
     // Where versions come from: `[serve] adapter` (one exported folder, or the folder of
     // kept versions), or the coordinator, asked first, so that one that cannot be reached,
     // or states another catalogue, is named before the model loads.
     enum From {
         Export(PathBuf),
-        Coordinator { connection: Connection, latest: u64 },
+        Coordinator { connection: Connection, latest: u64, training_from: u64 },
     }
     let (from, stated, source) = match config.serve.adapter.as_deref() {
         Some(dir) => {
@@ -228,7 +230,11 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
             let tls = config.tls.credentials()?;
             let mut connection = connect_with_retry(&config, &tls).await?;
             let status = connection.status().await?;
-            let from = From::Coordinator { connection, latest: status.latest_adapter_version };
+            let from = From::Coordinator {
+                connection,
+                latest: status.latest_adapter_version,
+                training_from: status.training_from_version,
+            };
             (from, status.manifest, format!("the federation at {}", config.coordinator))
         }
     };
@@ -272,10 +278,17 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
             );
             (ServedModel::from_export(&dir, &manifest, tower, &items)?, None)
         }
-        From::Coordinator { mut connection, latest } => {
-            let model = fetch_version(&mut connection, latest, &manifest, &spec, items.shallow_clone())
-                .await
-                .with_context(|| format!("loading adapter version {latest} from {}", config.coordinator))?;
+        From::Coordinator { mut connection, latest, training_from } => {
+            let versions = served_versions(latest, training_from, config.serve.average_last);
+            let model =
+                fetch_average(&mut connection, versions.clone(), &manifest, &spec, items.shallow_clone())
+                    .await
+                    .with_context(|| {
+                        format!("loading adapter versions {versions:?} from {}", config.coordinator)
+                    })?;
+            if versions.start() != versions.end() {
+                eprintln!("guild-client: the mean of adapter versions {} to {latest}", versions.start());
+            }
             (model, Some(connection))
         }
     };
@@ -291,7 +304,8 @@ async fn serve(config: ClientConfig) -> anyhow::Result<()> {
     state.metrics.set_version(version);
     if let Some(connection) = connection {
         let period = Duration::from_secs(config.serve.refresh_seconds);
-        tokio::spawn(follow(connection, state.clone(), manifest, spec, items, period));
+        let average_last = config.serve.average_last;
+        tokio::spawn(follow(connection, state.clone(), manifest, spec, items, period, average_last));
     }
     let listener = tokio::net::TcpListener::bind(config.serve.listen)
         .await

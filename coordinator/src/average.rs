@@ -1,16 +1,10 @@
-//! Tail averaging (Polyak–Ruppert): the adapter a federation hands out for use can be the
-//! mean of its last few training versions instead of the last one alone. FedAvg's
-//! iterates wander around the optimum by the noise of each round's sample of merchants; their
-//! mean sits nearer it. It reads only versions the coordinator already released, so it is
-//! post-processing and costs no privacy; the versions the federation trains from are
-//! unchanged.
-//!
-//! Only the trained coordinates are averaged: the accumulated statistics (the popularity
-//! histogram and item-to-item counts, running sums the coordinator adds to) are taken from
-//! the newest version, since an older version's sums are missing what was added since.
+//! Tail averaging over the coordinator's store: the mean of the last K training versions
+//! (`guild_proto::average`, which says why and what is averaged), read from the versions
+//! committed, behind `guild-coordinator export-adapter --average-last K` and the simulator.
 
-use std::ops::{Range, RangeInclusive};
+use std::ops::RangeInclusive;
 
+pub use guild_proto::average::{TailError, tail_average};
 use guild_proto::domain::AdapterManifest;
 use guild_proto::round::Schedule;
 
@@ -19,60 +13,18 @@ use crate::store::{Store, StoreError};
 /// What keeps a tail average from being formed.
 #[derive(Debug, thiserror::Error)]
 pub enum AverageError {
-    #[error("an average needs at least one version (average_last = 0)")]
-    Empty,
-    #[error("adapter version {0} was not committed by a training round: there is nothing to average")]
-    NotTrained(u64),
-    #[error(
-        "the adapter at position {position} of the tail has {found} values where the newest has {expected}"
-    )]
-    Ragged { position: usize, found: usize, expected: usize },
+    #[error(transparent)]
+    Tail(#[from] TailError),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Adapter(#[from] guild_proto::adapter::AdapterError),
 }
 
-/// The mean of `versions` (oldest first, each a whole adapter of the same length), except in
-/// `accumulated`, which is the last version's: the average of the trained coordinates,
-/// accumulated in f64. One version is returned as it is.
-pub fn tail_average(
-    versions: &[Vec<f32>],
-    accumulated: Option<Range<usize>>,
-) -> Result<Vec<f32>, AverageError> {
-    let newest = versions.last().ok_or(AverageError::Empty)?;
-    let mut sum = vec![0.0f64; newest.len()];
-    for (i, version) in versions.iter().enumerate() {
-        if version.len() != newest.len() {
-            return Err(AverageError::Ragged { position: i, found: version.len(), expected: newest.len() });
-        }
-        sum.iter_mut().zip(version).for_each(|(s, &v)| *s += f64::from(v));
-    }
-    let n = versions.len() as f64;
-    let mut averaged: Vec<f32> = sum.iter().map(|&s| (s / n) as f32).collect();
-    if let Some(range) = accumulated.filter(|r| r.end <= newest.len()) {
-        averaged[range.clone()].copy_from_slice(&newest[range]);
-    }
-    Ok(averaged)
-}
-
-/// The training versions a tail of `last` ending at `latest` takes: the `last` newest
-/// versions that training rounds committed (by `schedule`: the versions after its statistic
-/// rounds), fewer where training has committed fewer. An error where `latest` itself is not
-/// a training version.
-pub fn tail_versions(
-    schedule: Schedule,
-    latest: u64,
-    last: u64,
-) -> Result<RangeInclusive<u64>, AverageError> {
-    if last == 0 {
-        return Err(AverageError::Empty);
-    }
-    let first_trained = schedule.statistic_rounds() + 1;
-    if latest < first_trained {
-        return Err(AverageError::NotTrained(latest));
-    }
-    Ok(latest.saturating_sub(last - 1).max(first_trained)..=latest)
+/// The training versions a tail of `last` ending at `latest` takes under `schedule`: the
+/// versions after its statistic rounds ([`guild_proto::average::tail_versions`]).
+pub fn tail_versions(schedule: Schedule, latest: u64, last: u64) -> Result<RangeInclusive<u64>, TailError> {
+    guild_proto::average::tail_versions(schedule.statistic_rounds() + 1, latest, last)
 }
 
 /// The tail average of the `last` training versions ending at `latest`, read from `store`
@@ -98,27 +50,6 @@ pub fn averaged_adapter(
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_average_is_each_trained_coordinate_s_mean_and_the_newest_statistics() {
-        let versions = vec![vec![1.0, 2.0, 10.0, 0.5], vec![3.0, -2.0, 20.0, 0.5], vec![5.0, 3.0, 30.0, 2.0]];
-        // Coordinates 2..3 are a running sum: the newest version's, not the mean.
-        let averaged = tail_average(&versions, Some(2..3)).expect("same lengths");
-        assert_eq!(averaged, vec![3.0, 1.0, 30.0, 1.0]);
-        // Without statistics every coordinate is averaged.
-        assert_eq!(tail_average(&versions, None).expect("same lengths"), vec![3.0, 1.0, 20.0, 1.0]);
-    }
-
-    #[test]
-    fn one_version_is_itself_and_none_or_mismatched_ones_are_refused() {
-        let one = vec![vec![0.1f32, -7.25, 3.0e-8]];
-        assert_eq!(tail_average(&one, Some(1..2)).expect("one version"), one[0]);
-        assert!(matches!(tail_average(&[], None), Err(AverageError::Empty)));
-        let ragged = vec![vec![1.0, 2.0], vec![1.0]];
-        assert!(matches!(tail_average(&ragged, None), Err(AverageError::Ragged { position: 0, .. })));
-    }
-
-    /// Versions from a store: the trained coordinates averaged over the tail's versions, the
-    /// histogram the newest version's, and the versions taken named.
     #[test]
     fn a_stored_tail_averages_the_weights_and_keeps_the_newest_statistics() {
         use guild_proto::tower::TowerShape;
@@ -154,22 +85,17 @@ mod tests {
         // Averaging a release is refused, and a missing version is the store's error.
         assert!(matches!(
             averaged_adapter(&store, &manifest, schedule, 1, 2),
-            Err(AverageError::NotTrained(1))
+            Err(AverageError::Tail(TailError::NotTrained(1)))
         ));
         assert!(matches!(averaged_adapter(&store, &manifest, schedule, 6, 2), Err(AverageError::Store(_))));
     }
 
     #[test]
-    fn the_tail_takes_training_versions_only() {
-        // Twenty releases, no selection: versions 1–20 are statistics, 21 on training.
-        let schedule = Schedule { popularity_releases: 20, pooling_selection: false };
-        assert_eq!(tail_versions(schedule, 30, 8).expect("trained"), 23..=30);
-        assert_eq!(tail_versions(schedule, 30, 1).expect("trained"), 30..=30);
-        // Fewer training versions than asked: only those.
-        assert_eq!(tail_versions(schedule, 22, 8).expect("trained"), 21..=22);
-        assert!(matches!(tail_versions(schedule, 20, 8), Err(AverageError::NotTrained(20))));
-        assert!(matches!(tail_versions(schedule, 30, 0), Err(AverageError::Empty)));
+    fn the_schedule_s_statistic_rounds_are_never_in_the_tail() {
+        let releases = Schedule { popularity_releases: 20, pooling_selection: false };
+        assert_eq!(tail_versions(releases, 30, 8), Ok(23..=30));
+        assert_eq!(tail_versions(releases, 20, 8), Err(TailError::NotTrained(20)));
         let selected = Schedule { popularity_releases: 0, pooling_selection: true };
-        assert_eq!(tail_versions(selected, 4, 10).expect("trained"), 2..=4);
+        assert_eq!(tail_versions(selected, 4, 10), Ok(2..=4));
     }
 }

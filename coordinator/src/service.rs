@@ -97,6 +97,7 @@ impl CoordinatorCore {
                 f64::MAX
             },
             manifest: Some(self.engine.manifest().clone()),
+            training_from_version: self.engine.training_from_version(),
         })
     }
 }

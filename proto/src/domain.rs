@@ -269,6 +269,9 @@ pub struct StatusReport {
     pub shopper_epsilon_spent: f64,
     /// The adapter this federation trains; `None` from a coordinator that does not say.
     pub manifest: Option<AdapterManifest>,
+    /// The first version a training round commits (the schedule's statistic rounds come
+    /// before it); 0 from a coordinator that does not say.
+    pub training_from_version: u64,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@
 //! sees an unchecked field.
 
 pub mod adapter;
+pub mod average;
 pub mod certificate;
 pub mod config_file;
 pub mod convert;

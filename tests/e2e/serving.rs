@@ -13,7 +13,8 @@ use guild_client::model::lora::LoraConfig;
 use guild_client::model::tower::{TowerConfig, normalise};
 use guild_client::serve::http::{AppState, serve};
 use guild_client::serve::{
-    Catalogue, Engine, LoraSpec, ModelSpec, QueryEncoder, ServedModel, fetch_version, follow,
+    Catalogue, Engine, LoraSpec, ModelSpec, QueryEncoder, ServedModel, fetch_average, fetch_version, follow,
+    served_versions,
 };
 use guild_coordinator::config::Config;
 use guild_proto::domain::AdapterFamilyName;
@@ -127,6 +128,9 @@ async fn serve_follows_versions(
     let mut connection = federation.connect(0).await.expect("connect");
     let status = connection.status().await.expect("status");
     assert_eq!(status.manifest.as_ref(), Some(&manifest));
+    // And where its training versions start: what a shop serving their mean averages from.
+    let training_from = federation.config.schedule(&manifest).statistic_rounds() + 1;
+    assert_eq!(status.training_from_version, training_from);
     guild_client::config::check_catalogue(&manifest, &dataset.item_ids).expect("the shop's catalogue");
     // The served model starts at version 0, fetched and checked like any other.
     let first = fetch_version(&mut connection, 0, &manifest, &spec, items.shallow_clone()).await.expect("v0");
@@ -140,6 +144,7 @@ async fn serve_follows_versions(
         spec.clone(),
         items.shallow_clone(),
         Duration::from_millis(100),
+        1,
     ));
     // A shop serving another catalogue (the same items reordered) never takes a version
     // of this federation: its items would be scored at the wrong positions.
@@ -161,6 +166,7 @@ async fn serve_follows_versions(
         spec.clone(),
         items.shallow_clone(),
         Duration::from_millis(100),
+        1,
     ));
 
     // Requests run the whole time; each must be answered, by a version never older than the last.
@@ -220,6 +226,33 @@ async fn serve_follows_versions(
     for hit in served.items {
         assert!((hit.score - scores[hit.item_id as usize]).abs() < 1e-6);
     }
+    // A shop serving the mean of the last two training versions (`[serve] average_last = 2`)
+    // builds versions 2 and 3 averaged, each download checked, and names version 3.
+    let versions = served_versions(3, training_from, 2);
+    assert_eq!(versions, (3 - 1).max(training_from)..=3);
+    assert_eq!(served_versions(3, training_from, 1), 3..=3);
+    assert_eq!(served_versions(3, 0, 2), 3..=3, "a coordinator that does not say: the newest alone");
+    let mut averaging = federation.connect(2).await.expect("connect");
+    let mean = fetch_average(&mut averaging, versions.clone(), &manifest, &spec, items.shallow_clone())
+        .await
+        .expect("the mean of the tail");
+    let stored: Vec<Vec<f32>> = versions
+        .clone()
+        .map(|v| {
+            let record = store.adapter(v).expect("stored");
+            guild_proto::adapter::from_bytes(&record.data, manifest.parameter_count()).expect("values")
+        })
+        .collect();
+    let averaged =
+        guild_proto::average::tail_average(&stored, manifest.accumulated_range()).expect("same lengths");
+    assert_ne!(averaged, stored[stored.len() - 1], "two different versions");
+    let by_hand = ServedModel::build(&spec, &averaged, 3, [0; 32], &items).expect("model");
+    assert_eq!(mean.version, 3);
+    assert_eq!(mean.sha256, guild_proto::adapter::sha256(&guild_proto::adapter::to_bytes(&averaged)));
+    let (got, want) =
+        (mean.recommend_scores(&[4, 5]).expect("scores"), by_hand.recommend_scores(&[4, 5]).expect("scores"));
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-6), "the served mean is the tail's");
+
     // And the federation's rounds moved them: the start's scores are not version 3's.
     let start = store.adapter(0).expect("version 0");
     let start_values =

@@ -25,6 +25,7 @@ pub mod grpc;
 pub mod http;
 
 use std::collections::{HashMap, HashSet};
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -797,6 +798,53 @@ pub async fn fetch_version(
     Ok(model)
 }
 
+/// The versions a shop serves for the federation's `latest`: `latest` alone, or, with
+/// `average_last` > 1 (`[serve] average_last`), the tail of training versions ending at it
+/// (`guild_proto::average::tail_versions`; `training_from` is the first training version the
+/// coordinator's status states). `latest` alone where the coordinator does not say
+/// (`training_from` 0) or `latest` is not a training version (a release, a selection).
+pub fn served_versions(latest: u64, training_from: u64, average_last: u64) -> RangeInclusive<u64> {
+    if average_last <= 1 || training_from == 0 {
+        return latest..=latest;
+    }
+    guild_proto::average::tail_versions(training_from, latest, average_last).unwrap_or(latest..=latest)
+}
+
+/// Fetches `versions` (each one's hash checked over the bytes received, as
+/// [`fetch_version`] does) and builds their tail average (`guild_proto::average::tail_average`:
+/// the trained coordinates' mean, the accumulated statistics the newest's) over `items`; the
+/// model names the newest version and the SHA-256 of the averaged values. One version is
+/// [`fetch_version`].
+pub async fn fetch_average(
+    connection: &mut crate::net::Connection,
+    versions: RangeInclusive<u64>,
+    manifest: &AdapterManifest,
+    spec: &ModelSpec,
+    items: Tensor,
+) -> Result<ServedModel, anyhow::Error> {
+    let latest = *versions.end();
+    if *versions.start() == latest {
+        return fetch_version(connection, latest, manifest, spec, items).await;
+    }
+    let mut values = Vec::new();
+    for version in versions.clone() {
+        let (bytes, _) = connection.download_adapter(version).await?;
+        values.push(
+            guild_proto::adapter::from_bytes(&bytes, manifest.parameter_count())
+                .map_err(|e| anyhow::anyhow!("adapter version {version}: {e}"))?,
+        );
+    }
+    let averaged = guild_proto::average::tail_average(&values, manifest.accumulated_range())
+        .map_err(|e| anyhow::anyhow!("the mean of adapter versions {} to {latest}: {e}", versions.start()))?;
+    drop(values);
+    let sha256 = guild_proto::adapter::sha256(&guild_proto::adapter::to_bytes(&averaged));
+    let spec = spec.clone();
+    let model =
+        tokio::task::spawn_blocking(move || ServedModel::build(&spec, &averaged, latest, sha256, &items))
+            .await??;
+    Ok(model)
+}
+
 /// The versions `guild-client run` keeps in `dir` (folders `v{N}`), with their numbers.
 pub fn kept_versions(dir: &Path) -> std::io::Result<Vec<(u64, std::path::PathBuf)>> {
     Ok(std::fs::read_dir(dir)?
@@ -852,7 +900,9 @@ pub fn manifest_change(serving: &AdapterManifest, stated: &AdapterManifest) -> O
 
 /// Keeps `state` serving the latest committed version: every `period`, asks the coordinator
 /// for its latest version and, when it is newer, builds it beside the one serving and swaps
-/// it in. A failure is logged and retried at the next tick; the old version keeps serving.
+/// it in. With `average_last` > 1 what is built is the mean of the last training versions
+/// ending at it ([`served_versions`], [`fetch_average`]). A failure is logged and retried at
+/// the next tick; the old version keeps serving.
 pub async fn follow(
     mut connection: crate::net::Connection,
     state: Arc<http::AppState>,
@@ -860,13 +910,14 @@ pub async fn follow(
     spec: ModelSpec,
     items: Tensor,
     period: std::time::Duration,
+    average_last: u64,
 ) {
     let mut ticks = tokio::time::interval(period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let (latest, stated) = match connection.status().await {
-            Ok(status) => (status.latest_adapter_version, status.manifest),
+        let (latest, stated, training_from) = match connection.status().await {
+            Ok(status) => (status.latest_adapter_version, status.manifest, status.training_from_version),
             Err(e) => {
                 tracing::warn!(
                     "cannot ask the coordinator for its latest version: {e}; serving the current one"
@@ -883,11 +934,20 @@ pub async fn follow(
             );
             continue;
         }
-        match fetch_version(&mut connection, latest, &manifest, &spec, items.shallow_clone()).await {
+        let versions = served_versions(latest, training_from, average_last);
+        match fetch_average(&mut connection, versions.clone(), &manifest, &spec, items.shallow_clone()).await
+        {
             Ok(model) => {
                 state.engine.swap(model);
                 state.metrics.set_version(latest);
-                tracing::info!("now serving adapter version {latest}");
+                if versions.start() == versions.end() {
+                    tracing::info!("now serving adapter version {latest}");
+                } else {
+                    tracing::info!(
+                        "now serving the mean of adapter versions {} to {latest}",
+                        versions.start()
+                    );
+                }
             }
             Err(e) => tracing::warn!("cannot load adapter version {latest}: {e:#}; serving the current one"),
         }

@@ -94,6 +94,7 @@ impl TryFrom<v1::StatusResponse> for StatusReport {
                 "StatusResponse.shopper_epsilon_spent",
             )?,
             manifest: m.manifest.map(AdapterManifest::try_from).transpose()?,
+            training_from_version: m.training_from_version,
         })
     }
 }
@@ -111,6 +112,7 @@ impl From<StatusReport> for v1::StatusResponse {
             current_phase: s.current_phase,
             shopper_epsilon_spent: s.shopper_epsilon_spent,
             manifest: s.manifest.map(Into::into),
+            training_from_version: s.training_from_version,
         }
     }
 }
@@ -147,6 +149,7 @@ mod tests {
             current_phase: "idle".into(),
             shopper_epsilon_spent: 0.0,
             manifest: Some(manifest),
+            training_from_version: 21,
         };
         let wire = v1::StatusResponse::from(status.clone());
         assert_eq!(StatusReport::try_from(wire.clone()).expect("valid"), status);

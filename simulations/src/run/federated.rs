@@ -483,7 +483,9 @@ pub(super) async fn federated(
                 ));
                 averaged
             }
-            Err(guild_coordinator::average::AverageError::NotTrained(_)) => values,
+            Err(guild_coordinator::average::AverageError::Tail(
+                guild_coordinator::average::TailError::NotTrained(_),
+            )) => values,
             Err(error) => return Err(error.into()),
         }
     } else {
