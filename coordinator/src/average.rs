@@ -24,7 +24,7 @@ pub enum AverageError {
 /// The training versions a tail of `last` ending at `latest` takes under `schedule`: the
 /// versions after its statistic rounds ([`guild_proto::average::tail_versions`]).
 pub fn tail_versions(schedule: Schedule, latest: u64, last: u64) -> Result<RangeInclusive<u64>, TailError> {
-    guild_proto::average::tail_versions(schedule.statistic_rounds() + 1, latest, last)
+    guild_proto::average::tail_versions(schedule.first_training_version(), latest, last)
 }
 
 /// The tail average of the `last` training versions ending at `latest`, read from `store`

@@ -47,17 +47,19 @@ pub fn tail_average(versions: &[Vec<f32>], accumulated: Option<Range<usize>>) ->
 
 /// The training versions a tail of `last` ending at `latest` takes, where training rounds
 /// commit every version from `first_trained` on (the versions before it are statistics
-/// releases and selections: `Schedule::statistic_rounds() + 1`): the `last` newest, fewer
+/// releases and selections: `Schedule::first_training_version`): the `last` newest, fewer
 /// where training has committed fewer. An error where `latest` itself is not a training
 /// version.
 pub fn tail_versions(first_trained: u64, latest: u64, last: u64) -> Result<RangeInclusive<u64>, TailError> {
     if last == 0 {
         return Err(TailError::Empty);
     }
-    if latest < first_trained.max(1) {
+    // Version 0, the start, is never a training version.
+    let first_trained = first_trained.max(1);
+    if latest < first_trained {
         return Err(TailError::NotTrained(latest));
     }
-    Ok(latest.saturating_sub(last - 1).max(first_trained.max(1))..=latest)
+    Ok(latest.saturating_sub(last - 1).max(first_trained)..=latest)
 }
 
 #[cfg(test)]

@@ -319,6 +319,12 @@ impl Schedule {
         u64::from(self.popularity_releases) + u64::from(self.pooling_selection)
     }
 
+    /// The adapter version the first training round commits (the statistic rounds' come
+    /// before it).
+    pub fn first_training_version(&self) -> u64 {
+        self.statistic_rounds() + 1
+    }
+
     /// The kinds of the first `rounds` rounds, in order.
     pub fn plan(&self, rounds: u64) -> impl Iterator<Item = RoundKind> + '_ {
         (0..rounds).map(|v| self.kind_after(v))
@@ -336,7 +342,7 @@ impl Schedule {
             RoundKind::PoolingSelection => {
                 self.pooling_selection.then(|| u64::from(self.popularity_releases) + 1)
             }
-            RoundKind::Training => Some(self.statistic_rounds() + 1),
+            RoundKind::Training => Some(self.first_training_version()),
         }
     }
 }

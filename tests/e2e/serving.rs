@@ -129,7 +129,7 @@ async fn serve_follows_versions(
     let status = connection.status().await.expect("status");
     assert_eq!(status.manifest.as_ref(), Some(&manifest));
     // And where its training versions start: what a shop serving their mean averages from.
-    let training_from = federation.config.schedule(&manifest).statistic_rounds() + 1;
+    let training_from = federation.config.schedule(&manifest).first_training_version();
     assert_eq!(status.training_from_version, training_from);
     guild_client::config::check_catalogue(&manifest, &dataset.item_ids).expect("the shop's catalogue");
     // The served model starts at version 0, fetched and checked like any other.

@@ -788,14 +788,34 @@ pub async fn fetch_version(
     spec: &ModelSpec,
     items: Tensor,
 ) -> Result<ServedModel, anyhow::Error> {
+    let (offset, sha256) = download_values(connection, version, manifest).await?;
+    build_off_the_workers(spec, offset, version, sha256, items).await
+}
+
+/// Committed version `version`'s flat values (its hash checked over the bytes received by
+/// `download_adapter`, its length against `manifest`) and that hash.
+async fn download_values(
+    connection: &mut crate::net::Connection,
+    version: u64,
+    manifest: &AdapterManifest,
+) -> Result<(Vec<f32>, [u8; 32]), anyhow::Error> {
     let (bytes, sha256) = connection.download_adapter(version).await?;
-    let offset = guild_proto::adapter::from_bytes(&bytes, manifest.parameter_count())
+    let values = guild_proto::adapter::from_bytes(&bytes, manifest.parameter_count())
         .map_err(|e| anyhow::anyhow!("adapter version {version}: {e}"))?;
+    Ok((values, sha256))
+}
+
+/// [`ServedModel::build`] on a blocking thread, off the async workers.
+async fn build_off_the_workers(
+    spec: &ModelSpec,
+    values: Vec<f32>,
+    version: u64,
+    sha256: [u8; 32],
+    items: Tensor,
+) -> Result<ServedModel, anyhow::Error> {
     let spec = spec.clone();
-    let model =
-        tokio::task::spawn_blocking(move || ServedModel::build(&spec, &offset, version, sha256, &items))
-            .await??;
-    Ok(model)
+    Ok(tokio::task::spawn_blocking(move || ServedModel::build(&spec, &values, version, sha256, &items))
+        .await??)
 }
 
 /// The versions a shop serves for the federation's `latest`: `latest` alone, or, with
@@ -828,21 +848,13 @@ pub async fn fetch_average(
     }
     let mut values = Vec::new();
     for version in versions.clone() {
-        let (bytes, _) = connection.download_adapter(version).await?;
-        values.push(
-            guild_proto::adapter::from_bytes(&bytes, manifest.parameter_count())
-                .map_err(|e| anyhow::anyhow!("adapter version {version}: {e}"))?,
-        );
+        values.push(download_values(connection, version, manifest).await?.0);
     }
     let averaged = guild_proto::average::tail_average(&values, manifest.accumulated_range())
         .map_err(|e| anyhow::anyhow!("the mean of adapter versions {} to {latest}: {e}", versions.start()))?;
     drop(values);
     let sha256 = guild_proto::adapter::sha256(&guild_proto::adapter::to_bytes(&averaged));
-    let spec = spec.clone();
-    let model =
-        tokio::task::spawn_blocking(move || ServedModel::build(&spec, &averaged, latest, sha256, &items))
-            .await??;
-    Ok(model)
+    build_off_the_workers(spec, averaged, latest, sha256, items).await
 }
 
 /// The versions `guild-client run` keeps in `dir` (folders `v{N}`), with their numbers.

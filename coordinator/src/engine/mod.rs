@@ -276,7 +276,7 @@ impl Engine {
     /// The first version a training round commits under this coordinator's schedule (its
     /// statistic rounds come first), as the status states it.
     pub fn training_from_version(&self) -> u64 {
-        self.config.schedule(&self.manifest).statistic_rounds() + 1
+        self.config.schedule(&self.manifest).first_training_version()
     }
 
     pub fn latest_adapter(&self) -> Arc<AdapterVersion> {
