@@ -3,7 +3,9 @@
 //! built to attack it, and records every call the client makes. One test per attack of the
 //! threat model that a task can carry; each shows the client refuses the task before
 //! anything leaves it (no adapter download, no key advertisement), and a control test shows
-//! the same harness lets an honest task through, so a refusal is the guard's doing.
+//! the same harness lets an honest task through, so a refusal is the guard's doing. The
+//! same scripted coordinator streams tampered adapter downloads to the client's real
+//! connection, which must refuse each.
 //!
 //! Attacks that live in the SecAgg+ rounds themselves (split survivor lists, altered share
 //! forwards, the roster-derived graph) are driven against the real client state machines in
@@ -55,6 +57,8 @@ struct Scripted {
     repeat: bool,
     /// Answer this many task polls first with the rate limit's `ResourceExhausted`.
     rate_limited: u32,
+    /// The chunks an adapter download streams; none: the download is refused.
+    adapter: Vec<v1::AdapterChunk>,
     calls: Arc<Mutex<Calls>>,
 }
 
@@ -147,7 +151,11 @@ impl Coordinator for Scripted {
         _: Request<v1::DownloadAdapterRequest>,
     ) -> Result<Response<Self::DownloadAdapterStream>, Status> {
         self.count(|c| c.downloads += 1);
-        Err(Status::unavailable("the scripted coordinator serves no adapter"))
+        if self.adapter.is_empty() {
+            return Err(Status::unavailable("the scripted coordinator serves no adapter"));
+        }
+        let chunks: Vec<Result<v1::AdapterChunk, Status>> = self.adapter.iter().cloned().map(Ok).collect();
+        Ok(Response::new(Box::pin(tonic::codegen::tokio_stream::iter(chunks))))
     }
 
     async fn report_metrics(
@@ -228,6 +236,19 @@ async fn serve(
     (address, server)
 }
 
+/// Merchant-001's real connection to the coordinator at `address`.
+async fn connection(address: SocketAddr) -> Connection {
+    let pki = pki();
+    let credentials = TlsCredentials {
+        ca_pem: pki.ca.cert_pem.clone().into_bytes(),
+        cert_pem: pki.merchants[0].cert_pem.clone().into_bytes(),
+        key_pem: pki.merchants[0].key_pem.clone().into_bytes(),
+        server_name: None,
+    };
+    let uri = format!("https://localhost:{}", address.port());
+    Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect")
+}
+
 /// Merchant-001's real `Participant`, with a random learner, connected to `address`.
 async fn merchant(address: SocketAddr, options: ParticipantOptions) -> Participant {
     merchant_of(address, options, manifest()).await
@@ -239,15 +260,7 @@ async fn merchant_of(
     options: ParticipantOptions,
     manifest: AdapterManifest,
 ) -> Participant {
-    let pki = pki();
-    let credentials = TlsCredentials {
-        ca_pem: pki.ca.cert_pem.clone().into_bytes(),
-        cert_pem: pki.merchants[0].cert_pem.clone().into_bytes(),
-        key_pem: pki.merchants[0].key_pem.clone().into_bytes(),
-        server_name: None,
-    };
-    let uri = format!("https://localhost:{}", address.port());
-    let connection = Connection::connect(&uri, &credentials, 1 << 22).await.expect("connect");
+    let connection = connection(address).await;
     let learner = RandomLearner { manifest, norm: 0.5, rng: ChaCha20Rng::seed_from_u64(1), shoppers: 0 };
     Participant::new(connection, Arc::new(identity(0)), Box::new(learner), options, ClientLedger::in_memory())
 }
@@ -271,8 +284,13 @@ async fn one_round_of(
     manifest: AdapterManifest,
 ) -> Outcome {
     let calls = Arc::new(Mutex::new(Calls::default()));
-    let service =
-        Scripted { task: Mutex::new(Some(task)), repeat: false, rate_limited, calls: calls.clone() };
+    let service = Scripted {
+        task: Mutex::new(Some(task)),
+        repeat: false,
+        rate_limited,
+        adapter: Vec::new(),
+        calls: calls.clone(),
+    };
     let (address, server) = serve(service).await;
     let mut participant =
         merchant_of(address, ParticipantOptions { poll: Duration::from_secs(1), ..options }, manifest).await;
@@ -498,8 +516,13 @@ async fn a_refused_task_is_waited_out_not_polled_in_a_storm() {
     task.secagg.threshold = 2;
     seal(&mut task);
     let calls = Arc::new(Mutex::new(Calls::default()));
-    let service =
-        Scripted { task: Mutex::new(Some(task)), repeat: true, rate_limited: 0, calls: calls.clone() };
+    let service = Scripted {
+        task: Mutex::new(Some(task)),
+        repeat: true,
+        rate_limited: 0,
+        adapter: Vec::new(),
+        calls: calls.clone(),
+    };
     let (address, server) = serve(service).await;
     let mut participant =
         merchant(address, ParticipantOptions { poll: Duration::from_secs(1), ..options() }).await;
@@ -582,4 +605,88 @@ async fn a_mass_complaint_quarantines_the_accusers_and_no_honest_merchant() {
         // a smaller bound.)
         assert!(q.reason.contains("a round can survive (k − t)"), "{}", q.reason);
     }
+}
+
+/// The adapter a tampering coordinator (or anything on the path) streams, in chunks of
+/// `chunk` bytes, each naming `version`, `total` bytes and hash `sha`.
+fn chunks(version: u64, bytes: &[u8], chunk: usize, total: u64, sha: [u8; 32]) -> Vec<v1::AdapterChunk> {
+    bytes
+        .chunks(chunk)
+        .enumerate()
+        .map(|(i, data)| v1::AdapterChunk {
+            version,
+            offset: (i * chunk) as u64,
+            total_bytes: total,
+            sha256: sha.to_vec(),
+            data: data.to_vec(),
+        })
+        .collect()
+}
+
+/// Merchant-001's real connection downloads version 7 of the adapter from a coordinator
+/// that streams `adapter`.
+async fn download(adapter: Vec<v1::AdapterChunk>) -> Result<(Vec<u8>, [u8; 32]), String> {
+    let calls = Arc::new(Mutex::new(Calls::default()));
+    let service = Scripted { task: Mutex::new(None), repeat: false, rate_limited: 0, adapter, calls };
+    let (address, server) = serve(service).await;
+    let downloaded = connection(address).await.download_adapter(7).await.map_err(|e| e.to_string());
+    server.abort();
+    downloaded
+}
+
+/// The reason a download was refused; `what` names the tampering when it went through.
+fn refusal(downloaded: Result<(Vec<u8>, [u8; 32]), String>, what: &str) -> String {
+    match downloaded {
+        Ok((bytes, _)) => panic!("{what}: {} bytes accepted", bytes.len()),
+        Err(reason) => reason,
+    }
+}
+
+/// Every version a merchant trains from or serves arrives through
+/// `Connection::download_adapter`, whose only check of the bytes against what the coordinator
+/// committed is the SHA-256 each chunk names (the store's hash of the version). A coordinator
+/// that streams other bytes under the committed hash (a flipped value, a substituted
+/// adapter) is refused by name, as are chunks that disagree, overlap, leave a gap or stop
+/// short; an honest stream of the same bytes arrives whole (the control).
+#[tokio::test]
+async fn an_adapter_whose_bytes_do_not_match_its_hash_is_refused() {
+    let adapter: Vec<u8> = (0..10_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let sha = guild_proto::adapter::sha256(&adapter);
+    let total = adapter.len() as u64;
+
+    let (bytes, hash) = download(chunks(7, &adapter, 4096, total, sha)).await.expect("the honest stream");
+    assert_eq!((bytes, hash), (adapter.clone(), sha));
+
+    let mut tampered = adapter.clone();
+    tampered[5_000] ^= 1;
+    let refused = refusal(download(chunks(7, &tampered, 4096, total, sha)).await, "a flipped bit");
+    assert!(refused.contains("sha256 mismatch"), "{refused}");
+
+    // Another adapter of the same length, streamed under the committed version's hash.
+    let substituted: Vec<u8> = adapter.iter().rev().copied().collect();
+    let refused = refusal(download(chunks(7, &substituted, 4096, total, sha)).await, "substituted");
+    assert!(refused.contains("sha256 mismatch"), "{refused}");
+
+    let mut other_hash = chunks(7, &adapter, 4096, total, sha);
+    other_hash[1].sha256 = guild_proto::adapter::sha256(&tampered).to_vec();
+    let refused = refusal(download(other_hash).await, "chunks naming two hashes");
+    assert!(refused.contains("disagree"), "{refused}");
+
+    let refused = refusal(download(chunks(8, &adapter, 4096, total, sha)).await, "another version");
+    assert!(refused.contains("disagree"), "{refused}");
+
+    let mut gap = chunks(7, &adapter, 4096, total, sha);
+    gap.remove(1);
+    let refused = refusal(download(gap).await, "a missing middle chunk");
+    assert!(refused.contains("chunk at 8192 where 4096 was expected"), "{refused}");
+
+    let mut short = chunks(7, &adapter, 4096, total, sha);
+    short.pop();
+    let refused = refusal(download(short).await, "the last chunk withheld");
+    assert!(refused.contains("8192 of 10000 bytes arrived"), "{refused}");
+
+    let mut bad_hash = chunks(7, &adapter, 4096, total, sha);
+    bad_hash.iter_mut().for_each(|c| c.sha256.truncate(31));
+    let refused = refusal(download(bad_hash).await, "a 31-byte hash");
+    assert!(refused.contains("AdapterChunk.sha256"), "{refused}");
 }
