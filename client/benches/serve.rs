@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use guild_client::config::DEFAULT_PERSONALISATION;
 use guild_client::data::Dataset;
 use guild_client::model::lora::{Adapters, LoraConfig};
 use guild_client::model::tower::{TowerConfig, normalise};
@@ -132,7 +133,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Box::new(guild_client::serve::RecommendOnly),
         0.0,
     ));
-    let engine = Arc::new(Engine::new(Arc::new(Catalogue::new(&dataset)), model, Box::new(base), 0.125));
+    let engine = Arc::new(Engine::new(
+        Arc::new(Catalogue::new(&dataset)),
+        model,
+        Box::new(base),
+        DEFAULT_PERSONALISATION,
+    ));
 
     // The floor: one matrix–vector product over the catalogue, median of 500.
     let query = items.get(7);
