@@ -26,9 +26,21 @@ Measured (2026-12-07, validation NDCG@10 of the probes' 4,000 users): the table 
 0.0749 / 0.0763 / 0.0775; k = 64, gamma 0.3 / 0.5 / 0.8: 0.0779 / 0.0767 / 0.0754. Two hops,
 gamma 0.05 / 0.1 / 0.2: 0.0746 / 0.0745 / 0.0749. Untrained, the embedding adds +0.0057 to
 the counts it is computed from (post-processing of the released sums: no privacy cost in a
-DP release either, though there the counts are mostly noise). Whether it adds as much to a
-trained tower, and more to the federated one (whose item-ID rows learn less than the
-centralised tower's), is not measured here: see the roadmap.
+DP release either, though there the counts are mostly noise).
+
+On trained towers (`--towers DIR ...`: folders exported by `guild-sim run --keep-adapters`,
+each scored by `rank_with_tower.py`, its own decoded neighbours and chosen beta_t, plus the
+term computed from its own table at k = 32; the same 4,000 users): the default scenario's
+centralised tower (beta_t 0.05) 0.0837 without it, 0.0815 / 0.0777 / 0.0743 / 0.0720 at
+gamma 0.1 / 0.2 / 0.3 / 0.4; its federated tower of the same run (beta_t 0.15) 0.0749 without,
+0.0759 / 0.0751 / 0.0725 / 0.0715 (2026-12-07, a copy of `scenarios/default.toml` with only
+its zero-shot, counts, centralised and federated arms). The trained towers already hold
+what the embedding adds; it would close +0.0010 of the federated arm's 0.0088 gap here, so
+it is not built.
+
+    target/release/guild-sim run COPY.toml --out OUT --keep-adapters
+    python3 python/probe_spectral.py --data ... --items ... --ks 32 --gammas 0.1,0.2,0.3,0.4 \
+        --towers OUT/adapters/centralised__non_private_/v0 OUT/adapters/federated__non_private_/v0
 """
 import numpy as np
 import scipy.sparse as sp
@@ -89,15 +101,61 @@ def spectral(matrix, k):
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-9)
 
 
+def score_tower(folder, users, e, k, gammas):
+    """Validation NDCG@10 of the exported tower in `folder` (`rank_with_tower.scores`, its own
+    decoded neighbours and beta_t) plus gamma times the spectral term of its own table."""
+    import torch
+
+    import rank_with_tower as rtw
+
+    tower = rtw.load(folder)
+    w, m, n = tower["w"], tower["shape"]["neighbours"], e.shape[0]
+    counts, nbr = w["sketch_counts"], w["sketch_neighbours"].long()
+    logs = rtw._log_prior(counts, rtw._counts_threshold(counts, tower), tower["smoothing"]).view(-1, m)
+    table = sp.coo_matrix((logs.numpy().ravel(), (np.repeat(np.arange(n), m), nbr.numpy().ravel())), shape=(n, n))
+    table = table.tocsr()
+    table.eliminate_zeros()
+    f = torch.tensor(spectral(table, k), dtype=torch.float32)
+    items = torch.tensor(e)
+    sample = pt.evaluation_sample(users)
+    totals = np.zeros(len(gammas))
+    with torch.no_grad():
+        for s in range(0, len(sample), 250):
+            batch = sample[s:s + 250]
+            histories = [users[u][:-1] for u in batch]
+            base = rtw.scores(tower, items, histories)
+            q = torch.zeros(len(histories), k)
+            for r, h in enumerate(histories):
+                for j, item in enumerate(reversed(h[-5:])):
+                    q[r] += 0.6 ** j * f[item]
+            extra = q @ f.T
+            for gi, g in enumerate(gammas):
+                scores = base + g * extra
+                for r, h in enumerate(histories):
+                    row = scores[r].clone()
+                    row[h] = -1e9
+                    rank = int((row > row[users[batch[r]][-1]]).sum())
+                    if rank < 10:
+                        totals[gi] += 1 / np.log2(rank + 2)
+    figures = " ".join(f"gamma={g}: {t / len(sample):.4f}" for g, t in zip(gammas, totals))
+    print(f"{folder} (beta_t {tower['transitions_weight']:.3f}): {figures}", flush=True)
+
+
 def main():
     a_ = pt.data_arguments()
     a_.add_argument("--source", choices=["table", "all"], default="table")
     a_.add_argument("--ks", default="32,64")
     a_.add_argument("--gammas", default="0.2,0.4,0.8")
     a_.add_argument("--twohop", default="", help="gammas of the two-hop term, comma-separated")
+    a_.add_argument("--towers", nargs="*", default=[], help="exported towers to score with the term instead")
     args = a_.parse_args()
     n, users = pt.load(args.data)
     e = pt.unit_items(args.items)
+    if args.towers:
+        gammas = [0.0] + [float(x) for x in args.gammas.split(",") if x]
+        for folder in args.towers:
+            score_tower(folder, users, e, int(args.ks.split(",")[0]), gammas)
+        return
     counts, pop = counts_matrix(n, users)
     nbr, t = neighbour_table(counts)
     p = pt.prior(pop)

@@ -55,6 +55,9 @@ enum Command {
         /// Report folder (default: reports/NAME).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
+        /// Also write each arm's final adapter under OUT/adapters (`[arms] keep_adapters`).
+        #[arg(long)]
+        keep_adapters: bool,
     },
     /// Load test: lightweight clients (random updates, no model) through full SecAgg+
     /// rounds over loopback mutual TLS; prints rounds per minute and per-phase latency.
@@ -391,8 +394,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", guild_sim::report::markdown(&results));
             Ok(())
         }
-        Command::Run { scenario, out } => {
-            let scenario = guild_sim::scenario::Scenario::load(&scenario)?;
+        Command::Run { scenario, out, keep_adapters } => {
+            let mut scenario = guild_sim::scenario::Scenario::load(&scenario)?;
+            scenario.arms.keep_adapters |= keep_adapters;
             let out = out.unwrap_or_else(|| guild_sim::run::default_out(&scenario));
             // Training and evaluation share one base model behind a mutex, so a few blocking
             // threads suffice; hundreds would each keep their own allocator arenas.

@@ -214,6 +214,12 @@ pub struct Arms {
     /// evaluation users' test histories) at concurrency 1 and 16; the report quotes requests
     /// per second, p50 and p99 (0: not measured).
     pub serve_requests: usize,
+    /// Write each arm's final adapter (the tower each trained or selected arm is scored
+    /// with, its pooling and β_t choices applied) as an exported folder
+    /// `OUT/adapters/ARM/v0`, as `guild-coordinator export-adapter` writes one: what
+    /// `guild-client serve --adapter` serves and `python/rank_with_tower.py` reads. About
+    /// 16 MB a sketched tower, so off unless asked (`guild-sim run --keep-adapters`).
+    pub keep_adapters: bool,
     /// Federated without noise (clients opt in with `dangerous_send_unnoised_updates`).
     pub federated: bool,
     /// Rounds of each DP arm (default: `federation.rounds`); at a fixed ε, fewer rounds

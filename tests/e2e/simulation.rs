@@ -104,7 +104,8 @@ async fn smoke_scenario_trains_survives_a_coordinator_kill_and_reports() {
 /// zero-shot start on validation NDCG@10 by a margin set from repeated runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
-    let scenario = scenario("tower-smoke");
+    let mut scenario = scenario("tower-smoke");
+    scenario.arms.keep_adapters = true;
     let out = tempfile::tempdir().expect("tempdir");
     let results = guild_sim::run::run(scenario, out.path()).await.expect("the tower scenario runs");
     let arm =
@@ -152,6 +153,25 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
     }
     let report = guild_sim::report::markdown(&results);
     assert!(report.contains("## Serving the federated (non-private) adapter"), "{report}");
+    // `keep_adapters`: each arm with a final adapter is written as an export `serve` and
+    // `rank_with_tower.py` read, whole (its tensors hold every value the arm was scored with).
+    for (name, folder) in [
+        ("centralised (non-private)", "centralised__non_private_"),
+        ("federated (non-private)", "federated__non_private_"),
+        ("federated DP ε=8", "federated_DP___8"),
+    ] {
+        let values = arm(name).final_adapter.as_ref().unwrap_or_else(|| panic!("{name}: a final adapter"));
+        let dir = out.path().join("adapters").join(folder).join("v0");
+        let manifest = guild_proto::adapter::read_tower_manifest(&dir)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .unwrap_or_else(|| panic!("{name}: the export states its manifest"));
+        assert_eq!(manifest.parameter_count(), values.len(), "{name}");
+        let bytes = std::fs::read(dir.join("tower.safetensors")).expect("the tower's tensors");
+        let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+        let stored: usize =
+            manifest.tensors.iter().map(|t| tensors.tensor(&t.name).expect(&t.name).data().len() / 4).sum();
+        assert_eq!(stored, values.len(), "{name}");
+    }
     let dp = arm("federated DP ε=8");
     let epsilon = dp.epsilon.expect("DP arm spends ε");
     assert!(epsilon > 0.0 && epsilon <= 8.0 + 1e-9, "ε = {epsilon}");

@@ -125,6 +125,23 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
 }
 
 /// Runs `scenario`, writing stores and logs under `out`; returns every arm's results.
+/// Writes `arm`'s final adapter, if it has one, as the exported folder
+/// `out/adapters/NAME/v0` (`[arms] keep_adapters`), NAME the arm's name with every character
+/// but ASCII letters and digits replaced by `_`.
+fn keep_adapter(world: &World, arm: &ArmResult, out: &Path) -> anyhow::Result<()> {
+    let Some(values) = &arm.final_adapter else { return Ok(()) };
+    let name: String = arm.arm.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let kept = guild_client::participant::keep_version(
+        &out.join("adapters").join(name),
+        0,
+        &world.manifest(),
+        values,
+    )
+    .with_context(|| format!("keeping the adapter of {}", arm.arm))?;
+    tracing::info!(arm = %arm.arm, folder = %kept.display(), "kept the arm's final adapter");
+    Ok(())
+}
+
 pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let started = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -139,6 +156,11 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let (plan, expected) = plan(&world, private, s)?;
     let progress = Progress::new(plan.iter().map(|arm| arm.rounds).sum());
     let mut arms = baselines(&world, s, &progress)?;
+    if s.arms.keep_adapters {
+        for arm in &arms {
+            keep_adapter(&world, arm, out)?;
+        }
+    }
     for arm in &plan {
         progress.message(arm.name.clone());
         let dp_arm = arm.mode != guild_privacy::PrivacyMode::DangerousNone;
@@ -146,6 +168,9 @@ pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
         let mut result = federated(arm_world, s, arm, out, &progress)
             .await
             .with_context(|| format!("arm {}", arm.name))?;
+        if s.arms.keep_adapters {
+            keep_adapter(arm_world, &result, out)?;
+        }
         if dp_arm && dp_world.is_some() {
             result.events.push(format!(
                 "the DP arms' tower (`federation.dp_tower`): {} coordinates against the non-private arms' {d}",
