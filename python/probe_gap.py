@@ -1,0 +1,88 @@
+"""Where two exported towers differ: a research tool, not part of Guild.
+
+Scores two towers exported by `guild-sim run --keep-adapters` (or `guild-coordinator
+export-adapter`) with `rank_with_tower.py` on the probes' 4,000 validation users (each
+history less its last item, that item the target, the history masked; as
+`probe_transitions.py` samples them) and splits the difference in NDCG@10 by the target's
+popularity (how often it occurs in the users' training histories) and by whether the target
+is among the first tower's decoded neighbours of the history's last item (the item-to-item
+counts cover it).
+
+Usage (about a minute on one core):
+
+    python3 python/probe_gap.py --data ../shared/data/amazon-games \\
+        --items .cache/items-<hash>-Games-6k-16859-96.safetensors \\
+        --towers OUT/adapters/centralised__non_private_/v0 OUT/adapters/federated__non_private_/v0
+
+Measured (2026-12-07, the default scenario's centralised and federated towers of one run,
+`probe_spectral.py`'s; centralised 0.0837, federated 0.0749, a gap of 0.0087):
+
+| target | users | centralised | federated | share of the gap |
+|---|---|---|---|---|
+| occurs at most 5 times | 279 | 0.0064 | 0.0168 | −8% |
+| 6 to 20 | 973 | 0.0266 | 0.0305 | −11% |
+| 21 to 60 | 1,146 | 0.0495 | 0.0457 | 12% |
+| 61 to 200 | 1,122 | 0.0999 | 0.0808 | 61% |
+| over 200 | 480 | 0.2879 | 0.2547 | 46% |
+| among the last item's 64 neighbours | 470 | 0.4454 | 0.4661 | −28% |
+| not among them | 3,530 | 0.0355 | 0.0229 | 128% |
+
+The federated tower is ahead on rare targets and on those the counts cover; its whole gap is
+popular items the last item's neighbours do not name, which the centralised tower learned
+to rank from its item-ID rows and transformer and the federated one did not.
+"""
+import numpy as np
+import torch
+
+import probe_transitions as pt
+import rank_with_tower as rtw
+
+BUCKETS = [(0, 5), (5, 20), (20, 60), (60, 200), (200, None)]
+
+
+def ranks(folder, users, items, sample):
+    """Each sampled user's rank of its target under the tower in `folder`, and the tower."""
+    tower = rtw.load(folder)
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(sample), 250):
+            batch = sample[s:s + 250]
+            histories = [users[u][:-1] for u in batch]
+            scores = rtw.scores(tower, items, histories)
+            for r, h in enumerate(histories):
+                row = scores[r].clone()
+                row[h] = -1e9
+                out.append(int((row > row[users[batch[r]][-1]]).sum()))
+    return np.array(out), tower
+
+
+def main():
+    a_ = pt.data_arguments()
+    a_.add_argument("--towers", nargs=2, required=True, metavar=("FIRST", "SECOND"))
+    args = a_.parse_args()
+    n, users = pt.load(args.data)
+    items = torch.tensor(pt.unit_items(args.items))
+    sample = pt.evaluation_sample(users)
+    popularity = np.zeros(n)
+    for h in users:
+        np.add.at(popularity, h[:-1], 1)
+    (first, tower), (second, _) = (ranks(f, users, items, sample) for f in args.towers)
+    gain = lambda r: np.where(r < 10, 1 / np.log2(r + 2), 0.0)
+    a, b = gain(first), gain(second)
+    gap = (a - b).sum()
+    print(f"all {len(sample)} users: first {a.mean():.4f}, second {b.mean():.4f}, gap {a.mean() - b.mean():.4f}")
+    targets = np.array([popularity[users[u][-1]] for u in sample])
+    for lo, hi in BUCKETS:
+        m = (targets > lo) & (targets <= (hi if hi is not None else np.inf))
+        print(f"target occurs in ({lo}, {hi}] histories: {m.sum()} users, first {a[m].mean():.4f}, "
+              f"second {b[m].mean():.4f}, share of the gap {(a[m] - b[m]).sum() / gap:.0%}")
+    if "sketch_neighbours" in tower["w"]:
+        neighbours = tower["w"]["sketch_neighbours"].long().numpy()
+        covered = np.array([len(users[u]) > 1 and users[u][-1] in set(neighbours[users[u][-2]]) for u in sample])
+        for name, m in (("among the last item's neighbours", covered), ("not among them", ~covered)):
+            print(f"target {name}: {m.sum()} users, first {a[m].mean():.4f}, second {b[m].mean():.4f}, "
+                  f"share of the gap {(a[m] - b[m]).sum() / gap:.0%}")
+
+
+if __name__ == "__main__":
+    main()
