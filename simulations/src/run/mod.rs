@@ -124,24 +124,33 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `scenario`, writing stores and logs under `out`; returns every arm's results.
 /// Writes `arm`'s final adapter, if it has one, as the exported folder
 /// `out/adapters/NAME/v0` (`[arms] keep_adapters`), NAME the arm's name with every character
-/// but ASCII letters and digits replaced by `_`.
+/// but ASCII letters and digits replaced by `_`; an earlier run's folder there is replaced.
 fn keep_adapter(world: &World, arm: &ArmResult, out: &Path) -> anyhow::Result<()> {
     let Some(values) = &arm.final_adapter else { return Ok(()) };
     let name: String = arm.arm.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let kept = guild_client::participant::keep_version(
-        &out.join("adapters").join(name),
-        0,
-        &world.manifest(),
-        values,
-    )
-    .with_context(|| format!("keeping the adapter of {}", arm.arm))?;
+    let kept = replace_kept(&out.join("adapters").join(name), &world.manifest(), values)
+        .with_context(|| format!("keeping the adapter of {}", arm.arm))?;
     tracing::info!(arm = %arm.arm, folder = %kept.display(), "kept the arm's final adapter");
     Ok(())
 }
 
+/// `values` of `manifest` kept as the export `dir/v0` (`guild_client::participant::keep_version`),
+/// whatever an earlier run left in `dir`.
+fn replace_kept(
+    dir: &Path,
+    manifest: &guild_proto::domain::AdapterManifest,
+    values: &[f32],
+) -> anyhow::Result<PathBuf> {
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("removing an earlier run's {}", dir.display()))?;
+    }
+    guild_client::participant::keep_version(dir, 0, manifest, values)
+}
+
+/// Runs `scenario`, writing stores and logs under `out`; returns every arm's results.
 pub async fn run(scenario: Scenario, out: &Path) -> anyhow::Result<RunResults> {
     let started = Instant::now();
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -256,4 +265,44 @@ fn with_pooling_choice(
     let users = users.unwrap_or(&world.eval_users[..n.min(world.eval_users.len())]);
     let (values, choice) = tokio::task::block_in_place(|| world.pooling_choice(&values, users))?;
     Ok((values, Some(choice.describe(whose))))
+}
+
+#[cfg(test)]
+mod tests {
+    use guild_proto::domain::AdapterManifest;
+    use guild_proto::tower::{TowerShape, parameter_count};
+
+    #[test]
+    fn a_kept_adapter_replaces_an_earlier_runs() {
+        let shape = TowerShape {
+            hidden: 4,
+            history: 3,
+            zero_shot_items: 2,
+            item_rank: 2,
+            width: 4,
+            layers: 1,
+            heads: 2,
+            catalogue: 5,
+            neighbours: 2,
+            pair_sketch: 0,
+            item_ids: 0,
+        };
+        let manifest = AdapterManifest::sequence_tower([7; 32], shape, 3);
+        let d = parameter_count(&shape);
+        let (first, second) = (vec![0.25f32; d], vec![-0.5f32; d]);
+        let out = tempfile::tempdir().expect("tempdir");
+        let dir = out.path().join("adapters").join("arm");
+        super::replace_kept(&dir, &manifest, &first).expect("the first run's");
+        let kept = super::replace_kept(&dir, &manifest, &second).expect("the second run's");
+        // What a fresh export of the second run's values holds, byte for byte.
+        let fresh = tempfile::tempdir().expect("tempdir");
+        guild_proto::adapter::export(fresh.path(), &manifest, &second).expect("export");
+        let read = |p: &std::path::Path| std::fs::read(p.join("tower.safetensors")).expect("tensors");
+        assert_eq!(read(&kept), read(fresh.path()));
+        assert_ne!(read(&kept), {
+            let old = tempfile::tempdir().expect("tempdir");
+            guild_proto::adapter::export(old.path(), &manifest, &first).expect("export");
+            read(old.path())
+        });
+    }
 }
