@@ -155,13 +155,9 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
     assert!(report.contains("## Serving the federated (non-private) adapter"), "{report}");
     // `keep_adapters`: each arm with a final adapter is written as an export `serve` and
     // `rank_with_tower.py` read, whole (its tensors hold every value the arm was scored with).
-    for (name, folder) in [
-        ("centralised (non-private)", "centralised__non_private_"),
-        ("federated (non-private)", "federated__non_private_"),
-        ("federated DP ε=8", "federated_DP___8"),
-    ] {
+    for name in ["centralised (non-private)", "federated (non-private)", "federated DP ε=8"] {
         let values = arm(name).final_adapter.as_ref().unwrap_or_else(|| panic!("{name}: a final adapter"));
-        let dir = out.path().join("adapters").join(folder).join("v0");
+        let dir = out.path().join("adapters").join(name).join("v0");
         let manifest = guild_proto::adapter::read_tower_manifest(&dir)
             .unwrap_or_else(|e| panic!("{name}: {e}"))
             .unwrap_or_else(|| panic!("{name}: the export states its manifest"));

@@ -125,12 +125,11 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
 }
 
 /// Writes `arm`'s final adapter, if it has one, as the exported folder
-/// `out/adapters/NAME/v0` (`[arms] keep_adapters`), NAME the arm's name with every character
-/// but ASCII letters and digits replaced by `_`; an earlier run's folder there is replaced.
+/// `out/adapters/ARM/v0` (`[arms] keep_adapters`), named as a federated arm's `out/arms/ARM`
+/// is; an earlier run's folder there is replaced.
 fn keep_adapter(world: &World, arm: &ArmResult, out: &Path) -> anyhow::Result<()> {
     let Some(values) = &arm.final_adapter else { return Ok(()) };
-    let name: String = arm.arm.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
-    let kept = replace_kept(&out.join("adapters").join(name), &world.manifest(), values)
+    let kept = replace_kept(&out.join("adapters").join(&arm.arm), &world.manifest(), values)
         .with_context(|| format!("keeping the adapter of {}", arm.arm))?;
     tracing::info!(arm = %arm.arm, folder = %kept.display(), "kept the arm's final adapter");
     Ok(())
