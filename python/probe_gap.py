@@ -12,7 +12,7 @@ Usage (about a minute on one core):
 
     python3 python/probe_gap.py --data ../shared/data/amazon-games \\
         --items .cache/items-<hash>-Games-6k-16859-96.safetensors \\
-        --towers OUT/adapters/centralised__non_private_/v0 OUT/adapters/federated__non_private_/v0
+        --towers "OUT/adapters/centralised (non-private)/v0" "OUT/adapters/federated (non-private)/v0"
 
 Measured (2026-12-07, the default scenario's centralised and federated towers of one run,
 `probe_spectral.py`'s; centralised 0.0837, federated 0.0749, a gap of 0.0087):
@@ -36,24 +36,9 @@ import torch
 
 import probe_transitions as pt
 import rank_with_tower as rtw
+from probe_spectral import ndcg_gains, tower_ranks
 
 BUCKETS = [(0, 5), (5, 20), (20, 60), (60, 200), (200, None)]
-
-
-def ranks(folder, users, items, sample):
-    """Each sampled user's rank of its target under the tower in `folder`, and the tower."""
-    tower = rtw.load(folder)
-    out = []
-    with torch.no_grad():
-        for s in range(0, len(sample), 250):
-            batch = sample[s:s + 250]
-            histories = [users[u][:-1] for u in batch]
-            scores = rtw.scores(tower, items, histories)
-            for r, h in enumerate(histories):
-                row = scores[r].clone()
-                row[h] = -1e9
-                out.append(int((row > row[users[batch[r]][-1]]).sum()))
-    return np.array(out), tower
 
 
 def main():
@@ -66,15 +51,16 @@ def main():
     popularity = np.zeros(n)
     for h in users:
         np.add.at(popularity, h[:-1], 1)
-    (first, tower), (second, _) = (ranks(f, users, items, sample) for f in args.towers)
-    gain = lambda r: np.where(r < 10, 1 / np.log2(r + 2), 0.0)
-    a, b = gain(first), gain(second)
+    histories = [users[u][:-1] for u in sample]
+    targets = [users[u][-1] for u in sample]
+    tower, other = (rtw.load(f) for f in args.towers)
+    a, b = (ndcg_gains(tower_ranks(t, items, histories, targets)[0]) for t in (tower, other))
     gap = (a - b).sum()
     print(f"all {len(sample)} users: first {a.mean():.4f}, second {b.mean():.4f}, gap {a.mean() - b.mean():.4f}")
-    targets = np.array([popularity[users[u][-1]] for u in sample])
+    popular = np.array([popularity[t] for t in targets])
     for lo, hi in BUCKETS:
         # The first bucket keeps the targets no training history holds.
-        m = ((targets > lo) | (lo == 0)) & (targets <= (hi if hi is not None else np.inf))
+        m = ((popular > lo) | (lo == 0)) & (popular <= (hi if hi is not None else np.inf))
         print(f"target occurs in {'[' if lo == 0 else '('}{lo}, {hi}] histories: {m.sum()} users, first {a[m].mean():.4f}, "
               f"second {b[m].mean():.4f}, share of the gap {(a[m] - b[m]).sum() / gap:.0%}")
     if "sketch_neighbours" in tower["w"]:

@@ -49,9 +49,9 @@ validation showed to the federated tower: the lead the roadmap names.
 
     target/release/guild-sim run COPY.toml --out OUT --keep-adapters
     python3 python/probe_spectral.py --data ... --items ... --ks 32 --gammas 0.1,0.2,0.3,0.4 \\
-        --towers OUT/adapters/centralised__non_private_/v0 OUT/adapters/federated__non_private_/v0
+        --towers "OUT/adapters/centralised (non-private)/v0" "OUT/adapters/federated (non-private)/v0"
     python3 python/probe_spectral.py --data ... --items ... --ks 32 --gammas 0.4 --split test \\
-        --towers OUT/adapters/centralised__non_private_/v0 OUT/adapters/federated__non_private_/v0
+        --towers "OUT/adapters/centralised (non-private)/v0" "OUT/adapters/federated (non-private)/v0"
 """
 import numpy as np
 import scipy.sparse as sp
@@ -112,6 +112,53 @@ def spectral(matrix, k):
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-9)
 
 
+def recency_sum(features, history):
+    """`sum_j 0.6^j features[h_j]` over the history's last five items, most recent first: the
+    shopper side of the spectral term."""
+    w = np.array([0.6 ** j for j in range(min(5, len(history)))])
+    return (w[:, None] * features[list(reversed(history))[: len(w)]]).sum(0)
+
+
+def tower_ranks(tower, items, histories, targets, terms=(None,)):
+    """Each history's rank of its target under `tower` (`rank_with_tower.scores`, the
+    history masked), once for each of `terms`: `None` for the tower alone, or a function of
+    a batch of histories giving `[batch, n]` scores to add. A list of rank arrays."""
+    import torch
+
+    import rank_with_tower as rtw
+
+    ranks = [[] for _ in terms]
+    with torch.no_grad():
+        for s in range(0, len(histories), 250):
+            batch, wanted = histories[s:s + 250], targets[s:s + 250]
+            base = rtw.scores(tower, items, batch)
+            for out, term in zip(ranks, terms):
+                scores = base if term is None else base + term(batch)
+                for r, h in enumerate(batch):
+                    row = scores[r].clone()
+                    row[h] = -1e9
+                    out.append(int((row > row[wanted[r]]).sum()))
+    return [np.array(r) for r in ranks]
+
+
+def spectral_term(features, weight):
+    """The spectral term at `weight` as a `tower_ranks` term."""
+    import torch
+
+    f = torch.tensor(features, dtype=torch.float32)
+
+    def term(batch):
+        q = torch.tensor(np.stack([recency_sum(features, h) for h in batch]), dtype=torch.float32)
+        return weight * (q @ f.T)
+
+    return term
+
+
+def ndcg_gains(ranks):
+    """NDCG@10 of each rank (one relevant item)."""
+    return np.where(ranks < 10, 1 / np.log2(ranks + 2), 0.0)
+
+
 def score_tower(folder, users, e, k, gammas):
     """Validation NDCG@10 of the exported tower in `folder` (`rank_with_tower.scores`, its own
     decoded neighbours and beta_t) plus gamma times the spectral term of its own table."""
@@ -120,34 +167,12 @@ def score_tower(folder, users, e, k, gammas):
     import rank_with_tower as rtw
 
     tower = rtw.load(folder)
-    w, m, n = tower["w"], tower["shape"]["neighbours"], e.shape[0]
-    counts, nbr = w["sketch_counts"], w["sketch_neighbours"].long()
-    logs = rtw._log_prior(counts, rtw._counts_threshold(counts, tower), tower["smoothing"]).view(-1, m)
-    table = sp.coo_matrix((logs.numpy().ravel(), (np.repeat(np.arange(n), m), nbr.numpy().ravel())), shape=(n, n))
-    table = table.tocsr()
-    table.eliminate_zeros()
-    f = torch.tensor(spectral(table, k), dtype=torch.float32)
-    items = torch.tensor(e)
+    features = spectral(own_table(tower, e.shape[0]), k)
     sample = pt.evaluation_sample(users)
-    totals = np.zeros(len(gammas))
-    with torch.no_grad():
-        for s in range(0, len(sample), 250):
-            batch = sample[s:s + 250]
-            histories = [users[u][:-1] for u in batch]
-            base = rtw.scores(tower, items, histories)
-            q = torch.zeros(len(histories), k)
-            for r, h in enumerate(histories):
-                for j, item in enumerate(reversed(h[-5:])):
-                    q[r] += 0.6 ** j * f[item]
-            extra = q @ f.T
-            for gi, g in enumerate(gammas):
-                scores = base + g * extra
-                for r, h in enumerate(histories):
-                    row = scores[r].clone()
-                    row[h] = -1e9
-                    rank = int((row > row[users[batch[r]][-1]]).sum())
-                    if rank < 10:
-                        totals[gi] += 1 / np.log2(rank + 2)
+    histories = [users[u][:-1] for u in sample]
+    targets = [users[u][-1] for u in sample]
+    terms = [None if g == 0 else spectral_term(features, g) for g in gammas]
+    totals = [ndcg_gains(r).sum() for r in tower_ranks(tower, torch.tensor(e), histories, targets, terms)]
     figures = " ".join(f"gamma={g}: {t / len(sample):.4f}" for g, t in zip(gammas, totals))
     print(f"{folder} (beta_t {tower['transitions_weight']:.3f}): {figures}", flush=True)
 
@@ -188,13 +213,7 @@ def test_comparison(args, users, e, nbr, t, p, table):
     targets = test_targets(args.data)
     sample = np.random.default_rng(11).choice(len(users), 10000, replace=False)
     f = spectral(table, k)
-    gain = lambda rank: 1 / np.log2(rank + 2) if rank < 10 else 0.0
-
-    def recency_sum(features, history):
-        w = np.array([0.6 ** j for j in range(min(5, len(history)))])
-        return (w[:, None] * features[list(reversed(history))[: len(w)]]).sum(0)
-
-    gains = {"counts": [], f"counts + spectral {gamma}": []}
+    untrained = {"counts": [], f"counts + spectral {gamma}": []}
     for u in sample:
         h, target = users[u], targets[u]
         q = e[h[-5:]].mean(0)
@@ -204,29 +223,23 @@ def test_comparison(args, users, e, nbr, t, p, table):
         for name, scores in (("counts", base), (f"counts + spectral {gamma}", base + gamma * (f @ recency_sum(f, h)))):
             scores = scores.copy()
             scores[h] = -1e9
-            gains[name].append(gain(int((scores > scores[target]).sum())))
+            untrained[name].append(int((scores > scores[target]).sum()))
+    gains = {name: list(ndcg_gains(np.array(ranks))) for name, ranks in untrained.items()}
     items = torch.tensor(e)
+    histories = [users[u] for u in sample]
+    wanted = [targets[u] for u in sample]
     pairs = [(f"counts + spectral {gamma}", "counts")]
     for folder in args.towers:
         tower = rtw.load(folder)
         name = folder.rstrip("/").split("/")[-2]
-        for label, features in ((None, None), ("exact table", f), ("own table", spectral(own_table(tower, n), k))):
-            key = name if label is None else f"{name} + spectral {args.tower_gamma} ({label})"
-            gains[key] = []
-            with torch.no_grad():
-                for s in range(0, len(sample), 250):
-                    batch = sample[s:s + 250]
-                    histories = [users[u] for u in batch]
-                    scores = rtw.scores(tower, items, histories)
-                    if features is not None:
-                        q = torch.tensor(np.stack([recency_sum(features, h) for h in histories]), dtype=torch.float32)
-                        scores = scores + args.tower_gamma * (q @ torch.tensor(features, dtype=torch.float32).T)
-                    for r, h in enumerate(histories):
-                        row = scores[r].clone()
-                        row[h] = -1e9
-                        gains[key].append(gain(int((row > row[targets[batch[r]]]).sum())))
+        with_term = f"{name} + spectral {args.tower_gamma}"
+        keys = [name, f"{with_term} (exact table)", f"{with_term} (own table)"]
+        own = spectral(own_table(tower, n), k)
+        terms = [None, spectral_term(f, args.tower_gamma), spectral_term(own, args.tower_gamma)]
+        for key, ranks in zip(keys, tower_ranks(tower, items, histories, wanted, terms)):
+            gains[key] = list(ndcg_gains(ranks))
             pairs.append((key, f"counts + spectral {gamma}"))
-            if label:
+            if key != name:
                 pairs.append((key, name))
     rng = np.random.default_rng(0)
     for key, g in gains.items():
@@ -279,9 +292,7 @@ def main():
         for g in [float(x) for x in args.gammas.split(",") if x]:
             def add(hist, scores, g=g, f=f):
                 base(hist, scores)
-                w = np.array([0.6 ** j for j in range(min(5, len(hist)))])
-                q = (w[:, None] * f[list(reversed(hist))[: len(w)]]).sum(0)
-                scores += g * (f @ q)
+                scores += g * (f @ recency_sum(f, hist))
             score = pt.validation_ndcg(users, sample, e, p, add)
             print(f"spectral ({args.source}) k={k} gamma={g}: {score:.4f}", flush=True)
     rows = sp.diags(1 / np.maximum(np.asarray(table.sum(1)).ravel(), 1e-9)) @ table
