@@ -29,6 +29,7 @@ def load(folder):
         "transitions_exceedances": description.get("transitions_noise_exceedances"),
         "transitions_strict": description.get("transitions_strict_threshold"),
         "transitions_recency": description.get("transitions_recency", []),
+        "spectral_recency": description.get("spectral_recency", []),
         "w": w,
         # The item-to-item prior's weight: a tensor of the file (chosen on validation, so
         # each version holds its own), or, from an older export, the description's constant.
@@ -129,8 +130,8 @@ def history_prior(tower, items, histories):
     """The item-to-item prior of each history, [len(histories), items]: transitions_weight *
     sum over its last items h_k (weights transitions_recency, most recent first) of the
     thresholded log counts of h_k and each of its title neighbours (or, for a tower with a
-    pair sketch, the neighbours decoded from it), added to that neighbour;
-    zero when the tower has no counts."""
+    pair sketch, the neighbours decoded from it), added to that neighbour, plus the spectral
+    prior when the tower has one; zero when the tower has no counts."""
     w, shape = tower["w"], tower["shape"]
     m = shape.get("neighbours", 0)
     prior = torch.zeros(len(histories), items.shape[0])
@@ -147,7 +148,18 @@ def history_prior(tower, items, histories):
             if k < len(history) and history[-1 - k] < items.shape[0]:
                 item = history[-1 - k]
                 prior[row].index_add_(0, neighbours[item], logs[item] * weight)
-    return prior * tower["transitions_weight"]
+    prior = prior * tower["transitions_weight"]
+    if "spectral_features" in w and float(w["spectral_weight"][0]) != 0.0:
+        # The spectral prior: each item's feature row (the export's, from the top eigenvectors
+        # of the decoded table) against the history's recency-weighted sum of its last items'.
+        f = w["spectral_features"]
+        query = torch.zeros(len(histories), f.shape[1])
+        for row, history in enumerate(histories):
+            for j, weight in enumerate(tower["spectral_recency"]):
+                if j < len(history) and history[-1 - j] < items.shape[0]:
+                    query[row] += weight * f[history[-1 - j]]
+        prior = prior + float(w["spectral_weight"][0]) * (query @ f.T)
+    return prior
 
 
 def scores(tower, items, histories):

@@ -1,7 +1,8 @@
 //! Latency and throughput of `guild-client serve` at the default scenario's size: a
 //! catalogue of 16,859 items with 384-dimensional title vectors (synthetic vectors, so the
 //! data is not needed; real MiniLM for the search queries, so run `scripts/setup` first),
-//! the default scenario's tower with 64 title neighbours per item, served on loopback by
+//! the default scenario's tower (64 neighbours per item decoded from a pair sketch, item-ID
+//! values and the spectral prior, over random statistics), served on loopback by
 //! the same router `guild-client serve` runs. A Rust client sends `Recommend` and `Search`
 //! over the gRPC interface (one HTTP/2 connection per concurrent caller) at concurrency 1,
 //! 16 and 64, and measures each request from send to answer: requests per second, p50 and
@@ -95,8 +96,17 @@ async fn load(
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    // The default scenario's tower: one layer, 64 title neighbours.
-    let shape = TowerShape { layers: 1, catalogue: ITEMS, neighbours: 64, ..TowerShape::default() };
+    // The default scenario's tower: one layer, 64 neighbours decoded from a pair sketch of
+    // 3 × 2^20 buckets, 32 item-ID values per item and a spectral prior of rank 32.
+    let shape = TowerShape {
+        layers: 1,
+        catalogue: ITEMS,
+        neighbours: 64,
+        pair_sketch: 1 << 20,
+        item_ids: 32,
+        spectral: 32,
+        ..TowerShape::default()
+    };
     tch::manual_seed(1);
     let items = normalise(&Tensor::randn([ITEMS as i64, 384], (Kind::Float, Device::Cpu)));
     let mut rng = ChaCha20Rng::seed_from_u64(2);
@@ -107,6 +117,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .iter_mut()
             .for_each(|v| *v = if rng.gen_bool(0.05) { rng.gen_range(0.0..50.0) } else { 0.0 });
     }
+    // The spectral prior at the weight the default's federated arm chose on validation.
+    let offset = guild_proto::tower::with_spectral_weight(&shape, &offset, 0.1).ok_or("a spectral weight")?;
     let model = ServedModel::from_offset(TowerConfig { shape, seed: 3 }, &offset, 1, [0; 32], &items)?;
     let dataset = Dataset {
         name: "bench".into(),

@@ -131,6 +131,9 @@ pub fn read_tower_manifest(dir: &Path) -> Result<Option<AdapterManifest>, Adapte
 pub const SKETCH_NEIGHBOURS: &str = "sketch_neighbours";
 /// In an exported tower with a pair sketch: the estimated counts of [`SKETCH_NEIGHBOURS`].
 pub const SKETCH_COUNTS: &str = "sketch_counts";
+/// In an exported tower with a spectral prior: each item's feature row, `[catalogue,
+/// spectral]` (`guild_proto::tower::spectral_features` of the decoded table).
+pub const SPECTRAL_FEATURES: &str = "spectral_features";
 
 /// Writes a sequence tower (`offset` from its seeded initial values, in manifest order) as
 /// `tower.safetensors` (every tensor at `initial + offset`, named as in the manifest) and
@@ -159,6 +162,16 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
     if let Some(range) = crate::tower::transitions_range(&shape).filter(|_| shape.pair_sketch > 0) {
         let threads = std::thread::available_parallelism().map_or(1, usize::from);
         let (lists, estimates) = crate::tower::sketch_neighbours(&shape, &values[range], threads);
+        // The spectral prior's features, so that a ranker outside Guild need not compute
+        // them (and ranks with exactly these).
+        if shape.spectral > 0 {
+            let features = crate::tower::spectral_features(&shape, &lists, &estimates, threads);
+            tensors.push((
+                SPECTRAL_FEATURES.into(),
+                vec![shape.catalogue, shape.spectral],
+                to_bytes(&features),
+            ));
+        }
         let lists: Vec<f32> = lists.iter().map(|&i| i as f32).collect();
         let dims = vec![shape.catalogue, shape.neighbours];
         tensors.push((SKETCH_NEIGHBOURS.into(), dims.clone(), to_bytes(&lists)));
@@ -199,8 +212,14 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
                     has item-to-item counts; with pair_sketch > 0, popularity_next is a count-min \
                     sketch of every pair, and neighbours and the counts u is computed from are the \
                     file's sketch_neighbours and sketch_counts, decoded from it by \
-                    guild_proto::tower::sketch_neighbours]",
+                    guild_proto::tower::sketch_neighbours] \
+                    [+ spectral_weight[0] * spectral_features[i] . sum_j spectral_recency[j] * \
+                    spectral_features[h_j] for item i, h_j the j-th most recent history item, when \
+                    spectral > 0: the file's spectral_features, each item's unit row from the top \
+                    eigenvectors of the decoded table, guild_proto::spectral]",
         "transitions_recency": crate::tower::TRANSITIONS_RECENCY,
+        "spectral": shape.spectral,
+        "spectral_recency": crate::tower::SPECTRAL_RECENCY,
     });
     let path = dir.join("tower.json");
     let text =

@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod limits;
 pub mod pki;
 pub mod round;
+pub mod spectral;
 pub mod tower;
 
 pub use error::WireError;

@@ -54,6 +54,13 @@ pub struct TowerShape {
     /// What the title vectors cannot say about an item and the counts do not reach (the
     /// transductive setting of UniSRec, KDD 2022), learned by the federation like the rest.
     pub item_ids: usize,
+    /// Rank of the spectral item prior (0: none; a pair sketch is needed): each item's
+    /// feature row from the top eigenvectors of the decoded item-to-item table
+    /// ([`crate::spectral`]), and a candidate's prior `γ · F_c · Σ_j ρ^j F_{h_j}` over the
+    /// shopper's last items ([`SPECTRAL_RECENCY`]), γ the tower's [`SPECTRAL_WEIGHT_TENSOR`]:
+    /// related items the decoded neighbours do not name (post-processing of the summed
+    /// sketch, so it costs no privacy).
+    pub spectral: usize,
 }
 
 impl Default for TowerShape {
@@ -72,6 +79,7 @@ impl Default for TowerShape {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         }
     }
 }
@@ -93,6 +101,7 @@ impl TowerShape {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         }
     }
 
@@ -116,10 +125,16 @@ impl TowerShape {
                 "pair_sketch {} must be a power of two, and needs neighbours to decode (neighbours {})",
                 self.pair_sketch, self.neighbours
             ))
+        } else if self.spectral > 0 && (self.pair_sketch == 0 || self.spectral + 1 >= self.catalogue) {
+            Some(format!(
+                "spectral {} needs a pair sketch (pair_sketch {}) and a catalogue of more items (catalogue {})",
+                self.spectral, self.pair_sketch, self.catalogue
+            ))
         } else if self.item_ids > 0 && self.catalogue == 0 {
             Some(format!("item_ids {} needs a catalogue (catalogue 0)", self.item_ids))
         } else if self.layers > 16
             || self.item_ids > 4096
+            || self.spectral > MAX_SPECTRAL
             || self.neighbours > MAX_NEIGHBOURS
             || self.pair_sketch > MAX_SKETCH_BUCKETS
             || self.width > 4096
@@ -143,6 +158,9 @@ pub const MAX_NEIGHBOURS: usize = 256;
 
 /// The most buckets per row a pair sketch may have.
 pub const MAX_SKETCH_BUCKETS: usize = 1 << 22;
+
+/// The largest rank of the spectral item prior.
+pub const MAX_SPECTRAL: usize = 128;
 
 /// Rows of the pair sketch: each pair is counted once in every row, and its estimate is the
 /// least of its rows' buckets ([`sketch_estimate`]).
@@ -305,6 +323,23 @@ pub const TRANSITIONS_WEIGHT: f64 = 0.2;
 /// ([`with_transitions_weight`]), [`TRANSITIONS_WEIGHT`] among them.
 pub const TRANSITIONS_WEIGHTS: [f64; 7] = [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3];
 
+/// γ's tensor, `[1]`, in a tower with a spectral item prior ([`TowerShape::spectral`]): the
+/// prior's weight in cosine units. It starts at zero (the start ranks as it would without
+/// the prior) and, like β_t, no gradient reaches it: a trained tower's γ is chosen on
+/// validation ([`with_spectral_weight`], [`SPECTRAL_WEIGHTS`]).
+pub const SPECTRAL_WEIGHT_TENSOR: &str = "spectral_weight";
+
+/// The values of γ a tower's choice on validation tries besides its own (four: each costs
+/// the choice a scoring of its users). Over the untrained
+/// exact counts (`python/probe_spectral.py`, validation NDCG@10 of 4,000 users, k = 32) γ =
+/// 0.2 / 0.4 / 0.8 scored 0.0773 / 0.0777 / 0.0753 against 0.0720 without; on a trained
+/// federated tower 0.1 / 0.2 / 0.3 scored 0.0759 / 0.0751 / 0.0725 against 0.0749.
+pub const SPECTRAL_WEIGHTS: [f64; 4] = [0.05, 0.1, 0.2, 0.4];
+
+/// The weights of a shopper's last items on the shopper side of the spectral prior, most
+/// recent first: `0.6^j` over the last five (`python/probe_spectral.py`'s `recency_sum`).
+pub const SPECTRAL_RECENCY: [f64; 5] = [1.0, 0.6, 0.36, 0.216, 0.1296];
+
 /// The weights of a shopper's last items in the item-to-item prior, most recent first.
 pub const TRANSITIONS_RECENCY: [f64; 3] = [1.0, 0.5, 0.25];
 
@@ -445,17 +480,35 @@ pub fn counts_threshold(entries: usize, exceeding: u64) -> f64 {
 /// Without the threshold a DP histogram's thousands of never-seen items would get priors
 /// from their noise alone, half of them comparable to popular items'.
 pub fn popularity_prior(histogram: &[f32]) -> Vec<f32> {
-    let negatives: Vec<f64> = histogram.iter().map(|&w| f64::from(w)).filter(|&w| w < 0.0).collect();
-    let sigma = if negatives.is_empty() {
-        0.0
-    } else {
-        (negatives.iter().map(|w| w * w).sum::<f64>() / negatives.len() as f64).sqrt()
-    };
-    let threshold = noise_threshold(histogram.len());
-    let kept: Vec<f64> = histogram.iter().map(|&w| (f64::from(w) - threshold * sigma).max(0.0)).collect();
+    statistic_log(histogram, noise_deviation(histogram), noise_threshold(histogram.len()))
+}
+
+/// The item-to-item counts' prior values `ln(1 + v / (κ·v̄))`, `v = max(w − t·σ̂, 0)`, as
+/// [`popularity_prior`] but at the counts' threshold `t` ([`counts_threshold`], by how many
+/// of them exceed [`COUNTS_NOISE_THRESHOLD`]·σ̂): all zeros while the counts are.
+pub fn counts_log(counts: &[f32]) -> Vec<f32> {
+    let sigma = noise_deviation(counts);
+    let level = COUNTS_NOISE_THRESHOLD * sigma;
+    let exceeding = counts.iter().filter(|&&w| f64::from(w) > level).count();
+    statistic_log(counts, sigma, counts_threshold(counts.len(), exceeding as u64))
+}
+
+/// σ̂ of a summed statistic whose contributions are all non-negative: the root mean square
+/// of its negative entries (noise), 0 when none is negative.
+fn noise_deviation(sum: &[f32]) -> f64 {
+    let negatives: Vec<f64> = sum.iter().map(|&w| f64::from(w)).filter(|&w| w < 0.0).collect();
+    if negatives.is_empty() {
+        return 0.0;
+    }
+    (negatives.iter().map(|w| w * w).sum::<f64>() / negatives.len() as f64).sqrt()
+}
+
+/// `ln(1 + v / (κ·v̄))` with `v = max(w − threshold·σ̂, 0)`: all zeros when nothing is kept.
+fn statistic_log(sum: &[f32], sigma: f64, threshold: f64) -> Vec<f32> {
+    let kept: Vec<f64> = sum.iter().map(|&w| (f64::from(w) - threshold * sigma).max(0.0)).collect();
     let mean = kept.iter().sum::<f64>() / kept.len().max(1) as f64;
     if mean <= 0.0 {
-        return vec![0.0; histogram.len()];
+        return vec![0.0; sum.len()];
     }
     kept.iter().map(|v| (v / (POPULARITY_SMOOTHING * mean)).ln_1p() as f32).collect()
 }
@@ -491,6 +544,36 @@ pub fn with_transitions_weight(shape: &TowerShape, offset: &[f32], weight: f64) 
     let mut values = offset.to_vec();
     *values.get_mut(at)? = (weight - TRANSITIONS_WEIGHT) as f32;
     Some(values)
+}
+
+/// The spectral prior's weight γ that `offset` holds; `None` for a tower without one.
+pub fn spectral_weight_in(shape: &TowerShape, offset: &[f32]) -> Option<f64> {
+    let at = tensor_range(shape, SPECTRAL_WEIGHT_TENSOR)?.start;
+    Some(f64::from(*offset.get(at)?))
+}
+
+/// `offset` with the spectral prior's weight γ set to `weight`, every other value kept;
+/// `None` for a tower without one (or an offset too short for one).
+pub fn with_spectral_weight(shape: &TowerShape, offset: &[f32], weight: f64) -> Option<Vec<f32>> {
+    let at = tensor_range(shape, SPECTRAL_WEIGHT_TENSOR)?.start;
+    let mut values = offset.to_vec();
+    *values.get_mut(at)? = weight as f32;
+    Some(values)
+}
+
+/// The spectral feature rows of a tower with a spectral prior, `[catalogue, spectral]`
+/// row-major ([`crate::spectral::features`]), from its decoded neighbours `lists` and their
+/// estimated counts `estimates` (`[catalogue, neighbours]` each, [`sketch_neighbours`]):
+/// the table is the counts' prior values ([`counts_log`]). Empty for a tower without one.
+pub fn spectral_features(shape: &TowerShape, lists: &[u32], estimates: &[f32], threads: usize) -> Vec<f32> {
+    if shape.spectral == 0
+        || lists.len() != shape.catalogue * shape.neighbours
+        || lists.len() != estimates.len()
+    {
+        return Vec::new();
+    }
+    let logs = counts_log(estimates);
+    crate::spectral::features(shape.catalogue, shape.neighbours, lists, &logs, shape.spectral, threads)
 }
 
 /// The pooling decays a pooling selection scores: `Some(r)` weighs a shopper's `k`-th most
@@ -680,6 +763,9 @@ pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
         if shape.neighbours > 0 {
             all.push(TowerTensor::new(TRANSITIONS, &transitions_shape(shape), Init::Zeros));
             all.push(TowerTensor::new(TRANSITIONS_WEIGHT_TENSOR, &[1], Init::Constant(TRANSITIONS_WEIGHT)));
+            if shape.spectral > 0 {
+                all.push(TowerTensor::new(SPECTRAL_WEIGHT_TENSOR, &[1], Init::Zeros));
+            }
         }
         if shape.item_ids > 0 {
             all.push(TowerTensor::new(ITEM_IDS, &[shape.catalogue, shape.item_ids], Init::Zeros));
@@ -748,6 +834,7 @@ mod tests {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         }
     }
 

@@ -198,6 +198,11 @@ pub struct Arms {
     /// much of those arms' gain privacy costs, and what the selection adds to a trained
     /// tower. Each selection scores every shopper under the grid's 12 settings.
     pub exact_selection: bool,
+    /// Sequence tower: the tower's start with every merchant's shoppers' statistics summed
+    /// exactly, its pooling and priors' weights (β_t, and γ of a spectral prior) chosen on
+    /// validation as a trained arm's are, nothing trained: the untrained ranker a reviewer
+    /// builds from the federation's releases, and a reference every arm is compared with.
+    pub statistics_ranker: bool,
     /// Sequence tower: the non-private trained arms (centralised, federated without noise,
     /// each local-only merchant) choose their pooling on validation before the test split is
     /// read, as the DP arms' selection round does: their own trained pooling or one of the

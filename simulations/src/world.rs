@@ -396,7 +396,9 @@ impl World {
     /// applied to `values`. What a non-private arm gets in place of the DP arms' selection
     /// round, where training may have moved the pooling off the grid. Then, for a tower with
     /// item-to-item counts, the counts' weight β_t the same way, with the chosen pooling:
-    /// each of [`guild_proto::tower::TRANSITIONS_WEIGHTS`] (its own on a tie).
+    /// each of [`guild_proto::tower::TRANSITIONS_WEIGHTS`] (its own on a tie); then, for a
+    /// tower with a spectral prior, its weight γ with the chosen β_t: its own (zero, unless
+    /// chosen before) or each of [`guild_proto::tower::SPECTRAL_WEIGHTS`].
     pub fn pooling_choice(
         &self,
         values: &[f32],
@@ -417,9 +419,22 @@ impl World {
             j => guild_proto::tower::with_setting(&tower.shape, values, &grid[j - 1])
                 .ok_or_else(|| anyhow::anyhow!("the grid's setting does not fit the tower"))?,
         };
-        let (values, transitions) = match guild_proto::tower::transitions_weight_in(&tower.shape, &values) {
+        let shape = &tower.shape;
+        let (values, transitions) = match guild_proto::tower::transitions_weight_in(shape, &values) {
             Some(own) => {
-                let (values, choice) = self.transitions_weight_choice(values, own, means[best], users)?;
+                let set = |v: &[f32], w| guild_proto::tower::with_transitions_weight(shape, v, w);
+                let grid = &guild_proto::tower::TRANSITIONS_WEIGHTS;
+                let (values, choice) = self.weight_choice(values, own, means[best], users, grid, set)?;
+                (values, Some(choice))
+            }
+            None => (values, None),
+        };
+        let (values, spectral) = match guild_proto::tower::spectral_weight_in(shape, &values) {
+            Some(own) => {
+                let set = |v: &[f32], w| guild_proto::tower::with_spectral_weight(shape, v, w);
+                let grid = &guild_proto::tower::SPECTRAL_WEIGHTS;
+                let own_mean = transitions.map_or(means[best], |t| t.mean);
+                let (values, choice) = self.weight_choice(values, own, own_mean, users, grid, set)?;
                 (values, Some(choice))
             }
             None => (values, None),
@@ -432,29 +447,31 @@ impl World {
                 chosen: means[best],
                 users: users.len(),
                 transitions,
+                spectral,
             },
         ))
     }
 
-    /// The item-to-item prior's weight β_t of the tower at `values` (which holds `own`,
-    /// scoring `own_mean`) chosen on validation: each of
-    /// [`guild_proto::tower::TRANSITIONS_WEIGHTS`] scored by mean validation NDCG@10 over
-    /// `users`, the best applied (`own` on a tie).
-    fn transitions_weight_choice(
+    /// A prior's weight (β_t or γ) of the tower at `values` (which holds `own`, scoring
+    /// `own_mean`) chosen on validation: each of `grid` set by `set` and scored by mean
+    /// validation NDCG@10 over `users`, the best applied (`own` on a tie).
+    fn weight_choice(
         &self,
         values: Vec<f32>,
         own: f64,
         own_mean: f64,
         users: &[usize],
-    ) -> anyhow::Result<(Vec<f32>, TransitionsChoice)> {
+        grid: &[f64],
+        set: impl Fn(&[f32], f64) -> Option<Vec<f32>>,
+    ) -> anyhow::Result<(Vec<f32>, WeightChoice)> {
         let shape = &self.spec.tower.shape;
         let mut best = (own, own_mean, values.clone());
-        for weight in guild_proto::tower::TRANSITIONS_WEIGHTS {
+        for &weight in grid {
             if (weight - own).abs() < 1e-9 {
                 continue;
             }
-            let candidate = guild_proto::tower::with_transitions_weight(shape, &values, weight)
-                .ok_or_else(|| anyhow::anyhow!("β_t does not fit the tower"))?;
+            let candidate =
+                set(&values, weight).ok_or_else(|| anyhow::anyhow!("the weight does not fit the tower"))?;
             let setting = guild_proto::tower::setting_in(shape, &candidate)
                 .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
             let (totals, ranked) = self.setting_totals(&candidate, users, &[setting])?;
@@ -464,7 +481,7 @@ impl World {
             }
         }
         let (chosen, mean, values) = best;
-        Ok((values, TransitionsChoice { own, own_mean, chosen, mean }))
+        Ok((values, WeightChoice { own, own_mean, chosen, mean }))
     }
 
     /// The untrained tower with the exact popularity histogram of `users`, as an offset
@@ -594,14 +611,16 @@ pub struct PoolingChoice {
     pub chosen: f64,
     pub users: usize,
     /// The item-to-item prior's weight chosen after the pooling, for a tower with counts.
-    pub transitions: Option<TransitionsChoice>,
+    pub transitions: Option<WeightChoice>,
+    /// The spectral prior's weight γ chosen after β_t, for a tower with one.
+    pub spectral: Option<WeightChoice>,
 }
 
-/// What [`World::pooling_choice`] chose for the item-to-item prior's weight β_t: the weight
+/// What [`World::pooling_choice`] chose for a prior's weight (β_t or γ): the weight
 /// the tower held and its mean validation NDCG@10 (with the chosen pooling), and the chosen
 /// weight and its mean.
 #[derive(Clone, Copy, Debug)]
-pub struct TransitionsChoice {
+pub struct WeightChoice {
     pub own: f64,
     pub own_mean: f64,
     pub chosen: f64,
@@ -611,24 +630,27 @@ pub struct TransitionsChoice {
 impl PoolingChoice {
     /// The choice in words, for the report.
     pub fn describe(&self, whose: &str) -> String {
-        let pooling = self.describe_pooling(whose);
-        match self.transitions {
-            None => pooling,
-            Some(t) if (t.chosen - t.own).abs() < 1e-9 => format!(
-                "{pooling}; the item-to-item prior's weight β_t kept at {} (no weight of {:?} above it)",
-                t.own,
-                guild_proto::tower::TRANSITIONS_WEIGHTS
+        let mut text = self.describe_pooling(whose);
+        let priors = [
+            (
+                self.transitions,
+                "the item-to-item prior's weight β_t",
+                &guild_proto::tower::TRANSITIONS_WEIGHTS[..],
             ),
-            Some(t) => format!(
-                "{pooling}; then the item-to-item prior's weight β_t {} of {:?} (NDCG@10 {:.4} against {:.4} at \
-                 its {})",
-                t.chosen,
-                guild_proto::tower::TRANSITIONS_WEIGHTS,
-                t.mean,
-                t.own_mean,
-                t.own
-            ),
+            (self.spectral, "the spectral prior's weight γ", &guild_proto::tower::SPECTRAL_WEIGHTS[..]),
+        ];
+        for (choice, what, grid) in priors {
+            let Some(c) = choice else { continue };
+            text += &if (c.chosen - c.own).abs() < 1e-9 {
+                format!("; {what} kept at {} (no weight of {grid:?} above it)", c.own)
+            } else {
+                format!(
+                    "; then {what} {} of {grid:?} (NDCG@10 {:.4} against {:.4} at its {})",
+                    c.chosen, c.mean, c.own_mean, c.own
+                )
+            };
         }
+        text
     }
 
     fn describe_pooling(&self, whose: &str) -> String {

@@ -189,6 +189,7 @@ fn manifest() -> AdapterManifest {
         neighbours: 0,
         pair_sketch: 0,
         item_ids: 0,
+        spectral: 0,
     };
     AdapterManifest::sequence_tower(base_model(), shape, 7)
 }

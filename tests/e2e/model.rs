@@ -209,7 +209,9 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
     use guild_proto::domain::AdapterManifest;
     use guild_proto::tower::TowerShape;
 
-    for (neighbours, pair_sketch, item_ids) in [(0, 0, 0), (4, 0, 0), (4, 64, 0), (4, 0, 3)] {
+    for (neighbours, pair_sketch, item_ids, spectral) in
+        [(0, 0, 0, 0), (4, 0, 0, 0), (4, 64, 0, 0), (4, 0, 3, 0), (4, 64, 0, 5)]
+    {
         let shape = TowerShape {
             hidden: 12,
             history: 6,
@@ -222,6 +224,7 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
             neighbours,
             pair_sketch,
             item_ids,
+            spectral,
         };
         tch::manual_seed(5);
         let items = Tensor::randn([40, 12], (tch::Kind::Float, Device::Cpu));
@@ -241,10 +244,21 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
                 *value = (k % 5) as f32 * 2.0;
             }
         }
-        tower.set_offset(&offset).expect("offset");
         let histories: Vec<Vec<u32>> =
             vec![vec![1], vec![3, 4, 5], (0..12).collect(), vec![7, 7, 2, 9, 30, 31, 1]];
         let refs: Vec<&[u32]> = histories.iter().map(Vec::as_slice).collect();
+        if spectral > 0 {
+            // The spectral prior at a weight that moves the scores (it starts at zero).
+            tower.set_offset(&offset).expect("offset");
+            let without = guild_proto::tower::with_spectral_weight(&shape, &offset, 0.0).expect("a weight");
+            tower.set_offset(&without).expect("offset");
+            let before = tower.history_prior(&refs).expect("a prior");
+            offset = guild_proto::tower::with_spectral_weight(&shape, &offset, 0.3).expect("a weight");
+            tower.set_offset(&offset).expect("offset");
+            let moved = (tower.history_prior(&refs).expect("a prior") - before).abs().max().double_value(&[]);
+            assert!(moved > 0.01, "the spectral prior moves the scores by {moved}");
+        }
+        tower.set_offset(&offset).expect("offset");
         let ours = tch::no_grad(|| tower.scores(&items, &refs));
         if neighbours > 0 {
             let prior = tower.history_prior(&refs).expect("a prior");
@@ -264,7 +278,8 @@ fn an_exported_sequence_tower_ranks_in_python_as_it_does_here() {
         let difference = max_abs_difference(&ours, &theirs);
         assert!(
             difference < 1e-5,
-            "M = {neighbours}, sketch {pair_sketch}, item ids {item_ids}: max |ours − python| = {difference}"
+            "M = {neighbours}, sketch {pair_sketch}, item ids {item_ids}, spectral {spectral}: max |ours − python| = \
+             {difference}"
         );
         // What `guild-client serve` answers from the same exported folder is the same scores.
         let served = guild_client::serve::ServedModel::from_export(

@@ -219,6 +219,7 @@ async fn tower_scenario_federates_the_sequence_tower_and_beats_zero_shot() {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         })
     );
     assert!(federated.comparisons.iter().any(|c| c.against == "zero-shot"));
@@ -395,18 +396,15 @@ async fn a_trained_towers_pooling_choice_is_the_best_the_evaluation_ranks_its_ow
     assert_eq!(kept, at);
 }
 
-/// With item-to-item counts, the choice goes on to the counts' weight β_t: with the chosen
-/// pooling, each of `TRANSITIONS_WEIGHTS` as the evaluation scores it, the best applied and
-/// named (the tower's own on a tie).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pooling_choice_then_chooses_the_item_to_item_prior_s_weight() {
-    use guild_proto::tower::{
-        TRANSITIONS_WEIGHT, TRANSITIONS_WEIGHTS, transitions_weight_in, with_transitions_weight,
-    };
+/// The tower-smoke world cut to 2,000 shoppers (1,000 evaluated), its tower's shape changed
+/// by `adjust`, and the tower's start with their statistics summed exactly.
+fn world_with_statistics(
+    adjust: impl FnOnce(&mut guild_proto::tower::TowerShape),
+) -> (guild_sim::world::World, Vec<f32>) {
     let mut scenario = scenario("tower-smoke");
     scenario.data.max_users = Some(2_000);
     scenario.data.eval_users = 1_000;
-    scenario.federation.tower.neighbours = 16;
+    adjust(&mut scenario.federation.tower);
     let world = tokio::task::block_in_place(|| {
         guild_sim::world::World::load(guild_sim::world::WorldSpec::of(&scenario))
     })
@@ -415,12 +413,25 @@ async fn the_pooling_choice_then_chooses_the_item_to_item_prior_s_weight() {
     let start = tokio::task::block_in_place(|| world.exact_statistics(&users))
         .expect("statistics")
         .expect("a tower with counts");
-    let shape = &world.spec.tower.shape;
-    let validation = |values: &[f32]| {
-        tokio::task::block_in_place(|| world.score(Some(values), Split::Validation))
-            .expect("scores")
-            .ndcg_at_10
+    (world, start)
+}
+
+/// Mean validation NDCG@10 of the tower at `values` over the world's evaluation users.
+fn validation_ndcg(world: &guild_sim::world::World, values: &[f32]) -> f64 {
+    tokio::task::block_in_place(|| world.score(Some(values), Split::Validation)).expect("scores").ndcg_at_10
+}
+
+/// With item-to-item counts, the choice goes on to the counts' weight β_t: with the chosen
+/// pooling, each of `TRANSITIONS_WEIGHTS` as the evaluation scores it, the best applied and
+/// named (the tower's own on a tie).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pooling_choice_then_chooses_the_item_to_item_prior_s_weight() {
+    use guild_proto::tower::{
+        TRANSITIONS_WEIGHT, TRANSITIONS_WEIGHTS, transitions_weight_in, with_transitions_weight,
     };
+    let (world, start) = world_with_statistics(|tower| tower.neighbours = 16);
+    let shape = &world.spec.tower.shape;
+    let validation = |values: &[f32]| validation_ndcg(&world, values);
     let (chosen, choice) =
         tokio::task::block_in_place(|| world.pooling_choice(&start, &world.eval_users)).expect("a choice");
     let t = choice.transitions.expect("a tower with counts chooses β_t");
@@ -445,6 +456,40 @@ async fn the_pooling_choice_then_chooses_the_item_to_item_prior_s_weight() {
         );
     } else {
         assert!((t.chosen - t.own).abs() < 1e-9, "a tie keeps its own: {t:?}");
+    }
+}
+
+/// With a spectral prior, the choice goes on to its weight γ after β_t: the start's γ is
+/// zero (the prior adds nothing there), each of `SPECTRAL_WEIGHTS` is scored with the chosen
+/// pooling and β_t, and the best is applied and named. On real statistics the prior moves
+/// the validation score, so the check is not vacuous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pooling_choice_then_chooses_the_spectral_prior_s_weight() {
+    use guild_proto::tower::{SPECTRAL_WEIGHTS, spectral_weight_in, with_spectral_weight};
+    let (world, start) = world_with_statistics(|tower| {
+        (tower.neighbours, tower.pair_sketch, tower.spectral) = (16, 1 << 16, 8);
+    });
+    let shape = &world.spec.tower.shape;
+    assert_eq!(spectral_weight_in(shape, &start), Some(0.0), "γ starts at zero");
+    let validation = |values: &[f32]| validation_ndcg(&world, values);
+    let (chosen, choice) =
+        tokio::task::block_in_place(|| world.pooling_choice(&start, &world.eval_users)).expect("a choice");
+    let g = choice.spectral.expect("a tower with a spectral prior chooses γ");
+    let t = choice.transitions.expect("and β_t before it");
+    assert_eq!(g.own, 0.0);
+    assert!((g.own_mean - t.mean).abs() < 1e-12, "γ's choice starts from β_t's: {g:?} {t:?}");
+    let without = with_spectral_weight(shape, &chosen, 0.0).expect("fits");
+    assert!((validation(&without) - g.own_mean).abs() < 1e-6, "{g:?}");
+    let scores: Vec<f64> = SPECTRAL_WEIGHTS
+        .iter()
+        .map(|&w| validation(&with_spectral_weight(shape, &without, w).expect("fits")))
+        .collect();
+    assert!(scores.iter().all(|&s| s != g.own_mean), "every weight moves the ranking: {scores:?}");
+    let best = scores.iter().copied().fold(g.own_mean, f64::max);
+    assert!((validation(&chosen) - best).abs() < 1e-6, "chose {g:?} of {scores:?}");
+    assert!((spectral_weight_in(shape, &chosen).expect("a weight") - g.chosen).abs() < 1e-6);
+    if best > g.own_mean {
+        assert!(choice.describe("them").contains(&format!("γ {}", g.chosen)), "{}", choice.describe("them"));
     }
 }
 

@@ -32,8 +32,8 @@ use std::sync::Arc;
 
 use guild_proto::tower::{
     CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, ITEM_IDS, ITEM_IDS_OUT, POPULARITY, POPULARITY_RECENCY,
-    POPULARITY_SMOOTHING, POPULARITY_WEIGHT, TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY,
-    TRANSITIONS_WEIGHT_TENSOR, TowerShape, initial_values, tensors,
+    POPULARITY_SMOOTHING, POPULARITY_WEIGHT, SPECTRAL_RECENCY, SPECTRAL_WEIGHT_TENSOR, TRANSITION_WEIGHT,
+    TRANSITIONS, TRANSITIONS_RECENCY, TRANSITIONS_WEIGHT_TENSOR, TowerShape, initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -66,6 +66,14 @@ pub struct Tower {
     /// the counts are set (they are never trained), so that scoring does not redo it per
     /// batch or per request; `None` without counts.
     transitions_log: Option<Tensor>,
+    /// The pair sketch's decoding the neighbours and `transitions_log` come from (a tower
+    /// with a pair sketch only): the spectral prior's features are computed from it.
+    decoded: Option<Arc<DecodedSketch>>,
+    /// The spectral prior's feature rows, `[catalogue, spectral]` on the tower's device, and
+    /// their transpose, contiguous (what every scoring multiplies by): computed the first time
+    /// a history is scored with a weight γ other than zero (training never needs them) and
+    /// dropped whenever the counts change.
+    spectral: std::sync::OnceLock<(Tensor, Tensor)>,
 }
 
 impl Tower {
@@ -83,9 +91,10 @@ impl Tower {
             }
             let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
             // The histogram and the counts are summed by the coordinator, never trained here;
-            // the counts' weight β_t is chosen on validation, not trained either.
-            let var = if t.name == POPULARITY || t.name == TRANSITIONS || t.name == TRANSITIONS_WEIGHT_TENSOR
-            {
+            // the counts' weight β_t and the spectral prior's γ are chosen on validation, not
+            // trained either.
+            let untrained = [POPULARITY, TRANSITIONS, TRANSITIONS_WEIGHT_TENSOR, SPECTRAL_WEIGHT_TENSOR];
+            let var = if untrained.contains(&t.name.as_str()) {
                 path.zeros_no_train(leaf, &shape)
             } else {
                 path.zeros(leaf, &shape)
@@ -93,7 +102,16 @@ impl Tower {
             vars.insert(t.name.clone(), var);
         }
         let initial = initial_values(&config.shape, config.seed);
-        let mut tower = Self { config, vs, vars, initial, neighbours: None, transitions_log: None };
+        let mut tower = Self {
+            config,
+            vs,
+            vars,
+            initial,
+            neighbours: None,
+            transitions_log: None,
+            decoded: None,
+            spectral: std::sync::OnceLock::new(),
+        };
         let initial = tower.initial.clone();
         tower.set_flat(&initial)?;
         Ok(tower)
@@ -286,21 +304,25 @@ impl Tower {
     fn refresh_transitions_log(&mut self) {
         let shape = self.config.shape;
         let (catalogue, m) = (shape.catalogue as i64, shape.neighbours as i64);
+        self.spectral = std::sync::OnceLock::new();
+        self.decoded = None;
         let Some(counts) = self.vars.get(TRANSITIONS) else {
             self.transitions_log = None;
             return;
         };
-        let counts = if shape.pair_sketch > 0 {
-            let sketch =
-                Vec::<f32>::try_from(counts.detach().to(Device::Cpu).flatten(0, -1)).expect("float32 sketch");
-            let decoded = decoded_sketch(&shape, &sketch);
-            let device = self.vs.device();
+        let device = self.vs.device();
+        let counts =
+            Vec::<f32>::try_from(counts.detach().to(Device::Cpu).flatten(0, -1)).expect("float32 counts");
+        let log = if shape.pair_sketch > 0 {
+            let decoded = decoded_sketch(&shape, &counts);
             self.neighbours = Some(Tensor::from_slice(&decoded.lists).view([catalogue, m]).to(device));
-            Tensor::from_slice(&decoded.estimates).to(device)
+            let log = guild_proto::tower::counts_log(&decoded.estimates);
+            self.decoded = Some(decoded);
+            log
         } else {
-            counts.detach()
+            guild_proto::tower::counts_log(&counts)
         };
-        self.transitions_log = Some(tch::no_grad(|| counts_log(&counts).view([catalogue, m])));
+        self.transitions_log = Some(Tensor::from_slice(&log).view([catalogue, m]).to(device));
     }
 
     /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
@@ -319,21 +341,7 @@ impl Tower {
         let (catalogue, m) = (self.config.shape.catalogue as i64, self.config.shape.neighbours as i64);
         let log = self.transitions_log.as_ref()?;
         let depth = TRANSITIONS_RECENCY.len();
-        let (mut rows, mut weights) = (Vec::new(), Vec::new());
-        for history in histories {
-            for (k, weight) in TRANSITIONS_RECENCY.iter().enumerate() {
-                match history.len().checked_sub(k + 1).map(|i| history[i]) {
-                    Some(item) if i64::from(item) < catalogue => {
-                        rows.push(i64::from(item));
-                        weights.push(*weight as f32);
-                    }
-                    _ => {
-                        rows.push(0);
-                        weights.push(0.0);
-                    }
-                }
-            }
-        }
+        let (rows, weights) = last_items(histories, &TRANSITIONS_RECENCY, catalogue);
         let device = log.device();
         let rows = Tensor::from_slice(&rows).to(device);
         let weights = Tensor::from_slice(&weights).to(device).unsqueeze(1);
@@ -341,7 +349,44 @@ impl Tower {
         let values = (log.index_select(0, &rows) * weights).view([b, depth as i64 * m]);
         let columns = neighbours.index_select(0, &rows).view([b, depth as i64 * m]);
         let prior = Tensor::zeros([b, catalogue], (Kind::Float, device)).scatter_add(1, &columns, &values);
-        Some(prior * self.var(TRANSITIONS_WEIGHT_TENSOR).detach().to_device(device))
+        let prior = prior * self.var(TRANSITIONS_WEIGHT_TENSOR).detach().to_device(device);
+        Some(match self.spectral_prior(histories) {
+            Some(spectral) => prior + spectral,
+            None => prior,
+        })
+    }
+
+    /// The spectral item prior of each history, `[batch, catalogue]` (no gradient):
+    /// `γ · F_c · Σ_j ρ_j F_{h_j}` over its last items `h_j` (weights `SPECTRAL_RECENCY`),
+    /// `F` the feature rows of the decoded table (`guild_proto::spectral`), γ the tower's
+    /// `spectral_weight`; `None` for a tower without one, or while γ is zero (the features
+    /// are not computed then).
+    fn spectral_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
+        let shape = self.config.shape;
+        let weight = self.vars.get(SPECTRAL_WEIGHT_TENSOR)?.detach();
+        if weight.double_value(&[0]) == 0.0 {
+            return None;
+        }
+        let decoded = self.decoded.as_ref()?;
+        let (features, transposed) = self.spectral.get_or_init(|| {
+            let values = decoded.spectral(&shape);
+            let features = Tensor::from_slice(values)
+                .view([shape.catalogue as i64, shape.spectral as i64])
+                .to(self.vs.device());
+            let transposed = features.tr().contiguous();
+            (features, transposed)
+        });
+        let (rows, weights) = last_items(histories, &SPECTRAL_RECENCY, shape.catalogue as i64);
+        let device = features.device();
+        let (b, depth) = (histories.len() as i64, SPECTRAL_RECENCY.len() as i64);
+        let rows = Tensor::from_slice(&rows).to(device);
+        let weights = Tensor::from_slice(&weights).to(device).view([b, depth, 1]);
+        let shoppers = (features.index_select(0, &rows).view([b, depth, -1]) * weights).sum_dim_intlist(
+            1,
+            false,
+            Kind::Float,
+        );
+        Some(shoppers.matmul(transposed) * weight.to_device(device))
     }
 
     /// The popularity prior of every catalogue item, `β · ln(1 + v_j / (κ·v̄))` with
@@ -502,12 +547,57 @@ impl Tower {
     }
 }
 
+/// Each history's last `recency.len()` items, most recent first, as rows to gather and their
+/// weights (`recency`), flat, `recency.len()` per history: a missing item (a short history)
+/// or one outside the catalogue is row 0 at weight 0.
+fn last_items(histories: &[&[ItemIndex]], recency: &[f64], catalogue: i64) -> (Vec<i64>, Vec<f32>) {
+    let (mut rows, mut weights) = (Vec::new(), Vec::new());
+    for history in histories {
+        for (k, weight) in recency.iter().enumerate() {
+            match history.len().checked_sub(k + 1).map(|i| history[i]) {
+                Some(item) if i64::from(item) < catalogue => {
+                    rows.push(i64::from(item));
+                    weights.push(*weight as f32);
+                }
+                _ => {
+                    rows.push(0);
+                    weights.push(0.0);
+                }
+            }
+        }
+    }
+    (rows, weights)
+}
+
 /// Each item's neighbours and their estimated counts, decoded from a pair sketch
 /// (`guild_proto::tower::sketch_neighbours`), `[catalogue, M]` each, row-major.
 #[derive(Debug)]
 pub struct DecodedSketch {
     pub lists: Vec<i64>,
     pub estimates: Vec<f32>,
+    /// The spectral prior's feature rows of this decoding, computed once, when first asked
+    /// for ([`DecodedSketch::spectral`]): every tower at this version shares them.
+    spectral: std::sync::OnceLock<Vec<f32>>,
+}
+
+impl DecodedSketch {
+    fn new(lists: Vec<i64>, estimates: Vec<f32>) -> Self {
+        Self { lists, estimates, spectral: std::sync::OnceLock::new() }
+    }
+
+    /// The spectral prior's feature rows of a tower of `shape` with this decoding,
+    /// `[catalogue, spectral]` row-major (`guild_proto::tower::spectral_features`); seconds
+    /// of work the first time, shared after.
+    pub fn spectral(&self, shape: &TowerShape) -> &[f32] {
+        self.spectral.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let lists: Vec<u32> = self.lists.iter().map(|&i| i as u32).collect();
+            let threads = std::thread::available_parallelism().map_or(1, usize::from);
+            let features = guild_proto::tower::spectral_features(shape, &lists, &self.estimates, threads);
+            tracing::debug!(seconds = started.elapsed().as_secs_f64(), "spectral features computed");
+            features
+        })
+    }
 }
 
 /// The pair sketch `sketch` of a tower of `shape` decoded, from a cache of the last few
@@ -522,7 +612,7 @@ pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> 
     let (n, m) = (shape.catalogue, shape.neighbours);
     if sketch.iter().all(|&v| v == 0.0) {
         let lists = (0..n as i64).flat_map(|i| (0..n as i64).filter(move |&j| j != i).take(m)).collect();
-        return Arc::new(DecodedSketch { lists, estimates: vec![0.0; n * m] });
+        return Arc::new(DecodedSketch::new(lists, vec![0.0; n * m]));
     }
     let mut cache = CACHE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some((_, _, decoded)) = cache.iter().find(|(s, v, _)| s == shape && v.as_slice() == sketch) {
@@ -531,7 +621,7 @@ pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> 
     let started = std::time::Instant::now();
     let threads = std::thread::available_parallelism().map_or(1, usize::from);
     let (lists, estimates) = guild_proto::tower::sketch_neighbours(shape, sketch, threads);
-    let decoded = Arc::new(DecodedSketch { lists: lists.into_iter().map(i64::from).collect(), estimates });
+    let decoded = Arc::new(DecodedSketch::new(lists.into_iter().map(i64::from).collect(), estimates));
     tracing::debug!(
         items = n,
         per_item = m,
@@ -549,7 +639,7 @@ pub fn decoded_sketch(shape: &TowerShape, sketch: &[f32]) -> Arc<DecodedSketch> 
 /// `v = max(w − threshold·σ̂, 0)` and σ̂ estimated from its negative entries (noise):
 /// `guild_proto::tower::popularity_prior`'s formula, in libtorch (`threshold` the
 /// `guild_proto::tower::noise_threshold` of the statistic's length; the counts' own rule is
-/// [`counts_log`]).
+/// `guild_proto::tower::counts_log`).
 fn accumulated_log(sum: &Tensor, threshold: f64) -> Tensor {
     log_above(sum, &noise_deviation(sum), threshold)
 }
@@ -566,16 +656,6 @@ fn log_above(sum: &Tensor, sigma: &Tensor, threshold: f64) -> Tensor {
 fn noise_deviation(sum: &Tensor) -> Tensor {
     let count = sum.lt(0.0).sum(Kind::Float).clamp_min(1.0);
     (sum.clamp_max(0.0).square().sum(Kind::Float) / count).sqrt()
-}
-
-/// [`accumulated_log`] of the item-to-item counts, at the threshold
-/// `guild_proto::tower::counts_threshold` gives for how many of them exceed its lower level.
-fn counts_log(counts: &Tensor) -> Tensor {
-    let sigma = noise_deviation(counts);
-    let level = &sigma * guild_proto::tower::COUNTS_NOISE_THRESHOLD;
-    let exceeding = counts.gt_tensor(&level).sum(Kind::Int64).int64_value(&[]);
-    let threshold = guild_proto::tower::counts_threshold(counts.numel(), exceeding.max(0) as u64);
-    log_above(counts, &sigma, threshold)
 }
 
 /// Each catalogue item's `M` title neighbours: the items whose title vectors are closest to
@@ -947,6 +1027,7 @@ mod tests {
                 neighbours: 0,
                 pair_sketch: 0,
                 item_ids: 0,
+                spectral: 0,
             },
             seed: 3,
         }
@@ -1010,6 +1091,12 @@ mod tests {
         let alone = statistics_contribution(&far, 6, Some(&neighbours));
         assert_eq!(alone, popularity_contribution(&far));
         assert_eq!(statistics_contribution(&user, 6, None), popularity_contribution(&user));
+    }
+
+    /// `guild_proto::tower::counts_log`, the counts' rule, over a tensor.
+    fn counts_log(counts: &Tensor) -> Tensor {
+        let values = Vec::<f32>::try_from(counts).expect("float32 counts");
+        Tensor::from_slice(&guild_proto::tower::counts_log(&values))
     }
 
     #[test]
@@ -1158,6 +1245,76 @@ mod tests {
         let mut again = Tower::new(sketched, Device::Cpu).expect("tower");
         again.set_offset(&tower.offset()).expect("offset");
         assert!(again.neighbours.as_ref().expect("decoded").equal(lists));
+    }
+
+    #[test]
+    fn the_spectral_prior_is_zero_at_start_and_lifts_items_that_share_neighbours() {
+        use guild_proto::tower::with_spectral_weight;
+        let items = catalogue(CATALOGUE as i64, 12);
+        let mut config = with_neighbours(3);
+        config.shape.pair_sketch = 1024;
+        config.shape.spectral = 4;
+        let shape = config.shape;
+        let mut tower = Tower::new(config, Device::Cpu).expect("tower");
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        // At start, even at a weight γ other than zero, the features are all zero: zero-shot.
+        tower
+            .set_offset(&with_spectral_weight(&shape, &tower.offset(), 0.5).expect("a weight"))
+            .expect("offset");
+        let start = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(start.equal(&zero_shot_scores(&items, &histories, &shape)));
+        // Two groups of shoppers, each buying six of its own ten items (0..10 or 30..40), and
+        // two who bridge them, so that the table is one connected graph: each item's three
+        // decoded neighbours are in its own group, and so are most items it shares them with.
+        let own =
+            |base: u32, u: u32| -> Vec<ItemIndex> { (0..6).map(|j| base + (u * 3 + j * 7) % 10).collect() };
+        let mut users: Vec<User> = (0..40)
+            .map(|u| User {
+                id: format!("u{u}"),
+                history: own(if u % 2 == 0 { 0 } else { 30 }, u),
+                test_target: 0,
+            })
+            .collect();
+        for (k, history) in [vec![9, 30], vec![39, 0]].into_iter().enumerate() {
+            users.push(User { id: format!("b{k}"), history, test_target: 0 });
+        }
+        let refs: Vec<&User> = users.iter().collect();
+        let slots = PairSlots::Sketch { buckets: 1024 };
+        let at = |gamma: f64, tower: &mut Tower| {
+            let offset = with_spectral_weight(&shape, &tower.offset(), gamma).expect("a weight");
+            tower.set_offset(&offset).expect("offset");
+        };
+        tower.set_statistics(&statistics_sum(&refs, CATALOGUE, Some(&slots))).expect("statistics");
+        at(0.0, &mut tower);
+        let last: [&[ItemIndex]; 1] = [&[0]];
+        let without = tower.history_prior(&last).expect("a prior");
+        assert!(tower.spectral.get().is_none(), "γ = 0: the features are not computed");
+        at(0.5, &mut tower);
+        let with = tower.history_prior(&last).expect("a prior");
+        let added = &with - &without;
+        // The term is γ · F_c · F_0 (a one-item history), F the decoding's features.
+        let features = tower.decoded.as_ref().expect("a decoding").spectral(&shape).to_vec();
+        let f = |i: usize| &features[i * 4..i * 4 + 4];
+        for c in [0usize, 5, 35, 50] {
+            let expected: f32 = 0.5 * f(c).iter().zip(f(0)).map(|(a, b)| a * b).sum::<f32>();
+            assert!((added.double_value(&[0, c as i64]) as f32 - expected).abs() < 1e-5, "item {c}");
+        }
+        // The items of item 0's group that are not among its decoded neighbours: the prior
+        // lifts each of them above every item of the other group, and leaves items no
+        // shopper touched alone.
+        let lists = tower.neighbours.as_ref().expect("lists");
+        let neighbours: Vec<i64> = (0..3).map(|j| lists.int64_value(&[0, j])).collect();
+        assert!(neighbours.iter().all(|&n| n < 10), "{neighbours:?}");
+        let other = (30..40).map(|c| added.double_value(&[0, c])).fold(f64::MIN, f64::max);
+        for c in (1..10).filter(|c| !neighbours.contains(c)) {
+            assert!(
+                added.double_value(&[0, c]) > other + 0.05,
+                "{c}: {} against {other}",
+                added.double_value(&[0, c])
+            );
+        }
+        assert_eq!(added.double_value(&[0, 50]), 0.0);
     }
 
     #[test]

@@ -260,6 +260,7 @@ mod test_support {
             neighbours: 0,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         }
     }
 

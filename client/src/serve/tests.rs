@@ -27,6 +27,7 @@ fn config() -> TowerConfig {
             neighbours: 3,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         },
         seed: 5,
     }

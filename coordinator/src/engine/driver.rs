@@ -487,6 +487,7 @@ mod tests {
                 neighbours,
                 pair_sketch: 0,
                 item_ids: 0,
+                spectral: 0,
             };
             let tower = AdapterManifest::sequence_tower([0; 32], shape, 0);
             let blocks = trained_blocks(&tower);

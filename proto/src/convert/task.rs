@@ -100,6 +100,7 @@ impl TryFrom<v1::AdapterManifest> for AdapterManifest {
                     neighbours: t.neighbours as usize,
                     pair_sketch: t.pair_sketch as usize,
                     item_ids: t.item_ids as usize,
+                    spectral: t.spectral as usize,
                 };
                 shape.validate().map_err(|reason| WireError::invalid("AdapterManifest.tower", reason))?;
                 let expected: Vec<ManifestTensor> = crate::tower::tensors(&shape)
@@ -173,6 +174,7 @@ impl From<AdapterManifest> for v1::AdapterManifest {
                     neighbours: t.neighbours as u32,
                     pair_sketch: t.pair_sketch as u32,
                     item_ids: t.item_ids as u32,
+                    spectral: t.spectral as u32,
                 }),
             },
             catalogue_sha256: m.catalogue_sha256.map(|d| d.to_vec()).unwrap_or_default(),
@@ -602,6 +604,7 @@ mod tests {
             neighbours: 3,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         };
         let mut task = round_task();
         task.manifest = AdapterManifest::sequence_tower([3; 32], shape, 9);

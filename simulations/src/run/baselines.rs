@@ -18,8 +18,8 @@ use crate::world::World;
 
 use super::{
     CENTRALISED, CENTRALISED_SELECTED, CENTRALISED_WITH_COUNTS, EXACT_STATISTICS_SELECTED, ITEM_COUNTS,
-    LOCAL_ONLY, MOST_POPULAR, POPULARITY, WEAKER_ZERO_SHOT, ZERO_SHOT, ZERO_SHOT_WITH_COUNTS,
-    with_pooling_choice,
+    LOCAL_ONLY, MOST_POPULAR, POPULARITY, STATISTICS_RANKER, WEAKER_ZERO_SHOT, ZERO_SHOT,
+    ZERO_SHOT_WITH_COUNTS, with_pooling_choice,
 };
 
 /// How the in-process baselines train.
@@ -226,6 +226,26 @@ pub(super) fn baselines(world: &World, s: &Scenario, progress: &Progress) -> any
                 counts,
                 "the centralised tower",
             )?);
+        }
+    }
+    if s.arms.statistics_ranker && world.spec.family == AdapterFamilyName::SequenceTower {
+        progress.message("released statistics, untrained");
+        let t = Instant::now();
+        let exact = tokio::task::block_in_place(|| world.exact_statistics(&world.all_merchant_users()))?;
+        if let Some(values) = exact {
+            let (values, choice) = with_pooling_choice(world, s, values, None, "the first evaluation users")?;
+            let Trained { values, test: (test, ranks), validation } = score_trained(world, values)?;
+            let mut arm =
+                baseline(STATISTICS_RANKER, test, validation, t.elapsed().as_secs_f64(), vec![ranks]);
+            arm.events.push(
+                "the tower's start with every merchant's shoppers' statistics summed exactly (one unit \
+                 vector per shopper: the popularity histogram and the item-to-item pairs), nothing trained; \
+                 its pooling and its priors' weights chosen on validation as the trained arms' are"
+                    .into(),
+            );
+            arm.events.extend(choice);
+            arm.final_adapter = Some(values);
+            arms.push(arm);
         }
     }
     if s.arms.exact_selection && world.spec.family == AdapterFamilyName::SequenceTower {

@@ -49,6 +49,10 @@ pub const CENTRALISED_WITH_COUNTS: &str = "centralised + item-to-item counts (no
 /// selection on the centralised tower.
 pub const EXACT_STATISTICS_SELECTED: &str = "statistics + selection, no noise (non-private)";
 pub const CENTRALISED_SELECTED: &str = "centralised + selection (non-private)";
+/// The tower's start with every merchant's shoppers' statistics summed exactly and its
+/// pooling and priors' weights chosen on validation, nothing trained: what the federation's
+/// releases give without a training round (`[arms] statistics_ranker`).
+pub const STATISTICS_RANKER: &str = "released statistics, untrained (non-private)";
 
 /// Adds to every arm its paired differences in NDCG@10 and Recall@10 (with 95% bootstrap
 /// intervals) against each reference arm present: zero-shot (and, for the sequence tower,
@@ -59,7 +63,7 @@ pub fn compare_arms(arms: &mut [ArmResult]) -> anyhow::Result<()> {
     let references: Vec<(String, Vec<Vec<f64>>)> = arms
         .iter()
         .filter(|a| {
-            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, ITEM_COUNTS, LOCAL_ONLY, CENTRALISED]
+            [ZERO_SHOT, WEAKER_ZERO_SHOT, POPULARITY, ITEM_COUNTS, STATISTICS_RANKER, LOCAL_ONLY, CENTRALISED]
                 .contains(&a.arm.as_str())
                 && !a.test_ranks.is_empty()
         })
@@ -285,6 +289,7 @@ mod tests {
             neighbours: 2,
             pair_sketch: 0,
             item_ids: 0,
+            spectral: 0,
         };
         let manifest = AdapterManifest::sequence_tower([7; 32], shape, 3);
         let d = parameter_count(&shape);
