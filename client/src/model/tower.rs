@@ -328,8 +328,9 @@ impl Tower {
     /// The item-to-item prior of each history, `[batch, catalogue]` (no gradient):
     /// `β_t · Σ_k r_k · ln(1 + v_{h_k,c}/(κ·v̄))` over its last three items `h_k`, `v` the
     /// thresholded counts, β_t the tower's `transitions_weight`
-    /// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, not trained); `None` for a tower
-    /// without counts, or whose neighbours were not set. Exactly zero while the counts are.
+    /// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, not trained), plus the spectral
+    /// prior when the tower has one (`Tower::spectral_prior`); `None` for a tower without
+    /// counts, or whose neighbours were not set. Exactly zero while the counts are.
     pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
         if self.config.shape.neighbours == 0 {
             return None;
