@@ -157,17 +157,15 @@ fn project_out(basis: &[Vec<f64>], y: &mut [f64]) {
 /// block's earlier columns; a column dependent on them ([`DEPENDENT`]) is dropped. The
 /// projection on the basis is spread over `threads` (each column's result is the same
 /// however they are spread).
-fn extend_basis(basis: &mut Vec<Vec<f64>>, mut block: Vec<Vec<f64>>, threads: usize) {
+fn extend_basis(basis: &mut Vec<Vec<f64>>, block: Vec<Vec<f64>>, threads: usize) {
     let norms: Vec<f64> = block.iter().map(|y| dot(y, y).sqrt()).collect();
-    let per = block.len().div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        for chunk in block.chunks_mut(per) {
-            let basis = &*basis;
-            scope.spawn(move || chunk.iter_mut().for_each(|y| project_out(basis, y)));
-        }
+    let projected = in_parallel(block.len(), threads, |columns| {
+        let mut part: Vec<Vec<f64>> = block[columns].to_vec();
+        part.iter_mut().for_each(|y| project_out(basis, y));
+        part
     });
     let start = basis.len();
-    for (mut y, norm) in block.into_iter().zip(norms) {
+    for (mut y, norm) in projected.into_iter().flatten().zip(norms) {
         project_out(&basis[start..], &mut y);
         let left = dot(&y, &y).sqrt();
         if norm > 0.0 && left > DEPENDENT * norm {
@@ -197,16 +195,21 @@ fn top_eigenpairs(a: &Symmetric, k: usize, threads: usize) -> (Vec<f64>, Vec<Vec
         .collect();
     let mut basis = Vec::new();
     extend_basis(&mut basis, start, threads);
+    // `A V`, column by column as the basis grows: each Krylov step's products are the images
+    // of the block before it, kept before they are orthogonalised into the next block.
+    let mut images: Vec<Vec<f64>> = Vec::new();
     let mut from = 0;
     for _ in 0..DEPTH {
         if basis.len() >= a.n || from == basis.len() {
             break;
         }
         let next = a.apply(&basis[from..], threads);
+        images.extend(next.iter().cloned());
         from = basis.len();
         extend_basis(&mut basis, next, threads);
     }
-    let images = a.apply(&basis, threads);
+    let last = a.apply(&basis[images.len()..], threads);
+    images.extend(last);
     let p = basis.len();
     // `Vᵀ A V`, symmetric: its upper triangle, row by row over the threads.
     let rows = in_parallel(p, threads, |rows| {
