@@ -8,6 +8,10 @@
 //!   (`DdgSum::add_sparse`, what it sends now); both sums are checked equal;
 //! - the pooling selection's scoring: each shopper's NDCG@10 under the grid's 12 settings
 //!   (`retrieval::selection_ndcg`);
+//! - the choice of the item-to-item prior's weight β_t (a tower with the shoppers' exact
+//!   statistics): the seven weights of `TRANSITIONS_WEIGHTS` scored in one scan
+//!   (`retrieval::candidates_ndcg`) against one scan per weight, each on a tower holding
+//!   that weight (how the simulator chose before); both give the same scores;
 //! - a pair sketch's decoding (3 rows of 2^20 buckets, the shoppers' pairs summed into it):
 //!   each item's 64 neighbours by estimate (`guild_proto::tower::sketch_neighbours`), what
 //!   every process does once per sketch it sees.
@@ -19,9 +23,10 @@ use std::time::Instant;
 use guild_client::data::User;
 use guild_client::learner::{release_update, share_with_popularity};
 use guild_client::model::tower::{
-    PairSlots, TitleNeighbours, Tower, TowerConfig, normalise, statistics_contribution,
+    PairSlots, TitleNeighbours, Tower, TowerConfig, normalise, statistics_contribution, statistics_sum,
     transitions_contribution,
 };
+use guild_client::retrieval::Candidate;
 use guild_privacy::dp::{DdgParams, ParamsRequest, RandomRotation};
 use guild_proto::tower::TowerShape;
 use rand::{Rng, SeedableRng};
@@ -77,7 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         wrap_probability: 1e-9,
     })?;
     let rotation = RandomRotation::new(params.padded_dimension(), 4);
-    let slots = PairSlots::Titles(neighbours);
+    let slots = PairSlots::Titles(neighbours.clone());
     let contributions: Vec<Vec<(usize, f32)>> =
         refs.iter().map(|u| statistics_contribution(u, catalogue, Some(&slots))).collect();
     let nonzeros = contributions.iter().map(Vec::len).sum::<usize>() as f64 / SHOPPERS as f64;
@@ -108,6 +113,38 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let scores = guild_client::retrieval::selection_ndcg(&tower, &items, &refs, &grid)?;
     let selection_s = started.elapsed().as_secs_f64();
     let mean: f64 = scores.iter().map(|s| f64::from(s[0])).sum::<f64>() / SHOPPERS as f64;
+
+    // The choice of β_t: one scan of seven candidates against seven scans.
+    let mut counted = Tower::new(TowerConfig { shape, seed: 3 }, Device::Cpu)?;
+    counted.set_neighbours(&neighbours)?;
+    counted.set_statistics(&statistics_sum(&refs, catalogue, Some(&slots)))?;
+    let values = counted.offset();
+    let setting = guild_proto::tower::setting_in(&shape, &values).ok_or("the shape has no pooling")?;
+    let weights = guild_proto::tower::TRANSITIONS_WEIGHTS;
+    let started = Instant::now();
+    let mut apart = Vec::new();
+    for &weight in &weights {
+        let mut alone = Tower::new(TowerConfig { shape, seed: 3 }, Device::Cpu)?;
+        alone.set_neighbours(&neighbours)?;
+        let with = guild_proto::tower::with_transitions_weight(&shape, &values, weight).ok_or("no weight")?;
+        alone.set_offset(&with)?;
+        let scores =
+            guild_client::retrieval::selection_ndcg(&alone, &items, &refs, std::slice::from_ref(&setting))?;
+        apart.push(scores.iter().map(|s| s[0]).collect::<Vec<f32>>());
+    }
+    let apart_s = started.elapsed().as_secs_f64();
+    let candidates: Vec<Candidate> = weights
+        .iter()
+        .map(|&w| Candidate { setting: setting.clone(), transitions_weight: w as f32, spectral_weight: 0.0 })
+        .collect();
+    let started = Instant::now();
+    let together = guild_client::retrieval::candidates_ndcg(&counted, &items, &refs, &candidates)?;
+    let together_s = started.elapsed().as_secs_f64();
+    for (k, scores) in apart.iter().enumerate() {
+        if together.iter().zip(scores).any(|(row, &s)| row[k] != s) {
+            return Err(format!("weight {}: one scan and its own scan differ", weights[k]).into());
+        }
+    }
 
     // A pair sketch's decoding.
     // The collaborative scenario's sketch: 64 neighbours an item.
@@ -140,6 +177,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "selection_us_per_shopper": 1e6 * selection_s / SHOPPERS as f64,
             "selection_shoppers_per_s": SHOPPERS as f64 / selection_s,
             "selection_mean_ndcg_setting_0": mean,
+            "weight_choice_weights": weights.len(),
+            "weight_choice_apart_s": apart_s,
+            "weight_choice_one_scan_s": together_s,
+            "weight_choice_speedup": apart_s / together_s,
             "sketch_decode_s": decode_s,
             "sketch_decode_threads": threads,
             "threads": tch::get_num_threads(),

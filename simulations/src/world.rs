@@ -351,28 +351,49 @@ impl World {
         Ok(Some(Self::tower_with_exact_statistics(&mut shared, tower, users)?.offset()))
     }
 
-    /// Each of `settings` applied to the tower at `values`: its NDCG@10 summed over `users`'
-    /// validation items (`retrieval::selection_ndcg`, as a selection round's shoppers score
-    /// it), and how many of `users` have a validation item.
-    fn setting_totals(
+    /// Each of `candidates` applied to the tower at `values`: its NDCG@10 summed over
+    /// `users`' validation items (`retrieval::candidates_ndcg`, as a selection round's
+    /// shoppers score the grid), and how many of `users` have a validation item.
+    fn candidate_totals(
         &self,
         values: &[f32],
         users: &[usize],
-        settings: &[guild_proto::tower::PoolingSetting],
+        candidates: &[retrieval::Candidate],
     ) -> anyhow::Result<(Vec<f64>, usize)> {
         let mut shared = lock(&self.shared);
         let mut model = shared.tower(&self.spec.tower)?;
         model.set_offset(values)?;
         let refs = Self::users(&shared.dataset, users);
         let items = shared.items.to(model.var_store().device());
-        let scores = retrieval::selection_ndcg(&model, &items, &refs, settings)?;
-        let mut totals = vec![0f64; settings.len()];
+        let scores = retrieval::candidates_ndcg(&model, &items, &refs, candidates)?;
+        let mut totals = vec![0f64; candidates.len()];
         for row in &scores {
             for (total, value) in totals.iter_mut().zip(row) {
                 *total += f64::from(*value);
             }
         }
         Ok((totals, refs.iter().filter(|u| u.validation_example().is_some()).count()))
+    }
+
+    /// `settings` as candidates with the prior weights of the tower at `values` (`β_t`, `γ`;
+    /// zero where it has no such prior).
+    fn with_own_weights(
+        &self,
+        values: &[f32],
+        settings: &[guild_proto::tower::PoolingSetting],
+    ) -> Vec<retrieval::Candidate> {
+        let shape = &self.spec.tower.shape;
+        let transitions_weight =
+            guild_proto::tower::transitions_weight_in(shape, values).unwrap_or(0.0) as f32;
+        let spectral_weight = guild_proto::tower::spectral_weight_in(shape, values).unwrap_or(0.0) as f32;
+        settings
+            .iter()
+            .map(|setting| retrieval::Candidate {
+                setting: setting.clone(),
+                transitions_weight,
+                spectral_weight,
+            })
+            .collect()
     }
 
     /// The pooling selection without noise: the setting of the public grid
@@ -383,7 +404,7 @@ impl World {
     pub fn exact_selection(&self, values: &[f32], users: &[usize]) -> anyhow::Result<(Vec<f32>, usize)> {
         let tower = &self.spec.tower;
         let grid = guild_proto::tower::selection_grid(&tower.shape);
-        let (totals, _) = self.setting_totals(values, users, &grid)?;
+        let (totals, _) = self.candidate_totals(values, users, &self.with_own_weights(values, &grid))?;
         let (step, best) =
             guild_coordinator::engine::optimizer::selection_step(&tower.shape, values, &totals, None)
                 .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
@@ -398,7 +419,8 @@ impl World {
     /// item-to-item counts, the counts' weight β_t the same way, with the chosen pooling:
     /// each of [`guild_proto::tower::TRANSITIONS_WEIGHTS`] (its own on a tie); then, for a
     /// tower with a spectral prior, its weight γ with the chosen β_t: its own (zero, unless
-    /// chosen before) or each of [`guild_proto::tower::SPECTRAL_WEIGHTS`].
+    /// chosen before) or each of [`guild_proto::tower::SPECTRAL_WEIGHTS`]. Each of the three
+    /// steps scores all its candidates in one scan of `users`.
     pub fn pooling_choice(
         &self,
         values: &[f32],
@@ -409,7 +431,8 @@ impl World {
             .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
         let grid = guild_proto::tower::selection_grid(&tower.shape);
         let candidates: Vec<_> = std::iter::once(own).chain(grid.iter().cloned()).collect();
-        let (totals, ranked) = self.setting_totals(values, users, &candidates)?;
+        let (totals, ranked) =
+            self.candidate_totals(values, users, &self.with_own_weights(values, &candidates))?;
         // Means over the users with a validation item (the others score zero everywhere).
         let means: Vec<f64> = totals.iter().map(|t| t / ranked.max(1) as f64).collect();
         // The first best: the tower's own pooling wins a tie.
@@ -424,7 +447,9 @@ impl World {
             Some(own) => {
                 let set = |v: &[f32], w| guild_proto::tower::with_transitions_weight(shape, v, w);
                 let grid = &guild_proto::tower::TRANSITIONS_WEIGHTS;
-                let (values, choice) = self.weight_choice(values, own, means[best], users, grid, set)?;
+                let weigh = |c: &mut retrieval::Candidate, w: f64| c.transitions_weight = w as f32;
+                let (values, choice) =
+                    self.weight_choice(values, own, means[best], users, grid, set, weigh)?;
                 (values, Some(choice))
             }
             None => (values, None),
@@ -433,8 +458,9 @@ impl World {
             Some(own) => {
                 let set = |v: &[f32], w| guild_proto::tower::with_spectral_weight(shape, v, w);
                 let grid = &guild_proto::tower::SPECTRAL_WEIGHTS;
+                let weigh = |c: &mut retrieval::Candidate, w: f64| c.spectral_weight = w as f32;
                 let own_mean = transitions.map_or(means[best], |t| t.mean);
-                let (values, choice) = self.weight_choice(values, own, own_mean, users, grid, set)?;
+                let (values, choice) = self.weight_choice(values, own, own_mean, users, grid, set, weigh)?;
                 (values, Some(choice))
             }
             None => (values, None),
@@ -453,8 +479,10 @@ impl World {
     }
 
     /// A prior's weight (β_t or γ) of the tower at `values` (which holds `own`, scoring
-    /// `own_mean`) chosen on validation: each of `grid` set by `set` and scored by mean
-    /// validation NDCG@10 over `users`, the best applied (`own` on a tie).
+    /// `own_mean`) chosen on validation: each of `grid` (`weigh` setting it on a candidate
+    /// of the tower's own pooling and weights, all scored in one scan) by mean validation
+    /// NDCG@10 over `users`, the best applied to `values` by `set` (`own` on a tie).
+    #[allow(clippy::too_many_arguments)]
     fn weight_choice(
         &self,
         values: Vec<f32>,
@@ -463,24 +491,30 @@ impl World {
         users: &[usize],
         grid: &[f64],
         set: impl Fn(&[f32], f64) -> Option<Vec<f32>>,
+        weigh: impl Fn(&mut retrieval::Candidate, f64),
     ) -> anyhow::Result<(Vec<f32>, WeightChoice)> {
         let shape = &self.spec.tower.shape;
-        let mut best = (own, own_mean, values.clone());
-        for &weight in grid {
-            if (weight - own).abs() < 1e-9 {
-                continue;
-            }
-            let candidate =
-                set(&values, weight).ok_or_else(|| anyhow::anyhow!("the weight does not fit the tower"))?;
-            let setting = guild_proto::tower::setting_in(shape, &candidate)
-                .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
-            let (totals, ranked) = self.setting_totals(&candidate, users, &[setting])?;
-            let mean = totals[0] / ranked.max(1) as f64;
+        let setting = guild_proto::tower::setting_in(shape, &values)
+            .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
+        let tried: Vec<f64> = grid.iter().copied().filter(|w| (w - own).abs() >= 1e-9).collect();
+        let mut candidates = self.with_own_weights(&values, &vec![setting; tried.len()]);
+        for (candidate, &weight) in candidates.iter_mut().zip(&tried) {
+            weigh(candidate, weight);
+        }
+        let (totals, ranked) = self.candidate_totals(&values, users, &candidates)?;
+        let mut best = (own, own_mean);
+        for (&weight, total) in tried.iter().zip(&totals) {
+            let mean = total / ranked.max(1) as f64;
             if mean > best.1 {
-                best = (weight, mean, candidate);
+                best = (weight, mean);
             }
         }
-        let (chosen, mean, values) = best;
+        let (chosen, mean) = best;
+        let values = if chosen == own {
+            values
+        } else {
+            set(&values, chosen).ok_or_else(|| anyhow::anyhow!("the weight does not fit the tower"))?
+        };
         Ok((values, WeightChoice { own, own_mean, chosen, mean }))
     }
 

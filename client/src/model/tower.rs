@@ -329,9 +329,39 @@ impl Tower {
     /// `β_t · Σ_k r_k · ln(1 + v_{h_k,c}/(κ·v̄))` over its last three items `h_k`, `v` the
     /// thresholded counts, β_t the tower's `transitions_weight`
     /// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, not trained), plus the spectral
-    /// prior when the tower has one (`Tower::spectral_prior`); `None` for a tower without
-    /// counts, or whose neighbours were not set. Exactly zero while the counts are.
+    /// prior `γ · F_c · Σ_j ρ_j F_{h_j}` when the tower has one and γ is not zero
+    /// ([`HistoryPriorTerms`]); `None` for a tower without counts, or whose neighbours were
+    /// not set. Exactly zero while the counts are.
     pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
+        if self.config.shape.neighbours == 0 {
+            return None;
+        }
+        let transitions = self.var(TRANSITIONS_WEIGHT_TENSOR).detach();
+        let spectral = self.vars.get(SPECTRAL_WEIGHT_TENSOR).map(Tensor::detach);
+        let spectral = spectral.filter(|w| w.double_value(&[0]) != 0.0);
+        let terms = self.history_prior_terms(histories, spectral.is_some())?;
+        Some(terms.weighted(&transitions, spectral.as_ref()))
+    }
+
+    /// The tower's own weights of its item-to-item prior's two terms, `(β_t, γ)` as `f32`
+    /// (zero for a term the tower lacks): what [`Self::history_prior`] weights
+    /// [`Self::history_prior_terms`] by.
+    pub fn history_prior_weights(&self) -> (f32, f32) {
+        let value = |name: &str| self.vars.get(name).map_or(0.0, |w| w.double_value(&[0]) as f32);
+        (value(TRANSITIONS_WEIGHT_TENSOR), value(SPECTRAL_WEIGHT_TENSOR))
+    }
+
+    /// The item-to-item prior's terms at unit weight, each `[batch, catalogue]` (no
+    /// gradient): the counts' term, and the spectral term if `spectral` asks for it and the
+    /// tower has one (a pair sketch decoded, `shape.spectral > 0`). [`Self::history_prior`]
+    /// is these terms at the tower's own weights; a selection scores other weights from the
+    /// same terms ([`crate::retrieval::selection_ndcg`]). `None` where
+    /// [`Self::history_prior`] is.
+    pub fn history_prior_terms(
+        &self,
+        histories: &[&[ItemIndex]],
+        spectral: bool,
+    ) -> Option<HistoryPriorTerms> {
         if self.config.shape.neighbours == 0 {
             return None;
         }
@@ -349,23 +379,19 @@ impl Tower {
         let b = histories.len() as i64;
         let values = (log.index_select(0, &rows) * weights).view([b, depth as i64 * m]);
         let columns = neighbours.index_select(0, &rows).view([b, depth as i64 * m]);
-        let prior = Tensor::zeros([b, catalogue], (Kind::Float, device)).scatter_add(1, &columns, &values);
-        let prior = prior * self.var(TRANSITIONS_WEIGHT_TENSOR).detach().to_device(device);
-        Some(match self.spectral_prior(histories) {
-            Some(spectral) => prior + spectral,
-            None => prior,
-        })
+        let transitions =
+            Tensor::zeros([b, catalogue], (Kind::Float, device)).scatter_add(1, &columns, &values);
+        let spectral = if spectral { self.spectral_term(histories) } else { None };
+        Some(HistoryPriorTerms { transitions, spectral })
     }
 
-    /// The spectral item prior of each history, `[batch, catalogue]` (no gradient):
-    /// `γ · F_c · Σ_j ρ_j F_{h_j}` over its last items `h_j` (weights `SPECTRAL_RECENCY`),
-    /// `F` the feature rows of the decoded table (`guild_proto::spectral`), γ the tower's
-    /// `spectral_weight`; `None` for a tower without one, or while γ is zero (the features
-    /// are not computed then).
-    fn spectral_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
+    /// The spectral prior's term at unit weight, `F_c · Σ_j ρ_j F_{h_j}` over each history's
+    /// last items `h_j` (weights `SPECTRAL_RECENCY`), `F` the feature rows of the decoded
+    /// table (`guild_proto::spectral`), `[batch, catalogue]`; `None` for a tower without a
+    /// spectral prior or a decoded sketch. The features are computed when first asked for.
+    fn spectral_term(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
         let shape = self.config.shape;
-        let weight = self.vars.get(SPECTRAL_WEIGHT_TENSOR)?.detach();
-        if weight.double_value(&[0]) == 0.0 {
+        if shape.spectral == 0 {
             return None;
         }
         let decoded = self.decoded.as_ref()?;
@@ -387,7 +413,7 @@ impl Tower {
             false,
             Kind::Float,
         );
-        Some(shoppers.matmul(transposed) * weight.to_device(device))
+        Some(shoppers.matmul(transposed))
     }
 
     /// The popularity prior of every catalogue item, `β · ln(1 + v_j / (κ·v̄))` with
@@ -545,6 +571,47 @@ impl Tower {
 
     pub fn parameter_count(&self) -> usize {
         self.initial.len()
+    }
+}
+
+/// The item-to-item prior's two terms of a batch of histories at unit weight
+/// ([`Tower::history_prior_terms`]), `[batch, catalogue]` each.
+#[derive(Debug)]
+pub struct HistoryPriorTerms {
+    /// The counts' term, `Σ_k r_k · ln(1 + v_{h_k,c}/(κ·v̄))`.
+    pub transitions: Tensor,
+    /// The spectral term, `F_c · Σ_j ρ_j F_{h_j}`, where it was asked for and the tower has one.
+    pub spectral: Option<Tensor>,
+}
+
+impl HistoryPriorTerms {
+    /// `β_t · transitions + γ · spectral` (the spectral term left out where `spectral_weight`
+    /// is `None` or the term is absent), each weight a one-value tensor: the same operations,
+    /// in the same order, as [`Tower::history_prior`] at those weights.
+    pub fn weighted(&self, transitions_weight: &Tensor, spectral_weight: Option<&Tensor>) -> Tensor {
+        let device = self.transitions.device();
+        let prior = &self.transitions * transitions_weight.to_device(device);
+        match (&self.spectral, spectral_weight) {
+            (Some(term), Some(weight)) => prior + term * weight.to_device(device),
+            _ => prior,
+        }
+    }
+
+    /// Both terms' columns at `index` (`[batch, k]`), for scoring a few items (the targets)
+    /// or a range of the catalogue in another order.
+    pub fn index_select(&self, dim: i64, index: &Tensor) -> HistoryPriorTerms {
+        HistoryPriorTerms {
+            transitions: self.transitions.index_select(dim, index),
+            spectral: self.spectral.as_ref().map(|t| t.index_select(dim, index)),
+        }
+    }
+
+    /// Both terms narrowed along `dim` to `[start, start + length)`.
+    pub fn narrow(&self, dim: i64, start: i64, length: i64) -> HistoryPriorTerms {
+        HistoryPriorTerms {
+            transitions: self.transitions.narrow(dim, start, length),
+            spectral: self.spectral.as_ref().map(|t| t.narrow(dim, start, length)),
+        }
     }
 }
 

@@ -1,46 +1,103 @@
 //! The pooling selection's scores: each shopper's NDCG@10 on its validation item under
-//! every setting of the public grid, as the evaluation would rank it.
+//! every setting of the public grid, as the evaluation would rank it; and the same for
+//! candidates that also set the item-to-item prior's weights, which the simulator's
+//! non-private arms choose on validation.
 
 use super::*;
+
+/// One candidate a selection scores: a pooling setting (its recency weights and popularity
+/// weight β) and the weights of the item-to-item prior's two terms, β_t and γ
+/// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, `SPECTRAL_WEIGHT_TENSOR`); everything
+/// else is the tower's own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Candidate {
+    pub setting: PoolingSetting,
+    pub transitions_weight: f32,
+    pub spectral_weight: f32,
+}
 
 /// What a pooling selection asks of each user: its NDCG@10 on its validation item under
 /// every setting of `grid` (`guild_proto::tower::selection_grid` of the tower's shape),
 /// ranked as [`evaluate_tower`] ranks (the history's other items masked out, ties in the
 /// target's favour), with the tower's own values everywhere else; `[users][settings]`, all
-/// zeros for a user without a validation item.
-///
-/// NDCG@10 is zero once ten items beat the target, so a user's ranking stops there: the
-/// catalogue is scanned in chunks of growing size, most popular items first (they are the
-/// likeliest to beat it), and a user leaves a pooling's scan as soon as every setting of
-/// that pooling has ten items above its target; the ranks are the full ranking's (ties
-/// within [`TIE_TOLERANCE`] go to the target, as exact ties do there).
-/// Per batch of users the items' residual, the transformer, the item-to-item prior and
-/// the masks are computed once, the products once per distinct pooling and still-ranked
-/// user, the counts once per setting in one pass over each chunk.
+/// zeros for a user without a validation item. [`candidates_ndcg`] with the tower's own
+/// prior weights.
 pub fn selection_ndcg(
     tower: &Tower,
     items: &Tensor,
     users: &[&User],
     grid: &[PoolingSetting],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
+    let (transitions_weight, spectral_weight) = tower.history_prior_weights();
+    let candidates: Vec<Candidate> = grid
+        .iter()
+        .map(|setting| Candidate { setting: setting.clone(), transitions_weight, spectral_weight })
+        .collect();
+    candidates_ndcg(tower, items, users, &candidates)
+}
+
+/// Each user's NDCG@10 on its validation item under each of `candidates`, as
+/// [`evaluate_tower`] ranks it for the tower with the candidate's pooling, popularity
+/// weight and prior weights set (the history's other items masked out, ties in the
+/// target's favour); `[users][candidates]`, all zeros for a user without a validation item.
+///
+/// NDCG@10 is zero once ten items beat the target, so a user's ranking stops there: the
+/// catalogue is scanned in chunks of growing size, most popular items first (they are the
+/// likeliest to beat it), and a user leaves a pooling's scan as soon as every candidate of
+/// that pooling has ten items above its target; the ranks are the full ranking's (ties
+/// within [`TIE_TOLERANCE`] go to the target, as exact ties do there).
+/// Per batch of users the items' residual, the transformer, the item-to-item prior's terms
+/// and the masks are computed once, the cosines once per distinct pooling and still-ranked
+/// user, the prior's weighted sum once per distinct pair of prior weights and chunk, the
+/// counts once per candidate in one pass over each chunk: scoring seven weights of a prior
+/// costs little more than one.
+pub fn candidates_ndcg(
+    tower: &Tower,
+    items: &Tensor,
+    users: &[&User],
+    candidates: &[Candidate],
+) -> Result<Vec<Vec<f32>>, ModelError> {
     let shape = tower.config().shape;
     let bad = |what: &str| ModelError::AdapterShape(format!("a pooling selection {what}"));
     let prior = tower.popularity_log().ok_or_else(|| bad("needs a tower with a popularity prior"))?;
-    if grid.iter().any(|s| s.recency.len() != shape.history) {
+    if candidates.iter().any(|c| c.setting.recency.len() != shape.history) {
         return Err(bad("setting does not fit the tower's history length"));
     }
     let device = items.device();
-    // Distinct poolings in grid order, each with the settings that use it.
-    let mut poolings: Vec<(&[f32], Vec<usize>)> = Vec::new();
-    for (j, setting) in grid.iter().enumerate() {
-        match poolings.iter_mut().find(|(r, _)| *r == setting.recency.as_slice()) {
-            Some((_, settings)) => settings.push(j),
-            None => poolings.push((&setting.recency, vec![j])),
+    // Distinct prior weights, and distinct poolings in candidate order, each with its
+    // candidates grouped by prior weights: `(recency, [(weights, [candidate])])`.
+    let mut weights: Vec<(f32, f32)> = Vec::new();
+    let mut poolings: Vec<(&[f32], Vec<WeightGroup>)> = Vec::new();
+    for (j, c) in candidates.iter().enumerate() {
+        let pair = (c.transitions_weight, c.spectral_weight);
+        let w = match weights.iter().position(|&p| p == pair) {
+            Some(w) => w,
+            None => {
+                weights.push(pair);
+                weights.len() - 1
+            }
+        };
+        let recency = c.setting.recency.as_slice();
+        let groups = match poolings.iter().position(|(r, _)| *r == recency) {
+            Some(p) => &mut poolings[p].1,
+            None => {
+                poolings.push((recency, Vec::new()));
+                &mut poolings.last_mut().expect("just pushed").1
+            }
+        };
+        match groups.iter_mut().find(|(g, _)| *g == w) {
+            Some((_, members)) => members.push(j),
+            None => groups.push((w, vec![j])),
         }
     }
+    let weight_tensors: Vec<(Tensor, Option<Tensor>)> = weights
+        .iter()
+        .map(|&(t, g)| (Tensor::from_slice(&[t]), (g != 0.0).then(|| Tensor::from_slice(&[g]))))
+        .collect();
+    let spectral = weights.iter().any(|&(_, g)| g != 0.0);
     let recencies: Vec<Tensor> = poolings.iter().map(|(r, _)| Tensor::from_slice(r).to(device)).collect();
     let recencies: Vec<&Tensor> = recencies.iter().collect();
-    let mut out = vec![vec![0.0f32; grid.len()]; users.len()];
+    let mut out = vec![vec![0.0f32; candidates.len()]; users.len()];
     let examples: Vec<(usize, Example<'_>)> =
         users.iter().enumerate().filter_map(|(i, u)| Some((i, u.validation_example()?))).collect();
     let catalogue = items.size()[0];
@@ -75,67 +132,109 @@ pub fn selection_ndcg(
                 .collect();
             let mask = Tensor::zeros([b * catalogue], (Kind::Bool, device))
                 .index_fill(0, &Tensor::from_slice(&seen).to(device), 1)
-                .view([b, catalogue]);
-            // What every pooling adds to the cosine: the item-to-item prior and the mask,
-            // `[b, catalogue]` in scan order.
-            let base = tower
-                .with_history_prior(Tensor::zeros([b, catalogue], (Kind::Float, device)), &histories)
-                .masked_fill(&mask, f64::NEG_INFINITY)
+                .view([b, catalogue])
                 .index_select(1, &order);
+            // The item-to-item prior's terms at unit weight, `[b, catalogue]` in scan order.
+            let terms = tower.history_prior_terms(&histories, spectral).map(|t| t.index_select(1, &order));
+            // What the candidates of prior weights `w` add to the cosine over `[start, start
+            // + width)` of the scan: the prior at those weights, and the mask.
+            let base = |w: usize, start: i64, width: i64| -> Tensor {
+                let mask = mask.narrow(1, start, width);
+                let zeros = || Tensor::zeros([b, width], (Kind::Float, device));
+                let prior = match &terms {
+                    Some(terms) => {
+                        let (t, g) = &weight_tensors[w];
+                        zeros() + terms.narrow(1, start, width).weighted(t, g.as_ref())
+                    }
+                    None => zeros(),
+                };
+                prior.masked_fill(&mask, f64::NEG_INFINITY)
+            };
             let targets: Vec<i64> = chunk.iter().map(|(_, e)| place[e.target as usize]).collect();
             let target_columns = Tensor::from_slice(&targets).to(device);
-            let target_base = base.gather(1, &target_columns.unsqueeze(1), false).squeeze_dim(1);
+            let target_terms = terms.as_ref().map(|t| t.index_select(1, &target_columns));
+            let target_bases: Vec<Tensor> = weight_tensors
+                .iter()
+                .map(|(t, g)| match &target_terms {
+                    Some(terms) => terms.weighted(t, g.as_ref()).diagonal(0, 0, 1),
+                    None => Tensor::zeros([b], (Kind::Float, device)),
+                })
+                .collect();
             let target_items = adapted.index_select(1, &target_columns).tr();
-            for ((_, settings), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies))
-            {
+            for ((_, groups), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies)) {
                 let shoppers = normalise(&last_positions(&sequence, &windows));
-                let betas: Vec<f32> = settings.iter().map(|&j| grid[j].weight).collect();
-                // The target's score (cosine plus what the base adds) and each setting's
-                // threshold, raised by the tie tolerance (see `TIE_TOLERANCE`).
-                let target_scores =
-                    (&shoppers * &target_items).sum_dim_intlist(1, false, Kind::Float) + &target_base;
-                let target_scores = Vec::<f32>::try_from(target_scores.to(tch::Device::Cpu))
-                    .map_err(|e| bad(&e.to_string()))?;
-                let thresholds: Vec<Vec<f32>> = (0..chunk.len())
-                    .map(|row| {
-                        let t = targets[row] as usize;
-                        betas
-                            .iter()
-                            .map(|&beta| {
-                                let score = target_scores[row] + prior[t] * beta;
-                                score + TIE_TOLERANCE * (score.abs() + 1.0)
-                            })
-                            .collect()
-                    })
-                    .collect();
-                let mut above = vec![vec![0i64; betas.len()]; chunk.len()];
+                let cosines = (&shoppers * &target_items).sum_dim_intlist(1, false, Kind::Float);
+                // Per group of prior weights: each candidate's popularity weight and, per
+                // user, its threshold (the target's score raised by the tie tolerance, see
+                // `TIE_TOLERANCE`) and how many items beat it so far.
+                let mut scans: Vec<GroupScan> = Vec::with_capacity(groups.len());
+                for (w, members) in groups {
+                    let target_scores =
+                        Vec::<f32>::try_from((&cosines + &target_bases[*w]).to(tch::Device::Cpu))
+                            .map_err(|e| bad(&e.to_string()))?;
+                    let betas: Vec<f32> = members.iter().map(|&j| candidates[j].setting.weight).collect();
+                    let thresholds = (0..chunk.len())
+                        .map(|row| {
+                            let t = targets[row] as usize;
+                            betas
+                                .iter()
+                                .map(|&beta| {
+                                    let score = target_scores[row] + prior[t] * beta;
+                                    score + TIE_TOLERANCE * (score.abs() + 1.0)
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let above = vec![vec![0i64; betas.len()]; chunk.len()];
+                    scans.push(GroupScan { weights: *w, betas, thresholds, above });
+                }
                 let mut ranked: Vec<usize> = (0..chunk.len()).collect();
                 for &(start, end) in &chunks {
                     if ranked.is_empty() {
                         break;
                     }
                     let width = end - start;
-                    let (who, added) = if ranked.len() == chunk.len() {
-                        (shoppers.shallow_clone(), base.narrow(1, start, width))
-                    } else {
-                        let rows = Tensor::from_slice(&ranked.iter().map(|&r| r as i64).collect::<Vec<_>>())
-                            .to(device);
-                        (shoppers.index_select(0, &rows), base.narrow(1, start, width).index_select(0, &rows))
+                    let everyone = ranked.len() == chunk.len();
+                    let rows = (!everyone).then(|| {
+                        Tensor::from_slice(&ranked.iter().map(|&r| r as i64).collect::<Vec<_>>()).to(device)
+                    });
+                    let who = match &rows {
+                        None => shoppers.shallow_clone(),
+                        Some(rows) => shoppers.index_select(0, rows),
                     };
-                    let scores = (who.matmul(&adapted.narrow(1, start, width)) + added).to(tch::Device::Cpu);
-                    let scores = Vec::<f32>::try_from(scores.view([-1])).map_err(|e| bad(&e.to_string()))?;
+                    let products = who.matmul(&adapted.narrow(1, start, width));
                     let window = &prior[start as usize..end as usize];
-                    for (k, &row) in ranked.iter().enumerate() {
-                        let row_scores = &scores[k * width as usize..(k + 1) * width as usize];
-                        // The target never counts against itself.
-                        let own = usize::try_from(targets[row] - start).ok().filter(|&o| o < width as usize);
-                        count_above(row_scores, window, own, &betas, &thresholds[row], &mut above[row]);
+                    for group in &mut scans {
+                        let added = base(group.weights, start, width);
+                        let added = match &rows {
+                            None => added,
+                            Some(rows) => added.index_select(0, rows),
+                        };
+                        let scores = (&products + added).to(tch::Device::Cpu);
+                        let scores =
+                            Vec::<f32>::try_from(scores.view([-1])).map_err(|e| bad(&e.to_string()))?;
+                        for (k, &row) in ranked.iter().enumerate() {
+                            let row_scores = &scores[k * width as usize..(k + 1) * width as usize];
+                            // The target never counts against itself.
+                            let own =
+                                usize::try_from(targets[row] - start).ok().filter(|&o| o < width as usize);
+                            count_above(
+                                row_scores,
+                                window,
+                                own,
+                                &group.betas,
+                                &group.thresholds[row],
+                                &mut group.above[row],
+                            );
+                        }
                     }
-                    ranked.retain(|&row| above[row].iter().any(|&a| a < 10));
+                    ranked.retain(|&row| scans.iter().any(|g| g.above[row].iter().any(|&a| a < 10)));
                 }
                 for (row, (user, _)) in chunk.iter().enumerate() {
-                    for (&j, &a) in settings.iter().zip(&above[row]) {
-                        out[*user][j] = ndcg_at_10(a + 1) as f32;
+                    for ((_, members), group) in groups.iter().zip(&scans) {
+                        for (&j, &a) in members.iter().zip(&group.above[row]) {
+                            out[*user][j] = ndcg_at_10(a + 1) as f32;
+                        }
                     }
                 }
             }
@@ -143,6 +242,21 @@ pub fn selection_ndcg(
         Ok(())
     })?;
     Ok(out)
+}
+
+/// A pooling's candidates that share prior weights: the weights' index and the candidates'.
+type WeightGroup = (usize, Vec<usize>);
+
+/// One group of a pooling's candidates (those sharing prior weights) during a scan.
+struct GroupScan {
+    /// Index of the group's prior weights.
+    weights: usize,
+    /// Each candidate's popularity weight β.
+    betas: Vec<f32>,
+    /// `[user][candidate]`: the score an item must beat to count above the target.
+    thresholds: Vec<Vec<f32>>,
+    /// `[user][candidate]`: the items that beat the target so far.
+    above: Vec<Vec<i64>>,
 }
 
 /// The scan's chunks over a catalogue: `[start, end)` ranges of 1,024 items, then four
@@ -326,5 +440,89 @@ mod tests {
             assert_as_the_evaluation(shape, &offset, Some(&neighbours), &items, &refs, &selected),
             "the grid's settings rank differently somewhere"
         );
+    }
+
+    /// Candidates that set the item-to-item prior's two weights (β_t over the counts of a
+    /// pair sketch, γ over its spectral features) beside the pooling, all scored in one scan
+    /// over a catalogue of two chunks: each candidate's NDCG@10 is the full ranking's of a
+    /// tower with that pooling and those weights set in its values (the weights change
+    /// who ranks where, or the test could not fail).
+    #[test]
+    fn candidates_with_other_prior_weights_score_as_a_tower_holding_those_weights() {
+        use crate::model::tower::{PairSlots, statistics_sum};
+        use guild_proto::tower::{with_setting, with_spectral_weight, with_transitions_weight};
+        tch::manual_seed(4);
+        let catalogue = 2_500usize;
+        assert_eq!(scan_chunks(catalogue as i64).len(), 2, "two chunks");
+        let items = normalise(&Tensor::randn([catalogue as i64, 16], (Kind::Float, Device::Cpu)));
+        let mut shape = tower_shape(4, 4, catalogue);
+        (shape.neighbours, shape.pair_sketch, shape.spectral) = (4, 1 << 14, 4);
+        // Shoppers in five groups of 40 items spread over the catalogue, each walking its
+        // group one item at a time from a start of its own, so that the counts know each
+        // item's successor.
+        let users: Vec<User> = (0..600u32)
+            .map(|u| {
+                let (group, start) = (u % 5, (u * 37) % 40);
+                let len = 3 + u % 5;
+                let history = (0..len).map(|k| group * 500 + (start + k) % 40).collect();
+                User { id: format!("u{u}"), history, test_target: 0 }
+            })
+            .collect();
+        let refs: Vec<&User> = users.iter().collect();
+        let mut tower = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+        let slots = PairSlots::Sketch { buckets: shape.pair_sketch };
+        tower.set_statistics(&statistics_sum(&refs, catalogue, Some(&slots))).expect("statistics");
+        let offset = tower.offset();
+        let grid = guild_proto::tower::selection_grid(&shape);
+        let weights = [(0.025f32, 0.0f32), (0.1, 0.0), (0.3, 0.0), (0.1, 0.2), (0.1, 0.4), (0.025, 0.4)];
+        let candidates: Vec<Candidate> = grid[..2]
+            .iter()
+            .flat_map(|setting| {
+                weights.iter().map(|&(t, g)| Candidate {
+                    setting: setting.clone(),
+                    transitions_weight: t,
+                    spectral_weight: g,
+                })
+            })
+            .collect();
+        let scored = candidates_ndcg(&tower, &items, &refs, &candidates).expect("candidates");
+        assert_eq!(scored.len(), refs.len());
+        for (j, candidate) in candidates.iter().enumerate() {
+            let values = with_setting(&shape, &offset, &candidate.setting).expect("fits");
+            let values = with_transitions_weight(&shape, &values, f64::from(candidate.transitions_weight))
+                .expect("a weight");
+            let values = with_spectral_weight(&shape, &values, f64::from(candidate.spectral_weight))
+                .expect("a weight");
+            let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
+            alone.set_offset(&values).expect("set");
+            let (_, ranks) = evaluate_tower(&shape, Some(&alone), &refs, &items, Split::Validation, None);
+            assert_eq!(ranks.len(), refs.len(), "every shopper has a validation item");
+            for (user, rank) in ranks.iter().enumerate() {
+                let expected = ndcg_at_10(i64::from(*rank));
+                assert!((f64::from(scored[user][j]) - expected).abs() < 1e-6, "candidate {j}, user {user}");
+            }
+        }
+        // Every pair of weights ranks differently from the first somewhere, under both
+        // poolings, and the two poolings differ somewhere too.
+        let w = weights.len();
+        let differs = |a: usize, b: usize| scored.iter().any(|row| row[a] != row[b]);
+        for (k, pair) in weights.iter().enumerate().skip(1) {
+            assert!(differs(k, 0) && differs(w + k, w), "weights {pair:?}");
+        }
+        assert!((0..w).any(|k| differs(k, w + k)), "the poolings");
+        // The tower's own weights are what `selection_ndcg` scores.
+        let own = selection_ndcg(&tower, &items, &refs, &grid[..2]).expect("selection");
+        let (t, g) = tower.history_prior_weights();
+        let at_own = candidates_ndcg(
+            &tower,
+            &items,
+            &refs,
+            &grid[..2]
+                .iter()
+                .map(|s| Candidate { setting: s.clone(), transitions_weight: t, spectral_weight: g })
+                .collect::<Vec<_>>(),
+        )
+        .expect("candidates");
+        assert_eq!(own, at_own);
     }
 }
