@@ -48,9 +48,10 @@ pub fn selection_ndcg(
 /// within [`TIE_TOLERANCE`] go to the target, as exact ties do there).
 /// Per batch of users the items' residual, the transformer, the item-to-item prior's terms
 /// and the masks are computed once, the cosines once per distinct pooling and still-ranked
-/// user, the prior's weighted sum once per distinct pair of prior weights and chunk, the
-/// counts once per candidate in one pass over each chunk: scoring seven weights of a prior
-/// costs little more than one.
+/// user, the prior's weighted sum once per distinct pair of prior weights and chunk (over
+/// the users still ranked there), the counts once per candidate in one pass over each
+/// chunk: seven weights of a prior cost about 1.1 scans, not seven
+/// (`cargo bench -p guild-client --bench statistics`).
 pub fn candidates_ndcg(
     tower: &Tower,
     items: &Tensor,
@@ -90,6 +91,10 @@ pub fn candidates_ndcg(
             None => groups.push((w, vec![j])),
         }
     }
+    // How many poolings score each pair of prior weights.
+    let uses: Vec<usize> = (0..weights.len())
+        .map(|w| poolings.iter().filter(|(_, g)| g.iter().any(|(v, _)| *v == w)).count())
+        .collect();
     let weight_tensors: Vec<(Tensor, Option<Tensor>)> = weights
         .iter()
         .map(|&(t, g)| (Tensor::from_slice(&[t]), (g != 0.0).then(|| Tensor::from_slice(&[g]))))
@@ -137,18 +142,28 @@ pub fn candidates_ndcg(
             // The item-to-item prior's terms at unit weight, `[b, catalogue]` in scan order.
             let terms = tower.history_prior_terms(&histories, spectral).map(|t| t.index_select(1, &order));
             // What the candidates of prior weights `w` add to the cosine over `[start, start
-            // + width)` of the scan: the prior at those weights, and the mask.
-            let base = |w: usize, start: i64, width: i64| -> Tensor {
-                let mask = mask.narrow(1, start, width);
-                let zeros = || Tensor::zeros([b, width], (Kind::Float, device));
-                let prior = match &terms {
+            // + width)` of the scan, for the still-ranked `rows` (`None`: all): the prior at
+            // those weights, and the mask; computed for those rows alone, so a chunk late in
+            // the scan, which few users reach, costs little.
+            let base = |w: usize, start: i64, width: i64, rows: Option<&Tensor>| -> Tensor {
+                let pick = |t: Tensor| match rows {
+                    None => t,
+                    Some(rows) => t.index_select(0, rows),
+                };
+                let mask = pick(mask.narrow(1, start, width));
+                match &terms {
                     Some(terms) => {
                         let (t, g) = &weight_tensors[w];
-                        zeros() + terms.narrow(1, start, width).weighted(t, g.as_ref())
+                        let terms = terms.narrow(1, start, width);
+                        let terms = match rows {
+                            None => terms,
+                            Some(rows) => terms.index_select(0, rows),
+                        };
+                        terms.weighted(t, g.as_ref())
                     }
-                    None => zeros(),
-                };
-                prior.masked_fill(&mask, f64::NEG_INFINITY)
+                    None => Tensor::zeros(mask.size(), (Kind::Float, device)),
+                }
+                .masked_fill(&mask, f64::NEG_INFINITY)
             };
             let targets: Vec<i64> = chunk.iter().map(|(_, e)| place[e.target as usize]).collect();
             let target_columns = Tensor::from_slice(&targets).to(device);
@@ -161,6 +176,13 @@ pub fn candidates_ndcg(
                 })
                 .collect();
             let target_items = adapted.index_select(1, &target_columns).tr();
+            // The chunks' bases for every user, `[weights][chunk]`, kept for the next pooling:
+            // for a chunk every user reaches (the first, always), and for every chunk of
+            // prior weights that several poolings share (a grid's); prior weights of one
+            // pooling alone (a weight's choice) get each chunk's base for the rows still
+            // ranked there, and nothing more.
+            let mut whole: Vec<Vec<Option<Tensor>>> =
+                weights.iter().map(|_| chunks.iter().map(|_| None).collect()).collect();
             for ((_, groups), sequence) in poolings.iter().zip(tower.sequences(items, &windows, &recencies)) {
                 let shoppers = normalise(&last_positions(&sequence, &windows));
                 let cosines = (&shoppers * &target_items).sum_dim_intlist(1, false, Kind::Float);
@@ -189,7 +211,7 @@ pub fn candidates_ndcg(
                     scans.push(GroupScan { weights: *w, betas, thresholds, above });
                 }
                 let mut ranked: Vec<usize> = (0..chunk.len()).collect();
-                for &(start, end) in &chunks {
+                for (c, &(start, end)) in chunks.iter().enumerate() {
                     if ranked.is_empty() {
                         break;
                     }
@@ -205,10 +227,16 @@ pub fn candidates_ndcg(
                     let products = who.matmul(&adapted.narrow(1, start, width));
                     let window = &prior[start as usize..end as usize];
                     for group in &mut scans {
-                        let added = base(group.weights, start, width);
+                        let w = group.weights;
                         let added = match &rows {
-                            None => added,
-                            Some(rows) => added.index_select(0, rows),
+                            Some(rows) if uses[w] == 1 => base(w, start, width, Some(rows)),
+                            _ => {
+                                let all = whole[w][c].get_or_insert_with(|| base(w, start, width, None));
+                                match &rows {
+                                    None => all.shallow_clone(),
+                                    Some(rows) => all.index_select(0, rows),
+                                }
+                            }
                         };
                         let scores = (&products + added).to(tch::Device::Cpu);
                         let scores =
