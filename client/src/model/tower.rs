@@ -333,13 +333,11 @@ impl Tower {
     /// ([`HistoryPriorTerms`]); `None` for a tower without counts, or whose neighbours were
     /// not set. Exactly zero while the counts are.
     pub fn history_prior(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
-        if self.config.shape.neighbours == 0 {
-            return None;
-        }
-        let transitions = self.var(TRANSITIONS_WEIGHT_TENSOR).detach();
         let spectral = self.vars.get(SPECTRAL_WEIGHT_TENSOR).map(Tensor::detach);
         let spectral = spectral.filter(|w| w.double_value(&[0]) != 0.0);
+        // `None` for a tower without counts, which has no `transitions_weight` either.
         let terms = self.history_prior_terms(histories, spectral.is_some())?;
+        let transitions = self.var(TRANSITIONS_WEIGHT_TENSOR).detach();
         Some(terms.weighted(&transitions, spectral.as_ref()))
     }
 
@@ -355,7 +353,7 @@ impl Tower {
     /// gradient): the counts' term, and the spectral term if `spectral` asks for it and the
     /// tower has one (a pair sketch decoded, `shape.spectral > 0`). [`Self::history_prior`]
     /// is these terms at the tower's own weights; a selection scores other weights from the
-    /// same terms ([`crate::retrieval::selection_ndcg`]). `None` where
+    /// same terms ([`crate::retrieval::candidates_ndcg`]). `None` where
     /// [`Self::history_prior`] is.
     pub fn history_prior_terms(
         &self,
@@ -597,21 +595,9 @@ impl HistoryPriorTerms {
         }
     }
 
-    /// Both terms' columns at `index` (`[batch, k]`), for scoring a few items (the targets)
-    /// or a range of the catalogue in another order.
-    pub fn index_select(&self, dim: i64, index: &Tensor) -> HistoryPriorTerms {
-        HistoryPriorTerms {
-            transitions: self.transitions.index_select(dim, index),
-            spectral: self.spectral.as_ref().map(|t| t.index_select(dim, index)),
-        }
-    }
-
-    /// Both terms narrowed along `dim` to `[start, start + length)`.
-    pub fn narrow(&self, dim: i64, start: i64, length: i64) -> HistoryPriorTerms {
-        HistoryPriorTerms {
-            transitions: self.transitions.narrow(dim, start, length),
-            spectral: self.spectral.as_ref().map(|t| t.narrow(dim, start, length)),
-        }
+    /// Both terms through the same tensor operation `f` (a range, some rows or columns).
+    pub fn map(&self, f: impl Fn(&Tensor) -> Tensor) -> HistoryPriorTerms {
+        HistoryPriorTerms { transitions: f(&self.transitions), spectral: self.spectral.as_ref().map(f) }
     }
 }
 

@@ -140,7 +140,8 @@ pub fn candidates_ndcg(
                 .view([b, catalogue])
                 .index_select(1, &order);
             // The item-to-item prior's terms at unit weight, `[b, catalogue]` in scan order.
-            let terms = tower.history_prior_terms(&histories, spectral).map(|t| t.index_select(1, &order));
+            let terms =
+                tower.history_prior_terms(&histories, spectral).map(|t| t.map(|t| t.index_select(1, &order)));
             // What the candidates of prior weights `w` add to the cosine over `[start, start
             // + width)` of the scan, for the still-ranked `rows` (`None`: all): the prior at
             // those weights, and the mask; computed for those rows alone, so a chunk late in
@@ -154,12 +155,7 @@ pub fn candidates_ndcg(
                 match &terms {
                     Some(terms) => {
                         let (t, g) = &weight_tensors[w];
-                        let terms = terms.narrow(1, start, width);
-                        let terms = match rows {
-                            None => terms,
-                            Some(rows) => terms.index_select(0, rows),
-                        };
-                        terms.weighted(t, g.as_ref())
+                        terms.map(|t| pick(t.narrow(1, start, width))).weighted(t, g.as_ref())
                     }
                     None => Tensor::zeros(mask.size(), (Kind::Float, device)),
                 }
@@ -167,11 +163,12 @@ pub fn candidates_ndcg(
             };
             let targets: Vec<i64> = chunk.iter().map(|(_, e)| place[e.target as usize]).collect();
             let target_columns = Tensor::from_slice(&targets).to(device);
-            let target_terms = terms.as_ref().map(|t| t.index_select(1, &target_columns));
+            let target_terms =
+                terms.as_ref().map(|t| t.map(|t| t.gather(1, &target_columns.unsqueeze(1), false)));
             let target_bases: Vec<Tensor> = weight_tensors
                 .iter()
                 .map(|(t, g)| match &target_terms {
-                    Some(terms) => terms.weighted(t, g.as_ref()).diagonal(0, 0, 1),
+                    Some(terms) => terms.weighted(t, g.as_ref()).squeeze_dim(1),
                     None => Tensor::zeros([b], (Kind::Float, device)),
                 })
                 .collect();
