@@ -135,7 +135,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let apart_s = started.elapsed().as_secs_f64();
     let candidates: Vec<Candidate> = weights
         .iter()
-        .map(|&w| Candidate { setting: setting.clone(), transitions_weight: w as f32, spectral_weight: 0.0 })
+        .map(|&w| Candidate {
+            setting: setting.clone(),
+            transitions_weight: Some(w as f32),
+            spectral_weight: Some(0.0),
+        })
         .collect();
     let started = Instant::now();
     let together = guild_client::retrieval::candidates_ndcg(&counted, &items, &refs, &candidates)?;

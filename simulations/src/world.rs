@@ -375,27 +375,6 @@ impl World {
         Ok((totals, refs.iter().filter(|u| u.validation_example().is_some()).count()))
     }
 
-    /// `settings` as candidates with the prior weights of the tower at `values` (`β_t`, `γ`;
-    /// zero where it has no such prior).
-    fn with_own_weights(
-        &self,
-        values: &[f32],
-        settings: &[guild_proto::tower::PoolingSetting],
-    ) -> Vec<retrieval::Candidate> {
-        let shape = &self.spec.tower.shape;
-        let transitions_weight =
-            guild_proto::tower::transitions_weight_in(shape, values).unwrap_or(0.0) as f32;
-        let spectral_weight = guild_proto::tower::spectral_weight_in(shape, values).unwrap_or(0.0) as f32;
-        settings
-            .iter()
-            .map(|setting| retrieval::Candidate {
-                setting: setting.clone(),
-                transitions_weight,
-                spectral_weight,
-            })
-            .collect()
-    }
-
     /// The pooling selection without noise: the setting of the public grid
     /// (`guild_proto::tower::selection_grid`) with the highest mean validation NDCG@10 over
     /// `users` for the tower at `values`, and `values` with it applied by the coordinator's
@@ -404,7 +383,8 @@ impl World {
     pub fn exact_selection(&self, values: &[f32], users: &[usize]) -> anyhow::Result<(Vec<f32>, usize)> {
         let tower = &self.spec.tower;
         let grid = guild_proto::tower::selection_grid(&tower.shape);
-        let (totals, _) = self.candidate_totals(values, users, &self.with_own_weights(values, &grid))?;
+        let candidates: Vec<_> = grid.into_iter().map(retrieval::Candidate::own).collect();
+        let (totals, _) = self.candidate_totals(values, users, &candidates)?;
         let (step, best) =
             guild_coordinator::engine::optimizer::selection_step(&tower.shape, values, &totals, None)
                 .ok_or_else(|| anyhow::anyhow!("the selection's setting does not fit the tower"))?;
@@ -430,9 +410,9 @@ impl World {
         let own = guild_proto::tower::setting_in(&tower.shape, values)
             .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
         let grid = guild_proto::tower::selection_grid(&tower.shape);
-        let candidates: Vec<_> = std::iter::once(own).chain(grid.iter().cloned()).collect();
-        let (totals, ranked) =
-            self.candidate_totals(values, users, &self.with_own_weights(values, &candidates))?;
+        let candidates: Vec<_> =
+            std::iter::once(own).chain(grid.iter().cloned()).map(retrieval::Candidate::own).collect();
+        let (totals, ranked) = self.candidate_totals(values, users, &candidates)?;
         // Means over the users with a validation item (the others score zero everywhere).
         let means: Vec<f64> = totals.iter().map(|t| t / ranked.max(1) as f64).collect();
         // The first best: the tower's own pooling wins a tie.
@@ -442,29 +422,10 @@ impl World {
             j => guild_proto::tower::with_setting(&tower.shape, values, &grid[j - 1])
                 .ok_or_else(|| anyhow::anyhow!("the grid's setting does not fit the tower"))?,
         };
-        let shape = &tower.shape;
-        let (values, transitions) = match guild_proto::tower::transitions_weight_in(shape, &values) {
-            Some(own) => {
-                let set = |v: &[f32], w| guild_proto::tower::with_transitions_weight(shape, v, w);
-                let grid = &guild_proto::tower::TRANSITIONS_WEIGHTS;
-                let weigh = |c: &mut retrieval::Candidate, w: f64| c.transitions_weight = w as f32;
-                let (values, choice) =
-                    self.weight_choice(values, own, means[best], users, grid, set, weigh)?;
-                (values, Some(choice))
-            }
-            None => (values, None),
-        };
-        let (values, spectral) = match guild_proto::tower::spectral_weight_in(shape, &values) {
-            Some(own) => {
-                let set = |v: &[f32], w| guild_proto::tower::with_spectral_weight(shape, v, w);
-                let grid = &guild_proto::tower::SPECTRAL_WEIGHTS;
-                let weigh = |c: &mut retrieval::Candidate, w: f64| c.spectral_weight = w as f32;
-                let own_mean = transitions.map_or(means[best], |t| t.mean);
-                let (values, choice) = self.weight_choice(values, own, own_mean, users, grid, set, weigh)?;
-                (values, Some(choice))
-            }
-            None => (values, None),
-        };
+        let (values, transitions) =
+            self.weight_choice(values, PriorWeight::Transitions, means[best], users)?;
+        let own_mean = transitions.map_or(means[best], |t| t.mean);
+        let (values, spectral) = self.weight_choice(values, PriorWeight::Spectral, own_mean, users)?;
         Ok((
             values,
             PoolingChoice {
@@ -478,29 +439,26 @@ impl World {
         ))
     }
 
-    /// A prior's weight (β_t or γ) of the tower at `values` (which holds `own`, scoring
-    /// `own_mean`) chosen on validation: each of `grid` (`weigh` setting it on a candidate
-    /// of the tower's own pooling and weights, all scored in one scan) by mean validation
-    /// NDCG@10 over `users`, the best applied to `values` by `set` (`own` on a tie).
-    #[allow(clippy::too_many_arguments)]
+    /// `prior`'s weight in the tower at `values` (which scores `own_mean` with its own)
+    /// chosen on validation: each weight of the prior's grid, on a candidate of the tower's
+    /// own pooling and other weight, all scored in one scan by mean validation NDCG@10 over
+    /// `users`; the best applied to `values` (its own on a tie). `None` for a tower without
+    /// that prior.
     fn weight_choice(
         &self,
         values: Vec<f32>,
-        own: f64,
+        prior: PriorWeight,
         own_mean: f64,
         users: &[usize],
-        grid: &[f64],
-        set: impl Fn(&[f32], f64) -> Option<Vec<f32>>,
-        weigh: impl Fn(&mut retrieval::Candidate, f64),
-    ) -> anyhow::Result<(Vec<f32>, WeightChoice)> {
+    ) -> anyhow::Result<(Vec<f32>, Option<WeightChoice>)> {
         let shape = &self.spec.tower.shape;
+        let Some(own) = prior.weight_in(shape, &values) else {
+            return Ok((values, None));
+        };
         let setting = guild_proto::tower::setting_in(shape, &values)
             .ok_or_else(|| anyhow::anyhow!("a pooling choice needs a tower with a popularity prior"))?;
-        let tried: Vec<f64> = grid.iter().copied().filter(|w| (w - own).abs() >= 1e-9).collect();
-        let mut candidates = self.with_own_weights(&values, &vec![setting; tried.len()]);
-        for (candidate, &weight) in candidates.iter_mut().zip(&tried) {
-            weigh(candidate, weight);
-        }
+        let tried: Vec<f64> = prior.grid().iter().copied().filter(|w| (w - own).abs() >= 1e-9).collect();
+        let candidates: Vec<_> = tried.iter().map(|&w| prior.candidate(setting.clone(), w)).collect();
         let (totals, ranked) = self.candidate_totals(&values, users, &candidates)?;
         let mut best = (own, own_mean);
         for (&weight, total) in tried.iter().zip(&totals) {
@@ -513,9 +471,11 @@ impl World {
         let values = if chosen == own {
             values
         } else {
-            set(&values, chosen).ok_or_else(|| anyhow::anyhow!("the weight does not fit the tower"))?
+            prior
+                .with_weight(shape, &values, chosen)
+                .ok_or_else(|| anyhow::anyhow!("the weight does not fit the tower"))?
         };
-        Ok((values, WeightChoice { own, own_mean, chosen, mean }))
+        Ok((values, Some(WeightChoice { own, own_mean, chosen, mean })))
     }
 
     /// The untrained tower with the exact popularity histogram of `users`, as an offset
@@ -659,6 +619,55 @@ pub struct WeightChoice {
     pub own_mean: f64,
     pub chosen: f64,
     pub mean: f64,
+}
+
+/// The item-to-item prior's two weights a non-private arm chooses on validation after its
+/// pooling ([`World::pooling_choice`]): each with its public grid, where it sits in a
+/// tower's values, and where it sits in a selection's candidate.
+#[derive(Clone, Copy, Debug)]
+enum PriorWeight {
+    /// β_t, over the item-to-item counts.
+    Transitions,
+    /// γ, over the counts' spectral features.
+    Spectral,
+}
+
+impl PriorWeight {
+    fn grid(self) -> &'static [f64] {
+        match self {
+            Self::Transitions => &guild_proto::tower::TRANSITIONS_WEIGHTS,
+            Self::Spectral => &guild_proto::tower::SPECTRAL_WEIGHTS,
+        }
+    }
+
+    fn weight_in(self, shape: &guild_proto::tower::TowerShape, values: &[f32]) -> Option<f64> {
+        match self {
+            Self::Transitions => guild_proto::tower::transitions_weight_in(shape, values),
+            Self::Spectral => guild_proto::tower::spectral_weight_in(shape, values),
+        }
+    }
+
+    fn with_weight(
+        self,
+        shape: &guild_proto::tower::TowerShape,
+        values: &[f32],
+        weight: f64,
+    ) -> Option<Vec<f32>> {
+        match self {
+            Self::Transitions => guild_proto::tower::with_transitions_weight(shape, values, weight),
+            Self::Spectral => guild_proto::tower::with_spectral_weight(shape, values, weight),
+        }
+    }
+
+    /// `setting` with this weight at `weight` and the other the tower's own.
+    fn candidate(self, setting: guild_proto::tower::PoolingSetting, weight: f64) -> retrieval::Candidate {
+        let mut candidate = retrieval::Candidate::own(setting);
+        match self {
+            Self::Transitions => candidate.transitions_weight = Some(weight as f32),
+            Self::Spectral => candidate.spectral_weight = Some(weight as f32),
+        }
+        candidate
+    }
 }
 
 impl PoolingChoice {

@@ -7,13 +7,20 @@ use super::*;
 
 /// One candidate a selection scores: a pooling setting (its recency weights and popularity
 /// weight β) and the weights of the item-to-item prior's two terms, β_t and γ
-/// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, `SPECTRAL_WEIGHT_TENSOR`); everything
-/// else is the tower's own.
+/// (`guild_proto::tower::TRANSITIONS_WEIGHT_TENSOR`, `SPECTRAL_WEIGHT_TENSOR`), each `None`
+/// for the tower's own; everything else is the tower's own.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Candidate {
     pub setting: PoolingSetting,
-    pub transitions_weight: f32,
-    pub spectral_weight: f32,
+    pub transitions_weight: Option<f32>,
+    pub spectral_weight: Option<f32>,
+}
+
+impl Candidate {
+    /// `setting` with the tower's own prior weights.
+    pub fn own(setting: PoolingSetting) -> Self {
+        Self { setting, transitions_weight: None, spectral_weight: None }
+    }
 }
 
 /// What a pooling selection asks of each user: its NDCG@10 on its validation item under
@@ -28,11 +35,7 @@ pub fn selection_ndcg(
     users: &[&User],
     grid: &[PoolingSetting],
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    let (transitions_weight, spectral_weight) = tower.history_prior_weights();
-    let candidates: Vec<Candidate> = grid
-        .iter()
-        .map(|setting| Candidate { setting: setting.clone(), transitions_weight, spectral_weight })
-        .collect();
+    let candidates: Vec<Candidate> = grid.iter().cloned().map(Candidate::own).collect();
     candidates_ndcg(tower, items, users, &candidates)
 }
 
@@ -67,10 +70,12 @@ pub fn candidates_ndcg(
     let device = items.device();
     // Distinct prior weights, and distinct poolings in candidate order, each with its
     // candidates grouped by prior weights: `(recency, [(weights, [candidate])])`.
+    let (own_transitions, own_spectral) = tower.history_prior_weights();
     let mut weights: Vec<(f32, f32)> = Vec::new();
     let mut poolings: Vec<(&[f32], Vec<WeightGroup>)> = Vec::new();
     for (j, c) in candidates.iter().enumerate() {
-        let pair = (c.transitions_weight, c.spectral_weight);
+        let pair =
+            (c.transitions_weight.unwrap_or(own_transitions), c.spectral_weight.unwrap_or(own_spectral));
         let w = match weights.iter().position(|&p| p == pair) {
             Some(w) => w,
             None => {
@@ -505,8 +510,8 @@ mod tests {
             .flat_map(|setting| {
                 weights.iter().map(|&(t, g)| Candidate {
                     setting: setting.clone(),
-                    transitions_weight: t,
-                    spectral_weight: g,
+                    transitions_weight: Some(t),
+                    spectral_weight: Some(g),
                 })
             })
             .collect();
@@ -514,10 +519,10 @@ mod tests {
         assert_eq!(scored.len(), refs.len());
         for (j, candidate) in candidates.iter().enumerate() {
             let values = with_setting(&shape, &offset, &candidate.setting).expect("fits");
-            let values = with_transitions_weight(&shape, &values, f64::from(candidate.transitions_weight))
-                .expect("a weight");
-            let values = with_spectral_weight(&shape, &values, f64::from(candidate.spectral_weight))
-                .expect("a weight");
+            let (t, g) =
+                (candidate.transitions_weight.expect("set"), candidate.spectral_weight.expect("set"));
+            let values = with_transitions_weight(&shape, &values, f64::from(t)).expect("a weight");
+            let values = with_spectral_weight(&shape, &values, f64::from(g)).expect("a weight");
             let mut alone = Tower::new(TowerConfig { shape, seed: 5 }, Device::Cpu).expect("tower");
             alone.set_offset(&values).expect("set");
             let (_, ranks) = evaluate_tower(&shape, Some(&alone), &refs, &items, Split::Validation, None);
@@ -535,19 +540,14 @@ mod tests {
             assert!(differs(k, 0) && differs(w + k, w), "weights {pair:?}");
         }
         assert!((0..w).any(|k| differs(k, w + k)), "the poolings");
-        // The tower's own weights are what `selection_ndcg` scores.
+        // The tower's own weights (`None`) are what `selection_ndcg` scores, and they are
+        // the tower's values spelled out.
         let own = selection_ndcg(&tower, &items, &refs, &grid[..2]).expect("selection");
         let (t, g) = tower.history_prior_weights();
-        let at_own = candidates_ndcg(
-            &tower,
-            &items,
-            &refs,
-            &grid[..2]
-                .iter()
-                .map(|s| Candidate { setting: s.clone(), transitions_weight: t, spectral_weight: g })
-                .collect::<Vec<_>>(),
-        )
-        .expect("candidates");
-        assert_eq!(own, at_own);
+        let spelled: Vec<Candidate> = grid[..2]
+            .iter()
+            .map(|s| Candidate { setting: s.clone(), transitions_weight: Some(t), spectral_weight: Some(g) })
+            .collect();
+        assert_eq!(own, candidates_ndcg(&tower, &items, &refs, &spelled).expect("candidates"));
     }
 }
