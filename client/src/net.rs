@@ -32,6 +32,10 @@ pub enum NetError {
     Tls { address: String, reason: String },
     #[error("the coordinator refused the request: {}: {}", .0.code(), .0.message())]
     Refused(tonic::Status),
+    /// The connection broke while a request was in flight (the coordinator restarted or went
+    /// away, or the network dropped it): nothing was refused, and retrying can help.
+    #[error("the connection to the coordinator broke during the request (is it restarting?): {0}")]
+    Lost(String),
     /// The coordinator ended the TLS session over this merchant's certificate (TLS 1.3
     /// sends that refusal after the handshake, so the first request receives it).
     #[error("the coordinator refused this connection's TLS: {0}")]
@@ -46,9 +50,39 @@ impl From<tonic::Status> for NetError {
     fn from(status: tonic::Status) -> Self {
         match tls_problem(&status, None) {
             Some(reason) if status.code() == tonic::Code::Unknown => NetError::TlsRefused(reason),
-            _ => NetError::Refused(status),
+            _ => match connection_lost(&status) {
+                Some(reason) => NetError::Lost(reason),
+                None => NetError::Refused(status),
+            },
         }
     }
+}
+
+/// What a status says about a connection that broke mid-request, `None` for an answer the
+/// coordinator gave. Such a status is made on this side, not sent: tonic reports a broken
+/// transport as `Unknown` or `Unavailable` with a transport error's text ("transport
+/// error", "h2 protocol error: ..."), the coordinator's own refusals use other words.
+fn connection_lost(status: &tonic::Status) -> Option<String> {
+    if !matches!(status.code(), tonic::Code::Unknown | tonic::Code::Unavailable) {
+        return None;
+    }
+    let mut chain = vec![status.message().to_string()];
+    let mut next = std::error::Error::source(status);
+    while let Some(e) = next {
+        chain.push(e.to_string());
+        next = e.source();
+    }
+    let text = chain.join(": ");
+    let lower = text.to_ascii_lowercase();
+    const BROKEN: [&str; 6] = [
+        "transport error",
+        "h2 protocol error",
+        "connection reset",
+        "broken pipe",
+        "connection closed",
+        "error reading a body from connection",
+    ];
+    BROKEN.iter().any(|needle| lower.contains(needle)).then_some(text)
 }
 
 impl NetError {
@@ -56,7 +90,7 @@ impl NetError {
     /// this merchant's request rate), as opposed to a refusal that will not change.
     pub fn is_transient(&self) -> bool {
         match self {
-            NetError::Unreachable { .. } => true,
+            NetError::Unreachable { .. } | NetError::Lost(_) => true,
             NetError::Refused(status) => matches!(
                 status.code(),
                 tonic::Code::Unavailable
@@ -325,5 +359,33 @@ impl Connection {
     pub async fn status(&mut self) -> Result<StatusReport, NetError> {
         let response = self.inner.status(v1::StatusRequest {}).await?;
         Ok(StatusReport::try_from(response.into_inner())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A status tonic makes for a connection that broke mid-request reads as lost and
+    /// transient, not as the coordinator's refusal; the coordinator's own answers, even
+    /// `Unknown` or `Unavailable` ones, stay refusals.
+    #[test]
+    fn a_broken_connection_is_lost_not_refused() {
+        for message in ["transport error", "h2 protocol error: error reading a body from connection"] {
+            let error = NetError::from(tonic::Status::unknown(message));
+            assert!(matches!(error, NetError::Lost(_)), "{message}: {error}");
+            assert!(error.is_transient());
+            assert!(error.to_string().contains("broke during the request"), "{error}");
+        }
+        let lost = NetError::from(tonic::Status::unavailable("connection reset by peer"));
+        assert!(matches!(lost, NetError::Lost(_)), "{lost}");
+        for status in [
+            tonic::Status::unavailable("the coordinator is shutting down"),
+            tonic::Status::unknown("the round is closed"),
+            tonic::Status::invalid_argument("transport error in the request's payload"),
+        ] {
+            let error = NetError::from(status);
+            assert!(matches!(error, NetError::Refused(_)), "{error}");
+        }
     }
 }
