@@ -294,16 +294,24 @@ impl World {
         let k = stop.users.min(self.eval_users.len());
         let validation = Self::users(&shared.dataset, &self.eval_users[..k]);
         let items = shared.items.to(shared.base.device());
-        let score = |model: &Tower| {
-            let (counts, _) = retrieval::evaluate_tower(
-                &tower.shape,
-                Some(model),
-                &validation,
-                &items,
-                Split::Validation,
-                None,
-            );
-            counts.ndcg_at_10()
+        // The selection's early-exit scan where the tower has a popularity prior (the same
+        // mean to the bit), the full evaluation otherwise.
+        let score = |model: &Tower| match retrieval::validation_ndcg(model, &items, &validation) {
+            Ok(Some(mean)) => mean,
+            found => {
+                if let Err(e) = found {
+                    tracing::warn!(error = %e, "the early-exit check failed; ranking in full");
+                }
+                let (counts, _) = retrieval::evaluate_tower(
+                    &tower.shape,
+                    Some(model),
+                    &validation,
+                    &items,
+                    Split::Validation,
+                    None,
+                );
+                counts.ndcg_at_10()
+            }
         };
         let mut best = model.offset();
         // The start is the first check: a training that never beats it keeps the start.

@@ -15,7 +15,7 @@ pub use metrics::{EVALUATION_TEMPERATURE, RankingCounts, Split};
 use metrics::{held_out, ndcg_at_10, rank_rows};
 pub use minilm::{evaluate_ranks, train};
 pub use search::{QUERY_WORDS, evaluate_search, query_for, search_queries};
-pub use selection::{Candidate, candidates_ndcg, selection_ndcg};
+pub use selection::{Candidate, candidates_ndcg, selection_ndcg, validation_ndcg};
 pub use tower::{
     HistoryPrior, evaluate_tower, shopper_part_gradients, shopper_seed, shopper_updates, train_tower,
     train_tower_with,

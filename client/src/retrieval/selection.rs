@@ -39,6 +39,38 @@ pub fn selection_ndcg(
     candidates_ndcg(tower, items, users, &candidates)
 }
 
+/// The tower's mean NDCG@10 over the validation items of `users` (those that have one),
+/// equal to the bit to [`evaluate_tower`]'s `ndcg_at_10()` on the validation split: the same
+/// ranks, found by [`candidates_ndcg`]'s scan with its early exit at the tower's own
+/// pooling and weights, and their NDCG@10 summed in the same order. What an early-stopping
+/// check asks, without the full ranking and the full softmax's cross-entropy. `None` for a
+/// tower without a popularity prior (the scan needs one; use [`evaluate_tower`]).
+pub fn validation_ndcg(tower: &Tower, items: &Tensor, users: &[&User]) -> Result<Option<f64>, ModelError> {
+    let shape = tower.config().shape;
+    let Some(setting) = guild_proto::tower::setting_in(&shape, &tower.offset()) else {
+        return Ok(None);
+    };
+    let scores = candidates_ndcg(tower, items, users, &[Candidate::own(setting)])?;
+    // Each value is some rank's NDCG@10 in f32: summed as that rank's f64 value, in user
+    // order, as the evaluation's counts sum them.
+    let values: Vec<f64> = (1..=10).map(ndcg_at_10).collect();
+    let (mut sum, mut ranked) = (0f64, 0usize);
+    for (user, row) in users.iter().zip(&scores) {
+        if user.validation_example().is_none() {
+            continue;
+        }
+        ranked += 1;
+        if row[0] > 0.0 {
+            let rank = values
+                .iter()
+                .position(|&v| v as f32 == row[0])
+                .ok_or_else(|| ModelError::AdapterShape(format!("{} is no rank's NDCG@10", row[0])))?;
+            sum += values[rank];
+        }
+    }
+    Ok(Some(sum / ranked.max(1) as f64))
+}
+
 /// Each user's NDCG@10 on its validation item under each of `candidates`, as
 /// [`evaluate_tower`] ranks it for the tower with the candidate's pooling, popularity
 /// weight and prior weights set (the history's other items masked out, ties in the
@@ -549,5 +581,10 @@ mod tests {
             .map(|s| Candidate { setting: s.clone(), transitions_weight: Some(t), spectral_weight: Some(g) })
             .collect();
         assert_eq!(own, candidates_ndcg(&tower, &items, &refs, &spelled).expect("candidates"));
+        // The mean at the tower's own pooling and weights is the evaluation's to the bit.
+        let (counts, _) = evaluate_tower(&shape, Some(&tower), &refs, &items, Split::Validation, None);
+        assert!(counts.ndcg_at_10() > 0.0, "some targets in the top ten");
+        let mean = validation_ndcg(&tower, &items, &refs).expect("scan").expect("a popularity prior");
+        assert_eq!(mean.to_bits(), counts.ndcg_at_10().to_bits(), "{mean} against {}", counts.ndcg_at_10());
     }
 }
