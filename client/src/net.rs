@@ -67,11 +67,7 @@ fn connection_lost(status: &tonic::Status) -> Option<String> {
         return None;
     }
     let mut chain = vec![status.message().to_string()];
-    let mut next = std::error::Error::source(status);
-    while let Some(e) = next {
-        chain.push(e.to_string());
-        next = e.source();
-    }
+    chain.extend(error_chain(std::error::Error::source(status)));
     let text = chain.join(": ");
     let lower = text.to_ascii_lowercase();
     const BROKEN: [&str; 6] = [
@@ -104,17 +100,16 @@ impl NetError {
     }
 }
 
+/// `error` and each of its sources, in words, outermost first.
+fn error_chain(error: Option<&(dyn std::error::Error + 'static)>) -> Vec<String> {
+    std::iter::successors(error, |e| e.source()).map(ToString::to_string).collect()
+}
+
 /// What a failed connection's error chain says about TLS, in words a merchant can act on;
 /// `None` when the failure is not a certificate problem (the coordinator is down, say).
 fn tls_problem(error: &(dyn std::error::Error + 'static), host: Option<&str>) -> Option<String> {
     let host = host.unwrap_or("the coordinator's host");
-    let mut chain = Vec::new();
-    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(error);
-    while let Some(e) = next {
-        chain.push(e.to_string());
-        next = e.source();
-    }
-    let text = chain.join(": ");
+    let text = error_chain(Some(error)).join(": ");
     let has = |needle: &str| text.to_ascii_lowercase().contains(&needle.to_ascii_lowercase());
     if has("NotValidForName") || has("not valid for name") {
         Some(format!(

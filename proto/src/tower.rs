@@ -273,11 +273,11 @@ fn decode_item(
     // Items at the bound in the first row tie with the kept items at the bound, if they
     // reach it, and come before those of higher indices.
     if let Some(last) = scored.iter().filter(|s| s.0 == bound).map(|s| s.1).max() {
-        let ties = first[m..].iter().filter(|&&(v, to)| v == bound && to < last).count();
-        if ties <= 2 * m {
+        let at_bound = |&&(v, to): &&(f32, u32)| v == bound && to < last;
+        if first[m..].iter().filter(at_bound).count() <= 2 * m {
             let tied: Vec<(f32, u32)> = first[m..]
                 .iter()
-                .filter(|&&(v, to)| v == bound && to < last)
+                .filter(at_bound)
                 .map(|&(_, to)| estimate(to))
                 .filter(|s| s.0 == bound)
                 .collect();
