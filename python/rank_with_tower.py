@@ -170,6 +170,9 @@ def scores(tower, items, histories):
     if "item_ids" in w:
         # Learned item-ID embeddings, one row per catalogue item, projected into the item space.
         adapted = adapted + w["item_ids"] @ w["item_ids_out"]
+    if "spectral_in" in w and "spectral_features" in w:
+        # Each item's spectral features (the export's), projected into the item space.
+        adapted = adapted + w["spectral_features"] @ w["spectral_in"]
     normalise = lambda t: t / t.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cosine = normalise(shoppers(tower, adapted, histories)) @ normalise(adapted).T
     return cosine + prior(tower) + history_prior(tower, items, histories)

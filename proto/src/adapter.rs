@@ -197,7 +197,7 @@ pub fn write_tower(dir: &Path, manifest: &AdapterManifest, offset: &[f32]) -> Re
         "pair_sketch": shape.pair_sketch,
         "item_ids": shape.item_ids,
         "scoring": "items' = v + (v @ item_a) @ item_b [+ item_ids[i] @ item_ids_out, for item i, when \
-                    item_ids > 0]; shopper = sum_j recency[j] * items'[last - j] \
+                    item_ids > 0] [+ spectral_features[i] @ spectral_in, for item i, when spectral > 0]; shopper = sum_j recency[j] * items'[last - j] \
                     + transformer(last `history` items')[-1] @ output; score = cos(shopper, items') \
                     [+ popularity_weight * ln(1 + v / (popularity_smoothing * mean(v))), \
                     v = max(popularity - popularity_noise_threshold * sigma, 0), sigma = sqrt(mean of the \

@@ -59,7 +59,8 @@ pub struct TowerShape {
     /// ([`crate::spectral`]), and a candidate's prior `γ · F_c · Σ_j ρ^j F_{h_j}` over the
     /// shopper's last items ([`SPECTRAL_RECENCY`]), γ the tower's [`SPECTRAL_WEIGHT_TENSOR`]:
     /// related items the decoded neighbours do not name (post-processing of the summed
-    /// sketch, so it costs no privacy).
+    /// sketch, so it costs no privacy). The same features also enter each item's adapted
+    /// vector through a trained projection ([`SPECTRAL_IN`], zero at start).
     pub spectral: usize,
 }
 
@@ -353,6 +354,14 @@ pub const TRANSITIONS_WEIGHTS: [f64; 7] = [0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0
 /// the prior) and, like β_t, no gradient reaches it: a trained tower's γ is chosen on
 /// validation ([`with_spectral_weight`], [`SPECTRAL_WEIGHTS`]).
 pub const SPECTRAL_WEIGHT_TENSOR: &str = "spectral_weight";
+
+/// The spectral features' projection into the item space, `[spectral, hidden]`, in a tower
+/// with a spectral prior: each item's feature row `F_i` (computed from the decoded table,
+/// never sent) times it is added to the item's adapted vector, `v' = v + (v·A)·B [+ e_i·P] +
+/// F_i·S`, so that the history and the candidates carry the items' collaborative position
+/// through a few thousand values every merchant trains (where an item's own ID row moves only
+/// with the merchants that sold it). Zero at start: the tower starts at the zero-shot ranking.
+pub const SPECTRAL_IN: &str = "spectral_in";
 
 /// The values of γ a tower's choice on validation tries besides its own (four: each costs
 /// the choice a scoring of its users). Over the untrained
@@ -790,6 +799,7 @@ pub fn tensors(shape: &TowerShape) -> Vec<TowerTensor> {
             all.push(TowerTensor::new(TRANSITIONS_WEIGHT_TENSOR, &[1], Init::Constant(TRANSITIONS_WEIGHT)));
             if shape.spectral > 0 {
                 all.push(TowerTensor::new(SPECTRAL_WEIGHT_TENSOR, &[1], Init::Zeros));
+                all.push(TowerTensor::new(SPECTRAL_IN, &[shape.spectral, h], Init::Zeros));
             }
         }
         if shape.item_ids > 0 {

@@ -32,8 +32,9 @@ use std::sync::Arc;
 
 use guild_proto::tower::{
     CO_OCCURRENCE_WEIGHT, CO_OCCURRENCE_WINDOW, ITEM_IDS, ITEM_IDS_OUT, POPULARITY, POPULARITY_RECENCY,
-    POPULARITY_SMOOTHING, POPULARITY_WEIGHT, SPECTRAL_RECENCY, SPECTRAL_WEIGHT_TENSOR, TRANSITION_WEIGHT,
-    TRANSITIONS, TRANSITIONS_RECENCY, TRANSITIONS_WEIGHT_TENSOR, TowerShape, initial_values, tensors,
+    POPULARITY_SMOOTHING, POPULARITY_WEIGHT, SPECTRAL_IN, SPECTRAL_RECENCY, SPECTRAL_WEIGHT_TENSOR,
+    TRANSITION_WEIGHT, TRANSITIONS, TRANSITIONS_RECENCY, TRANSITIONS_WEIGHT_TENSOR, TowerShape,
+    initial_values, tensors,
 };
 use tch::{Device, Kind, Tensor, nn};
 
@@ -70,10 +71,10 @@ pub struct Tower {
     /// with a pair sketch only): the spectral prior's features are computed from it.
     decoded: Option<Arc<DecodedSketch>>,
     /// The spectral prior's feature rows, `[catalogue, spectral]` on the tower's device, and
-    /// their transpose, contiguous (what every scoring multiplies by): computed the first time
-    /// a history is scored with a weight γ other than zero (training never needs them) and
-    /// dropped whenever the counts change.
-    spectral: std::sync::OnceLock<(Tensor, Tensor)>,
+    /// their transpose, contiguous (what the prior's scoring multiplies by): computed the
+    /// first time an item is adapted ([`SPECTRAL_IN`]) or a history scored with a weight γ
+    /// other than zero, and dropped whenever the counts change.
+    spectral: std::sync::OnceLock<Option<(Tensor, Tensor)>>,
 }
 
 impl Tower {
@@ -162,30 +163,43 @@ impl Tower {
         &xs + self.linear(&hidden, &p("mlp_out"))
     }
 
-    /// The catalogue's adapted item vectors `v + (v·A)·B [+ e_i·P]`, `[items, hidden]`:
-    /// `items` is the whole catalogue, in catalogue order (the item-ID embeddings, when the
-    /// shape has them, are added row by row).
+    /// The catalogue's adapted item vectors `v + (v·A)·B [+ e_i·P] [+ F_i·S]`, `[items,
+    /// hidden]`: `items` is the whole catalogue, in catalogue order (the item-ID embeddings
+    /// and the spectral features, when the shape has them, are added row by row).
     pub fn adapt_items(&self, items: &Tensor) -> Tensor {
-        let residual = self.with_residual(items);
-        if self.config.shape.item_ids == 0 {
-            return residual;
+        let shape = &self.config.shape;
+        if shape.item_ids > 0 || shape.spectral > 0 {
+            assert_eq!(
+                items.size()[0],
+                shape.catalogue as i64,
+                "adapt_items takes the whole catalogue; gathered rows go through adapt_rows"
+            );
         }
-        let rows = items.size()[0];
-        assert_eq!(
-            rows, self.config.shape.catalogue as i64,
-            "adapt_items takes the whole catalogue; gathered rows go through adapt_rows"
-        );
-        residual + self.var(ITEM_IDS).matmul(self.var(ITEM_IDS_OUT))
+        self.with_item_terms(self.with_residual(items), None)
     }
 
     /// Adapted vectors of the items at `index` (`[n]`), given their title vectors `vectors`
     /// (`[n, hidden]`, the catalogue's rows at `index`).
     pub fn adapt_rows(&self, vectors: &Tensor, index: &Tensor) -> Tensor {
-        let residual = self.with_residual(vectors);
-        if self.config.shape.item_ids == 0 {
-            return residual;
+        self.with_item_terms(self.with_residual(vectors), Some(index))
+    }
+
+    /// `adapted` plus each item's own terms: its ID embedding projected (`e_i·P`) and its
+    /// spectral features projected (`F_i·S`), where the shape has them (and, for the
+    /// features, a decoded sketch); the rows at `index`, or the whole catalogue.
+    fn with_item_terms(&self, adapted: Tensor, index: Option<&Tensor>) -> Tensor {
+        let rows = |table: &Tensor| match index {
+            Some(index) => table.index_select(0, index),
+            None => table.shallow_clone(),
+        };
+        let adapted = match self.config.shape.item_ids {
+            0 => adapted,
+            _ => adapted + rows(self.var(ITEM_IDS)).matmul(self.var(ITEM_IDS_OUT)),
+        };
+        match self.spectral_features() {
+            Some((features, _)) => adapted + rows(features).matmul(self.var(SPECTRAL_IN)),
+            None => adapted,
         }
-        residual + self.var(ITEM_IDS).index_select(0, index).matmul(self.var(ITEM_IDS_OUT))
     }
 
     /// Title vectors plus the low-rank residual, `v + (v·A)·B`.
@@ -383,24 +397,37 @@ impl Tower {
         Some(HistoryPriorTerms { transitions, spectral })
     }
 
+    /// The spectral features `F` of the decoded table, `[catalogue, spectral]` on the tower's
+    /// device, and their transpose (contiguous); `None` for a tower without a spectral prior
+    /// or a decoded sketch. Computed when first asked for, dropped whenever the counts change.
+    fn spectral_features(&self) -> Option<&(Tensor, Tensor)> {
+        let shape = self.config.shape;
+        if shape.spectral == 0 {
+            return None;
+        }
+        let decoded = self.decoded.as_ref()?;
+        self.spectral
+            .get_or_init(|| {
+                let values = decoded.spectral(&shape);
+                if values.len() != shape.catalogue * shape.spectral {
+                    return None;
+                }
+                let features = Tensor::from_slice(values)
+                    .view([shape.catalogue as i64, shape.spectral as i64])
+                    .to(self.vs.device());
+                let transposed = features.tr().contiguous();
+                Some((features, transposed))
+            })
+            .as_ref()
+    }
+
     /// The spectral prior's term at unit weight, `F_c · Σ_j ρ_j F_{h_j}` over each history's
     /// last items `h_j` (weights `SPECTRAL_RECENCY`), `F` the feature rows of the decoded
     /// table (`guild_proto::spectral`), `[batch, catalogue]`; `None` for a tower without a
     /// spectral prior or a decoded sketch. The features are computed when first asked for.
     fn spectral_term(&self, histories: &[&[ItemIndex]]) -> Option<Tensor> {
         let shape = self.config.shape;
-        if shape.spectral == 0 {
-            return None;
-        }
-        let decoded = self.decoded.as_ref()?;
-        let (features, transposed) = self.spectral.get_or_init(|| {
-            let values = decoded.spectral(&shape);
-            let features = Tensor::from_slice(values)
-                .view([shape.catalogue as i64, shape.spectral as i64])
-                .to(self.vs.device());
-            let transposed = features.tr().contiguous();
-            (features, transposed)
-        });
+        let (features, transposed) = self.spectral_features()?;
         let (rows, weights) = last_items(histories, &SPECTRAL_RECENCY, shape.catalogue as i64);
         let device = features.device();
         let (b, depth) = (histories.len() as i64, SPECTRAL_RECENCY.len() as i64);
@@ -1479,6 +1506,62 @@ mod tests {
         );
         let h = popularity_histogram(&[&user, &user], 10);
         assert!((h[4] - 2.0 * contribution[0].1).abs() < 1e-6 && h[2] == 0.0 && h[8] == 0.0);
+    }
+
+    #[test]
+    fn spectral_features_enter_each_item_through_a_projection_that_starts_at_zero() {
+        let items = catalogue(CATALOGUE as i64, 12);
+        let mut config = with_neighbours(3);
+        config.shape.pair_sketch = 1024;
+        config.shape.spectral = 4;
+        let shape = config.shape;
+        let mut tower = Tower::new(config, Device::Cpu).expect("tower");
+        // Shoppers going round items 0..10 and 30..40: a table whose features are not zero.
+        let users: Vec<User> = (0..40)
+            .map(|u| User {
+                id: format!("u{u}"),
+                history: (0..6).map(|j| (if u % 2 == 0 { 0 } else { 30 }) + (u * 3 + j * 7) % 10).collect(),
+                test_target: 0,
+            })
+            .collect();
+        let refs: Vec<&User> = users.iter().collect();
+        let slots = PairSlots::Sketch { buckets: 1024 };
+        tower.set_statistics(&statistics_sum(&refs, CATALOGUE, Some(&slots))).expect("statistics");
+        let owned = histories();
+        let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
+        // S = 0: the items are the title vectors (plus a zero residual), the ranking zero-shot's.
+        let before = tch::no_grad(|| tower.adapt_items(&items));
+        assert!(before.allclose(&items, 1e-6, 1e-6, false));
+        let unmoved = tch::no_grad(|| tower.scores(&items, &histories));
+        let features = tower.decoded.as_ref().expect("a decoding").spectral(&shape).to_vec();
+        assert!(features.iter().any(|&f| f != 0.0), "the table has features");
+        // S set: each item moves by exactly F_i·S, and gathered rows are the catalogue's.
+        let range = guild_proto::tower::tensor_range(&shape, SPECTRAL_IN).expect("spectral_in");
+        assert_eq!(range.len(), 4 * 12);
+        let s: Vec<f32> = (0..range.len()).map(|k| ((k * 37) % 11) as f32 / 10.0 - 0.5).collect();
+        let mut offset = tower.offset();
+        offset[range.clone()].copy_from_slice(&s);
+        tower.set_offset(&offset).expect("offset");
+        let after = tch::no_grad(|| tower.adapt_items(&items));
+        for (i, c) in [(5usize, 2usize), (33, 7), (50, 0)] {
+            let expected: f32 = (0..4).map(|k| features[i * 4 + k] * s[k * 12 + c]).sum();
+            let moved =
+                after.double_value(&[i as i64, c as i64]) - before.double_value(&[i as i64, c as i64]);
+            assert!(
+                (moved as f32 - expected).abs() < 1e-5,
+                "item {i}, coordinate {c}: {moved} against {expected}"
+            );
+        }
+        let index = Tensor::from_slice(&[5i64, 33, 5, 50]);
+        let gathered = tch::no_grad(|| tower.adapt_rows(&items.index_select(0, &index), &index));
+        assert!(gathered.allclose(&after.index_select(0, &index), 1e-6, 1e-6, false));
+        let moved = tch::no_grad(|| tower.scores(&items, &histories));
+        assert!(!moved.allclose(&unmoved, 1e-6, 1e-6, false), "S does not reach the scores");
+        // Training reaches S: its gradient is not zero.
+        tower.zero_gradients();
+        tower.scores(&items, &histories).select(1, 5).sum(Kind::Float).backward();
+        let gradient = tower.flat_gradient();
+        assert!(gradient[range].iter().any(|&g| g.abs() > 1e-6), "no gradient reaches S");
     }
 
     #[test]
