@@ -1120,6 +1120,15 @@ mod tests {
         config
     }
 
+    /// A tower over [`CATALOGUE`] items with 3 neighbours per item from a pair sketch of 1,024
+    /// buckets a row and a spectral prior of rank 4, and its shape.
+    fn spectral_tower() -> (TowerShape, Tower) {
+        let mut config = with_neighbours(3);
+        config.shape.pair_sketch = 1024;
+        config.shape.spectral = 4;
+        (config.shape, Tower::new(config, Device::Cpu).expect("tower"))
+    }
+
     #[test]
     fn title_neighbours_are_the_nearest_other_items_by_cosine() {
         // Four items on a circle, 0 and 1 close, 2 and 3 close, the pairs far apart.
@@ -1332,11 +1341,7 @@ mod tests {
     fn the_spectral_prior_is_zero_at_start_and_lifts_items_that_share_neighbours() {
         use guild_proto::tower::with_spectral_weight;
         let items = catalogue(CATALOGUE as i64, 12);
-        let mut config = with_neighbours(3);
-        config.shape.pair_sketch = 1024;
-        config.shape.spectral = 4;
-        let shape = config.shape;
-        let mut tower = Tower::new(config, Device::Cpu).expect("tower");
+        let (shape, mut tower) = spectral_tower();
         let owned = histories();
         let histories: Vec<&[ItemIndex]> = owned.iter().map(Vec::as_slice).collect();
         // At start, even at a weight γ other than zero, the features are all zero: zero-shot.
@@ -1511,11 +1516,7 @@ mod tests {
     #[test]
     fn spectral_features_enter_each_item_through_a_projection_that_starts_at_zero() {
         let items = catalogue(CATALOGUE as i64, 12);
-        let mut config = with_neighbours(3);
-        config.shape.pair_sketch = 1024;
-        config.shape.spectral = 4;
-        let shape = config.shape;
-        let mut tower = Tower::new(config, Device::Cpu).expect("tower");
+        let (shape, mut tower) = spectral_tower();
         // Shoppers going round items 0..10 and 30..40: a table whose features are not zero.
         let users: Vec<User> = (0..40)
             .map(|u| User {
