@@ -1129,6 +1129,21 @@ mod tests {
         (config.shape, Tower::new(config, Device::Cpu).expect("tower"))
     }
 
+    /// Forty shoppers in two groups, each buying six of its own ten items (0..10 for the even
+    /// ones, 30..40 for the odd ones).
+    fn two_groups() -> Vec<User> {
+        (0..40u32)
+            .map(|u| {
+                let base = if u % 2 == 0 { 0 } else { 30 };
+                User {
+                    id: format!("u{u}"),
+                    history: (0..6).map(|j| base + (u * 3 + j * 7) % 10).collect(),
+                    test_target: 0,
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn title_neighbours_are_the_nearest_other_items_by_cosine() {
         // Four items on a circle, 0 and 1 close, 2 and 3 close, the pairs far apart.
@@ -1353,15 +1368,7 @@ mod tests {
         // Two groups of shoppers, each buying six of its own ten items (0..10 or 30..40), and
         // two who bridge them, so that the table is one connected graph: each item's three
         // decoded neighbours are in its own group, and so are most items it shares them with.
-        let own =
-            |base: u32, u: u32| -> Vec<ItemIndex> { (0..6).map(|j| base + (u * 3 + j * 7) % 10).collect() };
-        let mut users: Vec<User> = (0..40)
-            .map(|u| User {
-                id: format!("u{u}"),
-                history: own(if u % 2 == 0 { 0 } else { 30 }, u),
-                test_target: 0,
-            })
-            .collect();
+        let mut users = two_groups();
         for (k, history) in [vec![9, 30], vec![39, 0]].into_iter().enumerate() {
             users.push(User { id: format!("b{k}"), history, test_target: 0 });
         }
@@ -1517,14 +1524,8 @@ mod tests {
     fn spectral_features_enter_each_item_through_a_projection_that_starts_at_zero() {
         let items = catalogue(CATALOGUE as i64, 12);
         let (shape, mut tower) = spectral_tower();
-        // Shoppers going round items 0..10 and 30..40: a table whose features are not zero.
-        let users: Vec<User> = (0..40)
-            .map(|u| User {
-                id: format!("u{u}"),
-                history: (0..6).map(|j| (if u % 2 == 0 { 0 } else { 30 }) + (u * 3 + j * 7) % 10).collect(),
-                test_target: 0,
-            })
-            .collect();
+        // Two groups of shoppers: a table whose features are not zero.
+        let users = two_groups();
         let refs: Vec<&User> = users.iter().collect();
         let slots = PairSlots::Sketch { buckets: 1024 };
         tower.set_statistics(&statistics_sum(&refs, CATALOGUE, Some(&slots))).expect("statistics");
